@@ -1,0 +1,361 @@
+//! Migration commands: capabilities, parameters, migrate, incoming, status.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::unit_command;
+use crate::command::{Command, Empty};
+
+/// A migration capability name. Known names get variants; any other name
+/// (from a newer QEMU) is kept verbatim so it can be listed and sent back.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum MigrationCapability {
+    Xbzrle,
+    AutoConverge,
+    Compress,
+    Events,
+    PostcopyRam,
+    ReturnPath,
+    PauseBeforeSwitchover,
+    Multifd,
+    LateBlockActivate,
+    ValidateUuid,
+    ZeroCopySend,
+    PostcopyPreempt,
+    SwitchoverAck,
+    DirtyLimit,
+    Other(String),
+}
+
+impl MigrationCapability {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Xbzrle => "xbzrle",
+            Self::AutoConverge => "auto-converge",
+            Self::Compress => "compress",
+            Self::Events => "events",
+            Self::PostcopyRam => "postcopy-ram",
+            Self::ReturnPath => "return-path",
+            Self::PauseBeforeSwitchover => "pause-before-switchover",
+            Self::Multifd => "multifd",
+            Self::LateBlockActivate => "late-block-activate",
+            Self::ValidateUuid => "validate-uuid",
+            Self::ZeroCopySend => "zero-copy-send",
+            Self::PostcopyPreempt => "postcopy-preempt",
+            Self::SwitchoverAck => "switchover-ack",
+            Self::DirtyLimit => "dirty-limit",
+            Self::Other(name) => name,
+        }
+    }
+}
+
+impl From<String> for MigrationCapability {
+    fn from(name: String) -> Self {
+        match name.as_str() {
+            "xbzrle" => Self::Xbzrle,
+            "auto-converge" => Self::AutoConverge,
+            "compress" => Self::Compress,
+            "events" => Self::Events,
+            "postcopy-ram" => Self::PostcopyRam,
+            "return-path" => Self::ReturnPath,
+            "pause-before-switchover" => Self::PauseBeforeSwitchover,
+            "multifd" => Self::Multifd,
+            "late-block-activate" => Self::LateBlockActivate,
+            "validate-uuid" => Self::ValidateUuid,
+            "zero-copy-send" => Self::ZeroCopySend,
+            "postcopy-preempt" => Self::PostcopyPreempt,
+            "switchover-ack" => Self::SwitchoverAck,
+            "dirty-limit" => Self::DirtyLimit,
+            _ => Self::Other(name),
+        }
+    }
+}
+
+impl From<MigrationCapability> for String {
+    fn from(cap: MigrationCapability) -> Self {
+        cap.as_str().to_string()
+    }
+}
+
+impl fmt::Display for MigrationCapability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CapabilityStatus {
+    pub capability: MigrationCapability,
+    pub state: bool,
+}
+
+unit_command!(
+    /// `query-migrate-capabilities`
+    QueryMigrateCapabilities,
+    "query-migrate-capabilities",
+    Vec<CapabilityStatus>
+);
+
+/// `migrate-set-capabilities`
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateSetCapabilities {
+    pub capabilities: Vec<CapabilityStatus>,
+}
+
+impl Command for MigrateSetCapabilities {
+    const NAME: &'static str = "migrate-set-capabilities";
+    type Reply = Empty;
+}
+
+/// The migration parameters livemig reads and writes. As a reply, fields a
+/// QEMU does not have are `None` and fields we do not model land in `other`
+/// (so a probe can list every parameter name); as arguments of
+/// `migrate-set-parameters`, only the `Some` fields are sent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationParameters {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_initial: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_increment: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_throttle_tailslow: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_cpu_throttle: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub throttle_trigger_threshold: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multifd_channels: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xbzrle_cache_size: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_postcopy_bandwidth: Option<u64>,
+    #[serde(flatten, skip_serializing)]
+    pub other: BTreeMap<String, Value>,
+}
+
+impl MigrationParameters {
+    /// Names of every parameter present, modelled or not.
+    pub fn names(&self) -> Vec<String> {
+        let modelled = serde_json::to_value(self).unwrap_or(Value::Null);
+        let mut names: Vec<String> = modelled
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        names.extend(self.other.keys().cloned());
+        names.sort();
+        names
+    }
+}
+
+unit_command!(
+    /// `query-migrate-parameters`
+    QueryMigrateParameters,
+    "query-migrate-parameters",
+    MigrationParameters
+);
+
+/// `migrate-set-parameters`
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateSetParameters(pub MigrationParameters);
+
+impl Command for MigrateSetParameters {
+    const NAME: &'static str = "migrate-set-parameters";
+    type Reply = Empty;
+}
+
+/// `migrate`: start (or, with `resume`, recover) an outgoing migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Migrate {
+    pub uri: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resume: Option<bool>,
+}
+
+impl Command for Migrate {
+    const NAME: &'static str = "migrate";
+    type Reply = Empty;
+}
+
+/// `migrate-incoming`: start listening (QEMU started with `-incoming defer`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateIncoming {
+    pub uri: String,
+}
+
+impl Command for MigrateIncoming {
+    const NAME: &'static str = "migrate-incoming";
+    type Reply = Empty;
+}
+
+/// `migrate-recover`: destination side of a post-copy recovery.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateRecover {
+    pub uri: String,
+}
+
+impl Command for MigrateRecover {
+    const NAME: &'static str = "migrate-recover";
+    type Reply = Empty;
+}
+
+unit_command!(
+    /// `migrate_cancel`
+    MigrateCancel,
+    "migrate_cancel",
+    Empty
+);
+unit_command!(
+    /// `migrate-start-postcopy`
+    MigrateStartPostcopy,
+    "migrate-start-postcopy",
+    Empty
+);
+unit_command!(
+    /// `query-migrate`
+    QueryMigrate,
+    "query-migrate",
+    MigrationInfo
+);
+
+/// Migration state (`MigrationStatus`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationStatus {
+    None,
+    Setup,
+    Cancelling,
+    Cancelled,
+    Active,
+    PostcopyActive,
+    PostcopyPaused,
+    PostcopyRecover,
+    Completed,
+    Failed,
+    Colo,
+    PreSwitchover,
+    Device,
+    WaitUnplug,
+    #[serde(other)]
+    Unknown,
+}
+
+impl MigrationStatus {
+    /// True once QEMU will not change the state on its own any more.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// RAM statistics of `query-migrate`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    pub transferred: Option<u64>,
+    pub remaining: Option<u64>,
+    pub total: Option<u64>,
+    pub duplicate: Option<u64>,
+    pub skipped: Option<u64>,
+    pub normal: Option<u64>,
+    pub normal_bytes: Option<u64>,
+    pub dirty_pages_rate: Option<u64>,
+    pub mbps: Option<f64>,
+    pub dirty_sync_count: Option<u64>,
+    pub postcopy_requests: Option<u64>,
+    pub page_size: Option<u64>,
+    pub multifd_bytes: Option<u64>,
+    pub pages_per_second: Option<u64>,
+    pub precopy_bytes: Option<u64>,
+    pub downtime_bytes: Option<u64>,
+    pub postcopy_bytes: Option<u64>,
+}
+
+/// A socket address in `query-migrate` (the incoming side's listener).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketAddress {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// The reply of `query-migrate`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    pub status: Option<MigrationStatus>,
+    pub ram: Option<RamStats>,
+    pub total_time: Option<u64>,
+    pub expected_downtime: Option<u64>,
+    pub downtime: Option<u64>,
+    pub setup_time: Option<u64>,
+    pub cpu_throttle_percentage: Option<u64>,
+    pub error_desc: Option<String>,
+    pub socket_address: Option<Vec<SocketAddress>>,
+    pub postcopy_blocktime: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_names_round_trip_including_unknown_ones() {
+        let caps: Vec<CapabilityStatus> = serde_json::from_str(
+            r#"[{"capability":"auto-converge","state":true},{"capability":"mapped-ram","state":false}]"#,
+        )
+        .unwrap();
+        assert_eq!(caps[0].capability, MigrationCapability::AutoConverge);
+        assert_eq!(
+            caps[1].capability,
+            MigrationCapability::Other("mapped-ram".into())
+        );
+        let back = serde_json::to_string(&caps).unwrap();
+        assert!(back.contains(r#""capability":"mapped-ram""#));
+    }
+
+    #[test]
+    fn set_parameters_sends_only_what_is_set() {
+        let params = MigrationParameters {
+            max_bandwidth: Some(1 << 20),
+            ..Default::default()
+        };
+        let json = serde_json::to_value(MigrateSetParameters(params)).unwrap();
+        assert_eq!(json, serde_json::json!({"max-bandwidth": 1048576}));
+    }
+
+    #[test]
+    fn parameters_reply_keeps_unmodelled_names() {
+        let p: MigrationParameters = serde_json::from_str(
+            r#"{"max-bandwidth":134217728,"announce-max":550,"tls-creds":""}"#,
+        )
+        .unwrap();
+        assert_eq!(p.max_bandwidth, Some(134_217_728));
+        assert_eq!(
+            p.names(),
+            vec!["announce-max", "max-bandwidth", "tls-creds"]
+        );
+    }
+
+    #[test]
+    fn migration_info_tolerates_new_fields_and_states() {
+        let info: MigrationInfo = serde_json::from_str(
+            r#"{"status":"brand-new","ram":{"total":1,"new-counter":5},"vfio":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(info.status, Some(MigrationStatus::Unknown));
+        assert_eq!(info.ram.unwrap().total, Some(1));
+    }
+}

@@ -1,0 +1,50 @@
+//! The greeting QEMU sends when a client connects.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+/// QEMU's version as reported by the greeting and `query-version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+pub struct QemuVersion {
+    pub major: u32,
+    pub minor: u32,
+    pub micro: u32,
+}
+
+impl QemuVersion {
+    pub const fn new(major: u32, minor: u32, micro: u32) -> Self {
+        QemuVersion {
+            major,
+            minor,
+            micro,
+        }
+    }
+}
+
+impl fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.micro)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct GreetingEnvelope {
+    #[serde(rename = "QMP")]
+    pub qmp: Greeting,
+}
+
+/// The `QMP` object of the greeting.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Greeting {
+    pub version: GreetingVersion,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GreetingVersion {
+    pub qemu: QemuVersion,
+    #[serde(default)]
+    pub package: String,
+}

@@ -1,0 +1,168 @@
+//! Parsing what the guest prints on its serial port.
+//!
+//! A destination QEMU writes a fresh log, so a log may hold progress lines
+//! without the start line; partial last lines (still being written) are
+//! ignored.
+
+use std::io;
+use std::path::Path;
+
+const PREFIX: &str = "livemig-guest: ";
+
+/// The guest's start line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Start {
+    pub working_set_mib: u64,
+    pub pages: u64,
+    pub spin: u64,
+    pub tsc_khz: u64,
+}
+
+/// One progress line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Guest time since start (the TSC, which stops while the VM is paused).
+    pub t_ms: u64,
+    /// Completed sweeps over the working set, plus one.
+    pub pass: u64,
+    /// Loop iterations so far: the guest's unit of work.
+    pub writes: u64,
+    /// Corruptions detected so far.
+    pub errors: u64,
+}
+
+/// A `CORRUPT` line, verbatim after the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Corruption(pub String);
+
+/// Everything a serial log says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SerialLog {
+    pub start: Option<Start>,
+    pub progress: Vec<Progress>,
+    pub corruptions: Vec<Corruption>,
+    /// `error ...` lines: the guest could not run its workload.
+    pub errors: Vec<String>,
+}
+
+impl SerialLog {
+    /// Reads and parses a log file; a missing file is an empty log.
+    ///
+    /// # Errors
+    /// Any I/O error other than the file not existing.
+    pub fn read(path: &Path) -> io::Result<Self> {
+        match std::fs::read(path) {
+            Ok(bytes) => Ok(Self::parse(&String::from_utf8_lossy(&bytes))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Parses complete lines; anything unrecognised is skipped.
+    pub fn parse(text: &str) -> Self {
+        let mut log = SerialLog::default();
+        let complete = match text.rfind('\n') {
+            Some(end) => &text[..end],
+            None => "",
+        };
+        for line in complete.lines() {
+            let Some(rest) = line.trim_end_matches('\r').strip_prefix(PREFIX) else {
+                continue;
+            };
+            if let Some(fields) = rest.strip_prefix("progress ") {
+                if let Some(p) = parse_progress(fields) {
+                    log.progress.push(p);
+                }
+            } else if let Some(fields) = rest.strip_prefix("start ") {
+                log.start = parse_start(fields);
+            } else if rest.starts_with("CORRUPT") {
+                log.corruptions.push(Corruption(rest.to_string()));
+            } else if let Some(message) = rest.strip_prefix("error ") {
+                log.errors.push(message.to_string());
+            }
+        }
+        log
+    }
+
+    /// The most recent progress line.
+    pub fn last_progress(&self) -> Option<Progress> {
+        self.progress.last().copied()
+    }
+
+    /// True when the guest reported no corruption at all.
+    pub fn memory_intact(&self) -> bool {
+        self.corruptions.is_empty() && self.progress.iter().all(|p| p.errors == 0)
+    }
+}
+
+fn field(fields: &str, key: &str) -> Option<u64> {
+    fields.split_whitespace().find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+fn parse_progress(fields: &str) -> Option<Progress> {
+    Some(Progress {
+        t_ms: field(fields, "t_ms")?,
+        pass: field(fields, "pass")?,
+        writes: field(fields, "writes")?,
+        errors: field(fields, "errors")?,
+    })
+}
+
+fn parse_start(fields: &str) -> Option<Start> {
+    Some(Start {
+        working_set_mib: field(fields, "wss_mib")?,
+        pages: field(fields, "pages")?,
+        spin: field(fields, "spin")?,
+        tsc_khz: field(fields, "tsc_khz")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+livemig-guest: start wss_mib=64 pages=16384 spin=0 tsc_khz=2599422
+livemig-guest: progress t_ms=500 pass=205 writes=3358464 errors=0
+livemig-guest: CORRUPT hot expected=0x000c7c3e found=0x00028d4c
+livemig-guest: progress t_ms=1000 pass=512 writes=8378112 errors=1
+livemig-guest: progress t_ms=15";
+
+    #[test]
+    fn parses_start_progress_and_corruption() {
+        let log = SerialLog::parse(SAMPLE);
+        assert_eq!(log.start.unwrap().pages, 16384);
+        assert_eq!(
+            log.progress.len(),
+            2,
+            "the partial last line is not a line yet"
+        );
+        assert_eq!(log.last_progress().unwrap().writes, 8_378_112);
+        assert_eq!(log.corruptions.len(), 1);
+        assert!(!log.memory_intact());
+    }
+
+    #[test]
+    fn a_clean_log_is_intact() {
+        let log = SerialLog::parse("livemig-guest: progress t_ms=1 pass=1 writes=2 errors=0\n");
+        assert!(log.memory_intact());
+    }
+
+    #[test]
+    fn an_error_count_alone_marks_memory_as_not_intact() {
+        let log = SerialLog::parse("livemig-guest: progress t_ms=1 pass=1 writes=2 errors=3\n");
+        assert!(!log.memory_intact());
+    }
+
+    #[test]
+    fn guest_errors_are_collected() {
+        let log = SerialLog::parse("livemig-guest: error working set does not fit in RAM\nnoise\n");
+        assert_eq!(
+            log.errors,
+            vec!["working set does not fit in RAM".to_string()]
+        );
+    }
+}
