@@ -131,3 +131,15 @@ impl Command for HumanMonitorCommand {
     const NAME: &'static str = "human-monitor-command";
     type Reply = String;
 }
+
+unit_command!(
+    /// `query-commands`: the commands this QEMU accepts.
+    QueryCommands,
+    "query-commands",
+    Vec<CommandInfo>
+);
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommandInfo {
+    pub name: String,
+}

@@ -1,0 +1,345 @@
+//! The domain definition: what a user writes in TOML and the agents persist.
+//!
+//! ```toml
+//! name = "web1"
+//! memory_mib = 512
+//! vcpus = 1
+//! accel = "tcg"            # or "kvm"
+//! machine = "pc"           # optional
+//!
+//! [kernel]                 # direct kernel boot ...
+//! path = "/srv/kernels/vmlinuz"
+//! cmdline = "console=ttyS0"
+//!
+//! [disk]                   # ... and/or a disk on shared storage
+//! path = "/shared/web1.qcow2"
+//! format = "qcow2"
+//!
+//! [serial]
+//! log = "/var/log/livemig/web1.serial.log"   # optional
+//! ```
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::name::DomainName;
+
+const MIN_MEMORY_MIB: u32 = 16;
+const MAX_MEMORY_MIB: u32 = 1 << 20;
+const MAX_VCPUS: u32 = 255;
+
+/// The accelerator QEMU runs the guest with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    #[default]
+    Tcg,
+    Kvm,
+}
+
+impl fmt::Display for Accel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        })
+    }
+}
+
+/// Direct kernel boot (`-kernel`, `-append`, `-initrd`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelBoot {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub cmdline: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    #[default]
+    Raw,
+    Qcow2,
+}
+
+/// Host page cache use for the disk. Migration with shared storage needs the
+/// destination to see every write, which `none` guarantees.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    #[default]
+    None,
+    Writeback,
+}
+
+/// A disk image on storage both hosts see at the same path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub format: DiskFormat,
+    #[serde(default)]
+    pub cache: DiskCache,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Serial {
+    /// Where the guest's first serial port is written; the agent picks a
+    /// file in its state directory when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
+}
+
+/// A VM definition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainDefinition {
+    pub name: DomainName,
+    pub memory_mib: u32,
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    #[serde(default)]
+    pub accel: Accel,
+    #[serde(default = "default_machine")]
+    pub machine: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<KernelBoot>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<Disk>,
+    #[serde(default)]
+    pub serial: Serial,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_machine() -> String {
+    "pc".into()
+}
+
+/// Why a definition was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("cannot read definition {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("malformed definition: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
+    Memory(u32),
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u32),
+    #[error("machine type {0:?} is not a plain name")]
+    Machine(String),
+    #[error("the definition has nothing to boot: give [kernel] or [disk]")]
+    NoBootSource,
+    #[error("{what} path {path:?} must be absolute")]
+    RelativePath { what: &'static str, path: PathBuf },
+    #[error("{what} path {path:?} contains a character QEMU cannot take")]
+    UnsafePath { what: &'static str, path: PathBuf },
+    #[error("kernel command line contains a control character")]
+    Cmdline,
+}
+
+impl DomainDefinition {
+    /// Parses and validates a TOML definition.
+    ///
+    /// # Errors
+    /// [`DefinitionError::Parse`] for malformed TOML or unknown keys, the
+    /// other variants for values out of range.
+    pub fn from_toml(text: &str) -> Result<Self, DefinitionError> {
+        let def: DomainDefinition = toml::from_str(text)?;
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// Reads a definition file; relative paths inside it are taken relative
+    /// to the file's directory, as a user editing it would expect.
+    ///
+    /// # Errors
+    /// As [`DomainDefinition::from_toml`], plus [`DefinitionError::Read`].
+    pub fn from_file(path: &Path) -> Result<Self, DefinitionError> {
+        let text = std::fs::read_to_string(path).map_err(|source| DefinitionError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut def: DomainDefinition = toml::from_str(&text)?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        def.resolve_paths(&base);
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// The definition as TOML, as persisted by the agent.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a definition always serializes")
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(k) = &mut self.kernel {
+            fix(&mut k.path);
+            if let Some(i) = &mut k.initrd {
+                fix(i);
+            }
+        }
+        if let Some(d) = &mut self.disk {
+            fix(&mut d.path);
+        }
+        if let Some(l) = &mut self.serial.log {
+            fix(l);
+        }
+    }
+
+    /// Checks every value; names are checked by their type when parsed.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), DefinitionError> {
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(DefinitionError::Memory(self.memory_mib));
+        }
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(DefinitionError::Vcpus(self.vcpus));
+        }
+        if self.machine.is_empty()
+            || !self
+                .machine
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return Err(DefinitionError::Machine(self.machine.clone()));
+        }
+        if self.kernel.is_none() && self.disk.is_none() {
+            return Err(DefinitionError::NoBootSource);
+        }
+        let mut paths: Vec<(&'static str, &Path)> = Vec::new();
+        if let Some(k) = &self.kernel {
+            paths.push(("kernel", &k.path));
+            if let Some(i) = &k.initrd {
+                paths.push(("initrd", i));
+            }
+            if k.cmdline.chars().any(char::is_control) {
+                return Err(DefinitionError::Cmdline);
+            }
+        }
+        if let Some(d) = &self.disk {
+            paths.push(("disk", &d.path));
+        }
+        if let Some(l) = &self.serial.log {
+            paths.push(("serial log", l));
+        }
+        for (what, path) in paths {
+            if path.is_relative() {
+                return Err(DefinitionError::RelativePath {
+                    what,
+                    path: path.to_path_buf(),
+                });
+            }
+            if path
+                .to_str()
+                .is_none_or(|s| s.chars().any(char::is_control))
+            {
+                return Err(DefinitionError::UnsafePath {
+                    what,
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "web1"
+memory_mib = 128
+[kernel]
+path = "/boot/k"
+"#;
+
+    #[test]
+    fn minimal_definition_gets_defaults() {
+        let def = DomainDefinition::from_toml(MINIMAL).unwrap();
+        assert_eq!(def.name.as_str(), "web1");
+        assert_eq!(def.vcpus, 1);
+        assert_eq!(def.accel, Accel::Tcg);
+        assert_eq!(def.machine, "pc");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let def = DomainDefinition::from_toml(MINIMAL).unwrap();
+        assert_eq!(DomainDefinition::from_toml(&def.to_toml()).unwrap(), def);
+    }
+
+    #[test]
+    fn malformed_toml_names_the_line() {
+        let err = DomainDefinition::from_toml("name = \"x\"\nmemory_mib = \n").unwrap_err();
+        assert!(matches!(err, DefinitionError::Parse(_)));
+        assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_so_typos_do_not_pass_silently() {
+        let err = DomainDefinition::from_toml(&format!("{MINIMAL}\nmemroy = 1")).unwrap_err();
+        assert!(err.to_string().contains("memroy"), "{err}");
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused() {
+        let cases = [
+            (MINIMAL.replace("128", "8"), "memory_mib"),
+            (format!("vcpus = 0\n{MINIMAL}"), "vcpus"),
+            (MINIMAL.replace("web1", "../x"), "invalid domain name"),
+            (MINIMAL.replace("/boot/k", "boot/k"), "absolute"),
+            (
+                "name = \"a\"\nmemory_mib = 64\n".to_string(),
+                "nothing to boot",
+            ),
+            (
+                format!("machine = \"pc,accel=kvm\"\n{MINIMAL}"),
+                "machine type",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = DomainDefinition::from_toml(&text).unwrap_err();
+            assert!(err.to_string().contains(expected), "{err} / {expected}");
+        }
+    }
+
+    #[test]
+    fn file_paths_are_resolved_against_the_definition_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vm.toml");
+        std::fs::write(
+            &file,
+            "name = \"a\"\nmemory_mib = 64\n[kernel]\npath = \"guest.elf\"\n",
+        )
+        .unwrap();
+        let def = DomainDefinition::from_file(&file).unwrap();
+        assert_eq!(def.kernel.unwrap().path, dir.path().join("guest.elf"));
+    }
+}

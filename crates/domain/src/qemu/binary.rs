@@ -1,0 +1,191 @@
+//! What a QEMU binary can do, found by asking it.
+//!
+//! Capabilities differ between versions (7.2 has no `dirty-limit`, 8.2 added
+//! `avail-switchover-bandwidth`, ...), so they are probed at run time: start
+//! the binary with `-machine none`, query it over QMP, quit.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use qmp::commands::migration::{QueryMigrateCapabilities, QueryMigrateParameters};
+use qmp::commands::vm::{QueryCommands, QueryKvm, QueryMachines, QueryVersion};
+use qmp::QemuVersion;
+use serde::{Deserialize, Serialize};
+
+use crate::definition::Accel;
+use crate::qemu::layout;
+use crate::qemu::process::{ProcessError, QemuProcess};
+
+/// A machine type and the alias pointing at it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Machine {
+    pub name: String,
+    #[serde(default)]
+    pub alias: Option<String>,
+}
+
+/// The probed facts about one QEMU binary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuBinary {
+    pub path: PathBuf,
+    pub version: QemuVersion,
+    pub package: String,
+    pub migration_capabilities: BTreeSet<String>,
+    pub migration_parameters: BTreeSet<String>,
+    pub commands: BTreeSet<String>,
+    pub machines: Vec<Machine>,
+    pub kvm_present: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot create a scratch directory to probe {binary}")]
+    Scratch {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start {binary}")]
+    Start {
+        binary: PathBuf,
+        #[source]
+        source: ProcessError,
+    },
+    #[error("{binary} did not answer a QMP query")]
+    Query {
+        binary: PathBuf,
+        #[source]
+        source: qmp::Error,
+    },
+}
+
+impl QemuBinary {
+    pub fn has_capability(&self, name: &str) -> bool {
+        self.migration_capabilities.contains(name)
+    }
+
+    pub fn has_parameter(&self, name: &str) -> bool {
+        self.migration_parameters.contains(name)
+    }
+
+    pub fn has_command(&self, name: &str) -> bool {
+        self.commands.contains(name)
+    }
+
+    /// The concrete machine type for `name` (an alias such as `pc` or a
+    /// concrete name), or `None` if this binary does not have it.
+    pub fn resolve_machine(&self, name: &str) -> Option<String> {
+        self.machines
+            .iter()
+            .find(|m| m.alias.as_deref() == Some(name))
+            .or_else(|| self.machines.iter().find(|m| m.name == name))
+            .map(|m| m.name.clone())
+    }
+
+    /// True when migrating a guest under `accel` on this binary needs the
+    /// RAM-layout workaround (see [`layout`]).
+    pub fn has_tcg_dirty_bitmap_bug(&self, accel: Accel) -> bool {
+        layout::tcg_dirty_bitmap_bug(accel, self.version)
+    }
+}
+
+/// Probes `binary` by starting it with `-machine none`.
+///
+/// # Errors
+/// [`ProbeError::Start`] when the binary cannot run, [`ProbeError::Query`]
+/// when it does not answer.
+pub async fn probe(binary: &Path, timeout: Duration) -> Result<QemuBinary, ProbeError> {
+    let scratch = tempfile_dir().map_err(|source| ProbeError::Scratch {
+        binary: binary.to_path_buf(),
+        source,
+    })?;
+    let result = probe_in(binary, &scratch, timeout).await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
+fn tempfile_dir() -> std::io::Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "livemig-probe-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+async fn probe_in(
+    binary: &Path,
+    scratch: &Path,
+    timeout: Duration,
+) -> Result<QemuBinary, ProbeError> {
+    let socket = scratch.join("qmp.sock");
+    let log = scratch.join("qemu.log");
+    let argv: Vec<String> = [
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-chardev",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([
+        format!(
+            "socket,id=qmp,path={},server=on,wait=off",
+            crate::qemu::argv::escape_option_value(&socket.to_string_lossy())
+        ),
+        "-mon".into(),
+        "chardev=qmp,mode=control".into(),
+    ])
+    .collect();
+    let process = QemuProcess::spawn(binary, &argv, &socket, &log, timeout)
+        .await
+        .map_err(|source| ProbeError::Start {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    let qmp = process.qmp();
+    let query_error = |source| ProbeError::Query {
+        binary: binary.to_path_buf(),
+        source,
+    };
+    let version = qmp.execute(&QueryVersion).await.map_err(query_error)?;
+    let caps = qmp
+        .execute(&QueryMigrateCapabilities)
+        .await
+        .map_err(query_error)?;
+    let params = qmp
+        .execute(&QueryMigrateParameters)
+        .await
+        .map_err(query_error)?;
+    let commands = qmp.execute(&QueryCommands).await.map_err(query_error)?;
+    let machines = qmp.execute(&QueryMachines).await.map_err(query_error)?;
+    let kvm = qmp.execute(&QueryKvm).await.map_err(query_error)?;
+    process.shutdown(timeout).await;
+
+    Ok(QemuBinary {
+        path: binary.to_path_buf(),
+        version: version.qemu,
+        package: version.package,
+        migration_capabilities: caps
+            .into_iter()
+            .map(|c| c.capability.as_str().to_string())
+            .collect(),
+        migration_parameters: params.names().into_iter().collect(),
+        commands: commands.into_iter().map(|c| c.name).collect(),
+        machines: machines
+            .into_iter()
+            .map(|m| Machine {
+                name: m.name,
+                alias: m.alias,
+            })
+            .collect(),
+        kvm_present: kvm.present,
+    })
+}

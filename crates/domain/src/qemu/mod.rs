@@ -1,0 +1,11 @@
+//! Running domains under QEMU.
+
+pub mod argv;
+pub mod binary;
+pub mod layout;
+pub mod process;
+
+pub use argv::{build_argv, LaunchConfig, LaunchSpec};
+pub use binary::{probe, ProbeError, QemuBinary};
+pub use layout::RamLayout;
+pub use process::{ExitInfo, ProcessError, QemuProcess};

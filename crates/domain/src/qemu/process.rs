@@ -1,0 +1,247 @@
+//! A supervised QEMU process with its QMP connection.
+//!
+//! A task owns the child: it reaps it and publishes how it exited on a
+//! `watch` channel, and kills it when asked or when the [`QemuProcess`] is
+//! dropped. QEMU's stdout and stderr go to a log file, whose tail is quoted
+//! when QEMU fails to start.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use qmp::Client;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+/// How QEMU ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(code), _) => write!(f, "exit code {code}"),
+            (None, Some(signal)) => write!(f, "signal {signal}"),
+            (None, None) => f.write_str("unknown status"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("cannot open QEMU log {path}")]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run {binary}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QEMU exited during start-up ({exit}): {log_tail}")]
+    EarlyExit { exit: ExitInfo, log_tail: String },
+    #[error("QEMU's QMP socket did not come up within {timeout:?}: {log_tail}")]
+    QmpTimeout { timeout: Duration, log_tail: String },
+}
+
+/// A running QEMU.
+#[derive(Debug)]
+pub struct QemuProcess {
+    pid: u32,
+    qmp: Client,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+    log: PathBuf,
+}
+
+impl QemuProcess {
+    /// Starts `binary argv...`, then connects to its QMP socket.
+    ///
+    /// # Errors
+    /// [`ProcessError::EarlyExit`] with QEMU's own message when it refuses
+    /// its command line, [`ProcessError::QmpTimeout`] when it hangs.
+    pub async fn spawn(
+        binary: &Path,
+        argv: &[String],
+        qmp_socket: &Path,
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<QemuProcess, ProcessError> {
+        let log_file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| ProcessError::Log {
+                path: log.to_path_buf(),
+                source,
+            })?;
+        let log_err = log_file.try_clone().map_err(|source| ProcessError::Log {
+            path: log.to_path_buf(),
+            source,
+        })?;
+        // A stale socket would make us talk to nothing, or to an old QEMU.
+        let _ = std::fs::remove_file(qmp_socket);
+        let mut child = tokio::process::Command::new(binary)
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_file))
+            .stderr(Stdio::from(log_err))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn {
+                binary: binary.to_path_buf(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        tracing::debug!(pid, binary = %binary.display(), ?argv, "QEMU started");
+
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let info = match status {
+                Ok(s) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    ExitInfo {
+                        code: s.code(),
+                        signal: s.signal(),
+                    }
+                }
+                Err(_) => ExitInfo {
+                    code: None,
+                    signal: None,
+                },
+            };
+            tracing::debug!(pid, %info, "QEMU exited");
+            let _ = exit_tx.send(Some(info));
+        });
+
+        let deadline = Instant::now() + timeout;
+        let mut exit = exit_rx.clone();
+        let qmp = loop {
+            if let Some(info) = *exit.borrow_and_update() {
+                return Err(ProcessError::EarlyExit {
+                    exit: info,
+                    log_tail: log_tail(log),
+                });
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                let _ = kill_tx.send(());
+                return Err(ProcessError::QmpTimeout {
+                    timeout,
+                    log_tail: log_tail(log),
+                });
+            }
+            match Client::connect(qmp_socket, remaining).await {
+                Ok(client) => break client,
+                Err(_) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                        _ = exit.changed() => {}
+                    }
+                }
+            }
+        };
+        Ok(QemuProcess {
+            pid,
+            qmp,
+            exit: exit_rx,
+            kill: Mutex::new(Some(kill_tx)),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    pub fn qmp(&self) -> &Client {
+        &self.qmp
+    }
+
+    /// QEMU's stdout/stderr log.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// How QEMU exited, once it has.
+    pub fn exit_info(&self) -> Option<ExitInfo> {
+        *self.exit.borrow()
+    }
+
+    /// A receiver that changes once, when QEMU exits.
+    pub fn exit_watch(&self) -> watch::Receiver<Option<ExitInfo>> {
+        self.exit.clone()
+    }
+
+    /// Waits up to `timeout` for QEMU to exit.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitInfo> {
+        let mut exit = self.exit.clone();
+        let waited = tokio::time::timeout(timeout, exit.wait_for(Option::is_some)).await;
+        match waited {
+            Ok(Ok(info)) => *info,
+            _ => *self.exit.borrow(),
+        }
+    }
+
+    /// Sends SIGKILL (once); returns immediately.
+    pub fn kill(&self) {
+        if let Some(tx) = self.kill.lock().expect("kill lock").take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Kills QEMU and waits until it has been reaped.
+    pub async fn kill_and_wait(&self, timeout: Duration) -> Option<ExitInfo> {
+        self.kill();
+        self.wait_exit(timeout).await
+    }
+
+    /// Asks QEMU to quit over QMP; kills it if it does not exit in time.
+    pub async fn shutdown(&self, timeout: Duration) -> Option<ExitInfo> {
+        if self.exit_info().is_none() {
+            let _ = self
+                .qmp
+                .execute_with_timeout(&qmp::commands::vm::Quit, timeout)
+                .await;
+            if let Some(info) = self.wait_exit(timeout).await {
+                return Some(info);
+            }
+        }
+        self.kill_and_wait(timeout).await
+    }
+}
+
+impl Drop for QemuProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last lines of a log, for error messages.
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let start = lines.len().saturating_sub(5);
+    let tail = lines[start..].join(" | ");
+    if tail.is_empty() {
+        "(QEMU printed nothing)".into()
+    } else {
+        tail
+    }
+}

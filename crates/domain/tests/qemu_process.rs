@@ -1,0 +1,151 @@
+//! Probing the installed QEMU and running the test guest under it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use domain::qemu::{
+    build_argv, probe, LaunchConfig, LaunchSpec, ProcessError, QemuProcess, RamLayout,
+};
+use domain::DomainDefinition;
+use guest::{SerialLog, Workload};
+use qmp::commands::vm::{QueryStatus, RunState};
+
+const QEMU: &str = "qemu-system-x86_64";
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+fn definition(dir: &Path, workload: Workload) -> DomainDefinition {
+    let kernel = guest::install_kernel(dir).unwrap();
+    DomainDefinition::from_toml(&format!(
+        "name = \"t\"\nmemory_mib = 64\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
+        kernel,
+        workload.cmdline()
+    ))
+    .unwrap()
+}
+
+async fn wait_for_progress(log: &Path, lines: usize) -> SerialLog {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let parsed = SerialLog::read(log).unwrap();
+        if parsed.progress.len() >= lines {
+            return parsed;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no guest progress: {parsed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn probe_finds_auto_converge_and_resolves_the_pc_alias() {
+    let binary = probe(Path::new(QEMU), TIMEOUT).await.unwrap();
+    assert!(binary.has_capability("auto-converge"));
+    assert!(binary.has_parameter("cpu-throttle-initial"));
+    assert!(binary.has_command("query-migrate"));
+    let pc = binary.resolve_machine("pc").expect("pc alias");
+    assert!(pc.starts_with("pc-i440fx-"), "{pc}");
+    assert_eq!(binary.resolve_machine("no-such-machine"), None);
+}
+
+#[tokio::test]
+async fn guest_runs_and_reports_progress_with_the_workaround_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let def = definition(dir.path(), Workload::busy(8, 1000));
+    let binary = probe(Path::new(QEMU), TIMEOUT).await.unwrap();
+    let spec = LaunchSpec {
+        machine: binary.resolve_machine("pc").unwrap(),
+        accel: def.accel,
+        ram: RamLayout::for_domain(def.memory_mib, def.accel, binary.version),
+    };
+    let socket = dir.path().join("qmp.sock");
+    let serial = dir.path().join("serial.log");
+    let argv = build_argv(&LaunchConfig {
+        definition: &def,
+        spec: &spec,
+        qmp_socket: &socket,
+        serial_log: &serial,
+        incoming: false,
+    });
+    let qemu = QemuProcess::spawn(
+        Path::new(QEMU),
+        &argv,
+        &socket,
+        &dir.path().join("qemu.log"),
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    let status = qemu.qmp().execute(&QueryStatus).await.unwrap();
+    assert_eq!(status.status, RunState::Running);
+    let log = wait_for_progress(&serial, 2).await;
+    assert!(log.memory_intact());
+    assert!(log.last_progress().unwrap().writes > 0);
+    let exit = qemu.shutdown(TIMEOUT).await.expect("QEMU exits on quit");
+    assert_eq!(exit.code, Some(0));
+}
+
+#[tokio::test]
+async fn a_bad_command_line_fails_with_qemus_own_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = QemuProcess::spawn(
+        Path::new(QEMU),
+        &["-machine".into(), "no-such-machine".into()],
+        &dir.path().join("qmp.sock"),
+        &dir.path().join("qemu.log"),
+        TIMEOUT,
+    )
+    .await
+    .unwrap_err();
+    match err {
+        ProcessError::EarlyExit { log_tail, .. } => {
+            assert!(log_tail.contains("unsupported machine type"), "{log_tail}")
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_missing_binary_is_reported() {
+    let err = probe(&PathBuf::from("/nonexistent/qemu"), TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/qemu"), "{err}");
+}
+
+#[tokio::test]
+async fn dropping_the_process_kills_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let def = definition(dir.path(), Workload::IDLE);
+    let spec = LaunchSpec {
+        machine: "pc".into(),
+        accel: def.accel,
+        ram: RamLayout::plain(def.memory_mib),
+    };
+    let socket = dir.path().join("qmp.sock");
+    let argv = build_argv(&LaunchConfig {
+        definition: &def,
+        spec: &spec,
+        qmp_socket: &socket,
+        serial_log: &dir.path().join("serial.log"),
+        incoming: false,
+    });
+    let qemu = QemuProcess::spawn(
+        Path::new(QEMU),
+        &argv,
+        &socket,
+        &dir.path().join("qemu.log"),
+        TIMEOUT,
+    )
+    .await
+    .unwrap();
+    let pid = qemu.pid();
+    let mut exit = qemu.exit_watch();
+    drop(qemu);
+    tokio::time::timeout(TIMEOUT, exit.wait_for(Option::is_some))
+        .await
+        .expect("QEMU reaped")
+        .unwrap();
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+}
