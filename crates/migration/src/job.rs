@@ -1,0 +1,239 @@
+//! Migration jobs as the user sees them: live statistics (`domjobinfo`) and
+//! the record kept when a job ends.
+
+use std::fmt;
+
+use qmp::commands::migration::MigrationInfo;
+use serde::{Deserialize, Serialize};
+
+/// Which half of a migration an agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Source,
+    Destination,
+}
+
+/// The phases of a migration, libvirt's v3 shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Source: validate flags, probe both QEMU binaries.
+    Begin,
+    /// Destination: start QEMU with `-incoming defer`, listen.
+    Prepare,
+    /// Source: copy memory until QEMU switches over.
+    Perform,
+    /// Destination: resume the guest.
+    Finish,
+    /// Source: stop its QEMU (or resume it if Finish failed).
+    Confirm,
+    /// Undo after a failure.
+    Cleanup,
+    Done,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = serde_json::to_value(self).ok();
+        f.write_str(name.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+/// How a job ended, or that it has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Active,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            JobStatus::Active => "active",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// One reading of QEMU's `query-migrate` on the source, in our units.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobStats {
+    /// QEMU's own migration status (`active`, `completed`, ...).
+    pub qemu_status: Option<String>,
+    pub total_time_ms: Option<u64>,
+    pub setup_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub expected_downtime_ms: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub memory_processed_bytes: Option<u64>,
+    pub memory_remaining_bytes: Option<u64>,
+    pub constant_pages: Option<u64>,
+    pub normal_pages: Option<u64>,
+    pub normal_bytes: Option<u64>,
+    /// Transfer rate QEMU measured, MiB/s.
+    pub bandwidth_mib_s: Option<f64>,
+    /// Pages dirtied per second in the last period (saturates at working
+    /// set / pass time, so it under-reports hot writers).
+    pub dirty_rate_pages_s: Option<u64>,
+    /// Completed passes over memory (dirty-bitmap syncs).
+    pub iteration: Option<u64>,
+    pub page_size: Option<u64>,
+    pub cpu_throttle_pct: Option<u64>,
+    pub postcopy_requests: Option<u64>,
+}
+
+impl JobStats {
+    /// Converts a `query-migrate` reply.
+    pub fn from_qemu(info: &MigrationInfo) -> Self {
+        let ram = info.ram.clone().unwrap_or_default();
+        let status = info
+            .status
+            .and_then(|s| serde_json::to_value(s).ok())
+            .and_then(|v| v.as_str().map(str::to_string));
+        JobStats {
+            qemu_status: status,
+            total_time_ms: info.total_time,
+            setup_time_ms: info.setup_time,
+            downtime_ms: info.downtime,
+            expected_downtime_ms: info.expected_downtime,
+            memory_total_bytes: ram.total,
+            memory_processed_bytes: ram.transferred,
+            memory_remaining_bytes: ram.remaining,
+            constant_pages: ram.duplicate,
+            normal_pages: ram.normal,
+            normal_bytes: ram.normal_bytes,
+            // QEMU reports megabits per second.
+            bandwidth_mib_s: ram
+                .mbps
+                .map(|mbps| mbps * 1e6 / 8.0 / f64::from(1u32 << 20)),
+            dirty_rate_pages_s: ram.dirty_pages_rate,
+            iteration: ram.dirty_sync_count,
+            page_size: ram.page_size,
+            cpu_throttle_pct: info.cpu_throttle_percentage,
+            postcopy_requests: ram.postcopy_requests,
+        }
+    }
+
+    /// Fills the fields `other` has and `self` lacks: QEMU drops the RAM
+    /// statistics in some states, and a job keeps the last ones it saw.
+    pub fn merged_over(mut self, older: &JobStats) -> JobStats {
+        macro_rules! keep {
+            ($($f:ident),*) => {$( if self.$f.is_none() { self.$f = older.$f.clone(); } )*};
+        }
+        keep!(
+            total_time_ms,
+            setup_time_ms,
+            memory_total_bytes,
+            memory_processed_bytes,
+            memory_remaining_bytes,
+            constant_pages,
+            normal_pages,
+            normal_bytes,
+            bandwidth_mib_s,
+            iteration,
+            page_size
+        );
+        self
+    }
+}
+
+/// A job while it runs (and the last one, with `--completed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: String,
+    pub domain: String,
+    pub role: Role,
+    pub phase: Phase,
+    pub status: JobStatus,
+    pub flags: Vec<String>,
+    /// Unix time in milliseconds.
+    pub started_at_ms: u64,
+    pub elapsed_ms: u64,
+    pub stats: JobStats,
+    pub max_cpu_throttle_pct: u64,
+    pub error: Option<String>,
+}
+
+/// The record of a finished job: printed as the last line of
+/// `migrate --json` and kept in the agent's history. Scripts rely on these
+/// field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub domain: String,
+    /// Agent URI of the source host.
+    pub source: String,
+    /// Agent URI of the destination host.
+    pub destination: String,
+    pub status: JobStatus,
+    pub error: Option<String>,
+    pub flags: Vec<String>,
+    pub auto_converge: bool,
+    pub total_time_ms: u64,
+    pub setup_time_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub transferred_bytes: u64,
+    pub iterations: u64,
+    pub max_cpu_throttle_pct: u64,
+    /// The phase the job was in when it ended.
+    pub phase: Phase,
+    pub started_at_ms: u64,
+    pub finished_at_ms: u64,
+    /// Data URI the memory went over.
+    #[serde(default)]
+    pub data_uri: Option<String>,
+    /// What was done to leave the VM running after a failure.
+    #[serde(default)]
+    pub recovery: Option<String>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn converts_qemu_units() {
+        let info: MigrationInfo = serde_json::from_str(
+            r#"{"status":"active","cpu-throttle-percentage":30,"expected-downtime":120,
+                "ram":{"total":100,"transferred":40,"remaining":60,"mbps":536.870912,
+                       "dirty-sync-count":4,"page-size":4096,"dirty-pages-rate":1000}}"#,
+        )
+        .unwrap();
+        let stats = JobStats::from_qemu(&info);
+        assert_eq!(stats.qemu_status.as_deref(), Some("active"));
+        assert_eq!(stats.cpu_throttle_pct, Some(30));
+        assert_eq!(stats.iteration, Some(4));
+        assert!((stats.bandwidth_mib_s.unwrap() - 64.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn merge_keeps_the_last_known_ram_figures() {
+        let older = JobStats {
+            memory_total_bytes: Some(10),
+            iteration: Some(3),
+            ..Default::default()
+        };
+        let newer = JobStats {
+            qemu_status: Some("completed".into()),
+            iteration: Some(5),
+            ..Default::default()
+        }
+        .merged_over(&older);
+        assert_eq!(newer.memory_total_bytes, Some(10));
+        assert_eq!(newer.iteration, Some(5));
+    }
+}

@@ -1,0 +1,26 @@
+//! Live migration of one QEMU guest, as far as QEMU is concerned.
+//!
+//! - [`flags`]: what the user asked (`--auto-converge`, `--bandwidth`, ...),
+//!   validated, and which QEMU capabilities that needs on which host.
+//! - [`support`]: checks those needs against a probed QEMU binary.
+//! - [`settings`]: sets capabilities and parameters on a QEMU for a job and
+//!   restores them afterwards.
+//! - [`incoming`]: the destination QEMU: listen, wait for the data to land.
+//! - [`perform`]: the source QEMU: `migrate`, watch, cancel, time out.
+//! - [`job`]: job statistics and the record kept when a job ends.
+//! - [`uri`]: migration data URIs.
+//!
+//! The agents (`livemigd`) orchestrate these across two hosts.
+
+#![forbid(unsafe_code)]
+
+pub mod flags;
+pub mod incoming;
+pub mod job;
+pub mod perform;
+pub mod settings;
+pub mod support;
+pub mod uri;
+
+pub use flags::{InvalidFlags, MigrateFlags};
+pub use job::{JobInfo, JobRecord, JobStats, JobStatus, Phase, Role};

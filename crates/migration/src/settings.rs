@@ -1,0 +1,219 @@
+//! Migration capabilities and parameters on one QEMU: what to set for a set
+//! of flags, and how to put back what was there before.
+//!
+//! Capabilities can only change while no migration runs, so they are set
+//! before `migrate` / `migrate-incoming` and restored once the job has ended
+//! (on whichever QEMU is still running).
+
+use qmp::commands::migration::{
+    CapabilityStatus, MigrateSetCapabilities, MigrateSetParameters, MigrationCapability,
+    MigrationParameters, QueryMigrateCapabilities, QueryMigrateParameters,
+};
+use qmp::Client;
+
+use crate::flags::MigrateFlags;
+use crate::job::Role;
+
+const MIB: u64 = 1 << 20;
+/// What libvirt uses for "unlimited": 8 PiB/s.
+pub const UNLIMITED_BANDWIDTH: u64 = 1 << 53;
+
+/// Settings an agent keeps per domain between jobs (`migrate-setspeed`,
+/// `migrate-setmaxdowntime`); flags given to `migrate` win over them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Tunables {
+    pub bandwidth_mib_s: Option<u64>,
+    pub downtime_ms: Option<u64>,
+}
+
+/// The capability states a migration with `flags` needs on `role`'s QEMU.
+/// Capabilities we manage but the user did not ask for are set off, so a
+/// job never inherits another's settings.
+pub fn wanted_capabilities(flags: &MigrateFlags, role: Role) -> Vec<(MigrationCapability, bool)> {
+    vec![
+        (MigrationCapability::Events, true),
+        (MigrationCapability::AutoConverge, flags.auto_converge),
+        (MigrationCapability::Xbzrle, flags.compressed),
+        (MigrationCapability::Multifd, flags.parallel),
+        (MigrationCapability::PostcopyRam, flags.postcopy),
+        (
+            MigrationCapability::DirtyLimit,
+            flags.dirty_limit && role == Role::Source,
+        ),
+    ]
+}
+
+/// The parameters to set on `role`'s QEMU.
+pub fn wanted_parameters(
+    flags: &MigrateFlags,
+    tunables: Tunables,
+    role: Role,
+) -> MigrationParameters {
+    let mut p = MigrationParameters {
+        multifd_channels: if flags.parallel {
+            flags.parallel_connections
+        } else {
+            None
+        },
+        ..Default::default()
+    };
+    if role == Role::Source {
+        let bandwidth = flags.bandwidth.or(tunables.bandwidth_mib_s);
+        p.max_bandwidth = Some(bandwidth.map_or(UNLIMITED_BANDWIDTH, |b| b * MIB));
+        p.downtime_limit = flags.downtime.or(tunables.downtime_ms);
+        p.cpu_throttle_initial = flags.auto_converge_initial;
+        p.cpu_throttle_increment = flags.auto_converge_increment;
+    }
+    p
+}
+
+/// What a QEMU had before we changed it.
+#[derive(Debug, Clone, Default)]
+pub struct Previous {
+    capabilities: Vec<CapabilityStatus>,
+    parameters: MigrationParameters,
+}
+
+/// Sets capabilities and parameters for a job; returns what to restore.
+///
+/// # Errors
+/// The QMP error of the first command QEMU refuses; in that case whatever
+/// was already changed has been put back.
+pub async fn apply(
+    qmp: &Client,
+    flags: &MigrateFlags,
+    tunables: Tunables,
+    role: Role,
+) -> Result<Previous, qmp::Error> {
+    let current = qmp.execute(&QueryMigrateCapabilities).await?;
+    let mut previous = Previous::default();
+    let mut changes = Vec::new();
+    for (capability, state) in wanted_capabilities(flags, role) {
+        match current.iter().find(|c| c.capability == capability) {
+            Some(now) if now.state != state => {
+                previous.capabilities.push(now.clone());
+                changes.push(CapabilityStatus { capability, state });
+            }
+            Some(_) => {}
+            // Missing and wanted: the requirement check should have caught
+            // it; let QEMU say so.
+            None if state => changes.push(CapabilityStatus { capability, state }),
+            None => {}
+        }
+    }
+    if !changes.is_empty() {
+        qmp.execute(&MigrateSetCapabilities {
+            capabilities: changes,
+        })
+        .await?;
+    }
+
+    let wanted = wanted_parameters(flags, tunables, role);
+    let before = qmp.execute(&QueryMigrateParameters).await?;
+    previous.parameters = MigrationParameters {
+        max_bandwidth: wanted.max_bandwidth.and(before.max_bandwidth),
+        downtime_limit: wanted.downtime_limit.and(before.downtime_limit),
+        cpu_throttle_initial: wanted.cpu_throttle_initial.and(before.cpu_throttle_initial),
+        cpu_throttle_increment: wanted
+            .cpu_throttle_increment
+            .and(before.cpu_throttle_increment),
+        multifd_channels: wanted.multifd_channels.and(before.multifd_channels),
+        ..Default::default()
+    };
+    if wanted != MigrationParameters::default() {
+        if let Err(e) = qmp.execute(&MigrateSetParameters(wanted)).await {
+            let _ = restore(qmp, &previous).await;
+            return Err(e);
+        }
+    }
+    Ok(previous)
+}
+
+/// Puts capabilities and parameters back as they were before [`apply`].
+///
+/// # Errors
+/// The QMP error of a refused command.
+pub async fn restore(qmp: &Client, previous: &Previous) -> Result<(), qmp::Error> {
+    if !previous.capabilities.is_empty() {
+        qmp.execute(&MigrateSetCapabilities {
+            capabilities: previous.capabilities.clone(),
+        })
+        .await?;
+    }
+    if previous.parameters != MigrationParameters::default() {
+        qmp.execute(&MigrateSetParameters(previous.parameters.clone()))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Changes the bandwidth and downtime limits of a running job.
+///
+/// # Errors
+/// The QMP error if QEMU refuses.
+pub async fn retune(qmp: &Client, tunables: Tunables) -> Result<(), qmp::Error> {
+    let params = MigrationParameters {
+        max_bandwidth: tunables.bandwidth_mib_s.map(|b| b * MIB),
+        downtime_limit: tunables.downtime_ms,
+        ..Default::default()
+    };
+    if params == MigrationParameters::default() {
+        return Ok(());
+    }
+    qmp.execute(&MigrateSetParameters(params)).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_converge_on_both_sides_and_off_when_not_asked() {
+        let on = MigrateFlags {
+            auto_converge: true,
+            ..Default::default()
+        };
+        for role in [Role::Source, Role::Destination] {
+            assert!(
+                wanted_capabilities(&on, role).contains(&(MigrationCapability::AutoConverge, true))
+            );
+            assert!(wanted_capabilities(&MigrateFlags::default(), role)
+                .contains(&(MigrationCapability::AutoConverge, false)));
+        }
+    }
+
+    #[test]
+    fn source_gets_bandwidth_downtime_and_throttle_destination_only_channels() {
+        let flags = MigrateFlags {
+            bandwidth: Some(64),
+            auto_converge: true,
+            auto_converge_initial: Some(30),
+            parallel: true,
+            parallel_connections: Some(4),
+            ..Default::default()
+        };
+        let tunables = Tunables {
+            bandwidth_mib_s: Some(10),
+            downtime_ms: Some(500),
+        };
+        let src = wanted_parameters(&flags, tunables, Role::Source);
+        assert_eq!(src.max_bandwidth, Some(64 << 20), "the flag wins");
+        assert_eq!(src.downtime_limit, Some(500), "the stored tunable applies");
+        assert_eq!(src.cpu_throttle_initial, Some(30));
+        assert_eq!(src.multifd_channels, Some(4));
+        let dst = wanted_parameters(&flags, tunables, Role::Destination);
+        assert_eq!(
+            dst,
+            MigrationParameters {
+                multifd_channels: Some(4),
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn no_bandwidth_means_unlimited_like_virsh() {
+        let p = wanted_parameters(&MigrateFlags::default(), Tunables::default(), Role::Source);
+        assert_eq!(p.max_bandwidth, Some(UNLIMITED_BANDWIDTH));
+    }
+}

@@ -1,0 +1,109 @@
+//! Whether a QEMU binary supports what a migration's flags need.
+
+use domain::qemu::QemuBinary;
+
+use crate::flags::{MigrateFlags, RequirementKind};
+use crate::job::Role;
+
+/// A feature the QEMU binary on one host lacks.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{feature} is not supported by the QEMU binary on {host} ({binary}, QEMU {version} has no `{name}` {kind})")]
+pub struct Unsupported {
+    pub feature: String,
+    pub name: String,
+    pub kind: &'static str,
+    pub host: String,
+    pub binary: String,
+    pub version: String,
+}
+
+/// Checks every requirement of `flags` that applies to `role` against the
+/// probed `binary` on `host`.
+///
+/// # Errors
+/// The first [`Unsupported`] feature.
+pub fn check(
+    flags: &MigrateFlags,
+    role: Role,
+    host: &str,
+    binary: &QemuBinary,
+) -> Result<(), Unsupported> {
+    for req in flags.requirements() {
+        if role == Role::Destination && !req.destination {
+            continue;
+        }
+        let (present, kind) = match req.kind {
+            RequirementKind::Capability => {
+                (binary.has_capability(req.name), "migration capability")
+            }
+            RequirementKind::Parameter => (binary.has_parameter(req.name), "migration parameter"),
+        };
+        if !present {
+            return Err(Unsupported {
+                feature: req.feature.to_string(),
+                name: req.name.to_string(),
+                kind,
+                host: host.to_string(),
+                binary: binary.path.display().to_string(),
+                version: binary.version.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use qmp::QemuVersion;
+
+    use super::*;
+
+    fn qemu_7_2() -> QemuBinary {
+        QemuBinary {
+            path: "/usr/bin/qemu-system-x86_64".into(),
+            version: QemuVersion::new(7, 2, 0),
+            package: String::new(),
+            migration_capabilities: ["auto-converge", "events", "postcopy-ram"]
+                .map(String::from)
+                .into(),
+            migration_parameters: BTreeSet::from(["cpu-throttle-initial".to_string()]),
+            commands: BTreeSet::new(),
+            machines: vec![],
+            kvm_present: false,
+        }
+    }
+
+    #[test]
+    fn names_the_feature_and_the_host() {
+        let flags = MigrateFlags {
+            live: true,
+            dirty_limit: true,
+            ..Default::default()
+        };
+        let err = check(
+            &flags,
+            Role::Destination,
+            "tcp://10.0.0.2:7000",
+            &qemu_7_2(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with(
+            "dirty-limit migration is not supported by the QEMU binary on tcp://10.0.0.2:7000"
+        ));
+    }
+
+    #[test]
+    fn source_only_parameters_are_not_required_of_the_destination() {
+        let flags = MigrateFlags {
+            auto_converge: true,
+            auto_converge_increment: Some(5),
+            ..Default::default()
+        };
+        let binary = qemu_7_2();
+        assert!(check(&flags, Role::Destination, "dst", &binary).is_ok());
+        let err = check(&flags, Role::Source, "src", &binary).unwrap_err();
+        assert_eq!(err.name, "cpu-throttle-increment");
+    }
+}
