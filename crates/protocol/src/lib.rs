@@ -1,0 +1,23 @@
+//! The livemig agent protocol (see `docs/PROTOCOL.md`).
+//!
+//! Newline-delimited JSON over a unix socket (the local CLI) or TCP (remote
+//! CLIs and peer agents). Every message is an envelope carrying the protocol
+//! version and a request id; requests are answered in order.
+//!
+//! - [`uri`]: agent addresses (`unix:///path`, `tcp://host:port`).
+//! - [`message`]: envelopes, requests, replies, errors.
+//! - [`types`]: the data in replies (domain summaries, info, capabilities).
+//! - [`client`]: a client for one connection.
+//! - [`codec`]: reading and writing one line-delimited message.
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod codec;
+pub mod message;
+pub mod types;
+pub mod uri;
+
+pub use client::{Client, ClientError};
+pub use message::{ApiError, ErrorCode, Reply, Request, PROTOCOL_VERSION};
+pub use uri::{AgentUri, BadAgentUri};

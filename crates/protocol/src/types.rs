@@ -1,0 +1,106 @@
+//! Data carried in replies.
+
+use std::fmt;
+
+use domain::qemu::{LaunchSpec, QemuBinary};
+use domain::{Accel, DomainDefinition};
+use migration::settings::Tunables;
+use serde::{Deserialize, Serialize};
+
+/// A domain's state as `list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DomainState {
+    Running,
+    Paused,
+    ShutOff,
+    /// Running here, being migrated away.
+    MigratingOut,
+    /// Arriving here from another host; not yet resumed.
+    MigratingIn,
+    /// QEMU stopped and the agent has not yet cleaned up.
+    Crashed,
+}
+
+impl fmt::Display for DomainState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::ShutOff => "shut off",
+            DomainState::MigratingOut => "migrating out",
+            DomainState::MigratingIn => "migrating in",
+            DomainState::Crashed => "crashed",
+        })
+    }
+}
+
+/// One line of `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DomainSummary {
+    /// Run id, assigned when the domain starts (like virsh's Id).
+    pub id: Option<u64>,
+    pub name: String,
+    pub state: DomainState,
+    pub persistent: bool,
+}
+
+/// `dominfo`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DomainInfo {
+    pub id: Option<u64>,
+    pub name: String,
+    pub state: DomainState,
+    pub persistent: bool,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub accel: Accel,
+    /// Guest RAM actually given to QEMU (smaller when the TCG workaround
+    /// is active).
+    pub guest_ram_bytes: Option<u64>,
+    /// Concrete machine type of the running QEMU.
+    pub machine: Option<String>,
+    pub qemu_pid: Option<u32>,
+    pub qemu_version: Option<String>,
+    pub qmp_socket: Option<String>,
+    pub serial_log: Option<String>,
+    pub qemu_log: Option<String>,
+    /// Present when the running QEMU has the TCG dirty-bitmap migration bug
+    /// and livemig is working around it.
+    pub tcg_dirty_bitmap_workaround: Option<String>,
+    pub tunables: Tunables,
+    pub active_job: Option<String>,
+}
+
+/// `domcapabilities`: the host's QEMU binary as probed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostCapabilities {
+    pub host: String,
+    pub qemu: QemuBinary,
+    /// The accelerator used when a definition does not say.
+    pub default_accel: Accel,
+    /// Whether the TCG migration bug needs the RAM-layout workaround here.
+    pub tcg_dirty_bitmap_bug: bool,
+}
+
+/// About the agent itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub protocol: u32,
+    /// The agent's TCP URI, as peers should use it.
+    pub uri: Option<String>,
+    pub state_dir: String,
+}
+
+/// What a source sends a destination to prepare an incoming migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    pub job_id: String,
+    pub definition: DomainDefinition,
+    /// Machine type and RAM layout the source QEMU runs with.
+    pub spec: LaunchSpec,
+    pub flags: migration::MigrateFlags,
+    /// The source agent's URI, for the record.
+    pub source: String,
+}

@@ -1,0 +1,90 @@
+//! Agent addresses: `unix:///run/livemig.sock` or `tcp://host:port`.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AgentUri {
+    Unix(PathBuf),
+    Tcp { host: String, port: u16 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad agent URI {uri:?}: {reason} (expected unix:///PATH or tcp://HOST:PORT)")]
+pub struct BadAgentUri {
+    pub uri: String,
+    pub reason: &'static str,
+}
+
+impl FromStr for AgentUri {
+    type Err = BadAgentUri;
+
+    fn from_str(uri: &str) -> Result<Self, BadAgentUri> {
+        let bad = |reason| BadAgentUri {
+            uri: uri.to_string(),
+            reason,
+        };
+        if let Some(path) = uri.strip_prefix("unix://") {
+            if !path.starts_with('/') {
+                return Err(bad("the socket path must be absolute"));
+            }
+            return Ok(AgentUri::Unix(PathBuf::from(path)));
+        }
+        let rest = uri
+            .strip_prefix("tcp://")
+            .ok_or_else(|| bad("unknown scheme"))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        if !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+        {
+            return Err(bad("the host has characters a host name cannot have"));
+        }
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
+        Ok(AgentUri::Tcp {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for AgentUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentUri::Unix(path) => write!(f, "unix://{}", path.display()),
+            AgentUri::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp://[{host}]:{port}")
+            }
+            AgentUri::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_schemes_and_prints_them_back() {
+        for uri in ["unix:///run/livemig.sock", "tcp://10.0.0.2:7000", "tcp://[::1]:7000"] {
+            assert_eq!(uri.parse::<AgentUri>().unwrap().to_string(), uri);
+        }
+    }
+
+    #[test]
+    fn refuses_malformed_uris() {
+        for uri in ["", "qemu:///system", "unix://rel/path", "tcp://host", "tcp://:1", "tcp://h:0", "tcp://h:x", "tcp://a b:1"] {
+            assert!(uri.parse::<AgentUri>().is_err(), "{uri}");
+        }
+    }
+}
