@@ -191,6 +191,35 @@ pub struct JobRecord {
     /// What was done to leave the VM running after a failure.
     #[serde(default)]
     pub recovery: Option<String>,
+    /// Which half of the migration this agent ran.
+    #[serde(default = "source_role")]
+    pub role: Role,
+    /// The last statistics QEMU reported.
+    #[serde(default)]
+    pub stats: JobStats,
+}
+
+fn source_role() -> Role {
+    Role::Source
+}
+
+impl JobRecord {
+    /// The record shown as job info (`domjobinfo --completed`).
+    pub fn as_info(&self) -> JobInfo {
+        JobInfo {
+            id: self.id.clone(),
+            domain: self.domain.clone(),
+            role: self.role,
+            phase: self.phase,
+            status: self.status,
+            flags: self.flags.clone(),
+            started_at_ms: self.started_at_ms,
+            elapsed_ms: self.total_time_ms,
+            stats: self.stats.clone(),
+            max_cpu_throttle_pct: self.max_cpu_throttle_pct,
+            error: self.error.clone(),
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.

@@ -7,14 +7,14 @@ use crate::job::Role;
 
 /// A feature the QEMU binary on one host lacks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{feature} is not supported by the QEMU binary on {host} ({binary}, QEMU {version} has no `{name}` {kind})")]
+#[error("{feature} is not supported by the QEMU binary on {host} ({detail})")]
 pub struct Unsupported {
     pub feature: String,
+    /// The QEMU capability or parameter that is missing.
     pub name: String,
-    pub kind: &'static str,
     pub host: String,
-    pub binary: String,
-    pub version: String,
+    /// Which binary, which version, what it lacks.
+    pub detail: String,
 }
 
 /// Checks every requirement of `flags` that applies to `role` against the
@@ -42,10 +42,13 @@ pub fn check(
             return Err(Unsupported {
                 feature: req.feature.to_string(),
                 name: req.name.to_string(),
-                kind,
                 host: host.to_string(),
-                binary: binary.path.display().to_string(),
-                version: binary.version.to_string(),
+                detail: format!(
+                    "{}, QEMU {}, has no `{}` {kind}",
+                    binary.path.display(),
+                    binary.version,
+                    req.name
+                ),
             });
         }
     }

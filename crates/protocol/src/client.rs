@@ -143,13 +143,7 @@ impl Client {
             read_message::<_, ResponseEnvelope>(&mut conn.stream).await
         };
         let response = match tokio::time::timeout(timeout, exchange).await {
-            Err(_) => {
-                return Err(ClientError::Timeout {
-                    uri,
-                    op,
-                    timeout,
-                })
-            }
+            Err(_) => return Err(ClientError::Timeout { uri, op, timeout }),
             Ok(Err(source)) => return Err(ClientError::Codec { uri, source }),
             Ok(Ok(None)) => return Err(ClientError::Closed { uri }),
             Ok(Ok(Some(response))) => response,

@@ -5,9 +5,7 @@ use migration::{JobInfo, JobRecord, MigrateFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::types::{
-    AgentInfo, DomainInfo, DomainSummary, HostCapabilities, PrepareRequest,
-};
+use crate::types::{AgentInfo, DomainInfo, DomainSummary, HostCapabilities, PrepareRequest};
 
 /// The protocol version in every envelope. A newer minor revision only adds
 /// `#[serde(default)]` fields; a different version is refused.
@@ -93,7 +91,7 @@ pub enum Request {
     MigratePostcopy {
         domain: DomainName,
     },
-    /// The record of a job run by this agent.
+    /// A job run by this agent: live info while it runs, then its record.
     Job {
         id: String,
     },
@@ -134,15 +132,33 @@ impl Request {
 pub enum Reply {
     Done,
     Hello(AgentInfo),
-    Domains { domains: Vec<DomainSummary> },
+    Domains {
+        domains: Vec<DomainSummary>,
+    },
     DomainInfo(Box<DomainInfo>),
     Capabilities(Box<HostCapabilities>),
-    MigrationStarted { job_id: String },
-    JobInfo { job: Option<Box<JobInfo>> },
-    JobRecord(Box<JobRecord>),
-    Monitor { result: Value },
-    Prepared { uri: String },
+    MigrationStarted {
+        job_id: String,
+    },
+    JobInfo {
+        job: Option<Box<JobInfo>>,
+    },
+    Job {
+        active: Option<Box<JobInfo>>,
+        record: Option<Box<JobRecord>>,
+    },
+    Monitor {
+        result: Value,
+    },
+    Prepared {
+        uri: String,
+    },
     Finished,
+    /// Answer to `peer-abort`: whether the guest already runs here (the
+    /// job had finished), in which case the source must not resume it.
+    Aborted {
+        guest_running_here: bool,
+    },
 }
 
 /// Error categories, stable for scripts (and CLI exit codes).
@@ -223,7 +239,10 @@ mod tests {
             result: ResponseResult::Error(ApiError::new(ErrorCode::NoDomain, "no domain 'x'")),
         };
         let text = serde_json::to_string(&env).unwrap();
-        assert_eq!(serde_json::from_str::<ResponseEnvelope>(&text).unwrap(), env);
+        assert_eq!(
+            serde_json::from_str::<ResponseEnvelope>(&text).unwrap(),
+            env
+        );
         let newer: ApiError =
             serde_json::from_str(r#"{"code":"from-the-future","message":"m"}"#).unwrap();
         assert_eq!(newer.code, ErrorCode::Unknown);
@@ -231,8 +250,8 @@ mod tests {
 
     #[test]
     fn an_invalid_domain_name_is_refused_when_decoding() {
-        let err = serde_json::from_str::<Request>(r#"{"op":"dom-info","domain":"../etc"}"#)
-            .unwrap_err();
+        let err =
+            serde_json::from_str::<Request>(r#"{"op":"dom-info","domain":"../etc"}"#).unwrap_err();
         assert!(err.to_string().contains("invalid domain name"), "{err}");
     }
 }

@@ -91,6 +91,9 @@ pub struct AgentInfo {
     /// The agent's TCP URI, as peers should use it.
     pub uri: Option<String>,
     pub state_dir: String,
+    /// Random per agent process: lets an agent recognise itself.
+    #[serde(default)]
+    pub instance: String,
 }
 
 /// What a source sends a destination to prepare an incoming migration.

@@ -76,14 +76,27 @@ mod tests {
 
     #[test]
     fn parses_both_schemes_and_prints_them_back() {
-        for uri in ["unix:///run/livemig.sock", "tcp://10.0.0.2:7000", "tcp://[::1]:7000"] {
+        for uri in [
+            "unix:///run/livemig.sock",
+            "tcp://10.0.0.2:7000",
+            "tcp://[::1]:7000",
+        ] {
             assert_eq!(uri.parse::<AgentUri>().unwrap().to_string(), uri);
         }
     }
 
     #[test]
     fn refuses_malformed_uris() {
-        for uri in ["", "qemu:///system", "unix://rel/path", "tcp://host", "tcp://:1", "tcp://h:0", "tcp://h:x", "tcp://a b:1"] {
+        for uri in [
+            "",
+            "qemu:///system",
+            "unix://rel/path",
+            "tcp://host",
+            "tcp://:1",
+            "tcp://h:0",
+            "tcp://h:x",
+            "tcp://a b:1",
+        ] {
             assert!(uri.parse::<AgentUri>().is_err(), "{uri}");
         }
     }

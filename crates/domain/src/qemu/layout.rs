@@ -63,12 +63,12 @@ impl RamLayout {
     /// True when this layout keeps QEMU off the buggy fast path.
     pub fn avoids_tcg_dirty_bitmap_bug(&self) -> bool {
         const GRID: u64 = 64 * 4096;
-        self.bytes % GRID != 0
+        !self.bytes.is_multiple_of(GRID)
     }
 
     /// The `-m` value: MiB when whole, else KiB.
     pub fn memory_arg(&self) -> String {
-        if self.bytes % MIB == 0 {
+        if self.bytes.is_multiple_of(MIB) {
             format!("{}M", self.bytes / MIB)
         } else {
             format!("{}k", self.bytes / 1024)

@@ -1,0 +1,421 @@
+//! One handler per request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::qemu::layout::FIXED_IN;
+use domain::{DomainDefinition, DomainName};
+use migration::settings::{self, Tunables};
+use protocol::message::Reply;
+use protocol::types::{AgentInfo, DomainInfo, DomainSummary, HostCapabilities};
+use protocol::{ApiError, ErrorCode, Request, PROTOCOL_VERSION};
+use qmp::commands::migration::MigrateStartPostcopy;
+use qmp::commands::vm::{Cont, Stop};
+use serde_json::Value;
+
+use crate::errors;
+use crate::migrate;
+use crate::server::ConnContext;
+use crate::state::{ActiveJob, Agent, Domain};
+use crate::vm;
+
+const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Agent {
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        request: Request,
+        ctx: &ConnContext,
+    ) -> Result<Reply, ApiError> {
+        match request {
+            Request::Hello => Ok(Reply::Hello(self.hello())),
+            Request::Define { definition } => self.define(definition).await,
+            Request::Undefine { domain } => self.undefine(&domain).await,
+            Request::Start { domain, paused } => self.start(&domain, paused).await,
+            Request::Destroy { domain } => self.destroy(&domain).await,
+            Request::Suspend { domain } => self.pause(&domain, true).await,
+            Request::Resume { domain } => self.pause(&domain, false).await,
+            Request::List { all } => self.list(all).await,
+            Request::DomInfo { domain } => self.dominfo(&domain).await,
+            Request::DomCapabilities => self.domcapabilities().await,
+            Request::Migrate {
+                domain,
+                destination,
+                flags,
+            } => migrate::source::begin(self, &domain, &destination, flags).await,
+            Request::DomJobInfo { domain, completed } => self.domjobinfo(&domain, completed),
+            Request::DomJobAbort { domain } => self.domjobabort(&domain),
+            Request::MigrateSetSpeed {
+                domain,
+                bandwidth_mib_s,
+            } => {
+                self.retune(
+                    &domain,
+                    Tunables {
+                        bandwidth_mib_s: Some(bandwidth_mib_s),
+                        downtime_ms: None,
+                    },
+                )
+                .await
+            }
+            Request::MigrateSetMaxDowntime {
+                domain,
+                downtime_ms,
+            } => {
+                self.retune(
+                    &domain,
+                    Tunables {
+                        bandwidth_mib_s: None,
+                        downtime_ms: Some(downtime_ms),
+                    },
+                )
+                .await
+            }
+            Request::MigratePostcopy { domain } => self.start_postcopy(&domain).await,
+            Request::Job { id } => self.job(&id).await,
+            Request::QemuMonitorCommand { domain, command } => {
+                self.monitor_command(&domain, command).await
+            }
+            Request::PeerProbe { flags: _ } => {
+                let binary = self.binary().await?.clone();
+                Ok(Reply::Capabilities(Box::new(
+                    self.host_capabilities(binary),
+                )))
+            }
+            Request::PeerPrepare(prepare) => {
+                migrate::destination::prepare(self, prepare, ctx).await
+            }
+            Request::PeerFinish { job_id } => migrate::destination::finish(self, &job_id).await,
+            Request::PeerAbort { job_id, reason } => {
+                migrate::destination::abort(self, &job_id, &reason).await
+            }
+        }
+    }
+
+    fn hello(&self) -> AgentInfo {
+        AgentInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            protocol: PROTOCOL_VERSION,
+            uri: self.config.listen.map(|a| format!("tcp://{a}")),
+            state_dir: self.store.root().display().to_string(),
+            instance: self.instance.clone(),
+        }
+    }
+
+    async fn define(self: &Arc<Self>, definition: DomainDefinition) -> Result<Reply, ApiError> {
+        definition
+            .validate()
+            .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, e.to_string()))?;
+        let name = definition.name.clone();
+        let lock = {
+            let mut domains = self.domains.lock().expect("domains lock");
+            domains
+                .entry(name.clone())
+                .or_insert_with(|| Domain::new(definition.clone(), false))
+                .op_lock
+                .clone()
+        };
+        let _guard = lock.lock().await;
+        if let Err(e) = self.store.save_definition(&definition).await {
+            self.drop_if_transient_and_idle(&name);
+            return Err(errors::storage(&e));
+        }
+        self.with_domain(&name, |d| {
+            // A running domain keeps its QEMU; the new definition applies
+            // from its next start, as with libvirt.
+            d.definition = definition;
+            d.persistent = true;
+            Ok(())
+        })?;
+        tracing::info!(domain = %name, "defined");
+        Ok(Reply::Done)
+    }
+
+    async fn undefine(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
+        let lock = self.op_lock(name)?;
+        let _guard = lock.lock().await;
+        let persistent = self.with_domain(name, |d| Ok(d.persistent))?;
+        if !persistent {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' is transient: it has no definition to remove"
+            )));
+        }
+        self.store
+            .remove_definition(name)
+            .await
+            .map_err(|e| errors::storage(&e))?;
+        self.with_domain(name, |d| {
+            d.persistent = false;
+            Ok(())
+        })?;
+        self.drop_if_transient_and_idle(name);
+        tracing::info!(domain = %name, "undefined");
+        Ok(Reply::Done)
+    }
+
+    async fn start(self: &Arc<Self>, name: &DomainName, paused: bool) -> Result<Reply, ApiError> {
+        let lock = self.op_lock(name)?;
+        let _guard = lock.lock().await;
+        let def = self.with_domain(name, |d| {
+            if d.vm.is_some() {
+                return Err(errors::operation_invalid(format!(
+                    "domain '{name}' is already running"
+                )));
+            }
+            Ok(d.definition.clone())
+        })?;
+        let binary = self.binary().await?;
+        let spec = vm::spec_for(&def, binary, &self.uri)?;
+        let vm = vm::launch(self, &def, &spec, false, paused).await?;
+        self.with_domain(name, |d| {
+            d.vm = Some(vm);
+            Ok(())
+        })?;
+        Ok(Reply::Done)
+    }
+
+    async fn destroy(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
+        let lock = self.op_lock(name)?;
+        let _guard = lock.lock().await;
+        let vm = self.with_domain(name, |d| {
+            if let Some(job) = &d.job {
+                return Err(errors::operation_invalid(format!(
+                    "domain '{name}' has an active migration job ({}); abort it first with \
+                     domjobabort on the source host",
+                    job.id()
+                )));
+            }
+            d.vm.take()
+                .ok_or_else(|| errors::operation_invalid(format!("domain '{name}' is not running")))
+        })?;
+        vm.process.kill_and_wait(QEMU_STOP_TIMEOUT).await;
+        tracing::info!(domain = %name, "destroyed");
+        self.drop_if_transient_and_idle(name);
+        Ok(Reply::Done)
+    }
+
+    async fn pause(self: &Arc<Self>, name: &DomainName, stop: bool) -> Result<Reply, ApiError> {
+        let vm = self.with_domain(name, |d| {
+            if d.job.is_some() {
+                return Err(errors::operation_invalid(format!(
+                    "domain '{name}' has an active migration job"
+                )));
+            }
+            d.vm.clone()
+                .ok_or_else(|| errors::operation_invalid(format!("domain '{name}' is not running")))
+        })?;
+        let result = if stop {
+            vm.process.qmp().execute(&Stop).await
+        } else {
+            vm.process.qmp().execute(&Cont).await
+        };
+        result.map_err(|e| errors::qemu(errors::chain(&e)))?;
+        Ok(Reply::Done)
+    }
+
+    async fn list(self: &Arc<Self>, all: bool) -> Result<Reply, ApiError> {
+        let rows: Vec<(DomainName, Option<u64>, bool)> = {
+            let domains = self.domains.lock().expect("domains lock");
+            domains
+                .iter()
+                .map(|(n, d)| (n.clone(), d.vm.as_ref().map(|vm| vm.run_id), d.persistent))
+                .collect()
+        };
+        let mut domains = Vec::new();
+        for (name, id, persistent) in rows {
+            let Ok(state) = self.state_of(&name).await else {
+                continue;
+            };
+            if all || id.is_some() {
+                domains.push(DomainSummary {
+                    id,
+                    name: name.to_string(),
+                    state,
+                    persistent,
+                });
+            }
+        }
+        Ok(Reply::Domains { domains })
+    }
+
+    async fn dominfo(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
+        let state = self.state_of(name).await?;
+        let (def, persistent, vm, tunables, job) = self.with_domain(name, |d| {
+            Ok((
+                d.definition.clone(),
+                d.persistent,
+                d.vm.clone(),
+                d.tunables,
+                d.job.as_ref().map(|j| j.id().to_string()),
+            ))
+        })?;
+        let workaround = vm.as_ref().and_then(|vm| {
+            vm.spec.ram.avoids_tcg_dirty_bitmap_bug().then(|| {
+                format!(
+                    "active: QEMU {} with TCG loses guest writes during migration (fixed in \
+                     {FIXED_IN}); guest RAM is {} bytes, off the 64-page grid, so QEMU uses its \
+                     correct per-page dirty sync",
+                    vm.qemu_version, vm.spec.ram.bytes
+                )
+            })
+        });
+        let path = |p: &std::path::Path| Some(p.display().to_string());
+        Ok(Reply::DomainInfo(Box::new(DomainInfo {
+            id: vm.as_ref().map(|vm| vm.run_id),
+            name: name.to_string(),
+            state,
+            persistent,
+            memory_mib: def.memory_mib,
+            vcpus: def.vcpus,
+            accel: def.accel,
+            guest_ram_bytes: vm.as_ref().map(|vm| vm.spec.ram.bytes),
+            machine: vm.as_ref().map(|vm| vm.spec.machine.clone()),
+            qemu_pid: vm.as_ref().map(|vm| vm.process.pid()),
+            qemu_version: vm.as_ref().map(|vm| vm.qemu_version.to_string()),
+            qmp_socket: vm.as_ref().and_then(|vm| path(&vm.qmp_socket)),
+            serial_log: vm.as_ref().and_then(|vm| path(&vm.serial_log)),
+            qemu_log: vm.as_ref().and_then(|vm| path(&vm.qemu_log)),
+            tcg_dirty_bitmap_workaround: workaround,
+            tunables,
+            active_job: job,
+        })))
+    }
+
+    pub(crate) fn host_capabilities(&self, binary: domain::qemu::QemuBinary) -> HostCapabilities {
+        HostCapabilities {
+            host: self.uri.clone(),
+            tcg_dirty_bitmap_bug: binary.has_tcg_dirty_bitmap_bug(domain::Accel::Tcg),
+            qemu: binary,
+            default_accel: self.config.default_accel,
+        }
+    }
+
+    async fn domcapabilities(self: &Arc<Self>) -> Result<Reply, ApiError> {
+        let binary = self.binary().await?.clone();
+        Ok(Reply::Capabilities(Box::new(
+            self.host_capabilities(binary),
+        )))
+    }
+
+    fn domjobinfo(&self, name: &DomainName, completed: bool) -> Result<Reply, ApiError> {
+        self.with_domain(name, |d| {
+            let job = if completed {
+                d.last_job.as_ref().map(|r| Box::new(r.as_info()))
+            } else {
+                d.job.as_ref().map(|j| Box::new(j.info(name)))
+            };
+            Ok(Reply::JobInfo { job })
+        })
+    }
+
+    fn domjobabort(&self, name: &DomainName) -> Result<Reply, ApiError> {
+        self.with_domain(name, |d| match &d.job {
+            Some(ActiveJob::Outgoing(job)) => {
+                job.cancel.cancel();
+                tracing::info!(domain = %name, job = %job.id, "abort requested");
+                Ok(Reply::Done)
+            }
+            Some(ActiveJob::Incoming(job)) => Err(errors::operation_invalid(format!(
+                "domain '{name}' is arriving from {}; abort the job on the source host",
+                job.source
+            ))),
+            None => Err(errors::operation_invalid(format!(
+                "domain '{name}' has no active job"
+            ))),
+        })
+    }
+
+    async fn retune(
+        self: &Arc<Self>,
+        name: &DomainName,
+        change: Tunables,
+    ) -> Result<Reply, ApiError> {
+        let qmp = self.with_domain(name, |d| {
+            if let Some(b) = change.bandwidth_mib_s {
+                if b == 0 {
+                    return Err(errors::invalid("bandwidth must be at least 1 MiB/s"));
+                }
+                d.tunables.bandwidth_mib_s = Some(b);
+            }
+            if let Some(ms) = change.downtime_ms {
+                if ms == 0 {
+                    return Err(errors::invalid("downtime must be at least 1 ms"));
+                }
+                d.tunables.downtime_ms = Some(ms);
+            }
+            Ok(match (&d.job, &d.vm) {
+                (Some(ActiveJob::Outgoing(_)), Some(vm)) => Some(vm.process.qmp().clone()),
+                _ => None,
+            })
+        })?;
+        if let Some(qmp) = qmp {
+            settings::retune(&qmp, change)
+                .await
+                .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        }
+        Ok(Reply::Done)
+    }
+
+    async fn start_postcopy(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
+        let qmp = self.with_domain(name, |d| match (&d.job, &d.vm) {
+            (Some(ActiveJob::Outgoing(job)), Some(vm)) if job.flags.postcopy => {
+                Ok(vm.process.qmp().clone())
+            }
+            (Some(ActiveJob::Outgoing(_)), _) => Err(errors::operation_invalid(format!(
+                "the migration of '{name}' was not started with --postcopy"
+            ))),
+            _ => Err(errors::operation_invalid(format!(
+                "domain '{name}' is not being migrated from this host"
+            ))),
+        })?;
+        qmp.execute(&MigrateStartPostcopy)
+            .await
+            .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        Ok(Reply::Done)
+    }
+
+    async fn job(&self, id: &str) -> Result<Reply, ApiError> {
+        // Check the live table first: a record is written before the job
+        // leaves it, so one of the two always answers.
+        if let Some(info) = self.find_job(id) {
+            return Ok(Reply::Job {
+                active: Some(Box::new(info)),
+                record: None,
+            });
+        }
+        match self.store.load_job(id).await {
+            Some(record) => Ok(Reply::Job {
+                active: None,
+                record: Some(Box::new(record)),
+            }),
+            None => Err(ApiError::new(
+                ErrorCode::NoJob,
+                format!("no job with id '{id}'"),
+            )),
+        }
+    }
+
+    async fn monitor_command(
+        self: &Arc<Self>,
+        name: &DomainName,
+        command: Value,
+    ) -> Result<Reply, ApiError> {
+        let execute = command
+            .get("execute")
+            .and_then(Value::as_str)
+            .ok_or_else(|| errors::invalid("the command must be a QMP object with \"execute\""))?
+            .to_string();
+        let arguments = command.get("arguments").cloned();
+        let vm = self.with_domain(name, |d| {
+            d.vm.clone()
+                .ok_or_else(|| errors::operation_invalid(format!("domain '{name}' is not running")))
+        })?;
+        let result = vm
+            .process
+            .qmp()
+            .execute_raw(&execute, arguments, self.config.qemu_timeout)
+            .await
+            .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        Ok(Reply::Monitor { result })
+    }
+}

@@ -1,0 +1,41 @@
+//! Agent configuration.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use domain::Accel;
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Definitions, job records, QMP sockets and logs live here.
+    pub state_dir: PathBuf,
+    /// Unix socket for the local CLI.
+    pub socket: PathBuf,
+    /// TCP address for peers and remote CLIs.
+    pub listen: Option<SocketAddr>,
+    /// The QEMU binary to run.
+    pub qemu: PathBuf,
+    /// Accelerator for probing and defaults.
+    pub default_accel: Accel,
+    /// Timeouts for QEMU start-up and QMP calls.
+    pub qemu_timeout: Duration,
+    /// How long a destination waits, after the source says the copy is
+    /// done, for its QEMU to have received everything.
+    pub finish_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(state_dir: PathBuf, socket: PathBuf, listen: Option<SocketAddr>) -> Self {
+        Config {
+            state_dir,
+            socket,
+            listen,
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            default_accel: Accel::Tcg,
+            qemu_timeout: Duration::from_secs(30),
+            finish_timeout: Duration::from_secs(60),
+        }
+    }
+}

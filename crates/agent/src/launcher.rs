@@ -1,0 +1,208 @@
+//! Running `livemigd` as a child process: for the demo and the tests.
+//!
+//! The agent is put in a process group of its own, and the QEMU processes
+//! it starts inherit that group; dropping the [`AgentProcess`] kills the
+//! whole group, so nothing it started can outlive it.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use protocol::message::Reply;
+use protocol::types::AgentInfo;
+use protocol::{AgentUri, Client, Request};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot create {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run {binary}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("livemigd exited during start-up ({status}); see {log}")]
+    Exited { status: String, log: PathBuf },
+    #[error("livemigd did not answer within {READY_TIMEOUT:?}; see {log}")]
+    NotReady { log: PathBuf },
+}
+
+/// How to start an agent.
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    pub binary: PathBuf,
+    pub state_dir: PathBuf,
+    /// `tcp://HOST:PORT`; port 0 lets the agent pick.
+    pub listen: Option<String>,
+    /// Run inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    pub extra_args: Vec<String>,
+}
+
+/// A running `livemigd` child.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    info: AgentInfo,
+}
+
+impl AgentProcess {
+    /// Starts the agent and waits until it answers on its socket.
+    ///
+    /// # Errors
+    /// [`LaunchError`] if it cannot start or does not become ready.
+    pub async fn spawn(options: &LaunchOptions) -> Result<AgentProcess, LaunchError> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LaunchError::Io { path, source }
+        };
+        std::fs::create_dir_all(&options.state_dir).map_err(io(&options.state_dir))?;
+        let socket = options.state_dir.join("livemigd.sock");
+        let log = options.state_dir.join("livemigd.log");
+        let log_file = File::create(&log).map_err(io(&log))?;
+        let log_err = log_file.try_clone().map_err(io(&log))?;
+
+        let mut command = match &options.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&options.binary);
+                c
+            }
+            None => Command::new(&options.binary),
+        };
+        command
+            .arg("--state-dir")
+            .arg(&options.state_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .args(
+                options
+                    .listen
+                    .iter()
+                    .flat_map(|l| ["--listen".to_string(), l.clone()]),
+            )
+            .args(&options.extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log_file))
+            .stderr(Stdio::from(log_err))
+            .process_group(0);
+        let child = command.spawn().map_err(|source| LaunchError::Spawn {
+            binary: options.binary.clone(),
+            source,
+        })?;
+        let mut process = AgentProcess {
+            child,
+            socket,
+            log,
+            info: AgentInfo {
+                version: String::new(),
+                protocol: 0,
+                uri: None,
+                state_dir: String::new(),
+                instance: String::new(),
+            },
+        };
+        process.info = process.wait_ready().await?;
+        Ok(process)
+    }
+
+    async fn wait_ready(&mut self) -> Result<AgentInfo, LaunchError> {
+        let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+        let uri = self.local_uri();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(LaunchError::Exited {
+                    status: status.to_string(),
+                    log: self.log.clone(),
+                });
+            }
+            if let Ok(client) = Client::connect(&uri).await {
+                if let Ok(Reply::Hello(info)) =
+                    client.request(Request::Hello, Duration::from_secs(5)).await
+                {
+                    return Ok(info);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(LaunchError::NotReady {
+                    log: self.log.clone(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The unix socket URI for a local CLI.
+    pub fn local_uri(&self) -> AgentUri {
+        AgentUri::Unix(self.socket.clone())
+    }
+
+    /// The agent's TCP URI, for peers (when it listens on TCP).
+    pub fn tcp_uri(&self) -> Option<String> {
+        self.info.uri.clone()
+    }
+
+    pub fn info(&self) -> &AgentInfo {
+        &self.info
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's own log (its stderr).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// Asks the agent to shut down (SIGTERM: it stops its QEMUs), waits, then
+    /// kills whatever is left of its process group.
+    pub async fn stop(mut self, timeout: Duration) {
+        let _ = nix::sys::signal::kill(self.pgid(), Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.kill_group();
+    }
+
+    /// Kills the agent alone with SIGKILL, as a crash would; its QEMU
+    /// processes keep running (they die with the group on drop).
+    pub fn crash(&mut self) {
+        let _ = nix::sys::signal::kill(self.pgid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    fn pgid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// SIGKILL to every process in the group, then reap the agent.
+    pub fn kill_group(&mut self) {
+        let _ = killpg(self.pgid(), Signal::SIGKILL);
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}

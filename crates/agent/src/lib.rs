@@ -1,0 +1,26 @@
+//! `livemigd`, the per-host agent.
+//!
+//! - [`config`]: how the agent runs.
+//! - [`store`]: the state directory (definitions, job records, sockets, logs).
+//! - `state`: the in-memory domain table and active jobs.
+//! - `vm`: starting a domain's QEMU and noticing when it exits.
+//! - `api`: one handler per request.
+//! - `migrate`: the source and destination halves of a migration.
+//! - `server`: unix and TCP listeners, one task per connection.
+//!
+//! [`run`] starts an agent; it serves until `shutdown` resolves.
+
+#![forbid(unsafe_code)]
+
+mod api;
+pub mod config;
+mod errors;
+pub mod launcher;
+mod migrate;
+mod server;
+mod state;
+pub mod store;
+mod vm;
+
+pub use config::Config;
+pub use server::{run, RunError};

@@ -1,0 +1,370 @@
+//! The destination half: Prepare (start QEMU paused, listen), Finish (wait
+//! for the data, resume the guest), Abort (tear everything down).
+//!
+//! A prepared job is tied to the peer connection that prepared it: if that
+//! connection closes before Finish, the job is aborted, so a dead source
+//! agent never leaves a paused QEMU behind here.
+
+use std::sync::{Arc, Mutex};
+
+use domain::DomainName;
+use migration::job::{unix_ms, JobRecord, JobStats, JobStatus, Phase, Role};
+use migration::settings::{self, Tunables};
+use migration::uri::{parse_data_uri, DataUri};
+use migration::{incoming, support};
+use protocol::message::Reply;
+use protocol::types::PrepareRequest;
+use protocol::{ApiError, ErrorCode};
+use qmp::commands::vm::Cont;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::errors;
+use crate::server::ConnContext;
+use crate::state::{ActiveJob, Agent, Domain, IncomingJob};
+use crate::vm;
+
+const QEMU_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+pub(crate) async fn prepare(
+    agent: &Arc<Agent>,
+    req: PrepareRequest,
+    ctx: &ConnContext,
+) -> Result<Reply, ApiError> {
+    let span = tracing::info_span!("job", id = %req.job_id, domain = %req.definition.name, role = "destination");
+    async {
+        if req.flags.offline {
+            return prepare_offline(agent, &req).await;
+        }
+        prepare_live(agent, req, ctx).await
+    }
+    .instrument(span)
+    .await
+}
+
+async fn prepare_offline(agent: &Arc<Agent>, req: &PrepareRequest) -> Result<Reply, ApiError> {
+    let name = req.definition.name.clone();
+    {
+        let mut domains = agent.domains.lock().expect("domains lock");
+        if let Some(d) = domains.get(&name) {
+            if d.vm.is_some() || d.job.is_some() {
+                return Err(errors::operation_invalid(format!(
+                    "domain '{name}' is running on {}",
+                    agent.uri
+                )));
+            }
+        }
+        domains
+            .entry(name.clone())
+            .or_insert_with(|| Domain::new(req.definition.clone(), false));
+    }
+    if let Err(e) = agent.store.save_definition(&req.definition).await {
+        agent.drop_if_transient_and_idle(&name);
+        return Err(errors::storage(&e));
+    }
+    agent.with_domain(&name, |d| {
+        d.definition = req.definition.clone();
+        d.persistent = true;
+        Ok(())
+    })?;
+    tracing::info!("definition received (offline migration)");
+    Ok(Reply::Prepared { uri: String::new() })
+}
+
+async fn prepare_live(
+    agent: &Arc<Agent>,
+    req: PrepareRequest,
+    ctx: &ConnContext,
+) -> Result<Reply, ApiError> {
+    let name = req.definition.name.clone();
+    req.definition
+        .validate()
+        .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, e.to_string()))?;
+    let binary = agent.binary().await?;
+    support::check(&req.flags, Role::Destination, &agent.uri, binary)
+        .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
+    vm::check_spec(&req.spec, binary, &agent.uri)?;
+    let listen = match &req.flags.migrateuri {
+        Some(uri) => parse_data_uri(uri).map_err(|e| errors::invalid(e.to_string()))?,
+        None => DataUri::Tcp {
+            host: ctx
+                .local_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_else(|| "127.0.0.1".into()),
+            port: 0,
+        },
+    };
+
+    // Reserve the name: from here on the domain is "migrating in".
+    let created = {
+        let mut domains = agent.domains.lock().expect("domains lock");
+        let created = !domains.contains_key(&name);
+        let d = domains
+            .entry(name.clone())
+            .or_insert_with(|| Domain::new(req.definition.clone(), false));
+        if d.vm.is_some() || d.job.is_some() {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' is already running on {}",
+                agent.uri
+            )));
+        }
+        d.job = Some(ActiveJob::Incoming(Arc::new(incoming_job(
+            &req,
+            ctx,
+            created,
+            None,
+            Default::default(),
+        ))));
+        created
+    };
+
+    let started = async {
+        let vm = vm::launch(agent, &req.definition, &req.spec, true, false).await?;
+        let qmp = vm.process.qmp().clone();
+        let setup = async {
+            let previous =
+                settings::apply(&qmp, &req.flags, Tunables::default(), Role::Destination)
+                    .await
+                    .map_err(|e| {
+                        errors::qemu(format!(
+                            "destination QEMU refused the migration settings: {e}"
+                        ))
+                    })?;
+            let uri = incoming::listen(&qmp, &listen)
+                .await
+                .map_err(|e| errors::qemu(errors::chain(&e)))?;
+            Ok::<_, ApiError>((previous, uri))
+        }
+        .await;
+        match setup {
+            Ok((previous, uri)) => Ok((vm, previous, uri)),
+            Err(e) => {
+                vm.process.kill_and_wait(QEMU_STOP_TIMEOUT).await;
+                Err(e)
+            }
+        }
+    }
+    .await;
+
+    match started {
+        Ok((vm, previous, uri)) => {
+            let job = Arc::new(incoming_job(&req, ctx, created, Some(vm.clone()), previous));
+            agent.with_domain(&name, |d| {
+                d.vm = Some(vm);
+                d.job = Some(ActiveJob::Incoming(job));
+                Ok(())
+            })?;
+            tracing::info!(%uri, source = %req.source, "prepared");
+            Ok(Reply::Prepared {
+                uri: uri.to_string(),
+            })
+        }
+        Err(e) => {
+            release(agent, &name, created);
+            tracing::error!(error = %e, "prepare failed");
+            Err(e)
+        }
+    }
+}
+
+fn incoming_job(
+    req: &PrepareRequest,
+    ctx: &ConnContext,
+    created: bool,
+    vm: Option<Arc<vm::RunningVm>>,
+    previous: settings::Previous,
+) -> IncomingJob {
+    IncomingJob {
+        id: req.job_id.clone(),
+        source: req.source.clone(),
+        flags: req.flags.clone(),
+        started_at_ms: unix_ms(),
+        started: Instant::now(),
+        connection: ctx.id,
+        created_domain: created,
+        previous,
+        vm,
+        phase: Mutex::new(Phase::Prepare),
+        definition: req.definition.clone(),
+    }
+}
+
+/// Clears a failed incoming job from the table.
+fn release(agent: &Agent, name: &DomainName, created: bool) {
+    let mut domains = agent.domains.lock().expect("domains lock");
+    if created {
+        domains.remove(name);
+    } else if let Some(d) = domains.get_mut(name) {
+        d.job = None;
+        d.vm = None;
+    }
+}
+
+fn find(agent: &Agent, job_id: &str) -> Option<(DomainName, Arc<IncomingJob>)> {
+    let domains = agent.domains.lock().expect("domains lock");
+    domains.iter().find_map(|(name, d)| match &d.job {
+        Some(ActiveJob::Incoming(job)) if job.id == job_id => Some((name.clone(), job.clone())),
+        _ => None,
+    })
+}
+
+pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, ApiError> {
+    let (name, job) = find(agent, job_id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NoJob,
+            format!("no incoming job '{job_id}' on {}", agent.uri),
+        )
+    })?;
+    let span = tracing::info_span!("job", id = %job_id, domain = %name, role = "destination");
+    async {
+        *job.phase.lock().expect("phase lock") = Phase::Finish;
+        let vm = job
+            .vm
+            .clone()
+            .ok_or_else(|| errors::operation_invalid("the incoming job was never prepared"))?;
+        let qmp = vm.process.qmp().clone();
+        let landed = async {
+            incoming::wait_complete(&qmp, agent.config.finish_timeout)
+                .await
+                .map_err(|e| errors::chain(&e))?;
+            if let Err(e) = settings::restore(&qmp, &job.previous).await {
+                tracing::warn!(error = %e, "could not reset the migration settings");
+            }
+            if !job.flags.suspend {
+                qmp.execute(&Cont)
+                    .await
+                    .map_err(|e| format!("cannot resume the guest: {e}"))?;
+            }
+            Ok::<(), String>(())
+        }
+        .await;
+        if let Err(error) = landed {
+            tracing::error!(%error, "finish failed; tearing down the destination");
+            teardown(agent, &name, &job, &error).await;
+            return Err(ApiError::new(ErrorCode::MigrationFailed, error));
+        }
+
+        let mut note = None;
+        if job.flags.persistent {
+            match agent.store.save_definition(&job.definition).await {
+                Ok(()) => {
+                    let _ = agent.with_domain(&name, |d| {
+                        d.persistent = true;
+                        Ok(())
+                    });
+                }
+                Err(e) => {
+                    let text = format!("could not persist the definition: {}", errors::chain(&e));
+                    tracing::error!("{text}");
+                    note = Some(text);
+                }
+            }
+        }
+        let record = JobRecord {
+            id: job.id.clone(),
+            domain: name.to_string(),
+            source: job.source.clone(),
+            destination: agent.uri.clone(),
+            status: JobStatus::Completed,
+            error: note,
+            flags: job.flags.names(),
+            auto_converge: job.flags.auto_converge,
+            total_time_ms: job.started.elapsed().as_millis() as u64,
+            setup_time_ms: None,
+            downtime_ms: None,
+            transferred_bytes: 0,
+            iterations: 0,
+            max_cpu_throttle_pct: 0,
+            phase: Phase::Done,
+            started_at_ms: job.started_at_ms,
+            finished_at_ms: unix_ms(),
+            data_uri: None,
+            recovery: None,
+            role: Role::Destination,
+            stats: JobStats::default(),
+        };
+        // Durable before we answer: if the answer is lost, a later
+        // peer-abort must learn that the guest runs here.
+        if let Err(e) = agent.store.save_job(&record).await {
+            tracing::error!(error = %errors::chain(&e), "could not save the job record");
+        }
+        agent.with_domain(&name, |d| {
+            d.job = None;
+            d.last_job = Some(record);
+            Ok(())
+        })?;
+        tracing::info!(
+            paused = job.flags.suspend,
+            "guest resumed on the destination"
+        );
+        Ok(Reply::Finished)
+    }
+    .instrument(span)
+    .await
+}
+
+pub(crate) async fn abort(
+    agent: &Arc<Agent>,
+    job_id: &str,
+    reason: &str,
+) -> Result<Reply, ApiError> {
+    if let Some((name, job)) = find(agent, job_id) {
+        teardown(agent, &name, &job, reason).await;
+        return Ok(Reply::Aborted {
+            guest_running_here: false,
+        });
+    }
+    let finished_here = agent
+        .store
+        .load_job(job_id)
+        .await
+        .is_some_and(|r| r.role == Role::Destination && r.status == JobStatus::Completed);
+    Ok(Reply::Aborted {
+        guest_running_here: finished_here,
+    })
+}
+
+/// Kills the destination QEMU and forgets the job (and the domain, if it
+/// only existed for the migration).
+pub(crate) async fn teardown(agent: &Agent, name: &DomainName, job: &IncomingJob, reason: &str) {
+    *job.phase.lock().expect("phase lock") = Phase::Cleanup;
+    if let Some(vm) = &job.vm {
+        vm.process.kill_and_wait(QEMU_STOP_TIMEOUT).await;
+    }
+    let mut domains = agent.domains.lock().expect("domains lock");
+    let ours = matches!(domains.get(name).and_then(|d| d.job.as_ref()), Some(ActiveJob::Incoming(j)) if j.id == job.id);
+    if ours {
+        if job.created_domain {
+            domains.remove(name);
+        } else if let Some(d) = domains.get_mut(name) {
+            d.job = None;
+            d.vm = None;
+        }
+    }
+    tracing::warn!(job = %job.id, domain = %name, %reason, "incoming migration aborted; destination cleaned up");
+}
+
+/// Aborts the jobs a closed peer connection had prepared.
+pub(crate) async fn abort_for_connection(agent: &Arc<Agent>, connection: u64) {
+    let orphans: Vec<(DomainName, Arc<IncomingJob>)> = {
+        let domains = agent.domains.lock().expect("domains lock");
+        domains
+            .iter()
+            .filter_map(|(name, d)| match &d.job {
+                Some(ActiveJob::Incoming(job)) if job.connection == connection => {
+                    Some((name.clone(), job.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    for (name, job) in orphans {
+        teardown(
+            agent,
+            &name,
+            &job,
+            "the source agent's connection closed before Finish",
+        )
+        .await;
+    }
+}

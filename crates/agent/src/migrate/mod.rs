@@ -1,0 +1,4 @@
+//! The two halves of a migration (see `docs/ARCHITECTURE.md`).
+
+pub(crate) mod destination;
+pub(crate) mod source;

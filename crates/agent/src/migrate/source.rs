@@ -1,0 +1,539 @@
+//! The source half: Begin (in the request), then a job task that drives
+//! Prepare (on the peer), Perform, Finish (on the peer) and Confirm — or
+//! Cleanup, which leaves the guest running here.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use domain::DomainName;
+use migration::job::{unix_ms, JobRecord, JobStats, JobStatus, Phase, Role};
+use migration::perform::{self, CancelReason, Outcome, Progress, WatchOptions};
+use migration::settings::{self, Tunables};
+use migration::{support, MigrateFlags};
+use protocol::message::Reply;
+use protocol::types::PrepareRequest;
+use protocol::{AgentUri, ApiError, Client, ErrorCode, Request};
+use qmp::commands::vm::{Cont, QueryStatus, RunState, Stop};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::errors;
+use crate::state::{ActiveJob, Agent, OutgoingJob};
+use crate::vm::RunningVm;
+
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(90);
+const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Begin: validates everything that can be checked before anything changes,
+/// then starts the job. Errors here leave both hosts untouched.
+pub(crate) async fn begin(
+    agent: &Arc<Agent>,
+    name: &DomainName,
+    destination: &str,
+    flags: MigrateFlags,
+) -> Result<Reply, ApiError> {
+    flags.validate().map_err(|e| errors::invalid(e.0))?;
+    let dest_uri: AgentUri = destination
+        .parse()
+        .map_err(|e: protocol::BadAgentUri| errors::invalid(e.to_string()))?;
+    let lock = agent.op_lock(name)?;
+    let _guard = lock.lock().await;
+
+    let (def, vm, tunables) = agent.with_domain(name, |d| {
+        if let Some(job) = &d.job {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' already has an active migration job ({})",
+                job.id()
+            )));
+        }
+        if flags.offline {
+            if !d.persistent {
+                return Err(errors::operation_invalid(format!(
+                    "offline migration needs a persistent domain; '{name}' is transient"
+                )));
+            }
+        } else if d.vm.is_none() {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' is not running (use --offline to move only its definition)"
+            )));
+        }
+        Ok((d.definition.clone(), d.vm.clone(), d.tunables))
+    })?;
+
+    let binary = agent.binary().await?;
+    support::check(&flags, Role::Source, &agent.uri, binary)
+        .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
+
+    let peer = Client::connect(&dest_uri).await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::PeerUnreachable,
+            format!("destination agent is down or unreachable: {e}"),
+        )
+    })?;
+    let hello = match peer.request(Request::Hello, PEER_TIMEOUT).await {
+        Ok(Reply::Hello(info)) => info,
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(e.to_api()),
+    };
+    if hello.instance == agent.instance {
+        return Err(errors::invalid(format!(
+            "{destination} is this agent: migrate to another host's agent"
+        )));
+    }
+    let peer_caps = match peer
+        .request(
+            Request::PeerProbe {
+                flags: flags.clone(),
+            },
+            PEER_TIMEOUT,
+        )
+        .await
+    {
+        Ok(Reply::Capabilities(caps)) => caps,
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(e.to_api()),
+    };
+    support::check(&flags, Role::Destination, destination, &peer_caps.qemu)
+        .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
+    if let Some(vm) = &vm {
+        if peer_caps.qemu.resolve_machine(&vm.spec.machine).as_deref() != Some(&vm.spec.machine) {
+            return Err(ApiError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "machine type '{}' is not supported by the QEMU binary on {destination}",
+                    vm.spec.machine
+                ),
+            ));
+        }
+    }
+
+    let (progress_tx, progress_rx) = watch::channel(Progress::default());
+    let job = Arc::new(OutgoingJob {
+        id: uuid::Uuid::new_v4().to_string(),
+        flags: flags.clone(),
+        destination: destination.to_string(),
+        started_at_ms: unix_ms(),
+        started: Instant::now(),
+        cancel: CancellationToken::new(),
+        progress: progress_rx,
+        phase: Mutex::new(Phase::Begin),
+    });
+    agent.with_domain(name, |d| {
+        d.job = Some(ActiveJob::Outgoing(job.clone()));
+        Ok(())
+    })?;
+    let span = tracing::info_span!("job", id = %job.id, domain = %name, role = "source");
+    tracing::info!(parent: &span, %destination, flags = ?flags.names(), "migration started");
+    let run = Run {
+        agent: agent.clone(),
+        name: name.clone(),
+        job: job.clone(),
+        peer,
+        def,
+        vm,
+        tunables,
+        progress: progress_tx,
+    };
+    tokio::spawn(run.run().instrument(span));
+    Ok(Reply::MigrationStarted {
+        job_id: job.id.clone(),
+    })
+}
+
+fn unexpected(reply: &Reply) -> ApiError {
+    ApiError::new(
+        ErrorCode::PeerFailed,
+        format!("destination agent sent an unexpected reply: {reply:?}"),
+    )
+}
+
+/// How a job ended, before it becomes a record.
+struct Ending {
+    status: JobStatus,
+    error: Option<String>,
+    recovery: Option<String>,
+    stats: JobStats,
+    data_uri: Option<String>,
+}
+
+impl Ending {
+    fn failed(error: String, stats: JobStats) -> Self {
+        Ending {
+            status: JobStatus::Failed,
+            error: Some(error),
+            recovery: None,
+            stats,
+            data_uri: None,
+        }
+    }
+}
+
+struct Run {
+    agent: Arc<Agent>,
+    name: DomainName,
+    job: Arc<OutgoingJob>,
+    peer: Client,
+    def: domain::DomainDefinition,
+    vm: Option<Arc<RunningVm>>,
+    tunables: Tunables,
+    progress: watch::Sender<Progress>,
+}
+
+impl Run {
+    fn set_phase(&self, phase: Phase) {
+        *self.job.phase.lock().expect("phase lock") = phase;
+        tracing::debug!(%phase, "phase");
+    }
+
+    async fn run(self) {
+        let ending = match self.vm.clone() {
+            Some(vm) => self.live(&vm).await,
+            None => self.offline().await,
+        };
+        self.conclude(ending).await;
+    }
+
+    async fn prepare(&self) -> Result<String, String> {
+        self.set_phase(Phase::Prepare);
+        let request = Request::PeerPrepare(PrepareRequest {
+            job_id: self.job.id.clone(),
+            definition: self.def.clone(),
+            spec: self
+                .vm
+                .as_ref()
+                .map(|vm| vm.spec.clone())
+                .unwrap_or_else(|| domain::qemu::LaunchSpec {
+                    machine: self.def.machine.clone(),
+                    accel: self.def.accel,
+                    ram: domain::qemu::RamLayout::plain(self.def.memory_mib),
+                }),
+            flags: self.job.flags.clone(),
+            source: self.agent.uri.clone(),
+        });
+        match self.peer.request(request, PREPARE_TIMEOUT).await {
+            Ok(Reply::Prepared { uri }) => Ok(uri),
+            Ok(other) => Err(unexpected(&other).message),
+            Err(e) => Err(format!("destination could not prepare: {e}")),
+        }
+    }
+
+    async fn offline(&self) -> Ending {
+        if let Err(e) = self.prepare().await {
+            return Ending::failed(e, JobStats::default());
+        }
+        self.set_phase(Phase::Confirm);
+        Ending {
+            status: JobStatus::Completed,
+            error: None,
+            recovery: None,
+            stats: JobStats::default(),
+            data_uri: None,
+        }
+    }
+
+    async fn live(&self, vm: &Arc<RunningVm>) -> Ending {
+        let qmp = vm.process.qmp();
+        let flags = &self.job.flags;
+        let data_uri = match self.prepare().await {
+            Ok(uri) => uri,
+            Err(e) => {
+                // The destination tears down on its own when Prepare fails
+                // or our connection closes; ask anyway.
+                self.abort_destination(&e).await;
+                return Ending::failed(e, JobStats::default());
+            }
+        };
+        tracing::info!(%data_uri, "destination ready");
+
+        self.set_phase(Phase::Perform);
+        let tunables = self
+            .agent
+            .with_domain(&self.name, |d| Ok(d.tunables))
+            .unwrap_or(self.tunables);
+        let previous = match settings::apply(qmp, flags, tunables, Role::Source).await {
+            Ok(p) => p,
+            Err(e) => {
+                let error = format!("source QEMU refused the migration settings: {e}");
+                self.abort_destination(&error).await;
+                return Ending::failed(error, JobStats::default());
+            }
+        };
+        let was_running = matches!(
+            qmp.execute(&QueryStatus).await,
+            Ok(s) if s.status == RunState::Running
+        );
+        if !flags.live && was_running {
+            if let Err(e) = qmp.execute(&Stop).await {
+                tracing::warn!(error = %e, "could not pause the guest for a non-live migration");
+            }
+        }
+
+        let options = WatchOptions {
+            timeout: flags.timeout.map(Duration::from_secs),
+            postcopy_after_precopy: flags.postcopy_after_precopy,
+            ..WatchOptions::default()
+        };
+        let outcome =
+            perform::run(qmp, &data_uri, &options, &self.job.cancel, &self.progress).await;
+
+        let mut ending = match outcome {
+            Outcome::Completed { stats } => self.finish_and_confirm(vm, stats, was_running).await,
+            Outcome::Failed { error, stats } => {
+                let mut ending = Ending::failed(format!("migration failed: {error}"), stats);
+                ending.recovery = self.recover_source(vm, was_running, &error).await;
+                ending
+            }
+            Outcome::Cancelled { reason, stats } => {
+                let (status, error) = match reason {
+                    CancelReason::User => {
+                        (JobStatus::Cancelled, "cancelled by domjobabort".to_string())
+                    }
+                    CancelReason::Timeout(t) => (
+                        JobStatus::Failed,
+                        format!(
+                            "migration did not complete within the {}s timeout and was aborted",
+                            t.as_secs()
+                        ),
+                    ),
+                };
+                let recovery = self.recover_source(vm, was_running, &error).await;
+                Ending {
+                    status,
+                    error: Some(error),
+                    recovery,
+                    stats,
+                    data_uri: None,
+                }
+            }
+        };
+        if ending.status != JobStatus::Completed && vm.process.exit_info().is_none() {
+            if let Err(e) = settings::restore(qmp, &previous).await {
+                tracing::warn!(error = %e, "could not restore the source's migration settings");
+            }
+        }
+        ending.data_uri = Some(data_uri);
+        ending
+    }
+
+    /// After QEMU completed: the destination resumes the guest (Finish),
+    /// then the source QEMU goes away (Confirm).
+    async fn finish_and_confirm(
+        &self,
+        vm: &Arc<RunningVm>,
+        stats: JobStats,
+        was_running: bool,
+    ) -> Ending {
+        self.set_phase(Phase::Finish);
+        let finish = self
+            .peer
+            .request(
+                Request::PeerFinish {
+                    job_id: self.job.id.clone(),
+                },
+                self.agent.config.finish_timeout + PEER_TIMEOUT,
+            )
+            .await;
+        let mut note = None;
+        match finish {
+            Ok(Reply::Finished) => {}
+            other => {
+                let error = match other {
+                    Ok(reply) => unexpected(&reply).message,
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(%error, "destination did not finish");
+                // Only resume here once the destination confirms the guest
+                // does not run there: two running copies are worse than a
+                // paused one.
+                match self
+                    .peer
+                    .request(
+                        Request::PeerAbort {
+                            job_id: self.job.id.clone(),
+                            reason: error.clone(),
+                        },
+                        PEER_TIMEOUT,
+                    )
+                    .await
+                {
+                    Ok(Reply::Aborted {
+                        guest_running_here: true,
+                    }) => {
+                        note = Some(format!(
+                            "the destination's Finish reply was lost ({error}) but the guest runs there"
+                        ));
+                    }
+                    Ok(Reply::Aborted {
+                        guest_running_here: false,
+                    }) => {
+                        let recovery = self.resume_source(vm, was_running).await;
+                        let mut ending = Ending::failed(
+                            format!("destination could not resume the guest: {error}"),
+                            stats,
+                        );
+                        ending.recovery = Some(recovery);
+                        return ending;
+                    }
+                    other => {
+                        let why = match other {
+                            Ok(reply) => unexpected(&reply).message,
+                            Err(e) => e.to_string(),
+                        };
+                        let mut ending = Ending::failed(
+                            format!("destination did not confirm Finish: {error}; and its state cannot be checked: {why}"),
+                            stats,
+                        );
+                        ending.recovery = Some(
+                            "guest left paused on the source because it may be running on the \
+                             destination; check the destination, then resume or destroy the source copy"
+                                .into(),
+                        );
+                        return ending;
+                    }
+                }
+            }
+        }
+
+        self.set_phase(Phase::Confirm);
+        let vm = self
+            .agent
+            .with_domain(&self.name, |d| Ok(d.vm.take()))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| vm.clone());
+        vm.process.shutdown(QEMU_STOP_TIMEOUT).await;
+        if self.job.flags.undefine_source {
+            self.undefine_source().await;
+        }
+        Ending {
+            status: JobStatus::Completed,
+            error: None,
+            recovery: note,
+            stats,
+            data_uri: None,
+        }
+    }
+
+    async fn undefine_source(&self) {
+        match self.agent.store.remove_definition(&self.name).await {
+            Ok(()) => {
+                let _ = self.agent.with_domain(&self.name, |d| {
+                    d.persistent = false;
+                    Ok(())
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %errors::chain(&e), "could not undefine the source domain")
+            }
+        }
+    }
+
+    /// Cleanup after a failed or cancelled Perform: tear down the
+    /// destination and make sure the guest runs here.
+    async fn recover_source(
+        &self,
+        vm: &Arc<RunningVm>,
+        was_running: bool,
+        error: &str,
+    ) -> Option<String> {
+        self.set_phase(Phase::Cleanup);
+        self.abort_destination(error).await;
+        if let Some(exit) = vm.process.exit_info() {
+            return Some(format!("none possible: the source QEMU exited ({exit})"));
+        }
+        Some(self.resume_source(vm, was_running).await)
+    }
+
+    async fn resume_source(&self, vm: &Arc<RunningVm>, was_running: bool) -> String {
+        let qmp = vm.process.qmp();
+        // A late migrate_cancel can leave the vCPUs stopped; read the state
+        // back rather than assume.
+        match qmp.execute(&QueryStatus).await {
+            Ok(s) if s.status == RunState::Running => "source kept running".into(),
+            Ok(s) if !was_running => {
+                format!("source left {:?} as it was before the migration", s.status)
+            }
+            Ok(_) => match qmp.execute(&Cont).await {
+                Ok(_) => "source resumed".into(),
+                Err(e) => format!("could not resume the source: {e}"),
+            },
+            Err(e) => format!("cannot query the source QEMU: {e}"),
+        }
+    }
+
+    async fn abort_destination(&self, reason: &str) {
+        let result = self
+            .peer
+            .request(
+                Request::PeerAbort {
+                    job_id: self.job.id.clone(),
+                    reason: reason.to_string(),
+                },
+                PEER_TIMEOUT,
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not reach the destination to abort; it tears down when our connection closes");
+        }
+    }
+
+    /// Writes the record and releases the domain.
+    async fn conclude(self, ending: Ending) {
+        let progress = self.progress.borrow().clone();
+        let stats = ending.stats.clone().merged_over(&progress.stats);
+        let phase = *self.job.phase.lock().expect("phase lock");
+        let record = JobRecord {
+            id: self.job.id.clone(),
+            domain: self.name.to_string(),
+            source: self.agent.uri.clone(),
+            destination: self.job.destination.clone(),
+            status: ending.status,
+            error: ending.error.clone(),
+            flags: self.job.flags.names(),
+            auto_converge: self.job.flags.auto_converge,
+            total_time_ms: match ending.status {
+                JobStatus::Completed => stats
+                    .total_time_ms
+                    .unwrap_or_else(|| self.job.started.elapsed().as_millis() as u64),
+                _ => self.job.started.elapsed().as_millis() as u64,
+            },
+            setup_time_ms: stats.setup_time_ms,
+            downtime_ms: stats.downtime_ms,
+            transferred_bytes: stats.memory_processed_bytes.unwrap_or(0),
+            iterations: stats.iteration.unwrap_or(0),
+            max_cpu_throttle_pct: progress
+                .max_cpu_throttle_pct
+                .max(stats.cpu_throttle_pct.unwrap_or(0)),
+            phase,
+            started_at_ms: self.job.started_at_ms,
+            finished_at_ms: unix_ms(),
+            data_uri: ending.data_uri.clone(),
+            recovery: ending.recovery.clone(),
+            role: Role::Source,
+            stats,
+        };
+        match record.status {
+            JobStatus::Completed => tracing::info!(
+                total_ms = record.total_time_ms,
+                downtime_ms = ?record.downtime_ms,
+                max_throttle = record.max_cpu_throttle_pct,
+                "migration completed"
+            ),
+            _ => {
+                tracing::error!(status = %record.status, error = ?record.error, recovery = ?record.recovery, "migration did not complete")
+            }
+        }
+        if let Err(e) = self.agent.store.save_job(&record).await {
+            tracing::error!(error = %errors::chain(&e), "could not save the job record");
+        }
+        let _ = self.agent.with_domain(&self.name, |d| {
+            d.job = None;
+            d.last_job = Some(record);
+            Ok(())
+        });
+        self.agent.drop_if_transient_and_idle(&self.name);
+    }
+}

@@ -1,0 +1,247 @@
+//! Listeners and connections.
+//!
+//! One task per connection reads a request, answers it, and reads the next.
+//! When a connection closes, any incoming migration it prepared and did not
+//! finish is torn down.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::codec::{read_message, write_message, CodecError};
+use protocol::message::{RequestEnvelope, ResponseEnvelope, ResponseResult};
+use protocol::{ApiError, ErrorCode, PROTOCOL_VERSION};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::migrate::destination;
+use crate::state::{ActiveJob, Agent, Domain};
+use crate::store::{Store, StoreError};
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the state directory")]
+    Store(#[from] StoreError),
+    #[error("another agent is already serving {0}")]
+    SocketInUse(PathBuf),
+    #[error("cannot listen on {what}")]
+    Bind {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnContext {
+    pub id: u64,
+    /// Our address on this connection (TCP only): the address a peer
+    /// reached us on, hence the one its QEMU can reach ours on.
+    pub local_ip: Option<IpAddr>,
+}
+
+/// Runs an agent until `shutdown` resolves. Logs the addresses it serves.
+///
+/// On shutdown, active outgoing migrations are cancelled (the guest stays
+/// on this host), incoming ones are torn down, and the QEMU processes the
+/// agent started are stopped.
+///
+/// # Errors
+/// [`RunError`] if the state directory or a listener cannot be set up.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let store = Store::open(&config.state_dir)?;
+    let unix = bind_unix(&config.socket).await?;
+    let tcp = match config.listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::Bind {
+                    what: format!("tcp://{addr}"),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let uri = match tcp_addr {
+        Some(addr) => format!("tcp://{addr}"),
+        None => format!("unix://{}", config.socket.display()),
+    };
+    let mut config = config;
+    config.listen = tcp_addr;
+    let agent = Arc::new(Agent::new(config, store, uri.clone()));
+    {
+        let defs = agent.store.load_definitions().await;
+        let mut domains = agent.domains.lock().expect("domains lock");
+        for def in defs {
+            domains.insert(def.name.clone(), Domain::new(def, true));
+        }
+        tracing::info!(count = domains.len(), "definitions loaded");
+    }
+    tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");
+
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = unix.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let (r, w) = stream.into_split();
+                    let ctx = ConnContext { id: agent.next_connection_id(), local_ip: None };
+                    connections.spawn(serve(agent.clone(), r, w, ctx));
+                }
+                Err(e) => tracing::warn!(error = %e, "unix accept failed"),
+            },
+            accepted = accept_tcp(tcp.as_ref()) => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let local_ip = stream.local_addr().ok().map(|a| a.ip());
+                    tracing::debug!(%peer, "tcp connection");
+                    let (r, w) = stream.into_split();
+                    let ctx = ConnContext { id: agent.next_connection_id(), local_ip };
+                    connections.spawn(serve(agent.clone(), r, w, ctx));
+                }
+                Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+
+    tracing::info!("shutting down");
+    drop(unix);
+    drop(tcp);
+    connections.abort_all();
+    stop_everything(&agent).await;
+    let _ = std::fs::remove_file(&agent.config.socket);
+    Ok(())
+}
+
+async fn accept_tcp(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Binds the unix socket, replacing a stale one but never a live one.
+async fn bind_unix(path: &Path) -> Result<UnixListener, RunError> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(RunError::SocketInUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    UnixListener::bind(path).map_err(|source| RunError::Bind {
+        what: format!("unix://{}", path.display()),
+        source,
+    })
+}
+
+async fn serve<R, W>(agent: Arc<Agent>, read: R, mut write: W, ctx: ConnContext)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut reader = BufReader::new(read);
+    loop {
+        let envelope: RequestEnvelope = match read_message(&mut reader).await {
+            Ok(Some(envelope)) => envelope,
+            Ok(None) => break,
+            Err(CodecError::Malformed(e)) => {
+                let reply = ResponseEnvelope {
+                    version: PROTOCOL_VERSION,
+                    id: 0,
+                    result: ResponseResult::Error(ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!("malformed request: {e}"),
+                    )),
+                };
+                let _ = write_message(&mut write, &reply).await;
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connection error");
+                break;
+            }
+        };
+        let result = if envelope.version != PROTOCOL_VERSION {
+            Err(ApiError::new(
+                ErrorCode::Protocol,
+                format!(
+                    "protocol version {} is not supported (this agent speaks {PROTOCOL_VERSION})",
+                    envelope.version
+                ),
+            ))
+        } else {
+            let op = envelope.request.op();
+            tracing::debug!(%op, conn = ctx.id, "request");
+            let result = agent.handle(envelope.request, &ctx).await;
+            if let Err(e) = &result {
+                tracing::debug!(%op, error = %e, "request refused");
+            }
+            result
+        };
+        let reply = ResponseEnvelope {
+            version: PROTOCOL_VERSION,
+            id: envelope.id,
+            result: match result {
+                Ok(reply) => ResponseResult::Ok(reply),
+                Err(e) => ResponseResult::Error(e),
+            },
+        };
+        if write_message(&mut write, &reply).await.is_err() {
+            break;
+        }
+    }
+    destination::abort_for_connection(&agent, ctx.id).await;
+}
+
+/// Shutdown: outgoing jobs are cancelled and given time to resume the
+/// source; then every QEMU we started is stopped.
+async fn stop_everything(agent: &Arc<Agent>) {
+    let outgoing: Vec<_> = {
+        let domains = agent.domains.lock().expect("domains lock");
+        domains
+            .values()
+            .filter_map(|d| match &d.job {
+                Some(ActiveJob::Outgoing(job)) => Some(job.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    for job in &outgoing {
+        job.cancel.cancel();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let busy = agent
+            .domains
+            .lock()
+            .expect("domains lock")
+            .values()
+            .any(|d| matches!(d.job, Some(ActiveJob::Outgoing(_))));
+        if !busy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vms: Vec<_> = {
+        let mut domains = agent.domains.lock().expect("domains lock");
+        domains.values_mut().filter_map(|d| d.vm.take()).collect()
+    };
+    for vm in vms {
+        vm.process.shutdown(Duration::from_secs(5)).await;
+    }
+}

@@ -1,0 +1,252 @@
+//! The agent's in-memory state: domains, their running QEMU, active jobs.
+//!
+//! The table is behind a std mutex that is never held across an `.await`;
+//! operations that must not interleave on one domain (start, destroy,
+//! migrate, ...) take the domain's async `op_lock` instead.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use domain::qemu::QemuBinary;
+use domain::{DomainDefinition, DomainName};
+use migration::job::{JobInfo, JobRecord, Phase, Role};
+use migration::perform::Progress;
+use migration::settings::{Previous, Tunables};
+use migration::{JobStatus, MigrateFlags};
+use protocol::types::DomainState;
+use protocol::ApiError;
+use qmp::commands::vm::{QueryStatus, RunState};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::errors;
+use crate::store::Store;
+use crate::vm::RunningVm;
+
+/// A migration this agent is sending.
+#[derive(Debug)]
+pub(crate) struct OutgoingJob {
+    pub id: String,
+    pub flags: MigrateFlags,
+    pub destination: String,
+    pub started_at_ms: u64,
+    pub started: Instant,
+    pub cancel: CancellationToken,
+    pub progress: watch::Receiver<Progress>,
+    pub phase: Mutex<Phase>,
+}
+
+/// A migration this agent is receiving.
+#[derive(Debug)]
+pub(crate) struct IncomingJob {
+    pub id: String,
+    pub source: String,
+    pub flags: MigrateFlags,
+    pub started_at_ms: u64,
+    pub started: Instant,
+    /// The peer connection that prepared it: if that connection drops
+    /// before Finish, the destination side is torn down.
+    pub connection: u64,
+    /// The domain did not exist here before the migration.
+    pub created_domain: bool,
+    pub previous: Previous,
+    pub vm: Option<Arc<RunningVm>>,
+    pub phase: Mutex<Phase>,
+    /// The definition the guest arrives with (persisted on Finish with
+    /// `--persistent`).
+    pub definition: DomainDefinition,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum ActiveJob {
+    Outgoing(Arc<OutgoingJob>),
+    Incoming(Arc<IncomingJob>),
+}
+
+impl ActiveJob {
+    pub fn id(&self) -> &str {
+        match self {
+            ActiveJob::Outgoing(j) => &j.id,
+            ActiveJob::Incoming(j) => &j.id,
+        }
+    }
+
+    pub fn info(&self, domain: &DomainName) -> JobInfo {
+        match self {
+            ActiveJob::Outgoing(j) => {
+                let progress = j.progress.borrow().clone();
+                JobInfo {
+                    id: j.id.clone(),
+                    domain: domain.to_string(),
+                    role: Role::Source,
+                    phase: *j.phase.lock().expect("phase lock"),
+                    status: JobStatus::Active,
+                    flags: j.flags.names(),
+                    started_at_ms: j.started_at_ms,
+                    elapsed_ms: j.started.elapsed().as_millis() as u64,
+                    stats: progress.stats,
+                    max_cpu_throttle_pct: progress.max_cpu_throttle_pct,
+                    error: None,
+                }
+            }
+            ActiveJob::Incoming(j) => JobInfo {
+                id: j.id.clone(),
+                domain: domain.to_string(),
+                role: Role::Destination,
+                phase: *j.phase.lock().expect("phase lock"),
+                status: JobStatus::Active,
+                flags: j.flags.names(),
+                started_at_ms: j.started_at_ms,
+                elapsed_ms: j.started.elapsed().as_millis() as u64,
+                stats: Default::default(),
+                max_cpu_throttle_pct: 0,
+                error: None,
+            },
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Domain {
+    pub definition: DomainDefinition,
+    /// Has a definition on disk; transient domains vanish when they stop.
+    pub persistent: bool,
+    pub vm: Option<Arc<RunningVm>>,
+    pub job: Option<ActiveJob>,
+    pub last_job: Option<JobRecord>,
+    pub tunables: Tunables,
+    pub op_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Domain {
+    pub fn new(definition: DomainDefinition, persistent: bool) -> Self {
+        Domain {
+            definition,
+            persistent,
+            vm: None,
+            job: None,
+            last_job: None,
+            tunables: Tunables::default(),
+            op_lock: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+/// The agent.
+#[derive(Debug)]
+pub(crate) struct Agent {
+    pub config: Config,
+    pub store: Store,
+    /// How this agent names itself in job records (its TCP URI when it
+    /// listens on TCP, else its unix socket).
+    pub uri: String,
+    /// Random per process: tells an agent that a "peer" is itself.
+    pub instance: String,
+    binary: tokio::sync::OnceCell<QemuBinary>,
+    pub domains: Mutex<BTreeMap<DomainName, Domain>>,
+    next_run_id: AtomicU64,
+    next_connection: AtomicU64,
+}
+
+impl Agent {
+    pub fn new(config: Config, store: Store, uri: String) -> Self {
+        Agent {
+            config,
+            store,
+            uri,
+            instance: uuid::Uuid::new_v4().to_string(),
+            binary: tokio::sync::OnceCell::new(),
+            domains: Mutex::new(BTreeMap::new()),
+            next_run_id: AtomicU64::new(1),
+            next_connection: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_run_id(&self) -> u64 {
+        self.next_run_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The probed QEMU binary (probed once, on first use).
+    pub async fn binary(&self) -> Result<&QemuBinary, ApiError> {
+        self.binary
+            .get_or_try_init(|| domain::qemu::probe(&self.config.qemu, self.config.qemu_timeout))
+            .await
+            .map_err(|e| {
+                errors::qemu(format!(
+                    "cannot probe QEMU on {}: {}",
+                    self.uri,
+                    errors::chain(&e)
+                ))
+            })
+    }
+
+    /// Runs `f` on a domain under the table lock.
+    pub fn with_domain<T>(
+        &self,
+        name: &DomainName,
+        f: impl FnOnce(&mut Domain) -> Result<T, ApiError>,
+    ) -> Result<T, ApiError> {
+        let mut domains = self.domains.lock().expect("domains lock");
+        let domain = domains
+            .get_mut(name)
+            .ok_or_else(|| errors::no_domain(name))?;
+        f(domain)
+    }
+
+    /// The domain's operation lock, so callers can serialise on it.
+    pub fn op_lock(&self, name: &DomainName) -> Result<Arc<tokio::sync::Mutex<()>>, ApiError> {
+        self.with_domain(name, |d| Ok(d.op_lock.clone()))
+    }
+
+    /// A domain's state; asks QEMU whether it is paused.
+    pub async fn state_of(&self, name: &DomainName) -> Result<DomainState, ApiError> {
+        let (vm, job) = self.with_domain(name, |d| Ok((d.vm.clone(), d.job.clone())))?;
+        Ok(match (job, vm) {
+            (Some(ActiveJob::Outgoing(_)), _) => DomainState::MigratingOut,
+            (Some(ActiveJob::Incoming(_)), _) => DomainState::MigratingIn,
+            (None, None) => DomainState::ShutOff,
+            (None, Some(vm)) if vm.process.exit_info().is_some() => DomainState::Crashed,
+            (None, Some(vm)) => {
+                let status = vm
+                    .process
+                    .qmp()
+                    .execute_with_timeout(&QueryStatus, Duration::from_secs(2))
+                    .await;
+                match status {
+                    Ok(s) if s.status == RunState::Running => DomainState::Running,
+                    Ok(_) => DomainState::Paused,
+                    Err(_) => DomainState::Crashed,
+                }
+            }
+        })
+    }
+
+    /// The active job with this id, wherever it runs.
+    pub fn find_job(&self, id: &str) -> Option<JobInfo> {
+        let domains = self.domains.lock().expect("domains lock");
+        domains.iter().find_map(|(name, d)| {
+            d.job
+                .as_ref()
+                .filter(|j| j.id() == id)
+                .map(|j| j.info(name))
+        })
+    }
+
+    /// Forgets a transient domain that no longer runs.
+    pub fn drop_if_transient_and_idle(&self, name: &DomainName) {
+        let mut domains = self.domains.lock().expect("domains lock");
+        if let Some(d) = domains.get(name) {
+            if !d.persistent && d.vm.is_none() && d.job.is_none() {
+                domains.remove(name);
+            }
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The agent's state directory.
+//!
+//! ```text
+//! STATE_DIR/
+//!   domains/NAME.toml   persistent definitions
+//!   jobs/ID.json        records of finished migration jobs
+//!   run/                QMP sockets
+//!   logs/               QEMU output and guest serial logs
+//! ```
+//!
+//! Files are replaced atomically (write a temporary file, fsync, rename,
+//! fsync the directory), so a crash leaves the old or the new version.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use domain::{DomainDefinition, DomainName};
+use migration::JobRecord;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create state directory {path}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot remove {path}")]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) a state directory.
+    ///
+    /// # Errors
+    /// [`StoreError::Create`] if a directory cannot be made.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        for sub in ["domains", "jobs", "run", "logs"] {
+            let path = root.join(sub);
+            std::fs::create_dir_all(&path).map_err(|source| StoreError::Create { path, source })?;
+        }
+        Ok(Store {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.root.join("run")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    fn definition_path(&self, name: &DomainName) -> PathBuf {
+        // Safe: a DomainName cannot contain '/' or start with '.'.
+        self.root.join("domains").join(format!("{name}.toml"))
+    }
+
+    fn job_path(&self, id: &str) -> Option<PathBuf> {
+        let valid = !id.is_empty()
+            && id.len() <= 64
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        valid.then(|| self.root.join("jobs").join(format!("{id}.json")))
+    }
+
+    /// Every definition on disk. A file that no longer validates is
+    /// reported and skipped rather than keeping the agent from starting.
+    pub async fn load_definitions(&self) -> Vec<DomainDefinition> {
+        let dir = self.root.join("domains");
+        tokio::task::spawn_blocking(move || {
+            let mut defs = Vec::new();
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return defs;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+                    continue;
+                }
+                let loaded = std::fs::read_to_string(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| {
+                        DomainDefinition::from_toml(&text).map_err(|e| e.to_string())
+                    });
+                match loaded {
+                    Ok(def) if path.file_stem() == Some(def.name.as_str().as_ref()) => {
+                        defs.push(def)
+                    }
+                    Ok(def) => tracing::error!(path = %path.display(), name = %def.name, "definition file name does not match the domain name; skipped"),
+                    Err(e) => tracing::error!(path = %path.display(), error = %e, "unreadable definition skipped"),
+                }
+            }
+            defs.sort_by(|a, b| a.name.cmp(&b.name));
+            defs
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// Persists a definition.
+    ///
+    /// # Errors
+    /// [`StoreError::Write`].
+    pub async fn save_definition(&self, def: &DomainDefinition) -> Result<(), StoreError> {
+        write_atomic(self.definition_path(&def.name), def.to_toml().into_bytes()).await
+    }
+
+    /// Removes a definition; a missing file is not an error.
+    ///
+    /// # Errors
+    /// [`StoreError::Remove`].
+    pub async fn remove_definition(&self, name: &DomainName) -> Result<(), StoreError> {
+        let path = self.definition_path(name);
+        match tokio::fs::remove_file(&path).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(StoreError::Remove { path, source }),
+        }
+    }
+
+    /// Persists a job record.
+    ///
+    /// # Errors
+    /// [`StoreError::Write`].
+    pub async fn save_job(&self, record: &JobRecord) -> Result<(), StoreError> {
+        let path = self.job_path(&record.id).ok_or_else(|| StoreError::Write {
+            path: self.root.join("jobs"),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad job id"),
+        })?;
+        let bytes = serde_json::to_vec_pretty(record).expect("a job record always serializes");
+        write_atomic(path, bytes).await
+    }
+
+    /// A job record by id, if there is one.
+    pub async fn load_job(&self, id: &str) -> Option<JobRecord> {
+        let path = self.job_path(id)?;
+        let bytes = tokio::fs::read(path).await.ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+}
+
+async fn write_atomic(path: PathBuf, bytes: Vec<u8>) -> Result<(), StoreError> {
+    let target = path.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let dir = target.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}",
+            target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("state"),
+            std::process::id()
+        ));
+        {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, &target)?;
+        std::fs::File::open(dir)?.sync_all()
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+    .map_err(|source| StoreError::Write { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn def(name: &str) -> DomainDefinition {
+        DomainDefinition::from_toml(&format!(
+            "name = \"{name}\"\nmemory_mib = 64\n[kernel]\npath = \"/k\"\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn definitions_persist_and_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.save_definition(&def("b")).await.unwrap();
+        store.save_definition(&def("a")).await.unwrap();
+        let reopened = Store::open(dir.path()).unwrap();
+        let names: Vec<_> = reopened
+            .load_definitions()
+            .await
+            .into_iter()
+            .map(|d| d.name.to_string())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        reopened
+            .remove_definition(&"a".parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(reopened.load_definitions().await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_definition_file_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.save_definition(&def("good")).await.unwrap();
+        std::fs::write(dir.path().join("domains/bad.toml"), "name = ").unwrap();
+        let defs = store.load_definitions().await;
+        assert_eq!(defs.len(), 1);
+        assert_eq!(defs[0].name.as_str(), "good");
+    }
+
+    #[tokio::test]
+    async fn job_ids_cannot_escape_the_jobs_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert!(store.load_job("../domains/good").await.is_none());
+    }
+}

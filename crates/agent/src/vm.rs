@@ -1,0 +1,169 @@
+//! Starting a domain's QEMU, and noticing when it exits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use domain::qemu::{build_argv, LaunchConfig, LaunchSpec, QemuBinary, QemuProcess, RamLayout};
+use domain::{DomainDefinition, DomainName};
+use protocol::{ApiError, ErrorCode};
+use qmp::QemuVersion;
+
+use crate::errors;
+use crate::state::Agent;
+
+/// Unix socket paths are limited to 107 bytes.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A domain's running QEMU.
+#[derive(Debug)]
+pub(crate) struct RunningVm {
+    /// Shown by `list` as the domain's Id.
+    pub run_id: u64,
+    pub process: QemuProcess,
+    pub spec: LaunchSpec,
+    pub qmp_socket: PathBuf,
+    pub serial_log: PathBuf,
+    pub qemu_log: PathBuf,
+    pub qemu_version: QemuVersion,
+}
+
+/// The launch spec for a fresh start on this host.
+pub(crate) fn spec_for(
+    def: &DomainDefinition,
+    binary: &QemuBinary,
+    host: &str,
+) -> Result<LaunchSpec, ApiError> {
+    let machine = binary.resolve_machine(&def.machine).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "machine type '{}' is not supported by the QEMU binary on {host}",
+                def.machine
+            ),
+        )
+    })?;
+    Ok(LaunchSpec {
+        machine,
+        accel: def.accel,
+        ram: RamLayout::for_domain(def.memory_mib, def.accel, binary.version),
+    })
+}
+
+/// Checks that a spec decided elsewhere (by a migration source) can run here.
+pub(crate) fn check_spec(
+    spec: &LaunchSpec,
+    binary: &QemuBinary,
+    host: &str,
+) -> Result<(), ApiError> {
+    if binary.resolve_machine(&spec.machine).as_deref() != Some(spec.machine.as_str()) {
+        return Err(ApiError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "machine type '{}' is not supported by the QEMU binary on {host}",
+                spec.machine
+            ),
+        ));
+    }
+    // A destination with the bug must use the workaround layout too; the
+    // source's layout is only safe if it avoids the buggy path.
+    if binary.has_tcg_dirty_bitmap_bug(spec.accel) && !spec.ram.avoids_tcg_dirty_bitmap_bug() {
+        return Err(ApiError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "QEMU {} on {host} loses guest writes when receiving a TCG migration into a RAM \
+                 block on the 64-page grid; start the domain on a source that applies the \
+                 RAM-layout workaround",
+                binary.version
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Starts QEMU for `def` with `spec`.
+pub(crate) async fn launch(
+    agent: &Arc<Agent>,
+    def: &DomainDefinition,
+    spec: &LaunchSpec,
+    incoming: bool,
+    paused: bool,
+) -> Result<Arc<RunningVm>, ApiError> {
+    let binary = agent.binary().await?;
+    let name = &def.name;
+    let qmp_socket = agent.store.run_dir().join(format!("{name}.qmp"));
+    if qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(errors::invalid(format!(
+            "state directory path is too long for a unix socket: {}",
+            qmp_socket.display()
+        )));
+    }
+    let serial_log = def
+        .serial
+        .log
+        .clone()
+        .unwrap_or_else(|| agent.store.logs_dir().join(format!("{name}.serial.log")));
+    let qemu_log = agent.store.logs_dir().join(format!("{name}.qemu.log"));
+    let mut argv = build_argv(&LaunchConfig {
+        definition: def,
+        spec,
+        qmp_socket: &qmp_socket,
+        serial_log: &serial_log,
+        incoming,
+    });
+    if paused && !incoming {
+        argv.push("-S".into());
+    }
+    let process = QemuProcess::spawn(
+        &agent.config.qemu,
+        &argv,
+        &qmp_socket,
+        &qemu_log,
+        agent.config.qemu_timeout,
+    )
+    .await
+    .map_err(|e| {
+        errors::qemu(format!(
+            "cannot start domain '{name}': {}",
+            errors::chain(&e)
+        ))
+    })?;
+    tracing::info!(domain = %name, pid = process.pid(), incoming, "QEMU started");
+    let vm = Arc::new(RunningVm {
+        run_id: agent.next_run_id(),
+        process,
+        spec: spec.clone(),
+        qmp_socket,
+        serial_log,
+        qemu_log,
+        qemu_version: binary.version,
+    });
+    watch_exit(agent.clone(), name.clone(), vm.clone());
+    Ok(vm)
+}
+
+/// When QEMU exits on its own (guest shutdown, crash, kill), the domain
+/// becomes shut off, and a transient one goes away.
+fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>) {
+    let mut exit = vm.process.exit_watch();
+    let run_id = vm.run_id;
+    drop(vm);
+    tokio::spawn(async move {
+        let Ok(info) = exit.wait_for(Option::is_some).await.map(|i| *i) else {
+            return;
+        };
+        let cleared = {
+            let mut domains = agent.domains.lock().expect("domains lock");
+            match domains.get_mut(&name) {
+                Some(d) if d.vm.as_ref().is_some_and(|vm| vm.run_id == run_id) => {
+                    d.vm = None;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if cleared {
+            tracing::info!(domain = %name, exit = ?info, "QEMU exited");
+            agent.drop_if_transient_and_idle(&name);
+        }
+    });
+}

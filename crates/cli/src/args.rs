@@ -1,0 +1,175 @@
+//! The command line, with virsh's command and option names where virsh has
+//! them.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use migration::MigrateFlags;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "livemig",
+    version,
+    about = "Manage livemig agents: define, start and live-migrate QEMU domains",
+    after_help = "Examples:\n  \
+        livemig -c unix:///var/lib/livemig/livemigd.sock define web1.toml\n  \
+        livemig start web1\n  \
+        livemig migrate --live --auto-converge --bandwidth 64 --verbose web1 tcp://10.0.0.2:7000\n  \
+        livemig demo"
+)]
+pub struct Cli {
+    /// Agent to talk to: unix:///PATH or tcp://HOST:PORT.
+    #[arg(
+        short = 'c',
+        long = "connect",
+        env = "LIVEMIG_URI",
+        global = true,
+        value_name = "URI"
+    )]
+    pub connect: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Json {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DomainArg {
+    /// Domain name.
+    pub domain: String,
+}
+
+#[derive(Debug, Subcommand)]
+#[allow(clippy::enum_variant_names)] // virsh's command names
+pub enum Command {
+    /// Define (or update) a persistent domain from a TOML file.
+    Define { file: PathBuf },
+    /// Remove a domain's persistent definition.
+    Undefine(DomainArg),
+    /// Start a defined domain.
+    Start {
+        domain: String,
+        /// Start with the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Stop a domain immediately (kills its QEMU).
+    Destroy(DomainArg),
+    /// Pause a running domain.
+    Suspend(DomainArg),
+    /// Resume a paused domain.
+    Resume(DomainArg),
+    /// List domains.
+    List {
+        /// Include inactive domains.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Show a domain's details.
+    Dominfo {
+        domain: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Show what the host's QEMU binary supports.
+    Domcapabilities {
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Migrate a domain to another host's agent.
+    Migrate(MigrateArgs),
+    /// Show the active (or last completed) migration job of a domain.
+    Domjobinfo {
+        domain: String,
+        /// Show the last finished job instead of the active one.
+        #[arg(long)]
+        completed: bool,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Abort a domain's active migration (the guest stays on the source).
+    Domjobabort(DomainArg),
+    /// Set the migration bandwidth, MiB/s (applies to a running job too).
+    MigrateSetspeed {
+        domain: String,
+        /// MiB/s.
+        bandwidth: u64,
+    },
+    /// Set the maximum tolerable downtime, ms (applies to a running job too).
+    MigrateSetmaxdowntime {
+        domain: String,
+        /// Milliseconds.
+        downtime: u64,
+    },
+    /// Switch a running migration (started with --postcopy) to post-copy.
+    MigratePostcopy(DomainArg),
+    /// Show a migration job by id (live while it runs, then its record).
+    Job {
+        id: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Send a raw QMP command to a domain's QEMU.
+    QemuMonitorCommand {
+        domain: String,
+        /// A QMP command object, e.g. '{"execute":"query-status"}'.
+        command: String,
+    },
+    /// Run the demo: a busy guest live-migrated with auto-converge between
+    /// two agents on this machine.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub flags: MigrateFlags,
+    /// Show progress while the migration runs.
+    #[arg(long)]
+    pub verbose: bool,
+    /// Print the job record as JSON on the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Domain name.
+    pub domain: String,
+    /// Destination agent: tcp://HOST:PORT.
+    pub dest_uri: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Guest RAM, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u32,
+    /// Guest working set the guest keeps dirtying, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub working_set: u32,
+    /// Guest busy-loop iterations per page write (higher = slower dirtying).
+    #[arg(long, default_value_t = 2000)]
+    pub spin: u32,
+    /// Migration bandwidth cap, MiB/s.
+    #[arg(long, default_value_t = 64)]
+    pub bandwidth: u64,
+    /// Give up (and keep the guest on the source) after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Migrate without --auto-converge (to see it not converge).
+    #[arg(long)]
+    pub no_auto_converge: bool,
+    /// livemigd binary [default: next to this binary, else on PATH].
+    #[arg(long, value_name = "PATH")]
+    pub livemigd: Option<PathBuf>,
+    /// QEMU binary for both agents.
+    #[arg(long, value_name = "PATH")]
+    pub qemu: Option<PathBuf>,
+    /// Print the job record (with memory_check) as JSON on the last line.
+    #[arg(long)]
+    pub json: bool,
+}

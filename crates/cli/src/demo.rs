@@ -1,0 +1,278 @@
+//! `livemig demo`: two agents on loopback, a busy guest, a live migration
+//! with auto-converge, and a check that the guest's memory survived.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agent::launcher::{AgentProcess, LaunchOptions};
+use anyhow::{anyhow, bail, Context, Result};
+use domain::DomainDefinition;
+use guest::{SerialLog, Workload};
+use migration::{JobInfo, JobStatus, MigrateFlags};
+use protocol::message::Reply;
+use protocol::types::{DomainInfo, DomainState};
+use protocol::{Client, Request};
+
+use crate::args::DemoArgs;
+use crate::{migrate, output, print_json, request, unexpected};
+
+const DOMAIN: &str = "demo-busy";
+const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where progress goes: stdout for people, stderr when stdout carries JSON.
+struct Say {
+    json: bool,
+}
+
+impl Say {
+    fn line(&self, text: &str) {
+        if self.json {
+            eprintln!("{text}");
+        } else {
+            println!("{text}");
+        }
+    }
+}
+
+fn find_livemigd(given: Option<PathBuf>) -> PathBuf {
+    if let Some(path) = given {
+        return path;
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("livemigd")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("livemigd"))
+}
+
+async fn dominfo(client: &Client) -> Result<DomainInfo> {
+    match request(
+        client,
+        Request::DomInfo {
+            domain: DOMAIN.parse()?,
+        },
+    )
+    .await?
+    {
+        Reply::DomainInfo(info) => Ok(*info),
+        other => Err(unexpected(other)),
+    }
+}
+
+/// Waits until the guest's serial log shows `lines` progress lines whose
+/// pass counter has advanced by `passes` since the first.
+async fn wait_for_guest(log: &Path, lines: usize, passes: u64) -> Result<SerialLog> {
+    let deadline = tokio::time::Instant::now() + GUEST_TIMEOUT;
+    loop {
+        let parsed = SerialLog::read(log)?;
+        if let Some(error) = parsed.errors.first() {
+            bail!("the guest could not run its workload: {error}");
+        }
+        if let (Some(first), Some(last)) = (parsed.progress.first(), parsed.progress.last()) {
+            if parsed.progress.len() >= lines && last.pass >= first.pass + passes {
+                return Ok(parsed);
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "the guest made no progress within {GUEST_TIMEOUT:?} (serial log {})",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn dirty_rate_mib_s(log: &SerialLog) -> Option<f64> {
+    let (a, b) = (log.progress.first()?, log.progress.last()?);
+    let dt = b.t_ms.checked_sub(a.t_ms).filter(|d| *d > 0)? as f64 / 1000.0;
+    Some((b.writes - a.writes) as f64 * 4096.0 / dt / (1024.0 * 1024.0))
+}
+
+pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    let say = Say { json: args.json };
+    let tmp = tempfile::Builder::new()
+        .prefix("livemig-demo-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    let kernel = guest::install_kernel(tmp.path())?;
+    let livemigd = find_livemigd(args.livemigd.clone());
+    let extra_args: Vec<String> = args
+        .qemu
+        .iter()
+        .flat_map(|q| ["--qemu".to_string(), q.display().to_string()])
+        .collect();
+    let launch = |host: &str| LaunchOptions {
+        binary: livemigd.clone(),
+        state_dir: tmp.path().join(host),
+        listen: Some("tcp://127.0.0.1:0".into()),
+        netns: None,
+        extra_args: extra_args.clone(),
+    };
+
+    say.line("==> Starting two livemig agents on loopback (host-a, host-b)");
+    let host_a = AgentProcess::spawn(&launch("host-a"))
+        .await
+        .with_context(|| format!("cannot start {}", livemigd.display()))?;
+    let host_b = AgentProcess::spawn(&launch("host-b")).await?;
+    let a = Client::connect(&host_a.local_uri()).await?;
+    let b = Client::connect(&host_b.local_uri()).await?;
+    let b_uri = host_b
+        .tcp_uri()
+        .ok_or_else(|| anyhow!("host-b does not listen on TCP"))?;
+    say.line(&format!(
+        "    host-a: {}  host-b: {b_uri}",
+        host_a.tcp_uri().unwrap_or_default()
+    ));
+
+    let result = scenario(&args, &say, &a, &b, &b_uri, &kernel).await;
+
+    say.line("==> Cleaning up: stopping the guest and both agents");
+    for client in [&a, &b] {
+        let _ = client
+            .request(
+                Request::Destroy {
+                    domain: DOMAIN.parse()?,
+                },
+                Duration::from_secs(20),
+            )
+            .await;
+    }
+    host_a.stop(Duration::from_secs(20)).await;
+    host_b.stop(Duration::from_secs(20)).await;
+    result
+}
+
+async fn scenario(
+    args: &DemoArgs,
+    say: &Say,
+    a: &Client,
+    b: &Client,
+    b_uri: &str,
+    kernel: &Path,
+) -> Result<ExitCode> {
+    let workload = Workload::busy(args.working_set, args.spin);
+    let definition = DomainDefinition::from_toml(&format!(
+        "name = \"{DOMAIN}\"\nmemory_mib = {}\nvcpus = 1\naccel = \"tcg\"\n\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
+        args.memory,
+        kernel.display().to_string(),
+        workload.cmdline()
+    ))?;
+    request(a, Request::Define { definition }).await?;
+    request(
+        a,
+        Request::Start {
+            domain: DOMAIN.parse()?,
+            paused: false,
+        },
+    )
+    .await?;
+    let info = dominfo(a).await?;
+    let serial_a = PathBuf::from(info.serial_log.clone().unwrap_or_default());
+    say.line(&format!(
+        "==> Started '{DOMAIN}' on host-a: {} MiB RAM, guest dirtying a {} MiB working set (QEMU {}, pid {})",
+        args.memory,
+        args.working_set,
+        info.qemu_version.as_deref().unwrap_or("?"),
+        info.qemu_pid.unwrap_or(0)
+    ));
+    if let Some(note) = &info.tcg_dirty_bitmap_workaround {
+        say.line(&format!("    TCG dirty-bitmap workaround {note}"));
+    }
+    let before = wait_for_guest(&serial_a, 3, 1).await?;
+    let rate = dirty_rate_mib_s(&before).unwrap_or(0.0);
+    say.line(&format!(
+        "    guest rewrites {rate:.0} MiB/s of memory; migration bandwidth is capped at {} MiB/s",
+        args.bandwidth
+    ));
+
+    let flags = MigrateFlags {
+        live: true,
+        auto_converge: !args.no_auto_converge,
+        bandwidth: Some(args.bandwidth),
+        timeout: Some(args.timeout),
+        ..Default::default()
+    };
+    say.line(&format!(
+        "==> livemig migrate {} {DOMAIN} {b_uri}",
+        flags
+            .names()
+            .iter()
+            .map(|n| match n.split_once('=') {
+                Some((k, v)) => format!("--{k} {v}"),
+                None => format!("--{n}"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    let reply = request(
+        a,
+        Request::Migrate {
+            domain: DOMAIN.parse()?,
+            destination: b_uri.to_string(),
+            flags,
+        },
+    )
+    .await?;
+    let Reply::MigrationStarted { job_id } = reply else {
+        return Err(unexpected(reply));
+    };
+    let mut polls = 0u64;
+    let mut on_progress = |job: &JobInfo| {
+        polls += 1;
+        if polls.is_multiple_of(2) {
+            say.line(&format!("    {}", output::progress_line(job)));
+        }
+    };
+    let record = migrate::follow(a, DOMAIN, &job_id, &mut on_progress).await?;
+
+    // Where the guest runs now, and whether its memory survived.
+    let (runs_on, client) = match record.status {
+        JobStatus::Completed => ("host-b", b),
+        _ => ("host-a", a),
+    };
+    let info = dominfo(client).await?;
+    if info.state != DomainState::Running {
+        bail!(
+            "after the migration the guest is {} on {runs_on}",
+            info.state
+        );
+    }
+    let source_gone = match request(a, Request::List { all: true }).await? {
+        Reply::Domains { domains } => !domains.iter().any(|d| d.name == DOMAIN && d.id.is_some()),
+        other => return Err(unexpected(other)),
+    };
+    let serial = PathBuf::from(info.serial_log.clone().unwrap_or_default());
+    say.line(&format!(
+        "==> Checking the guest on {runs_on}: it must keep running and find every page intact"
+    ));
+    let after = wait_for_guest(&serial, 3, 2).await?;
+    let intact = after.memory_intact() && SerialLog::read(&serial_a)?.memory_intact();
+    let memory_check = if intact { "ok" } else { "corrupt" };
+    let last = after.last_progress().expect("wait_for_guest saw progress");
+    say.line(&format!(
+        "    guest on {runs_on}: pass {} writes {} errors {}; corruption reports: {}",
+        last.pass,
+        last.writes,
+        last.errors,
+        after.corruptions.len()
+    ));
+    if record.status == JobStatus::Completed && !source_gone {
+        bail!("the guest still runs on host-a after a completed migration");
+    }
+
+    if args.json {
+        let mut value = serde_json::to_value(&record)?;
+        value["memory_check"] = serde_json::Value::from(memory_check);
+        print_json(&value)?;
+    } else {
+        print!("{}", output::record_summary(&record));
+        println!("Memory check: {memory_check}");
+    }
+    Ok(if record.status == JobStatus::Completed && intact {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

@@ -1,0 +1,262 @@
+//! `livemig`: the command line for livemig agents.
+//!
+//! Exit status: 0 success; 1 the agent refused or the operation (e.g. a
+//! migration) failed; 2 bad usage.
+
+mod args;
+mod demo;
+mod migrate;
+mod output;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use domain::{DomainDefinition, DomainName};
+use protocol::message::Reply;
+use protocol::{AgentUri, Client, Request};
+use serde::Serialize;
+
+use crate::args::{Cli, Command};
+
+/// Requests that only read or change local state answer quickly.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+pub async fn connect(uri: Option<&str>) -> Result<Client> {
+    let uri = uri.ok_or_else(|| {
+        anyhow!("no agent given: pass -c unix:///PATH or -c tcp://HOST:PORT, or set LIVEMIG_URI")
+    })?;
+    let uri: AgentUri = uri.parse()?;
+    Ok(Client::connect(&uri).await?)
+}
+
+pub async fn request(client: &Client, request: Request) -> Result<Reply> {
+    Ok(client.request(request, REQUEST_TIMEOUT).await?)
+}
+
+fn domain(name: &str) -> Result<DomainName> {
+    Ok(name.parse()?)
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}
+
+fn unexpected(reply: Reply) -> anyhow::Error {
+    anyhow!("the agent sent an unexpected reply: {reply:?}")
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let uri = cli.connect.as_deref();
+    match cli.command {
+        Command::Demo(args) => return demo::run(args).await,
+        Command::Migrate(args) => {
+            let client = connect(uri).await?;
+            return migrate::run(&client, args).await;
+        }
+        _ => {}
+    }
+    let client = connect(uri).await?;
+    match cli.command {
+        Command::Define { file } => {
+            let definition = DomainDefinition::from_file(&file)
+                .with_context(|| format!("cannot define a domain from {}", file.display()))?;
+            let name = definition.name.clone();
+            request(&client, Request::Define { definition }).await?;
+            println!("Domain '{name}' defined from {}", file.display());
+        }
+        Command::Undefine(d) => {
+            request(
+                &client,
+                Request::Undefine {
+                    domain: domain(&d.domain)?,
+                },
+            )
+            .await?;
+            println!("Domain '{}' has been undefined", d.domain);
+        }
+        Command::Start {
+            domain: name,
+            paused,
+        } => {
+            request(
+                &client,
+                Request::Start {
+                    domain: domain(&name)?,
+                    paused,
+                },
+            )
+            .await?;
+            println!("Domain '{name}' started");
+        }
+        Command::Destroy(d) => {
+            request(
+                &client,
+                Request::Destroy {
+                    domain: domain(&d.domain)?,
+                },
+            )
+            .await?;
+            println!("Domain '{}' destroyed", d.domain);
+        }
+        Command::Suspend(d) => {
+            request(
+                &client,
+                Request::Suspend {
+                    domain: domain(&d.domain)?,
+                },
+            )
+            .await?;
+            println!("Domain '{}' suspended", d.domain);
+        }
+        Command::Resume(d) => {
+            request(
+                &client,
+                Request::Resume {
+                    domain: domain(&d.domain)?,
+                },
+            )
+            .await?;
+            println!("Domain '{}' resumed", d.domain);
+        }
+        Command::List { all, json } => match request(&client, Request::List { all }).await? {
+            Reply::Domains { domains } if json.json => print_json(&domains)?,
+            Reply::Domains { domains } => print!("{}", output::domain_list(&domains)),
+            other => return Err(unexpected(other)),
+        },
+        Command::Dominfo { domain: name, json } => {
+            match request(
+                &client,
+                Request::DomInfo {
+                    domain: domain(&name)?,
+                },
+            )
+            .await?
+            {
+                Reply::DomainInfo(info) if json.json => print_json(&info)?,
+                Reply::DomainInfo(info) => print!("{}", output::domain_info(&info)),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Command::Domcapabilities { json } => {
+            match request(&client, Request::DomCapabilities).await? {
+                Reply::Capabilities(caps) if json.json => print_json(&caps)?,
+                Reply::Capabilities(caps) => print!("{}", output::capabilities(&caps)),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Command::Domjobinfo {
+            domain: name,
+            completed,
+            json,
+        } => match request(
+            &client,
+            Request::DomJobInfo {
+                domain: domain(&name)?,
+                completed,
+            },
+        )
+        .await?
+        {
+            Reply::JobInfo { job } if json.json => print_json(&job)?,
+            Reply::JobInfo { job: Some(job) } => print!("{}", output::job_info(&job)),
+            Reply::JobInfo { job: None } => println!("Job type:  None"),
+            other => return Err(unexpected(other)),
+        },
+        Command::Domjobabort(d) => {
+            request(
+                &client,
+                Request::DomJobAbort {
+                    domain: domain(&d.domain)?,
+                },
+            )
+            .await?;
+            println!("Abort requested for the job of '{}'", d.domain);
+        }
+        Command::MigrateSetspeed {
+            domain: name,
+            bandwidth,
+        } => {
+            request(
+                &client,
+                Request::MigrateSetSpeed {
+                    domain: domain(&name)?,
+                    bandwidth_mib_s: bandwidth,
+                },
+            )
+            .await?;
+        }
+        Command::MigrateSetmaxdowntime {
+            domain: name,
+            downtime,
+        } => {
+            request(
+                &client,
+                Request::MigrateSetMaxDowntime {
+                    domain: domain(&name)?,
+                    downtime_ms: downtime,
+                },
+            )
+            .await?;
+        }
+        Command::MigratePostcopy(d) => {
+            request(
+                &client,
+                Request::MigratePostcopy {
+                    domain: domain(&d.domain)?,
+                },
+            )
+            .await?;
+        }
+        Command::Job { id, json } => match request(&client, Request::Job { id }).await? {
+            Reply::Job {
+                record: Some(r), ..
+            } if json.json => print_json(&r)?,
+            Reply::Job {
+                active: Some(j), ..
+            } if json.json => print_json(&j)?,
+            Reply::Job {
+                record: Some(r), ..
+            } => print!("{}", output::record_summary(&r)),
+            Reply::Job {
+                active: Some(j), ..
+            } => print!("{}", output::job_info(&j)),
+            other => return Err(unexpected(other)),
+        },
+        Command::QemuMonitorCommand {
+            domain: name,
+            command,
+        } => {
+            let command: serde_json::Value = serde_json::from_str(&command)
+                .context("the command must be JSON, e.g. '{\"execute\":\"query-status\"}'")?;
+            match request(
+                &client,
+                Request::QemuMonitorCommand {
+                    domain: domain(&name)?,
+                    command,
+                },
+            )
+            .await?
+            {
+                Reply::Monitor { result } => print_json(&serde_json::json!({ "return": result }))?,
+                other => return Err(unexpected(other)),
+            }
+        }
+        Command::Demo(_) | Command::Migrate(_) => bail!("handled above"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

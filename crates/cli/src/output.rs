@@ -1,0 +1,225 @@
+//! Text output in virsh's style.
+
+use migration::{JobInfo, JobRecord, JobStatus, Role};
+use protocol::types::{DomainInfo, DomainSummary, HostCapabilities};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.3} MiB", bytes as f64 / MIB)
+}
+
+fn opt<T: std::fmt::Display>(value: Option<T>, unit: &str) -> Option<String> {
+    value.map(|v| format!("{v}{unit}"))
+}
+
+fn rows(pairs: &[(&str, Option<String>)]) -> String {
+    let width = pairs.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+    pairs
+        .iter()
+        .filter_map(|(k, v)| {
+            v.as_ref()
+                .map(|v| format!("{:<width$}{v}\n", format!("{k}:")))
+        })
+        .collect()
+}
+
+pub fn domain_list(domains: &[DomainSummary]) -> String {
+    let name_width = domains
+        .iter()
+        .map(|d| d.name.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(" {:<4} {:<name_width$}   State\n", "Id", "Name");
+    out.push_str(&"-".repeat(name_width + 20));
+    out.push('\n');
+    for d in domains {
+        let id = d.id.map_or("-".to_string(), |i| i.to_string());
+        out.push_str(&format!(" {id:<4} {:<name_width$}   {}\n", d.name, d.state));
+    }
+    out
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+pub fn domain_info(info: &DomainInfo) -> String {
+    rows(&[
+        ("Id", Some(info.id.map_or("-".into(), |i| i.to_string()))),
+        ("Name", Some(info.name.clone())),
+        ("State", Some(info.state.to_string())),
+        ("Persistent", Some(yes_no(info.persistent))),
+        ("CPU(s)", Some(info.vcpus.to_string())),
+        (
+            "Max memory",
+            Some(format!("{} KiB", u64::from(info.memory_mib) * 1024)),
+        ),
+        (
+            "Guest RAM",
+            opt(info.guest_ram_bytes.map(|b| b / 1024), " KiB"),
+        ),
+        ("Accelerator", Some(info.accel.to_string())),
+        ("Machine", info.machine.clone()),
+        (
+            "QEMU",
+            info.qemu_version
+                .as_ref()
+                .map(|v| format!("{v} (pid {})", info.qemu_pid.unwrap_or(0))),
+        ),
+        ("QMP socket", info.qmp_socket.clone()),
+        ("Serial log", info.serial_log.clone()),
+        ("QEMU log", info.qemu_log.clone()),
+        (
+            "TCG workaround",
+            info.qemu_pid.map(|_| {
+                info.tcg_dirty_bitmap_workaround
+                    .clone()
+                    .unwrap_or_else(|| "not needed".into())
+            }),
+        ),
+        (
+            "Migration bandwidth",
+            opt(info.tunables.bandwidth_mib_s, " MiB/s"),
+        ),
+        ("Migration downtime", opt(info.tunables.downtime_ms, " ms")),
+        ("Active job", info.active_job.clone()),
+    ])
+}
+
+pub fn capabilities(caps: &HostCapabilities) -> String {
+    let q = &caps.qemu;
+    let list = |set: &std::collections::BTreeSet<String>| {
+        set.iter().cloned().collect::<Vec<_>>().join(" ")
+    };
+    rows(&[
+        ("Host", Some(caps.host.clone())),
+        ("QEMU binary", Some(q.path.display().to_string())),
+        (
+            "QEMU version",
+            Some(format!("{} ({})", q.version, q.package)),
+        ),
+        (
+            "KVM",
+            Some(if q.kvm_present { "present" } else { "absent" }.into()),
+        ),
+        ("Default accelerator", Some(caps.default_accel.to_string())),
+        (
+            "TCG migration bug",
+            Some(if caps.tcg_dirty_bitmap_bug {
+                "present (worked around with an off-grid RAM size)".into()
+            } else {
+                "absent".into()
+            }),
+        ),
+        (
+            "Migration capabilities",
+            Some(list(&q.migration_capabilities)),
+        ),
+        ("Migration parameters", Some(list(&q.migration_parameters))),
+    ])
+}
+
+pub fn job_info(job: &JobInfo) -> String {
+    let s = &job.stats;
+    let kind = match job.status {
+        JobStatus::Active => "Unbounded",
+        JobStatus::Completed => "Completed",
+        JobStatus::Failed => "Failed",
+        JobStatus::Cancelled => "Cancelled",
+    };
+    let operation = match job.role {
+        Role::Source => "Outgoing migration",
+        Role::Destination => "Incoming migration",
+    };
+    let processed = s.memory_processed_bytes;
+    let remaining = s.memory_remaining_bytes;
+    rows(&[
+        ("Job type", Some(kind.into())),
+        ("Operation", Some(operation.into())),
+        ("Job id", Some(job.id.clone())),
+        ("Phase", Some(job.phase.to_string())),
+        ("Time elapsed", Some(format!("{} ms", job.elapsed_ms))),
+        ("Data processed", processed.map(mib)),
+        ("Data remaining", remaining.map(mib)),
+        ("Data total", s.memory_total_bytes.map(mib)),
+        ("Memory processed", processed.map(mib)),
+        ("Memory remaining", remaining.map(mib)),
+        ("Memory total", s.memory_total_bytes.map(mib)),
+        (
+            "Memory bandwidth",
+            s.bandwidth_mib_s.map(|b| format!("{b:.3} MiB/s")),
+        ),
+        ("Dirty rate", opt(s.dirty_rate_pages_s, " pages/s")),
+        ("Page size", opt(s.page_size, " bytes")),
+        ("Iteration", opt(s.iteration, "")),
+        ("Constant pages", opt(s.constant_pages, "")),
+        ("Normal pages", opt(s.normal_pages, "")),
+        ("Normal data", s.normal_bytes.map(mib)),
+        ("Expected downtime", opt(s.expected_downtime_ms, " ms")),
+        ("Total downtime", opt(s.downtime_ms, " ms")),
+        ("Setup time", opt(s.setup_time_ms, " ms")),
+        ("Auto converge throttle", opt(s.cpu_throttle_pct, "%")),
+        (
+            "Max throttle",
+            Some(format!("{}%", job.max_cpu_throttle_pct)),
+        ),
+        ("Flags", Some(job.flags.join(" "))),
+        ("Error", job.error.clone()),
+    ])
+}
+
+pub fn record_summary(r: &JobRecord) -> String {
+    let mut out = match r.status {
+        JobStatus::Completed => format!(
+            "Migration of '{}' to {} completed in {:.1} s: downtime {}, {} transferred over {} \
+             iterations, max CPU throttle {}%\n",
+            r.domain,
+            r.destination,
+            r.total_time_ms as f64 / 1000.0,
+            r.downtime_ms.map_or("n/a".into(), |d| format!("{d} ms")),
+            mib(r.transferred_bytes),
+            r.iterations,
+            r.max_cpu_throttle_pct
+        ),
+        status => format!(
+            "Migration of '{}' to {} {status} after {:.1} s: {}\n",
+            r.domain,
+            r.destination,
+            r.total_time_ms as f64 / 1000.0,
+            r.error.as_deref().unwrap_or("no error recorded")
+        ),
+    };
+    if let Some(recovery) = &r.recovery {
+        out.push_str(&format!("Recovery: {recovery}\n"));
+    }
+    out.push_str(&format!("Job id: {}\n", r.id));
+    out
+}
+
+/// One progress line, as `migrate --verbose` prints it.
+pub fn progress_line(job: &JobInfo) -> String {
+    let s = &job.stats;
+    let pct = match (s.memory_total_bytes, s.memory_remaining_bytes) {
+        (Some(total), Some(remaining)) if total > 0 => {
+            format!(
+                "{:3.0} %",
+                100.0 * (total.saturating_sub(remaining)) as f64 / total as f64
+            )
+        }
+        _ => "  - %".into(),
+    };
+    format!(
+        "Migration: [{pct}] phase {}, pass {}, remaining {}, {}, dirty {}, throttle {}%, expected downtime {}",
+        job.phase,
+        s.iteration.unwrap_or(0),
+        s.memory_remaining_bytes.map_or("-".into(), mib),
+        s.bandwidth_mib_s.map_or("-".into(), |b| format!("{b:.1} MiB/s")),
+        s.dirty_rate_pages_s
+            .zip(s.page_size)
+            .map_or("-".into(), |(p, size)| format!("{:.1} MiB/s", (p * size) as f64 / MIB)),
+        s.cpu_throttle_pct.unwrap_or(0),
+        s.expected_downtime_ms.map_or("-".into(), |d| format!("{d} ms")),
+    )
+}
