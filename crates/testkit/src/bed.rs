@@ -1,0 +1,326 @@
+//! The test bed and its hosts.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent::launcher::{AgentProcess, LaunchOptions};
+use domain::DomainDefinition;
+use guest::{SerialLog, Workload};
+use migration::{JobInfo, JobRecord, MigrateFlags};
+use protocol::message::Reply;
+use protocol::types::{DomainInfo, DomainState, DomainSummary};
+use protocol::{Client, ClientError, Request};
+use serde_json::Value;
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::{bin, procs, wait_until, GUEST_TIMEOUT};
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// A per-test directory with the guest kernel; hosts live inside it.
+#[derive(Debug)]
+pub struct TestBed {
+    dir: tempfile::TempDir,
+    kernel: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl TestBed {
+    /// Waits for any other test bed in this process to finish, then makes
+    /// a fresh directory.
+    pub async fn new() -> TestBed {
+        let serial = SERIAL.lock().await;
+        let dir = tempfile::Builder::new()
+            .prefix("livemig-test-")
+            .tempdir()
+            .expect("temporary directory");
+        let kernel = guest::install_kernel(dir.path()).expect("install the guest kernel");
+        TestBed {
+            dir,
+            kernel,
+            _serial: serial,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn kernel(&self) -> &Path {
+        &self.kernel
+    }
+
+    /// Starts an agent listening on loopback.
+    pub async fn host(&self, name: &str) -> Host {
+        self.host_with(name, Some("tcp://127.0.0.1:0".into()), None).await
+    }
+
+    /// Starts an agent with explicit listen address and namespace.
+    pub async fn host_with(&self, name: &str, listen: Option<String>, netns: Option<String>) -> Host {
+        Host::start(LaunchOptions {
+            binary: bin("livemigd"),
+            state_dir: self.dir.path().join(name),
+            listen,
+            netns,
+            extra_args: Vec::new(),
+        })
+        .await
+    }
+
+    /// A definition of the test guest.
+    pub fn definition(&self, name: &str, memory_mib: u32, workload: Workload) -> DomainDefinition {
+        DomainDefinition::from_toml(&format!(
+            "name = \"{name}\"\nmemory_mib = {memory_mib}\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
+            self.kernel.display().to_string(),
+            workload.cmdline()
+        ))
+        .expect("valid test definition")
+    }
+}
+
+/// One agent ("host").
+#[derive(Debug)]
+pub struct Host {
+    pub name: String,
+    options: LaunchOptions,
+    process: Option<AgentProcess>,
+    client: Option<Client>,
+}
+
+impl Host {
+    async fn start(options: LaunchOptions) -> Host {
+        let process = AgentProcess::spawn(&options)
+            .await
+            .unwrap_or_else(|e| panic!("livemigd did not start: {e}"));
+        let client = Client::connect(&process.local_uri()).await.expect("connect to the agent");
+        Host {
+            name: options
+                .state_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            options,
+            process: Some(process),
+            client: Some(client),
+        }
+    }
+
+    fn process(&self) -> &AgentProcess {
+        self.process.as_ref().expect("agent is running")
+    }
+
+    pub fn client(&self) -> &Client {
+        self.client.as_ref().expect("agent is running")
+    }
+
+    /// The agent's TCP URI (for peers).
+    pub fn uri(&self) -> String {
+        self.process().tcp_uri().expect("agent listens on TCP")
+    }
+
+    /// The unix socket URI (for a local CLI).
+    pub fn local_uri(&self) -> String {
+        self.process().local_uri().to_string()
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.options.state_dir
+    }
+
+    /// The agent's process group (also its pid).
+    pub fn pgid(&self) -> u32 {
+        self.process().pid()
+    }
+
+    /// QEMU processes this agent started that are still alive.
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        procs::qemus_in_group(self.pgid())
+    }
+
+    /// Stops the agent gracefully and starts it again on the same state
+    /// directory (and the same listen address, if it had a fixed one).
+    pub async fn restart(&mut self) {
+        self.client = None;
+        if let Some(process) = self.process.take() {
+            process.stop(Duration::from_secs(30)).await;
+        }
+        let fresh = Host::start(self.options.clone()).await;
+        *self = fresh;
+    }
+
+    /// Stops the agent gracefully (it stops its QEMUs).
+    pub async fn stop(mut self) {
+        self.client = None;
+        if let Some(process) = self.process.take() {
+            process.stop(Duration::from_secs(30)).await;
+        }
+    }
+
+    pub async fn request(&self, request: Request) -> Result<Reply, ClientError> {
+        self.client().request(request, REQUEST_TIMEOUT).await
+    }
+
+    /// Defines and starts a domain; waits until the guest reports progress.
+    pub async fn define_and_start(&self, definition: DomainDefinition) {
+        let name = definition.name.clone();
+        self.request(Request::Define { definition }).await.expect("define");
+        self.request(Request::Start {
+            domain: name.clone(),
+            paused: false,
+        })
+        .await
+        .expect("start");
+        self.wait_guest_progress(name.as_str(), 2).await;
+    }
+
+    pub async fn dominfo(&self, name: &str) -> Result<DomainInfo, ClientError> {
+        match self
+            .request(Request::DomInfo {
+                domain: name.parse().expect("valid name"),
+            })
+            .await?
+        {
+            Reply::DomainInfo(info) => Ok(*info),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    pub async fn list_all(&self) -> Vec<DomainSummary> {
+        match self.request(Request::List { all: true }).await.expect("list") {
+            Reply::Domains { domains } => domains,
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    pub async fn state(&self, name: &str) -> Option<DomainState> {
+        self.dominfo(name).await.ok().map(|i| i.state)
+    }
+
+    /// The guest's serial log on this host.
+    pub async fn serial(&self, name: &str) -> SerialLog {
+        let info = self.dominfo(name).await.expect("dominfo");
+        let path = info.serial_log.expect("running domain has a serial log");
+        SerialLog::read(Path::new(&path)).expect("read serial log")
+    }
+
+    /// Waits for `lines` more progress lines than the log has now.
+    pub async fn wait_guest_progress(&self, name: &str, lines: usize) -> SerialLog {
+        let start = self.serial(name).await.progress.len();
+        wait_until(GUEST_TIMEOUT, &format!("{lines} progress lines from '{name}' on {}", self.name), || async {
+            let log = self.serial(name).await;
+            assert!(log.errors.is_empty(), "guest error: {:?}", log.errors);
+            (log.progress.len() >= start + lines).then_some(log)
+        })
+        .await
+    }
+
+    /// Waits until the guest has completed `passes` more sweeps over its
+    /// working set, so every page has been checked again.
+    pub async fn wait_guest_passes(&self, name: &str, passes: u64) -> SerialLog {
+        let first = self.wait_guest_progress(name, 1).await.last_progress().expect("progress");
+        wait_until(GUEST_TIMEOUT, &format!("{passes} passes of '{name}' on {}", self.name), || async {
+            let log = self.serial(name).await;
+            let last = log.last_progress()?;
+            (last.pass >= first.pass + passes && last.writes > first.writes).then_some(log)
+        })
+        .await
+    }
+
+    /// Starts a migration; returns the job id.
+    pub async fn start_migration(
+        &self,
+        name: &str,
+        destination: &str,
+        flags: MigrateFlags,
+    ) -> Result<String, ClientError> {
+        match self
+            .request(Request::Migrate {
+                domain: name.parse().expect("valid name"),
+                destination: destination.to_string(),
+                flags,
+            })
+            .await?
+        {
+            Reply::MigrationStarted { job_id } => Ok(job_id),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// The job's live info, or `None` once it has a record.
+    pub async fn job_active(&self, id: &str) -> Option<JobInfo> {
+        match self.request(Request::Job { id: id.into() }).await.expect("job") {
+            Reply::Job { active, .. } => active.map(|j| *j),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Waits for a job to end and returns its record.
+    pub async fn wait_job(&self, id: &str) -> JobRecord {
+        wait_until(JOB_TIMEOUT, &format!("job {id} to end"), || async {
+            match self.request(Request::Job { id: id.into() }).await.expect("job") {
+                Reply::Job { record, .. } => record.map(|r| *r),
+                other => panic!("unexpected reply {other:?}"),
+            }
+        })
+        .await
+    }
+
+    /// Migrates and waits for the record.
+    pub async fn migrate(&self, name: &str, dest: &Host, flags: MigrateFlags) -> JobRecord {
+        let id = self
+            .start_migration(name, &dest.uri(), flags)
+            .await
+            .expect("migration starts");
+        self.wait_job(&id).await
+    }
+
+    /// Runs a QMP command on a domain's QEMU through the agent.
+    pub async fn qmp(&self, name: &str, execute: &str) -> Result<Value, ClientError> {
+        match self
+            .request(Request::QemuMonitorCommand {
+                domain: name.parse().expect("valid name"),
+                command: serde_json::json!({ "execute": execute }),
+            })
+            .await?
+        {
+            Reply::Monitor { result } => Ok(result),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// The state of one migration capability on a domain's QEMU.
+    pub async fn capability(&self, name: &str, capability: &str) -> bool {
+        let caps = self
+            .qmp(name, "query-migrate-capabilities")
+            .await
+            .expect("query-migrate-capabilities");
+        caps.as_array()
+            .expect("capability list")
+            .iter()
+            .find(|c| c["capability"] == capability)
+            .and_then(|c| c["state"].as_bool())
+            .unwrap_or_else(|| panic!("QEMU has no capability {capability}"))
+    }
+
+    /// Runs the `livemig` CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin("livemig"))
+            .arg("-c")
+            .arg(self.local_uri())
+            .args(args)
+            .env_remove("LIVEMIG_URI")
+            .output()
+            .expect("run livemig")
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // AgentProcess's own Drop kills the process group.
+        self.client = None;
+        self.process = None;
+    }
+}

@@ -1,0 +1,70 @@
+//! Test harness for livemig: real agents, real QEMU, the in-tree guest.
+//!
+//! - [`TestBed`]: a per-test temporary directory with the guest kernel, from
+//!   which hosts (agents) are started. Holding it serialises QEMU-heavy tests
+//!   in one process: two busy TCG guests per test already fill two cores.
+//! - [`Host`]: one `livemigd` child in its own process group plus a client;
+//!   dropping it kills the group (agent and every QEMU it started).
+//! - [`netns`]: two network namespaces joined by a veth pair.
+//! - [`procs`]: which processes are in a group, for leak checks.
+//!
+//! Binaries are found next to the test executable's directory
+//! (`target/<profile>/`); build them first (`cargo build --bins`), or point
+//! `LIVEMIG_BIN_DIR` at them.
+
+mod bed;
+pub mod netns;
+pub mod procs;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use bed::{Host, TestBed};
+
+/// How long a guest may take to show progress after a start or migration.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The directory holding `livemig` and `livemigd`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LIVEMIG_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executable lives in target/<profile>/deps");
+    dir.to_path_buf()
+}
+
+/// Path of a workspace binary, checked to exist.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` before the tests (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `condition` every 100 ms until it returns `Some`, or panics with
+/// `what` after `timeout`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = condition().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,53 @@
+//! Processes by process group, read from `/proc`, for leak checks.
+
+use std::path::Path;
+
+/// The command name of a process (`/proc/PID/comm`).
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// True if a process with this pid exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Live processes whose process group is `pgid`.
+pub fn in_group(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            let Ok(stat) = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) else {
+                return false;
+            };
+            // Fields after the command name: state ppid pgrp ...
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                return false;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            fields.len() > 2
+                && fields[0] != "Z"
+                && fields[2].parse::<u32>().ok() == Some(pgid)
+        })
+        .collect()
+}
+
+/// QEMU processes in a process group.
+pub fn qemus_in_group(pgid: u32) -> Vec<u32> {
+    in_group(pgid)
+        .into_iter()
+        .filter(|&pid| comm(pid).is_some_and(|c| c.starts_with("qemu-system")))
+        .collect()
+}

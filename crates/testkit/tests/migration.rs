@@ -1,0 +1,205 @@
+//! Live migration between two agents on loopback, with real QEMU and the
+//! in-tree guest checking its own memory.
+
+use std::time::Duration;
+
+use guest::Workload;
+use migration::{JobStatus, MigrateFlags};
+use protocol::types::DomainState;
+use testkit::{procs, wait_until, Host, TestBed};
+
+/// 16 MiB rewritten at ~50 MiB/s on this class of machine: against a
+/// 16 MiB/s cap every pass leaves the whole working set dirty again, so
+/// plain pre-copy cannot converge and auto-converge must throttle.
+const BUSY: Workload = Workload {
+    working_set_mib: 16,
+    spin: 20_000,
+    report_ms: 500,
+};
+const CAP_MIB_S: u64 = 16;
+
+fn live() -> MigrateFlags {
+    MigrateFlags {
+        live: true,
+        ..Default::default()
+    }
+}
+
+/// The guest runs exactly on `on` (not on `off`), its memory is intact and
+/// its progress counter keeps growing there; a busy guest must have swept
+/// (and so re-checked) its whole working set twice.
+async fn assert_runs_only_on(name: &str, on: &Host, off: &Host, passes: u64) {
+    assert_eq!(on.state(name).await, Some(DomainState::Running), "state on {}", on.name);
+    let off_state = off.state(name).await;
+    assert!(
+        matches!(off_state, None | Some(DomainState::ShutOff)),
+        "on {} the domain is {off_state:?}",
+        off.name
+    );
+    assert!(off.qemu_pids().is_empty(), "QEMU left on {}: {:?}", off.name, off.qemu_pids());
+    assert_eq!(on.qemu_pids().len(), 1, "exactly one QEMU on {}", on.name);
+    let before = on.wait_guest_progress(name, 1).await.last_progress().unwrap();
+    let log = on.wait_guest_passes(name, passes).await;
+    let after = log.last_progress().unwrap();
+    assert!(after.writes > before.writes, "guest progress stalled on {}", on.name);
+    assert!(log.memory_intact(), "guest memory corrupted on {}: {:?}", on.name, log.corruptions);
+}
+
+#[tokio::test]
+async fn idle_guest_migrates_and_keeps_running_on_the_destination() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("idle", 64, Workload::IDLE)).await;
+    let source_pid = a.dominfo("idle").await.unwrap().qemu_pid.unwrap();
+
+    let record = a.migrate("idle", &b, live()).await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    assert_eq!(record.error, None);
+    assert!(!record.auto_converge);
+    assert!(record.transferred_bytes > 0);
+    assert!(record.downtime_ms.is_some());
+    assert_eq!(record.destination, b.uri());
+    assert!(!procs::alive(source_pid), "source QEMU {source_pid} still runs");
+    assert_runs_only_on("idle", &b, &a, 0).await;
+    // The source keeps the (persistent) definition, shut off; the
+    // destination got a transient domain, as with virsh without --persistent.
+    assert_eq!(a.state("idle").await, Some(DomainState::ShutOff));
+    assert!(!b.dominfo("idle").await.unwrap().persistent);
+}
+
+#[tokio::test]
+async fn busy_guest_without_auto_converge_times_out_and_stays_on_the_source() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("busy", 64, BUSY)).await;
+
+    let record = a
+        .migrate(
+            "busy",
+            &b,
+            MigrateFlags {
+                bandwidth: Some(CAP_MIB_S),
+                timeout: Some(12),
+                ..live()
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Failed, "{record:?}");
+    let error = record.error.clone().unwrap();
+    assert!(error.contains("timeout"), "{error}");
+    assert_eq!(record.max_cpu_throttle_pct, 0);
+    assert!(record.iterations >= 3, "it kept iterating: {record:?}");
+    assert_runs_only_on("busy", &a, &b, 2).await;
+    assert!(!a.capability("busy", "auto-converge").await);
+}
+
+#[tokio::test]
+async fn busy_guest_with_auto_converge_completes_after_throttling() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("busy", 64, BUSY)).await;
+
+    let record = a
+        .migrate(
+            "busy",
+            &b,
+            MigrateFlags {
+                auto_converge: true,
+                bandwidth: Some(CAP_MIB_S),
+                timeout: Some(240),
+                ..live()
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    assert!(record.auto_converge);
+    assert!(record.max_cpu_throttle_pct > 0, "no throttle seen: {record:?}");
+    assert!(record.flags.contains(&"auto-converge".to_string()));
+    assert_runs_only_on("busy", &b, &a, 2).await;
+    // The destination QEMU keeps running; its settings are back to default.
+    assert!(!b.capability("busy", "auto-converge").await);
+}
+
+#[tokio::test]
+async fn auto_converge_is_on_for_both_qemus_during_the_job_and_reset_after_an_abort() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("busy", 64, BUSY)).await;
+    assert!(!a.capability("busy", "auto-converge").await);
+
+    // A cap this low keeps the job running while we look.
+    let job = a
+        .start_migration(
+            "busy",
+            &b.uri(),
+            MigrateFlags {
+                auto_converge: true,
+                bandwidth: Some(1),
+                ..live()
+            },
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(60), "the job to reach perform", || async {
+        a.job_active(&job)
+            .await
+            .filter(|j| j.stats.qemu_status.as_deref() == Some("active"))
+    })
+    .await;
+    assert!(a.capability("busy", "auto-converge").await, "source");
+    assert!(b.capability("busy", "auto-converge").await, "destination");
+    assert_eq!(b.state("busy").await, Some(DomainState::MigratingIn));
+
+    a.request(protocol::Request::DomJobAbort {
+        domain: "busy".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let record = a.wait_job(&job).await;
+
+    assert_eq!(record.status, JobStatus::Cancelled, "{record:?}");
+    assert!(record.error.unwrap().contains("domjobabort"));
+    assert_runs_only_on("busy", &a, &b, 2).await;
+    assert!(!a.capability("busy", "auto-converge").await, "reset on the source");
+}
+
+#[tokio::test]
+async fn without_the_flag_auto_converge_stays_off_on_both_qemus() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("busy", 64, BUSY)).await;
+
+    let job = a
+        .start_migration(
+            "busy",
+            &b.uri(),
+            MigrateFlags {
+                bandwidth: Some(1),
+                ..live()
+            },
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(60), "the job to reach perform", || async {
+        a.job_active(&job)
+            .await
+            .filter(|j| j.stats.qemu_status.as_deref() == Some("active"))
+    })
+    .await;
+    assert!(!a.capability("busy", "auto-converge").await, "source");
+    assert!(!b.capability("busy", "auto-converge").await, "destination");
+
+    let out = a.cli(&["domjobabort", "busy"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let record = a.wait_job(&job).await;
+    assert_eq!(record.status, JobStatus::Cancelled);
+    assert_runs_only_on("busy", &a, &b, 2).await;
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests, protocol tests against a fake QMP peer, and the
+# end-to-end tests with real QEMU, real agents and the in-tree guest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+# The end-to-end tests run the livemig and livemigd binaries.
+cargo build --bins
+cargo test --workspace "$@"
