@@ -25,15 +25,5 @@ pub(crate) fn storage(error: &crate::store::StoreError) -> ApiError {
 
 /// An error with its sources, on one line.
 pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = e.source();
-    }
-    text
+    protocol::error_chain(error)
 }

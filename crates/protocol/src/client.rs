@@ -19,7 +19,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the livemig agent at {uri}: {source}")]
+    #[error("cannot reach the livemig agent at {uri}")]
     Connect {
         uri: String,
         #[source]
@@ -31,7 +31,7 @@ pub enum ClientError {
         op: String,
         timeout: Duration,
     },
-    #[error("connection to the livemig agent at {uri} failed: {source}")]
+    #[error("connection to the livemig agent at {uri} failed")]
     Codec {
         uri: String,
         #[source]
@@ -41,20 +41,21 @@ pub enum ClientError {
     Closed { uri: String },
     #[error("the livemig agent at {uri} answered out of order or with protocol version {version}")]
     Protocol { uri: String, version: u32 },
-    #[error("{0}")]
+    #[error(transparent)]
     Api(#[from] ApiError),
 }
 
 impl ClientError {
     /// The error as it should cross to another process.
     pub fn to_api(&self) -> ApiError {
+        let message = crate::error_chain(self);
         match self {
             ClientError::Api(e) => e.clone(),
             ClientError::Connect { .. } | ClientError::Closed { .. } => {
-                ApiError::new(ErrorCode::PeerUnreachable, self.to_string())
+                ApiError::new(ErrorCode::PeerUnreachable, message)
             }
-            ClientError::Protocol { .. } => ApiError::new(ErrorCode::Protocol, self.to_string()),
-            _ => ApiError::new(ErrorCode::PeerFailed, self.to_string()),
+            ClientError::Protocol { .. } => ApiError::new(ErrorCode::Protocol, message),
+            _ => ApiError::new(ErrorCode::PeerFailed, message),
         }
     }
 }

@@ -21,3 +21,19 @@ pub mod uri;
 pub use client::{Client, ClientError};
 pub use message::{ApiError, ErrorCode, Reply, Request, PROTOCOL_VERSION};
 pub use uri::{AgentUri, BadAgentUri};
+
+/// An error and its sources on one line, skipping a source whose text its
+/// parent already includes.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let next = e.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = e.source();
+    }
+    text
+}

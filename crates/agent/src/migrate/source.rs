@@ -70,7 +70,10 @@ pub(crate) async fn begin(
     let peer = Client::connect(&dest_uri).await.map_err(|e| {
         ApiError::new(
             ErrorCode::PeerUnreachable,
-            format!("destination agent is down or unreachable: {e}"),
+            format!(
+                "destination agent is down or unreachable: {}",
+                errors::chain(&e)
+            ),
         )
     })?;
     let hello = match peer.request(Request::Hello, PEER_TIMEOUT).await {
@@ -216,7 +219,7 @@ impl Run {
         match self.peer.request(request, PREPARE_TIMEOUT).await {
             Ok(Reply::Prepared { uri }) => Ok(uri),
             Ok(other) => Err(unexpected(&other).message),
-            Err(e) => Err(format!("destination could not prepare: {e}")),
+            Err(e) => Err(format!("destination could not prepare: {}", errors::chain(&e))),
         }
     }
 
@@ -225,6 +228,9 @@ impl Run {
             return Ending::failed(e, JobStats::default());
         }
         self.set_phase(Phase::Confirm);
+        if self.job.flags.undefine_source {
+            self.undefine_source().await;
+        }
         Ending {
             status: JobStatus::Completed,
             error: None,
@@ -256,7 +262,7 @@ impl Run {
         let previous = match settings::apply(qmp, flags, tunables, Role::Source).await {
             Ok(p) => p,
             Err(e) => {
-                let error = format!("source QEMU refused the migration settings: {e}");
+                let error = format!("source QEMU refused the migration settings: {}", errors::chain(&e));
                 self.abort_destination(&error).await;
                 return Ending::failed(error, JobStats::default());
             }
@@ -342,7 +348,7 @@ impl Run {
             other => {
                 let error = match other {
                     Ok(reply) => unexpected(&reply).message,
-                    Err(e) => e.to_string(),
+                    Err(e) => errors::chain(&e),
                 };
                 tracing::error!(%error, "destination did not finish");
                 // Only resume here once the destination confirms the guest
@@ -380,7 +386,7 @@ impl Run {
                     other => {
                         let why = match other {
                             Ok(reply) => unexpected(&reply).message,
-                            Err(e) => e.to_string(),
+                            Err(e) => errors::chain(&e),
                         };
                         let mut ending = Ending::failed(
                             format!("destination did not confirm Finish: {error}; and its state cannot be checked: {why}"),
@@ -458,9 +464,9 @@ impl Run {
             }
             Ok(_) => match qmp.execute(&Cont).await {
                 Ok(_) => "source resumed".into(),
-                Err(e) => format!("could not resume the source: {e}"),
+                Err(e) => format!("could not resume the source: {}", errors::chain(&e)),
             },
-            Err(e) => format!("cannot query the source QEMU: {e}"),
+            Err(e) => format!("cannot query the source QEMU: {}", errors::chain(&e)),
         }
     }
 

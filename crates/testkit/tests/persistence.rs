@@ -1,0 +1,133 @@
+//! Definitions and job records on disk.
+
+use guest::Workload;
+use migration::{JobStatus, MigrateFlags};
+use protocol::types::DomainState;
+use protocol::Request;
+use testkit::TestBed;
+
+#[tokio::test]
+async fn definitions_survive_an_agent_restart() {
+    let bed = TestBed::new().await;
+    let mut a = bed.host("a").await;
+    let web = bed.definition("web", 64, Workload::IDLE);
+    let db = bed.definition("db", 96, Workload::busy(8, 50_000));
+    a.request(Request::Define { definition: web.clone() }).await.unwrap();
+    a.define_and_start(db.clone()).await;
+
+    a.restart().await;
+
+    let names: Vec<(String, DomainState)> = a
+        .list_all()
+        .await
+        .into_iter()
+        .map(|d| (d.name, d.state))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("db".to_string(), DomainState::ShutOff),
+            ("web".to_string(), DomainState::ShutOff)
+        ]
+    );
+    let info = a.dominfo("db").await.unwrap();
+    assert_eq!(info.memory_mib, 96);
+    assert!(info.persistent);
+    // The restored definition boots.
+    a.request(Request::Start {
+        domain: "db".parse().unwrap(),
+        paused: false,
+    })
+    .await
+    .unwrap();
+    let log = a.wait_guest_progress("db", 2).await;
+    assert!(log.memory_intact());
+}
+
+#[tokio::test]
+async fn undefine_removes_the_definition_for_good() {
+    let bed = TestBed::new().await;
+    let mut a = bed.host("a").await;
+    a.request(Request::Define {
+        definition: bed.definition("web", 64, Workload::IDLE),
+    })
+    .await
+    .unwrap();
+
+    let out = a.cli(&["undefine", "web"]);
+    assert!(out.status.success());
+    a.restart().await;
+
+    assert!(a.list_all().await.is_empty());
+}
+
+#[tokio::test]
+async fn persistent_migration_with_undefine_source_moves_the_definition() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let mut b = bed.host("b").await;
+    a.define_and_start(bed.definition("web", 64, Workload::IDLE)).await;
+
+    let record = a
+        .migrate(
+            "web",
+            &b,
+            MigrateFlags {
+                live: true,
+                persistent: true,
+                undefine_source: true,
+                ..Default::default()
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    assert!(a.dominfo("web").await.is_err(), "the source forgot the domain");
+    assert!(!a.state_dir().join("domains/web.toml").exists());
+    let info = b.dominfo("web").await.unwrap();
+    assert!(info.persistent);
+    assert_eq!(info.state, DomainState::Running);
+
+    // The record is kept on both sides and shown by domjobinfo --completed.
+    let out = b.cli(&["domjobinfo", "--completed", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Incoming migration") && text.contains(&record.id), "{text}");
+    let out = a.cli(&["job", &record.id, "--json"]);
+    let saved: migration::JobRecord = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(saved, record);
+
+    b.restart().await;
+    assert_eq!(b.state("web").await, Some(DomainState::ShutOff));
+}
+
+#[tokio::test]
+async fn offline_migration_moves_only_the_definition() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.request(Request::Define {
+        definition: bed.definition("cold", 64, Workload::IDLE),
+    })
+    .await
+    .unwrap();
+
+    let record = a
+        .migrate(
+            "cold",
+            &b,
+            MigrateFlags {
+                offline: true,
+                persistent: true,
+                undefine_source: true,
+                ..Default::default()
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    assert!(a.dominfo("cold").await.is_err());
+    let info = b.dominfo("cold").await.unwrap();
+    assert_eq!(info.state, DomainState::ShutOff);
+    assert!(info.persistent);
+    assert!(b.qemu_pids().is_empty());
+}
