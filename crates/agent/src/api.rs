@@ -165,7 +165,7 @@ impl Agent {
             Ok(d.definition.clone())
         })?;
         let binary = self.binary().await?;
-        let spec = vm::spec_for(&def, binary, &self.uri)?;
+        let spec = vm::spec_for(&def, binary, &self.uri, self.config.tcg_workaround)?;
         let vm = vm::launch(self, &def, &spec, false, paused).await?;
         self.with_domain(name, |d| {
             d.vm = Some(vm);

@@ -14,6 +14,12 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum AccelArg {
     Tcg,
@@ -43,6 +49,10 @@ struct Args {
     /// Default accelerator for probing.
     #[arg(long, value_enum, default_value = "tcg")]
     accel: AccelArg,
+    /// Work around QEMU < 9.0 losing guest writes when migrating under TCG
+    /// (see `livemig domcapabilities`). `off` only serves to show the bug.
+    #[arg(long, value_enum, default_value = "on")]
+    tcg_workaround: Switch,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -96,6 +106,7 @@ async fn main() -> Result<()> {
         AccelArg::Kvm => Accel::Kvm,
     };
     config.qemu_timeout = Duration::from_secs(30);
+    config.tcg_workaround = args.tcg_workaround == Switch::On;
     agent::run(config, shutdown_signal())
         .await
         .context("livemigd failed")?;

@@ -32,6 +32,7 @@ pub(crate) fn spec_for(
     def: &DomainDefinition,
     binary: &QemuBinary,
     host: &str,
+    tcg_workaround: bool,
 ) -> Result<LaunchSpec, ApiError> {
     let machine = binary.resolve_machine(&def.machine).ok_or_else(|| {
         ApiError::new(
@@ -45,7 +46,11 @@ pub(crate) fn spec_for(
     Ok(LaunchSpec {
         machine,
         accel: def.accel,
-        ram: RamLayout::for_domain(def.memory_mib, def.accel, binary.version),
+        ram: if tcg_workaround {
+            RamLayout::for_domain(def.memory_mib, def.accel, binary.version)
+        } else {
+            RamLayout::plain(def.memory_mib)
+        },
     })
 }
 
@@ -54,6 +59,7 @@ pub(crate) fn check_spec(
     spec: &LaunchSpec,
     binary: &QemuBinary,
     host: &str,
+    tcg_workaround: bool,
 ) -> Result<(), ApiError> {
     if binary.resolve_machine(&spec.machine).as_deref() != Some(spec.machine.as_str()) {
         return Err(ApiError::new(
@@ -66,7 +72,10 @@ pub(crate) fn check_spec(
     }
     // A destination with the bug must use the workaround layout too; the
     // source's layout is only safe if it avoids the buggy path.
-    if binary.has_tcg_dirty_bitmap_bug(spec.accel) && !spec.ram.avoids_tcg_dirty_bitmap_bug() {
+    if tcg_workaround
+        && binary.has_tcg_dirty_bitmap_bug(spec.accel)
+        && !spec.ram.avoids_tcg_dirty_bitmap_bug()
+    {
         return Err(ApiError::new(
             ErrorCode::Unsupported,
             format!(

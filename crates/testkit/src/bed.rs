@@ -55,17 +55,39 @@ impl TestBed {
 
     /// Starts an agent listening on loopback.
     pub async fn host(&self, name: &str) -> Host {
-        self.host_with(name, Some("tcp://127.0.0.1:0".into()), None).await
+        self.launch(name, Some("tcp://127.0.0.1:0".into()), None, &[])
+            .await
     }
 
     /// Starts an agent with explicit listen address and namespace.
-    pub async fn host_with(&self, name: &str, listen: Option<String>, netns: Option<String>) -> Host {
+    pub async fn host_with(
+        &self,
+        name: &str,
+        listen: Option<String>,
+        netns: Option<String>,
+    ) -> Host {
+        self.launch(name, listen, netns, &[]).await
+    }
+
+    /// Starts an agent on loopback with extra `livemigd` arguments.
+    pub async fn host_args(&self, name: &str, args: &[&str]) -> Host {
+        self.launch(name, Some("tcp://127.0.0.1:0".into()), None, args)
+            .await
+    }
+
+    async fn launch(
+        &self,
+        name: &str,
+        listen: Option<String>,
+        netns: Option<String>,
+        args: &[&str],
+    ) -> Host {
         Host::start(LaunchOptions {
             binary: bin("livemigd"),
             state_dir: self.dir.path().join(name),
             listen,
             netns,
-            extra_args: Vec::new(),
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
         })
         .await
     }
@@ -95,7 +117,9 @@ impl Host {
         let process = AgentProcess::spawn(&options)
             .await
             .unwrap_or_else(|e| panic!("livemigd did not start: {e}"));
-        let client = Client::connect(&process.local_uri()).await.expect("connect to the agent");
+        let client = Client::connect(&process.local_uri())
+            .await
+            .expect("connect to the agent");
         Host {
             name: options
                 .state_dir
@@ -166,7 +190,9 @@ impl Host {
     /// Defines and starts a domain; waits until the guest reports progress.
     pub async fn define_and_start(&self, definition: DomainDefinition) {
         let name = definition.name.clone();
-        self.request(Request::Define { definition }).await.expect("define");
+        self.request(Request::Define { definition })
+            .await
+            .expect("define");
         self.request(Request::Start {
             domain: name.clone(),
             paused: false,
@@ -189,7 +215,11 @@ impl Host {
     }
 
     pub async fn list_all(&self) -> Vec<DomainSummary> {
-        match self.request(Request::List { all: true }).await.expect("list") {
+        match self
+            .request(Request::List { all: true })
+            .await
+            .expect("list")
+        {
             Reply::Domains { domains } => domains,
             other => panic!("unexpected reply {other:?}"),
         }
@@ -209,23 +239,35 @@ impl Host {
     /// Waits for `lines` more progress lines than the log has now.
     pub async fn wait_guest_progress(&self, name: &str, lines: usize) -> SerialLog {
         let start = self.serial(name).await.progress.len();
-        wait_until(GUEST_TIMEOUT, &format!("{lines} progress lines from '{name}' on {}", self.name), || async {
-            let log = self.serial(name).await;
-            assert!(log.errors.is_empty(), "guest error: {:?}", log.errors);
-            (log.progress.len() >= start + lines).then_some(log)
-        })
+        wait_until(
+            GUEST_TIMEOUT,
+            &format!("{lines} progress lines from '{name}' on {}", self.name),
+            || async {
+                let log = self.serial(name).await;
+                assert!(log.errors.is_empty(), "guest error: {:?}", log.errors);
+                (log.progress.len() >= start + lines).then_some(log)
+            },
+        )
         .await
     }
 
     /// Waits until the guest has completed `passes` more sweeps over its
     /// working set, so every page has been checked again.
     pub async fn wait_guest_passes(&self, name: &str, passes: u64) -> SerialLog {
-        let first = self.wait_guest_progress(name, 1).await.last_progress().expect("progress");
-        wait_until(GUEST_TIMEOUT, &format!("{passes} passes of '{name}' on {}", self.name), || async {
-            let log = self.serial(name).await;
-            let last = log.last_progress()?;
-            (last.pass >= first.pass + passes && last.writes > first.writes).then_some(log)
-        })
+        let first = self
+            .wait_guest_progress(name, 1)
+            .await
+            .last_progress()
+            .expect("progress");
+        wait_until(
+            GUEST_TIMEOUT,
+            &format!("{passes} passes of '{name}' on {}", self.name),
+            || async {
+                let log = self.serial(name).await;
+                let last = log.last_progress()?;
+                (last.pass >= first.pass + passes && last.writes > first.writes).then_some(log)
+            },
+        )
         .await
     }
 
@@ -251,7 +293,11 @@ impl Host {
 
     /// The job's live info, or `None` once it has a record.
     pub async fn job_active(&self, id: &str) -> Option<JobInfo> {
-        match self.request(Request::Job { id: id.into() }).await.expect("job") {
+        match self
+            .request(Request::Job { id: id.into() })
+            .await
+            .expect("job")
+        {
             Reply::Job { active, .. } => active.map(|j| *j),
             other => panic!("unexpected reply {other:?}"),
         }
@@ -260,7 +306,11 @@ impl Host {
     /// Waits for a job to end and returns its record.
     pub async fn wait_job(&self, id: &str) -> JobRecord {
         wait_until(JOB_TIMEOUT, &format!("job {id} to end"), || async {
-            match self.request(Request::Job { id: id.into() }).await.expect("job") {
+            match self
+                .request(Request::Job { id: id.into() })
+                .await
+                .expect("job")
+            {
                 Reply::Job { record, .. } => record.map(|r| *r),
                 other => panic!("unexpected reply {other:?}"),
             }

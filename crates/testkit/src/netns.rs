@@ -52,10 +52,15 @@ impl NetnsPair {
         ip(&["netns", "add", &pair.a])?;
         // From here on, Drop cleans up whatever was made.
         ip(&["netns", "add", &pair.b])?;
-        ip(&["link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b])?;
+        ip(&[
+            "link", "add", &veth_a, "type", "veth", "peer", "name", &veth_b,
+        ])?;
         ip(&["link", "set", &veth_a, "netns", &pair.a])?;
         ip(&["link", "set", &veth_b, "netns", &pair.b])?;
-        for (ns, dev, addr) in [(&pair.a, &veth_a, &pair.a_ip), (&pair.b, &veth_b, &pair.b_ip)] {
+        for (ns, dev, addr) in [
+            (&pair.a, &veth_a, &pair.a_ip),
+            (&pair.b, &veth_b, &pair.b_ip),
+        ] {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;

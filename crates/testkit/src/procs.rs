@@ -29,7 +29,9 @@ pub fn in_group(pgid: u32) -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|&pid| {
-            let Ok(stat) = std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat")) else {
+            let Ok(stat) =
+                std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))
+            else {
                 return false;
             };
             // Fields after the command name: state ppid pgrp ...
@@ -37,9 +39,7 @@ pub fn in_group(pgid: u32) -> Vec<u32> {
                 return false;
             };
             let fields: Vec<&str> = rest.split_whitespace().collect();
-            fields.len() > 2
-                && fields[0] != "Z"
-                && fields[2].parse::<u32>().ok() == Some(pgid)
+            fields.len() > 2 && fields[0] != "Z" && fields[2].parse::<u32>().ok() == Some(pgid)
         })
         .collect()
 }

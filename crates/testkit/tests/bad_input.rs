@@ -30,10 +30,17 @@ impl Untouched {
     async fn check(&self, a: &Host, b: &Host, name: &str) {
         let info = a.dominfo(name).await.unwrap();
         assert_eq!(info.state, DomainState::Running);
-        assert_eq!(info.qemu_pid, Some(self.pid), "the source QEMU was replaced");
+        assert_eq!(
+            info.qemu_pid,
+            Some(self.pid),
+            "the source QEMU was replaced"
+        );
         assert_eq!(info.active_job, None);
         assert!(a.capability(name, "auto-converge").await == false);
-        assert!(b.dominfo(name).await.is_err(), "the destination has the domain");
+        assert!(
+            b.dominfo(name).await.is_err(),
+            "the destination has the domain"
+        );
         assert!(b.qemu_pids().is_empty(), "QEMU left on the destination");
         a.wait_guest_progress(name, 1).await;
     }
@@ -44,7 +51,8 @@ async fn a_capability_the_qemu_lacks_names_the_capability_and_the_host() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE)).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
     let before = Untouched::record(&a, "vm").await;
 
     // QEMU 7.2 has no dirty-limit capability (it came in 8.1).
@@ -76,7 +84,11 @@ async fn an_unknown_domain_is_a_clear_error() {
     ] {
         let out = a.cli(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(stderr(&out).contains("no domain named 'nosuch'"), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("no domain named 'nosuch'"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
     let err = a
         .request(Request::Destroy {
@@ -93,8 +105,16 @@ async fn a_malformed_definition_is_refused_and_nothing_is_defined() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let cases = [
-        ("syntax.toml", "name = \"x\"\nmemory_mib = \n", "malformed definition"),
-        ("typo.toml", "name = \"x\"\nmemroy_mib = 64\n", "unknown field `memroy_mib`"),
+        (
+            "syntax.toml",
+            "name = \"x\"\nmemory_mib = \n",
+            "malformed definition",
+        ),
+        (
+            "typo.toml",
+            "name = \"x\"\nmemroy_mib = 64\n",
+            "unknown field `memroy_mib`",
+        ),
         (
             "name.toml",
             "name = \"../etc\"\nmemory_mib = 64\n[kernel]\npath = \"/k\"\n",
@@ -105,7 +125,11 @@ async fn a_malformed_definition_is_refused_and_nothing_is_defined() {
             "name = \"x\"\nmemory_mib = 1\n[kernel]\npath = \"/k\"\n",
             "memory_mib must be between",
         ),
-        ("boot.toml", "name = \"x\"\nmemory_mib = 64\n", "nothing to boot"),
+        (
+            "boot.toml",
+            "name = \"x\"\nmemory_mib = 64\n",
+            "nothing to boot",
+        ),
     ];
     for (file, text, expected) in cases {
         let path = bed.path().join(file);
@@ -115,9 +139,15 @@ async fn a_malformed_definition_is_refused_and_nothing_is_defined() {
         assert!(stderr(&out).contains(expected), "{file}: {}", stderr(&out));
     }
     let missing = a.cli(&["define", "/nonexistent/vm.toml"]);
-    assert!(stderr(&missing).contains("cannot read definition"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("cannot read definition"),
+        "{}",
+        stderr(&missing)
+    );
     assert!(a.list_all().await.is_empty());
-    let on_disk = std::fs::read_dir(a.state_dir().join("domains")).unwrap().count();
+    let on_disk = std::fs::read_dir(a.state_dir().join("domains"))
+        .unwrap()
+        .count();
     assert_eq!(on_disk, 0);
 }
 
@@ -126,7 +156,8 @@ async fn bad_uris_and_flags_are_refused_before_anything_starts() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE)).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
     let before = Untouched::record(&a, "vm").await;
 
     let bad_connect = std::process::Command::new(testkit::bin("livemig"))
@@ -134,14 +165,27 @@ async fn bad_uris_and_flags_are_refused_before_anything_starts() {
         .output()
         .unwrap();
     assert_eq!(bad_connect.status.code(), Some(1));
-    assert!(stderr(&bad_connect).contains("bad agent URI \"qemu:///system\""), "{}", stderr(&bad_connect));
+    assert!(
+        stderr(&bad_connect).contains("bad agent URI \"qemu:///system\""),
+        "{}",
+        stderr(&bad_connect)
+    );
 
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["not-a-uri".into()], "bad agent URI \"not-a-uri\""),
         (vec!["tcp://host-without-port".into()], "no port"),
-        (vec!["--migrateuri".into(), "udp:1.2.3.4:5".into(), b.uri()], "bad migration URI"),
-        (vec!["--auto-converge-initial".into(), "30".into(), b.uri()], "need --auto-converge"),
-        (vec!["--offline".into(), b.uri()], "--live and --offline are mutually exclusive"),
+        (
+            vec!["--migrateuri".into(), "udp:1.2.3.4:5".into(), b.uri()],
+            "bad migration URI",
+        ),
+        (
+            vec!["--auto-converge-initial".into(), "30".into(), b.uri()],
+            "need --auto-converge",
+        ),
+        (
+            vec!["--offline".into(), b.uri()],
+            "--live and --offline are mutually exclusive",
+        ),
     ];
     for (extra, expected) in cases {
         let mut args = vec!["migrate".to_string(), "--live".to_string()];
@@ -152,7 +196,11 @@ async fn bad_uris_and_flags_are_refused_before_anything_starts() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let out = a.cli(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}");
-        assert!(stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(expected),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
     before.check(&a, &b, "vm").await;
 }
@@ -165,14 +213,18 @@ async fn a_destination_agent_that_is_down_fails_cleanly() {
     let down = bed.host("down").await;
     let down_uri = down.uri();
     down.stop().await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE)).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
     let before = Untouched::record(&a, "vm").await;
 
     let out = a.cli(&["migrate", "--live", "vm", &down_uri]);
 
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    assert!(err.contains("destination agent is down or unreachable"), "{err}");
+    assert!(
+        err.contains("destination agent is down or unreachable"),
+        "{err}"
+    );
     assert!(err.contains(&down_uri), "{err}");
     before.check(&a, &b, "vm").await;
 }
@@ -182,8 +234,10 @@ async fn migrating_onto_a_host_where_the_domain_already_runs_fails_in_prepare() 
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE)).await;
-    b.define_and_start(bed.definition("vm", 64, Workload::IDLE)).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
+    b.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
     let b_pid = b.dominfo("vm").await.unwrap().qemu_pid.unwrap();
 
     let record = a
@@ -198,9 +252,20 @@ async fn migrating_onto_a_host_where_the_domain_already_runs_fails_in_prepare() 
         .await;
 
     assert_eq!(record.status, JobStatus::Failed);
-    assert!(record.error.as_deref().unwrap().contains("already running on"), "{record:?}");
+    assert!(
+        record
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("already running on"),
+        "{record:?}"
+    );
     assert_eq!(a.state("vm").await, Some(DomainState::Running));
-    assert_eq!(b.dominfo("vm").await.unwrap().qemu_pid, Some(b_pid), "b's own copy untouched");
+    assert_eq!(
+        b.dominfo("vm").await.unwrap().qemu_pid,
+        Some(b_pid),
+        "b's own copy untouched"
+    );
     assert_eq!(b.qemu_pids(), vec![b_pid]);
     assert_eq!(a.qemu_pids().len(), 1);
 }
@@ -210,17 +275,26 @@ async fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, Workload::busy(16, 20_000))).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::busy(16, 20_000)))
+        .await;
     let slow = MigrateFlags {
         live: true,
         bandwidth: Some(1),
         ..Default::default()
     };
-    let job = a.start_migration("vm", &b.uri(), slow.clone()).await.unwrap();
+    let job = a
+        .start_migration("vm", &b.uri(), slow.clone())
+        .await
+        .unwrap();
 
     let second = a.start_migration("vm", &b.uri(), slow).await.unwrap_err();
 
-    assert!(second.to_string().contains("already has an active migration job"), "{second}");
+    assert!(
+        second
+            .to_string()
+            .contains("already has an active migration job"),
+        "{second}"
+    );
     let out = a.cli(&["domjobinfo", "vm"]);
     assert!(stdout(&out).contains(&job), "{}", stdout(&out));
     a.request(Request::DomJobAbort {

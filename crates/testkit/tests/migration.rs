@@ -29,20 +29,43 @@ fn live() -> MigrateFlags {
 /// its progress counter keeps growing there; a busy guest must have swept
 /// (and so re-checked) its whole working set twice.
 async fn assert_runs_only_on(name: &str, on: &Host, off: &Host, passes: u64) {
-    assert_eq!(on.state(name).await, Some(DomainState::Running), "state on {}", on.name);
+    assert_eq!(
+        on.state(name).await,
+        Some(DomainState::Running),
+        "state on {}",
+        on.name
+    );
     let off_state = off.state(name).await;
     assert!(
         matches!(off_state, None | Some(DomainState::ShutOff)),
         "on {} the domain is {off_state:?}",
         off.name
     );
-    assert!(off.qemu_pids().is_empty(), "QEMU left on {}: {:?}", off.name, off.qemu_pids());
+    assert!(
+        off.qemu_pids().is_empty(),
+        "QEMU left on {}: {:?}",
+        off.name,
+        off.qemu_pids()
+    );
     assert_eq!(on.qemu_pids().len(), 1, "exactly one QEMU on {}", on.name);
-    let before = on.wait_guest_progress(name, 1).await.last_progress().unwrap();
+    let before = on
+        .wait_guest_progress(name, 1)
+        .await
+        .last_progress()
+        .unwrap();
     let log = on.wait_guest_passes(name, passes).await;
     let after = log.last_progress().unwrap();
-    assert!(after.writes > before.writes, "guest progress stalled on {}", on.name);
-    assert!(log.memory_intact(), "guest memory corrupted on {}: {:?}", on.name, log.corruptions);
+    assert!(
+        after.writes > before.writes,
+        "guest progress stalled on {}",
+        on.name
+    );
+    assert!(
+        log.memory_intact(),
+        "guest memory corrupted on {}: {:?}",
+        on.name,
+        log.corruptions
+    );
 }
 
 #[tokio::test]
@@ -50,7 +73,8 @@ async fn idle_guest_migrates_and_keeps_running_on_the_destination() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
-    a.define_and_start(bed.definition("idle", 64, Workload::IDLE)).await;
+    a.define_and_start(bed.definition("idle", 64, Workload::IDLE))
+        .await;
     let source_pid = a.dominfo("idle").await.unwrap().qemu_pid.unwrap();
 
     let record = a.migrate("idle", &b, live()).await;
@@ -61,7 +85,10 @@ async fn idle_guest_migrates_and_keeps_running_on_the_destination() {
     assert!(record.transferred_bytes > 0);
     assert!(record.downtime_ms.is_some());
     assert_eq!(record.destination, b.uri());
-    assert!(!procs::alive(source_pid), "source QEMU {source_pid} still runs");
+    assert!(
+        !procs::alive(source_pid),
+        "source QEMU {source_pid} still runs"
+    );
     assert_runs_only_on("idle", &b, &a, 0).await;
     // The source keeps the (persistent) definition, shut off; the
     // destination got a transient domain, as with virsh without --persistent.
@@ -119,7 +146,10 @@ async fn busy_guest_with_auto_converge_completes_after_throttling() {
 
     assert_eq!(record.status, JobStatus::Completed, "{record:?}");
     assert!(record.auto_converge);
-    assert!(record.max_cpu_throttle_pct > 0, "no throttle seen: {record:?}");
+    assert!(
+        record.max_cpu_throttle_pct > 0,
+        "no throttle seen: {record:?}"
+    );
     assert!(record.flags.contains(&"auto-converge".to_string()));
     assert_runs_only_on("busy", &b, &a, 2).await;
     // The destination QEMU keeps running; its settings are back to default.
@@ -147,11 +177,15 @@ async fn auto_converge_is_on_for_both_qemus_during_the_job_and_reset_after_an_ab
         )
         .await
         .unwrap();
-    wait_until(Duration::from_secs(60), "the job to reach perform", || async {
-        a.job_active(&job)
-            .await
-            .filter(|j| j.stats.qemu_status.as_deref() == Some("active"))
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the job to reach perform",
+        || async {
+            a.job_active(&job)
+                .await
+                .filter(|j| j.stats.qemu_status.as_deref() == Some("active"))
+        },
+    )
     .await;
     assert!(a.capability("busy", "auto-converge").await, "source");
     assert!(b.capability("busy", "auto-converge").await, "destination");
@@ -167,7 +201,10 @@ async fn auto_converge_is_on_for_both_qemus_during_the_job_and_reset_after_an_ab
     assert_eq!(record.status, JobStatus::Cancelled, "{record:?}");
     assert!(record.error.unwrap().contains("domjobabort"));
     assert_runs_only_on("busy", &a, &b, 2).await;
-    assert!(!a.capability("busy", "auto-converge").await, "reset on the source");
+    assert!(
+        !a.capability("busy", "auto-converge").await,
+        "reset on the source"
+    );
 }
 
 #[tokio::test]
@@ -188,17 +225,25 @@ async fn without_the_flag_auto_converge_stays_off_on_both_qemus() {
         )
         .await
         .unwrap();
-    wait_until(Duration::from_secs(60), "the job to reach perform", || async {
-        a.job_active(&job)
-            .await
-            .filter(|j| j.stats.qemu_status.as_deref() == Some("active"))
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the job to reach perform",
+        || async {
+            a.job_active(&job)
+                .await
+                .filter(|j| j.stats.qemu_status.as_deref() == Some("active"))
+        },
+    )
     .await;
     assert!(!a.capability("busy", "auto-converge").await, "source");
     assert!(!b.capability("busy", "auto-converge").await, "destination");
 
     let out = a.cli(&["domjobabort", "busy"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let record = a.wait_job(&job).await;
     assert_eq!(record.status, JobStatus::Cancelled);
     assert_runs_only_on("busy", &a, &b, 2).await;

@@ -12,7 +12,11 @@ async fn definitions_survive_an_agent_restart() {
     let mut a = bed.host("a").await;
     let web = bed.definition("web", 64, Workload::IDLE);
     let db = bed.definition("db", 96, Workload::busy(8, 50_000));
-    a.request(Request::Define { definition: web.clone() }).await.unwrap();
+    a.request(Request::Define {
+        definition: web.clone(),
+    })
+    .await
+    .unwrap();
     a.define_and_start(db.clone()).await;
 
     a.restart().await;
@@ -66,7 +70,8 @@ async fn persistent_migration_with_undefine_source_moves_the_definition() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let mut b = bed.host("b").await;
-    a.define_and_start(bed.definition("web", 64, Workload::IDLE)).await;
+    a.define_and_start(bed.definition("web", 64, Workload::IDLE))
+        .await;
 
     let record = a
         .migrate(
@@ -82,7 +87,10 @@ async fn persistent_migration_with_undefine_source_moves_the_definition() {
         .await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:?}");
-    assert!(a.dominfo("web").await.is_err(), "the source forgot the domain");
+    assert!(
+        a.dominfo("web").await.is_err(),
+        "the source forgot the domain"
+    );
     assert!(!a.state_dir().join("domains/web.toml").exists());
     let info = b.dominfo("web").await.unwrap();
     assert!(info.persistent);
@@ -91,7 +99,10 @@ async fn persistent_migration_with_undefine_source_moves_the_definition() {
     // The record is kept on both sides and shown by domjobinfo --completed.
     let out = b.cli(&["domjobinfo", "--completed", "web"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Incoming migration") && text.contains(&record.id), "{text}");
+    assert!(
+        text.contains("Incoming migration") && text.contains(&record.id),
+        "{text}"
+    );
     let out = a.cli(&["job", &record.id, "--json"]);
     let saved: migration::JobRecord = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(saved, record);

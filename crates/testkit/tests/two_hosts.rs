@@ -12,13 +12,22 @@ async fn migration_between_two_network_namespaces() {
     let net = NetnsPair::create("mig").expect("network namespaces (needs root and iproute2)");
     let bed = TestBed::new().await;
     let a = bed
-        .host_with("a", Some(format!("tcp://{}:0", net.a_ip)), Some(net.a.clone()))
+        .host_with(
+            "a",
+            Some(format!("tcp://{}:0", net.a_ip)),
+            Some(net.a.clone()),
+        )
         .await;
     let b = bed
-        .host_with("b", Some(format!("tcp://{}:0", net.b_ip)), Some(net.b.clone()))
+        .host_with(
+            "b",
+            Some(format!("tcp://{}:0", net.b_ip)),
+            Some(net.b.clone()),
+        )
         .await;
     assert!(b.uri().contains(&net.b_ip), "{}", b.uri());
-    a.define_and_start(bed.definition("vm", 64, Workload::busy(8, 50_000))).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::busy(8, 50_000)))
+        .await;
 
     let record = a
         .migrate(
@@ -34,7 +43,10 @@ async fn migration_between_two_network_namespaces() {
 
     assert_eq!(record.status, JobStatus::Completed, "{record:?}");
     let data_uri = record.data_uri.clone().unwrap();
-    assert!(data_uri.starts_with(&format!("tcp:{}:", net.b_ip)), "{data_uri}");
+    assert!(
+        data_uri.starts_with(&format!("tcp:{}:", net.b_ip)),
+        "{data_uri}"
+    );
     assert_eq!(b.state("vm").await, Some(DomainState::Running));
     assert!(a.qemu_pids().is_empty());
     let log = b.wait_guest_passes("vm", 2).await;
@@ -43,5 +55,7 @@ async fn migration_between_two_network_namespaces() {
     // The agents are only reachable inside their namespaces: the test
     // process, in the root namespace, has no route to them.
     let addr: std::net::SocketAddr = b.uri().trim_start_matches("tcp://").parse().unwrap();
-    assert!(std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_err());
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_err()
+    );
 }

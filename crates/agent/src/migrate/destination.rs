@@ -83,7 +83,7 @@ async fn prepare_live(
     let binary = agent.binary().await?;
     support::check(&req.flags, Role::Destination, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
-    vm::check_spec(&req.spec, binary, &agent.uri)?;
+    vm::check_spec(&req.spec, binary, &agent.uri, agent.config.tcg_workaround)?;
     let listen = match &req.flags.migrateuri {
         Some(uri) => parse_data_uri(uri).map_err(|e| errors::invalid(e.to_string()))?,
         None => DataUri::Tcp {

@@ -219,7 +219,10 @@ impl Run {
         match self.peer.request(request, PREPARE_TIMEOUT).await {
             Ok(Reply::Prepared { uri }) => Ok(uri),
             Ok(other) => Err(unexpected(&other).message),
-            Err(e) => Err(format!("destination could not prepare: {}", errors::chain(&e))),
+            Err(e) => Err(format!(
+                "destination could not prepare: {}",
+                errors::chain(&e)
+            )),
         }
     }
 
@@ -262,7 +265,10 @@ impl Run {
         let previous = match settings::apply(qmp, flags, tunables, Role::Source).await {
             Ok(p) => p,
             Err(e) => {
-                let error = format!("source QEMU refused the migration settings: {}", errors::chain(&e));
+                let error = format!(
+                    "source QEMU refused the migration settings: {}",
+                    errors::chain(&e)
+                );
                 self.abort_destination(&error).await;
                 return Ending::failed(error, JobStats::default());
             }
