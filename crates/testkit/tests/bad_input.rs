@@ -36,7 +36,7 @@ impl Untouched {
             "the source QEMU was replaced"
         );
         assert_eq!(info.active_job, None);
-        assert!(a.capability(name, "auto-converge").await == false);
+        assert!(!a.capability(name, "auto-converge").await);
         assert!(
             b.dominfo(name).await.is_err(),
             "the destination has the domain"
