@@ -149,3 +149,78 @@ async fn dropping_the_process_kills_qemu() {
         .unwrap();
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
 }
+
+async fn start_guest(dir: &Path, workload: Workload) -> QemuProcess {
+    let def = definition(dir, workload);
+    let spec = LaunchSpec {
+        machine: "pc".into(),
+        accel: def.accel,
+        ram: RamLayout::plain(def.memory_mib),
+    };
+    let socket = dir.join("qmp.sock");
+    let argv = build_argv(&LaunchConfig {
+        definition: &def,
+        spec: &spec,
+        qmp_socket: &socket,
+        serial_log: &dir.join("serial.log"),
+        incoming: false,
+    });
+    QemuProcess::spawn(
+        Path::new(QEMU),
+        &argv,
+        &socket,
+        &dir.join("qemu.log"),
+        TIMEOUT,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn calc_dirty_rate_sees_a_busy_guest_and_not_an_idle_one() {
+    use qmp::commands::dirty_rate::{CalcDirtyRate, DirtyRateStatus, QueryDirtyRate};
+
+    async fn measure(workload: Workload) -> i64 {
+        let dir = tempfile::tempdir().unwrap();
+        let qemu = start_guest(dir.path(), workload).await;
+        wait_for_progress(&dir.path().join("serial.log"), 1).await;
+        qemu.qmp()
+            .execute(&CalcDirtyRate {
+                calc_time: 1,
+                sample_pages: None,
+                mode: None,
+            })
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let info = qemu.qmp().execute(&QueryDirtyRate).await.unwrap();
+            if info.status == DirtyRateStatus::Measured {
+                return info.dirty_rate.unwrap();
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no measurement");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let busy = measure(Workload::busy(8, 0)).await;
+    let idle = measure(Workload::IDLE).await;
+    assert!(busy > 8, "busy guest dirty rate {busy} MiB/s");
+    assert!(idle < busy, "idle {idle} vs busy {busy}");
+}
+
+#[tokio::test]
+async fn query_cpus_fast_reports_a_host_thread_per_vcpu() {
+    use qmp::commands::vm::QueryCpusFast;
+
+    let dir = tempfile::tempdir().unwrap();
+    let qemu = start_guest(dir.path(), Workload::IDLE).await;
+    let cpus = qemu.qmp().execute(&QueryCpusFast).await.unwrap();
+    assert_eq!(cpus.len(), 1);
+    let tid = cpus[0].thread_id;
+    assert!(
+        Path::new(&format!("/proc/{}/task/{tid}", qemu.pid())).exists(),
+        "vCPU thread {tid} is a thread of QEMU {}",
+        qemu.pid()
+    );
+}

@@ -496,6 +496,9 @@ impl Run {
     async fn conclude(self, ending: Ending) {
         let progress = self.progress.borrow().clone();
         let stats = ending.stats.clone().merged_over(&progress.stats);
+        if ending.status == JobStatus::Completed {
+            self.set_phase(Phase::Done);
+        }
         let phase = *self.job.phase.lock().expect("phase lock");
         let record = JobRecord {
             id: self.job.id.clone(),
