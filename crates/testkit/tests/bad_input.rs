@@ -305,3 +305,47 @@ async fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
     assert_eq!(a.wait_job(&job).await.status, JobStatus::Cancelled);
     assert_eq!(a.state("vm").await, Some(DomainState::Running));
 }
+
+#[tokio::test]
+async fn a_destination_qemu_without_auto_converge_is_named_and_nothing_changes() {
+    let bed = TestBed::new().await;
+    // Host b's QEMU is a fake whose probe lacks auto-converge.
+    let wrapper = bed.path().join("qemu-without-auto-converge");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nFAKE_QEMU_DROP_CAPS=auto-converge exec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_fake-qemu")
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let a = bed.host("a").await;
+    let b = bed
+        .host_args("b", &["--qemu", wrapper.to_str().unwrap()])
+        .await;
+    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
+    let before = Untouched::record(&a, "vm").await;
+
+    let out = a.cli(&["migrate", "--live", "--auto-converge", "vm", &b.uri()]);
+
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "auto-converge migration is not supported by the QEMU binary on {}",
+            b.uri()
+        )),
+        "{err}"
+    );
+    before.check(&a, &b, "vm").await;
+    // b's agent really probed the fake.
+    let caps = b.cli(&["domcapabilities", "--json"]);
+    let caps: serde_json::Value = serde_json::from_slice(&caps.stdout).unwrap();
+    assert_eq!(caps["qemu"]["package"], "fake");
+}
