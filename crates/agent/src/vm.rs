@@ -119,7 +119,10 @@ pub(crate) async fn launch(
         serial_log: &serial_log,
         incoming,
     });
-    if paused && !incoming {
+    // An incoming guest also starts with its vCPUs stopped, so that it runs
+    // only when Finish (or the switch to post-copy) says so, never merely
+    // because QEMU received the last page.
+    if paused || incoming {
         argv.push("-S".into());
     }
     let process = QemuProcess::spawn(

@@ -110,9 +110,11 @@ pub async fn apply(
 
     let wanted = wanted_parameters(flags, tunables, role);
     let before = qmp.execute(&QueryMigrateParameters).await?;
+    // Bandwidth and downtime can also change while the job runs
+    // (`retune`), so they are always put back.
     previous.parameters = MigrationParameters {
-        max_bandwidth: wanted.max_bandwidth.and(before.max_bandwidth),
-        downtime_limit: wanted.downtime_limit.and(before.downtime_limit),
+        max_bandwidth: before.max_bandwidth,
+        downtime_limit: before.downtime_limit,
         cpu_throttle_initial: wanted.cpu_throttle_initial.and(before.cpu_throttle_initial),
         cpu_throttle_increment: wanted
             .cpu_throttle_increment

@@ -15,7 +15,9 @@ use migration::{incoming, support};
 use protocol::message::Reply;
 use protocol::types::PrepareRequest;
 use protocol::{ApiError, ErrorCode};
+use qmp::commands::migration::MigrationStatus;
 use qmp::commands::vm::Cont;
+use qmp::EventKind;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -148,6 +150,9 @@ async fn prepare_live(
 
     match started {
         Ok((vm, previous, uri)) => {
+            if req.flags.postcopy && !req.flags.suspend {
+                resume_on_postcopy(vm.process.qmp().clone());
+            }
             let job = Arc::new(incoming_job(&req, ctx, created, Some(vm.clone()), previous));
             agent.with_domain(&name, |d| {
                 d.vm = Some(vm);
@@ -165,6 +170,38 @@ async fn prepare_live(
             Err(e)
         }
     }
+}
+
+/// In post-copy the destination must run the guest as soon as the source
+/// switches over (the pages it lacks are then fetched on demand); Finish
+/// comes only when the last page has arrived.
+fn resume_on_postcopy(qmp: qmp::Client) {
+    let mut events = qmp.events();
+    tokio::spawn(async move {
+        loop {
+            match events.recv().await {
+                Ok(event) => match event.kind() {
+                    EventKind::Migration {
+                        status: MigrationStatus::PostcopyActive,
+                    } => {
+                        match qmp.execute(&Cont).await {
+                            Ok(_) => tracing::info!(
+                                "post-copy started; guest resumed on the destination"
+                            ),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot resume the guest for post-copy")
+                            }
+                        }
+                        return;
+                    }
+                    EventKind::Migration { status } if status.is_finished() => return,
+                    _ => {}
+                },
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
 }
 
 fn incoming_job(

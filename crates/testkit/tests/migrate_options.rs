@@ -1,0 +1,236 @@
+//! The other `migrate` options against real QEMU: post-copy (automatic and
+//! by command), compression, multifd, non-live, --suspend, and tuning a job
+//! while it runs.
+
+use std::time::Duration;
+
+use guest::Workload;
+use migration::{JobStatus, MigrateFlags};
+use protocol::types::DomainState;
+use protocol::Request;
+use testkit::{wait_until, Host, TestBed};
+
+const BUSY: Workload = Workload {
+    working_set_mib: 16,
+    spin: 20_000,
+    report_ms: 500,
+};
+
+fn live() -> MigrateFlags {
+    MigrateFlags {
+        live: true,
+        ..Default::default()
+    }
+}
+
+async fn assert_moved_intact(name: &str, from: &Host, to: &Host) {
+    assert_eq!(to.state(name).await, Some(DomainState::Running));
+    assert!(from.qemu_pids().is_empty(), "QEMU left on {}", from.name);
+    let log = to.wait_guest_passes(name, 2).await;
+    assert!(log.memory_intact(), "{:?}", log.corruptions);
+}
+
+async fn wait_active(host: &Host, job: &str) {
+    wait_until(Duration::from_secs(60), "the job to be active", || async {
+        host.job_active(job)
+            .await
+            .filter(|j| j.stats.qemu_status.as_deref() == Some("active"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn postcopy_after_precopy_moves_a_busy_guest_that_precopy_alone_cannot() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateFlags {
+                postcopy: true,
+                postcopy_after_precopy: true,
+                bandwidth: Some(16),
+                timeout: Some(120),
+                ..live()
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    assert!(record.flags.contains(&"postcopy-after-precopy".to_string()));
+    assert_moved_intact("vm", &a, &b).await;
+}
+
+#[tokio::test]
+async fn migrate_postcopy_switches_a_running_job() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let job = a
+        .start_migration(
+            "vm",
+            &b.uri(),
+            MigrateFlags {
+                postcopy: true,
+                bandwidth: Some(16),
+                ..live()
+            },
+        )
+        .await
+        .unwrap();
+    wait_active(&a, &job).await;
+
+    let out = a.cli(&["migrate-postcopy", "vm"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let record = a.wait_job(&job).await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    assert_moved_intact("vm", &a, &b).await;
+}
+
+#[tokio::test]
+async fn migrate_postcopy_without_the_flag_is_refused() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let job = a
+        .start_migration(
+            "vm",
+            &b.uri(),
+            MigrateFlags {
+                bandwidth: Some(1),
+                ..live()
+            },
+        )
+        .await
+        .unwrap();
+    wait_active(&a, &job).await;
+
+    let out = a.cli(&["migrate-postcopy", "vm"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not started with --postcopy"));
+
+    a.cli(&["domjobabort", "vm"]);
+    assert_eq!(a.wait_job(&job).await.status, JobStatus::Cancelled);
+    assert_eq!(a.state("vm").await, Some(DomainState::Running));
+}
+
+#[tokio::test]
+async fn compressed_and_parallel_migrations_complete() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, Workload::busy(8, 50_000)))
+        .await;
+
+    let compressed = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateFlags {
+                compressed: true,
+                ..live()
+            },
+        )
+        .await;
+    assert_eq!(compressed.status, JobStatus::Completed, "{compressed:?}");
+    assert_moved_intact("vm", &a, &b).await;
+
+    let parallel = b
+        .migrate(
+            "vm",
+            &a,
+            MigrateFlags {
+                parallel: true,
+                parallel_connections: Some(4),
+                ..live()
+            },
+        )
+        .await;
+    assert_eq!(parallel.status, JobStatus::Completed, "{parallel:?}");
+    assert_moved_intact("vm", &b, &a).await;
+}
+
+#[tokio::test]
+async fn non_live_and_suspend_leave_the_guest_paused_only_when_asked() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, Workload::busy(4, 100_000)))
+        .await;
+
+    // Without --live the guest is paused for the copy, then resumed there.
+    let offline_copy = a.migrate("vm", &b, MigrateFlags::default()).await;
+    assert_eq!(
+        offline_copy.status,
+        JobStatus::Completed,
+        "{offline_copy:?}"
+    );
+    assert_moved_intact("vm", &a, &b).await;
+
+    let suspended = b
+        .migrate(
+            "vm",
+            &a,
+            MigrateFlags {
+                suspend: true,
+                ..live()
+            },
+        )
+        .await;
+    assert_eq!(suspended.status, JobStatus::Completed);
+    assert_eq!(a.state("vm").await, Some(DomainState::Paused));
+    a.request(Request::Resume {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    assert_moved_intact("vm", &b, &a).await;
+}
+
+#[tokio::test]
+async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let job = a
+        .start_migration(
+            "vm",
+            &b.uri(),
+            MigrateFlags {
+                bandwidth: Some(1),
+                ..live()
+            },
+        )
+        .await
+        .unwrap();
+    wait_active(&a, &job).await;
+
+    assert!(a.cli(&["migrate-setspeed", "vm", "7"]).status.success());
+    assert!(a
+        .cli(&["migrate-setmaxdowntime", "vm", "450"])
+        .status
+        .success());
+
+    let params = a.qmp("vm", "query-migrate-parameters").await.unwrap();
+    assert_eq!(params["max-bandwidth"], 7 * 1024 * 1024);
+    assert_eq!(params["downtime-limit"], 450);
+    let info = a.dominfo("vm").await.unwrap();
+    assert_eq!(info.tunables.bandwidth_mib_s, Some(7));
+    a.cli(&["domjobabort", "vm"]);
+    assert_eq!(a.wait_job(&job).await.status, JobStatus::Cancelled);
+    // The job's parameters are undone on the source afterwards.
+    let params = a.qmp("vm", "query-migrate-parameters").await.unwrap();
+    assert_eq!(params["downtime-limit"], 300);
+}
