@@ -1,0 +1,312 @@
+//! The adaptive convergence controller: a pure function from what the last
+//! pass showed to what to change.
+//!
+//! At every dirty-bitmap sync it updates its estimate of the guest's dirty
+//! behaviour ([`DirtyModel`]) from the pass that just ended, then picks the
+//! throttle (and, if needed, the downtime limit) that the model says
+//! completes within the time budget at the least cost to the guest: seconds
+//! of full-speed guest time lost to throttling and downtime. A guest that
+//! converges on its own costs nothing unthrottled, so it is never
+//! throttled; one that does not is throttled once, to the level that
+//! finishes in the fewest, shortest passes. When every pass saturates at
+//! the working set the true rate is unknown (only a lower bound), so the
+//! throttle escalates until a pass comes back smaller than the working set
+//! and gives a real measurement; from then on the throttle can also go down.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{simulate_from, DirtyModel, Fixed, Scenario, Steer, Steering, SyncView};
+
+/// A pass that dirtied at least this share of the working set saturated:
+/// it only bounds the rate from below.
+pub const SATURATION: f64 = 0.85;
+/// Horizon when the user gave no time budget.
+pub const DEFAULT_HORIZON_SECS: f64 = 600.0;
+/// A throttle whose predicted cost is within this share (plus the slack)
+/// of the cheapest is preferred when it is lighter.
+const COST_TOLERANCE: f64 = 0.10;
+const COST_SLACK_SECS: f64 = 0.05;
+/// Smallest throttle change worth making.
+const HYSTERESIS: f64 = 0.005;
+
+/// What the user allows.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Highest throttle, as a fraction (0.99 = 99 %).
+    pub max_throttle: f64,
+    /// Downtime limit to start with, seconds.
+    pub downtime: f64,
+    /// Highest downtime limit the controller may raise it to, seconds.
+    pub max_downtime: f64,
+    /// Seconds from the start of the migration to complete in.
+    pub budget: Option<f64>,
+    /// May switch to post-copy when nothing else completes in time.
+    pub allow_postcopy: bool,
+}
+
+/// What the controller knows between syncs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Throttle in force.
+    pub throttle: f64,
+    /// Downtime limit in force, seconds.
+    pub downtime: f64,
+    /// The guest as the controller sees it (rate 0 = not measured yet).
+    pub model: DirtyModel,
+    /// Bytes left after each sync, oldest first.
+    pub history: Vec<f64>,
+    /// Post-copy has been requested.
+    pub postcopy: bool,
+}
+
+impl State {
+    /// The state before the first sync; `preflight` is a measurement taken
+    /// before or at the start of the migration, if any.
+    pub fn new(policy: &Policy, preflight: Option<DirtyModel>) -> State {
+        State {
+            throttle: 0.0,
+            downtime: policy.downtime,
+            model: preflight.unwrap_or(DirtyModel {
+                rate: 0.0,
+                working_set: 0.0,
+                rate_is_lower_bound: true,
+            }),
+            history: Vec::new(),
+            postcopy: false,
+        }
+    }
+}
+
+/// What a sync showed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Observation {
+    /// Seconds since the migration started.
+    pub elapsed: f64,
+    /// Bytes left right after the sync: what the last pass dirtied.
+    pub remaining: f64,
+    /// Duration of the pass that just ended, seconds.
+    pub pass_secs: f64,
+    /// Throttle that was in force during that pass.
+    pub throttle: f64,
+    /// Bytes per second the link carries.
+    pub bandwidth: f64,
+}
+
+/// A change the controller asks for, with its reason.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "kebab-case")]
+pub enum Action {
+    Throttle { to: f64, why: String },
+    Downtime { to: f64, why: String },
+    Postcopy { why: String },
+}
+
+/// The controller's answer: its next state and what to change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub state: State,
+    pub actions: Vec<Action>,
+}
+
+/// Throttle levels considered; finer near 100 %, where a point halves the
+/// guest's remaining speed.
+fn throttle_grid(max: f64) -> Vec<f64> {
+    let mut grid: Vec<f64> = (0..=19).map(|i| f64::from(i) * 0.05).collect();
+    grid.extend((96..=99).map(|i| f64::from(i) / 100.0));
+    grid.extend([0.9925, 0.995, 0.9975, 0.999]);
+    grid.retain(|p| *p <= max + 1e-9);
+    if !grid.iter().any(|p| (p - max).abs() < 1e-9) {
+        grid.push(max);
+    }
+    grid
+}
+
+fn downtime_steps(current: f64, max: f64) -> Vec<f64> {
+    if max <= current {
+        return vec![current];
+    }
+    vec![current, (current + max) / 2.0, max]
+}
+
+/// The lightest (throttle, downtime) that completes within `horizon` at
+/// about the least cost according to `model`, trying higher downtime limits
+/// only if needed.
+fn cheapest(
+    model: DirtyModel,
+    remaining: f64,
+    bandwidth: f64,
+    horizon: f64,
+    state: &State,
+    policy: &Policy,
+) -> Option<(f64, f64)> {
+    for downtime in downtime_steps(state.downtime, policy.max_downtime) {
+        let scenario = Scenario {
+            first_pass_bytes: remaining,
+            model,
+            bandwidth,
+            downtime,
+            horizon,
+        };
+        let feasible: Vec<(f64, f64)> = throttle_grid(policy.max_throttle)
+            .into_iter()
+            .filter_map(|p| {
+                let prediction = simulate_from(&scenario, remaining, p, 0.0, &mut Fixed);
+                prediction
+                    .converges
+                    .then_some((p, prediction.work_lost_secs))
+            })
+            .collect();
+        let Some(least) = feasible.iter().map(|(_, cost)| *cost).reduce(f64::min) else {
+            continue;
+        };
+        // The lightest throttle that costs about as little as the cheapest:
+        // a marginal saving is not worth slowing the guest further.
+        let good_enough = least * (1.0 + COST_TOLERANCE) + COST_SLACK_SECS;
+        if let Some((p, _)) = feasible.iter().find(|(_, cost)| *cost <= good_enough) {
+            return Some((*p, downtime));
+        }
+    }
+    None
+}
+
+/// One step of the controller. Pure: same inputs, same answer.
+pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
+    let mut next = state.clone();
+    let mut actions = Vec::new();
+    let dirtied = obs.remaining.max(0.0);
+    let pass_secs = obs.pass_secs.max(1e-3);
+    next.history.push(dirtied);
+
+    // What this pass says about the guest.
+    let known_ws = state.model.working_set > 0.0;
+    let working_set = state.model.working_set.max(dirtied);
+    let saturated = !known_ws || dirtied >= SATURATION * working_set;
+    let implied = dirtied / pass_secs / (1.0 - obs.throttle).max(1e-4);
+    next.model = if saturated {
+        DirtyModel {
+            rate: implied.max(state.model.rate),
+            working_set,
+            rate_is_lower_bound: true,
+        }
+    } else {
+        DirtyModel {
+            rate: implied,
+            working_set,
+            rate_is_lower_bound: false,
+        }
+    };
+
+    let horizon = policy
+        .budget
+        .map_or(DEFAULT_HORIZON_SECS, |b| (b - obs.elapsed).max(0.0));
+    if horizon <= 0.0 {
+        return Decision {
+            state: next,
+            actions,
+        };
+    }
+
+    let (mut throttle, downtime) =
+        match cheapest(next.model, dirtied, obs.bandwidth, horizon, &next, policy) {
+            Some(choice) => choice,
+            None => {
+                if policy.allow_postcopy && !next.postcopy {
+                    next.postcopy = true;
+                    actions.push(Action::Postcopy {
+                        why: format!(
+                            "no throttle up to {:.1}% and no downtime up to {:.0} ms completes \
+                             within {:.0} s",
+                            policy.max_throttle * 100.0,
+                            policy.max_downtime * 1000.0,
+                            horizon
+                        ),
+                    });
+                }
+                (policy.max_throttle, policy.max_downtime)
+            }
+        };
+    // Saturated while already throttled: the real rate is higher than any
+    // estimate so far, so make sure the next pass is throttled clearly more.
+    if known_ws && saturated && obs.throttle > 0.0 {
+        throttle = throttle.max(1.0 - (1.0 - obs.throttle) / 4.0);
+    }
+    throttle = throttle.min(policy.max_throttle);
+
+    if (throttle - state.throttle).abs() > HYSTERESIS {
+        let measured = if next.model.rate_is_lower_bound {
+            format!("at least {:.0} MiB/s", next.model.rate / MIB)
+        } else {
+            format!("{:.0} MiB/s", next.model.rate / MIB)
+        };
+        actions.push(Action::Throttle {
+            to: throttle,
+            why: format!(
+                "guest dirties {measured} over a {:.0} MiB working set against {:.0} MiB/s; \
+                 {:.0} MiB left",
+                next.model.working_set / MIB,
+                obs.bandwidth / MIB,
+                dirtied / MIB
+            ),
+        });
+        next.throttle = throttle;
+    }
+    if (downtime - state.downtime).abs() > 1e-6 {
+        actions.push(Action::Downtime {
+            to: downtime,
+            why: format!(
+                "no throttle up to {:.1}% completes within the {:.0} ms limit",
+                policy.max_throttle * 100.0,
+                state.downtime * 1000.0
+            ),
+        });
+        next.downtime = downtime;
+    }
+    Decision {
+        state: next,
+        actions,
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The controller as a simulator steering (for estimates and tests).
+#[derive(Debug, Clone)]
+pub struct AdaptiveSim {
+    pub policy: Policy,
+    pub state: State,
+}
+
+impl AdaptiveSim {
+    pub fn new(policy: Policy, preflight: Option<DirtyModel>) -> Self {
+        AdaptiveSim {
+            state: State::new(&policy, preflight),
+            policy,
+        }
+    }
+}
+
+impl Steering for AdaptiveSim {
+    fn at_sync(&mut self, view: &SyncView) -> Steer {
+        let decision = decide(
+            &self.state,
+            &Observation {
+                elapsed: view.elapsed,
+                remaining: view.remaining,
+                pass_secs: view.pass_secs,
+                throttle: view.throttle,
+                bandwidth: view.bandwidth,
+            },
+            &self.policy,
+        );
+        self.state = decision.state;
+        let mut steer = Steer::default();
+        for action in decision.actions {
+            match action {
+                Action::Throttle { to, .. } => steer.throttle = Some(to),
+                Action::Downtime { to, .. } => steer.downtime = Some(to),
+                Action::Postcopy { .. } => {}
+            }
+        }
+        steer
+    }
+}

@@ -1,0 +1,130 @@
+//! Fitting the model to dirty-rate measurements, and predicting a migration.
+//!
+//! QEMU's `calc-dirty-rate` reports, for a window of `T` seconds, the
+//! distinct memory dirtied in it divided by `T`. For a guest that rewrites a
+//! working set `W` at `r` bytes/s, that is `min(W, r·T)/T`. Two or more
+//! windows tell the two cases apart: if doubling the window doubles what was
+//! dirtied, the guest is still below its working set and `r` is measured;
+//! if it does not, the guest saturated its working set within the shortest
+//! window, `W` is measured, and `r` is only known to be at least `W/T`.
+//! (`query-migrate`'s `dirty-pages-rate` has the same limit: it saturates at
+//! working set / pass time, so it under-reports hot writers.)
+
+use serde::{Deserialize, Serialize};
+
+use crate::controller::{AdaptiveSim, Policy};
+use crate::model::{simulate, DirtyModel, Fixed, Prediction, Scenario};
+use crate::qemu::{AutoConvergeParams, QemuAutoConverge};
+
+/// One dirty-rate measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    pub window_secs: f64,
+    /// Distinct bytes dirtied in the window.
+    pub dirtied: f64,
+}
+
+/// Fits [`DirtyModel`] to samples; `ram_bytes` bounds the working set of a
+/// guest that did not saturate in any window.
+pub fn fit(samples: &[Sample], ram_bytes: f64) -> Option<DirtyModel> {
+    let mut samples: Vec<Sample> = samples
+        .iter()
+        .copied()
+        .filter(|s| s.window_secs > 0.0 && s.dirtied >= 0.0)
+        .collect();
+    samples.sort_by(|a, b| a.window_secs.total_cmp(&b.window_secs));
+    let shortest = *samples.first()?;
+    let longest = *samples.last()?;
+    let rate = shortest.dirtied / shortest.window_secs;
+    if samples.len() == 1 || longest.window_secs <= shortest.window_secs {
+        return Some(DirtyModel {
+            rate,
+            working_set: ram_bytes.max(shortest.dirtied),
+            rate_is_lower_bound: true,
+        });
+    }
+    // Linear growth means the working set was never filled.
+    let growth = (longest.dirtied / shortest.dirtied.max(1.0))
+        / (longest.window_secs / shortest.window_secs);
+    if growth >= 0.8 {
+        Some(DirtyModel {
+            rate: longest.dirtied / longest.window_secs,
+            working_set: ram_bytes.max(longest.dirtied),
+            rate_is_lower_bound: false,
+        })
+    } else {
+        let working_set = samples.iter().map(|s| s.dirtied).fold(0.0, f64::max);
+        Some(DirtyModel {
+            rate,
+            working_set,
+            rate_is_lower_bound: shortest.dirtied >= 0.85 * working_set,
+        })
+    }
+}
+
+/// What each convergence policy is predicted to do.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Predictions {
+    /// Plain pre-copy.
+    pub none: Prediction,
+    /// QEMU's auto-converge with its defaults.
+    pub qemu: Prediction,
+    /// livemig's adaptive controller.
+    pub adaptive: Prediction,
+}
+
+/// Predicts a migration of a guest with `ram_bytes` of RAM.
+pub fn predict(model: DirtyModel, ram_bytes: f64, bandwidth: f64, policy: &Policy) -> Predictions {
+    let scenario = Scenario {
+        first_pass_bytes: ram_bytes,
+        model,
+        bandwidth,
+        downtime: policy.downtime,
+        horizon: policy
+            .budget
+            .unwrap_or(crate::controller::DEFAULT_HORIZON_SECS),
+    };
+    Predictions {
+        none: simulate(&scenario, &mut Fixed),
+        qemu: simulate(
+            &scenario,
+            &mut QemuAutoConverge::new(AutoConvergeParams::default()),
+        ),
+        adaptive: simulate(&scenario, &mut AdaptiveSim::new(*policy, Some(model))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: f64 = 1024.0 * 1024.0;
+
+    fn sample(window_secs: f64, dirtied_mib: f64) -> Sample {
+        Sample {
+            window_secs,
+            dirtied: dirtied_mib * MIB,
+        }
+    }
+
+    #[test]
+    fn linear_growth_measures_the_rate() {
+        let m = fit(&[sample(1.0, 10.0), sample(3.0, 29.0)], 512.0 * MIB).unwrap();
+        assert!(!m.rate_is_lower_bound);
+        assert!((m.rate / MIB - 29.0 / 3.0).abs() < 0.01);
+        assert_eq!(m.working_set, 512.0 * MIB);
+    }
+
+    #[test]
+    fn saturation_measures_the_working_set_and_bounds_the_rate() {
+        let m = fit(&[sample(1.0, 250.0), sample(3.0, 262.0)], 512.0 * MIB).unwrap();
+        assert!(m.rate_is_lower_bound);
+        assert!((m.working_set / MIB - 262.0).abs() < 0.01);
+        assert!((m.rate / MIB - 250.0).abs() < 0.01);
+    }
+
+    #[test]
+    fn no_samples_no_model() {
+        assert!(fit(&[], 1.0).is_none());
+    }
+}

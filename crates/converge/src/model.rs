@@ -1,0 +1,240 @@
+//! The pre-copy model and a pass-by-pass simulator.
+//!
+//! A guest is reduced to two numbers: how fast it dirties memory when it
+//! runs at full speed (`rate`) and how much distinct memory it keeps
+//! rewriting (`working_set`). In a pass of `T` seconds with the vCPUs
+//! throttled by `p`, it dirties `min(working_set, rate × (1 − p) × T)` bytes,
+//! which is what the next pass must send. A pass sends what the previous
+//! one left at the link's bandwidth; QEMU switches over once what is left
+//! fits in the downtime limit (`remaining ≤ bandwidth × downtime`).
+//!
+//! The simulator runs that model with a [`Steering`] that may change the
+//! throttle and the downtime limit at every dirty-bitmap sync, which is
+//! where QEMU's auto-converge and livemig's controller both act.
+
+use serde::{Deserialize, Serialize};
+
+/// How a guest dirties memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DirtyModel {
+    /// Unthrottled dirty rate, bytes per second.
+    pub rate: f64,
+    /// Distinct bytes the guest keeps rewriting.
+    pub working_set: f64,
+    /// `rate` is only a lower bound: every window it was measured over
+    /// saturated at the working set.
+    pub rate_is_lower_bound: bool,
+}
+
+impl DirtyModel {
+    /// Distinct bytes dirtied in `secs` seconds at throttle `throttle`
+    /// (0 = full speed, 1 = stopped).
+    pub fn dirtied(&self, secs: f64, throttle: f64) -> f64 {
+        (self.rate * (1.0 - throttle).max(0.0) * secs).min(self.working_set)
+    }
+}
+
+/// What a simulation runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Scenario {
+    /// The first pass sends this much (guest RAM, or the part worth sending).
+    pub first_pass_bytes: f64,
+    pub model: DirtyModel,
+    /// Bytes per second.
+    pub bandwidth: f64,
+    /// Initial downtime limit, seconds.
+    pub downtime: f64,
+    /// Give up after this many seconds.
+    pub horizon: f64,
+}
+
+/// What a steering sees at a dirty-bitmap sync.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyncView {
+    /// Seconds since the migration started.
+    pub elapsed: f64,
+    /// Passes completed (1 after the bulk pass).
+    pub passes: u32,
+    /// Bytes left right after the sync: what the last pass dirtied.
+    pub remaining: f64,
+    /// Duration of the pass that just ended, seconds.
+    pub pass_secs: f64,
+    /// Bytes sent during that pass.
+    pub pass_bytes: f64,
+    /// Throttle in force during that pass.
+    pub throttle: f64,
+    pub downtime: f64,
+    pub bandwidth: f64,
+}
+
+/// A steering's instruction after a sync; `None` keeps the current value.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Steer {
+    pub throttle: Option<f64>,
+    pub downtime: Option<f64>,
+}
+
+/// Something that adjusts throttle and downtime at syncs.
+pub trait Steering {
+    fn at_sync(&mut self, view: &SyncView) -> Steer;
+}
+
+/// Never changes anything: plain pre-copy, or a fixed throttle.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fixed;
+
+impl Steering for Fixed {
+    fn at_sync(&mut self, _view: &SyncView) -> Steer {
+        Steer::default()
+    }
+}
+
+/// The outcome of a simulation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    pub converges: bool,
+    /// Seconds until switchover completes (or the horizon).
+    pub total_secs: f64,
+    /// Seconds the guest is paused at switchover.
+    pub downtime_secs: f64,
+    pub passes: u32,
+    pub max_throttle: f64,
+    /// Seconds of full-speed guest time lost to throttling and downtime.
+    pub work_lost_secs: f64,
+    /// Bytes sent in all.
+    pub transferred: f64,
+}
+
+const MAX_PASSES: u32 = 100_000;
+
+/// Runs the model from the start of a migration.
+pub fn simulate(scenario: &Scenario, steering: &mut dyn Steering) -> Prediction {
+    simulate_from(scenario, scenario.first_pass_bytes, 0.0, 0.0, steering)
+}
+
+/// Runs the model from a point inside a migration: `remaining` bytes to
+/// send, `throttle` in force, `elapsed` seconds gone.
+pub fn simulate_from(
+    scenario: &Scenario,
+    remaining: f64,
+    throttle: f64,
+    elapsed: f64,
+    steering: &mut dyn Steering,
+) -> Prediction {
+    let bw = scenario.bandwidth.max(1.0);
+    let mut t = elapsed;
+    let mut r = remaining;
+    let mut p = throttle;
+    let mut downtime = scenario.downtime;
+    let mut passes = 0;
+    let mut lost = 0.0;
+    let mut sent = 0.0;
+    let mut max_p = p;
+    loop {
+        if r <= bw * downtime {
+            let pause = r / bw;
+            return Prediction {
+                converges: true,
+                total_secs: t + pause,
+                downtime_secs: pause,
+                passes,
+                max_throttle: max_p,
+                work_lost_secs: lost + pause,
+                transferred: sent + r,
+            };
+        }
+        if t >= scenario.horizon || passes >= MAX_PASSES {
+            return Prediction {
+                converges: false,
+                total_secs: t,
+                downtime_secs: 0.0,
+                passes,
+                max_throttle: max_p,
+                work_lost_secs: lost,
+                transferred: sent,
+            };
+        }
+        let pass_secs = (r / bw).min(scenario.horizon - t).max(1e-6);
+        let pass_bytes = pass_secs * bw;
+        let dirtied = scenario.model.dirtied(pass_secs, p);
+        t += pass_secs;
+        lost += p * pass_secs;
+        sent += pass_bytes;
+        passes += 1;
+        // What was not sent (horizon cut) stays, plus what got dirtied.
+        r = (r - pass_bytes).max(0.0) + dirtied;
+        let steer = steering.at_sync(&SyncView {
+            elapsed: t,
+            passes,
+            remaining: r,
+            pass_secs,
+            pass_bytes,
+            throttle: p,
+            downtime,
+            bandwidth: bw,
+        });
+        if let Some(next) = steer.throttle {
+            p = next.clamp(0.0, 1.0);
+            max_p = max_p.max(p);
+        }
+        if let Some(next) = steer.downtime {
+            downtime = next.max(0.0);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: f64 = 1024.0 * 1024.0;
+
+    fn scenario(rate_mib: f64, working_set_mib: f64) -> Scenario {
+        Scenario {
+            first_pass_bytes: 512.0 * MIB,
+            model: DirtyModel {
+                rate: rate_mib * MIB,
+                working_set: working_set_mib * MIB,
+                rate_is_lower_bound: false,
+            },
+            bandwidth: 64.0 * MIB,
+            downtime: 0.3,
+            horizon: 600.0,
+        }
+    }
+
+    #[test]
+    fn a_slow_writer_converges_without_help() {
+        let p = simulate(&scenario(16.0, 256.0), &mut Fixed);
+        assert!(p.converges);
+        assert_eq!(p.work_lost_secs, p.downtime_secs);
+        assert!(p.downtime_secs <= 0.3);
+        // 8 s of bulk, then geometrically shrinking passes (ratio 1/4).
+        assert!(p.total_secs > 8.0 && p.total_secs < 12.0, "{p:?}");
+    }
+
+    #[test]
+    fn a_writer_faster_than_the_link_never_converges_unthrottled() {
+        let p = simulate(&scenario(256.0, 256.0), &mut Fixed);
+        assert!(!p.converges);
+        assert_eq!(p.total_secs, 600.0);
+    }
+
+    #[test]
+    fn a_fixed_throttle_that_brings_the_rate_under_the_link_converges() {
+        let s = scenario(256.0, 256.0);
+        let p = simulate_from(&s, s.first_pass_bytes, 0.9, 0.0, &mut Fixed);
+        assert!(p.converges, "{p:?}");
+        assert!((p.max_throttle - 0.9).abs() < 1e-9);
+        assert!(p.work_lost_secs > 0.9 * 8.0);
+    }
+
+    #[test]
+    fn a_tiny_guest_switches_over_at_once() {
+        let mut s = scenario(1000.0, 1000.0);
+        s.first_pass_bytes = 10.0 * MIB;
+        let p = simulate(&s, &mut Fixed);
+        assert!(p.converges);
+        assert_eq!(p.passes, 0);
+    }
+}

@@ -1,0 +1,151 @@
+//! QEMU's auto-converge (7.2), as a [`Steering`] for the simulator.
+//!
+//! At a sync, if at least a second has passed since the last check, QEMU
+//! compares the bytes dirtied in the period with the bytes sent in it; a
+//! period is "high" when dirtied > threshold × sent. Every second high
+//! period (the counter is not reset by low ones) it starts throttling at
+//! `initial`, then adds `increment`, up to `max`. It never lowers it.
+
+use crate::model::{Steer, Steering, SyncView};
+
+/// QEMU's auto-converge parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoConvergeParams {
+    pub initial: f64,
+    pub increment: f64,
+    pub max: f64,
+    /// `throttle-trigger-threshold` as a fraction.
+    pub threshold: f64,
+}
+
+impl Default for AutoConvergeParams {
+    /// QEMU 7.2's defaults.
+    fn default() -> Self {
+        AutoConvergeParams {
+            initial: 0.20,
+            increment: 0.10,
+            max: 0.99,
+            threshold: 0.50,
+        }
+    }
+}
+
+/// The simulated auto-converge state machine.
+#[derive(Debug, Clone)]
+pub struct QemuAutoConverge {
+    params: AutoConvergeParams,
+    throttle: f64,
+    high_periods: u32,
+    last_check: f64,
+    dirtied: f64,
+    sent: f64,
+}
+
+impl QemuAutoConverge {
+    pub fn new(params: AutoConvergeParams) -> Self {
+        QemuAutoConverge {
+            params,
+            throttle: 0.0,
+            high_periods: 0,
+            last_check: 0.0,
+            dirtied: 0.0,
+            sent: 0.0,
+        }
+    }
+}
+
+impl Steering for QemuAutoConverge {
+    fn at_sync(&mut self, view: &SyncView) -> Steer {
+        self.dirtied += view.remaining;
+        self.sent += view.pass_bytes;
+        if view.elapsed - self.last_check < 1.0 {
+            return Steer::default();
+        }
+        let high = self.dirtied > self.params.threshold * self.sent;
+        self.last_check = view.elapsed;
+        self.dirtied = 0.0;
+        self.sent = 0.0;
+        if high {
+            self.high_periods += 1;
+            if self.high_periods >= 2 {
+                self.high_periods = 0;
+                self.throttle = if self.throttle == 0.0 {
+                    self.params.initial
+                } else {
+                    (self.throttle + self.params.increment).min(self.params.max)
+                };
+                return Steer {
+                    throttle: Some(self.throttle),
+                    downtime: None,
+                };
+            }
+        }
+        Steer::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{simulate, DirtyModel, Scenario};
+
+    const MIB: f64 = 1024.0 * 1024.0;
+
+    fn scenario(rate_mib: f64) -> Scenario {
+        Scenario {
+            first_pass_bytes: 512.0 * MIB,
+            model: DirtyModel {
+                rate: rate_mib * MIB,
+                working_set: 256.0 * MIB,
+                rate_is_lower_bound: false,
+            },
+            bandwidth: 64.0 * MIB,
+            downtime: 0.3,
+            horizon: 600.0,
+        }
+    }
+
+    #[test]
+    fn steps_up_every_second_high_period_to_the_cap() {
+        let mut ac = QemuAutoConverge::new(AutoConvergeParams::default());
+        let mut throttles = Vec::new();
+        for pass in 1..=40 {
+            let steer = ac.at_sync(&SyncView {
+                elapsed: f64::from(pass) * 4.0,
+                passes: pass,
+                remaining: 256.0 * MIB,
+                pass_secs: 4.0,
+                pass_bytes: 256.0 * MIB,
+                throttle: 0.0,
+                downtime: 0.3,
+                bandwidth: 64.0 * MIB,
+            });
+            if let Some(t) = steer.throttle {
+                throttles.push((t * 100.0).round() as u32);
+            }
+        }
+        assert_eq!(throttles[..9], [20, 30, 40, 50, 60, 70, 80, 90, 99]);
+        assert!(throttles[9..].iter().all(|&t| t == 99));
+    }
+
+    #[test]
+    fn a_heavy_writer_converges_only_after_a_long_ramp() {
+        let p = simulate(
+            &scenario(256.0),
+            &mut QemuAutoConverge::new(AutoConvergeParams::default()),
+        );
+        assert!(p.converges, "{p:?}");
+        assert!(p.max_throttle > 0.85, "{p:?}");
+        assert!(p.total_secs > 40.0, "{p:?}");
+    }
+
+    #[test]
+    fn a_writer_hot_enough_never_converges_even_at_99() {
+        let p = simulate(
+            &scenario(20_000.0),
+            &mut QemuAutoConverge::new(AutoConvergeParams::default()),
+        );
+        assert!(!p.converges, "{p:?}");
+        assert_eq!(p.max_throttle, 0.99);
+    }
+}

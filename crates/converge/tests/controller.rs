@@ -1,0 +1,242 @@
+//! The adaptive controller: scripted scenarios and properties.
+
+use converge::controller::{decide, Action, AdaptiveSim, Observation, Policy, State};
+use converge::model::{simulate, DirtyModel, Scenario};
+use converge::qemu::{AutoConvergeParams, QemuAutoConverge};
+use proptest::prelude::*;
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+fn policy() -> Policy {
+    Policy {
+        max_throttle: 0.999,
+        downtime: 0.3,
+        max_downtime: 0.3,
+        budget: Some(90.0),
+        allow_postcopy: false,
+    }
+}
+
+/// The benchmark's guest: 512 MiB, 256 MiB working set, 64 MiB/s link.
+fn scenario(rate_mib: f64) -> Scenario {
+    Scenario {
+        first_pass_bytes: 512.0 * MIB,
+        model: DirtyModel {
+            rate: rate_mib * MIB,
+            working_set: 256.0 * MIB,
+            rate_is_lower_bound: false,
+        },
+        bandwidth: 64.0 * MIB,
+        downtime: 0.3,
+        horizon: 90.0,
+    }
+}
+
+/// What a pre-flight measurement of a sweeping guest would say: saturated
+/// within one second, so only a lower bound on the rate.
+fn preflight(s: &Scenario) -> DirtyModel {
+    let one_second = s.model.dirtied(1.0, 0.0);
+    DirtyModel {
+        rate: one_second,
+        working_set: s.model.working_set,
+        rate_is_lower_bound: one_second >= 0.85 * s.model.working_set,
+    }
+}
+
+#[test]
+fn light_guest_is_never_throttled_and_finishes_as_fast_as_plain_precopy() {
+    let s = scenario(16.0);
+    let plain = simulate(&s, &mut converge::model::Fixed);
+    let adaptive = simulate(&s, &mut AdaptiveSim::new(policy(), Some(preflight(&s))));
+    assert!(adaptive.converges);
+    assert_eq!(adaptive.max_throttle, 0.0);
+    assert!(adaptive.total_secs <= plain.total_secs + 1e-9);
+}
+
+#[test]
+fn heavy_guest_finishes_in_half_the_time_at_half_the_cost_of_qemu() {
+    let s = scenario(256.0);
+    let qemu = simulate(
+        &s,
+        &mut QemuAutoConverge::new(AutoConvergeParams::default()),
+    );
+    let adaptive = simulate(&s, &mut AdaptiveSim::new(policy(), Some(preflight(&s))));
+    assert!(
+        qemu.converges && adaptive.converges,
+        "{qemu:?} {adaptive:?}"
+    );
+    assert!(
+        adaptive.total_secs <= 0.5 * qemu.total_secs,
+        "{adaptive:?} vs {qemu:?}"
+    );
+    assert!(
+        adaptive.work_lost_secs <= 0.5 * qemu.work_lost_secs,
+        "{adaptive:?} vs {qemu:?}"
+    );
+    assert!(adaptive.downtime_secs <= 0.3);
+}
+
+#[test]
+fn hot_guest_converges_within_a_minute_where_qemu_cannot() {
+    let s = scenario(20_000.0);
+    let qemu = simulate(
+        &s,
+        &mut QemuAutoConverge::new(AutoConvergeParams::default()),
+    );
+    let adaptive = simulate(&s, &mut AdaptiveSim::new(policy(), Some(preflight(&s))));
+    assert!(!qemu.converges);
+    assert!(adaptive.converges, "{adaptive:?}");
+    assert!(adaptive.total_secs <= 60.0, "{adaptive:?}");
+    assert!(adaptive.max_throttle > 0.99);
+}
+
+#[test]
+fn without_a_preflight_measurement_it_escalates_until_a_pass_shrinks() {
+    let s = scenario(2_000.0);
+    let adaptive = simulate(&s, &mut AdaptiveSim::new(policy(), None));
+    assert!(adaptive.converges, "{adaptive:?}");
+}
+
+#[test]
+fn a_saturated_pass_under_throttle_escalates_the_throttle() {
+    let p = policy();
+    let mut state = State::new(&p, None);
+    state.model.working_set = 256.0 * MIB;
+    state.throttle = 0.9;
+    let d = decide(
+        &state,
+        &Observation {
+            elapsed: 20.0,
+            remaining: 256.0 * MIB,
+            pass_secs: 4.0,
+            throttle: 0.9,
+            bandwidth: 64.0 * MIB,
+        },
+        &p,
+    );
+    assert!(d.state.throttle >= 0.975, "{:?}", d.actions);
+}
+
+#[test]
+fn a_guest_that_calms_down_gets_its_throttle_lifted() {
+    let p = policy();
+    let mut state = State::new(&p, None);
+    state.model.working_set = 256.0 * MIB;
+    state.throttle = 0.9;
+    // 30 MiB dirtied in 4 s at 90 %: 75 MiB/s unthrottled, now barely above
+    // the link; 30 MiB left.
+    let d = decide(
+        &state,
+        &Observation {
+            elapsed: 20.0,
+            remaining: 30.0 * MIB,
+            pass_secs: 4.0,
+            throttle: 0.9,
+            bandwidth: 64.0 * MIB,
+        },
+        &p,
+    );
+    assert!(!d.state.model.rate_is_lower_bound);
+    assert!(d.state.throttle < 0.9, "{:?}", d.actions);
+}
+
+#[test]
+fn when_nothing_fits_it_raises_downtime_then_asks_for_postcopy() {
+    let p = Policy {
+        max_throttle: 0.5,
+        max_downtime: 1.0,
+        allow_postcopy: true,
+        ..policy()
+    };
+    let mut state = State::new(&p, None);
+    state.model.working_set = 256.0 * MIB;
+    let d = decide(
+        &state,
+        &Observation {
+            elapsed: 10.0,
+            remaining: 256.0 * MIB,
+            pass_secs: 1.0,
+            throttle: 0.0,
+            bandwidth: 64.0 * MIB,
+        },
+        &p,
+    );
+    assert!(
+        d.actions
+            .iter()
+            .any(|a| matches!(a, Action::Postcopy { .. })),
+        "{:?}",
+        d.actions
+    );
+    assert_eq!(d.state.downtime, 1.0);
+    assert_eq!(d.state.throttle, 0.5);
+}
+
+prop_compose! {
+    fn arb_policy()(max_throttle in 0.0f64..=0.999, downtime in 0.01f64..2.0,
+                    extra in 0.0f64..3.0, budget in proptest::option::of(1.0f64..600.0),
+                    allow_postcopy in any::<bool>()) -> Policy {
+        Policy { max_throttle, downtime, max_downtime: downtime + extra, budget, allow_postcopy }
+    }
+}
+
+prop_compose! {
+    fn arb_observation()(elapsed in 0.0f64..600.0, remaining in 0.0f64..(4096.0 * MIB),
+                         pass_secs in 0.001f64..100.0, throttle in 0.0f64..0.999,
+                         bandwidth in (1.0 * MIB)..(2048.0 * MIB)) -> Observation {
+        Observation { elapsed, remaining, pass_secs, throttle, bandwidth }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn never_above_the_max_throttle_or_the_max_downtime(
+        policy in arb_policy(),
+        obs in proptest::collection::vec(arb_observation(), 1..6),
+    ) {
+        let mut state = State::new(&policy, None);
+        for o in obs {
+            let d = decide(&state, &o, &policy);
+            prop_assert!(d.state.throttle <= policy.max_throttle + 1e-9);
+            prop_assert!(d.state.downtime <= policy.max_downtime + 1e-9);
+            prop_assert!(d.state.downtime >= policy.downtime - 1e-9);
+            for a in &d.actions {
+                match a {
+                    Action::Throttle { to, .. } => prop_assert!(*to <= policy.max_throttle + 1e-9 && *to >= 0.0),
+                    Action::Downtime { to, .. } => prop_assert!(*to <= policy.max_downtime + 1e-9),
+                    Action::Postcopy { .. } => prop_assert!(policy.allow_postcopy),
+                }
+            }
+            state = d.state;
+        }
+    }
+
+    #[test]
+    fn never_throttles_a_guest_that_converges_on_its_own(
+        rate_share in 0.0f64..0.5,
+        working_set_mib in 16.0f64..1024.0,
+        ram_extra in 0.0f64..1024.0,
+        bandwidth_mib in 8.0f64..1024.0,
+    ) {
+        // Slower than half the link: plain pre-copy converges geometrically.
+        let s = Scenario {
+            first_pass_bytes: (working_set_mib + ram_extra) * MIB,
+            model: DirtyModel {
+                rate: rate_share * bandwidth_mib * MIB,
+                working_set: working_set_mib * MIB,
+                rate_is_lower_bound: false,
+            },
+            bandwidth: bandwidth_mib * MIB,
+            downtime: 0.3,
+            horizon: 600.0,
+        };
+        let p = Policy { budget: Some(600.0), ..policy() };
+        let plain = simulate(&s, &mut converge::model::Fixed);
+        prop_assume!(plain.converges);
+        let adaptive = simulate(&s, &mut AdaptiveSim::new(p, None));
+        prop_assert!(adaptive.converges);
+        prop_assert_eq!(adaptive.max_throttle, 0.0);
+    }
+}
