@@ -42,7 +42,7 @@ impl Agent {
                 domain,
                 destination,
                 flags,
-            } => migrate::source::begin(self, &domain, &destination, flags).await,
+            } => migrate::source::begin(self, &domain, &destination, *flags).await,
             Request::DomJobInfo { domain, completed } => self.domjobinfo(&domain, completed),
             Request::DomJobAbort { domain } => self.domjobabort(&domain),
             Request::MigrateSetSpeed {
@@ -83,7 +83,7 @@ impl Agent {
                 )))
             }
             Request::PeerPrepare(prepare) => {
-                migrate::destination::prepare(self, prepare, ctx).await
+                migrate::destination::prepare(self, *prepare, ctx).await
             }
             Request::PeerFinish { job_id } => migrate::destination::finish(self, &job_id).await,
             Request::PeerAbort { job_id, reason } => {

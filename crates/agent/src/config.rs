@@ -28,6 +28,9 @@ pub struct Config {
     /// migration loses writes (see `domain::qemu::layout`). Turning it off
     /// exists only to show that the guest's memory check catches the bug.
     pub tcg_workaround: bool,
+    /// Mount point of the cgroup v1 `cpu` controller, for throttling vCPU
+    /// threads from the host (`--converge adaptive`).
+    pub cgroup_cpu: PathBuf,
 }
 
 impl Config {
@@ -41,6 +44,7 @@ impl Config {
             qemu_timeout: Duration::from_secs(30),
             finish_timeout: Duration::from_secs(60),
             tcg_workaround: true,
+            cgroup_cpu: PathBuf::from(converge::throttle::CPU_V1_ROOT),
         }
     }
 }

@@ -75,6 +75,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let mut config = config;
     config.listen = tcp_addr;
+    let stale = converge::throttle::release_stale(&config.cgroup_cpu);
+    if stale > 0 {
+        tracing::warn!(
+            count = stale,
+            "released vCPU throttles left by a previous agent"
+        );
+    }
     let agent = Arc::new(Agent::new(config, store, uri.clone()));
     {
         let defs = agent.store.load_definitions().await;

@@ -90,6 +90,9 @@ impl ActiveJob {
                     elapsed_ms: j.started.elapsed().as_millis() as u64,
                     stats: progress.stats,
                     max_cpu_throttle_pct: progress.max_cpu_throttle_pct,
+                    throttle_pct: progress.throttle_pct,
+                    converge: j.flags.converge_mode().name().to_string(),
+                    actions: progress.actions,
                     error: None,
                 }
             }
@@ -103,7 +106,10 @@ impl ActiveJob {
                 started_at_ms: j.started_at_ms,
                 elapsed_ms: j.started.elapsed().as_millis() as u64,
                 stats: Default::default(),
-                max_cpu_throttle_pct: 0,
+                max_cpu_throttle_pct: 0.0,
+                throttle_pct: 0.0,
+                converge: j.flags.converge_mode().name().to_string(),
+                actions: Vec::new(),
                 error: None,
             },
         }

@@ -161,8 +161,12 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
     /// Migrate without --auto-converge (to see it not converge).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "converge")]
     pub no_auto_converge: bool,
+    /// Who makes it converge: qemu (--auto-converge, the default), adaptive
+    /// (livemig's controller) or none.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub converge: Option<migration::ConvergeMode>,
     /// livemigd binary [default: next to this binary, else on PATH].
     #[arg(long, value_name = "PATH")]
     pub livemigd: Option<PathBuf>,

@@ -9,7 +9,7 @@ use agent::launcher::{AgentProcess, LaunchOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use domain::DomainDefinition;
 use guest::{SerialLog, Workload};
-use migration::{JobInfo, JobStatus, MigrateFlags};
+use migration::{ConvergeMode, JobInfo, JobStatus, MigrateFlags};
 use protocol::message::Reply;
 use protocol::types::{DomainInfo, DomainState};
 use protocol::{Client, Request};
@@ -187,9 +187,15 @@ async fn scenario(
         args.bandwidth
     ));
 
+    let converge = match (args.converge, args.no_auto_converge) {
+        (Some(mode), _) => mode,
+        (None, true) => ConvergeMode::None,
+        (None, false) => ConvergeMode::Qemu,
+    };
     let flags = MigrateFlags {
         live: true,
-        auto_converge: !args.no_auto_converge,
+        auto_converge: converge == ConvergeMode::Qemu,
+        converge: (converge == ConvergeMode::Adaptive).then_some(converge),
         bandwidth: Some(args.bandwidth),
         timeout: Some(args.timeout),
         ..Default::default()
@@ -211,7 +217,7 @@ async fn scenario(
         Request::Migrate {
             domain: DOMAIN.parse()?,
             destination: b_uri.to_string(),
-            flags,
+            flags: Box::new(flags),
         },
     )
     .await?;

@@ -167,33 +167,54 @@ pub fn job_info(job: &JobInfo) -> String {
         ),
         ("Flags", Some(job.flags.join(" "))),
         ("Error", job.error.clone()),
-    ])
+    ]) + &actions(&job.actions)
+}
+
+/// The job's timeline, one action a line.
+pub fn actions(actions: &[migration::TimedAction]) -> String {
+    let mut out = String::new();
+    if !actions.is_empty() {
+        out.push_str("Actions:\n");
+    }
+    for a in actions {
+        let value = a.value.map(|v| format!(" {v:.1}")).unwrap_or_default();
+        out.push_str(&format!(
+            "  {:>8.3} s  {}{value}: {}\n",
+            a.t_ms as f64 / 1000.0,
+            a.action,
+            a.detail
+        ));
+    }
+    out
 }
 
 pub fn record_summary(r: &JobRecord) -> String {
-    let mut out = match r.status {
-        JobStatus::Completed => format!(
+    let mut out =
+        match r.status {
+            JobStatus::Completed => format!(
             "Migration of '{}' to {} completed in {:.1} s: downtime {}, {} transferred over {} \
-             iterations, max CPU throttle {}%\n",
+             iterations, max CPU throttle {:.1}% ({})\n",
             r.domain,
             r.destination,
             r.total_time_ms as f64 / 1000.0,
             r.downtime_ms.map_or("n/a".into(), |d| format!("{d} ms")),
             mib(r.transferred_bytes),
             r.iterations,
-            r.max_cpu_throttle_pct
+            r.max_cpu_throttle_pct,
+            if r.converge.is_empty() { "none" } else { r.converge.as_str() }
         ),
-        status => format!(
-            "Migration of '{}' to {} {status} after {:.1} s: {}\n",
-            r.domain,
-            r.destination,
-            r.total_time_ms as f64 / 1000.0,
-            r.error.as_deref().unwrap_or("no error recorded")
-        ),
-    };
+            status => format!(
+                "Migration of '{}' to {} {status} after {:.1} s: {}\n",
+                r.domain,
+                r.destination,
+                r.total_time_ms as f64 / 1000.0,
+                r.error.as_deref().unwrap_or("no error recorded")
+            ),
+        };
     if let Some(recovery) = &r.recovery {
         out.push_str(&format!("Recovery: {recovery}\n"));
     }
+    out.push_str(&actions(&r.actions));
     out.push_str(&format!("Job id: {}\n", r.id));
     out
 }
@@ -211,7 +232,7 @@ pub fn progress_line(job: &JobInfo) -> String {
         _ => "  - %".into(),
     };
     format!(
-        "Migration: [{pct}] phase {}, pass {}, remaining {}, {}, dirty {}, throttle {}%, expected downtime {}",
+        "Migration: [{pct}] phase {}, pass {}, remaining {}, {}, dirty {}, throttle {:.1}%, expected downtime {}",
         job.phase,
         s.iteration.unwrap_or(0),
         s.memory_remaining_bytes.map_or("-".into(), mib),
@@ -219,7 +240,7 @@ pub fn progress_line(job: &JobInfo) -> String {
         s.dirty_rate_pages_s
             .zip(s.page_size)
             .map_or("-".into(), |(p, size)| format!("{:.1} MiB/s", (p * size) as f64 / MIB)),
-        s.cpu_throttle_pct.unwrap_or(0),
+        job.throttle_pct.max(s.cpu_throttle_pct.unwrap_or(0) as f64),
         s.expected_downtime_ms.map_or("-".into(), |d| format!("{d} ms")),
     )
 }

@@ -240,3 +240,24 @@ proptest! {
         prop_assert_eq!(adaptive.max_throttle, 0.0);
     }
 }
+
+#[test]
+fn the_throttle_is_kept_while_qemu_switches_over() {
+    let p = policy();
+    let mut state = State::new(&p, None);
+    state.model.working_set = 256.0 * MIB;
+    state.throttle = 0.99;
+    let d = decide(
+        &state,
+        &Observation {
+            elapsed: 20.0,
+            remaining: 10.0 * MIB,
+            pass_secs: 1.0,
+            throttle: 0.99,
+            bandwidth: 64.0 * MIB,
+        },
+        &p,
+    );
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(d.state.throttle, 0.99);
+}

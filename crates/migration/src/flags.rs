@@ -3,8 +3,46 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Who makes a busy guest's migration converge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum ConvergeMode {
+    /// Plain pre-copy.
+    #[default]
+    None,
+    /// QEMU's auto-converge (same as --auto-converge).
+    Qemu,
+    /// livemig's controller: measures, throttles only as much as needed.
+    Adaptive,
+}
+
+impl ConvergeMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvergeMode::None => "none",
+            ConvergeMode::Qemu => "qemu",
+            ConvergeMode::Adaptive => "adaptive",
+        }
+    }
+}
+
+/// What to do when `--timeout` expires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    /// Cancel the migration; the guest keeps running on the source.
+    #[default]
+    Abort,
+    /// Switch to post-copy (needs --postcopy or --allow-postcopy).
+    Postcopy,
+    /// Pause the guest so the copy finishes; it resumes on the destination.
+    Suspend,
+}
+
 /// What the user asked of a migration.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 #[serde(default)]
 pub struct MigrateFlags {
@@ -66,6 +104,24 @@ pub struct MigrateFlags {
     /// destination agent picks one.
     #[cfg_attr(feature = "cli", arg(long, value_name = "URI"))]
     pub migrateuri: Option<String>,
+    /// Convergence: none, qemu (auto-converge) or adaptive (livemig's
+    /// controller).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, value_name = "MODE"))]
+    pub converge: Option<ConvergeMode>,
+    /// What --timeout does: abort, postcopy or suspend.
+    #[cfg_attr(feature = "cli", arg(long, value_enum, value_name = "ACTION"))]
+    pub timeout_action: Option<TimeoutAction>,
+    /// Ceiling a downtime ramp may reach, milliseconds.
+    #[cfg_attr(feature = "cli", arg(long, value_name = "MS"))]
+    pub max_downtime: Option<u64>,
+    /// Highest vCPU throttle, percent (adaptive: up to 99.9 with a host
+    /// throttle, 99 with QEMU's).
+    #[cfg_attr(feature = "cli", arg(long, value_name = "PCT"))]
+    pub max_throttle: Option<f64>,
+    /// Enable post-copy so the policy may switch to it when pre-copy cannot
+    /// finish in time.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub allow_postcopy: bool,
 }
 
 /// Flags that contradict each other or are out of range.
@@ -100,6 +156,33 @@ impl MigrateFlags {
     /// # Errors
     /// [`InvalidFlags`] naming the offending options.
     pub fn validate(&self) -> Result<(), InvalidFlags> {
+        if self.auto_converge && self.converge_mode() != ConvergeMode::Qemu {
+            return invalid("--auto-converge is QEMU's convergence; it cannot be combined with --converge none|adaptive");
+        }
+        if let Some(pct) = self.max_throttle {
+            if !(0.0..=99.9).contains(&pct) {
+                return invalid(format!(
+                    "--max-throttle must be between 0 and 99.9, got {pct}"
+                ));
+            }
+        }
+        if let (Some(max), Some(downtime)) = (self.max_downtime, self.downtime) {
+            if max < downtime {
+                return invalid("--max-downtime cannot be below --downtime");
+            }
+        }
+        if self.max_downtime == Some(0) {
+            return invalid("--max-downtime must be at least 1 ms");
+        }
+        if self.timeout_action.is_some() && self.timeout.is_none() {
+            return invalid("--timeout-action needs --timeout");
+        }
+        if self.timeout_action == Some(TimeoutAction::Postcopy) && !self.postcopy_enabled() {
+            return invalid("--timeout-action postcopy needs --postcopy or --allow-postcopy");
+        }
+        if self.converge_mode() == ConvergeMode::Adaptive && self.dirty_limit {
+            return invalid("--converge adaptive and --dirty-limit are mutually exclusive");
+        }
         if self.live && self.offline {
             return invalid("--live and --offline are mutually exclusive");
         }
@@ -114,13 +197,15 @@ impl MigrateFlags {
                 (self.parallel, "--parallel"),
                 (self.dirty_limit, "--dirty-limit"),
                 (self.suspend, "--suspend"),
+                (self.converge.is_some(), "--converge"),
+                (self.allow_postcopy, "--allow-postcopy"),
             ];
             if let Some((_, name)) = live_only.iter().find(|(set, _)| *set) {
                 return invalid(format!("{name} cannot be used with --offline"));
             }
         }
         if (self.auto_converge_initial.is_some() || self.auto_converge_increment.is_some())
-            && !self.auto_converge
+            && !self.qemu_auto_converge()
         {
             return invalid(
                 "--auto-converge-initial and --auto-converge-increment need --auto-converge",
@@ -148,7 +233,7 @@ impl MigrateFlags {
         if self.compressed && self.parallel {
             return invalid("--compressed (XBZRLE) cannot be combined with --parallel (multifd)");
         }
-        if self.dirty_limit && self.auto_converge {
+        if self.dirty_limit && self.qemu_auto_converge() {
             return invalid("--dirty-limit and --auto-converge are mutually exclusive");
         }
         if self.bandwidth == Some(0) {
@@ -179,7 +264,7 @@ impl MigrateFlags {
             destination: false,
         };
         let mut out = Vec::new();
-        if self.auto_converge {
+        if self.converge_mode() == ConvergeMode::Qemu {
             // libvirt sets it on the destination too; harmless, and it keeps
             // both QEMUs' view of the job the same.
             out.push(both("auto-converge migration", "auto-converge"));
@@ -202,13 +287,32 @@ impl MigrateFlags {
         if self.parallel {
             out.push(both("parallel (multifd) migration", "multifd"));
         }
-        if self.postcopy {
+        if self.postcopy_enabled() {
             out.push(both("post-copy migration", "postcopy-ram"));
         }
         if self.dirty_limit {
             out.push(both("dirty-limit migration", "dirty-limit"));
         }
         out
+    }
+
+    /// Which convergence the job uses (`--auto-converge` is `qemu`).
+    pub fn converge_mode(&self) -> ConvergeMode {
+        match (self.converge, self.auto_converge) {
+            (Some(mode), _) => mode,
+            (None, true) => ConvergeMode::Qemu,
+            (None, false) => ConvergeMode::None,
+        }
+    }
+
+    /// QEMU's auto-converge capability is on for this job.
+    pub fn qemu_auto_converge(&self) -> bool {
+        self.converge_mode() == ConvergeMode::Qemu
+    }
+
+    /// Post-copy must be enabled on both QEMUs before `migrate`.
+    pub fn postcopy_enabled(&self) -> bool {
+        self.postcopy || self.allow_postcopy
     }
 
     /// The options that were given, by their CLI names, for job records.
@@ -225,6 +329,7 @@ impl MigrateFlags {
             (self.undefine_source, "undefine-source"),
             (self.suspend, "suspend"),
             (self.dirty_limit, "dirty-limit"),
+            (self.allow_postcopy, "allow-postcopy"),
         ]
         .iter()
         .filter(|(set, _)| *set)
@@ -255,8 +360,27 @@ impl MigrateFlags {
         if let Some(uri) = &self.migrateuri {
             names.push(format!("migrateuri={uri}"));
         }
+        if let Some(mode) = self.converge {
+            names.push(format!("converge={}", enum_name(&mode)));
+        }
+        if let Some(action) = self.timeout_action {
+            names.push(format!("timeout-action={}", enum_name(&action)));
+        }
+        if let Some(ms) = self.max_downtime {
+            names.push(format!("max-downtime={ms}"));
+        }
+        if let Some(pct) = self.max_throttle {
+            names.push(format!("max-throttle={pct}"));
+        }
         names
     }
+}
+
+fn enum_name<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -143,6 +143,22 @@ impl JobStats {
     }
 }
 
+/// Something the job did, when: a throttle change, a downtime raise, the
+/// switch to post-copy, the timeout action, the throttle's release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimedAction {
+    /// Milliseconds since the migration started.
+    pub t_ms: u64,
+    /// `throttle`, `downtime`, `postcopy`, `cancel`, `suspend`, `release`,
+    /// `measure`.
+    pub action: String,
+    /// The new value, if any (percent for throttle, ms for downtime).
+    #[serde(default)]
+    pub value: Option<f64>,
+    /// Why, in words.
+    pub detail: String,
+}
+
 /// A job while it runs (and the last one, with `--completed`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
@@ -156,7 +172,16 @@ pub struct JobInfo {
     pub started_at_ms: u64,
     pub elapsed_ms: u64,
     pub stats: JobStats,
-    pub max_cpu_throttle_pct: u64,
+    /// Highest vCPU throttle so far (QEMU's or livemig's), percent.
+    pub max_cpu_throttle_pct: f64,
+    /// vCPU throttle in force now, percent.
+    #[serde(default)]
+    pub throttle_pct: f64,
+    /// Convergence mode: none, qemu or adaptive.
+    #[serde(default)]
+    pub converge: String,
+    #[serde(default)]
+    pub actions: Vec<TimedAction>,
     pub error: Option<String>,
 }
 
@@ -180,7 +205,14 @@ pub struct JobRecord {
     pub downtime_ms: Option<u64>,
     pub transferred_bytes: u64,
     pub iterations: u64,
-    pub max_cpu_throttle_pct: u64,
+    /// Highest vCPU throttle seen (QEMU's or livemig's), percent.
+    pub max_cpu_throttle_pct: f64,
+    /// Convergence mode: none, qemu or adaptive.
+    #[serde(default)]
+    pub converge: String,
+    /// The timeline of what the job did.
+    #[serde(default)]
+    pub actions: Vec<TimedAction>,
     /// The phase the job was in when it ended.
     pub phase: Phase,
     pub started_at_ms: u64,
@@ -217,6 +249,9 @@ impl JobRecord {
             elapsed_ms: self.total_time_ms,
             stats: self.stats.clone(),
             max_cpu_throttle_pct: self.max_cpu_throttle_pct,
+            throttle_pct: 0.0,
+            converge: self.converge.clone(),
+            actions: self.actions.clone(),
             error: self.error.clone(),
         }
     }

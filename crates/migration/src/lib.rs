@@ -6,7 +6,9 @@
 //! - [`settings`]: sets capabilities and parameters on a QEMU for a job and
 //!   restores them afterwards.
 //! - [`incoming`]: the destination QEMU: listen, wait for the data to land.
-//! - [`perform`]: the source QEMU: `migrate`, watch, cancel, time out.
+//! - [`perform`]: the source QEMU: `migrate`, watch, steer (controller,
+//!   escalation, timeout action), cancel.
+//! - [`vcpu_throttle`]: the throttle mechanisms the controller drives.
 //! - [`job`]: job statistics and the record kept when a job ends.
 //! - [`uri`]: migration data URIs.
 //!
@@ -21,6 +23,7 @@ pub mod perform;
 pub mod settings;
 pub mod support;
 pub mod uri;
+pub mod vcpu_throttle;
 
-pub use flags::{InvalidFlags, MigrateFlags};
-pub use job::{JobInfo, JobRecord, JobStats, JobStatus, Phase, Role};
+pub use flags::{ConvergeMode, InvalidFlags, MigrateFlags, TimeoutAction};
+pub use job::{JobInfo, JobRecord, JobStats, JobStatus, Phase, Role, TimedAction};

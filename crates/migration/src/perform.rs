@@ -1,32 +1,73 @@
-//! The source's Perform phase: `migrate`, then watch it to the end.
+//! The source's Perform phase: `migrate`, then watch and steer it to the
+//! end.
 //!
-//! Watching polls `query-migrate` (QEMU's `MIGRATION` events wake the loop
-//! early). A cancel request or the timeout sends `migrate_cancel`, and the
-//! loop keeps watching: a late cancel can still end in `completed`, and only
-//! QEMU's final state says what happened.
+//! Watching polls `query-migrate`; QEMU's `MIGRATION` events and the
+//! `MIGRATION_PASS` event of every dirty-bitmap sync wake the loop early,
+//! so each pass is seen right after its sync. At every new pass:
+//!
+//! - with `--converge adaptive`, the controller ([`converge::decide`])
+//!   reads the pass and may change the vCPU throttle, raise the downtime
+//!   limit or ask for post-copy;
+//! - otherwise, a stall (no new per-pass low for three passes) escalates
+//!   by policy: raise the downtime limit to `--max-downtime`, then switch
+//!   to post-copy if `--allow-postcopy`.
+//!
+//! At `--timeout` the timeout action runs (abort, post-copy, suspend). A
+//! cancel sends `migrate_cancel` and the loop keeps watching: a late cancel
+//! can still end in `completed`, and only QEMU's final state says what
+//! happened. Whatever the ending, the vCPU throttle is released the moment
+//! QEMU reports it, before anything else. Every action is timestamped in
+//! [`Progress::actions`].
 
 use std::time::Duration;
 
+use converge::controller::{self, Action, Observation, Policy, State};
+use converge::estimate::{fit, Sample};
+use converge::stall::stalled;
+use converge::DirtyModel;
+use qmp::commands::dirty_rate::{CalcDirtyRate, DirtyRateMode, DirtyRateStatus, QueryDirtyRate};
 use qmp::commands::migration::{
-    Migrate, MigrateCancel, MigrateStartPostcopy, MigrationStatus, QueryMigrate,
+    Migrate, MigrateCancel, MigrateSetParameters, MigrateStartPostcopy, MigrationParameters,
+    MigrationStatus, QueryMigrate,
 };
+use qmp::commands::vm::Stop;
 use qmp::{Client, EventKind};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::JobStats;
+use crate::flags::TimeoutAction;
+use crate::job::{JobStats, TimedAction};
+use crate::vcpu_throttle::VcpuThrottle;
+
+const MIB: f64 = 1024.0 * 1024.0;
+/// Passes without a new low before a non-adaptive job escalates.
+const STALL_WINDOW: usize = 3;
 
 /// How to watch a migration.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
     pub poll_interval: Duration,
-    /// Abort (cancel) if not completed after this long.
+    /// Run the timeout action if not completed after this long.
     pub timeout: Option<Duration>,
+    pub timeout_action: TimeoutAction,
     /// Switch to post-copy once the first pass over memory is done.
     pub postcopy_after_precopy: bool,
     /// How long to wait for QEMU to settle after `migrate_cancel`.
     pub cancel_grace: Duration,
+    /// The adaptive controller's policy; `None` for plain or QEMU's
+    /// convergence.
+    pub controller: Option<Policy>,
+    /// Downtime limit in force at the start, ms.
+    pub downtime_ms: u64,
+    /// Ceiling of the downtime ramp, ms.
+    pub max_downtime_ms: Option<u64>,
+    /// Post-copy is enabled and the policy may switch to it.
+    pub allow_postcopy: bool,
+    /// The bandwidth cap, bytes/s, if any.
+    pub bandwidth_cap: Option<f64>,
+    /// Measure the dirty rate (`calc-dirty-rate`) while the first pass runs.
+    pub preflight: bool,
 }
 
 impl Default for WatchOptions {
@@ -34,8 +75,15 @@ impl Default for WatchOptions {
         WatchOptions {
             poll_interval: Duration::from_millis(250),
             timeout: None,
+            timeout_action: TimeoutAction::Abort,
             postcopy_after_precopy: false,
             cancel_grace: Duration::from_secs(30),
+            controller: None,
+            downtime_ms: crate::settings::DEFAULT_DOWNTIME_MS,
+            max_downtime_ms: None,
+            allow_postcopy: false,
+            bandwidth_cap: None,
+            preflight: false,
         }
     }
 }
@@ -65,8 +113,273 @@ pub enum Outcome {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Progress {
     pub stats: JobStats,
-    pub max_cpu_throttle_pct: u64,
+    /// Highest throttle so far (QEMU's or ours), percent.
+    pub max_cpu_throttle_pct: f64,
+    /// Throttle in force now, percent.
+    pub throttle_pct: f64,
     pub postcopy_started: bool,
+    /// The guest was paused by the timeout action.
+    pub suspended: bool,
+    pub actions: Vec<TimedAction>,
+}
+
+/// The loop's state.
+struct Watch<'a> {
+    qmp: &'a Client,
+    options: &'a WatchOptions,
+    progress: &'a watch::Sender<Progress>,
+    throttle: Option<Box<dyn VcpuThrottle>>,
+    started: Instant,
+    controller: Option<State>,
+    history: Vec<f64>,
+    downtime_ms: u64,
+    throttled: bool,
+    last_iteration: u64,
+    last_sync: Instant,
+    timeout_done: bool,
+    cancel_reason: Option<CancelReason>,
+    cancel_sent_at: Option<Instant>,
+    postcopy_requested: bool,
+    preflight: Option<oneshot::Receiver<Option<(DirtyModel, String)>>>,
+}
+
+impl Watch<'_> {
+    fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    fn record(&self, action: &str, value: Option<f64>, detail: String) {
+        let t_ms = self.elapsed().as_millis() as u64;
+        tracing::info!(t_ms, action, ?value, %detail, "job action");
+        self.progress.send_modify(|p| {
+            p.actions.push(TimedAction {
+                t_ms,
+                action: action.to_string(),
+                value,
+                detail,
+            })
+        });
+    }
+
+    async fn set_throttle(&mut self, to: f64, why: String) {
+        let Some(throttle) = self.throttle.as_mut() else {
+            self.record(
+                "throttle",
+                Some(to * 100.0),
+                format!("wanted, but no throttle mechanism: {why}"),
+            );
+            return;
+        };
+        let kind = throttle.kind();
+        match throttle.set(to).await {
+            Ok(()) => {
+                self.throttled |= to > 0.0;
+                self.progress.send_modify(|p| {
+                    p.throttle_pct = to * 100.0;
+                    p.max_cpu_throttle_pct = p.max_cpu_throttle_pct.max(to * 100.0);
+                });
+                self.record("throttle", Some(to * 100.0), format!("{kind}: {why}"));
+            }
+            Err(e) => self.record(
+                "throttle",
+                Some(to * 100.0),
+                format!("{kind} throttle failed: {e}"),
+            ),
+        }
+    }
+
+    async fn set_downtime(&mut self, ms: u64, why: String) {
+        let params = MigrationParameters {
+            downtime_limit: Some(ms),
+            ..Default::default()
+        };
+        match self.qmp.execute(&MigrateSetParameters(params)).await {
+            Ok(_) => {
+                self.downtime_ms = ms;
+                self.record("downtime", Some(ms as f64), why);
+            }
+            Err(e) => self.record("downtime", Some(ms as f64), format!("QEMU refused: {e}")),
+        }
+    }
+
+    async fn start_postcopy(&mut self, why: String) -> bool {
+        if self.postcopy_requested {
+            return true;
+        }
+        self.postcopy_requested = true;
+        match self.qmp.execute(&MigrateStartPostcopy).await {
+            Ok(_) => {
+                self.progress.send_modify(|p| p.postcopy_started = true);
+                self.record("postcopy", None, why);
+                true
+            }
+            Err(e) => {
+                self.record("postcopy", None, format!("QEMU refused to switch: {e}"));
+                false
+            }
+        }
+    }
+
+    async fn cancel(&mut self, reason: CancelReason, why: String) {
+        if self.progress.borrow().postcopy_started {
+            // The destination already runs the guest: cancelling now would
+            // lose it. Let post-copy finish.
+            self.record("cancel", None, format!("ignored during post-copy: {why}"));
+            return;
+        }
+        self.cancel_reason = Some(reason);
+        self.cancel_sent_at = Some(Instant::now());
+        self.record("cancel", None, why);
+        if let Err(e) = self.qmp.execute(&MigrateCancel).await {
+            tracing::warn!(error = %e, "migrate_cancel failed");
+        }
+    }
+
+    /// Lifts our throttle; called as soon as QEMU reports the end.
+    async fn release(&mut self) {
+        if let Some(mut throttle) = self.throttle.take() {
+            throttle.release().await;
+            if self.throttled {
+                self.progress.send_modify(|p| p.throttle_pct = 0.0);
+                self.record(
+                    "release",
+                    Some(0.0),
+                    format!("{} throttle lifted", throttle.kind()),
+                );
+            }
+        }
+    }
+
+    fn bandwidth(&self, stats: &JobStats) -> f64 {
+        let measured = stats.bandwidth_mib_s.filter(|b| *b > 0.0).map(|b| b * MIB);
+        match (measured, self.options.bandwidth_cap) {
+            (Some(m), Some(cap)) => m.min(cap),
+            (Some(m), None) => m,
+            (None, Some(cap)) => cap,
+            (None, None) => 1e9,
+        }
+    }
+
+    fn take_preflight(&mut self) {
+        let Some(rx) = self.preflight.as_mut() else {
+            return;
+        };
+        match rx.try_recv() {
+            Ok(result) => {
+                self.preflight = None;
+                if let Some((model, detail)) = result {
+                    self.record("measure", Some(model.rate / MIB), detail);
+                    if let Some(state) = self.controller.as_mut() {
+                        if state.model.rate == 0.0 {
+                            state.model = model;
+                        }
+                    }
+                }
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {}
+            Err(oneshot::error::TryRecvError::Closed) => self.preflight = None,
+        }
+    }
+
+    /// A new pass began: let the controller or the escalation policy act.
+    async fn on_sync(&mut self, stats: &JobStats) {
+        let now = Instant::now();
+        let pass_secs = now.duration_since(self.last_sync).as_secs_f64();
+        self.last_sync = now;
+        let remaining = stats.memory_remaining_bytes.unwrap_or(0) as f64;
+        self.history.push(remaining);
+        tracing::debug!(
+            pass = stats.iteration,
+            remaining_mib = remaining / MIB,
+            pass_secs,
+            "pass"
+        );
+
+        if let (Some(state), Some(policy)) = (self.controller.clone(), self.options.controller) {
+            let throttle_now = self.progress.borrow().throttle_pct / 100.0;
+            let decision = controller::decide(
+                &state,
+                &Observation {
+                    elapsed: self.elapsed().as_secs_f64(),
+                    remaining,
+                    pass_secs,
+                    throttle: throttle_now,
+                    bandwidth: self.bandwidth(stats),
+                },
+                &policy,
+            );
+            self.controller = Some(decision.state);
+            for action in decision.actions {
+                match action {
+                    Action::Throttle { to, why } => self.set_throttle(to, why).await,
+                    Action::Downtime { to, why } => {
+                        self.set_downtime((to * 1000.0).round() as u64, why).await
+                    }
+                    Action::Postcopy { why } => {
+                        self.start_postcopy(why).await;
+                    }
+                }
+            }
+            return;
+        }
+
+        if stalled(&self.history, STALL_WINDOW) {
+            let max = self.options.max_downtime_ms.unwrap_or(0);
+            if max > self.downtime_ms {
+                self.set_downtime(
+                    max,
+                    format!("no progress in {STALL_WINDOW} passes; raising the downtime limit"),
+                )
+                .await;
+                // Judge the new limit on fresh passes.
+                self.history.clear();
+            } else if self.options.allow_postcopy && !self.postcopy_requested {
+                self.start_postcopy(format!("no progress in {STALL_WINDOW} passes"))
+                    .await;
+            }
+        }
+    }
+}
+
+/// Measures the dirty rate over 1 s and 2 s windows (page sampling: the
+/// only mode QEMU 7.2 offers under TCG) and fits the model.
+async fn preflight(qmp: Client, ram_bytes: f64) -> Option<(DirtyModel, String)> {
+    let mut samples = Vec::new();
+    for window in [1i64, 2] {
+        qmp.execute(&CalcDirtyRate {
+            calc_time: window,
+            sample_pages: Some(4096),
+            mode: Some(DirtyRateMode::PageSampling),
+        })
+        .await
+        .ok()?;
+        let deadline = Instant::now() + Duration::from_secs(window as u64 + 10);
+        let rate = loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let info = qmp.execute(&QueryDirtyRate).await.ok()?;
+            if info.status == DirtyRateStatus::Measured {
+                break info.dirty_rate?;
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+        };
+        samples.push(Sample {
+            window_secs: window as f64,
+            dirtied: rate as f64 * MIB * window as f64,
+        });
+    }
+    let model = fit(&samples, ram_bytes)?;
+    let detail =
+        format!(
+        "dirtied {:.0} MiB in 1 s and {:.0} MiB in 2 s: rate {}{:.0} MiB/s, working set {:.0} MiB",
+        samples[0].dirtied / MIB,
+        samples[1].dirtied / MIB,
+        if model.rate_is_lower_bound { "at least " } else { "" },
+        model.rate / MIB,
+        model.working_set / MIB
+    );
+    Some((model, detail))
 }
 
 /// Starts the migration to `uri` and watches it until QEMU finishes it.
@@ -76,6 +389,7 @@ pub async fn run(
     options: &WatchOptions,
     cancel: &CancellationToken,
     progress: &watch::Sender<Progress>,
+    throttle: Option<Box<dyn VcpuThrottle>>,
 ) -> Outcome {
     let mut events = qmp.events();
     if let Err(e) = qmp
@@ -91,74 +405,126 @@ pub async fn run(
         };
     }
     let started = Instant::now();
-    let deadline = options.timeout.map(|t| started + t);
-    let mut cancel_reason: Option<CancelReason> = None;
-    let mut cancel_sent_at: Option<Instant> = None;
+    let mut w = Watch {
+        qmp,
+        options,
+        progress,
+        throttle,
+        started,
+        controller: options.controller.map(|policy| State::new(&policy, None)),
+        history: Vec::new(),
+        downtime_ms: options.downtime_ms,
+        throttled: false,
+        last_iteration: 0,
+        last_sync: started,
+        timeout_done: false,
+        cancel_reason: None,
+        cancel_sent_at: None,
+        postcopy_requested: false,
+        preflight: None,
+    };
+    if options.preflight {
+        let (tx, rx) = oneshot::channel();
+        let client = qmp.clone();
+        let ram = qmp
+            .execute(&QueryMigrate)
+            .await
+            .ok()
+            .and_then(|i| i.ram.and_then(|r| r.total))
+            .unwrap_or(0) as f64;
+        tokio::spawn(async move {
+            let _ = tx.send(preflight(client, ram).await);
+        });
+        w.preflight = Some(rx);
+    }
     let mut last = JobStats::default();
-    let mut postcopy_requested = false;
 
     loop {
+        w.take_preflight();
         let stats = match qmp.execute(&QueryMigrate).await {
             Ok(info) => {
                 let status = info.status;
-                let stats = JobStats::from_qemu(&info).merged_over(&last);
-                if let Some(status) = status {
-                    if status.is_finished() {
-                        return finish(status, info.error_desc, stats, cancel_reason);
+                let mut stats = JobStats::from_qemu(&info).merged_over(&last);
+                if let Some(status) = status.filter(|s| s.is_finished()) {
+                    w.release().await;
+                    if status == MigrationStatus::Completed {
+                        stats = settled_stats(qmp, stats).await;
                     }
+                    publish(progress, &stats);
+                    return finish(status, info.error_desc, stats, w.cancel_reason);
                 }
                 stats
             }
             Err(e) => {
+                w.release().await;
                 return Outcome::Failed {
                     error: format!("lost contact with the source QEMU: {e}"),
                     stats: last,
                 };
             }
         };
-        progress.send_modify(|p| {
-            p.max_cpu_throttle_pct = p
-                .max_cpu_throttle_pct
-                .max(stats.cpu_throttle_pct.unwrap_or(0));
-            p.stats = stats.clone();
-        });
-        last = stats;
+        publish(progress, &stats);
+        last = stats.clone();
 
-        if options.postcopy_after_precopy
-            && !postcopy_requested
-            && cancel_reason.is_none()
-            && last.iteration.unwrap_or(0) >= 2
-        {
-            postcopy_requested = true;
-            match qmp.execute(&MigrateStartPostcopy).await {
-                Ok(_) => progress.send_modify(|p| p.postcopy_started = true),
-                Err(e) => tracing::warn!(error = %e, "could not switch to post-copy"),
+        let iteration = stats.iteration.unwrap_or(0);
+        if iteration > w.last_iteration {
+            // The first sync happens at setup; later ones end passes.
+            if w.last_iteration > 0 && w.cancel_reason.is_none() {
+                w.on_sync(&stats).await;
             }
+            w.last_iteration = iteration;
         }
 
-        if cancel_reason.is_none() {
-            let timed_out = deadline.is_some_and(|d| Instant::now() >= d);
-            let reason = if cancel.is_cancelled() {
-                Some(CancelReason::User)
-            } else if timed_out {
-                Some(CancelReason::Timeout(options.timeout.unwrap_or_default()))
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
-                if progress.borrow().postcopy_started {
-                    // The destination already runs the guest: cancelling
-                    // now would lose it. Let post-copy finish.
-                    tracing::warn!("cancel requested during post-copy; letting it finish");
-                } else {
-                    cancel_reason = Some(reason);
-                    cancel_sent_at = Some(Instant::now());
-                    if let Err(e) = qmp.execute(&MigrateCancel).await {
-                        tracing::warn!(error = %e, "migrate_cancel failed");
+        if options.postcopy_after_precopy
+            && !w.postcopy_requested
+            && w.cancel_reason.is_none()
+            && iteration >= 2
+        {
+            w.start_postcopy("--postcopy-after-precopy: the first pass is done".into())
+                .await;
+        }
+
+        if w.cancel_reason.is_none() {
+            if cancel.is_cancelled() {
+                w.cancel(CancelReason::User, "cancelled by domjobabort".into())
+                    .await;
+            } else if let Some(timeout) = options
+                .timeout
+                .filter(|t| !w.timeout_done && w.elapsed() >= *t)
+            {
+                w.timeout_done = true;
+                let why = format!("not completed within the {}s timeout", timeout.as_secs());
+                match options.timeout_action {
+                    TimeoutAction::Abort => w.cancel(CancelReason::Timeout(timeout), why).await,
+                    TimeoutAction::Postcopy => {
+                        if !w.start_postcopy(why.clone()).await {
+                            w.cancel(CancelReason::Timeout(timeout), why).await;
+                        }
                     }
+                    TimeoutAction::Suspend => match qmp.execute(&Stop).await {
+                        Ok(_) => {
+                            progress.send_modify(|p| p.suspended = true);
+                            w.record(
+                                "suspend",
+                                None,
+                                format!("{why}; guest paused so the copy finishes"),
+                            );
+                        }
+                        Err(e) => {
+                            w.cancel(
+                                CancelReason::Timeout(timeout),
+                                format!("{why}; could not pause: {e}"),
+                            )
+                            .await
+                        }
+                    },
                 }
             }
-        } else if cancel_sent_at.is_some_and(|t| t.elapsed() > options.cancel_grace) {
+        } else if w
+            .cancel_sent_at
+            .is_some_and(|t| t.elapsed() > options.cancel_grace)
+        {
+            w.release().await;
             return Outcome::Failed {
                 error: format!(
                     "QEMU did not finish cancelling within {:?}",
@@ -173,15 +539,44 @@ pub async fn run(
         loop {
             tokio::select! {
                 _ = &mut sleep => break,
-                _ = cancel.cancelled(), if cancel_reason.is_none() => break,
+                _ = cancel.cancelled(), if w.cancel_reason.is_none() => break,
                 event = events.recv() => match event {
-                    Ok(e) if matches!(e.kind(), EventKind::Migration { status } if status.is_finished()) => break,
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(e) => match e.kind() {
+                        EventKind::Migration { status } if status.is_finished() => break,
+                        EventKind::MigrationPass { .. } => break,
+                        _ => {}
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
             }
         }
     }
+}
+
+/// QEMU announces `completed` a moment before it fills in total time and
+/// downtime (both read 0 until then); re-read until they are set.
+async fn settled_stats(qmp: &Client, mut stats: JobStats) -> JobStats {
+    for _ in 0..40 {
+        if stats.total_time_ms.unwrap_or(0) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        match qmp.execute(&QueryMigrate).await {
+            Ok(info) => stats = JobStats::from_qemu(&info).merged_over(&stats),
+            Err(_) => break,
+        }
+    }
+    stats
+}
+
+fn publish(progress: &watch::Sender<Progress>, stats: &JobStats) {
+    progress.send_modify(|p| {
+        p.max_cpu_throttle_pct = p
+            .max_cpu_throttle_pct
+            .max(stats.cpu_throttle_pct.unwrap_or(0) as f64);
+        p.stats = stats.clone();
+    });
 }
 
 fn finish(

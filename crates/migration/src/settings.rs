@@ -15,6 +15,8 @@ use crate::flags::MigrateFlags;
 use crate::job::Role;
 
 const MIB: u64 = 1 << 20;
+/// QEMU's default downtime limit.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// What libvirt uses for "unlimited": 8 PiB/s.
 pub const UNLIMITED_BANDWIDTH: u64 = 1 << 53;
 
@@ -26,16 +28,34 @@ pub struct Tunables {
     pub downtime_ms: Option<u64>,
 }
 
+/// How the adaptive controller throttles vCPUs on the source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ThrottleVia {
+    /// Not at all (no adaptive controller) or from the host (cgroup).
+    #[default]
+    NotQemu,
+    /// Through QEMU's auto-converge throttle, steered by its parameters.
+    Qemu,
+}
+
 /// The capability states a migration with `flags` needs on `role`'s QEMU.
 /// Capabilities we manage but the user did not ask for are set off, so a
 /// job never inherits another's settings.
-pub fn wanted_capabilities(flags: &MigrateFlags, role: Role) -> Vec<(MigrationCapability, bool)> {
+pub fn wanted_capabilities(
+    flags: &MigrateFlags,
+    role: Role,
+    via: ThrottleVia,
+) -> Vec<(MigrationCapability, bool)> {
+    let qemu_throttle = via == ThrottleVia::Qemu && role == Role::Source;
     vec![
         (MigrationCapability::Events, true),
-        (MigrationCapability::AutoConverge, flags.auto_converge),
+        (
+            MigrationCapability::AutoConverge,
+            flags.qemu_auto_converge() || qemu_throttle,
+        ),
         (MigrationCapability::Xbzrle, flags.compressed),
         (MigrationCapability::Multifd, flags.parallel),
-        (MigrationCapability::PostcopyRam, flags.postcopy),
+        (MigrationCapability::PostcopyRam, flags.postcopy_enabled()),
         (
             MigrationCapability::DirtyLimit,
             flags.dirty_limit && role == Role::Source,
@@ -43,11 +63,27 @@ pub fn wanted_capabilities(flags: &MigrateFlags, role: Role) -> Vec<(MigrationCa
     ]
 }
 
+/// Parameters that make QEMU's auto-converge hold the throttle at
+/// `throttle`: a controller steers it through these (initial = max = the
+/// level, increment 99), and at 0 it only triggers when dirtying outruns
+/// sending outright, and then by 1 %.
+pub fn qemu_throttle_parameters(throttle: f64) -> MigrationParameters {
+    let pct = (throttle * 100.0).round().clamp(1.0, 99.0) as u8;
+    MigrationParameters {
+        cpu_throttle_initial: Some(pct),
+        max_cpu_throttle: Some(pct),
+        cpu_throttle_increment: Some(99),
+        throttle_trigger_threshold: Some(if throttle > 0.0 { 1 } else { 100 }),
+        ..Default::default()
+    }
+}
+
 /// The parameters to set on `role`'s QEMU.
 pub fn wanted_parameters(
     flags: &MigrateFlags,
     tunables: Tunables,
     role: Role,
+    via: ThrottleVia,
 ) -> MigrationParameters {
     let mut p = MigrationParameters {
         multifd_channels: if flags.parallel {
@@ -63,8 +99,50 @@ pub fn wanted_parameters(
         p.downtime_limit = flags.downtime.or(tunables.downtime_ms);
         p.cpu_throttle_initial = flags.auto_converge_initial;
         p.cpu_throttle_increment = flags.auto_converge_increment;
+        if let Some(max) = flags.max_downtime {
+            // The limit starts at --downtime (QEMU's 300 ms by default) and
+            // the policy may raise it up to --max-downtime.
+            p.downtime_limit = p.downtime_limit.or(Some(max.min(DEFAULT_DOWNTIME_MS)));
+        }
+        if via == ThrottleVia::Qemu {
+            let steer = qemu_throttle_parameters(0.0);
+            p.cpu_throttle_initial = steer.cpu_throttle_initial;
+            p.max_cpu_throttle = steer.max_cpu_throttle;
+            p.cpu_throttle_increment = steer.cpu_throttle_increment;
+            p.throttle_trigger_threshold = steer.throttle_trigger_threshold;
+        }
     }
     p
+}
+
+/// For each parameter `wanted` sets, the value `before` had.
+fn previous_values(
+    wanted: &MigrationParameters,
+    before: &MigrationParameters,
+) -> MigrationParameters {
+    MigrationParameters {
+        // Bandwidth and downtime can also change while the job runs
+        // (`retune`, the policy), so they are always put back.
+        max_bandwidth: before.max_bandwidth,
+        downtime_limit: before.downtime_limit,
+        cpu_throttle_initial: wanted.cpu_throttle_initial.and(before.cpu_throttle_initial),
+        cpu_throttle_increment: wanted
+            .cpu_throttle_increment
+            .and(before.cpu_throttle_increment),
+        cpu_throttle_tailslow: wanted
+            .cpu_throttle_tailslow
+            .and(before.cpu_throttle_tailslow),
+        max_cpu_throttle: wanted.max_cpu_throttle.and(before.max_cpu_throttle),
+        throttle_trigger_threshold: wanted
+            .throttle_trigger_threshold
+            .and(before.throttle_trigger_threshold),
+        multifd_channels: wanted.multifd_channels.and(before.multifd_channels),
+        xbzrle_cache_size: wanted.xbzrle_cache_size.and(before.xbzrle_cache_size),
+        max_postcopy_bandwidth: wanted
+            .max_postcopy_bandwidth
+            .and(before.max_postcopy_bandwidth),
+        other: Default::default(),
+    }
 }
 
 /// What a QEMU had before we changed it.
@@ -84,11 +162,12 @@ pub async fn apply(
     flags: &MigrateFlags,
     tunables: Tunables,
     role: Role,
+    via: ThrottleVia,
 ) -> Result<Previous, qmp::Error> {
     let current = qmp.execute(&QueryMigrateCapabilities).await?;
     let mut previous = Previous::default();
     let mut changes = Vec::new();
-    for (capability, state) in wanted_capabilities(flags, role) {
+    for (capability, state) in wanted_capabilities(flags, role, via) {
         match current.iter().find(|c| c.capability == capability) {
             Some(now) if now.state != state => {
                 previous.capabilities.push(now.clone());
@@ -108,20 +187,9 @@ pub async fn apply(
         .await?;
     }
 
-    let wanted = wanted_parameters(flags, tunables, role);
+    let wanted = wanted_parameters(flags, tunables, role, via);
     let before = qmp.execute(&QueryMigrateParameters).await?;
-    // Bandwidth and downtime can also change while the job runs
-    // (`retune`), so they are always put back.
-    previous.parameters = MigrationParameters {
-        max_bandwidth: before.max_bandwidth,
-        downtime_limit: before.downtime_limit,
-        cpu_throttle_initial: wanted.cpu_throttle_initial.and(before.cpu_throttle_initial),
-        cpu_throttle_increment: wanted
-            .cpu_throttle_increment
-            .and(before.cpu_throttle_increment),
-        multifd_channels: wanted.multifd_channels.and(before.multifd_channels),
-        ..Default::default()
-    };
+    previous.parameters = previous_values(&wanted, &before);
     if wanted != MigrationParameters::default() {
         if let Err(e) = qmp.execute(&MigrateSetParameters(wanted)).await {
             let _ = restore(qmp, &previous).await;
@@ -176,11 +244,12 @@ mod tests {
             ..Default::default()
         };
         for role in [Role::Source, Role::Destination] {
+            assert!(wanted_capabilities(&on, role, ThrottleVia::NotQemu)
+                .contains(&(MigrationCapability::AutoConverge, true)));
             assert!(
-                wanted_capabilities(&on, role).contains(&(MigrationCapability::AutoConverge, true))
+                wanted_capabilities(&MigrateFlags::default(), role, ThrottleVia::NotQemu)
+                    .contains(&(MigrationCapability::AutoConverge, false))
             );
-            assert!(wanted_capabilities(&MigrateFlags::default(), role)
-                .contains(&(MigrationCapability::AutoConverge, false)));
         }
     }
 
@@ -198,12 +267,12 @@ mod tests {
             bandwidth_mib_s: Some(10),
             downtime_ms: Some(500),
         };
-        let src = wanted_parameters(&flags, tunables, Role::Source);
+        let src = wanted_parameters(&flags, tunables, Role::Source, ThrottleVia::NotQemu);
         assert_eq!(src.max_bandwidth, Some(64 << 20), "the flag wins");
         assert_eq!(src.downtime_limit, Some(500), "the stored tunable applies");
         assert_eq!(src.cpu_throttle_initial, Some(30));
         assert_eq!(src.multifd_channels, Some(4));
-        let dst = wanted_parameters(&flags, tunables, Role::Destination);
+        let dst = wanted_parameters(&flags, tunables, Role::Destination, ThrottleVia::NotQemu);
         assert_eq!(
             dst,
             MigrationParameters {
@@ -215,7 +284,12 @@ mod tests {
 
     #[test]
     fn no_bandwidth_means_unlimited_like_virsh() {
-        let p = wanted_parameters(&MigrateFlags::default(), Tunables::default(), Role::Source);
+        let p = wanted_parameters(
+            &MigrateFlags::default(),
+            Tunables::default(),
+            Role::Source,
+            ThrottleVia::NotQemu,
+        );
         assert_eq!(p.max_bandwidth, Some(UNLIMITED_BANDWIDTH));
     }
 }

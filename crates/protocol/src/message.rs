@@ -70,7 +70,7 @@ pub enum Request {
     Migrate {
         domain: DomainName,
         destination: String,
-        flags: MigrateFlags,
+        flags: Box<MigrateFlags>,
     },
     DomJobInfo {
         domain: DomainName,
@@ -101,10 +101,10 @@ pub enum Request {
     },
     /// Peer: check these flags against this host's QEMU binary.
     PeerProbe {
-        flags: MigrateFlags,
+        flags: Box<MigrateFlags>,
     },
     /// Peer: start the destination QEMU and listen for the data.
-    PeerPrepare(PrepareRequest),
+    PeerPrepare(Box<PrepareRequest>),
     /// Peer: the source finished sending; resume the guest here.
     PeerFinish {
         job_id: String,

@@ -282,7 +282,7 @@ impl Host {
             .request(Request::Migrate {
                 domain: name.parse().expect("valid name"),
                 destination: destination.to_string(),
-                flags,
+                flags: Box::new(flags),
             })
             .await?
         {

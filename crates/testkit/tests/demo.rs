@@ -32,7 +32,7 @@ fn demo_migrates_a_busy_guest_with_auto_converge_and_prints_the_record() {
     assert_eq!(record["memory_check"], "ok");
     assert_eq!(record["auto_converge"], true);
     assert!(
-        record["max_cpu_throttle_pct"].as_u64().unwrap() > 0,
+        record["max_cpu_throttle_pct"].as_f64().unwrap() > 0.0,
         "{record}"
     );
     for field in [

@@ -118,7 +118,7 @@ async fn busy_guest_without_auto_converge_times_out_and_stays_on_the_source() {
     assert_eq!(record.status, JobStatus::Failed, "{record:?}");
     let error = record.error.clone().unwrap();
     assert!(error.contains("timeout"), "{error}");
-    assert_eq!(record.max_cpu_throttle_pct, 0);
+    assert_eq!(record.max_cpu_throttle_pct, 0.0);
     assert!(record.iterations >= 3, "it kept iterating: {record:?}");
     assert_runs_only_on("busy", &a, &b, 2).await;
     assert!(!a.capability("busy", "auto-converge").await);
@@ -147,7 +147,7 @@ async fn busy_guest_with_auto_converge_completes_after_throttling() {
     assert_eq!(record.status, JobStatus::Completed, "{record:?}");
     assert!(record.auto_converge);
     assert!(
-        record.max_cpu_throttle_pct > 0,
+        record.max_cpu_throttle_pct > 0.0,
         "no throttle seen: {record:?}"
     );
     assert!(record.flags.contains(&"auto-converge".to_string()));

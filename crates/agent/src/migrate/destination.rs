@@ -124,14 +124,19 @@ async fn prepare_live(
         let vm = vm::launch(agent, &req.definition, &req.spec, true, false).await?;
         let qmp = vm.process.qmp().clone();
         let setup = async {
-            let previous =
-                settings::apply(&qmp, &req.flags, Tunables::default(), Role::Destination)
-                    .await
-                    .map_err(|e| {
-                        errors::qemu(format!(
-                            "destination QEMU refused the migration settings: {e}"
-                        ))
-                    })?;
+            let previous = settings::apply(
+                &qmp,
+                &req.flags,
+                Tunables::default(),
+                Role::Destination,
+                settings::ThrottleVia::NotQemu,
+            )
+            .await
+            .map_err(|e| {
+                errors::qemu(format!(
+                    "destination QEMU refused the migration settings: {e}"
+                ))
+            })?;
             let uri = incoming::listen(&qmp, &listen)
                 .await
                 .map_err(|e| errors::qemu(errors::chain(&e)))?;
@@ -305,13 +310,15 @@ pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, Ap
             status: JobStatus::Completed,
             error: note,
             flags: job.flags.names(),
-            auto_converge: job.flags.auto_converge,
+            auto_converge: job.flags.qemu_auto_converge(),
             total_time_ms: job.started.elapsed().as_millis() as u64,
             setup_time_ms: None,
             downtime_ms: None,
             transferred_bytes: 0,
             iterations: 0,
-            max_cpu_throttle_pct: 0,
+            max_cpu_throttle_pct: 0.0,
+            converge: job.flags.converge_mode().name().to_string(),
+            actions: Vec::new(),
             phase: Phase::Done,
             started_at_ms: job.started_at_ms,
             finished_at_ms: unix_ms(),

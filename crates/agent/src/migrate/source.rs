@@ -5,15 +5,17 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use converge::Policy;
 use domain::DomainName;
 use migration::job::{unix_ms, JobRecord, JobStats, JobStatus, Phase, Role};
 use migration::perform::{self, CancelReason, Outcome, Progress, WatchOptions};
-use migration::settings::{self, Tunables};
-use migration::{support, MigrateFlags};
+use migration::settings::{self, ThrottleVia, Tunables};
+use migration::vcpu_throttle::{HostVcpuThrottle, QemuVcpuThrottle, VcpuThrottle};
+use migration::{support, ConvergeMode, MigrateFlags};
 use protocol::message::Reply;
 use protocol::types::PrepareRequest;
 use protocol::{AgentUri, ApiError, Client, ErrorCode, Request};
-use qmp::commands::vm::{Cont, QueryStatus, RunState, Stop};
+use qmp::commands::vm::{Cont, QueryCpusFast, QueryStatus, RunState, Stop};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +28,7 @@ use crate::vm::RunningVm;
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(90);
 const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const MIB: f64 = 1024.0 * 1024.0;
 
 /// Begin: validates everything that can be checked before anything changes,
 /// then starts the job. Errors here leave both hosts untouched.
@@ -89,7 +92,7 @@ pub(crate) async fn begin(
     let peer_caps = match peer
         .request(
             Request::PeerProbe {
-                flags: flags.clone(),
+                flags: Box::new(flags.clone()),
             },
             PEER_TIMEOUT,
         )
@@ -201,7 +204,7 @@ impl Run {
 
     async fn prepare(&self) -> Result<String, String> {
         self.set_phase(Phase::Prepare);
-        let request = Request::PeerPrepare(PrepareRequest {
+        let request = Request::PeerPrepare(Box::new(PrepareRequest {
             job_id: self.job.id.clone(),
             definition: self.def.clone(),
             spec: self
@@ -215,7 +218,7 @@ impl Run {
                 }),
             flags: self.job.flags.clone(),
             source: self.agent.uri.clone(),
-        });
+        }));
         match self.peer.request(request, PREPARE_TIMEOUT).await {
             Ok(Reply::Prepared { uri }) => Ok(uri),
             Ok(other) => Err(unexpected(&other).message),
@@ -262,9 +265,13 @@ impl Run {
             .agent
             .with_domain(&self.name, |d| Ok(d.tunables))
             .unwrap_or(self.tunables);
-        let previous = match settings::apply(qmp, flags, tunables, Role::Source).await {
+        let (throttle, via) = self.vcpu_throttle(vm).await;
+        let previous = match settings::apply(qmp, flags, tunables, Role::Source, via).await {
             Ok(p) => p,
             Err(e) => {
+                if let Some(mut throttle) = throttle {
+                    throttle.release().await;
+                }
                 let error = format!(
                     "source QEMU refused the migration settings: {}",
                     errors::chain(&e)
@@ -283,13 +290,50 @@ impl Run {
             }
         }
 
+        let downtime_ms = flags
+            .downtime
+            .or(tunables.downtime_ms)
+            .unwrap_or(settings::DEFAULT_DOWNTIME_MS)
+            .min(flags.max_downtime.unwrap_or(u64::MAX));
+        let bandwidth_cap = flags
+            .bandwidth
+            .or(tunables.bandwidth_mib_s)
+            .map(|b| b as f64 * MIB);
+        let controller = (flags.converge_mode() == ConvergeMode::Adaptive).then(|| {
+            let mechanism_max = throttle.as_ref().map_or(0.0, |t| t.max());
+            let downtime = downtime_ms as f64 / 1000.0;
+            Policy {
+                max_throttle: (flags.max_throttle.unwrap_or(99.9) / 100.0).min(mechanism_max),
+                downtime,
+                max_downtime: flags
+                    .max_downtime
+                    .map_or(downtime, |ms| ms as f64 / 1000.0)
+                    .max(downtime),
+                budget: flags.timeout.map(|s| s as f64),
+                allow_postcopy: flags.postcopy_enabled(),
+            }
+        });
         let options = WatchOptions {
             timeout: flags.timeout.map(Duration::from_secs),
+            timeout_action: flags.timeout_action.unwrap_or_default(),
             postcopy_after_precopy: flags.postcopy_after_precopy,
+            preflight: controller.is_some(),
+            controller,
+            downtime_ms,
+            max_downtime_ms: flags.max_downtime,
+            allow_postcopy: flags.allow_postcopy,
+            bandwidth_cap,
             ..WatchOptions::default()
         };
-        let outcome =
-            perform::run(qmp, &data_uri, &options, &self.job.cancel, &self.progress).await;
+        let outcome = perform::run(
+            qmp,
+            &data_uri,
+            &options,
+            &self.job.cancel,
+            &self.progress,
+            throttle,
+        )
+        .await;
 
         let mut ending = match outcome {
             Outcome::Completed { stats } => self.finish_and_confirm(vm, stats, was_running).await,
@@ -332,6 +376,40 @@ impl Run {
 
     /// After QEMU completed: the destination resumes the guest (Finish),
     /// then the source QEMU goes away (Confirm).
+    /// The throttle mechanism for an adaptive job: the host's cgroup CPU
+    /// quota when this host allows it, else QEMU's own throttle.
+    async fn vcpu_throttle(&self, vm: &RunningVm) -> (Option<Box<dyn VcpuThrottle>>, ThrottleVia) {
+        if self.job.flags.converge_mode() != ConvergeMode::Adaptive {
+            return (None, ThrottleVia::NotQemu);
+        }
+        let qmp = vm.process.qmp();
+        let threads: Vec<u32> = match qmp.execute(&QueryCpusFast).await {
+            Ok(cpus) => cpus.iter().map(|c| c.thread_id as u32).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list vCPU threads; using QEMU's throttle");
+                Vec::new()
+            }
+        };
+        if !threads.is_empty() {
+            let name = format!("{}-{}", self.name, &self.job.id[..8]);
+            match HostVcpuThrottle::attach(
+                self.agent.config.cgroup_cpu.clone(),
+                name,
+                vm.process.pid(),
+                threads,
+            )
+            .await
+            {
+                Ok(host) => return (Some(Box::new(host)), ThrottleVia::NotQemu),
+                Err(e) => tracing::warn!(error = %e, "no host throttle; using QEMU's"),
+            }
+        }
+        (
+            Some(Box::new(QemuVcpuThrottle::new(qmp.clone()))),
+            ThrottleVia::Qemu,
+        )
+    }
+
     async fn finish_and_confirm(
         &self,
         vm: &Arc<RunningVm>,
@@ -508,7 +586,7 @@ impl Run {
             status: ending.status,
             error: ending.error.clone(),
             flags: self.job.flags.names(),
-            auto_converge: self.job.flags.auto_converge,
+            auto_converge: self.job.flags.qemu_auto_converge(),
             total_time_ms: match ending.status {
                 JobStatus::Completed => stats
                     .total_time_ms
@@ -521,7 +599,9 @@ impl Run {
             iterations: stats.iteration.unwrap_or(0),
             max_cpu_throttle_pct: progress
                 .max_cpu_throttle_pct
-                .max(stats.cpu_throttle_pct.unwrap_or(0)),
+                .max(stats.cpu_throttle_pct.unwrap_or(0) as f64),
+            converge: self.job.flags.converge_mode().name().to_string(),
+            actions: progress.actions.clone(),
             phase,
             started_at_ms: self.job.started_at_ms,
             finished_at_ms: unix_ms(),

@@ -1,0 +1,269 @@
+//! Convergence beyond auto-converge, end to end: the adaptive controller,
+//! the escalation policy and the timeout actions, on real QEMU.
+
+use std::path::Path;
+use std::time::Duration;
+
+use guest::Workload;
+use migration::{ConvergeMode, JobRecord, JobStatus, MigrateFlags, TimeoutAction};
+use protocol::types::DomainState;
+use testkit::{wait_until, Host, TestBed};
+
+/// ~50 MiB/s over a 16 MiB working set: against 16 MiB/s plain pre-copy
+/// never converges.
+const BUSY: Workload = Workload {
+    working_set_mib: 16,
+    spin: 20_000,
+    report_ms: 500,
+};
+/// ~4 MiB/s: converges on its own against 16 MiB/s.
+const LIGHT: Workload = Workload {
+    working_set_mib: 16,
+    spin: 250_000,
+    report_ms: 500,
+};
+
+fn flags(converge: ConvergeMode) -> MigrateFlags {
+    MigrateFlags {
+        live: true,
+        converge: Some(converge),
+        bandwidth: Some(16),
+        timeout: Some(120),
+        ..Default::default()
+    }
+}
+
+fn actions(record: &JobRecord, kind: &str) -> Vec<f64> {
+    record
+        .actions
+        .iter()
+        .filter(|a| a.action == kind)
+        .map(|a| a.value.unwrap_or(0.0))
+        .collect()
+}
+
+async fn assert_moved_intact(name: &str, from: &Host, to: &Host) {
+    assert_eq!(to.state(name).await, Some(DomainState::Running));
+    assert!(from.qemu_pids().is_empty(), "QEMU left on {}", from.name);
+    let log = to.wait_guest_passes(name, 2).await;
+    assert!(log.memory_intact(), "{:?}", log.corruptions);
+}
+
+/// The cgroup (v1 cpu controller) a thread is in, e.g. "/" or "/livemig/x".
+fn cpu_cgroup(pid: u32, tid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "cpu")
+                .then(|| path.to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn host_throttle_available() -> bool {
+    Path::new(converge::throttle::CPU_V1_ROOT)
+        .join("tasks")
+        .exists()
+}
+
+#[tokio::test]
+async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert_eq!(record.converge, "adaptive");
+    assert!(!record.auto_converge, "QEMU's auto-converge stays off");
+    let throttles = actions(&record, "throttle");
+    assert!(!throttles.is_empty(), "{:#?}", record.actions);
+    assert!(record.max_cpu_throttle_pct > 0.0);
+    assert!(record.max_cpu_throttle_pct <= 99.9);
+    assert_eq!(actions(&record, "release"), [0.0], "{:#?}", record.actions);
+    assert!(
+        !actions(&record, "measure").is_empty(),
+        "pre-flight measurement"
+    );
+    assert!(record.downtime_ms.unwrap() <= 300);
+    if host_throttle_available() {
+        let detail = &record
+            .actions
+            .iter()
+            .find(|a| a.action == "throttle")
+            .unwrap()
+            .detail;
+        assert!(detail.starts_with("host:"), "{detail}");
+    }
+    assert_moved_intact("vm", &a, &b).await;
+}
+
+#[tokio::test]
+async fn adaptive_never_throttles_a_guest_that_converges_on_its_own() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, LIGHT)).await;
+
+    let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert!(
+        actions(&record, "throttle").iter().all(|t| *t == 0.0),
+        "{:#?}",
+        record.actions
+    );
+    assert_eq!(record.max_cpu_throttle_pct, 0.0);
+    assert_moved_intact("vm", &a, &b).await;
+}
+
+#[tokio::test]
+async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let pid = a.dominfo("vm").await.unwrap().qemu_pid.unwrap();
+    let cpus = a.qmp("vm", "query-cpus-fast").await.unwrap();
+    let tid = cpus[0]["thread-id"].as_u64().unwrap() as u32;
+    let before = cpu_cgroup(pid, tid);
+
+    // 2 MiB/s: the controller throttles hard, and it still cannot finish.
+    let job = a
+        .start_migration(
+            "vm",
+            &b.uri(),
+            MigrateFlags {
+                bandwidth: Some(2),
+                timeout: None,
+                ..flags(ConvergeMode::Adaptive)
+            },
+        )
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(90),
+        "the controller to throttle",
+        || async { a.job_active(&job).await.filter(|j| j.throttle_pct > 0.0) },
+    )
+    .await;
+    if host_throttle_available() {
+        assert!(
+            cpu_cgroup(pid, tid).contains("livemig"),
+            "vCPU thread in our cgroup"
+        );
+    }
+    a.cli(&["domjobabort", "vm"]);
+    let record = a.wait_job(&job).await;
+
+    assert_eq!(record.status, JobStatus::Cancelled);
+    assert_eq!(actions(&record, "release"), [0.0]);
+    assert_eq!(
+        cpu_cgroup(pid, tid),
+        before,
+        "vCPU thread back where it was"
+    );
+    // Full speed again: as many writes per second as an unthrottled guest.
+    let log = a.wait_guest_progress("vm", 4).await;
+    let (p1, p2) = (
+        log.progress[log.progress.len() - 2],
+        log.progress[log.progress.len() - 1],
+    );
+    let rate = (p2.writes - p1.writes) as f64 / ((p2.t_ms - p1.t_ms) as f64 / 1000.0);
+    assert!(rate > 5_000.0, "guest still slowed: {rate:.0} writes/s");
+    assert!(log.memory_intact());
+}
+
+#[tokio::test]
+async fn timeout_action_suspend_lets_the_copy_finish_and_resumes_on_the_destination() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateFlags {
+                timeout: Some(8),
+                timeout_action: Some(TimeoutAction::Suspend),
+                ..flags(ConvergeMode::None)
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert_eq!(
+        actions(&record, "suspend").len(),
+        1,
+        "{:#?}",
+        record.actions
+    );
+    assert_moved_intact("vm", &a, &b).await;
+}
+
+#[tokio::test]
+async fn a_stalled_migration_raises_the_downtime_limit_up_to_the_ceiling() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    // 16 MiB rewritten every pass; 2 s at 16 MiB/s covers it.
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateFlags {
+                max_downtime: Some(2_000),
+                ..flags(ConvergeMode::None)
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert_eq!(
+        actions(&record, "downtime"),
+        [2_000.0],
+        "{:#?}",
+        record.actions
+    );
+    assert!(record.downtime_ms.unwrap() <= 2_500, "{record:#?}");
+    assert_moved_intact("vm", &a, &b).await;
+}
+
+#[tokio::test]
+async fn a_stalled_migration_switches_to_postcopy_when_allowed() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateFlags {
+                allow_postcopy: true,
+                ..flags(ConvergeMode::None)
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert_eq!(
+        actions(&record, "postcopy").len(),
+        1,
+        "{:#?}",
+        record.actions
+    );
+    assert_moved_intact("vm", &a, &b).await;
+}
