@@ -73,6 +73,9 @@ impl Agent {
             }
             Request::MigratePostcopy { domain } => self.start_postcopy(&domain).await,
             Request::Job { id } => self.job(&id).await,
+            Request::Estimate { domain, params } => {
+                crate::estimate::estimate(self, &domain, params).await
+            }
             Request::QemuMonitorCommand { domain, command } => {
                 self.monitor_command(&domain, command).await
             }

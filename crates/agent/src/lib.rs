@@ -5,6 +5,7 @@
 //! - `state`: the in-memory domain table and active jobs.
 //! - `vm`: starting a domain's QEMU and noticing when it exits.
 //! - `api`: one handler per request.
+//! - `estimate`: measuring a guest and predicting its migration.
 //! - `migrate`: the source and destination halves of a migration.
 //! - `server`: unix and TCP listeners, one task per connection.
 //!
@@ -15,6 +16,7 @@
 mod api;
 pub mod config;
 mod errors;
+mod estimate;
 pub mod launcher;
 mod migrate;
 mod server;

@@ -110,6 +110,26 @@ pub enum Command {
     },
     /// Switch a running migration (started with --postcopy) to post-copy.
     MigratePostcopy(DomainArg),
+    /// Measure a running domain's dirty rate and predict its migration under
+    /// plain pre-copy, QEMU's auto-converge and the adaptive controller.
+    Estimate {
+        domain: String,
+        /// Link bandwidth, MiB/s [default: the domain's migrate-setspeed,
+        /// else 1024 assumed].
+        #[arg(long, value_name = "MiB/s")]
+        bandwidth: Option<u64>,
+        /// Downtime limit, ms [default 300].
+        #[arg(long, value_name = "MS")]
+        downtime: Option<u64>,
+        /// Time budget, s [default 600].
+        #[arg(long, value_name = "S")]
+        timeout: Option<u64>,
+        /// Highest throttle the controller may use, percent.
+        #[arg(long, value_name = "PCT")]
+        max_throttle: Option<f64>,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Show a migration job by id (live while it runs, then its record).
     Job {
         id: String,

@@ -222,6 +222,34 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             )
             .await?;
         }
+        Command::Estimate {
+            domain: name,
+            bandwidth,
+            downtime,
+            timeout,
+            max_throttle,
+            json,
+        } => {
+            let params = protocol::types::EstimateParams {
+                bandwidth_mib_s: bandwidth,
+                downtime_ms: downtime,
+                timeout_s: timeout,
+                max_throttle_pct: max_throttle,
+            };
+            match request(
+                &client,
+                Request::Estimate {
+                    domain: domain(&name)?,
+                    params,
+                },
+            )
+            .await?
+            {
+                Reply::Estimate(report) if json.json => print_json(&report)?,
+                Reply::Estimate(report) => print!("{}", output::estimate(&report)),
+                other => return Err(unexpected(other)),
+            }
+        }
         Command::Job { id, json } => match request(&client, Request::Job { id }).await? {
             Reply::Job {
                 record: Some(r), ..

@@ -67,8 +67,18 @@ pub async fn run(client: &Client, args: MigrateArgs) -> Result<ExitCode> {
         },
     )
     .await?;
-    let Reply::MigrationStarted { job_id } = reply else {
-        return Err(unexpected(reply));
+    let job_id = match reply {
+        Reply::MigrationStarted { job_id } => job_id,
+        Reply::Estimate(report) => {
+            if args.json {
+                print_json(&report)?;
+            } else {
+                println!("Dry run: every check passed; nothing was started.");
+                print!("{}", output::estimate(&report));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        other => return Err(unexpected(other)),
     };
     let verbose = args.verbose;
     let mut on_progress = |job: &JobInfo| {

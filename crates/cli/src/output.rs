@@ -244,3 +244,87 @@ pub fn progress_line(job: &JobInfo) -> String {
         s.expected_downtime_ms.map_or("-".into(), |d| format!("{d} ms")),
     )
 }
+
+/// `estimate` and `migrate --dry-run`.
+pub fn estimate(r: &protocol::types::EstimateReport) -> String {
+    let m = &r.model;
+    let windows: Vec<String> = r
+        .samples
+        .iter()
+        .map(|s| format!("{:.0} MiB in {:.0} s", s.dirtied / MIB, s.window_secs))
+        .collect();
+    let mut out = rows(&[
+        (
+            "Domain",
+            Some(format!("{} ({})", r.domain, mib(r.guest_ram_bytes))),
+        ),
+        ("Dirtied", Some(windows.join(", "))),
+        (
+            "Dirty rate",
+            Some(if m.rate_is_lower_bound {
+                format!(
+                    "at least {:.0} MiB/s (the working set filled within the shortest window)",
+                    m.rate / MIB
+                )
+            } else {
+                format!("{:.0} MiB/s", m.rate / MIB)
+            }),
+        ),
+        (
+            "Working set",
+            Some(format!("{:.0} MiB", m.working_set / MIB)),
+        ),
+        (
+            "Bandwidth",
+            Some(format!(
+                "{:.0} MiB/s{}",
+                r.bandwidth_bytes_s / MIB,
+                if r.bandwidth_assumed {
+                    " (assumed: pass --bandwidth for your link)"
+                } else {
+                    ""
+                }
+            )),
+        ),
+        ("Downtime limit", Some(format!("{} ms", r.downtime_ms))),
+        (
+            "Time budget",
+            Some(format!("{:.0} s", r.budget_s.unwrap_or(600.0))),
+        ),
+    ]);
+    out.push_str(&format!(
+        "\n{:<10} {:>9} {:>11} {:>9} {:>13} {:>16}\n",
+        "Policy", "Converges", "Total time", "Downtime", "Max throttle", "Guest work lost"
+    ));
+    let p = &r.predictions;
+    for (name, pred) in [
+        ("none", &p.none),
+        ("qemu", &p.qemu),
+        ("adaptive", &p.adaptive),
+    ] {
+        out.push_str(&format!(
+            "{:<10} {:>9} {:>11} {:>9} {:>12.1}% {:>15.1}s\n",
+            name,
+            if pred.converges { "yes" } else { "no" },
+            if pred.converges {
+                format!("{:.1} s", pred.total_secs)
+            } else {
+                format!("> {:.0} s", pred.total_secs)
+            },
+            if pred.converges {
+                format!("{:.0} ms", pred.downtime_secs * 1000.0)
+            } else {
+                "-".into()
+            },
+            pred.max_throttle * 100.0,
+            pred.work_lost_secs,
+        ));
+    }
+    if m.rate_is_lower_bound {
+        out.push_str(
+            "\nThe rate is a lower bound, so these predictions are optimistic; the adaptive\n\
+             controller measures the real rate during the migration and throttles harder if needed.\n",
+        );
+    }
+    out
+}

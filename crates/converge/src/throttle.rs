@@ -169,6 +169,8 @@ impl HostThrottle {
             }
         }
         release_dir(&self.controller, &self.dir);
+        // Gone once the last throttle is; fails harmlessly while others run.
+        let _ = fs::remove_dir(self.controller.join(OURS));
         self.current = 0.0;
     }
 }

@@ -175,10 +175,10 @@ impl DomainDefinition {
             source,
         })?;
         let mut def: DomainDefinition = toml::from_str(&text)?;
-        let base = path
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| PathBuf::from("."));
+        let base = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
         let base = std::path::absolute(&base).unwrap_or(base);
         def.resolve_paths(&base);
         def.validate()?;
@@ -328,6 +328,25 @@ path = "/boot/k"
             let err = DomainDefinition::from_toml(&text).unwrap_err();
             assert!(err.to_string().contains(expected), "{err} / {expected}");
         }
+    }
+
+    #[test]
+    fn a_bare_file_name_resolves_against_the_working_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("vm.toml"),
+            "name = \"a\"\nmemory_mib = 64\n[kernel]\npath = \"guest.elf\"\n",
+        )
+        .unwrap();
+        let cwd = std::env::current_dir().unwrap();
+        std::env::set_current_dir(dir.path()).unwrap();
+        let def = DomainDefinition::from_file(Path::new("vm.toml"));
+        std::env::set_current_dir(cwd).unwrap();
+        let kernel = def.unwrap().kernel.unwrap().path;
+        assert!(
+            kernel.is_absolute() && kernel.ends_with("guest.elf"),
+            "{kernel:?}"
+        );
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub struct MigrateFlags {
     /// finish in time.
     #[cfg_attr(feature = "cli", arg(long))]
     pub allow_postcopy: bool,
+    /// Check everything and predict the migration, without starting it.
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub dry_run: bool,
 }
 
 /// Flags that contradict each other or are out of range.

@@ -9,6 +9,7 @@
 //! - [`perform`]: the source QEMU: `migrate`, watch, steer (controller,
 //!   escalation, timeout action), cancel.
 //! - [`vcpu_throttle`]: the throttle mechanisms the controller drives.
+//! - [`dirty`]: measuring a guest's dirty rate (`calc-dirty-rate`).
 //! - [`job`]: job statistics and the record kept when a job ends.
 //! - [`uri`]: migration data URIs.
 //!
@@ -16,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dirty;
 pub mod flags;
 pub mod incoming;
 pub mod job;

@@ -22,10 +22,9 @@
 use std::time::Duration;
 
 use converge::controller::{self, Action, Observation, Policy, State};
-use converge::estimate::{fit, Sample};
+use converge::estimate::fit;
 use converge::stall::stalled;
 use converge::DirtyModel;
-use qmp::commands::dirty_rate::{CalcDirtyRate, DirtyRateMode, DirtyRateStatus, QueryDirtyRate};
 use qmp::commands::migration::{
     Migrate, MigrateCancel, MigrateSetParameters, MigrateStartPostcopy, MigrationParameters,
     MigrationStatus, QueryMigrate,
@@ -341,45 +340,11 @@ impl Watch<'_> {
     }
 }
 
-/// Measures the dirty rate over 1 s and 2 s windows (page sampling: the
-/// only mode QEMU 7.2 offers under TCG) and fits the model.
+/// Measures the dirty rate over 1 s and 2 s windows and fits the model.
 async fn preflight(qmp: Client, ram_bytes: f64) -> Option<(DirtyModel, String)> {
-    let mut samples = Vec::new();
-    for window in [1i64, 2] {
-        qmp.execute(&CalcDirtyRate {
-            calc_time: window,
-            sample_pages: Some(4096),
-            mode: Some(DirtyRateMode::PageSampling),
-        })
-        .await
-        .ok()?;
-        let deadline = Instant::now() + Duration::from_secs(window as u64 + 10);
-        let rate = loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let info = qmp.execute(&QueryDirtyRate).await.ok()?;
-            if info.status == DirtyRateStatus::Measured {
-                break info.dirty_rate?;
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-        };
-        samples.push(Sample {
-            window_secs: window as f64,
-            dirtied: rate as f64 * MIB * window as f64,
-        });
-    }
+    let samples = crate::dirty::measure(&qmp, &[1, 2]).await.ok()?;
     let model = fit(&samples, ram_bytes)?;
-    let detail =
-        format!(
-        "dirtied {:.0} MiB in 1 s and {:.0} MiB in 2 s: rate {}{:.0} MiB/s, working set {:.0} MiB",
-        samples[0].dirtied / MIB,
-        samples[1].dirtied / MIB,
-        if model.rate_is_lower_bound { "at least " } else { "" },
-        model.rate / MIB,
-        model.working_set / MIB
-    );
-    Some((model, detail))
+    Some((model, crate::dirty::describe(&samples, &model)))
 }
 
 /// Starts the migration to `uri` and watches it until QEMU finishes it.

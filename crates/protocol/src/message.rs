@@ -5,7 +5,10 @@ use migration::{JobInfo, JobRecord, MigrateFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::types::{AgentInfo, DomainInfo, DomainSummary, HostCapabilities, PrepareRequest};
+use crate::types::{
+    AgentInfo, DomainInfo, DomainSummary, EstimateParams, EstimateReport, HostCapabilities,
+    PrepareRequest,
+};
 
 /// The protocol version in every envelope. A newer minor revision only adds
 /// `#[serde(default)]` fields; a different version is refused.
@@ -91,6 +94,12 @@ pub enum Request {
     MigratePostcopy {
         domain: DomainName,
     },
+    /// Measure a running domain's dirty rate and predict its migration.
+    Estimate {
+        domain: DomainName,
+        #[serde(default)]
+        params: EstimateParams,
+    },
     /// A job run by this agent: live info while it runs, then its record.
     Job {
         id: String,
@@ -150,6 +159,7 @@ pub enum Reply {
     Monitor {
         result: Value,
     },
+    Estimate(Box<EstimateReport>),
     Prepared {
         uri: String,
     },

@@ -107,3 +107,31 @@ pub struct PrepareRequest {
     /// The source agent's URI, for the record.
     pub source: String,
 }
+
+/// `estimate` and `migrate --dry-run`: what the guest does to its memory and
+/// what each convergence policy is predicted to make of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EstimateReport {
+    pub domain: String,
+    pub guest_ram_bytes: u64,
+    /// Bytes per second the prediction assumes.
+    pub bandwidth_bytes_s: f64,
+    /// No bandwidth was given: the figure is an assumption.
+    pub bandwidth_assumed: bool,
+    pub downtime_ms: u64,
+    pub budget_s: Option<f64>,
+    /// Highest throttle the adaptive controller may use here, percent.
+    pub max_throttle_pct: f64,
+    pub samples: Vec<converge::estimate::Sample>,
+    pub model: converge::DirtyModel,
+    pub predictions: converge::estimate::Predictions,
+}
+
+/// What to estimate for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EstimateParams {
+    pub bandwidth_mib_s: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub timeout_s: Option<u64>,
+    pub max_throttle_pct: Option<f64>,
+}

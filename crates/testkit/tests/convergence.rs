@@ -267,3 +267,71 @@ async fn a_stalled_migration_switches_to_postcopy_when_allowed() {
     );
     assert_moved_intact("vm", &a, &b).await;
 }
+
+#[tokio::test]
+async fn estimate_and_dry_run_predict_without_touching_the_guest() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let pid = a.dominfo("vm").await.unwrap().qemu_pid.unwrap();
+
+    let out = a.cli(&["estimate", "vm", "--bandwidth", "16", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["samples"].as_array().unwrap().len(), 2);
+    // A ~50 MiB/s writer against 16 MiB/s: plain pre-copy cannot make it,
+    // the controller can.
+    assert_eq!(
+        report["predictions"]["none"]["converges"], false,
+        "{report:#}"
+    );
+    assert_eq!(
+        report["predictions"]["adaptive"]["converges"], true,
+        "{report:#}"
+    );
+    assert!(report["model"]["rate"].as_f64().unwrap() > 16.0 * 1024.0 * 1024.0);
+
+    let dry = a.cli(&[
+        "migrate",
+        "--live",
+        "--converge",
+        "adaptive",
+        "--bandwidth",
+        "16",
+        "--dry-run",
+        "vm",
+        &b.uri(),
+    ]);
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        text.contains("Dry run") && text.contains("adaptive"),
+        "{text}"
+    );
+
+    // Nothing moved, nothing was started.
+    let info = a.dominfo("vm").await.unwrap();
+    assert_eq!(info.qemu_pid, Some(pid));
+    assert_eq!(info.active_job, None);
+    assert!(b.qemu_pids().is_empty());
+    assert!(b.dominfo("vm").await.is_err());
+    // A dry run still fails Begin's checks.
+    let bad = a.cli(&[
+        "migrate",
+        "--live",
+        "--dirty-limit",
+        "--dry-run",
+        "vm",
+        &b.uri(),
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+}

@@ -13,7 +13,7 @@ use migration::settings::{self, ThrottleVia, Tunables};
 use migration::vcpu_throttle::{HostVcpuThrottle, QemuVcpuThrottle, VcpuThrottle};
 use migration::{support, ConvergeMode, MigrateFlags};
 use protocol::message::Reply;
-use protocol::types::PrepareRequest;
+use protocol::types::{EstimateParams, PrepareRequest};
 use protocol::{AgentUri, ApiError, Client, ErrorCode, Request};
 use qmp::commands::vm::{Cont, QueryCpusFast, QueryStatus, RunState, Stop};
 use tokio::sync::watch;
@@ -114,6 +114,21 @@ pub(crate) async fn begin(
                 ),
             ));
         }
+    }
+
+    if flags.dry_run {
+        drop(peer);
+        return crate::estimate::estimate(
+            agent,
+            name,
+            EstimateParams {
+                bandwidth_mib_s: flags.bandwidth,
+                downtime_ms: flags.downtime,
+                timeout_s: flags.timeout,
+                max_throttle_pct: flags.max_throttle,
+            },
+        )
+        .await;
     }
 
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
