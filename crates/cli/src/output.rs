@@ -297,33 +297,55 @@ pub fn estimate(r: &protocol::types::EstimateReport) -> String {
         "Policy", "Converges", "Total time", "Downtime", "Max throttle", "Guest work lost"
     ));
     let p = &r.predictions;
-    for (name, pred) in [
-        ("none", &p.none),
-        ("qemu", &p.qemu),
-        ("adaptive", &p.adaptive),
-    ] {
+    let worst = p.worst_case.as_ref();
+    let rows = [
+        ("none", &p.measured.none, worst.map(|w| &w.none)),
+        ("qemu", &p.measured.qemu, worst.map(|w| &w.qemu)),
+        ("adaptive", &p.measured.adaptive, worst.map(|w| &w.adaptive)),
+    ];
+    for (name, pred, worst) in rows {
+        let converges = match (pred.converges, worst.map(|w| w.converges)) {
+            (true, Some(false)) => "maybe",
+            (true, _) => "yes",
+            (false, _) => "no",
+        };
+        let time = |p: &converge::Prediction| {
+            if p.converges {
+                format!("{:.1} s", p.total_secs)
+            } else {
+                format!("> {:.0} s", p.total_secs)
+            }
+        };
+        let total = match worst {
+            Some(w)
+                if w.converges != pred.converges
+                    || (w.total_secs - pred.total_secs).abs() > 0.5 =>
+            {
+                format!("{}..{}", time(pred), time(w))
+            }
+            _ => time(pred),
+        };
         out.push_str(&format!(
             "{:<10} {:>9} {:>11} {:>9} {:>12.1}% {:>15.1}s\n",
             name,
-            if pred.converges { "yes" } else { "no" },
-            if pred.converges {
-                format!("{:.1} s", pred.total_secs)
-            } else {
-                format!("> {:.0} s", pred.total_secs)
-            },
+            converges,
+            total,
             if pred.converges {
                 format!("{:.0} ms", pred.downtime_secs * 1000.0)
             } else {
                 "-".into()
             },
-            pred.max_throttle * 100.0,
-            pred.work_lost_secs,
+            worst.map_or(pred.max_throttle, |w| w.max_throttle.max(pred.max_throttle)) * 100.0,
+            worst.map_or(pred.work_lost_secs, |w| w
+                .work_lost_secs
+                .max(pred.work_lost_secs)),
         ));
     }
     if m.rate_is_lower_bound {
         out.push_str(
-            "\nThe rate is a lower bound, so these predictions are optimistic; the adaptive\n\
-             controller measures the real rate during the migration and throttles harder if needed.\n",
+            "\nThe working set filled within the shortest window, so the rate is only a lower\n\
+             bound: ranges run from that rate to a writer refilling it every 50 ms. The\n\
+             adaptive controller measures the real rate during the migration.\n",
         );
     }
     out

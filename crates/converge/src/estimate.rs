@@ -64,7 +64,7 @@ pub fn fit(samples: &[Sample], ram_bytes: f64) -> Option<DirtyModel> {
 
 /// What each convergence policy is predicted to do.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct Predictions {
+pub struct Outlook {
     /// Plain pre-copy.
     pub none: Prediction,
     /// QEMU's auto-converge with its defaults.
@@ -73,8 +73,37 @@ pub struct Predictions {
     pub adaptive: Prediction,
 }
 
+/// Predictions for the measured model; when the rate is only a lower
+/// bound, also for the worst case the measurement allows.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Predictions {
+    #[serde(flatten)]
+    pub measured: Outlook,
+    /// For a writer that refills its working set every
+    /// [`WORST_CASE_REFILL_SECS`] (present when the rate is a lower bound).
+    pub worst_case: Option<Outlook>,
+}
+
+/// The worst case of a saturated measurement: the working set rewritten
+/// every 50 ms, as a memory-bound loop does.
+pub const WORST_CASE_REFILL_SECS: f64 = 0.05;
+
 /// Predicts a migration of a guest with `ram_bytes` of RAM.
 pub fn predict(model: DirtyModel, ram_bytes: f64, bandwidth: f64, policy: &Policy) -> Predictions {
+    let worst_case = model.rate_is_lower_bound.then(|| {
+        let worst = DirtyModel {
+            rate: model.rate.max(model.working_set / WORST_CASE_REFILL_SECS),
+            ..model
+        };
+        outlook(worst, ram_bytes, bandwidth, policy)
+    });
+    Predictions {
+        measured: outlook(model, ram_bytes, bandwidth, policy),
+        worst_case,
+    }
+}
+
+fn outlook(model: DirtyModel, ram_bytes: f64, bandwidth: f64, policy: &Policy) -> Outlook {
     let scenario = Scenario {
         first_pass_bytes: ram_bytes,
         model,
@@ -84,7 +113,7 @@ pub fn predict(model: DirtyModel, ram_bytes: f64, bandwidth: f64, policy: &Polic
             .budget
             .unwrap_or(crate::controller::DEFAULT_HORIZON_SECS),
     };
-    Predictions {
+    Outlook {
         none: simulate(&scenario, &mut Fixed),
         qemu: simulate(
             &scenario,

@@ -284,17 +284,17 @@ async fn estimate_and_dry_run_predict_without_touching_the_guest() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["samples"].as_array().unwrap().len(), 2);
-    // A ~50 MiB/s writer against 16 MiB/s: plain pre-copy cannot make it,
-    // the controller can.
-    assert_eq!(
-        report["predictions"]["none"]["converges"], false,
-        "{report:#}"
-    );
-    assert_eq!(
-        report["predictions"]["adaptive"]["converges"], true,
-        "{report:#}"
-    );
-    assert!(report["model"]["rate"].as_f64().unwrap() > 16.0 * 1024.0 * 1024.0);
+    // A ~50 MiB/s writer over 16 MiB against 16 MiB/s fills its working set
+    // within a second: the rate is a lower bound, plain pre-copy may not
+    // make it, the controller does either way.
+    let p = &report["predictions"];
+    assert_eq!(report["model"]["rate_is_lower_bound"], true, "{report:#}");
+    assert_eq!(p["worst_case"]["none"]["converges"], false, "{report:#}");
+    assert_eq!(p["adaptive"]["converges"], true, "{report:#}");
+    assert_eq!(p["worst_case"]["adaptive"]["converges"], true, "{report:#}");
+    let text = a.cli(&["estimate", "vm", "--bandwidth", "16"]).stdout;
+    let text = String::from_utf8_lossy(&text);
+    assert!(text.contains("lower"), "{text}");
 
     let dry = a.cli(&[
         "migrate",
