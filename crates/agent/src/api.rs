@@ -89,6 +89,9 @@ impl Agent {
                 migrate::destination::prepare(self, *prepare, ctx).await
             }
             Request::PeerFinish { job_id } => migrate::destination::finish(self, &job_id).await,
+            Request::PeerRecover { job_id } => {
+                migrate::destination::recover(self, &job_id, ctx).await
+            }
             Request::PeerAbort { job_id, reason } => {
                 migrate::destination::abort(self, &job_id, &reason).await
             }
@@ -174,6 +177,7 @@ impl Agent {
             d.vm = Some(vm);
             Ok(())
         })?;
+        self.persist_run(name).await;
         Ok(Reply::Done)
     }
 

@@ -182,6 +182,20 @@ impl AgentProcess {
         self.kill_group();
     }
 
+    /// Sends SIGTERM and waits for the agent to exit; its QEMU processes
+    /// are left alone. Returns whether it exited in time.
+    pub async fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = nix::sys::signal::kill(self.pgid(), Signal::SIGTERM);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
     /// Kills the agent alone with SIGKILL, as a crash would; its QEMU
     /// processes keep running (they die with the group on drop).
     pub fn crash(&mut self) {

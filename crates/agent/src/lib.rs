@@ -7,6 +7,8 @@
 //! - `api`: one handler per request.
 //! - `estimate`: measuring a guest and predicting its migration.
 //! - `migrate`: the source and destination halves of a migration.
+//! - `runfile`, `reattach`: what runs, on disk, and taking it over after
+//!   a restart.
 //! - `server`: unix and TCP listeners, one task per connection.
 //!
 //! [`run`] starts an agent; it serves until `shutdown` resolves.
@@ -19,6 +21,8 @@ mod errors;
 mod estimate;
 pub mod launcher;
 mod migrate;
+mod reattach;
+mod runfile;
 mod server;
 mod state;
 pub mod store;

@@ -48,9 +48,10 @@ pub(crate) struct ConnContext {
 
 /// Runs an agent until `shutdown` resolves. Logs the addresses it serves.
 ///
-/// On shutdown, active outgoing migrations are cancelled (the guest stays
-/// on this host), incoming ones are torn down, and the QEMU processes the
-/// agent started are stopped.
+/// At start, QEMU processes an earlier agent left running are adopted (see
+/// `reattach`). On shutdown, active outgoing migrations are cancelled (the
+/// guest stays on this host), incoming ones are torn down, and running
+/// guests are left running for the next agent to adopt.
 ///
 /// # Errors
 /// [`RunError`] if the state directory or a listener cannot be set up.
@@ -91,6 +92,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
         tracing::info!(count = domains.len(), "definitions loaded");
     }
+    crate::reattach::reattach_all(&agent).await;
     tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");
 
     let mut connections = JoinSet::new();
@@ -109,6 +111,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             accepted = accept_tcp(tcp.as_ref()) => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
+                    protocol::keepalive(&stream);
                     let local_ip = stream.local_addr().ok().map(|a| a.ip());
                     tracing::debug!(%peer, "tcp connection");
                     let (r, w) = stream.into_split();
@@ -216,7 +219,7 @@ where
 }
 
 /// Shutdown: outgoing jobs are cancelled and given time to resume the
-/// source; then every QEMU we started is stopped.
+/// source, incoming ones are torn down, running guests are left running.
 async fn stop_everything(agent: &Arc<Agent>) {
     let outgoing: Vec<_> = {
         let domains = agent.domains.lock().expect("domains lock");
@@ -244,11 +247,24 @@ async fn stop_everything(agent: &Arc<Agent>) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let vms: Vec<_> = {
-        let mut domains = agent.domains.lock().expect("domains lock");
-        domains.values_mut().filter_map(|d| d.vm.take()).collect()
+    let incoming: Vec<_> = {
+        let domains = agent.domains.lock().expect("domains lock");
+        domains
+            .iter()
+            .filter_map(|(name, d)| match &d.job {
+                Some(ActiveJob::Incoming(job)) => Some((name.clone(), job.clone())),
+                _ => None,
+            })
+            .collect()
     };
-    for vm in vms {
-        vm.process.shutdown(Duration::from_secs(5)).await;
+    for (name, job) in incoming {
+        destination::teardown(agent, &name, &job, "the destination agent is shutting down").await;
+    }
+    let domains = agent.domains.lock().expect("domains lock");
+    for (name, d) in domains.iter() {
+        if let Some(vm) = &d.vm {
+            vm.process.detach();
+            tracing::info!(domain = %name, pid = vm.process.pid(), "left running for the next agent");
+        }
     }
 }

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::errors;
+use crate::runfile::{RunJob, RunRecord};
 use crate::store::Store;
 use crate::vm::RunningVm;
 
@@ -59,6 +60,9 @@ pub(crate) struct IncomingJob {
     /// The definition the guest arrives with (persisted on Finish with
     /// `--persistent`).
     pub definition: DomainDefinition,
+    /// Adopted after an agent restart: the settings to restore are not
+    /// known, so Finish resets them to defaults.
+    pub reattached: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +178,61 @@ impl Agent {
 
     pub fn next_run_id(&self) -> u64 {
         self.next_run_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Keeps new run ids above those of adopted QEMUs.
+    pub fn reserve_run_id(&self, taken: u64) {
+        self.next_run_id.fetch_max(taken + 1, Ordering::Relaxed);
+    }
+
+    /// Writes the run record of a domain's QEMU as the table has it now.
+    pub async fn persist_run(&self, name: &DomainName) {
+        let record = {
+            let domains = self.domains.lock().expect("domains lock");
+            domains.get(name).and_then(|d| {
+                let vm = d.vm.as_ref()?;
+                let job =
+                    |id: &str, peer: &str, flags: &MigrateFlags, at: u64, created: bool| RunJob {
+                        id: id.to_string(),
+                        peer: peer.to_string(),
+                        flags: flags.clone(),
+                        started_at_ms: at,
+                        created_domain: created,
+                    };
+                Some(RunRecord {
+                    name: name.clone(),
+                    pid: vm.process.pid(),
+                    run_id: vm.run_id,
+                    qmp_socket: vm.qmp_socket.clone(),
+                    serial_log: vm.serial_log.clone(),
+                    qemu_log: vm.qemu_log.clone(),
+                    spec: vm.spec.clone(),
+                    qemu_version: vm.qemu_version,
+                    definition: d.definition.clone(),
+                    outgoing: match &d.job {
+                        Some(ActiveJob::Outgoing(j)) => {
+                            Some(job(&j.id, &j.destination, &j.flags, j.started_at_ms, false))
+                        }
+                        _ => None,
+                    },
+                    incoming: match &d.job {
+                        Some(ActiveJob::Incoming(j)) => Some(job(
+                            &j.id,
+                            &j.source,
+                            &j.flags,
+                            j.started_at_ms,
+                            j.created_domain,
+                        )),
+                        _ => None,
+                    },
+                })
+            })
+        };
+        if let Some(record) = record {
+            if let Err(e) = self.store.save_run(&record).await {
+                tracing::error!(domain = %name, error = %errors::chain(&e), "cannot record the running QEMU");
+            }
+        }
     }
 
     pub fn next_connection_id(&self) -> u64 {

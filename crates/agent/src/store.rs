@@ -4,7 +4,7 @@
 //! STATE_DIR/
 //!   domains/NAME.toml   persistent definitions
 //!   jobs/ID.json        records of finished migration jobs
-//!   run/                QMP sockets
+//!   run/                QMP sockets, and NAME.json for each running QEMU
 //!   logs/               QEMU output and guest serial logs
 //! ```
 //!
@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 use domain::{DomainDefinition, DomainName};
 use migration::JobRecord;
+
+use crate::runfile::RunRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -151,6 +153,60 @@ impl Store {
         write_atomic(path, bytes).await
     }
 
+    fn run_path(&self, name: &DomainName) -> PathBuf {
+        self.run_dir().join(format!("{name}.json"))
+    }
+
+    /// Records a running QEMU (see `runfile`).
+    ///
+    /// # Errors
+    /// [`StoreError::Write`].
+    pub(crate) async fn save_run(&self, record: &RunRecord) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(record).expect("a run record always serializes");
+        write_atomic(self.run_path(&record.name), bytes).await
+    }
+
+    /// Forgets the run record of `name` if it describes run `run_id` (a
+    /// newer QEMU of the same domain keeps its own).
+    pub(crate) async fn remove_run_if(&self, name: &DomainName, run_id: u64) {
+        let path = self.run_path(name);
+        let Ok(bytes) = tokio::fs::read(&path).await else {
+            return;
+        };
+        if serde_json::from_slice::<RunRecord>(&bytes).is_ok_and(|r| r.run_id == run_id) {
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+    }
+
+    /// Every run record on disk; unreadable ones are reported and removed.
+    pub(crate) async fn load_runs(&self) -> Vec<RunRecord> {
+        let dir = self.run_dir();
+        tokio::task::spawn_blocking(move || {
+            let mut runs = Vec::new();
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                return runs;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                    continue;
+                }
+                match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|bytes| {
+                    serde_json::from_slice::<RunRecord>(&bytes).map_err(|e| e.to_string())
+                }) {
+                    Ok(run) => runs.push(run),
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "unreadable run record removed");
+                        let _ = std::fs::remove_file(&path);
+                    }
+                }
+            }
+            runs
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     /// A job record by id, if there is one.
     pub async fn load_job(&self, id: &str) -> Option<JobRecord> {
         let path = self.job_path(id)?;
@@ -171,12 +227,17 @@ async fn write_atomic(path: PathBuf, bytes: Vec<u8>) -> Result<(), StoreError> {
                 .unwrap_or("state"),
             std::process::id()
         ));
-        {
+        let written = (|| {
             let mut file = std::fs::File::create(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
+            std::fs::rename(&tmp, &target)
+        })();
+        if written.is_err() {
+            // A full disk must not also leave half a file behind.
+            let _ = std::fs::remove_file(&tmp);
         }
-        std::fs::rename(&tmp, &target)?;
+        written?;
         std::fs::File::open(dir)?.sync_all()
     })
     .await

@@ -154,10 +154,12 @@ pub(crate) async fn launch(
 }
 
 /// When QEMU exits on its own (guest shutdown, crash, kill), the domain
-/// becomes shut off, and a transient one goes away.
-fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>) {
+/// becomes shut off, and a transient one goes away; its run record goes
+/// whoever took it out of the table.
+pub(crate) fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>) {
     let mut exit = vm.process.exit_watch();
     let run_id = vm.run_id;
+    let socket = vm.qmp_socket.clone();
     drop(vm);
     tokio::spawn(async move {
         let Ok(info) = exit.wait_for(Option::is_some).await.map(|i| *i) else {
@@ -173,6 +175,15 @@ fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>) {
                 _ => false,
             }
         };
+        agent.store.remove_run_if(&name, run_id).await;
+        let replaced = agent
+            .with_domain(&name, |d| {
+                Ok(d.vm.as_ref().is_some_and(|vm| vm.run_id != run_id))
+            })
+            .unwrap_or(false);
+        if !replaced {
+            let _ = tokio::fs::remove_file(&socket).await;
+        }
         if cleared {
             tracing::info!(domain = %name, exit = ?info, "QEMU exited");
             agent.drop_if_transient_and_idle(&name);

@@ -125,6 +125,10 @@ pub struct MigrateFlags {
     /// Check everything and predict the migration, without starting it.
     #[cfg_attr(feature = "cli", arg(long))]
     pub dry_run: bool,
+    /// Recover this domain's post-copy migration after a network failure
+    /// (QEMU's migrate-recover on the destination, migrate resume here).
+    #[cfg_attr(feature = "cli", arg(long))]
+    pub postcopy_resume: bool,
 }
 
 /// Flags that contradict each other or are out of range.

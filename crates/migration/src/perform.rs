@@ -42,6 +42,9 @@ use crate::vcpu_throttle::VcpuThrottle;
 const MIB: f64 = 1024.0 * 1024.0;
 /// Passes without a new low before a non-adaptive job escalates.
 const STALL_WINDOW: usize = 3;
+/// Lift the throttle when what is left is within this factor of the
+/// switchover threshold: QEMU's own bandwidth figure may differ from ours.
+const SWITCHOVER_MARGIN: f64 = 1.5;
 
 /// How to watch a migration.
 #[derive(Debug, Clone)]
@@ -220,6 +223,15 @@ impl Watch<'_> {
     }
 
     async fn cancel(&mut self, reason: CancelReason, why: String) {
+        // Ask QEMU rather than trust our flag: post-copy may have been
+        // started from outside this loop (`migrate-postcopy`).
+        let in_postcopy = matches!(
+            self.qmp.execute(&QueryMigrate).await,
+            Ok(info) if info.status.is_some_and(MigrationStatus::is_postcopy)
+        );
+        if in_postcopy {
+            self.progress.send_modify(|p| p.postcopy_started = true);
+        }
         if self.progress.borrow().postcopy_started {
             // The destination already runs the guest: cancelling now would
             // lose it. Let post-copy finish.
@@ -249,14 +261,12 @@ impl Watch<'_> {
         }
     }
 
+    /// The link's bandwidth for the controller: the cap when there is one
+    /// (QEMU's own figure counts bytes on the wire, so it reads low while
+    /// the first pass skims over zero pages), else QEMU's measurement.
     fn bandwidth(&self, stats: &JobStats) -> f64 {
         let measured = stats.bandwidth_mib_s.filter(|b| *b > 0.0).map(|b| b * MIB);
-        match (measured, self.options.bandwidth_cap) {
-            (Some(m), Some(cap)) => m.min(cap),
-            (Some(m), None) => m,
-            (None, Some(cap)) => cap,
-            (None, None) => 1e9,
-        }
+        self.options.bandwidth_cap.or(measured).unwrap_or(1e9)
     }
 
     fn take_preflight(&mut self) {
@@ -294,8 +304,24 @@ impl Watch<'_> {
             "pass"
         );
 
-        if let (Some(state), Some(policy)) = (self.controller.clone(), self.options.controller) {
+        // QEMU switches over when what is left fits in the downtime, and
+        // its first step is to stop the vCPUs: a throttled vCPU thread
+        // answers that only in its next CPU slice (up to a second at
+        // 99.9 %), which would all count as downtime. Lift the throttle now.
+        let threshold = self.bandwidth(stats) * self.downtime_ms as f64 / 1000.0;
+        if self.progress.borrow().throttle_pct > 0.0 && remaining <= SWITCHOVER_MARGIN * threshold {
+            self.set_throttle(0.0, format!(
+                "{:.0} MiB left fits in the downtime limit: lifted so the vCPUs stop at once for the switchover",
+                remaining / MIB
+            ))
+            .await;
+        }
+
+        if let (Some(mut state), Some(policy)) = (self.controller.clone(), self.options.controller)
+        {
             let throttle_now = self.progress.borrow().throttle_pct / 100.0;
+            // What is applied, whatever the controller last asked for.
+            state.throttle = throttle_now;
             let decision = controller::decide(
                 &state,
                 &Observation {
@@ -429,6 +455,9 @@ pub async fn run(
             }
         };
         publish(progress, &stats);
+        if info_in_postcopy(&stats) {
+            progress.send_modify(|p| p.postcopy_started = true);
+        }
         last = stats.clone();
 
         let iteration = stats.iteration.unwrap_or(0);
@@ -533,6 +562,13 @@ async fn settled_stats(qmp: &Client, mut stats: JobStats) -> JobStats {
         }
     }
     stats
+}
+
+fn info_in_postcopy(stats: &JobStats) -> bool {
+    stats
+        .qemu_status
+        .as_deref()
+        .is_some_and(|s| s.starts_with("postcopy"))
 }
 
 fn publish(progress: &watch::Sender<Progress>, stats: &JobStats) {

@@ -96,6 +96,10 @@ pub fn wanted_parameters(
     if role == Role::Source {
         let bandwidth = flags.bandwidth.or(tunables.bandwidth_mib_s);
         p.max_bandwidth = Some(bandwidth.map_or(UNLIMITED_BANDWIDTH, |b| b * MIB));
+        if flags.postcopy_enabled() {
+            // The cap holds in post-copy too (QEMU's default is unlimited).
+            p.max_postcopy_bandwidth = Some(bandwidth.map_or(0, |b| b * MIB));
+        }
         p.downtime_limit = flags.downtime.or(tunables.downtime_ms);
         p.cpu_throttle_initial = flags.auto_converge_initial;
         p.cpu_throttle_increment = flags.auto_converge_increment;
@@ -125,6 +129,9 @@ fn previous_values(
         // (`retune`, the policy), so they are always put back.
         max_bandwidth: before.max_bandwidth,
         downtime_limit: before.downtime_limit,
+        max_postcopy_bandwidth: wanted
+            .max_postcopy_bandwidth
+            .and(before.max_postcopy_bandwidth),
         cpu_throttle_initial: wanted.cpu_throttle_initial.and(before.cpu_throttle_initial),
         cpu_throttle_increment: wanted
             .cpu_throttle_increment
@@ -138,9 +145,6 @@ fn previous_values(
             .and(before.throttle_trigger_threshold),
         multifd_channels: wanted.multifd_channels.and(before.multifd_channels),
         xbzrle_cache_size: wanted.xbzrle_cache_size.and(before.xbzrle_cache_size),
-        max_postcopy_bandwidth: wanted
-            .max_postcopy_bandwidth
-            .and(before.max_postcopy_bandwidth),
         other: Default::default(),
     }
 }

@@ -107,6 +107,7 @@ impl Client {
                 .map_err(|_| connect_error(std::io::ErrorKind::TimedOut.into()))?
                 .map_err(connect_error)?;
                 let _ = stream.set_nodelay(true);
+                crate::keepalive(&stream);
                 Box::new(stream)
             }
         };

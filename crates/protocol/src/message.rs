@@ -118,6 +118,11 @@ pub enum Request {
     PeerFinish {
         job_id: String,
     },
+    /// Peer: make the destination QEMU listen again for a paused post-copy
+    /// migration; answered with `prepared` and the new data URI.
+    PeerRecover {
+        job_id: String,
+    },
     /// Peer: the migration failed; tear down the destination side.
     PeerAbort {
         job_id: String,

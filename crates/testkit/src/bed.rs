@@ -110,13 +110,21 @@ pub struct Host {
     options: LaunchOptions,
     process: Option<AgentProcess>,
     client: Option<Client>,
+    /// Agents that crashed: their process groups still hold QEMUs a new
+    /// agent adopted, and are killed when the host is dropped.
+    graveyard: Vec<AgentProcess>,
 }
 
 impl Host {
-    async fn start(options: LaunchOptions) -> Host {
+    async fn start(mut options: LaunchOptions) -> Host {
         let process = AgentProcess::spawn(&options)
             .await
             .unwrap_or_else(|e| panic!("livemigd did not start: {e}"));
+        // A restarted agent comes back on the same address, as a real one
+        // with a configured port would.
+        if let Some(uri) = process.tcp_uri() {
+            options.listen = Some(uri);
+        }
         let client = Client::connect(&process.local_uri())
             .await
             .expect("connect to the agent");
@@ -129,6 +137,7 @@ impl Host {
             options,
             process: Some(process),
             client: Some(client),
+            graveyard: Vec::new(),
         }
     }
 
@@ -159,9 +168,51 @@ impl Host {
         self.process().pid()
     }
 
-    /// QEMU processes this agent started that are still alive.
+    /// QEMU processes this host's agents started that are still alive
+    /// (including those of crashed agents).
     pub fn qemu_pids(&self) -> Vec<u32> {
-        procs::qemus_in_group(self.pgid())
+        let mut pids: Vec<u32> = self
+            .graveyard
+            .iter()
+            .chain(self.process.as_ref())
+            .flat_map(|p| procs::qemus_in_group(p.pid()))
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Kills the agent alone with SIGKILL, as a crash would; its QEMUs run
+    /// on. The host has no agent until [`Host::start_again`].
+    pub fn crash(&mut self) {
+        self.client = None;
+        if let Some(mut process) = self.process.take() {
+            process.crash();
+            self.graveyard.push(process);
+        }
+    }
+
+    /// Starts a new agent on the same state directory and address.
+    pub async fn start_again(&mut self) {
+        let fresh = Host::start(self.options.clone()).await;
+        let graveyard = std::mem::take(&mut self.graveyard);
+        let old = std::mem::replace(self, fresh);
+        drop(old);
+        self.graveyard = graveyard;
+    }
+
+    /// Kills a domain's QEMU with SIGKILL.
+    pub async fn kill_qemu(&self, name: &str) -> u32 {
+        let pid = self
+            .dominfo(name)
+            .await
+            .expect("dominfo")
+            .qemu_pid
+            .expect("the domain runs");
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        pid
     }
 
     /// Stops the agent gracefully and starts it again on the same state
@@ -171,11 +222,24 @@ impl Host {
         if let Some(process) = self.process.take() {
             process.stop(Duration::from_secs(30)).await;
         }
-        let fresh = Host::start(self.options.clone()).await;
-        *self = fresh;
+        self.start_again().await;
     }
 
-    /// Stops the agent gracefully (it stops its QEMUs).
+    /// Stops the agent with SIGTERM (it leaves its guests running) and
+    /// starts a new one on the same state directory, which adopts them.
+    pub async fn restart_keeping_guests(&mut self) {
+        self.client = None;
+        if let Some(mut process) = self.process.take() {
+            assert!(
+                process.terminate(Duration::from_secs(30)).await,
+                "livemigd did not exit on SIGTERM"
+            );
+            self.graveyard.push(process);
+        }
+        self.start_again().await;
+    }
+
+    /// Stops the agent, then kills what is left of its process group.
     pub async fn stop(mut self) {
         self.client = None;
         if let Some(process) = self.process.take() {
@@ -372,5 +436,6 @@ impl Drop for Host {
         // AgentProcess's own Drop kills the process group.
         self.client = None;
         self.process = None;
+        self.graveyard.clear();
     }
 }

@@ -12,6 +12,8 @@ pub struct NetnsPair {
     pub b: String,
     pub a_ip: String,
     pub b_ip: String,
+    veth_a: String,
+    veth_b: String,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -40,15 +42,19 @@ impl NetnsPair {
         let id = std::process::id();
         let a = format!("lm-{tag}-{id}-a");
         let b = format!("lm-{tag}-{id}-b");
-        let subnet = (id % 250) + 1;
+        let subnet = (id.wrapping_add(tag.bytes().map(u32::from).sum::<u32>()) % 250) + 1;
+        // Interface names are at most 15 bytes.
+        let short: String = tag.chars().take(3).collect();
+        let veth_a = format!("la{short}{id}");
+        let veth_b = format!("lb{short}{id}");
         let pair = NetnsPair {
             a_ip: format!("10.77.{subnet}.1"),
             b_ip: format!("10.77.{subnet}.2"),
             a,
             b,
+            veth_a: veth_a.clone(),
+            veth_b: veth_b.clone(),
         };
-        let veth_a = format!("lmva{id}");
-        let veth_b = format!("lmvb{id}");
         ip(&["netns", "add", &pair.a])?;
         // From here on, Drop cleans up whatever was made.
         ip(&["netns", "add", &pair.b])?;
@@ -66,6 +72,66 @@ impl NetnsPair {
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
         }
         Ok(pair)
+    }
+}
+
+impl NetnsPair {
+    /// Takes the link down on both ends: nothing crosses, nothing is reset
+    /// (connections just stop hearing from each other).
+    pub fn cut(&self) -> Result<(), String> {
+        ip(&["-n", &self.a, "link", "set", &self.veth_a, "down"])?;
+        ip(&["-n", &self.b, "link", "set", &self.veth_b, "down"])
+    }
+
+    /// Brings the link back.
+    pub fn restore(&self) -> Result<(), String> {
+        ip(&["-n", &self.a, "link", "set", &self.veth_a, "up"])?;
+        ip(&["-n", &self.b, "link", "set", &self.veth_b, "up"])
+    }
+
+    /// Shapes traffic from `a` to `b` with a token bucket: `rate` such as
+    /// "40mbit", queueing up to `latency` such as "200ms" (this kernel has
+    /// no netem, so delay comes from queueing behind the rate).
+    pub fn shape(&self, rate: &str, latency: &str) -> Result<(), String> {
+        tc(
+            &self.a,
+            &[
+                "qdisc",
+                "replace",
+                "dev",
+                &self.veth_a,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "latency",
+                latency,
+            ],
+        )
+    }
+
+    /// Removes shaping.
+    pub fn unshape(&self) -> Result<(), String> {
+        tc(&self.a, &["qdisc", "del", "dev", &self.veth_a, "root"])
+    }
+}
+
+fn tc(ns: &str, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "tc"])
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run tc: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "tc {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 

@@ -11,11 +11,11 @@ use domain::DomainName;
 use migration::job::{unix_ms, JobRecord, JobStats, JobStatus, Phase, Role};
 use migration::settings::{self, Tunables};
 use migration::uri::{parse_data_uri, DataUri};
-use migration::{incoming, support};
+use migration::{incoming, support, MigrateFlags};
 use protocol::message::Reply;
 use protocol::types::PrepareRequest;
 use protocol::{ApiError, ErrorCode};
-use qmp::commands::migration::MigrationStatus;
+use qmp::commands::migration::{MigratePause, MigrateRecover, MigrationStatus, QueryMigrate};
 use qmp::commands::vm::Cont;
 use qmp::EventKind;
 use tokio::time::Instant;
@@ -162,8 +162,11 @@ async fn prepare_live(
             agent.with_domain(&name, |d| {
                 d.vm = Some(vm);
                 d.job = Some(ActiveJob::Incoming(job));
+                // The running configuration is the one that arrives.
+                d.definition = req.definition.clone();
                 Ok(())
             })?;
+            agent.persist_run(&name).await;
             tracing::info!(%uri, source = %req.source, "prepared");
             Ok(Reply::Prepared {
                 uri: uri.to_string(),
@@ -228,6 +231,7 @@ fn incoming_job(
         vm,
         phase: Mutex::new(Phase::Prepare),
         definition: req.definition.clone(),
+        reattached: false,
     }
 }
 
@@ -269,7 +273,20 @@ pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, Ap
             incoming::wait_complete(&qmp, agent.config.finish_timeout)
                 .await
                 .map_err(|e| errors::chain(&e))?;
-            if let Err(e) = settings::restore(&qmp, &job.previous).await {
+            let reset = if job.reattached {
+                settings::apply(
+                    &qmp,
+                    &MigrateFlags::default(),
+                    Tunables::default(),
+                    Role::Destination,
+                    settings::ThrottleVia::NotQemu,
+                )
+                .await
+                .map(|_| ())
+            } else {
+                settings::restore(&qmp, &job.previous).await
+            };
+            if let Err(e) = reset {
                 tracing::warn!(error = %e, "could not reset the migration settings");
             }
             if !job.flags.suspend {
@@ -347,15 +364,102 @@ pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, Ap
     .await
 }
 
+/// Post-copy recovery, destination side: listen again (`migrate-recover`)
+/// and hand the source the new address.
+pub(crate) async fn recover(
+    agent: &Arc<Agent>,
+    job_id: &str,
+    ctx: &ConnContext,
+) -> Result<Reply, ApiError> {
+    let (name, job) = find(agent, job_id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NoJob,
+            format!("no incoming job '{job_id}' on {}", agent.uri),
+        )
+    })?;
+    let vm = job
+        .vm
+        .clone()
+        .ok_or_else(|| errors::operation_invalid("the incoming job was never prepared"))?;
+    let qmp = vm.process.qmp();
+    let status = qmp
+        .execute(&QueryMigrate)
+        .await
+        .map_err(|e| errors::qemu(e.to_string()))?
+        .status;
+    if status == Some(MigrationStatus::PostcopyActive) {
+        // The link died without the socket noticing: pause explicitly.
+        let _ = qmp.execute(&MigratePause).await;
+        wait_status(qmp, MigrationStatus::PostcopyPaused).await?;
+    } else if status != Some(MigrationStatus::PostcopyPaused) {
+        return Err(errors::operation_invalid(format!(
+            "the migration of '{name}' is not in post-copy here (status {status:?})"
+        )));
+    }
+    let host = ctx
+        .local_ip
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let listen = DataUri::Tcp {
+        host: host.clone(),
+        port: 0,
+    };
+    qmp.execute(&MigrateRecover {
+        uri: listen.to_string(),
+    })
+    .await
+    .map_err(|e| errors::qemu(format!("migrate-recover failed: {e}")))?;
+    let port = qmp
+        .execute(&QueryMigrate)
+        .await
+        .map_err(|e| errors::qemu(e.to_string()))?
+        .socket_address
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|a| a.port)
+        .ok_or_else(|| errors::qemu("QEMU did not report where it listens for the recovery"))?;
+    tracing::info!(job = %job_id, domain = %name, %port, "listening to recover post-copy");
+    Ok(Reply::Prepared {
+        uri: DataUri::Tcp {
+            host,
+            port: port
+                .parse()
+                .map_err(|_| errors::qemu("bad port from QEMU"))?,
+        }
+        .to_string(),
+    })
+}
+
+/// Waits (up to 10 s) for QEMU's migration to reach `want`.
+pub(crate) async fn wait_status(qmp: &qmp::Client, want: MigrationStatus) -> Result<(), ApiError> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let status = qmp
+            .execute(&QueryMigrate)
+            .await
+            .map_err(|e| errors::qemu(e.to_string()))?
+            .status;
+        if status == Some(want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(errors::qemu(format!(
+                "the migration did not reach {want:?} (it is {status:?})"
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 pub(crate) async fn abort(
     agent: &Arc<Agent>,
     job_id: &str,
     reason: &str,
 ) -> Result<Reply, ApiError> {
     if let Some((name, job)) = find(agent, job_id) {
-        teardown(agent, &name, &job, reason).await;
+        let torn_down = teardown(agent, &name, &job, reason).await;
         return Ok(Reply::Aborted {
-            guest_running_here: false,
+            guest_running_here: !torn_down,
         });
     }
     let finished_here = agent
@@ -368,9 +472,31 @@ pub(crate) async fn abort(
     })
 }
 
+/// True if this QEMU is in post-copy: it runs the guest, and killing it
+/// would lose the guest.
+async fn in_postcopy(vm: &vm::RunningVm) -> bool {
+    matches!(
+        vm.process.qmp().execute(&QueryMigrate).await,
+        Ok(info) if info.status.is_some_and(MigrationStatus::is_postcopy)
+    )
+}
+
 /// Kills the destination QEMU and forgets the job (and the domain, if it
-/// only existed for the migration).
-pub(crate) async fn teardown(agent: &Agent, name: &DomainName, job: &IncomingJob, reason: &str) {
+/// only existed for the migration) — unless the migration reached
+/// post-copy, where this QEMU runs the guest and is kept for recovery
+/// (`migrate --postcopy-resume`).
+pub(crate) async fn teardown(
+    agent: &Agent,
+    name: &DomainName,
+    job: &IncomingJob,
+    reason: &str,
+) -> bool {
+    if let Some(vm) = &job.vm {
+        if in_postcopy(vm).await {
+            tracing::error!(job = %job.id, domain = %name, %reason, "not tearing down: the guest runs here in post-copy; recover with migrate --postcopy-resume");
+            return false;
+        }
+    }
     *job.phase.lock().expect("phase lock") = Phase::Cleanup;
     if let Some(vm) = &job.vm {
         vm.process.kill_and_wait(QEMU_STOP_TIMEOUT).await;
@@ -385,7 +511,9 @@ pub(crate) async fn teardown(agent: &Agent, name: &DomainName, job: &IncomingJob
             d.vm = None;
         }
     }
+    drop(domains);
     tracing::warn!(job = %job.id, domain = %name, %reason, "incoming migration aborted; destination cleaned up");
+    true
 }
 
 /// Aborts the jobs a closed peer connection had prepared.

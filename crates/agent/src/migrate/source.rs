@@ -14,7 +14,8 @@ use migration::vcpu_throttle::{HostVcpuThrottle, QemuVcpuThrottle, VcpuThrottle}
 use migration::{support, ConvergeMode, MigrateFlags};
 use protocol::message::Reply;
 use protocol::types::{EstimateParams, PrepareRequest};
-use protocol::{AgentUri, ApiError, Client, ErrorCode, Request};
+use protocol::{AgentUri, ApiError, Client, ClientError, ErrorCode, Request, PEER_SILENCE_LIMIT};
+use qmp::commands::migration::{Migrate, MigratePause, MigrationStatus, QueryMigrate};
 use qmp::commands::vm::{Cont, QueryCpusFast, QueryStatus, RunState, Stop};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -26,6 +27,10 @@ use crate::state::{ActiveJob, Agent, OutgoingJob};
 use crate::vm::RunningVm;
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long to look for a destination agent that went away mid-job (one
+/// that restarts comes back well within it).
+const PEER_RETRY: Duration = Duration::from_secs(30);
+const PEER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(90);
 const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const MIB: f64 = 1024.0 * 1024.0;
@@ -42,6 +47,9 @@ pub(crate) async fn begin(
     let dest_uri: AgentUri = destination
         .parse()
         .map_err(|e: protocol::BadAgentUri| errors::invalid(e.to_string()))?;
+    if flags.postcopy_resume {
+        return postcopy_resume(agent, name, &dest_uri).await;
+    }
     let lock = agent.op_lock(name)?;
     let _guard = lock.lock().await;
 
@@ -146,13 +154,15 @@ pub(crate) async fn begin(
         d.job = Some(ActiveJob::Outgoing(job.clone()));
         Ok(())
     })?;
+    agent.persist_run(name).await;
     let span = tracing::info_span!("job", id = %job.id, domain = %name, role = "source");
     tracing::info!(parent: &span, %destination, flags = ?flags.names(), "migration started");
     let run = Run {
         agent: agent.clone(),
         name: name.clone(),
         job: job.clone(),
-        peer,
+        peer: tokio::sync::Mutex::new(peer),
+        lost_peer: Default::default(),
         def,
         vm,
         tunables,
@@ -164,11 +174,93 @@ pub(crate) async fn begin(
     })
 }
 
+/// Recovers a post-copy migration whose stream broke: both QEMUs are (or
+/// are put) in `postcopy-paused`; the destination listens again
+/// (`migrate-recover`) and the source resumes sending (`migrate` with
+/// `resume`). The job's watcher carries on to the end as before.
+async fn postcopy_resume(
+    agent: &Arc<Agent>,
+    name: &DomainName,
+    destination: &AgentUri,
+) -> Result<Reply, ApiError> {
+    let (job, vm) = agent.with_domain(name, |d| match (&d.job, &d.vm) {
+        (Some(ActiveJob::Outgoing(job)), Some(vm)) => Ok((job.clone(), vm.clone())),
+        _ => Err(errors::operation_invalid(format!(
+            "domain '{name}' has no migration from this host to resume"
+        ))),
+    })?;
+    if job.destination != destination.to_string() {
+        return Err(errors::invalid(format!(
+            "the migration of '{name}' goes to {}, not {destination}",
+            job.destination
+        )));
+    }
+    let qmp = vm.process.qmp();
+    let status = qmp
+        .execute(&QueryMigrate)
+        .await
+        .map_err(|e| errors::qemu(e.to_string()))?
+        .status;
+    if status == Some(MigrationStatus::PostcopyActive) {
+        // The link died without the socket noticing: pause explicitly.
+        let _ = qmp.execute(&MigratePause).await;
+        super::destination::wait_status(qmp, MigrationStatus::PostcopyPaused).await?;
+    } else if status != Some(MigrationStatus::PostcopyPaused) {
+        return Err(errors::operation_invalid(format!(
+            "the migration of '{name}' is not in post-copy (status {status:?}); nothing to resume"
+        )));
+    }
+    let peer = Client::connect(destination).await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::PeerUnreachable,
+            format!(
+                "destination agent is down or unreachable: {}",
+                errors::chain(&e)
+            ),
+        )
+    })?;
+    let uri = match peer
+        .request(
+            Request::PeerRecover {
+                job_id: job.id.clone(),
+            },
+            PEER_TIMEOUT,
+        )
+        .await
+    {
+        Ok(Reply::Prepared { uri }) => uri,
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(e.to_api()),
+    };
+    qmp.execute(&Migrate {
+        uri: uri.clone(),
+        resume: Some(true),
+    })
+    .await
+    .map_err(|e| errors::qemu(format!("QEMU refused to resume the migration: {e}")))?;
+    tracing::info!(job = %job.id, domain = %name, %uri, "post-copy resumed");
+    Ok(Reply::MigrationStarted {
+        job_id: job.id.clone(),
+    })
+}
+
 fn unexpected(reply: &Reply) -> ApiError {
     ApiError::new(
         ErrorCode::PeerFailed,
         format!("destination agent sent an unexpected reply: {reply:?}"),
     )
+}
+
+/// What the destination says after the copy completed.
+enum Settled {
+    /// It resumed the guest.
+    Finished,
+    /// It runs the guest, though Finish's answer was lost.
+    RunsThere(String),
+    /// It does not run the guest (and tore its side down).
+    NotThere(String),
+    /// It cannot be asked.
+    Unknown(String),
 }
 
 /// How a job ended, before it becomes a record.
@@ -196,7 +288,9 @@ struct Run {
     agent: Arc<Agent>,
     name: DomainName,
     job: Arc<OutgoingJob>,
-    peer: Client,
+    peer: tokio::sync::Mutex<Client>,
+    /// The watchdog gave up on the destination agent.
+    lost_peer: std::sync::atomic::AtomicBool,
     def: domain::DomainDefinition,
     vm: Option<Arc<RunningVm>>,
     tunables: Tunables,
@@ -234,7 +328,7 @@ impl Run {
             flags: self.job.flags.clone(),
             source: self.agent.uri.clone(),
         }));
-        match self.peer.request(request, PREPARE_TIMEOUT).await {
+        match self.peer_request(request, PREPARE_TIMEOUT).await {
             Ok(Reply::Prepared { uri }) => Ok(uri),
             Ok(other) => Err(unexpected(&other).message),
             Err(e) => Err(format!(
@@ -340,15 +434,36 @@ impl Run {
             bandwidth_cap,
             ..WatchOptions::default()
         };
-        let outcome = perform::run(
+        let perform = perform::run(
             qmp,
             &data_uri,
             &options,
             &self.job.cancel,
             &self.progress,
             throttle,
-        )
-        .await;
+        );
+        tokio::pin!(perform);
+        // While QEMU copies, keep checking that the destination agent is
+        // there: a copy nobody can finish is cancelled.
+        let mut last_contact = Instant::now();
+        let mut check = Box::pin(self.check_peer_after(PEER_CHECK_INTERVAL));
+        let outcome = loop {
+            tokio::select! {
+                outcome = &mut perform => break outcome,
+                reachable = &mut check => {
+                    if reachable {
+                        last_contact = Instant::now();
+                    } else if last_contact.elapsed() >= PEER_SILENCE_LIMIT
+                        && !self.job.cancel.is_cancelled()
+                    {
+                        tracing::error!("lost the destination agent; cancelling");
+                        self.lost_peer.store(true, std::sync::atomic::Ordering::Relaxed);
+                        self.job.cancel.cancel();
+                    }
+                    check = Box::pin(self.check_peer_after(PEER_CHECK_INTERVAL));
+                }
+            }
+        };
 
         let mut ending = match outcome {
             Outcome::Completed { stats } => self.finish_and_confirm(vm, stats, was_running).await,
@@ -359,6 +474,14 @@ impl Run {
             }
             Outcome::Cancelled { reason, stats } => {
                 let (status, error) = match reason {
+                    CancelReason::User if self.lost_peer.load(std::sync::atomic::Ordering::Relaxed) => (
+                        JobStatus::Failed,
+                        format!(
+                            "lost contact with the destination agent {} for {}s; migration cancelled",
+                            self.job.destination,
+                            PEER_SILENCE_LIMIT.as_secs()
+                        ),
+                    ),
                     CancelReason::User => {
                         (JobStatus::Cancelled, "cancelled by domjobabort".to_string())
                     }
@@ -385,7 +508,7 @@ impl Run {
                 tracing::warn!(error = %e, "could not restore the source's migration settings");
             }
         }
-        ending.data_uri = Some(data_uri);
+        ending.data_uri = Some(data_uri.clone());
         ending
     }
 
@@ -432,75 +555,25 @@ impl Run {
         was_running: bool,
     ) -> Ending {
         self.set_phase(Phase::Finish);
-        let finish = self
-            .peer
-            .request(
-                Request::PeerFinish {
-                    job_id: self.job.id.clone(),
-                },
-                self.agent.config.finish_timeout + PEER_TIMEOUT,
-            )
-            .await;
-        let mut note = None;
-        match finish {
-            Ok(Reply::Finished) => {}
-            other => {
-                let error = match other {
-                    Ok(reply) => unexpected(&reply).message,
-                    Err(e) => errors::chain(&e),
-                };
-                tracing::error!(%error, "destination did not finish");
-                // Only resume here once the destination confirms the guest
-                // does not run there: two running copies are worse than a
-                // paused one.
-                match self
-                    .peer
-                    .request(
-                        Request::PeerAbort {
-                            job_id: self.job.id.clone(),
-                            reason: error.clone(),
-                        },
-                        PEER_TIMEOUT,
-                    )
-                    .await
-                {
-                    Ok(Reply::Aborted {
-                        guest_running_here: true,
-                    }) => {
-                        note = Some(format!(
-                            "the destination's Finish reply was lost ({error}) but the guest runs there"
-                        ));
-                    }
-                    Ok(Reply::Aborted {
-                        guest_running_here: false,
-                    }) => {
-                        let recovery = self.resume_source(vm, was_running).await;
-                        let mut ending = Ending::failed(
-                            format!("destination could not resume the guest: {error}"),
-                            stats,
-                        );
-                        ending.recovery = Some(recovery);
-                        return ending;
-                    }
-                    other => {
-                        let why = match other {
-                            Ok(reply) => unexpected(&reply).message,
-                            Err(e) => errors::chain(&e),
-                        };
-                        let mut ending = Ending::failed(
-                            format!("destination did not confirm Finish: {error}; and its state cannot be checked: {why}"),
-                            stats,
-                        );
-                        ending.recovery = Some(
-                            "guest left paused on the source because it may be running on the \
-                             destination; check the destination, then resume or destroy the source copy"
-                                .into(),
-                        );
-                        return ending;
-                    }
-                }
+        let note = match self.settle_finish().await {
+            Settled::Finished => None,
+            Settled::RunsThere(note) => Some(note),
+            Settled::NotThere(error) => {
+                let recovery = self.resume_source(vm, was_running).await;
+                let mut ending = Ending::failed(error, stats);
+                ending.recovery = Some(recovery);
+                return ending;
             }
-        }
+            Settled::Unknown(error) => {
+                let mut ending = Ending::failed(error, stats);
+                ending.recovery = Some(
+                    "guest left paused on the source because it may be running on the \
+                     destination; check the destination, then resume or destroy the source copy"
+                        .into(),
+                );
+                return ending;
+            }
+        };
 
         self.set_phase(Phase::Confirm);
         let vm = self
@@ -519,6 +592,116 @@ impl Run {
             recovery: note,
             stats,
             data_uri: None,
+        }
+    }
+
+    /// Finish, made safe against a destination agent that went away or
+    /// restarted. The guest may only resume here once the destination says
+    /// it does not run there, or when Finish provably never reached it (its
+    /// QEMU, started with `-S`, cannot have run the guest then).
+    async fn settle_finish(&self) -> Settled {
+        if !self.ping().await && !self.reconnect(PEER_RETRY).await {
+            return Settled::NotThere(format!(
+                "the destination agent {} went away before Finish and did not come back within {}s; \
+                 its paused QEMU is removed when that agent restarts",
+                self.job.destination,
+                PEER_RETRY.as_secs()
+            ));
+        }
+        let finish = self
+            .peer_request(
+                Request::PeerFinish {
+                    job_id: self.job.id.clone(),
+                },
+                self.agent.config.finish_timeout + PEER_TIMEOUT,
+            )
+            .await;
+        let error = match finish {
+            Ok(Reply::Finished) => return Settled::Finished,
+            Ok(reply) => unexpected(&reply).message,
+            // It answered: Finish failed there (and it tore its side down),
+            // or it does not know the job. Its record says which.
+            Err(ClientError::Api(e)) => e.message,
+            // The request may have arrived: find the agent again to ask.
+            Err(e) => {
+                let error = errors::chain(&e);
+                if !self.reconnect(PEER_RETRY).await {
+                    return Settled::Unknown(format!(
+                        "Finish may have reached the destination ({error}), which cannot be asked since"
+                    ));
+                }
+                error
+            }
+        };
+        tracing::error!(%error, "destination did not finish");
+        match self
+            .peer_request(
+                Request::PeerAbort {
+                    job_id: self.job.id.clone(),
+                    reason: error.clone(),
+                },
+                PEER_TIMEOUT,
+            )
+            .await
+        {
+            Ok(Reply::Aborted {
+                guest_running_here: true,
+            }) => Settled::RunsThere(format!(
+                "the destination's Finish reply was lost ({error}) but the guest runs there"
+            )),
+            Ok(Reply::Aborted {
+                guest_running_here: false,
+            }) => Settled::NotThere(format!("destination could not resume the guest: {error}")),
+            other => Settled::Unknown(format!(
+                "destination did not confirm Finish: {error}; and its state cannot be checked: {}",
+                match other {
+                    Ok(reply) => unexpected(&reply).message,
+                    Err(e) => errors::chain(&e),
+                }
+            )),
+        }
+    }
+
+    async fn peer_request(
+        &self,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Reply, ClientError> {
+        self.peer.lock().await.request(request, timeout).await
+    }
+
+    /// After `delay`: does the destination agent answer (on this
+    /// connection or a new one)?
+    async fn check_peer_after(&self, delay: Duration) -> bool {
+        tokio::time::sleep(delay).await;
+        self.ping().await || self.reconnect(Duration::ZERO).await && self.ping().await
+    }
+
+    /// True if the peer connection still answers.
+    async fn ping(&self) -> bool {
+        matches!(
+            self.peer_request(Request::Hello, Duration::from_secs(5))
+                .await,
+            Ok(Reply::Hello(_))
+        )
+    }
+
+    /// Connects to the destination agent again, retrying until `within`.
+    async fn reconnect(&self, within: Duration) -> bool {
+        let Ok(uri) = self.job.destination.parse::<AgentUri>() else {
+            return false;
+        };
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(client) = Client::connect(&uri).await {
+                *self.peer.lock().await = client;
+                tracing::info!("reconnected to the destination agent");
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 
@@ -570,16 +753,18 @@ impl Run {
     }
 
     async fn abort_destination(&self, reason: &str) {
-        let result = self
-            .peer
-            .request(
-                Request::PeerAbort {
-                    job_id: self.job.id.clone(),
-                    reason: reason.to_string(),
-                },
-                PEER_TIMEOUT,
-            )
-            .await;
+        let abort = || Request::PeerAbort {
+            job_id: self.job.id.clone(),
+            reason: reason.to_string(),
+        };
+        let mut result = self.peer_request(abort(), PEER_TIMEOUT).await;
+        // A restarted destination agent keeps the incoming QEMU for us
+        // rather than tying it to the old connection: tell it.
+        if matches!(result, Err(ref e) if !matches!(e, ClientError::Api(_)))
+            && self.reconnect(Duration::from_secs(5)).await
+        {
+            result = self.peer_request(abort(), PEER_TIMEOUT).await;
+        }
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not reach the destination to abort; it tears down when our connection closes");
         }
@@ -644,6 +829,7 @@ impl Run {
             d.last_job = Some(record);
             Ok(())
         });
+        self.agent.persist_run(&self.name).await;
         self.agent.drop_if_transient_and_idle(&self.name);
     }
 }

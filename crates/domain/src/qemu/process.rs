@@ -2,8 +2,11 @@
 //!
 //! A task owns the child: it reaps it and publishes how it exited on a
 //! `watch` channel, and kills it when asked or when the [`QemuProcess`] is
-//! dropped. QEMU's stdout and stderr go to a log file, whose tail is quoted
-//! when QEMU fails to start.
+//! dropped — unless it was [detached](QemuProcess::detach), which an agent
+//! does when it shuts down so its guests keep running. A QEMU started by an
+//! earlier agent process is [adopted](QemuProcess::adopt): it is not our
+//! child, so its exit is noticed by watching `/proc`. QEMU's stdout and
+//! stderr go to a log file, whose tail is quoted when QEMU fails to start.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -50,6 +53,16 @@ pub enum ProcessError {
     EarlyExit { exit: ExitInfo, log_tail: String },
     #[error("QEMU's QMP socket did not come up within {timeout:?}: {log_tail}")]
     QmpTimeout { timeout: Duration, log_tail: String },
+    #[error("cannot adopt QEMU pid {pid}: {reason}")]
+    Adopt { pid: u32, reason: String },
+}
+
+/// What the owner of a [`QemuProcess`] wants done with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    Kill,
+    /// Leave it running; stop only watching it.
+    Detach,
 }
 
 /// A running QEMU.
@@ -58,7 +71,7 @@ pub struct QemuProcess {
     pid: u32,
     qmp: Client,
     exit: watch::Receiver<Option<ExitInfo>>,
-    kill: Mutex<Option<oneshot::Sender<()>>>,
+    kill: Mutex<Option<oneshot::Sender<Order>>>,
     log: PathBuf,
 }
 
@@ -94,7 +107,9 @@ impl QemuProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
             .stderr(Stdio::from(log_err))
-            .kill_on_drop(true)
+            // Killing is ours to decide (see `Order`): an agent that stops
+            // leaves its guests running.
+            .kill_on_drop(false)
             .spawn()
             .map_err(|source| ProcessError::Spawn {
                 binary: binary.to_path_buf(),
@@ -104,12 +119,15 @@ impl QemuProcess {
         tracing::debug!(pid, binary = %binary.display(), ?argv, "QEMU started");
 
         let (exit_tx, exit_rx) = watch::channel(None);
-        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (kill_tx, kill_rx) = oneshot::channel::<Order>();
         tokio::spawn(async move {
             let status = tokio::select! {
                 status = child.wait() => status,
-                _ = kill_rx => {
-                    let _ = child.start_kill();
+                order = kill_rx => {
+                    // A dropped handle (no order) means kill.
+                    if order.unwrap_or(Order::Kill) == Order::Kill {
+                        let _ = child.start_kill();
+                    }
                     child.wait().await
                 }
             };
@@ -141,7 +159,7 @@ impl QemuProcess {
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                let _ = kill_tx.send(());
+                let _ = kill_tx.send(Order::Kill);
                 return Err(ProcessError::QmpTimeout {
                     timeout,
                     log_tail: log_tail(log),
@@ -164,6 +182,71 @@ impl QemuProcess {
             kill: Mutex::new(Some(kill_tx)),
             log: log.to_path_buf(),
         })
+    }
+
+    /// Takes over a QEMU started by an earlier agent process: checks that
+    /// `pid` is alive and connects to its QMP socket.
+    ///
+    /// # Errors
+    /// [`ProcessError::Adopt`] if the process is gone or does not answer.
+    pub async fn adopt(
+        pid: u32,
+        qmp_socket: &Path,
+        log: &Path,
+        timeout: Duration,
+    ) -> Result<QemuProcess, ProcessError> {
+        let adopt_error = |reason: String| ProcessError::Adopt { pid, reason };
+        if !alive(pid) {
+            return Err(adopt_error("the process is gone".into()));
+        }
+        let qmp = Client::connect(qmp_socket, timeout)
+            .await
+            .map_err(|e| adopt_error(format!("its QMP socket does not answer: {e}")))?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let (kill_tx, mut kill_rx) = oneshot::channel::<Order>();
+        tokio::spawn(async move {
+            let mut killing = false;
+            loop {
+                if !alive(pid) {
+                    break;
+                }
+                if !killing {
+                    match kill_rx.try_recv() {
+                        Ok(Order::Detach) => return,
+                        Ok(Order::Kill) | Err(oneshot::error::TryRecvError::Closed) => {
+                            killing = true;
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid as i32),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                        Err(oneshot::error::TryRecvError::Empty) => {}
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            // Not our child: its parent reaped it, the status is unknown.
+            tracing::debug!(pid, "adopted QEMU exited");
+            let _ = exit_tx.send(Some(ExitInfo {
+                code: None,
+                signal: None,
+            }));
+        });
+        Ok(QemuProcess {
+            pid,
+            qmp,
+            exit: exit_rx,
+            kill: Mutex::new(Some(kill_tx)),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Stops supervising without stopping QEMU: dropping the handle after
+    /// this leaves the guest running.
+    pub fn detach(&self) {
+        if let Some(tx) = self.kill.lock().expect("kill lock").take() {
+            let _ = tx.send(Order::Detach);
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -202,7 +285,7 @@ impl QemuProcess {
     /// Sends SIGKILL (once); returns immediately.
     pub fn kill(&self) {
         if let Some(tx) = self.kill.lock().expect("kill lock").take() {
-            let _ = tx.send(());
+            let _ = tx.send(Order::Kill);
         }
     }
 
@@ -230,6 +313,17 @@ impl QemuProcess {
 impl Drop for QemuProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// True if `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
 }
 

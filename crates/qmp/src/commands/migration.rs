@@ -214,6 +214,13 @@ unit_command!(
     Empty
 );
 unit_command!(
+    /// `migrate-pause`: force a post-copy migration into `postcopy-paused`
+    /// (for a link that died without the socket noticing).
+    MigratePause,
+    "migrate-pause",
+    Empty
+);
+unit_command!(
     /// `migrate-start-postcopy`
     MigrateStartPostcopy,
     "migrate-start-postcopy",
@@ -252,6 +259,15 @@ impl MigrationStatus {
     /// True once QEMU will not change the state on its own any more.
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+
+    /// In post-copy: the destination runs the guest, the source only has
+    /// part of its memory.
+    pub fn is_postcopy(self) -> bool {
+        matches!(
+            self,
+            Self::PostcopyActive | Self::PostcopyPaused | Self::PostcopyRecover
+        )
     }
 }
 

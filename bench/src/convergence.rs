@@ -1,0 +1,402 @@
+//! `livemig-bench convergence`: the same guest under three workloads,
+//! migrated with three convergence policies, side by side and interleaved,
+//! with repetitions, in one run.
+//!
+//! Each trial boots a fresh guest on host A (512 MiB, 256 MiB working set),
+//! measures its full-speed work rate, migrates it to host B over a
+//! 64 MiB/s cap with a 300 ms downtime limit and a 90 s timeout, and
+//! measures how much work the guest got done during the migration from its
+//! own progress counter (which lives in guest memory and so continues on
+//! the destination).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agent::launcher::{AgentProcess, LaunchOptions};
+use anyhow::{anyhow, bail, Context, Result};
+use domain::DomainDefinition;
+use guest::{SerialLog, Workload};
+use migration::{ConvergeMode, JobStatus, MigrateFlags};
+use protocol::message::Reply;
+use protocol::{Client, Request};
+use serde::Serialize;
+
+use crate::sampler::Sampler;
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+const MEMORY_MIB: u32 = 512;
+const WORKING_SET_MIB: u32 = 256;
+const BANDWIDTH_MIB_S: u64 = 64;
+const DOWNTIME_MS: u64 = 300;
+const WARMUP: Duration = Duration::from_secs(5);
+const MAX_WARMUP: Duration = Duration::from_secs(60);
+const RATE_WINDOW: Duration = Duration::from_secs(4);
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// The three workloads; spin values calibrated on the 2-core machine in
+/// `docs/BENCHMARKS.md` (spin 40000 ≈ 22 MiB/s, 2000 ≈ 280 MiB/s, 0 =
+/// as fast as TCG runs).
+pub fn workload(name: &str) -> Option<Workload> {
+    let spin = match name {
+        "light" => 40_000,
+        "heavy" => 2_000,
+        "hot" => 0,
+        _ => return None,
+    };
+    Some(Workload {
+        working_set_mib: WORKING_SET_MIB,
+        spin,
+        report_ms: 200,
+    })
+}
+
+pub fn policy(name: &str) -> Option<ConvergeMode> {
+    match name {
+        "none" => Some(ConvergeMode::None),
+        "qemu" => Some(ConvergeMode::Qemu),
+        "adaptive" => Some(ConvergeMode::Adaptive),
+        _ => None,
+    }
+}
+
+/// One trial's figures (one JSON line).
+#[derive(Debug, Clone, Serialize)]
+pub struct Trial {
+    pub workload: String,
+    pub policy: String,
+    pub rep: u32,
+    pub converged: bool,
+    pub total_time_ms: u64,
+    pub downtime_ms: Option<u64>,
+    pub max_cpu_throttle_pct: f64,
+    pub guest_work_lost_s: f64,
+    pub guest_work_lost_fraction: f64,
+    pub transferred_bytes: u64,
+    /// Guest writes per second at full speed, before the migration.
+    pub guest_rate_writes_s: f64,
+    pub memory_check: &'static str,
+    pub error: Option<String>,
+    /// The job's timeline (controller decisions, escalations).
+    pub actions: Vec<migration::TimedAction>,
+}
+
+/// Medians per policy for one workload, and the adaptive/qemu ratios.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub summary: &'static str,
+    pub workload: String,
+    pub policies: Vec<PolicySummary>,
+    pub adaptive_over_qemu_total_time: Option<f64>,
+    pub adaptive_over_qemu_work_lost: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicySummary {
+    pub policy: String,
+    pub trials: usize,
+    pub converged: usize,
+    pub median_total_time_ms: f64,
+    pub median_downtime_ms: Option<f64>,
+    pub median_max_cpu_throttle_pct: f64,
+    pub median_guest_work_lost_s: f64,
+    pub median_transferred_bytes: f64,
+}
+
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
+pub fn summarize(workload: &str, trials: &[Trial], policies: &[String]) -> Summary {
+    let per_policy: Vec<PolicySummary> = policies
+        .iter()
+        .map(|p| {
+            let ts: Vec<&Trial> = trials
+                .iter()
+                .filter(|t| t.workload == workload && &t.policy == p)
+                .collect();
+            PolicySummary {
+                policy: p.clone(),
+                trials: ts.len(),
+                converged: ts.iter().filter(|t| t.converged).count(),
+                median_total_time_ms: median(ts.iter().map(|t| t.total_time_ms as f64).collect())
+                    .unwrap_or(0.0),
+                median_downtime_ms: median(
+                    ts.iter()
+                        .filter_map(|t| t.downtime_ms.map(|d| d as f64))
+                        .collect(),
+                ),
+                median_max_cpu_throttle_pct: median(
+                    ts.iter().map(|t| t.max_cpu_throttle_pct).collect(),
+                )
+                .unwrap_or(0.0),
+                median_guest_work_lost_s: median(ts.iter().map(|t| t.guest_work_lost_s).collect())
+                    .unwrap_or(0.0),
+                median_transferred_bytes: median(
+                    ts.iter().map(|t| t.transferred_bytes as f64).collect(),
+                )
+                .unwrap_or(0.0),
+            }
+        })
+        .collect();
+    let find = |name: &str| per_policy.iter().find(|p| p.policy == name);
+    let ratio = |f: fn(&PolicySummary) -> f64| match (find("adaptive"), find("qemu")) {
+        (Some(a), Some(q)) if f(q) > 0.0 => Some(f(a) / f(q)),
+        _ => None,
+    };
+    Summary {
+        summary: "workload",
+        workload: workload.to_string(),
+        adaptive_over_qemu_total_time: ratio(|p| p.median_total_time_ms),
+        adaptive_over_qemu_work_lost: ratio(|p| p.median_guest_work_lost_s),
+        policies: per_policy,
+    }
+}
+
+/// Two agents on loopback, for all trials.
+pub struct Hosts {
+    _dir: tempfile::TempDir,
+    a: AgentProcess,
+    b: AgentProcess,
+    pub a_client: Client,
+    pub b_client: Client,
+    b_uri: String,
+    kernel: PathBuf,
+}
+
+impl Hosts {
+    pub async fn start(livemigd: &Path) -> Result<Hosts> {
+        let dir = tempfile::Builder::new()
+            .prefix("livemig-bench-")
+            .tempdir()?;
+        let kernel = guest::install_kernel(dir.path())?;
+        let launch = |name: &str| LaunchOptions {
+            binary: livemigd.to_path_buf(),
+            state_dir: dir.path().join(name),
+            listen: Some("tcp://127.0.0.1:0".into()),
+            netns: None,
+            extra_args: Vec::new(),
+        };
+        let a = AgentProcess::spawn(&launch("a"))
+            .await
+            .with_context(|| format!("cannot start {}", livemigd.display()))?;
+        let b = AgentProcess::spawn(&launch("b")).await?;
+        let a_client = Client::connect(&a.local_uri()).await?;
+        let b_client = Client::connect(&b.local_uri()).await?;
+        let b_uri = b
+            .tcp_uri()
+            .ok_or_else(|| anyhow!("host b has no TCP address"))?;
+        Ok(Hosts {
+            _dir: dir,
+            a,
+            b,
+            a_client,
+            b_client,
+            b_uri,
+            kernel,
+        })
+    }
+
+    pub fn kernel(&self) -> &Path {
+        &self.kernel
+    }
+
+    pub fn b_uri(&self) -> &str {
+        &self.b_uri
+    }
+
+    /// Host A's local socket, for more client connections.
+    pub fn a_uri(&self) -> protocol::AgentUri {
+        self.a.local_uri()
+    }
+
+    pub async fn stop(self) {
+        self.a.stop(Duration::from_secs(20)).await;
+        self.b.stop(Duration::from_secs(20)).await;
+    }
+}
+
+async fn serial_log(client: &Client, name: &str) -> Option<PathBuf> {
+    match client
+        .request(
+            Request::DomInfo {
+                domain: name.parse().ok()?,
+            },
+            REQUEST_TIMEOUT,
+        )
+        .await
+    {
+        Ok(Reply::DomainInfo(info)) => info.serial_log.map(PathBuf::from),
+        _ => None,
+    }
+}
+
+/// Runs one trial.
+pub async fn trial(
+    hosts: &Hosts,
+    workload_name: &str,
+    policy_name: &str,
+    rep: u32,
+    timeout_s: u64,
+) -> Result<Trial> {
+    let workload = workload(workload_name).ok_or_else(|| anyhow!("unknown workload"))?;
+    let mode = policy(policy_name).ok_or_else(|| anyhow!("unknown policy"))?;
+    let name = format!("bench-{workload_name}-{policy_name}-{rep}");
+    let definition = DomainDefinition::from_toml(&format!(
+        "name = \"{name}\"\nmemory_mib = {MEMORY_MIB}\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
+        hosts.kernel.display().to_string(),
+        workload.cmdline()
+    ))?;
+    let domain = definition.name.clone();
+    hosts
+        .a_client
+        .request(Request::Define { definition }, REQUEST_TIMEOUT)
+        .await?;
+    hosts
+        .a_client
+        .request(
+            Request::Start {
+                domain: domain.clone(),
+                paused: false,
+            },
+            REQUEST_TIMEOUT,
+        )
+        .await?;
+    let sampler = Sampler::start();
+    let source_log = serial_log(&hosts.a_client, &name)
+        .await
+        .ok_or_else(|| anyhow!("no serial log"))?;
+    sampler.follow(source_log.clone());
+    // Warm up until the guest has written its whole working set once, so
+    // every workload starts the migration with the same memory in use.
+    let warm_start = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let swept = SerialLog::read(&source_log)?
+            .last_progress()
+            .is_some_and(|p| p.pass >= 2);
+        if swept && warm_start.elapsed() >= WARMUP {
+            break;
+        }
+        if warm_start.elapsed() > MAX_WARMUP {
+            bail!("the guest did not sweep its working set within {MAX_WARMUP:?}");
+        }
+    }
+    let guest_rate = sampler
+        .samples()
+        .recent_rate(RATE_WINDOW)
+        .filter(|r| *r > 0.0)
+        .ok_or_else(|| anyhow!("the guest reported no progress during warm-up"))?;
+
+    let flags = MigrateFlags {
+        live: true,
+        bandwidth: Some(BANDWIDTH_MIB_S),
+        downtime: Some(DOWNTIME_MS),
+        timeout: Some(timeout_s),
+        converge: Some(mode),
+        ..Default::default()
+    };
+    let t_start = Instant::now();
+    let job_id = match hosts
+        .a_client
+        .request(
+            Request::Migrate {
+                domain: domain.clone(),
+                destination: hosts.b_uri.clone(),
+                flags: Box::new(flags),
+            },
+            REQUEST_TIMEOUT,
+        )
+        .await?
+    {
+        Reply::MigrationStarted { job_id } => job_id,
+        other => bail!("unexpected reply {other:?}"),
+    };
+    // Follow the destination's log as soon as the incoming QEMU exists.
+    let record = loop {
+        if let Some(path) = serial_log(&hosts.b_client, &name).await {
+            sampler.follow(path);
+        }
+        match hosts
+            .a_client
+            .request(Request::Job { id: job_id.clone() }, REQUEST_TIMEOUT)
+            .await?
+        {
+            Reply::Job {
+                record: Some(r), ..
+            } => break *r,
+            Reply::Job { .. } => {}
+            other => bail!("unexpected reply {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let converged = record.status == JobStatus::Completed;
+    // The migration ended when QEMU says it did (switchover included), or
+    // when the job gave up.
+    let duration = if converged {
+        Duration::from_millis(record.total_time_ms)
+    } else {
+        t_start.elapsed()
+    };
+    let t_end = t_start + duration;
+    tokio::time::sleep(SETTLE).await;
+    sampler.stop();
+
+    let samples = sampler.samples();
+    let work = match (samples.writes_at(t_start), samples.writes_at(t_end)) {
+        (Some(a), Some(b)) => b - a,
+        _ => bail!("no guest progress samples around the migration"),
+    };
+    let secs = duration.as_secs_f64();
+    let lost = (secs - work / guest_rate).max(0.0);
+    let log = if converged {
+        serial_log(&hosts.b_client, &name).await
+    } else {
+        Some(source_log)
+    };
+    let intact = match &log {
+        Some(path) => SerialLog::read(path)
+            .map(|l| l.memory_intact())
+            .unwrap_or(false),
+        None => false,
+    };
+    for client in [&hosts.a_client, &hosts.b_client] {
+        let _ = client
+            .request(
+                Request::Destroy {
+                    domain: domain.clone(),
+                },
+                REQUEST_TIMEOUT,
+            )
+            .await;
+    }
+    let _ = hosts
+        .a_client
+        .request(Request::Undefine { domain }, REQUEST_TIMEOUT)
+        .await;
+
+    Ok(Trial {
+        workload: workload_name.to_string(),
+        policy: policy_name.to_string(),
+        rep,
+        converged,
+        total_time_ms: duration.as_millis() as u64,
+        downtime_ms: record.downtime_ms.filter(|_| converged),
+        max_cpu_throttle_pct: record.max_cpu_throttle_pct,
+        guest_work_lost_s: lost,
+        guest_work_lost_fraction: if secs > 0.0 { lost / secs } else { 0.0 },
+        transferred_bytes: record.transferred_bytes,
+        guest_rate_writes_s: guest_rate,
+        memory_check: if intact { "ok" } else { "corrupt" },
+        error: record.error,
+        actions: record.actions,
+    })
+}

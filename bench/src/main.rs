@@ -1,0 +1,220 @@
+//! `livemig-bench`: benchmarks run side by side against a baseline in one
+//! process.
+//!
+//! `livemig-bench convergence --json [--reps N] [--workloads light,heavy,hot]
+//! [--policies none,qemu,adaptive]` prints one JSON object per trial, then a
+//! summary line per workload with medians and the adaptive/qemu ratios.
+
+mod convergence;
+mod load;
+mod sampler;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "livemig-bench", version, about = "livemig benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Convergence policies (none, QEMU's auto-converge, adaptive) on the
+    /// same guest under light, heavy and hot workloads.
+    Convergence {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 3)]
+        reps: u32,
+        #[arg(long, value_delimiter = ',', default_value = "light,heavy,hot")]
+        workloads: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "none,qemu,adaptive")]
+        policies: Vec<String>,
+        /// Give up on a migration after this many seconds.
+        #[arg(long, default_value_t = 90)]
+        timeout: u64,
+        /// livemigd binary [default: next to this binary].
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+    /// API latency on a source agent while several migrations run.
+    Load {
+        #[arg(long)]
+        json: bool,
+        /// Domains migrating at once.
+        #[arg(long, default_value_t = 3)]
+        domains: usize,
+        /// Client connections sending requests.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Requests in all (list, dominfo, domjobinfo in turn).
+        #[arg(long, default_value_t = 6000)]
+        requests: usize,
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+}
+
+fn livemigd(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("livemigd")))
+            .unwrap_or_else(|| PathBuf::from("livemigd"))
+    })
+}
+
+fn emit<T: serde::Serialize>(json: bool, value: &T, text: String) {
+    if json {
+        println!("{}", serde_json::to_string(value).expect("serializable"));
+    } else {
+        println!("{text}");
+    }
+}
+
+async fn run_convergence(
+    json: bool,
+    reps: u32,
+    workloads: Vec<String>,
+    policies: Vec<String>,
+    timeout: u64,
+    livemigd_path: PathBuf,
+) -> Result<()> {
+    for w in &workloads {
+        if convergence::workload(w).is_none() {
+            bail!("unknown workload {w:?} (light, heavy, hot)");
+        }
+    }
+    for p in &policies {
+        if convergence::policy(p).is_none() {
+            bail!("unknown policy {p:?} (none, qemu, adaptive)");
+        }
+    }
+    let hosts = convergence::Hosts::start(&livemigd_path).await?;
+    let mut trials = Vec::new();
+    let result = async {
+        for rep in 1..=reps {
+            for w in &workloads {
+                // Rotate the order each repetition so no policy always runs
+                // first on a freshly warmed machine.
+                let mut order = policies.clone();
+                order.rotate_left((rep as usize - 1) % policies.len().max(1));
+                for p in &order {
+                    let trial = convergence::trial(&hosts, w, p, rep, timeout).await?;
+                    emit(
+                        json,
+                        &trial,
+                        format!(
+                            "{:<6} {:<9} rep {} converged={:<5} total {:>7.1} s downtime {:>5} max throttle {:>5.1}% lost {:>5.1} s ({:>3.0}%) sent {:>6.0} MiB memory {}",
+                            trial.workload,
+                            trial.policy,
+                            trial.rep,
+                            trial.converged,
+                            trial.total_time_ms as f64 / 1000.0,
+                            trial.downtime_ms.map_or("-".into(), |d| format!("{d}ms")),
+                            trial.max_cpu_throttle_pct,
+                            trial.guest_work_lost_s,
+                            trial.guest_work_lost_fraction * 100.0,
+                            trial.transferred_bytes as f64 / 1048576.0,
+                            trial.memory_check,
+                        ),
+                    );
+                    trials.push(trial);
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    hosts.stop().await;
+    result?;
+    for w in &workloads {
+        let summary = convergence::summarize(w, &trials, &policies);
+        let text = summary
+            .policies
+            .iter()
+            .map(|p| {
+                format!(
+                    "  {:<9} converged {}/{}  median total {:>6.1} s  lost {:>5.1} s  max throttle {:>5.1}%",
+                    p.policy,
+                    p.converged,
+                    p.trials,
+                    p.median_total_time_ms / 1000.0,
+                    p.median_guest_work_lost_s,
+                    p.median_max_cpu_throttle_pct
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let ratios = format!(
+            "  adaptive/qemu: total time {}, guest work lost {}",
+            summary
+                .adaptive_over_qemu_total_time
+                .map_or("n/a".into(), |r| format!("{r:.2}")),
+            summary
+                .adaptive_over_qemu_work_lost
+                .map_or("n/a".into(), |r| format!("{r:.2}"))
+        );
+        emit(json, &summary, format!("{w}:\n{text}\n{ratios}"));
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Convergence {
+            json,
+            reps,
+            workloads,
+            policies,
+            timeout,
+            livemigd: path,
+        } => run_convergence(json, reps, workloads, policies, timeout, livemigd(path)).await,
+        Command::Load {
+            json,
+            domains,
+            clients,
+            requests,
+            livemigd: path,
+        } => match load::run(&livemigd(path), domains, clients, requests).await {
+            Ok(report) => {
+                let text = format!(
+                    "{} requests from {} clients in {:.1} s ({:.0}/s) during {} migrations ({} completed)\n{}",
+                    report.requests,
+                    report.clients,
+                    report.seconds,
+                    report.requests_per_second,
+                    report.domains,
+                    report.migrations_completed,
+                    report
+                        .latencies
+                        .iter()
+                        .map(|l| format!(
+                            "  {:<10} n={:<5} errors={} p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+                            l.request, l.count, l.errors, l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms
+                        ))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                );
+                emit(json, &report, text);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
