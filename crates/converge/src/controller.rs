@@ -20,6 +20,10 @@ use crate::model::{simulate_from, DirtyModel, Fixed, Scenario, Steer, Steering, 
 /// A pass that dirtied at least this share of the working set saturated:
 /// it only bounds the rate from below.
 pub const SATURATION: f64 = 0.85;
+/// After a saturated pass under throttle `p`, the next throttle leaves at
+/// most `(1 − p) / SATURATED_STEP` of the CPU: the true rate is unknown,
+/// and every pass spent below the level needed is a pass wasted.
+const SATURATED_STEP: f64 = 8.0;
 /// Horizon when the user gave no time budget.
 pub const DEFAULT_HORIZON_SECS: f64 = 600.0;
 /// A throttle whose predicted cost is within this share (plus the slack)
@@ -232,7 +236,7 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     // Saturated while already throttled: the real rate is higher than any
     // estimate so far, so make sure the next pass is throttled clearly more.
     if known_ws && saturated && obs.throttle > 0.0 {
-        throttle = throttle.max(1.0 - (1.0 - obs.throttle) / 4.0);
+        throttle = throttle.max(1.0 - (1.0 - obs.throttle) / SATURATED_STEP);
     }
     throttle = throttle.min(policy.max_throttle);
 

@@ -114,7 +114,7 @@ fn a_saturated_pass_under_throttle_escalates_the_throttle() {
         },
         &p,
     );
-    assert!(d.state.throttle >= 0.975, "{:?}", d.actions);
+    assert!(d.state.throttle >= 0.9875, "{:?}", d.actions);
 }
 
 #[test]
