@@ -73,6 +73,12 @@ impl Agent {
             }
             Request::MigratePostcopy { domain } => self.start_postcopy(&domain).await,
             Request::Job { id } => self.job(&id).await,
+            Request::Jobs { domain, limit } => self
+                .history
+                .list(domain.map(|d| d.to_string()), limit)
+                .await
+                .map(|jobs| Reply::Jobs { jobs })
+                .map_err(|e| ApiError::new(ErrorCode::Storage, errors::chain(&e))),
             Request::Estimate { domain, params } => {
                 crate::estimate::estimate(self, &domain, params).await
             }
@@ -390,7 +396,12 @@ impl Agent {
                 record: None,
             });
         }
-        match self.store.load_job(id).await {
+        let loaded = self
+            .history
+            .load(id)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Storage, errors::chain(&e)))?;
+        match loaded {
             Some(record) => Ok(Reply::Job {
                 active: None,
                 record: Some(Box::new(record)),

@@ -31,6 +31,9 @@ pub struct Config {
     /// Mount point of the cgroup v1 `cpu` controller, for throttling vCPU
     /// threads from the host (`--converge adaptive`).
     pub cgroup_cpu: PathBuf,
+    /// Ports a destination QEMU may listen on for migration data; any free
+    /// port when unset.
+    pub migration_ports: Option<(u16, u16)>,
 }
 
 impl Config {
@@ -45,6 +48,7 @@ impl Config {
             finish_timeout: Duration::from_secs(60),
             tcg_workaround: true,
             cgroup_cpu: PathBuf::from(converge::throttle::CPU_V1_ROOT),
+            migration_ports: None,
         }
     }
 }

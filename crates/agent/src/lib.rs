@@ -1,7 +1,8 @@
 //! `livemigd`, the per-host agent.
 //!
 //! - [`config`]: how the agent runs.
-//! - [`store`]: the state directory (definitions, job records, sockets, logs).
+//! - [`store`]: the state directory (definitions, run records, sockets, logs).
+//! - [`history`]: finished jobs with their timelines, in SQLite.
 //! - `state`: the in-memory domain table and active jobs.
 //! - `vm`: starting a domain's QEMU and noticing when it exits.
 //! - `api`: one handler per request.
@@ -9,7 +10,8 @@
 //! - `migrate`: the source and destination halves of a migration.
 //! - `runfile`, `reattach`: what runs, on disk, and taking it over after
 //!   a restart.
-//! - `server`: unix and TCP listeners, one task per connection.
+//! - `server`: unix and TCP listeners, one task per connection; an HTTP
+//!   `GET /metrics` on the TCP port is answered by `metrics`.
 //!
 //! [`run`] starts an agent; it serves until `shutdown` resolves.
 
@@ -19,7 +21,9 @@ mod api;
 pub mod config;
 mod errors;
 mod estimate;
+pub mod history;
 pub mod launcher;
+mod metrics;
 mod migrate;
 mod reattach;
 mod runfile;

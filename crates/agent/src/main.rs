@@ -1,29 +1,28 @@
 //! `livemigd`: the livemig per-host agent.
+//!
+//! Settings come from a TOML file (`--config`), overridden by flags.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use domain::Accel;
+use serde::Deserialize;
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 enum Switch {
     On,
     Off,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum AccelArg {
-    Tcg,
-    Kvm,
 }
 
 /// The livemig agent: owns this host's domains and runs migrations with its
@@ -31,31 +30,64 @@ enum AccelArg {
 #[derive(Debug, Parser)]
 #[command(
     version,
-    after_help = "Example:\n  livemigd --state-dir /var/lib/livemig --socket /run/livemig.sock --listen tcp://0.0.0.0:7000"
+    after_help = "Examples:\n  \
+        livemigd --state-dir /var/lib/livemig --listen tcp://0.0.0.0:7000\n  \
+        livemigd --config /etc/livemig/livemigd.toml\n\n\
+        The config file takes the same settings as the flags (state_dir, socket, listen, qemu,\n\
+        accel, tcg_workaround, log_format, migration_ports = \"49152-49215\", cgroup_cpu);\n\
+        flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
 struct Args {
-    /// Directory for definitions, job records, sockets and logs.
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory for definitions, job history, run records, sockets and logs.
     #[arg(long, value_name = "DIR")]
-    state_dir: PathBuf,
+    state_dir: Option<PathBuf>,
     /// Unix socket for the local CLI [default: STATE_DIR/livemigd.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// TCP address for peer agents and remote CLIs (port 0 picks one).
+    /// TCP address for peer agents, remote CLIs and /metrics (port 0 picks one).
     #[arg(long, value_name = "tcp://HOST:PORT")]
     listen: Option<String>,
-    /// QEMU binary.
-    #[arg(long, value_name = "PATH", default_value = "qemu-system-x86_64")]
-    qemu: PathBuf,
-    /// Default accelerator for probing.
-    #[arg(long, value_enum, default_value = "tcg")]
-    accel: AccelArg,
+    /// QEMU binary [default: qemu-system-x86_64].
+    #[arg(long, value_name = "PATH")]
+    qemu: Option<PathBuf>,
+    /// Default accelerator [default: tcg].
+    #[arg(long, value_enum)]
+    accel: Option<Accel>,
     /// Work around QEMU < 9.0 losing guest writes when migrating under TCG
     /// (see `livemig domcapabilities`). `off` only serves to show the bug.
-    #[arg(long, value_enum, default_value = "on")]
-    tcg_workaround: Switch,
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value = "text")]
-    log_format: LogFormat,
+    #[arg(long, value_enum)]
+    tcg_workaround: Option<Switch>,
+    /// Ports the destination's QEMU may listen on for migration data, e.g.
+    /// 49152-49215 [default: any free port].
+    #[arg(long, value_name = "FIRST-LAST")]
+    migration_ports: Option<String>,
+    /// Log format on stderr [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+/// The config file; every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    state_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    qemu: Option<PathBuf>,
+    accel: Option<Accel>,
+    tcg_workaround: Option<Switch>,
+    migration_ports: Option<String>,
+    log_format: Option<LogFormat>,
+    cgroup_cpu: Option<PathBuf>,
+}
+
+fn read_config(path: &Path) -> Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("malformed config file {}", path.display()))
 }
 
 fn parse_listen(uri: &str) -> Result<SocketAddr> {
@@ -67,6 +99,18 @@ fn parse_listen(uri: &str) -> Result<SocketAddr> {
         .with_context(|| format!("cannot resolve --listen {uri:?}"))?
         .next()
         .with_context(|| format!("--listen {uri:?} resolves to no address"))
+}
+
+fn parse_ports(range: &str) -> Result<(u16, u16)> {
+    let (first, last) = range
+        .split_once('-')
+        .with_context(|| format!("migration ports take FIRST-LAST, got {range:?}"))?;
+    let first: u16 = first.trim().parse().context("bad first migration port")?;
+    let last: u16 = last.trim().parse().context("bad last migration port")?;
+    if first == 0 || last < first {
+        bail!("migration port range {range:?} is empty or starts at 0");
+    }
+    Ok((first, last))
 }
 
 fn init_logging(format: LogFormat) {
@@ -93,22 +137,69 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    init_logging(args.log_format);
-    let listen = args.listen.as_deref().map(parse_listen).transpose()?;
+    let file = match &args.config {
+        Some(path) => read_config(path)?,
+        None => ConfigFile::default(),
+    };
+    init_logging(
+        args.log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
+    );
+    let state_dir = args
+        .state_dir
+        .or(file.state_dir)
+        .context("no state directory: pass --state-dir DIR or set state_dir in --config")?;
+    let listen = args
+        .listen
+        .or(file.listen)
+        .as_deref()
+        .map(parse_listen)
+        .transpose()?;
     let socket = args
         .socket
-        .clone()
-        .unwrap_or_else(|| args.state_dir.join("livemigd.sock"));
-    let mut config = agent::Config::new(args.state_dir.clone(), socket, listen);
-    config.qemu = args.qemu;
-    config.default_accel = match args.accel {
-        AccelArg::Tcg => Accel::Tcg,
-        AccelArg::Kvm => Accel::Kvm,
-    };
+        .or(file.socket)
+        .unwrap_or_else(|| state_dir.join("livemigd.sock"));
+    let mut config = agent::Config::new(state_dir, socket, listen);
+    if let Some(qemu) = args.qemu.or(file.qemu) {
+        config.qemu = qemu;
+    }
+    config.default_accel = args.accel.or(file.accel).unwrap_or(Accel::Tcg);
     config.qemu_timeout = Duration::from_secs(30);
-    config.tcg_workaround = args.tcg_workaround == Switch::On;
+    config.tcg_workaround = args.tcg_workaround.or(file.tcg_workaround) != Some(Switch::Off);
+    config.migration_ports = args
+        .migration_ports
+        .or(file.migration_ports)
+        .as_deref()
+        .map(parse_ports)
+        .transpose()?;
+    if let Some(cgroup) = file.cgroup_cpu {
+        config.cgroup_cpu = cgroup;
+    }
     agent::run(config, shutdown_signal())
         .await
         .context("livemigd failed")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_ports("49152-49215").unwrap(), (49152, 49215));
+        assert!(parse_ports("5-1").is_err());
+        assert!(parse_ports("0-10").is_err());
+        assert!(parse_ports("7000").is_err());
+    }
+
+    #[test]
+    fn the_config_file_refuses_unknown_keys() {
+        let err = toml::from_str::<ConfigFile>("state_dri = \"/x\"").unwrap_err();
+        assert!(err.to_string().contains("state_dri"), "{err}");
+        let ok: ConfigFile =
+            toml::from_str("listen = \"tcp://0.0.0.0:7000\"\naccel = \"kvm\"").unwrap();
+        assert_eq!(ok.accel, Some(Accel::Kvm));
+    }
 }

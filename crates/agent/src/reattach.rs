@@ -218,9 +218,11 @@ async fn resolve_outgoing(
         recovery: Some(recovery),
         role: Role::Source,
         stats: JobStats::default(),
+        samples: Vec::new(),
     };
     tracing::warn!(domain = %name, job = %job.id, status = %record.status, recovery = ?record.recovery, "in-flight migration resolved after restart");
-    if let Err(e) = agent.store.save_job(&record).await {
+    agent.metrics.job_finished(&record);
+    if let Err(e) = agent.history.save(&record).await {
         tracing::error!(error = %crate::errors::chain(&e), "could not save the job record");
     }
     let _ = agent.with_domain(name, |d| {

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::history::History;
 use crate::migrate::destination;
 use crate::state::{ActiveJob, Agent, Domain};
 use crate::store::{Store, StoreError};
@@ -27,6 +28,8 @@ use crate::store::{Store, StoreError};
 pub enum RunError {
     #[error("cannot open the state directory")]
     Store(#[from] StoreError),
+    #[error("cannot open the job history")]
+    History(#[from] crate::history::HistoryError),
     #[error("another agent is already serving {0}")]
     SocketInUse(PathBuf),
     #[error("cannot listen on {what}")]
@@ -83,7 +86,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             "released vCPU throttles left by a previous agent"
         );
     }
-    let agent = Arc::new(Agent::new(config, store, uri.clone()));
+    let history = History::open(&store.root().join("history.db"))?;
+    let agent = Arc::new(Agent::new(config, store, history, uri.clone()));
     {
         let defs = agent.store.load_definitions().await;
         let mut domains = agent.domains.lock().expect("domains lock");
@@ -112,11 +116,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     protocol::keepalive(&stream);
+
                     let local_ip = stream.local_addr().ok().map(|a| a.ip());
                     tracing::debug!(%peer, "tcp connection");
-                    let (r, w) = stream.into_split();
                     let ctx = ConnContext { id: agent.next_connection_id(), local_ip };
-                    connections.spawn(serve(agent.clone(), r, w, ctx));
+                    connections.spawn(serve_tcp(agent.clone(), stream, ctx));
                 }
                 Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
             },
@@ -216,6 +220,59 @@ where
         }
     }
     destination::abort_for_connection(&agent, ctx.id).await;
+}
+
+/// A TCP connection speaks the agent protocol, or HTTP (`GET /metrics`):
+/// the agent protocol starts with '{', HTTP with a method.
+async fn serve_tcp(agent: Arc<Agent>, stream: tokio::net::TcpStream, ctx: ConnContext) {
+    let mut first = [0u8; 4];
+    let peeked = tokio::time::timeout(Duration::from_secs(10), stream.peek(&mut first)).await;
+    if matches!(peeked, Ok(Ok(4))) && &first == b"GET " {
+        serve_http(agent, stream).await;
+        return;
+    }
+    let (r, w) = stream.into_split();
+    serve(agent, r, w, ctx).await;
+}
+
+/// Answers one HTTP request: `GET /metrics`, or 404.
+async fn serve_http(agent: Arc<Agent>, stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut request_line = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        reader.read_line(&mut request_line).await?;
+        // Skip the headers.
+        let mut header = String::new();
+        loop {
+            header.clear();
+            if reader.read_line(&mut header).await? == 0 || header.trim().is_empty() {
+                break;
+            }
+        }
+        std::io::Result::Ok(())
+    })
+    .await;
+    if !matches!(read, Ok(Ok(()))) {
+        return;
+    }
+    let path = request_line.split_whitespace().nth(1).unwrap_or("");
+    let (status, content_type, body) = if path == "/metrics" {
+        (
+            "200 OK",
+            "text/plain; version=0.0.4",
+            agent.metrics.render(&agent),
+        )
+    } else {
+        ("404 Not Found", "text/plain", "try /metrics\n".to_string())
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = write.write_all(response.as_bytes()).await;
+    let _ = write.shutdown().await;
 }
 
 /// Shutdown: outgoing jobs are cancelled and given time to resume the

@@ -24,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::errors;
+use crate::history::History;
+use crate::metrics::Metrics;
 use crate::runfile::{RunJob, RunRecord};
 use crate::store::Store;
 use crate::vm::RunningVm;
@@ -151,6 +153,8 @@ impl Domain {
 pub(crate) struct Agent {
     pub config: Config,
     pub store: Store,
+    pub history: History,
+    pub metrics: Metrics,
     /// How this agent names itself in job records (its TCP URI when it
     /// listens on TCP, else its unix socket).
     pub uri: String,
@@ -163,10 +167,12 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
-    pub fn new(config: Config, store: Store, uri: String) -> Self {
+    pub fn new(config: Config, store: Store, history: History, uri: String) -> Self {
         Agent {
             config,
             store,
+            history,
+            metrics: Metrics::default(),
             uri,
             instance: uuid::Uuid::new_v4().to_string(),
             binary: tokio::sync::OnceCell::new(),

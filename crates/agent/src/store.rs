@@ -3,7 +3,7 @@
 //! ```text
 //! STATE_DIR/
 //!   domains/NAME.toml   persistent definitions
-//!   jobs/ID.json        records of finished migration jobs
+//!   history.db          finished migration jobs (see `history`)
 //!   run/                QMP sockets, and NAME.json for each running QEMU
 //!   logs/               QEMU output and guest serial logs
 //! ```
@@ -15,7 +15,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use domain::{DomainDefinition, DomainName};
-use migration::JobRecord;
 
 use crate::runfile::RunRecord;
 
@@ -52,7 +51,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Create`] if a directory cannot be made.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for sub in ["domains", "jobs", "run", "logs"] {
+        for sub in ["domains", "run", "logs"] {
             let path = root.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| StoreError::Create { path, source })?;
         }
@@ -76,13 +75,6 @@ impl Store {
     fn definition_path(&self, name: &DomainName) -> PathBuf {
         // Safe: a DomainName cannot contain '/' or start with '.'.
         self.root.join("domains").join(format!("{name}.toml"))
-    }
-
-    fn job_path(&self, id: &str) -> Option<PathBuf> {
-        let valid = !id.is_empty()
-            && id.len() <= 64
-            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-        valid.then(|| self.root.join("jobs").join(format!("{id}.json")))
     }
 
     /// Every definition on disk. A file that no longer validates is
@@ -140,19 +132,6 @@ impl Store {
         }
     }
 
-    /// Persists a job record.
-    ///
-    /// # Errors
-    /// [`StoreError::Write`].
-    pub async fn save_job(&self, record: &JobRecord) -> Result<(), StoreError> {
-        let path = self.job_path(&record.id).ok_or_else(|| StoreError::Write {
-            path: self.root.join("jobs"),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "bad job id"),
-        })?;
-        let bytes = serde_json::to_vec_pretty(record).expect("a job record always serializes");
-        write_atomic(path, bytes).await
-    }
-
     fn run_path(&self, name: &DomainName) -> PathBuf {
         self.run_dir().join(format!("{name}.json"))
     }
@@ -205,13 +184,6 @@ impl Store {
         })
         .await
         .unwrap_or_default()
-    }
-
-    /// A job record by id, if there is one.
-    pub async fn load_job(&self, id: &str) -> Option<JobRecord> {
-        let path = self.job_path(id)?;
-        let bytes = tokio::fs::read(path).await.ok()?;
-        serde_json::from_slice(&bytes).ok()
     }
 }
 
@@ -286,12 +258,5 @@ mod tests {
         let defs = store.load_definitions().await;
         assert_eq!(defs.len(), 1);
         assert_eq!(defs[0].name.as_str(), "good");
-    }
-
-    #[tokio::test]
-    async fn job_ids_cannot_escape_the_jobs_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        assert!(store.load_job("../domains/good").await.is_none());
     }
 }

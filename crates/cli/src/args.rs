@@ -130,6 +130,26 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// List finished migration jobs, newest first.
+    Jobs {
+        /// Only this domain's jobs.
+        #[arg(long)]
+        domain: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Write a job's timeline as a chart: FILE.svg, or FILE.html (chart and
+    /// summary in one self-contained page).
+    Report {
+        /// The job id (from `migrate`, `jobs` or `domjobinfo --completed`).
+        id: String,
+        /// Output file (.svg or .html).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Show a migration job by id (live while it runs, then its record).
     Job {
         id: String,
@@ -145,16 +165,22 @@ pub enum Command {
     /// Run the demo: a busy guest live-migrated with auto-converge between
     /// two agents on this machine.
     Demo(DemoArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff).
+    Man,
 }
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     #[command(flatten)]
     pub flags: MigrateFlags,
-    /// Show progress while the migration runs.
+    /// Accepted for virsh compatibility: progress is always shown (a bar on
+    /// a terminal, a line a second otherwise).
     #[arg(long)]
     pub verbose: bool,
-    /// Print the job record as JSON on the last line.
+    /// Stream progress as NDJSON events and print the job record as JSON on
+    /// the last line.
     #[arg(long)]
     pub json: bool,
     /// Domain name.
@@ -193,7 +219,11 @@ pub struct DemoArgs {
     /// QEMU binary for both agents.
     #[arg(long, value_name = "PATH")]
     pub qemu: Option<PathBuf>,
-    /// Print the job record (with memory_check) as JSON on the last line.
+    /// Stream progress as NDJSON and print the job record (with
+    /// memory_check) as JSON on the last line.
     #[arg(long)]
     pub json: bool,
+    /// Also write a timeline report of the migration (FILE.svg or FILE.html).
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }

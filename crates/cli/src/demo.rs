@@ -9,12 +9,13 @@ use agent::launcher::{AgentProcess, LaunchOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use domain::DomainDefinition;
 use guest::{SerialLog, Workload};
-use migration::{ConvergeMode, JobInfo, JobStatus, MigrateFlags};
+use migration::{ConvergeMode, JobStatus, MigrateFlags};
 use protocol::message::Reply;
 use protocol::types::{DomainInfo, DomainState};
 use protocol::{Client, Request};
 
 use crate::args::DemoArgs;
+use crate::progress::Progress;
 use crate::{migrate, output, print_json, request, unexpected};
 
 const DOMAIN: &str = "demo-busy";
@@ -224,14 +225,16 @@ async fn scenario(
     let Reply::MigrationStarted { job_id } = reply else {
         return Err(unexpected(reply));
     };
-    let mut polls = 0u64;
-    let mut on_progress = |job: &JobInfo| {
-        polls += 1;
-        if polls.is_multiple_of(2) {
-            say.line(&format!("    {}", output::progress_line(job)));
-        }
-    };
-    let record = migrate::follow(a, DOMAIN, &job_id, &mut on_progress).await?;
+    let mut progress = Progress::new(&job_id, args.json);
+    let record = migrate::follow(a, DOMAIN, &job_id, &mut progress).await?;
+    if let Some(path) = &args.report {
+        report::write(&record, path)
+            .with_context(|| format!("cannot write the report to {}", path.display()))?;
+        say.line(&format!(
+            "==> Timeline report written to {}",
+            path.display()
+        ));
+    }
 
     // Where the guest runs now, and whether its memory survived.
     let (runs_on, client) = match record.status {

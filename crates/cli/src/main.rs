@@ -7,6 +7,7 @@ mod args;
 mod demo;
 mod migrate;
 mod output;
+mod progress;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,8 +31,45 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("hint: {hint}");
+            }
             ExitCode::from(1)
         }
+    }
+}
+
+/// What to do next, for the errors people hit most.
+fn hint(error: &anyhow::Error) -> Option<&'static str> {
+    if let Some(client) = error.downcast_ref::<protocol::ClientError>() {
+        return match client {
+            protocol::ClientError::Connect { .. } => Some(
+                "is livemigd running? Start it with `livemigd --state-dir DIR`, and pass its socket \
+                 with -c unix:///DIR/livemigd.sock or LIVEMIG_URI",
+            ),
+            protocol::ClientError::Api(api) => api_hint(api.code),
+            _ => None,
+        };
+    }
+    None
+}
+
+fn api_hint(code: protocol::ErrorCode) -> Option<&'static str> {
+    use protocol::ErrorCode::*;
+    match code {
+        NoDomain => Some("`livemig list --all` shows the domains this agent knows"),
+        NoJob => Some("`livemig jobs` lists finished jobs; `livemig domjobinfo DOMAIN` the running one"),
+        Unsupported => Some(
+            "`livemig domcapabilities` on each host lists what its QEMU supports; drop the flag or \
+             upgrade QEMU there",
+        ),
+        PeerUnreachable => Some(
+            "check the destination agent runs and listens on that address (livemigd --listen \
+             tcp://HOST:PORT) and that this host can reach it",
+        ),
+        InvalidDefinition => Some("fix the definition file; README.md shows every key"),
+        OperationInvalid => Some("`livemig dominfo DOMAIN` shows its state and any active job"),
+        _ => None,
     }
 }
 
@@ -64,6 +102,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let uri = cli.connect.as_deref();
     match cli.command {
         Command::Demo(args) => return demo::run(args).await,
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "livemig", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(command).render(&mut std::io::stdout())?;
+            return Ok(ExitCode::SUCCESS);
+        }
         Command::Migrate(args) => {
             let client = connect(uri).await?;
             return migrate::run(&client, args).await;
@@ -250,6 +298,35 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 other => return Err(unexpected(other)),
             }
         }
+        Command::Jobs {
+            domain: name,
+            limit,
+            json,
+        } => {
+            let domain = name.as_deref().map(domain).transpose()?;
+            match request(&client, Request::Jobs { domain, limit }).await? {
+                Reply::Jobs { jobs } if json.json => print_json(&jobs)?,
+                Reply::Jobs { jobs } => print!("{}", output::job_list(&jobs)),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Command::Report { id, output: path } => {
+            let record = match request(&client, Request::Job { id: id.clone() }).await? {
+                Reply::Job {
+                    record: Some(record),
+                    ..
+                } => *record,
+                Reply::Job {
+                    active: Some(_), ..
+                } => {
+                    bail!("job {id} is still running: report it once it has finished")
+                }
+                other => return Err(unexpected(other)),
+            };
+            report::write(&record, &path)
+                .with_context(|| format!("cannot write the report to {}", path.display()))?;
+            println!("Report of job {id} written to {}", path.display());
+        }
         Command::Job { id, json } => match request(&client, Request::Job { id }).await? {
             Reply::Job {
                 record: Some(r), ..
@@ -284,7 +361,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 other => return Err(unexpected(other)),
             }
         }
-        Command::Demo(_) | Command::Migrate(_) => bail!("handled above"),
+        Command::Demo(_) | Command::Migrate(_) | Command::Completions { .. } | Command::Man => {
+            bail!("handled above")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,52 +5,69 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use migration::{JobInfo, JobRecord, JobStatus};
+use migration::{JobRecord, JobStatus};
 use protocol::message::Reply;
 use protocol::{Client, Request};
 
 use crate::args::MigrateArgs;
+use crate::progress::Progress;
 use crate::{domain, output, print_json, request, unexpected};
 
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// What to do with each poll of a running job.
-pub type OnProgress<'a> = &'a mut dyn FnMut(&JobInfo);
+/// Asks whether to abort (on a terminal) or decides to (otherwise).
+fn confirm_abort(progress: &Progress) -> bool {
+    if !progress.interactive() {
+        return true;
+    }
+    let line = tokio::task::block_in_place(|| {
+        progress.suspend(|| {
+            use std::io::Write;
+            print!("\nAbort the migration? The guest stays on the source. [y/N] ");
+            let _ = std::io::stdout().flush();
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+            line
+        })
+    });
+    matches!(line.trim(), "y" | "Y" | "yes")
+}
 
-/// Follows a job until it has a record. Ctrl-C asks the agent to abort it
-/// (the guest stays on the source) and keeps following.
+/// Follows a job until it has a record, showing its progress. Ctrl-C asks
+/// (on a terminal) whether to abort it; abort leaves the guest on the
+/// source.
 pub async fn follow(
     client: &Client,
     domain_name: &str,
     job_id: &str,
-    on_progress: OnProgress<'_>,
+    progress: &mut Progress,
 ) -> Result<JobRecord> {
     let mut abort_sent = false;
     loop {
-        match request(
-            client,
-            Request::Job {
-                id: job_id.to_string(),
-            },
-        )
-        .await?
-        {
+        let id = job_id.to_string();
+        match request(client, Request::Job { id }).await? {
             Reply::Job {
                 record: Some(record),
                 ..
-            } => return Ok(*record),
+            } => {
+                progress.finish();
+                return Ok(*record);
+            }
             Reply::Job {
                 active: Some(job), ..
-            } => on_progress(&job),
+            } => progress.update(&job),
             other => return Err(unexpected(other)),
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
             _ = tokio::signal::ctrl_c(), if !abort_sent => {
-                eprintln!("\nInterrupted: aborting the migration; the guest stays on the source");
-                abort_sent = true;
-                if let Err(e) = request(client, Request::DomJobAbort { domain: domain(domain_name)? }).await {
-                    eprintln!("could not abort: {e:#}");
+                if confirm_abort(progress) {
+                    abort_sent = true;
+                    progress.say("Aborting the migration; the guest stays on the source");
+                    let domain = domain(domain_name)?;
+                    if let Err(e) = request(client, Request::DomJobAbort { domain }).await {
+                        progress.say(&format!("could not abort: {e:#}"));
+                    }
                 }
             }
         }
@@ -80,13 +97,8 @@ pub async fn run(client: &Client, args: MigrateArgs) -> Result<ExitCode> {
         }
         other => return Err(unexpected(other)),
     };
-    let verbose = args.verbose;
-    let mut on_progress = |job: &JobInfo| {
-        if verbose {
-            eprintln!("{}", output::progress_line(job));
-        }
-    };
-    let record = follow(client, &args.domain, &job_id, &mut on_progress).await?;
+    let mut progress = Progress::new(&job_id, args.json);
+    let record = follow(client, &args.domain, &job_id, &mut progress).await?;
     if args.json {
         print_json(&record)?;
     } else {

@@ -350,3 +350,29 @@ pub fn estimate(r: &protocol::types::EstimateReport) -> String {
     }
     out
 }
+
+/// `jobs`.
+pub fn job_list(jobs: &[protocol::types::JobSummary]) -> String {
+    let mut out = format!(
+        "{:<36}  {:<16} {:<11} {:<9} {:>9} {:>9} {:>9}  {}\n",
+        "Job", "Domain", "Role", "Status", "Time", "Downtime", "Throttle", "Convergence"
+    );
+    for j in jobs {
+        out.push_str(&format!(
+            "{:<36}  {:<16} {:<11} {:<9} {:>7.1} s {:>9} {:>8.1}%  {}\n",
+            j.id,
+            j.domain,
+            j.role,
+            j.status,
+            j.total_time_ms as f64 / 1000.0,
+            j.downtime_ms.map_or("-".into(), |d| format!("{d} ms")),
+            j.max_throttle_pct,
+            if j.converge.is_empty() {
+                "none"
+            } else {
+                &j.converge
+            },
+        ));
+    }
+    out
+}

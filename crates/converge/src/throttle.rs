@@ -23,11 +23,14 @@ use std::path::{Path, PathBuf};
 pub const CPU_V1_ROOT: &str = "/sys/fs/cgroup/cpu";
 /// Our subdirectory under the controller.
 const OURS: &str = "livemig";
-/// Quota period when at least 1 % of a CPU is left.
+/// Quota period when at least 1 % of a CPU is left: a throttled vCPU runs
+/// again within 100 ms.
 const PERIOD_US: u64 = 100_000;
-/// Longer period for throttles above 99 %, so the quota stays ≥ 1 ms.
+/// Longest period, for the highest throttles (the quota stays ≥ 1 ms).
 const LONG_PERIOD_US: u64 = 1_000_000;
 const MIN_QUOTA_US: u64 = 1_000;
+/// Above this throttle the period grows beyond 100 ms.
+pub const LONG_PERIOD_ABOVE: f64 = 0.99;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ThrottleError {
@@ -59,7 +62,7 @@ pub fn quota_for(throttle: f64, vcpus: usize) -> (u64, Option<u64>) {
     if throttle <= 0.0 {
         return (PERIOD_US, None);
     }
-    let period = if 1.0 - throttle >= 0.01 {
+    let period = if throttle <= LONG_PERIOD_ABOVE {
         PERIOD_US
     } else {
         LONG_PERIOD_US
@@ -238,6 +241,7 @@ mod tests {
         assert_eq!(quota_for(0.5, 1), (100_000, Some(50_000)));
         assert_eq!(quota_for(0.5, 2), (100_000, Some(100_000)));
         assert_eq!(quota_for(0.99, 1), (100_000, Some(1_000)));
+        assert_eq!(quota_for(0.995, 1), (1_000_000, Some(5_000)));
         assert_eq!(quota_for(0.999, 1), (1_000_000, Some(1_000)));
         // Beyond what the quota can express, the mechanism's maximum.
         assert_eq!(quota_for(1.0, 1), (1_000_000, Some(1_000)));

@@ -32,6 +32,7 @@ const MAX_VCPUS: u32 = 255;
 
 /// The accelerator QEMU runs the guest with.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     #[default]

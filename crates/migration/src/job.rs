@@ -159,6 +159,48 @@ pub struct TimedAction {
     pub detail: String,
 }
 
+/// One reading of the job, taken at every poll: the timeline a report
+/// draws.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Milliseconds since the migration started.
+    pub t_ms: u64,
+    /// QEMU's migration status.
+    pub status: String,
+    /// Passes over memory so far.
+    pub pass: u64,
+    pub remaining_bytes: u64,
+    pub transferred_bytes: u64,
+    /// MiB/s QEMU measured.
+    pub bandwidth_mib_s: f64,
+    /// MiB/s newly dirtied (QEMU's figure; saturates for hot writers).
+    pub dirty_rate_mib_s: f64,
+    /// vCPU throttle in force (QEMU's or livemig's), percent.
+    pub throttle_pct: f64,
+    pub expected_downtime_ms: Option<u64>,
+}
+
+impl Sample {
+    /// A sample from QEMU's statistics at `t_ms`, with our throttle.
+    pub fn from_stats(t_ms: u64, stats: &JobStats, our_throttle_pct: f64) -> Self {
+        const MIB: f64 = 1024.0 * 1024.0;
+        Sample {
+            t_ms,
+            status: stats.qemu_status.clone().unwrap_or_default(),
+            pass: stats.iteration.unwrap_or(0),
+            remaining_bytes: stats.memory_remaining_bytes.unwrap_or(0),
+            transferred_bytes: stats.memory_processed_bytes.unwrap_or(0),
+            bandwidth_mib_s: stats.bandwidth_mib_s.unwrap_or(0.0),
+            dirty_rate_mib_s: stats
+                .dirty_rate_pages_s
+                .zip(stats.page_size)
+                .map_or(0.0, |(pages, size)| (pages * size) as f64 / MIB),
+            throttle_pct: our_throttle_pct.max(stats.cpu_throttle_pct.unwrap_or(0) as f64),
+            expected_downtime_ms: stats.expected_downtime_ms,
+        }
+    }
+}
+
 /// A job while it runs (and the last one, with `--completed`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
@@ -229,6 +271,9 @@ pub struct JobRecord {
     /// The last statistics QEMU reported.
     #[serde(default)]
     pub stats: JobStats,
+    /// The timeline: one sample per poll.
+    #[serde(default)]
+    pub samples: Vec<Sample>,
 }
 
 fn source_role() -> Role {

@@ -36,15 +36,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::flags::TimeoutAction;
-use crate::job::{JobStats, TimedAction};
+use crate::job::{JobStats, Sample, TimedAction};
 use crate::vcpu_throttle::VcpuThrottle;
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// Passes without a new low before a non-adaptive job escalates.
 const STALL_WINDOW: usize = 3;
-/// Lift the throttle when what is left is within this factor of the
-/// switchover threshold: QEMU's own bandwidth figure may differ from ours.
-const SWITCHOVER_MARGIN: f64 = 1.5;
+/// A pass shorter than this says little about the dirty rate (QEMU syncs
+/// again quickly near the end); the controller skips it.
+const MIN_PASS_SECS: f64 = 0.5;
 
 /// How to watch a migration.
 #[derive(Debug, Clone)]
@@ -70,6 +70,8 @@ pub struct WatchOptions {
     pub bandwidth_cap: Option<f64>,
     /// Measure the dirty rate (`calc-dirty-rate`) while the first pass runs.
     pub preflight: bool,
+    /// Guest RAM: the most a working set can be.
+    pub ram_bytes: u64,
 }
 
 impl Default for WatchOptions {
@@ -86,6 +88,7 @@ impl Default for WatchOptions {
             allow_postcopy: false,
             bandwidth_cap: None,
             preflight: false,
+            ram_bytes: 0,
         }
     }
 }
@@ -123,6 +126,8 @@ pub struct Progress {
     /// The guest was paused by the timeout action.
     pub suspended: bool,
     pub actions: Vec<TimedAction>,
+    /// One sample per poll.
+    pub samples: Vec<Sample>,
 }
 
 /// The loop's state.
@@ -291,30 +296,26 @@ impl Watch<'_> {
     }
 
     /// A new pass began: let the controller or the escalation policy act.
+    /// QEMU syncs once what is left falls below its switchover threshold
+    /// (bandwidth × downtime limit), so what is left right after a sync is
+    /// what the guest dirtied during the pass plus at most that leftover.
     async fn on_sync(&mut self, stats: &JobStats) {
         let now = Instant::now();
         let pass_secs = now.duration_since(self.last_sync).as_secs_f64();
         self.last_sync = now;
         let remaining = stats.memory_remaining_bytes.unwrap_or(0) as f64;
+        let threshold = self.bandwidth(stats) * self.downtime_ms as f64 / 1000.0;
+        let dirtied = (remaining - threshold).max(0.0);
         self.history.push(remaining);
         tracing::debug!(
             pass = stats.iteration,
             remaining_mib = remaining / MIB,
+            dirtied_mib = dirtied / MIB,
             pass_secs,
             "pass"
         );
-
-        // QEMU switches over when what is left fits in the downtime, and
-        // its first step is to stop the vCPUs: a throttled vCPU thread
-        // answers that only in its next CPU slice (up to a second at
-        // 99.9 %), which would all count as downtime. Lift the throttle now.
-        let threshold = self.bandwidth(stats) * self.downtime_ms as f64 / 1000.0;
-        if self.progress.borrow().throttle_pct > 0.0 && remaining <= SWITCHOVER_MARGIN * threshold {
-            self.set_throttle(0.0, format!(
-                "{:.0} MiB left fits in the downtime limit: lifted so the vCPUs stop at once for the switchover",
-                remaining / MIB
-            ))
-            .await;
+        if pass_secs < MIN_PASS_SECS {
+            return;
         }
 
         if let (Some(mut state), Some(policy)) = (self.controller.clone(), self.options.controller)
@@ -326,7 +327,7 @@ impl Watch<'_> {
                 &state,
                 &Observation {
                     elapsed: self.elapsed().as_secs_f64(),
-                    remaining,
+                    remaining: dirtied,
                     pass_secs,
                     throttle: throttle_now,
                     bandwidth: self.bandwidth(stats),
@@ -417,12 +418,7 @@ pub async fn run(
     if options.preflight {
         let (tx, rx) = oneshot::channel();
         let client = qmp.clone();
-        let ram = qmp
-            .execute(&QueryMigrate)
-            .await
-            .ok()
-            .and_then(|i| i.ram.and_then(|r| r.total))
-            .unwrap_or(0) as f64;
+        let ram = options.ram_bytes as f64;
         tokio::spawn(async move {
             let _ = tx.send(preflight(client, ram).await);
         });
@@ -441,7 +437,7 @@ pub async fn run(
                     if status == MigrationStatus::Completed {
                         stats = settled_stats(qmp, stats).await;
                     }
-                    publish(progress, &stats);
+                    publish(progress, &stats, started);
                     return finish(status, info.error_desc, stats, w.cancel_reason);
                 }
                 stats
@@ -454,7 +450,7 @@ pub async fn run(
                 };
             }
         };
-        publish(progress, &stats);
+        publish(progress, &stats, started);
         if info_in_postcopy(&stats) {
             progress.send_modify(|p| p.postcopy_started = true);
         }
@@ -571,12 +567,15 @@ fn info_in_postcopy(stats: &JobStats) -> bool {
         .is_some_and(|s| s.starts_with("postcopy"))
 }
 
-fn publish(progress: &watch::Sender<Progress>, stats: &JobStats) {
+fn publish(progress: &watch::Sender<Progress>, stats: &JobStats, started: Instant) {
+    let t_ms = started.elapsed().as_millis() as u64;
     progress.send_modify(|p| {
         p.max_cpu_throttle_pct = p
             .max_cpu_throttle_pct
             .max(stats.cpu_throttle_pct.unwrap_or(0) as f64);
         p.stats = stats.clone();
+        p.samples
+            .push(Sample::from_stats(t_ms, stats, p.throttle_pct));
     });
 }
 

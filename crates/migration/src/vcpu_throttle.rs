@@ -9,9 +9,13 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use converge::throttle::{HostThrottle, MAX_HOST_THROTTLE};
-use qmp::commands::migration::MigrateSetParameters;
+use converge::throttle::{HostThrottle, LONG_PERIOD_ABOVE, MAX_HOST_THROTTLE};
+use qmp::commands::migration::{MigrateSetParameters, MigrationStatus, QueryMigrate};
+use qmp::commands::vm::QueryStatus;
 use qmp::Client;
 
 use crate::settings::qemu_throttle_parameters;
@@ -31,13 +35,78 @@ pub trait VcpuThrottle: Send {
 }
 
 /// The vCPU threads of one QEMU in a cgroup with a CPU quota.
+///
+/// Above 99 % the quota period grows (up to 1 s, so the quota stays at
+/// least 1 ms), and a vCPU thread may then wait most of a period before it
+/// runs again. When QEMU switches over it stops the vCPUs and waits for each
+/// to answer — with the big QEMU lock held, so QMP goes quiet. A guard task
+/// watches for that: if QMP does not answer within [`STALL`] while such a
+/// throttle is on, the quota is lifted at once (so the stop, and the
+/// downtime, are not stretched), and put back if the migration turns out to
+/// be still copying.
 #[derive(Debug)]
 pub struct HostVcpuThrottle {
-    inner: Option<HostThrottle>,
+    inner: Arc<Mutex<Option<HostThrottle>>>,
+    /// The throttle asked for, as f64 bits.
+    target: Arc<AtomicU64>,
+    guard: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// How long QMP may be silent before a long-period throttle is lifted.
+const STALL: Duration = Duration::from_millis(60);
+const PROBE_INTERVAL: Duration = Duration::from_millis(20);
+
+fn apply(inner: &Mutex<Option<HostThrottle>>, throttle: f64) -> Result<(), String> {
+    match inner.lock().expect("throttle lock").as_mut() {
+        Some(t) => t.set(throttle).map_err(|e| protocol_chain(&e)),
+        None => Err("the host throttle was already released".into()),
+    }
+}
+
+async fn guard(qmp: Client, inner: Arc<Mutex<Option<HostThrottle>>>, target: Arc<AtomicU64>) {
+    loop {
+        tokio::time::sleep(PROBE_INTERVAL).await;
+        let wanted = f64::from_bits(target.load(Ordering::Relaxed));
+        if wanted <= LONG_PERIOD_ABOVE {
+            continue;
+        }
+        if tokio::time::timeout(STALL, qmp.execute(&QueryStatus))
+            .await
+            .is_ok()
+        {
+            continue;
+        }
+        // QMP is stuck: most likely QEMU is stopping the vCPUs.
+        let lift = inner.clone();
+        let _ = tokio::task::spawn_blocking(move || apply(&lift, 0.0)).await;
+        tracing::info!(
+            "QMP stalled under a long-period vCPU throttle: lifted while QEMU stops the vCPUs"
+        );
+        // Once QMP answers again, put it back if the copy goes on.
+        let status = loop {
+            match tokio::time::timeout(Duration::from_secs(5), qmp.execute(&QueryMigrate)).await {
+                Ok(Ok(info)) => break info.status,
+                Ok(Err(_)) => return,
+                Err(_) => continue,
+            }
+        };
+        if status == Some(MigrationStatus::Active) {
+            let wanted = f64::from_bits(target.load(Ordering::Relaxed));
+            let back = inner.clone();
+            let _ = tokio::task::spawn_blocking(move || apply(&back, wanted)).await;
+            tracing::info!(
+                throttle = wanted,
+                "migration still copying: throttle restored"
+            );
+        } else {
+            return;
+        }
+    }
 }
 
 impl HostVcpuThrottle {
-    /// Moves the vCPU threads into a cgroup named `name` under `controller`.
+    /// Moves the vCPU threads into a cgroup named `name` under `controller`;
+    /// `qmp` is the QEMU's monitor, for the stall guard.
     ///
     /// # Errors
     /// Why the host cannot throttle threads.
@@ -46,12 +115,22 @@ impl HostVcpuThrottle {
         name: String,
         pid: u32,
         threads: Vec<u32>,
+        qmp: Client,
     ) -> Result<Self, String> {
-        tokio::task::spawn_blocking(move || HostThrottle::attach(&controller, &name, pid, &threads))
-            .await
-            .map_err(|e| e.to_string())?
-            .map(|inner| HostVcpuThrottle { inner: Some(inner) })
-            .map_err(|e| protocol_chain(&e))
+        let inner = tokio::task::spawn_blocking(move || {
+            HostThrottle::attach(&controller, &name, pid, &threads)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| protocol_chain(&e))?;
+        let inner = Arc::new(Mutex::new(Some(inner)));
+        let target = Arc::new(AtomicU64::new(0f64.to_bits()));
+        let guard = tokio::spawn(guard(qmp, inner.clone(), target.clone()));
+        Ok(HostVcpuThrottle {
+            inner,
+            target,
+            guard: Some(guard),
+        })
     }
 }
 
@@ -77,26 +156,35 @@ impl VcpuThrottle for HostVcpuThrottle {
 
     fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            let Some(mut inner) = self.inner.take() else {
-                return Err("the host throttle was already released".into());
-            };
-            let (inner, result) = tokio::task::spawn_blocking(move || {
-                let result = inner.set(throttle);
-                (inner, result)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-            self.inner = Some(inner);
-            result.map_err(|e| protocol_chain(&e))
+            self.target.store(throttle.to_bits(), Ordering::Relaxed);
+            let inner = self.inner.clone();
+            tokio::task::spawn_blocking(move || apply(&inner, throttle))
+                .await
+                .map_err(|e| e.to_string())?
         })
     }
 
     fn release(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(inner) = self.inner.take() {
-                let _ = tokio::task::spawn_blocking(move || inner.release()).await;
+            if let Some(guard) = self.guard.take() {
+                guard.abort();
             }
+            let inner = self.inner.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(t) = inner.lock().expect("throttle lock").take() {
+                    t.release();
+                }
+            })
+            .await;
         })
+    }
+}
+
+impl Drop for HostVcpuThrottle {
+    fn drop(&mut self) {
+        if let Some(guard) = self.guard.take() {
+            guard.abort();
+        }
     }
 }
 

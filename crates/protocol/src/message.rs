@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::types::{
     AgentInfo, DomainInfo, DomainSummary, EstimateParams, EstimateReport, HostCapabilities,
-    PrepareRequest,
+    JobSummary, PrepareRequest,
 };
 
 /// The protocol version in every envelope. A newer minor revision only adds
@@ -94,6 +94,13 @@ pub enum Request {
     MigratePostcopy {
         domain: DomainName,
     },
+    /// Finished jobs, newest first.
+    Jobs {
+        #[serde(default)]
+        domain: Option<DomainName>,
+        #[serde(default = "default_job_limit")]
+        limit: u32,
+    },
     /// Measure a running domain's dirty rate and predict its migration.
     Estimate {
         domain: DomainName,
@@ -128,6 +135,10 @@ pub enum Request {
         job_id: String,
         reason: String,
     },
+}
+
+fn default_job_limit() -> u32 {
+    20
 }
 
 impl Request {
@@ -165,6 +176,9 @@ pub enum Reply {
         result: Value,
     },
     Estimate(Box<EstimateReport>),
+    Jobs {
+        jobs: Vec<JobSummary>,
+    },
     Prepared {
         uri: String,
     },

@@ -135,3 +135,19 @@ pub struct EstimateParams {
     pub timeout_s: Option<u64>,
     pub max_throttle_pct: Option<f64>,
 }
+
+/// One line of `jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub id: String,
+    pub domain: String,
+    /// `source` or `destination`.
+    pub role: String,
+    pub status: String,
+    pub started_at_ms: u64,
+    pub total_time_ms: u64,
+    pub downtime_ms: Option<u64>,
+    pub max_throttle_pct: f64,
+    pub converge: String,
+    pub error: Option<String>,
+}

@@ -53,7 +53,10 @@ fn demo_migrates_a_busy_guest_with_auto_converge_and_prints_the_record() {
             "record lacks {field}: {record}"
         );
     }
-    // Progress went to stderr, one line per second, while stdout stayed JSON.
-    assert!(stderr.contains("Migration: ["), "{stderr}");
+    // Progress streamed as NDJSON events before the record; the narration
+    // went to stderr.
+    let events = stdout.lines().count() - 1;
+    assert!(events >= 2, "{stdout}");
+    assert!(stdout.contains("\"event\":\"progress\""), "{stdout}");
     assert!(stderr.contains("Cleaning up"));
 }

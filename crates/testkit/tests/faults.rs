@@ -151,7 +151,7 @@ fn assert_no_leftovers(host: &Host) {
             host.name
         );
     }
-    for dir in ["domains", "jobs", "run"] {
+    for dir in ["domains", "run"] {
         for entry in std::fs::read_dir(host.state_dir().join(dir))
             .unwrap()
             .flatten()

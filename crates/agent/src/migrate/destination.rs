@@ -88,13 +88,15 @@ async fn prepare_live(
     vm::check_spec(&req.spec, binary, &agent.uri, agent.config.tcg_workaround)?;
     let listen = match &req.flags.migrateuri {
         Some(uri) => parse_data_uri(uri).map_err(|e| errors::invalid(e.to_string()))?,
-        None => DataUri::Tcp {
-            host: ctx
+        None => {
+            let ip = ctx
                 .local_ip
-                .map(|ip| ip.to_string())
-                .unwrap_or_else(|| "127.0.0.1".into()),
-            port: 0,
-        },
+                .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+            DataUri::Tcp {
+                host: ip.to_string(),
+                port: data_port(ip, agent.config.migration_ports)?,
+            }
+        }
     };
 
     // Reserve the name: from here on the domain is "migrating in".
@@ -210,6 +212,21 @@ fn resume_on_postcopy(qmp: qmp::Client) {
             }
         }
     });
+}
+
+/// A port for the incoming data: the first free one in the configured
+/// range, or 0 (QEMU picks any) without one.
+fn data_port(ip: std::net::IpAddr, range: Option<(u16, u16)>) -> Result<u16, ApiError> {
+    let Some((first, last)) = range else {
+        return Ok(0);
+    };
+    (first..=last)
+        .find(|port| std::net::TcpListener::bind((ip, *port)).is_ok())
+        .ok_or_else(|| {
+            errors::operation_invalid(format!(
+                "no free migration port in {first}-{last} on {ip}: widen migration_ports"
+            ))
+        })
 }
 
 fn incoming_job(
@@ -343,10 +360,12 @@ pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, Ap
             recovery: None,
             role: Role::Destination,
             stats: JobStats::default(),
+            samples: Vec::new(),
         };
         // Durable before we answer: if the answer is lost, a later
         // peer-abort must learn that the guest runs here.
-        if let Err(e) = agent.store.save_job(&record).await {
+        agent.metrics.job_finished(&record);
+        if let Err(e) = agent.history.save(&record).await {
             tracing::error!(error = %errors::chain(&e), "could not save the job record");
         }
         agent.with_domain(&name, |d| {
@@ -462,10 +481,12 @@ pub(crate) async fn abort(
             guest_running_here: !torn_down,
         });
     }
+    // If the history cannot be read, say so: "not here" must be certain.
     let finished_here = agent
-        .store
-        .load_job(job_id)
+        .history
+        .load(job_id)
         .await
+        .map_err(|e| ApiError::new(ErrorCode::Storage, errors::chain(&e)))?
         .is_some_and(|r| r.role == Role::Destination && r.status == JobStatus::Completed);
     Ok(Reply::Aborted {
         guest_running_here: finished_here,

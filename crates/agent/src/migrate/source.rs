@@ -427,6 +427,7 @@ impl Run {
             timeout_action: flags.timeout_action.unwrap_or_default(),
             postcopy_after_precopy: flags.postcopy_after_precopy,
             preflight: controller.is_some(),
+            ram_bytes: vm.spec.ram.bytes,
             controller,
             downtime_ms,
             max_downtime_ms: flags.max_downtime,
@@ -535,6 +536,7 @@ impl Run {
                 name,
                 vm.process.pid(),
                 threads,
+                qmp.clone(),
             )
             .await
             {
@@ -809,6 +811,7 @@ impl Run {
             recovery: ending.recovery.clone(),
             role: Role::Source,
             stats,
+            samples: progress.samples.clone(),
         };
         match record.status {
             JobStatus::Completed => tracing::info!(
@@ -821,7 +824,8 @@ impl Run {
                 tracing::error!(status = %record.status, error = ?record.error, recovery = ?record.recovery, "migration did not complete")
             }
         }
-        if let Err(e) = self.agent.store.save_job(&record).await {
+        self.agent.metrics.job_finished(&record);
+        if let Err(e) = self.agent.history.save(&record).await {
             tracing::error!(error = %errors::chain(&e), "could not save the job record");
         }
         let _ = self.agent.with_domain(&self.name, |d| {

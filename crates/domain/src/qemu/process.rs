@@ -57,6 +57,21 @@ pub enum ProcessError {
     Adopt { pid: u32, reason: String },
 }
 
+/// Kills the child when dropped — also when the runtime drops the task
+/// that owns it before a kill order could run — unless it was detached.
+struct ChildGuard {
+    child: tokio::process::Child,
+    detached: bool,
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.child.start_kill();
+        }
+    }
+}
+
 /// What the owner of a [`QemuProcess`] wants done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Order {
@@ -102,7 +117,7 @@ impl QemuProcess {
         })?;
         // A stale socket would make us talk to nothing, or to an old QEMU.
         let _ = std::fs::remove_file(qmp_socket);
-        let mut child = tokio::process::Command::new(binary)
+        let child = tokio::process::Command::new(binary)
             .args(argv)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log_file))
@@ -120,15 +135,22 @@ impl QemuProcess {
 
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<Order>();
+        let mut guard = ChildGuard {
+            child,
+            detached: false,
+        };
         tokio::spawn(async move {
             let status = tokio::select! {
-                status = child.wait() => status,
+                status = guard.child.wait() => status,
                 order = kill_rx => {
                     // A dropped handle (no order) means kill.
-                    if order.unwrap_or(Order::Kill) == Order::Kill {
-                        let _ = child.start_kill();
+                    match order.unwrap_or(Order::Kill) {
+                        Order::Kill => {
+                            let _ = guard.child.start_kill();
+                        }
+                        Order::Detach => guard.detached = true,
                     }
-                    child.wait().await
+                    guard.child.wait().await
                 }
             };
             let info = match status {

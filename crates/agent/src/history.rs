@@ -1,0 +1,402 @@
+//! Job history in SQLite (`STATE_DIR/history.db`, WAL, synchronous writes).
+//!
+//! Each finished job is one row in `jobs` (with the record as JSON for
+//! fields added later), its timeline in `samples` (one per poll) and its
+//! actions in `events`, written in one transaction. The schema is
+//! versioned: `schema_version` holds the version, and [`MIGRATIONS`] brings
+//! an older database up to date on open.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use migration::job::{Sample, TimedAction};
+use migration::JobRecord;
+use protocol::types::JobSummary;
+use rusqlite::{params, Connection, OptionalExtension};
+
+/// Schema migrations; entry `i` takes the schema from version `i` to `i+1`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    role TEXT NOT NULL,
+    status TEXT NOT NULL,
+    started_at_ms INTEGER NOT NULL,
+    finished_at_ms INTEGER NOT NULL,
+    total_time_ms INTEGER NOT NULL,
+    downtime_ms INTEGER,
+    max_throttle_pct REAL NOT NULL,
+    converge TEXT NOT NULL,
+    error TEXT,
+    record TEXT NOT NULL
+);
+CREATE INDEX jobs_by_domain ON jobs (domain, finished_at_ms);
+CREATE TABLE samples (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    t_ms INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    pass INTEGER NOT NULL,
+    remaining_bytes INTEGER NOT NULL,
+    transferred_bytes INTEGER NOT NULL,
+    bandwidth_mib_s REAL NOT NULL,
+    dirty_rate_mib_s REAL NOT NULL,
+    throttle_pct REAL NOT NULL,
+    expected_downtime_ms INTEGER
+);
+CREATE INDEX samples_by_job ON samples (job_id, t_ms);
+CREATE TABLE events (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    t_ms INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    value REAL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX events_by_job ON events (job_id, t_ms);
+"#];
+
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error("job history database error")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "job history database is from a newer livemig (schema {found}, this one knows {known})"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("job history task failed")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("job record does not serialize")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The job history of one agent.
+#[derive(Debug, Clone)]
+pub struct History {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), HistoryError> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let version: i64 = conn
+        .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(HistoryError::TooNew {
+            found: version,
+            known,
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.execute("DELETE FROM schema_version", [])?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [i as i64 + 1],
+        )?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "job history schema migrated");
+    }
+    Ok(())
+}
+
+impl History {
+    /// Opens (creating and migrating as needed) the database at `path`.
+    ///
+    /// # Errors
+    /// [`HistoryError`] if it cannot be opened or is from a newer schema.
+    pub fn open(path: &Path) -> Result<History, HistoryError> {
+        let mut conn = Connection::open(path)?;
+        // WAL: readers never block the writer; FULL: a committed job
+        // survives a power cut (Finish relies on it).
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrate(&mut conn)?;
+        Ok(History {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, HistoryError> + Send + 'static,
+    ) -> Result<T, HistoryError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || f(&mut conn.lock().expect("history lock"))).await?
+    }
+
+    /// Stores a finished job (replacing an earlier version of it).
+    ///
+    /// # Errors
+    /// [`HistoryError`] if the transaction fails; nothing is written then.
+    pub async fn save(&self, record: &JobRecord) -> Result<(), HistoryError> {
+        let record = record.clone();
+        let mut slim = record.clone();
+        slim.samples.clear();
+        slim.actions.clear();
+        let json = serde_json::to_string(&slim)?;
+        self.with(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute("DELETE FROM jobs WHERE id = ?1", [&record.id])?;
+            tx.execute(
+                "INSERT INTO jobs (id, domain, role, status, started_at_ms, finished_at_ms, \
+                 total_time_ms, downtime_ms, max_throttle_pct, converge, error, record) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                params![
+                    record.id,
+                    record.domain,
+                    serde_json::to_value(record.role)?
+                        .as_str()
+                        .unwrap_or_default(),
+                    record.status.to_string(),
+                    record.started_at_ms as i64,
+                    record.finished_at_ms as i64,
+                    record.total_time_ms as i64,
+                    record.downtime_ms.map(|d| d as i64),
+                    record.max_cpu_throttle_pct,
+                    record.converge,
+                    record.error,
+                    json,
+                ],
+            )?;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO samples (job_id, t_ms, status, pass, remaining_bytes, \
+                     transferred_bytes, bandwidth_mib_s, dirty_rate_mib_s, throttle_pct, \
+                     expected_downtime_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                )?;
+                for s in &record.samples {
+                    insert.execute(params![
+                        record.id,
+                        s.t_ms as i64,
+                        s.status,
+                        s.pass as i64,
+                        s.remaining_bytes as i64,
+                        s.transferred_bytes as i64,
+                        s.bandwidth_mib_s,
+                        s.dirty_rate_mib_s,
+                        s.throttle_pct,
+                        s.expected_downtime_ms.map(|d| d as i64),
+                    ])?;
+                }
+                let mut insert = tx.prepare(
+                    "INSERT INTO events (job_id, t_ms, action, value, detail) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for a in &record.actions {
+                    insert.execute(params![
+                        record.id,
+                        a.t_ms as i64,
+                        a.action,
+                        a.value,
+                        a.detail
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// A job by id, with its timeline and actions.
+    pub async fn load(&self, id: &str) -> Result<Option<JobRecord>, HistoryError> {
+        let id = id.to_string();
+        self.with(move |conn| {
+            let Some(json): Option<String> = conn
+                .query_row("SELECT record FROM jobs WHERE id = ?1", [&id], |r| r.get(0))
+                .optional()?
+            else {
+                return Ok(None);
+            };
+            let mut record: JobRecord = serde_json::from_str(&json)?;
+            let mut stmt = conn.prepare(
+                "SELECT t_ms, status, pass, remaining_bytes, transferred_bytes, bandwidth_mib_s, \
+                 dirty_rate_mib_s, throttle_pct, expected_downtime_ms FROM samples \
+                 WHERE job_id = ?1 ORDER BY t_ms",
+            )?;
+            record.samples = stmt
+                .query_map([&id], |r| {
+                    Ok(Sample {
+                        t_ms: r.get::<_, i64>(0)? as u64,
+                        status: r.get(1)?,
+                        pass: r.get::<_, i64>(2)? as u64,
+                        remaining_bytes: r.get::<_, i64>(3)? as u64,
+                        transferred_bytes: r.get::<_, i64>(4)? as u64,
+                        bandwidth_mib_s: r.get(5)?,
+                        dirty_rate_mib_s: r.get(6)?,
+                        throttle_pct: r.get(7)?,
+                        expected_downtime_ms: r.get::<_, Option<i64>>(8)?.map(|d| d as u64),
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut stmt = conn.prepare(
+                "SELECT t_ms, action, value, detail FROM events WHERE job_id = ?1 ORDER BY rowid",
+            )?;
+            record.actions = stmt
+                .query_map([&id], |r| {
+                    Ok(TimedAction {
+                        t_ms: r.get::<_, i64>(0)? as u64,
+                        action: r.get(1)?,
+                        value: r.get(2)?,
+                        detail: r.get(3)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(Some(record))
+        })
+        .await
+    }
+
+    /// The most recent jobs, newest first, optionally of one domain.
+    pub async fn list(
+        &self,
+        domain: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<JobSummary>, HistoryError> {
+        self.with(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, domain, role, status, started_at_ms, total_time_ms, downtime_ms, \
+                 max_throttle_pct, converge, error FROM jobs \
+                 WHERE ?1 IS NULL OR domain = ?1 ORDER BY finished_at_ms DESC LIMIT ?2",
+            )?;
+            let rows = stmt
+                .query_map(params![domain, limit], |r| {
+                    Ok(JobSummary {
+                        id: r.get(0)?,
+                        domain: r.get(1)?,
+                        role: r.get(2)?,
+                        status: r.get(3)?,
+                        started_at_ms: r.get::<_, i64>(4)? as u64,
+                        total_time_ms: r.get::<_, i64>(5)? as u64,
+                        downtime_ms: r.get::<_, Option<i64>>(6)?.map(|d| d as u64),
+                        max_throttle_pct: r.get(7)?,
+                        converge: r.get(8)?,
+                        error: r.get(9)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use migration::job::{JobStats, JobStatus, Phase, Role};
+
+    use super::*;
+
+    fn record(id: &str, domain: &str, finished: u64) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            domain: domain.into(),
+            source: "tcp://a:1".into(),
+            destination: "tcp://b:1".into(),
+            status: JobStatus::Completed,
+            error: None,
+            flags: vec!["live".into()],
+            auto_converge: false,
+            total_time_ms: 1000,
+            setup_time_ms: Some(5),
+            downtime_ms: Some(12),
+            transferred_bytes: 1 << 20,
+            iterations: 3,
+            max_cpu_throttle_pct: 97.5,
+            converge: "adaptive".into(),
+            actions: vec![TimedAction {
+                t_ms: 400,
+                action: "throttle".into(),
+                value: Some(97.5),
+                detail: "why".into(),
+            }],
+            phase: Phase::Done,
+            started_at_ms: finished - 1000,
+            finished_at_ms: finished,
+            data_uri: None,
+            recovery: None,
+            role: Role::Source,
+            stats: JobStats::default(),
+            samples: vec![
+                Sample {
+                    t_ms: 250,
+                    status: "active".into(),
+                    remaining_bytes: 10,
+                    ..Default::default()
+                },
+                Sample {
+                    t_ms: 500,
+                    status: "active".into(),
+                    remaining_bytes: 5,
+                    throttle_pct: 97.5,
+                    ..Default::default()
+                },
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_job_round_trips_with_its_timeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(&dir.path().join("h.db")).unwrap();
+        let job = record("j1", "web", 5000);
+        history.save(&job).await.unwrap();
+        assert_eq!(history.load("j1").await.unwrap(), Some(job));
+        assert_eq!(history.load("nope").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn history_survives_reopening_and_lists_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        {
+            let history = History::open(&path).unwrap();
+            history.save(&record("old", "web", 1000)).await.unwrap();
+            history.save(&record("new", "web", 9000)).await.unwrap();
+            history.save(&record("other", "db", 5000)).await.unwrap();
+        }
+        let history = History::open(&path).unwrap();
+        let all: Vec<String> = history
+            .list(None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(all, ["new", "other", "old"]);
+        let web = history.list(Some("web".into()), 1).await.unwrap();
+        assert_eq!(web.len(), 1);
+        assert_eq!(web[0].id, "new");
+    }
+
+    #[tokio::test]
+    async fn saving_again_replaces_the_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = History::open(&dir.path().join("h.db")).unwrap();
+        let mut job = record("j", "web", 1000);
+        history.save(&job).await.unwrap();
+        job.status = JobStatus::Failed;
+        job.samples.truncate(1);
+        history.save(&job).await.unwrap();
+        assert_eq!(history.load("j").await.unwrap(), Some(job));
+    }
+
+    #[test]
+    fn a_database_from_a_newer_livemig_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        drop(History::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        conn.execute("UPDATE schema_version SET version = 99", [])
+            .unwrap();
+        drop(conn);
+        assert!(matches!(
+            History::open(&path),
+            Err(HistoryError::TooNew { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,190 @@
+//! Showing a running migration.
+//!
+//! On a terminal: a progress bar (indicatif) with the phase, the share of
+//! guest RAM sent in this pass, what is left, the transfer and dirty rates,
+//! the throttle, the pass, the expected downtime and when the pass ends.
+//! Otherwise: one plain line a second. With `--json`: one NDJSON event a
+//! second (`progress`) and one per job action (`action`), on stdout, before
+//! the record.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use migration::JobInfo;
+use serde_json::json;
+
+use crate::output;
+
+const MIB: f64 = 1024.0 * 1024.0;
+const LINE_INTERVAL: Duration = Duration::from_secs(1);
+
+enum Display {
+    Bar(ProgressBar),
+    Lines,
+    Json,
+}
+
+/// The progress display of one job.
+pub struct Progress {
+    display: Display,
+    job_id: String,
+    last_line: Option<Instant>,
+    actions_seen: usize,
+}
+
+impl Progress {
+    /// A bar on a terminal, lines otherwise, NDJSON with `json`.
+    pub fn new(job_id: &str, json: bool) -> Progress {
+        let display = if json {
+            Display::Json
+        } else if std::io::stdout().is_terminal() {
+            let bar = ProgressBar::new(1);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {elapsed_precise} [{bar:28.cyan/blue}] {percent:>3}% {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(120));
+            Display::Bar(bar)
+        } else {
+            Display::Lines
+        };
+        Progress {
+            display,
+            job_id: job_id.to_string(),
+            last_line: None,
+            actions_seen: 0,
+        }
+    }
+
+    /// True when a person is watching (a prompt makes sense).
+    pub fn interactive(&self) -> bool {
+        matches!(self.display, Display::Bar(_))
+    }
+
+    /// Shows one poll of the job.
+    pub fn update(&mut self, job: &JobInfo) {
+        let new_actions = &job.actions[self.actions_seen.min(job.actions.len())..];
+        match &self.display {
+            Display::Bar(bar) => {
+                let s = &job.stats;
+                if let (Some(total), Some(remaining)) =
+                    (s.memory_total_bytes, s.memory_remaining_bytes)
+                {
+                    bar.set_length(total.max(1));
+                    bar.set_position(total.saturating_sub(remaining));
+                }
+                bar.set_message(summary(job));
+                for a in new_actions {
+                    bar.println(format!(
+                        "  {:>7.1} s  {}{}: {}",
+                        a.t_ms as f64 / 1000.0,
+                        a.action,
+                        a.value.map(|v| format!(" {v:.1}")).unwrap_or_default(),
+                        a.detail
+                    ));
+                }
+            }
+            Display::Lines => {
+                if self.last_line.is_none_or(|t| t.elapsed() >= LINE_INTERVAL) {
+                    self.last_line = Some(Instant::now());
+                    println!("{}", output::progress_line(job));
+                }
+                for a in new_actions {
+                    println!(
+                        "Action: {:.1} s {}{}: {}",
+                        a.t_ms as f64 / 1000.0,
+                        a.action,
+                        a.value.map(|v| format!(" {v:.1}")).unwrap_or_default(),
+                        a.detail
+                    );
+                }
+            }
+            Display::Json => {
+                if self.last_line.is_none_or(|t| t.elapsed() >= LINE_INTERVAL) {
+                    self.last_line = Some(Instant::now());
+                    println!("{}", progress_event(&self.job_id, job));
+                }
+                for a in new_actions {
+                    println!(
+                        "{}",
+                        json!({"event": "action", "job": self.job_id, "t_ms": a.t_ms,
+                               "action": a.action, "value": a.value, "detail": a.detail})
+                    );
+                }
+            }
+        }
+        self.actions_seen = job.actions.len();
+    }
+
+    /// Prints a line without tearing the bar.
+    pub fn say(&self, text: &str) {
+        match &self.display {
+            Display::Bar(bar) => bar.println(text),
+            Display::Lines => println!("{text}"),
+            Display::Json => eprintln!("{text}"),
+        }
+    }
+
+    /// Hides the bar (to ask a question, or at the end).
+    pub fn suspend<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.display {
+            Display::Bar(bar) => bar.suspend(f),
+            _ => f(),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Display::Bar(bar) = &self.display {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The bar's message.
+fn summary(job: &JobInfo) -> String {
+    let s = &job.stats;
+    let remaining = s.memory_remaining_bytes.unwrap_or(0) as f64 / MIB;
+    let rate = s.bandwidth_mib_s.unwrap_or(0.0);
+    let dirty = s
+        .dirty_rate_pages_s
+        .zip(s.page_size)
+        .map_or(0.0, |(p, size)| (p * size) as f64 / MIB);
+    let eta = if rate > 0.0 {
+        format!("pass ends in {:.0} s", remaining / rate)
+    } else {
+        "pass end unknown".into()
+    };
+    format!(
+        "{} · pass {} · {remaining:.0} MiB left · {rate:.0} MiB/s · dirty {dirty:.0} MiB/s · throttle {:.1}% · downtime ~{} · {eta}",
+        job.phase,
+        s.iteration.unwrap_or(0),
+        job.throttle_pct.max(s.cpu_throttle_pct.unwrap_or(0) as f64),
+        s.expected_downtime_ms
+            .map_or("-".into(), |d| format!("{d} ms")),
+    )
+}
+
+/// One NDJSON progress event.
+pub fn progress_event(job_id: &str, job: &JobInfo) -> serde_json::Value {
+    let s = &job.stats;
+    json!({
+        "event": "progress",
+        "job": job_id,
+        "elapsed_ms": job.elapsed_ms,
+        "phase": job.phase,
+        "qemu_status": s.qemu_status,
+        "pass": s.iteration,
+        "memory_total_bytes": s.memory_total_bytes,
+        "memory_remaining_bytes": s.memory_remaining_bytes,
+        "memory_processed_bytes": s.memory_processed_bytes,
+        "bandwidth_mib_s": s.bandwidth_mib_s,
+        "dirty_rate_pages_s": s.dirty_rate_pages_s,
+        "page_size": s.page_size,
+        "throttle_pct": job.throttle_pct.max(s.cpu_throttle_pct.unwrap_or(0) as f64),
+        "expected_downtime_ms": s.expected_downtime_ms,
+    })
+}

@@ -1,0 +1,396 @@
+//! What an operator sees: live progress, job statistics, history across
+//! restarts, timeline reports, metrics, completions, the config file.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use guest::Workload;
+use migration::{JobStatus, MigrateFlags};
+use testkit::{wait_until, TestBed};
+
+/// Needs auto-converge against 16 MiB/s: a migration of several seconds.
+const BUSY: Workload = Workload {
+    working_set_mib: 16,
+    spin: 20_000,
+    report_ms: 500,
+};
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn migrate_json_streams_progress_events_then_the_record() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let uri = b.uri();
+    let out = a.cli(&[
+        "migrate",
+        "--live",
+        "--auto-converge",
+        "--bandwidth",
+        "16",
+        "--json",
+        "vm",
+        &uri,
+    ]);
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let (record, events) = lines.split_last().unwrap();
+    let progress: Vec<_> = events.iter().filter(|e| e["event"] == "progress").collect();
+    assert!(progress.len() >= 2, "{text}");
+    for field in [
+        "memory_remaining_bytes",
+        "bandwidth_mib_s",
+        "pass",
+        "throttle_pct",
+        "phase",
+    ] {
+        assert!(
+            progress.iter().any(|e| !e[field].is_null()),
+            "no {field} in {text}"
+        );
+    }
+    assert!(events
+        .iter()
+        .all(|e| e["event"] == "progress" || e["event"] == "action"));
+    assert_eq!(record["status"], "completed");
+    assert!(record["samples"].as_array().unwrap().len() >= 2);
+}
+
+#[tokio::test]
+async fn migrate_without_a_terminal_prints_a_line_a_second() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let uri = b.uri();
+    let out = a.cli(&[
+        "migrate",
+        "--live",
+        "--auto-converge",
+        "--bandwidth",
+        "16",
+        "vm",
+        &uri,
+    ]);
+
+    assert!(out.status.success());
+    let text = stdout(&out);
+    let lines = text
+        .lines()
+        .filter(|l| l.starts_with("Migration: ["))
+        .count();
+    assert!(lines >= 2, "{text}");
+    assert!(text.contains("completed in"), "{text}");
+}
+
+#[tokio::test]
+async fn domjobinfo_shows_the_fields_virsh_users_know() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let job = a
+        .start_migration(
+            "vm",
+            &b.uri(),
+            MigrateFlags {
+                live: true,
+                bandwidth: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(60), "a pass to finish", || async {
+        a.job_active(&job)
+            .await
+            .filter(|j| j.stats.iteration.unwrap_or(0) >= 2)
+    })
+    .await;
+
+    let text = stdout(&a.cli(&["domjobinfo", "vm"]));
+    for field in [
+        "Job type:",
+        "Time elapsed:",
+        "Data processed:",
+        "Data remaining:",
+        "Data total:",
+        "Memory processed:",
+        "Memory remaining:",
+        "Memory total:",
+        "Memory bandwidth:",
+        "Dirty rate:",
+        "Iteration:",
+        "Page size:",
+        "Constant pages:",
+        "Normal pages:",
+        "Expected downtime:",
+        "Setup time:",
+        "Throttle:",
+    ] {
+        assert!(text.contains(field), "no {field:?} in\n{text}");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&stdout(&a.cli(&["domjobinfo", "vm", "--json"]))).unwrap();
+    assert_eq!(json["id"], job.as_str());
+    assert!(json["stats"]["memory_total_bytes"].as_u64().unwrap() > 0);
+
+    a.cli(&["domjobabort", "vm"]);
+    a.wait_job(&job).await;
+    let done = stdout(&a.cli(&["domjobinfo", "--completed", "vm"]));
+    assert!(
+        done.contains("Cancelled") && done.contains("cancel"),
+        "{done}"
+    );
+}
+
+#[tokio::test]
+async fn job_history_with_timelines_survives_an_agent_restart() {
+    let bed = TestBed::new().await;
+    let mut a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let flags = MigrateFlags {
+        live: true,
+        auto_converge: true,
+        bandwidth: Some(16),
+        ..Default::default()
+    };
+    let first = a.migrate("vm", &b, flags.clone()).await;
+    let second = b.migrate("vm", &a, flags).await;
+    assert_eq!(first.status, JobStatus::Completed);
+    assert_eq!(second.status, JobStatus::Completed);
+
+    a.restart_keeping_guests().await;
+
+    let jobs: serde_json::Value =
+        serde_json::from_str(&stdout(&a.cli(&["jobs", "--json"]))).unwrap();
+    let ids: Vec<&str> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [second.id.as_str(), first.id.as_str()], "newest first");
+    assert_eq!(jobs[1]["role"], "source");
+    assert_eq!(jobs[0]["role"], "destination");
+    let text = stdout(&a.cli(&["jobs", "--domain", "vm", "--limit", "1"]));
+    assert!(
+        text.contains(&second.id) && !text.contains(&first.id),
+        "{text}"
+    );
+    let saved: migration::JobRecord =
+        serde_json::from_str(&stdout(&a.cli(&["job", &first.id, "--json"]))).unwrap();
+    assert_eq!(saved.samples, first.samples);
+    assert_eq!(saved.actions, first.actions);
+    assert!(!saved.samples.is_empty());
+}
+
+#[tokio::test]
+async fn report_draws_the_timeline_with_the_expected_series() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateFlags {
+                live: true,
+                converge: Some(migration::ConvergeMode::Adaptive),
+                bandwidth: Some(16),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(record.status, JobStatus::Completed);
+
+    let svg = bed.path().join("job.svg");
+    let html = bed.path().join("job.html");
+    for path in [&svg, &html] {
+        let out = a.cli(&["report", &record.id, "-o", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let svg = std::fs::read_to_string(svg).unwrap();
+    for series in report::SERIES {
+        assert!(svg.contains(series), "no {series} in the chart");
+    }
+    assert!(svg.contains("switchover downtime"));
+    let html = std::fs::read_to_string(html).unwrap();
+    assert!(html.contains(&record.id) && html.contains("<svg"));
+    for action in &record.actions {
+        assert!(
+            html.contains(&action.action),
+            "action {} missing",
+            action.action
+        );
+    }
+}
+
+/// `GET /metrics` on the agent's TCP port.
+fn scrape(uri: &str) -> String {
+    let addr = uri.trim_start_matches("tcp://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_are_served_in_prometheus_text_format() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let before = scrape(&a.uri());
+    assert_eq!(metric(&before, "livemig_up"), 1.0);
+    assert_eq!(metric(&before, "livemig_domains_running"), 1.0);
+
+    let job = a
+        .start_migration(
+            "vm",
+            &b.uri(),
+            MigrateFlags {
+                live: true,
+                auto_converge: true,
+                bandwidth: Some(16),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let during = scrape(&a.uri());
+    assert_eq!(metric(&during, "livemig_active_jobs{role=\"source\"}"), 1.0);
+    assert!(during.contains("livemig_vcpu_throttle_percent{domain=\"vm\"}"));
+    assert_eq!(a.wait_job(&job).await.status, JobStatus::Completed);
+
+    let after = scrape(&a.uri());
+    assert_eq!(
+        metric(
+            &after,
+            "livemig_migrations_total{role=\"source\",status=\"completed\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "livemig_migration_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        metric(&after, "livemig_migration_downtime_seconds_count"),
+        1.0
+    );
+    assert!(metric(&after, "livemig_migration_transferred_bytes_total") > 0.0);
+    assert_eq!(metric(&after, "livemig_active_jobs{role=\"source\"}"), 0.0);
+    let on_b = scrape(&b.uri());
+    assert_eq!(
+        metric(
+            &on_b,
+            "livemig_migrations_total{role=\"destination\",status=\"completed\"}"
+        ),
+        1.0
+    );
+    // Every sample line is `name{labels} value` or a comment.
+    for line in after.split("\r\n\r\n").nth(1).unwrap().lines() {
+        assert!(
+            line.starts_with('#') || line.rsplit(' ').next().unwrap().parse::<f64>().is_ok(),
+            "bad line {line:?}"
+        );
+    }
+}
+
+#[test]
+fn completions_and_the_man_page_are_generated_from_the_cli() {
+    let livemig = testkit::bin("livemig");
+    let bash = std::process::Command::new(&livemig)
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(bash.status.success());
+    assert!(stdout(&bash).contains("domjobinfo"));
+    let man = std::process::Command::new(&livemig)
+        .arg("man")
+        .output()
+        .unwrap();
+    assert!(stdout(&man).contains(".TH livemig"));
+    let help = std::process::Command::new(&livemig)
+        .args(["--help"])
+        .output()
+        .unwrap();
+    assert!(stdout(&help).contains("Examples:"));
+}
+
+#[tokio::test]
+async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
+    let bed = TestBed::new().await;
+    let config = bed.path().join("b.toml");
+    std::fs::write(
+        &config,
+        "migration_ports = \"40100-40110\"\nlog_format = \"json\"\n",
+    )
+    .unwrap();
+    let a = bed.host("a").await;
+    let b = bed
+        .host_args("b", &["--config", config.to_str().unwrap()])
+        .await;
+    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateFlags {
+                live: true,
+                ..Default::default()
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed);
+    let port: u16 = record
+        .data_uri
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((40100..=40110).contains(&port), "{port}");
+    let log = std::fs::read_to_string(b.state_dir().join("livemigd.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.starts_with('{')),
+        "JSON logs from the config file"
+    );
+}
