@@ -98,6 +98,7 @@ impl ActiveJob {
                     max_cpu_throttle_pct: progress.max_cpu_throttle_pct,
                     throttle_pct: progress.throttle_pct,
                     converge: j.flags.converge_mode().name().to_string(),
+                    guest_work_lost_s: migration::job::work_lost_s(&progress.samples),
                     actions: progress.actions,
                     error: None,
                 }
@@ -116,6 +117,7 @@ impl ActiveJob {
                 throttle_pct: 0.0,
                 converge: j.flags.converge_mode().name().to_string(),
                 actions: Vec::new(),
+                guest_work_lost_s: 0.0,
                 error: None,
             },
         }

@@ -162,8 +162,20 @@ pub fn job_info(job: &JobInfo) -> String {
         ("Setup time", opt(s.setup_time_ms, " ms")),
         ("Auto converge throttle", opt(s.cpu_throttle_pct, "%")),
         (
+            "Convergence",
+            (!job.converge.is_empty()).then(|| job.converge.clone()),
+        ),
+        ("Throttle", Some(format!("{:.1}%", job.throttle_pct))),
+        (
             "Max throttle",
-            Some(format!("{}%", job.max_cpu_throttle_pct)),
+            Some(format!("{:.1}%", job.max_cpu_throttle_pct)),
+        ),
+        (
+            "Guest work lost",
+            Some(format!(
+                "~{:.1} s (vCPU throttle so far, in full-speed seconds)",
+                job.guest_work_lost_s
+            )),
         ),
         ("Flags", Some(job.flags.join(" "))),
         ("Error", job.error.clone()),

@@ -201,6 +201,15 @@ impl Sample {
     }
 }
 
+/// Seconds of full-speed guest time a throttle timeline cost: the throttle
+/// integrated over time.
+pub fn work_lost_s(samples: &[Sample]) -> f64 {
+    samples
+        .windows(2)
+        .map(|w| w[1].t_ms.saturating_sub(w[0].t_ms) as f64 / 1000.0 * w[0].throttle_pct / 100.0)
+        .sum()
+}
+
 /// A job while it runs (and the last one, with `--completed`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobInfo {
@@ -224,6 +233,10 @@ pub struct JobInfo {
     pub converge: String,
     #[serde(default)]
     pub actions: Vec<TimedAction>,
+    /// Estimated impact on the guest so far: seconds of full-speed guest
+    /// time lost to the vCPU throttle.
+    #[serde(default)]
+    pub guest_work_lost_s: f64,
     pub error: Option<String>,
 }
 
@@ -297,6 +310,7 @@ impl JobRecord {
             throttle_pct: 0.0,
             converge: self.converge.clone(),
             actions: self.actions.clone(),
+            guest_work_lost_s: work_lost_s(&self.samples),
             error: self.error.clone(),
         }
     }

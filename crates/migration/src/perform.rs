@@ -296,21 +296,18 @@ impl Watch<'_> {
     }
 
     /// A new pass began: let the controller or the escalation policy act.
-    /// QEMU syncs once what is left falls below its switchover threshold
-    /// (bandwidth × downtime limit), so what is left right after a sync is
-    /// what the guest dirtied during the pass plus at most that leftover.
+    /// What is left right after a sync is what the guest dirtied during the
+    /// pass, plus a leftover below QEMU's switchover threshold (QEMU syncs
+    /// once what is left falls below it).
     async fn on_sync(&mut self, stats: &JobStats) {
         let now = Instant::now();
         let pass_secs = now.duration_since(self.last_sync).as_secs_f64();
         self.last_sync = now;
         let remaining = stats.memory_remaining_bytes.unwrap_or(0) as f64;
-        let threshold = self.bandwidth(stats) * self.downtime_ms as f64 / 1000.0;
-        let dirtied = (remaining - threshold).max(0.0);
         self.history.push(remaining);
         tracing::debug!(
             pass = stats.iteration,
             remaining_mib = remaining / MIB,
-            dirtied_mib = dirtied / MIB,
             pass_secs,
             "pass"
         );
@@ -327,7 +324,7 @@ impl Watch<'_> {
                 &state,
                 &Observation {
                     elapsed: self.elapsed().as_secs_f64(),
-                    remaining: dirtied,
+                    remaining,
                     pass_secs,
                     throttle: throttle_now,
                     bandwidth: self.bandwidth(stats),

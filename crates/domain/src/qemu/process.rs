@@ -11,7 +11,8 @@
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use qmp::Client;
@@ -61,12 +62,14 @@ pub enum ProcessError {
 /// that owns it before a kill order could run — unless it was detached.
 struct ChildGuard {
     child: tokio::process::Child,
-    detached: bool,
+    /// Set by [`QemuProcess::detach`] directly: an agent that shuts down
+    /// detaches and exits at once, without this task running again.
+    detached: Arc<AtomicBool>,
 }
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if !self.detached {
+        if !self.detached.load(Ordering::SeqCst) {
             let _ = self.child.start_kill();
         }
     }
@@ -88,6 +91,7 @@ pub struct QemuProcess {
     exit: watch::Receiver<Option<ExitInfo>>,
     kill: Mutex<Option<oneshot::Sender<Order>>>,
     log: PathBuf,
+    detached: Arc<AtomicBool>,
 }
 
 impl QemuProcess {
@@ -135,9 +139,10 @@ impl QemuProcess {
 
         let (exit_tx, exit_rx) = watch::channel(None);
         let (kill_tx, kill_rx) = oneshot::channel::<Order>();
+        let detached = Arc::new(AtomicBool::new(false));
         let mut guard = ChildGuard {
             child,
-            detached: false,
+            detached: detached.clone(),
         };
         tokio::spawn(async move {
             let status = tokio::select! {
@@ -148,7 +153,7 @@ impl QemuProcess {
                         Order::Kill => {
                             let _ = guard.child.start_kill();
                         }
-                        Order::Detach => guard.detached = true,
+                        Order::Detach => guard.detached.store(true, Ordering::SeqCst),
                     }
                     guard.child.wait().await
                 }
@@ -203,6 +208,7 @@ impl QemuProcess {
             exit: exit_rx,
             kill: Mutex::new(Some(kill_tx)),
             log: log.to_path_buf(),
+            detached,
         })
     }
 
@@ -260,12 +266,14 @@ impl QemuProcess {
             exit: exit_rx,
             kill: Mutex::new(Some(kill_tx)),
             log: log.to_path_buf(),
+            detached: Arc::new(AtomicBool::new(false)),
         })
     }
 
     /// Stops supervising without stopping QEMU: dropping the handle after
     /// this leaves the guest running.
     pub fn detach(&self) {
+        self.detached.store(true, Ordering::SeqCst);
         if let Some(tx) = self.kill.lock().expect("kill lock").take() {
             let _ = tx.send(Order::Detach);
         }
