@@ -53,7 +53,18 @@ impl Store {
     pub fn open(root: &Path) -> Result<Store, StoreError> {
         for sub in ["domains", "run", "logs"] {
             let path = root.join(sub);
-            std::fs::create_dir_all(&path).map_err(|source| StoreError::Create { path, source })?;
+            std::fs::create_dir_all(&path).map_err(|source| StoreError::Create {
+                path: path.clone(),
+                source,
+            })?;
+            // A crash mid-write leaves a temporary file; the real one is
+            // intact (old or new), so the leftover goes.
+            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') && name.contains(".tmp.") {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
         }
         Ok(Store {
             root: root.to_path_buf(),

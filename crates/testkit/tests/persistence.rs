@@ -142,3 +142,60 @@ async fn offline_migration_moves_only_the_definition() {
     assert!(info.persistent);
     assert!(b.qemu_pids().is_empty());
 }
+
+#[tokio::test]
+async fn kill_9_while_writing_definitions_leaves_old_or_new_never_torn() {
+    let bed = TestBed::new().await;
+    let mut a = bed.host("a").await;
+    for round in 0..12u32 {
+        // Redefine in a tight loop on one connection, and kill the agent
+        // at a different moment each round.
+        let uri: protocol::AgentUri = a.local_uri().parse().unwrap();
+        let writer = tokio::spawn(async move {
+            let client = protocol::Client::connect(&uri).await.unwrap();
+            for i in 0.. {
+                let name = format!("d{}", i % 5);
+                let memory = 64 + (i % 7) * 16;
+                let definition = domain::DomainDefinition::from_toml(&format!(
+                    "name = \"{name}\"\nmemory_mib = {memory}\n[kernel]\npath = \"/k\"\n"
+                ))
+                .unwrap();
+                if client
+                    .request(
+                        Request::Define { definition },
+                        std::time::Duration::from_secs(5),
+                    )
+                    .await
+                    .is_err()
+                {
+                    return i;
+                }
+            }
+            unreachable!()
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(30 + 17 * u64::from(round))).await;
+        a.crash();
+        let writes = writer.await.unwrap();
+        a.start_again().await;
+
+        // Every definition on disk parses; the agent skipped none.
+        for entry in std::fs::read_dir(a.state_dir().join("domains"))
+            .unwrap()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(entry.path()).unwrap();
+            assert!(
+                domain::DomainDefinition::from_toml(&text).is_ok(),
+                "round {round}: torn file {}: {text:?}",
+                entry.path().display()
+            );
+        }
+        let log = std::fs::read_to_string(a.state_dir().join("livemigd.log")).unwrap();
+        assert!(
+            !log.contains("unreadable definition skipped"),
+            "round {round}"
+        );
+        assert!(writes > 0 || round == 0);
+        assert!(a.list_all().await.len() <= 5);
+    }
+}
