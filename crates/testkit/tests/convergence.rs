@@ -335,3 +335,29 @@ async fn estimate_and_dry_run_predict_without_touching_the_guest() {
     ]);
     assert_eq!(bad.status.code(), Some(1));
 }
+
+#[tokio::test]
+async fn without_a_host_throttle_the_controller_steers_qemus_own() {
+    let bed = TestBed::new().await;
+    // No cgroup cpu controller where this agent looks: QEMU's throttle it is.
+    let config = bed.path().join("a.toml");
+    std::fs::write(&config, "cgroup_cpu = \"/nonexistent\"\n").unwrap();
+    let a = bed
+        .host_args("a", &["--config", config.to_str().unwrap()])
+        .await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    let throttle = record
+        .actions
+        .iter()
+        .find(|a| a.action == "throttle" && a.value.unwrap_or(0.0) > 0.0)
+        .unwrap_or_else(|| panic!("no throttle: {:#?}", record.actions));
+    assert!(throttle.detail.starts_with("qemu:"), "{}", throttle.detail);
+    assert!(record.max_cpu_throttle_pct <= 99.0);
+    assert!(!record.auto_converge, "auto-converge only as the mechanism");
+    assert_moved_intact("vm", &a, &b).await;
+}
