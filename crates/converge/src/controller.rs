@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::model::{simulate_from, DirtyModel, Fixed, Scenario, Steer, Steering, SyncView};
+use crate::stall::stalled;
 
 /// A pass that dirtied at least this share of the working set saturated:
 /// it only bounds the rate from below.
@@ -30,8 +31,14 @@ pub const DEFAULT_HORIZON_SECS: f64 = 600.0;
 /// of the cheapest is preferred when it is lighter.
 const COST_TOLERANCE: f64 = 0.10;
 const COST_SLACK_SECS: f64 = 0.05;
-/// Smallest throttle change worth making.
+/// Smallest throttle change worth making ...
 const HYSTERESIS: f64 = 0.005;
+/// ... or change of the CPU share left to the guest (near 100 %, a tenth
+/// of a point can halve what the guest gets).
+const SHARE_HYSTERESIS: f64 = 1.25;
+/// Passes under one throttle without a new low (see [`stalled`]) after
+/// which the model is not trusted and the throttle escalates.
+const STALL_WINDOW: usize = 2;
 
 /// What the user allows.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -61,6 +68,9 @@ pub struct State {
     pub history: Vec<f64>,
     /// Post-copy has been requested.
     pub postcopy: bool,
+    /// Length of `history` when the throttle last changed.
+    #[serde(default)]
+    pub throttle_since: usize,
 }
 
 impl State {
@@ -77,6 +87,7 @@ impl State {
             }),
             history: Vec::new(),
             postcopy: false,
+            throttle_since: 0,
         }
     }
 }
@@ -238,9 +249,17 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     if known_ws && saturated && obs.throttle > 0.0 {
         throttle = throttle.max(1.0 - (1.0 - obs.throttle) / SATURATED_STEP);
     }
+    // Passes that stopped shrinking under a throttle the model said was
+    // enough: near 100 % the guest's speed is not proportional to its CPU
+    // share (a burst after each quota refill, first writes to clean pages
+    // that cost more), so believe the passes, not the model.
+    let since_change = &next.history[state.throttle_since.min(next.history.len())..];
+    if obs.throttle > 0.0 && stalled(since_change, STALL_WINDOW) {
+        throttle = throttle.max(1.0 - (1.0 - obs.throttle) / SATURATED_STEP);
+    }
     throttle = throttle.min(policy.max_throttle);
 
-    if (throttle - state.throttle).abs() > HYSTERESIS {
+    if worth_changing(state.throttle, throttle) {
         let measured = if next.model.rate_is_lower_bound {
             format!("at least {:.0} MiB/s", next.model.rate / MIB)
         } else {
@@ -257,6 +276,7 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
             ),
         });
         next.throttle = throttle;
+        next.throttle_since = next.history.len();
     }
     if (downtime - state.downtime).abs() > 1e-6 {
         actions.push(Action::Downtime {
@@ -273,6 +293,12 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
         state: next,
         actions,
     }
+}
+
+fn worth_changing(from: f64, to: f64) -> bool {
+    let (left_from, left_to) = ((1.0 - from).max(1e-6), (1.0 - to).max(1e-6));
+    (to - from).abs() > HYSTERESIS
+        || left_from.max(left_to) / left_from.min(left_to) > SHARE_HYSTERESIS
 }
 
 const MIB: f64 = 1024.0 * 1024.0;

@@ -41,9 +41,15 @@ pub trait VcpuThrottle: Send {
 /// runs again. When QEMU switches over it stops the vCPUs and waits for each
 /// to answer — with the big QEMU lock held, so QMP goes quiet. A guard task
 /// watches for that: if QMP does not answer within [`STALL`] while such a
-/// throttle is on, the quota is lifted at once (so the stop, and the
-/// downtime, are not stretched), and put back if the migration turns out to
-/// be still copying.
+/// throttle is on, the throttle drops to [`LONG_PERIOD_ABOVE`] at once (so
+/// the stop, and the downtime, are not stretched), and goes back up if the
+/// migration turns out to be still copying.
+///
+/// Not to zero: QMP also goes quiet for tens of milliseconds at every
+/// dirty-bitmap sync, and a hot writer let loose that long dirties more
+/// than a switchover may leave behind, pass after pass. Writing the new
+/// quota refills the period's runtime, so a waiting vCPU thread runs at
+/// once either way; the short period then bounds any further wait.
 #[derive(Debug)]
 pub struct HostVcpuThrottle {
     inner: Arc<Mutex<Option<HostThrottle>>>,
@@ -76,11 +82,12 @@ async fn guard(qmp: Client, inner: Arc<Mutex<Option<HostThrottle>>>, target: Arc
         {
             continue;
         }
-        // QMP is stuck: most likely QEMU is stopping the vCPUs.
+        // QMP is stuck: QEMU is syncing the dirty bitmap or stopping the
+        // vCPUs.
         let lift = inner.clone();
-        let _ = tokio::task::spawn_blocking(move || apply(&lift, 0.0)).await;
-        tracing::info!(
-            "QMP stalled under a long-period vCPU throttle: lifted while QEMU stops the vCPUs"
+        let _ = tokio::task::spawn_blocking(move || apply(&lift, LONG_PERIOD_ABOVE)).await;
+        tracing::debug!(
+            "QMP stalled under a long-period vCPU throttle: short period while QEMU holds its lock"
         );
         // Once QMP answers again, put it back if the copy goes on.
         let status = loop {
@@ -94,7 +101,7 @@ async fn guard(qmp: Client, inner: Arc<Mutex<Option<HostThrottle>>>, target: Arc
             let wanted = f64::from_bits(target.load(Ordering::Relaxed));
             let back = inner.clone();
             let _ = tokio::task::spawn_blocking(move || apply(&back, wanted)).await;
-            tracing::info!(
+            tracing::debug!(
                 throttle = wanted,
                 "migration still copying: throttle restored"
             );
