@@ -12,6 +12,14 @@
 //!   by policy: raise the downtime limit to `--max-downtime`, then switch
 //!   to post-copy if `--allow-postcopy`.
 //!
+//! While a host throttle above 99 % is on, a vCPU may wait most of a second
+//! for CPU time, and QEMU stops the vCPUs at switchover with the clock of
+//! the downtime running. So the watcher holds QEMU's switchover back (a
+//! 1 ms downtime limit) and switches over itself: at the sync that leaves
+//! little enough, it asks QEMU to `stop` the guest, gives the vCPU threads
+//! CPU time at once so they stop promptly, and restores the downtime limit
+//! so QEMU completes. The downtime reported then runs from that `stop`.
+//!
 //! At `--timeout` the timeout action runs (abort, post-copy, suspend). A
 //! cancel sends `migrate_cancel` and the loop keeps watching: a late cancel
 //! can still end in `completed`, and only QEMU's final state says what
@@ -38,6 +46,7 @@ use tokio_util::sync::CancellationToken;
 use crate::flags::TimeoutAction;
 use crate::job::{JobStats, Sample, TimedAction};
 use crate::vcpu_throttle::VcpuThrottle;
+use converge::throttle::LONG_PERIOD_ABOVE as LONG_PERIOD_THROTTLE;
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// Passes without a new low before a non-adaptive job escalates.
@@ -45,6 +54,16 @@ const STALL_WINDOW: usize = 3;
 /// A pass shorter than this says little about the dirty rate (QEMU syncs
 /// again quickly near the end); the controller skips it.
 const MIN_PASS_SECS: f64 = 0.5;
+/// QEMU's downtime limit while the watcher holds the switchover: QEMU only
+/// switches over by itself if a pass dirtied next to nothing.
+const HELD_DOWNTIME_MS: u64 = 1;
+/// Share of the downtime limit the watcher fills when it switches over:
+/// the rest is for what the guest dirties before it stops, and the device
+/// state.
+const HELD_SWITCHOVER_SHARE: f64 = 0.5;
+/// Time for QEMU to take the `stop` request before the vCPUs get CPU time.
+const STOP_LEAD: Duration = Duration::from_millis(5);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How to watch a migration.
 #[derive(Debug, Clone)]
@@ -148,6 +167,10 @@ struct Watch<'a> {
     cancel_sent_at: Option<Instant>,
     postcopy_requested: bool,
     preflight: Option<oneshot::Receiver<Option<(DirtyModel, String)>>>,
+    /// QEMU's switchover is held back (see the module docs).
+    held: bool,
+    /// When the watcher paused the guest to switch over.
+    paused_at: Option<Instant>,
 }
 
 impl Watch<'_> {
@@ -178,6 +201,7 @@ impl Watch<'_> {
             return;
         };
         let kind = throttle.kind();
+        let slow_to_stop = throttle.slow_to_stop(to);
         match throttle.set(to).await {
             Ok(()) => {
                 self.throttled |= to > 0.0;
@@ -186,6 +210,9 @@ impl Watch<'_> {
                     p.max_cpu_throttle_pct = p.max_cpu_throttle_pct.max(to * 100.0);
                 });
                 self.record("throttle", Some(to * 100.0), format!("{kind}: {why}"));
+                if slow_to_stop != self.held {
+                    self.hold_switchover(slow_to_stop).await;
+                }
             }
             Err(e) => self.record(
                 "throttle",
@@ -195,7 +222,105 @@ impl Watch<'_> {
         }
     }
 
+    /// Holds QEMU's own switchover back, or lets it go again.
+    async fn hold_switchover(&mut self, hold: bool) {
+        let ms = if hold {
+            HELD_DOWNTIME_MS
+        } else {
+            self.downtime_ms
+        };
+        let params = MigrationParameters {
+            downtime_limit: Some(ms),
+            ..Default::default()
+        };
+        match self.qmp.execute(&MigrateSetParameters(params)).await {
+            Ok(_) => {
+                self.held = hold;
+                let detail = if hold {
+                    format!(
+                        "QEMU's switchover held back: above 99 % a vCPU can wait up to a second \
+                         to stop, so livemig pauses the guest itself once what is left fits in \
+                         {} ms",
+                        self.downtime_ms
+                    )
+                } else {
+                    format!(
+                        "QEMU switches over by itself again ({} ms limit)",
+                        self.downtime_ms
+                    )
+                };
+                self.record("hold", Some(ms as f64), detail);
+            }
+            Err(e) => self.record(
+                "hold",
+                Some(ms as f64),
+                format!("QEMU refused the downtime limit: {e}"),
+            ),
+        }
+    }
+
+    /// Switches over while QEMU's own switchover is held: pause the guest,
+    /// let the throttled vCPUs run so they stop at once, restore the
+    /// downtime limit so QEMU completes.
+    async fn switch_over(&mut self, remaining: f64) {
+        let paused_at = Instant::now();
+        let stop = self.qmp.execute(&Stop);
+        tokio::pin!(stop);
+        let early = tokio::select! {
+            result = &mut stop => Some(result),
+            _ = tokio::time::sleep(STOP_LEAD) => None,
+        };
+        // Any new quota lets a waiting thread run now; 99 % keeps what it
+        // can dirty before it sees the stop to a millisecond's worth.
+        if let Some(throttle) = self.throttle.as_mut() {
+            if let Err(e) = throttle.set(LONG_PERIOD_THROTTLE).await {
+                tracing::warn!(error = %e, "could not shorten the throttle period for the stop");
+            }
+        }
+        let result = match early {
+            Some(result) => Ok(result),
+            None => tokio::time::timeout(STOP_TIMEOUT, stop).await,
+        };
+        match result {
+            Ok(Ok(_)) => {
+                self.paused_at = Some(paused_at);
+                // Paused vCPUs run no guest code, but they still take
+                // QEMU's lock now and then; a quota would make QEMU wait
+                // on them for the rest of the switchover.
+                if let Some(throttle) = self.throttle.as_mut() {
+                    if let Err(e) = throttle.set(0.0).await {
+                        tracing::warn!(error = %e, "could not lift the throttle of the paused guest");
+                    }
+                }
+                self.progress.send_modify(|p| p.throttle_pct = 0.0);
+                self.record(
+                    "switchover",
+                    None,
+                    format!(
+                        "{:.1} MiB left: guest paused in {} ms so QEMU completes; downtime \
+                         counts from here",
+                        remaining / MIB,
+                        paused_at.elapsed().as_millis()
+                    ),
+                );
+                self.hold_switchover(false).await;
+            }
+            Ok(Err(e)) => self.record("switchover", None, format!("QEMU refused to pause: {e}")),
+            Err(_) => self.record(
+                "switchover",
+                None,
+                format!("QEMU did not pause within {STOP_TIMEOUT:?}"),
+            ),
+        }
+    }
+
     async fn set_downtime(&mut self, ms: u64, why: String) {
+        if self.held {
+            // Applied when the hold ends.
+            self.downtime_ms = ms;
+            self.record("downtime", Some(ms as f64), why);
+            return;
+        }
         let params = MigrationParameters {
             downtime_limit: Some(ms),
             ..Default::default()
@@ -311,6 +436,17 @@ impl Watch<'_> {
             pass_secs,
             "pass"
         );
+        if self.paused_at.is_some() {
+            // Paused for the switchover: QEMU completes, nothing to steer.
+            return;
+        }
+        if self.held
+            && remaining
+                <= self.bandwidth(stats) * self.downtime_ms as f64 / 1000.0 * HELD_SWITCHOVER_SHARE
+        {
+            self.switch_over(remaining).await;
+            return;
+        }
         if pass_secs < MIN_PASS_SECS {
             return;
         }
@@ -411,6 +547,8 @@ pub async fn run(
         cancel_sent_at: None,
         postcopy_requested: false,
         preflight: None,
+        held: false,
+        paused_at: None,
     };
     if options.preflight {
         let (tx, rx) = oneshot::channel();
@@ -432,7 +570,11 @@ pub async fn run(
                 if let Some(status) = status.filter(|s| s.is_finished()) {
                     w.release().await;
                     if status == MigrationStatus::Completed {
+                        let paused = w.paused_at.map(|t| t.elapsed().as_millis() as u64);
                         stats = settled_stats(qmp, stats).await;
+                        if let Some(paused) = paused {
+                            stats.downtime_ms = Some(stats.downtime_ms.unwrap_or(0).max(paused));
+                        }
                     }
                     publish(progress, &stats, started);
                     return finish(status, info.error_desc, stats, w.cancel_reason);

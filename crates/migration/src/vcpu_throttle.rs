@@ -9,13 +9,10 @@
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use converge::throttle::{HostThrottle, LONG_PERIOD_ABOVE, MAX_HOST_THROTTLE};
-use qmp::commands::migration::{MigrateSetParameters, MigrationStatus, QueryMigrate};
-use qmp::commands::vm::QueryStatus;
+use qmp::commands::migration::MigrateSetParameters;
 use qmp::Client;
 
 use crate::settings::qemu_throttle_parameters;
@@ -32,35 +29,25 @@ pub trait VcpuThrottle: Send {
     fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), String>>;
     /// Lifts the throttle for good; called the moment the job ends.
     fn release(&mut self) -> BoxFuture<'_, ()>;
+    /// Under `throttle`, a vCPU may take long to stop when QEMU asks (at
+    /// switchover); setting any throttle lets it run at once.
+    fn slow_to_stop(&self, throttle: f64) -> bool {
+        let _ = throttle;
+        false
+    }
 }
 
 /// The vCPU threads of one QEMU in a cgroup with a CPU quota.
 ///
 /// Above 99 % the quota period grows (up to 1 s, so the quota stays at
 /// least 1 ms), and a vCPU thread may then wait most of a period before it
-/// runs again. When QEMU switches over it stops the vCPUs and waits for each
-/// to answer — with the big QEMU lock held, so QMP goes quiet. A guard task
-/// watches for that: if QMP does not answer within [`STALL`] while such a
-/// throttle is on, the throttle drops to [`LONG_PERIOD_ABOVE`] at once (so
-/// the stop, and the downtime, are not stretched), and goes back up if the
-/// migration turns out to be still copying.
-///
-/// Not to zero: QMP also goes quiet for tens of milliseconds at every
-/// dirty-bitmap sync, and a hot writer let loose that long dirties more
-/// than a switchover may leave behind, pass after pass. Writing the new
-/// quota refills the period's runtime, so a waiting vCPU thread runs at
-/// once either way; the short period then bounds any further wait.
+/// runs again: if QEMU switched over then, stopping the vCPUs would stretch
+/// the downtime by up to a second. [`VcpuThrottle::slow_to_stop`] says so,
+/// and the watcher switches over itself (see [`crate::perform`]).
 #[derive(Debug)]
 pub struct HostVcpuThrottle {
     inner: Arc<Mutex<Option<HostThrottle>>>,
-    /// The throttle asked for, as f64 bits.
-    target: Arc<AtomicU64>,
-    guard: Option<tokio::task::JoinHandle<()>>,
 }
-
-/// How long QMP may be silent before a long-period throttle is lifted.
-const STALL: Duration = Duration::from_millis(60);
-const PROBE_INTERVAL: Duration = Duration::from_millis(20);
 
 fn apply(inner: &Mutex<Option<HostThrottle>>, throttle: f64) -> Result<(), String> {
     match inner.lock().expect("throttle lock").as_mut() {
@@ -69,51 +56,8 @@ fn apply(inner: &Mutex<Option<HostThrottle>>, throttle: f64) -> Result<(), Strin
     }
 }
 
-async fn guard(qmp: Client, inner: Arc<Mutex<Option<HostThrottle>>>, target: Arc<AtomicU64>) {
-    loop {
-        tokio::time::sleep(PROBE_INTERVAL).await;
-        let wanted = f64::from_bits(target.load(Ordering::Relaxed));
-        if wanted <= LONG_PERIOD_ABOVE {
-            continue;
-        }
-        if tokio::time::timeout(STALL, qmp.execute(&QueryStatus))
-            .await
-            .is_ok()
-        {
-            continue;
-        }
-        // QMP is stuck: QEMU is syncing the dirty bitmap or stopping the
-        // vCPUs.
-        let lift = inner.clone();
-        let _ = tokio::task::spawn_blocking(move || apply(&lift, LONG_PERIOD_ABOVE)).await;
-        tracing::debug!(
-            "QMP stalled under a long-period vCPU throttle: short period while QEMU holds its lock"
-        );
-        // Once QMP answers again, put it back if the copy goes on.
-        let status = loop {
-            match tokio::time::timeout(Duration::from_secs(5), qmp.execute(&QueryMigrate)).await {
-                Ok(Ok(info)) => break info.status,
-                Ok(Err(_)) => return,
-                Err(_) => continue,
-            }
-        };
-        if status == Some(MigrationStatus::Active) {
-            let wanted = f64::from_bits(target.load(Ordering::Relaxed));
-            let back = inner.clone();
-            let _ = tokio::task::spawn_blocking(move || apply(&back, wanted)).await;
-            tracing::debug!(
-                throttle = wanted,
-                "migration still copying: throttle restored"
-            );
-        } else {
-            return;
-        }
-    }
-}
-
 impl HostVcpuThrottle {
-    /// Moves the vCPU threads into a cgroup named `name` under `controller`;
-    /// `qmp` is the QEMU's monitor, for the stall guard.
+    /// Moves the vCPU threads into a cgroup named `name` under `controller`.
     ///
     /// # Errors
     /// Why the host cannot throttle threads.
@@ -122,7 +66,6 @@ impl HostVcpuThrottle {
         name: String,
         pid: u32,
         threads: Vec<u32>,
-        qmp: Client,
     ) -> Result<Self, String> {
         let inner = tokio::task::spawn_blocking(move || {
             HostThrottle::attach(&controller, &name, pid, &threads)
@@ -130,13 +73,8 @@ impl HostVcpuThrottle {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| protocol_chain(&e))?;
-        let inner = Arc::new(Mutex::new(Some(inner)));
-        let target = Arc::new(AtomicU64::new(0f64.to_bits()));
-        let guard = tokio::spawn(guard(qmp, inner.clone(), target.clone()));
         Ok(HostVcpuThrottle {
-            inner,
-            target,
-            guard: Some(guard),
+            inner: Arc::new(Mutex::new(Some(inner))),
         })
     }
 }
@@ -163,7 +101,6 @@ impl VcpuThrottle for HostVcpuThrottle {
 
     fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
-            self.target.store(throttle.to_bits(), Ordering::Relaxed);
             let inner = self.inner.clone();
             tokio::task::spawn_blocking(move || apply(&inner, throttle))
                 .await
@@ -173,9 +110,6 @@ impl VcpuThrottle for HostVcpuThrottle {
 
     fn release(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(guard) = self.guard.take() {
-                guard.abort();
-            }
             let inner = self.inner.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 if let Some(t) = inner.lock().expect("throttle lock").take() {
@@ -185,13 +119,9 @@ impl VcpuThrottle for HostVcpuThrottle {
             .await;
         })
     }
-}
 
-impl Drop for HostVcpuThrottle {
-    fn drop(&mut self) {
-        if let Some(guard) = self.guard.take() {
-            guard.abort();
-        }
+    fn slow_to_stop(&self, throttle: f64) -> bool {
+        throttle > LONG_PERIOD_ABOVE
     }
 }
 

@@ -536,7 +536,6 @@ impl Run {
                 name,
                 vm.process.pid(),
                 threads,
-                qmp.clone(),
             )
             .await
             {
