@@ -234,7 +234,8 @@ pub fn html(record: &JobRecord) -> Result<String, ReportError> {
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>livemig job {id}</title>\
          <style>body{{font-family:sans-serif;margin:24px;color:#222}}\
          table{{border-collapse:collapse;margin:12px 0}}td,th{{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}}\
-         th{{background:#f4f4f4}}.failed{{color:#b00}}.completed{{color:#070}}</style></head><body>\
+         th{{background:#f4f4f4}}.failed{{color:#b00}}.completed{{color:#070}}\
+         svg{{max-width:100%;height:auto}}</style></head><body>\
          <h1>Migration of '{domain}'</h1>",
         id = escape(&r.id),
         domain = escape(&r.domain),
