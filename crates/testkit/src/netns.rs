@@ -112,6 +112,52 @@ impl NetnsPair {
         )
     }
 
+    /// Shapes traffic from `a` to `b` to `rate` with a queue of only
+    /// `queue_bytes`: TCP overruns it and the overflow is dropped, which
+    /// makes a lossy link (this kernel has no netem or random-drop action;
+    /// a longer queue would push back on the sender instead of dropping).
+    pub fn shape_lossy(&self, rate: &str, queue_bytes: u32) -> Result<(), String> {
+        let limit = queue_bytes.to_string();
+        tc(
+            &self.a,
+            &[
+                "qdisc",
+                "replace",
+                "dev",
+                &self.veth_a,
+                "root",
+                "tbf",
+                "rate",
+                rate,
+                "burst",
+                "64kb",
+                "limit",
+                &limit,
+            ],
+        )
+    }
+
+    /// Packets the shaping on `a`'s side has dropped so far.
+    pub fn dropped_packets(&self) -> Result<u64, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.a, "tc", "-s", "qdisc", "show", "dev"])
+            .arg(&self.veth_a)
+            .output()
+            .map_err(|e| format!("cannot run tc: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "Sent 123 bytes 4 pkt (dropped 5, overlimits 6 requeues 0)"
+        text.split("dropped ")
+            .skip(1)
+            .map(|rest| {
+                rest.split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap_or("")
+                    .parse::<u64>()
+                    .map_err(|e| format!("unexpected tc output {text:?}: {e}"))
+            })
+            .sum()
+    }
+
     /// Removes shaping.
     pub fn unshape(&self) -> Result<(), String> {
         tc(&self.a, &["qdisc", "del", "dev", &self.veth_a, "root"])

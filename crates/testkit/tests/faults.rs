@@ -389,6 +389,31 @@ async fn slow_congested_link_with_auto_converge() {
 }
 
 #[tokio::test]
+async fn lossy_link_with_auto_converge() {
+    let t = Bed::new("lss", BUSY).await;
+    // 40 Mbit/s with a 100 KB queue: TCP overruns it and loses packets
+    // (several percent) all through the migration.
+    t.net.shape_lossy("40mbit", 100_000).unwrap();
+    let record =
+        t.a.migrate(
+            VM,
+            &t.b,
+            MigrateFlags {
+                auto_converge: true,
+                timeout: Some(150),
+                ..live(16)
+            },
+        )
+        .await;
+    let dropped = t.net.dropped_packets().unwrap();
+    t.net.unshape().unwrap();
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert!(dropped > 0, "the link lost no packets");
+    assert_one_intact_copy(&t.b, &t.a).await;
+}
+
+#[tokio::test]
 async fn unroutable_destination_is_refused_before_anything_starts() {
     let t = Bed::new("bad", LIGHT).await;
     let nowhere = format!("tcp://{}9:7000", &t.net.b_ip[..t.net.b_ip.len() - 1]);
