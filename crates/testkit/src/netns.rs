@@ -93,23 +93,7 @@ impl NetnsPair {
     /// "40mbit", queueing up to `latency` such as "200ms" (this kernel has
     /// no netem, so delay comes from queueing behind the rate).
     pub fn shape(&self, rate: &str, latency: &str) -> Result<(), String> {
-        tc(
-            &self.a,
-            &[
-                "qdisc",
-                "replace",
-                "dev",
-                &self.veth_a,
-                "root",
-                "tbf",
-                "rate",
-                rate,
-                "burst",
-                "64kb",
-                "latency",
-                latency,
-            ],
-        )
+        self.token_bucket(rate, "latency", latency)
     }
 
     /// Shapes traffic from `a` to `b` to `rate` with a queue of only
@@ -117,7 +101,11 @@ impl NetnsPair {
     /// makes a lossy link (this kernel has no netem or random-drop action;
     /// a longer queue would push back on the sender instead of dropping).
     pub fn shape_lossy(&self, rate: &str, queue_bytes: u32) -> Result<(), String> {
-        let limit = queue_bytes.to_string();
+        self.token_bucket(rate, "limit", &queue_bytes.to_string())
+    }
+
+    /// A `tbf` qdisc on `a`'s side; `queue` is "latency" or "limit".
+    fn token_bucket(&self, rate: &str, queue: &str, size: &str) -> Result<(), String> {
         tc(
             &self.a,
             &[
@@ -131,8 +119,8 @@ impl NetnsPair {
                 rate,
                 "burst",
                 "64kb",
-                "limit",
-                &limit,
+                queue,
+                size,
             ],
         )
     }

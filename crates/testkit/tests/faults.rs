@@ -365,35 +365,10 @@ async fn link_cut_under_throttle_and_back() {
     assert_one_intact_copy(&t.b, &t.a).await;
 }
 
-#[tokio::test]
-async fn slow_congested_link_with_auto_converge() {
-    let t = Bed::new("slw", BUSY).await;
-    // No netem in this kernel: a token bucket at 40 Mbit/s with up to
-    // 200 ms of queueing stands in for a slow, laggy link.
-    t.net.shape("40mbit", "200ms").unwrap();
-    let record =
-        t.a.migrate(
-            VM,
-            &t.b,
-            MigrateFlags {
-                auto_converge: true,
-                timeout: Some(150),
-                ..live(16)
-            },
-        )
-        .await;
-    t.net.unshape().unwrap();
-
-    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
-    assert_one_intact_copy(&t.b, &t.a).await;
-}
-
-#[tokio::test]
-async fn lossy_link_with_auto_converge() {
-    let t = Bed::new("lss", BUSY).await;
-    // 40 Mbit/s with a 100 KB queue: TCP overruns it and loses packets
-    // (several percent) all through the migration.
-    t.net.shape_lossy("40mbit", 100_000).unwrap();
+/// Migrates the busy guest with auto-converge over a shaped link; returns
+/// the record and the packets the shaping dropped.
+async fn migrate_over_shaped_link(t: &Bed, shape: impl FnOnce(&NetnsPair)) -> (JobRecord, u64) {
+    shape(&t.net);
     let record =
         t.a.migrate(
             VM,
@@ -407,6 +382,28 @@ async fn lossy_link_with_auto_converge() {
         .await;
     let dropped = t.net.dropped_packets().unwrap();
     t.net.unshape().unwrap();
+    (record, dropped)
+}
+
+#[tokio::test]
+async fn slow_congested_link_with_auto_converge() {
+    let t = Bed::new("slw", BUSY).await;
+    // No netem in this kernel: a token bucket at 40 Mbit/s with up to
+    // 200 ms of queueing stands in for a slow, laggy link.
+    let (record, _) =
+        migrate_over_shaped_link(&t, |net| net.shape("40mbit", "200ms").unwrap()).await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert_one_intact_copy(&t.b, &t.a).await;
+}
+
+#[tokio::test]
+async fn lossy_link_with_auto_converge() {
+    let t = Bed::new("lss", BUSY).await;
+    // 40 Mbit/s with a 100 KB queue: TCP overruns it and loses packets
+    // (several percent) all through the migration.
+    let (record, dropped) =
+        migrate_over_shaped_link(&t, |net| net.shape_lossy("40mbit", 100_000).unwrap()).await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
     assert!(dropped > 0, "the link lost no packets");
