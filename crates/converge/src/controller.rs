@@ -214,9 +214,8 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     let horizon = policy
         .budget
         .map_or(DEFAULT_HORIZON_SECS, |b| (b - obs.elapsed).max(0.0));
-    // What is left fits in the downtime: QEMU switches over now. The
-    // watcher lifts the throttle so the vCPUs stop promptly; there is
-    // nothing to decide.
+    // What is left fits in the downtime: QEMU switches over now (or,
+    // above 99 %, the watcher does); there is nothing to decide.
     let switching_over = dirtied <= obs.bandwidth * state.downtime;
     if horizon <= 0.0 || switching_over {
         return Decision {
