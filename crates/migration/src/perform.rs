@@ -46,7 +46,6 @@ use tokio_util::sync::CancellationToken;
 use crate::flags::TimeoutAction;
 use crate::job::{JobStats, Sample, TimedAction};
 use crate::vcpu_throttle::VcpuThrottle;
-use converge::throttle::LONG_PERIOD_ABOVE as LONG_PERIOD_THROTTLE;
 
 const MIB: f64 = 1024.0 * 1024.0;
 /// Passes without a new low before a non-adaptive job escalates.
@@ -229,14 +228,10 @@ impl Watch<'_> {
         } else {
             self.downtime_ms
         };
-        let params = MigrationParameters {
-            downtime_limit: Some(ms),
-            ..Default::default()
-        };
-        match self.qmp.execute(&MigrateSetParameters(params)).await {
-            Ok(_) => {
+        let detail = match set_parameters(self.qmp, downtime(ms)).await {
+            Ok(()) => {
                 self.held = hold;
-                let detail = if hold {
+                if hold {
                     format!(
                         "QEMU's switchover held back: above 99 % a vCPU can wait up to a second \
                          to stop, so livemig pauses the guest itself once what is left fits in \
@@ -248,20 +243,16 @@ impl Watch<'_> {
                         "QEMU switches over by itself again ({} ms limit)",
                         self.downtime_ms
                     )
-                };
-                self.record("hold", Some(ms as f64), detail);
+                }
             }
-            Err(e) => self.record(
-                "hold",
-                Some(ms as f64),
-                format!("QEMU refused the downtime limit: {e}"),
-            ),
-        }
+            Err(e) => format!("QEMU refused the downtime limit: {e}"),
+        };
+        self.record("hold", Some(ms as f64), detail);
     }
 
     /// Switches over while QEMU's own switchover is held: pause the guest,
-    /// let the throttled vCPUs run so they stop at once, restore the
-    /// downtime limit so QEMU completes.
+    /// let the throttled vCPUs run so they stop at once, then let QEMU
+    /// complete as in its own stop-and-copy.
     async fn switch_over(&mut self, remaining: f64) {
         let paused_at = Instant::now();
         let stop = self.qmp.execute(&Stop);
@@ -270,13 +261,18 @@ impl Watch<'_> {
             result = &mut stop => Some(result),
             _ = tokio::time::sleep(STOP_LEAD) => None,
         };
-        // Any new quota lets a waiting thread run now; 99 % keeps what it
-        // can dirty before it sees the stop to a millisecond's worth.
+        // A vCPU out of quota only sees the stop at its next period, up to
+        // a second away; and a quota written now only takes its new period
+        // after the old one ends, so even a fresh millisecond of quota can
+        // run out before the vCPU gets to the stop. No quota, then: the
+        // vCPU runs until it stops, which it does at once if the stop
+        // reached it during the lead.
         if let Some(throttle) = self.throttle.as_mut() {
-            if let Err(e) = throttle.set(LONG_PERIOD_THROTTLE).await {
-                tracing::warn!(error = %e, "could not shorten the throttle period for the stop");
+            if let Err(e) = throttle.set(0.0).await {
+                tracing::warn!(error = %e, "could not lift the throttle for the stop");
             }
         }
+        self.progress.send_modify(|p| p.throttle_pct = 0.0);
         let result = match early {
             Some(result) => Ok(result),
             None => tokio::time::timeout(STOP_TIMEOUT, stop).await,
@@ -284,26 +280,39 @@ impl Watch<'_> {
         match result {
             Ok(Ok(_)) => {
                 self.paused_at = Some(paused_at);
-                // Paused vCPUs run no guest code, but they still take
-                // QEMU's lock now and then; a quota would make QEMU wait
-                // on them for the rest of the switchover.
-                if let Some(throttle) = self.throttle.as_mut() {
-                    if let Err(e) = throttle.set(0.0).await {
-                        tracing::warn!(error = %e, "could not lift the throttle of the paused guest");
+                let stop_ms = paused_at.elapsed().as_millis();
+                // What the guest dirtied since the last sync still goes
+                // through the live phase's loop; QEMU sends its own
+                // stop-and-copy without the bandwidth cap, and so does
+                // livemig once the guest is paused.
+                let uncapped = set_parameters(
+                    self.qmp,
+                    MigrationParameters {
+                        max_bandwidth: Some(crate::settings::UNLIMITED_BANDWIDTH),
+                        ..downtime(self.downtime_ms)
+                    },
+                )
+                .await;
+                let detail = match uncapped {
+                    Ok(()) => {
+                        self.held = false;
+                        format!(
+                            "{:.1} MiB left: guest paused in {stop_ms} ms; QEMU completes \
+                             without the bandwidth cap, as in its own stop-and-copy; downtime \
+                             counts from here",
+                            remaining / MIB,
+                        )
                     }
-                }
-                self.progress.send_modify(|p| p.throttle_pct = 0.0);
-                self.record(
-                    "switchover",
-                    None,
-                    format!(
-                        "{:.1} MiB left: guest paused in {} ms so QEMU completes; downtime \
-                         counts from here",
+                    Err(e) => format!(
+                        "{:.1} MiB left: guest paused in {stop_ms} ms, but QEMU refused the \
+                         switchover's parameters ({e}); downtime counts from here",
                         remaining / MIB,
-                        paused_at.elapsed().as_millis()
                     ),
-                );
-                self.hold_switchover(false).await;
+                };
+                self.record("switchover", None, detail);
+                if self.held {
+                    self.hold_switchover(false).await;
+                }
             }
             Ok(Err(e)) => self.record("switchover", None, format!("QEMU refused to pause: {e}")),
             Err(_) => self.record(
@@ -321,12 +330,8 @@ impl Watch<'_> {
             self.record("downtime", Some(ms as f64), why);
             return;
         }
-        let params = MigrationParameters {
-            downtime_limit: Some(ms),
-            ..Default::default()
-        };
-        match self.qmp.execute(&MigrateSetParameters(params)).await {
-            Ok(_) => {
+        match set_parameters(self.qmp, downtime(ms)).await {
+            Ok(()) => {
                 self.downtime_ms = ms;
                 self.record("downtime", Some(ms as f64), why);
             }
@@ -377,6 +382,19 @@ impl Watch<'_> {
     }
 
     /// Lifts our throttle; called as soon as QEMU reports the end.
+    /// How long the guest was paused for livemig's switchover, if it was:
+    /// from the `stop` to QEMU's end of the job, read off QEMU's total time
+    /// (its clock starts a moment before ours, so this errs long) rather
+    /// than off when the watcher noticed the end.
+    fn paused_for(&self, stats: &JobStats) -> Option<u64> {
+        let paused_at = self.paused_at?;
+        let offset = paused_at.duration_since(self.started).as_millis() as u64;
+        Some(match stats.total_time_ms {
+            Some(total) if total > offset => total - offset,
+            _ => paused_at.elapsed().as_millis() as u64,
+        })
+    }
+
     async fn release(&mut self) {
         if let Some(mut throttle) = self.throttle.take() {
             throttle.release().await;
@@ -500,6 +518,17 @@ impl Watch<'_> {
     }
 }
 
+async fn set_parameters(qmp: &Client, params: MigrationParameters) -> Result<(), qmp::Error> {
+    qmp.execute(&MigrateSetParameters(params)).await.map(|_| ())
+}
+
+fn downtime(ms: u64) -> MigrationParameters {
+    MigrationParameters {
+        downtime_limit: Some(ms),
+        ..Default::default()
+    }
+}
+
 /// Measures the dirty rate over 1 s and 2 s windows and fits the model.
 async fn preflight(qmp: Client, ram_bytes: f64) -> Option<(DirtyModel, String)> {
     let samples = crate::dirty::measure(&qmp, &[1, 2]).await.ok()?;
@@ -570,8 +599,14 @@ pub async fn run(
                 if let Some(status) = status.filter(|s| s.is_finished()) {
                     w.release().await;
                     if status == MigrationStatus::Completed {
-                        let paused = w.paused_at.map(|t| t.elapsed().as_millis() as u64);
                         stats = settled_stats(qmp, stats).await;
+                        let paused = w.paused_for(&stats);
+                        tracing::info!(
+                            qemu_downtime_ms = ?stats.downtime_ms,
+                            qemu_total_ms = ?stats.total_time_ms,
+                            paused_ms = ?paused,
+                            "migration completed"
+                        );
                         if let Some(paused) = paused {
                             stats.downtime_ms = Some(stats.downtime_ms.unwrap_or(0).max(paused));
                         }

@@ -33,10 +33,15 @@ impl TestBed {
     /// a fresh directory.
     pub async fn new() -> TestBed {
         let serial = SERIAL.lock().await;
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix("livemig-test-")
             .tempdir()
             .expect("temporary directory");
+        if std::env::var_os("LIVEMIG_TEST_KEEP").is_some() {
+            // Agent and guest logs, for a look after the test.
+            dir.disable_cleanup(true);
+            eprintln!("test directory kept: {}", dir.path().display());
+        }
         let kernel = guest::install_kernel(dir.path()).expect("install the guest kernel");
         TestBed {
             dir,
