@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use migration::JobInfo;
+use migration::{JobInfo, TimedAction};
 use serde_json::json;
 
 use crate::output;
@@ -80,11 +80,9 @@ impl Progress {
                 bar.set_message(summary(job));
                 for a in new_actions {
                     bar.println(format!(
-                        "  {:>7.1} s  {}{}: {}",
+                        "  {:>7.1} s  {}",
                         a.t_ms as f64 / 1000.0,
-                        a.action,
-                        a.value.map(|v| format!(" {v:.1}")).unwrap_or_default(),
-                        a.detail
+                        describe(a)
                     ));
                 }
             }
@@ -94,13 +92,7 @@ impl Progress {
                     println!("{}", output::progress_line(job));
                 }
                 for a in new_actions {
-                    println!(
-                        "Action: {:.1} s {}{}: {}",
-                        a.t_ms as f64 / 1000.0,
-                        a.action,
-                        a.value.map(|v| format!(" {v:.1}")).unwrap_or_default(),
-                        a.detail
-                    );
+                    println!("Action: {:.1} s {}", a.t_ms as f64 / 1000.0, describe(a));
                 }
             }
             Display::Json => {
@@ -142,6 +134,12 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// One controller action, as the bar and the plain lines show it.
+fn describe(a: &TimedAction) -> String {
+    let value = a.value.map(|v| format!(" {v:.1}")).unwrap_or_default();
+    format!("{}{value}: {}", a.action, a.detail)
 }
 
 /// The bar's message.
