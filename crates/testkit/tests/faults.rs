@@ -84,6 +84,24 @@ impl Bed {
         .await
     }
 
+    /// Starts a post-copy-enabled migration and switches it to post-copy
+    /// once pre-copy runs; returns the job once QEMU is in post-copy.
+    async fn start_in_postcopy(&self, bandwidth: u64) -> String {
+        let job = self
+            .start(MigrateFlags {
+                postcopy: true,
+                ..live(bandwidth)
+            })
+            .await;
+        self.wait_phase(&job, "pre-copy", precopy).await;
+        self.a.cli(&["migrate-postcopy", VM]);
+        self.wait_phase(&job, "post-copy", |j| {
+            j.stats.qemu_status.as_deref() == Some("postcopy-active")
+        })
+        .await;
+        job
+    }
+
     async fn record(&self, job: &str) -> JobRecord {
         self.a.wait_job(job).await
     }
@@ -560,18 +578,7 @@ async fn domjobabort_late_in_precopy_ends_consistently_either_way() {
 #[tokio::test]
 async fn domjobabort_during_postcopy_is_ignored_and_postcopy_finishes() {
     let t = Bed::new("ab4", BUSY).await;
-    let job = t
-        .start(MigrateFlags {
-            postcopy: true,
-            ..live(4)
-        })
-        .await;
-    t.wait_phase(&job, "pre-copy", precopy).await;
-    t.a.cli(&["migrate-postcopy", VM]);
-    t.wait_phase(&job, "post-copy", |j| {
-        j.stats.qemu_status.as_deref() == Some("postcopy-active")
-    })
-    .await;
+    let job = t.start_in_postcopy(4).await;
     abort(&t).await;
     let record = t.record(&job).await;
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
@@ -590,18 +597,7 @@ async fn domjobabort_during_postcopy_is_ignored_and_postcopy_finishes() {
 #[tokio::test]
 async fn link_cut_during_postcopy_pauses_and_postcopy_resume_recovers() {
     let t = Bed::new("pcr", BUSY).await;
-    let job = t
-        .start(MigrateFlags {
-            postcopy: true,
-            ..live(2)
-        })
-        .await;
-    t.wait_phase(&job, "pre-copy", precopy).await;
-    t.a.cli(&["migrate-postcopy", VM]);
-    t.wait_phase(&job, "post-copy", |j| {
-        j.stats.qemu_status.as_deref() == Some("postcopy-active")
-    })
-    .await;
+    let job = t.start_in_postcopy(2).await;
 
     t.net.cut().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
