@@ -175,6 +175,12 @@ pub enum Command {
 pub struct MigrateArgs {
     #[command(flatten)]
     pub flags: MigrateFlags,
+    /// virsh's spelling of --timeout-action suspend.
+    #[arg(long, conflicts_with_all = ["timeout_action", "timeout_postcopy"])]
+    pub timeout_suspend: bool,
+    /// virsh's spelling of --timeout-action postcopy.
+    #[arg(long, conflicts_with = "timeout_action")]
+    pub timeout_postcopy: bool,
     /// Accepted for virsh compatibility: progress is always shown (a bar on
     /// a terminal, a line a second otherwise).
     #[arg(long)]
@@ -187,6 +193,19 @@ pub struct MigrateArgs {
     pub domain: String,
     /// Destination agent: tcp://HOST:PORT.
     pub dest_uri: String,
+}
+
+impl MigrateArgs {
+    /// The flags as the agent takes them, virsh's spellings folded in.
+    pub fn flags(&self) -> MigrateFlags {
+        let mut flags = self.flags.clone();
+        if self.timeout_suspend {
+            flags.timeout_action = Some(migration::TimeoutAction::Suspend);
+        } else if self.timeout_postcopy {
+            flags.timeout_action = Some(migration::TimeoutAction::Postcopy);
+        }
+        flags
+    }
 }
 
 #[derive(Debug, Args)]
@@ -226,4 +245,52 @@ pub struct DemoArgs {
     /// Also write a timeline report of the migration (FILE.svg or FILE.html).
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use migration::TimeoutAction;
+
+    fn migrate(args: &[&str]) -> Result<MigrateArgs, clap::Error> {
+        let argv = ["livemig", "migrate", "--timeout", "10"]
+            .iter()
+            .chain(args)
+            .chain(&["vm", "tcp://127.0.0.1:7000"]);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Migrate(m) => Ok(m),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn virsh_timeout_spellings_pick_the_timeout_action() {
+        let action = |args: &[&str]| migrate(args).unwrap().flags().timeout_action;
+        assert_eq!(action(&[]), None, "abort, by default");
+        assert_eq!(action(&["--timeout-suspend"]), Some(TimeoutAction::Suspend));
+        assert_eq!(
+            action(&["--timeout-postcopy", "--allow-postcopy"]),
+            Some(TimeoutAction::Postcopy)
+        );
+        assert_eq!(
+            action(&["--timeout-action", "suspend"]),
+            Some(TimeoutAction::Suspend)
+        );
+    }
+
+    #[test]
+    fn two_timeout_actions_are_refused() {
+        for args in [
+            &["--timeout-suspend", "--timeout-postcopy"][..],
+            &["--timeout-suspend", "--timeout-action", "abort"],
+            &["--timeout-postcopy", "--timeout-action", "suspend"],
+        ] {
+            let e = migrate(args).expect_err("conflicting timeout actions");
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{args:?}"
+            );
+        }
+    }
 }

@@ -80,7 +80,7 @@ pub async fn run(client: &Client, args: MigrateArgs) -> Result<ExitCode> {
         Request::Migrate {
             domain: domain(&args.domain)?,
             destination: args.dest_uri.clone(),
-            flags: Box::new(args.flags.clone()),
+            flags: Box::new(args.flags()),
         },
     )
     .await?;

@@ -84,7 +84,8 @@ pub struct MigrateFlags {
     #[cfg_attr(feature = "cli", arg(long, value_name = "MS"))]
     pub downtime: Option<u64>,
     /// Abort the migration if it has not completed after this many seconds;
-    /// the source keeps running. (virsh suspends the guest instead.)
+    /// the source keeps running. (virsh suspends the guest instead: that is
+    /// --timeout-suspend here, or --timeout-action suspend.)
     #[cfg_attr(feature = "cli", arg(long, value_name = "S"))]
     pub timeout: Option<u64>,
     /// Make the domain persistent on the destination.
@@ -108,7 +109,7 @@ pub struct MigrateFlags {
     /// controller).
     #[cfg_attr(feature = "cli", arg(long, value_enum, value_name = "MODE"))]
     pub converge: Option<ConvergeMode>,
-    /// What --timeout does: abort, postcopy or suspend.
+    /// What --timeout does: abort (the default), postcopy or suspend.
     #[cfg_attr(feature = "cli", arg(long, value_enum, value_name = "ACTION"))]
     pub timeout_action: Option<TimeoutAction>,
     /// Ceiling a downtime ramp may reach, milliseconds.

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use guest::Workload;
-use migration::{ConvergeMode, JobRecord, JobStatus, MigrateFlags, TimeoutAction};
+use migration::{ConvergeMode, JobRecord, JobStatus, MigrateFlags};
 use protocol::types::DomainState;
 use testkit::{wait_until, Host, TestBed};
 
@@ -181,26 +181,44 @@ async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
     assert!(log.memory_intact());
 }
 
+/// Through the CLI, with virsh's spelling of the suspend action.
 #[tokio::test]
-async fn timeout_action_suspend_lets_the_copy_finish_and_resumes_on_the_destination() {
+async fn timeout_suspend_lets_the_copy_finish_and_resumes_on_the_destination() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
     a.define_and_start(bed.definition("vm", 64, BUSY)).await;
 
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateFlags {
-                timeout: Some(8),
-                timeout_action: Some(TimeoutAction::Suspend),
-                ..flags(ConvergeMode::None)
-            },
-        )
-        .await;
+    let uri = b.uri();
+    let out = a.cli(&[
+        "migrate",
+        "--live",
+        "--converge",
+        "none",
+        "--bandwidth",
+        "16",
+        "--timeout",
+        "8",
+        "--timeout-suspend",
+        "--json",
+        "vm",
+        &uri,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().expect("a job record");
+    let record: JobRecord = serde_json::from_str(last).expect("the job record as JSON");
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert!(
+        record.flags.iter().any(|f| f == "timeout-action=suspend"),
+        "{:?}",
+        record.flags
+    );
     assert_eq!(
         actions(&record, "suspend").len(),
         1,
