@@ -15,7 +15,7 @@ use migration::{incoming, support, MigrateFlags};
 use protocol::message::Reply;
 use protocol::types::PrepareRequest;
 use protocol::{ApiError, ErrorCode};
-use qmp::commands::migration::{MigratePause, MigrateRecover, MigrationStatus, QueryMigrate};
+use qmp::commands::migration::{MigrateRecover, MigrationStatus, QueryMigrate};
 use qmp::commands::vm::Cont;
 use qmp::EventKind;
 use tokio::time::Instant;
@@ -401,20 +401,10 @@ pub(crate) async fn recover(
         .clone()
         .ok_or_else(|| errors::operation_invalid("the incoming job was never prepared"))?;
     let qmp = vm.process.qmp();
-    let status = qmp
-        .execute(&QueryMigrate)
-        .await
-        .map_err(|e| errors::qemu(e.to_string()))?
-        .status;
-    if status == Some(MigrationStatus::PostcopyActive) {
-        // The link died without the socket noticing: pause explicitly.
-        let _ = qmp.execute(&MigratePause).await;
-        wait_status(qmp, MigrationStatus::PostcopyPaused).await?;
-    } else if status != Some(MigrationStatus::PostcopyPaused) {
-        return Err(errors::operation_invalid(format!(
-            "the migration of '{name}' is not in post-copy here (status {status:?})"
-        )));
-    }
+    super::postcopy::pause(qmp, |status| {
+        format!("the migration of '{name}' is not in post-copy here (status {status:?})")
+    })
+    .await?;
     let host = ctx
         .local_ip
         .map(|ip| ip.to_string())
@@ -447,27 +437,6 @@ pub(crate) async fn recover(
         }
         .to_string(),
     })
-}
-
-/// Waits (up to 10 s) for QEMU's migration to reach `want`.
-pub(crate) async fn wait_status(qmp: &qmp::Client, want: MigrationStatus) -> Result<(), ApiError> {
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let status = qmp
-            .execute(&QueryMigrate)
-            .await
-            .map_err(|e| errors::qemu(e.to_string()))?
-            .status;
-        if status == Some(want) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(errors::qemu(format!(
-                "the migration did not reach {want:?} (it is {status:?})"
-            )));
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
 }
 
 pub(crate) async fn abort(

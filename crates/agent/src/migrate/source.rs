@@ -15,7 +15,7 @@ use migration::{support, ConvergeMode, MigrateFlags};
 use protocol::message::Reply;
 use protocol::types::{EstimateParams, PrepareRequest};
 use protocol::{AgentUri, ApiError, Client, ClientError, ErrorCode, Request, PEER_SILENCE_LIMIT};
-use qmp::commands::migration::{Migrate, MigratePause, MigrationStatus, QueryMigrate};
+use qmp::commands::migration::Migrate;
 use qmp::commands::vm::{Cont, QueryCpusFast, QueryStatus, RunState, Stop};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -196,20 +196,12 @@ async fn postcopy_resume(
         )));
     }
     let qmp = vm.process.qmp();
-    let status = qmp
-        .execute(&QueryMigrate)
-        .await
-        .map_err(|e| errors::qemu(e.to_string()))?
-        .status;
-    if status == Some(MigrationStatus::PostcopyActive) {
-        // The link died without the socket noticing: pause explicitly.
-        let _ = qmp.execute(&MigratePause).await;
-        super::destination::wait_status(qmp, MigrationStatus::PostcopyPaused).await?;
-    } else if status != Some(MigrationStatus::PostcopyPaused) {
-        return Err(errors::operation_invalid(format!(
+    super::postcopy::pause(qmp, |status| {
+        format!(
             "the migration of '{name}' is not in post-copy (status {status:?}); nothing to resume"
-        )));
-    }
+        )
+    })
+    .await?;
     let peer = Client::connect(destination).await.map_err(|e| {
         ApiError::new(
             ErrorCode::PeerUnreachable,
