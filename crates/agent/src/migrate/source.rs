@@ -78,15 +78,7 @@ pub(crate) async fn begin(
     support::check(&flags, Role::Source, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
 
-    let peer = Client::connect(&dest_uri).await.map_err(|e| {
-        ApiError::new(
-            ErrorCode::PeerUnreachable,
-            format!(
-                "destination agent is down or unreachable: {}",
-                errors::chain(&e)
-            ),
-        )
-    })?;
+    let peer = connect_peer(&dest_uri).await?;
     let hello = match peer.request(Request::Hello, PEER_TIMEOUT).await {
         Ok(Reply::Hello(info)) => info,
         Ok(other) => return Err(unexpected(&other)),
@@ -202,15 +194,7 @@ async fn postcopy_resume(
         )
     })
     .await?;
-    let peer = Client::connect(destination).await.map_err(|e| {
-        ApiError::new(
-            ErrorCode::PeerUnreachable,
-            format!(
-                "destination agent is down or unreachable: {}",
-                errors::chain(&e)
-            ),
-        )
-    })?;
+    let peer = connect_peer(destination).await?;
     let uri = match peer
         .request(
             Request::PeerRecover {
@@ -827,4 +811,16 @@ impl Run {
         self.agent.persist_run(&self.name).await;
         self.agent.drop_if_transient_and_idle(&self.name);
     }
+}
+
+async fn connect_peer(destination: &AgentUri) -> Result<Client, ApiError> {
+    Client::connect(destination).await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::PeerUnreachable,
+            format!(
+                "destination agent is down or unreachable: {}",
+                errors::chain(&e)
+            ),
+        )
+    })
 }
