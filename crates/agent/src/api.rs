@@ -5,13 +5,15 @@ use std::time::Duration;
 
 use domain::qemu::layout::FIXED_IN;
 use domain::{DomainDefinition, DomainName};
-use migration::settings::{self, Tunables};
+use migration::perform::Retune;
+use migration::settings::Tunables;
 use protocol::message::Reply;
 use protocol::types::{AgentInfo, DomainInfo, DomainSummary, HostCapabilities};
 use protocol::{ApiError, ErrorCode, Request, PROTOCOL_VERSION};
 use qmp::commands::migration::MigrateStartPostcopy;
 use qmp::commands::vm::{Cont, Stop};
 use serde_json::Value;
+use tokio::sync::oneshot;
 
 use crate::errors;
 use crate::migrate;
@@ -20,6 +22,8 @@ use crate::state::{ActiveJob, Agent, Domain};
 use crate::vm;
 
 const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a running job may take to apply a new limit.
+const RETUNE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Agent {
     pub(crate) async fn handle(
@@ -343,7 +347,7 @@ impl Agent {
         name: &DomainName,
         change: Tunables,
     ) -> Result<Reply, ApiError> {
-        let qmp = self.with_domain(name, |d| {
+        let job = self.with_domain(name, |d| {
             if let Some(b) = change.bandwidth_mib_s {
                 if b == 0 {
                     return Err(errors::invalid("bandwidth must be at least 1 MiB/s"));
@@ -356,17 +360,34 @@ impl Agent {
                 }
                 d.tunables.downtime_ms = Some(ms);
             }
-            Ok(match (&d.job, &d.vm) {
-                (Some(ActiveJob::Outgoing(_)), Some(vm)) => Some(vm.process.qmp().clone()),
+            Ok(match &d.job {
+                Some(ActiveJob::Outgoing(job)) => Some(job.retune.clone()),
                 _ => None,
             })
         })?;
-        if let Some(qmp) = qmp {
-            settings::retune(&qmp, change)
-                .await
-                .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        let Some(job) = job else {
+            // Kept for the next migration.
+            return Ok(Reply::Done);
+        };
+        let (done, applied) = oneshot::channel();
+        if job
+            .send(Retune {
+                tunables: change,
+                done,
+            })
+            .await
+            .is_err()
+        {
+            // The job's copy is over; the setting waits for the next one.
+            return Ok(Reply::Done);
         }
-        Ok(Reply::Done)
+        match tokio::time::timeout(RETUNE_TIMEOUT, applied).await {
+            Ok(Ok(Ok(()))) | Ok(Err(_)) => Ok(Reply::Done),
+            Ok(Ok(Err(why))) => Err(errors::qemu(why)),
+            Err(_) => Err(errors::qemu(format!(
+                "the running job did not take the change within {RETUNE_TIMEOUT:?}; it applies to the next migration"
+            ))),
+        }
     }
 
     async fn start_postcopy(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {

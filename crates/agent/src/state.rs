@@ -12,13 +12,13 @@ use std::time::Duration;
 use domain::qemu::QemuBinary;
 use domain::{DomainDefinition, DomainName};
 use migration::job::{JobInfo, JobRecord, Phase, Role};
-use migration::perform::Progress;
+use migration::perform::{Progress, Retune};
 use migration::settings::{Previous, Tunables};
 use migration::{JobStatus, MigrateFlags};
 use protocol::types::DomainState;
 use protocol::ApiError;
 use qmp::commands::vm::{QueryStatus, RunState};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +41,10 @@ pub(crate) struct OutgoingJob {
     pub cancel: CancellationToken,
     pub progress: watch::Receiver<Progress>,
     pub phase: Mutex<Phase>,
+    /// Mid-job limits for the watcher (`migrate-setspeed`, ...).
+    pub retune: mpsc::Sender<Retune>,
+    /// The watcher's end, taken when Perform starts.
+    pub retunes: Mutex<Option<mpsc::Receiver<Retune>>>,
 }
 
 /// A migration this agent is receiving.

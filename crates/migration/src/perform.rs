@@ -39,12 +39,13 @@ use qmp::commands::migration::{
 };
 use qmp::commands::vm::Stop;
 use qmp::{Client, EventKind};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::flags::TimeoutAction;
 use crate::job::{JobStats, Sample, TimedAction};
+use crate::settings::Tunables;
 use crate::vcpu_throttle::VcpuThrottle;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -63,6 +64,18 @@ const HELD_SWITCHOVER_SHARE: f64 = 0.5;
 /// Time for QEMU to take the `stop` request before the vCPUs get CPU time.
 const STOP_LEAD: Duration = Duration::from_millis(5);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A new bandwidth or downtime limit for the running job
+/// (`migrate-setspeed`, `migrate-setmaxdowntime`). It goes through the
+/// watcher rather than straight to QEMU: the controller plans with both,
+/// and while the switchover is held QEMU's downtime limit is not the
+/// user's.
+#[derive(Debug)]
+pub struct Retune {
+    pub tunables: Tunables,
+    /// Told once the change is applied, or why QEMU refused it.
+    pub done: oneshot::Sender<Result<(), String>>,
+}
 
 /// How to watch a migration.
 #[derive(Debug, Clone)]
@@ -168,6 +181,11 @@ struct Watch<'a> {
     preflight: Option<oneshot::Receiver<Option<(DirtyModel, String)>>>,
     /// QEMU's switchover is held back (see the module docs).
     held: bool,
+    /// The bandwidth cap in force, bytes/s (`--bandwidth`, then
+    /// `migrate-setspeed`).
+    bandwidth_cap: Option<f64>,
+    /// The controller's policy, with the downtime limits in force.
+    policy: Option<Policy>,
     /// When the watcher paused the guest to switch over.
     paused_at: Option<Instant>,
 }
@@ -339,6 +357,48 @@ impl Watch<'_> {
         }
     }
 
+    /// Applies a bandwidth or downtime limit the user set mid-job.
+    async fn retune(&mut self, tunables: Tunables) -> Result<(), String> {
+        if let Some(mib) = tunables.bandwidth_mib_s {
+            let bytes = mib * crate::settings::MIB;
+            // Paused for livemig's switchover, QEMU sends without the cap;
+            // the new one would only slow the stop-and-copy.
+            if self.paused_at.is_none() {
+                let params = MigrationParameters {
+                    max_bandwidth: Some(bytes),
+                    ..Default::default()
+                };
+                set_parameters(self.qmp, params)
+                    .await
+                    .map_err(|e| format!("QEMU refused the bandwidth: {e}"))?;
+            }
+            self.bandwidth_cap = Some(bytes as f64);
+            self.record(
+                "bandwidth",
+                Some(mib as f64),
+                "migrate-setspeed: bandwidth cap changed".into(),
+            );
+        }
+        if let Some(ms) = tunables.downtime_ms {
+            let before = self.downtime_ms;
+            self.set_downtime(ms, "migrate-setmaxdowntime: downtime limit changed".into())
+                .await;
+            if self.downtime_ms != ms {
+                self.downtime_ms = before;
+                return Err("QEMU refused the downtime limit".into());
+            }
+            let secs = ms as f64 / 1000.0;
+            if let Some(policy) = self.policy.as_mut() {
+                policy.downtime = secs;
+                policy.max_downtime = policy.max_downtime.max(secs);
+            }
+            if let Some(state) = self.controller.as_mut() {
+                state.downtime = secs;
+            }
+        }
+        Ok(())
+    }
+
     async fn start_postcopy(&mut self, why: String) -> bool {
         if self.postcopy_requested {
             return true;
@@ -414,7 +474,7 @@ impl Watch<'_> {
     /// the first pass skims over zero pages), else QEMU's measurement.
     fn bandwidth(&self, stats: &JobStats) -> f64 {
         let measured = stats.bandwidth_mib_s.filter(|b| *b > 0.0).map(|b| b * MIB);
-        self.options.bandwidth_cap.or(measured).unwrap_or(1e9)
+        self.bandwidth_cap.or(measured).unwrap_or(1e9)
     }
 
     fn take_preflight(&mut self) {
@@ -469,8 +529,7 @@ impl Watch<'_> {
             return;
         }
 
-        if let (Some(mut state), Some(policy)) = (self.controller.clone(), self.options.controller)
-        {
+        if let (Some(mut state), Some(policy)) = (self.controller.clone(), self.policy) {
             let throttle_now = self.progress.borrow().throttle_pct / 100.0;
             // What is applied, whatever the controller last asked for.
             state.throttle = throttle_now;
@@ -544,6 +603,7 @@ pub async fn run(
     cancel: &CancellationToken,
     progress: &watch::Sender<Progress>,
     throttle: Option<Box<dyn VcpuThrottle>>,
+    mut retunes: mpsc::Receiver<Retune>,
 ) -> Outcome {
     let mut events = qmp.events();
     if let Err(e) = qmp
@@ -578,6 +638,8 @@ pub async fn run(
         preflight: None,
         held: false,
         paused_at: None,
+        bandwidth_cap: options.bandwidth_cap,
+        policy: options.controller,
     };
     if options.preflight {
         let (tx, rx) = oneshot::channel();
@@ -704,6 +766,10 @@ pub async fn run(
             tokio::select! {
                 _ = &mut sleep => break,
                 _ = cancel.cancelled(), if w.cancel_reason.is_none() => break,
+                Some(retune) = retunes.recv() => {
+                    let result = w.retune(retune.tunables).await;
+                    let _ = retune.done.send(result);
+                }
                 event = events.recv() => match event {
                     Ok(e) => match e.kind() {
                         EventKind::Migration { status } if status.is_finished() => break,

@@ -14,7 +14,7 @@ use qmp::Client;
 use crate::flags::MigrateFlags;
 use crate::job::Role;
 
-const MIB: u64 = 1 << 20;
+pub(crate) const MIB: u64 = 1 << 20;
 /// QEMU's default downtime limit.
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
 /// What libvirt uses for "unlimited": 8 PiB/s.
@@ -219,22 +219,6 @@ pub async fn restore(qmp: &Client, previous: &Previous) -> Result<(), qmp::Error
             .await?;
     }
     Ok(())
-}
-
-/// Changes the bandwidth and downtime limits of a running job.
-///
-/// # Errors
-/// The QMP error if QEMU refuses.
-pub async fn retune(qmp: &Client, tunables: Tunables) -> Result<(), qmp::Error> {
-    let params = MigrationParameters {
-        max_bandwidth: tunables.bandwidth_mib_s.map(|b| b * MIB),
-        downtime_limit: tunables.downtime_ms,
-        ..Default::default()
-    };
-    if params == MigrationParameters::default() {
-        return Ok(());
-    }
-    qmp.execute(&MigrateSetParameters(params)).await.map(|_| ())
 }
 
 #[cfg(test)]

@@ -4,11 +4,12 @@
 //! does not run beside the other tests' guests and skew their measurements.
 
 use std::path::Path;
+use std::time::Duration;
 
 use guest::Workload;
 use migration::{ConvergeMode, JobStatus, MigrateFlags};
 use protocol::types::DomainState;
-use testkit::TestBed;
+use testkit::{wait_until, TestBed};
 
 /// Rewrites 256 MiB as fast as TCG runs (the benchmark's `hot` workload).
 const HOT: Workload = Workload {
@@ -32,10 +33,10 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
     a.define_and_start(bed.definition("vm", 512, HOT)).await;
     a.wait_guest_passes("vm", 1).await;
 
-    let record = a
-        .migrate(
+    let job = a
+        .start_migration(
             "vm",
-            &b,
+            &b.uri(),
             MigrateFlags {
                 live: true,
                 converge: Some(ConvergeMode::Adaptive),
@@ -44,7 +45,32 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
                 ..Default::default()
             },
         )
-        .await;
+        .await
+        .unwrap();
+    // While the switchover is held, a new downtime limit is the job's to
+    // apply: QEMU's stays at the hold's 1 ms, livemig's own switchover
+    // uses the new one.
+    wait_until(
+        Duration::from_secs(60),
+        "QEMU's switchover held",
+        || async {
+            a.job_active(&job)
+                .await
+                .filter(|j| j.actions.iter().any(|a| a.action == "hold"))
+        },
+    )
+    .await;
+    let out = a.cli(&["migrate-setmaxdowntime", "vm", "250"]);
+    assert!(out.status.success(), "{out:?}");
+    let params = a.qmp("vm", "query-migrate-parameters").await;
+    let still_held = a
+        .job_active(&job)
+        .await
+        .is_some_and(|j| j.actions.iter().all(|a| a.action != "switchover"));
+    if still_held {
+        assert_eq!(params.unwrap()["downtime-limit"], 1, "the hold stands");
+    }
+    let record = a.wait_job(&job).await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
     assert!(record.max_cpu_throttle_pct > 99.0, "{:#?}", record.actions);
@@ -55,8 +81,16 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
         matches!((hold, switchover), (Some(h), Some(s)) if h < s),
         "QEMU's switchover held, then livemig's: {kinds:?}"
     );
+    assert!(
+        record
+            .actions
+            .iter()
+            .any(|a| a.action == "downtime" && a.value == Some(250.0)),
+        "{:#?}",
+        record.actions
+    );
     // The downtime counts from livemig's pause, and stays in the limit.
-    assert!(record.downtime_ms.unwrap() <= 300, "{record:#?}");
+    assert!(record.downtime_ms.unwrap() <= 250, "{record:#?}");
 
     assert_eq!(b.state("vm").await, Some(DomainState::Running));
     assert!(a.qemu_pids().is_empty(), "QEMU left on the source");

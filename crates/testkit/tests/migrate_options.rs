@@ -229,7 +229,21 @@ async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
     let info = a.dominfo("vm").await.unwrap();
     assert_eq!(info.tunables.bandwidth_mib_s, Some(7));
     a.cli(&["domjobabort", "vm"]);
-    assert_eq!(a.wait_job(&job).await.status, JobStatus::Cancelled);
+    let record = a.wait_job(&job).await;
+    assert_eq!(record.status, JobStatus::Cancelled);
+    // The job's own watcher took both changes, and says so.
+    let changed: Vec<(&str, Option<f64>)> = record
+        .actions
+        .iter()
+        .map(|a| (a.action.as_str(), a.value))
+        .filter(|(a, _)| matches!(*a, "bandwidth" | "downtime"))
+        .collect();
+    assert_eq!(
+        changed,
+        [("bandwidth", Some(7.0)), ("downtime", Some(450.0))],
+        "{:#?}",
+        record.actions
+    );
     // The job's parameters are undone on the source afterwards.
     let params = a.qmp("vm", "query-migrate-parameters").await.unwrap();
     assert_eq!(params["downtime-limit"], 300);

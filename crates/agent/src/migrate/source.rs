@@ -132,6 +132,7 @@ pub(crate) async fn begin(
     }
 
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
+    let (retune_tx, retune_rx) = tokio::sync::mpsc::channel(4);
     let job = Arc::new(OutgoingJob {
         id: uuid::Uuid::new_v4().to_string(),
         flags: flags.clone(),
@@ -141,6 +142,8 @@ pub(crate) async fn begin(
         cancel: CancellationToken::new(),
         progress: progress_rx,
         phase: Mutex::new(Phase::Begin),
+        retune: retune_tx,
+        retunes: Mutex::new(Some(retune_rx)),
     });
     agent.with_domain(name, |d| {
         d.job = Some(ActiveJob::Outgoing(job.clone()));
@@ -411,6 +414,13 @@ impl Run {
             bandwidth_cap,
             ..WatchOptions::default()
         };
+        let retunes = self
+            .job
+            .retunes
+            .lock()
+            .expect("retune lock")
+            .take()
+            .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1);
         let perform = perform::run(
             qmp,
             &data_uri,
@@ -418,6 +428,7 @@ impl Run {
             &self.job.cancel,
             &self.progress,
             throttle,
+            retunes,
         );
         tokio::pin!(perform);
         // While QEMU copies, keep checking that the destination agent is
