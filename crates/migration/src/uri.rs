@@ -16,6 +16,26 @@ pub struct BadDataUri {
     pub reason: &'static str,
 }
 
+/// Splits `HOST:PORT` (the host may be a bracketed IPv6 address) and
+/// checks the host; the port stays text, for the caller's own rules.
+///
+/// # Errors
+/// What is wrong, for the caller's error message.
+pub fn split_host_port(text: &str) -> Result<(&str, &str), &'static str> {
+    let (host, port) = text.rsplit_once(':').ok_or("no port")?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err("no host");
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
+    {
+        return Err("the host has characters a host name cannot have");
+    }
+    Ok((host, port))
+}
+
 /// Parses a data URI.
 ///
 /// # Errors
@@ -37,17 +57,7 @@ pub fn parse_data_uri(uri: &str) -> Result<DataUri, BadDataUri> {
         .strip_prefix("tcp:")
         .ok_or_else(|| bad("unsupported transport"))?;
     let rest = rest.strip_prefix("//").unwrap_or(rest);
-    let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(bad("no host"));
-    }
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
-    {
-        return Err(bad("the host has characters a host name cannot have"));
-    }
+    let (host, port) = split_host_port(rest).map_err(bad)?;
     let port: u16 = port.parse().map_err(|_| bad("the port is not a number"))?;
     Ok(DataUri::Tcp {
         host: host.to_string(),

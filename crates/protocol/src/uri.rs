@@ -35,17 +35,7 @@ impl FromStr for AgentUri {
             .strip_prefix("tcp://")
             .ok_or_else(|| bad("unknown scheme"))?;
         let rest = rest.trim_end_matches('/');
-        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(bad("no host"));
-        }
-        if !host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
-        {
-            return Err(bad("the host has characters a host name cannot have"));
-        }
+        let (host, port) = migration::uri::split_host_port(rest).map_err(bad)?;
         let port = port
             .parse::<u16>()
             .ok()
