@@ -104,6 +104,8 @@ impl ActiveJob {
                     converge: j.flags.converge_mode().name().to_string(),
                     guest_work_lost_s: migration::job::work_lost_s(&progress.samples),
                     actions: progress.actions,
+                    bandwidth_limit_mib_s: progress.bandwidth_limit_mib_s,
+                    downtime_limit_ms: progress.downtime_limit_ms,
                     error: None,
                 }
             }
@@ -122,6 +124,8 @@ impl ActiveJob {
                 converge: j.flags.converge_mode().name().to_string(),
                 actions: Vec::new(),
                 guest_work_lost_s: 0.0,
+                bandwidth_limit_mib_s: None,
+                downtime_limit_ms: None,
                 error: None,
             },
         }

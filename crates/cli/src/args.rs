@@ -102,6 +102,20 @@ pub enum Command {
         /// MiB/s.
         bandwidth: u64,
     },
+    /// Show the migration bandwidth, MiB/s: the running job's cap, else
+    /// what the next migration gets.
+    MigrateGetspeed {
+        domain: String,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Show the maximum tolerable downtime, ms: the running job's limit,
+    /// else what the next migration gets.
+    MigrateGetmaxdowntime {
+        domain: String,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Set the maximum tolerable downtime, ms (applies to a running job too).
     MigrateSetmaxdowntime {
         domain: String,

@@ -5,6 +5,7 @@
 
 mod args;
 mod demo;
+mod limits;
 mod migrate;
 mod output;
 mod progress;
@@ -247,6 +248,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 },
             )
             .await?;
+        }
+        Command::MigrateGetspeed { domain: name, json } => {
+            limits::speed(&client, &name, json.json).await?
+        }
+        Command::MigrateGetmaxdowntime { domain: name, json } => {
+            limits::max_downtime(&client, &name, json.json).await?
         }
         Command::MigrateSetmaxdowntime {
             domain: name,

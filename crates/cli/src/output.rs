@@ -158,6 +158,8 @@ pub fn job_info(job: &JobInfo) -> String {
         ("Normal pages", opt(s.normal_pages, "")),
         ("Normal data", s.normal_bytes.map(mib)),
         ("Expected downtime", opt(s.expected_downtime_ms, " ms")),
+        ("Downtime limit", opt(job.downtime_limit_ms, " ms")),
+        ("Bandwidth limit", opt(job.bandwidth_limit_mib_s, " MiB/s")),
         ("Total downtime", opt(s.downtime_ms, " ms")),
         ("Setup time", opt(s.setup_time_ms, " ms")),
         ("Auto converge throttle", opt(s.cpu_throttle_pct, "%")),

@@ -237,6 +237,12 @@ pub struct JobInfo {
     /// time lost to the vCPU throttle.
     #[serde(default)]
     pub guest_work_lost_s: f64,
+    /// The bandwidth cap in force, MiB/s (`None`: uncapped, or not known).
+    #[serde(default)]
+    pub bandwidth_limit_mib_s: Option<u64>,
+    /// The downtime limit in force, ms.
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
     pub error: Option<String>,
 }
 
@@ -311,6 +317,8 @@ impl JobRecord {
             converge: self.converge.clone(),
             actions: self.actions.clone(),
             guest_work_lost_s: work_lost_s(&self.samples),
+            bandwidth_limit_mib_s: None,
+            downtime_limit_ms: None,
             error: self.error.clone(),
         }
     }

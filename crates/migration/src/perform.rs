@@ -159,6 +159,11 @@ pub struct Progress {
     pub actions: Vec<TimedAction>,
     /// One sample per poll.
     pub samples: Vec<Sample>,
+    /// The job's bandwidth cap in force, MiB/s (`None`: uncapped).
+    pub bandwidth_limit_mib_s: Option<u64>,
+    /// The job's downtime limit in force, ms (the user's, not the 1 ms of
+    /// a held switchover).
+    pub downtime_limit_ms: Option<u64>,
 }
 
 /// The loop's state.
@@ -345,12 +350,16 @@ impl Watch<'_> {
         if self.held {
             // Applied when the hold ends.
             self.downtime_ms = ms;
+            self.progress
+                .send_modify(|p| p.downtime_limit_ms = Some(ms));
             self.record("downtime", Some(ms as f64), why);
             return;
         }
         match set_parameters(self.qmp, downtime(ms)).await {
             Ok(()) => {
                 self.downtime_ms = ms;
+                self.progress
+                    .send_modify(|p| p.downtime_limit_ms = Some(ms));
                 self.record("downtime", Some(ms as f64), why);
             }
             Err(e) => self.record("downtime", Some(ms as f64), format!("QEMU refused: {e}")),
@@ -373,6 +382,8 @@ impl Watch<'_> {
                     .map_err(|e| format!("QEMU refused the bandwidth: {e}"))?;
             }
             self.bandwidth_cap = Some(bytes as f64);
+            self.progress
+                .send_modify(|p| p.bandwidth_limit_mib_s = Some(mib));
             self.record(
                 "bandwidth",
                 Some(mib as f64),
@@ -641,6 +652,10 @@ pub async fn run(
         bandwidth_cap: options.bandwidth_cap,
         policy: options.controller,
     };
+    progress.send_modify(|p| {
+        p.bandwidth_limit_mib_s = options.bandwidth_cap.map(|b| (b / MIB).round() as u64);
+        p.downtime_limit_ms = Some(options.downtime_ms);
+    });
     if options.preflight {
         let (tx, rx) = oneshot::channel();
         let client = qmp.clone();

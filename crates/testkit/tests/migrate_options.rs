@@ -216,6 +216,14 @@ async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
         .await
         .unwrap();
     wait_active(&a, &job).await;
+    let get = |what: &str| {
+        let out = a.cli(&[what, "vm"]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // The running job's limits: its --bandwidth, QEMU's default downtime.
+    assert_eq!(get("migrate-getspeed"), "1");
+    assert_eq!(get("migrate-getmaxdowntime"), "300");
 
     assert!(a.cli(&["migrate-setspeed", "vm", "7"]).status.success());
     assert!(a
@@ -226,6 +234,8 @@ async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
     let params = a.qmp("vm", "query-migrate-parameters").await.unwrap();
     assert_eq!(params["max-bandwidth"], 7 * 1024 * 1024);
     assert_eq!(params["downtime-limit"], 450);
+    assert_eq!(get("migrate-getspeed"), "7");
+    assert_eq!(get("migrate-getmaxdowntime"), "450");
     let info = a.dominfo("vm").await.unwrap();
     assert_eq!(info.tunables.bandwidth_mib_s, Some(7));
     a.cli(&["domjobabort", "vm"]);
@@ -247,4 +257,9 @@ async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
     // The job's parameters are undone on the source afterwards.
     let params = a.qmp("vm", "query-migrate-parameters").await.unwrap();
     assert_eq!(params["downtime-limit"], 300);
+    // With no job, what the next migration gets: the domain's settings.
+    let out = a.cli(&["migrate-getmaxdowntime", "--json", "vm"]);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["downtime_ms"], 450);
+    assert_eq!(got["from"], "domain setting");
 }
