@@ -78,6 +78,12 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// Show a domain's state (running, paused, shut off, migrating out, ...).
+    Domstate {
+        domain: String,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Show what the host's QEMU binary supports.
     Domcapabilities {
         #[command(flatten)]

@@ -201,6 +201,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 other => return Err(unexpected(other)),
             }
         }
+        Command::Domstate { domain: name, json } => {
+            match request(
+                &client,
+                Request::DomInfo {
+                    domain: domain(&name)?,
+                },
+            )
+            .await?
+            {
+                Reply::DomainInfo(info) if json.json => print_json(&serde_json::json!({
+                    "domain": info.name,
+                    "state": info.state,
+                }))?,
+                Reply::DomainInfo(info) => println!("{}", info.state),
+                other => return Err(unexpected(other)),
+            }
+        }
         Command::Domcapabilities { json } => {
             match request(&client, Request::DomCapabilities).await? {
                 Reply::Capabilities(caps) if json.json => print_json(&caps)?,

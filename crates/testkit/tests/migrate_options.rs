@@ -190,11 +190,18 @@ async fn non_live_and_suspend_leave_the_guest_paused_only_when_asked() {
         .await;
     assert_eq!(suspended.status, JobStatus::Completed);
     assert_eq!(a.state("vm").await, Some(DomainState::Paused));
+    let domstate = |host: &testkit::Host| {
+        let out = host.cli(&["domstate", "vm"]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(domstate(&a), "paused");
     a.request(Request::Resume {
         domain: "vm".parse().unwrap(),
     })
     .await
     .unwrap();
+    assert_eq!(domstate(&a), "running");
     assert_moved_intact("vm", &b, &a).await;
 }
 
