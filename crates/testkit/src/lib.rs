@@ -49,6 +49,14 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Whether this host has the cgroup v1 `cpu` controller livemig's host
+/// throttle needs.
+pub fn host_throttle_available() -> bool {
+    std::path::Path::new(converge::throttle::CPU_V1_ROOT)
+        .join("tasks")
+        .exists()
+}
+
 /// Polls `condition` every 100 ms until it returns `Some`, or panics with
 /// `what` after `timeout`.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut condition: F) -> T

@@ -1,7 +1,6 @@
 //! Convergence beyond auto-converge, end to end: the adaptive controller,
 //! the escalation policy and the timeout actions, on real QEMU.
 
-use std::path::Path;
 use std::time::Duration;
 
 use guest::Workload;
@@ -65,12 +64,6 @@ fn cpu_cgroup(pid: u32, tid: u32) -> String {
         .unwrap_or_default()
 }
 
-fn host_throttle_available() -> bool {
-    Path::new(converge::throttle::CPU_V1_ROOT)
-        .join("tasks")
-        .exists()
-}
-
 #[tokio::test]
 async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
     let bed = TestBed::new().await;
@@ -93,7 +86,7 @@ async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
         "pre-flight measurement"
     );
     assert!(record.downtime_ms.unwrap() <= 300);
-    if host_throttle_available() {
+    if testkit::host_throttle_available() {
         let detail = &record
             .actions
             .iter()
@@ -154,7 +147,7 @@ async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
         || async { a.job_active(&job).await.filter(|j| j.throttle_pct > 0.0) },
     )
     .await;
-    if host_throttle_available() {
+    if testkit::host_throttle_available() {
         assert!(
             cpu_cgroup(pid, tid).contains("livemig"),
             "vCPU thread in our cgroup"

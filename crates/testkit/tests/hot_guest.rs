@@ -3,7 +3,6 @@
 //! switches over itself. Its own test binary, so that this CPU-hungry guest
 //! does not run beside the other tests' guests and skew their measurements.
 
-use std::path::Path;
 use std::time::Duration;
 
 use guest::Workload;
@@ -21,9 +20,7 @@ const HOT: Workload = Workload {
 #[tokio::test]
 async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
     assert!(
-        Path::new(converge::throttle::CPU_V1_ROOT)
-            .join("tasks")
-            .exists(),
+        testkit::host_throttle_available(),
         "this test needs the cgroup v1 cpu controller at {}",
         converge::throttle::CPU_V1_ROOT
     );
