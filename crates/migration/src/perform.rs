@@ -346,24 +346,21 @@ impl Watch<'_> {
         }
     }
 
-    async fn set_downtime(&mut self, ms: u64, why: String) {
-        if self.held {
-            // Applied when the hold ends.
-            self.downtime_ms = ms;
-            self.progress
-                .send_modify(|p| p.downtime_limit_ms = Some(ms));
-            self.record("downtime", Some(ms as f64), why);
-            return;
-        }
-        match set_parameters(self.qmp, downtime(ms)).await {
-            Ok(()) => {
-                self.downtime_ms = ms;
-                self.progress
-                    .send_modify(|p| p.downtime_limit_ms = Some(ms));
-                self.record("downtime", Some(ms as f64), why);
+    /// Sets the job's downtime limit; false if QEMU refused it.
+    async fn set_downtime(&mut self, ms: u64, why: String) -> bool {
+        // While held, QEMU keeps the hold's limit; this one applies when
+        // the hold ends.
+        if !self.held {
+            if let Err(e) = set_parameters(self.qmp, downtime(ms)).await {
+                self.record("downtime", Some(ms as f64), format!("QEMU refused: {e}"));
+                return false;
             }
-            Err(e) => self.record("downtime", Some(ms as f64), format!("QEMU refused: {e}")),
         }
+        self.downtime_ms = ms;
+        self.progress
+            .send_modify(|p| p.downtime_limit_ms = Some(ms));
+        self.record("downtime", Some(ms as f64), why);
+        true
     }
 
     /// Applies a bandwidth or downtime limit the user set mid-job.
@@ -391,11 +388,10 @@ impl Watch<'_> {
             );
         }
         if let Some(ms) = tunables.downtime_ms {
-            let before = self.downtime_ms;
-            self.set_downtime(ms, "migrate-setmaxdowntime: downtime limit changed".into())
-                .await;
-            if self.downtime_ms != ms {
-                self.downtime_ms = before;
+            if !self
+                .set_downtime(ms, "migrate-setmaxdowntime: downtime limit changed".into())
+                .await
+            {
                 return Err("QEMU refused the downtime limit".into());
             }
             let secs = ms as f64 / 1000.0;
@@ -452,7 +448,6 @@ impl Watch<'_> {
         }
     }
 
-    /// Lifts our throttle; called as soon as QEMU reports the end.
     /// How long the guest was paused for livemig's switchover, if it was:
     /// from the `stop` to QEMU's end of the job, read off QEMU's total time
     /// (its clock starts a moment before ours, so this errs long) rather
@@ -466,6 +461,7 @@ impl Watch<'_> {
         })
     }
 
+    /// Lifts our throttle; called as soon as QEMU reports the end.
     async fn release(&mut self) {
         if let Some(mut throttle) = self.throttle.take() {
             throttle.release().await;
@@ -560,7 +556,8 @@ impl Watch<'_> {
                 match action {
                     Action::Throttle { to, why } => self.set_throttle(to, why).await,
                     Action::Downtime { to, why } => {
-                        self.set_downtime((to * 1000.0).round() as u64, why).await
+                        // A refusal is in the timeline, as before.
+                        self.set_downtime((to * 1000.0).round() as u64, why).await;
                     }
                     Action::Postcopy { why } => {
                         self.start_postcopy(why).await;
