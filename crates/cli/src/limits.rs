@@ -9,7 +9,7 @@ use protocol::types::DomainInfo;
 use protocol::{Client, Request};
 use serde_json::json;
 
-use crate::{domain, print_json, request, unexpected};
+use crate::{domain, dominfo, print_json, request, unexpected};
 
 /// Where a limit comes from.
 fn origin(job: bool, domain: bool) -> &'static str {
@@ -21,17 +21,7 @@ fn origin(job: bool, domain: bool) -> &'static str {
 }
 
 async fn lookup(client: &Client, name: &str) -> Result<(DomainInfo, Option<migration::JobInfo>)> {
-    let info = match request(
-        client,
-        Request::DomInfo {
-            domain: domain(name)?,
-        },
-    )
-    .await?
-    {
-        Reply::DomainInfo(info) => info,
-        other => return Err(unexpected(other)),
-    };
+    let info = dominfo(client, name).await?;
     let job = match request(
         client,
         Request::DomJobInfo {
@@ -44,7 +34,7 @@ async fn lookup(client: &Client, name: &str) -> Result<(DomainInfo, Option<migra
         Reply::JobInfo { job } => job.map(|j| *j).filter(|j| j.role == Role::Source),
         other => return Err(unexpected(other)),
     };
-    Ok((*info, job))
+    Ok((info, job))
 }
 
 pub async fn speed(client: &Client, name: &str, json: bool) -> Result<()> {

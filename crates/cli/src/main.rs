@@ -90,6 +90,21 @@ fn domain(name: &str) -> Result<DomainName> {
     Ok(name.parse()?)
 }
 
+/// `dominfo` of one domain.
+async fn dominfo(client: &Client, name: &str) -> Result<protocol::types::DomainInfo> {
+    match request(
+        client,
+        Request::DomInfo {
+            domain: domain(name)?,
+        },
+    )
+    .await?
+    {
+        Reply::DomainInfo(info) => Ok(*info),
+        other => Err(unexpected(other)),
+    }
+}
+
 fn print_json<T: Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
@@ -188,34 +203,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             other => return Err(unexpected(other)),
         },
         Command::Dominfo { domain: name, json } => {
-            match request(
-                &client,
-                Request::DomInfo {
-                    domain: domain(&name)?,
-                },
-            )
-            .await?
-            {
-                Reply::DomainInfo(info) if json.json => print_json(&info)?,
-                Reply::DomainInfo(info) => print!("{}", output::domain_info(&info)),
-                other => return Err(unexpected(other)),
+            let info = dominfo(&client, &name).await?;
+            if json.json {
+                print_json(&info)?;
+            } else {
+                print!("{}", output::domain_info(&info));
             }
         }
         Command::Domstate { domain: name, json } => {
-            match request(
-                &client,
-                Request::DomInfo {
-                    domain: domain(&name)?,
-                },
-            )
-            .await?
-            {
-                Reply::DomainInfo(info) if json.json => print_json(&serde_json::json!({
-                    "domain": info.name,
-                    "state": info.state,
-                }))?,
-                Reply::DomainInfo(info) => println!("{}", info.state),
-                other => return Err(unexpected(other)),
+            let info = dominfo(&client, &name).await?;
+            if json.json {
+                print_json(&serde_json::json!({"domain": info.name, "state": info.state}))?;
+            } else {
+                println!("{}", info.state);
             }
         }
         Command::Domcapabilities { json } => {

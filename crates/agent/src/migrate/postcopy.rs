@@ -32,7 +32,7 @@ pub(crate) async fn pause(
 }
 
 /// Waits (up to 10 s) for QEMU's migration to reach `want`.
-pub(crate) async fn wait_status(qmp: &qmp::Client, want: MigrationStatus) -> Result<(), ApiError> {
+async fn wait_status(qmp: &qmp::Client, want: MigrationStatus) -> Result<(), ApiError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = qmp
