@@ -53,8 +53,8 @@ struct Args {
     /// QEMU binary [default: qemu-system-x86_64].
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
-    /// Default accelerator [default: tcg].
-    #[arg(long, value_enum)]
+    /// Default accelerator: tcg or kvm [default: tcg].
+    #[arg(long)]
     accel: Option<Accel>,
     /// Work around QEMU < 9.0 losing guest writes when migrating under TCG
     /// (see `livemig domcapabilities`). `off` only serves to show the bug.

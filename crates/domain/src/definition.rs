@@ -19,35 +19,15 @@
 //! log = "/var/log/livemig/web1.serial.log"   # optional
 //! ```
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::name::DomainName;
+pub use types::{Accel, DomainName};
 
 const MIN_MEMORY_MIB: u32 = 16;
 const MAX_MEMORY_MIB: u32 = 1 << 20;
 const MAX_VCPUS: u32 = 255;
-
-/// The accelerator QEMU runs the guest with.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    #[default]
-    Tcg,
-    Kvm,
-}
-
-impl fmt::Display for Accel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Accel::Tcg => "tcg",
-            Accel::Kvm => "kvm",
-        })
-    }
-}
 
 /// Direct kernel boot (`-kernel`, `-append`, `-initrd`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,6 +1,5 @@
 //! Domains: what a VM is, and how it runs under QEMU.
 //!
-//! - [`name`]: validated domain names (they become file names).
 //! - [`definition`]: the TOML definition a user writes, with validation.
 //! - [`qemu`]: everything about the QEMU binary: probing its capabilities
 //!   ([`qemu::binary`]), the RAM layout that avoids a TCG migration bug
@@ -9,8 +8,7 @@
 //!   ([`qemu::process`]).
 
 pub mod definition;
-pub mod name;
 pub mod qemu;
 
-pub use definition::{Accel, DefinitionError, DomainDefinition};
-pub use name::{DomainName, InvalidName};
+pub use definition::{DefinitionError, DomainDefinition};
+pub use types::{Accel, DomainName, InvalidName};

@@ -14,14 +14,18 @@ const MAX_LEN: usize = 64;
 #[serde(try_from = "String", into = "String")]
 pub struct DomainName(String);
 
+/// A name [`DomainName`] refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid domain name {name:?}: {reason}")]
 pub struct InvalidName {
+    /// The name as given.
     pub name: String,
+    /// What is wrong with it.
     pub reason: &'static str,
 }
 
 impl DomainName {
+    /// The name as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
