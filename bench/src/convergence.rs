@@ -12,13 +12,15 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use agent::launcher::{AgentProcess, LaunchOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use domain::DomainDefinition;
 use guest::{SerialLog, Workload};
-use migration::{ConvergeMode, JobStatus, MigrateFlags};
-use protocol::message::Reply;
+use launcher::{AgentProcess, LaunchOptions};
+use protocol::domain::DefinitionDoc;
+use protocol::job::JobStatus;
+use protocol::Reply;
 use protocol::{Client, Request};
+use protocol::{ConvergeMode, MigrateOptions};
 use serde::Serialize;
 
 use crate::sampler::Sampler;
@@ -77,7 +79,7 @@ pub struct Trial {
     pub memory_check: &'static str,
     pub error: Option<String>,
     /// The job's timeline (controller decisions, escalations).
-    pub actions: Vec<migration::TimedAction>,
+    pub actions: Vec<protocol::job::TimedAction>,
 }
 
 /// Medians per policy for one workload, and the adaptive/qemu ratios.
@@ -250,15 +252,21 @@ pub async fn trial(
     let workload = workload(workload_name).ok_or_else(|| anyhow!("unknown workload"))?;
     let mode = policy(policy_name).ok_or_else(|| anyhow!("unknown policy"))?;
     let name = format!("bench-{workload_name}-{policy_name}-{rep}");
-    let definition = DomainDefinition::from_toml(&format!(
-        "name = \"{name}\"\nmemory_mib = {MEMORY_MIB}\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
-        hosts.kernel.display().to_string(),
-        workload.cmdline()
+    let definition = DomainDefinition::from_toml(&guest::definition_toml(
+        &name,
+        MEMORY_MIB,
+        &hosts.kernel,
+        workload,
     ))?;
     let domain = definition.name.clone();
     hosts
         .a_client
-        .request(Request::Define { definition }, REQUEST_TIMEOUT)
+        .request(
+            Request::Define {
+                definition: DefinitionDoc(definition.to_document()),
+            },
+            REQUEST_TIMEOUT,
+        )
         .await?;
     hosts
         .a_client
@@ -296,7 +304,7 @@ pub async fn trial(
         .filter(|r| *r > 0.0)
         .ok_or_else(|| anyhow!("the guest reported no progress during warm-up"))?;
 
-    let flags = MigrateFlags {
+    let flags = MigrateOptions {
         live: true,
         bandwidth: Some(BANDWIDTH_MIB_S),
         downtime: Some(DOWNTIME_MS),

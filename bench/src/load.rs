@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Result};
 use domain::DomainDefinition;
 use guest::Workload;
-use migration::MigrateFlags;
-use protocol::message::Reply;
+use protocol::domain::DefinitionDoc;
+use protocol::MigrateOptions;
+use protocol::Reply;
 use protocol::{Client, Request};
 use serde::Serialize;
 
@@ -75,14 +76,20 @@ async fn load(
     };
     let names: Vec<String> = (0..domains).map(|i| format!("load{i}")).collect();
     for name in &names {
-        let definition = DomainDefinition::from_toml(&format!(
-            "name = \"{name}\"\nmemory_mib = 64\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
-            hosts.kernel().display().to_string(),
-            workload.cmdline()
+        let definition = DomainDefinition::from_toml(&guest::definition_toml(
+            name,
+            64,
+            hosts.kernel(),
+            workload,
         ))?;
         hosts
             .a_client
-            .request(Request::Define { definition }, REQUEST_TIMEOUT)
+            .request(
+                Request::Define {
+                    definition: DefinitionDoc(definition.to_document()),
+                },
+                REQUEST_TIMEOUT,
+            )
             .await?;
         hosts
             .a_client
@@ -98,7 +105,7 @@ async fn load(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut jobs = Vec::new();
     for name in &names {
-        let flags = MigrateFlags {
+        let flags = MigrateOptions {
             live: true,
             bandwidth: Some(8),
             ..Default::default()
@@ -166,7 +173,7 @@ async fn load(
                 Reply::Job {
                     record: Some(r), ..
                 } => {
-                    if r.status == migration::JobStatus::Completed {
+                    if r.status == protocol::job::JobStatus::Completed {
                         completed += 1;
                     }
                     break;

@@ -18,6 +18,16 @@ pub use serial::{Corruption, Progress, SerialLog, Start};
 /// The guest kernel image (32-bit multiboot ELF).
 pub const KERNEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/livemig-guest.elf"));
 
+/// A domain definition (TOML) that boots the guest `kernel` as `name` with
+/// `memory_mib` of RAM, running `workload`.
+pub fn definition_toml(name: &str, memory_mib: u32, kernel: &Path, workload: Workload) -> String {
+    format!(
+        "name = \"{name}\"\nmemory_mib = {memory_mib}\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
+        kernel.display().to_string(),
+        workload.cmdline()
+    )
+}
+
 /// What the guest does: its command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Workload {

@@ -4,16 +4,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use domain::qemu::layout::FIXED_IN;
+use domain::qemu::{QemuBinary, STOP_TIMEOUT};
 use domain::{DomainDefinition, DomainName};
 use migration::perform::Retune;
-use migration::settings::Tunables;
-use protocol::message::Reply;
-use protocol::types::{AgentInfo, DomainInfo, DomainSummary, HostCapabilities};
-use protocol::{ApiError, ErrorCode, Request, PROTOCOL_VERSION};
+use protocol::domain::{DefinitionDoc, DomainInfo, DomainSummary, Tunables};
+use protocol::host::{AgentInfo, HostCapabilities};
+use protocol::{ApiError, ErrorCode, Reply, Request, PROTOCOL_VERSION};
 use qmp::commands::migration::MigrateStartPostcopy;
 use qmp::commands::vm::{Cont, Stop};
 use serde_json::Value;
 use tokio::sync::oneshot;
+use types::Bandwidth;
 
 use crate::errors;
 use crate::migrate;
@@ -21,7 +22,6 @@ use crate::server::ConnContext;
 use crate::state::{ActiveJob, Agent, Domain};
 use crate::vm;
 
-const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a running job may take to apply a new limit.
 const RETUNE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -89,12 +89,7 @@ impl Agent {
             Request::QemuMonitorCommand { domain, command } => {
                 self.monitor_command(&domain, command).await
             }
-            Request::PeerProbe { flags: _ } => {
-                let binary = self.binary().await?.clone();
-                Ok(Reply::Capabilities(Box::new(
-                    self.host_capabilities(binary),
-                )))
-            }
+            Request::PeerProbe(probe) => migrate::destination::probe(self, *probe).await,
             Request::PeerPrepare(prepare) => {
                 migrate::destination::prepare(self, *prepare, ctx).await
             }
@@ -118,9 +113,8 @@ impl Agent {
         }
     }
 
-    async fn define(self: &Arc<Self>, definition: DomainDefinition) -> Result<Reply, ApiError> {
-        definition
-            .validate()
+    async fn define(self: &Arc<Self>, document: DefinitionDoc) -> Result<Reply, ApiError> {
+        let definition = DomainDefinition::from_document(document.0)
             .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, e.to_string()))?;
         let name = definition.name.clone();
         let lock = {
@@ -205,7 +199,7 @@ impl Agent {
             d.vm.take()
                 .ok_or_else(|| errors::operation_invalid(format!("domain '{name}' is not running")))
         })?;
-        vm.process.kill_and_wait(QEMU_STOP_TIMEOUT).await;
+        vm.process.kill_and_wait(STOP_TIMEOUT).await;
         tracing::info!(domain = %name, "destroyed");
         self.drop_if_transient_and_idle(name);
         Ok(Reply::Done)
@@ -298,17 +292,17 @@ impl Agent {
         })))
     }
 
-    pub(crate) fn host_capabilities(&self, binary: domain::qemu::QemuBinary) -> HostCapabilities {
+    pub(crate) fn host_capabilities(&self, binary: &QemuBinary) -> HostCapabilities {
         HostCapabilities {
             host: self.uri.clone(),
             tcg_dirty_bitmap_bug: binary.has_tcg_dirty_bitmap_bug(domain::Accel::Tcg),
-            qemu: binary,
+            qemu: migration::wire::qemu_info(binary),
             default_accel: self.config.default_accel,
         }
     }
 
     async fn domcapabilities(self: &Arc<Self>) -> Result<Reply, ApiError> {
-        let binary = self.binary().await?.clone();
+        let binary = self.binary().await?;
         Ok(Reply::Capabilities(Box::new(
             self.host_capabilities(binary),
         )))
@@ -319,7 +313,7 @@ impl Agent {
             let job = if completed {
                 d.last_job.as_ref().map(|r| Box::new(r.as_info()))
             } else {
-                d.job.as_ref().map(|j| Box::new(j.info(name)))
+                d.job.as_ref().map(|j| Box::new(j.info()))
             };
             Ok(Reply::JobInfo { job })
         })
@@ -329,12 +323,12 @@ impl Agent {
         self.with_domain(name, |d| match &d.job {
             Some(ActiveJob::Outgoing(job)) => {
                 job.cancel.cancel();
-                tracing::info!(domain = %name, job = %job.id, "abort requested");
+                tracing::info!(domain = %name, job = %job.ident.id, "abort requested");
                 Ok(Reply::Done)
             }
             Some(ActiveJob::Incoming(job)) => Err(errors::operation_invalid(format!(
                 "domain '{name}' is arriving from {}; abort the job on the source host",
-                job.source
+                job.ident.source
             ))),
             None => Err(errors::operation_invalid(format!(
                 "domain '{name}' has no active job"
@@ -347,11 +341,15 @@ impl Agent {
         name: &DomainName,
         change: Tunables,
     ) -> Result<Reply, ApiError> {
+        let bandwidth = match change.bandwidth_mib_s {
+            Some(0) => return Err(errors::invalid("bandwidth must be at least 1 MiB/s")),
+            Some(mib) => Some(Bandwidth::from_mib_s(mib).ok_or_else(|| {
+                errors::invalid(format!("bandwidth {mib} MiB/s is beyond any link"))
+            })?),
+            None => None,
+        };
         let job = self.with_domain(name, |d| {
             if let Some(b) = change.bandwidth_mib_s {
-                if b == 0 {
-                    return Err(errors::invalid("bandwidth must be at least 1 MiB/s"));
-                }
                 d.tunables.bandwidth_mib_s = Some(b);
             }
             if let Some(ms) = change.downtime_ms {
@@ -372,7 +370,8 @@ impl Agent {
         let (done, applied) = oneshot::channel();
         if job
             .send(Retune {
-                tunables: change,
+                bandwidth,
+                downtime: change.downtime_ms.map(Duration::from_millis),
                 done,
             })
             .await
@@ -383,7 +382,7 @@ impl Agent {
         }
         match tokio::time::timeout(RETUNE_TIMEOUT, applied).await {
             Ok(Ok(Ok(()))) | Ok(Err(_)) => Ok(Reply::Done),
-            Ok(Ok(Err(why))) => Err(errors::qemu(why)),
+            Ok(Ok(Err(why))) => Err(errors::qemu(errors::chain(&why))),
             Err(_) => Err(errors::qemu(format!(
                 "the running job did not take the change within {RETUNE_TIMEOUT:?}; it applies to the next migration"
             ))),
@@ -392,7 +391,7 @@ impl Agent {
 
     async fn start_postcopy(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
         let qmp = self.with_domain(name, |d| match (&d.job, &d.vm) {
-            (Some(ActiveJob::Outgoing(job)), Some(vm)) if job.flags.postcopy => {
+            (Some(ActiveJob::Outgoing(job)), Some(vm)) if job.ident.flags.postcopy => {
                 Ok(vm.process.qmp().clone())
             }
             (Some(ActiveJob::Outgoing(_)), _) => Err(errors::operation_invalid(format!(

@@ -47,7 +47,7 @@ impl Config {
             qemu_timeout: Duration::from_secs(30),
             finish_timeout: Duration::from_secs(60),
             tcg_workaround: true,
-            cgroup_cpu: PathBuf::from(converge::throttle::CPU_V1_ROOT),
+            cgroup_cpu: PathBuf::from(migration::vcpu_throttle::cgroup::CPU_V1_ROOT),
             migration_ports: None,
         }
     }

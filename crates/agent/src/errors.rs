@@ -25,5 +25,5 @@ pub(crate) fn storage(error: &crate::store::StoreError) -> ApiError {
 
 /// An error with its sources, on one line.
 pub(crate) fn chain(error: &dyn std::error::Error) -> String {
-    protocol::error_chain(error)
+    types::error_chain(error)
 }

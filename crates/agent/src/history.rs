@@ -9,9 +9,7 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use migration::job::{Sample, TimedAction};
-use migration::JobRecord;
-use protocol::types::JobSummary;
+use protocol::job::{ActionKind, JobRecord, JobSummary, Sample, TimedAction};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i+1`.
@@ -66,6 +64,13 @@ pub enum HistoryError {
     Task(#[from] tokio::task::JoinError),
     #[error("job record does not serialize")]
     Json(#[from] serde_json::Error),
+}
+
+/// An action kind as stored; one this version does not know reads as
+/// unknown.
+fn action_kind(name: &str) -> ActionKind {
+    serde_json::from_value(serde_json::Value::String(name.to_string()))
+        .unwrap_or(ActionKind::Unknown)
 }
 
 /// The job history of one agent.
@@ -157,7 +162,7 @@ impl History {
                     record.total_time_ms as i64,
                     record.downtime_ms.map(|d| d as i64),
                     record.max_cpu_throttle_pct,
-                    record.converge,
+                    record.converge.name(),
                     record.error,
                     json,
                 ],
@@ -190,7 +195,7 @@ impl History {
                     insert.execute(params![
                         record.id,
                         a.t_ms as i64,
-                        a.action,
+                        a.action.name(),
                         a.value,
                         a.detail
                     ])?;
@@ -240,7 +245,7 @@ impl History {
                 .query_map([&id], |r| {
                     Ok(TimedAction {
                         t_ms: r.get::<_, i64>(0)? as u64,
-                        action: r.get(1)?,
+                        action: action_kind(&r.get::<_, String>(1)?),
                         value: r.get(2)?,
                         detail: r.get(3)?,
                     })
@@ -287,7 +292,7 @@ impl History {
 
 #[cfg(test)]
 mod tests {
-    use migration::job::{JobStats, JobStatus, Phase, Role};
+    use protocol::job::{JobStats, JobStatus, Phase, Role};
 
     use super::*;
 
@@ -307,10 +312,10 @@ mod tests {
             transferred_bytes: 1 << 20,
             iterations: 3,
             max_cpu_throttle_pct: 97.5,
-            converge: "adaptive".into(),
+            converge: protocol::ConvergeMode::Adaptive,
             actions: vec![TimedAction {
                 t_ms: 400,
-                action: "throttle".into(),
+                action: ActionKind::Throttle,
                 value: Some(97.5),
                 detail: "why".into(),
             }],

@@ -22,7 +22,6 @@ pub mod config;
 mod errors;
 mod estimate;
 pub mod history;
-pub mod launcher;
 mod metrics;
 mod migrate;
 mod reattach;

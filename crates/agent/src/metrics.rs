@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
-use migration::{JobRecord, JobStatus, Role};
+use protocol::job::{JobRecord, JobStatus, Role};
 
 use crate::state::{ActiveJob, Agent};
 
@@ -151,7 +151,7 @@ impl Metrics {
                         active_source += 1;
                         let p = job.progress.borrow();
                         let qemu = p.stats.cpu_throttle_pct.unwrap_or(0) as f64;
-                        throttles.push((name.to_string(), p.throttle_pct.max(qemu)));
+                        throttles.push((name.to_string(), p.throttle.percent().max(qemu)));
                     }
                     Some(ActiveJob::Incoming(_)) => active_destination += 1,
                     None => {}

@@ -18,15 +18,17 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use domain::qemu::QemuProcess;
+use domain::qemu::{QemuProcess, STOP_TIMEOUT};
 use domain::DomainName;
-use migration::job::{unix_ms, JobRecord, JobStats, JobStatus, Phase, Role};
-use migration::settings::{self, ThrottleVia, Tunables};
-use migration::MigrateFlags;
-use protocol::message::Reply;
-use protocol::{AgentUri, Client, Request};
+use migration::cleanup::resume_source;
+use migration::job::unix_ms;
+use migration::record::JobIdentity;
+use migration::settings::{self, ThrottleVia};
+use migration::Flags;
+use protocol::domain::Tunables;
+use protocol::job::{JobStatus, Phase, Role};
+use protocol::{AgentUri, Client, Reply, Request};
 use qmp::commands::migration::{MigrateCancel, MigrationStatus, QueryMigrate};
-use qmp::commands::vm::{Cont, QueryStatus, RunState};
 use tokio::time::Instant;
 
 use crate::migrate::destination;
@@ -36,9 +38,8 @@ use crate::vm::{self, RunningVm};
 
 /// How long a reattached incoming QEMU waits for its source.
 pub(crate) const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
-const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a copy still running gets to settle after `migrate_cancel`.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
-const QEMU_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Adopts every QEMU an earlier agent left running; resolves their jobs.
 pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
@@ -101,7 +102,7 @@ async fn ask_destination(job: &RunJob, reason: &str) -> Result<bool, String> {
                 job_id: job.id.clone(),
                 reason: reason.to_string(),
             },
-            PEER_TIMEOUT,
+            protocol::REQUEST_TIMEOUT,
         )
         .await
     {
@@ -147,7 +148,7 @@ async fn resolve_outgoing(
     let (status, error, recovery) = match state {
         Some(MigrationStatus::Completed) => match ask_destination(job, why).await {
             Ok(true) => {
-                vm.process.shutdown(QEMU_STOP_TIMEOUT).await;
+                vm.process.shutdown(STOP_TIMEOUT).await;
                 (
                     JobStatus::Completed,
                     None,
@@ -157,7 +158,7 @@ async fn resolve_outgoing(
             Ok(false) => (
                 JobStatus::Failed,
                 Some(format!("{why}, after the copy but before the destination resumed the guest")),
-                resume(vm).await,
+                resume_source(qmp, true).await,
             ),
             Err(e) => (
                 JobStatus::Failed,
@@ -175,7 +176,7 @@ async fn resolve_outgoing(
             (
                 JobStatus::Cancelled,
                 Some(format!("{why}; the migration was cancelled")),
-                resume(vm).await,
+                resume_source(qmp, true).await,
             )
         }
     };
@@ -183,43 +184,22 @@ async fn resolve_outgoing(
         // The job's own settings cannot be read back; put ours to default.
         let _ = settings::apply(
             qmp,
-            &MigrateFlags::default(),
+            &Flags::default(),
             Tunables::default(),
             Role::Source,
             ThrottleVia::NotQemu,
         )
         .await;
     }
-    let record = JobRecord {
-        id: job.id.clone(),
-        domain: name.to_string(),
-        source: agent.uri.clone(),
-        destination: job.peer.clone(),
-        status,
-        error,
-        flags: job.flags.names(),
-        auto_converge: job.flags.qemu_auto_converge(),
-        total_time_ms: unix_ms().saturating_sub(job.started_at_ms),
-        setup_time_ms: None,
-        downtime_ms: None,
-        transferred_bytes: 0,
-        iterations: 0,
-        max_cpu_throttle_pct: 0.0,
-        converge: job.flags.converge_mode().name().to_string(),
-        actions: Vec::new(),
-        phase: if status == JobStatus::Completed {
-            Phase::Done
-        } else {
-            Phase::Cleanup
-        },
-        started_at_ms: job.started_at_ms,
-        finished_at_ms: unix_ms(),
-        data_uri: None,
-        recovery: Some(recovery),
-        role: Role::Source,
-        stats: JobStats::default(),
-        samples: Vec::new(),
+    let phase = if status == JobStatus::Completed {
+        Phase::Done
+    } else {
+        Phase::Cleanup
     };
+    let elapsed = Duration::from_millis(unix_ms().saturating_sub(job.started_at_ms));
+    let mut record = identity(agent, name, job, Role::Source).record(status, phase, elapsed);
+    record.error = error;
+    record.recovery = Some(recovery);
     tracing::warn!(domain = %name, job = %job.id, status = %record.status, recovery = ?record.recovery, "in-flight migration resolved after restart");
     agent.metrics.job_finished(&record);
     if let Err(e) = agent.history.save(&record).await {
@@ -231,16 +211,24 @@ async fn resolve_outgoing(
     });
 }
 
-/// Makes sure the guest runs on this (source) host.
-async fn resume(vm: &RunningVm) -> String {
-    let qmp = vm.process.qmp();
-    match qmp.execute(&QueryStatus).await {
-        Ok(s) if s.status == RunState::Running => "source kept running".into(),
-        Ok(_) => match qmp.execute(&Cont).await {
-            Ok(_) => "source resumed".into(),
-            Err(e) => format!("could not resume the source: {e}"),
-        },
-        Err(e) => format!("cannot query the source QEMU: {e}"),
+/// The job a run record names, as this agent ran it.
+fn identity(agent: &Agent, name: &DomainName, job: &RunJob, role: Role) -> JobIdentity {
+    let flags = Flags::new(job.flags.clone()).unwrap_or_else(|e| {
+        tracing::warn!(job = %job.id, error = %e, "the job's recorded options no longer validate");
+        Flags::default()
+    });
+    let (source, destination) = match role {
+        Role::Source => (agent.uri.clone(), job.peer.clone()),
+        Role::Destination => (job.peer.clone(), agent.uri.clone()),
+    };
+    JobIdentity {
+        id: job.id.clone(),
+        domain: name.to_string(),
+        role,
+        source,
+        destination,
+        flags,
+        started_at_ms: job.started_at_ms,
     }
 }
 
@@ -254,10 +242,7 @@ fn keep_incoming(
     record: &RunRecord,
 ) {
     let incoming = Arc::new(IncomingJob {
-        id: job.id.clone(),
-        source: job.peer.clone(),
-        flags: job.flags.clone(),
-        started_at_ms: job.started_at_ms,
+        ident: identity(agent, name, job, Role::Destination),
         started: Instant::now(),
         // No connection prepared it in this process: it is not torn down
         // when one closes, only by the source or the deadline.
@@ -289,7 +274,7 @@ fn keep_incoming(
         // Ask the source how its job stands; one that has ended without us
         // will never finish here.
         while Instant::now() < deadline && waiting() {
-            if let Some(status) = source_job_status(&source, &incoming.id).await {
+            if let Some(status) = source_job_status(&source, &incoming.ident.id).await {
                 if status != JobStatus::Completed {
                     destination::teardown(
                         &agent,
@@ -327,7 +312,7 @@ async fn source_job_status(source: &str, job_id: &str) -> Option<JobStatus> {
             Request::Job {
                 id: job_id.to_string(),
             },
-            PEER_TIMEOUT,
+            protocol::REQUEST_TIMEOUT,
         )
         .await
     {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use domain::qemu::LaunchSpec;
 use domain::{DomainDefinition, DomainName};
-use migration::MigrateFlags;
+use protocol::MigrateOptions;
 use qmp::QemuVersion;
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +19,8 @@ pub(crate) struct RunJob {
     pub id: String,
     /// The other agent's URI.
     pub peer: String,
-    pub flags: MigrateFlags,
+    /// The job's options (validated again when read back).
+    pub flags: MigrateOptions,
     pub started_at_ms: u64,
     /// Destination only: the domain did not exist here before.
     #[serde(default)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::codec::{read_message, write_message, CodecError};
-use protocol::message::{RequestEnvelope, ResponseEnvelope, ResponseResult};
+use protocol::envelope::{RequestEnvelope, ResponseEnvelope, ResponseResult};
 use protocol::{ApiError, ErrorCode, PROTOCOL_VERSION};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
@@ -79,7 +79,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     let mut config = config;
     config.listen = tcp_addr;
-    let stale = converge::throttle::release_stale(&config.cgroup_cpu);
+    let stale = migration::vcpu_throttle::cgroup::release_stale(&config.cgroup_cpu);
     if stale > 0 {
         tracing::warn!(
             count = stale,

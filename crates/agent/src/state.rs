@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use domain::qemu::QemuBinary;
 use domain::{DomainDefinition, DomainName};
-use migration::job::{JobInfo, JobRecord, Phase, Role};
 use migration::perform::{Progress, Retune};
-use migration::settings::{Previous, Tunables};
-use migration::{JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use migration::record::JobIdentity;
+use migration::settings::Previous;
+use protocol::domain::{DomainState, Tunables};
+use protocol::job::{JobInfo, JobRecord, Phase};
 use protocol::ApiError;
 use qmp::commands::vm::{QueryStatus, RunState};
 use tokio::sync::{mpsc, watch};
@@ -33,10 +33,7 @@ use crate::vm::RunningVm;
 /// A migration this agent is sending.
 #[derive(Debug)]
 pub(crate) struct OutgoingJob {
-    pub id: String,
-    pub flags: MigrateFlags,
-    pub destination: String,
-    pub started_at_ms: u64,
+    pub ident: JobIdentity,
     pub started: Instant,
     pub cancel: CancellationToken,
     pub progress: watch::Receiver<Progress>,
@@ -50,10 +47,7 @@ pub(crate) struct OutgoingJob {
 /// A migration this agent is receiving.
 #[derive(Debug)]
 pub(crate) struct IncomingJob {
-    pub id: String,
-    pub source: String,
-    pub flags: MigrateFlags,
-    pub started_at_ms: u64,
+    pub ident: JobIdentity,
     pub started: Instant,
     /// The peer connection that prepared it: if that connection drops
     /// before Finish, the destination side is torn down.
@@ -78,56 +72,29 @@ pub(crate) enum ActiveJob {
 }
 
 impl ActiveJob {
-    pub fn id(&self) -> &str {
+    pub fn ident(&self) -> &JobIdentity {
         match self {
-            ActiveJob::Outgoing(j) => &j.id,
-            ActiveJob::Incoming(j) => &j.id,
+            ActiveJob::Outgoing(j) => &j.ident,
+            ActiveJob::Incoming(j) => &j.ident,
         }
     }
 
-    pub fn info(&self, domain: &DomainName) -> JobInfo {
+    pub fn id(&self) -> &str {
+        &self.ident().id
+    }
+
+    pub fn info(&self) -> JobInfo {
         match self {
-            ActiveJob::Outgoing(j) => {
-                let progress = j.progress.borrow().clone();
-                JobInfo {
-                    id: j.id.clone(),
-                    domain: domain.to_string(),
-                    role: Role::Source,
-                    phase: *j.phase.lock().expect("phase lock"),
-                    status: JobStatus::Active,
-                    flags: j.flags.names(),
-                    started_at_ms: j.started_at_ms,
-                    elapsed_ms: j.started.elapsed().as_millis() as u64,
-                    stats: progress.stats,
-                    max_cpu_throttle_pct: progress.max_cpu_throttle_pct,
-                    throttle_pct: progress.throttle_pct,
-                    converge: j.flags.converge_mode().name().to_string(),
-                    guest_work_lost_s: migration::job::work_lost_s(&progress.samples),
-                    actions: progress.actions,
-                    bandwidth_limit_mib_s: progress.bandwidth_limit_mib_s,
-                    downtime_limit_ms: progress.downtime_limit_ms,
-                    error: None,
-                }
-            }
-            ActiveJob::Incoming(j) => JobInfo {
-                id: j.id.clone(),
-                domain: domain.to_string(),
-                role: Role::Destination,
-                phase: *j.phase.lock().expect("phase lock"),
-                status: JobStatus::Active,
-                flags: j.flags.names(),
-                started_at_ms: j.started_at_ms,
-                elapsed_ms: j.started.elapsed().as_millis() as u64,
-                stats: Default::default(),
-                max_cpu_throttle_pct: 0.0,
-                throttle_pct: 0.0,
-                converge: j.flags.converge_mode().name().to_string(),
-                actions: Vec::new(),
-                guest_work_lost_s: 0.0,
-                bandwidth_limit_mib_s: None,
-                downtime_limit_ms: None,
-                error: None,
-            },
+            ActiveJob::Outgoing(j) => j.ident.info(
+                *j.phase.lock().expect("phase lock"),
+                j.started.elapsed(),
+                Some(&j.progress.borrow()),
+            ),
+            ActiveJob::Incoming(j) => j.ident.info(
+                *j.phase.lock().expect("phase lock"),
+                j.started.elapsed(),
+                None,
+            ),
         }
     }
 }
@@ -207,14 +174,13 @@ impl Agent {
             let domains = self.domains.lock().expect("domains lock");
             domains.get(name).and_then(|d| {
                 let vm = d.vm.as_ref()?;
-                let job =
-                    |id: &str, peer: &str, flags: &MigrateFlags, at: u64, created: bool| RunJob {
-                        id: id.to_string(),
-                        peer: peer.to_string(),
-                        flags: flags.clone(),
-                        started_at_ms: at,
-                        created_domain: created,
-                    };
+                let job = |ident: &JobIdentity, peer: &str, created: bool| RunJob {
+                    id: ident.id.clone(),
+                    peer: peer.to_string(),
+                    flags: ident.flags.options().clone(),
+                    started_at_ms: ident.started_at_ms,
+                    created_domain: created,
+                };
                 Some(RunRecord {
                     name: name.clone(),
                     pid: vm.process.pid(),
@@ -227,18 +193,14 @@ impl Agent {
                     definition: d.definition.clone(),
                     outgoing: match &d.job {
                         Some(ActiveJob::Outgoing(j)) => {
-                            Some(job(&j.id, &j.destination, &j.flags, j.started_at_ms, false))
+                            Some(job(&j.ident, &j.ident.destination, false))
                         }
                         _ => None,
                     },
                     incoming: match &d.job {
-                        Some(ActiveJob::Incoming(j)) => Some(job(
-                            &j.id,
-                            &j.source,
-                            &j.flags,
-                            j.started_at_ms,
-                            j.created_domain,
-                        )),
+                        Some(ActiveJob::Incoming(j)) => {
+                            Some(job(&j.ident, &j.ident.source, j.created_domain))
+                        }
                         _ => None,
                     },
                 })
@@ -313,12 +275,9 @@ impl Agent {
     /// The active job with this id, wherever it runs.
     pub fn find_job(&self, id: &str) -> Option<JobInfo> {
         let domains = self.domains.lock().expect("domains lock");
-        domains.iter().find_map(|(name, d)| {
-            d.job
-                .as_ref()
-                .filter(|j| j.id() == id)
-                .map(|j| j.info(name))
-        })
+        domains
+            .values()
+            .find_map(|d| d.job.as_ref().filter(|j| j.id() == id).map(ActiveJob::info))
     }
 
     /// Forgets a transient domain that no longer runs.

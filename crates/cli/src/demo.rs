@@ -5,14 +5,13 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agent::launcher::{AgentProcess, LaunchOptions};
 use anyhow::{anyhow, bail, Context, Result};
 use domain::DomainDefinition;
 use guest::{SerialLog, Workload};
-use migration::{ConvergeMode, JobStatus, MigrateFlags};
-use protocol::message::Reply;
-use protocol::types::{DomainInfo, DomainState};
-use protocol::{Client, Request};
+use launcher::{AgentProcess, LaunchOptions};
+use protocol::domain::{DefinitionDoc, DomainInfo, DomainState};
+use protocol::job::JobStatus;
+use protocol::{Client, ConvergeMode, MigrateOptions, Reply, Request};
 
 use crate::args::DemoArgs;
 use crate::progress::Progress;
@@ -154,12 +153,13 @@ async fn scenario(
     kernel: &Path,
 ) -> Result<ExitCode> {
     let workload = Workload::busy(args.working_set, args.spin);
-    let definition = DomainDefinition::from_toml(&format!(
-        "name = \"{DOMAIN}\"\nmemory_mib = {}\nvcpus = 1\naccel = \"tcg\"\n\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
+    let definition = DomainDefinition::from_toml(&guest::definition_toml(
+        DOMAIN,
         args.memory,
-        kernel.display().to_string(),
-        workload.cmdline()
+        kernel,
+        workload,
     ))?;
+    let definition = DefinitionDoc(definition.to_document());
     request(a, Request::Define { definition }).await?;
     request(
         a,
@@ -189,11 +189,11 @@ async fn scenario(
     ));
 
     let converge = match (args.converge, args.no_auto_converge) {
-        (Some(mode), _) => mode,
+        (Some(mode), _) => mode.into(),
         (None, true) => ConvergeMode::None,
         (None, false) => ConvergeMode::Qemu,
     };
-    let flags = MigrateFlags {
+    let flags = MigrateOptions {
         live: true,
         auto_converge: converge == ConvergeMode::Qemu,
         converge: (converge == ConvergeMode::Adaptive).then_some(converge),
@@ -201,17 +201,14 @@ async fn scenario(
         timeout: Some(args.timeout),
         ..Default::default()
     };
+    let how = match converge {
+        ConvergeMode::Qemu => " --auto-converge",
+        ConvergeMode::Adaptive => " --converge adaptive",
+        ConvergeMode::None => "",
+    };
     say.line(&format!(
-        "==> livemig migrate {} {DOMAIN} {b_uri}",
-        flags
-            .names()
-            .iter()
-            .map(|n| match n.split_once('=') {
-                Some((k, v)) => format!("--{k} {v}"),
-                None => format!("--{n}"),
-            })
-            .collect::<Vec<_>>()
-            .join(" ")
+        "==> livemig migrate --live{how} --bandwidth {} --timeout {} {DOMAIN} {b_uri}",
+        args.bandwidth, args.timeout
     ));
     let reply = request(
         a,

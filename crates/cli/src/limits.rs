@@ -2,11 +2,10 @@
 //! job uses, else the one the next migration of the domain gets.
 
 use anyhow::Result;
-use migration::job::Role;
-use migration::settings::DEFAULT_DOWNTIME_MS;
-use protocol::message::Reply;
-use protocol::types::DomainInfo;
-use protocol::{Client, Request};
+use protocol::domain::DomainInfo;
+use protocol::job::{JobInfo, Role};
+use protocol::migrate::DEFAULT_DOWNTIME_MS;
+use protocol::{Client, Reply, Request};
 use serde_json::json;
 
 use crate::{domain, dominfo, print_json, request, unexpected};
@@ -20,7 +19,7 @@ fn origin(job: bool, domain: bool) -> &'static str {
     }
 }
 
-async fn lookup(client: &Client, name: &str) -> Result<(DomainInfo, Option<migration::JobInfo>)> {
+async fn lookup(client: &Client, name: &str) -> Result<(DomainInfo, Option<JobInfo>)> {
     let info = dominfo(client, name).await?;
     let job = match request(
         client,

@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 use domain::{DomainDefinition, DomainName};
-use protocol::message::Reply;
-use protocol::{AgentUri, Client, Request};
+use protocol::domain::DefinitionDoc;
+use protocol::{AgentUri, Client, Reply, Request};
 use serde::Serialize;
 
 use crate::args::{Cli, Command};
@@ -91,7 +91,7 @@ fn domain(name: &str) -> Result<DomainName> {
 }
 
 /// `dominfo` of one domain.
-async fn dominfo(client: &Client, name: &str) -> Result<protocol::types::DomainInfo> {
+async fn dominfo(client: &Client, name: &str) -> Result<protocol::domain::DomainInfo> {
     match request(
         client,
         Request::DomInfo {
@@ -140,6 +140,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let definition = DomainDefinition::from_file(&file)
                 .with_context(|| format!("cannot define a domain from {}", file.display()))?;
             let name = definition.name.clone();
+            let definition = DefinitionDoc(definition.to_document());
             request(&client, Request::Define { definition }).await?;
             println!("Domain '{name}' defined from {}", file.display());
         }
@@ -302,7 +303,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             max_throttle,
             json,
         } => {
-            let params = protocol::types::EstimateParams {
+            let params = protocol::estimate::EstimateParams {
                 bandwidth_mib_s: bandwidth,
                 downtime_ms: downtime,
                 timeout_s: timeout,

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use migration::{JobRecord, JobStatus};
-use protocol::message::Reply;
+use protocol::job::{JobRecord, JobStatus};
+use protocol::Reply;
 use protocol::{Client, Request};
 
 use crate::args::MigrateArgs;
@@ -80,7 +80,7 @@ pub async fn run(client: &Client, args: MigrateArgs) -> Result<ExitCode> {
         Request::Migrate {
             domain: domain(&args.domain)?,
             destination: args.dest_uri.clone(),
-            flags: Box::new(args.flags()),
+            flags: Box::new(args.options()),
         },
     )
     .await?;

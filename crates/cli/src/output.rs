@@ -1,7 +1,8 @@
 //! Text output in virsh's style.
 
-use migration::{JobInfo, JobRecord, JobStatus, Role};
-use protocol::types::{DomainInfo, DomainSummary, HostCapabilities};
+use protocol::domain::{DomainInfo, DomainSummary};
+use protocol::host::HostCapabilities;
+use protocol::job::{JobInfo, JobRecord, JobStatus, JobSummary, Role, TimedAction};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -95,7 +96,7 @@ pub fn capabilities(caps: &HostCapabilities) -> String {
     };
     rows(&[
         ("Host", Some(caps.host.clone())),
-        ("QEMU binary", Some(q.path.display().to_string())),
+        ("QEMU binary", Some(q.path.clone())),
         (
             "QEMU version",
             Some(format!("{} ({})", q.version, q.package)),
@@ -163,10 +164,7 @@ pub fn job_info(job: &JobInfo) -> String {
         ("Total downtime", opt(s.downtime_ms, " ms")),
         ("Setup time", opt(s.setup_time_ms, " ms")),
         ("Auto converge throttle", opt(s.cpu_throttle_pct, "%")),
-        (
-            "Convergence",
-            (!job.converge.is_empty()).then(|| job.converge.clone()),
-        ),
+        ("Convergence", Some(job.converge.to_string())),
         ("Throttle", Some(format!("{:.1}%", job.throttle_pct))),
         (
             "Max throttle",
@@ -185,7 +183,7 @@ pub fn job_info(job: &JobInfo) -> String {
 }
 
 /// The job's timeline, one action a line.
-pub fn actions(actions: &[migration::TimedAction]) -> String {
+pub fn actions(actions: &[TimedAction]) -> String {
     let mut out = String::new();
     if !actions.is_empty() {
         out.push_str("Actions:\n");
@@ -203,9 +201,8 @@ pub fn actions(actions: &[migration::TimedAction]) -> String {
 }
 
 pub fn record_summary(r: &JobRecord) -> String {
-    let mut out =
-        match r.status {
-            JobStatus::Completed => format!(
+    let mut out = match r.status {
+        JobStatus::Completed => format!(
             "Migration of '{}' to {} completed in {:.1} s: downtime {}, {} transferred over {} \
              iterations, max CPU throttle {:.1}% ({})\n",
             r.domain,
@@ -215,16 +212,16 @@ pub fn record_summary(r: &JobRecord) -> String {
             mib(r.transferred_bytes),
             r.iterations,
             r.max_cpu_throttle_pct,
-            if r.converge.is_empty() { "none" } else { r.converge.as_str() }
+            r.converge
         ),
-            status => format!(
-                "Migration of '{}' to {} {status} after {:.1} s: {}\n",
-                r.domain,
-                r.destination,
-                r.total_time_ms as f64 / 1000.0,
-                r.error.as_deref().unwrap_or("no error recorded")
-            ),
-        };
+        status => format!(
+            "Migration of '{}' to {} {status} after {:.1} s: {}\n",
+            r.domain,
+            r.destination,
+            r.total_time_ms as f64 / 1000.0,
+            r.error.as_deref().unwrap_or("no error recorded")
+        ),
+    };
     if let Some(recovery) = &r.recovery {
         out.push_str(&format!("Recovery: {recovery}\n"));
     }
@@ -260,7 +257,7 @@ pub fn progress_line(job: &JobInfo) -> String {
 }
 
 /// `estimate` and `migrate --dry-run`.
-pub fn estimate(r: &protocol::types::EstimateReport) -> String {
+pub fn estimate(r: &protocol::estimate::EstimateReport) -> String {
     let m = &r.model;
     let windows: Vec<String> = r
         .samples
@@ -323,7 +320,7 @@ pub fn estimate(r: &protocol::types::EstimateReport) -> String {
             (true, _) => "yes",
             (false, _) => "no",
         };
-        let time = |p: &converge::Prediction| {
+        let time = |p: &protocol::estimate::Prediction| {
             if p.converges {
                 format!("{:.1} s", p.total_secs)
             } else {
@@ -366,7 +363,7 @@ pub fn estimate(r: &protocol::types::EstimateReport) -> String {
 }
 
 /// `jobs`.
-pub fn job_list(jobs: &[protocol::types::JobSummary]) -> String {
+pub fn job_list(jobs: &[JobSummary]) -> String {
     let mut out = format!(
         "{:<36}  {:<16} {:<11} {:<9} {:>9} {:>9} {:>9}  {}\n",
         "Job", "Domain", "Role", "Status", "Time", "Downtime", "Throttle", "Convergence"

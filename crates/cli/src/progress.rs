@@ -11,7 +11,7 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use migration::{JobInfo, TimedAction};
+use protocol::job::{JobInfo, TimedAction};
 use serde_json::json;
 
 use crate::output;

@@ -9,8 +9,10 @@
 //! - [`stall`]: per-pass stall detection.
 //! - [`estimate`]: fitting the model to dirty-rate measurements and
 //!   predicting plain pre-copy, auto-converge and the controller.
-//! - [`throttle`]: throttling a QEMU's vCPU threads from the host (cgroup
-//!   CPU quota), which can go past 99 % and come back down.
+//!
+//! Everything here is pure: no I/O, so every rule can be tested against
+//! scripted scenarios. The mechanisms that apply a throttle live in the
+//! `migration` crate.
 
 #![forbid(unsafe_code)]
 
@@ -19,7 +21,6 @@ pub mod estimate;
 pub mod model;
 pub mod qemu;
 pub mod stall;
-pub mod throttle;
 
 pub use controller::{decide, Action, Decision, Observation, Policy, State};
 pub use model::{simulate, DirtyModel, Prediction, Scenario};

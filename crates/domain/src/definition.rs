@@ -117,6 +117,8 @@ pub enum DefinitionError {
     },
     #[error("malformed definition: {0}")]
     Parse(#[from] toml::de::Error),
+    #[error("malformed definition: {0}")]
+    Document(#[from] serde_json::Error),
     #[error("memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
     Memory(u32),
     #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
@@ -164,6 +166,23 @@ impl DomainDefinition {
         def.resolve_paths(&base);
         def.validate()?;
         Ok(def)
+    }
+
+    /// Parses and validates a definition as it travels: the TOML file's
+    /// keys as a JSON object.
+    ///
+    /// # Errors
+    /// [`DefinitionError::Document`] for unknown keys or wrong types, the
+    /// other variants for values out of range.
+    pub fn from_document(document: serde_json::Value) -> Result<Self, DefinitionError> {
+        let def: DomainDefinition = serde_json::from_value(document)?;
+        def.validate()?;
+        Ok(def)
+    }
+
+    /// The definition as it travels (see [`DomainDefinition::from_document`]).
+    pub fn to_document(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("a definition always serializes")
     }
 
     /// The definition as TOML, as persisted by the agent.
@@ -274,6 +293,21 @@ path = "/boot/k"
     fn round_trips_through_toml() {
         let def = DomainDefinition::from_toml(MINIMAL).unwrap();
         assert_eq!(DomainDefinition::from_toml(&def.to_toml()).unwrap(), def);
+    }
+
+    #[test]
+    fn round_trips_through_its_document_form() {
+        let def = DomainDefinition::from_toml(MINIMAL).unwrap();
+        assert_eq!(
+            DomainDefinition::from_document(def.to_document()).unwrap(),
+            def
+        );
+        let mut bad = def.to_document();
+        bad["memory_mib"] = 0.into();
+        assert!(matches!(
+            DomainDefinition::from_document(bad),
+            Err(DefinitionError::Memory(0))
+        ));
     }
 
     #[test]

@@ -1,144 +1,76 @@
-//! Migration flags: one type for the CLI options (`livemig migrate ...`,
-//! with virsh's names and meanings) and the request body the agents pass.
+//! A migration's options, validated: [`Flags`] can only be built from the
+//! wire's [`MigrateOptions`] by checking every combination the way libvirt
+//! does, and it answers in typed units and with what QEMU must support.
 
-use serde::{Deserialize, Serialize};
+use std::ops::Deref;
+use std::time::Duration;
 
-/// Who makes a busy guest's migration converge.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum ConvergeMode {
-    /// Plain pre-copy.
-    #[default]
-    None,
-    /// QEMU's auto-converge (same as --auto-converge).
-    Qemu,
-    /// livemig's controller: measures, throttles only as much as needed.
-    Adaptive,
-}
+use protocol::{ConvergeMode, MigrateOptions, TimeoutAction};
+use types::{Bandwidth, Throttle};
 
-impl ConvergeMode {
-    pub fn name(self) -> &'static str {
-        match self {
-            ConvergeMode::None => "none",
-            ConvergeMode::Qemu => "qemu",
-            ConvergeMode::Adaptive => "adaptive",
-        }
-    }
-}
+use crate::uri::BadDataUri;
 
-/// What to do when `--timeout` expires.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
-#[serde(rename_all = "lowercase")]
-pub enum TimeoutAction {
-    /// Cancel the migration; the guest keeps running on the source.
-    #[default]
-    Abort,
-    /// Switch to post-copy (needs --postcopy or --allow-postcopy).
-    Postcopy,
-    /// Pause the guest so the copy finishes; it resumes on the destination.
-    Suspend,
-}
-
-/// What the user asked of a migration.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[cfg_attr(feature = "cli", derive(clap::Args))]
-#[serde(default)]
-pub struct MigrateFlags {
-    /// Live migration: the guest keeps running while its memory is copied
-    /// (without it, the guest is paused for the whole copy).
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub live: bool,
-    /// Migrate only the definition; the domain must not be running.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub offline: bool,
-    /// Let QEMU throttle the vCPUs when dirtying outpaces the transfer.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub auto_converge: bool,
-    /// Initial auto-converge throttle, percent (QEMU default 20).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "PCT"))]
-    pub auto_converge_initial: Option<u8>,
-    /// Auto-converge throttle increment, percent (QEMU default 10).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "PCT"))]
-    pub auto_converge_increment: Option<u8>,
-    /// Compress repeated pages (XBZRLE).
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub compressed: bool,
-    /// Send memory over several connections (multifd).
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub parallel: bool,
-    /// Number of parallel connections (QEMU default 2).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "N"))]
-    pub parallel_connections: Option<u8>,
-    /// Enable post-copy (switch with `migrate-postcopy`).
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub postcopy: bool,
-    /// Switch to post-copy automatically after the first pre-copy pass.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub postcopy_after_precopy: bool,
-    /// Limit the migration bandwidth, MiB/s.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "MiB/s"))]
-    pub bandwidth: Option<u64>,
-    /// Maximum tolerable downtime, milliseconds (QEMU default 300).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "MS"))]
-    pub downtime: Option<u64>,
-    /// Abort the migration if it has not completed after this many seconds;
-    /// the source keeps running. (virsh suspends the guest instead: that is
-    /// --timeout-suspend here, or --timeout-action suspend.)
-    #[cfg_attr(feature = "cli", arg(long, value_name = "S"))]
-    pub timeout: Option<u64>,
-    /// Make the domain persistent on the destination.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub persistent: bool,
-    /// Remove the domain's definition from the source after success.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub undefine_source: bool,
-    /// Leave the domain paused on the destination.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub suspend: bool,
-    /// Use QEMU's dirty-limit throttle instead of auto-converge (QEMU 8.1+
-    /// with a KVM dirty ring).
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub dirty_limit: bool,
-    /// Address for the migration data (`tcp:HOST:PORT`); by default the
-    /// destination agent picks one.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "URI"))]
-    pub migrateuri: Option<String>,
-    /// Convergence: none, qemu (auto-converge) or adaptive (livemig's
-    /// controller).
-    #[cfg_attr(feature = "cli", arg(long, value_enum, value_name = "MODE"))]
-    pub converge: Option<ConvergeMode>,
-    /// What --timeout does: abort (the default), postcopy or suspend.
-    #[cfg_attr(feature = "cli", arg(long, value_enum, value_name = "ACTION"))]
-    pub timeout_action: Option<TimeoutAction>,
-    /// Ceiling a downtime ramp may reach, milliseconds.
-    #[cfg_attr(feature = "cli", arg(long, value_name = "MS"))]
-    pub max_downtime: Option<u64>,
-    /// Highest vCPU throttle, percent (adaptive: up to 99.9 with a host
-    /// throttle, 99 with QEMU's).
-    #[cfg_attr(feature = "cli", arg(long, value_name = "PCT"))]
-    pub max_throttle: Option<f64>,
-    /// Enable post-copy so the policy may switch to it when pre-copy cannot
-    /// finish in time.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub allow_postcopy: bool,
-    /// Check everything and predict the migration, without starting it.
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub dry_run: bool,
-    /// Recover this domain's post-copy migration after a network failure
-    /// (QEMU's migrate-recover on the destination, migrate resume here).
-    #[cfg_attr(feature = "cli", arg(long))]
-    pub postcopy_resume: bool,
-}
-
-/// Flags that contradict each other or are out of range.
+/// Options that contradict each other or are out of range, by their CLI
+/// names.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct InvalidFlags(pub String);
-
-fn invalid<T>(message: impl Into<String>) -> Result<T, InvalidFlags> {
-    Err(InvalidFlags(message.into()))
+pub enum InvalidFlags {
+    /// Two options that exclude each other.
+    #[error("{0} and {1} are mutually exclusive")]
+    Exclusive(&'static str, &'static str),
+    /// Two options that cannot work together.
+    #[error("{0} cannot be combined with {1}")]
+    Incompatible(&'static str, &'static str),
+    /// An option that needs another.
+    #[error("{option} needs {needs}")]
+    Needs {
+        /// The option given.
+        option: &'static str,
+        /// What it needs.
+        needs: &'static str,
+    },
+    /// The auto-converge tuning without auto-converge.
+    #[error("--auto-converge-initial and --auto-converge-increment need --auto-converge")]
+    TuningWithoutAutoConverge,
+    /// `--auto-converge` beside another convergence mode.
+    #[error(
+        "--auto-converge is QEMU's convergence; it cannot be combined with --converge none|adaptive"
+    )]
+    AutoConvergeAndMode,
+    /// An offline migration of a transient definition.
+    #[error("offline migration requires --persistent")]
+    OfflineNeedsPersistent,
+    /// A live-only option with `--offline`.
+    #[error("{0} cannot be used with --offline")]
+    LiveOnly(&'static str),
+    /// A value outside its range.
+    #[error("{option} must be between {min} and {max}, got {got}")]
+    Range {
+        /// The option.
+        option: &'static str,
+        /// The least value.
+        min: &'static str,
+        /// The greatest value.
+        max: &'static str,
+        /// What was given.
+        got: String,
+    },
+    /// A value below its least.
+    #[error("{option} must be at least {min}")]
+    AtLeast {
+        /// The option.
+        option: &'static str,
+        /// The least value, with its unit.
+        min: &'static str,
+    },
+    /// A bandwidth no link has (its bytes/s would overflow).
+    #[error("--bandwidth {0} MiB/s is beyond any link (at most 8 PiB/s)")]
+    BandwidthTooLarge(u64),
+    /// `--max-downtime` below `--downtime`.
+    #[error("--max-downtime cannot be below --downtime")]
+    MaxDowntimeBelowDowntime,
+    /// A malformed `--migrateuri`.
+    #[error(transparent)]
+    DataUri(#[from] BadDataUri),
 }
 
 /// A QEMU migration capability a flag needs, and on which side.
@@ -148,112 +80,102 @@ pub struct Requirement {
     pub feature: &'static str,
     /// The QEMU capability or parameter name.
     pub name: &'static str,
+    /// Capability or parameter.
     pub kind: RequirementKind,
+    /// The destination's QEMU needs it too.
     pub destination: bool,
 }
 
+/// What kind of QEMU feature a [`Requirement`] names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequirementKind {
+    /// A migration capability (`migrate-set-capabilities`).
     Capability,
+    /// A migration parameter (`migrate-set-parameters`).
     Parameter,
 }
 
-impl MigrateFlags {
-    /// Checks combinations the way libvirt does.
+/// A migration's options, checked. Reads through to the options (`flags.live`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Flags {
+    options: MigrateOptions,
+}
+
+impl Deref for Flags {
+    type Target = MigrateOptions;
+
+    fn deref(&self) -> &MigrateOptions {
+        &self.options
+    }
+}
+
+impl TryFrom<MigrateOptions> for Flags {
+    type Error = InvalidFlags;
+
+    fn try_from(options: MigrateOptions) -> Result<Flags, InvalidFlags> {
+        Flags::new(options)
+    }
+}
+
+impl Flags {
+    /// Checks combinations and ranges the way libvirt does.
     ///
     /// # Errors
     /// [`InvalidFlags`] naming the offending options.
-    pub fn validate(&self) -> Result<(), InvalidFlags> {
-        if self.auto_converge && self.converge_mode() != ConvergeMode::Qemu {
-            return invalid("--auto-converge is QEMU's convergence; it cannot be combined with --converge none|adaptive");
-        }
-        if let Some(pct) = self.max_throttle {
-            if !(0.0..=99.9).contains(&pct) {
-                return invalid(format!(
-                    "--max-throttle must be between 0 and 99.9, got {pct}"
-                ));
-            }
-        }
-        if let (Some(max), Some(downtime)) = (self.max_downtime, self.downtime) {
-            if max < downtime {
-                return invalid("--max-downtime cannot be below --downtime");
-            }
-        }
-        if self.max_downtime == Some(0) {
-            return invalid("--max-downtime must be at least 1 ms");
-        }
-        if self.timeout_action.is_some() && self.timeout.is_none() {
-            return invalid("--timeout-action needs --timeout");
-        }
-        if self.timeout_action == Some(TimeoutAction::Postcopy) && !self.postcopy_enabled() {
-            return invalid("--timeout-action postcopy needs --postcopy or --allow-postcopy");
-        }
-        if self.converge_mode() == ConvergeMode::Adaptive && self.dirty_limit {
-            return invalid("--converge adaptive and --dirty-limit are mutually exclusive");
-        }
-        if self.live && self.offline {
-            return invalid("--live and --offline are mutually exclusive");
-        }
-        if self.offline {
-            if !self.persistent {
-                return invalid("offline migration requires --persistent");
-            }
-            let live_only = [
-                (self.auto_converge, "--auto-converge"),
-                (self.postcopy, "--postcopy"),
-                (self.compressed, "--compressed"),
-                (self.parallel, "--parallel"),
-                (self.dirty_limit, "--dirty-limit"),
-                (self.suspend, "--suspend"),
-                (self.converge.is_some(), "--converge"),
-                (self.allow_postcopy, "--allow-postcopy"),
-            ];
-            if let Some((_, name)) = live_only.iter().find(|(set, _)| *set) {
-                return invalid(format!("{name} cannot be used with --offline"));
-            }
-        }
-        if (self.auto_converge_initial.is_some() || self.auto_converge_increment.is_some())
-            && !self.qemu_auto_converge()
-        {
-            return invalid(
-                "--auto-converge-initial and --auto-converge-increment need --auto-converge",
-            );
-        }
-        for (value, name) in [
-            (self.auto_converge_initial, "--auto-converge-initial"),
-            (self.auto_converge_increment, "--auto-converge-increment"),
-        ] {
-            if let Some(pct) = value {
-                if !(1..=99).contains(&pct) {
-                    return invalid(format!("{name} must be between 1 and 99, got {pct}"));
-                }
-            }
-        }
-        if self.parallel_connections.is_some() && !self.parallel {
-            return invalid("--parallel-connections needs --parallel");
-        }
-        if self.parallel_connections == Some(0) {
-            return invalid("--parallel-connections must be at least 1");
-        }
-        if self.postcopy_after_precopy && !self.postcopy {
-            return invalid("--postcopy-after-precopy needs --postcopy");
-        }
-        if self.compressed && self.parallel {
-            return invalid("--compressed (XBZRLE) cannot be combined with --parallel (multifd)");
-        }
-        if self.dirty_limit && self.qemu_auto_converge() {
-            return invalid("--dirty-limit and --auto-converge are mutually exclusive");
-        }
-        if self.bandwidth == Some(0) {
-            return invalid("--bandwidth must be at least 1 MiB/s");
-        }
-        if self.timeout == Some(0) {
-            return invalid("--timeout must be at least 1 second");
-        }
-        if let Some(uri) = &self.migrateuri {
-            crate::uri::parse_data_uri(uri).map_err(|e| InvalidFlags(e.to_string()))?;
-        }
-        Ok(())
+    pub fn new(options: MigrateOptions) -> Result<Flags, InvalidFlags> {
+        validate(&options)?;
+        Ok(Flags { options })
+    }
+
+    /// The options as they travel.
+    pub fn options(&self) -> &MigrateOptions {
+        &self.options
+    }
+
+    /// Which convergence the job uses (`--auto-converge` is `qemu`).
+    pub fn converge_mode(&self) -> ConvergeMode {
+        converge_mode(&self.options)
+    }
+
+    /// QEMU's auto-converge capability is on for this job.
+    pub fn qemu_auto_converge(&self) -> bool {
+        self.converge_mode() == ConvergeMode::Qemu
+    }
+
+    /// Post-copy must be enabled on both QEMUs before `migrate`.
+    pub fn postcopy_enabled(&self) -> bool {
+        self.postcopy || self.allow_postcopy
+    }
+
+    /// The bandwidth cap asked for.
+    pub fn bandwidth(&self) -> Option<Bandwidth> {
+        // Checked in `new`.
+        self.options.bandwidth.and_then(Bandwidth::from_mib_s)
+    }
+
+    /// The downtime limit asked for.
+    pub fn downtime(&self) -> Option<Duration> {
+        self.options.downtime.map(Duration::from_millis)
+    }
+
+    /// The ceiling of a downtime ramp.
+    pub fn max_downtime(&self) -> Option<Duration> {
+        self.options.max_downtime.map(Duration::from_millis)
+    }
+
+    /// When the timeout action runs.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.options.timeout.map(Duration::from_secs)
+    }
+
+    /// What runs at the timeout.
+    pub fn timeout_action(&self) -> TimeoutAction {
+        self.options.timeout_action.unwrap_or_default()
+    }
+
+    /// The highest throttle the controller may use, if limited.
+    pub fn max_throttle(&self) -> Option<Throttle> {
+        self.options.max_throttle.map(Throttle::from_percent)
     }
 
     /// What the QEMU binaries must support for these flags; checked on both
@@ -272,7 +194,7 @@ impl MigrateFlags {
             destination: false,
         };
         let mut out = Vec::new();
-        if self.converge_mode() == ConvergeMode::Qemu {
+        if self.qemu_auto_converge() {
             // libvirt sets it on the destination too; harmless, and it keeps
             // both QEMUs' view of the job the same.
             out.push(both("auto-converge migration", "auto-converge"));
@@ -304,40 +226,22 @@ impl MigrateFlags {
         out
     }
 
-    /// Which convergence the job uses (`--auto-converge` is `qemu`).
-    pub fn converge_mode(&self) -> ConvergeMode {
-        match (self.converge, self.auto_converge) {
-            (Some(mode), _) => mode,
-            (None, true) => ConvergeMode::Qemu,
-            (None, false) => ConvergeMode::None,
-        }
-    }
-
-    /// QEMU's auto-converge capability is on for this job.
-    pub fn qemu_auto_converge(&self) -> bool {
-        self.converge_mode() == ConvergeMode::Qemu
-    }
-
-    /// Post-copy must be enabled on both QEMUs before `migrate`.
-    pub fn postcopy_enabled(&self) -> bool {
-        self.postcopy || self.allow_postcopy
-    }
-
     /// The options that were given, by their CLI names, for job records.
     pub fn names(&self) -> Vec<String> {
+        let o = &self.options;
         let mut names: Vec<String> = [
-            (self.live, "live"),
-            (self.offline, "offline"),
-            (self.auto_converge, "auto-converge"),
-            (self.compressed, "compressed"),
-            (self.parallel, "parallel"),
-            (self.postcopy, "postcopy"),
-            (self.postcopy_after_precopy, "postcopy-after-precopy"),
-            (self.persistent, "persistent"),
-            (self.undefine_source, "undefine-source"),
-            (self.suspend, "suspend"),
-            (self.dirty_limit, "dirty-limit"),
-            (self.allow_postcopy, "allow-postcopy"),
+            (o.live, "live"),
+            (o.offline, "offline"),
+            (o.auto_converge, "auto-converge"),
+            (o.compressed, "compressed"),
+            (o.parallel, "parallel"),
+            (o.postcopy, "postcopy"),
+            (o.postcopy_after_precopy, "postcopy-after-precopy"),
+            (o.persistent, "persistent"),
+            (o.undefine_source, "undefine-source"),
+            (o.suspend, "suspend"),
+            (o.dirty_limit, "dirty-limit"),
+            (o.allow_postcopy, "allow-postcopy"),
         ]
         .iter()
         .filter(|(set, _)| *set)
@@ -346,57 +250,191 @@ impl MigrateFlags {
         let valued = [
             (
                 "auto-converge-initial",
-                self.auto_converge_initial.map(u64::from),
+                o.auto_converge_initial.map(u64::from),
             ),
             (
                 "auto-converge-increment",
-                self.auto_converge_increment.map(u64::from),
+                o.auto_converge_increment.map(u64::from),
             ),
             (
                 "parallel-connections",
-                self.parallel_connections.map(u64::from),
+                o.parallel_connections.map(u64::from),
             ),
-            ("bandwidth", self.bandwidth),
-            ("downtime", self.downtime),
-            ("timeout", self.timeout),
+            ("bandwidth", o.bandwidth),
+            ("downtime", o.downtime),
+            ("timeout", o.timeout),
         ];
         names.extend(
             valued
                 .iter()
                 .filter_map(|(name, v)| v.map(|v| format!("{name}={v}"))),
         );
-        if let Some(uri) = &self.migrateuri {
+        if let Some(uri) = &o.migrateuri {
             names.push(format!("migrateuri={uri}"));
         }
-        if let Some(mode) = self.converge {
-            names.push(format!("converge={}", enum_name(&mode)));
+        if let Some(mode) = o.converge {
+            names.push(format!("converge={mode}"));
         }
-        if let Some(action) = self.timeout_action {
-            names.push(format!("timeout-action={}", enum_name(&action)));
+        if let Some(action) = o.timeout_action {
+            names.push(format!("timeout-action={}", action.name()));
         }
-        if let Some(ms) = self.max_downtime {
+        if let Some(ms) = o.max_downtime {
             names.push(format!("max-downtime={ms}"));
         }
-        if let Some(pct) = self.max_throttle {
+        if let Some(pct) = o.max_throttle {
             names.push(format!("max-throttle={pct}"));
         }
         names
     }
 }
 
-fn enum_name<T: Serialize>(value: &T) -> String {
-    serde_json::to_value(value)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+fn converge_mode(o: &MigrateOptions) -> ConvergeMode {
+    match (o.converge, o.auto_converge) {
+        (Some(mode), _) => mode,
+        (None, true) => ConvergeMode::Qemu,
+        (None, false) => ConvergeMode::None,
+    }
+}
+
+fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
+    use InvalidFlags::*;
+    let mode = converge_mode(o);
+    let postcopy_enabled = o.postcopy || o.allow_postcopy;
+    if o.auto_converge && mode != ConvergeMode::Qemu {
+        return Err(AutoConvergeAndMode);
+    }
+    if let Some(pct) = o.max_throttle {
+        if !(0.0..=99.9).contains(&pct) {
+            return Err(Range {
+                option: "--max-throttle",
+                min: "0",
+                max: "99.9",
+                got: pct.to_string(),
+            });
+        }
+    }
+    if let (Some(max), Some(downtime)) = (o.max_downtime, o.downtime) {
+        if max < downtime {
+            return Err(MaxDowntimeBelowDowntime);
+        }
+    }
+    if o.max_downtime == Some(0) {
+        return Err(AtLeast {
+            option: "--max-downtime",
+            min: "1 ms",
+        });
+    }
+    if o.timeout_action.is_some() && o.timeout.is_none() {
+        return Err(Needs {
+            option: "--timeout-action",
+            needs: "--timeout",
+        });
+    }
+    if o.timeout_action == Some(TimeoutAction::Postcopy) && !postcopy_enabled {
+        return Err(Needs {
+            option: "--timeout-action postcopy",
+            needs: "--postcopy or --allow-postcopy",
+        });
+    }
+    if mode == ConvergeMode::Adaptive && o.dirty_limit {
+        return Err(Exclusive("--converge adaptive", "--dirty-limit"));
+    }
+    if o.live && o.offline {
+        return Err(Exclusive("--live", "--offline"));
+    }
+    if o.offline {
+        if !o.persistent {
+            return Err(OfflineNeedsPersistent);
+        }
+        let live_only = [
+            (o.auto_converge, "--auto-converge"),
+            (o.postcopy, "--postcopy"),
+            (o.compressed, "--compressed"),
+            (o.parallel, "--parallel"),
+            (o.dirty_limit, "--dirty-limit"),
+            (o.suspend, "--suspend"),
+            (o.converge.is_some(), "--converge"),
+            (o.allow_postcopy, "--allow-postcopy"),
+        ];
+        if let Some((_, name)) = live_only.iter().find(|(set, _)| *set) {
+            return Err(LiveOnly(name));
+        }
+    }
+    if (o.auto_converge_initial.is_some() || o.auto_converge_increment.is_some())
+        && mode != ConvergeMode::Qemu
+    {
+        return Err(TuningWithoutAutoConverge);
+    }
+    for (value, option) in [
+        (o.auto_converge_initial, "--auto-converge-initial"),
+        (o.auto_converge_increment, "--auto-converge-increment"),
+    ] {
+        if let Some(pct) = value {
+            if !(1..=99).contains(&pct) {
+                return Err(Range {
+                    option,
+                    min: "1",
+                    max: "99",
+                    got: pct.to_string(),
+                });
+            }
+        }
+    }
+    if o.parallel_connections.is_some() && !o.parallel {
+        return Err(Needs {
+            option: "--parallel-connections",
+            needs: "--parallel",
+        });
+    }
+    if o.parallel_connections == Some(0) {
+        return Err(AtLeast {
+            option: "--parallel-connections",
+            min: "1",
+        });
+    }
+    if o.postcopy_after_precopy && !o.postcopy {
+        return Err(Needs {
+            option: "--postcopy-after-precopy",
+            needs: "--postcopy",
+        });
+    }
+    if o.compressed && o.parallel {
+        return Err(Incompatible(
+            "--compressed (XBZRLE)",
+            "--parallel (multifd)",
+        ));
+    }
+    if o.dirty_limit && mode == ConvergeMode::Qemu {
+        return Err(Exclusive("--dirty-limit", "--auto-converge"));
+    }
+    match o.bandwidth {
+        Some(0) => {
+            return Err(AtLeast {
+                option: "--bandwidth",
+                min: "1 MiB/s",
+            })
+        }
+        Some(mib) if Bandwidth::from_mib_s(mib).is_none() => return Err(BandwidthTooLarge(mib)),
+        _ => {}
+    }
+    if o.timeout == Some(0) {
+        return Err(AtLeast {
+            option: "--timeout",
+            min: "1 second",
+        });
+    }
+    if let Some(uri) = &o.migrateuri {
+        crate::uri::parse_data_uri(uri)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn flags() -> MigrateFlags {
-        MigrateFlags {
+    fn live() -> MigrateOptions {
+        MigrateOptions {
             live: true,
             ..Default::default()
         }
@@ -404,28 +442,28 @@ mod tests {
 
     #[test]
     fn plain_live_and_auto_converge_are_valid() {
-        assert!(flags().validate().is_ok());
-        let f = MigrateFlags {
+        assert!(Flags::new(live()).is_ok());
+        let f = MigrateOptions {
             auto_converge: true,
             auto_converge_initial: Some(30),
             auto_converge_increment: Some(5),
-            ..flags()
+            ..live()
         };
-        assert!(f.validate().is_ok());
+        assert!(Flags::new(f).is_ok());
     }
 
     #[test]
     fn contradictions_are_refused_with_the_option_names() {
         let cases = [
             (
-                MigrateFlags {
+                MigrateOptions {
                     offline: true,
-                    ..flags()
+                    ..live()
                 },
                 "--live and --offline",
             ),
             (
-                MigrateFlags {
+                MigrateOptions {
                     live: false,
                     offline: true,
                     ..Default::default()
@@ -433,64 +471,88 @@ mod tests {
                 "--persistent",
             ),
             (
-                MigrateFlags {
+                MigrateOptions {
                     auto_converge_initial: Some(20),
-                    ..flags()
+                    ..live()
                 },
                 "need --auto-converge",
             ),
             (
-                MigrateFlags {
+                MigrateOptions {
                     auto_converge: true,
                     auto_converge_increment: Some(100),
-                    ..flags()
+                    ..live()
                 },
                 "between 1 and 99",
             ),
             (
-                MigrateFlags {
+                MigrateOptions {
                     compressed: true,
                     parallel: true,
-                    ..flags()
+                    ..live()
                 },
                 "--compressed",
             ),
             (
-                MigrateFlags {
+                MigrateOptions {
                     postcopy_after_precopy: true,
-                    ..flags()
+                    ..live()
                 },
                 "needs --postcopy",
             ),
             (
-                MigrateFlags {
+                MigrateOptions {
                     dirty_limit: true,
                     auto_converge: true,
-                    ..flags()
+                    ..live()
                 },
                 "mutually exclusive",
             ),
             (
-                MigrateFlags {
+                MigrateOptions {
                     migrateuri: Some("udp:1.2.3.4:5".into()),
-                    ..flags()
+                    ..live()
                 },
                 "udp",
             ),
+            (
+                MigrateOptions {
+                    bandwidth: Some(u64::MAX),
+                    ..live()
+                },
+                "beyond any link",
+            ),
         ];
         for (f, expected) in cases {
-            let err = f.validate().unwrap_err();
-            assert!(err.0.contains(expected), "{err} / {expected}");
+            let err = Flags::new(f).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err} / {expected}");
         }
     }
 
     #[test]
+    fn units_come_out_typed() {
+        let f = Flags::new(MigrateOptions {
+            bandwidth: Some(64),
+            downtime: Some(250),
+            timeout: Some(30),
+            max_throttle: Some(99.5),
+            ..live()
+        })
+        .unwrap();
+        assert_eq!(f.bandwidth().unwrap().bytes_per_sec(), 64 << 20);
+        assert_eq!(f.downtime(), Some(Duration::from_millis(250)));
+        assert_eq!(f.timeout(), Some(Duration::from_secs(30)));
+        assert_eq!(f.max_throttle().unwrap().fraction(), 0.995);
+    }
+
+    #[test]
     fn auto_converge_is_required_on_both_sides() {
-        let f = MigrateFlags {
+        let f = Flags::new(MigrateOptions {
             auto_converge: true,
             auto_converge_initial: Some(40),
-            ..flags()
-        };
+            ..live()
+        })
+        .unwrap();
         let req = f.requirements();
         assert!(req
             .iter()
@@ -498,16 +560,21 @@ mod tests {
         assert!(req
             .iter()
             .any(|r| r.name == "cpu-throttle-initial" && !r.destination));
-        assert!(flags().requirements().is_empty());
+        assert!(Flags::new(live()).unwrap().requirements().is_empty());
     }
 
     #[test]
     fn names_list_what_was_given() {
-        let f = MigrateFlags {
+        let f = Flags::new(MigrateOptions {
             auto_converge: true,
             bandwidth: Some(64),
-            ..flags()
-        };
-        assert_eq!(f.names(), ["live", "auto-converge", "bandwidth=64"]);
+            converge: Some(ConvergeMode::Qemu),
+            ..live()
+        })
+        .unwrap();
+        assert_eq!(
+            f.names(),
+            ["live", "auto-converge", "bandwidth=64", "converge=qemu"]
+        );
     }
 }

@@ -3,27 +3,38 @@
 
 use std::time::Duration;
 
-use qmp::commands::migration::{MigrateIncoming, MigrationStatus, QueryMigrate};
+use qmp::commands::migration::{MigrateIncoming, MigrateRecover, MigrationStatus, QueryMigrate};
 use qmp::commands::vm::{QueryStatus, RunState};
 use qmp::Client;
 use tokio::time::Instant;
 
-use crate::uri::{parse_data_uri, DataUri};
+use crate::uri::DataUri;
 
+/// Why the destination QEMU cannot receive.
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
+    /// QEMU could not listen.
     #[error("destination QEMU refused to listen on {uri}")]
     Listen {
+        /// Where it was asked to listen.
         uri: String,
+        /// QEMU's answer.
         #[source]
         source: qmp::Error,
     },
+    /// QEMU would not listen for a post-copy recovery.
+    #[error("migrate-recover failed")]
+    Recover(#[source] qmp::Error),
+    /// QEMU listens, but did not say on which port.
     #[error("destination QEMU did not report the port it listens on")]
     NoListenAddress,
+    /// The monitor stopped answering.
     #[error("lost contact with the destination QEMU")]
     Qmp(#[from] qmp::Error),
+    /// QEMU reported the incoming migration failed.
     #[error("incoming migration failed on the destination: {0}")]
     Failed(String),
+    /// The data did not land in time.
     #[error("the incoming migration did not complete within {0:?}")]
     Timeout(Duration),
 }
@@ -40,26 +51,46 @@ pub async fn listen(qmp: &Client, uri: &DataUri) -> Result<DataUri, IncomingErro
         .await
         .map_err(|source| IncomingError::Listen { uri: text, source })?;
     match uri {
-        DataUri::Tcp { host, port: 0 } => {
-            let info = qmp.execute(&QueryMigrate).await?;
-            let port = info
-                .socket_address
-                .unwrap_or_default()
-                .into_iter()
-                .find_map(|a| a.port)
-                .ok_or(IncomingError::NoListenAddress)?;
-            parse_data_uri(&format!("tcp:{host}:{port}"))
-                .map(|mut actual| {
-                    // Keep the host as given: QEMU may print it differently.
-                    if let DataUri::Tcp { host: h, .. } = &mut actual {
-                        h.clone_from(host);
-                    }
-                    actual
-                })
-                .map_err(|_| IncomingError::NoListenAddress)
-        }
+        DataUri::Tcp { host, port: 0 } => listening_on(qmp, host).await,
         other => Ok(other.clone()),
     }
+}
+
+/// Listens again for a post-copy migration whose stream broke
+/// (`migrate-recover`), on a port QEMU picks on `host`.
+///
+/// # Errors
+/// [`IncomingError::Recover`] when QEMU refuses, or
+/// [`IncomingError::NoListenAddress`].
+pub async fn listen_for_recovery(qmp: &Client, host: &str) -> Result<DataUri, IncomingError> {
+    let listen = DataUri::Tcp {
+        host: host.to_string(),
+        port: 0,
+    };
+    qmp.execute(&MigrateRecover {
+        uri: listen.to_string(),
+    })
+    .await
+    .map_err(IncomingError::Recover)?;
+    listening_on(qmp, host).await
+}
+
+/// Where QEMU listens, read back from `query-migrate`; the host is kept as
+/// given (QEMU may print it differently).
+async fn listening_on(qmp: &Client, host: &str) -> Result<DataUri, IncomingError> {
+    let port = qmp
+        .execute(&QueryMigrate)
+        .await?
+        .socket_address
+        .unwrap_or_default()
+        .into_iter()
+        .find_map(|a| a.port)
+        .and_then(|p| p.parse::<u16>().ok())
+        .ok_or(IncomingError::NoListenAddress)?;
+    Ok(DataUri::Tcp {
+        host: host.to_string(),
+        port,
+    })
 }
 
 /// Waits until the incoming migration has fully arrived (QEMU leaves the

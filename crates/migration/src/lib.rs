@@ -10,22 +10,29 @@
 //!   escalation, timeout action), cancel.
 //! - [`vcpu_throttle`]: the throttle mechanisms the controller drives.
 //! - [`dirty`]: measuring a guest's dirty rate (`calc-dirty-rate`).
-//! - [`job`]: job statistics and the record kept when a job ends.
+//! - [`job`]: QEMU's job statistics in the protocol's terms.
 //! - [`uri`]: migration data URIs.
+//! - [`wire`]: conversions to and from the protocol's types.
 //!
 //! The agents (`livemigd`) orchestrate these across two hosts.
 
 #![forbid(unsafe_code)]
 
+pub mod cleanup;
 pub mod dirty;
+pub mod estimate;
 pub mod flags;
 pub mod incoming;
 pub mod job;
 pub mod perform;
+pub mod plan;
+pub mod postcopy;
+pub mod record;
 pub mod settings;
 pub mod support;
 pub mod uri;
 pub mod vcpu_throttle;
+pub mod wire;
 
-pub use flags::{ConvergeMode, InvalidFlags, MigrateFlags, TimeoutAction};
-pub use job::{JobInfo, JobRecord, JobStats, JobStatus, Phase, Role, TimedAction};
+pub use flags::{Flags, InvalidFlags};
+pub use protocol::{ConvergeMode, TimeoutAction};

@@ -11,22 +11,13 @@ use qmp::commands::migration::{
 };
 use qmp::Client;
 
-use crate::flags::MigrateFlags;
-use crate::job::Role;
+use protocol::domain::Tunables;
+use protocol::job::Role;
+use types::Bandwidth;
 
-pub(crate) const MIB: u64 = 1 << 20;
-/// QEMU's default downtime limit.
-pub const DEFAULT_DOWNTIME_MS: u64 = 300;
-/// What libvirt uses for "unlimited": 8 PiB/s.
-pub const UNLIMITED_BANDWIDTH: u64 = 1 << 53;
+use crate::flags::Flags;
 
-/// Settings an agent keeps per domain between jobs (`migrate-setspeed`,
-/// `migrate-setmaxdowntime`); flags given to `migrate` win over them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Tunables {
-    pub bandwidth_mib_s: Option<u64>,
-    pub downtime_ms: Option<u64>,
-}
+pub use protocol::migrate::DEFAULT_DOWNTIME_MS;
 
 /// How the adaptive controller throttles vCPUs on the source.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -42,7 +33,7 @@ pub enum ThrottleVia {
 /// Capabilities we manage but the user did not ask for are set off, so a
 /// job never inherits another's settings.
 pub fn wanted_capabilities(
-    flags: &MigrateFlags,
+    flags: &Flags,
     role: Role,
     via: ThrottleVia,
 ) -> Vec<(MigrationCapability, bool)> {
@@ -80,7 +71,7 @@ pub fn qemu_throttle_parameters(throttle: f64) -> MigrationParameters {
 
 /// The parameters to set on `role`'s QEMU.
 pub fn wanted_parameters(
-    flags: &MigrateFlags,
+    flags: &Flags,
     tunables: Tunables,
     role: Role,
     via: ThrottleVia,
@@ -94,11 +85,11 @@ pub fn wanted_parameters(
         ..Default::default()
     };
     if role == Role::Source {
-        let bandwidth = flags.bandwidth.or(tunables.bandwidth_mib_s);
-        p.max_bandwidth = Some(bandwidth.map_or(UNLIMITED_BANDWIDTH, |b| b * MIB));
+        let bandwidth = job_bandwidth(flags, tunables);
+        p.max_bandwidth = Some(bandwidth.unwrap_or(Bandwidth::UNLIMITED).bytes_per_sec());
         if flags.postcopy_enabled() {
             // The cap holds in post-copy too (QEMU's default is unlimited).
-            p.max_postcopy_bandwidth = Some(bandwidth.map_or(0, |b| b * MIB));
+            p.max_postcopy_bandwidth = Some(bandwidth.map_or(0, Bandwidth::bytes_per_sec));
         }
         p.downtime_limit = flags.downtime.or(tunables.downtime_ms);
         p.cpu_throttle_initial = flags.auto_converge_initial;
@@ -117,6 +108,14 @@ pub fn wanted_parameters(
         }
     }
     p
+}
+
+/// The bandwidth cap of a job: the flag, else the domain's tunable (a
+/// tunable beyond any link counts as no cap).
+pub fn job_bandwidth(flags: &Flags, tunables: Tunables) -> Option<Bandwidth> {
+    flags
+        .bandwidth()
+        .or_else(|| tunables.bandwidth_mib_s.and_then(Bandwidth::from_mib_s))
 }
 
 /// For each parameter `wanted` sets, the value `before` had.
@@ -163,7 +162,7 @@ pub struct Previous {
 /// was already changed has been put back.
 pub async fn apply(
     qmp: &Client,
-    flags: &MigrateFlags,
+    flags: &Flags,
     tunables: Tunables,
     role: Role,
     via: ThrottleVia,
@@ -223,19 +222,25 @@ pub async fn restore(qmp: &Client, previous: &Previous) -> Result<(), qmp::Error
 
 #[cfg(test)]
 mod tests {
+    use protocol::MigrateOptions;
+
     use super::*;
+
+    fn flags(options: MigrateOptions) -> Flags {
+        Flags::new(options).unwrap()
+    }
 
     #[test]
     fn auto_converge_on_both_sides_and_off_when_not_asked() {
-        let on = MigrateFlags {
+        let on = flags(MigrateOptions {
             auto_converge: true,
             ..Default::default()
-        };
+        });
         for role in [Role::Source, Role::Destination] {
             assert!(wanted_capabilities(&on, role, ThrottleVia::NotQemu)
                 .contains(&(MigrationCapability::AutoConverge, true)));
             assert!(
-                wanted_capabilities(&MigrateFlags::default(), role, ThrottleVia::NotQemu)
+                wanted_capabilities(&Flags::default(), role, ThrottleVia::NotQemu)
                     .contains(&(MigrationCapability::AutoConverge, false))
             );
         }
@@ -243,14 +248,14 @@ mod tests {
 
     #[test]
     fn source_gets_bandwidth_downtime_and_throttle_destination_only_channels() {
-        let flags = MigrateFlags {
+        let flags = flags(MigrateOptions {
             bandwidth: Some(64),
             auto_converge: true,
             auto_converge_initial: Some(30),
             parallel: true,
             parallel_connections: Some(4),
             ..Default::default()
-        };
+        });
         let tunables = Tunables {
             bandwidth_mib_s: Some(10),
             downtime_ms: Some(500),
@@ -273,11 +278,11 @@ mod tests {
     #[test]
     fn no_bandwidth_means_unlimited_like_virsh() {
         let p = wanted_parameters(
-            &MigrateFlags::default(),
+            &Flags::default(),
             Tunables::default(),
             Role::Source,
             ThrottleVia::NotQemu,
         );
-        assert_eq!(p.max_bandwidth, Some(UNLIMITED_BANDWIDTH));
+        assert_eq!(p.max_bandwidth, Some(Bandwidth::UNLIMITED.bytes_per_sec()));
     }
 }

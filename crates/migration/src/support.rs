@@ -2,16 +2,19 @@
 
 use domain::qemu::QemuBinary;
 
-use crate::flags::{MigrateFlags, RequirementKind};
-use crate::job::Role;
+use protocol::job::Role;
+
+use crate::flags::{Flags, RequirementKind};
 
 /// A feature the QEMU binary on one host lacks.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{feature} is not supported by the QEMU binary on {host} ({detail})")]
 pub struct Unsupported {
+    /// The feature, in words.
     pub feature: String,
     /// The QEMU capability or parameter that is missing.
     pub name: String,
+    /// The host, as the user named it.
     pub host: String,
     /// Which binary, which version, what it lacks.
     pub detail: String,
@@ -23,7 +26,7 @@ pub struct Unsupported {
 /// # Errors
 /// The first [`Unsupported`] feature.
 pub fn check(
-    flags: &MigrateFlags,
+    flags: &Flags,
     role: Role,
     host: &str,
     binary: &QemuBinary,
@@ -59,6 +62,7 @@ pub fn check(
 mod tests {
     use std::collections::BTreeSet;
 
+    use protocol::MigrateOptions;
     use qmp::QemuVersion;
 
     use super::*;
@@ -80,11 +84,12 @@ mod tests {
 
     #[test]
     fn names_the_feature_and_the_host() {
-        let flags = MigrateFlags {
+        let flags = Flags::new(MigrateOptions {
             live: true,
             dirty_limit: true,
             ..Default::default()
-        };
+        })
+        .unwrap();
         let err = check(
             &flags,
             Role::Destination,
@@ -99,11 +104,12 @@ mod tests {
 
     #[test]
     fn source_only_parameters_are_not_required_of_the_destination() {
-        let flags = MigrateFlags {
+        let flags = Flags::new(MigrateOptions {
             auto_converge: true,
             auto_converge_increment: Some(5),
             ..Default::default()
-        };
+        })
+        .unwrap();
         let binary = qemu_7_2();
         assert!(check(&flags, Role::Destination, "dst", &binary).is_ok());
         let err = check(&flags, Role::Source, "src", &binary).unwrap_err();

@@ -2,38 +2,33 @@
 
 use std::fmt;
 
+use types::net::split_host_port;
+
 /// Where QEMU sends (and the destination QEMU listens for) migration data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataUri {
-    Tcp { host: String, port: u16 },
-    Unix { path: String },
+    /// `tcp:HOST:PORT`.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port (0: QEMU picks one when listening).
+        port: u16,
+    },
+    /// `unix:PATH`.
+    Unix {
+        /// Absolute socket path.
+        path: String,
+    },
 }
 
+/// A URI [`DataUri`] refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("bad migration URI {uri:?}: {reason} (expected tcp:HOST:PORT or unix:PATH)")]
 pub struct BadDataUri {
+    /// The URI as given.
     pub uri: String,
+    /// What is wrong with it.
     pub reason: &'static str,
-}
-
-/// Splits `HOST:PORT` (the host may be a bracketed IPv6 address) and
-/// checks the host; the port stays text, for the caller's own rules.
-///
-/// # Errors
-/// What is wrong, for the caller's error message.
-pub fn split_host_port(text: &str) -> Result<(&str, &str), &'static str> {
-    let (host, port) = text.rsplit_once(':').ok_or("no port")?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err("no host");
-    }
-    if !host
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':'))
-    {
-        return Err("the host has characters a host name cannot have");
-    }
-    Ok((host, port))
 }
 
 /// Parses a data URI.

@@ -8,39 +8,64 @@ use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Mutex;
 
 use crate::codec::{read_message, write_message, CodecError};
-use crate::message::{
-    ApiError, ErrorCode, Reply, Request, RequestEnvelope, ResponseEnvelope, ResponseResult,
-    PROTOCOL_VERSION,
-};
+use crate::envelope::{RequestEnvelope, ResponseEnvelope, ResponseResult, PROTOCOL_VERSION};
+use crate::error::{ApiError, ErrorCode};
+use crate::reply::Reply;
+use crate::request::Request;
 use crate::uri::AgentUri;
 
 /// How long to wait for an agent to accept a connection.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an agent gets to answer a request that does no long work
+/// (`hello`, a probe, an abort).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Why a request got no reply.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Nothing accepted the connection.
     #[error("cannot reach the livemig agent at {uri}")]
     Connect {
+        /// The agent.
         uri: String,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// No answer in time.
     #[error("the livemig agent at {uri} did not answer `{op}` within {timeout:?}")]
     Timeout {
+        /// The agent.
         uri: String,
-        op: String,
+        /// The request's operation.
+        op: &'static str,
+        /// How long we waited.
         timeout: Duration,
     },
+    /// The connection broke or carried garbage.
     #[error("connection to the livemig agent at {uri} failed")]
     Codec {
+        /// The agent.
         uri: String,
+        /// Why.
         #[source]
         source: CodecError,
     },
+    /// The agent hung up.
     #[error("the livemig agent at {uri} closed the connection")]
-    Closed { uri: String },
+    Closed {
+        /// The agent.
+        uri: String,
+    },
+    /// The agent speaks another protocol.
     #[error("the livemig agent at {uri} answered out of order or with protocol version {version}")]
-    Protocol { uri: String, version: u32 },
+    Protocol {
+        /// The agent.
+        uri: String,
+        /// The version it answered with.
+        version: u32,
+    },
+    /// The agent answered with an error.
     #[error(transparent)]
     Api(#[from] ApiError),
 }
@@ -48,7 +73,7 @@ pub enum ClientError {
 impl ClientError {
     /// The error as it should cross to another process.
     pub fn to_api(&self) -> ApiError {
-        let message = crate::error_chain(self);
+        let message = types::error_chain(self);
         match self {
             ClientError::Api(e) => e.clone(),
             ClientError::Connect { .. } | ClientError::Closed { .. } => {
@@ -120,6 +145,7 @@ impl Client {
         })
     }
 
+    /// The agent's address.
     pub fn uri(&self) -> &AgentUri {
         &self.uri
     }

@@ -7,12 +7,16 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 /// The longest message accepted (a definition or a job record is a few KiB).
 pub const MAX_MESSAGE: usize = 4 << 20;
 
+/// Why a message could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
+    /// The connection failed.
     #[error("connection error")]
     Io(#[from] std::io::Error),
+    /// A line longer than [`MAX_MESSAGE`].
     #[error("message longer than {MAX_MESSAGE} bytes")]
     TooLong,
+    /// A line that is not the expected JSON.
     #[error("malformed message")]
     Malformed(#[source] serde_json::Error),
 }

@@ -4,39 +4,46 @@
 //! CLIs and peer agents). Every message is an envelope carrying the protocol
 //! version and a request id; requests are answered in order.
 //!
+//! This crate is the bottom of the stack: it names no other livemig crate
+//! but `types`, so the wire form of a request changes only when this crate
+//! does. The libraries and the agent convert to and from these types.
+//!
+//! - [`envelope`]: the version and id around every request and reply.
+//! - [`request`]: everything an agent can be asked, and who may ask it.
+//! - [`reply`]: successful answers.
+//! - [`error`]: errors that cross between processes.
+//! - [`domain`]: domains as `list` and `dominfo` show them; definitions.
+//! - [`host`]: the agent and its QEMU binary.
+//! - [`migrate`]: the options of a migration and the Prepare request.
+//! - [`job`]: job statistics, timelines and records.
+//! - [`estimate`]: `estimate`'s measurements and predictions.
 //! - [`uri`]: agent addresses (`unix:///path`, `tcp://host:port`).
-//! - [`message`]: envelopes, requests, replies, errors.
-//! - [`types`]: the data in replies (domain summaries, info, capabilities).
-//! - [`client`]: a client for one connection.
 //! - [`codec`]: reading and writing one line-delimited message.
+//! - [`client`]: a client for one connection.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod codec;
-pub mod message;
-pub mod types;
+pub mod domain;
+pub mod envelope;
+pub mod error;
+pub mod estimate;
+pub mod host;
+pub mod job;
+pub mod migrate;
+pub mod reply;
+pub mod request;
 pub mod uri;
 
-pub use client::{Client, ClientError};
-pub use message::{ApiError, ErrorCode, Reply, Request, PROTOCOL_VERSION};
+pub use client::{Client, ClientError, REQUEST_TIMEOUT};
+pub use envelope::PROTOCOL_VERSION;
+pub use error::{ApiError, ErrorCode};
+pub use migrate::{ConvergeMode, MigrateOptions, TimeoutAction};
+pub use reply::Reply;
+pub use request::{Access, Request};
 pub use uri::{AgentUri, BadAgentUri};
-
-/// An error and its sources on one line, skipping a source whose text its
-/// parent already includes.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let next = e.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = e.source();
-    }
-    text
-}
 
 /// How long an agent connection may go unheard before it counts as lost:
 /// TCP keepalive probes after 10 s idle, every 2 s, five times.

@@ -4,16 +4,27 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+/// Where an agent listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum AgentUri {
+    /// `unix:///PATH`: the local socket.
     Unix(PathBuf),
-    Tcp { host: String, port: u16 },
+    /// `tcp://HOST:PORT`.
+    Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
 }
 
+/// A URI [`AgentUri`] refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("bad agent URI {uri:?}: {reason} (expected unix:///PATH or tcp://HOST:PORT)")]
 pub struct BadAgentUri {
+    /// The URI as given.
     pub uri: String,
+    /// What is wrong with it.
     pub reason: &'static str,
 }
 
@@ -35,7 +46,7 @@ impl FromStr for AgentUri {
             .strip_prefix("tcp://")
             .ok_or_else(|| bad("unknown scheme"))?;
         let rest = rest.trim_end_matches('/');
-        let (host, port) = migration::uri::split_host_port(rest).map_err(bad)?;
+        let (host, port) = types::net::split_host_port(rest).map_err(bad)?;
         let port = port
             .parse::<u16>()
             .ok()

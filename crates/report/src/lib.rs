@@ -12,10 +12,10 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use migration::{JobRecord, JobStatus};
 use plotters::prelude::*;
+use protocol::job::{JobRecord, JobStatus};
+use types::units::mib;
 
-const MIB: f64 = 1024.0 * 1024.0;
 const WIDTH: u32 = 1100;
 const PANEL: u32 = 260;
 
@@ -66,7 +66,7 @@ pub fn svg(record: &JobRecord) -> Result<String, ReportError> {
     let secs = |t_ms: u64| t_ms as f64 / 1000.0;
     let max_remaining = samples
         .iter()
-        .map(|s| s.remaining_bytes as f64 / MIB)
+        .map(|s| mib(s.remaining_bytes as f64))
         .fold(1.0, f64::max);
     let max_rate = samples
         .iter()
@@ -86,11 +86,7 @@ pub fn svg(record: &JobRecord) -> Result<String, ReportError> {
                     record.destination,
                     record.status,
                     record.total_time_ms as f64 / 1000.0,
-                    if record.converge.is_empty() {
-                        "none"
-                    } else {
-                        &record.converge
-                    }
+                    record.converge
                 ),
                 &("sans-serif", 18).into_font().color(&BLACK),
                 (10, 10),
@@ -118,7 +114,7 @@ pub fn svg(record: &JobRecord) -> Result<String, ReportError> {
                     BLUE,
                     samples
                         .iter()
-                        .map(|s| (secs(s.t_ms), s.remaining_bytes as f64 / MIB))
+                        .map(|s| (secs(s.t_ms), mib(s.remaining_bytes as f64)))
                         .collect(),
                 )],
             ),
@@ -245,14 +241,7 @@ pub fn html(record: &JobRecord) -> Result<String, ReportError> {
         ("Status", r.status.to_string()),
         ("From", r.source.clone()),
         ("To", r.destination.clone()),
-        (
-            "Convergence",
-            if r.converge.is_empty() {
-                "none".into()
-            } else {
-                r.converge.clone()
-            },
-        ),
+        ("Convergence", r.converge.to_string()),
         ("Flags", r.flags.join(" ")),
         (
             "Total time",
@@ -264,7 +253,7 @@ pub fn html(record: &JobRecord) -> Result<String, ReportError> {
         ),
         (
             "Transferred",
-            format!("{:.1} MiB", r.transferred_bytes as f64 / MIB),
+            format!("{:.1} MiB", mib(r.transferred_bytes as f64)),
         ),
         ("Passes", r.iterations.to_string()),
         (
@@ -297,7 +286,7 @@ pub fn html(record: &JobRecord) -> Result<String, ReportError> {
             page,
             "<tr><td>{:.3} s</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             a.t_ms as f64 / 1000.0,
-            escape(&a.action),
+            escape(a.action.name()),
             a.value.map_or(String::new(), |v| format!("{v:.1}")),
             escape(&a.detail)
         );

@@ -1,7 +1,6 @@
 //! Reports: the chart has the series and markers a reader looks for.
 
-use migration::job::{JobStats, Phase, Role, Sample, TimedAction};
-use migration::{JobRecord, JobStatus};
+use protocol::job::{ActionKind, JobRecord, JobStats, JobStatus, Phase, Role, Sample, TimedAction};
 
 fn record() -> JobRecord {
     let samples = (0..40)
@@ -32,17 +31,17 @@ fn record() -> JobRecord {
         transferred_bytes: 600 << 20,
         iterations: 5,
         max_cpu_throttle_pct: 97.0,
-        converge: "adaptive".into(),
+        converge: protocol::ConvergeMode::Adaptive,
         actions: vec![
             TimedAction {
                 t_ms: 4200,
-                action: "throttle".into(),
+                action: ActionKind::Throttle,
                 value: Some(97.0),
                 detail: "guest dirties at least 253 MiB/s".into(),
             },
             TimedAction {
                 t_ms: 9900,
-                action: "release".into(),
+                action: ActionKind::Release,
                 value: Some(0.0),
                 detail: "host throttle lifted".into(),
             },

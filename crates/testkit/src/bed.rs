@@ -3,13 +3,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent::launcher::{AgentProcess, LaunchOptions};
 use domain::DomainDefinition;
 use guest::{SerialLog, Workload};
-use migration::{JobInfo, JobRecord, MigrateFlags};
-use protocol::message::Reply;
-use protocol::types::{DomainInfo, DomainState, DomainSummary};
-use protocol::{Client, ClientError, Request};
+use launcher::{AgentProcess, LaunchOptions};
+use protocol::domain::{DefinitionDoc, DomainInfo, DomainState, DomainSummary};
+use protocol::job::{JobInfo, JobRecord};
+use protocol::{Client, ClientError, MigrateOptions, Reply, Request};
 use serde_json::Value;
 use tokio::sync::{Mutex, MutexGuard};
 
@@ -99,10 +98,11 @@ impl TestBed {
 
     /// A definition of the test guest.
     pub fn definition(&self, name: &str, memory_mib: u32, workload: Workload) -> DomainDefinition {
-        DomainDefinition::from_toml(&format!(
-            "name = \"{name}\"\nmemory_mib = {memory_mib}\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
-            self.kernel.display().to_string(),
-            workload.cmdline()
+        DomainDefinition::from_toml(&guest::definition_toml(
+            name,
+            memory_mib,
+            &self.kernel,
+            workload,
         ))
         .expect("valid test definition")
     }
@@ -259,9 +259,11 @@ impl Host {
     /// Defines and starts a domain; waits until the guest reports progress.
     pub async fn define_and_start(&self, definition: DomainDefinition) {
         let name = definition.name.clone();
-        self.request(Request::Define { definition })
-            .await
-            .expect("define");
+        self.request(Request::Define {
+            definition: DefinitionDoc(definition.to_document()),
+        })
+        .await
+        .expect("define");
         self.request(Request::Start {
             domain: name.clone(),
             paused: false,
@@ -345,7 +347,7 @@ impl Host {
         &self,
         name: &str,
         destination: &str,
-        flags: MigrateFlags,
+        flags: MigrateOptions,
     ) -> Result<String, ClientError> {
         match self
             .request(Request::Migrate {
@@ -388,7 +390,7 @@ impl Host {
     }
 
     /// Migrates and waits for the record.
-    pub async fn migrate(&self, name: &str, dest: &Host, flags: MigrateFlags) -> JobRecord {
+    pub async fn migrate(&self, name: &str, dest: &Host, flags: MigrateOptions) -> JobRecord {
         let id = self
             .start_migration(name, &dest.uri(), flags)
             .await

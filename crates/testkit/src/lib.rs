@@ -52,9 +52,16 @@ pub fn bin(name: &str) -> PathBuf {
 /// Whether this host has the cgroup v1 `cpu` controller livemig's host
 /// throttle needs.
 pub fn host_throttle_available() -> bool {
-    std::path::Path::new(converge::throttle::CPU_V1_ROOT)
+    std::path::Path::new(migration::vcpu_throttle::cgroup::CPU_V1_ROOT)
         .join("tasks")
         .exists()
+}
+
+/// The `define` request for `definition`.
+pub fn define(definition: &domain::DomainDefinition) -> protocol::Request {
+    protocol::Request::Define {
+        definition: protocol::domain::DefinitionDoc(definition.to_document()),
+    }
 }
 
 /// Polls `condition` every 100 ms until it returns `Some`, or panics with

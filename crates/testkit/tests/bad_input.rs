@@ -1,8 +1,9 @@
 //! Bad input gets a clear error and changes nothing.
 
 use guest::Workload;
-use migration::{JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use protocol::domain::DomainState;
+use protocol::job::JobStatus;
+use protocol::MigrateOptions;
 use protocol::{ErrorCode, Request};
 use testkit::{Host, TestBed};
 
@@ -244,7 +245,7 @@ async fn migrating_onto_a_host_where_the_domain_already_runs_fails_in_prepare() 
         .migrate(
             "vm",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 live: true,
                 ..Default::default()
             },
@@ -277,7 +278,7 @@ async fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
     let b = bed.host("b").await;
     a.define_and_start(bed.definition("vm", 64, Workload::busy(16, 20_000)))
         .await;
-    let slow = MigrateFlags {
+    let slow = MigrateOptions {
         live: true,
         bandwidth: Some(1),
         ..Default::default()

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use guest::Workload;
-use migration::{ConvergeMode, JobRecord, JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use protocol::domain::DomainState;
+use protocol::job::{ActionKind, JobRecord, JobStatus};
+use protocol::{ConvergeMode, MigrateOptions};
 use testkit::{wait_until, Host, TestBed};
 
 /// ~50 MiB/s over a 16 MiB working set: against 16 MiB/s plain pre-copy
@@ -22,8 +23,8 @@ const LIGHT: Workload = Workload {
     report_ms: 500,
 };
 
-fn flags(converge: ConvergeMode) -> MigrateFlags {
-    MigrateFlags {
+fn flags(converge: ConvergeMode) -> MigrateOptions {
+    MigrateOptions {
         live: true,
         converge: Some(converge),
         bandwidth: Some(16),
@@ -36,7 +37,7 @@ fn actions(record: &JobRecord, kind: &str) -> Vec<f64> {
     record
         .actions
         .iter()
-        .filter(|a| a.action == kind)
+        .filter(|a| a.action.name() == kind)
         .map(|a| a.value.unwrap_or(0.0))
         .collect()
 }
@@ -74,7 +75,7 @@ async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
     let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
-    assert_eq!(record.converge, "adaptive");
+    assert_eq!(record.converge, ConvergeMode::Adaptive);
     assert!(!record.auto_converge, "QEMU's auto-converge stays off");
     let throttles = actions(&record, "throttle");
     assert!(!throttles.is_empty(), "{:#?}", record.actions);
@@ -90,7 +91,7 @@ async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
         let detail = &record
             .actions
             .iter()
-            .find(|a| a.action == "throttle")
+            .find(|a| a.action == ActionKind::Throttle)
             .unwrap()
             .detail;
         assert!(detail.starts_with("host:"), "{detail}");
@@ -133,7 +134,7 @@ async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
         .start_migration(
             "vm",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 bandwidth: Some(2),
                 timeout: None,
                 ..flags(ConvergeMode::Adaptive)
@@ -233,7 +234,7 @@ async fn a_stalled_migration_raises_the_downtime_limit_up_to_the_ceiling() {
         .migrate(
             "vm",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 max_downtime: Some(2_000),
                 ..flags(ConvergeMode::None)
             },
@@ -262,7 +263,7 @@ async fn a_stalled_migration_switches_to_postcopy_when_allowed() {
         .migrate(
             "vm",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 allow_postcopy: true,
                 ..flags(ConvergeMode::None)
             },
@@ -365,7 +366,7 @@ async fn without_a_host_throttle_the_controller_steers_qemus_own() {
     let throttle = record
         .actions
         .iter()
-        .find(|a| a.action == "throttle" && a.value.unwrap_or(0.0) > 0.0)
+        .find(|a| a.action == ActionKind::Throttle && a.value.unwrap_or(0.0) > 0.0)
         .unwrap_or_else(|| panic!("no throttle: {:#?}", record.actions));
     assert!(throttle.detail.starts_with("qemu:"), "{}", throttle.detail);
     assert!(record.max_cpu_throttle_pct <= 99.0);

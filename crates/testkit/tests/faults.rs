@@ -13,9 +13,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use guest::Workload;
-use migration::{ConvergeMode, JobInfo, JobRecord, JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use protocol::domain::DomainState;
+use protocol::job::{ActionKind, JobInfo, JobRecord, JobStatus};
 use protocol::Request;
+use protocol::{ConvergeMode, MigrateOptions};
 use testkit::netns::NetnsPair;
 use testkit::{wait_until, Host, TestBed};
 
@@ -69,7 +70,7 @@ impl Bed {
         Bed { net, bed, a, b }
     }
 
-    async fn start(&self, flags: MigrateFlags) -> String {
+    async fn start(&self, flags: MigrateOptions) -> String {
         self.a
             .start_migration(VM, &self.b.uri(), flags)
             .await
@@ -88,7 +89,7 @@ impl Bed {
     /// once pre-copy runs; returns the job once QEMU is in post-copy.
     async fn start_in_postcopy(&self, bandwidth: u64) -> String {
         let job = self
-            .start(MigrateFlags {
+            .start(MigrateOptions {
                 postcopy: true,
                 ..live(bandwidth)
             })
@@ -107,8 +108,8 @@ impl Bed {
     }
 }
 
-fn live(bandwidth: u64) -> MigrateFlags {
-    MigrateFlags {
+fn live(bandwidth: u64) -> MigrateOptions {
+    MigrateOptions {
         live: true,
         bandwidth: Some(bandwidth),
         ..Default::default()
@@ -213,7 +214,7 @@ async fn destination_qemu_killed_during_precopy() {
 async fn destination_qemu_killed_under_throttle() {
     let t = Bed::new("dqt", BUSY).await;
     let job = t
-        .start(MigrateFlags {
+        .start(MigrateOptions {
             converge: Some(ConvergeMode::Adaptive),
             ..live(2)
         })
@@ -226,7 +227,10 @@ async fn destination_qemu_killed_under_throttle() {
     let record = t.record(&job).await;
     assert_eq!(record.status, JobStatus::Failed);
     assert!(
-        record.actions.iter().any(|a| a.action == "release"),
+        record
+            .actions
+            .iter()
+            .any(|a| a.action == ActionKind::Release),
         "{record:#?}"
     );
     assert_one_intact_copy(&t.a, &t.b).await;
@@ -286,7 +290,7 @@ async fn source_agent_restarted_during_precopy() {
 async fn source_agent_restarted_under_throttle_gives_the_guest_its_cpu_back() {
     let mut t = Bed::new("sat", BUSY).await;
     let job = t
-        .start(MigrateFlags {
+        .start(MigrateOptions {
             converge: Some(ConvergeMode::Adaptive),
             ..live(2)
         })
@@ -299,7 +303,7 @@ async fn source_agent_restarted_under_throttle_gives_the_guest_its_cpu_back() {
 
     let record = t.record(&job).await;
     assert_ne!(record.status, JobStatus::Completed);
-    let ours = Path::new(converge::throttle::CPU_V1_ROOT).join("livemig");
+    let ours = Path::new(migration::vcpu_throttle::cgroup::CPU_V1_ROOT).join("livemig");
     let left: Vec<_> = std::fs::read_dir(&ours)
         .map(|d| d.flatten().filter(|e| e.path().is_dir()).collect())
         .unwrap_or_default();
@@ -366,7 +370,7 @@ async fn link_cut_during_precopy_and_back_before_the_timeout() {
 async fn link_cut_under_throttle_and_back() {
     let t = Bed::new("lct", BUSY).await;
     let job = t
-        .start(MigrateFlags {
+        .start(MigrateOptions {
             converge: Some(ConvergeMode::Adaptive),
             ..live(8)
         })
@@ -391,7 +395,7 @@ async fn migrate_over_shaped_link(t: &Bed, shape: impl FnOnce(&NetnsPair)) -> (J
         t.a.migrate(
             VM,
             &t.b,
-            MigrateFlags {
+            MigrateOptions {
                 auto_converge: true,
                 timeout: Some(150),
                 ..live(16)
@@ -473,7 +477,7 @@ async fn destination_state_disk_full() {
         "the disk is full"
     );
 
-    let flags = MigrateFlags {
+    let flags = MigrateOptions {
         persistent: true,
         ..live(16)
     };
@@ -490,7 +494,7 @@ async fn destination_state_disk_full() {
     assert!(!b.dominfo(VM).await.unwrap().persistent);
     let id = record.id.clone();
     let b_record = match b.request(Request::Job { id }).await.unwrap() {
-        protocol::message::Reply::Job {
+        protocol::Reply::Job {
             record: Some(r), ..
         } => *r,
         other => panic!("{other:?}"),
@@ -537,7 +541,7 @@ async fn domjobabort_during_precopy() {
 async fn domjobabort_under_throttle() {
     let t = Bed::new("ab2", BUSY).await;
     let job = t
-        .start(MigrateFlags {
+        .start(MigrateOptions {
             converge: Some(ConvergeMode::Adaptive),
             ..live(2)
         })
@@ -555,7 +559,7 @@ async fn domjobabort_late_in_precopy_ends_consistently_either_way() {
     // Late in QEMU's auto-converge ramp, a pass or two from switchover.
     let t = Bed::new("ab3", BUSY).await;
     let job = t
-        .start(MigrateFlags {
+        .start(MigrateOptions {
             auto_converge: true,
             ..live(16)
         })
@@ -583,10 +587,9 @@ async fn domjobabort_during_postcopy_is_ignored_and_postcopy_finishes() {
     let record = t.record(&job).await;
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
     assert!(
-        record
-            .actions
-            .iter()
-            .any(|a| a.action == "cancel" && a.detail.contains("ignored during post-copy")),
+        record.actions.iter().any(
+            |a| a.action == ActionKind::Cancel && a.detail.contains("ignored during post-copy")
+        ),
         "{record:#?}"
     );
     assert_one_intact_copy(&t.b, &t.a).await;
@@ -641,7 +644,7 @@ async fn a_second_migrate_of_the_same_domain_is_refused() {
 #[tokio::test]
 async fn twenty_ping_pong_migrations_of_a_busy_guest() {
     let t = Bed::new("png", BUSY).await;
-    let flags = MigrateFlags {
+    let flags = MigrateOptions {
         converge: Some(ConvergeMode::Adaptive),
         ..live(64)
     };

@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use guest::Workload;
-use migration::{ConvergeMode, JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use protocol::domain::DomainState;
+use protocol::job::{ActionKind, JobStatus};
+use protocol::{ConvergeMode, MigrateOptions};
 use testkit::{wait_until, TestBed};
 
 /// Rewrites 256 MiB as fast as TCG runs (the benchmark's `hot` workload).
@@ -22,7 +23,7 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
     assert!(
         testkit::host_throttle_available(),
         "this test needs the cgroup v1 cpu controller at {}",
-        converge::throttle::CPU_V1_ROOT
+        migration::vcpu_throttle::cgroup::CPU_V1_ROOT
     );
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
@@ -34,7 +35,7 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
         .start_migration(
             "vm",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 live: true,
                 converge: Some(ConvergeMode::Adaptive),
                 bandwidth: Some(64),
@@ -53,7 +54,7 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
         || async {
             a.job_active(&job)
                 .await
-                .filter(|j| j.actions.iter().any(|a| a.action == "hold"))
+                .filter(|j| j.actions.iter().any(|a| a.action == ActionKind::Hold))
         },
     )
     .await;
@@ -63,7 +64,7 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
     let still_held = a
         .job_active(&job)
         .await
-        .is_some_and(|j| j.actions.iter().all(|a| a.action != "switchover"));
+        .is_some_and(|j| j.actions.iter().all(|a| a.action != ActionKind::Switchover));
     if still_held {
         assert_eq!(params.unwrap()["downtime-limit"], 1, "the hold stands");
     }
@@ -71,7 +72,7 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
     assert!(record.max_cpu_throttle_pct > 99.0, "{:#?}", record.actions);
-    let kinds: Vec<&str> = record.actions.iter().map(|a| a.action.as_str()).collect();
+    let kinds: Vec<&str> = record.actions.iter().map(|a| a.action.name()).collect();
     let hold = kinds.iter().position(|k| *k == "hold");
     let switchover = kinds.iter().position(|k| *k == "switchover");
     assert!(
@@ -82,7 +83,7 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
         record
             .actions
             .iter()
-            .any(|a| a.action == "downtime" && a.value == Some(250.0)),
+            .any(|a| a.action == ActionKind::Downtime && a.value == Some(250.0)),
         "{:#?}",
         record.actions
     );

@@ -5,8 +5,9 @@
 use std::time::Duration;
 
 use guest::Workload;
-use migration::{JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use protocol::domain::DomainState;
+use protocol::job::JobStatus;
+use protocol::MigrateOptions;
 use protocol::Request;
 use testkit::{wait_until, Host, TestBed};
 
@@ -16,8 +17,8 @@ const BUSY: Workload = Workload {
     report_ms: 500,
 };
 
-fn live() -> MigrateFlags {
-    MigrateFlags {
+fn live() -> MigrateOptions {
+    MigrateOptions {
         live: true,
         ..Default::default()
     }
@@ -50,7 +51,7 @@ async fn postcopy_after_precopy_moves_a_busy_guest_that_precopy_alone_cannot() {
         .migrate(
             "vm",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 postcopy: true,
                 postcopy_after_precopy: true,
                 bandwidth: Some(16),
@@ -75,7 +76,7 @@ async fn migrate_postcopy_switches_a_running_job() {
         .start_migration(
             "vm",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 postcopy: true,
                 bandwidth: Some(16),
                 ..live()
@@ -107,7 +108,7 @@ async fn migrate_postcopy_without_the_flag_is_refused() {
         .start_migration(
             "vm",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 bandwidth: Some(1),
                 ..live()
             },
@@ -137,7 +138,7 @@ async fn compressed_and_parallel_migrations_complete() {
         .migrate(
             "vm",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 compressed: true,
                 ..live()
             },
@@ -150,7 +151,7 @@ async fn compressed_and_parallel_migrations_complete() {
         .migrate(
             "vm",
             &a,
-            MigrateFlags {
+            MigrateOptions {
                 parallel: true,
                 parallel_connections: Some(4),
                 ..live()
@@ -170,7 +171,7 @@ async fn non_live_and_suspend_leave_the_guest_paused_only_when_asked() {
         .await;
 
     // Without --live the guest is paused for the copy, then resumed there.
-    let offline_copy = a.migrate("vm", &b, MigrateFlags::default()).await;
+    let offline_copy = a.migrate("vm", &b, MigrateOptions::default()).await;
     assert_eq!(
         offline_copy.status,
         JobStatus::Completed,
@@ -182,7 +183,7 @@ async fn non_live_and_suspend_leave_the_guest_paused_only_when_asked() {
         .migrate(
             "vm",
             &a,
-            MigrateFlags {
+            MigrateOptions {
                 suspend: true,
                 ..live()
             },
@@ -215,7 +216,7 @@ async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
         .start_migration(
             "vm",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 bandwidth: Some(1),
                 ..live()
             },
@@ -252,7 +253,7 @@ async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
     let changed: Vec<(&str, Option<f64>)> = record
         .actions
         .iter()
-        .map(|a| (a.action.as_str(), a.value))
+        .map(|a| (a.action.name(), a.value))
         .filter(|(a, _)| matches!(*a, "bandwidth" | "downtime"))
         .collect();
     assert_eq!(

@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use guest::Workload;
-use migration::{JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use protocol::domain::DomainState;
+use protocol::job::JobStatus;
+use protocol::MigrateOptions;
 use testkit::{procs, wait_until, Host, TestBed};
 
 /// 16 MiB rewritten at ~50 MiB/s on this class of machine: against a
@@ -18,8 +19,8 @@ const BUSY: Workload = Workload {
 };
 const CAP_MIB_S: u64 = 16;
 
-fn live() -> MigrateFlags {
-    MigrateFlags {
+fn live() -> MigrateOptions {
+    MigrateOptions {
         live: true,
         ..Default::default()
     }
@@ -107,7 +108,7 @@ async fn busy_guest_without_auto_converge_times_out_and_stays_on_the_source() {
         .migrate(
             "busy",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 bandwidth: Some(CAP_MIB_S),
                 timeout: Some(12),
                 ..live()
@@ -135,7 +136,7 @@ async fn busy_guest_with_auto_converge_completes_after_throttling() {
         .migrate(
             "busy",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 auto_converge: true,
                 bandwidth: Some(CAP_MIB_S),
                 timeout: Some(240),
@@ -169,7 +170,7 @@ async fn auto_converge_is_on_for_both_qemus_during_the_job_and_reset_after_an_ab
         .start_migration(
             "busy",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 auto_converge: true,
                 bandwidth: Some(1),
                 ..live()
@@ -218,7 +219,7 @@ async fn without_the_flag_auto_converge_stays_off_on_both_qemus() {
         .start_migration(
             "busy",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 bandwidth: Some(1),
                 ..live()
             },

@@ -5,7 +5,8 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use guest::Workload;
-use migration::{JobStatus, MigrateFlags};
+use protocol::job::JobStatus;
+use protocol::MigrateOptions;
 use testkit::{wait_until, TestBed};
 
 /// Needs auto-converge against 16 MiB/s: a migration of several seconds.
@@ -108,7 +109,7 @@ async fn domjobinfo_shows_the_fields_virsh_users_know() {
         .start_migration(
             "vm",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 live: true,
                 bandwidth: Some(2),
                 ..Default::default()
@@ -165,7 +166,7 @@ async fn job_history_with_timelines_survives_an_agent_restart() {
     let mut a = bed.host("a").await;
     let b = bed.host("b").await;
     a.define_and_start(bed.definition("vm", 64, BUSY)).await;
-    let flags = MigrateFlags {
+    let flags = MigrateOptions {
         live: true,
         auto_converge: true,
         bandwidth: Some(16),
@@ -194,7 +195,7 @@ async fn job_history_with_timelines_survives_an_agent_restart() {
         text.contains(&second.id) && !text.contains(&first.id),
         "{text}"
     );
-    let saved: migration::JobRecord =
+    let saved: protocol::job::JobRecord =
         serde_json::from_str(&stdout(&a.cli(&["job", &first.id, "--json"]))).unwrap();
     assert_eq!(saved.samples, first.samples);
     assert_eq!(saved.actions, first.actions);
@@ -211,9 +212,9 @@ async fn report_draws_the_timeline_with_the_expected_series() {
         .migrate(
             "vm",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 live: true,
-                converge: Some(migration::ConvergeMode::Adaptive),
+                converge: Some(protocol::ConvergeMode::Adaptive),
                 bandwidth: Some(16),
                 ..Default::default()
             },
@@ -240,7 +241,7 @@ async fn report_draws_the_timeline_with_the_expected_series() {
     assert!(html.contains(&record.id) && html.contains("<svg"));
     for action in &record.actions {
         assert!(
-            html.contains(&action.action),
+            html.contains(action.action.name()),
             "action {} missing",
             action.action
         );
@@ -281,7 +282,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
         .start_migration(
             "vm",
             &b.uri(),
-            MigrateFlags {
+            MigrateOptions {
                 live: true,
                 auto_converge: true,
                 bandwidth: Some(16),
@@ -371,7 +372,7 @@ async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
         .migrate(
             "vm",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 live: true,
                 ..Default::default()
             },

@@ -1,8 +1,9 @@
 //! Definitions and job records on disk.
 
 use guest::Workload;
-use migration::{JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use protocol::domain::DomainState;
+use protocol::job::JobStatus;
+use protocol::MigrateOptions;
 use protocol::Request;
 use testkit::TestBed;
 
@@ -12,11 +13,7 @@ async fn definitions_survive_an_agent_restart() {
     let mut a = bed.host("a").await;
     let web = bed.definition("web", 64, Workload::IDLE);
     let db = bed.definition("db", 96, Workload::busy(8, 50_000));
-    a.request(Request::Define {
-        definition: web.clone(),
-    })
-    .await
-    .unwrap();
+    a.request(testkit::define(&web.clone())).await.unwrap();
     a.define_and_start(db.clone()).await;
 
     a.restart().await;
@@ -52,11 +49,9 @@ async fn definitions_survive_an_agent_restart() {
 async fn undefine_removes_the_definition_for_good() {
     let bed = TestBed::new().await;
     let mut a = bed.host("a").await;
-    a.request(Request::Define {
-        definition: bed.definition("web", 64, Workload::IDLE),
-    })
-    .await
-    .unwrap();
+    a.request(testkit::define(&bed.definition("web", 64, Workload::IDLE)))
+        .await
+        .unwrap();
 
     let out = a.cli(&["undefine", "web"]);
     assert!(out.status.success());
@@ -77,7 +72,7 @@ async fn persistent_migration_with_undefine_source_moves_the_definition() {
         .migrate(
             "web",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 live: true,
                 persistent: true,
                 undefine_source: true,
@@ -104,7 +99,7 @@ async fn persistent_migration_with_undefine_source_moves_the_definition() {
         "{text}"
     );
     let out = a.cli(&["job", &record.id, "--json"]);
-    let saved: migration::JobRecord = serde_json::from_slice(&out.stdout).unwrap();
+    let saved: protocol::job::JobRecord = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(saved, record);
 
     b.restart().await;
@@ -116,17 +111,15 @@ async fn offline_migration_moves_only_the_definition() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
-    a.request(Request::Define {
-        definition: bed.definition("cold", 64, Workload::IDLE),
-    })
-    .await
-    .unwrap();
+    a.request(testkit::define(&bed.definition("cold", 64, Workload::IDLE)))
+        .await
+        .unwrap();
 
     let record = a
         .migrate(
             "cold",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 offline: true,
                 persistent: true,
                 undefine_source: true,
@@ -162,7 +155,7 @@ async fn kill_9_while_writing_definitions_leaves_old_or_new_never_torn() {
                 .unwrap();
                 if client
                     .request(
-                        Request::Define { definition },
+                        testkit::define(&definition),
                         std::time::Duration::from_secs(5),
                     )
                     .await

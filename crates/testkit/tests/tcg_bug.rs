@@ -3,7 +3,8 @@
 //! it: the same migration is run with and without the workaround.
 
 use guest::Workload;
-use migration::{JobStatus, MigrateFlags};
+use protocol::job::JobStatus;
+use protocol::MigrateOptions;
 use testkit::{Host, TestBed};
 
 /// Mostly-idle sweeping with a hot page: the page QEMU's fast dirty sync
@@ -14,8 +15,8 @@ const WORKLOAD: Workload = Workload {
     report_ms: 500,
 };
 
-fn flags() -> MigrateFlags {
-    MigrateFlags {
+fn flags() -> MigrateOptions {
+    MigrateOptions {
         live: true,
         auto_converge: true,
         bandwidth: Some(64),

@@ -2,8 +2,9 @@
 //! and their QEMUs only see each other over that link.
 
 use guest::Workload;
-use migration::{JobStatus, MigrateFlags};
-use protocol::types::DomainState;
+use protocol::domain::DomainState;
+use protocol::job::JobStatus;
+use protocol::MigrateOptions;
 use testkit::netns::NetnsPair;
 use testkit::TestBed;
 
@@ -33,7 +34,7 @@ async fn migration_between_two_network_namespaces() {
         .migrate(
             "vm",
             &b,
-            MigrateFlags {
+            MigrateOptions {
                 live: true,
                 auto_converge: true,
                 ..Default::default()

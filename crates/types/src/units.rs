@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(Bandwidth::from_mib_s(64).unwrap().bytes_per_sec(), 64 << 20);
         assert_eq!(Bandwidth::from_mib_s(64).unwrap().mib_s(), 64);
         assert!(Bandwidth::from_mib_s(u64::MAX).is_none());
-        assert!(Bandwidth::from_mib_s(u64::MAX / MIB).is_none(), "above 8 PiB/s");
+        assert!(
+            Bandwidth::from_mib_s(u64::MAX / MIB).is_none(),
+            "above 8 PiB/s"
+        );
         assert_eq!(
             Bandwidth::from_mib_s(1 << 33).unwrap(),
             Bandwidth::UNLIMITED

@@ -1,5 +1,24 @@
-//! The two halves of a migration (see `docs/ARCHITECTURE.md`).
+//! The two halves of a migration (see `docs/ARCHITECTURE.md`). The QEMU
+//! side of each step is in the `migration` crate; here are the peer calls,
+//! the domain table and what is persisted.
 
 pub(crate) mod destination;
-pub(crate) mod postcopy;
 pub(crate) mod source;
+
+use migration::postcopy::PostcopyError;
+use protocol::ApiError;
+use qmp::commands::migration::MigrationStatus;
+
+use crate::errors;
+
+/// Brings a post-copy migration whose link failed to `postcopy-paused`;
+/// not in post-copy at all is an error with `not_in_postcopy`'s message.
+pub(crate) async fn pause_postcopy(
+    qmp: &qmp::Client,
+    not_in_postcopy: impl FnOnce(Option<MigrationStatus>) -> String,
+) -> Result<(), ApiError> {
+    migration::postcopy::pause(qmp).await.map_err(|e| match e {
+        PostcopyError::NotInPostcopy(status) => errors::operation_invalid(not_in_postcopy(status)),
+        other => errors::qemu(errors::chain(&other)),
+    })
+}

@@ -8,4 +8,4 @@ pub mod process;
 pub use argv::{build_argv, LaunchConfig, LaunchSpec};
 pub use binary::{probe, ProbeError, QemuBinary};
 pub use layout::RamLayout;
-pub use process::{ExitInfo, ProcessError, QemuProcess};
+pub use process::{ExitInfo, ProcessError, QemuProcess, STOP_TIMEOUT};

@@ -19,6 +19,9 @@ use qmp::Client;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
+/// How long QEMU gets to quit (or die, once killed) before we stop waiting.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How QEMU ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitInfo {

@@ -256,6 +256,27 @@ pub enum MigrationStatus {
 }
 
 impl MigrationStatus {
+    /// QEMU's name for the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Active => "active",
+            Self::PostcopyActive => "postcopy-active",
+            Self::PostcopyPaused => "postcopy-paused",
+            Self::PostcopyRecover => "postcopy-recover",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Colo => "colo",
+            Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
+            Self::WaitUnplug => "wait-unplug",
+            Self::Unknown => "unknown",
+        }
+    }
+
     /// True once QEMU will not change the state on its own any more.
     pub fn is_finished(self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
@@ -326,6 +347,21 @@ pub struct MigrationInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_names_are_the_wire_names() {
+        for status in [
+            MigrationStatus::PostcopyActive,
+            MigrationStatus::PreSwitchover,
+            MigrationStatus::WaitUnplug,
+            MigrationStatus::Completed,
+        ] {
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                serde_json::json!(status.as_str())
+            );
+        }
+    }
 
     #[test]
     fn capability_names_round_trip_including_unknown_ones() {

@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use migration::MigrateFlags;
+
+mod migrate;
+
+pub use migrate::{ConvergeArg, MigrateArgs};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -192,43 +195,6 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-pub struct MigrateArgs {
-    #[command(flatten)]
-    pub flags: MigrateFlags,
-    /// virsh's spelling of --timeout-action suspend.
-    #[arg(long, conflicts_with_all = ["timeout_action", "timeout_postcopy"])]
-    pub timeout_suspend: bool,
-    /// virsh's spelling of --timeout-action postcopy.
-    #[arg(long, conflicts_with = "timeout_action")]
-    pub timeout_postcopy: bool,
-    /// Accepted for virsh compatibility: progress is always shown (a bar on
-    /// a terminal, a line a second otherwise).
-    #[arg(long)]
-    pub verbose: bool,
-    /// Stream progress as NDJSON events and print the job record as JSON on
-    /// the last line.
-    #[arg(long)]
-    pub json: bool,
-    /// Domain name.
-    pub domain: String,
-    /// Destination agent: tcp://HOST:PORT.
-    pub dest_uri: String,
-}
-
-impl MigrateArgs {
-    /// The flags as the agent takes them, virsh's spellings folded in.
-    pub fn flags(&self) -> MigrateFlags {
-        let mut flags = self.flags.clone();
-        if self.timeout_suspend {
-            flags.timeout_action = Some(migration::TimeoutAction::Suspend);
-        } else if self.timeout_postcopy {
-            flags.timeout_action = Some(migration::TimeoutAction::Postcopy);
-        }
-        flags
-    }
-}
-
-#[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Guest RAM, MiB.
     #[arg(long, default_value_t = 512)]
@@ -251,7 +217,7 @@ pub struct DemoArgs {
     /// Who makes it converge: qemu (--auto-converge, the default), adaptive
     /// (livemig's controller) or none.
     #[arg(long, value_enum, value_name = "MODE")]
-    pub converge: Option<migration::ConvergeMode>,
+    pub converge: Option<ConvergeArg>,
     /// livemigd binary [default: next to this binary, else on PATH].
     #[arg(long, value_name = "PATH")]
     pub livemigd: Option<PathBuf>,
@@ -265,52 +231,4 @@ pub struct DemoArgs {
     /// Also write a timeline report of the migration (FILE.svg or FILE.html).
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use migration::TimeoutAction;
-
-    fn migrate(args: &[&str]) -> Result<MigrateArgs, clap::Error> {
-        let argv = ["livemig", "migrate", "--timeout", "10"]
-            .iter()
-            .chain(args)
-            .chain(&["vm", "tcp://127.0.0.1:7000"]);
-        match Cli::try_parse_from(argv)?.command {
-            Command::Migrate(m) => Ok(m),
-            other => panic!("parsed as {other:?}"),
-        }
-    }
-
-    #[test]
-    fn virsh_timeout_spellings_pick_the_timeout_action() {
-        let action = |args: &[&str]| migrate(args).unwrap().flags().timeout_action;
-        assert_eq!(action(&[]), None, "abort, by default");
-        assert_eq!(action(&["--timeout-suspend"]), Some(TimeoutAction::Suspend));
-        assert_eq!(
-            action(&["--timeout-postcopy", "--allow-postcopy"]),
-            Some(TimeoutAction::Postcopy)
-        );
-        assert_eq!(
-            action(&["--timeout-action", "suspend"]),
-            Some(TimeoutAction::Suspend)
-        );
-    }
-
-    #[test]
-    fn two_timeout_actions_are_refused() {
-        for args in [
-            &["--timeout-suspend", "--timeout-postcopy"][..],
-            &["--timeout-suspend", "--timeout-action", "abort"],
-            &["--timeout-postcopy", "--timeout-action", "suspend"],
-        ] {
-            let e = migrate(args).expect_err("conflicting timeout actions");
-            assert_eq!(
-                e.kind(),
-                clap::error::ErrorKind::ArgumentConflict,
-                "{args:?}"
-            );
-        }
-    }
 }

@@ -1,32 +1,56 @@
 //! The two ways the adaptive controller can slow a guest's vCPUs.
 //!
 //! - [`HostVcpuThrottle`]: a CPU quota on the vCPU threads from the host
-//!   (cgroup); immediate, up to 99.9 %, and it can come back down.
+//!   ([`cgroup`]); immediate, up to 99.9 %, and it can come back down.
 //! - [`QemuVcpuThrottle`]: QEMU's own auto-converge throttle, steered
 //!   through its parameters; up to 99 %, and it only moves at QEMU's next
 //!   trigger (a sync at least a second after the last check).
 
+pub mod cgroup;
+
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use converge::throttle::{HostThrottle, LONG_PERIOD_ABOVE, MAX_HOST_THROTTLE};
 use qmp::commands::migration::MigrateSetParameters;
+use qmp::commands::vm::QueryCpusFast;
 use qmp::Client;
 
-use crate::settings::qemu_throttle_parameters;
+use crate::settings::{qemu_throttle_parameters, ThrottleVia};
+use cgroup::{HostThrottle, LONG_PERIOD_ABOVE, MAX_HOST_THROTTLE};
 
+/// The highest throttle QEMU's own mechanism applies.
+pub const MAX_QEMU_THROTTLE: f64 = 0.99;
+
+/// A boxed future, so [`VcpuThrottle`] stays object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Why a throttle could not be attached or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum ThrottleError {
+    /// The host's cgroup refused.
+    #[error("the host cannot throttle the vCPU threads")]
+    Host(#[from] cgroup::ThrottleError),
+    /// QEMU refused its throttle parameters.
+    #[error("QEMU refused the throttle parameters")]
+    Qemu(#[from] qmp::Error),
+    /// The job already ended and lifted it.
+    #[error("the host throttle was already released")]
+    Released,
+    /// The blocking cgroup write did not come back.
+    #[error("the throttle's cgroup task failed")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// A way to throttle a guest's vCPUs.
-pub trait VcpuThrottle: Send {
+pub trait VcpuThrottle: Send + Sync {
     /// For job timelines: "host" or "qemu".
     fn kind(&self) -> &'static str;
     /// The highest throttle this mechanism can apply.
     fn max(&self) -> f64;
     /// Applies a throttle (0 = none).
-    fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), String>>;
+    fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), ThrottleError>>;
     /// Lifts the throttle for good; called the moment the job ends.
     fn release(&mut self) -> BoxFuture<'_, ()>;
     /// Under `throttle`, a vCPU may take long to stop when QEMU asks (at
@@ -49,10 +73,10 @@ pub struct HostVcpuThrottle {
     inner: Arc<Mutex<Option<HostThrottle>>>,
 }
 
-fn apply(inner: &Mutex<Option<HostThrottle>>, throttle: f64) -> Result<(), String> {
+fn apply(inner: &Mutex<Option<HostThrottle>>, throttle: f64) -> Result<(), ThrottleError> {
     match inner.lock().expect("throttle lock").as_mut() {
-        Some(t) => t.set(throttle).map_err(|e| protocol_chain(&e)),
-        None => Err("the host throttle was already released".into()),
+        Some(t) => Ok(t.set(throttle)?),
+        None => Err(ThrottleError::Released),
     }
 }
 
@@ -66,28 +90,15 @@ impl HostVcpuThrottle {
         name: String,
         pid: u32,
         threads: Vec<u32>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ThrottleError> {
         let inner = tokio::task::spawn_blocking(move || {
             HostThrottle::attach(&controller, &name, pid, &threads)
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| protocol_chain(&e))?;
+        .await??;
         Ok(HostVcpuThrottle {
             inner: Arc::new(Mutex::new(Some(inner))),
         })
     }
-}
-
-fn protocol_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 impl VcpuThrottle for HostVcpuThrottle {
@@ -99,12 +110,10 @@ impl VcpuThrottle for HostVcpuThrottle {
         MAX_HOST_THROTTLE
     }
 
-    fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), String>> {
+    fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), ThrottleError>> {
         Box::pin(async move {
             let inner = self.inner.clone();
-            tokio::task::spawn_blocking(move || apply(&inner, throttle))
-                .await
-                .map_err(|e| e.to_string())?
+            tokio::task::spawn_blocking(move || apply(&inner, throttle)).await?
         })
     }
 
@@ -134,6 +143,7 @@ pub struct QemuVcpuThrottle {
 }
 
 impl QemuVcpuThrottle {
+    /// Steers the throttle of the QEMU behind `qmp`.
     pub fn new(qmp: Client) -> Self {
         QemuVcpuThrottle { qmp }
     }
@@ -145,16 +155,15 @@ impl VcpuThrottle for QemuVcpuThrottle {
     }
 
     fn max(&self) -> f64 {
-        0.99
+        MAX_QEMU_THROTTLE
     }
 
-    fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), String>> {
+    fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), ThrottleError>> {
         Box::pin(async move {
             self.qmp
                 .execute(&MigrateSetParameters(qemu_throttle_parameters(throttle)))
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string())
+                .await?;
+            Ok(())
         })
     }
 
@@ -162,5 +171,47 @@ impl VcpuThrottle for QemuVcpuThrottle {
         // QEMU stops its throttle itself when the migration ends; the
         // parameters are restored with the job's other settings.
         Box::pin(async {})
+    }
+}
+
+/// The throttle for an adaptive job on the QEMU behind `qmp` (process
+/// `pid`): a cgroup named `name` under `controller` when this host allows
+/// it, else QEMU's own throttle (which the job's settings must then turn
+/// on: the [`ThrottleVia`] says so).
+pub async fn attach(
+    qmp: &Client,
+    controller: &Path,
+    name: String,
+    pid: u32,
+) -> (Box<dyn VcpuThrottle>, ThrottleVia) {
+    let threads: Vec<u32> = match qmp.execute(&QueryCpusFast).await {
+        Ok(cpus) => cpus.iter().map(|c| c.thread_id as u32).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list vCPU threads; using QEMU's throttle");
+            Vec::new()
+        }
+    };
+    if !threads.is_empty() {
+        match HostVcpuThrottle::attach(controller.to_path_buf(), name, pid, threads).await {
+            Ok(host) => return (Box::new(host), ThrottleVia::NotQemu),
+            Err(e) => tracing::warn!(
+                error = %types::error_chain(&e),
+                "no host throttle; using QEMU's"
+            ),
+        }
+    }
+    (
+        Box::new(QemuVcpuThrottle::new(qmp.clone())),
+        ThrottleVia::Qemu,
+    )
+}
+
+/// The highest throttle this host can apply to a guest: the host
+/// mechanism's when the cgroup `controller` is there, else QEMU's.
+pub fn max_available(controller: &Path) -> f64 {
+    if HostThrottle::available(controller) {
+        MAX_HOST_THROTTLE
+    } else {
+        MAX_QEMU_THROTTLE
     }
 }

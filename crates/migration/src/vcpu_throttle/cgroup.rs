@@ -32,17 +32,24 @@ const MIN_QUOTA_US: u64 = 1_000;
 /// Above this throttle the period grows beyond 100 ms.
 pub const LONG_PERIOD_ABOVE: f64 = 0.99;
 
+/// Why the host cannot throttle.
 #[derive(Debug, thiserror::Error)]
 pub enum ThrottleError {
+    /// No cgroup v1 `cpu` controller we may write to.
     #[error("no writable cgroup v1 cpu controller at {0}")]
     Unavailable(PathBuf),
+    /// A cgroup file could not be written.
     #[error("cannot {what} {path}")]
     Io {
+        /// What we tried.
         what: &'static str,
+        /// On which file.
         path: PathBuf,
+        /// Why it failed.
         #[source]
         source: io::Error,
     },
+    /// A cgroup name that could escape its directory.
     #[error("throttle name {0:?} is not a plain name")]
     BadName(String),
 }

@@ -1,8 +1,12 @@
-//! Running `livemigd` as a child process: for the demo and the tests.
+//! Running `livemigd` as a child process: for the demo, the tests and the
+//! benchmarks.
 //!
 //! The agent is put in a process group of its own, and the QEMU processes
 //! it starts inherit that group; dropping the [`AgentProcess`] kills the
 //! whole group, so nothing it started can outlive it.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::fs::File;
 use std::os::unix::process::CommandExt;
@@ -12,41 +16,60 @@ use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use protocol::message::Reply;
-use protocol::types::AgentInfo;
-use protocol::{AgentUri, Client, Request};
+use protocol::host::AgentInfo;
+use protocol::{AgentUri, Client, Reply, Request};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Why an agent could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
+    /// Its state directory or log could not be created.
     #[error("cannot create {path}")]
     Io {
+        /// What could not be created.
         path: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// The binary would not run.
     #[error("cannot run {binary}")]
     Spawn {
+        /// The binary.
         binary: PathBuf,
+        /// Why.
         #[source]
         source: std::io::Error,
     },
+    /// It exited before answering.
     #[error("livemigd exited during start-up ({status}); see {log}")]
-    Exited { status: String, log: PathBuf },
+    Exited {
+        /// How it exited.
+        status: String,
+        /// Its log.
+        log: PathBuf,
+    },
+    /// It never answered.
     #[error("livemigd did not answer within {READY_TIMEOUT:?}; see {log}")]
-    NotReady { log: PathBuf },
+    NotReady {
+        /// Its log.
+        log: PathBuf,
+    },
 }
 
 /// How to start an agent.
 #[derive(Debug, Clone)]
 pub struct LaunchOptions {
+    /// The `livemigd` binary.
     pub binary: PathBuf,
+    /// Its `--state-dir`.
     pub state_dir: PathBuf,
     /// `tcp://HOST:PORT`; port 0 lets the agent pick.
     pub listen: Option<String>,
     /// Run inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// More `livemigd` arguments.
     pub extra_args: Vec<String>,
 }
 
@@ -155,10 +178,12 @@ impl AgentProcess {
         self.info.uri.clone()
     }
 
+    /// What the agent said of itself when it came up.
     pub fn info(&self) -> &AgentInfo {
         &self.info
     }
 
+    /// The agent's pid (and process group).
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

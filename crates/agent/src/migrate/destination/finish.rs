@@ -1,0 +1,160 @@
+//! Finish (the data landed: resume the guest here), Recover (listen again
+//! for a broken post-copy) and Abort (the source gave up).
+
+use std::sync::Arc;
+
+use migration::incoming;
+use migration::settings::{self, ThrottleVia};
+use protocol::domain::Tunables;
+use protocol::job::{JobStatus, Phase, Role};
+use protocol::{ApiError, ErrorCode, Reply};
+use qmp::commands::vm::Cont;
+use tracing::Instrument;
+
+use super::{find, teardown};
+use crate::errors;
+use crate::server::ConnContext;
+use crate::state::{Agent, IncomingJob};
+
+pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, ApiError> {
+    let (name, job) = find(agent, job_id)?;
+    let span = tracing::info_span!("job", id = %job_id, domain = %name, role = "destination");
+    async {
+        *job.phase.lock().expect("phase lock") = Phase::Finish;
+        if let Err(error) = land(agent, &job).await {
+            tracing::error!(%error, "finish failed; tearing down the destination");
+            teardown(agent, &name, &job, &error).await;
+            return Err(ApiError::new(ErrorCode::MigrationFailed, error));
+        }
+
+        let mut note = None;
+        if job.ident.flags.persistent {
+            match agent.store.save_definition(&job.definition).await {
+                Ok(()) => {
+                    let _ = agent.with_domain(&name, |d| {
+                        d.persistent = true;
+                        Ok(())
+                    });
+                }
+                Err(e) => {
+                    let text = format!("could not persist the definition: {}", errors::chain(&e));
+                    tracing::error!("{text}");
+                    note = Some(text);
+                }
+            }
+        }
+        let mut record = job
+            .ident
+            .record(JobStatus::Completed, Phase::Done, job.started.elapsed());
+        record.error = note;
+        // Durable before we answer: if the answer is lost, a later
+        // peer-abort must learn that the guest runs here.
+        agent.metrics.job_finished(&record);
+        if let Err(e) = agent.history.save(&record).await {
+            tracing::error!(error = %errors::chain(&e), "could not save the job record");
+        }
+        agent.with_domain(&name, |d| {
+            d.job = None;
+            d.last_job = Some(record);
+            Ok(())
+        })?;
+        tracing::info!(
+            paused = job.ident.flags.suspend,
+            "guest resumed on the destination"
+        );
+        Ok(Reply::Finished)
+    }
+    .instrument(span)
+    .await
+}
+
+/// Waits for the data to land, puts the migration settings back and
+/// resumes the guest (unless `--suspend`).
+async fn land(agent: &Agent, job: &IncomingJob) -> Result<(), String> {
+    let vm = job
+        .vm
+        .clone()
+        .ok_or("the incoming job was never prepared")?;
+    let qmp = vm.process.qmp();
+    incoming::wait_complete(qmp, agent.config.finish_timeout)
+        .await
+        .map_err(|e| errors::chain(&e))?;
+    let reset = if job.reattached {
+        // What the job changed is not known after a restart: defaults.
+        settings::apply(
+            qmp,
+            &migration::Flags::default(),
+            Tunables::default(),
+            Role::Destination,
+            ThrottleVia::NotQemu,
+        )
+        .await
+        .map(|_| ())
+    } else {
+        settings::restore(qmp, &job.previous).await
+    };
+    if let Err(e) = reset {
+        tracing::warn!(error = %e, "could not reset the migration settings");
+    }
+    if !job.ident.flags.suspend {
+        qmp.execute(&Cont)
+            .await
+            .map_err(|e| format!("cannot resume the guest: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Post-copy recovery, destination side: listen again (`migrate-recover`)
+/// and hand the source the new address.
+pub(crate) async fn recover(
+    agent: &Arc<Agent>,
+    job_id: &str,
+    ctx: &ConnContext,
+) -> Result<Reply, ApiError> {
+    let (name, job) = find(agent, job_id)?;
+    let vm = job
+        .vm
+        .clone()
+        .ok_or_else(|| errors::operation_invalid("the incoming job was never prepared"))?;
+    let qmp = vm.process.qmp();
+    crate::migrate::pause_postcopy(qmp, |status| {
+        format!("the migration of '{name}' is not in post-copy here (status {status:?})")
+    })
+    .await?;
+    let host = ctx
+        .local_ip
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "127.0.0.1".into());
+    let uri = incoming::listen_for_recovery(qmp, &host)
+        .await
+        .map_err(|e| errors::qemu(errors::chain(&e)))?;
+    tracing::info!(job = %job_id, domain = %name, %uri, "listening to recover post-copy");
+    Ok(Reply::Prepared {
+        uri: uri.to_string(),
+    })
+}
+
+/// The source gave up: tear down, and say whether the guest runs here
+/// anyway (the job had finished, or reached post-copy).
+pub(crate) async fn abort(
+    agent: &Arc<Agent>,
+    job_id: &str,
+    reason: &str,
+) -> Result<Reply, ApiError> {
+    if let Ok((name, job)) = find(agent, job_id) {
+        let torn_down = teardown(agent, &name, &job, reason).await;
+        return Ok(Reply::Aborted {
+            guest_running_here: !torn_down,
+        });
+    }
+    // If the history cannot be read, say so: "not here" must be certain.
+    let finished_here = agent
+        .history
+        .load(job_id)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Storage, errors::chain(&e)))?
+        .is_some_and(|r| r.role == Role::Destination && r.status == JobStatus::Completed);
+    Ok(Reply::Aborted {
+        guest_running_here: finished_here,
+    })
+}

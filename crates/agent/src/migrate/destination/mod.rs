@@ -1,0 +1,118 @@
+//! The destination half: Prepare (start QEMU paused, listen: [`prepare`]),
+//! Finish (wait for the data, resume the guest: [`finish`]), Recover
+//! (listen again for a broken post-copy), Abort and tear-down.
+//!
+//! A prepared job is tied to the peer connection that prepared it: if that
+//! connection closes before Finish, the job is aborted, so a dead source
+//! agent never leaves a paused QEMU behind here.
+
+mod finish;
+mod prepare;
+
+use std::sync::Arc;
+
+use domain::qemu::STOP_TIMEOUT;
+use domain::DomainName;
+use protocol::job::Phase;
+use protocol::{ApiError, ErrorCode};
+use qmp::commands::migration::{MigrationStatus, QueryMigrate};
+
+use crate::state::{ActiveJob, Agent, IncomingJob};
+use crate::vm;
+
+pub(crate) use finish::{abort, finish, recover};
+pub(crate) use prepare::{prepare, probe};
+
+/// The incoming job with this id, and its domain.
+fn find(agent: &Agent, job_id: &str) -> Result<(DomainName, Arc<IncomingJob>), ApiError> {
+    let domains = agent.domains.lock().expect("domains lock");
+    domains
+        .iter()
+        .find_map(|(name, d)| match &d.job {
+            Some(ActiveJob::Incoming(job)) if job.ident.id == job_id => {
+                Some((name.clone(), job.clone()))
+            }
+            _ => None,
+        })
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::NoJob,
+                format!("no incoming job '{job_id}' on {}", agent.uri),
+            )
+        })
+}
+
+/// True if this QEMU is in post-copy: it runs the guest, and killing it
+/// would lose the guest.
+async fn in_postcopy(vm: &vm::RunningVm) -> bool {
+    matches!(
+        vm.process.qmp().execute(&QueryMigrate).await,
+        Ok(info) if info.status.is_some_and(MigrationStatus::is_postcopy)
+    )
+}
+
+/// Clears a job from the table: forgets the domain if it only existed for
+/// the migration, else leaves it as it was without the job's QEMU.
+fn forget(agent: &Agent, name: &DomainName, job: &IncomingJob) {
+    let mut domains = agent.domains.lock().expect("domains lock");
+    let ours = matches!(domains.get(name).and_then(|d| d.job.as_ref()), Some(ActiveJob::Incoming(j)) if j.ident.id == job.ident.id);
+    if !ours {
+        return;
+    }
+    if job.created_domain {
+        domains.remove(name);
+    } else if let Some(d) = domains.get_mut(name) {
+        d.job = None;
+        d.vm = None;
+    }
+}
+
+/// Kills the destination QEMU and forgets the job (and the domain, if it
+/// only existed for the migration) — unless the migration reached
+/// post-copy, where this QEMU runs the guest and is kept for recovery
+/// (`migrate --postcopy-resume`). Says whether it tore down.
+pub(crate) async fn teardown(
+    agent: &Agent,
+    name: &DomainName,
+    job: &IncomingJob,
+    reason: &str,
+) -> bool {
+    if let Some(vm) = &job.vm {
+        if in_postcopy(vm).await {
+            tracing::error!(job = %job.ident.id, domain = %name, %reason, "not tearing down: the guest runs here in post-copy; recover with migrate --postcopy-resume");
+            return false;
+        }
+    }
+    *job.phase.lock().expect("phase lock") = Phase::Cleanup;
+    if let Some(vm) = &job.vm {
+        vm.process.kill_and_wait(STOP_TIMEOUT).await;
+    }
+    forget(agent, name, job);
+    tracing::warn!(job = %job.ident.id, domain = %name, %reason, "incoming migration aborted; destination cleaned up");
+    true
+}
+
+/// Aborts the jobs a closed peer connection had prepared.
+pub(crate) async fn abort_for_connection(agent: &Arc<Agent>, connection: u64) {
+    let orphans: Vec<(DomainName, Arc<IncomingJob>)> = {
+        let domains = agent.domains.lock().expect("domains lock");
+        domains
+            .iter()
+            .filter_map(|(name, d)| match &d.job {
+                Some(ActiveJob::Incoming(job)) if job.connection == connection => {
+                    Some((name.clone(), job.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    for (name, job) in orphans {
+        teardown(
+            agent,
+            &name,
+            &job,
+            "the source agent's connection closed before Finish",
+        )
+        .await;
+    }
+}

@@ -1,0 +1,293 @@
+//! Probe and Prepare: can this host take the guest, and start its QEMU
+//! paused, listening for the data.
+
+use std::sync::{Arc, Mutex};
+
+use domain::qemu::STOP_TIMEOUT;
+use domain::{DomainDefinition, DomainName};
+use migration::job::unix_ms;
+use migration::record::JobIdentity;
+use migration::settings::{self, ThrottleVia};
+use migration::uri::{parse_data_uri, DataUri};
+use migration::{incoming, support, wire, Flags};
+use protocol::domain::Tunables;
+use protocol::job::{Phase, Role};
+use protocol::migrate::{PrepareRequest, ProbeRequest};
+use protocol::{ApiError, ErrorCode, Reply};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::errors;
+use crate::server::ConnContext;
+use crate::state::{ActiveJob, Agent, Domain, IncomingJob};
+use crate::vm;
+
+/// Probe: this host's QEMU has what the migration needs here, and the
+/// machine type the guest runs with. Answered with the host's
+/// capabilities.
+pub(crate) async fn probe(agent: &Arc<Agent>, probe: ProbeRequest) -> Result<Reply, ApiError> {
+    let flags = Flags::new(probe.flags).map_err(|e| errors::invalid(e.to_string()))?;
+    let binary = agent.binary().await?;
+    support::check(&flags, Role::Destination, &agent.uri, binary)
+        .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
+    if let Some(machine) = &probe.machine {
+        if binary.resolve_machine(machine).as_deref() != Some(machine) {
+            return Err(ApiError::new(
+                ErrorCode::Unsupported,
+                format!(
+                    "machine type '{machine}' is not supported by the QEMU binary on {}",
+                    agent.uri
+                ),
+            ));
+        }
+    }
+    Ok(Reply::Capabilities(Box::new(
+        agent.host_capabilities(binary),
+    )))
+}
+
+/// What a Prepare request says, checked.
+struct Incoming {
+    job_id: String,
+    definition: DomainDefinition,
+    spec: domain::qemu::LaunchSpec,
+    flags: Flags,
+    source: String,
+}
+
+impl TryFrom<PrepareRequest> for Incoming {
+    type Error = ApiError;
+
+    fn try_from(req: PrepareRequest) -> Result<Self, ApiError> {
+        let definition = DomainDefinition::from_document(req.definition.0)
+            .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, e.to_string()))?;
+        let flags = Flags::new(req.flags).map_err(|e| errors::invalid(e.to_string()))?;
+        Ok(Incoming {
+            job_id: req.job_id,
+            definition,
+            spec: wire::launch_spec_from(&req.spec),
+            flags,
+            source: req.source,
+        })
+    }
+}
+
+pub(crate) async fn prepare(
+    agent: &Arc<Agent>,
+    req: PrepareRequest,
+    ctx: &ConnContext,
+) -> Result<Reply, ApiError> {
+    let req = Incoming::try_from(req)?;
+    let span = tracing::info_span!("job", id = %req.job_id, domain = %req.definition.name, role = "destination");
+    async {
+        if req.flags.offline {
+            return prepare_offline(agent, &req).await;
+        }
+        prepare_live(agent, req, ctx).await
+    }
+    .instrument(span)
+    .await
+}
+
+async fn prepare_offline(agent: &Arc<Agent>, req: &Incoming) -> Result<Reply, ApiError> {
+    let name = req.definition.name.clone();
+    {
+        let mut domains = agent.domains.lock().expect("domains lock");
+        if let Some(d) = domains.get(&name) {
+            if d.vm.is_some() || d.job.is_some() {
+                return Err(errors::operation_invalid(format!(
+                    "domain '{name}' is running on {}",
+                    agent.uri
+                )));
+            }
+        }
+        domains
+            .entry(name.clone())
+            .or_insert_with(|| Domain::new(req.definition.clone(), false));
+    }
+    if let Err(e) = agent.store.save_definition(&req.definition).await {
+        agent.drop_if_transient_and_idle(&name);
+        return Err(errors::storage(&e));
+    }
+    agent.with_domain(&name, |d| {
+        d.definition = req.definition.clone();
+        d.persistent = true;
+        Ok(())
+    })?;
+    tracing::info!("definition received (offline migration)");
+    Ok(Reply::Prepared { uri: String::new() })
+}
+
+async fn prepare_live(
+    agent: &Arc<Agent>,
+    req: Incoming,
+    ctx: &ConnContext,
+) -> Result<Reply, ApiError> {
+    let name = req.definition.name.clone();
+    let binary = agent.binary().await?;
+    support::check(&req.flags, Role::Destination, &agent.uri, binary)
+        .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
+    vm::check_spec(&req.spec, binary, &agent.uri, agent.config.tcg_workaround)?;
+    let listen = match &req.flags.migrateuri {
+        Some(uri) => parse_data_uri(uri).map_err(|e| errors::invalid(e.to_string()))?,
+        None => {
+            let ip = ctx
+                .local_ip
+                .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+            DataUri::Tcp {
+                host: ip.to_string(),
+                port: data_port(ip, agent.config.migration_ports)?,
+            }
+        }
+    };
+
+    // Reserve the name: from here on the domain is "migrating in".
+    let created = {
+        let mut domains = agent.domains.lock().expect("domains lock");
+        let created = !domains.contains_key(&name);
+        let d = domains
+            .entry(name.clone())
+            .or_insert_with(|| Domain::new(req.definition.clone(), false));
+        if d.vm.is_some() || d.job.is_some() {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' is already running on {}",
+                agent.uri
+            )));
+        }
+        d.job = Some(ActiveJob::Incoming(Arc::new(incoming_job(
+            agent,
+            &req,
+            ctx,
+            created,
+            None,
+            Default::default(),
+        ))));
+        created
+    };
+
+    match start(agent, &req, &listen).await {
+        Ok((vm, previous, uri)) => {
+            if req.flags.postcopy && !req.flags.suspend {
+                migration::postcopy::resume_on_postcopy(vm.process.qmp().clone());
+            }
+            let job = Arc::new(incoming_job(
+                agent,
+                &req,
+                ctx,
+                created,
+                Some(vm.clone()),
+                previous,
+            ));
+            agent.with_domain(&name, |d| {
+                d.vm = Some(vm);
+                d.job = Some(ActiveJob::Incoming(job));
+                // The running configuration is the one that arrives.
+                d.definition = req.definition.clone();
+                Ok(())
+            })?;
+            agent.persist_run(&name).await;
+            tracing::info!(%uri, source = %req.source, "prepared");
+            Ok(Reply::Prepared {
+                uri: uri.to_string(),
+            })
+        }
+        Err(e) => {
+            release(agent, &name, created);
+            tracing::error!(error = %e, "prepare failed");
+            Err(e)
+        }
+    }
+}
+
+/// Starts the destination QEMU paused with `-incoming defer`, applies the
+/// job's settings and listens; kills it again if any of that fails.
+async fn start(
+    agent: &Arc<Agent>,
+    req: &Incoming,
+    listen: &DataUri,
+) -> Result<(Arc<vm::RunningVm>, settings::Previous, DataUri), ApiError> {
+    let vm = vm::launch(agent, &req.definition, &req.spec, true, false).await?;
+    let qmp = vm.process.qmp();
+    let setup = async {
+        let previous = settings::apply(
+            qmp,
+            &req.flags,
+            Tunables::default(),
+            Role::Destination,
+            ThrottleVia::NotQemu,
+        )
+        .await
+        .map_err(|e| {
+            errors::qemu(format!(
+                "destination QEMU refused the migration settings: {e}"
+            ))
+        })?;
+        let uri = incoming::listen(qmp, listen)
+            .await
+            .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        Ok::<_, ApiError>((previous, uri))
+    }
+    .await;
+    match setup {
+        Ok((previous, uri)) => Ok((vm, previous, uri)),
+        Err(e) => {
+            vm.process.kill_and_wait(STOP_TIMEOUT).await;
+            Err(e)
+        }
+    }
+}
+
+/// A port for the incoming data: the first free one in the configured
+/// range, or 0 (QEMU picks any) without one.
+fn data_port(ip: std::net::IpAddr, range: Option<(u16, u16)>) -> Result<u16, ApiError> {
+    let Some((first, last)) = range else {
+        return Ok(0);
+    };
+    (first..=last)
+        .find(|port| std::net::TcpListener::bind((ip, *port)).is_ok())
+        .ok_or_else(|| {
+            errors::operation_invalid(format!(
+                "no free migration port in {first}-{last} on {ip}: widen migration_ports"
+            ))
+        })
+}
+
+fn incoming_job(
+    agent: &Agent,
+    req: &Incoming,
+    ctx: &ConnContext,
+    created: bool,
+    vm: Option<Arc<vm::RunningVm>>,
+    previous: settings::Previous,
+) -> IncomingJob {
+    IncomingJob {
+        ident: JobIdentity {
+            id: req.job_id.clone(),
+            domain: req.definition.name.to_string(),
+            role: Role::Destination,
+            source: req.source.clone(),
+            destination: agent.uri.clone(),
+            flags: req.flags.clone(),
+            started_at_ms: unix_ms(),
+        },
+        started: Instant::now(),
+        connection: ctx.id,
+        created_domain: created,
+        previous,
+        vm,
+        phase: Mutex::new(Phase::Prepare),
+        definition: req.definition.clone(),
+        reattached: false,
+    }
+}
+
+/// Clears a failed incoming job from the table.
+fn release(agent: &Agent, name: &DomainName, created: bool) {
+    let mut domains = agent.domains.lock().expect("domains lock");
+    if created {
+        domains.remove(name);
+    } else if let Some(d) = domains.get_mut(name) {
+        d.job = None;
+        d.vm = None;
+    }
+}

@@ -1,0 +1,218 @@
+//! The source half: Begin (in the request), then a job task ([`run`]) that
+//! drives Prepare (on the peer), Perform, Finish (on the peer, [`finish`])
+//! and Confirm, or Cleanup, which leaves the guest running here; the task
+//! ends by writing the job's record ([`record`]).
+//!
+//! - `mod`: Begin, and the post-copy recovery request.
+//! - [`peer`]: the connection to the destination agent.
+//! - [`run`]: the job task.
+//! - [`finish`]: the Finish-safety protocol.
+//! - [`record`]: how a job ends, as a record.
+
+pub(crate) mod finish;
+pub(crate) mod peer;
+mod record;
+mod run;
+
+use std::sync::{Arc, Mutex};
+
+use domain::DomainName;
+use migration::job::unix_ms;
+use migration::perform::Progress;
+use migration::record::JobIdentity;
+use migration::{support, Flags};
+use protocol::estimate::EstimateParams;
+use protocol::job::{Phase, Role};
+use protocol::migrate::ProbeRequest;
+use protocol::{AgentUri, ApiError, ErrorCode, MigrateOptions, Reply, Request};
+use qmp::commands::migration::Migrate;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::errors;
+use crate::state::{ActiveJob, Agent, OutgoingJob};
+use peer::{unexpected, Peer};
+use run::Run;
+
+/// Begin: validates everything that can be checked before anything changes,
+/// then starts the job. Errors here leave both hosts untouched.
+pub(crate) async fn begin(
+    agent: &Arc<Agent>,
+    name: &DomainName,
+    destination: &str,
+    options: MigrateOptions,
+) -> Result<Reply, ApiError> {
+    let flags = Flags::new(options).map_err(|e| errors::invalid(e.to_string()))?;
+    let dest_uri: AgentUri = destination
+        .parse()
+        .map_err(|e: protocol::BadAgentUri| errors::invalid(e.to_string()))?;
+    if flags.postcopy_resume {
+        return postcopy_resume(agent, name, &dest_uri).await;
+    }
+    let lock = agent.op_lock(name)?;
+    let _guard = lock.lock().await;
+
+    let (def, vm, tunables) = agent.with_domain(name, |d| {
+        if let Some(job) = &d.job {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' already has an active migration job ({})",
+                job.id()
+            )));
+        }
+        if flags.offline {
+            if !d.persistent {
+                return Err(errors::operation_invalid(format!(
+                    "offline migration needs a persistent domain; '{name}' is transient"
+                )));
+            }
+        } else if d.vm.is_none() {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' is not running (use --offline to move only its definition)"
+            )));
+        }
+        Ok((d.definition.clone(), d.vm.clone(), d.tunables))
+    })?;
+
+    let binary = agent.binary().await?;
+    support::check(&flags, Role::Source, &agent.uri, binary)
+        .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
+
+    let peer = Peer::connect(&dest_uri).await?;
+    let hello = match peer
+        .request(Request::Hello, protocol::REQUEST_TIMEOUT)
+        .await
+    {
+        Ok(Reply::Hello(info)) => info,
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(e.to_api()),
+    };
+    if hello.instance == agent.instance {
+        return Err(errors::invalid(format!(
+            "{destination} is this agent: migrate to another host's agent"
+        )));
+    }
+    // The destination checks its own QEMU: the capabilities the flags
+    // need there, and the machine type the guest runs with here.
+    let probe = Request::PeerProbe(Box::new(ProbeRequest {
+        flags: flags.options().clone(),
+        machine: vm.as_ref().map(|vm| vm.spec.machine.clone()),
+    }));
+    match peer.request(probe, protocol::REQUEST_TIMEOUT).await {
+        Ok(Reply::Capabilities(_)) => {}
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(e.to_api()),
+    }
+
+    if flags.dry_run {
+        drop(peer);
+        return crate::estimate::estimate(
+            agent,
+            name,
+            EstimateParams {
+                bandwidth_mib_s: flags.bandwidth,
+                downtime_ms: flags.downtime,
+                timeout_s: flags.timeout,
+                max_throttle_pct: flags.max_throttle,
+            },
+        )
+        .await;
+    }
+
+    let (progress_tx, progress_rx) = watch::channel(Progress::default());
+    let (retune_tx, retune_rx) = tokio::sync::mpsc::channel(4);
+    let job = Arc::new(OutgoingJob {
+        ident: JobIdentity {
+            id: uuid::Uuid::new_v4().to_string(),
+            domain: name.to_string(),
+            role: Role::Source,
+            source: agent.uri.clone(),
+            destination: destination.to_string(),
+            flags,
+            started_at_ms: unix_ms(),
+        },
+        started: Instant::now(),
+        cancel: CancellationToken::new(),
+        progress: progress_rx,
+        phase: Mutex::new(Phase::Begin),
+        retune: retune_tx,
+        retunes: Mutex::new(Some(retune_rx)),
+    });
+    agent.with_domain(name, |d| {
+        d.job = Some(ActiveJob::Outgoing(job.clone()));
+        Ok(())
+    })?;
+    agent.persist_run(name).await;
+    let span = tracing::info_span!("job", id = %job.ident.id, domain = %name, role = "source");
+    tracing::info!(parent: &span, %destination, flags = ?job.ident.flags.names(), "migration started");
+    let run = Run {
+        agent: agent.clone(),
+        name: name.clone(),
+        job: job.clone(),
+        peer,
+        lost_peer: Default::default(),
+        def,
+        vm,
+        tunables,
+        progress: progress_tx,
+    };
+    tokio::spawn(run.run().instrument(span));
+    Ok(Reply::MigrationStarted {
+        job_id: job.ident.id.clone(),
+    })
+}
+
+/// Recovers a post-copy migration whose stream broke: both QEMUs are (or
+/// are put) in `postcopy-paused`; the destination listens again
+/// (`migrate-recover`) and the source resumes sending (`migrate` with
+/// `resume`). The job's watcher carries on to the end as before.
+async fn postcopy_resume(
+    agent: &Arc<Agent>,
+    name: &DomainName,
+    destination: &AgentUri,
+) -> Result<Reply, ApiError> {
+    let (job, vm) = agent.with_domain(name, |d| match (&d.job, &d.vm) {
+        (Some(ActiveJob::Outgoing(job)), Some(vm)) => Ok((job.clone(), vm.clone())),
+        _ => Err(errors::operation_invalid(format!(
+            "domain '{name}' has no migration from this host to resume"
+        ))),
+    })?;
+    if job.ident.destination != destination.to_string() {
+        return Err(errors::invalid(format!(
+            "the migration of '{name}' goes to {}, not {destination}",
+            job.ident.destination
+        )));
+    }
+    let qmp = vm.process.qmp();
+    super::pause_postcopy(qmp, |status| {
+        format!(
+            "the migration of '{name}' is not in post-copy (status {status:?}); nothing to resume"
+        )
+    })
+    .await?;
+    let peer = Peer::connect(destination).await?;
+    let uri = match peer
+        .request(
+            Request::PeerRecover {
+                job_id: job.ident.id.clone(),
+            },
+            protocol::REQUEST_TIMEOUT,
+        )
+        .await
+    {
+        Ok(Reply::Prepared { uri }) => uri,
+        Ok(other) => return Err(unexpected(&other)),
+        Err(e) => return Err(e.to_api()),
+    };
+    qmp.execute(&Migrate {
+        uri: uri.clone(),
+        resume: Some(true),
+    })
+    .await
+    .map_err(|e| errors::qemu(format!("QEMU refused to resume the migration: {e}")))?;
+    tracing::info!(job = %job.ident.id, domain = %name, %uri, "post-copy resumed");
+    Ok(Reply::MigrationStarted {
+        job_id: job.ident.id.clone(),
+    })
+}

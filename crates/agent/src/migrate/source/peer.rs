@@ -1,0 +1,108 @@
+//! The source's connection to the destination agent: requests, a ping, and
+//! finding the agent again after it went away or restarted.
+
+use std::time::Duration;
+
+use protocol::{AgentUri, ApiError, Client, ClientError, ErrorCode, Reply, Request};
+use tokio::time::Instant;
+
+use crate::errors;
+
+/// How long a ping may take.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Between attempts to reconnect.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(500);
+/// How long an abort looks for a destination agent that went away.
+const ABORT_RETRY: Duration = Duration::from_secs(5);
+
+/// The destination agent of one job.
+#[derive(Debug)]
+pub(crate) struct Peer {
+    uri: AgentUri,
+    client: tokio::sync::Mutex<Client>,
+}
+
+impl Peer {
+    /// Connects to the destination agent.
+    pub async fn connect(uri: &AgentUri) -> Result<Peer, ApiError> {
+        let client = Client::connect(uri).await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::PeerUnreachable,
+                format!(
+                    "destination agent is down or unreachable: {}",
+                    errors::chain(&e)
+                ),
+            )
+        })?;
+        Ok(Peer {
+            uri: uri.clone(),
+            client: tokio::sync::Mutex::new(client),
+        })
+    }
+
+    pub fn uri(&self) -> &AgentUri {
+        &self.uri
+    }
+
+    pub async fn request(&self, request: Request, timeout: Duration) -> Result<Reply, ClientError> {
+        self.client.lock().await.request(request, timeout).await
+    }
+
+    /// True if the connection still answers.
+    pub async fn ping(&self) -> bool {
+        matches!(
+            self.request(Request::Hello, PING_TIMEOUT).await,
+            Ok(Reply::Hello(_))
+        )
+    }
+
+    /// After `delay`: does the agent answer, on this connection or a new
+    /// one?
+    pub async fn answers_after(&self, delay: Duration) -> bool {
+        tokio::time::sleep(delay).await;
+        self.ping().await || self.reconnect(Duration::ZERO).await && self.ping().await
+    }
+
+    /// Connects to the agent again, retrying until `within`.
+    pub async fn reconnect(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(client) = Client::connect(&self.uri).await {
+                *self.client.lock().await = client;
+                tracing::info!("reconnected to the destination agent");
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(RECONNECT_INTERVAL).await;
+        }
+    }
+
+    /// Tells the destination to tear its side down. A restarted agent
+    /// keeps the incoming QEMU for us rather than tying it to the old
+    /// connection, so it is looked for again if the connection is gone.
+    pub async fn abort(&self, job_id: &str, reason: &str) {
+        let abort = || Request::PeerAbort {
+            job_id: job_id.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut result = self.request(abort(), protocol::REQUEST_TIMEOUT).await;
+        if matches!(result, Err(ref e) if !matches!(e, ClientError::Api(_)))
+            && self.reconnect(ABORT_RETRY).await
+        {
+            result = self.request(abort(), protocol::REQUEST_TIMEOUT).await;
+        }
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "could not reach the destination to abort; it tears down when our connection closes");
+        }
+    }
+}
+
+/// The error for a reply that does not answer the request.
+pub(crate) fn unexpected(reply: &Reply) -> ApiError {
+    ApiError::new(
+        ErrorCode::PeerFailed,
+        format!("destination agent sent an unexpected reply: {reply:?}"),
+    )
+}

@@ -1,0 +1,331 @@
+//! The job task: Prepare on the peer, Perform here under a watchdog on the
+//! peer, then Finish and Confirm, or Cleanup.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use domain::qemu::{LaunchSpec, RamLayout, STOP_TIMEOUT};
+use domain::{DomainDefinition, DomainName};
+use migration::perform::{self, CancelReason, Outcome, Progress};
+use migration::settings;
+use migration::{cleanup, plan, vcpu_throttle, wire};
+use protocol::domain::{DefinitionDoc, Tunables};
+use protocol::job::{JobStats, JobStatus, Phase, Role};
+use protocol::migrate::PrepareRequest;
+use protocol::{Reply, Request, PEER_SILENCE_LIMIT};
+use qmp::commands::vm::{QueryStatus, RunState, Stop};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::finish::{self, Settled, PEER_RETRY};
+use super::peer::{unexpected, Peer};
+use super::record::Ending;
+use crate::errors;
+use crate::state::{Agent, OutgoingJob};
+use crate::vm::RunningVm;
+
+/// How long the destination may take to start its QEMU and listen.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often the watchdog checks that the destination agent is there.
+const PEER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+pub(super) struct Run {
+    pub agent: Arc<Agent>,
+    pub name: DomainName,
+    pub job: Arc<OutgoingJob>,
+    pub peer: Peer,
+    /// The watchdog gave up on the destination agent.
+    pub lost_peer: AtomicBool,
+    pub def: DomainDefinition,
+    pub vm: Option<Arc<RunningVm>>,
+    pub tunables: Tunables,
+    pub progress: watch::Sender<Progress>,
+}
+
+impl Run {
+    pub fn set_phase(&self, phase: Phase) {
+        *self.job.phase.lock().expect("phase lock") = phase;
+        tracing::debug!(%phase, "phase");
+    }
+
+    pub async fn run(self) {
+        let ending = match self.vm.clone() {
+            Some(vm) => self.live(&vm).await,
+            None => self.offline().await,
+        };
+        self.conclude(ending).await;
+    }
+
+    async fn prepare(&self) -> Result<String, String> {
+        self.set_phase(Phase::Prepare);
+        let spec = match &self.vm {
+            Some(vm) => vm.spec.clone(),
+            None => LaunchSpec {
+                machine: self.def.machine.clone(),
+                accel: self.def.accel,
+                ram: RamLayout::plain(self.def.memory_mib),
+            },
+        };
+        let request = Request::PeerPrepare(Box::new(PrepareRequest {
+            job_id: self.job.ident.id.clone(),
+            definition: DefinitionDoc(self.def.to_document()),
+            spec: wire::launch_spec(&spec),
+            flags: self.job.ident.flags.options().clone(),
+            source: self.agent.uri.clone(),
+        }));
+        match self.peer.request(request, PREPARE_TIMEOUT).await {
+            Ok(Reply::Prepared { uri }) => Ok(uri),
+            Ok(other) => Err(unexpected(&other).message),
+            Err(e) => Err(format!(
+                "destination could not prepare: {}",
+                errors::chain(&e)
+            )),
+        }
+    }
+
+    async fn offline(&self) -> Ending {
+        if let Err(e) = self.prepare().await {
+            return Ending::failed(e, JobStats::default());
+        }
+        self.set_phase(Phase::Confirm);
+        if self.job.ident.flags.undefine_source {
+            self.undefine_source().await;
+        }
+        Ending::completed(JobStats::default(), None)
+    }
+
+    async fn live(&self, vm: &Arc<RunningVm>) -> Ending {
+        let qmp = vm.process.qmp();
+        let flags = &self.job.ident.flags;
+        let data_uri = match self.prepare().await {
+            Ok(uri) => uri,
+            Err(e) => {
+                // The destination tears down on its own when Prepare fails
+                // or our connection closes; ask anyway.
+                self.peer.abort(&self.job.ident.id, &e).await;
+                return Ending::failed(e, JobStats::default());
+            }
+        };
+        tracing::info!(%data_uri, "destination ready");
+
+        self.set_phase(Phase::Perform);
+        let tunables = self
+            .agent
+            .with_domain(&self.name, |d| Ok(d.tunables))
+            .unwrap_or(self.tunables);
+        let (throttle, via) = if flags.converge_mode() == protocol::ConvergeMode::Adaptive {
+            let name = format!("{}-{}", self.name, &self.job.ident.id[..8]);
+            let (throttle, via) =
+                vcpu_throttle::attach(qmp, &self.agent.config.cgroup_cpu, name, vm.process.pid())
+                    .await;
+            (Some(throttle), via)
+        } else {
+            (None, settings::ThrottleVia::NotQemu)
+        };
+        let previous = match settings::apply(qmp, flags, tunables, Role::Source, via).await {
+            Ok(p) => p,
+            Err(e) => {
+                if let Some(mut throttle) = throttle {
+                    throttle.release().await;
+                }
+                let error = format!(
+                    "source QEMU refused the migration settings: {}",
+                    errors::chain(&e)
+                );
+                self.peer.abort(&self.job.ident.id, &error).await;
+                return Ending::failed(error, JobStats::default());
+            }
+        };
+        let was_running = matches!(
+            qmp.execute(&QueryStatus).await,
+            Ok(s) if s.status == RunState::Running
+        );
+        if !flags.live && was_running {
+            if let Err(e) = qmp.execute(&Stop).await {
+                tracing::warn!(error = %e, "could not pause the guest for a non-live migration");
+            }
+        }
+
+        let mechanism_max = throttle.as_ref().map_or(0.0, |t| t.max());
+        let options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
+        let outcome = self.perform(vm, &data_uri, &options, throttle).await;
+
+        let mut ending = match outcome {
+            Outcome::Completed { stats } => self.finish_and_confirm(vm, stats, was_running).await,
+            Outcome::Failed { error, stats } => {
+                let error = errors::chain(&error);
+                let mut ending = Ending::failed(format!("migration failed: {error}"), stats);
+                ending.recovery = self.recover_source(vm, was_running, &error).await;
+                ending
+            }
+            Outcome::Cancelled { reason, stats } => {
+                let (status, error) = self.cancelled_because(reason);
+                let recovery = self.recover_source(vm, was_running, &error).await;
+                Ending {
+                    status,
+                    error: Some(error),
+                    recovery,
+                    stats,
+                    data_uri: None,
+                }
+            }
+        };
+        if ending.status != JobStatus::Completed && vm.process.exit_info().is_none() {
+            if let Err(e) = settings::restore(qmp, &previous).await {
+                tracing::warn!(error = %e, "could not restore the source's migration settings");
+            }
+        }
+        ending.data_uri = Some(data_uri);
+        ending
+    }
+
+    /// Perform, while checking that the destination agent is there: a copy
+    /// nobody can finish is cancelled.
+    async fn perform(
+        &self,
+        vm: &RunningVm,
+        data_uri: &str,
+        options: &perform::WatchOptions,
+        throttle: Option<Box<dyn vcpu_throttle::VcpuThrottle>>,
+    ) -> Outcome {
+        let retunes = self
+            .job
+            .retunes
+            .lock()
+            .expect("retune lock")
+            .take()
+            .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1);
+        let perform = perform::run(
+            vm.process.qmp(),
+            data_uri,
+            options,
+            &self.job.cancel,
+            &self.progress,
+            throttle,
+            retunes,
+        );
+        tokio::pin!(perform);
+        let mut last_contact = Instant::now();
+        let mut check = Box::pin(self.peer.answers_after(PEER_CHECK_INTERVAL));
+        loop {
+            tokio::select! {
+                outcome = &mut perform => return outcome,
+                reachable = &mut check => {
+                    if reachable {
+                        last_contact = Instant::now();
+                    } else if last_contact.elapsed() >= PEER_SILENCE_LIMIT
+                        && !self.job.cancel.is_cancelled()
+                    {
+                        tracing::error!("lost the destination agent; cancelling");
+                        self.lost_peer.store(true, Ordering::Relaxed);
+                        self.job.cancel.cancel();
+                    }
+                    check = Box::pin(self.peer.answers_after(PEER_CHECK_INTERVAL));
+                }
+            }
+        }
+    }
+
+    /// The status and error of a job QEMU cancelled.
+    fn cancelled_because(&self, reason: CancelReason) -> (JobStatus, String) {
+        match reason {
+            CancelReason::User if self.lost_peer.load(Ordering::Relaxed) => (
+                JobStatus::Failed,
+                format!(
+                    "lost contact with the destination agent {} for {}s; migration cancelled",
+                    self.job.ident.destination,
+                    PEER_SILENCE_LIMIT.as_secs()
+                ),
+            ),
+            CancelReason::User => (JobStatus::Cancelled, "cancelled by domjobabort".to_string()),
+            CancelReason::Timeout(t) => (
+                JobStatus::Failed,
+                format!(
+                    "migration did not complete within the {}s timeout and was aborted",
+                    t.as_secs()
+                ),
+            ),
+        }
+    }
+
+    /// After QEMU completed: the destination resumes the guest (Finish),
+    /// then the source QEMU goes away (Confirm).
+    async fn finish_and_confirm(
+        &self,
+        vm: &Arc<RunningVm>,
+        stats: JobStats,
+        was_running: bool,
+    ) -> Ending {
+        self.set_phase(Phase::Finish);
+        let settled = finish::settle(
+            &self.peer,
+            &self.job.ident.id,
+            self.agent.config.finish_timeout,
+            PEER_RETRY,
+        )
+        .await;
+        let note = match settled {
+            Settled::Finished => None,
+            Settled::RunsThere(note) => Some(note),
+            Settled::NotThere(error) => {
+                let recovery = cleanup::resume_source(vm.process.qmp(), was_running).await;
+                let mut ending = Ending::failed(error, stats);
+                ending.recovery = Some(recovery);
+                return ending;
+            }
+            Settled::Unknown(error) => {
+                let mut ending = Ending::failed(error, stats);
+                ending.recovery = Some(
+                    "guest left paused on the source because it may be running on the \
+                     destination; check the destination, then resume or destroy the source copy"
+                        .into(),
+                );
+                return ending;
+            }
+        };
+
+        self.set_phase(Phase::Confirm);
+        let vm = self
+            .agent
+            .with_domain(&self.name, |d| Ok(d.vm.take()))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| vm.clone());
+        vm.process.shutdown(STOP_TIMEOUT).await;
+        if self.job.ident.flags.undefine_source {
+            self.undefine_source().await;
+        }
+        Ending::completed(stats, note)
+    }
+
+    async fn undefine_source(&self) {
+        match self.agent.store.remove_definition(&self.name).await {
+            Ok(()) => {
+                let _ = self.agent.with_domain(&self.name, |d| {
+                    d.persistent = false;
+                    Ok(())
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %errors::chain(&e), "could not undefine the source domain")
+            }
+        }
+    }
+
+    /// Cleanup after a failed or cancelled Perform: tear down the
+    /// destination and make sure the guest runs here.
+    async fn recover_source(
+        &self,
+        vm: &Arc<RunningVm>,
+        was_running: bool,
+        error: &str,
+    ) -> Option<String> {
+        self.set_phase(Phase::Cleanup);
+        self.peer.abort(&self.job.ident.id, error).await;
+        if let Some(exit) = vm.process.exit_info() {
+            return Some(format!("none possible: the source QEMU exited ({exit})"));
+        }
+        Some(cleanup::resume_source(vm.process.qmp(), was_running).await)
+    }
+}

@@ -1,0 +1,274 @@
+//! `livemig migrate`'s options, with virsh's names; mapped onto the
+//! protocol's `MigrateOptions`, so an option can be renamed here without
+//! changing the wire.
+
+use clap::{Args, ValueEnum};
+use protocol::{ConvergeMode, MigrateOptions, TimeoutAction};
+
+/// Who makes a busy guest's migration converge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConvergeArg {
+    /// Plain pre-copy.
+    None,
+    /// QEMU's auto-converge (same as --auto-converge).
+    Qemu,
+    /// livemig's controller: measures, throttles only as much as needed.
+    Adaptive,
+}
+
+impl From<ConvergeArg> for ConvergeMode {
+    fn from(arg: ConvergeArg) -> Self {
+        match arg {
+            ConvergeArg::None => ConvergeMode::None,
+            ConvergeArg::Qemu => ConvergeMode::Qemu,
+            ConvergeArg::Adaptive => ConvergeMode::Adaptive,
+        }
+    }
+}
+
+/// What to do when `--timeout` expires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TimeoutActionArg {
+    /// Cancel the migration; the guest keeps running on the source.
+    Abort,
+    /// Switch to post-copy (needs --postcopy or --allow-postcopy).
+    Postcopy,
+    /// Pause the guest so the copy finishes; it resumes on the destination.
+    Suspend,
+}
+
+impl From<TimeoutActionArg> for TimeoutAction {
+    fn from(arg: TimeoutActionArg) -> Self {
+        match arg {
+            TimeoutActionArg::Abort => TimeoutAction::Abort,
+            TimeoutActionArg::Postcopy => TimeoutAction::Postcopy,
+            TimeoutActionArg::Suspend => TimeoutAction::Suspend,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Live migration: the guest keeps running while its memory is copied
+    /// (without it, the guest is paused for the whole copy).
+    #[arg(long)]
+    pub live: bool,
+    /// Migrate only the definition; the domain must not be running.
+    #[arg(long)]
+    pub offline: bool,
+    /// Let QEMU throttle the vCPUs when dirtying outpaces the transfer.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// Initial auto-converge throttle, percent (QEMU default 20).
+    #[arg(long, value_name = "PCT")]
+    pub auto_converge_initial: Option<u8>,
+    /// Auto-converge throttle increment, percent (QEMU default 10).
+    #[arg(long, value_name = "PCT")]
+    pub auto_converge_increment: Option<u8>,
+    /// Compress repeated pages (XBZRLE).
+    #[arg(long)]
+    pub compressed: bool,
+    /// Send memory over several connections (multifd).
+    #[arg(long)]
+    pub parallel: bool,
+    /// Number of parallel connections (QEMU default 2).
+    #[arg(long, value_name = "N")]
+    pub parallel_connections: Option<u8>,
+    /// Enable post-copy (switch with `migrate-postcopy`).
+    #[arg(long)]
+    pub postcopy: bool,
+    /// Switch to post-copy automatically after the first pre-copy pass.
+    #[arg(long)]
+    pub postcopy_after_precopy: bool,
+    /// Limit the migration bandwidth, MiB/s.
+    #[arg(long, value_name = "MiB/s")]
+    pub bandwidth: Option<u64>,
+    /// Maximum tolerable downtime, milliseconds (QEMU default 300).
+    #[arg(long, value_name = "MS")]
+    pub downtime: Option<u64>,
+    /// Abort the migration if it has not completed after this many seconds;
+    /// the source keeps running. (virsh suspends the guest instead: that is
+    /// --timeout-suspend here, or --timeout-action suspend.)
+    #[arg(long, value_name = "S")]
+    pub timeout: Option<u64>,
+    /// Make the domain persistent on the destination.
+    #[arg(long)]
+    pub persistent: bool,
+    /// Remove the domain's definition from the source after success.
+    #[arg(long)]
+    pub undefine_source: bool,
+    /// Leave the domain paused on the destination.
+    #[arg(long)]
+    pub suspend: bool,
+    /// Use QEMU's dirty-limit throttle instead of auto-converge (QEMU 8.1+
+    /// with a KVM dirty ring).
+    #[arg(long)]
+    pub dirty_limit: bool,
+    /// Address for the migration data (`tcp:HOST:PORT`); by default the
+    /// destination agent picks one.
+    #[arg(long, value_name = "URI")]
+    pub migrateuri: Option<String>,
+    /// Convergence: none, qemu (auto-converge) or adaptive (livemig's
+    /// controller).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub converge: Option<ConvergeArg>,
+    /// What --timeout does: abort (the default), postcopy or suspend.
+    #[arg(long, value_enum, value_name = "ACTION")]
+    pub timeout_action: Option<TimeoutActionArg>,
+    /// virsh's spelling of --timeout-action suspend.
+    #[arg(long, conflicts_with_all = ["timeout_action", "timeout_postcopy"])]
+    pub timeout_suspend: bool,
+    /// virsh's spelling of --timeout-action postcopy.
+    #[arg(long, conflicts_with = "timeout_action")]
+    pub timeout_postcopy: bool,
+    /// Ceiling a downtime ramp may reach, milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub max_downtime: Option<u64>,
+    /// Highest vCPU throttle, percent (adaptive: up to 99.9 with a host
+    /// throttle, 99 with QEMU's).
+    #[arg(long, value_name = "PCT")]
+    pub max_throttle: Option<f64>,
+    /// Enable post-copy so the policy may switch to it when pre-copy cannot
+    /// finish in time.
+    #[arg(long)]
+    pub allow_postcopy: bool,
+    /// Check everything and predict the migration, without starting it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Recover this domain's post-copy migration after a network failure
+    /// (QEMU's migrate-recover on the destination, migrate resume here).
+    #[arg(long)]
+    pub postcopy_resume: bool,
+    /// Accepted for virsh compatibility: progress is always shown (a bar on
+    /// a terminal, a line a second otherwise).
+    #[arg(long)]
+    pub verbose: bool,
+    /// Stream progress as NDJSON events and print the job record as JSON on
+    /// the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Domain name.
+    pub domain: String,
+    /// Destination agent: tcp://HOST:PORT.
+    pub dest_uri: String,
+}
+
+impl MigrateArgs {
+    /// The options as the agent takes them, virsh's spellings folded in.
+    pub fn options(&self) -> MigrateOptions {
+        let timeout_action = if self.timeout_suspend {
+            Some(TimeoutAction::Suspend)
+        } else if self.timeout_postcopy {
+            Some(TimeoutAction::Postcopy)
+        } else {
+            self.timeout_action.map(Into::into)
+        };
+        MigrateOptions {
+            live: self.live,
+            offline: self.offline,
+            auto_converge: self.auto_converge,
+            auto_converge_initial: self.auto_converge_initial,
+            auto_converge_increment: self.auto_converge_increment,
+            compressed: self.compressed,
+            parallel: self.parallel,
+            parallel_connections: self.parallel_connections,
+            postcopy: self.postcopy,
+            postcopy_after_precopy: self.postcopy_after_precopy,
+            bandwidth: self.bandwidth,
+            downtime: self.downtime,
+            timeout: self.timeout,
+            persistent: self.persistent,
+            undefine_source: self.undefine_source,
+            suspend: self.suspend,
+            dirty_limit: self.dirty_limit,
+            migrateuri: self.migrateuri.clone(),
+            converge: self.converge.map(Into::into),
+            timeout_action,
+            max_downtime: self.max_downtime,
+            max_throttle: self.max_throttle,
+            allow_postcopy: self.allow_postcopy,
+            dry_run: self.dry_run,
+            postcopy_resume: self.postcopy_resume,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn migrate(args: &[&str]) -> Result<MigrateArgs, clap::Error> {
+        let argv = ["livemig", "migrate", "--timeout", "10"]
+            .iter()
+            .chain(args)
+            .chain(&["vm", "tcp://127.0.0.1:7000"]);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Migrate(m) => Ok(m),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn virsh_timeout_spellings_pick_the_timeout_action() {
+        let action = |args: &[&str]| migrate(args).unwrap().options().timeout_action;
+        assert_eq!(action(&[]), None, "abort, by default");
+        assert_eq!(action(&["--timeout-suspend"]), Some(TimeoutAction::Suspend));
+        assert_eq!(
+            action(&["--timeout-postcopy", "--allow-postcopy"]),
+            Some(TimeoutAction::Postcopy)
+        );
+        assert_eq!(
+            action(&["--timeout-action", "suspend"]),
+            Some(TimeoutAction::Suspend)
+        );
+    }
+
+    #[test]
+    fn two_timeout_actions_are_refused() {
+        for args in [
+            &["--timeout-suspend", "--timeout-postcopy"][..],
+            &["--timeout-suspend", "--timeout-action", "abort"],
+            &["--timeout-postcopy", "--timeout-action", "suspend"],
+        ] {
+            let e = migrate(args).expect_err("conflicting timeout actions");
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{args:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_option_reaches_the_wire_under_its_own_name() {
+        let args = migrate(&[
+            "--live",
+            "--auto-converge",
+            "--auto-converge-initial",
+            "30",
+            "--bandwidth",
+            "64",
+            "--downtime",
+            "200",
+            "--converge",
+            "qemu",
+            "--max-downtime",
+            "400",
+            "--migrateuri",
+            "tcp:10.0.0.2:49152",
+        ])
+        .unwrap();
+        let wire = serde_json::to_value(args.options()).unwrap();
+        assert_eq!(wire["live"], true);
+        assert_eq!(wire["auto_converge_initial"], 30);
+        assert_eq!(wire["bandwidth"], 64);
+        assert_eq!(wire["downtime"], 200);
+        assert_eq!(wire["timeout"], 10);
+        assert_eq!(wire["converge"], "qemu");
+        assert_eq!(wire["max_downtime"], 400);
+        assert_eq!(wire["migrateuri"], "tcp:10.0.0.2:49152");
+    }
+}

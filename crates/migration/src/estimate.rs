@@ -1,0 +1,88 @@
+//! `estimate` and `migrate --dry-run`: measure the guest, predict the move.
+
+use converge::estimate::{fit, predict};
+use protocol::domain::Tunables;
+use protocol::estimate::{EstimateParams, EstimateReport};
+use qmp::Client;
+use types::{Bandwidth, Throttle};
+
+use crate::dirty::MeasureError;
+use crate::plan::{controller_policy, downtime_limit};
+use crate::wire;
+
+/// Link speed assumed when none is given (10 GbE, roughly), MiB/s.
+const ASSUMED_BANDWIDTH_MIB_S: u64 = 1024;
+/// Measurement windows, seconds: two, to tell a rate from a working set.
+const WINDOWS: [i64; 2] = [1, 3];
+
+/// Why nothing could be predicted.
+#[derive(Debug, thiserror::Error)]
+pub enum EstimateError {
+    /// The measurement failed.
+    #[error("cannot measure the dirty rate")]
+    Measure(#[from] MeasureError),
+    /// It gave nothing to fit.
+    #[error("no dirty-rate samples")]
+    NoSamples,
+}
+
+/// What to predict a migration of one guest for.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    /// The domain's name, for the report.
+    pub domain: &'a str,
+    /// Guest RAM as QEMU has it.
+    pub ram_bytes: u64,
+    /// The domain's migration limits.
+    pub tunables: Tunables,
+    /// The highest throttle this host can apply.
+    pub mechanism_max: f64,
+}
+
+/// Measures the guest behind `qmp` and predicts its migration under each
+/// convergence policy.
+///
+/// # Errors
+/// [`EstimateError`] when the guest cannot be measured.
+pub async fn estimate(
+    qmp: &Client,
+    subject: Subject<'_>,
+    params: EstimateParams,
+) -> Result<EstimateReport, EstimateError> {
+    let samples = crate::dirty::measure(qmp, &WINDOWS).await?;
+    let ram = subject.ram_bytes as f64;
+    let model = fit(&samples, ram).ok_or(EstimateError::NoSamples)?;
+
+    let given = params
+        .bandwidth_mib_s
+        .or(subject.tunables.bandwidth_mib_s)
+        .and_then(Bandwidth::from_mib_s);
+    let bandwidth = given
+        .or(Bandwidth::from_mib_s(ASSUMED_BANDWIDTH_MIB_S))
+        .map_or(0.0, Bandwidth::as_f64);
+    let downtime = downtime_limit(
+        params.downtime_ms.map(std::time::Duration::from_millis),
+        subject.tunables.downtime_ms,
+        None,
+    );
+    let policy = controller_policy(
+        params.max_throttle_pct.map(Throttle::from_percent),
+        subject.mechanism_max,
+        downtime,
+        None,
+        params.timeout_s.map(std::time::Duration::from_secs),
+        false,
+    );
+    Ok(EstimateReport {
+        domain: subject.domain.to_string(),
+        guest_ram_bytes: subject.ram_bytes,
+        bandwidth_bytes_s: bandwidth,
+        bandwidth_assumed: given.is_none(),
+        downtime_ms: downtime.as_millis() as u64,
+        budget_s: policy.budget,
+        max_throttle_pct: Throttle::from_fraction(policy.max_throttle).percent(),
+        samples: samples.iter().map(wire::dirty_sample).collect(),
+        model: wire::dirty_model(&model),
+        predictions: wire::predictions(&predict(model, ram, bandwidth, &policy)),
+    })
+}

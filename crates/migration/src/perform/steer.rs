@@ -1,0 +1,201 @@
+//! What happens at a dirty-bitmap sync: the controller or the escalation
+//! policy acts on the pass that just ended.
+
+use std::time::Duration;
+
+use converge::controller::{self, Action, Observation};
+use converge::stall::stalled;
+use protocol::job::{ActionKind, JobStats};
+use qmp::commands::migration::MigrateStartPostcopy;
+use tokio::time::Instant;
+use types::units::mib;
+use types::Throttle;
+
+use super::watch::Watch;
+
+/// Passes without a new low before a non-adaptive job escalates.
+const STALL_WINDOW: usize = 3;
+/// A pass shorter than this says little about the dirty rate (QEMU syncs
+/// again quickly near the end); the controller skips it.
+const MIN_PASS_SECS: f64 = 0.5;
+/// Share of the downtime limit the watcher fills when it switches over:
+/// the rest is for what the guest dirties before it stops, and the device
+/// state.
+const HELD_SWITCHOVER_SHARE: f64 = 0.5;
+
+impl Watch<'_> {
+    /// After each poll: a new pass lets the policy act, and
+    /// `--postcopy-after-precopy` switches once the first pass is done.
+    pub async fn at_poll(&mut self, stats: &JobStats) {
+        let iteration = stats.iteration.unwrap_or(0);
+        if iteration > self.last_iteration {
+            // The first sync happens at setup; later ones end passes.
+            if self.last_iteration > 0 && self.cancelling.is_none() {
+                self.on_sync(stats).await;
+            }
+            self.last_iteration = iteration;
+        }
+        if self.options.postcopy_after_precopy
+            && !self.postcopy_requested
+            && self.cancelling.is_none()
+            && iteration >= 2
+        {
+            self.start_postcopy("--postcopy-after-precopy: the first pass is done".into())
+                .await;
+        }
+    }
+
+    /// A new pass began: let the controller or the escalation policy act.
+    /// What is left right after a sync is what the guest dirtied during the
+    /// pass, plus a leftover below QEMU's switchover threshold (QEMU syncs
+    /// once what is left falls below it).
+    async fn on_sync(&mut self, stats: &JobStats) {
+        let now = Instant::now();
+        let pass_secs = now.duration_since(self.last_sync).as_secs_f64();
+        self.last_sync = now;
+        let remaining = stats.memory_remaining_bytes.unwrap_or(0) as f64;
+        self.history.push(remaining);
+        tracing::debug!(
+            pass = stats.iteration,
+            remaining_mib = mib(remaining),
+            pass_secs,
+            "pass"
+        );
+        if self.paused_at.is_some() {
+            // Paused for the switchover: QEMU completes, nothing to steer.
+            return;
+        }
+        if self.limits.held
+            && remaining
+                <= self.bandwidth(stats)
+                    * self.limits.downtime.as_secs_f64()
+                    * HELD_SWITCHOVER_SHARE
+        {
+            self.switch_over(remaining).await;
+            return;
+        }
+        if pass_secs < MIN_PASS_SECS {
+            return;
+        }
+        if self.controller.is_some() {
+            self.consult_controller(stats, remaining, pass_secs).await;
+        } else if stalled(&self.history, STALL_WINDOW) {
+            self.escalate().await;
+        }
+    }
+
+    async fn consult_controller(&mut self, stats: &JobStats, remaining: f64, pass_secs: f64) {
+        let Some((mut state, policy)) = self.controller.clone() else {
+            return;
+        };
+        let throttle_now = self.throttle_now().fraction();
+        // What is applied, whatever the controller last asked for.
+        state.throttle = throttle_now;
+        let decision = controller::decide(
+            &state,
+            &Observation {
+                elapsed: self.elapsed().as_secs_f64(),
+                remaining,
+                pass_secs,
+                throttle: throttle_now,
+                bandwidth: self.bandwidth(stats),
+            },
+            &policy,
+        );
+        if let Some((state, _)) = self.controller.as_mut() {
+            *state = decision.state;
+        }
+        for action in decision.actions {
+            match action {
+                Action::Throttle { to, why } => {
+                    self.set_throttle(Throttle::from_fraction(to), why).await
+                }
+                Action::Downtime { to, why } => {
+                    // A refusal is in the timeline.
+                    self.set_downtime(Duration::from_secs_f64(to), why).await;
+                }
+                Action::Postcopy { why } => {
+                    self.start_postcopy(why).await;
+                }
+            }
+        }
+    }
+
+    /// No progress for a while without the controller: raise the downtime
+    /// limit to its ceiling, then switch to post-copy if allowed.
+    async fn escalate(&mut self) {
+        let max = self.options.max_downtime.unwrap_or_default();
+        if max > self.limits.downtime {
+            self.set_downtime(
+                max,
+                format!("no progress in {STALL_WINDOW} passes; raising the downtime limit"),
+            )
+            .await;
+            // Judge the new limit on fresh passes.
+            self.history.clear();
+        } else if self.options.allow_postcopy && !self.postcopy_requested {
+            self.start_postcopy(format!("no progress in {STALL_WINDOW} passes"))
+                .await;
+        }
+    }
+
+    pub async fn set_throttle(&mut self, to: Throttle, why: String) {
+        let Some(throttle) = self.throttle.as_mut() else {
+            self.record(
+                ActionKind::Throttle,
+                Some(to.percent()),
+                format!("wanted, but no throttle mechanism: {why}"),
+            );
+            return;
+        };
+        let kind = throttle.kind();
+        let slow_to_stop = throttle.slow_to_stop(to.fraction());
+        match throttle.set(to.fraction()).await {
+            Ok(()) => {
+                self.throttled |= to.is_on();
+                self.update(|p| {
+                    p.throttle = to;
+                    if to > p.max_throttle {
+                        p.max_throttle = to;
+                    }
+                });
+                self.record(
+                    ActionKind::Throttle,
+                    Some(to.percent()),
+                    format!("{kind}: {why}"),
+                );
+                if slow_to_stop != self.limits.held {
+                    self.hold_switchover(slow_to_stop).await;
+                }
+            }
+            Err(e) => self.record(
+                ActionKind::Throttle,
+                Some(to.percent()),
+                format!("{kind} throttle failed: {}", types::error_chain(&e)),
+            ),
+        }
+    }
+
+    /// Asks QEMU to switch to post-copy (once); false if it refused.
+    pub async fn start_postcopy(&mut self, why: String) -> bool {
+        if self.postcopy_requested {
+            return true;
+        }
+        self.postcopy_requested = true;
+        match self.qmp.execute(&MigrateStartPostcopy).await {
+            Ok(_) => {
+                self.update(|p| p.postcopy_started = true);
+                self.record(ActionKind::Postcopy, None, why);
+                true
+            }
+            Err(e) => {
+                self.record(
+                    ActionKind::Postcopy,
+                    None,
+                    format!("QEMU refused to switch: {e}"),
+                );
+                false
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! The watcher's state, and its bookkeeping: the timeline, the published
+//! progress, the limits in force, the throttle's release.
+
+use std::time::Duration;
+
+use converge::controller::{Policy, State};
+use converge::estimate::fit;
+use converge::DirtyModel;
+use protocol::job::{ActionKind, JobStats, Sample, TimedAction};
+use qmp::commands::migration::{MigrateSetParameters, MigrationParameters};
+use qmp::Client;
+use tokio::sync::{oneshot, watch as channel};
+use tokio::time::Instant;
+use types::units::mib;
+use types::{Bandwidth, Throttle};
+
+use super::ending::CancelReason;
+use super::{ms_since, Progress, RetuneError, WatchOptions};
+use crate::vcpu_throttle::VcpuThrottle;
+
+/// The dirty rate measured while the first pass runs, and its description.
+pub(super) type Preflight = Option<(DirtyModel, String)>;
+
+/// The limits the job runs under.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// The user's downtime limit (QEMU has 1 ms while the switchover is
+    /// held).
+    pub downtime: Duration,
+    /// The bandwidth cap (`--bandwidth`, then `migrate-setspeed`).
+    pub bandwidth: Option<Bandwidth>,
+    /// QEMU's switchover is held back (see the module docs).
+    pub held: bool,
+}
+
+/// The loop's state.
+pub(super) struct Watch<'a> {
+    pub qmp: &'a Client,
+    pub options: &'a WatchOptions,
+    progress: &'a channel::Sender<Progress>,
+    pub started: Instant,
+    pub limits: Limits,
+    /// The mechanism the controller throttles with, until released.
+    pub throttle: Option<Box<dyn VcpuThrottle>>,
+    /// Some throttle was applied during the job.
+    pub throttled: bool,
+    /// The controller's state and policy (with the limits in force).
+    pub controller: Option<(State, Policy)>,
+    /// Bytes left after each sync, for the stall check.
+    pub history: Vec<f64>,
+    pub last_iteration: u64,
+    pub last_sync: Instant,
+    pub postcopy_requested: bool,
+    preflight: Option<oneshot::Receiver<Preflight>>,
+    pub timeout_done: bool,
+    /// Why and when we asked QEMU to cancel.
+    pub cancelling: Option<(CancelReason, Instant)>,
+    /// A domjobabort arrived during post-copy and was turned down.
+    pub cancel_refused: bool,
+    /// When the watcher paused the guest to switch over.
+    pub paused_at: Option<Instant>,
+}
+
+impl<'a> Watch<'a> {
+    pub fn new(
+        qmp: &'a Client,
+        options: &'a WatchOptions,
+        progress: &'a channel::Sender<Progress>,
+        throttle: Option<Box<dyn VcpuThrottle>>,
+    ) -> Self {
+        let started = Instant::now();
+        progress.send_modify(|p| {
+            p.bandwidth_limit = options.bandwidth_cap;
+            p.downtime_limit = Some(options.downtime);
+        });
+        let preflight = options.preflight.then(|| {
+            let (tx, rx) = oneshot::channel();
+            let client = qmp.clone();
+            let ram = options.ram_bytes as f64;
+            tokio::spawn(async move {
+                let _ = tx.send(preflight(client, ram).await);
+            });
+            rx
+        });
+        Watch {
+            qmp,
+            options,
+            progress,
+            started,
+            limits: Limits {
+                downtime: options.downtime,
+                bandwidth: options.bandwidth_cap,
+                held: false,
+            },
+            throttle,
+            throttled: false,
+            controller: options
+                .controller
+                .map(|policy| (State::new(&policy, None), policy)),
+            history: Vec::new(),
+            last_iteration: 0,
+            last_sync: started,
+            postcopy_requested: false,
+            preflight,
+            timeout_done: false,
+            cancelling: None,
+            cancel_refused: false,
+            paused_at: None,
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Adds an action to the timeline (and the log).
+    pub fn record(&self, action: ActionKind, value: Option<f64>, detail: String) {
+        let t_ms = ms_since(self.started);
+        tracing::info!(t_ms, %action, ?value, %detail, "job action");
+        self.progress.send_modify(|p| {
+            p.actions.push(TimedAction {
+                t_ms,
+                action,
+                value,
+                detail,
+            })
+        });
+    }
+
+    /// Changes the published progress.
+    pub fn update(&self, change: impl FnOnce(&mut Progress)) {
+        self.progress.send_modify(change);
+    }
+
+    /// The job has switched to post-copy, as far as we know.
+    pub fn progress_postcopy_started(&self) -> bool {
+        self.progress.borrow().postcopy_started
+    }
+
+    /// The throttle in force, as published.
+    pub fn throttle_now(&self) -> Throttle {
+        self.progress.borrow().throttle
+    }
+
+    /// Publishes a reading of QEMU's figures and adds it to the timeline.
+    pub fn publish(&self, stats: &JobStats) {
+        let t_ms = ms_since(self.started);
+        self.progress.send_modify(|p| {
+            let qemu = Throttle::from_percent(stats.cpu_throttle_pct.unwrap_or(0) as f64);
+            if qemu > p.max_throttle {
+                p.max_throttle = qemu;
+            }
+            p.stats = stats.clone();
+            p.samples
+                .push(Sample::from_stats(t_ms, stats, p.throttle.percent()));
+        });
+    }
+
+    /// Sets QEMU's downtime limit (and nothing else).
+    pub async fn set_qemu_downtime(&self, limit: Duration) -> Result<(), qmp::Error> {
+        set_parameters(self.qmp, downtime(limit)).await
+    }
+
+    /// Sets the job's downtime limit; false if QEMU refused it.
+    pub async fn set_downtime(&mut self, limit: Duration, why: String) -> bool {
+        let ms = limit.as_millis() as f64;
+        // While held, QEMU keeps the hold's limit; this one applies when
+        // the hold ends.
+        if !self.limits.held {
+            if let Err(e) = self.set_qemu_downtime(limit).await {
+                self.record(ActionKind::Downtime, Some(ms), format!("QEMU refused: {e}"));
+                return false;
+            }
+        }
+        self.limits.downtime = limit;
+        self.update(|p| p.downtime_limit = Some(limit));
+        self.record(ActionKind::Downtime, Some(ms), why);
+        true
+    }
+
+    /// Applies a bandwidth or downtime limit the user set mid-job.
+    pub async fn retune(
+        &mut self,
+        bandwidth: Option<Bandwidth>,
+        downtime: Option<Duration>,
+    ) -> Result<(), RetuneError> {
+        if let Some(cap) = bandwidth {
+            // Paused for livemig's switchover, QEMU sends without the cap;
+            // the new one would only slow the stop-and-copy.
+            if self.paused_at.is_none() {
+                let params = MigrationParameters {
+                    max_bandwidth: Some(cap.bytes_per_sec()),
+                    ..Default::default()
+                };
+                set_parameters(self.qmp, params)
+                    .await
+                    .map_err(RetuneError::Bandwidth)?;
+            }
+            self.limits.bandwidth = Some(cap);
+            self.update(|p| p.bandwidth_limit = Some(cap));
+            self.record(
+                ActionKind::Bandwidth,
+                Some(cap.mib_s() as f64),
+                "migrate-setspeed: bandwidth cap changed".into(),
+            );
+        }
+        if let Some(limit) = downtime {
+            if !self
+                .set_downtime(
+                    limit,
+                    "migrate-setmaxdowntime: downtime limit changed".into(),
+                )
+                .await
+            {
+                return Err(RetuneError::Downtime);
+            }
+            let secs = limit.as_secs_f64();
+            if let Some((state, policy)) = self.controller.as_mut() {
+                policy.downtime = secs;
+                policy.max_downtime = policy.max_downtime.max(secs);
+                state.downtime = secs;
+            }
+        }
+        Ok(())
+    }
+
+    /// The link's bandwidth for the controller, bytes/s: the cap when there
+    /// is one (QEMU's own figure counts bytes on the wire, so it reads low
+    /// while the first pass skims over zero pages), else QEMU's
+    /// measurement.
+    pub fn bandwidth(&self, stats: &JobStats) -> f64 {
+        let measured = stats
+            .bandwidth_mib_s
+            .filter(|b| *b > 0.0)
+            .map(|b| b * types::MIB as f64);
+        self.limits
+            .bandwidth
+            .map(Bandwidth::as_f64)
+            .or(measured)
+            .unwrap_or(1e9)
+    }
+
+    /// Takes the first-pass measurement once it is there.
+    pub fn take_preflight(&mut self) {
+        let Some(rx) = self.preflight.as_mut() else {
+            return;
+        };
+        match rx.try_recv() {
+            Ok(result) => {
+                self.preflight = None;
+                if let Some((model, detail)) = result {
+                    self.record(ActionKind::Measure, Some(mib(model.rate)), detail);
+                    if let Some((state, _)) = self.controller.as_mut() {
+                        if state.model.rate == 0.0 {
+                            state.model = model;
+                        }
+                    }
+                }
+            }
+            Err(oneshot::error::TryRecvError::Empty) => {}
+            Err(oneshot::error::TryRecvError::Closed) => self.preflight = None,
+        }
+    }
+
+    /// Lifts our throttle; called as soon as QEMU reports the end.
+    pub async fn release(&mut self) {
+        if let Some(mut throttle) = self.throttle.take() {
+            throttle.release().await;
+            if self.throttled {
+                self.update(|p| p.throttle = Throttle::NONE);
+                self.record(
+                    ActionKind::Release,
+                    Some(0.0),
+                    format!("{} throttle lifted", throttle.kind()),
+                );
+            }
+        }
+    }
+}
+
+pub(super) async fn set_parameters(
+    qmp: &Client,
+    params: MigrationParameters,
+) -> Result<(), qmp::Error> {
+    qmp.execute(&MigrateSetParameters(params)).await.map(|_| ())
+}
+
+pub(super) fn downtime(limit: Duration) -> MigrationParameters {
+    MigrationParameters {
+        downtime_limit: Some(limit.as_millis() as u64),
+        ..Default::default()
+    }
+}
+
+/// Measures the dirty rate over 1 s and 2 s windows and fits the model.
+async fn preflight(qmp: Client, ram_bytes: f64) -> Preflight {
+    let samples = crate::dirty::measure(&qmp, &[1, 2]).await.ok()?;
+    let model = fit(&samples, ram_bytes)?;
+    Some((model, crate::dirty::describe(&samples, &model)))
+}

@@ -1,0 +1,103 @@
+//! `estimate` and `migrate --dry-run`: what the guest does to its memory and
+//! what each convergence policy is predicted to make of it.
+
+use serde::{Deserialize, Serialize};
+
+/// What to estimate for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct EstimateParams {
+    /// Link bandwidth, MiB/s.
+    pub bandwidth_mib_s: Option<u64>,
+    /// Downtime limit, ms.
+    pub downtime_ms: Option<u64>,
+    /// Time budget, s.
+    pub timeout_s: Option<u64>,
+    /// Highest throttle the controller may use, percent.
+    pub max_throttle_pct: Option<f64>,
+}
+
+/// One dirty-rate measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DirtySample {
+    /// The window, seconds.
+    pub window_secs: f64,
+    /// Distinct bytes dirtied in the window.
+    pub dirtied: f64,
+}
+
+/// The guest as a dirty rate and a working set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DirtyModel {
+    /// Unthrottled dirty rate, bytes per second.
+    pub rate: f64,
+    /// Distinct bytes the guest keeps rewriting.
+    pub working_set: f64,
+    /// `rate` is only a lower bound: every window saturated.
+    pub rate_is_lower_bound: bool,
+}
+
+/// A predicted migration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// It finishes within the budget.
+    pub converges: bool,
+    /// Seconds until switchover completes (or the budget).
+    pub total_secs: f64,
+    /// Seconds the guest is paused at switchover.
+    pub downtime_secs: f64,
+    /// Passes over memory.
+    pub passes: u32,
+    /// Highest throttle, 0 to 1.
+    pub max_throttle: f64,
+    /// Seconds of full-speed guest time lost to throttling and downtime.
+    pub work_lost_secs: f64,
+    /// Bytes sent in all.
+    pub transferred: f64,
+}
+
+/// What each convergence policy is predicted to do.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Outlook {
+    /// Plain pre-copy.
+    pub none: Prediction,
+    /// QEMU's auto-converge with its defaults.
+    pub qemu: Prediction,
+    /// livemig's adaptive controller.
+    pub adaptive: Prediction,
+}
+
+/// Predictions for the measured model; when the rate is only a lower
+/// bound, also for the worst case the measurement allows.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Predictions {
+    /// For the model as measured.
+    #[serde(flatten)]
+    pub measured: Outlook,
+    /// For the fastest writer the measurement allows.
+    pub worst_case: Option<Outlook>,
+}
+
+/// `estimate`'s answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EstimateReport {
+    /// The domain.
+    pub domain: String,
+    /// Guest RAM, bytes.
+    pub guest_ram_bytes: u64,
+    /// Bytes per second the prediction assumes.
+    pub bandwidth_bytes_s: f64,
+    /// No bandwidth was given: the figure is an assumption.
+    pub bandwidth_assumed: bool,
+    /// The downtime limit, ms.
+    pub downtime_ms: u64,
+    /// The time budget, s.
+    pub budget_s: Option<f64>,
+    /// Highest throttle the adaptive controller may use here, percent.
+    pub max_throttle_pct: f64,
+    /// The measurements.
+    pub samples: Vec<DirtySample>,
+    /// The model fitted to them.
+    pub model: DirtyModel,
+    /// The predictions.
+    pub predictions: Predictions,
+}

@@ -1,0 +1,487 @@
+//! Migration jobs as users and scripts see them: live statistics
+//! (`domjobinfo`), the timeline, and the record kept when a job ends.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::migrate::ConvergeMode;
+
+/// Which half of a migration an agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// It sends the guest.
+    Source,
+    /// It receives the guest.
+    Destination,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+        })
+    }
+}
+
+/// The phases of a migration, libvirt's v3 shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Source: validate flags, probe both QEMU binaries.
+    Begin,
+    /// Destination: start QEMU with `-incoming defer`, listen.
+    Prepare,
+    /// Source: copy memory until QEMU switches over.
+    Perform,
+    /// Destination: resume the guest.
+    Finish,
+    /// Source: stop its QEMU (or resume it if Finish failed).
+    Confirm,
+    /// Undo after a failure.
+    Cleanup,
+    /// Over.
+    Done,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Phase::Begin => "begin",
+            Phase::Prepare => "prepare",
+            Phase::Perform => "perform",
+            Phase::Finish => "finish",
+            Phase::Confirm => "confirm",
+            Phase::Cleanup => "cleanup",
+            Phase::Done => "done",
+        })
+    }
+}
+
+/// How a job ended, or that it has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// It runs.
+    Active,
+    /// The guest runs on the destination.
+    Completed,
+    /// Something failed; the record says what was done about it.
+    Failed,
+    /// Cancelled on request; the guest stays on the source.
+    Cancelled,
+}
+
+impl fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            JobStatus::Active => "active",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// One reading of QEMU's `query-migrate` on the source, in our units.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobStats {
+    /// QEMU's own word for the migration's state (`active`, `completed`,
+    /// ...), as QEMU spells it.
+    pub qemu_status: Option<String>,
+    /// Milliseconds since QEMU started the migration.
+    pub total_time_ms: Option<u64>,
+    /// Milliseconds QEMU spent in setup.
+    pub setup_time_ms: Option<u64>,
+    /// Milliseconds the guest was paused at switchover.
+    pub downtime_ms: Option<u64>,
+    /// QEMU's estimate of the downtime if it switched over now.
+    pub expected_downtime_ms: Option<u64>,
+    /// Guest RAM, bytes.
+    pub memory_total_bytes: Option<u64>,
+    /// Bytes sent so far.
+    pub memory_processed_bytes: Option<u64>,
+    /// Bytes left to send in this pass.
+    pub memory_remaining_bytes: Option<u64>,
+    /// Pages sent as "all the same byte".
+    pub constant_pages: Option<u64>,
+    /// Pages sent whole.
+    pub normal_pages: Option<u64>,
+    /// Bytes of the pages sent whole.
+    pub normal_bytes: Option<u64>,
+    /// Transfer rate QEMU measured, MiB/s.
+    pub bandwidth_mib_s: Option<f64>,
+    /// Pages dirtied per second in the last period (saturates at working
+    /// set / pass time, so it under-reports hot writers).
+    pub dirty_rate_pages_s: Option<u64>,
+    /// Completed passes over memory (dirty-bitmap syncs).
+    pub iteration: Option<u64>,
+    /// The guest's page size, bytes.
+    pub page_size: Option<u64>,
+    /// QEMU's own vCPU throttle, percent.
+    pub cpu_throttle_pct: Option<u64>,
+    /// Pages the destination asked for during post-copy.
+    pub postcopy_requests: Option<u64>,
+}
+
+impl JobStats {
+    /// Fills the fields `older` has and `self` lacks: QEMU drops the RAM
+    /// statistics in some states, and a job keeps the last ones it saw.
+    pub fn merged_over(mut self, older: &JobStats) -> JobStats {
+        macro_rules! keep {
+            ($($f:ident),*) => {$( if self.$f.is_none() { self.$f = older.$f.clone(); } )*};
+        }
+        keep!(
+            total_time_ms,
+            setup_time_ms,
+            memory_total_bytes,
+            memory_processed_bytes,
+            memory_remaining_bytes,
+            constant_pages,
+            normal_pages,
+            normal_bytes,
+            bandwidth_mib_s,
+            iteration,
+            page_size
+        );
+        self
+    }
+
+    /// Bytes per second newly dirtied, as QEMU last reported it.
+    pub fn dirty_rate_bytes_s(&self) -> Option<u64> {
+        self.dirty_rate_pages_s
+            .zip(self.page_size)
+            .map(|(pages, size)| pages.saturating_mul(size))
+    }
+}
+
+/// What a job did, in its timeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionKind {
+    /// The dirty rate measured while the first pass ran (value: MiB/s).
+    Measure,
+    /// The vCPU throttle changed (value: percent).
+    Throttle,
+    /// The downtime limit changed (value: ms).
+    Downtime,
+    /// The bandwidth cap changed (value: MiB/s).
+    Bandwidth,
+    /// QEMU's own switchover held back or let go (value: QEMU's limit, ms).
+    Hold,
+    /// livemig paused the guest to switch over.
+    Switchover,
+    /// The switch to post-copy.
+    Postcopy,
+    /// The migration was cancelled (or the cancel was ignored).
+    Cancel,
+    /// The timeout paused the guest.
+    Suspend,
+    /// The throttle was lifted at the end.
+    Release,
+    /// A kind from a newer agent.
+    #[serde(other)]
+    Unknown,
+}
+
+impl ActionKind {
+    /// The kind's wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActionKind::Measure => "measure",
+            ActionKind::Throttle => "throttle",
+            ActionKind::Downtime => "downtime",
+            ActionKind::Bandwidth => "bandwidth",
+            ActionKind::Hold => "hold",
+            ActionKind::Switchover => "switchover",
+            ActionKind::Postcopy => "postcopy",
+            ActionKind::Cancel => "cancel",
+            ActionKind::Suspend => "suspend",
+            ActionKind::Release => "release",
+            ActionKind::Unknown => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for ActionKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Something the job did, when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimedAction {
+    /// Milliseconds since the migration started.
+    pub t_ms: u64,
+    /// What.
+    pub action: ActionKind,
+    /// The new value, if any, in the unit [`ActionKind`] gives.
+    #[serde(default)]
+    pub value: Option<f64>,
+    /// Why, in words.
+    pub detail: String,
+}
+
+/// One reading of the job, taken at every poll: the timeline a report
+/// draws.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Milliseconds since the migration started.
+    pub t_ms: u64,
+    /// QEMU's migration status.
+    pub status: String,
+    /// Passes over memory so far.
+    pub pass: u64,
+    /// Bytes left in this pass.
+    pub remaining_bytes: u64,
+    /// Bytes sent so far.
+    pub transferred_bytes: u64,
+    /// MiB/s QEMU measured.
+    pub bandwidth_mib_s: f64,
+    /// MiB/s newly dirtied (QEMU's figure; saturates for hot writers).
+    pub dirty_rate_mib_s: f64,
+    /// vCPU throttle in force (QEMU's or livemig's), percent.
+    pub throttle_pct: f64,
+    /// QEMU's expected downtime, ms.
+    pub expected_downtime_ms: Option<u64>,
+}
+
+impl Sample {
+    /// A sample of `stats` at `t_ms`, with livemig's throttle in percent.
+    pub fn from_stats(t_ms: u64, stats: &JobStats, our_throttle_pct: f64) -> Self {
+        Sample {
+            t_ms,
+            status: stats.qemu_status.clone().unwrap_or_default(),
+            pass: stats.iteration.unwrap_or(0),
+            remaining_bytes: stats.memory_remaining_bytes.unwrap_or(0),
+            transferred_bytes: stats.memory_processed_bytes.unwrap_or(0),
+            bandwidth_mib_s: stats.bandwidth_mib_s.unwrap_or(0.0),
+            dirty_rate_mib_s: stats
+                .dirty_rate_bytes_s()
+                .map_or(0.0, |b| types::units::mib(b as f64)),
+            throttle_pct: our_throttle_pct.max(stats.cpu_throttle_pct.unwrap_or(0) as f64),
+            expected_downtime_ms: stats.expected_downtime_ms,
+        }
+    }
+}
+
+/// Seconds of full-speed guest time a throttle timeline cost: the throttle
+/// integrated over time.
+pub fn work_lost_s(samples: &[Sample]) -> f64 {
+    samples
+        .windows(2)
+        .map(|w| w[1].t_ms.saturating_sub(w[0].t_ms) as f64 / 1000.0 * w[0].throttle_pct / 100.0)
+        .sum()
+}
+
+/// A job while it runs (and the last one, with `--completed`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobInfo {
+    /// The job id.
+    pub id: String,
+    /// The domain.
+    pub domain: String,
+    /// Which half this agent runs.
+    pub role: Role,
+    /// Where it is.
+    pub phase: Phase,
+    /// Active, or how it ended.
+    pub status: JobStatus,
+    /// The options given, by name.
+    pub flags: Vec<String>,
+    /// Unix time in milliseconds.
+    pub started_at_ms: u64,
+    /// Milliseconds since it started.
+    pub elapsed_ms: u64,
+    /// QEMU's latest figures.
+    pub stats: JobStats,
+    /// Highest vCPU throttle so far (QEMU's or livemig's), percent.
+    pub max_cpu_throttle_pct: f64,
+    /// vCPU throttle in force now, percent.
+    #[serde(default)]
+    pub throttle_pct: f64,
+    /// Who makes it converge.
+    #[serde(default)]
+    pub converge: ConvergeMode,
+    /// The timeline so far.
+    #[serde(default)]
+    pub actions: Vec<TimedAction>,
+    /// Estimated impact on the guest so far: seconds of full-speed guest
+    /// time lost to the vCPU throttle.
+    #[serde(default)]
+    pub guest_work_lost_s: f64,
+    /// The bandwidth cap in force, MiB/s (`None`: uncapped, or not known).
+    #[serde(default)]
+    pub bandwidth_limit_mib_s: Option<u64>,
+    /// The downtime limit in force, ms.
+    #[serde(default)]
+    pub downtime_limit_ms: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// The record of a finished job: printed as the last line of
+/// `migrate --json` and kept in the agent's history. Scripts rely on these
+/// field names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The job id.
+    pub id: String,
+    /// The domain.
+    pub domain: String,
+    /// Agent URI of the source host.
+    pub source: String,
+    /// Agent URI of the destination host.
+    pub destination: String,
+    /// How it ended.
+    pub status: JobStatus,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// The options given, by name.
+    pub flags: Vec<String>,
+    /// QEMU's auto-converge was on.
+    pub auto_converge: bool,
+    /// Milliseconds from start to end.
+    pub total_time_ms: u64,
+    /// QEMU's setup time, ms.
+    pub setup_time_ms: Option<u64>,
+    /// Milliseconds the guest was paused at switchover.
+    pub downtime_ms: Option<u64>,
+    /// Bytes sent.
+    pub transferred_bytes: u64,
+    /// Passes over memory.
+    pub iterations: u64,
+    /// Highest vCPU throttle seen (QEMU's or livemig's), percent.
+    pub max_cpu_throttle_pct: f64,
+    /// Who made it converge.
+    #[serde(default)]
+    pub converge: ConvergeMode,
+    /// The timeline of what the job did.
+    #[serde(default)]
+    pub actions: Vec<TimedAction>,
+    /// The phase the job was in when it ended.
+    pub phase: Phase,
+    /// Unix time in milliseconds.
+    pub started_at_ms: u64,
+    /// Unix time in milliseconds.
+    pub finished_at_ms: u64,
+    /// Data URI the memory went over.
+    #[serde(default)]
+    pub data_uri: Option<String>,
+    /// What was done to leave the VM running after a failure.
+    #[serde(default)]
+    pub recovery: Option<String>,
+    /// Which half of the migration this agent ran.
+    #[serde(default = "source_role")]
+    pub role: Role,
+    /// The last statistics QEMU reported.
+    #[serde(default)]
+    pub stats: JobStats,
+    /// The timeline: one sample per poll.
+    #[serde(default)]
+    pub samples: Vec<Sample>,
+}
+
+fn source_role() -> Role {
+    Role::Source
+}
+
+impl JobRecord {
+    /// The record shown as job info (`domjobinfo --completed`).
+    pub fn as_info(&self) -> JobInfo {
+        JobInfo {
+            id: self.id.clone(),
+            domain: self.domain.clone(),
+            role: self.role,
+            phase: self.phase,
+            status: self.status,
+            flags: self.flags.clone(),
+            started_at_ms: self.started_at_ms,
+            elapsed_ms: self.total_time_ms,
+            stats: self.stats.clone(),
+            max_cpu_throttle_pct: self.max_cpu_throttle_pct,
+            throttle_pct: 0.0,
+            converge: self.converge,
+            actions: self.actions.clone(),
+            guest_work_lost_s: work_lost_s(&self.samples),
+            bandwidth_limit_mib_s: None,
+            downtime_limit_ms: None,
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// One line of `jobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    /// The job id.
+    pub id: String,
+    /// The domain.
+    pub domain: String,
+    /// `source` or `destination`.
+    pub role: String,
+    /// How it ended.
+    pub status: String,
+    /// Unix time in milliseconds.
+    pub started_at_ms: u64,
+    /// Milliseconds from start to end.
+    pub total_time_ms: u64,
+    /// Milliseconds paused at switchover.
+    pub downtime_ms: Option<u64>,
+    /// Highest throttle, percent.
+    pub max_throttle_pct: f64,
+    /// Who made it converge.
+    pub converge: String,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_keeps_the_last_known_ram_figures() {
+        let older = JobStats {
+            memory_total_bytes: Some(10),
+            iteration: Some(3),
+            ..Default::default()
+        };
+        let newer = JobStats {
+            qemu_status: Some("completed".into()),
+            iteration: Some(5),
+            ..Default::default()
+        }
+        .merged_over(&older);
+        assert_eq!(newer.memory_total_bytes, Some(10));
+        assert_eq!(newer.iteration, Some(5));
+    }
+
+    #[test]
+    fn action_kinds_keep_their_wire_names_and_unknown_ones_decode() {
+        let a: TimedAction =
+            serde_json::from_str(r#"{"t_ms":1,"action":"switchover","value":null,"detail":"d"}"#)
+                .unwrap();
+        assert_eq!(a.action, ActionKind::Switchover);
+        assert_eq!(
+            serde_json::to_value(ActionKind::Hold).unwrap(),
+            serde_json::json!("hold")
+        );
+        let newer: ActionKind = serde_json::from_str(r#""teleport""#).unwrap();
+        assert_eq!(newer, ActionKind::Unknown);
+    }
+
+    #[test]
+    fn work_lost_integrates_the_throttle() {
+        let at = |t_ms, throttle_pct| Sample {
+            t_ms,
+            throttle_pct,
+            ..Default::default()
+        };
+        let lost = work_lost_s(&[at(0, 50.0), at(2000, 100.0), at(3000, 0.0)]);
+        assert!((lost - 2.0).abs() < 1e-9, "{lost}");
+    }
+}

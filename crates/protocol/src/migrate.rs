@@ -1,0 +1,171 @@
+//! The options of a migration, and what a source sends its destination.
+
+use serde::{Deserialize, Serialize};
+use types::Accel;
+
+use crate::domain::DefinitionDoc;
+
+/// The downtime limit a job gets when neither its options nor the domain
+/// give one: QEMU's own default.
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+
+/// Who makes a busy guest's migration converge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConvergeMode {
+    /// Plain pre-copy.
+    #[default]
+    None,
+    /// QEMU's auto-converge.
+    Qemu,
+    /// livemig's controller: measures, throttles only as much as needed.
+    Adaptive,
+}
+
+impl ConvergeMode {
+    /// The mode's wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConvergeMode::None => "none",
+            ConvergeMode::Qemu => "qemu",
+            ConvergeMode::Adaptive => "adaptive",
+        }
+    }
+}
+
+impl std::fmt::Display for ConvergeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What to do when the migration's timeout expires.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeoutAction {
+    /// Cancel the migration; the guest keeps running on the source.
+    #[default]
+    Abort,
+    /// Switch to post-copy.
+    Postcopy,
+    /// Pause the guest so the copy finishes; it resumes on the destination.
+    Suspend,
+}
+
+impl TimeoutAction {
+    /// The action's wire name.
+    pub fn name(self) -> &'static str {
+        match self {
+            TimeoutAction::Abort => "abort",
+            TimeoutAction::Postcopy => "postcopy",
+            TimeoutAction::Suspend => "suspend",
+        }
+    }
+}
+
+/// What the user asked of a migration, as it travels: every field is
+/// optional, and the agent validates the combination (the `migration`
+/// crate's `Flags`). Field names follow virsh's options; the CLI maps its
+/// own options onto this struct, so renaming an option does not change the
+/// wire.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MigrateOptions {
+    /// The guest keeps running while its memory is copied.
+    pub live: bool,
+    /// Migrate only the definition; the domain must not be running.
+    pub offline: bool,
+    /// QEMU's auto-converge (the same as `converge: qemu`).
+    pub auto_converge: bool,
+    /// Initial auto-converge throttle, percent.
+    pub auto_converge_initial: Option<u8>,
+    /// Auto-converge throttle increment, percent.
+    pub auto_converge_increment: Option<u8>,
+    /// XBZRLE compression.
+    pub compressed: bool,
+    /// multifd.
+    pub parallel: bool,
+    /// multifd channels.
+    pub parallel_connections: Option<u8>,
+    /// Enable post-copy (switched to with `migrate-postcopy`).
+    pub postcopy: bool,
+    /// Switch to post-copy after the first pre-copy pass.
+    pub postcopy_after_precopy: bool,
+    /// Bandwidth cap, MiB/s.
+    pub bandwidth: Option<u64>,
+    /// Downtime limit, ms.
+    pub downtime: Option<u64>,
+    /// Timeout, s.
+    pub timeout: Option<u64>,
+    /// Make the domain persistent on the destination.
+    pub persistent: bool,
+    /// Remove the definition from the source after success.
+    pub undefine_source: bool,
+    /// Leave the guest paused on the destination.
+    pub suspend: bool,
+    /// QEMU's dirty-limit throttle.
+    pub dirty_limit: bool,
+    /// Where the destination QEMU listens (`tcp:HOST:PORT`).
+    pub migrateuri: Option<String>,
+    /// Who makes it converge.
+    pub converge: Option<ConvergeMode>,
+    /// What the timeout does.
+    pub timeout_action: Option<TimeoutAction>,
+    /// Ceiling a downtime ramp may reach, ms.
+    pub max_downtime: Option<u64>,
+    /// Highest vCPU throttle, percent.
+    pub max_throttle: Option<f64>,
+    /// Post-copy enabled for the policy to switch to.
+    pub allow_postcopy: bool,
+    /// Check and predict only.
+    pub dry_run: bool,
+    /// Recover a broken post-copy migration.
+    pub postcopy_resume: bool,
+}
+
+/// RAM as QEMU is given it; both ends of a migration must agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamLayout {
+    /// Guest RAM in bytes.
+    pub bytes: u64,
+    /// Given as a memory backend object rather than plain `-m`.
+    pub backend: bool,
+}
+
+/// How the source QEMU runs, which the destination must match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// The concrete machine type.
+    pub machine: String,
+    /// The accelerator.
+    pub accel: Accel,
+    /// The RAM layout.
+    pub ram: RamLayout,
+}
+
+/// What a source asks its destination before anything starts.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProbeRequest {
+    /// The migration's options: the destination checks that its QEMU has
+    /// what they need.
+    pub flags: MigrateOptions,
+    /// The source's concrete machine type, which the destination's QEMU
+    /// must offer (absent for an offline migration).
+    #[serde(default)]
+    pub machine: Option<String>,
+}
+
+/// What a source sends a destination to prepare an incoming migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    /// The job's id, the same on both hosts.
+    pub job_id: String,
+    /// The guest's definition.
+    pub definition: DefinitionDoc,
+    /// Machine type and RAM layout the source QEMU runs with.
+    pub spec: LaunchSpec,
+    /// The migration's options.
+    pub flags: MigrateOptions,
+    /// The source agent's URI, for the record.
+    pub source: String,
+}

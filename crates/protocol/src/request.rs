@@ -1,0 +1,288 @@
+//! Everything an agent can be asked, and who may ask it.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use types::DomainName;
+
+use crate::domain::DefinitionDoc;
+use crate::estimate::EstimateParams;
+use crate::migrate::{MigrateOptions, PrepareRequest, ProbeRequest};
+
+/// Everything an agent can be asked. `peer-*` requests come from the other
+/// agent of a migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    /// Who are you? Answered with [`crate::host::AgentInfo`].
+    Hello,
+    /// Define (or update) a persistent domain.
+    Define {
+        /// The definition, validated by the agent.
+        definition: DefinitionDoc,
+    },
+    /// Remove a domain's persistent definition.
+    Undefine {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// Start a defined domain.
+    Start {
+        /// The domain.
+        domain: DomainName,
+        /// Start with the vCPUs paused.
+        #[serde(default)]
+        paused: bool,
+    },
+    /// Kill a domain's QEMU.
+    Destroy {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// Pause a running domain.
+    Suspend {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// Resume a paused domain.
+    Resume {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// The domains, running ones only unless `all`.
+    List {
+        /// Include domains that are not running.
+        #[serde(default)]
+        all: bool,
+    },
+    /// One domain's details.
+    DomInfo {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// What this host's QEMU binary supports.
+    DomCapabilities,
+    /// Migrate a domain to the agent at `destination`.
+    Migrate {
+        /// The domain.
+        domain: DomainName,
+        /// The destination agent's URI.
+        destination: String,
+        /// How.
+        flags: Box<MigrateOptions>,
+    },
+    /// A domain's active job (or, with `completed`, its last one).
+    DomJobInfo {
+        /// The domain.
+        domain: DomainName,
+        /// The last finished job instead of the active one.
+        #[serde(default)]
+        completed: bool,
+    },
+    /// Cancel a domain's outgoing migration; the guest stays here.
+    DomJobAbort {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// Set the migration bandwidth cap (of the running job too).
+    MigrateSetSpeed {
+        /// The domain.
+        domain: DomainName,
+        /// MiB/s.
+        bandwidth_mib_s: u64,
+    },
+    /// Set the downtime limit (of the running job too).
+    MigrateSetMaxDowntime {
+        /// The domain.
+        domain: DomainName,
+        /// Milliseconds.
+        downtime_ms: u64,
+    },
+    /// Switch a running migration started with post-copy enabled to
+    /// post-copy.
+    MigratePostcopy {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// Finished jobs, newest first.
+    Jobs {
+        /// Only this domain's.
+        #[serde(default)]
+        domain: Option<DomainName>,
+        /// At most this many.
+        #[serde(default = "default_job_limit")]
+        limit: u32,
+    },
+    /// Measure a running domain's dirty rate and predict its migration.
+    Estimate {
+        /// The domain.
+        domain: DomainName,
+        /// What to predict for.
+        #[serde(default)]
+        params: EstimateParams,
+    },
+    /// A job run by this agent: live info while it runs, then its record.
+    Job {
+        /// The job id.
+        id: String,
+    },
+    /// A raw QMP command for a domain's QEMU.
+    QemuMonitorCommand {
+        /// The domain.
+        domain: DomainName,
+        /// `{"execute": ..., "arguments": ...}`.
+        command: Value,
+    },
+    /// Peer: can this host's QEMU take this migration?
+    PeerProbe(Box<ProbeRequest>),
+    /// Peer: start the destination QEMU and listen for the data.
+    PeerPrepare(Box<PrepareRequest>),
+    /// Peer: the source finished sending; resume the guest here.
+    PeerFinish {
+        /// The job.
+        job_id: String,
+    },
+    /// Peer: make the destination QEMU listen again for a paused post-copy
+    /// migration; answered with `prepared` and the new data URI.
+    PeerRecover {
+        /// The job.
+        job_id: String,
+    },
+    /// Peer: the migration failed; tear down the destination side.
+    PeerAbort {
+        /// The job.
+        job_id: String,
+        /// Why, for the destination's log.
+        reason: String,
+    },
+}
+
+fn default_job_limit() -> u32 {
+    20
+}
+
+/// What a request does, which is all an access check needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Access {
+    /// Reads state and changes nothing.
+    Read,
+    /// Changes a domain, a job or the host.
+    Control,
+    /// The other agent's half of a migration.
+    Peer,
+}
+
+impl Request {
+    /// The operation's wire name, for logs and errors.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Hello => "hello",
+            Request::Define { .. } => "define",
+            Request::Undefine { .. } => "undefine",
+            Request::Start { .. } => "start",
+            Request::Destroy { .. } => "destroy",
+            Request::Suspend { .. } => "suspend",
+            Request::Resume { .. } => "resume",
+            Request::List { .. } => "list",
+            Request::DomInfo { .. } => "dom-info",
+            Request::DomCapabilities => "dom-capabilities",
+            Request::Migrate { .. } => "migrate",
+            Request::DomJobInfo { .. } => "dom-job-info",
+            Request::DomJobAbort { .. } => "dom-job-abort",
+            Request::MigrateSetSpeed { .. } => "migrate-set-speed",
+            Request::MigrateSetMaxDowntime { .. } => "migrate-set-max-downtime",
+            Request::MigratePostcopy { .. } => "migrate-postcopy",
+            Request::Jobs { .. } => "jobs",
+            Request::Estimate { .. } => "estimate",
+            Request::Job { .. } => "job",
+            Request::QemuMonitorCommand { .. } => "qemu-monitor-command",
+            Request::PeerProbe(_) => "peer-probe",
+            Request::PeerPrepare(_) => "peer-prepare",
+            Request::PeerFinish { .. } => "peer-finish",
+            Request::PeerRecover { .. } => "peer-recover",
+            Request::PeerAbort { .. } => "peer-abort",
+        }
+    }
+
+    /// What the request does. `estimate` counts as control: it makes QEMU
+    /// measure the guest, which costs the guest time.
+    pub fn access(&self) -> Access {
+        match self {
+            Request::Hello
+            | Request::List { .. }
+            | Request::DomInfo { .. }
+            | Request::DomCapabilities
+            | Request::DomJobInfo { .. }
+            | Request::Jobs { .. }
+            | Request::Job { .. } => Access::Read,
+            Request::Define { .. }
+            | Request::Undefine { .. }
+            | Request::Start { .. }
+            | Request::Destroy { .. }
+            | Request::Suspend { .. }
+            | Request::Resume { .. }
+            | Request::Migrate { .. }
+            | Request::DomJobAbort { .. }
+            | Request::MigrateSetSpeed { .. }
+            | Request::MigrateSetMaxDowntime { .. }
+            | Request::MigratePostcopy { .. }
+            | Request::Estimate { .. }
+            | Request::QemuMonitorCommand { .. } => Access::Control,
+            Request::PeerProbe(_)
+            | Request::PeerPrepare(_)
+            | Request::PeerFinish { .. }
+            | Request::PeerRecover { .. }
+            | Request::PeerAbort { .. } => Access::Peer,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_domain_name_is_refused_when_decoding() {
+        let err =
+            serde_json::from_str::<Request>(r#"{"op":"dom-info","domain":"../etc"}"#).unwrap_err();
+        assert!(err.to_string().contains("invalid domain name"), "{err}");
+    }
+
+    #[test]
+    fn op_is_the_wire_tag() {
+        let requests = [
+            Request::Hello,
+            Request::DomCapabilities,
+            Request::List { all: true },
+            Request::MigrateSetMaxDowntime {
+                domain: "a".parse().unwrap(),
+                downtime_ms: 1,
+            },
+            Request::PeerAbort {
+                job_id: "j".into(),
+                reason: "r".into(),
+            },
+            Request::PeerProbe(Box::default()),
+        ];
+        for request in requests {
+            let wire = serde_json::to_value(&request).unwrap();
+            assert_eq!(wire["op"], request.op(), "{wire}");
+        }
+    }
+
+    #[test]
+    fn peer_requests_and_only_they_are_peer_access() {
+        assert_eq!(
+            Request::PeerFinish { job_id: "j".into() }.access(),
+            Access::Peer
+        );
+        assert_eq!(Request::List { all: false }.access(), Access::Read);
+        assert_eq!(
+            Request::Destroy {
+                domain: "a".parse().unwrap()
+            }
+            .access(),
+            Access::Control
+        );
+    }
+}
