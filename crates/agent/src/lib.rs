@@ -13,7 +13,9 @@
 //! - `server`: unix and TCP listeners, one task per connection; an HTTP
 //!   `GET /metrics` on the TCP port is answered by `metrics`.
 //!
-//! [`run`] starts an agent; it serves until `shutdown` resolves.
+//! [`run`] starts an agent; it serves until `shutdown` resolves. [`serve`]
+//! does the same on listeners bound beforehand ([`Listeners::bind`]), which
+//! is how tests run agents in-process.
 
 #![forbid(unsafe_code)]
 
@@ -32,4 +34,4 @@ pub mod store;
 mod vm;
 
 pub use config::Config;
-pub use server::{run, RunError};
+pub use server::{run, serve, Listeners, RunError};

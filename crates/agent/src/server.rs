@@ -49,7 +49,54 @@ pub(crate) struct ConnContext {
     pub local_ip: Option<IpAddr>,
 }
 
-/// Runs an agent until `shutdown` resolves. Logs the addresses it serves.
+/// The sockets an agent serves: its unix socket, and TCP when it listens
+/// there.
+#[derive(Debug)]
+pub struct Listeners {
+    unix: UnixListener,
+    tcp: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what `config` names: the unix socket (replacing a stale one,
+    /// never a live one) and the TCP address, if any.
+    ///
+    /// # Errors
+    /// [`RunError::SocketInUse`] or [`RunError::Bind`].
+    pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
+        let unix = bind_unix(&config.socket).await?;
+        let tcp = match config.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Bind {
+                        what: format!("tcp://{addr}"),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { unix, tcp })
+    }
+
+    /// The TCP address actually bound (port 0 picks one).
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+/// Binds the listeners `config` names and serves until `shutdown`
+/// resolves (see [`serve`]).
+///
+/// # Errors
+/// [`RunError`] if the state directory or a listener cannot be set up.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let listeners = Listeners::bind(&config).await?;
+    serve(config, listeners, shutdown).await
+}
+
+/// Serves on `listeners` until `shutdown` resolves. Logs the addresses it
+/// serves.
 ///
 /// At start, QEMU processes an earlier agent left running are adopted (see
 /// `reattach`). On shutdown, active outgoing migrations are cancelled (the
@@ -57,21 +104,15 @@ pub(crate) struct ConnContext {
 /// guests are left running for the next agent to adopt.
 ///
 /// # Errors
-/// [`RunError`] if the state directory or a listener cannot be set up.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+/// [`RunError`] if the state directory or the job history cannot be
+/// opened.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let store = Store::open(&config.state_dir)?;
-    let unix = bind_unix(&config.socket).await?;
-    let tcp = match config.listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::Bind {
-                    what: format!("tcp://{addr}"),
-                    source,
-                })?,
-        ),
-        None => None,
-    };
+    let Listeners { unix, tcp } = listeners;
     let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
     let uri = match tcp_addr {
         Some(addr) => format!("tcp://{addr}"),
@@ -108,7 +149,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 Ok((stream, _)) => {
                     let (r, w) = stream.into_split();
                     let ctx = ConnContext { id: agent.next_connection_id(), local_ip: None };
-                    connections.spawn(serve(agent.clone(), r, w, ctx));
+                    connections.spawn(serve_connection(agent.clone(), r, w, ctx));
                 }
                 Err(e) => tracing::warn!(error = %e, "unix accept failed"),
             },
@@ -163,7 +204,7 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, RunError> {
     })
 }
 
-async fn serve<R, W>(agent: Arc<Agent>, read: R, mut write: W, ctx: ConnContext)
+async fn serve_connection<R, W>(agent: Arc<Agent>, read: R, mut write: W, ctx: ConnContext)
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -232,7 +273,7 @@ async fn serve_tcp(agent: Arc<Agent>, stream: tokio::net::TcpStream, ctx: ConnCo
         return;
     }
     let (r, w) = stream.into_split();
-    serve(agent, r, w, ctx).await;
+    serve_connection(agent, r, w, ctx).await;
 }
 
 /// Answers one HTTP request: `GET /metrics`, or 404.

@@ -4,7 +4,7 @@ use protocol::domain::{DomainInfo, DomainSummary};
 use protocol::host::HostCapabilities;
 use protocol::job::{JobInfo, JobRecord, JobStatus, JobSummary, Role, TimedAction};
 
-const MIB: f64 = 1024.0 * 1024.0;
+use types::units::MIB_F64 as MIB;
 
 pub fn mib(bytes: u64) -> String {
     format!("{:.3} MiB", bytes as f64 / MIB)

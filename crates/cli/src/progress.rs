@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::output;
 
-const MIB: f64 = 1024.0 * 1024.0;
+use types::units::MIB_F64 as MIB;
 const LINE_INTERVAL: Duration = Duration::from_secs(1);
 
 enum Display {

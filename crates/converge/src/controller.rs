@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{simulate_from, DirtyModel, Fixed, Scenario, Steer, Steering, SyncView};
 use crate::stall::stalled;
+use types::units::MIB_F64 as MIB;
 
 /// A pass that dirtied at least this share of the working set saturated:
 /// it only bounds the rate from below.
@@ -299,8 +300,6 @@ fn worth_changing(from: f64, to: f64) -> bool {
     (to - from).abs() > HYSTERESIS
         || left_from.max(left_to) / left_from.min(left_to) > SHARE_HYSTERESIS
 }
-
-const MIB: f64 = 1024.0 * 1024.0;
 
 /// The controller as a simulator steering (for estimates and tests).
 #[derive(Debug, Clone)]

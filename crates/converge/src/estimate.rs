@@ -127,7 +127,7 @@ fn outlook(model: DirtyModel, ram_bytes: f64, bandwidth: f64, policy: &Policy) -
 mod tests {
     use super::*;
 
-    const MIB: f64 = 1024.0 * 1024.0;
+    use types::units::MIB_F64 as MIB;
 
     fn sample(window_secs: f64, dirtied_mib: f64) -> Sample {
         Sample {

@@ -187,7 +187,7 @@ pub fn simulate_from(
 mod tests {
     use super::*;
 
-    const MIB: f64 = 1024.0 * 1024.0;
+    use types::units::MIB_F64 as MIB;
 
     fn scenario(rate_mib: f64, working_set_mib: f64) -> Scenario {
         Scenario {

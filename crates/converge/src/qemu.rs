@@ -89,7 +89,7 @@ mod tests {
     use super::*;
     use crate::model::{simulate, DirtyModel, Scenario};
 
-    const MIB: f64 = 1024.0 * 1024.0;
+    use types::units::MIB_F64 as MIB;
 
     fn scenario(rate_mib: f64) -> Scenario {
         Scenario {

@@ -5,7 +5,7 @@ use converge::model::{simulate, DirtyModel, Scenario};
 use converge::qemu::{AutoConvergeParams, QemuAutoConverge};
 use proptest::prelude::*;
 
-const MIB: f64 = 1024.0 * 1024.0;
+use types::units::MIB_F64 as MIB;
 
 fn policy() -> Policy {
     Policy {

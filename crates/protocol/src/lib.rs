@@ -20,6 +20,8 @@
 //! - [`uri`]: agent addresses (`unix:///path`, `tcp://host:port`).
 //! - [`codec`]: reading and writing one line-delimited message.
 //! - [`client`]: a client for one connection.
+//! - `scripted` (feature `scripted`): a scripted agent for other crates'
+//!   tests.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -35,6 +37,8 @@ pub mod job;
 pub mod migrate;
 pub mod reply;
 pub mod request;
+#[cfg(feature = "scripted")]
+pub mod scripted;
 pub mod uri;
 
 pub use client::{Client, ClientError, REQUEST_TIMEOUT};

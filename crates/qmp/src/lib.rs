@@ -9,6 +9,8 @@
 //! - [`commands`]: one serde type per QMP command we use, grouped by area.
 //! - [`event`]: asynchronous events (`MIGRATION`, `STOP`, ...).
 //! - [`error`]: typed errors, including QMP's own error classes.
+//! - `scripted` (feature `scripted`): a scripted QEMU monitor for other
+//!   crates' tests.
 //!
 //! Every enum read from QEMU has an `Unknown`/`Other` variant and every reply
 //! struct ignores fields it does not know, so a newer QEMU cannot break
@@ -22,6 +24,8 @@ pub mod commands;
 pub mod error;
 pub mod event;
 mod greeting;
+#[cfg(feature = "scripted")]
+pub mod scripted;
 
 pub use client::{Client, DEFAULT_TIMEOUT};
 pub use command::{Command, Empty};

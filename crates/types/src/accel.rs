@@ -24,14 +24,19 @@ impl fmt::Display for Accel {
     }
 }
 
-impl std::str::FromStr for Accel {
-    type Err = String;
+/// A name [`Accel`] does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown accelerator {0:?} (tcg or kvm)")]
+pub struct UnknownAccel(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Accel {
+    type Err = UnknownAccel;
+
+    fn from_str(s: &str) -> Result<Self, UnknownAccel> {
         match s {
             "tcg" => Ok(Accel::Tcg),
             "kvm" => Ok(Accel::Kvm),
-            other => Err(format!("unknown accelerator {other:?} (tcg or kvm)")),
+            other => Err(UnknownAccel(other.to_string())),
         }
     }
 }

@@ -10,10 +10,12 @@ use serde::{Deserialize, Serialize};
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;
+/// One mebibyte, for arithmetic on measured (floating-point) sizes.
+pub const MIB_F64: f64 = MIB as f64;
 
 /// Bytes as MiB, for display and for figures in MiB.
 pub fn mib(bytes: f64) -> f64 {
-    bytes / MIB as f64
+    bytes / MIB_F64
 }
 
 /// A data rate: bytes per second.

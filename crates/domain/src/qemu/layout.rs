@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::definition::Accel;
 
-const MIB: u64 = 1 << 20;
+use types::MIB;
 /// Two 4 KiB pages: enough to break 64-page alignment, too little to matter.
 pub const WORKAROUND_SHRINK_BYTES: u64 = 8 << 10;
 /// The first QEMU release with the dirty-bitmap fix.

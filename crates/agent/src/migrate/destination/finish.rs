@@ -21,7 +21,8 @@ pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, Ap
     let span = tracing::info_span!("job", id = %job_id, domain = %name, role = "destination");
     async {
         *job.phase.lock().expect("phase lock") = Phase::Finish;
-        if let Err(error) = land(agent, &job).await {
+        if let Err(e) = land(agent, &job).await {
+            let error = errors::chain(&e);
             tracing::error!(%error, "finish failed; tearing down the destination");
             teardown(agent, &name, &job, &error).await;
             return Err(ApiError::new(ErrorCode::MigrationFailed, error));
@@ -68,17 +69,23 @@ pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, Ap
     .await
 }
 
+/// Why the guest could not be resumed here.
+#[derive(Debug, thiserror::Error)]
+enum LandError {
+    #[error("the incoming job was never prepared")]
+    NotPrepared,
+    #[error(transparent)]
+    Incoming(#[from] incoming::IncomingError),
+    #[error("cannot resume the guest")]
+    Resume(#[source] qmp::Error),
+}
+
 /// Waits for the data to land, puts the migration settings back and
 /// resumes the guest (unless `--suspend`).
-async fn land(agent: &Agent, job: &IncomingJob) -> Result<(), String> {
-    let vm = job
-        .vm
-        .clone()
-        .ok_or("the incoming job was never prepared")?;
+async fn land(agent: &Agent, job: &IncomingJob) -> Result<(), LandError> {
+    let vm = job.vm.clone().ok_or(LandError::NotPrepared)?;
     let qmp = vm.process.qmp();
-    incoming::wait_complete(qmp, agent.config.finish_timeout)
-        .await
-        .map_err(|e| errors::chain(&e))?;
+    incoming::wait_complete(qmp, agent.config.finish_timeout).await?;
     let reset = if job.reattached {
         // What the job changed is not known after a restart: defaults.
         settings::apply(
@@ -97,9 +104,7 @@ async fn land(agent: &Agent, job: &IncomingJob) -> Result<(), String> {
         tracing::warn!(error = %e, "could not reset the migration settings");
     }
     if !job.ident.flags.suspend {
-        qmp.execute(&Cont)
-            .await
-            .map_err(|e| format!("cannot resume the guest: {e}"))?;
+        qmp.execute(&Cont).await.map_err(LandError::Resume)?;
     }
     Ok(())
 }

@@ -101,3 +101,166 @@ pub(crate) async fn settle(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use protocol::host::AgentInfo;
+    use protocol::scripted::{Answer, ScriptedAgent};
+    use protocol::{ApiError, ErrorCode};
+
+    use super::*;
+
+    const JOB: &str = "job-1";
+    const SHORT: Duration = Duration::from_millis(1200);
+
+    fn hello() -> Answer {
+        Answer::Reply(Reply::Hello(AgentInfo {
+            version: "test".into(),
+            protocol: protocol::PROTOCOL_VERSION,
+            uri: None,
+            state_dir: String::new(),
+            instance: "peer".into(),
+        }))
+    }
+
+    fn aborted(guest_running_here: bool) -> Answer {
+        Answer::Reply(Reply::Aborted { guest_running_here })
+    }
+
+    /// A destination that answers `hello`, and the rest by `finish` and
+    /// `abort`.
+    fn destination(
+        dir: &std::path::Path,
+        mut finish: impl FnMut() -> Answer + Send + 'static,
+        mut abort: impl FnMut() -> Answer + Send + 'static,
+    ) -> ScriptedAgent {
+        ScriptedAgent::start(dir, move |request| match request {
+            Request::Hello => hello(),
+            Request::PeerFinish { job_id } if job_id == JOB => finish(),
+            Request::PeerAbort { job_id, .. } if job_id == JOB => abort(),
+            other => panic!("unexpected request {other:?}"),
+        })
+    }
+
+    async fn settle_against(agent: &ScriptedAgent) -> Settled {
+        let peer = Peer::connect(&agent.uri()).await.expect("connect");
+        settle(&peer, JOB, Duration::from_secs(1), SHORT).await
+    }
+
+    #[tokio::test]
+    async fn a_destination_that_finishes_settles_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = destination(
+            dir.path(),
+            || Answer::Reply(Reply::Finished),
+            || panic!("no abort after a finish"),
+        );
+
+        assert_eq!(settle_against(&agent).await, Settled::Finished);
+        assert_eq!(agent.ops(), ["hello", "peer-finish"]);
+    }
+
+    #[tokio::test]
+    async fn a_finish_that_failed_there_is_confirmed_before_the_source_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = destination(
+            dir.path(),
+            || {
+                Answer::Error(ApiError::new(
+                    ErrorCode::MigrationFailed,
+                    "incoming migration failed on the destination: no space",
+                ))
+            },
+            || aborted(false),
+        );
+
+        let settled = settle_against(&agent).await;
+
+        let Settled::NotThere(why) = settled else {
+            panic!("{settled:?}")
+        };
+        assert!(why.contains("no space"), "{why}");
+        assert_eq!(agent.ops(), ["hello", "peer-finish", "peer-abort"]);
+    }
+
+    #[tokio::test]
+    async fn a_lost_finish_reply_is_settled_by_asking_again_and_the_guest_stays_there() {
+        let dir = tempfile::tempdir().unwrap();
+        // Finish went through, but the connection died before the reply.
+        let agent = destination(dir.path(), || Answer::HangUp, || aborted(true));
+
+        let settled = settle_against(&agent).await;
+
+        assert!(
+            matches!(&settled, Settled::RunsThere(why) if why.contains("reply was lost")),
+            "{settled:?}"
+        );
+        assert_eq!(agent.ops(), ["hello", "peer-finish", "peer-abort"]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_vanishes_after_finish_leaves_the_outcome_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = destination(dir.path(), || Answer::Die, || panic!("it is gone"));
+
+        let settled = settle_against(&agent).await;
+
+        assert!(
+            matches!(&settled, Settled::Unknown(why) if why.contains("may have reached")),
+            "the guest must stay paused here: {settled:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_gone_before_finish_cannot_run_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = destination(
+            dir.path(),
+            || panic!("Finish must not be sent"),
+            || panic!("nor an abort"),
+        );
+        let peer = Peer::connect(&agent.uri()).await.expect("connect");
+        agent.stop();
+
+        let settled = settle(&peer, JOB, Duration::from_secs(1), SHORT).await;
+
+        assert!(
+            matches!(&settled, Settled::NotThere(why) if why.contains("before Finish")),
+            "{settled:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_finish_whose_state_cannot_be_checked_leaves_the_outcome_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = destination(
+            dir.path(),
+            || Answer::Error(ApiError::new(ErrorCode::MigrationFailed, "failed")),
+            || Answer::Die,
+        );
+
+        let settled = settle_against(&agent).await;
+
+        assert!(
+            matches!(&settled, Settled::Unknown(why) if why.contains("cannot be checked")),
+            "{settled:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_destination_that_restarts_before_finish_is_found_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let agent = destination(
+            dir.path(),
+            || Answer::Reply(Reply::Finished),
+            || panic!("no abort after a finish"),
+        );
+        let peer = Peer::connect(&agent.uri()).await.expect("connect");
+        agent.stop();
+        agent.listen();
+
+        let settled = settle(&peer, JOB, Duration::from_secs(1), SHORT).await;
+
+        assert_eq!(settled, Settled::Finished);
+    }
+}

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::finish::{self, Settled, PEER_RETRY};
-use super::peer::{unexpected, Peer};
+use super::peer::Peer;
 use super::record::Ending;
 use crate::errors;
 use crate::state::{Agent, OutgoingJob};
@@ -29,6 +29,15 @@ use crate::vm::RunningVm;
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often the watchdog checks that the destination agent is there.
 const PEER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why the destination did not prepare.
+#[derive(Debug, thiserror::Error)]
+enum PrepareError {
+    #[error("destination could not prepare")]
+    Refused(#[source] protocol::ClientError),
+    #[error("destination agent sent an unexpected reply: {0:?}")]
+    Unexpected(Box<Reply>),
+}
 
 pub(super) struct Run {
     pub agent: Arc<Agent>,
@@ -57,7 +66,7 @@ impl Run {
         self.conclude(ending).await;
     }
 
-    async fn prepare(&self) -> Result<String, String> {
+    async fn prepare(&self) -> Result<String, PrepareError> {
         self.set_phase(Phase::Prepare);
         let spec = match &self.vm {
             Some(vm) => vm.spec.clone(),
@@ -76,17 +85,14 @@ impl Run {
         }));
         match self.peer.request(request, PREPARE_TIMEOUT).await {
             Ok(Reply::Prepared { uri }) => Ok(uri),
-            Ok(other) => Err(unexpected(&other).message),
-            Err(e) => Err(format!(
-                "destination could not prepare: {}",
-                errors::chain(&e)
-            )),
+            Ok(other) => Err(PrepareError::Unexpected(Box::new(other))),
+            Err(e) => Err(PrepareError::Refused(e)),
         }
     }
 
     async fn offline(&self) -> Ending {
         if let Err(e) = self.prepare().await {
-            return Ending::failed(e, JobStats::default());
+            return Ending::failed(errors::chain(&e), JobStats::default());
         }
         self.set_phase(Phase::Confirm);
         if self.job.ident.flags.undefine_source {
@@ -101,6 +107,7 @@ impl Run {
         let data_uri = match self.prepare().await {
             Ok(uri) => uri,
             Err(e) => {
+                let e = errors::chain(&e);
                 // The destination tears down on its own when Prepare fails
                 // or our connection closes; ask anyway.
                 self.peer.abort(&self.job.ident.id, &e).await;

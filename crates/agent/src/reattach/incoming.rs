@@ -1,0 +1,111 @@
+//! A migration this host was receiving when its agent went away: the
+//! incoming QEMU is kept, paused, for the source to finish or abort.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use domain::DomainName;
+use protocol::job::{JobStatus, Phase, Role};
+use protocol::{AgentUri, Client, Reply, Request};
+use tokio::time::Instant;
+
+use super::identity;
+use crate::migrate::destination;
+use crate::runfile::{RunJob, RunRecord};
+use crate::state::{ActiveJob, Agent, IncomingJob};
+use crate::vm::RunningVm;
+
+/// How long a reattached incoming QEMU waits for its source.
+pub(crate) const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Keeps an incoming QEMU for its source to finish or abort, within
+/// [`ORPHAN_TIMEOUT`].
+pub(super) fn keep_incoming(
+    agent: &Arc<Agent>,
+    name: &DomainName,
+    vm: &Arc<RunningVm>,
+    job: &RunJob,
+    record: &RunRecord,
+) {
+    let incoming = Arc::new(IncomingJob {
+        ident: identity(agent, name, job, Role::Destination),
+        started: Instant::now(),
+        // No connection prepared it in this process: it is not torn down
+        // when one closes, only by the source or the deadline.
+        connection: 0,
+        created_domain: job.created_domain,
+        previous: Default::default(),
+        vm: Some(vm.clone()),
+        phase: Mutex::new(Phase::Perform),
+        definition: record.definition.clone(),
+        reattached: true,
+    });
+    let _ = agent.with_domain(name, |d| {
+        d.job = Some(ActiveJob::Incoming(incoming.clone()));
+        Ok(())
+    });
+    tracing::warn!(domain = %name, job = %job.id, "incoming migration kept for its source after restart");
+    let agent = agent.clone();
+    let name = name.clone();
+    let source = job.peer.clone();
+    tokio::spawn(async move {
+        let deadline = Instant::now() + ORPHAN_TIMEOUT;
+        let waiting = || {
+            agent
+                .with_domain(&name, |d| {
+                    Ok(matches!(&d.job, Some(ActiveJob::Incoming(j)) if Arc::ptr_eq(j, &incoming)))
+                })
+                .unwrap_or(false)
+        };
+        // Ask the source how its job stands; one that has ended without us
+        // will never finish here.
+        while Instant::now() < deadline && waiting() {
+            if let Some(status) = source_job_status(&source, &incoming.ident.id).await {
+                if status != JobStatus::Completed {
+                    destination::teardown(
+                        &agent,
+                        &name,
+                        &incoming,
+                        &format!(
+                            "the source reports the migration {status} while this agent was down"
+                        ),
+                    )
+                    .await;
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        if waiting() {
+            destination::teardown(
+                &agent,
+                &name,
+                &incoming,
+                "no word from the source within the orphan timeout after an agent restart",
+            )
+            .await;
+        }
+    });
+}
+
+/// How the source agent says a job ended; `None` while it runs or when the
+/// source cannot be asked.
+async fn source_job_status(source: &str, job_id: &str) -> Option<JobStatus> {
+    let uri: AgentUri = source.parse().ok()?;
+    let client = Client::connect(&uri).await.ok()?;
+    match client
+        .request(
+            Request::Job {
+                id: job_id.to_string(),
+            },
+            protocol::REQUEST_TIMEOUT,
+        )
+        .await
+    {
+        Ok(Reply::Job {
+            record: Some(record),
+            ..
+        }) => Some(record.status),
+        _ => None,
+    }
+}

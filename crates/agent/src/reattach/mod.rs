@@ -1,0 +1,106 @@
+//! Taking over what an earlier agent process left running.
+//!
+//! At start-up, every run record whose QEMU still answers on its QMP socket
+//! is adopted: the domain is running again, under this agent. A migration
+//! that was in flight is brought to a consistent end:
+//!
+//! - **source**: a copy still running is cancelled and the guest resumed
+//!   here; a copy that completed while the agent was away is settled with
+//!   the destination, which knows whether it resumed the guest (then the
+//!   source QEMU stops) or not (then the guest resumes here); if the
+//!   destination cannot be asked, the guest stays paused here, which is the
+//!   one state that cannot end with two running copies. The job record says
+//!   which.
+//! - **destination**: the incoming QEMU is kept (paused) for the source to
+//!   finish or abort; if the source says nothing for [`ORPHAN_TIMEOUT`], it
+//!   is torn down.
+//!
+//! - `mod`: adopting the QEMUs.
+//! - [`outgoing`]: settling a migration this host was sending.
+//! - [`incoming`]: keeping one it was receiving for its source.
+
+mod incoming;
+mod outgoing;
+
+use std::sync::Arc;
+
+use domain::qemu::QemuProcess;
+use domain::DomainName;
+use migration::record::JobIdentity;
+use migration::Flags;
+use protocol::job::Role;
+
+use crate::runfile::RunJob;
+use crate::state::{Agent, Domain};
+use crate::vm::{self, RunningVm};
+
+/// Adopts every QEMU an earlier agent left running; resolves their jobs.
+pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
+    for record in agent.store.load_runs().await {
+        let name = record.name.clone();
+        let process = match QemuProcess::adopt(
+            record.pid,
+            &record.qmp_socket,
+            &record.qemu_log,
+            agent.config.qemu_timeout,
+        )
+        .await
+        {
+            Ok(process) => process,
+            Err(e) => {
+                tracing::info!(domain = %name, error = %e, "QEMU of an earlier run is gone");
+                agent.store.remove_run_if(&name, record.run_id).await;
+                let _ = tokio::fs::remove_file(&record.qmp_socket).await;
+                continue;
+            }
+        };
+        agent.reserve_run_id(record.run_id);
+        let vm = Arc::new(RunningVm {
+            run_id: record.run_id,
+            process,
+            spec: record.spec.clone(),
+            qmp_socket: record.qmp_socket.clone(),
+            serial_log: record.serial_log.clone(),
+            qemu_log: record.qemu_log.clone(),
+            qemu_version: record.qemu_version,
+        });
+        {
+            let mut domains = agent.domains.lock().expect("domains lock");
+            let d = domains
+                .entry(name.clone())
+                .or_insert_with(|| Domain::new(record.definition.clone(), false));
+            d.vm = Some(vm.clone());
+        }
+        vm::watch_exit(agent.clone(), name.clone(), vm.clone());
+        tracing::info!(domain = %name, pid = record.pid, "reattached to a running QEMU");
+
+        if let Some(job) = &record.outgoing {
+            outgoing::resolve_outgoing(agent, &name, &vm, job).await;
+        }
+        if let Some(job) = &record.incoming {
+            incoming::keep_incoming(agent, &name, &vm, job, &record);
+        }
+        agent.persist_run(&name).await;
+    }
+}
+
+/// The job a run record names, as this agent ran it.
+fn identity(agent: &Agent, name: &DomainName, job: &RunJob, role: Role) -> JobIdentity {
+    let flags = Flags::new(job.flags.clone()).unwrap_or_else(|e| {
+        tracing::warn!(job = %job.id, error = %e, "the job's recorded options no longer validate");
+        Flags::default()
+    });
+    let (source, destination) = match role {
+        Role::Source => (agent.uri.clone(), job.peer.clone()),
+        Role::Destination => (job.peer.clone(), agent.uri.clone()),
+    };
+    JobIdentity {
+        id: job.id.clone(),
+        domain: name.to_string(),
+        role,
+        source,
+        destination,
+        flags,
+        started_at_ms: job.started_at_ms,
+    }
+}

@@ -1,0 +1,484 @@
+//! The Perform phase's state machine, driven by a scripted QEMU monitor:
+//! each test plays one course of a migration in virtual time and checks
+//! what the watcher asked of QEMU, what it published and how it ended.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use migration::perform::{self, CancelReason, Outcome, Progress, Retune, WatchOptions};
+use migration::vcpu_throttle::{BoxFuture, ThrottleError, VcpuThrottle};
+use protocol::job::ActionKind;
+use protocol::TimeoutAction;
+use qmp::commands::migration::MigrationStatus;
+use qmp::scripted::ScriptedQemu;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use types::Bandwidth;
+
+const MIB: u64 = 1 << 20;
+
+/// A running Perform phase and the handles a test drives it with.
+struct Job {
+    qemu: ScriptedQemu,
+    cancel: CancellationToken,
+    progress: watch::Receiver<Progress>,
+    retune: mpsc::Sender<Retune>,
+    task: JoinHandle<Outcome>,
+}
+
+impl Job {
+    async fn start(options: WatchOptions, throttle: Option<Box<dyn VcpuThrottle>>) -> Job {
+        let (client, qemu) = ScriptedQemu::start().await;
+        let cancel = CancellationToken::new();
+        let (progress_tx, progress) = watch::channel(Progress::default());
+        let (retune, retunes) = mpsc::channel(4);
+        let token = cancel.clone();
+        let task = tokio::spawn(async move {
+            perform::run(
+                &client,
+                "tcp:127.0.0.1:49999",
+                &options,
+                &token,
+                &progress_tx,
+                throttle,
+                retunes,
+            )
+            .await
+        });
+        let job = Job {
+            qemu,
+            cancel,
+            progress,
+            retune,
+            task,
+        };
+        job.settle().await;
+        job
+    }
+
+    /// Lets the watcher see what changed (a poll interval and a little).
+    async fn settle(&self) {
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+
+    /// One pass of `secs` that leaves `remaining`.
+    async fn pass(&self, secs: f64, remaining: u64) {
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+        self.qemu.pass(remaining);
+        self.settle().await;
+    }
+
+    async fn outcome(self) -> (Outcome, Progress, ScriptedQemu) {
+        let outcome = tokio::time::timeout(Duration::from_secs(120), self.task)
+            .await
+            .expect("perform ends")
+            .expect("perform does not panic");
+        let progress = self.progress.borrow().clone();
+        (outcome, progress, self.qemu)
+    }
+
+    fn actions(&self, kind: ActionKind) -> Vec<String> {
+        self.progress
+            .borrow()
+            .actions
+            .iter()
+            .filter(|a| a.action == kind)
+            .map(|a| a.detail.clone())
+            .collect()
+    }
+}
+
+fn options() -> WatchOptions {
+    WatchOptions {
+        poll_interval: Duration::from_millis(50),
+        ..WatchOptions::default()
+    }
+}
+
+/// A throttle that records what it was asked.
+#[derive(Clone, Default)]
+struct FakeThrottle {
+    log: Arc<Mutex<Vec<String>>>,
+    slow_above: Option<f64>,
+}
+
+impl FakeThrottle {
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl VcpuThrottle for FakeThrottle {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    fn max(&self) -> f64 {
+        0.999
+    }
+
+    fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), ThrottleError>> {
+        self.log.lock().unwrap().push(format!("set {throttle:.3}"));
+        Box::pin(async { Ok(()) })
+    }
+
+    fn release(&mut self) -> BoxFuture<'_, ()> {
+        self.log.lock().unwrap().push("release".into());
+        Box::pin(async {})
+    }
+
+    fn slow_to_stop(&self, throttle: f64) -> bool {
+        self.slow_above.is_some_and(|above| throttle > above)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_migration_that_completes_reports_qemus_figures() {
+    let job = Job::start(options(), None).await;
+    job.pass(1.0, 64 * MIB).await;
+    job.qemu.complete(1500, 25);
+
+    let (outcome, progress, qemu) = job.outcome().await;
+
+    let Outcome::Completed { stats } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(stats.total_time_ms, Some(1500));
+    assert_eq!(stats.downtime_ms, Some(25));
+    assert_eq!(qemu.calls("migrate")[0]["uri"], "tcp:127.0.0.1:49999");
+    assert!(progress.samples.len() >= 2, "a sample per poll");
+    assert!(qemu.calls("migrate_cancel").is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_timeout_cancels_mid_pass_and_says_so() {
+    let job = Job::start(
+        WatchOptions {
+            timeout: Some(Duration::from_secs(2)),
+            ..options()
+        },
+        None,
+    )
+    .await;
+    job.pass(1.0, 300 * MIB).await;
+
+    let (outcome, progress, qemu) = job.outcome().await;
+
+    assert!(
+        matches!(outcome, Outcome::Cancelled { reason: CancelReason::Timeout(t), .. } if t == Duration::from_secs(2)),
+        "{outcome:?}"
+    );
+    assert_eq!(qemu.calls("migrate_cancel").len(), 1);
+    let cancel = progress
+        .actions
+        .iter()
+        .find(|a| a.action == ActionKind::Cancel)
+        .expect("the cancel is in the timeline");
+    assert!(cancel.detail.contains("2s timeout"), "{}", cancel.detail);
+    assert!(cancel.t_ms >= 2000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_that_races_completion_ends_completed() {
+    let job = Job::start(options(), None).await;
+    // QEMU had already switched over when the cancel arrived.
+    job.qemu.on("migrate_cancel", |state, _| {
+        state.status = Some(MigrationStatus::Completed);
+        state.total_time_ms = Some(900);
+        state.downtime_ms = Some(12);
+        Some(Ok(json!({})))
+    });
+    job.cancel.cancel();
+
+    let (outcome, _, qemu) = job.outcome().await;
+
+    assert!(
+        matches!(outcome, Outcome::Completed { .. }),
+        "a late cancel must not lose a completed copy: {outcome:?}"
+    );
+    assert_eq!(qemu.calls("migrate_cancel").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_during_postcopy_is_refused_once_and_the_copy_finishes() {
+    let job = Job::start(options(), None).await;
+    job.qemu.set_status(MigrationStatus::PostcopyActive);
+    job.settle().await;
+    job.cancel.cancel();
+    job.settle().await;
+    job.settle().await;
+    let refused = job.actions(ActionKind::Cancel);
+    job.qemu.complete(3000, 40);
+
+    let (outcome, progress, qemu) = job.outcome().await;
+
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+    assert!(
+        qemu.calls("migrate_cancel").is_empty(),
+        "cancelling in post-copy would lose the guest"
+    );
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("ignored during post-copy"));
+    assert!(progress.postcopy_started);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_in_qemu_is_reported_with_qemus_reason() {
+    let job = Job::start(options(), None).await;
+    job.qemu.fail("Unable to write to socket: Broken pipe");
+
+    let (outcome, _, _) = job.outcome().await;
+
+    let Outcome::Failed { error, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(error.to_string(), "Unable to write to socket: Broken pipe");
+}
+
+#[tokio::test(start_paused = true)]
+async fn losing_the_monitor_fails_the_job_and_releases_the_throttle() {
+    let throttle = FakeThrottle::default();
+    let job = Job::start(options(), Some(Box::new(throttle.clone()))).await;
+    job.qemu.disconnect();
+
+    let (outcome, _, _) = job.outcome().await;
+
+    assert!(
+        matches!(&outcome, Outcome::Failed { error, .. } if error.to_string().contains("lost contact")),
+        "{outcome:?}"
+    );
+    assert_eq!(throttle.log(), ["release"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancel_qemu_never_finishes_gives_up_after_the_grace() {
+    let job = Job::start(
+        WatchOptions {
+            cancel_grace: Duration::from_secs(5),
+            ..options()
+        },
+        None,
+    )
+    .await;
+    job.qemu.on("migrate_cancel", |_, _| Some(Ok(json!({}))));
+    job.cancel.cancel();
+
+    let (outcome, _, _) = job.outcome().await;
+
+    assert!(
+        matches!(&outcome, Outcome::Failed { error, .. } if error.to_string().contains("did not finish cancelling")),
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_suspend_timeout_pauses_the_guest_and_lets_the_copy_finish() {
+    let job = Job::start(
+        WatchOptions {
+            timeout: Some(Duration::from_secs(1)),
+            timeout_action: TimeoutAction::Suspend,
+            ..options()
+        },
+        None,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(job.progress.borrow().suspended);
+    job.qemu.complete(1300, 100);
+
+    let (outcome, progress, qemu) = job.outcome().await;
+
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+    assert_eq!(qemu.calls("stop").len(), 1);
+    assert!(qemu.calls("migrate_cancel").is_empty());
+    assert!(progress
+        .actions
+        .iter()
+        .any(|a| a.action == ActionKind::Suspend));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_postcopy_timeout_falls_back_to_a_cancel_when_qemu_refuses() {
+    // Post-copy was not enabled on this QEMU: migrate-start-postcopy fails.
+    let job = Job::start(
+        WatchOptions {
+            timeout: Some(Duration::from_secs(1)),
+            timeout_action: TimeoutAction::Postcopy,
+            ..options()
+        },
+        None,
+    )
+    .await;
+
+    let (outcome, progress, qemu) = job.outcome().await;
+
+    assert!(
+        matches!(
+            outcome,
+            Outcome::Cancelled {
+                reason: CancelReason::Timeout(_),
+                ..
+            }
+        ),
+        "{outcome:?}"
+    );
+    assert_eq!(qemu.calls("migrate-start-postcopy").len(), 1);
+    let postcopy = progress
+        .actions
+        .iter()
+        .find(|a| a.action == ActionKind::Postcopy)
+        .expect("the refusal is in the timeline");
+    assert!(postcopy.detail.contains("refused"), "{}", postcopy.detail);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stall_raises_the_downtime_to_its_ceiling() {
+    let job = Job::start(
+        WatchOptions {
+            max_downtime: Some(Duration::from_millis(2000)),
+            ..options()
+        },
+        None,
+    )
+    .await;
+    // Passes that never leave less than the first: no progress.
+    for _ in 0..5 {
+        job.pass(1.0, 200 * MIB).await;
+    }
+
+    let raised = job.actions(ActionKind::Downtime);
+    assert_eq!(raised.len(), 1, "{raised:?}");
+    assert_eq!(job.qemu.parameter("downtime-limit"), Some(json!(2000)));
+    job.qemu.complete(6000, 1800);
+    let (outcome, progress, _) = job.outcome().await;
+    assert!(matches!(outcome, Outcome::Completed { .. }));
+    assert_eq!(progress.downtime_limit, Some(Duration::from_millis(2000)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_controller_throttles_a_guest_that_outruns_the_link_and_lifts_it_at_the_end() {
+    let throttle = FakeThrottle::default();
+    let job = Job::start(
+        WatchOptions {
+            controller: Some(migration::plan::controller_policy(
+                None,
+                0.999,
+                Duration::from_millis(300),
+                None,
+                None,
+                false,
+            )),
+            bandwidth_cap: Bandwidth::from_mib_s(64),
+            ram_bytes: 512 * MIB,
+            ..options()
+        },
+        Some(Box::new(throttle.clone())),
+    )
+    .await;
+    // Each 2 s pass at 64 MiB/s leaves 256 MiB: the guest dirties twice
+    // what the link carries.
+    for _ in 0..3 {
+        job.pass(2.0, 256 * MIB).await;
+    }
+    let throttled = job.progress.borrow().throttle;
+    job.qemu.complete(8000, 30);
+
+    let (outcome, progress, _) = job.outcome().await;
+
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+    assert!(throttled.fraction() >= 0.5, "throttle {throttled}");
+    let log = throttle.log();
+    assert!(log.iter().any(|l| l.starts_with("set 0.")), "{log:?}");
+    assert_eq!(log.last().map(String::as_str), Some("release"));
+    assert!(progress.max_throttle >= throttled);
+    assert!(progress
+        .actions
+        .iter()
+        .any(|a| a.action == ActionKind::Release));
+}
+
+#[tokio::test(start_paused = true)]
+async fn above_the_slow_stop_line_the_watcher_holds_qemus_switchover_and_pauses_the_guest_itself() {
+    let throttle = FakeThrottle {
+        slow_above: Some(0.0),
+        ..Default::default()
+    };
+    let job = Job::start(
+        WatchOptions {
+            controller: Some(migration::plan::controller_policy(
+                None,
+                0.999,
+                Duration::from_millis(300),
+                None,
+                None,
+                false,
+            )),
+            bandwidth_cap: Bandwidth::from_mib_s(64),
+            ram_bytes: 512 * MIB,
+            ..options()
+        },
+        Some(Box::new(throttle.clone())),
+    )
+    .await;
+    for _ in 0..3 {
+        job.pass(2.0, 256 * MIB).await;
+    }
+    assert!(!job.actions(ActionKind::Hold).is_empty(), "held");
+    assert_eq!(job.qemu.parameter("downtime-limit"), Some(json!(1)));
+    // A pass that leaves what fits in half the downtime at the link's rate.
+    job.pass(1.0, 4 * MIB).await;
+    assert_eq!(
+        job.qemu.calls("stop").len(),
+        1,
+        "the watcher paused the guest"
+    );
+    assert_eq!(
+        job.qemu.parameter("downtime-limit"),
+        Some(json!(300)),
+        "the user's limit is back for QEMU's completion"
+    );
+    job.qemu.complete(9000, 5);
+
+    let (outcome, progress, _) = job.outcome().await;
+
+    let Outcome::Completed { stats } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(
+        stats.downtime_ms.unwrap() >= 5,
+        "the downtime runs from the watcher's stop"
+    );
+    assert!(progress
+        .actions
+        .iter()
+        .any(|a| a.action == ActionKind::Switchover));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_bandwidth_mid_job_reaches_qemu_and_the_published_limits() {
+    let job = Job::start(options(), None).await;
+    let (done, applied) = oneshot::channel();
+    job.retune
+        .send(Retune {
+            bandwidth: Bandwidth::from_mib_s(32),
+            downtime: Some(Duration::from_millis(150)),
+            done,
+        })
+        .await
+        .unwrap();
+    applied.await.unwrap().unwrap();
+
+    assert_eq!(
+        job.qemu.parameter("max-bandwidth"),
+        Some(json!(32 * MIB)),
+        "the cap reached QEMU"
+    );
+    assert_eq!(job.qemu.parameter("downtime-limit"), Some(json!(150)));
+    let progress = job.progress.borrow().clone();
+    assert_eq!(progress.bandwidth_limit, Bandwidth::from_mib_s(32));
+    assert_eq!(progress.downtime_limit, Some(Duration::from_millis(150)));
+    job.qemu.complete(100, 10);
+    let _ = job.outcome().await;
+}
