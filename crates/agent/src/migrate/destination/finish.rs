@@ -2,6 +2,7 @@
 //! for a broken post-copy) and Abort (the source gave up).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use migration::incoming;
 use migration::settings::{self, ThrottleVia};
@@ -21,7 +22,11 @@ pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, Ap
     let span = tracing::info_span!("job", id = %job_id, domain = %name, role = "destination");
     async {
         *job.phase.lock().expect("phase lock") = Phase::Finish;
-        if let Err(e) = land(agent, &job).await {
+        let landed = match job.vm.clone() {
+            Some(vm) => land(vm.process.qmp(), agent.config.finish_timeout, &job).await,
+            None => Err(LandError::NotPrepared),
+        };
+        if let Err(e) = landed {
             let error = errors::chain(&e);
             tracing::error!(%error, "finish failed; tearing down the destination");
             teardown(agent, &name, &job, &error).await;
@@ -80,12 +85,11 @@ enum LandError {
     Resume(#[source] qmp::Error),
 }
 
-/// Waits for the data to land, puts the migration settings back and
-/// resumes the guest (unless `--suspend`).
-async fn land(agent: &Agent, job: &IncomingJob) -> Result<(), LandError> {
-    let vm = job.vm.clone().ok_or(LandError::NotPrepared)?;
-    let qmp = vm.process.qmp();
-    incoming::wait_complete(qmp, agent.config.finish_timeout).await?;
+/// Waits up to `timeout` for the data to land in the QEMU behind `qmp`,
+/// puts the migration settings back and resumes the guest (unless
+/// `--suspend`).
+async fn land(qmp: &qmp::Client, timeout: Duration, job: &IncomingJob) -> Result<(), LandError> {
+    incoming::wait_complete(qmp, timeout).await?;
     let reset = if job.reattached {
         // What the job changed is not known after a restart: defaults.
         settings::apply(
@@ -162,4 +166,119 @@ pub(crate) async fn abort(
     Ok(Reply::Aborted {
         guest_running_here: finished_here,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use domain::DomainDefinition;
+    use migration::job::unix_ms;
+    use migration::record::JobIdentity;
+    use migration::Flags;
+    use protocol::MigrateOptions;
+    use qmp::commands::migration::MigrationStatus;
+    use qmp::scripted::ScriptedQemu;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    fn job(suspend: bool) -> IncomingJob {
+        let definition = DomainDefinition::from_toml(
+            "name = \"vm\"\nmemory_mib = 64\n[kernel]\npath = \"/k\"\n",
+        )
+        .unwrap();
+        IncomingJob {
+            ident: JobIdentity {
+                id: "job-1".into(),
+                domain: "vm".into(),
+                role: Role::Destination,
+                source: "tcp://a:1".into(),
+                destination: "tcp://b:1".into(),
+                flags: Flags::new(MigrateOptions {
+                    live: true,
+                    suspend,
+                    ..Default::default()
+                })
+                .unwrap(),
+                started_at_ms: unix_ms(),
+            },
+            started: Instant::now(),
+            connection: 1,
+            created_domain: true,
+            previous: Default::default(),
+            vm: None,
+            phase: Mutex::new(Phase::Finish),
+            definition,
+            reattached: false,
+        }
+    }
+
+    /// A destination QEMU whose incoming migration has arrived.
+    async fn landed() -> (qmp::Client, ScriptedQemu) {
+        let (qmp, qemu) = ScriptedQemu::start().await;
+        qemu.with(|s| {
+            s.status = Some(MigrationStatus::Completed);
+            s.run_state = "paused".into();
+        });
+        (qmp, qemu)
+    }
+
+    #[tokio::test]
+    async fn the_guest_resumes_once_the_data_has_landed() {
+        let (qmp, qemu) = landed().await;
+
+        land(&qmp, Duration::from_secs(1), &job(false))
+            .await
+            .unwrap();
+
+        assert_eq!(qemu.calls("cont").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn with_suspend_the_guest_stays_paused() {
+        let (qmp, qemu) = landed().await;
+
+        land(&qmp, Duration::from_secs(1), &job(true))
+            .await
+            .unwrap();
+
+        assert!(qemu.calls("cont").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_incoming_migration_never_resumes_the_guest() {
+        let (qmp, qemu) = ScriptedQemu::start().await;
+        qemu.with(|s| {
+            s.status = Some(MigrationStatus::Failed);
+            s.error_desc = Some("load of migration failed".into());
+            s.run_state = "inmigrate".into();
+        });
+
+        let err = land(&qmp, Duration::from_secs(1), &job(false))
+            .await
+            .unwrap_err();
+
+        assert!(
+            err.to_string().contains("load of migration failed"),
+            "{err}"
+        );
+        assert!(qemu.calls("cont").is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn data_that_never_lands_times_out_without_resuming() {
+        let (qmp, qemu) = ScriptedQemu::start().await;
+        qemu.with(|s| {
+            s.status = Some(MigrationStatus::Active);
+            s.run_state = "inmigrate".into();
+        });
+
+        let err = land(&qmp, Duration::from_secs(5), &job(false))
+            .await
+            .unwrap_err();
+
+        assert!(matches!(err, LandError::Incoming(_)), "{err}");
+        assert!(qemu.calls("cont").is_empty());
+    }
 }

@@ -8,70 +8,10 @@ use std::time::Duration;
 use protocol::{ConvergeMode, MigrateOptions, TimeoutAction};
 use types::{Bandwidth, Throttle};
 
-use crate::uri::BadDataUri;
+mod validate;
 
-/// Options that contradict each other or are out of range, by their CLI
-/// names.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum InvalidFlags {
-    /// Two options that exclude each other.
-    #[error("{0} and {1} are mutually exclusive")]
-    Exclusive(&'static str, &'static str),
-    /// Two options that cannot work together.
-    #[error("{0} cannot be combined with {1}")]
-    Incompatible(&'static str, &'static str),
-    /// An option that needs another.
-    #[error("{option} needs {needs}")]
-    Needs {
-        /// The option given.
-        option: &'static str,
-        /// What it needs.
-        needs: &'static str,
-    },
-    /// The auto-converge tuning without auto-converge.
-    #[error("--auto-converge-initial and --auto-converge-increment need --auto-converge")]
-    TuningWithoutAutoConverge,
-    /// `--auto-converge` beside another convergence mode.
-    #[error(
-        "--auto-converge is QEMU's convergence; it cannot be combined with --converge none|adaptive"
-    )]
-    AutoConvergeAndMode,
-    /// An offline migration of a transient definition.
-    #[error("offline migration requires --persistent")]
-    OfflineNeedsPersistent,
-    /// A live-only option with `--offline`.
-    #[error("{0} cannot be used with --offline")]
-    LiveOnly(&'static str),
-    /// A value outside its range.
-    #[error("{option} must be between {min} and {max}, got {got}")]
-    Range {
-        /// The option.
-        option: &'static str,
-        /// The least value.
-        min: &'static str,
-        /// The greatest value.
-        max: &'static str,
-        /// What was given.
-        got: String,
-    },
-    /// A value below its least.
-    #[error("{option} must be at least {min}")]
-    AtLeast {
-        /// The option.
-        option: &'static str,
-        /// The least value, with its unit.
-        min: &'static str,
-    },
-    /// A bandwidth no link has (its bytes/s would overflow).
-    #[error("--bandwidth {0} MiB/s is beyond any link (at most 8 PiB/s)")]
-    BandwidthTooLarge(u64),
-    /// `--max-downtime` below `--downtime`.
-    #[error("--max-downtime cannot be below --downtime")]
-    MaxDowntimeBelowDowntime,
-    /// A malformed `--migrateuri`.
-    #[error(transparent)]
-    DataUri(#[from] BadDataUri),
-}
+use validate::validate;
+pub use validate::InvalidFlags;
 
 /// A QEMU migration capability a flag needs, and on which side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -288,145 +228,12 @@ impl Flags {
     }
 }
 
-fn converge_mode(o: &MigrateOptions) -> ConvergeMode {
+pub(crate) fn converge_mode(o: &MigrateOptions) -> ConvergeMode {
     match (o.converge, o.auto_converge) {
         (Some(mode), _) => mode,
         (None, true) => ConvergeMode::Qemu,
         (None, false) => ConvergeMode::None,
     }
-}
-
-fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
-    use InvalidFlags::*;
-    let mode = converge_mode(o);
-    let postcopy_enabled = o.postcopy || o.allow_postcopy;
-    if o.auto_converge && mode != ConvergeMode::Qemu {
-        return Err(AutoConvergeAndMode);
-    }
-    if let Some(pct) = o.max_throttle {
-        if !(0.0..=99.9).contains(&pct) {
-            return Err(Range {
-                option: "--max-throttle",
-                min: "0",
-                max: "99.9",
-                got: pct.to_string(),
-            });
-        }
-    }
-    if let (Some(max), Some(downtime)) = (o.max_downtime, o.downtime) {
-        if max < downtime {
-            return Err(MaxDowntimeBelowDowntime);
-        }
-    }
-    if o.max_downtime == Some(0) {
-        return Err(AtLeast {
-            option: "--max-downtime",
-            min: "1 ms",
-        });
-    }
-    if o.timeout_action.is_some() && o.timeout.is_none() {
-        return Err(Needs {
-            option: "--timeout-action",
-            needs: "--timeout",
-        });
-    }
-    if o.timeout_action == Some(TimeoutAction::Postcopy) && !postcopy_enabled {
-        return Err(Needs {
-            option: "--timeout-action postcopy",
-            needs: "--postcopy or --allow-postcopy",
-        });
-    }
-    if mode == ConvergeMode::Adaptive && o.dirty_limit {
-        return Err(Exclusive("--converge adaptive", "--dirty-limit"));
-    }
-    if o.live && o.offline {
-        return Err(Exclusive("--live", "--offline"));
-    }
-    if o.offline {
-        if !o.persistent {
-            return Err(OfflineNeedsPersistent);
-        }
-        let live_only = [
-            (o.auto_converge, "--auto-converge"),
-            (o.postcopy, "--postcopy"),
-            (o.compressed, "--compressed"),
-            (o.parallel, "--parallel"),
-            (o.dirty_limit, "--dirty-limit"),
-            (o.suspend, "--suspend"),
-            (o.converge.is_some(), "--converge"),
-            (o.allow_postcopy, "--allow-postcopy"),
-        ];
-        if let Some((_, name)) = live_only.iter().find(|(set, _)| *set) {
-            return Err(LiveOnly(name));
-        }
-    }
-    if (o.auto_converge_initial.is_some() || o.auto_converge_increment.is_some())
-        && mode != ConvergeMode::Qemu
-    {
-        return Err(TuningWithoutAutoConverge);
-    }
-    for (value, option) in [
-        (o.auto_converge_initial, "--auto-converge-initial"),
-        (o.auto_converge_increment, "--auto-converge-increment"),
-    ] {
-        if let Some(pct) = value {
-            if !(1..=99).contains(&pct) {
-                return Err(Range {
-                    option,
-                    min: "1",
-                    max: "99",
-                    got: pct.to_string(),
-                });
-            }
-        }
-    }
-    if o.parallel_connections.is_some() && !o.parallel {
-        return Err(Needs {
-            option: "--parallel-connections",
-            needs: "--parallel",
-        });
-    }
-    if o.parallel_connections == Some(0) {
-        return Err(AtLeast {
-            option: "--parallel-connections",
-            min: "1",
-        });
-    }
-    if o.postcopy_after_precopy && !o.postcopy {
-        return Err(Needs {
-            option: "--postcopy-after-precopy",
-            needs: "--postcopy",
-        });
-    }
-    if o.compressed && o.parallel {
-        return Err(Incompatible(
-            "--compressed (XBZRLE)",
-            "--parallel (multifd)",
-        ));
-    }
-    if o.dirty_limit && mode == ConvergeMode::Qemu {
-        return Err(Exclusive("--dirty-limit", "--auto-converge"));
-    }
-    match o.bandwidth {
-        Some(0) => {
-            return Err(AtLeast {
-                option: "--bandwidth",
-                min: "1 MiB/s",
-            })
-        }
-        Some(mib) if Bandwidth::from_mib_s(mib).is_none() => return Err(BandwidthTooLarge(mib)),
-        _ => {}
-    }
-    if o.timeout == Some(0) {
-        return Err(AtLeast {
-            option: "--timeout",
-            min: "1 second",
-        });
-    }
-    if let Some(uri) = &o.migrateuri {
-        crate::uri::parse_data_uri(uri)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -450,83 +257,6 @@ mod tests {
             ..live()
         };
         assert!(Flags::new(f).is_ok());
-    }
-
-    #[test]
-    fn contradictions_are_refused_with_the_option_names() {
-        let cases = [
-            (
-                MigrateOptions {
-                    offline: true,
-                    ..live()
-                },
-                "--live and --offline",
-            ),
-            (
-                MigrateOptions {
-                    live: false,
-                    offline: true,
-                    ..Default::default()
-                },
-                "--persistent",
-            ),
-            (
-                MigrateOptions {
-                    auto_converge_initial: Some(20),
-                    ..live()
-                },
-                "need --auto-converge",
-            ),
-            (
-                MigrateOptions {
-                    auto_converge: true,
-                    auto_converge_increment: Some(100),
-                    ..live()
-                },
-                "between 1 and 99",
-            ),
-            (
-                MigrateOptions {
-                    compressed: true,
-                    parallel: true,
-                    ..live()
-                },
-                "--compressed",
-            ),
-            (
-                MigrateOptions {
-                    postcopy_after_precopy: true,
-                    ..live()
-                },
-                "needs --postcopy",
-            ),
-            (
-                MigrateOptions {
-                    dirty_limit: true,
-                    auto_converge: true,
-                    ..live()
-                },
-                "mutually exclusive",
-            ),
-            (
-                MigrateOptions {
-                    migrateuri: Some("udp:1.2.3.4:5".into()),
-                    ..live()
-                },
-                "udp",
-            ),
-            (
-                MigrateOptions {
-                    bandwidth: Some(u64::MAX),
-                    ..live()
-                },
-                "beyond any link",
-            ),
-        ];
-        for (f, expected) in cases {
-            let err = Flags::new(f).unwrap_err().to_string();
-            assert!(err.contains(expected), "{err} / {expected}");
-        }
     }
 
     #[test]
