@@ -207,8 +207,32 @@ impl Hosts {
         })
     }
 
-    pub fn kernel(&self) -> &Path {
-        &self.kernel
+    /// Defines the test guest `name` on host a and starts it.
+    pub async fn start_guest(&self, name: &str, memory_mib: u32, workload: Workload) -> Result<()> {
+        let definition = DomainDefinition::from_toml(&guest::definition_toml(
+            name,
+            memory_mib,
+            &self.kernel,
+            workload,
+        ))?;
+        self.a_client
+            .request(
+                Request::Define {
+                    definition: DefinitionDoc(definition.to_document()),
+                },
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        self.a_client
+            .request(
+                Request::Start {
+                    domain: definition.name,
+                    paused: false,
+                },
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        Ok(())
     }
 
     pub fn b_uri(&self) -> &str {
@@ -252,32 +276,8 @@ pub async fn trial(
     let workload = workload(workload_name).ok_or_else(|| anyhow!("unknown workload"))?;
     let mode = policy(policy_name).ok_or_else(|| anyhow!("unknown policy"))?;
     let name = format!("bench-{workload_name}-{policy_name}-{rep}");
-    let definition = DomainDefinition::from_toml(&guest::definition_toml(
-        &name,
-        MEMORY_MIB,
-        &hosts.kernel,
-        workload,
-    ))?;
-    let domain = definition.name.clone();
-    hosts
-        .a_client
-        .request(
-            Request::Define {
-                definition: DefinitionDoc(definition.to_document()),
-            },
-            REQUEST_TIMEOUT,
-        )
-        .await?;
-    hosts
-        .a_client
-        .request(
-            Request::Start {
-                domain: domain.clone(),
-                paused: false,
-            },
-            REQUEST_TIMEOUT,
-        )
-        .await?;
+    hosts.start_guest(&name, MEMORY_MIB, workload).await?;
+    let domain: domain::DomainName = name.parse()?;
     let sampler = Sampler::start();
     let source_log = serial_log(&hosts.a_client, &name)
         .await

@@ -7,9 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
-use domain::DomainDefinition;
 use guest::Workload;
-use protocol::domain::DefinitionDoc;
 use protocol::MigrateOptions;
 use protocol::Reply;
 use protocol::{Client, Request};
@@ -76,31 +74,7 @@ async fn load(
     };
     let names: Vec<String> = (0..domains).map(|i| format!("load{i}")).collect();
     for name in &names {
-        let definition = DomainDefinition::from_toml(&guest::definition_toml(
-            name,
-            64,
-            hosts.kernel(),
-            workload,
-        ))?;
-        hosts
-            .a_client
-            .request(
-                Request::Define {
-                    definition: DefinitionDoc(definition.to_document()),
-                },
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        hosts
-            .a_client
-            .request(
-                Request::Start {
-                    domain: name.parse()?,
-                    paused: false,
-                },
-                REQUEST_TIMEOUT,
-            )
-            .await?;
+        hosts.start_guest(name, 64, workload).await?;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut jobs = Vec::new();

@@ -97,6 +97,23 @@ fn options() -> WatchOptions {
     }
 }
 
+/// The adaptive controller at its defaults, over a 64 MiB/s link.
+fn adaptive() -> WatchOptions {
+    WatchOptions {
+        controller: Some(migration::plan::controller_policy(
+            None,
+            0.999,
+            Duration::from_millis(300),
+            None,
+            None,
+            false,
+        )),
+        bandwidth_cap: Bandwidth::from_mib_s(64),
+        ram_bytes: 512 * MIB,
+        ..options()
+    }
+}
+
 /// A throttle that records what it was asked.
 #[derive(Clone, Default)]
 struct FakeThrottle {
@@ -360,23 +377,7 @@ async fn a_stall_raises_the_downtime_to_its_ceiling() {
 #[tokio::test(start_paused = true)]
 async fn the_controller_throttles_a_guest_that_outruns_the_link_and_lifts_it_at_the_end() {
     let throttle = FakeThrottle::default();
-    let job = Job::start(
-        WatchOptions {
-            controller: Some(migration::plan::controller_policy(
-                None,
-                0.999,
-                Duration::from_millis(300),
-                None,
-                None,
-                false,
-            )),
-            bandwidth_cap: Bandwidth::from_mib_s(64),
-            ram_bytes: 512 * MIB,
-            ..options()
-        },
-        Some(Box::new(throttle.clone())),
-    )
-    .await;
+    let job = Job::start(adaptive(), Some(Box::new(throttle.clone()))).await;
     // Each 2 s pass at 64 MiB/s leaves 256 MiB: the guest dirties twice
     // what the link carries.
     for _ in 0..3 {
@@ -405,23 +406,7 @@ async fn above_the_slow_stop_line_the_watcher_holds_qemus_switchover_and_pauses_
         slow_above: Some(0.0),
         ..Default::default()
     };
-    let job = Job::start(
-        WatchOptions {
-            controller: Some(migration::plan::controller_policy(
-                None,
-                0.999,
-                Duration::from_millis(300),
-                None,
-                None,
-                false,
-            )),
-            bandwidth_cap: Bandwidth::from_mib_s(64),
-            ram_bytes: 512 * MIB,
-            ..options()
-        },
-        Some(Box::new(throttle.clone())),
-    )
-    .await;
+    let job = Job::start(adaptive(), Some(Box::new(throttle.clone()))).await;
     for _ in 0..3 {
         job.pass(2.0, 256 * MIB).await;
     }

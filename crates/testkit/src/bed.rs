@@ -12,6 +12,7 @@ use protocol::{Client, ClientError, MigrateOptions, Reply, Request};
 use serde_json::Value;
 use tokio::sync::{Mutex, MutexGuard};
 
+use crate::netns::NetnsPair;
 use crate::{bin, procs, wait_until, GUEST_TIMEOUT};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -71,6 +72,43 @@ impl TestBed {
         netns: Option<String>,
     ) -> Host {
         self.launch(name, listen, netns, &[]).await
+    }
+
+    /// Two hosts on loopback, `a` and `b`, with the test guest `name`
+    /// (`memory_mib` of RAM, running `workload`) started on `a`.
+    pub async fn two_hosts_running(
+        &self,
+        name: &str,
+        memory_mib: u32,
+        workload: Workload,
+    ) -> (Host, Host) {
+        let a = self.host("a").await;
+        let b = self.host("b").await;
+        a.define_and_start(self.definition(name, memory_mib, workload))
+            .await;
+        (a, b)
+    }
+
+    /// Two hosts in two fresh network namespaces joined by a veth pair,
+    /// each agent listening on its namespace's address. `tag` keeps the
+    /// namespace names apart.
+    pub async fn hosts_in_namespaces(&self, tag: &str) -> (NetnsPair, Host, Host) {
+        let net = NetnsPair::create(tag).expect("network namespaces (needs root and iproute2)");
+        let a = self
+            .host_with(
+                "a",
+                Some(format!("tcp://{}:0", net.a_ip)),
+                Some(net.a.clone()),
+            )
+            .await;
+        let b = self
+            .host_with(
+                "b",
+                Some(format!("tcp://{}:0", net.b_ip)),
+                Some(net.b.clone()),
+            )
+            .await;
+        (net, a, b)
     }
 
     /// Starts an agent on loopback with extra `livemigd` arguments.
@@ -435,6 +473,19 @@ impl Host {
             .env_remove("LIVEMIG_URI")
             .output()
             .expect("run livemig")
+    }
+
+    /// Runs the CLI against this host and asserts that it succeeded.
+    pub fn cli_ok(&self, args: &[&str]) -> std::process::Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "livemig {} failed on {}: {}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     }
 }
 

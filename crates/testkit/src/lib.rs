@@ -7,12 +7,15 @@
 //!   dropping it kills the group (agent and every QEMU it started).
 //! - [`netns`]: two network namespaces joined by a veth pair.
 //! - [`procs`]: which processes are in a group, for leak checks.
+//! - [`assert_runs_only_on`], [`assert_no_leftovers`]: what a user checks
+//!   after a migration.
 //!
 //! Binaries are found next to the test executable's directory
 //! (`target/<profile>/`); build them first (`cargo build --bins`), or point
 //! `LIVEMIG_BIN_DIR` at them.
 
 mod bed;
+mod checks;
 pub mod netns;
 pub mod procs;
 
@@ -20,6 +23,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use bed::{Host, TestBed};
+pub use checks::{assert_no_leftovers, assert_runs_only_on};
 
 /// How long a guest may take to show progress after a start or migration.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);

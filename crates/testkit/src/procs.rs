@@ -9,16 +9,7 @@ pub fn comm(pid: u32) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-/// True if a process with this pid exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
+pub use domain::qemu::process::alive;
 
 /// Live processes whose process group is `pgid`.
 pub fn in_group(pgid: u32) -> Vec<u32> {

@@ -50,10 +50,7 @@ impl Untouched {
 #[tokio::test]
 async fn a_capability_the_qemu_lacks_names_the_capability_and_the_host() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
-        .await;
+    let (a, b) = bed.two_hosts_running("vm", 64, Workload::IDLE).await;
     let before = Untouched::record(&a, "vm").await;
 
     // QEMU 7.2 has no dirty-limit capability (it came in 8.1).
@@ -155,10 +152,7 @@ async fn a_malformed_definition_is_refused_and_nothing_is_defined() {
 #[tokio::test]
 async fn bad_uris_and_flags_are_refused_before_anything_starts() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
-        .await;
+    let (a, b) = bed.two_hosts_running("vm", 64, Workload::IDLE).await;
     let before = Untouched::record(&a, "vm").await;
 
     let bad_connect = std::process::Command::new(testkit::bin("livemig"))
@@ -233,10 +227,7 @@ async fn a_destination_agent_that_is_down_fails_cleanly() {
 #[tokio::test]
 async fn migrating_onto_a_host_where_the_domain_already_runs_fails_in_prepare() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
-        .await;
+    let (a, b) = bed.two_hosts_running("vm", 64, Workload::IDLE).await;
     b.define_and_start(bed.definition("vm", 64, Workload::IDLE))
         .await;
     let b_pid = b.dominfo("vm").await.unwrap().qemu_pid.unwrap();
@@ -274,9 +265,8 @@ async fn migrating_onto_a_host_where_the_domain_already_runs_fails_in_prepare() 
 #[tokio::test]
 async fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, Workload::busy(16, 20_000)))
+    let (a, b) = bed
+        .two_hosts_running("vm", 64, Workload::busy(16, 20_000))
         .await;
     let slow = MigrateOptions {
         live: true,

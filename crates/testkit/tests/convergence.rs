@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use guest::Workload;
-use protocol::domain::DomainState;
 use protocol::job::{ActionKind, JobRecord, JobStatus};
 use protocol::{ConvergeMode, MigrateOptions};
-use testkit::{wait_until, Host, TestBed};
+use testkit::{assert_runs_only_on, wait_until, TestBed};
 
 /// ~50 MiB/s over a 16 MiB working set: against 16 MiB/s plain pre-copy
 /// never converges.
@@ -42,35 +41,15 @@ fn actions(record: &JobRecord, kind: &str) -> Vec<f64> {
         .collect()
 }
 
-async fn assert_moved_intact(name: &str, from: &Host, to: &Host) {
-    assert_eq!(to.state(name).await, Some(DomainState::Running));
-    assert!(from.qemu_pids().is_empty(), "QEMU left on {}", from.name);
-    let log = to.wait_guest_passes(name, 2).await;
-    assert!(log.memory_intact(), "{:?}", log.corruptions);
-}
-
 /// The cgroup (v1 cpu controller) a thread is in, e.g. "/" or "/livemig/x".
 fn cpu_cgroup(pid: u32, tid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            controllers
-                .split(',')
-                .any(|c| c == "cpu")
-                .then(|| path.to_string())
-        })
-        .unwrap_or_default()
+    migration::vcpu_throttle::cgroup::cpu_cgroup_of(pid, tid).unwrap_or_default()
 }
 
 #[tokio::test]
 async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
     let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
 
@@ -87,24 +66,27 @@ async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
         "pre-flight measurement"
     );
     assert!(record.downtime_ms.unwrap() <= 300);
-    if testkit::host_throttle_available() {
-        let detail = &record
-            .actions
-            .iter()
-            .find(|a| a.action == ActionKind::Throttle)
-            .unwrap()
-            .detail;
-        assert!(detail.starts_with("host:"), "{detail}");
-    }
-    assert_moved_intact("vm", &a, &b).await;
+    // The mechanism follows the host: its cgroup when there is one, else
+    // QEMU's own throttle.
+    let detail = &record
+        .actions
+        .iter()
+        .find(|a| a.action == ActionKind::Throttle)
+        .unwrap()
+        .detail;
+    let mechanism = if testkit::host_throttle_available() {
+        "host:"
+    } else {
+        "qemu:"
+    };
+    assert!(detail.starts_with(mechanism), "{detail}");
+    assert_runs_only_on("vm", &b, &a, 2).await;
 }
 
 #[tokio::test]
 async fn adaptive_never_throttles_a_guest_that_converges_on_its_own() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, LIGHT)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, LIGHT).await;
 
     let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
 
@@ -115,15 +97,13 @@ async fn adaptive_never_throttles_a_guest_that_converges_on_its_own() {
         record.actions
     );
     assert_eq!(record.max_cpu_throttle_pct, 0.0);
-    assert_moved_intact("vm", &a, &b).await;
+    assert_runs_only_on("vm", &b, &a, 2).await;
 }
 
 #[tokio::test]
 async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let pid = a.dominfo("vm").await.unwrap().qemu_pid.unwrap();
     let cpus = a.qmp("vm", "query-cpus-fast").await.unwrap();
     let tid = cpus[0]["thread-id"].as_u64().unwrap() as u32;
@@ -153,8 +133,13 @@ async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
             cpu_cgroup(pid, tid).contains("livemig"),
             "vCPU thread in our cgroup"
         );
+    } else {
+        eprintln!(
+            "skipped the cgroup checks: this host has no cgroup v1 cpu controller (the \
+             controller throttled with QEMU's own throttle; the guest's speed is still checked)"
+        );
     }
-    a.cli(&["domjobabort", "vm"]);
+    a.cli_ok(&["domjobabort", "vm"]);
     let record = a.wait_job(&job).await;
 
     assert_eq!(record.status, JobStatus::Cancelled);
@@ -179,9 +164,7 @@ async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
 #[tokio::test]
 async fn timeout_suspend_lets_the_copy_finish_and_resumes_on_the_destination() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
     let uri = b.uri();
     let out = a.cli(&[
@@ -219,15 +202,13 @@ async fn timeout_suspend_lets_the_copy_finish_and_resumes_on_the_destination() {
         "{:#?}",
         record.actions
     );
-    assert_moved_intact("vm", &a, &b).await;
+    assert_runs_only_on("vm", &b, &a, 2).await;
 }
 
 #[tokio::test]
 async fn a_stalled_migration_raises_the_downtime_limit_up_to_the_ceiling() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
     // 16 MiB rewritten every pass; 2 s at 16 MiB/s covers it.
     let record = a
@@ -249,15 +230,13 @@ async fn a_stalled_migration_raises_the_downtime_limit_up_to_the_ceiling() {
         record.actions
     );
     assert!(record.downtime_ms.unwrap() <= 2_500, "{record:#?}");
-    assert_moved_intact("vm", &a, &b).await;
+    assert_runs_only_on("vm", &b, &a, 2).await;
 }
 
 #[tokio::test]
 async fn a_stalled_migration_switches_to_postcopy_when_allowed() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
     let record = a
         .migrate(
@@ -277,15 +256,13 @@ async fn a_stalled_migration_switches_to_postcopy_when_allowed() {
         "{:#?}",
         record.actions
     );
-    assert_moved_intact("vm", &a, &b).await;
+    assert_runs_only_on("vm", &b, &a, 2).await;
 }
 
 #[tokio::test]
 async fn estimate_and_dry_run_predict_without_touching_the_guest() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let pid = a.dominfo("vm").await.unwrap().qemu_pid.unwrap();
 
     let out = a.cli(&["estimate", "vm", "--bandwidth", "16", "--json"]);
@@ -371,5 +348,5 @@ async fn without_a_host_throttle_the_controller_steers_qemus_own() {
     assert!(throttle.detail.starts_with("qemu:"), "{}", throttle.detail);
     assert!(record.max_cpu_throttle_pct <= 99.0);
     assert!(!record.auto_converge, "auto-converge only as the mechanism");
-    assert_moved_intact("vm", &a, &b).await;
+    assert_runs_only_on("vm", &b, &a, 2).await;
 }

@@ -26,9 +26,7 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
         migration::vcpu_throttle::cgroup::CPU_V1_ROOT
     );
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 512, HOT)).await;
+    let (a, b) = bed.two_hosts_running("vm", 512, HOT).await;
     a.wait_guest_passes("vm", 1).await;
 
     let job = a

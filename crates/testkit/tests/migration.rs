@@ -7,7 +7,7 @@ use guest::Workload;
 use protocol::domain::DomainState;
 use protocol::job::JobStatus;
 use protocol::MigrateOptions;
-use testkit::{procs, wait_until, Host, TestBed};
+use testkit::{assert_runs_only_on, procs, wait_until, TestBed};
 
 /// 16 MiB rewritten at ~50 MiB/s on this class of machine: against a
 /// 16 MiB/s cap every pass leaves the whole working set dirty again, so
@@ -26,56 +26,10 @@ fn live() -> MigrateOptions {
     }
 }
 
-/// The guest runs exactly on `on` (not on `off`), its memory is intact and
-/// its progress counter keeps growing there; a busy guest must have swept
-/// (and so re-checked) its whole working set twice.
-async fn assert_runs_only_on(name: &str, on: &Host, off: &Host, passes: u64) {
-    assert_eq!(
-        on.state(name).await,
-        Some(DomainState::Running),
-        "state on {}",
-        on.name
-    );
-    let off_state = off.state(name).await;
-    assert!(
-        matches!(off_state, None | Some(DomainState::ShutOff)),
-        "on {} the domain is {off_state:?}",
-        off.name
-    );
-    assert!(
-        off.qemu_pids().is_empty(),
-        "QEMU left on {}: {:?}",
-        off.name,
-        off.qemu_pids()
-    );
-    assert_eq!(on.qemu_pids().len(), 1, "exactly one QEMU on {}", on.name);
-    let before = on
-        .wait_guest_progress(name, 1)
-        .await
-        .last_progress()
-        .unwrap();
-    let log = on.wait_guest_passes(name, passes).await;
-    let after = log.last_progress().unwrap();
-    assert!(
-        after.writes > before.writes,
-        "guest progress stalled on {}",
-        on.name
-    );
-    assert!(
-        log.memory_intact(),
-        "guest memory corrupted on {}: {:?}",
-        on.name,
-        log.corruptions
-    );
-}
-
 #[tokio::test]
 async fn idle_guest_migrates_and_keeps_running_on_the_destination() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("idle", 64, Workload::IDLE))
-        .await;
+    let (a, b) = bed.two_hosts_running("idle", 64, Workload::IDLE).await;
     let source_pid = a.dominfo("idle").await.unwrap().qemu_pid.unwrap();
 
     let record = a.migrate("idle", &b, live()).await;
@@ -100,9 +54,7 @@ async fn idle_guest_migrates_and_keeps_running_on_the_destination() {
 #[tokio::test]
 async fn busy_guest_without_auto_converge_times_out_and_stays_on_the_source() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("busy", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("busy", 64, BUSY).await;
 
     let record = a
         .migrate(
@@ -128,9 +80,7 @@ async fn busy_guest_without_auto_converge_times_out_and_stays_on_the_source() {
 #[tokio::test]
 async fn busy_guest_with_auto_converge_completes_after_throttling() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("busy", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("busy", 64, BUSY).await;
 
     let record = a
         .migrate(
@@ -160,9 +110,7 @@ async fn busy_guest_with_auto_converge_completes_after_throttling() {
 #[tokio::test]
 async fn auto_converge_is_on_for_both_qemus_during_the_job_and_reset_after_an_abort() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("busy", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("busy", 64, BUSY).await;
     assert!(!a.capability("busy", "auto-converge").await);
 
     // A cap this low keeps the job running while we look.
@@ -211,9 +159,7 @@ async fn auto_converge_is_on_for_both_qemus_during_the_job_and_reset_after_an_ab
 #[tokio::test]
 async fn without_the_flag_auto_converge_stays_off_on_both_qemus() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("busy", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("busy", 64, BUSY).await;
 
     let job = a
         .start_migration(

@@ -23,9 +23,7 @@ fn stdout(out: &std::process::Output) -> String {
 #[tokio::test]
 async fn migrate_json_streams_progress_events_then_the_record() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
     let uri = b.uri();
     let out = a.cli(&[
@@ -74,9 +72,7 @@ async fn migrate_json_streams_progress_events_then_the_record() {
 #[tokio::test]
 async fn migrate_without_a_terminal_prints_a_line_a_second() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
     let uri = b.uri();
     let out = a.cli(&[
@@ -102,9 +98,7 @@ async fn migrate_without_a_terminal_prints_a_line_a_second() {
 #[tokio::test]
 async fn domjobinfo_shows_the_fields_virsh_users_know() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let job = a
         .start_migration(
             "vm",
@@ -151,7 +145,7 @@ async fn domjobinfo_shows_the_fields_virsh_users_know() {
     assert_eq!(json["id"], job.as_str());
     assert!(json["stats"]["memory_total_bytes"].as_u64().unwrap() > 0);
 
-    a.cli(&["domjobabort", "vm"]);
+    a.cli_ok(&["domjobabort", "vm"]);
     a.wait_job(&job).await;
     let done = stdout(&a.cli(&["domjobinfo", "--completed", "vm"]));
     assert!(
@@ -205,9 +199,7 @@ async fn job_history_with_timelines_survives_an_agent_restart() {
 #[tokio::test]
 async fn report_draws_the_timeline_with_the_expected_series() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let record = a
         .migrate(
             "vm",
@@ -271,9 +263,7 @@ fn metric(text: &str, name: &str) -> f64 {
 #[tokio::test]
 async fn metrics_are_served_in_prometheus_text_format() {
     let bed = TestBed::new().await;
-    let a = bed.host("a").await;
-    let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let before = scrape(&a.uri());
     assert_eq!(metric(&before, "livemig_up"), 1.0);
     assert_eq!(metric(&before, "livemig_domains_running"), 1.0);

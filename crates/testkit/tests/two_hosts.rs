@@ -5,27 +5,12 @@ use guest::Workload;
 use protocol::domain::DomainState;
 use protocol::job::JobStatus;
 use protocol::MigrateOptions;
-use testkit::netns::NetnsPair;
 use testkit::TestBed;
 
 #[tokio::test]
 async fn migration_between_two_network_namespaces() {
-    let net = NetnsPair::create("mig").expect("network namespaces (needs root and iproute2)");
     let bed = TestBed::new().await;
-    let a = bed
-        .host_with(
-            "a",
-            Some(format!("tcp://{}:0", net.a_ip)),
-            Some(net.a.clone()),
-        )
-        .await;
-    let b = bed
-        .host_with(
-            "b",
-            Some(format!("tcp://{}:0", net.b_ip)),
-            Some(net.b.clone()),
-        )
-        .await;
+    let (net, a, b) = bed.hosts_in_namespaces("mig").await;
     assert!(b.uri().contains(&net.b_ip), "{}", b.uri());
     a.define_and_start(bed.definition("vm", 64, Workload::busy(8, 50_000)))
         .await;

@@ -193,21 +193,23 @@ impl Drop for HostThrottle {
     }
 }
 
+/// The cgroup of the v1 `cpu` controller thread `tid` of process `pid` is
+/// in now ("/" or "/livemig/NAME"), if it is in one.
+pub fn cpu_cgroup_of(pid: u32, tid: u32) -> Option<String> {
+    let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == "cpu")
+            .then(|| path.to_string())
+    })
+}
+
 /// The `tasks` file of the cgroup a thread is in now.
 fn origin_tasks(controller: &Path, pid: u32, tid: u32) -> PathBuf {
-    let text = fs::read_to_string(format!("/proc/{pid}/task/{tid}/cgroup")).unwrap_or_default();
-    let path = text
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            controllers
-                .split(',')
-                .any(|c| c == "cpu")
-                .then(|| path.to_string())
-        })
-        .next()
-        .unwrap_or_else(|| "/".into());
+    let path = cpu_cgroup_of(pid, tid).unwrap_or_else(|| "/".into());
     controller.join(path.trim_start_matches('/')).join("tasks")
 }
 
