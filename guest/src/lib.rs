@@ -7,6 +7,7 @@
 //! its command line ([`Workload`]) and reads what it printed ([`SerialLog`]).
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod serial;
 

@@ -12,9 +12,13 @@ const PREFIX: &str = "livemig-guest: ";
 /// The guest's start line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Start {
+    /// Working set, MiB.
     pub working_set_mib: u64,
+    /// Pages in it.
     pub pages: u64,
+    /// Busy-loop iterations per write.
     pub spin: u64,
+    /// The TSC's rate, kHz.
     pub tsc_khz: u64,
 }
 
@@ -38,8 +42,11 @@ pub struct Corruption(pub String);
 /// Everything a serial log says.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SerialLog {
+    /// The start line.
     pub start: Option<Start>,
+    /// Every progress line.
     pub progress: Vec<Progress>,
+    /// Every corruption the guest reported.
     pub corruptions: Vec<Corruption>,
     /// `error ...` lines: the guest could not run its workload.
     pub errors: Vec<String>,

@@ -37,6 +37,7 @@ pub struct Config {
 }
 
 impl Config {
+    /// The defaults, with this state directory, socket and TCP address.
     pub fn new(state_dir: PathBuf, socket: PathBuf, listen: Option<SocketAddr>) -> Self {
         Config {
             state_dir,

@@ -3,7 +3,7 @@
 //! Each finished job is one row in `jobs` (with the record as JSON for
 //! fields added later), its timeline in `samples` (one per poll) and its
 //! actions in `events`, written in one transaction. The schema is
-//! versioned: `schema_version` holds the version, and [`MIGRATIONS`] brings
+//! versioned: `schema_version` holds the version, and `MIGRATIONS` brings
 //! an older database up to date on open.
 
 use std::path::Path;
@@ -53,16 +53,26 @@ CREATE INDEX events_by_job ON events (job_id, t_ms);
 "#];
 
 #[derive(Debug, thiserror::Error)]
+/// Why the history could not be read or written.
 pub enum HistoryError {
     #[error("job history database error")]
+    /// SQLite failed.
     Sqlite(#[from] rusqlite::Error),
     #[error(
         "job history database is from a newer livemig (schema {found}, this one knows {known})"
     )]
-    TooNew { found: i64, known: i64 },
+    /// A database from a newer livemig.
+    TooNew {
+        /// Its schema version.
+        found: i64,
+        /// The newest this livemig knows.
+        known: i64,
+    },
     #[error("job history task failed")]
+    /// The blocking task died.
     Task(#[from] tokio::task::JoinError),
     #[error("job record does not serialize")]
+    /// A record that does not serialize.
     Json(#[from] serde_json::Error),
 }
 

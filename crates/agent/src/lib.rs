@@ -18,6 +18,7 @@
 //! is how tests run agents in-process.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod api;
 pub mod config;

@@ -27,15 +27,21 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot open the state directory")]
+    /// The state directory failed.
     Store(#[from] StoreError),
     #[error("cannot open the job history")]
+    /// The job history failed.
     History(#[from] crate::history::HistoryError),
     #[error("another agent is already serving {0}")]
+    /// Another agent serves this socket.
     SocketInUse(PathBuf),
     #[error("cannot listen on {what}")]
+    /// A listener could not be bound.
     Bind {
+        /// What.
         what: String,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
 }

@@ -19,28 +19,39 @@ use domain::{DomainDefinition, DomainName};
 use crate::runfile::RunRecord;
 
 #[derive(Debug, thiserror::Error)]
+/// Why the state directory could not be changed.
 pub enum StoreError {
     #[error("cannot create state directory {path}")]
+    /// A directory could not be created.
     Create {
+        /// The directory.
         path: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
     #[error("cannot write {path}")]
+    /// A file could not be written.
     Write {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
     #[error("cannot remove {path}")]
+    /// A file could not be removed.
     Remove {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
 }
 
 #[derive(Debug, Clone)]
+/// The state directory.
 pub struct Store {
     root: PathBuf,
 }
@@ -71,14 +82,17 @@ impl Store {
         })
     }
 
+    /// The state directory itself.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// Where run records, QMP sockets and serial logs live.
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")
     }
 
+    /// Where QEMU's logs live.
     pub fn logs_dir(&self) -> PathBuf {
         self.root.join("logs")
     }

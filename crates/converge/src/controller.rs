@@ -112,15 +112,33 @@ pub struct Observation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
 pub enum Action {
-    Throttle { to: f64, why: String },
-    Downtime { to: f64, why: String },
-    Postcopy { why: String },
+    /// Change the vCPU throttle.
+    Throttle {
+        /// The new throttle, 0 to 1.
+        to: f64,
+        /// Why, for the timeline.
+        why: String,
+    },
+    /// Change the downtime limit.
+    Downtime {
+        /// The new limit, seconds.
+        to: f64,
+        /// Why, for the timeline.
+        why: String,
+    },
+    /// Switch to post-copy.
+    Postcopy {
+        /// Why, for the timeline.
+        why: String,
+    },
 }
 
 /// The controller's answer: its next state and what to change.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
+    /// The state to decide from next time.
     pub state: State,
+    /// What to change now.
     pub actions: Vec<Action>,
 }
 
@@ -304,11 +322,14 @@ fn worth_changing(from: f64, to: f64) -> bool {
 /// The controller as a simulator steering (for estimates and tests).
 #[derive(Debug, Clone)]
 pub struct AdaptiveSim {
+    /// The policy.
     pub policy: Policy,
+    /// The controller's state.
     pub state: State,
 }
 
 impl AdaptiveSim {
+    /// A simulator steering with `policy`, from a pre-flight measurement if there is one.
     pub fn new(policy: Policy, preflight: Option<DirtyModel>) -> Self {
         AdaptiveSim {
             state: State::new(&policy, preflight),

@@ -19,6 +19,7 @@ use crate::qemu::{AutoConvergeParams, QemuAutoConverge};
 /// One dirty-rate measurement.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
+    /// The window, seconds.
     pub window_secs: f64,
     /// Distinct bytes dirtied in the window.
     pub dirtied: f64,
@@ -78,6 +79,7 @@ pub struct Outlook {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Predictions {
     #[serde(flatten)]
+    /// For the model as measured.
     pub measured: Outlook,
     /// For a writer that refills its working set every
     /// [`WORST_CASE_REFILL_SECS`] (present when the rate is a lower bound).

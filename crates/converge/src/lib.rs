@@ -15,6 +15,7 @@
 //! `migration` crate.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod controller;
 pub mod estimate;

@@ -39,6 +39,7 @@ impl DirtyModel {
 pub struct Scenario {
     /// The first pass sends this much (guest RAM, or the part worth sending).
     pub first_pass_bytes: f64,
+    /// How the guest dirties memory.
     pub model: DirtyModel,
     /// Bytes per second.
     pub bandwidth: f64,
@@ -63,19 +64,24 @@ pub struct SyncView {
     pub pass_bytes: f64,
     /// Throttle in force during that pass.
     pub throttle: f64,
+    /// The downtime limit, seconds.
     pub downtime: f64,
+    /// The link's bandwidth, bytes per second.
     pub bandwidth: f64,
 }
 
 /// A steering's instruction after a sync; `None` keeps the current value.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Steer {
+    /// The new throttle, 0 to 1.
     pub throttle: Option<f64>,
+    /// The new downtime limit, seconds.
     pub downtime: Option<f64>,
 }
 
 /// Something that adjusts throttle and downtime at syncs.
 pub trait Steering {
+    /// What to change after this sync.
     fn at_sync(&mut self, view: &SyncView) -> Steer;
 }
 
@@ -92,12 +98,15 @@ impl Steering for Fixed {
 /// The outcome of a simulation.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
+    /// It switches over within the horizon.
     pub converges: bool,
     /// Seconds until switchover completes (or the horizon).
     pub total_secs: f64,
     /// Seconds the guest is paused at switchover.
     pub downtime_secs: f64,
+    /// Passes over memory.
     pub passes: u32,
+    /// Highest throttle, 0 to 1.
     pub max_throttle: f64,
     /// Seconds of full-speed guest time lost to throttling and downtime.
     pub work_lost_secs: f64,

@@ -11,8 +11,11 @@ use crate::model::{Steer, Steering, SyncView};
 /// QEMU's auto-converge parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AutoConvergeParams {
+    /// `cpu-throttle-initial`, as a fraction.
     pub initial: f64,
+    /// `cpu-throttle-increment`, as a fraction.
     pub increment: f64,
+    /// `max-cpu-throttle`, as a fraction.
     pub max: f64,
     /// `throttle-trigger-threshold` as a fraction.
     pub threshold: f64,
@@ -42,6 +45,7 @@ pub struct QemuAutoConverge {
 }
 
 impl QemuAutoConverge {
+    /// QEMU's auto-converge with `params`, before its first step.
     pub fn new(params: AutoConvergeParams) -> Self {
         QemuAutoConverge {
             params,

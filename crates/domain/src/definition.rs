@@ -33,18 +33,24 @@ const MAX_VCPUS: u32 = 255;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KernelBoot {
+    /// The kernel image.
     pub path: PathBuf,
     #[serde(default)]
+    /// Its command line.
     pub cmdline: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// An initial ramdisk.
     pub initrd: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+/// A disk image's format.
 pub enum DiskFormat {
     #[default]
+    /// Raw bytes.
     Raw,
+    /// QEMU's copy-on-write format.
     Qcow2,
 }
 
@@ -54,7 +60,9 @@ pub enum DiskFormat {
 #[serde(rename_all = "lowercase")]
 pub enum DiskCache {
     #[default]
+    /// No host page cache (direct I/O): safe to migrate on shared storage.
     None,
+    /// The host page cache, written back later.
     Writeback,
 }
 
@@ -62,15 +70,19 @@ pub enum DiskCache {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Disk {
+    /// The image file.
     pub path: PathBuf,
     #[serde(default)]
+    /// Its format.
     pub format: DiskFormat,
     #[serde(default)]
+    /// Host cache mode.
     pub cache: DiskCache,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+/// The guest's serial console.
 pub struct Serial {
     /// Where the guest's first serial port is written; the agent picks a
     /// file in its state directory when unset.
@@ -82,19 +94,27 @@ pub struct Serial {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DomainDefinition {
+    /// The domain's name.
     pub name: DomainName,
+    /// Guest RAM, MiB.
     pub memory_mib: u32,
     #[serde(default = "one")]
+    /// vCPUs.
     pub vcpus: u32,
     #[serde(default)]
+    /// The accelerator.
     pub accel: Accel,
     #[serde(default = "default_machine")]
+    /// Machine type, or an alias QEMU resolves (`pc`).
     pub machine: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Direct kernel boot.
     pub kernel: Option<KernelBoot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// A disk.
     pub disk: Option<Disk>,
     #[serde(default)]
+    /// The serial console.
     pub serial: Serial,
 }
 
@@ -110,28 +130,50 @@ fn default_machine() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum DefinitionError {
     #[error("cannot read definition {path}")]
+    /// The file could not be read.
     Read {
+        /// The file.
         path: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
     #[error("malformed definition: {0}")]
+    /// Not TOML, or unknown keys.
     Parse(#[from] toml::de::Error),
     #[error("malformed definition: {0}")]
+    /// Not the definition's form, or unknown keys.
     Document(#[from] serde_json::Error),
     #[error("memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
+    /// RAM out of range.
     Memory(u32),
     #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    /// vCPUs out of range.
     Vcpus(u32),
     #[error("machine type {0:?} is not a plain name")]
+    /// A machine type that is not a plain name.
     Machine(String),
     #[error("the definition has nothing to boot: give [kernel] or [disk]")]
+    /// Neither a kernel nor a disk.
     NoBootSource,
     #[error("{what} path {path:?} must be absolute")]
-    RelativePath { what: &'static str, path: PathBuf },
+    /// A relative path.
+    RelativePath {
+        /// Which path.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
     #[error("{what} path {path:?} contains a character QEMU cannot take")]
-    UnsafePath { what: &'static str, path: PathBuf },
+    /// A path QEMU's option syntax cannot carry.
+    UnsafePath {
+        /// Which path.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
     #[error("kernel command line contains a control character")]
+    /// A control character in the kernel command line.
     Cmdline,
 }
 

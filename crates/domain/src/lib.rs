@@ -7,6 +7,8 @@
 //!   and the supervised process with its QMP connection
 //!   ([`qemu::process`]).
 
+#![warn(missing_docs)]
+
 pub mod definition;
 pub mod qemu;
 

@@ -17,6 +17,7 @@
 //! The agents (`livemigd`) orchestrate these across two hosts.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod cleanup;
 pub mod dirty;

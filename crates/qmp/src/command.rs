@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 /// its reply type. Commands without arguments are unit structs, which
 /// serialize to `null` and are sent without `arguments`.
 pub trait Command: Serialize {
+    /// The command's wire name.
     const NAME: &'static str;
+    /// What a successful reply decodes to.
     type Reply: DeserializeOwned;
 }
 

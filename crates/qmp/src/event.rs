@@ -9,17 +9,22 @@ use crate::commands::migration::MigrationStatus;
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Event {
     #[serde(rename = "event")]
+    /// The event's name (`MIGRATION`, `STOP`, ...).
     pub name: String,
     #[serde(default)]
+    /// Its data.
     pub data: Value,
     #[serde(default)]
+    /// When QEMU emitted it.
     pub timestamp: Option<Timestamp>,
 }
 
 /// Host time at which QEMU emitted the event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub struct Timestamp {
+    /// Seconds since the epoch.
     pub seconds: i64,
+    /// Microseconds within the second.
     pub microseconds: i64,
 }
 
@@ -28,18 +33,26 @@ pub struct Timestamp {
 pub enum EventKind {
     /// Migration state change (needs the `events` capability).
     Migration {
+        /// The new state.
         status: MigrationStatus,
     },
     /// A dirty-bitmap sync: one pass over guest memory finished.
     MigrationPass {
+        /// The sync's number.
         pass: u64,
     },
+    /// The vCPUs stopped.
     Stop,
+    /// The vCPUs run again.
     Resume,
+    /// QEMU is shutting down.
     Shutdown {
+        /// The guest asked for it.
         guest: bool,
+        /// QEMU's reason.
         reason: String,
     },
+    /// Any other event.
     Other,
 }
 

@@ -7,12 +7,16 @@ use serde::{Deserialize, Serialize};
 /// QEMU's version as reported by the greeting and `query-version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct QemuVersion {
+    /// Major.
     pub major: u32,
+    /// Minor.
     pub minor: u32,
+    /// Micro.
     pub micro: u32,
 }
 
 impl QemuVersion {
+    /// A version from its parts.
     pub const fn new(major: u32, minor: u32, micro: u32) -> Self {
         QemuVersion {
             major,
@@ -37,8 +41,10 @@ pub(crate) struct GreetingEnvelope {
 /// The `QMP` object of the greeting.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Greeting {
+    /// QEMU's version.
     pub version: GreetingVersion,
     #[serde(default)]
+    /// Capabilities QEMU offers to negotiate.
     pub capabilities: Vec<String>,
 }
 

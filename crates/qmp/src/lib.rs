@@ -17,6 +17,7 @@
 //! decoding.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod client;
 pub mod command;

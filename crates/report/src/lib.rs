@@ -4,10 +4,11 @@
 //! send, transfer and dirty rates, vCPU throttle — with the job's actions
 //! (throttle changes, downtime raises, post-copy, cancel, ...) as vertical
 //! markers and the switchover downtime as a shaded band. [`html`] wraps the
-//! chart and the job summary in one self-contained page. [`write`] picks by
+//! chart and the job summary in one self-contained page. [`write()`] picks by
 //! file extension.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -20,14 +21,19 @@ const WIDTH: u32 = 1100;
 const PANEL: u32 = 260;
 
 #[derive(Debug, thiserror::Error)]
+/// Why a report could not be written.
 pub enum ReportError {
     #[error("cannot draw the chart: {0}")]
+    /// The chart library failed.
     Draw(String),
     #[error("the job has no timeline samples to draw")]
+    /// Nothing to draw.
     NoSamples,
     #[error("unknown report format {0:?}: use .svg or .html")]
+    /// Neither .svg nor .html.
     Format(String),
     #[error("cannot write the report")]
+    /// The file could not be written.
     Io(#[from] std::io::Error),
 }
 

@@ -50,10 +50,12 @@ impl TestBed {
         }
     }
 
+    /// The bed's directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
 
+    /// The guest kernel installed in it.
     pub fn kernel(&self) -> &Path {
         &self.kernel
     }
@@ -149,6 +151,7 @@ impl TestBed {
 /// One agent ("host").
 #[derive(Debug)]
 pub struct Host {
+    /// The host's name (`a`, `b`).
     pub name: String,
     options: LaunchOptions,
     process: Option<AgentProcess>,
@@ -188,6 +191,7 @@ impl Host {
         self.process.as_ref().expect("agent is running")
     }
 
+    /// The client connected to the agent's socket.
     pub fn client(&self) -> &Client {
         self.client.as_ref().expect("agent is running")
     }
@@ -202,6 +206,7 @@ impl Host {
         self.process().local_uri().to_string()
     }
 
+    /// The agent's state directory.
     pub fn state_dir(&self) -> &Path {
         &self.options.state_dir
     }
@@ -290,6 +295,7 @@ impl Host {
         }
     }
 
+    /// Sends a request to the agent.
     pub async fn request(&self, request: Request) -> Result<Reply, ClientError> {
         self.client().request(request, REQUEST_TIMEOUT).await
     }
@@ -311,6 +317,7 @@ impl Host {
         self.wait_guest_progress(name.as_str(), 2).await;
     }
 
+    /// The domain's `dominfo`.
     pub async fn dominfo(&self, name: &str) -> Result<DomainInfo, ClientError> {
         match self
             .request(Request::DomInfo {
@@ -323,6 +330,7 @@ impl Host {
         }
     }
 
+    /// Every domain the agent knows.
     pub async fn list_all(&self) -> Vec<DomainSummary> {
         match self
             .request(Request::List { all: true })
@@ -334,6 +342,7 @@ impl Host {
         }
     }
 
+    /// The domain's state, if the agent knows it.
     pub async fn state(&self, name: &str) -> Option<DomainState> {
         self.dominfo(name).await.ok().map(|i| i.state)
     }

@@ -14,6 +14,8 @@
 //! (`target/<profile>/`); build them first (`cargo build --bins`), or point
 //! `LIVEMIG_BIN_DIR` at them.
 
+#![warn(missing_docs)]
+
 mod bed;
 mod checks;
 pub mod netns;

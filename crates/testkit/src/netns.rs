@@ -8,9 +8,13 @@ use std::process::Command;
 /// Two namespaces, `a` at 10.77.N.1 and `b` at 10.77.N.2.
 #[derive(Debug)]
 pub struct NetnsPair {
+    /// The first namespace's name.
     pub a: String,
+    /// The second namespace's name.
     pub b: String,
+    /// The first namespace's address.
     pub a_ip: String,
+    /// The second namespace's address.
     pub b_ip: String,
     veth_a: String,
     veth_b: String,

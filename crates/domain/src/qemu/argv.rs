@@ -18,16 +18,22 @@ pub struct LaunchSpec {
     /// A concrete machine type (`pc-i440fx-7.2`), never an alias such as
     /// `pc`, which means different things to different QEMU versions.
     pub machine: String,
+    /// The accelerator.
     pub accel: Accel,
+    /// How guest RAM is given to QEMU.
     pub ram: RamLayout,
 }
 
 /// Everything [`build_argv`] needs.
 #[derive(Debug, Clone, Copy)]
 pub struct LaunchConfig<'a> {
+    /// The domain.
     pub definition: &'a DomainDefinition,
+    /// How to run it.
     pub spec: &'a LaunchSpec,
+    /// Where QEMU serves QMP.
     pub qmp_socket: &'a Path,
+    /// Where the guest's serial console goes.
     pub serial_log: &'a Path,
     /// Start paused, waiting for `migrate-incoming`.
     pub incoming: bool,

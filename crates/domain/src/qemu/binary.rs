@@ -20,55 +20,78 @@ use crate::qemu::process::{ProcessError, QemuProcess};
 /// A machine type and the alias pointing at it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
+    /// The concrete type.
     pub name: String,
     #[serde(default)]
+    /// The alias pointing at it.
     pub alias: Option<String>,
 }
 
 /// The probed facts about one QEMU binary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QemuBinary {
+    /// The binary.
     pub path: PathBuf,
+    /// Its version.
     pub version: QemuVersion,
+    /// The distribution's package version.
     pub package: String,
+    /// Migration capabilities it knows.
     pub migration_capabilities: BTreeSet<String>,
+    /// Migration parameters it knows.
     pub migration_parameters: BTreeSet<String>,
+    /// QMP commands it knows.
     pub commands: BTreeSet<String>,
+    /// Machine types it offers.
     pub machines: Vec<Machine>,
+    /// KVM is available.
     pub kvm_present: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a binary could not be probed.
 pub enum ProbeError {
     #[error("cannot create a scratch directory to probe {binary}")]
+    /// No scratch directory for the probe.
     Scratch {
+        /// The binary.
         binary: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
     #[error("cannot start {binary}")]
+    /// The binary would not start.
     Start {
+        /// The binary.
         binary: PathBuf,
         #[source]
+        /// Why.
         source: ProcessError,
     },
     #[error("{binary} did not answer a QMP query")]
+    /// It started but did not answer.
     Query {
+        /// The binary.
         binary: PathBuf,
         #[source]
+        /// Why.
         source: qmp::Error,
     },
 }
 
 impl QemuBinary {
+    /// It knows the migration capability `name`.
     pub fn has_capability(&self, name: &str) -> bool {
         self.migration_capabilities.contains(name)
     }
 
+    /// It knows the migration parameter `name`.
     pub fn has_parameter(&self, name: &str) -> bool {
         self.migration_parameters.contains(name)
     }
 
+    /// It knows the QMP command `name`.
     pub fn has_command(&self, name: &str) -> bool {
         self.commands.contains(name)
     }

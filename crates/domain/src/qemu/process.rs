@@ -25,7 +25,9 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How QEMU ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitInfo {
+    /// Its exit code, if it exited.
     pub code: Option<i32>,
+    /// The signal that killed it, if one did.
     pub signal: Option<i32>,
 }
 
@@ -40,25 +42,50 @@ impl std::fmt::Display for ExitInfo {
 }
 
 #[derive(Debug, thiserror::Error)]
+/// Why a QEMU could not be started or adopted.
 pub enum ProcessError {
     #[error("cannot open QEMU log {path}")]
+    /// Its log could not be opened.
     Log {
+        /// The log.
         path: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
     #[error("cannot run {binary}")]
+    /// The binary would not run.
     Spawn {
+        /// The binary.
         binary: PathBuf,
         #[source]
+        /// Why.
         source: std::io::Error,
     },
     #[error("QEMU exited during start-up ({exit}): {log_tail}")]
-    EarlyExit { exit: ExitInfo, log_tail: String },
+    /// It exited before its QMP socket came up.
+    EarlyExit {
+        /// How it exited.
+        exit: ExitInfo,
+        /// The end of its log.
+        log_tail: String,
+    },
     #[error("QEMU's QMP socket did not come up within {timeout:?}: {log_tail}")]
-    QmpTimeout { timeout: Duration, log_tail: String },
+    /// Its QMP socket did not come up in time.
+    QmpTimeout {
+        /// How long we waited.
+        timeout: Duration,
+        /// The end of its log.
+        log_tail: String,
+    },
     #[error("cannot adopt QEMU pid {pid}: {reason}")]
-    Adopt { pid: u32, reason: String },
+    /// A QEMU an earlier agent started could not be taken over.
+    Adopt {
+        /// Its pid.
+        pid: u32,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Kills the child when dropped — also when the runtime drops the task
@@ -282,10 +309,12 @@ impl QemuProcess {
         }
     }
 
+    /// Its pid.
     pub fn pid(&self) -> u32 {
         self.pid
     }
 
+    /// Its QMP connection.
     pub fn qmp(&self) -> &Client {
         &self.qmp
     }

@@ -4,7 +4,7 @@
 //! Watching polls `query-migrate`; QEMU's `MIGRATION` events and the
 //! `MIGRATION_PASS` event of every dirty-bitmap sync wake the loop early,
 //! so each pass is seen right after its sync. At every new pass
-//! ([`steer`]):
+//! (`steer`):
 //!
 //! - with `--converge adaptive`, the controller ([`converge::decide`])
 //!   reads the pass and may change the vCPU throttle, raise the downtime
@@ -16,24 +16,24 @@
 //! While a host throttle above 99 % is on, a vCPU may wait most of a second
 //! for CPU time, and QEMU stops the vCPUs at switchover with the clock of
 //! the downtime running. So the watcher holds QEMU's switchover back (a
-//! 1 ms downtime limit) and switches over itself ([`switchover`]): at the
+//! 1 ms downtime limit) and switches over itself (`switchover`): at the
 //! sync that leaves little enough, it asks QEMU to `stop` the guest, gives
 //! the vCPU threads CPU time at once so they stop promptly, and restores
 //! the downtime limit so QEMU completes. The downtime reported then runs
 //! from that `stop`.
 //!
 //! At `--timeout` the timeout action runs (abort, post-copy, suspend:
-//! [`ending`]). A cancel sends `migrate_cancel` and the loop keeps
+//! `ending`). A cancel sends `migrate_cancel` and the loop keeps
 //! watching: a late cancel can still end in `completed`, and only QEMU's
 //! final state says what happened. Whatever the ending, the vCPU throttle
 //! is released the moment QEMU reports it, before anything else. Every
 //! action is timestamped in [`Progress::actions`].
 //!
 //! - `mod`: the options, the outcome and the loop.
-//! - [`watch`]: the loop's state and its bookkeeping.
-//! - [`steer`]: what happens at a dirty-bitmap sync.
-//! - [`switchover`]: holding QEMU's switchover and doing it ourselves.
-//! - [`ending`]: cancel, the timeout action, the end of the job.
+//! - `watch`: the loop's state and its bookkeeping.
+//! - `steer`: what happens at a dirty-bitmap sync.
+//! - `switchover`: holding QEMU's switchover and doing it ourselves.
+//! - `ending`: cancel, the timeout action, the end of the job.
 
 mod ending;
 mod steer;

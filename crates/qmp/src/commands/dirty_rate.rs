@@ -9,10 +9,14 @@ use crate::command::{Command, Empty};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DirtyRateMode {
+    /// Sample pages and hash them (works everywhere).
     PageSampling,
+    /// KVM's dirty ring.
     DirtyRing,
+    /// The dirty bitmap.
     DirtyBitmap,
     #[serde(other)]
+    /// A mode this crate does not know.
     Unknown,
 }
 
@@ -20,10 +24,13 @@ pub enum DirtyRateMode {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct CalcDirtyRate {
+    /// The window, seconds.
     pub calc_time: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Pages sampled per GiB.
     pub sample_pages: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// How to measure.
     pub mode: Option<DirtyRateMode>,
 }
 
@@ -41,11 +48,16 @@ unit_command!(
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+/// How a measurement stands.
 pub enum DirtyRateStatus {
+    /// None started.
     Unstarted,
+    /// Under way.
     Measuring,
+    /// Done.
     Measured,
     #[serde(other)]
+    /// A state this crate does not know.
     Unknown,
 }
 
@@ -54,14 +66,20 @@ pub enum DirtyRateStatus {
 #[serde(rename_all = "kebab-case")]
 pub struct DirtyRateInfo {
     #[serde(default)]
+    /// Dirty rate, MiB/s.
     pub dirty_rate: Option<i64>,
+    /// How the measurement stands.
     pub status: DirtyRateStatus,
     #[serde(default)]
+    /// When it started.
     pub start_time: Option<i64>,
     #[serde(default)]
+    /// The window, seconds.
     pub calc_time: Option<i64>,
     #[serde(default)]
+    /// Pages sampled per GiB.
     pub sample_pages: Option<u64>,
     #[serde(default)]
+    /// How it measured.
     pub mode: Option<DirtyRateMode>,
 }

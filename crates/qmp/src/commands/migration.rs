@@ -14,24 +14,40 @@ use crate::command::{Command, Empty};
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum MigrationCapability {
+    /// Compress pages that repeat (XBZRLE).
     Xbzrle,
+    /// Throttle the vCPUs when dirtying outpaces the transfer.
     AutoConverge,
+    /// Multithreaded compression (deprecated in newer QEMU).
     Compress,
+    /// Emit MIGRATION and MIGRATION_PASS events.
     Events,
+    /// Allow switching to post-copy.
     PostcopyRam,
+    /// A return path from destination to source.
     ReturnPath,
+    /// Stop in `pre-switchover` until `migrate-continue`.
     PauseBeforeSwitchover,
+    /// Several data channels (multifd).
     Multifd,
+    /// Activate block devices only at `cont` on the destination.
     LateBlockActivate,
+    /// Check that both sides run the same VM (by UUID).
     ValidateUuid,
+    /// Zero-copy sending (multifd).
     ZeroCopySend,
+    /// A separate channel for post-copy page requests.
     PostcopyPreempt,
+    /// The destination acknowledges the switchover.
     SwitchoverAck,
+    /// QEMU's dirty-limit throttle (8.1+).
     DirtyLimit,
+    /// A capability this crate does not know, by name.
     Other(String),
 }
 
 impl MigrationCapability {
+    /// The capability's QAPI name.
     pub fn as_str(&self) -> &str {
         match self {
             Self::Xbzrle => "xbzrle",
@@ -88,8 +104,11 @@ impl fmt::Display for MigrationCapability {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A capability and whether it is on.
 pub struct CapabilityStatus {
+    /// The capability.
     pub capability: MigrationCapability,
+    /// On or off.
     pub state: bool,
 }
 
@@ -103,6 +122,7 @@ unit_command!(
 /// `migrate-set-capabilities`
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateSetCapabilities {
+    /// What to change.
     pub capabilities: Vec<CapabilityStatus>,
 }
 
@@ -119,26 +139,37 @@ impl Command for MigrateSetCapabilities {
 #[serde(rename_all = "kebab-case")]
 pub struct MigrationParameters {
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Bandwidth cap, bytes per second.
     pub max_bandwidth: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Downtime limit, milliseconds.
     pub downtime_limit: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// First auto-converge throttle step, percent.
     pub cpu_throttle_initial: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Auto-converge throttle increment, percent.
     pub cpu_throttle_increment: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Scale the increment by how far dirtying outpaces sending.
     pub cpu_throttle_tailslow: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Highest auto-converge throttle, percent.
     pub max_cpu_throttle: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Percent of the sent bytes a period must dirty to count as high.
     pub throttle_trigger_threshold: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// multifd channels.
     pub multifd_channels: Option<u8>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// XBZRLE cache, bytes.
     pub xbzrle_cache_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Bandwidth cap during post-copy, bytes per second (0: none).
     pub max_postcopy_bandwidth: Option<u64>,
     #[serde(flatten, skip_serializing)]
+    /// Parameters this crate does not model, as QEMU sent them.
     pub other: BTreeMap<String, Value>,
 }
 
@@ -175,8 +206,10 @@ impl Command for MigrateSetParameters {
 /// `migrate`: start (or, with `resume`, recover) an outgoing migration.
 #[derive(Debug, Clone, Serialize)]
 pub struct Migrate {
+    /// Where to send (`tcp:HOST:PORT`, `unix:PATH`).
     pub uri: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Resume a paused post-copy migration.
     pub resume: Option<bool>,
 }
 
@@ -188,6 +221,7 @@ impl Command for Migrate {
 /// `migrate-incoming`: start listening (QEMU started with `-incoming defer`).
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateIncoming {
+    /// Where to listen.
     pub uri: String,
 }
 
@@ -199,6 +233,7 @@ impl Command for MigrateIncoming {
 /// `migrate-recover`: destination side of a post-copy recovery.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateRecover {
+    /// Where to listen again.
     pub uri: String,
 }
 
@@ -237,21 +272,36 @@ unit_command!(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MigrationStatus {
+    /// No migration yet.
     None,
+    /// Setting up.
     Setup,
+    /// Cancel requested.
     Cancelling,
+    /// Cancelled.
     Cancelled,
+    /// Pre-copy in progress.
     Active,
+    /// Post-copy: the destination runs the guest.
     PostcopyActive,
+    /// Post-copy with a broken stream.
     PostcopyPaused,
+    /// Post-copy being recovered.
     PostcopyRecover,
+    /// Done.
     Completed,
+    /// Failed.
     Failed,
+    /// COLO fault tolerance.
     Colo,
+    /// Paused before switchover (pause-before-switchover).
     PreSwitchover,
+    /// Sending device state.
     Device,
+    /// Waiting for a device unplug.
     WaitUnplug,
     #[serde(other)]
+    /// A state this crate does not know.
     Unknown,
 }
 
@@ -296,22 +346,39 @@ impl MigrationStatus {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct RamStats {
+    /// Bytes sent so far.
     pub transferred: Option<u64>,
+    /// Bytes left in this pass.
     pub remaining: Option<u64>,
+    /// Guest RAM, bytes.
     pub total: Option<u64>,
+    /// Pages sent as one repeated byte.
     pub duplicate: Option<u64>,
+    /// Pages skipped.
     pub skipped: Option<u64>,
+    /// Pages sent whole.
     pub normal: Option<u64>,
+    /// Bytes of the pages sent whole.
     pub normal_bytes: Option<u64>,
+    /// Pages newly dirtied per second in the last period.
     pub dirty_pages_rate: Option<u64>,
+    /// Throughput QEMU measured, megabits per second.
     pub mbps: Option<f64>,
+    /// Dirty-bitmap syncs so far.
     pub dirty_sync_count: Option<u64>,
+    /// Pages the destination asked for in post-copy.
     pub postcopy_requests: Option<u64>,
+    /// Guest page size, bytes.
     pub page_size: Option<u64>,
+    /// Bytes sent over multifd channels.
     pub multifd_bytes: Option<u64>,
+    /// Pages sent per second.
     pub pages_per_second: Option<u64>,
+    /// Bytes sent in pre-copy.
     pub precopy_bytes: Option<u64>,
+    /// Bytes sent while the guest was paused.
     pub downtime_bytes: Option<u64>,
+    /// Bytes sent in post-copy.
     pub postcopy_bytes: Option<u64>,
 }
 
@@ -319,12 +386,16 @@ pub struct RamStats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SocketAddress {
     #[serde(rename = "type")]
+    /// `inet`, `unix`, ...
     pub kind: String,
     #[serde(default)]
+    /// Host, for `inet`.
     pub host: Option<String>,
     #[serde(default)]
+    /// Port, for `inet`.
     pub port: Option<String>,
     #[serde(default)]
+    /// Path, for `unix`.
     pub path: Option<String>,
 }
 
@@ -332,15 +403,25 @@ pub struct SocketAddress {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct MigrationInfo {
+    /// The migration's state.
     pub status: Option<MigrationStatus>,
+    /// RAM figures (while active or completed).
     pub ram: Option<RamStats>,
+    /// Milliseconds since the migration started.
     pub total_time: Option<u64>,
+    /// QEMU's estimate of the downtime now, milliseconds.
     pub expected_downtime: Option<u64>,
+    /// Milliseconds paused at switchover (once completed).
     pub downtime: Option<u64>,
+    /// Milliseconds of setup.
     pub setup_time: Option<u64>,
+    /// Auto-converge throttle in force, percent.
     pub cpu_throttle_percentage: Option<u64>,
+    /// Why it failed.
     pub error_desc: Option<String>,
+    /// Where an incoming migration listens.
     pub socket_address: Option<Vec<SocketAddress>>,
+    /// Post-copy blocktime, milliseconds.
     pub postcopy_blocktime: Option<u64>,
 }
 

@@ -56,9 +56,12 @@ unit_command!(
 );
 
 #[derive(Debug, Clone, Deserialize)]
+/// `query-version`'s reply.
 pub struct VersionInfo {
+    /// The version.
     pub qemu: QemuVersion,
     #[serde(default)]
+    /// The distribution's package version.
     pub package: String,
 }
 
@@ -66,57 +69,90 @@ pub struct VersionInfo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RunState {
+    /// Stopped by a debugger.
     Debug,
+    /// Waiting for an incoming migration.
     Inmigrate,
+    /// Stopped on an internal error.
     InternalError,
+    /// Stopped on an I/O error.
     IoError,
+    /// Paused.
     Paused,
+    /// Paused after migrating away.
     Postmigrate,
+    /// Started with `-S`, never run.
     Prelaunch,
+    /// Finishing a migration.
     FinishMigrate,
+    /// Restoring a snapshot.
     RestoreVm,
+    /// Running.
     Running,
+    /// Saving a snapshot.
     SaveVm,
+    /// Shut down.
     Shutdown,
+    /// Suspended (ACPI S3).
     Suspended,
+    /// Stopped by a watchdog.
     Watchdog,
+    /// The guest panicked.
     GuestPanicked,
+    /// COLO fault tolerance.
     Colo,
     #[serde(other)]
+    /// A state this crate does not know.
     Unknown,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+/// `query-status`'s reply.
 pub struct StatusInfo {
+    /// The vCPUs run.
     pub running: bool,
+    /// The run state.
     pub status: RunState,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+/// One vCPU, as `query-cpus-fast` lists it.
 pub struct CpuInfoFast {
+    /// Its index.
     pub cpu_index: i64,
+    /// Its QOM path.
     pub qom_path: String,
+    /// The host thread running it.
     pub thread_id: i64,
     #[serde(default)]
+    /// The target architecture.
     pub target: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+/// One machine type, as `query-machines` lists it.
 pub struct MachineInfo {
+    /// Its concrete name.
     pub name: String,
     #[serde(default)]
+    /// The alias pointing at it.
     pub alias: Option<String>,
     #[serde(default)]
+    /// It is the default.
     pub is_default: Option<bool>,
     #[serde(default)]
+    /// It is deprecated.
     pub deprecated: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
+/// `query-kvm`'s reply.
 pub struct KvmInfo {
+    /// KVM is in use.
     pub enabled: bool,
+    /// KVM is available.
     pub present: bool,
 }
 
@@ -124,6 +160,7 @@ pub struct KvmInfo {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct HumanMonitorCommand {
+    /// The command, as the human monitor takes it.
     pub command_line: String,
 }
 
@@ -140,6 +177,8 @@ unit_command!(
 );
 
 #[derive(Debug, Clone, Deserialize)]
+/// One QMP command, as `query-commands` lists it.
 pub struct CommandInfo {
+    /// Its name.
     pub name: String,
 }
