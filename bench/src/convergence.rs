@@ -180,17 +180,27 @@ impl Hosts {
             .prefix("livemig-bench-")
             .tempdir()?;
         let kernel = guest::install_kernel(dir.path())?;
-        let launch = |name: &str| LaunchOptions {
-            binary: livemigd.to_path_buf(),
-            state_dir: dir.path().join(name),
-            listen: Some("tcp://127.0.0.1:0".into()),
-            netns: None,
-            extra_args: Vec::new(),
+        let pki = dir.path().join("pki");
+        tls::pki::init_if_missing(&pki)?;
+        let launch = |name: &str| -> Result<LaunchOptions> {
+            Ok(LaunchOptions {
+                binary: livemigd.to_path_buf(),
+                state_dir: dir.path().join(name),
+                listen: Some("tls://127.0.0.1:0".into()),
+                tls_dir: Some(tls::pki::issue(
+                    &pki,
+                    name,
+                    protocol::Role::Agent,
+                    &["127.0.0.1".into()],
+                )?),
+                netns: None,
+                extra_args: Vec::new(),
+            })
         };
-        let a = AgentProcess::spawn(&launch("a"))
+        let a = AgentProcess::spawn(&launch("a")?)
             .await
             .with_context(|| format!("cannot start {}", livemigd.display()))?;
-        let b = AgentProcess::spawn(&launch("b")).await?;
+        let b = AgentProcess::spawn(&launch("b")?).await?;
         let a_client = Client::connect(&a.local_uri()).await?;
         let b_client = Client::connect(&b.local_uri()).await?;
         let b_uri = b

@@ -31,6 +31,13 @@ impl Agent {
         request: Request,
         ctx: &ConnContext,
     ) -> Result<Reply, ApiError> {
+        let role = ctx.caller.role();
+        if !role.allows(&request) {
+            return Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                format!("{} may not send `{}`", ctx.caller, request.op()),
+            ));
+        }
         match request {
             Request::Hello => Ok(Reply::Hello(self.hello())),
             Request::Define { definition } => self.define(definition).await,
@@ -93,12 +100,14 @@ impl Agent {
             Request::PeerPrepare(prepare) => {
                 migrate::destination::prepare(self, *prepare, ctx).await
             }
-            Request::PeerFinish { job_id } => migrate::destination::finish(self, &job_id).await,
+            Request::PeerFinish { job_id } => {
+                migrate::destination::finish(self, &job_id, ctx).await
+            }
             Request::PeerRecover { job_id } => {
                 migrate::destination::recover(self, &job_id, ctx).await
             }
             Request::PeerAbort { job_id, reason } => {
-                migrate::destination::abort(self, &job_id, &reason).await
+                migrate::destination::abort(self, &job_id, &reason, ctx).await
             }
         }
     }
@@ -107,7 +116,7 @@ impl Agent {
         AgentInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: PROTOCOL_VERSION,
-            uri: self.config.listen.map(|a| format!("tcp://{a}")),
+            uri: self.config.listen.map(|_| self.uri.clone()),
             state_dir: self.store.root().display().to_string(),
             instance: self.instance.clone(),
         }

@@ -15,6 +15,12 @@ pub struct Config {
     pub socket: PathBuf,
     /// TCP address for peers and remote CLIs.
     pub listen: Option<SocketAddr>,
+    /// TLS directory (`ca.pem`, `cert.pem`, `key.pem`): the TCP listener
+    /// speaks mutual TLS, and the agent dials its peers with it.
+    pub tls_dir: Option<PathBuf>,
+    /// Serve plaintext TCP (no `tls_dir`): only on a network where everyone
+    /// is trusted.
+    pub insecure: bool,
     /// The QEMU binary to run.
     pub qemu: PathBuf,
     /// Accelerator for probing and defaults.
@@ -43,6 +49,8 @@ impl Config {
             state_dir,
             socket,
             listen,
+            tls_dir: None,
+            insecure: false,
             qemu: PathBuf::from("qemu-system-x86_64"),
             default_accel: Accel::Tcg,
             qemu_timeout: Duration::from_secs(30),

@@ -31,11 +31,11 @@ enum Switch {
 #[command(
     version,
     after_help = "Examples:\n  \
-        livemigd --state-dir /var/lib/livemig --listen tcp://0.0.0.0:7000\n  \
+        livemigd --state-dir /var/lib/livemig --listen tls://10.0.0.1:7000 --tls-dir /etc/livemig/tls\n  \
         livemigd --config /etc/livemig/livemigd.toml\n\n\
-        The config file takes the same settings as the flags (state_dir, socket, listen, qemu,\n\
-        accel, tcg_workaround, log_format, migration_ports = \"49152-49215\", cgroup_cpu);\n\
-        flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
+        The config file takes the same settings as the flags (state_dir, socket, listen, tls_dir,\n\
+        insecure, qemu, accel, tcg_workaround, log_format, migration_ports = \"49152-49215\",\n\
+        cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
 struct Args {
     /// TOML configuration file.
@@ -47,9 +47,19 @@ struct Args {
     /// Unix socket for the local CLI [default: STATE_DIR/livemigd.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
-    /// TCP address for peer agents, remote CLIs and /metrics (port 0 picks one).
-    #[arg(long, value_name = "tcp://HOST:PORT")]
+    /// Network address for peer agents, remote CLIs and /metrics: tls://HOST:PORT
+    /// (mutual TLS, with --tls-dir), or tcp://HOST:PORT with --insecure. Port 0
+    /// picks one.
+    #[arg(long, value_name = "tls://HOST:PORT")]
     listen: Option<String>,
+    /// TLS directory (ca.pem, cert.pem, key.pem, from `livemig pki issue ...
+    /// --role agent`): serves tls:// and dials peers with it.
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
+    /// Allow plaintext tcp:// (no certificates): only on a network where
+    /// everyone is trusted.
+    #[arg(long)]
+    insecure: bool,
     /// QEMU binary [default: qemu-system-x86_64].
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
@@ -76,6 +86,9 @@ struct ConfigFile {
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     listen: Option<String>,
+    tls_dir: Option<PathBuf>,
+    #[serde(default)]
+    insecure: bool,
     qemu: Option<PathBuf>,
     accel: Option<Accel>,
     tcg_workaround: Option<Switch>,
@@ -90,15 +103,22 @@ fn read_config(path: &Path) -> Result<ConfigFile> {
     toml::from_str(&text).with_context(|| format!("malformed config file {}", path.display()))
 }
 
-fn parse_listen(uri: &str) -> Result<SocketAddr> {
-    let Some(rest) = uri.strip_prefix("tcp://") else {
-        bail!("--listen takes tcp://HOST:PORT, got {uri:?}");
+/// `--listen`: the address, and whether it is `tls://`.
+fn parse_listen(uri: &str) -> Result<(SocketAddr, bool)> {
+    let (tls, rest) = match (uri.strip_prefix("tls://"), uri.strip_prefix("tcp://")) {
+        (Some(rest), _) => (true, rest),
+        (None, Some(rest)) => (false, rest),
+        (None, None) => bail!(
+            "--listen takes tls://HOST:PORT (or tcp://HOST:PORT with --insecure), got {uri:?}"
+        ),
     };
-    rest.trim_end_matches('/')
+    let addr = rest
+        .trim_end_matches('/')
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve --listen {uri:?}"))?
         .next()
-        .with_context(|| format!("--listen {uri:?} resolves to no address"))
+        .with_context(|| format!("--listen {uri:?} resolves to no address"))?;
+    Ok((addr, tls))
 }
 
 fn parse_ports(range: &str) -> Result<(u16, u16)> {
@@ -156,11 +176,30 @@ async fn main() -> Result<()> {
         .as_deref()
         .map(parse_listen)
         .transpose()?;
+    let tls_dir = args.tls_dir.or(file.tls_dir);
+    let insecure = args.insecure || file.insecure;
+    match (listen, &tls_dir) {
+        (Some((_, true)), None) => {
+            bail!("--listen tls://... needs --tls-dir DIR (create it with `livemig pki init PKI && livemig pki issue PKI NAME --role agent --host HOST`)")
+        }
+        (Some((addr, false)), _) if !insecure => bail!(
+            "refusing plaintext --listen tcp://{addr}: anyone who can reach it could control this \
+             host's VMs. Use --listen tls://{addr} --tls-dir DIR (create DIR with `livemig pki init \
+             PKI && livemig pki issue PKI NAME --role agent --host HOST`), or pass --insecure on a \
+             network where everyone is trusted"
+        ),
+        (Some((_, false)), Some(_)) => {
+            bail!("--listen tcp://... is plaintext; with --tls-dir, listen on tls://")
+        }
+        _ => {}
+    }
     let socket = args
         .socket
         .or(file.socket)
         .unwrap_or_else(|| state_dir.join("livemigd.sock"));
-    let mut config = agent::Config::new(state_dir, socket, listen);
+    let mut config = agent::Config::new(state_dir, socket, listen.map(|(addr, _)| addr));
+    config.tls_dir = tls_dir;
+    config.insecure = insecure;
     if let Some(qemu) = args.qemu.or(file.qemu) {
         config.qemu = qemu;
     }

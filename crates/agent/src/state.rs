@@ -52,6 +52,9 @@ pub(crate) struct IncomingJob {
     /// The peer connection that prepared it: if that connection drops
     /// before Finish, the destination side is torn down.
     pub connection: u64,
+    /// The certificate name of the agent that prepared it: only it (or an
+    /// administrator) may finish, recover or abort it.
+    pub prepared_by: Option<String>,
     /// The domain did not exist here before the migration.
     pub created_domain: bool,
     pub previous: Previous,
@@ -137,6 +140,8 @@ pub(crate) struct Agent {
     pub uri: String,
     /// Random per process: tells an agent that a "peer" is itself.
     pub instance: String,
+    /// How this agent dials its peers (`tls://` URIs).
+    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
     binary: tokio::sync::OnceCell<QemuBinary>,
     pub domains: Mutex<BTreeMap<DomainName, Domain>>,
     next_run_id: AtomicU64,
@@ -144,8 +149,15 @@ pub(crate) struct Agent {
 }
 
 impl Agent {
-    pub fn new(config: Config, store: Store, history: History, uri: String) -> Self {
+    pub fn new(
+        config: Config,
+        store: Store,
+        history: History,
+        uri: String,
+        peer_tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Self {
         Agent {
+            peer_tls,
             config,
             store,
             history,
@@ -215,6 +227,15 @@ impl Agent {
 
     pub fn next_connection_id(&self) -> u64 {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Connects to another agent, over TLS with this agent's certificate
+    /// when the URI says `tls://`.
+    pub async fn dial(
+        &self,
+        uri: &protocol::AgentUri,
+    ) -> Result<protocol::Client, protocol::ClientError> {
+        protocol::Client::connect_with(uri, self.peer_tls.as_ref()).await
     }
 
     /// The probed QEMU binary (probed once, on first use).

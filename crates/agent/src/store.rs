@@ -12,6 +12,7 @@
 //! fsync the directory), so a crash leaves the old or the new version.
 
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use domain::{DomainDefinition, DomainName};
@@ -62,6 +63,17 @@ impl Store {
     /// # Errors
     /// [`StoreError::Create`] if a directory cannot be made.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(root).map_err(|source| StoreError::Create {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        // Definitions, sockets and logs are the agent's alone.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| StoreError::Create {
+                path: root.to_path_buf(),
+                source,
+            },
+        )?;
         for sub in ["domains", "run", "logs"] {
             let path = root.join(sub);
             std::fs::create_dir_all(&path).map_err(|source| StoreError::Create {
@@ -225,7 +237,12 @@ async fn write_atomic(path: PathBuf, bytes: Vec<u8>) -> Result<(), StoreError> {
             std::process::id()
         ));
         let written = (|| {
-            let mut file = std::fs::File::create(&tmp)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
             std::fs::rename(&tmp, &target)

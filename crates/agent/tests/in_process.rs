@@ -1,6 +1,7 @@
 //! Two agents served in-process (`agent::serve` on listeners bound
 //! beforehand, as mini-redis does) migrate a real guest between them: the
-//! same code path as `livemigd`, without a process per agent.
+//! same code path as `livemigd`, without a process per agent, over mutual
+//! TLS.
 
 use std::path::Path;
 use std::time::Duration;
@@ -26,15 +27,17 @@ struct InProcess {
 }
 
 impl InProcess {
-    async fn start(dir: &Path) -> InProcess {
+    async fn start(dir: &Path, pki: &Path, name: &str) -> InProcess {
         let mut config = Config::new(
             dir.to_path_buf(),
             dir.join("livemigd.sock"),
             Some("127.0.0.1:0".parse().unwrap()),
         );
+        config.tls_dir =
+            Some(tls::pki::issue(pki, name, protocol::Role::Agent, &["127.0.0.1".into()]).unwrap());
         config.finish_timeout = Duration::from_secs(30);
         let listeners = Listeners::bind(&config).await.expect("bind");
-        let tcp = format!("tcp://{}", listeners.tcp_addr().expect("a TCP address"));
+        let tcp = format!("tls://{}", listeners.tcp_addr().expect("a TCP address"));
         let socket = config.socket.clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve(config, listeners, async {
@@ -103,8 +106,10 @@ async fn passes(dir: &Path, name: &str, passes: u64) -> SerialLog {
 async fn two_in_process_agents_migrate_a_guest() {
     let dir = tempfile::tempdir().unwrap();
     let kernel = guest::install_kernel(dir.path()).unwrap();
-    let a = InProcess::start(&dir.path().join("a")).await;
-    let b = InProcess::start(&dir.path().join("b")).await;
+    let pki = dir.path().join("pki");
+    tls::pki::init(&pki).unwrap();
+    let a = InProcess::start(&dir.path().join("a"), &pki, "a").await;
+    let b = InProcess::start(&dir.path().join("b"), &pki, "b").await;
     let definition = DomainDefinition::from_toml(&guest::definition_toml(
         "vm",
         64,

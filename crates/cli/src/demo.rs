@@ -103,19 +103,30 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         .iter()
         .flat_map(|q| ["--qemu".to_string(), q.display().to_string()])
         .collect();
-    let launch = |host: &str| LaunchOptions {
-        binary: livemigd.clone(),
-        state_dir: tmp.path().join(host),
-        listen: Some("tcp://127.0.0.1:0".into()),
-        netns: None,
-        extra_args: extra_args.clone(),
+    // A throwaway PKI: the agents talk mutual TLS, as in production.
+    let pki = tmp.path().join("pki");
+    tls::pki::init_if_missing(&pki).context("cannot create the demo's CA")?;
+    let launch = |host: &str| -> Result<LaunchOptions> {
+        Ok(LaunchOptions {
+            binary: livemigd.clone(),
+            state_dir: tmp.path().join(host),
+            listen: Some("tls://127.0.0.1:0".into()),
+            tls_dir: Some(tls::pki::issue(
+                &pki,
+                host,
+                protocol::Role::Agent,
+                &["127.0.0.1".into()],
+            )?),
+            netns: None,
+            extra_args: extra_args.clone(),
+        })
     };
 
     say.line("==> Starting two livemig agents on loopback (host-a, host-b)");
-    let host_a = AgentProcess::spawn(&launch("host-a"))
+    let host_a = AgentProcess::spawn(&launch("host-a")?)
         .await
         .with_context(|| format!("cannot start {}", livemigd.display()))?;
-    let host_b = AgentProcess::spawn(&launch("host-b")).await?;
+    let host_b = AgentProcess::spawn(&launch("host-b")?).await?;
     let a = Client::connect(&host_a.local_uri()).await?;
     let b = Client::connect(&host_b.local_uri()).await?;
     let b_uri = host_b

@@ -10,6 +10,7 @@ mod migrate;
 mod output;
 mod progress;
 
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use protocol::domain::DefinitionDoc;
 use protocol::{AgentUri, Client, Reply, Request};
 use serde::Serialize;
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, PkiCommand};
 
 /// Requests that only read or change local state answer quickly.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -49,6 +50,14 @@ fn hint(error: &anyhow::Error) -> Option<&'static str> {
                  with -c unix:///DIR/livemigd.sock or LIVEMIG_URI",
             ),
             protocol::ClientError::Api(api) => api_hint(api.code),
+            protocol::ClientError::Tls { .. } => Some(
+                "the agent's certificate must name the host you dialled (`livemig pki issue ... \
+                 --host HOST`), and yours must come from the same CA",
+            ),
+            protocol::ClientError::NoCredentials { .. } => Some(
+                "issue yourself a certificate with `livemig pki issue PKI NAME --role admin` and \
+                 pass its directory with --tls-dir",
+            ),
             _ => None,
         };
     }
@@ -70,16 +79,29 @@ fn api_hint(code: protocol::ErrorCode) -> Option<&'static str> {
         ),
         InvalidDefinition => Some("fix the definition file; README.md shows every key"),
         OperationInvalid => Some("`livemig dominfo DOMAIN` shows its state and any active job"),
+        PermissionDenied => Some(
+            "your certificate's role does not allow this: monitor reads, agent does only the peer \
+             half of a migration, admin does everything",
+        ),
         _ => None,
     }
 }
 
-pub async fn connect(uri: Option<&str>) -> Result<Client> {
+/// Connects to the agent at `uri`, with the TLS directory for `tls://`.
+pub async fn connect(uri: Option<&str>, tls_dir: Option<&Path>) -> Result<Client> {
     let uri = uri.ok_or_else(|| {
-        anyhow!("no agent given: pass -c unix:///PATH or -c tcp://HOST:PORT, or set LIVEMIG_URI")
+        anyhow!("no agent given: pass -c unix:///PATH or -c tls://HOST:PORT, or set LIVEMIG_URI")
     })?;
     let uri: AgentUri = uri.parse()?;
-    Ok(Client::connect(&uri).await?)
+    let tls = match (&uri, tls_dir) {
+        (AgentUri::Tls { .. }, Some(dir)) => Some(
+            tls::TlsDir::load(dir)
+                .and_then(|d| d.client_config())
+                .with_context(|| format!("cannot use the TLS directory {}", dir.display()))?,
+        ),
+        _ => None,
+    };
+    Ok(Client::connect_with(&uri, tls.as_ref()).await?)
 }
 
 pub async fn request(client: &Client, request: Request) -> Result<Reply> {
@@ -114,9 +136,39 @@ fn unexpected(reply: Reply) -> anyhow::Error {
     anyhow!("the agent sent an unexpected reply: {reply:?}")
 }
 
+/// `pki init` and `pki issue`: local, no agent involved.
+fn pki(command: PkiCommand) -> Result<ExitCode> {
+    match command {
+        PkiCommand::Init { dir } => {
+            tls::pki::init(&dir)
+                .with_context(|| format!("cannot create a CA in {}", dir.display()))?;
+            println!(
+                "CA created in {} (keep ca-key.pem private; ca.pem goes to every host)",
+                dir.display()
+            );
+        }
+        PkiCommand::Issue {
+            dir,
+            name,
+            role,
+            hosts,
+        } => {
+            let out = tls::pki::issue(&dir, &name, role, &hosts)
+                .with_context(|| format!("cannot issue a certificate for {name}"))?;
+            println!(
+                "Certificate for {name} (role {role}) in {}: use it as --tls-dir",
+                out.display()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
     let uri = cli.connect.as_deref();
+    let tls_dir = cli.tls_dir.as_deref();
     match cli.command {
+        Command::Pki(command) => return pki(command),
         Command::Demo(args) => return demo::run(args).await,
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
@@ -129,16 +181,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Migrate(args) => {
-            let client = connect(uri).await?;
+            let client = connect(uri, tls_dir).await?;
             return migrate::run(&client, args).await;
         }
         _ => {}
     }
-    let client = connect(uri).await?;
+    // What can be checked here is checked before any agent is contacted.
+    let definition = match &cli.command {
+        Command::Define { file } => Some(
+            DomainDefinition::from_file(file)
+                .with_context(|| format!("cannot define a domain from {}", file.display()))?,
+        ),
+        _ => None,
+    };
+    let client = connect(uri, tls_dir).await?;
     match cli.command {
         Command::Define { file } => {
-            let definition = DomainDefinition::from_file(&file)
-                .with_context(|| format!("cannot define a domain from {}", file.display()))?;
+            let definition = definition.expect("parsed above");
             let name = definition.name.clone();
             let definition = DefinitionDoc(definition.to_document());
             request(&client, Request::Define { definition }).await?;
@@ -386,7 +445,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 other => return Err(unexpected(other)),
             }
         }
-        Command::Demo(_) | Command::Migrate(_) | Command::Completions { .. } | Command::Man => {
+        Command::Demo(_)
+        | Command::Migrate(_)
+        | Command::Completions { .. }
+        | Command::Man
+        | Command::Pki(_) => {
             bail!("handled above")
         }
     }

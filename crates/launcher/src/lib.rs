@@ -65,8 +65,11 @@ pub struct LaunchOptions {
     pub binary: PathBuf,
     /// Its `--state-dir`.
     pub state_dir: PathBuf,
-    /// `tcp://HOST:PORT`; port 0 lets the agent pick.
+    /// `tls://HOST:PORT` (with `tls_dir`) or `tcp://HOST:PORT` (with
+    /// `--insecure` among the extra arguments); port 0 lets the agent pick.
     pub listen: Option<String>,
+    /// The agent's TLS directory (`--tls-dir`).
+    pub tls_dir: Option<PathBuf>,
     /// Run inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
     /// More `livemigd` arguments.
@@ -116,6 +119,12 @@ impl AgentProcess {
                     .listen
                     .iter()
                     .flat_map(|l| ["--listen".to_string(), l.clone()]),
+            )
+            .args(
+                options
+                    .tls_dir
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsString::from("--tls-dir"), d.into()]),
             )
             .args(&options.extra_args)
             .stdin(Stdio::null())
@@ -173,7 +182,8 @@ impl AgentProcess {
         AgentUri::Unix(self.socket.clone())
     }
 
-    /// The agent's TCP URI, for peers (when it listens on TCP).
+    /// The agent's network URI (`tls://` or `tcp://`), for peers, when it
+    /// listens on the network.
     pub fn tcp_uri(&self) -> Option<String> {
         self.info.uri.clone()
     }

@@ -1,6 +1,7 @@
 //! A client for one agent connection. Requests go one at a time; a
 //! connection can carry any number of them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
@@ -68,6 +69,22 @@ pub enum ClientError {
     /// The agent answered with an error.
     #[error(transparent)]
     Api(#[from] ApiError),
+    /// A `tls://` agent without TLS credentials to dial it with.
+    #[error("{uri} needs TLS credentials: pass --tls-dir DIR or set LIVEMIG_TLS_DIR")]
+    NoCredentials {
+        /// The agent.
+        uri: String,
+    },
+    /// The TLS handshake failed (a certificate was refused, or the host
+    /// is not what the agent's certificate names).
+    #[error("TLS with the livemig agent at {uri} failed")]
+    Tls {
+        /// The agent.
+        uri: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {
@@ -79,10 +96,23 @@ impl ClientError {
             ClientError::Connect { .. } | ClientError::Closed { .. } => {
                 ApiError::new(ErrorCode::PeerUnreachable, message)
             }
+            ClientError::NoCredentials { .. } | ClientError::Tls { .. } => {
+                ApiError::new(ErrorCode::PermissionDenied, message)
+            }
             ClientError::Protocol { .. } => ApiError::new(ErrorCode::Protocol, message),
             _ => ApiError::new(ErrorCode::PeerFailed, message),
         }
     }
+}
+
+/// A TCP connection with keepalive, within [`CONNECT_TIMEOUT`].
+async fn tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let _ = stream.set_nodelay(true);
+    crate::keepalive(&stream);
+    Ok(stream)
 }
 
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -106,12 +136,28 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to the agent at `uri`.
+    /// Connects to the agent at `uri` (a `tls://` URI needs
+    /// [`Client::connect_with`]).
     ///
     /// # Errors
     /// [`ClientError::Connect`] if nothing answers within
     /// [`CONNECT_TIMEOUT`].
     pub async fn connect(uri: &AgentUri) -> Result<Client, ClientError> {
+        Self::connect_with(uri, None).await
+    }
+
+    /// Connects to the agent at `uri`, over TLS with `tls` (its CA, and
+    /// the certificate this side presents) when the URI says `tls://`; the
+    /// agent's certificate must name the host dialled.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] if nothing answers within
+    /// [`CONNECT_TIMEOUT`], [`ClientError::NoCredentials`] for a `tls://`
+    /// URI without `tls`, [`ClientError::Tls`] if the handshake fails.
+    pub async fn connect_with(
+        uri: &AgentUri,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<Client, ClientError> {
         let connect_error = |source| ClientError::Connect {
             uri: uri.to_string(),
             source,
@@ -124,15 +170,25 @@ impl Client {
                     .map_err(connect_error)?,
             ),
             AgentUri::Tcp { host, port } => {
-                let stream = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    TcpStream::connect((host.as_str(), *port)),
-                )
-                .await
-                .map_err(|_| connect_error(std::io::ErrorKind::TimedOut.into()))?
-                .map_err(connect_error)?;
-                let _ = stream.set_nodelay(true);
-                crate::keepalive(&stream);
+                Box::new(tcp(host, *port).await.map_err(connect_error)?)
+            }
+            AgentUri::Tls { host, port } => {
+                let config = tls.ok_or_else(|| ClientError::NoCredentials {
+                    uri: uri.to_string(),
+                })?;
+                let tls_error = |source| ClientError::Tls {
+                    uri: uri.to_string(),
+                    source,
+                };
+                let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+                    tls_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                })?;
+                let stream = tcp(host, *port).await.map_err(connect_error)?;
+                let connector = tokio_rustls::TlsConnector::from(config.clone());
+                let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream))
+                    .await
+                    .map_err(|_| tls_error(std::io::ErrorKind::TimedOut.into()))?
+                    .map_err(tls_error)?;
                 Box::new(stream)
             }
         };

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 pub enum ErrorCode {
     /// The request is malformed or names a bad value.
     InvalidArgument,
+    /// The client's role does not allow the request.
+    PermissionDenied,
     /// The definition does not validate.
     InvalidDefinition,
     /// No domain by that name.

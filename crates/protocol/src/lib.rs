@@ -9,7 +9,8 @@
 //! does. The libraries and the agent convert to and from these types.
 //!
 //! - [`envelope`]: the version and id around every request and reply.
-//! - [`request`]: everything an agent can be asked, and who may ask it.
+//! - [`request`]: everything an agent can be asked.
+//! - [`access`]: who may ask what: access classes and roles.
 //! - [`reply`]: successful answers.
 //! - [`error`]: errors that cross between processes.
 //! - [`domain`]: domains as `list` and `dominfo` show them; definitions.
@@ -26,6 +27,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod client;
 pub mod codec;
 pub mod domain;
@@ -41,12 +43,13 @@ pub mod request;
 pub mod scripted;
 pub mod uri;
 
+pub use access::{Access, Role};
 pub use client::{Client, ClientError, REQUEST_TIMEOUT};
 pub use envelope::PROTOCOL_VERSION;
 pub use error::{ApiError, ErrorCode};
 pub use migrate::{ConvergeMode, MigrateOptions, TimeoutAction};
 pub use reply::Reply;
-pub use request::{Access, Request};
+pub use request::Request;
 pub use uri::{AgentUri, BadAgentUri};
 
 /// How long an agent connection may go unheard before it counts as lost:

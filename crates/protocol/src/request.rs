@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use types::DomainName;
 
+use crate::access::Access;
 use crate::domain::DefinitionDoc;
 use crate::estimate::EstimateParams;
 use crate::migrate::{MigrateOptions, PrepareRequest, ProbeRequest};
@@ -158,18 +159,6 @@ pub enum Request {
 
 fn default_job_limit() -> u32 {
     20
-}
-
-/// What a request does, which is all an access check needs to know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Access {
-    /// Reads state and changes nothing.
-    Read,
-    /// Changes a domain, a job or the host.
-    Control,
-    /// The other agent's half of a migration.
-    Peer,
 }
 
 impl Request {

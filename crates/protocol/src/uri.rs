@@ -1,4 +1,5 @@
-//! Agent addresses: `unix:///run/livemig.sock` or `tcp://host:port`.
+//! Agent addresses: `unix:///run/livemig.sock`, `tls://host:port` (mutual
+//! TLS) or `tcp://host:port` (plaintext, for agents started `--insecure`).
 
 use std::fmt;
 use std::path::PathBuf;
@@ -9,8 +10,16 @@ use std::str::FromStr;
 pub enum AgentUri {
     /// `unix:///PATH`: the local socket.
     Unix(PathBuf),
-    /// `tcp://HOST:PORT`.
+    /// `tcp://HOST:PORT`: plaintext.
     Tcp {
+        /// Host name or address.
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// `tls://HOST:PORT`: mutual TLS; the agent's certificate must name
+    /// `HOST`.
+    Tls {
         /// Host name or address.
         host: String,
         /// Port.
@@ -20,7 +29,9 @@ pub enum AgentUri {
 
 /// A URI [`AgentUri`] refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad agent URI {uri:?}: {reason} (expected unix:///PATH or tcp://HOST:PORT)")]
+#[error(
+    "bad agent URI {uri:?}: {reason} (expected unix:///PATH, tls://HOST:PORT or tcp://HOST:PORT)"
+)]
 pub struct BadAgentUri {
     /// The URI as given.
     pub uri: String,
@@ -42,9 +53,11 @@ impl FromStr for AgentUri {
             }
             return Ok(AgentUri::Unix(PathBuf::from(path)));
         }
-        let rest = uri
-            .strip_prefix("tcp://")
-            .ok_or_else(|| bad("unknown scheme"))?;
+        let (tls, rest) = match (uri.strip_prefix("tls://"), uri.strip_prefix("tcp://")) {
+            (Some(rest), _) => (true, rest),
+            (None, Some(rest)) => (false, rest),
+            (None, None) => return Err(bad("unknown scheme")),
+        };
         let rest = rest.trim_end_matches('/');
         let (host, port) = types::net::split_host_port(rest).map_err(bad)?;
         let port = port
@@ -52,10 +65,22 @@ impl FromStr for AgentUri {
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
-        Ok(AgentUri::Tcp {
-            host: host.to_string(),
-            port,
+        let host = host.to_string();
+        Ok(if tls {
+            AgentUri::Tls { host, port }
+        } else {
+            AgentUri::Tcp { host, port }
         })
+    }
+}
+
+impl AgentUri {
+    /// The host and port of a network address (TLS or TCP).
+    pub fn host_port(&self) -> Option<(&str, u16)> {
+        match self {
+            AgentUri::Unix(_) => None,
+            AgentUri::Tcp { host, port } | AgentUri::Tls { host, port } => Some((host, *port)),
+        }
     }
 }
 
@@ -67,6 +92,10 @@ impl fmt::Display for AgentUri {
                 write!(f, "tcp://[{host}]:{port}")
             }
             AgentUri::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            AgentUri::Tls { host, port } if host.contains(':') => {
+                write!(f, "tls://[{host}]:{port}")
+            }
+            AgentUri::Tls { host, port } => write!(f, "tls://{host}:{port}"),
         }
     }
 }
@@ -81,6 +110,8 @@ mod tests {
             "unix:///run/livemig.sock",
             "tcp://10.0.0.2:7000",
             "tcp://[::1]:7000",
+            "tls://10.0.0.2:7000",
+            "tls://[::1]:7000",
         ] {
             assert_eq!(uri.parse::<AgentUri>().unwrap().to_string(), uri);
         }
@@ -97,6 +128,8 @@ mod tests {
             "tcp://h:0",
             "tcp://h:x",
             "tcp://a b:1",
+            "tls://h:0",
+            "https://h:1",
         ] {
             assert!(uri.parse::<AgentUri>().is_err(), "{uri}");
         }

@@ -25,6 +25,8 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 pub struct TestBed {
     dir: tempfile::TempDir,
     kernel: PathBuf,
+    /// The bed's CA: agents and test clients get certificates from it.
+    pki: PathBuf,
     _serial: MutexGuard<'static, ()>,
 }
 
@@ -43,9 +45,12 @@ impl TestBed {
             eprintln!("test directory kept: {}", dir.path().display());
         }
         let kernel = guest::install_kernel(dir.path()).expect("install the guest kernel");
+        let pki = dir.path().join("pki");
+        tls::pki::init(&pki).expect("the test bed's CA");
         TestBed {
             dir,
             kernel,
+            pki,
             _serial: serial,
         }
     }
@@ -60,9 +65,16 @@ impl TestBed {
         &self.kernel
     }
 
-    /// Starts an agent listening on loopback.
+    /// A certificate from the bed's CA for `name` with `role`, valid for
+    /// `hosts`: a TLS directory (`--tls-dir`).
+    pub fn certificate(&self, name: &str, role: protocol::Role, hosts: &[&str]) -> PathBuf {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        tls::pki::issue(&self.pki, name, role, &hosts).expect("issue a test certificate")
+    }
+
+    /// Starts an agent listening on loopback (mutual TLS).
     pub async fn host(&self, name: &str) -> Host {
-        self.launch(name, Some("tcp://127.0.0.1:0".into()), None, &[])
+        self.launch(name, Some("tls://127.0.0.1:0".into()), None, &[])
             .await
     }
 
@@ -99,14 +111,14 @@ impl TestBed {
         let a = self
             .host_with(
                 "a",
-                Some(format!("tcp://{}:0", net.a_ip)),
+                Some(format!("tls://{}:0", net.a_ip)),
                 Some(net.a.clone()),
             )
             .await;
         let b = self
             .host_with(
                 "b",
-                Some(format!("tcp://{}:0", net.b_ip)),
+                Some(format!("tls://{}:0", net.b_ip)),
                 Some(net.b.clone()),
             )
             .await;
@@ -115,7 +127,7 @@ impl TestBed {
 
     /// Starts an agent on loopback with extra `livemigd` arguments.
     pub async fn host_args(&self, name: &str, args: &[&str]) -> Host {
-        self.launch(name, Some("tcp://127.0.0.1:0".into()), None, args)
+        self.launch(name, Some("tls://127.0.0.1:0".into()), None, args)
             .await
     }
 
@@ -126,10 +138,20 @@ impl TestBed {
         netns: Option<String>,
         args: &[&str],
     ) -> Host {
+        // An agent on tls:// gets a certificate naming the address it
+        // listens on.
+        let tls_dir = listen
+            .as_deref()
+            .and_then(|l| l.strip_prefix("tls://"))
+            .and_then(|rest| rest.rsplit_once(':'))
+            .map(|(host, _)| {
+                self.certificate(&format!("agent-{name}"), protocol::Role::Agent, &[host])
+            });
         Host::start(LaunchOptions {
             binary: bin("livemigd"),
             state_dir: self.dir.path().join(name),
             listen,
+            tls_dir,
             netns,
             extra_args: args.iter().map(|a| a.to_string()).collect(),
         })

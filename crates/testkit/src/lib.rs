@@ -1,12 +1,14 @@
 //! Test harness for livemig: real agents, real QEMU, the in-tree guest.
 //!
-//! - [`TestBed`]: a per-test temporary directory with the guest kernel, from
+//! - [`TestBed`]: a per-test temporary directory with the guest kernel and a
+//!   CA (every agent listens on mutual TLS with a certificate from it), from
 //!   which hosts (agents) are started. Holding it serialises QEMU-heavy tests
 //!   in one process: two busy TCG guests per test already fill two cores.
 //! - [`Host`]: one `livemigd` child in its own process group plus a client;
 //!   dropping it kills the group (agent and every QEMU it started).
 //! - [`netns`]: two network namespaces joined by a veth pair.
 //! - [`procs`]: which processes are in a group, for leak checks.
+//! - [`tls_client`]: a raw TLS connection to an agent (metrics, probing).
 //! - [`assert_runs_only_on`], [`assert_no_leftovers`]: what a user checks
 //!   after a migration.
 //!
@@ -20,6 +22,7 @@ mod bed;
 mod checks;
 pub mod netns;
 pub mod procs;
+pub mod tls_client;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,7 +1,6 @@
 //! What an operator sees: live progress, job statistics, history across
 //! restarts, timeline reports, metrics, completions, the config file.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use guest::Workload;
@@ -240,15 +239,11 @@ async fn report_draws_the_timeline_with_the_expected_series() {
     }
 }
 
-/// `GET /metrics` on the agent's TCP port.
-fn scrape(uri: &str) -> String {
-    let addr = uri.trim_start_matches("tcp://");
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+/// `GET /metrics` on the agent's TLS port, with a monitor's certificate.
+async fn scrape(uri: &str, monitor: &std::path::Path) -> String {
+    let response = testkit::tls_client::get_metrics(uri, monitor)
+        .await
+        .expect("the agent serves /metrics over TLS");
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
@@ -264,7 +259,8 @@ fn metric(text: &str, name: &str) -> f64 {
 async fn metrics_are_served_in_prometheus_text_format() {
     let bed = TestBed::new().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
-    let before = scrape(&a.uri());
+    let monitor = bed.certificate("grafana", protocol::Role::Monitor, &[]);
+    let before = scrape(&a.uri(), &monitor).await;
     assert_eq!(metric(&before, "livemig_up"), 1.0);
     assert_eq!(metric(&before, "livemig_domains_running"), 1.0);
 
@@ -281,12 +277,12 @@ async fn metrics_are_served_in_prometheus_text_format() {
         )
         .await
         .unwrap();
-    let during = scrape(&a.uri());
+    let during = scrape(&a.uri(), &monitor).await;
     assert_eq!(metric(&during, "livemig_active_jobs{role=\"source\"}"), 1.0);
     assert!(during.contains("livemig_vcpu_throttle_percent{domain=\"vm\"}"));
     assert_eq!(a.wait_job(&job).await.status, JobStatus::Completed);
 
-    let after = scrape(&a.uri());
+    let after = scrape(&a.uri(), &monitor).await;
     assert_eq!(
         metric(
             &after,
@@ -304,7 +300,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
     );
     assert!(metric(&after, "livemig_migration_transferred_bytes_total") > 0.0);
     assert_eq!(metric(&after, "livemig_active_jobs{role=\"source\"}"), 0.0);
-    let on_b = scrape(&b.uri());
+    let on_b = scrape(&b.uri(), &monitor).await;
     assert_eq!(
         metric(
             &on_b,

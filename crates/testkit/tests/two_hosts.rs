@@ -40,7 +40,7 @@ async fn migration_between_two_network_namespaces() {
 
     // The agents are only reachable inside their namespaces: the test
     // process, in the root namespace, has no route to them.
-    let addr: std::net::SocketAddr = b.uri().trim_start_matches("tcp://").parse().unwrap();
+    let addr: std::net::SocketAddr = b.uri().trim_start_matches("tls://").parse().unwrap();
     assert!(
         std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1)).is_err()
     );

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use domain::DomainName;
 use protocol::job::{JobStatus, Phase, Role};
-use protocol::{AgentUri, Client, Reply, Request};
+use protocol::{AgentUri, Reply, Request};
 use tokio::time::Instant;
 
 use super::identity;
@@ -33,6 +33,9 @@ pub(super) fn keep_incoming(
         // No connection prepared it in this process: it is not torn down
         // when one closes, only by the source or the deadline.
         connection: 0,
+        // Who prepared it is not known after a restart: only the source's
+        // own requests, checked by job id, or an administrator, reach it.
+        prepared_by: None,
         created_domain: job.created_domain,
         previous: Default::default(),
         vm: Some(vm.clone()),
@@ -60,7 +63,7 @@ pub(super) fn keep_incoming(
         // Ask the source how its job stands; one that has ended without us
         // will never finish here.
         while Instant::now() < deadline && waiting() {
-            if let Some(status) = source_job_status(&source, &incoming.ident.id).await {
+            if let Some(status) = source_job_status(&agent, &source, &incoming.ident.id).await {
                 if status != JobStatus::Completed {
                     destination::teardown(
                         &agent,
@@ -90,9 +93,9 @@ pub(super) fn keep_incoming(
 
 /// How the source agent says a job ended; `None` while it runs or when the
 /// source cannot be asked.
-async fn source_job_status(source: &str, job_id: &str) -> Option<JobStatus> {
+async fn source_job_status(agent: &Agent, source: &str, job_id: &str) -> Option<JobStatus> {
     let uri: AgentUri = source.parse().ok()?;
-    let client = Client::connect(&uri).await.ok()?;
+    let client = agent.dial(&uri).await.ok()?;
     match client
         .request(
             Request::Job {

@@ -38,9 +38,13 @@ enum AskError {
 
 /// Asks the destination whether the guest runs there, tearing its side
 /// down if not. `Err` when it cannot be asked.
-async fn ask_destination(job: &RunJob, reason: &str) -> Result<bool, AskError> {
+async fn ask_destination(
+    job: &RunJob,
+    reason: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Result<bool, AskError> {
     let uri: AgentUri = job.peer.parse()?;
-    let client = Client::connect(&uri).await?;
+    let client = Client::connect_with(&uri, tls).await?;
     match client
         .request(
             Request::PeerAbort {
@@ -71,7 +75,11 @@ struct Resolution {
 /// Brings the job to an end as far as QEMU and the destination go: a copy
 /// still running is cancelled; a completed one is settled with the
 /// destination; the guest resumes here unless it may run there.
-async fn resolve(qmp: &qmp::Client, job: &RunJob) -> Resolution {
+async fn resolve(
+    qmp: &qmp::Client,
+    job: &RunJob,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+) -> Resolution {
     let status = |info: qmp::commands::migration::MigrationInfo| info.status;
     let mut state = qmp.execute(&QueryMigrate).await.ok().and_then(status);
     let running_copy = matches!(
@@ -105,7 +113,7 @@ async fn resolve(qmp: &qmp::Client, job: &RunJob) -> Resolution {
         stop_source: false,
     };
     match state {
-        Some(MigrationStatus::Completed) => match ask_destination(job, why).await {
+        Some(MigrationStatus::Completed) => match ask_destination(job, why, tls).await {
             Ok(true) => Resolution {
                 status: JobStatus::Completed,
                 error: None,
@@ -143,7 +151,7 @@ async fn resolve(qmp: &qmp::Client, job: &RunJob) -> Resolution {
                 .into(),
         ),
         _ => {
-            let _ = ask_destination(job, why).await;
+            let _ = ask_destination(job, why, tls).await;
             resolution(
                 JobStatus::Cancelled,
                 Some(format!("{why}; the migration was cancelled")),
@@ -166,7 +174,7 @@ pub(super) async fn resolve_outgoing(
         error,
         recovery,
         stop_source,
-    } = resolve(qmp, job).await;
+    } = resolve(qmp, job, agent.peer_tls.as_ref()).await;
     if stop_source {
         vm.process.shutdown(STOP_TIMEOUT).await;
     }
@@ -239,7 +247,7 @@ mod tests {
         let (qmp, qemu) = ScriptedQemu::start().await;
         qemu.with(|s| s.status = Some(MigrationStatus::Active));
 
-        let r = resolve(&qmp, &job(&peer)).await;
+        let r = resolve(&qmp, &job(&peer), None).await;
 
         assert_eq!(r.status, JobStatus::Cancelled);
         assert!(!r.stop_source);
@@ -255,7 +263,7 @@ mod tests {
         let (qmp, qemu) = ScriptedQemu::start().await;
         qemu.complete(1000, 10);
 
-        let r = resolve(&qmp, &job(&peer)).await;
+        let r = resolve(&qmp, &job(&peer), None).await;
 
         assert_eq!(r.status, JobStatus::Completed);
         assert!(r.stop_source);
@@ -269,7 +277,7 @@ mod tests {
         let (qmp, qemu) = ScriptedQemu::start().await;
         qemu.complete(1000, 10);
 
-        let r = resolve(&qmp, &job(&peer)).await;
+        let r = resolve(&qmp, &job(&peer), None).await;
 
         assert_eq!(r.status, JobStatus::Failed);
         assert!(!r.stop_source);
@@ -284,7 +292,7 @@ mod tests {
         let (qmp, qemu) = ScriptedQemu::start().await;
         qemu.complete(1000, 10);
 
-        let r = resolve(&qmp, &job(&peer)).await;
+        let r = resolve(&qmp, &job(&peer), None).await;
 
         assert_eq!(r.status, JobStatus::Failed);
         assert!(!r.stop_source);
@@ -302,7 +310,7 @@ mod tests {
         let (qmp, qemu) = ScriptedQemu::start().await;
         qemu.with(|s| s.status = Some(MigrationStatus::PostcopyActive));
 
-        let r = resolve(&qmp, &job(&peer)).await;
+        let r = resolve(&qmp, &job(&peer), None).await;
 
         assert_eq!(r.status, JobStatus::Failed);
         assert!(r.recovery.contains("postcopy-resume"), "{}", r.recovery);

@@ -21,7 +21,8 @@ pub use migrate::{ConvergeArg, MigrateArgs};
         livemig demo"
 )]
 pub struct Cli {
-    /// Agent to talk to: unix:///PATH or tcp://HOST:PORT.
+    /// Agent to talk to: unix:///PATH, tls://HOST:PORT (with --tls-dir) or
+    /// tcp://HOST:PORT (an agent started --insecure).
     #[arg(
         short = 'c',
         long = "connect",
@@ -30,6 +31,10 @@ pub struct Cli {
         value_name = "URI"
     )]
     pub connect: Option<String>,
+    /// TLS directory (ca.pem, cert.pem, key.pem, from `livemig pki issue`)
+    /// for tls:// agents.
+    #[arg(long, env = "LIVEMIG_TLS_DIR", global = true, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -185,6 +190,10 @@ pub enum Command {
         /// A QMP command object, e.g. '{"execute":"query-status"}'.
         command: String,
     },
+    /// Certificates for mutual TLS: a CA, and a certificate per agent and
+    /// per user.
+    #[command(subcommand)]
+    Pki(PkiCommand),
     /// Run the demo: a busy guest live-migrated with auto-converge between
     /// two agents on this machine.
     Demo(DemoArgs),
@@ -192,6 +201,31 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff).
     Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Create a CA in DIR (DIR/ca.pem, DIR/ca-key.pem); never overwrites.
+    Init {
+        /// The PKI directory.
+        dir: PathBuf,
+    },
+    /// Issue a certificate into DIR/NAME/ (ca.pem, cert.pem, key.pem): a
+    /// directory a daemon (--tls-dir) or a client uses as is.
+    Issue {
+        /// The PKI directory (from `pki init`).
+        dir: PathBuf,
+        /// The holder's name (an agent's host name, a user's name).
+        name: String,
+        /// What it may do: admin (everything), agent (the peer half of a
+        /// migration), monitor (read-only).
+        #[arg(long)]
+        role: protocol::Role,
+        /// A host name or address the agent is dialled by (agents; repeat
+        /// for each).
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -101,7 +101,7 @@ async fn lossy_link_with_auto_converge() {
 #[tokio::test]
 async fn unroutable_destination_is_refused_before_anything_starts() {
     let t = Bed::new("bad", LIGHT).await;
-    let nowhere = format!("tcp://{}9:7000", &t.net.b_ip[..t.net.b_ip.len() - 1]);
+    let nowhere = format!("tls://{}9:7000", &t.net.b_ip[..t.net.b_ip.len() - 1]);
 
     let err =
         t.a.start_migration(VM, &nowhere, live(16))

@@ -17,8 +17,12 @@ use crate::errors;
 use crate::server::ConnContext;
 use crate::state::{Agent, IncomingJob};
 
-pub(crate) async fn finish(agent: &Arc<Agent>, job_id: &str) -> Result<Reply, ApiError> {
-    let (name, job) = find(agent, job_id)?;
+pub(crate) async fn finish(
+    agent: &Arc<Agent>,
+    job_id: &str,
+    ctx: &ConnContext,
+) -> Result<Reply, ApiError> {
+    let (name, job) = find(agent, job_id, &ctx.caller)?;
     let span = tracing::info_span!("job", id = %job_id, domain = %name, role = "destination");
     async {
         *job.phase.lock().expect("phase lock") = Phase::Finish;
@@ -120,7 +124,7 @@ pub(crate) async fn recover(
     job_id: &str,
     ctx: &ConnContext,
 ) -> Result<Reply, ApiError> {
-    let (name, job) = find(agent, job_id)?;
+    let (name, job) = find(agent, job_id, &ctx.caller)?;
     let vm = job
         .vm
         .clone()
@@ -149,12 +153,17 @@ pub(crate) async fn abort(
     agent: &Arc<Agent>,
     job_id: &str,
     reason: &str,
+    ctx: &ConnContext,
 ) -> Result<Reply, ApiError> {
-    if let Ok((name, job)) = find(agent, job_id) {
-        let torn_down = teardown(agent, &name, &job, reason).await;
-        return Ok(Reply::Aborted {
-            guest_running_here: !torn_down,
-        });
+    match find(agent, job_id, &ctx.caller) {
+        Err(e) if e.code == ErrorCode::PermissionDenied => return Err(e),
+        Ok((name, job)) => {
+            let torn_down = teardown(agent, &name, &job, reason).await;
+            return Ok(Reply::Aborted {
+                guest_running_here: !torn_down,
+            });
+        }
+        Err(_) => {}
     }
     // If the history cannot be read, say so: "not here" must be certain.
     let finished_here = agent
@@ -205,6 +214,7 @@ mod tests {
             },
             started: Instant::now(),
             connection: 1,
+            prepared_by: None,
             created_domain: true,
             previous: Default::default(),
             vm: None,

@@ -14,17 +14,35 @@ use std::sync::Arc;
 use domain::qemu::STOP_TIMEOUT;
 use domain::DomainName;
 use protocol::job::Phase;
-use protocol::{ApiError, ErrorCode};
+use protocol::{ApiError, ErrorCode, Role};
 use qmp::commands::migration::{MigrationStatus, QueryMigrate};
 
+use crate::server::Caller;
 use crate::state::{ActiveJob, Agent, IncomingJob};
 use crate::vm;
 
 pub(crate) use finish::{abort, finish, recover};
 pub(crate) use prepare::{prepare, probe};
 
-/// The incoming job with this id, and its domain.
-fn find(agent: &Agent, job_id: &str) -> Result<(DomainName, Arc<IncomingJob>), ApiError> {
+/// The incoming job with this id, and its domain, if `caller` may act on
+/// it: an agent only on the jobs it prepared itself.
+fn find(
+    agent: &Agent,
+    job_id: &str,
+    caller: &Caller,
+) -> Result<(DomainName, Arc<IncomingJob>), ApiError> {
+    let found = find_any(agent, job_id)?;
+    let owner = found.1.prepared_by.as_deref();
+    match (caller.role(), owner, caller.name()) {
+        (Role::Agent, Some(owner), Some(name)) if owner != name => Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!("{caller} may not act on job '{job_id}': {owner} prepared it"),
+        )),
+        _ => Ok(found),
+    }
+}
+
+fn find_any(agent: &Agent, job_id: &str) -> Result<(DomainName, Arc<IncomingJob>), ApiError> {
     let domains = agent.domains.lock().expect("domains lock");
     domains
         .iter()

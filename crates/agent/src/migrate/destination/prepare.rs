@@ -272,6 +272,7 @@ fn incoming_job(
         },
         started: Instant::now(),
         connection: ctx.id,
+        prepared_by: ctx.caller.name().map(str::to_string),
         created_domain: created,
         previous,
         vm,

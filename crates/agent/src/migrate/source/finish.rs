@@ -143,7 +143,7 @@ mod tests {
     }
 
     async fn settle_against(agent: &ScriptedAgent) -> Settled {
-        let peer = Peer::connect(&agent.uri()).await.expect("connect");
+        let peer = Peer::connect(&agent.uri(), None).await.expect("connect");
         settle(&peer, JOB, Duration::from_secs(1), SHORT).await
     }
 
@@ -219,7 +219,7 @@ mod tests {
             || panic!("Finish must not be sent"),
             || panic!("nor an abort"),
         );
-        let peer = Peer::connect(&agent.uri()).await.expect("connect");
+        let peer = Peer::connect(&agent.uri(), None).await.expect("connect");
         agent.stop();
 
         let settled = settle(&peer, JOB, Duration::from_secs(1), SHORT).await;
@@ -255,7 +255,7 @@ mod tests {
             || Answer::Reply(Reply::Finished),
             || panic!("no abort after a finish"),
         );
-        let peer = Peer::connect(&agent.uri()).await.expect("connect");
+        let peer = Peer::connect(&agent.uri(), None).await.expect("connect");
         agent.stop();
         agent.listen();
 

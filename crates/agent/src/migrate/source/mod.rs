@@ -79,7 +79,7 @@ pub(crate) async fn begin(
     support::check(&flags, Role::Source, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
 
-    let peer = Peer::connect(&dest_uri).await?;
+    let peer = Peer::connect(&dest_uri, agent.peer_tls.clone()).await?;
     let hello = match peer
         .request(Request::Hello, protocol::REQUEST_TIMEOUT)
         .await
@@ -191,7 +191,7 @@ async fn postcopy_resume(
         )
     })
     .await?;
-    let peer = Peer::connect(destination).await?;
+    let peer = Peer::connect(destination, agent.peer_tls.clone()).await?;
     let uri = match peer
         .request(
             Request::PeerRecover {

@@ -1,6 +1,7 @@
 //! The source's connection to the destination agent: requests, a ping, and
 //! finding the agent again after it went away or restarted.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::{AgentUri, ApiError, Client, ClientError, ErrorCode, Reply, Request};
@@ -19,13 +20,17 @@ const ABORT_RETRY: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(crate) struct Peer {
     uri: AgentUri,
+    tls: Option<Arc<rustls::ClientConfig>>,
     client: tokio::sync::Mutex<Client>,
 }
 
 impl Peer {
-    /// Connects to the destination agent.
-    pub async fn connect(uri: &AgentUri) -> Result<Peer, ApiError> {
-        let client = Client::connect(uri).await.map_err(|e| {
+    /// Connects to the destination agent (with `tls` for a `tls://` URI).
+    pub async fn connect(
+        uri: &AgentUri,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Result<Peer, ApiError> {
+        let client = Client::connect_with(uri, tls.as_ref()).await.map_err(|e| {
             ApiError::new(
                 ErrorCode::PeerUnreachable,
                 format!(
@@ -36,6 +41,7 @@ impl Peer {
         })?;
         Ok(Peer {
             uri: uri.clone(),
+            tls,
             client: tokio::sync::Mutex::new(client),
         })
     }
@@ -67,7 +73,7 @@ impl Peer {
     pub async fn reconnect(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(client) = Client::connect(&self.uri).await {
+            if let Ok(client) = Client::connect_with(&self.uri, self.tls.as_ref()).await {
                 *self.client.lock().await = client;
                 tracing::info!("reconnected to the destination agent");
                 return true;

@@ -1,0 +1,439 @@
+//! Listeners and connections.
+//!
+//! One task per connection reads a request, answers it, and reads the next
+//! ([`connection`]). Who is asking is settled before the first request is
+//! read: on the unix socket, its owner (or root) by `SO_PEERCRED`; on the
+//! network, by the client's certificate after a mutual TLS handshake
+//! (plaintext TCP only when the agent was started `--insecure`). When a
+//! connection closes, any incoming migration it prepared and did not
+//! finish is torn down.
+
+mod connection;
+
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::Role;
+use tls::{Identity, TlsDir, TlsError};
+use tokio::io::BufReader;
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Config;
+use crate::history::History;
+use crate::migrate::destination;
+use crate::state::{ActiveJob, Agent, Domain};
+use crate::store::{Store, StoreError};
+use connection::{serve_requests, serve_stream};
+
+/// How long a client may take to finish the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot open the state directory")]
+    /// The state directory failed.
+    Store(#[from] StoreError),
+    #[error("cannot open the job history")]
+    /// The job history failed.
+    History(#[from] crate::history::HistoryError),
+    #[error("another agent is already serving {0}")]
+    /// Another agent serves this socket.
+    SocketInUse(PathBuf),
+    #[error("cannot listen on {what}")]
+    /// A listener could not be bound.
+    Bind {
+        /// What.
+        what: String,
+        #[source]
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TCP without TLS, and without `--insecure`.
+    #[error(
+        "refusing to serve plaintext TCP on {0}: anyone who can reach it could control this \
+         host's VMs. Listen on tls://HOST:PORT with --tls-dir DIR (create DIR with `livemig pki \
+         init PKI && livemig pki issue PKI NAME --role agent --host HOST`), or pass --insecure on \
+         a network where everyone is trusted"
+    )]
+    Plaintext(std::net::SocketAddr),
+    /// The TLS directory does not work.
+    #[error("cannot set up TLS")]
+    Tls(#[from] TlsError),
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub(crate) enum Caller {
+    /// The unix socket's owner, or root: an administrator.
+    Local,
+    /// A TLS client, as its certificate names it.
+    Certified(Identity),
+    /// A plaintext TCP client of an agent started `--insecure`.
+    Insecure,
+}
+
+impl Caller {
+    pub fn role(&self) -> Role {
+        match self {
+            Caller::Local | Caller::Insecure => Role::Admin,
+            Caller::Certified(identity) => identity.role,
+        }
+    }
+
+    /// The certificate's name, for a certified caller.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Caller::Certified(identity) => Some(&identity.name),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Local => f.write_str("the local administrator"),
+            Caller::Certified(i) => write!(f, "{} (role {})", i.name, i.role),
+            Caller::Insecure => f.write_str("a plaintext client"),
+        }
+    }
+}
+
+/// Where a request came from.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnContext {
+    pub id: u64,
+    /// Our address on this connection (TCP only): the address a peer
+    /// reached us on, hence the one its QEMU can reach ours on.
+    pub local_ip: Option<IpAddr>,
+    pub caller: Caller,
+}
+
+/// The sockets an agent serves: its unix socket, and TCP (with TLS unless
+/// the agent is insecure) when it listens there.
+pub struct Listeners {
+    unix: UnixListener,
+    tcp: Option<TcpListener>,
+    tls: Option<TlsAcceptor>,
+}
+
+impl fmt::Debug for Listeners {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listeners")
+            .field("tcp", &self.tcp_addr())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listeners {
+    /// Binds what `config` names: the unix socket (replacing a stale one,
+    /// never a live one; readable by its owner only) and the TCP address,
+    /// if any, with TLS from `config.tls_dir`.
+    ///
+    /// # Errors
+    /// [`RunError::SocketInUse`], [`RunError::Bind`], [`RunError::Tls`],
+    /// or [`RunError::Plaintext`] for TCP without TLS or `--insecure`.
+    pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
+        let tls = match &config.tls_dir {
+            Some(dir) => Some(TlsAcceptor::from(TlsDir::load(dir)?.server_config()?)),
+            None => None,
+        };
+        if let (Some(addr), None, false) = (config.listen, &tls, config.insecure) {
+            return Err(RunError::Plaintext(addr));
+        }
+        let unix = bind_unix(&config.socket).await?;
+        let tcp = match config.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Bind {
+                        what: format!("tcp://{addr}"),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { unix, tcp, tls })
+    }
+
+    /// The TCP address actually bound (port 0 picks one).
+    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The URI peers and remote clients dial.
+    fn uri(&self, socket: &Path) -> String {
+        match (self.tcp_addr(), &self.tls) {
+            (Some(addr), Some(_)) => format!("tls://{addr}"),
+            (Some(addr), None) => format!("tcp://{addr}"),
+            (None, _) => format!("unix://{}", socket.display()),
+        }
+    }
+}
+
+/// Binds the listeners `config` names and serves until `shutdown`
+/// resolves (see [`serve`]).
+///
+/// # Errors
+/// [`RunError`] if the state directory or a listener cannot be set up.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    let listeners = Listeners::bind(&config).await?;
+    serve(config, listeners, shutdown).await
+}
+
+/// Serves on `listeners` until `shutdown` resolves. Logs the addresses it
+/// serves.
+///
+/// At start, QEMU processes an earlier agent left running are adopted (see
+/// `reattach`). On shutdown, active outgoing migrations are cancelled (the
+/// guest stays on this host), incoming ones are torn down, and running
+/// guests are left running for the next agent to adopt.
+///
+/// # Errors
+/// [`RunError`] if the state directory or the job history cannot be
+/// opened.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let store = Store::open(&config.state_dir)?;
+    let uri = listeners.uri(&config.socket);
+    let mut config = config;
+    config.listen = listeners.tcp_addr();
+    let peer_tls = match &config.tls_dir {
+        Some(dir) => Some(TlsDir::load(dir)?.client_config()?),
+        None => None,
+    };
+    if config.listen.is_some() && config.tls_dir.is_none() {
+        tracing::warn!(
+            "serving plaintext TCP (--insecure): anyone who can reach {uri} can control this \
+             host's VMs"
+        );
+    }
+    let Listeners { unix, tcp, tls } = listeners;
+    let stale = migration::vcpu_throttle::cgroup::release_stale(&config.cgroup_cpu);
+    if stale > 0 {
+        tracing::warn!(
+            count = stale,
+            "released vCPU throttles left by a previous agent"
+        );
+    }
+    let history = History::open(&store.root().join("history.db"))?;
+    let agent = Arc::new(Agent::new(config, store, history, uri.clone(), peer_tls));
+    {
+        let defs = agent.store.load_definitions().await;
+        let mut domains = agent.domains.lock().expect("domains lock");
+        for def in defs {
+            domains.insert(def.name.clone(), Domain::new(def, true));
+        }
+        tracing::info!(count = domains.len(), "definitions loaded");
+    }
+    crate::reattach::reattach_all(&agent).await;
+    tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");
+
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = unix.accept() => match accepted {
+                Ok((stream, _)) => {
+                    connections.spawn(serve_unix(agent.clone(), stream));
+                }
+                Err(e) => tracing::warn!(error = %e, "unix accept failed"),
+            },
+            accepted = accept_tcp(tcp.as_ref()) => match accepted {
+                Ok((stream, peer)) => {
+                    tracing::debug!(%peer, "tcp connection");
+                    connections.spawn(serve_tcp(agent.clone(), stream, tls.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+
+    tracing::info!("shutting down");
+    drop(unix);
+    drop(tcp);
+    connections.abort_all();
+    stop_everything(&agent).await;
+    let _ = std::fs::remove_file(&agent.config.socket);
+    Ok(())
+}
+
+async fn accept_tcp(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A local client: only the socket's owner, or root, is served.
+async fn serve_unix(agent: Arc<Agent>, stream: UnixStream) {
+    let ours = nix::unistd::getuid().as_raw();
+    match stream.peer_cred() {
+        Ok(cred) if cred.uid() == 0 || cred.uid() == ours => {}
+        Ok(cred) => {
+            tracing::warn!(
+                uid = cred.uid(),
+                "refused a local client that is not the agent's user"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot tell who a local client is; refused");
+            return;
+        }
+    }
+    let ctx = ConnContext {
+        id: agent.next_connection_id(),
+        local_ip: None,
+        caller: Caller::Local,
+    };
+    let (read, write) = stream.into_split();
+    serve_requests(agent, BufReader::new(read), write, ctx).await;
+}
+
+/// A network client: the TLS handshake and its certificate first (no
+/// request is read from a client without one), unless the agent is
+/// insecure.
+async fn serve_tcp(agent: Arc<Agent>, stream: TcpStream, tls: Option<TlsAcceptor>) {
+    let _ = stream.set_nodelay(true);
+    protocol::keepalive(&stream);
+    let local_ip = stream.local_addr().ok().map(|a| a.ip());
+    let peer = stream.peer_addr().ok();
+    let Some(acceptor) = tls else {
+        let ctx = ConnContext {
+            id: agent.next_connection_id(),
+            local_ip,
+            caller: Caller::Insecure,
+        };
+        serve_stream(agent, stream, ctx).await;
+        return;
+    };
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::info!(?peer, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(?peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(|cert| Identity::from_certificate(cert));
+    let identity = match identity {
+        Some(Ok(identity)) => identity,
+        Some(Err(e)) => {
+            tracing::info!(?peer, error = %e, "client certificate refused");
+            return;
+        }
+        None => {
+            tracing::info!(?peer, "client without a certificate refused");
+            return;
+        }
+    };
+    tracing::debug!(?peer, name = %identity.name, role = %identity.role, "TLS client");
+    let ctx = ConnContext {
+        id: agent.next_connection_id(),
+        local_ip,
+        caller: Caller::Certified(identity),
+    };
+    serve_stream(agent, stream, ctx).await;
+}
+
+/// Binds the unix socket, replacing a stale one but never a live one.
+async fn bind_unix(path: &Path) -> Result<UnixListener, RunError> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(RunError::SocketInUse(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(parent) = path.parent() {
+        let _ = std::fs::create_dir_all(parent);
+    }
+    let listener = UnixListener::bind(path).map_err(|source| RunError::Bind {
+        what: format!("unix://{}", path.display()),
+        source,
+    })?;
+    // The caller is checked too (SO_PEERCRED), but nobody else even gets
+    // to connect.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        RunError::Bind {
+            what: format!("unix://{}", path.display()),
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Shutdown: outgoing jobs are cancelled and given time to resume the
+/// source, incoming ones are torn down, running guests are left running.
+async fn stop_everything(agent: &Arc<Agent>) {
+    let outgoing: Vec<_> = {
+        let domains = agent.domains.lock().expect("domains lock");
+        domains
+            .values()
+            .filter_map(|d| match &d.job {
+                Some(ActiveJob::Outgoing(job)) => Some(job.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    for job in &outgoing {
+        job.cancel.cancel();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::time::Instant::now() < deadline {
+        let busy = agent
+            .domains
+            .lock()
+            .expect("domains lock")
+            .values()
+            .any(|d| matches!(d.job, Some(ActiveJob::Outgoing(_))));
+        if !busy {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let incoming: Vec<_> = {
+        let domains = agent.domains.lock().expect("domains lock");
+        domains
+            .iter()
+            .filter_map(|(name, d)| match &d.job {
+                Some(ActiveJob::Incoming(job)) => Some((name.clone(), job.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    for (name, job) in incoming {
+        destination::teardown(agent, &name, &job, "the destination agent is shutting down").await;
+    }
+    let domains = agent.domains.lock().expect("domains lock");
+    for (name, d) in domains.iter() {
+        if let Some(vm) = &d.vm {
+            vm.process.detach();
+            tracing::info!(domain = %name, pid = vm.process.pid(), "left running for the next agent");
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! Nobody unauthorized gets in: the network port speaks mutual TLS only,
+//! a client's certificate decides what it may do, and the local socket is
+//! its owner's alone.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+
+use protocol::domain::DefinitionDoc;
+use protocol::{AgentUri, Client, ClientError, ErrorCode, Reply, Request, Role};
+use testkit::{bin, Host, TestBed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REQUEST: &[u8] = b"{\"version\":1,\"id\":1,\"request\":{\"op\":\"list\",\"all\":true}}\n";
+
+/// A client with the certificate in `dir`.
+async fn client(host: &Host, dir: &Path) -> Result<Client, ClientError> {
+    let config = tls::TlsDir::load(dir).unwrap().client_config().unwrap();
+    let uri: AgentUri = host.uri().parse().unwrap();
+    Client::connect_with(&uri, Some(&config)).await
+}
+
+async fn ask(client: &Client, request: Request) -> Result<Reply, ClientError> {
+    client.request(request, Duration::from_secs(30)).await
+}
+
+fn denied(result: Result<Reply, ClientError>) -> bool {
+    matches!(result, Err(ClientError::Api(e)) if e.code == ErrorCode::PermissionDenied)
+}
+
+/// What the agent answers to `REQUEST` sent raw on `stream`: nothing, if
+/// it refused the connection.
+async fn answer_to_raw_request<S>(mut stream: S) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let _ = stream.write_all(REQUEST).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), stream.read_to_end(&mut answer)).await;
+    answer
+}
+
+#[tokio::test]
+async fn a_plaintext_client_a_foreign_certificate_and_no_certificate_get_no_answer() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let addr = a.uri().trim_start_matches("tls://").to_string();
+
+    // Plaintext on the TLS port.
+    let plain = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let answer = answer_to_raw_request(plain).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("\"ok\""),
+        "plaintext got an answer: {answer:?}"
+    );
+
+    // A certificate from another CA.
+    let other = bed.path().join("other-pki");
+    tls::pki::init(&other).unwrap();
+    let stranger = tls::pki::issue(&other, "mallory", Role::Admin, &[]).unwrap();
+    let refused = match testkit::tls_client::connect(&a.uri(), &stranger).await {
+        Err(_) => true,
+        Ok(stream) => answer_to_raw_request(stream).await.is_empty(),
+    };
+    assert!(refused, "a certificate from another CA got an answer");
+
+    // The right CA, but no client certificate.
+    let roots = {
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for cert in
+            rustls::pki_types::CertificateDer::pem_file_iter(bed.path().join("pki/ca.pem")).unwrap()
+        {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        roots
+    };
+    let anonymous = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let refused = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(anonymous))
+        .connect("127.0.0.1".try_into().unwrap(), tcp)
+        .await
+    {
+        Err(_) => true,
+        Ok(stream) => answer_to_raw_request(stream).await.is_empty(),
+    };
+    assert!(refused, "a client without a certificate got an answer");
+
+    // And a legitimate client is served.
+    let admin = bed.certificate("ops", Role::Admin, &[]);
+    let ok = ask(
+        &client(&a, &admin).await.unwrap(),
+        Request::List { all: true },
+    )
+    .await;
+    assert!(matches!(ok, Ok(Reply::Domains { .. })), "{ok:?}");
+}
+
+#[tokio::test]
+async fn a_certificate_s_role_decides_what_it_may_do() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let definition = DefinitionDoc(
+        bed.definition("vm", 64, guest::Workload::IDLE)
+            .to_document(),
+    );
+    let monitor = client(&a, &bed.certificate("grafana", Role::Monitor, &[]))
+        .await
+        .unwrap();
+    let agent = client(&a, &bed.certificate("host-x", Role::Agent, &["127.0.0.1"]))
+        .await
+        .unwrap();
+    let admin = client(&a, &bed.certificate("ops", Role::Admin, &[]))
+        .await
+        .unwrap();
+
+    // A monitor reads and changes nothing.
+    assert!(matches!(
+        ask(&monitor, Request::List { all: true }).await,
+        Ok(Reply::Domains { .. })
+    ));
+    assert!(denied(
+        ask(
+            &monitor,
+            Request::Define {
+                definition: definition.clone()
+            }
+        )
+        .await
+    ));
+    // An agent does the peer half of a migration only.
+    assert!(denied(
+        ask(
+            &agent,
+            Request::Define {
+                definition: definition.clone()
+            }
+        )
+        .await
+    ));
+    assert!(denied(ask(&agent, Request::List { all: true }).await));
+    // An administrator does everything.
+    assert!(matches!(
+        ask(&admin, Request::Define { definition }).await,
+        Ok(Reply::Done)
+    ));
+    assert!(matches!(
+        ask(
+            &admin,
+            Request::Start {
+                domain: "vm".parse().unwrap(),
+                paused: false
+            }
+        )
+        .await,
+        Ok(Reply::Done)
+    ));
+    let destroy = || Request::Destroy {
+        domain: "vm".parse().unwrap(),
+    };
+    let refused = ask(&monitor, destroy()).await;
+    assert!(denied(refused), "a monitor destroyed a domain");
+    assert!(!a.qemu_pids().is_empty(), "the domain still runs");
+    assert!(matches!(ask(&admin, destroy()).await, Ok(Reply::Done)));
+    assert!(a.qemu_pids().is_empty());
+
+    // What the refusal says, through the CLI.
+    let out = std::process::Command::new(bin("livemig"))
+        .args(["-c", &a.uri(), "destroy", "vm"])
+        .env("LIVEMIG_TLS_DIR", bed.path().join("pki/grafana"))
+        .env_remove("LIVEMIG_URI")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("grafana (role monitor) may not send `destroy`"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_needs_insecure_and_the_local_socket_is_the_owner_s() {
+    let bed = TestBed::new().await;
+    let out = std::process::Command::new(bin("livemigd"))
+        .args(["--state-dir"])
+        .arg(bed.path().join("plain"))
+        .args(["--listen", "tcp://127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--insecure") && stderr.contains("livemig pki"),
+        "says how to set up TLS: {stderr}"
+    );
+
+    let a = bed.host("a").await;
+    let socket = a.state_dir().join("livemigd.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+}

@@ -1,0 +1,32 @@
+//! Mutual TLS for livemig: every TCP connection between a client and an
+//! agent, or between two agents, is TLS with a certificate on both sides,
+//! issued by the cluster's CA; a client's certificate names its role.
+//!
+//! - [`pki`]: the CA (`pki init`) and certificates with a role and hosts
+//!   (`pki issue`).
+//! - [`dir`]: a TLS directory (`ca.pem`, `cert.pem`, `key.pem`), as a daemon
+//!   or a client uses it, and the rustls configurations built from it.
+//! - [`identity`]: who a certificate names (its common name) and what it
+//!   may do (its role).
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod dir;
+pub mod identity;
+pub mod pki;
+
+pub use dir::{TlsDir, TlsError};
+pub use identity::Identity;
+
+/// The file names of a TLS directory.
+pub mod files {
+    /// The CA certificate both sides trust.
+    pub const CA: &str = "ca.pem";
+    /// This side's certificate.
+    pub const CERT: &str = "cert.pem";
+    /// This side's private key.
+    pub const KEY: &str = "key.pem";
+    /// The CA's private key (in the PKI directory only).
+    pub const CA_KEY: &str = "ca-key.pem";
+}
