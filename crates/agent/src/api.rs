@@ -9,7 +9,7 @@ use domain::{DomainDefinition, DomainName};
 use migration::perform::Retune;
 use protocol::domain::{DefinitionDoc, DomainInfo, DomainSummary, Tunables};
 use protocol::host::{AgentInfo, HostCapabilities};
-use protocol::{ApiError, ErrorCode, Reply, Request, PROTOCOL_VERSION};
+use protocol::{ApiError, ErrorCode, Reply, Request, Role, PROTOCOL_VERSION};
 use qmp::commands::migration::MigrateStartPostcopy;
 use qmp::commands::vm::{Cont, Stop};
 use serde_json::Value;
@@ -39,7 +39,7 @@ impl Agent {
             ));
         }
         match request {
-            Request::Hello => Ok(Reply::Hello(self.hello())),
+            Request::Hello => Ok(Reply::Hello(self.hello(role))),
             Request::Define { definition } => self.define(definition).await,
             Request::Undefine { domain } => self.undefine(&domain).await,
             Request::Start { domain, paused } => self.start(&domain, paused).await,
@@ -47,7 +47,7 @@ impl Agent {
             Request::Suspend { domain } => self.pause(&domain, true).await,
             Request::Resume { domain } => self.pause(&domain, false).await,
             Request::List { all } => self.list(all).await,
-            Request::DomInfo { domain } => self.dominfo(&domain).await,
+            Request::DomInfo { domain } => self.dominfo(&domain, role).await,
             Request::DomCapabilities => self.domcapabilities().await,
             Request::Migrate {
                 domain,
@@ -112,12 +112,13 @@ impl Agent {
         }
     }
 
-    fn hello(&self) -> AgentInfo {
+    /// About this agent; where it keeps its state only for administrators.
+    fn hello(&self, role: Role) -> AgentInfo {
         AgentInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
             protocol: PROTOCOL_VERSION,
             uri: self.config.listen.map(|_| self.uri.clone()),
-            state_dir: self.store.root().display().to_string(),
+            state_dir: (role == Role::Admin).then(|| self.store.root().display().to_string()),
             instance: self.instance.clone(),
         }
     }
@@ -258,7 +259,8 @@ impl Agent {
         Ok(Reply::Domains { domains })
     }
 
-    async fn dominfo(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
+    /// A domain's details; its QEMU's pid and paths only for administrators.
+    async fn dominfo(self: &Arc<Self>, name: &DomainName, role: Role) -> Result<Reply, ApiError> {
         let state = self.state_of(name).await?;
         let (def, persistent, vm, tunables, job) = self.with_domain(name, |d| {
             Ok((
@@ -279,7 +281,8 @@ impl Agent {
                 )
             })
         });
-        let path = |p: &std::path::Path| Some(p.display().to_string());
+        let admin = role == Role::Admin;
+        let path = |p: &std::path::Path| admin.then(|| p.display().to_string());
         Ok(Reply::DomainInfo(Box::new(DomainInfo {
             id: vm.as_ref().map(|vm| vm.run_id),
             name: name.to_string(),
@@ -290,7 +293,7 @@ impl Agent {
             accel: def.accel,
             guest_ram_bytes: vm.as_ref().map(|vm| vm.spec.ram.bytes),
             machine: vm.as_ref().map(|vm| vm.spec.machine.clone()),
-            qemu_pid: vm.as_ref().map(|vm| vm.process.pid()),
+            qemu_pid: vm.as_ref().filter(|_| admin).map(|vm| vm.process.pid()),
             qemu_version: vm.as_ref().map(|vm| vm.qemu_version.to_string()),
             qmp_socket: vm.as_ref().and_then(|vm| path(&vm.qmp_socket)),
             serial_log: vm.as_ref().and_then(|vm| path(&vm.serial_log)),

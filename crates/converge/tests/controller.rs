@@ -17,6 +17,14 @@ fn policy() -> Policy {
     }
 }
 
+/// The controller's state with a 256 MiB working set, at `throttle`.
+fn throttled_at(p: &Policy, throttle: f64) -> State {
+    let mut state = State::new(p, None);
+    state.model.working_set = 256.0 * MIB;
+    state.throttle = throttle;
+    state
+}
+
 /// The benchmark's guest: 512 MiB, 256 MiB working set, 64 MiB/s link.
 fn scenario(rate_mib: f64) -> Scenario {
     Scenario {
@@ -100,9 +108,7 @@ fn without_a_preflight_measurement_it_escalates_until_a_pass_shrinks() {
 #[test]
 fn a_saturated_pass_under_throttle_escalates_the_throttle() {
     let p = policy();
-    let mut state = State::new(&p, None);
-    state.model.working_set = 256.0 * MIB;
-    state.throttle = 0.9;
+    let state = throttled_at(&p, 0.9);
     let d = decide(
         &state,
         &Observation {
@@ -138,9 +144,7 @@ fn a_step_of_a_tenth_of_a_point_is_made_near_100_percent() {
     // From 99.75 % to 99.9 % is a 0.15-point step but leaves the guest
     // 2.5 times less CPU: worth making.
     let p = policy();
-    let mut state = State::new(&p, None);
-    state.model.working_set = 256.0 * MIB;
-    state.throttle = 0.9975;
+    let state = throttled_at(&p, 0.9975);
     let d = hot_sync(&state, &p, 250.0);
     assert!(d.state.throttle > 0.998, "{:?}", d.actions);
     assert!(d.state.throttle <= p.max_throttle);
@@ -149,9 +153,7 @@ fn a_step_of_a_tenth_of_a_point_is_made_near_100_percent() {
 #[test]
 fn passes_that_stop_shrinking_under_throttle_escalate_it() {
     let p = policy();
-    let mut state = State::new(&p, None);
-    state.model.working_set = 256.0 * MIB;
-    state.throttle = 0.99;
+    let mut state = throttled_at(&p, 0.99);
     // Long passes (a slow link) that dirty 100 MiB each: the model reads a
     // rate the throttle already tames, so it holds; the passes do not
     // shrink all the same.
@@ -183,9 +185,7 @@ fn passes_that_stop_shrinking_under_throttle_escalate_it() {
 #[test]
 fn a_guest_that_calms_down_gets_its_throttle_lifted() {
     let p = policy();
-    let mut state = State::new(&p, None);
-    state.model.working_set = 256.0 * MIB;
-    state.throttle = 0.9;
+    let state = throttled_at(&p, 0.9);
     // 30 MiB dirtied in 4 s at 90 %: 75 MiB/s unthrottled, now barely above
     // the link; 30 MiB left.
     let d = decide(
@@ -307,9 +307,7 @@ proptest! {
 #[test]
 fn the_throttle_is_kept_while_qemu_switches_over() {
     let p = policy();
-    let mut state = State::new(&p, None);
-    state.model.working_set = 256.0 * MIB;
-    state.throttle = 0.99;
+    let state = throttled_at(&p, 0.99);
     let d = decide(
         &state,
         &Observation {

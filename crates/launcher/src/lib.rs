@@ -143,7 +143,7 @@ impl AgentProcess {
                 version: String::new(),
                 protocol: 0,
                 uri: None,
-                state_dir: String::new(),
+                state_dir: None,
                 instance: String::new(),
             },
         };

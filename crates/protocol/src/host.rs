@@ -15,8 +15,9 @@ pub struct AgentInfo {
     pub protocol: u32,
     /// The agent's TCP URI, as peers should use it.
     pub uri: Option<String>,
-    /// Its state directory.
-    pub state_dir: String,
+    /// Its state directory (shown to administrators only).
+    #[serde(default)]
+    pub state_dir: Option<String>,
     /// Random per agent process: lets an agent recognise itself.
     #[serde(default)]
     pub instance: String,

@@ -20,6 +20,7 @@
 
 mod bed;
 mod checks;
+mod host;
 pub mod netns;
 pub mod procs;
 pub mod tls_client;
@@ -27,8 +28,9 @@ pub mod tls_client;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use bed::{Host, TestBed};
+pub use bed::TestBed;
 pub use checks::{assert_no_leftovers, assert_runs_only_on};
+pub use host::Host;
 
 /// How long a guest may take to show progress after a start or migration.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);

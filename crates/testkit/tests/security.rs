@@ -161,6 +161,28 @@ async fn a_certificate_s_role_decides_what_it_may_do() {
         .await,
         Ok(Reply::Done)
     ));
+    // Paths and pids are for administrators.
+    let info = |client| async move {
+        match ask(
+            client,
+            Request::DomInfo {
+                domain: "vm".parse().unwrap(),
+            },
+        )
+        .await
+        {
+            Ok(Reply::DomainInfo(info)) => info,
+            other => panic!("{other:?}"),
+        }
+    };
+    let seen = info(&monitor).await;
+    assert!(seen.qemu_pid.is_none() && seen.qmp_socket.is_none() && seen.serial_log.is_none());
+    assert!(info(&admin).await.qemu_pid.is_some());
+    let Ok(Reply::Hello(hello)) = ask(&monitor, Request::Hello).await else {
+        panic!("hello")
+    };
+    assert_eq!(hello.state_dir, None);
+
     let destroy = || Request::Destroy {
         domain: "vm".parse().unwrap(),
     };

@@ -117,6 +117,22 @@ pub fn init(dir: &Path) -> Result<(), PkiError> {
     write_new(&cert_path, &cert.pem(), 0o644)
 }
 
+/// A DNS name as certificates carry it: labels of letters, digits and
+/// hyphens, separated by dots.
+fn is_dns_name(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 /// Creates a CA in `dir` unless it already holds one: for throwaway
 /// PKIs (the demo, the tests, the benchmarks).
 ///
@@ -155,11 +171,12 @@ pub fn issue(pki: &Path, name: &str, role: Role, hosts: &[String]) -> Result<Pat
         .iter()
         .map(|h| match h.parse::<std::net::IpAddr>() {
             Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => h
+            Err(_) if is_dns_name(h) => h
                 .clone()
                 .try_into()
                 .map(SanType::DnsName)
                 .map_err(|_| PkiError::Host(h.clone())),
+            Err(_) => Err(PkiError::Host(h.clone())),
         })
         .collect::<Result<_, _>>()?;
     params.key_usages = vec![

@@ -240,7 +240,7 @@ pub(crate) fn converge_mode(o: &MigrateOptions) -> ConvergeMode {
 mod tests {
     use super::*;
 
-    fn live() -> MigrateOptions {
+    pub(super) fn live() -> MigrateOptions {
         MigrateOptions {
             live: true,
             ..Default::default()

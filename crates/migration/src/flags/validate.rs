@@ -206,14 +206,8 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::live;
     use super::*;
-
-    fn live() -> MigrateOptions {
-        MigrateOptions {
-            live: true,
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn contradictions_are_refused_with_the_option_names() {

@@ -118,7 +118,7 @@ mod tests {
             version: "test".into(),
             protocol: protocol::PROTOCOL_VERSION,
             uri: None,
-            state_dir: String::new(),
+            state_dir: None,
             instance: "peer".into(),
         }))
     }

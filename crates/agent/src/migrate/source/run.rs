@@ -114,6 +114,14 @@ impl Run {
                 return Ending::failed(e, JobStats::default());
             }
         };
+        let data_uri = match self.trusted(&data_uri).await {
+            Ok(uri) => uri,
+            Err(e) => {
+                let e = errors::chain(&e);
+                self.peer.abort(&self.job.ident.id, &e).await;
+                return Ending::failed(e, JobStats::default());
+            }
+        };
         tracing::info!(%data_uri, "destination ready");
 
         self.set_phase(Phase::Perform);
@@ -185,6 +193,19 @@ impl Run {
         }
         ending.data_uri = Some(data_uri);
         ending
+    }
+
+    /// The data URI the destination answered, if it points at the
+    /// destination itself or where the user asked.
+    async fn trusted(&self, answered: &str) -> Result<String, migration::uri::UntrustedDataUri> {
+        // A peer on this host's unix socket may only name loopback.
+        let (host, port) = self.peer.uri().host_port().unwrap_or(("localhost", 0));
+        let addrs: Vec<std::net::IpAddr> = tokio::net::lookup_host((host, port))
+            .await
+            .map(|addrs| addrs.map(|a| a.ip()).collect())
+            .unwrap_or_default();
+        let asked = self.job.ident.flags.migrateuri.as_deref();
+        migration::uri::check_peer_data_uri(answered, asked, host, &addrs).map(|u| u.to_string())
     }
 
     /// Perform, while checking that the destination agent is there: a copy

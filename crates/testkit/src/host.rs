@@ -1,0 +1,377 @@
+//! One host of a test bed: an agent in its own process group, a client on
+//! its socket, and the checks and actions tests take on it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use domain::DomainDefinition;
+use guest::SerialLog;
+use launcher::{AgentProcess, LaunchOptions};
+use protocol::domain::{DefinitionDoc, DomainInfo, DomainState, DomainSummary};
+use protocol::job::{JobInfo, JobRecord};
+use protocol::{Client, ClientError, MigrateOptions, Reply, Request};
+use serde_json::Value;
+
+use crate::{bin, procs, wait_until, GUEST_TIMEOUT};
+
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One agent ("host").
+#[derive(Debug)]
+pub struct Host {
+    /// The host's name (`a`, `b`).
+    pub name: String,
+    options: LaunchOptions,
+    process: Option<AgentProcess>,
+    client: Option<Client>,
+    /// Agents that crashed: their process groups still hold QEMUs a new
+    /// agent adopted, and are killed when the host is dropped.
+    graveyard: Vec<AgentProcess>,
+}
+
+impl Host {
+    pub(crate) async fn start(mut options: LaunchOptions) -> Host {
+        let process = AgentProcess::spawn(&options)
+            .await
+            .unwrap_or_else(|e| panic!("livemigd did not start: {e}"));
+        // A restarted agent comes back on the same address, as a real one
+        // with a configured port would.
+        if let Some(uri) = process.tcp_uri() {
+            options.listen = Some(uri);
+        }
+        let client = Client::connect(&process.local_uri())
+            .await
+            .expect("connect to the agent");
+        Host {
+            name: options
+                .state_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            options,
+            process: Some(process),
+            client: Some(client),
+            graveyard: Vec::new(),
+        }
+    }
+
+    fn process(&self) -> &AgentProcess {
+        self.process.as_ref().expect("agent is running")
+    }
+
+    /// The client connected to the agent's socket.
+    pub fn client(&self) -> &Client {
+        self.client.as_ref().expect("agent is running")
+    }
+
+    /// The agent's TCP URI (for peers).
+    pub fn uri(&self) -> String {
+        self.process().tcp_uri().expect("agent listens on TCP")
+    }
+
+    /// The unix socket URI (for a local CLI).
+    pub fn local_uri(&self) -> String {
+        self.process().local_uri().to_string()
+    }
+
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.options.state_dir
+    }
+
+    /// The agent's process group (also its pid).
+    pub fn pgid(&self) -> u32 {
+        self.process().pid()
+    }
+
+    /// QEMU processes this host's agents started that are still alive
+    /// (including those of crashed agents).
+    pub fn qemu_pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .graveyard
+            .iter()
+            .chain(self.process.as_ref())
+            .flat_map(|p| procs::qemus_in_group(p.pid()))
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
+    /// Kills the agent alone with SIGKILL, as a crash would; its QEMUs run
+    /// on. The host has no agent until [`Host::start_again`].
+    pub fn crash(&mut self) {
+        self.client = None;
+        if let Some(mut process) = self.process.take() {
+            process.crash();
+            self.graveyard.push(process);
+        }
+    }
+
+    /// Starts a new agent on the same state directory and address.
+    pub async fn start_again(&mut self) {
+        let fresh = Host::start(self.options.clone()).await;
+        let graveyard = std::mem::take(&mut self.graveyard);
+        let old = std::mem::replace(self, fresh);
+        drop(old);
+        self.graveyard = graveyard;
+    }
+
+    /// Kills a domain's QEMU with SIGKILL.
+    pub async fn kill_qemu(&self, name: &str) -> u32 {
+        let pid = self
+            .dominfo(name)
+            .await
+            .expect("dominfo")
+            .qemu_pid
+            .expect("the domain runs");
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .expect("kill");
+        pid
+    }
+
+    /// Stops the agent gracefully and starts it again on the same state
+    /// directory (and the same listen address, if it had a fixed one).
+    pub async fn restart(&mut self) {
+        self.client = None;
+        if let Some(process) = self.process.take() {
+            process.stop(Duration::from_secs(30)).await;
+        }
+        self.start_again().await;
+    }
+
+    /// Stops the agent with SIGTERM (it leaves its guests running) and
+    /// starts a new one on the same state directory, which adopts them.
+    pub async fn restart_keeping_guests(&mut self) {
+        self.client = None;
+        if let Some(mut process) = self.process.take() {
+            assert!(
+                process.terminate(Duration::from_secs(30)).await,
+                "livemigd did not exit on SIGTERM"
+            );
+            self.graveyard.push(process);
+        }
+        self.start_again().await;
+    }
+
+    /// Stops the agent, then kills what is left of its process group.
+    pub async fn stop(mut self) {
+        self.client = None;
+        if let Some(process) = self.process.take() {
+            process.stop(Duration::from_secs(30)).await;
+        }
+    }
+
+    /// Sends a request to the agent.
+    pub async fn request(&self, request: Request) -> Result<Reply, ClientError> {
+        self.client().request(request, REQUEST_TIMEOUT).await
+    }
+
+    /// Defines and starts a domain; waits until the guest reports progress.
+    pub async fn define_and_start(&self, definition: DomainDefinition) {
+        let name = definition.name.clone();
+        self.request(Request::Define {
+            definition: DefinitionDoc(definition.to_document()),
+        })
+        .await
+        .expect("define");
+        self.request(Request::Start {
+            domain: name.clone(),
+            paused: false,
+        })
+        .await
+        .expect("start");
+        self.wait_guest_progress(name.as_str(), 2).await;
+    }
+
+    /// The domain's `dominfo`.
+    pub async fn dominfo(&self, name: &str) -> Result<DomainInfo, ClientError> {
+        match self
+            .request(Request::DomInfo {
+                domain: name.parse().expect("valid name"),
+            })
+            .await?
+        {
+            Reply::DomainInfo(info) => Ok(*info),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Every domain the agent knows.
+    pub async fn list_all(&self) -> Vec<DomainSummary> {
+        match self
+            .request(Request::List { all: true })
+            .await
+            .expect("list")
+        {
+            Reply::Domains { domains } => domains,
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// The domain's state, if the agent knows it.
+    pub async fn state(&self, name: &str) -> Option<DomainState> {
+        self.dominfo(name).await.ok().map(|i| i.state)
+    }
+
+    /// The guest's serial log on this host.
+    pub async fn serial(&self, name: &str) -> SerialLog {
+        let info = self.dominfo(name).await.expect("dominfo");
+        let path = info.serial_log.expect("running domain has a serial log");
+        SerialLog::read(Path::new(&path)).expect("read serial log")
+    }
+
+    /// Waits for `lines` more progress lines than the log has now.
+    pub async fn wait_guest_progress(&self, name: &str, lines: usize) -> SerialLog {
+        let start = self.serial(name).await.progress.len();
+        wait_until(
+            GUEST_TIMEOUT,
+            &format!("{lines} progress lines from '{name}' on {}", self.name),
+            || async {
+                let log = self.serial(name).await;
+                assert!(log.errors.is_empty(), "guest error: {:?}", log.errors);
+                (log.progress.len() >= start + lines).then_some(log)
+            },
+        )
+        .await
+    }
+
+    /// Waits until the guest has completed `passes` more sweeps over its
+    /// working set, so every page has been checked again.
+    pub async fn wait_guest_passes(&self, name: &str, passes: u64) -> SerialLog {
+        let first = self
+            .wait_guest_progress(name, 1)
+            .await
+            .last_progress()
+            .expect("progress");
+        wait_until(
+            GUEST_TIMEOUT,
+            &format!("{passes} passes of '{name}' on {}", self.name),
+            || async {
+                let log = self.serial(name).await;
+                let last = log.last_progress()?;
+                (last.pass >= first.pass + passes && last.writes > first.writes).then_some(log)
+            },
+        )
+        .await
+    }
+
+    /// Starts a migration; returns the job id.
+    pub async fn start_migration(
+        &self,
+        name: &str,
+        destination: &str,
+        flags: MigrateOptions,
+    ) -> Result<String, ClientError> {
+        match self
+            .request(Request::Migrate {
+                domain: name.parse().expect("valid name"),
+                destination: destination.to_string(),
+                flags: Box::new(flags),
+            })
+            .await?
+        {
+            Reply::MigrationStarted { job_id } => Ok(job_id),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// The job's live info, or `None` once it has a record.
+    pub async fn job_active(&self, id: &str) -> Option<JobInfo> {
+        match self
+            .request(Request::Job { id: id.into() })
+            .await
+            .expect("job")
+        {
+            Reply::Job { active, .. } => active.map(|j| *j),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// Waits for a job to end and returns its record.
+    pub async fn wait_job(&self, id: &str) -> JobRecord {
+        wait_until(JOB_TIMEOUT, &format!("job {id} to end"), || async {
+            match self
+                .request(Request::Job { id: id.into() })
+                .await
+                .expect("job")
+            {
+                Reply::Job { record, .. } => record.map(|r| *r),
+                other => panic!("unexpected reply {other:?}"),
+            }
+        })
+        .await
+    }
+
+    /// Migrates and waits for the record.
+    pub async fn migrate(&self, name: &str, dest: &Host, flags: MigrateOptions) -> JobRecord {
+        let id = self
+            .start_migration(name, &dest.uri(), flags)
+            .await
+            .expect("migration starts");
+        self.wait_job(&id).await
+    }
+
+    /// Runs a QMP command on a domain's QEMU through the agent.
+    pub async fn qmp(&self, name: &str, execute: &str) -> Result<Value, ClientError> {
+        match self
+            .request(Request::QemuMonitorCommand {
+                domain: name.parse().expect("valid name"),
+                command: serde_json::json!({ "execute": execute }),
+            })
+            .await?
+        {
+            Reply::Monitor { result } => Ok(result),
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+
+    /// The state of one migration capability on a domain's QEMU.
+    pub async fn capability(&self, name: &str, capability: &str) -> bool {
+        let caps = self
+            .qmp(name, "query-migrate-capabilities")
+            .await
+            .expect("query-migrate-capabilities");
+        caps.as_array()
+            .expect("capability list")
+            .iter()
+            .find(|c| c["capability"] == capability)
+            .and_then(|c| c["state"].as_bool())
+            .unwrap_or_else(|| panic!("QEMU has no capability {capability}"))
+    }
+
+    /// Runs the `livemig` CLI against this agent.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(bin("livemig"))
+            .arg("-c")
+            .arg(self.local_uri())
+            .args(args)
+            .env_remove("LIVEMIG_URI")
+            .output()
+            .expect("run livemig")
+    }
+
+    /// Runs the CLI against this host and asserts that it succeeded.
+    pub fn cli_ok(&self, args: &[&str]) -> std::process::Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "livemig {} failed on {}: {}",
+            args.join(" "),
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // AgentProcess's own Drop kills the process group.
+        self.client = None;
+        self.process = None;
+        self.graveyard.clear();
+    }
+}
