@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # The end-to-end tests run the livemig and livemigd binaries.
 cargo build --bins
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
