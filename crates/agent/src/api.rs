@@ -450,6 +450,14 @@ impl Agent {
         name: &DomainName,
         command: Value,
     ) -> Result<Reply, ApiError> {
+        if !self.config.qemu_monitor_command {
+            return Err(ApiError::new(
+                ErrorCode::PermissionDenied,
+                "qemu-monitor-command is off on this agent: raw QMP can make QEMU do anything \
+                 (set qemu_monitor_command = true in its config, or pass \
+                 --allow-qemu-monitor-command)",
+            ));
+        }
         let execute = command
             .get("execute")
             .and_then(Value::as_str)

@@ -21,6 +21,9 @@ pub struct Config {
     /// Serve plaintext TCP (no `tls_dir`): only on a network where everyone
     /// is trusted.
     pub insecure: bool,
+    /// Pass raw QMP commands to QEMU (`qemu-monitor-command`, admins
+    /// only): off unless asked for, as it can make QEMU do anything.
+    pub qemu_monitor_command: bool,
     /// The QEMU binary to run.
     pub qemu: PathBuf,
     /// Accelerator for probing and defaults.
@@ -51,6 +54,7 @@ impl Config {
             listen,
             tls_dir: None,
             insecure: false,
+            qemu_monitor_command: false,
             qemu: PathBuf::from("qemu-system-x86_64"),
             default_accel: Accel::Tcg,
             qemu_timeout: Duration::from_secs(30),

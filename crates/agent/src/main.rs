@@ -34,7 +34,8 @@ enum Switch {
         livemigd --state-dir /var/lib/livemig --listen tls://10.0.0.1:7000 --tls-dir /etc/livemig/tls\n  \
         livemigd --config /etc/livemig/livemigd.toml\n\n\
         The config file takes the same settings as the flags (state_dir, socket, listen, tls_dir,\n\
-        insecure, qemu, accel, tcg_workaround, log_format, migration_ports = \"49152-49215\",\n\
+        insecure, qemu_monitor_command, qemu, accel, tcg_workaround, log_format,\n\
+        migration_ports = \"49152-49215\",\n\
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
 struct Args {
@@ -60,6 +61,9 @@ struct Args {
     /// everyone is trusted.
     #[arg(long)]
     insecure: bool,
+    /// Allow `qemu-monitor-command` (raw QMP, administrators only).
+    #[arg(long)]
+    allow_qemu_monitor_command: bool,
     /// QEMU binary [default: qemu-system-x86_64].
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
@@ -89,6 +93,8 @@ struct ConfigFile {
     tls_dir: Option<PathBuf>,
     #[serde(default)]
     insecure: bool,
+    #[serde(default)]
+    qemu_monitor_command: bool,
     qemu: Option<PathBuf>,
     accel: Option<Accel>,
     tcg_workaround: Option<Switch>,
@@ -154,6 +160,19 @@ async fn shutdown_signal() {
     }
 }
 
+/// Raises the open-file limit to what the host allows: every connection,
+/// QEMU log and QMP socket is a descriptor.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -166,6 +185,7 @@ async fn main() -> Result<()> {
             .or(file.log_format)
             .unwrap_or(LogFormat::Text),
     );
+    raise_nofile_limit();
     let state_dir = args
         .state_dir
         .or(file.state_dir)
@@ -200,6 +220,7 @@ async fn main() -> Result<()> {
     let mut config = agent::Config::new(state_dir, socket, listen.map(|(addr, _)| addr));
     config.tls_dir = tls_dir;
     config.insecure = insecure;
+    config.qemu_monitor_command = args.allow_qemu_monitor_command || file.qemu_monitor_command;
     if let Some(qemu) = args.qemu.or(file.qemu) {
         config.qemu = qemu;
     }

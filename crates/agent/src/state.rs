@@ -63,6 +63,9 @@ pub(crate) struct IncomingJob {
     /// The definition the guest arrives with (persisted on Finish with
     /// `--persistent`).
     pub definition: DomainDefinition,
+    /// The definition the domain had here before, put back if the
+    /// migration fails (`None` when the domain is new here).
+    pub replaced_definition: Option<DomainDefinition>,
     /// Adopted after an agent restart: the settings to restore are not
     /// known, so Finish resets them to defaults.
     pub reattached: bool,

@@ -147,7 +147,12 @@ impl TestBed {
             listen,
             tls_dir,
             netns,
-            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            // Tests look inside QEMU (Host::qmp); production agents keep
+            // raw QMP off.
+            extra_args: std::iter::once("--allow-qemu-monitor-command")
+                .chain(args.iter().copied())
+                .map(str::to_string)
+                .collect(),
         })
         .await
     }

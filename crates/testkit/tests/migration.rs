@@ -195,3 +195,31 @@ async fn without_the_flag_auto_converge_stays_off_on_both_qemus() {
     assert_eq!(record.status, JobStatus::Cancelled);
     assert_runs_only_on("busy", &a, &b, 2).await;
 }
+
+#[tokio::test]
+async fn a_failed_migration_puts_the_destinations_own_definition_back() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed.two_hosts_running("busy", 64, BUSY).await;
+    // b knows the domain, not running, with a definition of its own.
+    b.request(testkit::define(&bed.definition("busy", 96, Workload::IDLE)))
+        .await
+        .expect("define on b");
+
+    let record = a
+        .migrate(
+            "busy",
+            &b,
+            MigrateOptions {
+                bandwidth: Some(1),
+                timeout: Some(3),
+                ..live()
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Failed, "{record:#?}");
+    let on_b = b.dominfo("busy").await.expect("b still knows the domain");
+    assert_eq!(on_b.memory_mib, 96, "b's own definition is back");
+    assert!(b.qemu_pids().is_empty());
+    assert_eq!(a.dominfo("busy").await.unwrap().memory_mib, 64);
+}

@@ -225,6 +225,92 @@ async fn plaintext_needs_insecure_and_the_local_socket_is_the_owner_s() {
 
     let a = bed.host("a").await;
     let socket = a.state_dir().join("livemigd.sock");
+
+    // Raw QMP is off unless the agent's owner turns it on.
+    let quiet = launcher::AgentProcess::spawn(&launcher::LaunchOptions {
+        binary: bin("livemigd"),
+        state_dir: bed.path().join("quiet"),
+        listen: None,
+        tls_dir: None,
+        netns: None,
+        extra_args: Vec::new(),
+    })
+    .await
+    .unwrap();
+    let local = Client::connect(&quiet.local_uri()).await.unwrap();
+    let refused = ask(
+        &local,
+        Request::QemuMonitorCommand {
+            domain: "vm".parse().unwrap(),
+            command: serde_json::json!({"execute": "query-status"}),
+        },
+    )
+    .await;
+    assert!(denied(refused), "raw QMP allowed by default");
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
+}
+
+/// Resident memory of a process, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn idle_slow_and_oversized_clients_leave_the_agent_answering_the_others() {
+    // Two thousand sockets on this side too.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let addr = a.uri().trim_start_matches("tls://").to_string();
+    let admin = bed.certificate("ops", Role::Admin, &[]);
+    let before = rss_kib(a.pgid());
+
+    // Two thousand connections that never say anything.
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    // A client that starts a request and stalls.
+    let mut slow = testkit::tls_client::connect(&a.uri(), &admin)
+        .await
+        .unwrap();
+    slow.write_all(b"{\"version\":1,\"id\":1,").await.unwrap();
+    // A request longer than any message may be.
+    let mut big = testkit::tls_client::connect(&a.uri(), &admin)
+        .await
+        .unwrap();
+    let chunk = vec![b' '; 1 << 20];
+    for _ in 0..5 {
+        if big.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), big.read_to_end(&mut answer)).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("\"ok\""),
+        "an oversized request was served"
+    );
+
+    // The agent still answers a legitimate client.
+    let client = client(&a, &admin).await.unwrap();
+    assert!(matches!(
+        ask(&client, Request::List { all: true }).await,
+        Ok(Reply::Domains { .. })
+    ));
+    let after = rss_kib(a.pgid());
+    assert!(
+        after < before + 256 * 1024,
+        "the agent grew from {before} KiB to {after} KiB"
+    );
+    drop(idle);
+    drop(slow);
 }

@@ -41,6 +41,7 @@ pub(super) fn keep_incoming(
         vm: Some(vm.clone()),
         phase: Mutex::new(Phase::Perform),
         definition: record.definition.clone(),
+        replaced_definition: None,
         reattached: true,
     });
     let _ = agent.with_domain(name, |d| {

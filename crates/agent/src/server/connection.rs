@@ -19,6 +19,9 @@ const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most an HTTP request (line and headers) may be.
 const HTTP_MAX: u64 = 16 << 10;
+/// How long a connection may sit without a whole request before it is
+/// closed (a migration's peer connection pings every few seconds).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A network connection speaks the agent protocol, or HTTP (`GET
 /// /metrics`): the agent protocol starts with '{', HTTP with a method.
@@ -51,7 +54,12 @@ pub(super) async fn serve_requests<R, W>(
     W: AsyncWrite + Unpin,
 {
     loop {
-        let envelope: RequestEnvelope = match read_message(&mut reader).await {
+        let next = tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut reader)).await;
+        let Ok(next) = next else {
+            tracing::debug!(conn = ctx.id, "idle connection closed");
+            break;
+        };
+        let envelope: RequestEnvelope = match next {
             Ok(Some(envelope)) => envelope,
             Ok(None) => break,
             Err(CodecError::Malformed(e)) => {

@@ -34,6 +34,9 @@ use connection::{serve_requests, serve_stream};
 
 /// How long a client may take to finish the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most network connections served at once; more are closed at once.
+/// Local ones (the unix socket's owner) are not counted.
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Why the agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +245,7 @@ pub async fn serve(
     tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");
 
     let mut connections = JoinSet::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -253,10 +257,19 @@ pub async fn serve(
                 Err(e) => tracing::warn!(error = %e, "unix accept failed"),
             },
             accepted = accept_tcp(tcp.as_ref()) => match accepted {
-                Ok((stream, peer)) => {
-                    tracing::debug!(%peer, "tcp connection");
-                    connections.spawn(serve_tcp(agent.clone(), stream, tls.clone()));
-                }
+                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        tracing::debug!(%peer, "tcp connection");
+                        let (agent, tls) = (agent.clone(), tls.clone());
+                        connections.spawn(async move {
+                            serve_tcp(agent, stream, tls).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many connections; closed");
+                    }
+                },
                 Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

@@ -220,6 +220,7 @@ mod tests {
             vm: None,
             phase: Mutex::new(Phase::Finish),
             definition,
+            replaced_definition: None,
             reattached: false,
         }
     }

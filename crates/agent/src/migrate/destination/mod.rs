@@ -82,6 +82,10 @@ fn forget(agent: &Agent, name: &DomainName, job: &IncomingJob) {
     } else if let Some(d) = domains.get_mut(name) {
         d.job = None;
         d.vm = None;
+        // The peer's definition only held while its guest was arriving.
+        if let Some(definition) = &job.replaced_definition {
+            d.definition = definition.clone();
+        }
     }
 }
 

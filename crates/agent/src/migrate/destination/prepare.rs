@@ -142,7 +142,7 @@ async fn prepare_live(
     };
 
     // Reserve the name: from here on the domain is "migrating in".
-    let created = {
+    let (created, replaced) = {
         let mut domains = agent.domains.lock().expect("domains lock");
         let created = !domains.contains_key(&name);
         let d = domains
@@ -154,15 +154,16 @@ async fn prepare_live(
                 agent.uri
             )));
         }
+        let replaced = (!created).then(|| d.definition.clone());
         d.job = Some(ActiveJob::Incoming(Arc::new(incoming_job(
             agent,
             &req,
             ctx,
-            created,
+            (created, replaced.clone()),
             None,
             Default::default(),
         ))));
-        created
+        (created, replaced)
     };
 
     match start(agent, &req, &listen).await {
@@ -174,7 +175,7 @@ async fn prepare_live(
                 agent,
                 &req,
                 ctx,
-                created,
+                (created, replaced),
                 Some(vm.clone()),
                 previous,
             ));
@@ -252,11 +253,13 @@ fn data_port(ip: std::net::IpAddr, range: Option<(u16, u16)>) -> Result<u16, Api
         })
 }
 
+/// The job record for an incoming migration; `(created, replaced)`: the
+/// domain is new here, or the definition it had.
 fn incoming_job(
     agent: &Agent,
     req: &Incoming,
     ctx: &ConnContext,
-    created: bool,
+    (created, replaced): (bool, Option<DomainDefinition>),
     vm: Option<Arc<vm::RunningVm>>,
     previous: settings::Previous,
 ) -> IncomingJob {
@@ -278,6 +281,7 @@ fn incoming_job(
         vm,
         phase: Mutex::new(Phase::Prepare),
         definition: req.definition.clone(),
+        replaced_definition: replaced,
         reattached: false,
     }
 }
