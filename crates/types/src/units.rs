@@ -37,11 +37,6 @@ impl Bandwidth {
             .map(Bandwidth)
     }
 
-    /// A rate in bytes per second.
-    pub const fn from_bytes_per_sec(bytes: u64) -> Bandwidth {
-        Bandwidth(bytes)
-    }
-
     /// Bytes per second.
     pub const fn bytes_per_sec(self) -> u64 {
         self.0

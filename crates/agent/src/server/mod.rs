@@ -126,6 +126,8 @@ pub struct Listeners {
     unix: UnixListener,
     tcp: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
+    /// How the agent dials its peers, from the same TLS directory.
+    peer_tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl fmt::Debug for Listeners {
@@ -146,9 +148,15 @@ impl Listeners {
     /// [`RunError::SocketInUse`], [`RunError::Bind`], [`RunError::Tls`],
     /// or [`RunError::Plaintext`] for TCP without TLS or `--insecure`.
     pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
-        let tls = match &config.tls_dir {
-            Some(dir) => Some(TlsAcceptor::from(TlsDir::load(dir)?.server_config()?)),
-            None => None,
+        let (tls, peer_tls) = match &config.tls_dir {
+            Some(dir) => {
+                let dir = TlsDir::load(dir)?;
+                (
+                    Some(TlsAcceptor::from(dir.server_config()?)),
+                    Some(dir.client_config()?),
+                )
+            }
+            None => (None, None),
         };
         if let (Some(addr), None, false) = (config.listen, &tls, config.insecure) {
             return Err(RunError::Plaintext(addr));
@@ -165,7 +173,12 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Listeners { unix, tcp, tls })
+        Ok(Listeners {
+            unix,
+            tcp,
+            tls,
+            peer_tls,
+        })
     }
 
     /// The TCP address actually bound (port 0 picks one).
@@ -213,17 +226,18 @@ pub async fn serve(
     let uri = listeners.uri(&config.socket);
     let mut config = config;
     config.listen = listeners.tcp_addr();
-    let peer_tls = match &config.tls_dir {
-        Some(dir) => Some(TlsDir::load(dir)?.client_config()?),
-        None => None,
-    };
     if config.listen.is_some() && config.tls_dir.is_none() {
         tracing::warn!(
             "serving plaintext TCP (--insecure): anyone who can reach {uri} can control this \
              host's VMs"
         );
     }
-    let Listeners { unix, tcp, tls } = listeners;
+    let Listeners {
+        unix,
+        tcp,
+        tls,
+        peer_tls,
+    } = listeners;
     let stale = migration::vcpu_throttle::cgroup::release_stale(&config.cgroup_cpu);
     if stale > 0 {
         tracing::warn!(

@@ -49,18 +49,7 @@ async fn twenty_ping_pong_migrations_of_a_busy_guest() {
 #[tokio::test]
 async fn several_domains_migrate_at_once() {
     let t = Bed::new("par", LIGHT).await;
-    for name in ["vm2", "vm3"] {
-        t.a.define_and_start(t.bed.definition(name, 64, LIGHT))
-            .await;
-    }
-    let mut jobs = Vec::new();
-    for name in [VM, "vm2", "vm3"] {
-        jobs.push(
-            t.a.start_migration(name, &t.b.uri(), live(16))
-                .await
-                .unwrap(),
-        );
-    }
+    let jobs = t.migrate_three_at_once(16).await;
     for job in &jobs {
         let record = t.a.wait_job(job).await;
         assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
@@ -77,18 +66,7 @@ async fn several_domains_migrate_at_once() {
 #[tokio::test]
 async fn the_api_answers_thousands_of_requests_during_migrations() {
     let t = Bed::new("api", LIGHT).await;
-    for name in ["vm2", "vm3"] {
-        t.a.define_and_start(t.bed.definition(name, 64, LIGHT))
-            .await;
-    }
-    let mut jobs = Vec::new();
-    for name in [VM, "vm2", "vm3"] {
-        jobs.push(
-            t.a.start_migration(name, &t.b.uri(), live(8))
-                .await
-                .unwrap(),
-        );
-    }
+    let jobs = t.migrate_three_at_once(8).await;
     let uri: protocol::AgentUri = t.a.local_uri().parse().unwrap();
     let mut clients = Vec::new();
     for c in 0..6 {
