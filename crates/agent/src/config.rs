@@ -24,6 +24,9 @@ pub struct Config {
     /// Pass raw QMP commands to QEMU (`qemu-monitor-command`, admins
     /// only): off unless asked for, as it can make QEMU do anything.
     pub qemu_monitor_command: bool,
+    /// Refuse live migrations whose stream is not encrypted (`--tls`), in
+    /// and out.
+    pub migrate_tls_force: bool,
     /// The QEMU binary to run.
     pub qemu: PathBuf,
     /// Accelerator for probing and defaults.
@@ -55,6 +58,7 @@ impl Config {
             tls_dir: None,
             insecure: false,
             qemu_monitor_command: false,
+            migrate_tls_force: false,
             qemu: PathBuf::from("qemu-system-x86_64"),
             default_accel: Accel::Tcg,
             qemu_timeout: Duration::from_secs(30),

@@ -34,7 +34,7 @@ enum Switch {
         livemigd --state-dir /var/lib/livemig --listen tls://10.0.0.1:7000 --tls-dir /etc/livemig/tls\n  \
         livemigd --config /etc/livemig/livemigd.toml\n\n\
         The config file takes the same settings as the flags (state_dir, socket, listen, tls_dir,\n\
-        insecure, qemu_monitor_command, qemu, accel, tcg_workaround, log_format,\n\
+        insecure, qemu_monitor_command, migrate_tls_force, qemu, accel, tcg_workaround, log_format,\n\
         migration_ports = \"49152-49215\",\n\
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
@@ -64,6 +64,10 @@ struct Args {
     /// Allow `qemu-monitor-command` (raw QMP, administrators only).
     #[arg(long)]
     allow_qemu_monitor_command: bool,
+    /// Refuse live migrations, in or out, whose stream is not encrypted
+    /// (`livemig migrate --tls`).
+    #[arg(long)]
+    migrate_tls_force: bool,
     /// QEMU binary [default: qemu-system-x86_64].
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
@@ -95,6 +99,8 @@ struct ConfigFile {
     insecure: bool,
     #[serde(default)]
     qemu_monitor_command: bool,
+    #[serde(default)]
+    migrate_tls_force: bool,
     qemu: Option<PathBuf>,
     accel: Option<Accel>,
     tcg_workaround: Option<Switch>,
@@ -221,6 +227,7 @@ async fn main() -> Result<()> {
     config.tls_dir = tls_dir;
     config.insecure = insecure;
     config.qemu_monitor_command = args.allow_qemu_monitor_command || file.qemu_monitor_command;
+    config.migrate_tls_force = args.migrate_tls_force || file.migrate_tls_force;
     if let Some(qemu) = args.qemu.or(file.qemu) {
         config.qemu = qemu;
     }

@@ -145,6 +145,9 @@ pub(crate) struct Agent {
     pub instance: String,
     /// How this agent dials its peers (`tls://` URIs).
     pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// The agent's certificate as its QEMUs read it, for `--tls` (with a
+    /// TLS directory only).
+    pub qemu_credentials: Option<std::path::PathBuf>,
     binary: tokio::sync::OnceCell<QemuBinary>,
     pub domains: Mutex<BTreeMap<DomainName, Domain>>,
     next_run_id: AtomicU64,
@@ -158,9 +161,11 @@ impl Agent {
         history: History,
         uri: String,
         peer_tls: Option<Arc<rustls::ClientConfig>>,
+        qemu_credentials: Option<std::path::PathBuf>,
     ) -> Self {
         Agent {
             peer_tls,
+            qemu_credentials,
             config,
             store,
             history,

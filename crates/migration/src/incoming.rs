@@ -56,6 +56,29 @@ pub async fn listen(qmp: &Client, uri: &DataUri) -> Result<DataUri, IncomingErro
     }
 }
 
+/// Starts listening on the first free port from `first` to `last` on
+/// `host`: QEMU binds it itself (`tcp:HOST:FIRST,to=LAST`), so no other
+/// process can take the port between a choice and the bind.
+///
+/// # Errors
+/// [`IncomingError::Listen`] when every port is taken, or
+/// [`IncomingError::NoListenAddress`].
+pub async fn listen_in_range(
+    qmp: &Client,
+    host: &str,
+    (first, last): (u16, u16),
+) -> Result<DataUri, IncomingError> {
+    let first_uri = DataUri::Tcp {
+        host: host.to_string(),
+        port: first,
+    };
+    let text = format!("{first_uri},to={last}");
+    qmp.execute(&MigrateIncoming { uri: text.clone() })
+        .await
+        .map_err(|source| IncomingError::Listen { uri: text, source })?;
+    listening_on(qmp, host).await
+}
+
 /// Listens again for a post-copy migration whose stream broke
 /// (`migrate-recover`), on a port QEMU picks on `host`.
 ///

@@ -5,6 +5,7 @@
 //! - [`support`]: checks those needs against a probed QEMU binary.
 //! - [`settings`]: sets capabilities and parameters on a QEMU for a job and
 //!   restores them afterwards.
+//! - [`stream_tls`]: `--tls`: the QEMUs' credentials and who they admit.
 //! - [`incoming`]: the destination QEMU: listen, wait for the data to land.
 //! - [`perform`]: the source QEMU: `migrate`, watch, steer (controller,
 //!   escalation, timeout action), cancel.
@@ -30,6 +31,7 @@ pub mod plan;
 pub mod postcopy;
 pub mod record;
 pub mod settings;
+pub mod stream_tls;
 pub mod support;
 pub mod uri;
 pub mod vcpu_throttle;

@@ -16,6 +16,7 @@ use protocol::job::Role;
 use types::Bandwidth;
 
 use crate::flags::Flags;
+use crate::stream_tls::{self, StreamTls};
 
 pub use protocol::migrate::DEFAULT_DOWNTIME_MS;
 
@@ -144,6 +145,12 @@ fn previous_values(
             .and(before.throttle_trigger_threshold),
         multifd_channels: wanted.multifd_channels.and(before.multifd_channels),
         xbzrle_cache_size: wanted.xbzrle_cache_size.and(before.xbzrle_cache_size),
+        tls_creds: wanted.tls_creds.as_ref().and(before.tls_creds.clone()),
+        tls_hostname: wanted
+            .tls_hostname
+            .as_ref()
+            .and(before.tls_hostname.clone()),
+        tls_authz: wanted.tls_authz.as_ref().and(before.tls_authz.clone()),
         other: Default::default(),
     }
 }
@@ -155,7 +162,9 @@ pub struct Previous {
     parameters: MigrationParameters,
 }
 
-/// Sets capabilities and parameters for a job; returns what to restore.
+/// Sets capabilities and parameters for a job, and its stream's TLS
+/// (`tls`, for `--tls`; without it TLS is turned off); returns what to
+/// restore.
 ///
 /// # Errors
 /// The QMP error of the first command QEMU refuses; in that case whatever
@@ -166,6 +175,7 @@ pub async fn apply(
     tunables: Tunables,
     role: Role,
     via: ThrottleVia,
+    tls: Option<&StreamTls>,
 ) -> Result<Previous, qmp::Error> {
     let current = qmp.execute(&QueryMigrateCapabilities).await?;
     let mut previous = Previous::default();
@@ -190,8 +200,23 @@ pub async fn apply(
         .await?;
     }
 
-    let wanted = wanted_parameters(flags, tunables, role, via);
+    let mut wanted = wanted_parameters(flags, tunables, role, via);
     let before = qmp.execute(&QueryMigrateParameters).await?;
+    let tls_parameters = match tls {
+        Some(tls) => stream_tls::set_up(qmp, tls).await,
+        None => Ok(stream_tls::turned_off(&before)),
+    };
+    match tls_parameters {
+        Ok(p) => {
+            wanted.tls_creds = p.tls_creds;
+            wanted.tls_hostname = p.tls_hostname;
+            wanted.tls_authz = p.tls_authz;
+        }
+        Err(e) => {
+            let _ = restore(qmp, &previous).await;
+            return Err(e);
+        }
+    }
     previous.parameters = previous_values(&wanted, &before);
     if wanted != MigrationParameters::default() {
         if let Err(e) = qmp.execute(&MigrateSetParameters(wanted)).await {

@@ -121,6 +121,9 @@ pub struct MigrateOptions {
     pub dry_run: bool,
     /// Recover a broken post-copy migration.
     pub postcopy_resume: bool,
+    /// Encrypt and authenticate the migration stream with the agents'
+    /// certificates (QEMU's TLS).
+    pub tls: bool,
 }
 
 /// RAM as QEMU is given it; both ends of a migration must agree.

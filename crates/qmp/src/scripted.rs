@@ -56,6 +56,8 @@ pub struct State {
     pub parameters: Map<String, Value>,
     /// Where an incoming migration listens.
     pub listening: Option<(String, u16)>,
+    /// Objects made with `object-add`, by id: their arguments.
+    pub objects: BTreeMap<String, Value>,
     /// Thread ids `query-cpus-fast` reports.
     pub vcpu_threads: Vec<i64>,
     /// What `query-dirty-rate` measures, MiB/s.
@@ -89,11 +91,13 @@ impl Default for State {
             .collect(),
             parameters: json!({"max-bandwidth": 134217728, "downtime-limit": 300,
                 "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
-                "max-cpu-throttle": 99, "throttle-trigger-threshold": 50})
+                "max-cpu-throttle": 99, "throttle-trigger-threshold": 50,
+                "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
             .as_object()
             .cloned()
             .unwrap_or_default(),
             listening: None,
+            objects: BTreeMap::new(),
             vcpu_threads: vec![4242],
             dirty_rate_mib_s: 100,
             log: Vec::new(),
@@ -428,6 +432,30 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
         "calc-dirty-rate" => ok(json!({})),
         "query-dirty-rate" => ok(json!({"status": "measured", "dirty-rate": s.dirty_rate_mib_s,
             "calc-time": args.get("calc-time").cloned().unwrap_or(json!(1))})),
+        "object-add" => {
+            let id = args["id"].as_str().unwrap_or_default().to_string();
+            if s.objects.contains_key(&id) {
+                return (
+                    Err((
+                        "GenericError",
+                        format!("attempt to add duplicate property '{id}' to object"),
+                    )),
+                    Vec::new(),
+                );
+            }
+            s.objects.insert(id, args.clone());
+            ok(json!({}))
+        }
+        "object-del" => {
+            let id = args["id"].as_str().unwrap_or_default();
+            match s.objects.remove(id) {
+                Some(_) => ok(json!({})),
+                None => (
+                    Err(("GenericError", format!("object '{id}' not found"))),
+                    Vec::new(),
+                ),
+            }
+        }
         "quit" => ok(json!({})),
         other => (
             Err((

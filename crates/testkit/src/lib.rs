@@ -7,6 +7,7 @@
 //! - [`Host`]: one `livemigd` child in its own process group plus a client;
 //!   dropping it kills the group (agent and every QEMU it started).
 //! - [`netns`]: two network namespaces joined by a veth pair.
+//! - [`capture`]: the start of each TCP connection in a namespace, as sent.
 //! - [`procs`]: which processes are in a group, for leak checks.
 //! - [`tls_client`]: a raw TLS connection to an agent (metrics, probing).
 //! - [`assert_runs_only_on`], [`assert_no_leftovers`]: what a user checks
@@ -19,6 +20,7 @@
 #![warn(missing_docs)]
 
 mod bed;
+pub mod capture;
 mod checks;
 mod host;
 pub mod netns;

@@ -353,6 +353,8 @@ async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
         .await;
     a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
         .await;
+    // Someone else holds the range's first port: QEMU binds the next.
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", 40100)).unwrap();
 
     let record = a
         .migrate(
@@ -374,7 +376,7 @@ async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((40100..=40110).contains(&port), "{port}");
+    assert!((40101..=40110).contains(&port), "{port}");
     let log = std::fs::read_to_string(b.state_dir().join("livemigd.log")).unwrap();
     assert!(
         log.lines().any(|l| l.starts_with('{')),

@@ -48,6 +48,15 @@ pub enum TlsError {
         #[source]
         source: rustls::server::VerifierBuilderError,
     },
+    /// Copying the directory for QEMU failed.
+    #[error("cannot copy TLS credentials for QEMU ({path})")]
+    Copy {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A certificate that is not a livemig one.
     #[error("certificate {0}")]
     Certificate(String),
@@ -184,12 +193,15 @@ mod tests {
         pki::init(dir.path()).unwrap();
         let agent = pki::issue(dir.path(), "host-a", Role::Agent, &["127.0.0.1".into()]).unwrap();
         let tls = TlsDir::load(&agent).unwrap();
+        let identity = tls.identity().unwrap();
         assert_eq!(
-            tls.identity().unwrap(),
-            Identity {
-                name: "host-a".into(),
-                role: Role::Agent
-            }
+            (identity.name.as_str(), identity.role),
+            ("host-a", Role::Agent)
+        );
+        // As QEMU's authorization names it (the order GnuTLS 3.7 prints).
+        assert_eq!(
+            identity.distinguished_names()[0],
+            "O=livemig,OU=agent,CN=host-a"
         );
         tls.server_config().unwrap();
         tls.client_config().unwrap();

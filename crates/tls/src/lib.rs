@@ -6,6 +6,8 @@
 //!   (`pki issue`).
 //! - [`dir`]: a TLS directory (`ca.pem`, `cert.pem`, `key.pem`), as a daemon
 //!   or a client uses it, and the rustls configurations built from it.
+//! - [`qemu`]: the same credentials laid out as QEMU reads them, for
+//!   encrypted migration streams.
 //! - [`identity`]: who a certificate names (its common name) and what it
 //!   may do (its role).
 
@@ -15,6 +17,7 @@
 pub mod dir;
 pub mod identity;
 pub mod pki;
+pub mod qemu;
 
 pub use dir::{TlsDir, TlsError};
 pub use identity::Identity;

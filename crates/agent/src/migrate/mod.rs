@@ -4,6 +4,7 @@
 
 pub(crate) mod destination;
 pub(crate) mod source;
+pub(crate) mod stream_tls;
 
 use migration::postcopy::PostcopyError;
 use protocol::ApiError;

@@ -186,6 +186,7 @@ pub(super) async fn resolve_outgoing(
             Tunables::default(),
             Role::Source,
             ThrottleVia::NotQemu,
+            None,
         )
         .await;
     }

@@ -246,7 +246,22 @@ pub async fn serve(
         );
     }
     let history = History::open(&store.root().join("history.db"))?;
-    let agent = Arc::new(Agent::new(config, store, history, uri.clone(), peer_tls));
+    let qemu_credentials = match &config.tls_dir {
+        Some(dir) => {
+            let out = store.root().join("qemu-tls");
+            tls::qemu::write_credentials(dir, &out)?;
+            Some(out)
+        }
+        None => None,
+    };
+    let agent = Arc::new(Agent::new(
+        config,
+        store,
+        history,
+        uri.clone(),
+        peer_tls,
+        qemu_credentials,
+    ));
     {
         let defs = agent.store.load_definitions().await;
         let mut domains = agent.domains.lock().expect("domains lock");

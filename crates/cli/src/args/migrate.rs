@@ -139,6 +139,10 @@ pub struct MigrateArgs {
     /// (QEMU's migrate-recover on the destination, migrate resume here).
     #[arg(long)]
     pub postcopy_resume: bool,
+    /// Encrypt the migration stream with TLS, both QEMUs authenticated by
+    /// their agents' certificates (the agents need --tls-dir).
+    #[arg(long)]
+    pub tls: bool,
     /// Accepted for virsh compatibility: progress is always shown (a bar on
     /// a terminal, a line a second otherwise).
     #[arg(long)]
@@ -189,6 +193,7 @@ impl MigrateArgs {
             allow_postcopy: self.allow_postcopy,
             dry_run: self.dry_run,
             postcopy_resume: self.postcopy_resume,
+            tls: self.tls,
         }
     }
 }

@@ -133,7 +133,20 @@ impl Flags {
             kind: RequirementKind::Parameter,
             destination: false,
         };
+        let both_param = |feature, name| Requirement {
+            feature,
+            name,
+            kind: RequirementKind::Parameter,
+            destination: true,
+        };
         let mut out = Vec::new();
+        if self.tls {
+            out.push(both_param("TLS-encrypted migration", "tls-creds"));
+            out.push(both_param(
+                "authorizing the migration's source by its certificate",
+                "tls-authz",
+            ));
+        }
         if self.qemu_auto_converge() {
             // libvirt sets it on the destination too; harmless, and it keeps
             // both QEMUs' view of the job the same.
@@ -182,6 +195,7 @@ impl Flags {
             (o.suspend, "suspend"),
             (o.dirty_limit, "dirty-limit"),
             (o.allow_postcopy, "allow-postcopy"),
+            (o.tls, "tls"),
         ]
         .iter()
         .filter(|(set, _)| *set)

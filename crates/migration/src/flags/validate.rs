@@ -130,6 +130,7 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
             (o.suspend, "--suspend"),
             (o.converge.is_some(), "--converge"),
             (o.allow_postcopy, "--allow-postcopy"),
+            (o.tls, "--tls"),
         ];
         if let Some((_, name)) = live_only.iter().find(|(set, _)| *set) {
             return Err(LiveOnly(name));

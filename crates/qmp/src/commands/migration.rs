@@ -168,6 +168,15 @@ pub struct MigrationParameters {
     #[serde(skip_serializing_if = "Option::is_none")]
     /// Bandwidth cap during post-copy, bytes per second (0: none).
     pub max_postcopy_bandwidth: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Id of the `tls-creds-x509` object that encrypts the stream ("": none).
+    pub tls_creds: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The name the source checks the destination's certificate against.
+    pub tls_hostname: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Id of the authorization object that admits the source (destination).
+    pub tls_authz: Option<String>,
     #[serde(flatten, skip_serializing)]
     /// Parameters this crate does not model, as QEMU sent them.
     pub other: BTreeMap<String, Value>,

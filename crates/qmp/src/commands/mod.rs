@@ -5,6 +5,7 @@
 
 pub mod dirty_rate;
 pub mod migration;
+pub mod object;
 pub mod vm;
 
 /// Declares a command without arguments.

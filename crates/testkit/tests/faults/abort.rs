@@ -65,7 +65,7 @@ async fn domjobabort_late_in_precopy_ends_consistently_either_way() {
 #[tokio::test]
 async fn domjobabort_during_postcopy_is_ignored_and_postcopy_finishes() {
     let t = Bed::new("ab4", BUSY).await;
-    let job = t.start_in_postcopy(4).await;
+    let job = t.start_in_postcopy(4, false).await;
     t.abort().await;
     let record = t.record(&job).await;
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");

@@ -91,10 +91,11 @@ impl Bed {
 
     /// Starts a post-copy-enabled migration and switches it to post-copy
     /// once pre-copy runs; returns the job once QEMU is in post-copy.
-    pub async fn start_in_postcopy(&self, bandwidth: u64) -> String {
+    pub async fn start_in_postcopy(&self, bandwidth: u64, tls: bool) -> String {
         let job = self
             .start(MigrateOptions {
                 postcopy: true,
+                tls,
                 ..live(bandwidth)
             })
             .await;

@@ -3,9 +3,10 @@
 use super::*;
 
 #[tokio::test]
-async fn link_cut_during_postcopy_pauses_and_postcopy_resume_recovers() {
+async fn link_cut_during_tls_postcopy_pauses_and_postcopy_resume_recovers() {
     let t = Bed::new("pcr", BUSY).await;
-    let job = t.start_in_postcopy(2).await;
+    // Over TLS: the recovered stream is encrypted and authorized too.
+    let job = t.start_in_postcopy(2, true).await;
 
     t.net.cut().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -102,6 +102,7 @@ async fn land(qmp: &qmp::Client, timeout: Duration, job: &IncomingJob) -> Result
             Tunables::default(),
             Role::Destination,
             ThrottleVia::NotQemu,
+            None,
         )
         .await
         .map(|_| ())

@@ -8,6 +8,7 @@ use domain::{DomainDefinition, DomainName};
 use migration::job::unix_ms;
 use migration::record::JobIdentity;
 use migration::settings::{self, ThrottleVia};
+use migration::stream_tls::StreamTls;
 use migration::uri::{parse_data_uri, DataUri};
 use migration::{incoming, support, wire, Flags};
 use protocol::domain::Tunables;
@@ -18,6 +19,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::errors;
+use crate::migrate::stream_tls;
 use crate::server::ConnContext;
 use crate::state::{ActiveJob, Agent, Domain, IncomingJob};
 use crate::vm;
@@ -30,6 +32,7 @@ pub(crate) async fn probe(agent: &Arc<Agent>, probe: ProbeRequest) -> Result<Rep
     let binary = agent.binary().await?;
     support::check(&flags, Role::Destination, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
+    stream_tls::check(agent, &flags)?;
     if let Some(machine) = &probe.machine {
         if binary.resolve_machine(machine).as_deref() != Some(machine) {
             return Err(ApiError::new(
@@ -128,15 +131,19 @@ async fn prepare_live(
     support::check(&req.flags, Role::Destination, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
     vm::check_spec(&req.spec, binary, &agent.uri, agent.config.tcg_workaround)?;
+    let tls = stream_tls::destination(agent, &req.flags, ctx)?;
     let listen = match &req.flags.migrateuri {
-        Some(uri) => parse_data_uri(uri).map_err(|e| errors::invalid(e.to_string()))?,
+        Some(uri) => Listen::Uri(parse_data_uri(uri).map_err(|e| errors::invalid(e.to_string()))?),
         None => {
             let ip = ctx
                 .local_ip
                 .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-            DataUri::Tcp {
-                host: ip.to_string(),
-                port: data_port(ip, agent.config.migration_ports)?,
+            match agent.config.migration_ports {
+                Some(range) => Listen::Ports(ip.to_string(), range),
+                None => Listen::Uri(DataUri::Tcp {
+                    host: ip.to_string(),
+                    port: 0,
+                }),
             }
         }
     };
@@ -166,7 +173,7 @@ async fn prepare_live(
         (created, replaced)
     };
 
-    match start(agent, &req, &listen).await {
+    match start(agent, &req, &listen, tls.as_ref()).await {
         Ok((vm, previous, uri)) => {
             if req.flags.postcopy && !req.flags.suspend {
                 migration::postcopy::resume_on_postcopy(vm.process.qmp().clone());
@@ -205,7 +212,8 @@ async fn prepare_live(
 async fn start(
     agent: &Arc<Agent>,
     req: &Incoming,
-    listen: &DataUri,
+    listen: &Listen,
+    tls: Option<&StreamTls>,
 ) -> Result<(Arc<vm::RunningVm>, settings::Previous, DataUri), ApiError> {
     let vm = vm::launch(agent, &req.definition, &req.spec, true, false).await?;
     let qmp = vm.process.qmp();
@@ -216,6 +224,7 @@ async fn start(
             Tunables::default(),
             Role::Destination,
             ThrottleVia::NotQemu,
+            tls,
         )
         .await
         .map_err(|e| {
@@ -223,9 +232,18 @@ async fn start(
                 "destination QEMU refused the migration settings: {e}"
             ))
         })?;
-        let uri = incoming::listen(qmp, listen)
-            .await
-            .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        let uri = match listen {
+            Listen::Uri(uri) => incoming::listen(qmp, uri).await,
+            Listen::Ports(host, range) => incoming::listen_in_range(qmp, host, *range).await,
+        }
+        .map_err(|e| match (e, listen) {
+            (incoming::IncomingError::Listen { .. }, Listen::Ports(host, (first, last))) => {
+                errors::operation_invalid(format!(
+                    "no free migration port in {first}-{last} on {host}: widen migration_ports"
+                ))
+            }
+            (e, _) => errors::qemu(errors::chain(&e)),
+        })?;
         Ok::<_, ApiError>((previous, uri))
     }
     .await;
@@ -238,19 +256,12 @@ async fn start(
     }
 }
 
-/// A port for the incoming data: the first free one in the configured
-/// range, or 0 (QEMU picks any) without one.
-fn data_port(ip: std::net::IpAddr, range: Option<(u16, u16)>) -> Result<u16, ApiError> {
-    let Some((first, last)) = range else {
-        return Ok(0);
-    };
-    (first..=last)
-        .find(|port| std::net::TcpListener::bind((ip, *port)).is_ok())
-        .ok_or_else(|| {
-            errors::operation_invalid(format!(
-                "no free migration port in {first}-{last} on {ip}: widen migration_ports"
-            ))
-        })
+/// Where the destination QEMU listens for the data.
+enum Listen {
+    /// This URI (port 0: any free port).
+    Uri(DataUri),
+    /// The first free port of the configured range on this host.
+    Ports(String, (u16, u16)),
 }
 
 /// The job record for an incoming migration; `(created, replaced)`: the

@@ -78,6 +78,8 @@ pub(crate) async fn begin(
     let binary = agent.binary().await?;
     support::check(&flags, Role::Source, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
+    crate::migrate::stream_tls::check(agent, &flags)?;
+    let tls = crate::migrate::stream_tls::source(agent, &flags, &dest_uri)?;
 
     let peer = Peer::connect(&dest_uri, agent.peer_tls.clone()).await?;
     let hello = match peer
@@ -156,6 +158,7 @@ pub(crate) async fn begin(
         vm,
         tunables,
         progress: progress_tx,
+        tls,
     };
     tokio::spawn(run.run().instrument(span));
     Ok(Reply::MigrationStarted {

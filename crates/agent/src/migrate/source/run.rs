@@ -50,6 +50,8 @@ pub(super) struct Run {
     pub vm: Option<Arc<RunningVm>>,
     pub tunables: Tunables,
     pub progress: watch::Sender<Progress>,
+    /// The stream's TLS, with `--tls`.
+    pub tls: Option<migration::stream_tls::StreamTls>,
 }
 
 impl Run {
@@ -138,20 +140,22 @@ impl Run {
         } else {
             (None, settings::ThrottleVia::NotQemu)
         };
-        let previous = match settings::apply(qmp, flags, tunables, Role::Source, via).await {
-            Ok(p) => p,
-            Err(e) => {
-                if let Some(mut throttle) = throttle {
-                    throttle.release().await;
+        let previous =
+            match settings::apply(qmp, flags, tunables, Role::Source, via, self.tls.as_ref()).await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    if let Some(mut throttle) = throttle {
+                        throttle.release().await;
+                    }
+                    let error = format!(
+                        "source QEMU refused the migration settings: {}",
+                        errors::chain(&e)
+                    );
+                    self.peer.abort(&self.job.ident.id, &error).await;
+                    return Ending::failed(error, JobStats::default());
                 }
-                let error = format!(
-                    "source QEMU refused the migration settings: {}",
-                    errors::chain(&e)
-                );
-                self.peer.abort(&self.job.ident.id, &error).await;
-                return Ending::failed(error, JobStats::default());
-            }
-        };
+            };
         let was_running = matches!(
             qmp.execute(&QueryStatus).await,
             Ok(s) if s.status == RunState::Running
