@@ -170,8 +170,10 @@ pub struct Hosts {
     b: AgentProcess,
     pub a_client: Client,
     pub b_client: Client,
+    a_tcp_uri: String,
     b_uri: String,
     kernel: PathBuf,
+    pki: PathBuf,
 }
 
 impl Hosts {
@@ -206,14 +208,19 @@ impl Hosts {
         let b_uri = b
             .tcp_uri()
             .ok_or_else(|| anyhow!("host b has no TCP address"))?;
+        let a_tcp_uri = a
+            .tcp_uri()
+            .ok_or_else(|| anyhow!("host a has no TCP address"))?;
         Ok(Hosts {
             _dir: dir,
             a,
             b,
             a_client,
             b_client,
+            a_tcp_uri,
             b_uri,
             kernel,
+            pki,
         })
     }
 
@@ -247,6 +254,17 @@ impl Hosts {
 
     pub fn b_uri(&self) -> &str {
         &self.b_uri
+    }
+
+    /// Host A's mutual-TLS address.
+    pub fn a_tcp_uri(&self) -> &str {
+        &self.a_tcp_uri
+    }
+
+    /// A client certificate with `role` from the hosts' CA (a TLS
+    /// directory).
+    pub fn certificate(&self, name: &str, role: protocol::Role) -> Result<PathBuf> {
+        Ok(tls::pki::issue(&self.pki, name, role, &[])?)
     }
 
     /// Host A's local socket, for more client connections.

@@ -4,10 +4,15 @@
 //! `livemig-bench convergence --json [--reps N] [--workloads light,heavy,hot]
 //! [--policies none,qemu,adaptive]` prints one JSON object per trial, then a
 //! summary line per workload with medians and the adaptive/qemu ratios.
+//!
+//! `livemig-bench tls --json [--reps N]` migrates one guest back and forth
+//! with and without `--tls`, then times API requests and connections over
+//! the unix socket and over mutual TLS.
 
 mod convergence;
 mod load;
 mod sampler;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +45,23 @@ enum Command {
         #[arg(long, default_value_t = 90)]
         timeout: u64,
         /// livemigd binary [default: next to this binary].
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+    /// What TLS costs: migrations with and without --tls side by side, and
+    /// API requests over the unix socket and over mutual TLS.
+    Tls {
+        #[arg(long)]
+        json: bool,
+        /// Pairs of migrations (one plain, one --tls).
+        #[arg(long, default_value_t = 3)]
+        reps: u32,
+        /// Sequential requests per transport.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// New connections per transport.
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -166,6 +188,50 @@ async fn run_convergence(
     Ok(())
 }
 
+async fn run_tls(
+    json: bool,
+    reps: u32,
+    requests: usize,
+    connections: usize,
+    livemigd_path: PathBuf,
+) -> Result<()> {
+    let hosts = convergence::Hosts::start(&livemigd_path).await?;
+    let result = async {
+        let trials = tls::migrations(&hosts, reps, json).await?;
+        let latencies = tls::api(&hosts, requests, connections).await?;
+        anyhow::Ok(tls::summarize(&trials, latencies))
+    }
+    .await;
+    hosts.stop().await;
+    let summary = result?;
+    let ms = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{:.2} s", v / 1000.0));
+    let text = format!(
+        "migration, median: plain {} ({} MiB/s), --tls {} ({} MiB/s); tls/plain time {}\n{}",
+        ms(summary.plain_median_total_time_ms),
+        summary
+            .plain_median_throughput_mib_s
+            .map_or("n/a".into(), |v| format!("{v:.0}")),
+        ms(summary.tls_median_total_time_ms),
+        summary
+            .tls_median_throughput_mib_s
+            .map_or("n/a".into(), |v| format!("{v:.0}")),
+        summary
+            .tls_over_plain_total_time
+            .map_or("n/a".into(), |r| format!("{r:.2}")),
+        summary
+            .latencies
+            .iter()
+            .map(|l| format!(
+                "  {:<42} n={:<5} p50 {:.3} ms  p99 {:.3} ms",
+                l.call, l.count, l.p50_ms, l.p99_ms
+            ))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    emit(json, &summary, text);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -197,6 +263,13 @@ async fn run(cli: Cli) -> Result<()> {
             timeout,
             livemigd: path,
         } => run_convergence(json, reps, workloads, policies, timeout, livemigd(path)).await,
+        Command::Tls {
+            json,
+            reps,
+            requests,
+            connections,
+            livemigd: path,
+        } => run_tls(json, reps, requests, connections, livemigd(path)).await,
         Command::Load {
             json,
             domains,
