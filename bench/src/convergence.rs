@@ -196,6 +196,7 @@ impl Hosts {
                     &["127.0.0.1".into()],
                 )?),
                 netns: None,
+                image_dirs: vec![dir.path().to_path_buf()],
                 extra_args: Vec::new(),
             })
         };

@@ -126,6 +126,7 @@ impl Agent {
     async fn define(self: &Arc<Self>, document: DefinitionDoc) -> Result<Reply, ApiError> {
         let definition = DomainDefinition::from_document(document.0)
             .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, e.to_string()))?;
+        self.check_paths(&definition).await?;
         let name = definition.name.clone();
         let lock = {
             let mut domains = self.domains.lock().expect("domains lock");

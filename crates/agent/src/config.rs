@@ -27,6 +27,11 @@ pub struct Config {
     /// Refuse live migrations whose stream is not encrypted (`--tls`), in
     /// and out.
     pub migrate_tls_force: bool,
+    /// Directories definitions may take kernels, initrds and disk images
+    /// from.
+    pub image_dirs: Vec<PathBuf>,
+    /// Disks (and images) may be device nodes.
+    pub allow_device_nodes: bool,
     /// The QEMU binary to run.
     pub qemu: PathBuf,
     /// Accelerator for probing and defaults.
@@ -52,6 +57,8 @@ impl Config {
     /// The defaults, with this state directory, socket and TCP address.
     pub fn new(state_dir: PathBuf, socket: PathBuf, listen: Option<SocketAddr>) -> Self {
         Config {
+            image_dirs: vec![state_dir.join("images")],
+            allow_device_nodes: false,
             state_dir,
             socket,
             listen,

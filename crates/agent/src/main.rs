@@ -34,7 +34,8 @@ enum Switch {
         livemigd --state-dir /var/lib/livemig --listen tls://10.0.0.1:7000 --tls-dir /etc/livemig/tls\n  \
         livemigd --config /etc/livemig/livemigd.toml\n\n\
         The config file takes the same settings as the flags (state_dir, socket, listen, tls_dir,\n\
-        insecure, qemu_monitor_command, migrate_tls_force, qemu, accel, tcg_workaround, log_format,\n\
+        insecure, qemu_monitor_command, migrate_tls_force, image_dirs = [\"/srv/images\"],\n\
+        allow_device_nodes, qemu, accel, tcg_workaround, log_format,\n\
         migration_ports = \"49152-49215\",\n\
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
@@ -68,6 +69,13 @@ struct Args {
     /// (`livemig migrate --tls`).
     #[arg(long)]
     migrate_tls_force: bool,
+    /// A directory definitions may take kernels, initrds and disk images
+    /// from; repeat for more [default: STATE_DIR/images].
+    #[arg(long = "image-dir", value_name = "DIR")]
+    image_dirs: Vec<PathBuf>,
+    /// Disks may be device nodes (block devices) under the image directories.
+    #[arg(long)]
+    allow_device_nodes: bool,
     /// QEMU binary [default: qemu-system-x86_64].
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
@@ -101,6 +109,9 @@ struct ConfigFile {
     qemu_monitor_command: bool,
     #[serde(default)]
     migrate_tls_force: bool,
+    image_dirs: Option<Vec<PathBuf>>,
+    #[serde(default)]
+    allow_device_nodes: bool,
     qemu: Option<PathBuf>,
     accel: Option<Accel>,
     tcg_workaround: Option<Switch>,
@@ -228,6 +239,17 @@ async fn main() -> Result<()> {
     config.insecure = insecure;
     config.qemu_monitor_command = args.allow_qemu_monitor_command || file.qemu_monitor_command;
     config.migrate_tls_force = args.migrate_tls_force || file.migrate_tls_force;
+    if !args.image_dirs.is_empty() {
+        config.image_dirs = args.image_dirs;
+    } else if let Some(dirs) = file.image_dirs {
+        config.image_dirs = dirs;
+    }
+    for dir in &config.image_dirs {
+        if !dir.is_absolute() {
+            bail!("image directory {} must be absolute", dir.display());
+        }
+    }
+    config.allow_device_nodes = args.allow_device_nodes || file.allow_device_nodes;
     if let Some(qemu) = args.qemu.or(file.qemu) {
         config.qemu = qemu;
     }
@@ -259,6 +281,27 @@ mod tests {
         assert!(parse_ports("5-1").is_err());
         assert!(parse_ports("0-10").is_err());
         assert!(parse_ports("7000").is_err());
+    }
+
+    #[test]
+    fn the_packaged_config_parses_and_is_secure() {
+        let file: ConfigFile =
+            toml::from_str(include_str!("../../../contrib/livemigd.toml")).unwrap();
+        assert!(file.listen.as_deref().unwrap().starts_with("tls://"));
+        assert!(file.tls_dir.is_some() && !file.insecure && !file.qemu_monitor_command);
+        // The CLI's default connection is this socket.
+        assert_eq!(
+            file.socket.as_deref(),
+            Some(Path::new("/run/livemig/livemigd.sock"))
+        );
+        let unit = include_str!("../../../contrib/livemigd.service");
+        for hardening in [
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "PrivateTmp=yes",
+        ] {
+            assert!(unit.contains(hardening), "{hardening}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use migration::record::JobIdentity;
 use migration::settings::Previous;
 use protocol::domain::{DomainState, Tunables};
 use protocol::job::{JobInfo, JobRecord, Phase};
-use protocol::ApiError;
+use protocol::{ApiError, ErrorCode};
 use qmp::commands::vm::{QueryStatus, RunState};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -177,6 +177,18 @@ impl Agent {
             next_run_id: AtomicU64::new(1),
             next_connection: AtomicU64::new(1),
         }
+    }
+
+    /// Checks that `def` names only files this host lets QEMU open.
+    pub async fn check_paths(&self, def: &DomainDefinition) -> Result<(), ApiError> {
+        domain::confine::Confinement {
+            image_dirs: self.config.image_dirs.clone(),
+            allow_device_nodes: self.config.allow_device_nodes,
+            logs_dir: self.store.logs_dir(),
+        }
+        .check(def)
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, errors::chain(&e)))
     }
 
     pub fn next_run_id(&self) -> u64 {

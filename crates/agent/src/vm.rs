@@ -97,6 +97,9 @@ pub(crate) async fn launch(
     incoming: bool,
     paused: bool,
 ) -> Result<Arc<RunningVm>, ApiError> {
+    // Checked again at start: a definition saved before the rules changed,
+    // or a file replaced by a link since.
+    agent.check_paths(def).await?;
     let binary = agent.binary().await?;
     let name = &def.name;
     let qmp_socket = agent.store.run_dir().join(format!("{name}.qmp"));

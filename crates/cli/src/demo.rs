@@ -118,6 +118,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
                 &["127.0.0.1".into()],
             )?),
             netns: None,
+            // The demo's guest kernel is in its temporary directory.
+            image_dirs: vec![tmp.path().to_path_buf()],
             extra_args: extra_args.clone(),
         })
     };

@@ -46,8 +46,9 @@ fn hint(error: &anyhow::Error) -> Option<&'static str> {
     if let Some(client) = error.downcast_ref::<protocol::ClientError>() {
         return match client {
             protocol::ClientError::Connect { .. } => Some(
-                "is livemigd running? Start it with `livemigd --state-dir DIR`, and pass its socket \
-                 with -c unix:///DIR/livemigd.sock or LIVEMIG_URI",
+                "is livemigd running? Without -c or LIVEMIG_URI this talks to the local agent at \
+                 /run/livemig/livemigd.sock (contrib/livemigd.service); for another, pass -c \
+                 unix:///DIR/livemigd.sock or -c tls://HOST:PORT",
             ),
             protocol::ClientError::Api(api) => api_hint(api.code),
             protocol::ClientError::Tls { .. } => Some(
@@ -87,12 +88,15 @@ fn api_hint(code: protocol::ErrorCode) -> Option<&'static str> {
     }
 }
 
-/// Connects to the agent at `uri`, with the TLS directory for `tls://`.
+/// The local agent's socket as the packaged config and systemd unit set
+/// it up (`contrib/`): the agent used with no `-c` and no `LIVEMIG_URI`,
+/// as virsh defaults to `qemu:///system`.
+pub const DEFAULT_URI: &str = "unix:///run/livemig/livemigd.sock";
+
+/// Connects to the agent at `uri` (the local one by default), with the TLS
+/// directory for `tls://`.
 pub async fn connect(uri: Option<&str>, tls_dir: Option<&Path>) -> Result<Client> {
-    let uri = uri.ok_or_else(|| {
-        anyhow!("no agent given: pass -c unix:///PATH or -c tls://HOST:PORT, or set LIVEMIG_URI")
-    })?;
-    let uri: AgentUri = uri.parse()?;
+    let uri: AgentUri = uri.unwrap_or(DEFAULT_URI).parse()?;
     let tls = match (&uri, tls_dir) {
         (AgentUri::Tls { .. }, Some(dir)) => Some(
             tls::TlsDir::load(dir)
@@ -181,6 +185,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Command::Migrate(args) => {
+            // Contradictory options are refused before any agent is
+            // contacted, with the agent's own rules.
+            migration::Flags::new(args.options())?;
             let client = connect(uri, tls_dir).await?;
             return migrate::run(&client, args).await;
         }

@@ -8,7 +8,7 @@
 //! machine = "pc"           # optional
 //!
 //! [kernel]                 # direct kernel boot ...
-//! path = "/srv/kernels/vmlinuz"
+//! path = "/var/lib/livemig/images/vmlinuz"
 //! cmdline = "console=ttyS0"
 //!
 //! [disk]                   # ... and/or a disk on shared storage
@@ -16,7 +16,7 @@
 //! format = "qcow2"
 //!
 //! [serial]
-//! log = "/var/log/livemig/web1.serial.log"   # optional
+//! log = "/var/lib/livemig/logs/web1.log"   # optional
 //! ```
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Domains: what a VM is, and how it runs under QEMU.
 //!
 //! - [`definition`]: the TOML definition a user writes, with validation.
+//! - [`confine`]: which files a definition may make QEMU open on a host.
 //! - [`qemu`]: everything about the QEMU binary: probing its capabilities
 //!   ([`qemu::binary`]), the RAM layout that avoids a TCG migration bug
 //!   ([`qemu::layout`]), the argv built from a definition ([`qemu::argv`]),
@@ -9,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod confine;
 pub mod definition;
 pub mod qemu;
 

@@ -72,6 +72,9 @@ pub struct LaunchOptions {
     pub tls_dir: Option<PathBuf>,
     /// Run inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// Directories definitions may take images from (`--image-dir`); the
+    /// agent's default (`STATE_DIR/images`) when empty.
+    pub image_dirs: Vec<PathBuf>,
     /// More `livemigd` arguments.
     pub extra_args: Vec<String>,
 }
@@ -125,6 +128,12 @@ impl AgentProcess {
                     .tls_dir
                     .iter()
                     .flat_map(|d| [std::ffi::OsString::from("--tls-dir"), d.into()]),
+            )
+            .args(
+                options
+                    .image_dirs
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsString::from("--image-dir"), d.into()]),
             )
             .args(&options.extra_args)
             .stdin(Stdio::null())

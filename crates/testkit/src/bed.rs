@@ -38,7 +38,9 @@ impl TestBed {
             dir.disable_cleanup(true);
             eprintln!("test directory kept: {}", dir.path().display());
         }
-        let kernel = guest::install_kernel(dir.path()).expect("install the guest kernel");
+        let images = dir.path().join("images");
+        std::fs::create_dir(&images).expect("the bed's image directory");
+        let kernel = guest::install_kernel(&images).expect("install the guest kernel");
         let pki = dir.path().join("pki");
         tls::pki::init(&pki).expect("the test bed's CA");
         TestBed {
@@ -47,6 +49,11 @@ impl TestBed {
             pki,
             _serial: serial,
         }
+    }
+
+    /// Where the bed's agents take images from (`--image-dir`).
+    pub fn images(&self) -> PathBuf {
+        self.dir.path().join("images")
     }
 
     /// The bed's directory.
@@ -68,7 +75,7 @@ impl TestBed {
 
     /// Starts an agent listening on loopback (mutual TLS).
     pub async fn host(&self, name: &str) -> Host {
-        self.launch(name, Some("tls://127.0.0.1:0".into()), None, &[])
+        self.launch(name, Some("tls://127.0.0.1:0".into()), None, &[], None)
             .await
     }
 
@@ -79,7 +86,7 @@ impl TestBed {
         listen: Option<String>,
         netns: Option<String>,
     ) -> Host {
-        self.launch(name, listen, netns, &[]).await
+        self.launch(name, listen, netns, &[], None).await
     }
 
     /// Two hosts on loopback, `a` and `b`, with the test guest `name`
@@ -121,8 +128,21 @@ impl TestBed {
 
     /// Starts an agent on loopback with extra `livemigd` arguments.
     pub async fn host_args(&self, name: &str, args: &[&str]) -> Host {
-        self.launch(name, Some("tls://127.0.0.1:0".into()), None, args)
+        self.launch(name, Some("tls://127.0.0.1:0".into()), None, args, None)
             .await
+    }
+
+    /// Starts an agent on loopback that takes images only from
+    /// `image_dirs` (not the bed's).
+    pub async fn host_with_image_dirs(&self, name: &str, image_dirs: Vec<PathBuf>) -> Host {
+        self.launch(
+            name,
+            Some("tls://127.0.0.1:0".into()),
+            None,
+            &[],
+            Some(image_dirs),
+        )
+        .await
     }
 
     async fn launch(
@@ -131,6 +151,7 @@ impl TestBed {
         listen: Option<String>,
         netns: Option<String>,
         args: &[&str],
+        image_dirs: Option<Vec<PathBuf>>,
     ) -> Host {
         // An agent on tls:// gets a certificate naming the address it
         // listens on.
@@ -147,6 +168,7 @@ impl TestBed {
             listen,
             tls_dir,
             netns,
+            image_dirs: image_dirs.unwrap_or_else(|| vec![self.images()]),
             // Tests look inside QEMU (Host::qmp); production agents keep
             // raw QMP off.
             extra_args: std::iter::once("--allow-qemu-monitor-command")

@@ -340,3 +340,53 @@ async fn a_destination_qemu_without_auto_converge_is_named_and_nothing_changes()
     let caps: serde_json::Value = serde_json::from_slice(&caps.stdout).unwrap();
     assert_eq!(caps["qemu"]["package"], "fake");
 }
+
+#[test]
+fn the_cli_reports_what_it_can_see_before_contacting_any_agent() {
+    let livemig = testkit::bin("livemig");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&livemig)
+            .args(args)
+            .env_remove("LIVEMIG_URI")
+            .env_remove("LIVEMIG_TLS_DIR")
+            .output()
+            .unwrap()
+    };
+    // Contradictory flags: the agent's own rules, with no agent at all.
+    let out = run(&[
+        "-c",
+        "unix:///nonexistent/livemigd.sock",
+        "migrate",
+        "--live",
+        "--offline",
+        "vm",
+        "tls://127.0.0.1:1",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--live and --offline are mutually exclusive"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&[
+        "-c",
+        "unix:///nonexistent/livemigd.sock",
+        "define",
+        "/nonexistent/vm.toml",
+    ]);
+    assert!(
+        stderr(&out).contains("cannot read definition"),
+        "{}",
+        stderr(&out)
+    );
+    // No -c and no LIVEMIG_URI: the local agent's packaged socket.
+    if !std::path::Path::new("/run/livemig/livemigd.sock").exists() {
+        let out = run(&["list"]);
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("/run/livemig/livemigd.sock"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}

@@ -144,13 +144,15 @@ async fn kill_9_while_writing_definitions_leaves_old_or_new_never_torn() {
         // Redefine in a tight loop on one connection, and kill the agent
         // at a different moment each round.
         let uri: protocol::AgentUri = a.local_uri().parse().unwrap();
+        let kernel = bed.kernel().to_path_buf();
         let writer = tokio::spawn(async move {
             let client = protocol::Client::connect(&uri).await.unwrap();
             for i in 0.. {
                 let name = format!("d{}", i % 5);
                 let memory = 64 + (i % 7) * 16;
                 let definition = domain::DomainDefinition::from_toml(&format!(
-                    "name = \"{name}\"\nmemory_mib = {memory}\n[kernel]\npath = \"/k\"\n"
+                    "name = \"{name}\"\nmemory_mib = {memory}\n[kernel]\npath = {:?}\n",
+                    kernel.display().to_string()
                 ))
                 .unwrap();
                 if client

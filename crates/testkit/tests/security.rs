@@ -233,6 +233,7 @@ async fn plaintext_needs_insecure_and_the_local_socket_is_the_owner_s() {
         listen: None,
         tls_dir: None,
         netns: None,
+        image_dirs: Vec::new(),
         extra_args: Vec::new(),
     })
     .await

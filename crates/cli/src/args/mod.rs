@@ -22,7 +22,8 @@ pub use migrate::{ConvergeArg, MigrateArgs};
 )]
 pub struct Cli {
     /// Agent to talk to: unix:///PATH, tls://HOST:PORT (with --tls-dir) or
-    /// tcp://HOST:PORT (an agent started --insecure).
+    /// tcp://HOST:PORT (an agent started --insecure) [default: the local
+    /// agent, unix:///run/livemig/livemigd.sock].
     #[arg(
         short = 'c',
         long = "connect",

@@ -81,6 +81,8 @@ pub(crate) async fn prepare(
     ctx: &ConnContext,
 ) -> Result<Reply, ApiError> {
     let req = Incoming::try_from(req)?;
+    // The definition names files on this host: the same rules as `define`.
+    agent.check_paths(&req.definition).await?;
     let span = tracing::info_span!("job", id = %req.job_id, domain = %req.definition.name, role = "destination");
     async {
         if req.flags.offline {
