@@ -32,6 +32,12 @@ pub struct Config {
     pub image_dirs: Vec<PathBuf>,
     /// Disks (and images) may be device nodes.
     pub allow_device_nodes: bool,
+    /// QEMU filters its system calls (`-sandbox`) when the binary has
+    /// seccomp.
+    pub qemu_sandbox: bool,
+    /// QEMU drops to this user once it has opened its files (`-runas`, or
+    /// `-run-with user=`).
+    pub qemu_user: Option<String>,
     /// The QEMU binary to run.
     pub qemu: PathBuf,
     /// Accelerator for probing and defaults.
@@ -59,6 +65,8 @@ impl Config {
         Config {
             image_dirs: vec![state_dir.join("images")],
             allow_device_nodes: false,
+            qemu_sandbox: true,
+            qemu_user: None,
             state_dir,
             socket,
             listen,

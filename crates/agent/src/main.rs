@@ -35,7 +35,7 @@ enum Switch {
         livemigd --config /etc/livemig/livemigd.toml\n\n\
         The config file takes the same settings as the flags (state_dir, socket, listen, tls_dir,\n\
         insecure, qemu_monitor_command, migrate_tls_force, image_dirs = [\"/srv/images\"],\n\
-        allow_device_nodes, qemu, accel, tcg_workaround, log_format,\n\
+        allow_device_nodes, qemu_user, qemu_sandbox = \"on\", qemu, accel, tcg_workaround, log_format,\n\
         migration_ports = \"49152-49215\",\n\
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
@@ -76,6 +76,14 @@ struct Args {
     /// Disks may be device nodes (block devices) under the image directories.
     #[arg(long)]
     allow_device_nodes: bool,
+    /// Run QEMU as this unprivileged user once it has opened its files
+    /// (-runas / -run-with user=) [default: the agent's user].
+    #[arg(long, value_name = "USER")]
+    qemu_user: Option<String>,
+    /// Filter QEMU's system calls with -sandbox (on if the binary has
+    /// seccomp) [default: on].
+    #[arg(long, value_enum)]
+    qemu_sandbox: Option<Switch>,
     /// QEMU binary [default: qemu-system-x86_64].
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
@@ -112,6 +120,8 @@ struct ConfigFile {
     image_dirs: Option<Vec<PathBuf>>,
     #[serde(default)]
     allow_device_nodes: bool,
+    qemu_user: Option<String>,
+    qemu_sandbox: Option<Switch>,
     qemu: Option<PathBuf>,
     accel: Option<Accel>,
     tcg_workaround: Option<Switch>,
@@ -250,6 +260,14 @@ async fn main() -> Result<()> {
         }
     }
     config.allow_device_nodes = args.allow_device_nodes || file.allow_device_nodes;
+    config.qemu_sandbox = args.qemu_sandbox.or(file.qemu_sandbox) != Some(Switch::Off);
+    config.qemu_user = args.qemu_user.or(file.qemu_user);
+    if let Some(user) = &config.qemu_user {
+        // QEMU would fail at every start; say so now.
+        if nix::unistd::User::from_name(user).ok().flatten().is_none() {
+            bail!("--qemu-user {user:?}: no such user on this host");
+        }
+    }
     if let Some(qemu) = args.qemu.or(file.qemu) {
         config.qemu = qemu;
     }

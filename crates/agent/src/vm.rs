@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use domain::qemu::{build_argv, LaunchConfig, LaunchSpec, QemuBinary, QemuProcess, RamLayout};
+use domain::qemu::{
+    build_argv, Hardening, LaunchConfig, LaunchSpec, QemuBinary, QemuProcess, RamLayout,
+};
 use domain::{DomainDefinition, DomainName};
 use protocol::{ApiError, ErrorCode};
 use qmp::QemuVersion;
@@ -115,12 +117,24 @@ pub(crate) async fn launch(
         .clone()
         .unwrap_or_else(|| agent.store.logs_dir().join(format!("{name}.serial.log")));
     let qemu_log = agent.store.logs_dir().join(format!("{name}.qemu.log"));
+    if agent.config.qemu_sandbox && !binary.has_sandbox() {
+        tracing::warn!(
+            qemu = %binary.path.display(),
+            "this QEMU was built without seccomp: it runs without -sandbox"
+        );
+    }
     let mut argv = build_argv(&LaunchConfig {
         definition: def,
         spec,
         qmp_socket: &qmp_socket,
         serial_log: &serial_log,
         incoming,
+        hardening: Hardening {
+            sandbox: agent.config.qemu_sandbox && binary.has_sandbox(),
+            user: agent.config.qemu_user.as_deref(),
+            run_with: binary.has_run_with(),
+            tls_credentials: agent.qemu_credentials.as_deref(),
+        },
     });
     // An incoming guest also starts with its vCPUs stopped, so that it runs
     // only when Finish (or the switch to post-copy) says so, never merely

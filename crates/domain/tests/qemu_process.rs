@@ -67,6 +67,7 @@ async fn guest_runs_and_reports_progress_with_the_workaround_layout() {
         qmp_socket: &socket,
         serial_log: &serial,
         incoming: false,
+        hardening: Default::default(),
     });
     let qemu = QemuProcess::spawn(
         Path::new(QEMU),
@@ -130,6 +131,7 @@ async fn dropping_the_process_kills_qemu() {
         qmp_socket: &socket,
         serial_log: &dir.path().join("serial.log"),
         incoming: false,
+        hardening: Default::default(),
     });
     let qemu = QemuProcess::spawn(
         Path::new(QEMU),
@@ -164,6 +166,7 @@ async fn start_guest(dir: &Path, workload: Workload) -> QemuProcess {
         qmp_socket: &socket,
         serial_log: &dir.join("serial.log"),
         incoming: false,
+        hardening: Default::default(),
     });
     QemuProcess::spawn(
         Path::new(QEMU),

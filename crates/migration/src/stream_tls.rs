@@ -7,12 +7,12 @@
 
 use std::path::PathBuf;
 
+use domain::qemu::argv::{TLS_CLIENT_ID, TLS_SERVER_ID};
 use qmp::commands::migration::MigrationParameters;
 use qmp::commands::object::{ObjectAdd, ObjectDel};
+use qmp::commands::vm::QomList;
 use qmp::Client;
 
-/// The id of the credentials object in a QEMU.
-pub const CREDENTIALS_ID: &str = "livemig-migration-tls";
 /// The id of the destination's authorization object.
 pub const AUTHZ_ID: &str = "livemig-migration-authz";
 
@@ -43,34 +43,50 @@ pub enum TlsPeer {
     },
 }
 
-/// Creates the objects `tls` needs in the QEMU behind `qmp` (replacing any
-/// an earlier job left, so renewed certificates are read again) and returns
-/// the migration parameters that use them.
+/// Makes sure the QEMU behind `qmp` has the objects `tls` needs and
+/// returns the migration parameters that use them.
+///
+/// The agent's QEMUs load the credentials at start (see
+/// `domain::qemu::argv::Hardening`), while they can still read them: one
+/// that runs as an unprivileged user could not later. A QEMU started
+/// without them (before the agent had certificates) gets them now. The
+/// destination's authorization is made afresh for each job.
 ///
 /// # Errors
 /// The QMP error of an object QEMU refuses (unreadable or invalid
 /// certificates).
 pub async fn set_up(qmp: &Client, tls: &StreamTls) -> Result<MigrationParameters, qmp::Error> {
-    for id in [CREDENTIALS_ID, AUTHZ_ID] {
-        // Absent on a QEMU that never migrated with TLS.
-        let _ = qmp.execute(&ObjectDel { id: id.into() }).await;
+    let (id, server) = match &tls.peer {
+        TlsPeer::Destination { .. } => (TLS_CLIENT_ID, false),
+        TlsPeer::Source { .. } => (TLS_SERVER_ID, true),
+    };
+    let objects = qmp
+        .execute(&QomList {
+            path: "/objects".into(),
+        })
+        .await?;
+    if !objects.iter().any(|o| o.name == id) {
+        let dir = tls.credentials.to_string_lossy();
+        qmp.execute(&ObjectAdd::tls_creds_x509(id, &dir, server))
+            .await?;
     }
-    let dir = tls.credentials.to_string_lossy();
     let mut params = MigrationParameters {
-        tls_creds: Some(CREDENTIALS_ID.into()),
+        tls_creds: Some(id.into()),
         ..Default::default()
     };
     match &tls.peer {
         TlsPeer::Destination { hostname } => {
-            qmp.execute(&ObjectAdd::tls_creds_x509(CREDENTIALS_ID, &dir, false))
-                .await?;
             params.tls_hostname = Some(hostname.clone());
         }
         TlsPeer::Source {
             distinguished_names,
         } => {
-            qmp.execute(&ObjectAdd::tls_creds_x509(CREDENTIALS_ID, &dir, true))
+            if objects.iter().any(|o| o.name == AUTHZ_ID) {
+                qmp.execute(&ObjectDel {
+                    id: AUTHZ_ID.into(),
+                })
                 .await?;
+            }
             qmp.execute(&ObjectAdd::authz_exact(AUTHZ_ID, distinguished_names))
                 .await?;
             params.tls_authz = Some(AUTHZ_ID.into());
@@ -139,7 +155,7 @@ mod tests {
         let (qmp, qemu) = ScriptedQemu::start().await;
         let previous = apply(&qmp, Some(&destination()), Role::Destination).await;
 
-        let creds = qemu.with(|s| s.objects[CREDENTIALS_ID].clone());
+        let creds = qemu.with(|s| s.objects[TLS_SERVER_ID].clone());
         assert_eq!(creds["qom-type"], "tls-creds-x509");
         assert_eq!(creds["endpoint"], "server");
         assert_eq!(creds["verify-peer"], true);
@@ -150,7 +166,7 @@ mod tests {
             authz["rules"],
             json!([{"match": "O=livemig,OU=agent,CN=a", "policy": "allow", "format": "exact"}])
         );
-        assert_eq!(qemu.parameter("tls-creds"), Some(json!(CREDENTIALS_ID)));
+        assert_eq!(qemu.parameter("tls-creds"), Some(json!(TLS_SERVER_ID)));
         assert_eq!(qemu.parameter("tls-authz"), Some(json!(AUTHZ_ID)));
 
         settings::restore(&qmp, &previous).await.unwrap();
@@ -169,16 +185,18 @@ mod tests {
         };
         apply(&qmp, Some(&source), Role::Source).await;
         assert_eq!(
-            qemu.with(|s| s.objects[CREDENTIALS_ID]["endpoint"].clone()),
+            qemu.with(|s| s.objects[TLS_CLIENT_ID]["endpoint"].clone()),
             "client"
         );
         assert_eq!(qemu.parameter("tls-hostname"), Some(json!("10.0.0.2")));
         assert!(qemu.with(|s| !s.objects.contains_key(AUTHZ_ID)));
 
         // The job failed and its settings were never restored (e.g. the
-        // agent restarted): the next one still sets up cleanly...
+        // agent restarted): the next one still sets up cleanly, with the
+        // credentials already there...
         apply(&qmp, Some(&source), Role::Source).await;
         assert_eq!(qemu.with(|s| s.objects.len()), 1);
+        assert_eq!(qemu.calls("object-add").len(), 1);
         // ...and one without --tls turns TLS off.
         settings::apply(
             &qmp,
@@ -192,6 +210,23 @@ mod tests {
         .unwrap();
         assert_eq!(qemu.parameter("tls-creds"), Some(json!("")));
         assert_eq!(qemu.parameter("tls-hostname"), Some(json!("")));
+    }
+
+    #[tokio::test]
+    async fn a_second_incoming_job_admits_only_its_own_source() {
+        let (qmp, qemu) = ScriptedQemu::start().await;
+        apply(&qmp, Some(&destination()), Role::Destination).await;
+        let other = StreamTls {
+            peer: TlsPeer::Source {
+                distinguished_names: vec!["O=livemig,OU=agent,CN=c".into()],
+            },
+            ..destination()
+        };
+        apply(&qmp, Some(&other), Role::Destination).await;
+        assert_eq!(
+            qemu.with(|s| s.objects[AUTHZ_ID]["rules"][0]["match"].clone()),
+            "O=livemig,OU=agent,CN=c"
+        );
     }
 
     #[tokio::test]

@@ -79,6 +79,7 @@ mod tests {
             commands: BTreeSet::new(),
             machines: vec![],
             kvm_present: false,
+            command_line_options: BTreeSet::new(),
         }
     }
 

@@ -446,6 +446,12 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
             s.objects.insert(id, args.clone());
             ok(json!({}))
         }
+        "qom-list" if args["path"] == "/objects" => ok(Value::Array(
+            s.objects
+                .iter()
+                .map(|(id, o)| json!({"name": id, "type": format!("child<{}>", o["qom-type"].as_str().unwrap_or_default())}))
+                .collect(),
+        )),
         "object-del" => {
             let id = args["id"].as_str().unwrap_or_default();
             match s.objects.remove(id) {

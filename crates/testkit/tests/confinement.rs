@@ -116,3 +116,50 @@ async fn a_destination_that_does_not_allow_the_guest_s_images_refuses_it_at_prep
         "b keeps no trace of the guest"
     );
 }
+
+/// The uid QEMU runs as and its seccomp mode, from /proc.
+fn uid_and_seccomp(pid: u32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    (field("Uid:"), field("Seccomp:"))
+}
+
+#[tokio::test]
+async fn qemu_runs_sandboxed_as_an_unprivileged_user_and_still_migrates_over_tls() {
+    let bed = TestBed::new().await;
+    let nobody = nix::unistd::User::from_name("nobody")
+        .unwrap()
+        .expect("a nobody user")
+        .uid
+        .as_raw();
+    let a = bed.host_args("a", &["--qemu-user", "nobody"]).await;
+    let b = bed.host_args("b", &["--qemu-user", "nobody"]).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::busy(8, 50_000)))
+        .await;
+    let pid = a.qemu_pids()[0];
+    // 2: a seccomp filter (QEMU's -sandbox).
+    assert_eq!(uid_and_seccomp(pid), (nobody, 2));
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                live: true,
+                auto_converge: true,
+                tls: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    assert_runs_only_on("vm", &b, &a, 2).await;
+    assert_eq!(uid_and_seccomp(b.qemu_pids()[0]), (nobody, 2));
+}

@@ -37,6 +37,29 @@ pub struct LaunchConfig<'a> {
     pub serial_log: &'a Path,
     /// Start paused, waiting for `migrate-incoming`.
     pub incoming: bool,
+    /// How QEMU is confined.
+    pub hardening: Hardening<'a>,
+}
+
+/// The id of the TLS credentials a QEMU presents as a migration's source.
+pub const TLS_CLIENT_ID: &str = "livemig-tls-client";
+/// The id of the TLS credentials a QEMU presents as a migration's
+/// destination.
+pub const TLS_SERVER_ID: &str = "livemig-tls-server";
+
+/// How QEMU is confined; the agent decides from its config and what the
+/// binary supports.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Hardening<'a> {
+    /// Filter system calls (`-sandbox`, the binary must have seccomp).
+    pub sandbox: bool,
+    /// Drop to this user once QEMU has opened its files.
+    pub user: Option<&'a str>,
+    /// Spell that `-run-with user=` (QEMU 9.1+) rather than `-runas`.
+    pub run_with: bool,
+    /// Load the agent's TLS credentials (QEMU's file names) at start, for
+    /// `migrate --tls`: read while QEMU can still read them.
+    pub tls_credentials: Option<&'a Path>,
 }
 
 /// Escapes a value for QEMU's `key=value,...` syntax.
@@ -117,6 +140,40 @@ pub fn build_argv(config: &LaunchConfig<'_>) -> Vec<String> {
     if config.incoming {
         push(&["-incoming", "defer"]);
     }
+    let hardening = config.hardening;
+    if let Some(dir) = hardening.tls_credentials {
+        for (id, endpoint) in [(TLS_CLIENT_ID, "client"), (TLS_SERVER_ID, "server")] {
+            push(&[
+                "-object",
+                &format!(
+                    "tls-creds-x509,id={id},dir={},endpoint={endpoint},verify-peer=on",
+                    path_value(dir)
+                ),
+            ]);
+        }
+    }
+    if hardening.sandbox {
+        // QEMU drops to its user with setuid after the filter is in place,
+        // so set*id calls stay allowed when it has one.
+        let elevate = if hardening.user.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
+        push(&[
+            "-sandbox",
+            &format!(
+                "on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+            ),
+        ]);
+    }
+    if let Some(user) = hardening.user {
+        if hardening.run_with {
+            push(&["-run-with", &format!("user={}", escape_option_value(user))]);
+        } else {
+            push(&["-runas", user]);
+        }
+    }
     argv
 }
 
@@ -151,6 +208,7 @@ format = "qcow2"
             qmp_socket: &PathBuf::from("/run/x,y/qmp.sock"),
             serial_log: &PathBuf::from("/run/serial.log"),
             incoming,
+            hardening: Hardening::default(),
         })
     }
 
@@ -199,5 +257,58 @@ format = "qcow2"
         );
         assert_eq!(value_of(&argv, "-m"), ["262136k"]);
         assert_eq!(value_of(&argv, "-incoming"), ["defer"]);
+    }
+
+    #[test]
+    fn hardening_sandboxes_drops_privileges_and_loads_tls_credentials() {
+        let def = definition();
+        let spec = LaunchSpec {
+            machine: "pc-i440fx-7.2".into(),
+            accel: Accel::Tcg,
+            ram: RamLayout::plain(256),
+        };
+        let build = |hardening| {
+            build_argv(&LaunchConfig {
+                definition: &def,
+                spec: &spec,
+                qmp_socket: Path::new("/run/qmp.sock"),
+                serial_log: Path::new("/run/serial.log"),
+                incoming: false,
+                hardening,
+            })
+        };
+        let none = build(Hardening::default());
+        assert!(!none.iter().any(|a| a == "-sandbox" || a == "-runas"));
+
+        let root = build(Hardening {
+            sandbox: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            value_of(&root, "-sandbox"),
+            ["on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        );
+
+        let user = build(Hardening {
+            sandbox: true,
+            user: Some("livemig-qemu"),
+            run_with: false,
+            tls_credentials: Some(Path::new("/state/qemu-tls")),
+        });
+        assert!(value_of(&user, "-sandbox")[0].contains("elevateprivileges=allow"));
+        assert_eq!(value_of(&user, "-runas"), ["livemig-qemu"]);
+        assert_eq!(
+            value_of(&user, "-object"),
+            [
+                "tls-creds-x509,id=livemig-tls-client,dir=/state/qemu-tls,endpoint=client,verify-peer=on",
+                "tls-creds-x509,id=livemig-tls-server,dir=/state/qemu-tls,endpoint=server,verify-peer=on",
+            ]
+        );
+        let newer = build(Hardening {
+            user: Some("q"),
+            run_with: true,
+            ..Default::default()
+        });
+        assert_eq!(value_of(&newer, "-run-with"), ["user=q"]);
     }
 }

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qmp::commands::migration::{QueryMigrateCapabilities, QueryMigrateParameters};
-use qmp::commands::vm::{QueryCommands, QueryKvm, QueryMachines, QueryVersion};
+use qmp::commands::vm::{
+    QueryCommandLineOptions, QueryCommands, QueryKvm, QueryMachines, QueryVersion,
+};
 use qmp::QemuVersion;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +48,9 @@ pub struct QemuBinary {
     pub machines: Vec<Machine>,
     /// KVM is available.
     pub kvm_present: bool,
+    /// Command-line option groups it has (`sandbox`, `run-with`, ...).
+    #[serde(default)]
+    pub command_line_options: BTreeSet<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +111,16 @@ impl QemuBinary {
             .map(|m| m.name.clone())
     }
 
+    /// The binary was built with seccomp (`-sandbox`).
+    pub fn has_sandbox(&self) -> bool {
+        self.command_line_options.contains("sandbox")
+    }
+
+    /// The binary takes `-run-with user=` (9.1+) rather than `-runas`.
+    pub fn has_run_with(&self) -> bool {
+        self.command_line_options.contains("run-with")
+    }
+
     /// True when migrating a guest under `accel` on this binary needs the
     /// RAM-layout workaround (see [`layout`]).
     pub fn has_tcg_dirty_bitmap_bug(&self, accel: Accel) -> bool {
@@ -119,25 +134,16 @@ impl QemuBinary {
 /// [`ProbeError::Start`] when the binary cannot run, [`ProbeError::Query`]
 /// when it does not answer.
 pub async fn probe(binary: &Path, timeout: Duration) -> Result<QemuBinary, ProbeError> {
-    let scratch = tempfile_dir().map_err(|source| ProbeError::Scratch {
-        binary: binary.to_path_buf(),
-        source,
-    })?;
-    let result = probe_in(binary, &scratch, timeout).await;
-    let _ = std::fs::remove_dir_all(&scratch);
-    result
-}
-
-fn tempfile_dir() -> std::io::Result<PathBuf> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "livemig-probe-{}-{}",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+    // A fresh, private, unpredictable directory: nobody else can plant a
+    // socket or a link where the probe's QEMU will create its own.
+    let scratch = tempfile::Builder::new()
+        .prefix("livemig-probe-")
+        .tempdir()
+        .map_err(|source| ProbeError::Scratch {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    probe_in(binary, scratch.path(), timeout).await
 }
 
 async fn probe_in(
@@ -190,6 +196,10 @@ async fn probe_in(
     let commands = qmp.execute(&QueryCommands).await.map_err(query_error)?;
     let machines = qmp.execute(&QueryMachines).await.map_err(query_error)?;
     let kvm = qmp.execute(&QueryKvm).await.map_err(query_error)?;
+    let options = qmp
+        .execute(&QueryCommandLineOptions)
+        .await
+        .map_err(query_error)?;
     process.shutdown(timeout).await;
 
     Ok(QemuBinary {
@@ -210,5 +220,6 @@ async fn probe_in(
             })
             .collect(),
         kvm_present: kvm.present,
+        command_line_options: options.into_iter().map(|o| o.option).collect(),
     })
 }

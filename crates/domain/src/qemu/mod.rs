@@ -5,7 +5,7 @@ pub mod binary;
 pub mod layout;
 pub mod process;
 
-pub use argv::{build_argv, LaunchConfig, LaunchSpec};
+pub use argv::{build_argv, Hardening, LaunchConfig, LaunchSpec};
 pub use binary::{probe, ProbeError, QemuBinary};
 pub use layout::RamLayout;
 pub use process::{ExitInfo, ProcessError, QemuProcess, STOP_TIMEOUT};

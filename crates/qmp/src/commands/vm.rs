@@ -176,6 +176,41 @@ unit_command!(
     Vec<CommandInfo>
 );
 
+unit_command!(
+    /// `query-command-line-options`: the option groups this binary has
+    /// (`sandbox` only when built with seccomp, `run-with` from 9.1).
+    QueryCommandLineOptions,
+    "query-command-line-options",
+    Vec<CommandLineOption>
+);
+
+#[derive(Debug, Clone, Deserialize)]
+/// One command-line option group.
+pub struct CommandLineOption {
+    /// Its name, without the dash.
+    pub option: String,
+}
+
+/// `qom-list`: the children and properties of a QOM path.
+#[derive(Debug, Clone, Serialize)]
+pub struct QomList {
+    /// The path (`/objects` holds the objects made with `-object` or
+    /// `object-add`).
+    pub path: String,
+}
+
+impl Command for QomList {
+    const NAME: &'static str = "qom-list";
+    type Reply = Vec<QomProperty>;
+}
+
+#[derive(Debug, Clone, Deserialize)]
+/// One entry of a `qom-list` reply.
+pub struct QomProperty {
+    /// The child's or property's name.
+    pub name: String,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 /// One QMP command, as `query-commands` lists it.
 pub struct CommandInfo {
