@@ -27,7 +27,7 @@ struct InProcess {
 }
 
 impl InProcess {
-    async fn start(dir: &Path, pki: &Path, name: &str) -> InProcess {
+    async fn start(dir: &Path, pki: &Path, images: &Path, name: &str) -> InProcess {
         let mut config = Config::new(
             dir.to_path_buf(),
             dir.join("livemigd.sock"),
@@ -36,6 +36,7 @@ impl InProcess {
         config.tls_dir =
             Some(tls::pki::issue(pki, name, protocol::Role::Agent, &["127.0.0.1".into()]).unwrap());
         config.finish_timeout = Duration::from_secs(30);
+        config.image_dirs = vec![images.to_path_buf()];
         let listeners = Listeners::bind(&config).await.expect("bind");
         let tcp = format!("tls://{}", listeners.tcp_addr().expect("a TCP address"));
         let socket = config.socket.clone();
@@ -105,11 +106,13 @@ async fn passes(dir: &Path, name: &str, passes: u64) -> SerialLog {
 #[tokio::test]
 async fn two_in_process_agents_migrate_a_guest() {
     let dir = tempfile::tempdir().unwrap();
-    let kernel = guest::install_kernel(dir.path()).unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let kernel = guest::install_kernel(&images).unwrap();
     let pki = dir.path().join("pki");
     tls::pki::init(&pki).unwrap();
-    let a = InProcess::start(&dir.path().join("a"), &pki, "a").await;
-    let b = InProcess::start(&dir.path().join("b"), &pki, "b").await;
+    let a = InProcess::start(&dir.path().join("a"), &pki, &images, "a").await;
+    let b = InProcess::start(&dir.path().join("b"), &pki, &images, "b").await;
     let definition = DomainDefinition::from_toml(&guest::definition_toml(
         "vm",
         64,

@@ -8,6 +8,7 @@
 //!   dropping it kills the group (agent and every QEMU it started).
 //! - [`netns`]: two network namespaces joined by a veth pair.
 //! - [`capture`]: the start of each TCP connection in a namespace, as sent.
+//! - [`rogue`]: a compromised peer agent that rewrites a real one's replies.
 //! - [`procs`]: which processes are in a group, for leak checks.
 //! - [`tls_client`]: a raw TLS connection to an agent (metrics, probing).
 //! - [`assert_runs_only_on`], [`assert_no_leftovers`]: what a user checks
@@ -25,6 +26,7 @@ mod checks;
 mod host;
 pub mod netns;
 pub mod procs;
+pub mod rogue;
 pub mod tls_client;
 
 use std::path::PathBuf;

@@ -44,6 +44,7 @@ fn reply(command: &str, dropped: &[String]) -> Value {
         "query-commands" => json!([{"name": "query-migrate"}]),
         "query-machines" => json!([{"name": "pc-i440fx-7.2", "alias": "pc"}]),
         "query-kvm" => json!({"enabled": false, "present": false}),
+        "query-command-line-options" => json!([{"option": "sandbox", "parameters": []}]),
         _ => json!({}),
     }
 }

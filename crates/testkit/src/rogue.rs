@@ -1,0 +1,103 @@
+//! A compromised peer agent: a mutual-TLS endpoint with a valid agent
+//! certificate from the cluster's CA that passes every request on to a real
+//! agent and rewrites its replies as the test says, e.g. a Prepare answered
+//! with a data URI that would send the guest's memory elsewhere.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::codec::{read_message, write_message};
+use protocol::envelope::{RequestEnvelope, ResponseEnvelope, ResponseResult};
+use protocol::{AgentUri, ApiError, Client, ErrorCode, Reply, PROTOCOL_VERSION};
+use tokio::io::BufReader;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{Host, TestBed};
+
+/// How the rogue changes a real reply.
+pub type Rewrite = Arc<dyn Fn(Reply) -> Reply + Send + Sync>;
+
+/// The rogue peer; dropping it stops it.
+#[derive(Debug)]
+pub struct RoguePeer {
+    uri: String,
+    task: JoinHandle<()>,
+}
+
+impl Drop for RoguePeer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RoguePeer {
+    /// Listens on loopback with an agent certificate named `rogue`,
+    /// forwarding to `real` with the same certificate.
+    ///
+    /// # Panics
+    /// If the certificate or the listener cannot be set up.
+    pub async fn start(bed: &TestBed, real: &Host, rewrite: Rewrite) -> RoguePeer {
+        let issued = bed.path().join("pki/rogue");
+        let dir = if issued.exists() {
+            issued
+        } else {
+            bed.certificate("rogue", protocol::Role::Agent, &["127.0.0.1"])
+        };
+        let tls = tls::TlsDir::load(&dir).expect("the rogue's certificate");
+        let acceptor = TlsAcceptor::from(tls.server_config().expect("a server configuration"));
+        let client_config = tls.client_config().expect("a client configuration");
+        let upstream: AgentUri = real.uri().parse().expect("the real agent's URI");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let uri = format!("tls://{}", listener.local_addr().expect("address"));
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                let upstream = upstream.clone();
+                let client_config = client_config.clone();
+                let rewrite = rewrite.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let Ok(real) = Client::connect_with(&upstream, Some(&client_config)).await
+                    else {
+                        return;
+                    };
+                    let (read, mut write) = tokio::io::split(stream);
+                    let mut read = BufReader::new(read);
+                    while let Ok(Some(envelope)) =
+                        read_message::<_, RequestEnvelope>(&mut read).await
+                    {
+                        let result = match real
+                            .request(envelope.request, Duration::from_secs(120))
+                            .await
+                        {
+                            Ok(reply) => ResponseResult::Ok(rewrite(reply)),
+                            Err(protocol::ClientError::Api(e)) => ResponseResult::Error(e),
+                            Err(e) => ResponseResult::Error(ApiError::new(
+                                ErrorCode::Internal,
+                                e.to_string(),
+                            )),
+                        };
+                        let response = ResponseEnvelope {
+                            version: PROTOCOL_VERSION,
+                            id: envelope.id,
+                            result,
+                        };
+                        if write_message(&mut write, &response).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        RoguePeer { uri, task }
+    }
+
+    /// The URI a source dials.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+}

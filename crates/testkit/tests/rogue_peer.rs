@@ -1,0 +1,90 @@
+//! A compromised peer agent (a valid agent certificate, a real agent behind
+//! it) answers Prepare with a data URI that would run a command on the
+//! source or send the guest's memory elsewhere: the source refuses, sends
+//! nothing, keeps the guest running, and the real destination tears down.
+
+use std::sync::Arc;
+
+use guest::Workload;
+use protocol::job::JobStatus;
+use protocol::{MigrateOptions, Reply};
+use testkit::rogue::RoguePeer;
+use testkit::{assert_runs_only_on, wait_until, TestBed};
+
+#[tokio::test]
+async fn a_compromised_peer_cannot_make_the_source_run_a_command_or_send_the_guest_elsewhere() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed
+        .two_hosts_running("vm", 64, Workload::busy(4, 50_000))
+        .await;
+    // Where a stolen stream would go: another loopback address, and a
+    // socket on the source's host.
+    let sink = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    let socket_path = bed.path().join("stolen.sock");
+    let socket_sink = std::os::unix::net::UnixListener::bind(&socket_path).unwrap();
+    socket_sink.set_nonblocking(true).unwrap();
+    let marker = bed.path().join("owned");
+
+    let cases = [
+        (
+            format!("exec:touch {}", marker.display()),
+            "unsupported transport",
+        ),
+        (format!("tcp:{sink_addr}"), "which is not its own address"),
+        (
+            format!("unix:{}", socket_path.display()),
+            "a local socket nobody asked for",
+        ),
+    ];
+    for (evil, expected) in cases {
+        let answer = evil.clone();
+        let rogue = RoguePeer::start(
+            &bed,
+            &b,
+            Arc::new(move |reply| match reply {
+                Reply::Prepared { .. } => Reply::Prepared {
+                    uri: answer.clone(),
+                },
+                other => other,
+            }),
+        )
+        .await;
+        let id = a
+            .start_migration(
+                "vm",
+                rogue.uri(),
+                MigrateOptions {
+                    live: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("the migration starts: the peer looks genuine");
+        let record = a.wait_job(&id).await;
+
+        assert_eq!(record.status, JobStatus::Failed, "{evil}: {record:?}");
+        let error = record.error.clone().unwrap_or_default();
+        assert!(error.contains(expected), "{evil}: {error}");
+        assert!(
+            error.contains(&evil),
+            "the error names what was refused: {error}"
+        );
+        // Nothing was run, nothing connected anywhere.
+        assert!(!marker.exists(), "{evil}: the command ran");
+        assert!(sink.accept().is_err(), "{evil}: a connection to the sink");
+        assert!(
+            socket_sink.accept().is_err(),
+            "{evil}: a connection to the socket"
+        );
+        // The real destination was told to tear down.
+        wait_until(
+            std::time::Duration::from_secs(30),
+            "the destination to tear down",
+            || async { b.qemu_pids().is_empty().then_some(()) },
+        )
+        .await;
+    }
+    assert_runs_only_on("vm", &a, &b, 1).await;
+}
