@@ -15,6 +15,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// TCP address for peers and remote CLIs.
     pub listen: Option<SocketAddr>,
+    /// A second address serving only `GET /metrics` (TLS with a client
+    /// certificate, like `listen`).
+    pub metrics_listen: Option<SocketAddr>,
     /// TLS directory (`ca.pem`, `cert.pem`, `key.pem`): the TCP listener
     /// speaks mutual TLS, and the agent dials its peers with it.
     pub tls_dir: Option<PathBuf>,
@@ -70,6 +73,7 @@ impl Config {
             state_dir,
             socket,
             listen,
+            metrics_listen: None,
             tls_dir: None,
             insecure: false,
             qemu_monitor_command: false,

@@ -33,7 +33,7 @@ enum Switch {
     after_help = "Examples:\n  \
         livemigd --state-dir /var/lib/livemig --listen tls://10.0.0.1:7000 --tls-dir /etc/livemig/tls\n  \
         livemigd --config /etc/livemig/livemigd.toml\n\n\
-        The config file takes the same settings as the flags (state_dir, socket, listen, tls_dir,\n\
+        The config file takes the same settings as the flags (state_dir, socket, listen, metrics_listen, tls_dir,\n\
         insecure, qemu_monitor_command, migrate_tls_force, image_dirs = [\"/srv/images\"],\n\
         allow_device_nodes, qemu_user, qemu_sandbox = \"on\", qemu, accel, tcg_workaround, log_format,\n\
         migration_ports = \"49152-49215\",\n\
@@ -54,6 +54,11 @@ struct Args {
     /// picks one.
     #[arg(long, value_name = "tls://HOST:PORT")]
     listen: Option<String>,
+    /// A second address that serves only GET /metrics, for Prometheus:
+    /// tls://HOST:PORT (a client certificate of any role), or tcp:// with
+    /// --insecure.
+    #[arg(long, value_name = "tls://HOST:PORT")]
+    metrics_listen: Option<String>,
     /// TLS directory (ca.pem, cert.pem, key.pem, from `livemig pki issue ...
     /// --role agent`): serves tls:// and dials peers with it.
     #[arg(long, value_name = "DIR")]
@@ -110,6 +115,7 @@ struct ConfigFile {
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
     listen: Option<String>,
+    metrics_listen: Option<String>,
     tls_dir: Option<PathBuf>,
     #[serde(default)]
     insecure: bool,
@@ -225,6 +231,23 @@ async fn main() -> Result<()> {
         .transpose()?;
     let tls_dir = args.tls_dir.or(file.tls_dir);
     let insecure = args.insecure || file.insecure;
+    let metrics_listen = args
+        .metrics_listen
+        .or(file.metrics_listen)
+        .as_deref()
+        .map(parse_listen)
+        .transpose()?;
+    match (metrics_listen, &tls_dir) {
+        (Some((_, true)), None) => bail!("--metrics-listen tls://... needs --tls-dir DIR"),
+        (Some((addr, false)), _) if !insecure => bail!(
+            "refusing plaintext --metrics-listen tcp://{addr}: use tls://{addr} with --tls-dir \
+             (Prometheus scrapes with a monitor certificate), or --insecure"
+        ),
+        (Some((_, false)), Some(_)) => {
+            bail!("--metrics-listen tcp://... is plaintext; with --tls-dir, listen on tls://")
+        }
+        _ => {}
+    }
     match (listen, &tls_dir) {
         (Some((_, true)), None) => {
             bail!("--listen tls://... needs --tls-dir DIR (create it with `livemig pki init PKI && livemig pki issue PKI NAME --role agent --host HOST`)")
@@ -246,6 +269,7 @@ async fn main() -> Result<()> {
         .unwrap_or_else(|| state_dir.join("livemigd.sock"));
     let mut config = agent::Config::new(state_dir, socket, listen.map(|(addr, _)| addr));
     config.tls_dir = tls_dir;
+    config.metrics_listen = metrics_listen.map(|(addr, _)| addr);
     config.insecure = insecure;
     config.qemu_monitor_command = args.allow_qemu_monitor_command || file.qemu_monitor_command;
     config.migrate_tls_force = args.migrate_tls_force || file.migrate_tls_force;

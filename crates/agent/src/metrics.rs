@@ -1,64 +1,73 @@
-//! Prometheus metrics, served at `GET /metrics` on the agent's TCP port.
+//! Prometheus metrics (OpenMetrics text, `prometheus-client`), served at
+//! `GET /metrics` on the agent's TLS port and on `--metrics-listen`.
 //!
 //! Counters and histograms cover the jobs this agent process finished;
 //! gauges are read from the live domain table at scrape time.
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use protocol::job::{JobRecord, JobStatus, Role};
 
 use crate::state::{ActiveJob, Agent};
 
+/// The media type of what [`Metrics::render`] returns.
+pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 const DURATION_BUCKETS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 const DOWNTIME_BUCKETS: [f64; 9] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
+const ROLES: [&str; 2] = ["source", "destination"];
+const RESULTS: [&str; 3] = ["completed", "failed", "cancelled"];
 
-#[derive(Debug, Default)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    role: String,
+    status: String,
 }
 
-impl Histogram {
-    fn observe(&mut self, buckets: &[f64], value: f64) {
-        if self.counts.len() != buckets.len() {
-            self.counts = vec![0; buckets.len()];
-        }
-        for (i, le) in buckets.iter().enumerate() {
-            if value <= *le {
-                self.counts[i] += 1;
-            }
-        }
-        self.sum += value;
-        self.count += 1;
-    }
-
-    fn render(&self, out: &mut String, name: &str, buckets: &[f64]) {
-        for (i, le) in buckets.iter().enumerate() {
-            let n = self.counts.get(i).copied().unwrap_or(0);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {n}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", self.count);
-        let _ = writeln!(out, "{name}_sum {}", self.sum);
-        let _ = writeln!(out, "{name}_count {}", self.count);
-    }
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RoleLabel {
+    role: String,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    /// (role, status) → jobs.
-    jobs: BTreeMap<(String, String), u64>,
-    duration: Histogram,
-    downtime: Histogram,
-    transferred_bytes: u64,
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DomainLabel {
+    domain: String,
 }
 
 /// What the agent has done since it started.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Metrics {
-    counters: Mutex<Counters>,
+    migrations: Family<JobLabels, Counter>,
+    duration: Histogram,
+    downtime: Histogram,
+    transferred: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let migrations = Family::<JobLabels, Counter>::default();
+        // Every series exists from the start, at zero.
+        for role in ROLES {
+            for status in RESULTS {
+                let _ = migrations.get_or_create(&JobLabels {
+                    role: role.into(),
+                    status: status.into(),
+                });
+            }
+        }
+        Metrics {
+            migrations,
+            duration: Histogram::new(DURATION_BUCKETS),
+            downtime: Histogram::new(DOWNTIME_BUCKETS),
+            transferred: Counter::default(),
+        }
+    }
 }
 
 fn role_name(role: Role) -> &'static str {
@@ -71,111 +80,103 @@ fn role_name(role: Role) -> &'static str {
 impl Metrics {
     /// Counts a finished job.
     pub fn job_finished(&self, record: &JobRecord) {
-        let mut c = self.counters.lock().expect("metrics lock");
-        *c.jobs
-            .entry((role_name(record.role).into(), record.status.to_string()))
-            .or_default() += 1;
+        self.migrations
+            .get_or_create(&JobLabels {
+                role: role_name(record.role).into(),
+                status: record.status.to_string(),
+            })
+            .inc();
         if record.role == Role::Source {
-            c.transferred_bytes += record.transferred_bytes;
+            self.transferred.inc_by(record.transferred_bytes);
             if record.status == JobStatus::Completed {
-                c.duration
-                    .observe(&DURATION_BUCKETS, record.total_time_ms as f64 / 1000.0);
+                self.duration.observe(record.total_time_ms as f64 / 1000.0);
                 if let Some(d) = record.downtime_ms {
-                    c.downtime.observe(&DOWNTIME_BUCKETS, d as f64 / 1000.0);
+                    self.downtime.observe(d as f64 / 1000.0);
                 }
             }
         }
     }
 
-    /// The Prometheus text exposition.
+    /// The OpenMetrics text exposition: the counters, and gauges read from
+    /// `agent`'s domain table now.
     pub fn render(&self, agent: &Agent) -> String {
-        let mut out = String::new();
-        let c = self.counters.lock().expect("metrics lock");
-        out.push_str(
-            "# HELP livemig_up The agent answers.\n# TYPE livemig_up gauge\nlivemig_up 1\n",
+        let mut registry = Registry::default();
+        let up = Gauge::<i64>::default();
+        up.set(1);
+        registry.register("livemig_up", "The agent answers", up);
+        registry.register(
+            "livemig_migrations",
+            "Migration jobs finished by this agent, by role and result",
+            self.migrations.clone(),
         );
-        out.push_str(
-            "# HELP livemig_migrations_total Migration jobs finished by this agent, by role and result.\n\
-             # TYPE livemig_migrations_total counter\n",
-        );
-        for role in ["source", "destination"] {
-            for status in ["completed", "failed", "cancelled"] {
-                let n = c
-                    .jobs
-                    .get(&(role.to_string(), status.to_string()))
-                    .copied()
-                    .unwrap_or(0);
-                let _ = writeln!(
-                    out,
-                    "livemig_migrations_total{{role=\"{role}\",status=\"{status}\"}} {n}"
-                );
-            }
-        }
-        out.push_str(
-            "# HELP livemig_migration_duration_seconds Total time of completed outgoing migrations.\n\
-             # TYPE livemig_migration_duration_seconds histogram\n",
-        );
-        c.duration.render(
-            &mut out,
+        registry.register(
             "livemig_migration_duration_seconds",
-            &DURATION_BUCKETS,
+            "Total time of completed outgoing migrations",
+            self.duration.clone(),
         );
-        out.push_str(
-            "# HELP livemig_migration_downtime_seconds Switchover downtime of completed outgoing migrations.\n\
-             # TYPE livemig_migration_downtime_seconds histogram\n",
-        );
-        c.downtime.render(
-            &mut out,
+        registry.register(
             "livemig_migration_downtime_seconds",
-            &DOWNTIME_BUCKETS,
+            "Switchover downtime of completed outgoing migrations",
+            self.downtime.clone(),
         );
-        let _ = write!(
-            out,
-            "# HELP livemig_migration_transferred_bytes_total Bytes sent by outgoing migrations.\n\
-             # TYPE livemig_migration_transferred_bytes_total counter\n\
-             livemig_migration_transferred_bytes_total {}\n",
-            c.transferred_bytes
+        registry.register(
+            "livemig_migration_transferred_bytes",
+            "Bytes sent by outgoing migrations",
+            self.transferred.clone(),
         );
-        drop(c);
 
-        let (mut active_source, mut active_destination, mut running) = (0, 0, 0);
-        let mut throttles = Vec::new();
+        let active = Family::<RoleLabel, Gauge>::default();
+        for role in ROLES {
+            let _ = active.get_or_create(&RoleLabel { role: role.into() });
+        }
+        let running = Gauge::<i64>::default();
+        let throttle = Family::<DomainLabel, Gauge<f64, AtomicU64>>::default();
         {
             let domains = agent.domains.lock().expect("domains lock");
             for (name, d) in domains.iter() {
                 if d.vm.is_some() {
-                    running += 1;
+                    running.inc();
                 }
                 match &d.job {
                     Some(ActiveJob::Outgoing(job)) => {
-                        active_source += 1;
+                        active
+                            .get_or_create(&RoleLabel {
+                                role: "source".into(),
+                            })
+                            .inc();
                         let p = job.progress.borrow();
                         let qemu = p.stats.cpu_throttle_pct.unwrap_or(0) as f64;
-                        throttles.push((name.to_string(), p.throttle.percent().max(qemu)));
+                        throttle
+                            .get_or_create(&DomainLabel {
+                                domain: name.to_string(),
+                            })
+                            .set(p.throttle.percent().max(qemu));
                     }
-                    Some(ActiveJob::Incoming(_)) => active_destination += 1,
+                    Some(ActiveJob::Incoming(_)) => {
+                        active
+                            .get_or_create(&RoleLabel {
+                                role: "destination".into(),
+                            })
+                            .inc();
+                    }
                     None => {}
                 }
             }
         }
-        let _ = write!(
-            out,
-            "# HELP livemig_active_jobs Migration jobs running now.\n\
-             # TYPE livemig_active_jobs gauge\n\
-             livemig_active_jobs{{role=\"source\"}} {active_source}\n\
-             livemig_active_jobs{{role=\"destination\"}} {active_destination}\n\
-             # HELP livemig_domains_running Domains whose QEMU runs on this host.\n\
-             # TYPE livemig_domains_running gauge\n\
-             livemig_domains_running {running}\n\
-             # HELP livemig_vcpu_throttle_percent vCPU throttle of a domain being migrated away.\n\
-             # TYPE livemig_vcpu_throttle_percent gauge\n"
+        registry.register("livemig_active_jobs", "Migration jobs running now", active);
+        registry.register(
+            "livemig_domains_running",
+            "Domains whose QEMU runs on this host",
+            running,
         );
-        for (domain, pct) in throttles {
-            let _ = writeln!(
-                out,
-                "livemig_vcpu_throttle_percent{{domain=\"{domain}\"}} {pct}"
-            );
-        }
+        registry.register(
+            "livemig_vcpu_throttle_percent",
+            "vCPU throttle of a domain being migrated away",
+            throttle,
+        );
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

@@ -2,6 +2,7 @@
 //! restarts, timeline reports, metrics, completions, the config file.
 
 use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use guest::Workload;
 use protocol::job::JobStatus;
@@ -315,6 +316,89 @@ async fn metrics_are_served_in_prometheus_text_format() {
             "bad line {line:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_metrics_only_port_serves_prometheus_and_nothing_else() {
+    let bed = TestBed::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics_uri = format!("tls://127.0.0.1:{port}");
+    let a = bed
+        .host_args("a", &["--metrics-listen", &metrics_uri])
+        .await;
+    let monitor = bed.certificate("prometheus", protocol::Role::Monitor, &[]);
+
+    let response = scrape(&metrics_uri, &monitor).await;
+    assert!(
+        response.contains("content-type: application/openmetrics-text"),
+        "{response}"
+    );
+    assert_eq!(metric(&response, "livemig_up"), 1.0);
+    assert!(response.trim_end().ends_with("# EOF"), "{response}");
+
+    // Not the agent protocol: a request is an HTTP error.
+    let mut stream = testkit::tls_client::connect(&metrics_uri, &monitor)
+        .await
+        .unwrap();
+    stream
+        .write_all(b"{\"version\":1,\"id\":1,\"request\":{\"op\":\"list\",\"all\":true}}\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // Other paths and methods.
+    for (request, status) in [
+        ("GET /other HTTP/1.1\r\nHost: x\r\n\r\n", "404"),
+        (
+            "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            "405",
+        ),
+    ] {
+        let mut stream = testkit::tls_client::connect(&metrics_uri, &monitor)
+            .await
+            .unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        let _ = stream.read_to_string(&mut answer).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+    }
+    // An endless request line is cut off, on either port.
+    for uri in [metrics_uri.clone(), a.uri()] {
+        let mut stream = testkit::tls_client::connect(&uri, &monitor).await.unwrap();
+        let _ = stream.write_all(b"GET /").await;
+        let _ = stream.write_all(&vec![b'a'; 256 << 10]).await;
+        let mut answer = String::new();
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            stream.read_to_string(&mut answer),
+        )
+        .await
+        .expect("the agent closes the connection");
+        assert!(!answer.contains("200 OK"), "{answer}");
+    }
+    // Without a certificate: no answer at all.
+    let plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut plain = plain;
+    let _ = plain.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        plain.read_to_end(&mut answer),
+    )
+    .await;
+    assert!(!String::from_utf8_lossy(&answer).contains("livemig_up"));
+    // The agent still answers.
+    assert!(a.list_all().await.is_empty());
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! One connection: the agent protocol, request by request, or (on the
-//! network port) one HTTP `GET /metrics`.
+//! network ports) one HTTP request (see `http`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use protocol::codec::{read_message, write_message, CodecError};
 use protocol::envelope::{RequestEnvelope, ResponseEnvelope, ResponseResult};
 use protocol::{ApiError, ErrorCode, PROTOCOL_VERSION};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 
 use super::ConnContext;
 use crate::migrate::destination;
@@ -15,30 +15,29 @@ use crate::state::Agent;
 
 /// How long a new connection may take to say what it is.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long an HTTP client may take to send its request.
-const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
-/// The most an HTTP request (line and headers) may be.
-const HTTP_MAX: u64 = 16 << 10;
 /// How long a connection may sit without a whole request before it is
 /// closed (a migration's peer connection pings every few seconds).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A network connection speaks the agent protocol, or HTTP (`GET
-/// /metrics`): the agent protocol starts with '{', HTTP with a method.
-pub(super) async fn serve_stream<S>(agent: Arc<Agent>, stream: S, ctx: ConnContext)
+/// /metrics`): the agent protocol starts with '{', HTTP with a method. On
+/// the metrics port (`http_only`) it is HTTP whatever it starts with.
+pub(super) async fn serve_stream<S>(agent: Arc<Agent>, stream: S, ctx: ConnContext, http_only: bool)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (read, write) = tokio::io::split(stream);
-    let mut reader = BufReader::new(read);
-    let is_http = matches!(
-        tokio::time::timeout(FIRST_BYTES_TIMEOUT, reader.fill_buf()).await,
-        Ok(Ok(first)) if first.starts_with(b"GET ")
-    );
+    // The first bytes stay in the buffer for whoever serves the rest.
+    let mut stream = BufReader::new(stream);
+    let is_http = http_only
+        || matches!(
+            tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.fill_buf()).await,
+            Ok(Ok(first)) if first.first().is_some_and(u8::is_ascii_uppercase)
+        );
     if is_http {
-        serve_http(agent, reader, write).await;
+        super::http::serve(agent, stream).await;
     } else {
-        serve_requests(agent, reader, write, ctx).await;
+        let (read, write) = tokio::io::split(stream);
+        serve_requests(agent, BufReader::new(read), write, ctx).await;
     }
 }
 
@@ -109,47 +108,4 @@ pub(super) async fn serve_requests<R, W>(
         }
     }
     destination::abort_for_connection(&agent, ctx.id).await;
-}
-
-/// Answers one HTTP request: `GET /metrics`, or 404.
-async fn serve_http<R, W>(agent: Arc<Agent>, reader: BufReader<R>, mut write: W)
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    // A request longer than this is cut off and refused.
-    let mut reader = reader.take(HTTP_MAX);
-    let mut request_line = String::new();
-    let read = tokio::time::timeout(HTTP_TIMEOUT, async {
-        reader.read_line(&mut request_line).await?;
-        // Skip the headers.
-        let mut header = String::new();
-        loop {
-            header.clear();
-            if reader.read_line(&mut header).await? == 0 || header.trim().is_empty() {
-                break;
-            }
-        }
-        std::io::Result::Ok(())
-    })
-    .await;
-    if !matches!(read, Ok(Ok(()))) || !request_line.ends_with('\n') {
-        return;
-    }
-    let path = request_line.split_whitespace().nth(1).unwrap_or("");
-    let (status, content_type, body) = if path == "/metrics" {
-        (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            agent.metrics.render(&agent),
-        )
-    } else {
-        ("404 Not Found", "text/plain", "try /metrics\n".to_string())
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = write.write_all(response.as_bytes()).await;
-    let _ = write.shutdown().await;
 }

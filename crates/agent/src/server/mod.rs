@@ -9,6 +9,7 @@
 //! finish is torn down.
 
 mod connection;
+mod http;
 
 use std::fmt;
 use std::future::Future;
@@ -125,6 +126,8 @@ pub(crate) struct ConnContext {
 pub struct Listeners {
     unix: UnixListener,
     tcp: Option<TcpListener>,
+    /// `GET /metrics` only (`--metrics-listen`).
+    metrics: Option<TcpListener>,
     tls: Option<TlsAcceptor>,
     /// How the agent dials its peers, from the same TLS directory.
     peer_tls: Option<Arc<rustls::ClientConfig>>,
@@ -158,8 +161,10 @@ impl Listeners {
             }
             None => (None, None),
         };
-        if let (Some(addr), None, false) = (config.listen, &tls, config.insecure) {
-            return Err(RunError::Plaintext(addr));
+        for addr in [config.listen, config.metrics_listen].into_iter().flatten() {
+            if tls.is_none() && !config.insecure {
+                return Err(RunError::Plaintext(addr));
+            }
         }
         let unix = bind_unix(&config.socket).await?;
         let tcp = match config.listen {
@@ -173,12 +178,29 @@ impl Listeners {
             ),
             None => None,
         };
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RunError::Bind {
+                        what: format!("metrics {addr}"),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
         Ok(Listeners {
             unix,
             tcp,
+            metrics,
             tls,
             peer_tls,
         })
+    }
+
+    /// The metrics address actually bound, if any.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The TCP address actually bound (port 0 picks one).
@@ -232,9 +254,11 @@ pub async fn serve(
              host's VMs"
         );
     }
+    let metrics_addr = listeners.metrics_addr();
     let Listeners {
         unix,
         tcp,
+        metrics,
         tls,
         peer_tls,
     } = listeners;
@@ -272,6 +296,10 @@ pub async fn serve(
     }
     crate::reattach::reattach_all(&agent).await;
     tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");
+    if let Some(addr) = metrics_addr {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(metrics = %format!("{scheme}://{addr}/metrics"), "serving metrics");
+    }
 
     let mut connections = JoinSet::new();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
@@ -285,22 +313,12 @@ pub async fn serve(
                 }
                 Err(e) => tracing::warn!(error = %e, "unix accept failed"),
             },
-            accepted = accept_tcp(tcp.as_ref()) => match accepted {
-                Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
-                    Ok(slot) => {
-                        tracing::debug!(%peer, "tcp connection");
-                        let (agent, tls) = (agent.clone(), tls.clone());
-                        connections.spawn(async move {
-                            serve_tcp(agent, stream, tls).await;
-                            drop(slot);
-                        });
-                    }
-                    Err(_) => {
-                        tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many connections; closed");
-                    }
-                },
-                Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
-            },
+            accepted = accept_tcp(tcp.as_ref()) => {
+                accept_network(&agent, &tls, &slots, &mut connections, accepted, false);
+            }
+            accepted = accept_tcp(metrics.as_ref()) => {
+                accept_network(&agent, &tls, &slots, &mut connections, accepted, true);
+            }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
@@ -312,6 +330,33 @@ pub async fn serve(
     stop_everything(&agent).await;
     let _ = std::fs::remove_file(&agent.config.socket);
     Ok(())
+}
+
+/// Serves a network connection in `connections`, within the limit.
+fn accept_network(
+    agent: &Arc<Agent>,
+    tls: &Option<TlsAcceptor>,
+    slots: &Arc<tokio::sync::Semaphore>,
+    connections: &mut JoinSet<()>,
+    accepted: std::io::Result<(TcpStream, std::net::SocketAddr)>,
+    http_only: bool,
+) {
+    match accepted {
+        Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                tracing::debug!(%peer, http_only, "tcp connection");
+                let (agent, tls) = (agent.clone(), tls.clone());
+                connections.spawn(async move {
+                    serve_tcp(agent, stream, tls, http_only).await;
+                    drop(slot);
+                });
+            }
+            Err(_) => {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many connections; closed");
+            }
+        },
+        Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
+    }
 }
 
 async fn accept_tcp(
@@ -352,7 +397,12 @@ async fn serve_unix(agent: Arc<Agent>, stream: UnixStream) {
 /// A network client: the TLS handshake and its certificate first (no
 /// request is read from a client without one), unless the agent is
 /// insecure.
-async fn serve_tcp(agent: Arc<Agent>, stream: TcpStream, tls: Option<TlsAcceptor>) {
+async fn serve_tcp(
+    agent: Arc<Agent>,
+    stream: TcpStream,
+    tls: Option<TlsAcceptor>,
+    http_only: bool,
+) {
     let _ = stream.set_nodelay(true);
     protocol::keepalive(&stream);
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
@@ -363,7 +413,7 @@ async fn serve_tcp(agent: Arc<Agent>, stream: TcpStream, tls: Option<TlsAcceptor
             local_ip,
             caller: Caller::Insecure,
         };
-        serve_stream(agent, stream, ctx).await;
+        serve_stream(agent, stream, ctx, http_only).await;
         return;
     };
     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -400,7 +450,7 @@ async fn serve_tcp(agent: Arc<Agent>, stream: TcpStream, tls: Option<TlsAcceptor
         local_ip,
         caller: Caller::Certified(identity),
     };
-    serve_stream(agent, stream, ctx).await;
+    serve_stream(agent, stream, ctx, http_only).await;
 }
 
 /// Binds the unix socket, replacing a stale one but never a live one.
