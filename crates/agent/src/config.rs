@@ -13,6 +13,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Unix socket for the local CLI.
     pub socket: PathBuf,
+    /// A group whose members may use the unix socket too (it is then
+    /// 0660, group-owned); by default only its owner and root.
+    pub socket_group: Option<u32>,
     /// TCP address for peers and remote CLIs.
     pub listen: Option<SocketAddr>,
     /// A second address serving only `GET /metrics` (TLS with a client
@@ -74,6 +77,7 @@ impl Config {
             socket,
             listen,
             metrics_listen: None,
+            socket_group: None,
             tls_dir: None,
             insecure: false,
             qemu_monitor_command: false,

@@ -33,7 +33,8 @@ enum Switch {
     after_help = "Examples:\n  \
         livemigd --state-dir /var/lib/livemig --listen tls://10.0.0.1:7000 --tls-dir /etc/livemig/tls\n  \
         livemigd --config /etc/livemig/livemigd.toml\n\n\
-        The config file takes the same settings as the flags (state_dir, socket, listen, metrics_listen, tls_dir,\n\
+        The config file takes the same settings as the flags (state_dir, socket, socket_group, listen,\n\
+        metrics_listen, tls_dir,\n\
         insecure, qemu_monitor_command, migrate_tls_force, image_dirs = [\"/srv/images\"],\n\
         allow_device_nodes, qemu_user, qemu_sandbox = \"on\", qemu, accel, tcg_workaround, log_format,\n\
         migration_ports = \"49152-49215\",\n\
@@ -49,6 +50,10 @@ struct Args {
     /// Unix socket for the local CLI [default: STATE_DIR/livemigd.sock].
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
+    /// A group whose members may use the unix socket too (it becomes 0660)
+    /// [default: the agent's user and root only].
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<String>,
     /// Network address for peer agents, remote CLIs and /metrics: tls://HOST:PORT
     /// (mutual TLS, with --tls-dir), or tcp://HOST:PORT with --insecure. Port 0
     /// picks one.
@@ -114,6 +119,7 @@ struct Args {
 struct ConfigFile {
     state_dir: Option<PathBuf>,
     socket: Option<PathBuf>,
+    socket_group: Option<String>,
     listen: Option<String>,
     metrics_listen: Option<String>,
     tls_dir: Option<PathBuf>,
@@ -269,6 +275,13 @@ async fn main() -> Result<()> {
         .unwrap_or_else(|| state_dir.join("livemigd.sock"));
     let mut config = agent::Config::new(state_dir, socket, listen.map(|(addr, _)| addr));
     config.tls_dir = tls_dir;
+    if let Some(name) = args.socket_group.or(file.socket_group) {
+        let group = nix::unistd::Group::from_name(&name)
+            .ok()
+            .flatten()
+            .with_context(|| format!("--socket-group {name:?}: no such group on this host"))?;
+        config.socket_group = Some(group.gid.as_raw());
+    }
     config.metrics_listen = metrics_listen.map(|(addr, _)| addr);
     config.insecure = insecure;
     config.qemu_monitor_command = args.allow_qemu_monitor_command || file.qemu_monitor_command;

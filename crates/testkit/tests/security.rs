@@ -315,3 +315,44 @@ async fn idle_slow_and_oversized_clients_leave_the_agent_answering_the_others() 
     drop(idle);
     drop(slow);
 }
+
+/// `livemig list` run as `nobody` (group `nogroup`) against `host`'s socket.
+fn list_as_nobody(host: &Host) -> std::process::Output {
+    // Let others reach the socket's directory (the operator's layout would
+    // be /run/livemig); the socket's own mode decides.
+    for dir in [host.state_dir().parent().unwrap(), host.state_dir()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin("livemig"))
+        .args(["-c", &host.local_uri(), "list"])
+        .output()
+        .expect("setpriv")
+}
+
+#[tokio::test]
+async fn a_socket_group_lets_its_members_use_the_local_socket_and_nobody_else() {
+    let bed = TestBed::new().await;
+    let closed = bed.host("closed").await;
+    let out = list_as_nobody(&closed);
+    assert!(!out.status.success(), "nobody used an owner-only socket");
+    let mode = std::fs::metadata(closed.state_dir().join("livemigd.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let shared = bed
+        .host_args("shared", &["--socket-group", "nogroup"])
+        .await;
+    let socket = std::fs::metadata(shared.state_dir().join("livemigd.sock")).unwrap();
+    assert_eq!(socket.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&socket), 65534);
+    let out = list_as_nobody(&shared);
+    assert!(
+        out.status.success(),
+        "a member of the group: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

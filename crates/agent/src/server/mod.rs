@@ -166,7 +166,7 @@ impl Listeners {
                 return Err(RunError::Plaintext(addr));
             }
         }
-        let unix = bind_unix(&config.socket).await?;
+        let unix = bind_unix(&config.socket, config.socket_group).await?;
         let tcp = match config.listen {
             Some(addr) => Some(
                 TcpListener::bind(addr)
@@ -368,11 +368,35 @@ async fn accept_tcp(
     }
 }
 
-/// A local client: only the socket's owner, or root, is served.
+/// Whether a local process belongs to `group`: its primary group, or one
+/// of its supplementary groups (which `SO_PEERCRED` does not carry, so they
+/// are read from `/proc`).
+fn in_group(cred: &tokio::net::unix::UCred, group: u32) -> bool {
+    if cred.gid() == group {
+        return true;
+    }
+    let Some(pid) = cred.pid() else {
+        return false;
+    };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|groups| groups.split_whitespace().any(|g| g.parse() == Ok(group)))
+        })
+        .unwrap_or(false)
+}
+
+/// A local client: only the socket's owner, root, or a member of the
+/// configured socket group, is served (as an administrator).
 async fn serve_unix(agent: Arc<Agent>, stream: UnixStream) {
     let ours = nix::unistd::getuid().as_raw();
+    let group = agent.config.socket_group;
     match stream.peer_cred() {
         Ok(cred) if cred.uid() == 0 || cred.uid() == ours => {}
+        Ok(cred) if group.is_some_and(|g| in_group(&cred, g)) => {}
         Ok(cred) => {
             tracing::warn!(
                 uid = cred.uid(),
@@ -454,7 +478,7 @@ async fn serve_tcp(
 }
 
 /// Binds the unix socket, replacing a stale one but never a live one.
-async fn bind_unix(path: &Path) -> Result<UnixListener, RunError> {
+async fn bind_unix(path: &Path, group: Option<u32>) -> Result<UnixListener, RunError> {
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
             return Err(RunError::SocketInUse(path.to_path_buf()));
@@ -470,12 +494,18 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, RunError> {
     })?;
     // The caller is checked too (SO_PEERCRED), but nobody else even gets
     // to connect.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
-        RunError::Bind {
-            what: format!("unix://{}", path.display()),
-            source,
+    let bind_error = |source| RunError::Bind {
+        what: format!("unix://{}", path.display()),
+        source,
+    };
+    let mode = match group {
+        Some(gid) => {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_error)?;
+            0o660
         }
-    })?;
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_error)?;
     Ok(listener)
 }
 
