@@ -49,6 +49,11 @@ impl Agent {
             Request::List { all } => self.list(all).await,
             Request::DomInfo { domain } => self.dominfo(&domain, role).await,
             Request::DomCapabilities => self.domcapabilities().await,
+            Request::DumpDef { domain } => self.with_domain(&domain, |d| {
+                Ok(Reply::Definition {
+                    definition: DefinitionDoc(d.definition.to_document()),
+                })
+            }),
             Request::Migrate {
                 domain,
                 destination,

@@ -269,6 +269,21 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Reply::Domains { domains } => print!("{}", output::domain_list(&domains)),
             other => return Err(unexpected(other)),
         },
+        Command::Dumpdef { domain: name } => match request(
+            &client,
+            Request::DumpDef {
+                domain: domain(&name)?,
+            },
+        )
+        .await?
+        {
+            Reply::Definition { definition } => {
+                let definition = DomainDefinition::from_document(definition.0)
+                    .context("the agent sent a definition that does not validate")?;
+                print!("{}", definition.to_toml());
+            }
+            other => return Err(unexpected(other)),
+        },
         Command::Dominfo { domain: name, json } => {
             let info = dominfo(&client, &name).await?;
             if json.json {

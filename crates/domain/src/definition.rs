@@ -6,6 +6,7 @@
 //! vcpus = 1
 //! accel = "tcg"            # or "kvm"
 //! machine = "pc"           # optional
+//! cpu = "Skylake-Server"   # optional; "host" and "max" migrate only with --unsafe
 //!
 //! [kernel]                 # direct kernel boot ...
 //! path = "/var/lib/livemig/images/vmlinuz"
@@ -108,6 +109,9 @@ pub struct DomainDefinition {
     /// Machine type, or an alias QEMU resolves (`pc`).
     pub machine: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// CPU model (`-cpu`); QEMU's default (`qemu64`) when unset.
+    pub cpu: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Direct kernel boot.
     pub kernel: Option<KernelBoot>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +128,21 @@ fn one() -> u32 {
 
 fn default_machine() -> String {
     "pc".into()
+}
+
+/// CPU models that pass the host's CPU through: a guest started with one
+/// may use features another host lacks, so it migrates only with
+/// `--unsafe`.
+pub const HOST_DEPENDENT_CPUS: [&str; 2] = ["host", "max"];
+
+/// A plain QEMU name (machine type, CPU model): letters, digits, `.`, `_`,
+/// `-`.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Why a definition was refused.
@@ -153,6 +172,9 @@ pub enum DefinitionError {
     #[error("machine type {0:?} is not a plain name")]
     /// A machine type that is not a plain name.
     Machine(String),
+    #[error("CPU model {0:?} is not a plain name")]
+    /// A CPU model that is not a plain name.
+    Cpu(String),
     #[error("the definition has nothing to boot: give [kernel] or [disk]")]
     /// Neither a kernel nor a disk.
     NoBootSource,
@@ -263,13 +285,11 @@ impl DomainDefinition {
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(DefinitionError::Vcpus(self.vcpus));
         }
-        if self.machine.is_empty()
-            || !self
-                .machine
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        {
+        if !is_plain_name(&self.machine) {
             return Err(DefinitionError::Machine(self.machine.clone()));
+        }
+        if let Some(cpu) = self.cpu.as_deref().filter(|c| !is_plain_name(c)) {
+            return Err(DefinitionError::Cpu(cpu.to_string()));
         }
         if self.kernel.is_none() && self.disk.is_none() {
             return Err(DefinitionError::NoBootSource);
@@ -321,6 +341,27 @@ memory_mib = 128
 [kernel]
 path = "/boot/k"
 "#;
+
+    #[test]
+    fn a_cpu_model_is_a_plain_name_passed_to_qemu() {
+        // Top-level keys come before the [kernel] table.
+        let named = MINIMAL.replacen(
+            "memory_mib = 128",
+            "memory_mib = 128\ncpu = \"Skylake-Server\"",
+            1,
+        );
+        let def = DomainDefinition::from_toml(&named).unwrap();
+        assert_eq!(def.cpu.as_deref(), Some("Skylake-Server"));
+        let bad = MINIMAL.replacen(
+            "memory_mib = 128",
+            "memory_mib = 128\ncpu = \"qemu64,+vmx\"",
+            1,
+        );
+        assert!(matches!(
+            DomainDefinition::from_toml(&bad),
+            Err(DefinitionError::Cpu(_))
+        ));
+    }
 
     #[test]
     fn minimal_definition_gets_defaults() {

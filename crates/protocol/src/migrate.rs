@@ -124,6 +124,10 @@ pub struct MigrateOptions {
     /// Encrypt and authenticate the migration stream with the agents'
     /// certificates (QEMU's TLS).
     pub tls: bool,
+    /// Migrate although the domain's configuration is unsafe to migrate
+    /// (a host-dependent CPU model).
+    #[serde(rename = "unsafe")]
+    pub unsafe_migration: bool,
 }
 
 /// RAM as QEMU is given it; both ends of a migration must agree.

@@ -21,6 +21,11 @@ pub enum Reply {
         /// One per domain.
         domains: Vec<DomainSummary>,
     },
+    /// Answer to `dump-def`.
+    Definition {
+        /// The definition.
+        definition: crate::domain::DefinitionDoc,
+    },
     /// Answer to `dom-info`.
     DomainInfo(Box<DomainInfo>),
     /// Answer to `dom-capabilities` and `peer-probe`.

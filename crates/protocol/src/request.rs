@@ -60,6 +60,11 @@ pub enum Request {
         /// The domain.
         domain: DomainName,
     },
+    /// A domain's definition, as the agent holds it (virsh's `dumpxml`).
+    DumpDef {
+        /// The domain.
+        domain: DomainName,
+    },
     /// What this host's QEMU binary supports.
     DomCapabilities,
     /// Migrate a domain to the agent at `destination`.
@@ -175,6 +180,7 @@ impl Request {
             Request::List { .. } => "list",
             Request::DomInfo { .. } => "dom-info",
             Request::DomCapabilities => "dom-capabilities",
+            Request::DumpDef { .. } => "dump-def",
             Request::Migrate { .. } => "migrate",
             Request::DomJobInfo { .. } => "dom-job-info",
             Request::DomJobAbort { .. } => "dom-job-abort",
@@ -217,6 +223,9 @@ impl Request {
             | Request::MigratePostcopy { .. }
             | Request::Estimate { .. }
             | Request::QemuMonitorCommand { .. } => Access::Control,
+            // It changes nothing, but names every host file the domain
+            // uses: administrators only, as `dom-info`'s paths are.
+            Request::DumpDef { .. } => Access::Control,
             Request::PeerProbe(_)
             | Request::PeerPrepare(_)
             | Request::PeerFinish { .. }

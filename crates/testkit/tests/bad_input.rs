@@ -390,3 +390,41 @@ fn the_cli_reports_what_it_can_see_before_contacting_any_agent() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_host_dependent_cpu_model_migrates_only_with_unsafe() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    let mut definition = bed.definition("vm", 64, Workload::IDLE);
+    // `host` needs KVM; `max` (every feature this QEMU can give) depends on
+    // the host just the same.
+    definition.cpu = Some("max".into());
+    a.define_and_start(definition).await;
+    let before = Untouched::record(&a, "vm").await;
+
+    let out = a.cli(&["migrate", "--live", "vm", &b.uri()]);
+
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("CPU model 'max'") && err.contains("--unsafe"),
+        "{err}"
+    );
+    before.check(&a, &b, "vm").await;
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                live: true,
+                unsafe_migration: true,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    assert!(record.flags.contains(&"unsafe".to_string()));
+    assert_eq!(b.state("vm").await, Some(DomainState::Running));
+}

@@ -2,12 +2,12 @@
 //! restarts, timeline reports, metrics, completions, the config file.
 
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use guest::Workload;
 use protocol::job::JobStatus;
 use protocol::MigrateOptions;
 use testkit::{wait_until, TestBed};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Needs auto-converge against 16 MiB/s: a migration of several seconds.
 const BUSY: Workload = Workload {
@@ -18,6 +18,10 @@ const BUSY: Workload = Workload {
 
 fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 #[tokio::test]
@@ -399,6 +403,42 @@ async fn a_metrics_only_port_serves_prometheus_and_nothing_else() {
     assert!(!String::from_utf8_lossy(&answer).contains("livemig_up"));
     // The agent still answers.
     assert!(a.list_all().await.is_empty());
+}
+
+#[tokio::test]
+async fn dumpdef_prints_a_definition_that_defines_the_same_domain() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let mut definition = bed.definition("vm", 64, Workload::IDLE);
+    definition.cpu = Some("qemu64".into());
+    definition.vcpus = 2;
+    a.request(testkit::define(&definition)).await.unwrap();
+
+    let out = a.cli_ok(&["dumpdef", "vm"]);
+    let text = stdout(&out);
+    let dumped = domain::DomainDefinition::from_toml(&text).unwrap();
+    assert_eq!(dumped, definition, "{text}");
+    // The dump is a file `define` takes back.
+    let file = bed.path().join("vm.toml");
+    std::fs::write(&file, &text).unwrap();
+    a.cli_ok(&["define", file.to_str().unwrap()]);
+    a.cli_ok(&["start", "vm"]);
+    a.wait_guest_progress("vm", 1).await;
+
+    // It names host files: administrators only.
+    let monitor = bed.certificate("grafana", protocol::Role::Monitor, &[]);
+    let denied = std::process::Command::new(testkit::bin("livemig"))
+        .arg("--tls-dir")
+        .arg(&monitor)
+        .args(["-c", &a.uri(), "dumpdef", "vm"])
+        .output()
+        .unwrap();
+    assert!(!denied.status.success());
+    assert!(
+        stderr(&denied).contains("may not send `dump-def`"),
+        "{}",
+        stderr(&denied)
+    );
 }
 
 #[test]

@@ -143,6 +143,10 @@ pub struct MigrateArgs {
     /// their agents' certificates (the agents need --tls-dir).
     #[arg(long)]
     pub tls: bool,
+    /// Migrate although the domain's configuration is unsafe to migrate (a
+    /// CPU model that passes the host's CPU through).
+    #[arg(long = "unsafe")]
+    pub unsafe_migration: bool,
     /// Accepted for virsh compatibility: progress is always shown (a bar on
     /// a terminal, a line a second otherwise).
     #[arg(long)]
@@ -194,6 +198,7 @@ impl MigrateArgs {
             dry_run: self.dry_run,
             postcopy_resume: self.postcopy_resume,
             tls: self.tls,
+            unsafe_migration: self.unsafe_migration,
         }
     }
 }

@@ -81,6 +81,9 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// Print a domain's definition as TOML, as the agent holds it (a file
+    /// `define` takes back).
+    Dumpdef { domain: String },
     /// Show a domain's details.
     Dominfo {
         domain: String,

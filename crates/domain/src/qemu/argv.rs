@@ -94,6 +94,9 @@ pub fn build_argv(config: &LaunchConfig<'_>) -> Vec<String> {
     push(&["-machine", &machine]);
     push(&["-m", &spec.ram.memory_arg()]);
     push(&["-smp", &def.vcpus.to_string()]);
+    if let Some(cpu) = &def.cpu {
+        push(&["-cpu", cpu]);
+    }
 
     push(&[
         "-chardev",

@@ -196,6 +196,7 @@ impl Flags {
             (o.dirty_limit, "dirty-limit"),
             (o.allow_postcopy, "allow-postcopy"),
             (o.tls, "tls"),
+            (o.unsafe_migration, "unsafe"),
         ]
         .iter()
         .filter(|(set, _)| *set)

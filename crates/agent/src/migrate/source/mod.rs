@@ -75,6 +75,18 @@ pub(crate) async fn begin(
         Ok((d.definition.clone(), d.vm.clone(), d.tunables))
     })?;
 
+    if let Some(cpu) = def.cpu.as_deref() {
+        if !flags.offline
+            && !flags.unsafe_migration
+            && domain::definition::HOST_DEPENDENT_CPUS.contains(&cpu)
+        {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' runs with CPU model '{cpu}', which passes this host's CPU \
+                 through: on another host the guest may crash. Define a named model (e.g. cpu = \
+                 \"Skylake-Server\") or pass --unsafe"
+            )));
+        }
+    }
     let binary = agent.binary().await?;
     support::check(&flags, Role::Source, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
