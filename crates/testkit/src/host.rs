@@ -314,6 +314,26 @@ impl Host {
         self.wait_job(&id).await
     }
 
+    /// A plain live migration (`--live`, nothing else), and its record.
+    pub async fn migrate_live(&self, name: &str, dest: &Host) -> JobRecord {
+        let flags = MigrateOptions {
+            live: true,
+            ..Default::default()
+        };
+        self.migrate(name, dest, flags).await
+    }
+
+    /// Waits until none of this agent's QEMUs is left (a torn-down
+    /// destination).
+    pub async fn wait_no_qemu(&self) {
+        wait_until(
+            Duration::from_secs(60),
+            &format!("{} to have no QEMU left", self.name),
+            || async { self.qemu_pids().is_empty().then_some(()) },
+        )
+        .await;
+    }
+
     /// Runs a QMP command on a domain's QEMU through the agent.
     pub async fn qmp(&self, name: &str, execute: &str) -> Result<Value, ClientError> {
         match self

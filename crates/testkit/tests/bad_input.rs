@@ -232,16 +232,7 @@ async fn migrating_onto_a_host_where_the_domain_already_runs_fails_in_prepare() 
         .await;
     let b_pid = b.dominfo("vm").await.unwrap().qemu_pid.unwrap();
 
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                live: true,
-                ..Default::default()
-            },
-        )
-        .await;
+    let record = a.migrate_live("vm", &b).await;
 
     assert_eq!(record.status, JobStatus::Failed);
     assert!(

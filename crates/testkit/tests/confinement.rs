@@ -96,16 +96,7 @@ async fn a_destination_that_does_not_allow_the_guest_s_images_refuses_it_at_prep
     a.define_and_start(bed.definition("vm", 64, Workload::busy(4, 50_000)))
         .await;
 
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                live: true,
-                ..Default::default()
-            },
-        )
-        .await;
+    let record = a.migrate_live("vm", &b).await;
 
     assert_eq!(record.status, JobStatus::Failed, "{record:?}");
     let error = record.error.unwrap_or_default();

@@ -480,16 +480,7 @@ async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
     // Someone else holds the range's first port: QEMU binds the next.
     let _taken = std::net::TcpListener::bind(("127.0.0.1", 40100)).unwrap();
 
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                live: true,
-                ..Default::default()
-            },
-        )
-        .await;
+    let record = a.migrate_live("vm", &b).await;
 
     assert_eq!(record.status, JobStatus::Completed);
     let port: u16 = record

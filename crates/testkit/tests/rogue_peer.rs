@@ -9,7 +9,7 @@ use guest::Workload;
 use protocol::job::JobStatus;
 use protocol::{MigrateOptions, Reply};
 use testkit::rogue::RoguePeer;
-use testkit::{assert_runs_only_on, wait_until, TestBed};
+use testkit::{assert_runs_only_on, TestBed};
 
 #[tokio::test]
 async fn a_compromised_peer_cannot_make_the_source_run_a_command_or_send_the_guest_elsewhere() {
@@ -79,12 +79,7 @@ async fn a_compromised_peer_cannot_make_the_source_run_a_command_or_send_the_gue
             "{evil}: a connection to the socket"
         );
         // The real destination was told to tear down.
-        wait_until(
-            std::time::Duration::from_secs(30),
-            "the destination to tear down",
-            || async { b.qemu_pids().is_empty().then_some(()) },
-        )
-        .await;
+        b.wait_no_qemu().await;
     }
     assert_runs_only_on("vm", &a, &b, 1).await;
 }
@@ -118,11 +113,6 @@ async fn with_tls_the_destination_admits_only_the_qemu_of_the_agent_that_asked()
         log.contains("authz check for") && log.contains("CN=agent-a") && log.contains("is denied"),
         "the destination's QEMU refused a's certificate: {log}"
     );
-    wait_until(
-        std::time::Duration::from_secs(30),
-        "the destination to tear down",
-        || async { b.qemu_pids().is_empty().then_some(()) },
-    )
-    .await;
+    b.wait_no_qemu().await;
     assert_runs_only_on("vm", &a, &b, 1).await;
 }

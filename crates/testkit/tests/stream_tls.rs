@@ -29,16 +29,7 @@ async fn the_stream_is_plaintext_without_tls_and_encrypted_with_it() {
     // Both streams pass through b's namespace: a to b, then b back to a.
     let capture = Capture::start(&net.b).expect("a packet capture in the namespace");
 
-    let plain = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                live: true,
-                ..Default::default()
-            },
-        )
-        .await;
+    let plain = a.migrate_live("vm", &b).await;
     assert_eq!(plain.status, JobStatus::Completed, "{plain:?}");
     b.wait_guest_passes("vm", 1).await;
     let encrypted = b
