@@ -148,6 +148,32 @@ fn read_config(path: &Path) -> Result<ConfigFile> {
     toml::from_str(&text).with_context(|| format!("malformed config file {}", path.display()))
 }
 
+/// A network address (`flag`, parsed by [`parse_listen`]) is served with
+/// TLS, or in plaintext only with `--insecure` and no TLS directory.
+fn check_listen(
+    flag: &str,
+    listen: Option<(SocketAddr, bool)>,
+    tls_dir: bool,
+    insecure: bool,
+) -> Result<()> {
+    match (listen, tls_dir) {
+        (Some((_, true)), false) => bail!(
+            "{flag} tls://... needs --tls-dir DIR (create it with `livemig pki init PKI && \
+             livemig pki issue PKI NAME --role agent --host HOST`)"
+        ),
+        (Some((addr, false)), _) if !insecure => bail!(
+            "refusing plaintext {flag} tcp://{addr}: anyone who can reach it could see or control \
+             this host's VMs. Use {flag} tls://{addr} --tls-dir DIR (create DIR with `livemig pki \
+             init PKI && livemig pki issue PKI NAME --role agent --host HOST`), or pass --insecure \
+             on a network where everyone is trusted"
+        ),
+        (Some((_, false)), true) => {
+            bail!("{flag} tcp://... is plaintext; with --tls-dir, listen on tls://")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `--listen`: the address, and whether it is `tls://`.
 fn parse_listen(uri: &str) -> Result<(SocketAddr, bool)> {
     let (tls, rest) = match (uri.strip_prefix("tls://"), uri.strip_prefix("tcp://")) {
@@ -243,32 +269,13 @@ async fn main() -> Result<()> {
         .as_deref()
         .map(parse_listen)
         .transpose()?;
-    match (metrics_listen, &tls_dir) {
-        (Some((_, true)), None) => bail!("--metrics-listen tls://... needs --tls-dir DIR"),
-        (Some((addr, false)), _) if !insecure => bail!(
-            "refusing plaintext --metrics-listen tcp://{addr}: use tls://{addr} with --tls-dir \
-             (Prometheus scrapes with a monitor certificate), or --insecure"
-        ),
-        (Some((_, false)), Some(_)) => {
-            bail!("--metrics-listen tcp://... is plaintext; with --tls-dir, listen on tls://")
-        }
-        _ => {}
-    }
-    match (listen, &tls_dir) {
-        (Some((_, true)), None) => {
-            bail!("--listen tls://... needs --tls-dir DIR (create it with `livemig pki init PKI && livemig pki issue PKI NAME --role agent --host HOST`)")
-        }
-        (Some((addr, false)), _) if !insecure => bail!(
-            "refusing plaintext --listen tcp://{addr}: anyone who can reach it could control this \
-             host's VMs. Use --listen tls://{addr} --tls-dir DIR (create DIR with `livemig pki init \
-             PKI && livemig pki issue PKI NAME --role agent --host HOST`), or pass --insecure on a \
-             network where everyone is trusted"
-        ),
-        (Some((_, false)), Some(_)) => {
-            bail!("--listen tcp://... is plaintext; with --tls-dir, listen on tls://")
-        }
-        _ => {}
-    }
+    check_listen("--listen", listen, tls_dir.is_some(), insecure)?;
+    check_listen(
+        "--metrics-listen",
+        metrics_listen,
+        tls_dir.is_some(),
+        insecure,
+    )?;
     let socket = args
         .socket
         .or(file.socket)

@@ -130,10 +130,8 @@ fn default_machine() -> String {
     "pc".into()
 }
 
-/// CPU models that pass the host's CPU through: a guest started with one
-/// may use features another host lacks, so it migrates only with
-/// `--unsafe`.
-pub const HOST_DEPENDENT_CPUS: [&str; 2] = ["host", "max"];
+/// CPU models that pass the host's CPU through.
+const HOST_DEPENDENT_CPUS: [&str; 2] = ["host", "max"];
 
 /// A plain QEMU name (machine type, CPU model): letters, digits, `.`, `_`,
 /// `-`.
@@ -242,6 +240,15 @@ impl DomainDefinition {
         let def: DomainDefinition = serde_json::from_value(document)?;
         def.validate()?;
         Ok(def)
+    }
+
+    /// The CPU model, if it passes the host's CPU through (`host`, `max`): a
+    /// guest started with one may use features another host lacks, so it
+    /// migrates only with `--unsafe`.
+    pub fn host_dependent_cpu(&self) -> Option<&str> {
+        self.cpu
+            .as_deref()
+            .filter(|cpu| HOST_DEPENDENT_CPUS.contains(cpu))
     }
 
     /// The definition as it travels (see [`DomainDefinition::from_document`]).

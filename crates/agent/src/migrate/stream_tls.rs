@@ -32,17 +32,17 @@ pub(crate) fn check(agent: &Agent, flags: &Flags) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The source's QEMU set-up: the destination's certificate must be valid
-/// for the host its agent was dialled at.
+/// The source's QEMU set-up, after [`check`]: the destination's
+/// certificate must be valid for the host its agent was dialled at.
 pub(crate) fn source(
     agent: &Agent,
     flags: &Flags,
     destination: &AgentUri,
 ) -> Result<Option<StreamTls>, ApiError> {
+    check(agent, flags)?;
     if !flags.tls {
         return Ok(None);
     }
-    check(agent, flags)?;
     let hostname = match destination.host_port() {
         Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
         // A peer on this host's socket: its QEMU listens on loopback.
@@ -56,17 +56,17 @@ pub(crate) fn source(
     }))
 }
 
-/// The destination's QEMU set-up: only the source agent that asked, as its
-/// certificate names it, may send.
+/// The destination's QEMU set-up, after [`check`]: only the source agent
+/// that asked, as its certificate names it, may send.
 pub(crate) fn destination(
     agent: &Agent,
     flags: &Flags,
     ctx: &ConnContext,
 ) -> Result<Option<StreamTls>, ApiError> {
+    check(agent, flags)?;
     if !flags.tls {
         return Ok(None);
     }
-    check(agent, flags)?;
     let Caller::Certified(identity) = &ctx.caller else {
         return Err(errors::operation_invalid(format!(
             "--tls admits the source by its agent's certificate, and {} reached {} without one: \

@@ -13,7 +13,7 @@ mod http;
 
 use std::fmt;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -161,34 +161,14 @@ impl Listeners {
             }
             None => (None, None),
         };
-        for addr in [config.listen, config.metrics_listen].into_iter().flatten() {
-            if tls.is_none() && !config.insecure {
+        if tls.is_none() && !config.insecure {
+            if let Some(addr) = config.listen.or(config.metrics_listen) {
                 return Err(RunError::Plaintext(addr));
             }
         }
         let unix = bind_unix(&config.socket, config.socket_group).await?;
-        let tcp = match config.listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| RunError::Bind {
-                        what: format!("tcp://{addr}"),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
-        let metrics = match config.metrics_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| RunError::Bind {
-                        what: format!("metrics {addr}"),
-                        source,
-                    })?,
-            ),
-            None => None,
-        };
+        let tcp = bind_tcp(config.listen, "tcp").await?;
+        let metrics = bind_tcp(config.metrics_listen, "metrics").await?;
         Ok(Listeners {
             unix,
             tcp,
@@ -475,6 +455,20 @@ async fn serve_tcp(
         caller: Caller::Certified(identity),
     };
     serve_stream(agent, stream, ctx, http_only).await;
+}
+
+/// Binds `addr`, if given (`what` names it in an error).
+async fn bind_tcp(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener>, RunError> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    TcpListener::bind(addr)
+        .await
+        .map(Some)
+        .map_err(|source| RunError::Bind {
+            what: format!("{what}://{addr}"),
+            source,
+        })
 }
 
 /// Binds the unix socket, replacing a stale one but never a live one.

@@ -75,11 +75,8 @@ pub(crate) async fn begin(
         Ok((d.definition.clone(), d.vm.clone(), d.tunables))
     })?;
 
-    if let Some(cpu) = def.cpu.as_deref() {
-        if !flags.offline
-            && !flags.unsafe_migration
-            && domain::definition::HOST_DEPENDENT_CPUS.contains(&cpu)
-        {
+    if let Some(cpu) = def.host_dependent_cpu() {
+        if !flags.offline && !flags.unsafe_migration {
             return Err(errors::operation_invalid(format!(
                 "domain '{name}' runs with CPU model '{cpu}', which passes this host's CPU \
                  through: on another host the guest may crash. Define a named model (e.g. cpu = \
@@ -90,7 +87,6 @@ pub(crate) async fn begin(
     let binary = agent.binary().await?;
     support::check(&flags, Role::Source, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
-    crate::migrate::stream_tls::check(agent, &flags)?;
     let tls = crate::migrate::stream_tls::source(agent, &flags, &dest_uri)?;
 
     let peer = Peer::connect(&dest_uri, agent.peer_tls.clone()).await?;
