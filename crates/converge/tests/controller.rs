@@ -1,6 +1,6 @@
 //! The adaptive controller: scripted scenarios and properties.
 
-use converge::controller::{decide, Action, AdaptiveSim, Observation, Policy, State};
+use converge::controller::{decide, Action, AdaptiveSim, Decision, Observation, Policy, State};
 use converge::model::{simulate, DirtyModel, Scenario};
 use converge::qemu::{AutoConvergeParams, QemuAutoConverge};
 use proptest::prelude::*;
@@ -27,6 +27,11 @@ fn throttled_at(p: &Policy, throttle: f64) -> State {
 
 /// The benchmark's guest: 512 MiB, 256 MiB working set, 64 MiB/s link.
 fn scenario(rate_mib: f64) -> Scenario {
+    scenario_over(rate_mib, 90.0)
+}
+
+/// The benchmark's guest, simulated for `horizon` seconds.
+fn scenario_over(rate_mib: f64, horizon: f64) -> Scenario {
     Scenario {
         first_pass_bytes: 512.0 * MIB,
         model: DirtyModel {
@@ -36,7 +41,7 @@ fn scenario(rate_mib: f64) -> Scenario {
         },
         bandwidth: 64.0 * MIB,
         downtime: 0.3,
-        horizon: 90.0,
+        horizon,
     }
 }
 
@@ -109,29 +114,24 @@ fn without_a_preflight_measurement_it_escalates_until_a_pass_shrinks() {
 fn a_saturated_pass_under_throttle_escalates_the_throttle() {
     let p = policy();
     let state = throttled_at(&p, 0.9);
-    let d = decide(
-        &state,
-        &Observation {
-            elapsed: 20.0,
-            remaining: 256.0 * MIB,
-            pass_secs: 4.0,
-            throttle: 0.9,
-            bandwidth: 64.0 * MIB,
-        },
-        &p,
-    );
+    let d = sync(&state, &p, 20.0, 256.0, 4.0);
     assert!(d.state.throttle >= 0.9875, "{:?}", d.actions);
 }
 
 /// One sync of a hot guest under a 99.75 % throttle: 200 MiB of a 256 MiB
 /// working set dirtied in a 4 s pass.
-fn hot_sync(state: &State, p: &Policy, remaining_mib: f64) -> converge::controller::Decision {
+fn hot_sync(state: &State, p: &Policy, remaining_mib: f64) -> Decision {
+    sync(state, p, 30.0, remaining_mib, 4.0)
+}
+
+/// A sync on the 64 MiB/s link, under the throttle `state` holds.
+fn sync(state: &State, p: &Policy, elapsed: f64, remaining_mib: f64, pass_secs: f64) -> Decision {
     decide(
         state,
         &Observation {
-            elapsed: 30.0,
+            elapsed,
             remaining: remaining_mib * MIB,
-            pass_secs: 4.0,
+            pass_secs,
             throttle: state.throttle,
             bandwidth: 64.0 * MIB,
         },
@@ -159,17 +159,7 @@ fn passes_that_stop_shrinking_under_throttle_escalate_it() {
     // shrink all the same.
     let mut throttles = Vec::new();
     for remaining in [100.0, 102.0, 98.0, 101.0, 99.0, 100.0] {
-        let d = decide(
-            &state,
-            &Observation {
-                elapsed: 30.0,
-                remaining: remaining * MIB,
-                pass_secs: 10.0,
-                throttle: state.throttle,
-                bandwidth: 64.0 * MIB,
-            },
-            &p,
-        );
+        let d = sync(&state, &p, 30.0, remaining, 10.0);
         state = d.state;
         throttles.push(state.throttle);
     }
@@ -188,17 +178,7 @@ fn a_guest_that_calms_down_gets_its_throttle_lifted() {
     let state = throttled_at(&p, 0.9);
     // 30 MiB dirtied in 4 s at 90 %: 75 MiB/s unthrottled, now barely above
     // the link; 30 MiB left.
-    let d = decide(
-        &state,
-        &Observation {
-            elapsed: 20.0,
-            remaining: 30.0 * MIB,
-            pass_secs: 4.0,
-            throttle: 0.9,
-            bandwidth: 64.0 * MIB,
-        },
-        &p,
-    );
+    let d = sync(&state, &p, 20.0, 30.0, 4.0);
     assert!(!d.state.model.rate_is_lower_bound);
     assert!(d.state.throttle < 0.9, "{:?}", d.actions);
 }
@@ -213,17 +193,7 @@ fn when_nothing_fits_it_raises_downtime_then_asks_for_postcopy() {
     };
     let mut state = State::new(&p, None);
     state.model.working_set = 256.0 * MIB;
-    let d = decide(
-        &state,
-        &Observation {
-            elapsed: 10.0,
-            remaining: 256.0 * MIB,
-            pass_secs: 1.0,
-            throttle: 0.0,
-            bandwidth: 64.0 * MIB,
-        },
-        &p,
-    );
+    let d = sync(&state, &p, 10.0, 256.0, 1.0);
     assert!(
         d.actions
             .iter()
@@ -308,17 +278,30 @@ proptest! {
 fn the_throttle_is_kept_while_qemu_switches_over() {
     let p = policy();
     let state = throttled_at(&p, 0.99);
-    let d = decide(
-        &state,
-        &Observation {
-            elapsed: 20.0,
-            remaining: 10.0 * MIB,
-            pass_secs: 1.0,
-            throttle: 0.99,
-            bandwidth: 64.0 * MIB,
-        },
-        &p,
-    );
+    let d = sync(&state, &p, 20.0, 10.0, 1.0);
     assert!(d.actions.is_empty(), "{:?}", d.actions);
     assert_eq!(d.state.throttle, 0.99);
+}
+
+// QEMU's auto-converge, as the model runs it.
+
+#[test]
+fn a_heavy_writer_converges_only_after_a_long_ramp() {
+    let p = simulate(
+        &scenario_over(256.0, 600.0),
+        &mut QemuAutoConverge::new(AutoConvergeParams::default()),
+    );
+    assert!(p.converges, "{p:?}");
+    assert!(p.max_throttle > 0.85, "{p:?}");
+    assert!(p.total_secs > 40.0, "{p:?}");
+}
+
+#[test]
+fn a_writer_hot_enough_never_converges_even_at_99() {
+    let p = simulate(
+        &scenario_over(20_000.0, 600.0),
+        &mut QemuAutoConverge::new(AutoConvergeParams::default()),
+    );
+    assert!(!p.converges, "{p:?}");
+    assert_eq!(p.max_throttle, 0.99);
 }

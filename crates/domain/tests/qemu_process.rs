@@ -59,25 +59,8 @@ async fn guest_runs_and_reports_progress_with_the_workaround_layout() {
         accel: def.accel,
         ram: RamLayout::for_domain(def.memory_mib, def.accel, binary.version),
     };
-    let socket = dir.path().join("qmp.sock");
+    let qemu = spawn(dir.path(), &def, &spec).await;
     let serial = dir.path().join("serial.log");
-    let argv = build_argv(&LaunchConfig {
-        definition: &def,
-        spec: &spec,
-        qmp_socket: &socket,
-        serial_log: &serial,
-        incoming: false,
-        hardening: Default::default(),
-    });
-    let qemu = QemuProcess::spawn(
-        Path::new(QEMU),
-        &argv,
-        &socket,
-        &dir.path().join("qemu.log"),
-        TIMEOUT,
-    )
-    .await
-    .unwrap();
     let status = qemu.qmp().execute(&QueryStatus).await.unwrap();
     assert_eq!(status.status, RunState::Running);
     let log = wait_for_progress(&serial, 2).await;
@@ -118,30 +101,7 @@ async fn a_missing_binary_is_reported() {
 #[tokio::test]
 async fn dropping_the_process_kills_qemu() {
     let dir = tempfile::tempdir().unwrap();
-    let def = definition(dir.path(), Workload::IDLE);
-    let spec = LaunchSpec {
-        machine: "pc".into(),
-        accel: def.accel,
-        ram: RamLayout::plain(def.memory_mib),
-    };
-    let socket = dir.path().join("qmp.sock");
-    let argv = build_argv(&LaunchConfig {
-        definition: &def,
-        spec: &spec,
-        qmp_socket: &socket,
-        serial_log: &dir.path().join("serial.log"),
-        incoming: false,
-        hardening: Default::default(),
-    });
-    let qemu = QemuProcess::spawn(
-        Path::new(QEMU),
-        &argv,
-        &socket,
-        &dir.path().join("qemu.log"),
-        TIMEOUT,
-    )
-    .await
-    .unwrap();
+    let qemu = start_guest(dir.path(), Workload::IDLE).await;
     let pid = qemu.pid();
     let mut exit = qemu.exit_watch();
     drop(qemu);
@@ -152,6 +112,7 @@ async fn dropping_the_process_kills_qemu() {
     assert!(!Path::new(&format!("/proc/{pid}")).exists());
 }
 
+/// The test guest under QEMU's `pc` machine, plain RAM layout.
 async fn start_guest(dir: &Path, workload: Workload) -> QemuProcess {
     let def = definition(dir, workload);
     let spec = LaunchSpec {
@@ -159,10 +120,15 @@ async fn start_guest(dir: &Path, workload: Workload) -> QemuProcess {
         accel: def.accel,
         ram: RamLayout::plain(def.memory_mib),
     };
+    spawn(dir, &def, &spec).await
+}
+
+/// `def` under QEMU as `spec` lays it out, its files in `dir`.
+async fn spawn(dir: &Path, def: &DomainDefinition, spec: &LaunchSpec) -> QemuProcess {
     let socket = dir.join("qmp.sock");
     let argv = build_argv(&LaunchConfig {
-        definition: &def,
-        spec: &spec,
+        definition: def,
+        spec,
         qmp_socket: &socket,
         serial_log: &dir.join("serial.log"),
         incoming: false,

@@ -66,6 +66,17 @@ pub struct State {
     pub log: Vec<(String, Value)>,
 }
 
+/// The migration capabilities a scripted QEMU (and `fake-qemu`) offers,
+/// all off: the ones livemig uses that QEMU 7.2 has.
+pub const CAPABILITIES: &[&str] = &[
+    "xbzrle",
+    "auto-converge",
+    "events",
+    "postcopy-ram",
+    "return-path",
+    "multifd",
+];
+
 impl Default for State {
     fn default() -> Self {
         State {
@@ -78,17 +89,10 @@ impl Default for State {
             total_time_ms: None,
             downtime_ms: None,
             error_desc: None,
-            capabilities: [
-                "xbzrle",
-                "auto-converge",
-                "events",
-                "postcopy-ram",
-                "return-path",
-                "multifd",
-            ]
-            .iter()
-            .map(|c| (c.to_string(), false))
-            .collect(),
+            capabilities: CAPABILITIES
+                .iter()
+                .map(|c| (c.to_string(), false))
+                .collect(),
             parameters: json!({"max-bandwidth": 134217728, "downtime-limit": 300,
                 "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
                 "max-cpu-throttle": 99, "throttle-trigger-threshold": 50,

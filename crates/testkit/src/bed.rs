@@ -97,8 +97,21 @@ impl TestBed {
         memory_mib: u32,
         workload: Workload,
     ) -> (Host, Host) {
+        self.two_hosts_running_args(name, memory_mib, workload, &[])
+            .await
+    }
+
+    /// As [`TestBed::two_hosts_running`], with `b` started with extra
+    /// `livemigd` arguments.
+    pub async fn two_hosts_running_args(
+        &self,
+        name: &str,
+        memory_mib: u32,
+        workload: Workload,
+        b_args: &[&str],
+    ) -> (Host, Host) {
         let a = self.host("a").await;
-        let b = self.host("b").await;
+        let b = self.host_args("b", b_args).await;
         a.define_and_start(self.definition(name, memory_mib, workload))
             .await;
         (a, b)

@@ -8,7 +8,7 @@ use domain::DomainDefinition;
 use guest::SerialLog;
 use launcher::{AgentProcess, LaunchOptions};
 use protocol::domain::{DefinitionDoc, DomainInfo, DomainState, DomainSummary};
-use protocol::job::{JobInfo, JobRecord};
+use protocol::job::{JobInfo, JobRecord, JobStatus};
 use protocol::{Client, ClientError, MigrateOptions, Reply, Request};
 use serde_json::Value;
 
@@ -278,6 +278,52 @@ impl Host {
         }
     }
 
+    /// Starts a migration to `dest` and waits until its live info
+    /// satisfies `ready` (`what` names it in a timeout); returns the job id.
+    pub async fn migration_until(
+        &self,
+        name: &str,
+        dest: &Host,
+        flags: MigrateOptions,
+        what: &str,
+        ready: impl Fn(&JobInfo) -> bool,
+    ) -> String {
+        let job = self
+            .start_migration(name, &dest.uri(), flags)
+            .await
+            .expect("migration starts");
+        self.wait_job_info(&job, what, ready).await;
+        job
+    }
+
+    /// Starts a migration to `dest` and waits until QEMU is copying (a
+    /// capped bandwidth keeps it there while a test looks); returns the
+    /// job id.
+    pub async fn migration_in_flight(
+        &self,
+        name: &str,
+        dest: &Host,
+        flags: MigrateOptions,
+    ) -> String {
+        self.migration_until(name, dest, flags, "QEMU to copy", |j| {
+            j.stats.qemu_status.as_deref() == Some("active")
+        })
+        .await
+    }
+
+    /// Waits until a running job's live info satisfies `ready`.
+    pub async fn wait_job_info(
+        &self,
+        id: &str,
+        what: &str,
+        ready: impl Fn(&JobInfo) -> bool,
+    ) -> JobInfo {
+        wait_until(Duration::from_secs(90), what, || async {
+            self.job_active(id).await.filter(|j| ready(j))
+        })
+        .await
+    }
+
     /// The job's live info, or `None` once it has a record.
     pub async fn job_active(&self, id: &str) -> Option<JobInfo> {
         match self
@@ -312,6 +358,20 @@ impl Host {
             .await
             .expect("migration starts");
         self.wait_job(&id).await
+    }
+
+    /// Migrates, and checks what a user would: the job completed and the
+    /// guest now runs only on `dest`, intact.
+    pub async fn migrate_completes(
+        &self,
+        name: &str,
+        dest: &Host,
+        flags: MigrateOptions,
+    ) -> JobRecord {
+        let record = self.migrate(name, dest, flags).await;
+        assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+        crate::assert_runs_only_on(name, dest, self, 2).await;
+        record
     }
 
     /// A plain live migration (`--live`, nothing else), and its record.
@@ -371,6 +431,17 @@ impl Host {
             .env_remove("LIVEMIG_URI")
             .output()
             .expect("run livemig")
+    }
+
+    /// `livemig migrate OPTIONS NAME DEST` through the CLI, asserted to
+    /// succeed.
+    pub fn cli_migrate(&self, name: &str, dest: &Host, options: &[&str]) -> std::process::Output {
+        let uri = dest.uri();
+        let args: Vec<&str> = std::iter::once("migrate")
+            .chain(options.iter().copied())
+            .chain([name, uri.as_str()])
+            .collect();
+        self.cli_ok(&args)
     }
 
     /// Runs the CLI against this host and asserts that it succeeded.

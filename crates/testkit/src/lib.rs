@@ -10,6 +10,7 @@
 //! - [`capture`]: the start of each TCP connection in a namespace, as sent.
 //! - [`rogue`]: a compromised peer agent that rewrites a real one's replies.
 //! - [`procs`]: which processes are in a group, for leak checks.
+//! - [`output`]: what the CLI printed.
 //! - [`tls_client`]: a raw TLS connection to an agent (metrics, probing).
 //! - [`assert_runs_only_on`], [`assert_no_leftovers`]: what a user checks
 //!   after a migration.
@@ -25,6 +26,7 @@ pub mod capture;
 mod checks;
 mod host;
 pub mod netns;
+pub mod output;
 pub mod procs;
 pub mod rogue;
 pub mod tls_client;
@@ -38,6 +40,23 @@ pub use host::Host;
 
 /// How long a guest may take to show progress after a start or migration.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `--live` and nothing else: the options most tests start from.
+pub fn live() -> protocol::MigrateOptions {
+    protocol::MigrateOptions {
+        live: true,
+        ..Default::default()
+    }
+}
+
+/// `--live` capped at `bandwidth_mib_s`: low enough, a job that stays in
+/// flight while a test looks at it.
+pub fn capped(bandwidth_mib_s: u64) -> protocol::MigrateOptions {
+    protocol::MigrateOptions {
+        bandwidth: Some(bandwidth_mib_s),
+        ..live()
+    }
+}
 
 /// The directory holding `livemig` and `livemigd`.
 pub fn bin_dir() -> PathBuf {

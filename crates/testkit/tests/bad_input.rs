@@ -5,7 +5,7 @@ use protocol::domain::DomainState;
 use protocol::job::JobStatus;
 use protocol::MigrateOptions;
 use protocol::{ErrorCode, Request};
-use testkit::{Host, TestBed};
+use testkit::{capped, live, Host, TestBed};
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -259,11 +259,7 @@ async fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
     let (a, b) = bed
         .two_hosts_running("vm", 64, Workload::busy(16, 20_000))
         .await;
-    let slow = MigrateOptions {
-        live: true,
-        bandwidth: Some(1),
-        ..Default::default()
-    };
+    let slow = capped(1);
     let job = a
         .start_migration("vm", &b.uri(), slow.clone())
         .await
@@ -306,11 +302,13 @@ async fn a_destination_qemu_without_auto_converge_is_named_and_nothing_changes()
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .unwrap();
-    let a = bed.host("a").await;
-    let b = bed
-        .host_args("b", &["--qemu", wrapper.to_str().unwrap()])
-        .await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+    let (a, b) = bed
+        .two_hosts_running_args(
+            "vm",
+            64,
+            Workload::IDLE,
+            &["--qemu", wrapper.to_str().unwrap()],
+        )
         .await;
     let before = Untouched::record(&a, "vm").await;
 
@@ -405,17 +403,14 @@ async fn a_host_dependent_cpu_model_migrates_only_with_unsafe() {
     before.check(&a, &b, "vm").await;
 
     let record = a
-        .migrate(
+        .migrate_completes(
             "vm",
             &b,
             MigrateOptions {
-                live: true,
                 unsafe_migration: true,
-                ..Default::default()
+                ..live()
             },
         )
         .await;
-    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
     assert!(record.flags.contains(&"unsafe".to_string()));
-    assert_eq!(b.state("vm").await, Some(DomainState::Running));
 }

@@ -3,13 +3,11 @@
 //! switches over itself. Its own test binary, so that this CPU-hungry guest
 //! does not run beside the other tests' guests and skew their measurements.
 
-use std::time::Duration;
-
 use guest::Workload;
 use protocol::domain::DomainState;
 use protocol::job::{ActionKind, JobStatus};
 use protocol::{ConvergeMode, MigrateOptions};
-use testkit::{wait_until, TestBed};
+use testkit::{capped, TestBed};
 
 /// Rewrites 256 MiB as fast as TCG runs (the benchmark's `hot` workload).
 const HOT: Workload = Workload {
@@ -29,35 +27,20 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
     let (a, b) = bed.two_hosts_running("vm", 512, HOT).await;
     a.wait_guest_passes("vm", 1).await;
 
-    let job = a
-        .start_migration(
-            "vm",
-            &b.uri(),
-            MigrateOptions {
-                live: true,
-                converge: Some(ConvergeMode::Adaptive),
-                bandwidth: Some(64),
-                timeout: Some(120),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
     // While the switchover is held, a new downtime limit is the job's to
     // apply: QEMU's stays at the hold's 1 ms, livemig's own switchover
     // uses the new one.
-    wait_until(
-        Duration::from_secs(60),
-        "QEMU's switchover held",
-        || async {
-            a.job_active(&job)
-                .await
-                .filter(|j| j.actions.iter().any(|a| a.action == ActionKind::Hold))
-        },
-    )
-    .await;
-    let out = a.cli(&["migrate-setmaxdowntime", "vm", "250"]);
-    assert!(out.status.success(), "{out:?}");
+    let options = MigrateOptions {
+        converge: Some(ConvergeMode::Adaptive),
+        timeout: Some(120),
+        ..capped(64)
+    };
+    let job = a
+        .migration_until("vm", &b, options, "QEMU's switchover held", |j| {
+            j.actions.iter().any(|a| a.action == ActionKind::Hold)
+        })
+        .await;
+    a.cli_ok(&["migrate-setmaxdowntime", "vm", "250"]);
     let params = a.qmp("vm", "query-migrate-parameters").await;
     let still_held = a
         .job_active(&job)

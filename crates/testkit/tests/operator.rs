@@ -1,12 +1,10 @@
 //! What an operator sees: live progress, job statistics, history across
 //! restarts, timeline reports, metrics, completions, the config file.
 
-use std::time::Duration;
-
 use guest::Workload;
 use protocol::job::JobStatus;
 use protocol::MigrateOptions;
-use testkit::{wait_until, TestBed};
+use testkit::{capped, TestBed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Needs auto-converge against 16 MiB/s: a migration of several seconds.
@@ -29,23 +27,12 @@ async fn migrate_json_streams_progress_events_then_the_record() {
     let bed = TestBed::new().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
-    let uri = b.uri();
-    let out = a.cli(&[
-        "migrate",
-        "--live",
-        "--auto-converge",
-        "--bandwidth",
-        "16",
-        "--json",
+    let out = a.cli_migrate(
         "vm",
-        &uri,
-    ]);
-
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &b,
+        &["--live", "--auto-converge", "--bandwidth", "16", "--json"],
     );
+
     let text = stdout(&out);
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -78,18 +65,12 @@ async fn migrate_without_a_terminal_prints_a_line_a_second() {
     let bed = TestBed::new().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
-    let uri = b.uri();
-    let out = a.cli(&[
-        "migrate",
-        "--live",
-        "--auto-converge",
-        "--bandwidth",
-        "16",
+    let out = a.cli_migrate(
         "vm",
-        &uri,
-    ]);
+        &b,
+        &["--live", "--auto-converge", "--bandwidth", "16"],
+    );
 
-    assert!(out.status.success());
     let text = stdout(&out);
     let lines = text
         .lines()
@@ -104,23 +85,10 @@ async fn domjobinfo_shows_the_fields_virsh_users_know() {
     let bed = TestBed::new().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let job = a
-        .start_migration(
-            "vm",
-            &b.uri(),
-            MigrateOptions {
-                live: true,
-                bandwidth: Some(2),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    wait_until(Duration::from_secs(60), "a pass to finish", || async {
-        a.job_active(&job)
-            .await
-            .filter(|j| j.stats.iteration.unwrap_or(0) >= 2)
-    })
-    .await;
+        .migration_until("vm", &b, capped(2), "a pass to finish", |j| {
+            j.stats.iteration.unwrap_or(0) >= 2
+        })
+        .await;
 
     let text = stdout(&a.cli(&["domjobinfo", "vm"]));
     for field in [
@@ -471,11 +439,13 @@ async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
         "migration_ports = \"40100-40110\"\nlog_format = \"json\"\n",
     )
     .unwrap();
-    let a = bed.host("a").await;
-    let b = bed
-        .host_args("b", &["--config", config.to_str().unwrap()])
-        .await;
-    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+    let (a, b) = bed
+        .two_hosts_running_args(
+            "vm",
+            64,
+            Workload::IDLE,
+            &["--config", config.to_str().unwrap()],
+        )
         .await;
     // Someone else holds the range's first port: QEMU binds the next.
     let _taken = std::net::TcpListener::bind(("127.0.0.1", 40100)).unwrap();

@@ -6,7 +6,7 @@ use guest::Workload;
 use protocol::job::{JobRecord, JobStatus};
 use protocol::{ErrorCode, MigrateOptions};
 use testkit::capture::Capture;
-use testkit::{assert_no_leftovers, assert_runs_only_on, TestBed};
+use testkit::{assert_no_leftovers, assert_runs_only_on, live, TestBed};
 
 /// QEMU's migration stream starts with this magic.
 const QEMU_MAGIC: &[u8] = b"QEVM";
@@ -32,18 +32,12 @@ async fn the_stream_is_plaintext_without_tls_and_encrypted_with_it() {
     let plain = a.migrate_live("vm", &b).await;
     assert_eq!(plain.status, JobStatus::Completed, "{plain:?}");
     b.wait_guest_passes("vm", 1).await;
-    let encrypted = b
-        .migrate(
-            "vm",
-            &a,
-            MigrateOptions {
-                live: true,
-                auto_converge: true,
-                tls: true,
-                ..Default::default()
-            },
-        )
-        .await;
+    let options = MigrateOptions {
+        auto_converge: true,
+        tls: true,
+        ..live()
+    };
+    let encrypted = b.migrate("vm", &a, options).await;
     assert_eq!(encrypted.status, JobStatus::Completed, "{encrypted:?}");
     assert!(
         encrypted.flags.contains(&"tls".to_string()),
@@ -108,21 +102,17 @@ async fn a_host_that_forces_tls_refuses_a_plain_migration_and_takes_a_tls_multif
     assert_eq!(b.state("vm").await, None);
     assert_runs_only_on("vm", &a, &b, 1).await;
 
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                live: true,
-                tls: true,
-                // Every multifd channel is TLS too.
-                parallel: true,
-                parallel_connections: Some(3),
-                ..Default::default()
-            },
-        )
-        .await;
-    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
-    assert_runs_only_on("vm", &b, &a, 2).await;
+    a.migrate_completes(
+        "vm",
+        &b,
+        MigrateOptions {
+            tls: true,
+            // Every multifd channel is TLS too.
+            parallel: true,
+            parallel_connections: Some(3),
+            ..live()
+        },
+    )
+    .await;
     assert_no_leftovers(&a);
 }

@@ -9,14 +9,7 @@ use std::os::unix::net::UnixListener;
 
 use serde_json::{json, Value};
 
-const CAPABILITIES: &[&str] = &[
-    "xbzrle",
-    "auto-converge",
-    "events",
-    "postcopy-ram",
-    "return-path",
-    "multifd",
-];
+use qmp::scripted::CAPABILITIES;
 
 fn socket_path() -> String {
     let args: Vec<String> = std::env::args().collect();
