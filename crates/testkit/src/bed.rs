@@ -9,7 +9,7 @@ use launcher::LaunchOptions;
 use tokio::sync::{Mutex, MutexGuard};
 
 use crate::bin;
-use crate::host::Host;
+use crate::host::{AgentKind, Host};
 use crate::netns::NetnsPair;
 
 static SERIAL: Mutex<()> = Mutex::const_new(());
@@ -21,13 +21,27 @@ pub struct TestBed {
     kernel: PathBuf,
     /// The bed's CA: agents and test clients get certificates from it.
     pki: PathBuf,
+    /// How `host` and `two_hosts_running` run their agents.
+    agents: AgentKind,
     _serial: MutexGuard<'static, ()>,
 }
 
 impl TestBed {
     /// Waits for any other test bed in this process to finish, then makes
-    /// a fresh directory.
+    /// a fresh directory. Its plain hosts (`host`, `two_hosts_running`)
+    /// serve their agents in-process; hosts with flags or in a network
+    /// namespace are `livemigd` processes.
     pub async fn new() -> TestBed {
+        Self::with(AgentKind::InProcess).await
+    }
+
+    /// A bed whose every agent is a `livemigd` process: for tests that
+    /// crash an agent or measure its process.
+    pub async fn with_agent_processes() -> TestBed {
+        Self::with(AgentKind::Process).await
+    }
+
+    async fn with(agents: AgentKind) -> TestBed {
         let serial = SERIAL.lock().await;
         let mut dir = tempfile::Builder::new()
             .prefix("livemig-test-")
@@ -47,6 +61,7 @@ impl TestBed {
             dir,
             kernel,
             pki,
+            agents,
             _serial: serial,
         }
     }
@@ -175,7 +190,13 @@ impl TestBed {
             .map(|(host, _)| {
                 self.certificate(&format!("agent-{name}"), protocol::Role::Agent, &[host])
             });
-        Host::start(LaunchOptions {
+        let kind = if netns.is_some() || !args.is_empty() {
+            AgentKind::Process
+        } else {
+            self.agents
+        };
+        Host::start(
+            LaunchOptions {
             binary: bin("livemigd"),
             state_dir: self.dir.path().join(name),
             listen,
@@ -188,7 +209,9 @@ impl TestBed {
                 .chain(args.iter().copied())
                 .map(str::to_string)
                 .collect(),
-        })
+            },
+            kind,
+        )
         .await
     }
 

@@ -1,5 +1,6 @@
-//! One host of a test bed: an agent in its own process group, a client on
-//! its socket, and the checks and actions tests take on it.
+//! One host of a test bed: an agent (served in-process, or a `livemigd`
+//! child in its own process group), a client on its socket, and the checks
+//! and actions tests take on it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -9,13 +10,31 @@ use guest::SerialLog;
 use launcher::{AgentProcess, LaunchOptions};
 use protocol::domain::{DefinitionDoc, DomainInfo, DomainState, DomainSummary};
 use protocol::job::{JobInfo, JobRecord, JobStatus};
-use protocol::{Client, ClientError, MigrateOptions, Reply, Request};
+use protocol::{AgentUri, Client, ClientError, MigrateOptions, Reply, Request};
 use serde_json::Value;
 
+use crate::in_process::InProcessAgent;
 use crate::{bin, procs, wait_until, GUEST_TIMEOUT};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How a host's agent runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentKind {
+    /// `agent::serve` on a thread of the test process: for tests that do
+    /// not kill the agent.
+    InProcess,
+    /// A `livemigd` child in its own process group: for tests that crash
+    /// it, measure it, give it flags or put it in a network namespace.
+    Process,
+}
+
+#[derive(Debug)]
+enum Agent {
+    InProcess(InProcessAgent),
+    Process(AgentProcess),
+}
 
 /// One agent ("host").
 #[derive(Debug)]
@@ -23,7 +42,8 @@ pub struct Host {
     /// The host's name (`a`, `b`).
     pub name: String,
     options: LaunchOptions,
-    process: Option<AgentProcess>,
+    kind: AgentKind,
+    agent: Option<Agent>,
     client: Option<Client>,
     /// Agents that crashed: their process groups still hold QEMUs a new
     /// agent adopted, and are killed when the host is dropped.
@@ -31,16 +51,25 @@ pub struct Host {
 }
 
 impl Host {
-    pub(crate) async fn start(mut options: LaunchOptions) -> Host {
-        let process = AgentProcess::spawn(&options)
-            .await
-            .unwrap_or_else(|e| panic!("livemigd did not start: {e}"));
+    pub(crate) async fn start(mut options: LaunchOptions, kind: AgentKind) -> Host {
+        let agent = match kind {
+            AgentKind::InProcess => Agent::InProcess(InProcessAgent::start(&options).await),
+            AgentKind::Process => Agent::Process(
+                AgentProcess::spawn(&options)
+                    .await
+                    .unwrap_or_else(|e| panic!("livemigd did not start: {e}")),
+            ),
+        };
+        let (uri, local) = match &agent {
+            Agent::InProcess(a) => (a.uri(), AgentUri::Unix(a.socket().to_path_buf())),
+            Agent::Process(p) => (p.tcp_uri(), p.local_uri()),
+        };
         // A restarted agent comes back on the same address, as a real one
         // with a configured port would.
-        if let Some(uri) = process.tcp_uri() {
+        if let Some(uri) = uri {
             options.listen = Some(uri);
         }
-        let client = Client::connect(&process.local_uri())
+        let client = Client::connect(&local)
             .await
             .expect("connect to the agent");
         Host {
@@ -50,14 +79,30 @@ impl Host {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             options,
-            process: Some(process),
+            kind,
+            agent: Some(agent),
             client: Some(client),
             graveyard: Vec::new(),
         }
     }
 
+    fn agent(&self) -> &Agent {
+        self.agent.as_ref().expect("agent is running")
+    }
+
     fn process(&self) -> &AgentProcess {
-        self.process.as_ref().expect("agent is running")
+        match self.agent() {
+            Agent::Process(p) => p,
+            Agent::InProcess(_) => panic!(
+                "{}'s agent runs in-process: start it with TestBed::with_agent_processes",
+                self.name
+            ),
+        }
+    }
+
+    /// How this host's agent runs.
+    pub fn kind(&self) -> AgentKind {
+        self.kind
     }
 
     /// The client connected to the agent's socket.
@@ -67,12 +112,19 @@ impl Host {
 
     /// The agent's TCP URI (for peers).
     pub fn uri(&self) -> String {
-        self.process().tcp_uri().expect("agent listens on TCP")
+        match self.agent() {
+            Agent::InProcess(a) => a.uri(),
+            Agent::Process(p) => p.tcp_uri(),
+        }
+        .expect("agent listens on TCP")
     }
 
     /// The unix socket URI (for a local CLI).
     pub fn local_uri(&self) -> String {
-        self.process().local_uri().to_string()
+        match self.agent() {
+            Agent::InProcess(a) => AgentUri::Unix(a.socket().to_path_buf()).to_string(),
+            Agent::Process(p) => p.local_uri().to_string(),
+        }
     }
 
     /// The agent's state directory.
@@ -88,12 +140,18 @@ impl Host {
     /// QEMU processes this host's agents started that are still alive
     /// (including those of crashed agents).
     pub fn qemu_pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self
-            .graveyard
-            .iter()
-            .chain(self.process.as_ref())
-            .flat_map(|p| procs::qemus_in_group(p.pid()))
-            .collect();
+        let mut pids: Vec<u32> = match self.kind {
+            AgentKind::InProcess => InProcessAgent::qemu_pids(self.state_dir()),
+            AgentKind::Process => self
+                .graveyard
+                .iter()
+                .chain(match &self.agent {
+                    Some(Agent::Process(p)) => Some(p),
+                    _ => None,
+                })
+                .flat_map(|p| procs::qemus_in_group(p.pid()))
+                .collect(),
+        };
         pids.sort_unstable();
         pids
     }
@@ -101,8 +159,9 @@ impl Host {
     /// Kills the agent alone with SIGKILL, as a crash would; its QEMUs run
     /// on. The host has no agent until [`Host::start_again`].
     pub fn crash(&mut self) {
+        self.process();
         self.client = None;
-        if let Some(mut process) = self.process.take() {
+        if let Some(Agent::Process(mut process)) = self.agent.take() {
             process.crash();
             self.graveyard.push(process);
         }
@@ -110,7 +169,7 @@ impl Host {
 
     /// Starts a new agent on the same state directory and address.
     pub async fn start_again(&mut self) {
-        let fresh = Host::start(self.options.clone()).await;
+        let fresh = Host::start(self.options.clone(), self.kind).await;
         let graveyard = std::mem::take(&mut self.graveyard);
         let old = std::mem::replace(self, fresh);
         drop(old);
@@ -135,10 +194,7 @@ impl Host {
     /// Stops the agent gracefully and starts it again on the same state
     /// directory (and the same listen address, if it had a fixed one).
     pub async fn restart(&mut self) {
-        self.client = None;
-        if let Some(process) = self.process.take() {
-            process.stop(Duration::from_secs(30)).await;
-        }
+        self.stop_agent().await;
         self.start_again().await;
     }
 
@@ -146,21 +202,34 @@ impl Host {
     /// starts a new one on the same state directory, which adopts them.
     pub async fn restart_keeping_guests(&mut self) {
         self.client = None;
-        if let Some(mut process) = self.process.take() {
-            assert!(
-                process.terminate(Duration::from_secs(30)).await,
-                "livemigd did not exit on SIGTERM"
-            );
-            self.graveyard.push(process);
+        match self.agent.take() {
+            Some(Agent::Process(mut process)) => {
+                assert!(
+                    process.terminate(Duration::from_secs(30)).await,
+                    "livemigd did not exit on SIGTERM"
+                );
+                self.graveyard.push(process);
+            }
+            Some(Agent::InProcess(agent)) => agent.shut_down().await,
+            None => {}
         }
         self.start_again().await;
     }
 
-    /// Stops the agent, then kills what is left of its process group.
+    /// Stops the agent, then kills its QEMUs.
     pub async fn stop(mut self) {
+        self.stop_agent().await;
+    }
+
+    async fn stop_agent(&mut self) {
         self.client = None;
-        if let Some(process) = self.process.take() {
-            process.stop(Duration::from_secs(30)).await;
+        match self.agent.take() {
+            Some(Agent::Process(process)) => process.stop(Duration::from_secs(30)).await,
+            Some(Agent::InProcess(agent)) => {
+                agent.shut_down().await;
+                InProcessAgent::kill_qemus(self.state_dir());
+            }
+            None => {}
         }
     }
 
@@ -462,7 +531,7 @@ impl Drop for Host {
     fn drop(&mut self) {
         // AgentProcess's own Drop kills the process group.
         self.client = None;
-        self.process = None;
+        self.agent = None;
         self.graveyard.clear();
     }
 }

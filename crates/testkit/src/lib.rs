@@ -4,8 +4,11 @@
 //!   CA (every agent listens on mutual TLS with a certificate from it), from
 //!   which hosts (agents) are started. Holding it serialises QEMU-heavy tests
 //!   in one process: two busy TCG guests per test already fill two cores.
-//! - [`Host`]: one `livemigd` child in its own process group plus a client;
-//!   dropping it kills the group (agent and every QEMU it started).
+//! - [`Host`]: one agent plus a client. Plain hosts serve `agent::serve`
+//!   in the test process (on a thread of their own); hosts that tests crash,
+//!   measure, give flags or put in a namespace are `livemigd` children in
+//!   their own process group. Dropping a host kills its agent and every
+//!   QEMU it started (the group, or the QEMUs naming its state directory).
 //! - [`netns`]: two network namespaces joined by a veth pair.
 //! - [`capture`]: the start of each TCP connection in a namespace, as sent.
 //! - [`rogue`]: a compromised peer agent that rewrites a real one's replies.
@@ -25,6 +28,7 @@ mod bed;
 pub mod capture;
 mod checks;
 mod host;
+mod in_process;
 pub mod netns;
 pub mod output;
 pub mod procs;
@@ -36,7 +40,7 @@ use std::time::Duration;
 
 pub use bed::TestBed;
 pub use checks::{assert_no_leftovers, assert_runs_only_on};
-pub use host::Host;
+pub use host::{AgentKind, Host};
 
 /// How long a guest may take to show progress after a start or migration.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(60);

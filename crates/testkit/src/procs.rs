@@ -42,3 +42,22 @@ pub fn qemus_in_group(pgid: u32) -> Vec<u32> {
         .filter(|&pid| comm(pid).is_some_and(|c| c.starts_with("qemu-system")))
         .collect()
 }
+
+/// Live QEMU processes whose command line names a path under `dir` (an
+/// agent's state directory: every QEMU it starts has its QMP socket there).
+pub fn qemus_naming(dir: &Path) -> Vec<u32> {
+    let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
+    needle.push(b'/');
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| comm(pid).is_some_and(|c| c.starts_with("qemu-system")) && alive(pid))
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| cmdline.windows(needle.len()).any(|w| w == needle))
+        })
+        .collect()
+}

@@ -385,7 +385,7 @@ async fn a_host_dependent_cpu_model_migrates_only_with_unsafe() {
     let bed = TestBed::new().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
-    let mut definition = bed.definition("vm", 64, Workload::IDLE);
+    let mut definition = bed.definition("vm", 64, Workload::busy(4, 100_000));
     // `host` needs KVM; `max` (every feature this QEMU can give) depends on
     // the host just the same.
     definition.cpu = Some("max".into());

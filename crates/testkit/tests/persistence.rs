@@ -138,7 +138,7 @@ async fn offline_migration_moves_only_the_definition() {
 
 #[tokio::test]
 async fn kill_9_while_writing_definitions_leaves_old_or_new_never_torn() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::with_agent_processes().await;
     let mut a = bed.host("a").await;
     for round in 0..12u32 {
         // Redefine in a tight loop on one connection, and kill the agent

@@ -268,7 +268,8 @@ async fn idle_slow_and_oversized_clients_leave_the_agent_answering_the_others() 
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-    let bed = TestBed::new().await;
+    // A process of its own, whose memory is measured.
+    let bed = TestBed::with_agent_processes().await;
     let a = bed.host("a").await;
     let addr = a.uri().trim_start_matches("tls://").to_string();
     let admin = bed.certificate("ops", Role::Admin, &[]);
