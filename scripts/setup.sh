@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# Installs what livemig needs besides Rust: QEMU, binutils (the test guest is
-# assembled with `as`/`ld`) and iproute2 (network-namespace tests).
+# Installs what livemig needs besides Rust: QEMU and qemu-img, binutils (the
+# bare-metal test guest is assembled with `as`/`ld`), iproute2
+# (network-namespace tests), and the Linux test guest's pieces: Debian's
+# cloud kernel and a static busybox (guest/src/linux packs them with our
+# workload into an initramfs).
 set -euo pipefail
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
 command -v as >/dev/null 2>&1 && command -v ld >/dev/null 2>&1 || need+=(binutils)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" ||
+    need+=(busybox-static)
+ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
 
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
