@@ -197,18 +197,18 @@ impl TestBed {
         };
         Host::start(
             LaunchOptions {
-            binary: bin("livemigd"),
-            state_dir: self.dir.path().join(name),
-            listen,
-            tls_dir,
-            netns,
-            image_dirs: image_dirs.unwrap_or_else(|| vec![self.images()]),
-            // Tests look inside QEMU (Host::qmp); production agents keep
-            // raw QMP off.
-            extra_args: std::iter::once("--allow-qemu-monitor-command")
-                .chain(args.iter().copied())
-                .map(str::to_string)
-                .collect(),
+                binary: bin("livemigd"),
+                state_dir: self.dir.path().join(name),
+                listen,
+                tls_dir,
+                netns,
+                image_dirs: image_dirs.unwrap_or_else(|| vec![self.images()]),
+                // Tests look inside QEMU (Host::qmp); production agents keep
+                // raw QMP off.
+                extra_args: std::iter::once("--allow-qemu-monitor-command")
+                    .chain(args.iter().copied())
+                    .map(str::to_string)
+                    .collect(),
             },
             kind,
         )

@@ -69,9 +69,7 @@ impl Host {
         if let Some(uri) = uri {
             options.listen = Some(uri);
         }
-        let client = Client::connect(&local)
-            .await
-            .expect("connect to the agent");
+        let client = Client::connect(&local).await.expect("connect to the agent");
         Host {
             name: options
                 .state_dir

@@ -50,8 +50,8 @@ impl InProcessAgent {
         config.image_dirs = options.image_dirs.clone();
         config.qemu_monitor_command = true;
 
-        let log = std::fs::File::create(options.state_dir.join("livemigd.log"))
-            .expect("the agent's log");
+        let log =
+            std::fs::File::create(options.state_dir.join("livemigd.log")).expect("the agent's log");
         let (ready_tx, ready_rx) = oneshot::channel::<Result<Option<String>, String>>();
         let (stop, stop_rx) = oneshot::channel::<()>();
         let (stopped_tx, stopped) = mpsc::channel();
