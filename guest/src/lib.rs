@@ -15,7 +15,7 @@ mod serial;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use serial::{Corruption, Progress, SerialLog, Start};
+pub use serial::{Corruption, DiskProgress, Progress, SerialLog, Start};
 
 /// The guest kernel image (32-bit multiboot ELF).
 pub const KERNEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/livemig-guest.elf"));

@@ -35,6 +35,19 @@ pub struct Progress {
     pub errors: u64,
 }
 
+/// One `disk` line of the Linux guest's disk workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskProgress {
+    /// Time since the workload started.
+    pub t_ms: u64,
+    /// Blocks written.
+    pub writes: u64,
+    /// Blocks read back and found as written.
+    pub verified: u64,
+    /// Blocks read back wrong.
+    pub errors: u64,
+}
+
 /// A `CORRUPT` line, verbatim after the prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Corruption(pub String);
@@ -46,8 +59,10 @@ pub struct SerialLog {
     pub start: Option<Start>,
     /// Every progress line.
     pub progress: Vec<Progress>,
-    /// Every corruption the guest reported.
+    /// Every corruption the guest reported (memory, or `CORRUPT disk`).
     pub corruptions: Vec<Corruption>,
+    /// Every `disk` line (the Linux guest's disk workload).
+    pub disk: Vec<DiskProgress>,
     /// `error ...` lines: the guest could not run its workload.
     pub errors: Vec<String>,
 }
@@ -80,6 +95,10 @@ impl SerialLog {
                 if let Some(p) = parse_progress(fields) {
                     log.progress.push(p);
                 }
+            } else if let Some(fields) = rest.strip_prefix("disk ") {
+                if let Some(d) = parse_disk(fields) {
+                    log.disk.push(d);
+                }
             } else if let Some(fields) = rest.strip_prefix("start ") {
                 log.start = parse_start(fields);
             } else if rest.starts_with("CORRUPT") {
@@ -94,6 +113,20 @@ impl SerialLog {
     /// The most recent progress line.
     pub fn last_progress(&self) -> Option<Progress> {
         self.progress.last().copied()
+    }
+
+    /// True when the disk workload found every block as it wrote it.
+    pub fn disk_intact(&self) -> bool {
+        !self
+            .corruptions
+            .iter()
+            .any(|c| c.0.starts_with("CORRUPT disk"))
+            && self.disk.iter().all(|d| d.errors == 0)
+    }
+
+    /// The most recent `disk` line.
+    pub fn last_disk(&self) -> Option<DiskProgress> {
+        self.disk.last().copied()
     }
 
     /// True when the guest reported no corruption at all.
@@ -114,6 +147,15 @@ fn parse_progress(fields: &str) -> Option<Progress> {
         t_ms: field(fields, "t_ms")?,
         pass: field(fields, "pass")?,
         writes: field(fields, "writes")?,
+        errors: field(fields, "errors")?,
+    })
+}
+
+fn parse_disk(fields: &str) -> Option<DiskProgress> {
+    Some(DiskProgress {
+        t_ms: field(fields, "t_ms")?,
+        writes: field(fields, "writes")?,
+        verified: field(fields, "verified")?,
         errors: field(fields, "errors")?,
     })
 }
@@ -150,6 +192,19 @@ livemig-guest: progress t_ms=15";
         assert_eq!(log.last_progress().unwrap().writes, 8_378_112);
         assert_eq!(log.corruptions.len(), 1);
         assert!(!log.memory_intact());
+    }
+
+    #[test]
+    fn disk_lines_and_disk_corruption_are_read() {
+        let log = SerialLog::parse(
+            "livemig-guest: disk t_ms=500 writes=40 verified=8 errors=0\n\
+             livemig-guest: CORRUPT disk block=3 payload checksum\n\
+             livemig-guest: disk t_ms=1000 writes=80 verified=47 errors=1\n",
+        );
+        assert_eq!(log.last_disk().unwrap().verified, 47);
+        assert!(!log.disk_intact());
+        let clean = SerialLog::parse("livemig-guest: disk t_ms=5 writes=4 verified=0 errors=0\n");
+        assert!(clean.disk_intact());
     }
 
     #[test]

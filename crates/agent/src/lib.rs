@@ -32,6 +32,7 @@ mod runfile;
 mod server;
 mod state;
 pub mod store;
+mod taps;
 mod vm;
 
 pub use config::Config;

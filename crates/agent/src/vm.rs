@@ -12,6 +12,7 @@ use qmp::QemuVersion;
 
 use crate::errors;
 use crate::state::Agent;
+use crate::taps;
 
 /// Unix socket paths are limited to 107 bytes.
 const MAX_SOCKET_PATH: usize = 107;
@@ -27,6 +28,8 @@ pub(crate) struct RunningVm {
     pub serial_log: PathBuf,
     pub qemu_log: PathBuf,
     pub qemu_version: QemuVersion,
+    /// The taps of its bridged NICs, removed when it exits.
+    pub taps: Vec<String>,
 }
 
 /// The launch spec for a fresh start on this host.
@@ -123,12 +126,15 @@ pub(crate) async fn launch(
             "this QEMU was built without seccomp: it runs without -sandbox"
         );
     }
+    let taps = taps::names(agent.store.root(), def);
+    taps::create(&taps, def, agent.config.qemu_user.as_deref(), &agent.uri).await?;
     let mut argv = build_argv(&LaunchConfig {
         definition: def,
         spec,
         qmp_socket: &qmp_socket,
         serial_log: &serial_log,
         incoming,
+        taps: &taps,
         hardening: Hardening {
             sandbox: agent.config.qemu_sandbox && binary.has_sandbox(),
             user: agent.config.qemu_user.as_deref(),
@@ -142,7 +148,7 @@ pub(crate) async fn launch(
     if paused || incoming {
         argv.push("-S".into());
     }
-    let process = QemuProcess::spawn(
+    let process = match QemuProcess::spawn(
         &agent.config.qemu,
         &argv,
         &qmp_socket,
@@ -150,12 +156,16 @@ pub(crate) async fn launch(
         agent.config.qemu_timeout,
     )
     .await
-    .map_err(|e| {
-        errors::qemu(format!(
-            "cannot start domain '{name}': {}",
-            errors::chain(&e)
-        ))
-    })?;
+    {
+        Ok(process) => process,
+        Err(e) => {
+            taps::remove(&taps).await;
+            return Err(errors::qemu(format!(
+                "cannot start domain '{name}': {}",
+                errors::chain(&e)
+            )));
+        }
+    };
     tracing::info!(domain = %name, pid = process.pid(), incoming, "QEMU started");
     let vm = Arc::new(RunningVm {
         run_id: agent.next_run_id(),
@@ -165,6 +175,7 @@ pub(crate) async fn launch(
         serial_log,
         qemu_log,
         qemu_version: binary.version,
+        taps,
     });
     watch_exit(agent.clone(), name.clone(), vm.clone());
     Ok(vm)
@@ -177,6 +188,7 @@ pub(crate) fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>
     let mut exit = vm.process.exit_watch();
     let run_id = vm.run_id;
     let socket = vm.qmp_socket.clone();
+    let taps = vm.taps.clone();
     drop(vm);
     tokio::spawn(async move {
         let Ok(info) = exit.wait_for(Option::is_some).await.map(|i| *i) else {
@@ -193,6 +205,7 @@ pub(crate) fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>
             }
         };
         agent.store.remove_run_if(&name, run_id).await;
+        taps::remove(&taps).await;
         let replaced = agent
             .with_domain(&name, |d| {
                 Ok(d.vm.as_ref().is_some_and(|vm| vm.run_id != run_id))

@@ -136,7 +136,7 @@ impl Confinement {
                 images.push(("initrd", i));
             }
         }
-        if let Some(d) = &def.disk {
+        for d in &def.disks {
             images.push(("disk", &d.path));
         }
         let mut allowed = Vec::new();

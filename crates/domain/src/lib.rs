@@ -1,6 +1,7 @@
 //! Domains: what a VM is, and how it runs under QEMU.
 //!
 //! - [`definition`]: the TOML definition a user writes, with validation.
+//! - [`devices`]: its disks and network interfaces.
 //! - [`confine`]: which files a definition may make QEMU open on a host.
 //! - [`qemu`]: everything about the QEMU binary: probing its capabilities
 //!   ([`qemu::binary`]), the RAM layout that avoids a TCG migration bug
@@ -12,6 +13,7 @@
 
 pub mod confine;
 pub mod definition;
+pub mod devices;
 pub mod qemu;
 
 pub use definition::{DefinitionError, DomainDefinition};

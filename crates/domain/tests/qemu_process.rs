@@ -132,6 +132,7 @@ async fn spawn(dir: &Path, def: &DomainDefinition, spec: &LaunchSpec) -> QemuPro
         qmp_socket: &socket,
         serial_log: &dir.join("serial.log"),
         incoming: false,
+        taps: &[],
         hardening: Default::default(),
     });
     QemuProcess::spawn(

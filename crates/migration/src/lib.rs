@@ -3,6 +3,7 @@
 //! - [`flags`]: what the user asked (`--auto-converge`, `--bandwidth`, ...),
 //!   validated, and which QEMU capabilities that needs on which host.
 //! - [`support`]: checks those needs against a probed QEMU binary.
+//! - [`safety`]: whether the guest can move as defined (CPU model, disks).
 //! - [`settings`]: sets capabilities and parameters on a QEMU for a job and
 //!   restores them afterwards.
 //! - [`stream_tls`]: `--tls`: the QEMUs' credentials and who they admit.
@@ -30,6 +31,7 @@ pub mod perform;
 pub mod plan;
 pub mod postcopy;
 pub mod record;
+pub mod safety;
 pub mod settings;
 pub mod stream_tls;
 pub mod support;

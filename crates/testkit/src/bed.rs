@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use domain::DomainDefinition;
+use guest::linux::{self, LinuxImage, LinuxWorkload};
 use guest::Workload;
 use launcher::LaunchOptions;
 use tokio::sync::{Mutex, MutexGuard};
@@ -213,6 +214,59 @@ impl TestBed {
             kind,
         )
         .await
+    }
+
+    /// The Linux test guest's kernel and initrd, built into the bed's
+    /// image directory (once).
+    pub fn linux_image(&self) -> LinuxImage {
+        let image = LinuxImage {
+            kernel: self.images().join("linux-vmlinuz"),
+            initrd: self.images().join("linux-initrd.img"),
+        };
+        if image.kernel.exists() && image.initrd.exists() {
+            return image;
+        }
+        let parts = linux::Parts::installed(&crate::linux_workload())
+            .unwrap_or_else(|e| panic!("the Linux test guest: {e}"));
+        linux::build(&parts, &self.images()).unwrap_or_else(|e| panic!("the Linux test guest: {e}"))
+    }
+
+    /// A definition of the Linux test guest doing `workload`, with
+    /// `devices` (TOML: `[[disks]]`, `[[nics]]`) appended.
+    pub fn linux_definition(
+        &self,
+        name: &str,
+        memory_mib: u32,
+        workload: &LinuxWorkload,
+        devices: &str,
+    ) -> DomainDefinition {
+        let image = self.linux_image();
+        DomainDefinition::from_toml(&format!(
+            "name = \"{name}\"\nmemory_mib = {memory_mib}\n[kernel]\npath = {:?}\ninitrd = {:?}\n\
+             cmdline = {:?}\n{devices}",
+            image.kernel.display().to_string(),
+            image.initrd.display().to_string(),
+            workload.cmdline(),
+        ))
+        .expect("valid Linux guest definition")
+    }
+
+    /// A fresh disk image of `size_mib` in the bed's image directory
+    /// (`qemu-img create`), `format` "raw" or "qcow2".
+    pub fn disk_image(&self, file: &str, size_mib: u32, format: &str) -> PathBuf {
+        let path = self.images().join(file);
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", format])
+            .arg(&path)
+            .arg(format!("{size_mib}M"))
+            .output()
+            .expect("run qemu-img (qemu-utils)");
+        assert!(
+            out.status.success(),
+            "qemu-img create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
     }
 
     /// A definition of the test guest.

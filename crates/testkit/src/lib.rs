@@ -76,6 +76,15 @@ pub fn bin_dir() -> PathBuf {
     dir.to_path_buf()
 }
 
+/// The Linux test guest's static workload (`scripts/build-linux-guest.sh`
+/// builds it; `LIVEMIG_WORKLOAD` points elsewhere).
+pub fn linux_workload() -> PathBuf {
+    if let Some(path) = std::env::var_os("LIVEMIG_WORKLOAD") {
+        return PathBuf::from(path);
+    }
+    bin_dir().join("../x86_64-unknown-linux-gnu/release/livemig-workload")
+}
+
 /// Path of a workspace binary, checked to exist.
 pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);

@@ -1,4 +1,6 @@
-//! Two "hosts" on one machine: network namespaces joined by a veth pair.
+//! Two "hosts" on one machine: network namespaces joined by a veth pair,
+//! optionally each with a bridge the veth is a port of, so that guests on
+//! either host's bridge share one L2 segment.
 //!
 //! Names carry the test process id so parallel test binaries do not clash;
 //! dropping the pair deletes both namespaces (which removes the veth too).
@@ -16,6 +18,10 @@ pub struct NetnsPair {
     pub a_ip: String,
     /// The second namespace's address.
     pub b_ip: String,
+    /// `10.77.N`: the segment's first three octets.
+    pub prefix: String,
+    /// The bridge in each namespace (same name in both), if bridged.
+    pub bridge: Option<String>,
     veth_a: String,
     veth_b: String,
 }
@@ -43,6 +49,25 @@ impl NetnsPair {
     /// # Errors
     /// The failing `ip` command and its message (e.g. not root).
     pub fn create(tag: &str) -> Result<NetnsPair, String> {
+        Self::make(tag, false)
+    }
+
+    /// As [`NetnsPair::create`], with a bridge `br0` in each namespace
+    /// holding the veth end and the host's address: a guest with a NIC on
+    /// either bridge is on the segment `PREFIX.0/24`.
+    ///
+    /// # Errors
+    /// The failing `ip` command and its message.
+    pub fn create_bridged(tag: &str) -> Result<NetnsPair, String> {
+        Self::make(tag, true)
+    }
+
+    /// An address on the segment for a guest: `PREFIX.host`.
+    pub fn address(&self, host: u8) -> String {
+        format!("{}.{host}", self.prefix)
+    }
+
+    fn make(tag: &str, bridged: bool) -> Result<NetnsPair, String> {
         let id = std::process::id();
         let a = format!("lm-{tag}-{id}-a");
         let b = format!("lm-{tag}-{id}-b");
@@ -54,6 +79,8 @@ impl NetnsPair {
         let pair = NetnsPair {
             a_ip: format!("10.77.{subnet}.1"),
             b_ip: format!("10.77.{subnet}.2"),
+            prefix: format!("10.77.{subnet}"),
+            bridge: bridged.then(|| "br0".to_string()),
             a,
             b,
             veth_a: veth_a.clone(),
@@ -67,10 +94,19 @@ impl NetnsPair {
         ])?;
         ip(&["link", "set", &veth_a, "netns", &pair.a])?;
         ip(&["link", "set", &veth_b, "netns", &pair.b])?;
-        for (ns, dev, addr) in [
+        for (ns, veth, addr) in [
             (&pair.a, &veth_a, &pair.a_ip),
             (&pair.b, &veth_b, &pair.b_ip),
         ] {
+            let dev = match &pair.bridge {
+                Some(bridge) => {
+                    ip(&["-n", ns, "link", "add", bridge, "type", "bridge"])?;
+                    ip(&["-n", ns, "link", "set", veth, "master", bridge])?;
+                    ip(&["-n", ns, "link", "set", veth, "up"])?;
+                    bridge
+                }
+                None => veth,
+            };
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
@@ -179,4 +215,24 @@ impl Drop for NetnsPair {
             let _ = ip(&["netns", "delete", ns]);
         }
     }
+}
+
+/// A TCP connection made from inside the namespace `netns` (on a thread
+/// of its own, which alone enters it; the socket stays in the namespace).
+///
+/// # Errors
+/// The namespace cannot be entered, or the connection fails.
+pub fn connect_in(
+    netns: &str,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    let ns = std::fs::File::open(format!("/run/netns/{netns}"))?;
+    std::thread::spawn(move || {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(std::io::Error::from)?;
+        std::net::TcpStream::connect_timeout(&addr, timeout)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the connecting thread panicked"))?
 }

@@ -414,3 +414,63 @@ async fn a_host_dependent_cpu_model_migrates_only_with_unsafe() {
         .await;
     assert!(record.flags.contains(&"unsafe".to_string()));
 }
+
+#[tokio::test]
+async fn a_disk_only_this_host_has_is_refused_and_a_cached_shared_disk_needs_unsafe() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    let image = bed.disk_image("vm.raw", 16, "raw");
+    let with_disk = |disk: &str| {
+        let mut definition = bed.definition("vm", 64, Workload::busy(4, 100_000));
+        let devices = domain::DomainDefinition::from_toml(&format!(
+            "name = \"vm\"\nmemory_mib = 64\n[[disks]]\npath = {:?}\n{disk}\n",
+            image.display().to_string()
+        ))
+        .unwrap();
+        definition.disks = devices.disks;
+        definition
+    };
+
+    a.define_and_start(with_disk("")).await;
+    let before = Untouched::record(&a, "vm").await;
+    let out = a.cli(&["migrate", "--live", "--unsafe", "vm", &b.uri()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("disk vda") && err.contains("not on shared storage"),
+        "{err}"
+    );
+    assert!(err.contains(&image.display().to_string()), "{err}");
+    before.check(&a, &b, "vm").await;
+    a.cli_ok(&["destroy", "vm"]);
+
+    a.request(testkit::define(&with_disk(
+        "shared = true\ncache = \"writeback\"",
+    )))
+    .await
+    .unwrap();
+    a.cli_ok(&["start", "vm"]);
+    a.wait_guest_progress("vm", 1).await;
+    let before = Untouched::record(&a, "vm").await;
+    let out = a.cli(&["migrate", "--live", "vm", &b.uri()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("cache = \"writeback\"") && err.contains("--unsafe"),
+        "{err}"
+    );
+    before.check(&a, &b, "vm").await;
+
+    let record = a
+        .migrate_completes(
+            "vm",
+            &b,
+            MigrateOptions {
+                unsafe_migration: true,
+                ..live()
+            },
+        )
+        .await;
+    assert!(record.flags.contains(&"unsafe".to_string()));
+}

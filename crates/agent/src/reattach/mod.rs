@@ -63,6 +63,7 @@ pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
             serial_log: record.serial_log.clone(),
             qemu_log: record.qemu_log.clone(),
             qemu_version: record.qemu_version,
+            taps: crate::taps::names(agent.store.root(), &record.definition),
         });
         {
             let mut domains = agent.domains.lock().expect("domains lock");

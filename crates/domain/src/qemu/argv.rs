@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::definition::{Accel, DiskCache, DiskFormat, DomainDefinition};
+use crate::definition::{Accel, DomainDefinition, NicNetwork};
 use crate::qemu::layout::RamLayout;
 
 /// The parts of a QEMU configuration that are decided when a domain starts
@@ -37,6 +37,9 @@ pub struct LaunchConfig<'a> {
     pub serial_log: &'a Path,
     /// Start paused, waiting for `migrate-incoming`.
     pub incoming: bool,
+    /// The tap device of each bridged NIC, in the definition's order (the
+    /// agent creates them).
+    pub taps: &'a [String],
     /// How QEMU is confined.
     pub hardening: Hardening<'a>,
 }
@@ -60,6 +63,18 @@ pub struct Hardening<'a> {
     /// Load the agent's TLS credentials (QEMU's file names) at start, for
     /// `migrate --tls`: read while QEMU can still read them.
     pub tls_credentials: Option<&'a Path>,
+}
+
+/// The `-drive` id (QEMU's block backend) of the disk the guest calls
+/// `target`.
+pub fn drive_id(target: &str) -> String {
+    format!("drive-{target}")
+}
+
+/// The node name of the disk the guest calls `target`: what block jobs
+/// and NBD exports name.
+pub fn disk_node(target: &str) -> String {
+    format!("disk-{target}")
 }
 
 /// Escapes a value for QEMU's `key=value,...` syntax.
@@ -123,20 +138,40 @@ pub fn build_argv(config: &LaunchConfig<'_>) -> Vec<String> {
             push(&["-initrd", &initrd.to_string_lossy()]);
         }
     }
-    if let Some(disk) = &def.disk {
-        let format = match disk.format {
-            DiskFormat::Raw => "raw",
-            DiskFormat::Qcow2 => "qcow2",
-        };
-        let cache = match disk.cache {
-            DiskCache::None => "none",
-            DiskCache::Writeback => "writeback",
-        };
+    for (index, disk) in def.disks.iter().enumerate() {
+        let target = disk.target_name(index);
         push(&[
             "-drive",
             &format!(
-                "file={},format={format},if=virtio,cache={cache}",
-                path_value(&disk.path)
+                "file={},format={},if=none,id={},node-name={},cache={}",
+                path_value(&disk.path),
+                disk.format.as_qemu(),
+                drive_id(&target),
+                disk_node(&target),
+                disk.cache.as_qemu(),
+            ),
+            "-device",
+            &format!("virtio-blk-pci,drive={},id={target}", drive_id(&target)),
+        ]);
+    }
+    let mut taps = config.taps.iter();
+    for (index, nic) in def.nics.iter().enumerate() {
+        let backend = match nic.network {
+            NicNetwork::User => format!("user,id=net{index}"),
+            NicNetwork::Bridge => format!(
+                "tap,id=net{index},ifname={},script=no,downscript=no",
+                taps.next().expect("a tap for every bridged NIC")
+            ),
+        };
+        // No option ROM: the guests boot their kernel directly, and both
+        // sides of a migration must agree on the ROMs anyway.
+        push(&[
+            "-netdev",
+            &backend,
+            "-device",
+            &format!(
+                "virtio-net-pci,netdev=net{index},mac={},romfile=,id=nic{index}",
+                nic.mac_address(def.name.as_str(), index)
             ),
         ]);
     }
@@ -211,6 +246,7 @@ format = "qcow2"
             qmp_socket: &PathBuf::from("/run/x,y/qmp.sock"),
             serial_log: &PathBuf::from("/run/serial.log"),
             incoming,
+            taps: &[],
             hardening: Hardening::default(),
         })
     }
@@ -237,6 +273,67 @@ format = "qcow2"
         assert_eq!(value_of(&argv, "-m"), ["256M"]);
         assert_eq!(value_of(&argv, "-smp"), ["2"]);
         assert!(!argv.contains(&"-incoming".to_string()));
+    }
+
+    #[test]
+    fn disks_get_node_names_by_target_and_bridged_nics_their_taps() {
+        let def = DomainDefinition::from_toml(
+            r#"
+name = "web1"
+memory_mib = 256
+[kernel]
+path = "/k"
+[[disks]]
+path = "/i/a.qcow2"
+format = "qcow2"
+[[disks]]
+path = "/i/b.raw"
+cache = "directsync"
+target = "vdc"
+[[nics]]
+network = "user"
+[[nics]]
+bridge = "br0"
+mac = "52:54:00:aa:bb:cc"
+"#,
+        )
+        .unwrap();
+        let spec = LaunchSpec {
+            machine: "pc".into(),
+            accel: Accel::Tcg,
+            ram: RamLayout::plain(256),
+        };
+        let argv = build_argv(&LaunchConfig {
+            definition: &def,
+            spec: &spec,
+            qmp_socket: Path::new("/run/qmp.sock"),
+            serial_log: Path::new("/run/serial.log"),
+            incoming: false,
+            taps: &["lm01234567n1".to_string()],
+            hardening: Hardening::default(),
+        });
+        assert_eq!(
+            value_of(&argv, "-drive"),
+            [
+                "file=/i/a.qcow2,format=qcow2,if=none,id=drive-vda,node-name=disk-vda,cache=none",
+                "file=/i/b.raw,format=raw,if=none,id=drive-vdc,node-name=disk-vdc,cache=directsync",
+            ]
+        );
+        assert_eq!(
+            value_of(&argv, "-netdev"),
+            [
+                "user,id=net0",
+                "tap,id=net1,ifname=lm01234567n1,script=no,downscript=no"
+            ]
+        );
+        let devices = value_of(&argv, "-device");
+        assert_eq!(devices[0], "virtio-blk-pci,drive=drive-vda,id=vda");
+        assert_eq!(devices[1], "virtio-blk-pci,drive=drive-vdc,id=vdc");
+        assert!(devices[2].starts_with("virtio-net-pci,netdev=net0,mac=52:54:00:"));
+        assert_eq!(
+            devices[3],
+            "virtio-net-pci,netdev=net1,mac=52:54:00:aa:bb:cc,romfile=,id=nic1"
+        );
     }
 
     #[test]
@@ -277,6 +374,7 @@ format = "qcow2"
                 qmp_socket: Path::new("/run/qmp.sock"),
                 serial_log: Path::new("/run/serial.log"),
                 incoming: false,
+                taps: &[],
                 hardening,
             })
         };

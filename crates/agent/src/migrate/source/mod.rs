@@ -75,15 +75,8 @@ pub(crate) async fn begin(
         Ok((d.definition.clone(), d.vm.clone(), d.tunables))
     })?;
 
-    if let Some(cpu) = def.host_dependent_cpu() {
-        if !flags.offline && !flags.unsafe_migration {
-            return Err(errors::operation_invalid(format!(
-                "domain '{name}' runs with CPU model '{cpu}', which passes this host's CPU \
-                 through: on another host the guest may crash. Define a named model (e.g. cpu = \
-                 \"Skylake-Server\") or pass --unsafe"
-            )));
-        }
-    }
+    migration::safety::check(&def, flags.offline, flags.unsafe_migration)
+        .map_err(|e| errors::operation_invalid(e.to_string()))?;
     let binary = agent.binary().await?;
     support::check(&flags, Role::Source, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;

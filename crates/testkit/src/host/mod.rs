@@ -6,15 +6,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use domain::DomainDefinition;
-use guest::SerialLog;
 use launcher::{AgentProcess, LaunchOptions};
 use protocol::domain::{DefinitionDoc, DomainInfo, DomainState, DomainSummary};
-use protocol::job::{JobInfo, JobRecord, JobStatus};
-use protocol::{AgentUri, Client, ClientError, MigrateOptions, Reply, Request};
+
+use protocol::{AgentUri, Client, ClientError, Reply, Request};
 use serde_json::Value;
 
+mod migrate;
+mod serial;
+
 use crate::in_process::InProcessAgent;
-use crate::{bin, procs, wait_until, GUEST_TIMEOUT};
+use crate::{bin, procs};
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
@@ -281,184 +283,6 @@ impl Host {
     /// The domain's state, if the agent knows it.
     pub async fn state(&self, name: &str) -> Option<DomainState> {
         self.dominfo(name).await.ok().map(|i| i.state)
-    }
-
-    /// The guest's serial log on this host.
-    pub async fn serial(&self, name: &str) -> SerialLog {
-        let info = self.dominfo(name).await.expect("dominfo");
-        let path = info.serial_log.expect("running domain has a serial log");
-        SerialLog::read(Path::new(&path)).expect("read serial log")
-    }
-
-    /// Waits for `lines` more progress lines than the log has now.
-    pub async fn wait_guest_progress(&self, name: &str, lines: usize) -> SerialLog {
-        let start = self.serial(name).await.progress.len();
-        wait_until(
-            GUEST_TIMEOUT,
-            &format!("{lines} progress lines from '{name}' on {}", self.name),
-            || async {
-                let log = self.serial(name).await;
-                assert!(log.errors.is_empty(), "guest error: {:?}", log.errors);
-                (log.progress.len() >= start + lines).then_some(log)
-            },
-        )
-        .await
-    }
-
-    /// Waits until the guest has completed `passes` more sweeps over its
-    /// working set, so every page has been checked again.
-    pub async fn wait_guest_passes(&self, name: &str, passes: u64) -> SerialLog {
-        let first = self
-            .wait_guest_progress(name, 1)
-            .await
-            .last_progress()
-            .expect("progress");
-        wait_until(
-            GUEST_TIMEOUT,
-            &format!("{passes} passes of '{name}' on {}", self.name),
-            || async {
-                let log = self.serial(name).await;
-                let last = log.last_progress()?;
-                (last.pass >= first.pass + passes && last.writes > first.writes).then_some(log)
-            },
-        )
-        .await
-    }
-
-    /// Starts a migration; returns the job id.
-    pub async fn start_migration(
-        &self,
-        name: &str,
-        destination: &str,
-        flags: MigrateOptions,
-    ) -> Result<String, ClientError> {
-        match self
-            .request(Request::Migrate {
-                domain: name.parse().expect("valid name"),
-                destination: destination.to_string(),
-                flags: Box::new(flags),
-            })
-            .await?
-        {
-            Reply::MigrationStarted { job_id } => Ok(job_id),
-            other => panic!("unexpected reply {other:?}"),
-        }
-    }
-
-    /// Starts a migration to `dest` and waits until its live info
-    /// satisfies `ready` (`what` names it in a timeout); returns the job id.
-    pub async fn migration_until(
-        &self,
-        name: &str,
-        dest: &Host,
-        flags: MigrateOptions,
-        what: &str,
-        ready: impl Fn(&JobInfo) -> bool,
-    ) -> String {
-        let job = self
-            .start_migration(name, &dest.uri(), flags)
-            .await
-            .expect("migration starts");
-        self.wait_job_info(&job, what, ready).await;
-        job
-    }
-
-    /// Starts a migration to `dest` and waits until QEMU is copying (a
-    /// capped bandwidth keeps it there while a test looks); returns the
-    /// job id.
-    pub async fn migration_in_flight(
-        &self,
-        name: &str,
-        dest: &Host,
-        flags: MigrateOptions,
-    ) -> String {
-        self.migration_until(name, dest, flags, "QEMU to copy", |j| {
-            j.stats.qemu_status.as_deref() == Some("active")
-        })
-        .await
-    }
-
-    /// Waits until a running job's live info satisfies `ready`.
-    pub async fn wait_job_info(
-        &self,
-        id: &str,
-        what: &str,
-        ready: impl Fn(&JobInfo) -> bool,
-    ) -> JobInfo {
-        wait_until(Duration::from_secs(90), what, || async {
-            self.job_active(id).await.filter(|j| ready(j))
-        })
-        .await
-    }
-
-    /// The job's live info, or `None` once it has a record.
-    pub async fn job_active(&self, id: &str) -> Option<JobInfo> {
-        match self
-            .request(Request::Job { id: id.into() })
-            .await
-            .expect("job")
-        {
-            Reply::Job { active, .. } => active.map(|j| *j),
-            other => panic!("unexpected reply {other:?}"),
-        }
-    }
-
-    /// Waits for a job to end and returns its record.
-    pub async fn wait_job(&self, id: &str) -> JobRecord {
-        wait_until(JOB_TIMEOUT, &format!("job {id} to end"), || async {
-            match self
-                .request(Request::Job { id: id.into() })
-                .await
-                .expect("job")
-            {
-                Reply::Job { record, .. } => record.map(|r| *r),
-                other => panic!("unexpected reply {other:?}"),
-            }
-        })
-        .await
-    }
-
-    /// Migrates and waits for the record.
-    pub async fn migrate(&self, name: &str, dest: &Host, flags: MigrateOptions) -> JobRecord {
-        let id = self
-            .start_migration(name, &dest.uri(), flags)
-            .await
-            .expect("migration starts");
-        self.wait_job(&id).await
-    }
-
-    /// Migrates, and checks what a user would: the job completed and the
-    /// guest now runs only on `dest`, intact.
-    pub async fn migrate_completes(
-        &self,
-        name: &str,
-        dest: &Host,
-        flags: MigrateOptions,
-    ) -> JobRecord {
-        let record = self.migrate(name, dest, flags).await;
-        assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
-        crate::assert_runs_only_on(name, dest, self, 2).await;
-        record
-    }
-
-    /// A plain live migration (`--live`, nothing else), and its record.
-    pub async fn migrate_live(&self, name: &str, dest: &Host) -> JobRecord {
-        let flags = MigrateOptions {
-            live: true,
-            ..Default::default()
-        };
-        self.migrate(name, dest, flags).await
-    }
-
-    /// Waits until none of this agent's QEMUs is left (a torn-down
-    /// destination).
-    pub async fn wait_no_qemu(&self) {
-        wait_until(
-            Duration::from_secs(60),
-            &format!("{} to have no QEMU left", self.name),
-            || async { self.qemu_pids().is_empty().then_some(()) },
-        )
-        .await;
     }
 
     /// Runs a QMP command on a domain's QEMU through the agent.

@@ -12,18 +12,31 @@
 //! path = "/var/lib/livemig/images/vmlinuz"
 //! cmdline = "console=ttyS0"
 //!
-//! [disk]                   # ... and/or a disk on shared storage
+//! [[disks]]                # ... and/or disks (vda, vdb, ... in order)
 //! path = "/shared/web1.qcow2"
-//! format = "qcow2"
+//! format = "qcow2"         # or "raw"
+//! cache = "none"           # writeback, writethrough, directsync, unsafe
+//! shared = true            # both hosts see the file; else it must be copied
+//!
+//! [[nics]]                 # virtio-net on a tap on a host bridge ...
+//! bridge = "br0"
+//! mac = "52:54:00:12:34:56"   # optional
+//! [[nics]]                 # ... or on QEMU's user-mode network
+//! network = "user"
 //!
 //! [serial]
 //! log = "/var/lib/livemig/logs/web1.log"   # optional
 //! ```
+//!
+//! A single `[disk]` table (the older form) is read as the first of
+//! `[[disks]]`, on shared storage.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::{disk, nic};
+pub use crate::devices::{Disk, DiskCache, DiskError, DiskFormat, Nic, NicError, NicNetwork};
 pub use types::{Accel, DomainName};
 
 const MIN_MEMORY_MIB: u32 = 16;
@@ -42,43 +55,6 @@ pub struct KernelBoot {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// An initial ramdisk.
     pub initrd: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-/// A disk image's format.
-pub enum DiskFormat {
-    #[default]
-    /// Raw bytes.
-    Raw,
-    /// QEMU's copy-on-write format.
-    Qcow2,
-}
-
-/// Host page cache use for the disk. Migration with shared storage needs the
-/// destination to see every write, which `none` guarantees.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DiskCache {
-    #[default]
-    /// No host page cache (direct I/O): safe to migrate on shared storage.
-    None,
-    /// The host page cache, written back later.
-    Writeback,
-}
-
-/// A disk image on storage both hosts see at the same path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Disk {
-    /// The image file.
-    pub path: PathBuf,
-    #[serde(default)]
-    /// Its format.
-    pub format: DiskFormat,
-    #[serde(default)]
-    /// Host cache mode.
-    pub cache: DiskCache,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,9 +90,15 @@ pub struct DomainDefinition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     /// Direct kernel boot.
     pub kernel: Option<KernelBoot>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    /// A disk.
-    pub disk: Option<Disk>,
+    /// Disks, `vda` first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+    /// Network interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+    /// The older single `[disk]`: read, then moved to `disks`.
+    #[serde(default, rename = "disk", skip_serializing)]
+    legacy_disk: Option<Disk>,
     #[serde(default)]
     /// The serial console.
     pub serial: Serial,
@@ -173,7 +155,7 @@ pub enum DefinitionError {
     #[error("CPU model {0:?} is not a plain name")]
     /// A CPU model that is not a plain name.
     Cpu(String),
-    #[error("the definition has nothing to boot: give [kernel] or [disk]")]
+    #[error("the definition has nothing to boot: give [kernel] or [[disks]]")]
     /// Neither a kernel nor a disk.
     NoBootSource,
     #[error("{what} path {path:?} must be absolute")]
@@ -195,6 +177,15 @@ pub enum DefinitionError {
     #[error("kernel command line contains a control character")]
     /// A control character in the kernel command line.
     Cmdline,
+    /// A bad disk.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A bad NIC.
+    #[error(transparent)]
+    Nic(#[from] NicError),
+    /// Both `[disk]` and `[[disks]]`.
+    #[error("give either [disk] or [[disks]], not both")]
+    DiskAndDisks,
 }
 
 impl DomainDefinition {
@@ -205,6 +196,7 @@ impl DomainDefinition {
     /// other variants for values out of range.
     pub fn from_toml(text: &str) -> Result<Self, DefinitionError> {
         let def: DomainDefinition = toml::from_str(text)?;
+        let def = def.normalized()?;
         def.validate()?;
         Ok(def)
     }
@@ -219,7 +211,7 @@ impl DomainDefinition {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut def: DomainDefinition = toml::from_str(&text)?;
+        let mut def: DomainDefinition = toml::from_str::<DomainDefinition>(&text)?.normalized()?;
         let base = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => PathBuf::from("."),
@@ -238,8 +230,22 @@ impl DomainDefinition {
     /// other variants for values out of range.
     pub fn from_document(document: serde_json::Value) -> Result<Self, DefinitionError> {
         let def: DomainDefinition = serde_json::from_value(document)?;
+        let def = def.normalized()?;
         def.validate()?;
         Ok(def)
+    }
+
+    /// Moves an older `[disk]` into `disks`: it meant a disk on shared
+    /// storage.
+    fn normalized(mut self) -> Result<Self, DefinitionError> {
+        if let Some(mut disk) = self.legacy_disk.take() {
+            if !self.disks.is_empty() {
+                return Err(DefinitionError::DiskAndDisks);
+            }
+            disk.shared = true;
+            self.disks.push(disk);
+        }
+        Ok(self)
     }
 
     /// The CPU model, if it passes the host's CPU through (`host`, `max`): a
@@ -273,7 +279,7 @@ impl DomainDefinition {
                 fix(i);
             }
         }
-        if let Some(d) = &mut self.disk {
+        for d in &mut self.disks {
             fix(&mut d.path);
         }
         if let Some(l) = &mut self.serial.log {
@@ -298,7 +304,7 @@ impl DomainDefinition {
         if let Some(cpu) = self.cpu.as_deref().filter(|c| !is_plain_name(c)) {
             return Err(DefinitionError::Cpu(cpu.to_string()));
         }
-        if self.kernel.is_none() && self.disk.is_none() {
+        if self.kernel.is_none() && self.disks.is_empty() {
             return Err(DefinitionError::NoBootSource);
         }
         let mut paths: Vec<(&'static str, &Path)> = Vec::new();
@@ -311,7 +317,9 @@ impl DomainDefinition {
                 return Err(DefinitionError::Cmdline);
             }
         }
-        if let Some(d) = &self.disk {
+        disk::validate(&self.disks)?;
+        nic::validate(self.name.as_str(), &self.nics)?;
+        for d in &self.disks {
             paths.push(("disk", &d.path));
         }
         if let Some(l) = &self.serial.log {
@@ -339,131 +347,4 @@ impl DomainDefinition {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str = r#"
-name = "web1"
-memory_mib = 128
-[kernel]
-path = "/boot/k"
-"#;
-
-    #[test]
-    fn a_cpu_model_is_a_plain_name_passed_to_qemu() {
-        // Top-level keys come before the [kernel] table.
-        let named = MINIMAL.replacen(
-            "memory_mib = 128",
-            "memory_mib = 128\ncpu = \"Skylake-Server\"",
-            1,
-        );
-        let def = DomainDefinition::from_toml(&named).unwrap();
-        assert_eq!(def.cpu.as_deref(), Some("Skylake-Server"));
-        let bad = MINIMAL.replacen(
-            "memory_mib = 128",
-            "memory_mib = 128\ncpu = \"qemu64,+vmx\"",
-            1,
-        );
-        assert!(matches!(
-            DomainDefinition::from_toml(&bad),
-            Err(DefinitionError::Cpu(_))
-        ));
-    }
-
-    #[test]
-    fn minimal_definition_gets_defaults() {
-        let def = DomainDefinition::from_toml(MINIMAL).unwrap();
-        assert_eq!(def.name.as_str(), "web1");
-        assert_eq!(def.vcpus, 1);
-        assert_eq!(def.accel, Accel::Tcg);
-        assert_eq!(def.machine, "pc");
-    }
-
-    #[test]
-    fn round_trips_through_toml() {
-        let def = DomainDefinition::from_toml(MINIMAL).unwrap();
-        assert_eq!(DomainDefinition::from_toml(&def.to_toml()).unwrap(), def);
-    }
-
-    #[test]
-    fn round_trips_through_its_document_form() {
-        let def = DomainDefinition::from_toml(MINIMAL).unwrap();
-        assert_eq!(
-            DomainDefinition::from_document(def.to_document()).unwrap(),
-            def
-        );
-        let mut bad = def.to_document();
-        bad["memory_mib"] = 0.into();
-        assert!(matches!(
-            DomainDefinition::from_document(bad),
-            Err(DefinitionError::Memory(0))
-        ));
-    }
-
-    #[test]
-    fn malformed_toml_names_the_line() {
-        let err = DomainDefinition::from_toml("name = \"x\"\nmemory_mib = \n").unwrap_err();
-        assert!(matches!(err, DefinitionError::Parse(_)));
-        assert!(err.to_string().contains("line 2"), "{err}");
-    }
-
-    #[test]
-    fn unknown_keys_are_refused_so_typos_do_not_pass_silently() {
-        let err = DomainDefinition::from_toml(&format!("{MINIMAL}\nmemroy = 1")).unwrap_err();
-        assert!(err.to_string().contains("memroy"), "{err}");
-    }
-
-    #[test]
-    fn values_out_of_range_are_refused() {
-        let cases = [
-            (MINIMAL.replace("128", "8"), "memory_mib"),
-            (format!("vcpus = 0\n{MINIMAL}"), "vcpus"),
-            (MINIMAL.replace("web1", "../x"), "invalid domain name"),
-            (MINIMAL.replace("/boot/k", "boot/k"), "absolute"),
-            (
-                "name = \"a\"\nmemory_mib = 64\n".to_string(),
-                "nothing to boot",
-            ),
-            (
-                format!("machine = \"pc,accel=kvm\"\n{MINIMAL}"),
-                "machine type",
-            ),
-        ];
-        for (text, expected) in cases {
-            let err = DomainDefinition::from_toml(&text).unwrap_err();
-            assert!(err.to_string().contains(expected), "{err} / {expected}");
-        }
-    }
-
-    #[test]
-    fn a_bare_file_name_resolves_against_the_working_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("vm.toml"),
-            "name = \"a\"\nmemory_mib = 64\n[kernel]\npath = \"guest.elf\"\n",
-        )
-        .unwrap();
-        let cwd = std::env::current_dir().unwrap();
-        std::env::set_current_dir(dir.path()).unwrap();
-        let def = DomainDefinition::from_file(Path::new("vm.toml"));
-        std::env::set_current_dir(cwd).unwrap();
-        let kernel = def.unwrap().kernel.unwrap().path;
-        assert!(
-            kernel.is_absolute() && kernel.ends_with("guest.elf"),
-            "{kernel:?}"
-        );
-    }
-
-    #[test]
-    fn file_paths_are_resolved_against_the_definition_directory() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("vm.toml");
-        std::fs::write(
-            &file,
-            "name = \"a\"\nmemory_mib = 64\n[kernel]\npath = \"guest.elf\"\n",
-        )
-        .unwrap();
-        let def = DomainDefinition::from_file(&file).unwrap();
-        assert_eq!(def.kernel.unwrap().path, dir.path().join("guest.elf"));
-    }
-}
+mod tests;

@@ -1,0 +1,137 @@
+//! The tap devices of a domain's bridged NICs. The agent creates them (QEMU
+//! runs sandboxed, with no right to spawn a helper), owned by QEMU's user,
+//! attached to the bridge the definition names; they go when QEMU exits.
+
+use std::path::Path;
+use std::time::Duration;
+
+use domain::definition::NicNetwork;
+use domain::DomainDefinition;
+use protocol::ErrorCode;
+use tokio::process::Command;
+
+use protocol::ApiError;
+
+/// How long one `ip` command may take.
+const IP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// FNV-1a, stable across builds.
+fn stable_hash(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The tap names of `def`'s bridged NICs on the agent with `state_dir`:
+/// `lm`, eight hex digits of the state directory and the domain, the NIC's
+/// position. Two agents on one host (a migration over loopback) get
+/// different names; one agent gets the same names again after a restart.
+pub(crate) fn names(state_dir: &Path, def: &DomainDefinition) -> Vec<String> {
+    let id = stable_hash(format!("{}/{}", state_dir.display(), def.name).as_bytes()) as u32;
+    def.nics
+        .iter()
+        .enumerate()
+        .filter(|(_, nic)| nic.network == NicNetwork::Bridge)
+        .map(|(index, _)| format!("lm{id:08x}n{index}"))
+        .collect()
+}
+
+async fn ip(args: &[&str]) -> Result<(), String> {
+    let run = Command::new("ip").args(args).kill_on_drop(true).output();
+    match tokio::time::timeout(IP_TIMEOUT, run).await {
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(Err(e)) => Err(format!("cannot run ip: {e}")),
+        Err(_) => Err(format!("ip {} took over {IP_TIMEOUT:?}", args.join(" "))),
+    }
+}
+
+/// Creates the taps of `def` (named by [`names`]) on their bridges, for
+/// QEMU running as `user` (the agent's own user when `None`).
+///
+/// # Errors
+/// [`ApiError`] naming the bridge that does not exist or the command that
+/// failed; taps made so far are removed.
+pub(crate) async fn create(
+    taps: &[String],
+    def: &DomainDefinition,
+    user: Option<&str>,
+    host: &str,
+) -> Result<(), ApiError> {
+    let bridges = def
+        .nics
+        .iter()
+        .filter(|n| n.network == NicNetwork::Bridge)
+        .filter_map(|n| n.bridge.as_deref());
+    for (made, (tap, bridge)) in taps.iter().zip(bridges).enumerate() {
+        let fail = |message: String| async {
+            remove(&taps[..made]).await;
+            Err(ApiError::new(ErrorCode::OperationInvalid, message))
+        };
+        if !Path::new("/sys/class/net")
+            .join(bridge)
+            .join("bridge")
+            .is_dir()
+        {
+            return fail(format!(
+                "domain '{}': there is no bridge '{bridge}' on {host}",
+                def.name
+            ))
+            .await;
+        }
+        // A tap left by an agent that crashed with its QEMU.
+        let _ = ip(&["link", "del", tap]).await;
+        let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
+        if let Some(user) = user {
+            add.extend(["user", user]);
+        }
+        for args in [
+            add,
+            vec!["link", "set", tap, "master", bridge],
+            vec!["link", "set", tap, "up"],
+        ] {
+            if let Err(e) = ip(&args).await {
+                let _ = ip(&["link", "del", tap]).await;
+                return fail(format!(
+                    "domain '{}': cannot attach a NIC to bridge '{bridge}': {e}",
+                    def.name
+                ))
+                .await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes taps; one already gone is fine.
+pub(crate) async fn remove(taps: &[String]) {
+    for tap in taps {
+        if let Err(e) = ip(&["link", "del", tap]).await {
+            tracing::debug!(tap, error = %e, "tap not removed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_per_agent_stable_and_fit_an_interface_name() {
+        let def = DomainDefinition::from_toml(
+            "name = \"web\"\nmemory_mib = 64\n[kernel]\npath = \"/k\"\n\
+             [[nics]]\nbridge = \"br0\"\n[[nics]]\nnetwork = \"user\"\n[[nics]]\nbridge = \"br1\"\n",
+        )
+        .unwrap();
+        let a = names(Path::new("/var/lib/a"), &def);
+        assert_eq!(a.len(), 2, "user-mode NICs have no tap");
+        assert!(a[0].ends_with("n0") && a[1].ends_with("n2"), "{a:?}");
+        assert!(a.iter().all(|n| n.len() <= 15));
+        assert_eq!(a, names(Path::new("/var/lib/a"), &def));
+        assert_ne!(a, names(Path::new("/var/lib/b"), &def));
+    }
+}
