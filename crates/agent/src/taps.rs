@@ -83,6 +83,7 @@ pub(crate) async fn create(
             ))
             .await;
         }
+        warn_if_address_moves(bridge);
         // A tap left by an agent that crashed with its QEMU.
         let _ = ip(&["link", "del", tap]).await;
         let mut add = vec!["tuntap", "add", "dev", tap, "mode", "tap"];
@@ -105,6 +106,28 @@ pub(crate) async fn create(
         }
     }
     Ok(())
+}
+
+/// A bridge with no address of its own takes its lowest port's, so a tap
+/// coming or going (a guest arriving or leaving) can change it under its
+/// neighbours' ARP caches: the host, and guests talking to it, go quiet for
+/// seconds. Said once per start; the fix is the operator's
+/// (`ip link set BRIDGE address ...`, or the distribution's network
+/// configuration).
+fn warn_if_address_moves(bridge: &str) {
+    const SET_BY_USER: &str = "3";
+    let path = Path::new("/sys/class/net")
+        .join(bridge)
+        .join("addr_assign_type");
+    if let Ok(kind) = std::fs::read_to_string(&path) {
+        if kind.trim() != SET_BY_USER {
+            tracing::warn!(
+                bridge,
+                "the bridge has no MAC address of its own: it changes as guests' taps come and \
+                 go, which stalls traffic to this host; give it a fixed one"
+            );
+        }
+    }
 }
 
 /// Removes taps; one already gone is fine.

@@ -425,6 +425,7 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
             s.run_state = "running".into();
             (Ok(json!({})), vec![event("RESUME", json!({}))])
         }
+        "announce-self" => ok(json!({})),
         "query-status" => ok(json!({"status": s.run_state, "running": s.run_state == "running"})),
         "query-cpus-fast" => ok(Value::Array(
             s.vcpu_threads

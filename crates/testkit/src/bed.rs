@@ -138,6 +138,18 @@ impl TestBed {
     /// namespace names apart.
     pub async fn hosts_in_namespaces(&self, tag: &str) -> (NetnsPair, Host, Host) {
         let net = NetnsPair::create(tag).expect("network namespaces (needs root and iproute2)");
+        self.hosts_in(net).await
+    }
+
+    /// As [`TestBed::hosts_in_namespaces`], each namespace with a bridge
+    /// `br0` on one L2 segment ([`NetnsPair::create_bridged`]).
+    pub async fn hosts_on_one_segment(&self, tag: &str) -> (NetnsPair, Host, Host) {
+        let net = NetnsPair::create_bridged(tag)
+            .expect("bridged network namespaces (needs root and iproute2)");
+        self.hosts_in(net).await
+    }
+
+    async fn hosts_in(&self, net: NetnsPair) -> (NetnsPair, Host, Host) {
         let a = self
             .host_with(
                 "a",

@@ -94,13 +94,18 @@ impl NetnsPair {
         ])?;
         ip(&["link", "set", &veth_a, "netns", &pair.a])?;
         ip(&["link", "set", &veth_b, "netns", &pair.b])?;
-        for (ns, veth, addr) in [
-            (&pair.a, &veth_a, &pair.a_ip),
-            (&pair.b, &veth_b, &pair.b_ip),
+        for (ns, veth, addr, mac) in [
+            (&pair.a, &veth_a, &pair.a_ip, "02:00:00:00:00:0a"),
+            (&pair.b, &veth_b, &pair.b_ip, "02:00:00:00:00:0b"),
         ] {
             let dev = match &pair.bridge {
                 Some(bridge) => {
-                    ip(&["-n", ns, "link", "add", bridge, "type", "bridge"])?;
+                    // A bridge without an address of its own takes its
+                    // lowest port's: a guest's tap coming or going would
+                    // change it under the neighbours' ARP caches.
+                    ip(&[
+                        "-n", ns, "link", "add", bridge, "address", mac, "type", "bridge",
+                    ])?;
                     ip(&["-n", ns, "link", "set", veth, "master", bridge])?;
                     ip(&["-n", ns, "link", "set", veth, "up"])?;
                     bridge

@@ -217,3 +217,36 @@ pub struct CommandInfo {
     /// Its name.
     pub name: String,
 }
+
+/// `announce-self`: QEMU sends gratuitous ARP/RARP frames for every NIC,
+/// `rounds` times, `initial` ms after the call and then `step` ms further
+/// apart each round (at most `max` ms), so that switches learn where the
+/// guest now is.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AnnounceSelf {
+    /// Delay before the first round, ms.
+    pub initial: u64,
+    /// Longest delay between rounds, ms.
+    pub max: u64,
+    /// How many rounds.
+    pub rounds: u64,
+    /// How much longer each delay is than the one before, ms.
+    pub step: u64,
+}
+
+impl Default for AnnounceSelf {
+    /// QEMU's own announce parameters.
+    fn default() -> Self {
+        AnnounceSelf {
+            initial: 50,
+            max: 550,
+            rounds: 5,
+            step: 100,
+        }
+    }
+}
+
+impl Command for AnnounceSelf {
+    const NAME: &'static str = "announce-self";
+    type Reply = Empty;
+}

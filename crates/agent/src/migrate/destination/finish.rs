@@ -9,7 +9,7 @@ use migration::settings::{self, ThrottleVia};
 use protocol::domain::Tunables;
 use protocol::job::{JobStatus, Phase, Role};
 use protocol::{ApiError, ErrorCode, Reply};
-use qmp::commands::vm::Cont;
+use qmp::commands::vm::{AnnounceSelf, Cont};
 use tracing::Instrument;
 
 use super::{find, teardown};
@@ -114,6 +114,12 @@ async fn land(qmp: &qmp::Client, timeout: Duration, job: &IncomingJob) -> Result
     }
     if !job.ident.flags.suspend {
         qmp.execute(&Cont).await.map_err(LandError::Resume)?;
+    }
+    // QEMU announced the NICs when the data landed; again now that the
+    // guest runs, so that the switches' tables point here while clients
+    // retransmit.
+    if let Err(e) = qmp.execute(&AnnounceSelf::default()).await {
+        tracing::warn!(error = %e, "could not announce the guest's NICs");
     }
     Ok(())
 }
@@ -245,6 +251,11 @@ mod tests {
             .unwrap();
 
         assert_eq!(qemu.calls("cont").len(), 1);
+        assert_eq!(
+            qemu.calls("announce-self").len(),
+            1,
+            "announced once running"
+        );
     }
 
     #[tokio::test]
