@@ -198,6 +198,7 @@ impl Hosts {
                 netns: None,
                 image_dirs: vec![dir.path().to_path_buf()],
                 extra_args: Vec::new(),
+                private_dirs: Vec::new(),
             })
         };
         let a = AgentProcess::spawn(&launch("a")?)

@@ -69,6 +69,8 @@ pub(crate) struct IncomingJob {
     /// Adopted after an agent restart: the settings to restore are not
     /// known, so Finish resets them to defaults.
     pub reattached: bool,
+    /// Images created for copied disks: removed if the guest does not land.
+    pub created_images: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]

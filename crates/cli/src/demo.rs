@@ -121,6 +121,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             // The demo's guest kernel is in its temporary directory.
             image_dirs: vec![tmp.path().to_path_buf()],
             extra_args: extra_args.clone(),
+            private_dirs: Vec::new(),
         })
     };
 

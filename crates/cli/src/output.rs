@@ -148,6 +148,15 @@ pub fn job_info(job: &JobInfo) -> String {
         ("Memory processed", processed.map(mib)),
         ("Memory remaining", remaining.map(mib)),
         ("Memory total", s.memory_total_bytes.map(mib)),
+        // virsh's names for a copy-storage job's disks.
+        ("File processed", s.disk_processed_bytes.map(mib)),
+        (
+            "File remaining",
+            s.disk_total_bytes
+                .zip(s.disk_processed_bytes)
+                .map(|(t, p)| mib(t.saturating_sub(p))),
+        ),
+        ("File total", s.disk_total_bytes.map(mib)),
         (
             "Memory bandwidth",
             s.bandwidth_mib_s.map(|b| format!("{b:.3} MiB/s")),

@@ -77,7 +77,15 @@ pub struct LaunchOptions {
     pub image_dirs: Vec<PathBuf>,
     /// More `livemigd` arguments.
     pub extra_args: Vec<String>,
+    /// Directories only this agent sees: each `(dir, at)` is bind-mounted
+    /// at `at` in a mount namespace of the agent's own (`unshare`), so two
+    /// agents on one machine can each have "local" storage at one path.
+    pub private_dirs: Vec<(PathBuf, PathBuf)>,
 }
+
+/// The shell that bind-mounts `DIR AT` pairs up to `--`, then runs the rest.
+const BIND: &str =
+    "while [ \"$1\" != -- ]; do mount --bind \"$1\" \"$2\" || exit 1; shift 2; done; shift; exec \"$@\"";
 
 /// A running `livemigd` child.
 #[derive(Debug)]
@@ -104,14 +112,35 @@ impl AgentProcess {
         let log_file = File::create(&log).map_err(io(&log))?;
         let log_err = log_file.try_clone().map_err(io(&log))?;
 
-        let mut command = match &options.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&options.binary);
-                c
+        // ip netns exec NS unshare ... sh -c BIND -- livemigd ...
+        let mut program: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = &options.netns {
+            program.extend(["ip", "netns", "exec", ns].map(Into::into));
+        }
+        if !options.private_dirs.is_empty() {
+            program.extend(
+                [
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "--",
+                    "sh",
+                    "-c",
+                    BIND,
+                    "sh",
+                ]
+                .map(Into::into),
+            );
+            for (dir, at) in &options.private_dirs {
+                program.push(dir.into());
+                program.push(at.into());
             }
-            None => Command::new(&options.binary),
-        };
+            program.push("--".into());
+        }
+        program.push(options.binary.clone().into());
+        let mut command = Command::new(&program[0]);
+        command.args(&program[1..]);
         command
             .arg("--state-dir")
             .arg(&options.state_dir)

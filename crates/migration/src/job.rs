@@ -26,6 +26,9 @@ pub fn stats_from_qemu(info: &MigrationInfo) -> JobStats {
         page_size: ram.page_size,
         cpu_throttle_pct: info.cpu_throttle_percentage,
         postcopy_requests: ram.postcopy_requests,
+        // The disks' mirrors are block jobs, not part of query-migrate.
+        disk_total_bytes: None,
+        disk_processed_bytes: None,
     }
 }
 

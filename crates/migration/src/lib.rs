@@ -6,6 +6,7 @@
 //! - [`safety`]: whether the guest can move as defined (CPU model, disks).
 //! - [`settings`]: sets capabilities and parameters on a QEMU for a job and
 //!   restores them afterwards.
+//! - [`storage`]: copying disks that are not shared (NBD and mirrors).
 //! - [`stream_tls`]: `--tls`: the QEMUs' credentials and who they admit.
 //! - [`incoming`]: the destination QEMU: listen, wait for the data to land.
 //! - [`perform`]: the source QEMU: `migrate`, watch, steer (controller,
@@ -33,6 +34,7 @@ pub mod postcopy;
 pub mod record;
 pub mod safety;
 pub mod settings;
+pub mod storage;
 pub mod stream_tls;
 pub mod support;
 pub mod uri;

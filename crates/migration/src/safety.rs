@@ -24,8 +24,8 @@ pub enum Unsafe {
     /// A disk on this host's storage only.
     #[error(
         "domain '{domain}': disk {target} ({path}) is not on shared storage (shared = false): \
-         the destination would find no disk. Put it on storage both hosts see and mark it \
-         shared = true"
+         the destination would find no disk. Copy it with --copy-storage-all (or \
+         --copy-storage-inc), or put it on storage both hosts see and mark it shared = true"
     )]
     LocalDisk {
         /// The domain.
@@ -51,12 +51,19 @@ pub enum Unsafe {
     },
 }
 
-/// Checks that `def` can migrate live; `allow_unsafe` is `--unsafe`.
-/// An offline migration moves only the definition: nothing to check.
+/// Checks that `def` can migrate live; `allow_unsafe` is `--unsafe`,
+/// `copied` the disks the migration copies (see
+/// [`crate::storage::disks_to_copy`]). An offline migration moves only the
+/// definition: nothing to check.
 ///
 /// # Errors
 /// The first [`Unsafe`] reason found.
-pub fn check(def: &DomainDefinition, offline: bool, allow_unsafe: bool) -> Result<(), Unsafe> {
+pub fn check(
+    def: &DomainDefinition,
+    offline: bool,
+    allow_unsafe: bool,
+    copied: &[String],
+) -> Result<(), Unsafe> {
     if offline {
         return Ok(());
     }
@@ -69,6 +76,9 @@ pub fn check(def: &DomainDefinition, offline: bool, allow_unsafe: bool) -> Resul
     }
     for (index, disk) in def.disks.iter().enumerate() {
         let target = disk.target_name(index);
+        if copied.contains(&target) {
+            continue;
+        }
         if !disk.shared {
             return Err(Unsafe::LocalDisk {
                 domain,
@@ -112,12 +122,12 @@ mod tests {
     fn a_host_cpu_needs_unsafe() {
         let d = def("cpu = \"host\"");
         assert!(matches!(
-            check(&d, false, false),
+            check(&d, false, false, &[]),
             Err(Unsafe::HostCpu { .. })
         ));
-        assert_eq!(check(&d, false, true), Ok(()));
+        assert_eq!(check(&d, false, true, &[]), Ok(()));
         assert_eq!(
-            check(&d, true, false),
+            check(&d, true, false, &[]),
             Ok(()),
             "offline moves the definition"
         );
@@ -126,19 +136,23 @@ mod tests {
     #[test]
     fn a_local_disk_is_refused_even_with_unsafe() {
         let d = with_disk("");
-        let err = check(&d, false, true).unwrap_err();
+        let err = check(&d, false, true, &[]).unwrap_err();
         assert!(matches!(err, Unsafe::LocalDisk { ref target, .. } if target == "vda"));
         assert!(err.to_string().contains("/i/d"), "{err}");
-        assert_eq!(check(&with_disk("shared = true"), false, false), Ok(()));
+        assert_eq!(
+            check(&with_disk("shared = true"), false, false, &[]),
+            Ok(())
+        );
+        assert_eq!(check(&d, false, false, &["vda".into()]), Ok(()), "copied");
     }
 
     #[test]
     fn a_cached_shared_disk_needs_unsafe() {
         let d = with_disk("shared = true\ncache = \"writeback\"");
-        let err = check(&d, false, false).unwrap_err();
+        let err = check(&d, false, false, &[]).unwrap_err();
         assert!(err.to_string().contains("cache = \"writeback\""), "{err}");
-        assert_eq!(check(&d, false, true), Ok(()));
+        assert_eq!(check(&d, false, true, &[]), Ok(()));
         let direct = with_disk("shared = true\ncache = \"directsync\"");
-        assert_eq!(check(&direct, false, false), Ok(()));
+        assert_eq!(check(&direct, false, false, &[]), Ok(()));
     }
 }

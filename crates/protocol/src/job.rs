@@ -124,6 +124,13 @@ pub struct JobStats {
     pub cpu_throttle_pct: Option<u64>,
     /// Pages the destination asked for during post-copy.
     pub postcopy_requests: Option<u64>,
+    /// Bytes of the copied disks to mirror in all (grows as the guest
+    /// writes), with `--copy-storage-all/-inc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_total_bytes: Option<u64>,
+    /// Bytes of the copied disks mirrored so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_processed_bytes: Option<u64>,
 }
 
 impl JobStats {
@@ -144,7 +151,9 @@ impl JobStats {
             normal_bytes,
             bandwidth_mib_s,
             iteration,
-            page_size
+            page_size,
+            disk_total_bytes,
+            disk_processed_bytes
         );
         self
     }

@@ -128,6 +128,20 @@ pub struct MigrateOptions {
     /// (a host-dependent CPU model).
     #[serde(rename = "unsafe")]
     pub unsafe_migration: bool,
+    /// Copy the disks that are not on shared storage to the destination
+    /// (QEMU's NBD server there, a block mirror here), whole.
+    pub copy_storage_all: bool,
+    /// As `copy_storage_all`, only the top image of each disk: its backing
+    /// chain is on storage both hosts see.
+    pub copy_storage_inc: bool,
+    /// Which disks to copy (`vda`, ...) [default: every disk not shared].
+    pub migrate_disks: Vec<String>,
+    /// The port of the destination's NBD server [default: one from its
+    /// migration port range, or any].
+    pub disks_port: Option<u16>,
+    /// Mirror guest writes synchronously from the start, so that a busy
+    /// disk converges at the cost of its write latency.
+    pub copy_storage_synchronous_writes: bool,
 }
 
 /// RAM as QEMU is given it; both ends of a migration must agree.
@@ -175,4 +189,21 @@ pub struct PrepareRequest {
     pub flags: MigrateOptions,
     /// The source agent's URI, for the record.
     pub source: String,
+    /// The disks to copy: the destination creates their images and serves
+    /// them writable over NBD.
+    #[serde(default)]
+    pub storage: Vec<StorageCopy>,
+}
+
+/// A disk the source copies to its destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageCopy {
+    /// The guest's name for it (`vda`).
+    pub target: String,
+    /// Its virtual size, bytes: the new image's.
+    pub virtual_size: u64,
+    /// With `copy_storage_inc`: the backing file the new top image sits on
+    /// (the same path on both hosts) and its format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<(String, String)>,
 }

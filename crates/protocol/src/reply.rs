@@ -64,6 +64,10 @@ pub enum Reply {
         /// Where the destination QEMU listens (empty for an offline
         /// migration).
         uri: String,
+        /// The port of the destination QEMU's NBD server, on the data
+        /// URI's host, when disks are copied.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nbd_port: Option<u16>,
     },
     /// Answer to `peer-finish`: the guest runs here.
     Finished,

@@ -186,6 +186,52 @@ impl TestBed {
         .await
     }
 
+    /// The path at which every host with local storage sees its own
+    /// (see [`TestBed::hosts_with_local_storage`]).
+    pub fn local(&self) -> PathBuf {
+        self.dir.path().join("local")
+    }
+
+    /// What host `name` sees at [`TestBed::local`], as the test sees it.
+    pub fn local_of(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("local-{name}"))
+    }
+
+    /// Two agents `a` and `b`, each with storage of its own at
+    /// [`TestBed::local`] (a bind mount in the agent's mount namespace;
+    /// [`TestBed::local_of`] from the test), as two hosts with local disks
+    /// at the same paths; in `net`'s namespaces if given.
+    pub async fn hosts_with_local_storage(&self, net: Option<&NetnsPair>) -> (Host, Host) {
+        std::fs::create_dir_all(self.local()).expect("the local storage mount point");
+        let mut hosts = Vec::new();
+        for name in ["a", "b"] {
+            std::fs::create_dir_all(self.local_of(name)).expect("a host's local storage");
+            let (listen, netns) = match net {
+                Some(net) => {
+                    let (ip, ns) = if name == "a" {
+                        (&net.a_ip, &net.a)
+                    } else {
+                        (&net.b_ip, &net.b)
+                    };
+                    (format!("tls://{ip}:0"), Some(ns.clone()))
+                }
+                None => ("tls://127.0.0.1:0".to_string(), None),
+            };
+            let mut options = self.options(
+                name,
+                Some(listen),
+                netns,
+                &[],
+                Some(vec![self.images(), self.local()]),
+            );
+            options.private_dirs = vec![(self.local_of(name), self.local())];
+            hosts.push(Host::start(options, AgentKind::Process).await);
+        }
+        let b = hosts.pop().expect("b");
+        let a = hosts.pop().expect("a");
+        (a, b)
+    }
+
     async fn launch(
         &self,
         name: &str,
@@ -194,6 +240,22 @@ impl TestBed {
         args: &[&str],
         image_dirs: Option<Vec<PathBuf>>,
     ) -> Host {
+        let kind = if netns.is_some() || !args.is_empty() {
+            AgentKind::Process
+        } else {
+            self.agents
+        };
+        Host::start(self.options(name, listen, netns, args, image_dirs), kind).await
+    }
+
+    fn options(
+        &self,
+        name: &str,
+        listen: Option<String>,
+        netns: Option<String>,
+        args: &[&str],
+        image_dirs: Option<Vec<PathBuf>>,
+    ) -> LaunchOptions {
         // An agent on tls:// gets a certificate naming the address it
         // listens on.
         let tls_dir = listen
@@ -203,29 +265,21 @@ impl TestBed {
             .map(|(host, _)| {
                 self.certificate(&format!("agent-{name}"), protocol::Role::Agent, &[host])
             });
-        let kind = if netns.is_some() || !args.is_empty() {
-            AgentKind::Process
-        } else {
-            self.agents
-        };
-        Host::start(
-            LaunchOptions {
-                binary: bin("livemigd"),
-                state_dir: self.dir.path().join(name),
-                listen,
-                tls_dir,
-                netns,
-                image_dirs: image_dirs.unwrap_or_else(|| vec![self.images()]),
-                // Tests look inside QEMU (Host::qmp); production agents keep
-                // raw QMP off.
-                extra_args: std::iter::once("--allow-qemu-monitor-command")
-                    .chain(args.iter().copied())
-                    .map(str::to_string)
-                    .collect(),
-            },
-            kind,
-        )
-        .await
+        LaunchOptions {
+            binary: bin("livemigd"),
+            state_dir: self.dir.path().join(name),
+            listen,
+            tls_dir,
+            netns,
+            image_dirs: image_dirs.unwrap_or_else(|| vec![self.images()]),
+            // Tests look inside QEMU (Host::qmp); production agents keep
+            // raw QMP off.
+            extra_args: std::iter::once("--allow-qemu-monitor-command")
+                .chain(args.iter().copied())
+                .map(str::to_string)
+                .collect(),
+            private_dirs: Vec::new(),
+        }
     }
 
     /// The Linux test guest's kernel and initrd, built into the bed's
@@ -267,17 +321,7 @@ impl TestBed {
     /// (`qemu-img create`), `format` "raw" or "qcow2".
     pub fn disk_image(&self, file: &str, size_mib: u32, format: &str) -> PathBuf {
         let path = self.images().join(file);
-        let out = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", format])
-            .arg(&path)
-            .arg(format!("{size_mib}M"))
-            .output()
-            .expect("run qemu-img (qemu-utils)");
-        assert!(
-            out.status.success(),
-            "qemu-img create: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        create_image(&path, size_mib, format);
         path
     }
 
@@ -291,4 +335,19 @@ impl TestBed {
         ))
         .expect("valid test definition")
     }
+}
+
+/// `qemu-img create -f FORMAT PATH SIZE_MIB M`.
+pub fn create_image(path: &Path, size_mib: u32, format: &str) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .arg(path)
+        .arg(format!("{size_mib}M"))
+        .output()
+        .expect("run qemu-img (qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-img create: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

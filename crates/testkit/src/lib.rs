@@ -38,7 +38,7 @@ pub mod tls_client;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use bed::TestBed;
+pub use bed::{create_image, TestBed};
 pub use checks::{assert_no_leftovers, assert_runs_only_on};
 pub use host::{AgentKind, Host};
 

@@ -46,6 +46,7 @@ async fn a_compromised_peer_cannot_make_the_source_run_a_command_or_send_the_gue
             Arc::new(move |reply| match reply {
                 Reply::Prepared { .. } => Reply::Prepared {
                     uri: answer.clone(),
+                    nbd_port: None,
                 },
                 other => other,
             }),

@@ -235,6 +235,7 @@ async fn plaintext_needs_insecure_and_the_local_socket_is_the_owner_s() {
         netns: None,
         image_dirs: Vec::new(),
         extra_args: Vec::new(),
+        private_dirs: Vec::new(),
     })
     .await
     .unwrap();

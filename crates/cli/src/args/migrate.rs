@@ -147,6 +147,25 @@ pub struct MigrateArgs {
     /// CPU model that passes the host's CPU through).
     #[arg(long = "unsafe")]
     pub unsafe_migration: bool,
+    /// Copy every disk that is not on shared storage to the destination
+    /// (QEMU's NBD server there, block mirrors here), whole.
+    #[arg(long)]
+    pub copy_storage_all: bool,
+    /// As --copy-storage-all, only each disk's top image: the backing chain
+    /// is on storage both hosts see.
+    #[arg(long)]
+    pub copy_storage_inc: bool,
+    /// The disks to copy, by the guest's names (vda,vdb) [default: every
+    /// disk not on shared storage].
+    #[arg(long, value_name = "DISKS", value_delimiter = ',')]
+    pub migrate_disks: Vec<String>,
+    /// The port of the destination's NBD server for the disks.
+    #[arg(long, value_name = "PORT")]
+    pub disks_port: Option<u16>,
+    /// Mirror guest writes synchronously from the start, so that a busy
+    /// disk converges (its writes wait for the network).
+    #[arg(long)]
+    pub copy_storage_synchronous_writes: bool,
     /// Accepted for virsh compatibility: progress is always shown (a bar on
     /// a terminal, a line a second otherwise).
     #[arg(long)]
@@ -199,6 +218,11 @@ impl MigrateArgs {
             postcopy_resume: self.postcopy_resume,
             tls: self.tls,
             unsafe_migration: self.unsafe_migration,
+            copy_storage_all: self.copy_storage_all,
+            copy_storage_inc: self.copy_storage_inc,
+            migrate_disks: self.migrate_disks.clone(),
+            disks_port: self.disks_port,
+            copy_storage_synchronous_writes: self.copy_storage_synchronous_writes,
         }
     }
 }

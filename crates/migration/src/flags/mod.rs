@@ -197,6 +197,12 @@ impl Flags {
             (o.allow_postcopy, "allow-postcopy"),
             (o.tls, "tls"),
             (o.unsafe_migration, "unsafe"),
+            (o.copy_storage_all, "copy-storage-all"),
+            (o.copy_storage_inc, "copy-storage-inc"),
+            (
+                o.copy_storage_synchronous_writes,
+                "copy-storage-synchronous-writes",
+            ),
         ]
         .iter()
         .filter(|(set, _)| *set)
@@ -218,6 +224,7 @@ impl Flags {
             ("bandwidth", o.bandwidth),
             ("downtime", o.downtime),
             ("timeout", o.timeout),
+            ("disks-port", o.disks_port.map(u64::from)),
         ];
         names.extend(
             valued
@@ -238,6 +245,9 @@ impl Flags {
         }
         if let Some(pct) = o.max_throttle {
             names.push(format!("max-throttle={pct}"));
+        }
+        if !o.migrate_disks.is_empty() {
+            names.push(format!("migrate-disks={}", o.migrate_disks.join(",")));
         }
         names
     }

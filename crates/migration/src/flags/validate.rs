@@ -174,6 +174,34 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
             needs: "--postcopy",
         });
     }
+    let copy_storage = o.copy_storage_all || o.copy_storage_inc;
+    if o.copy_storage_all && o.copy_storage_inc {
+        return Err(Exclusive("--copy-storage-all", "--copy-storage-inc"));
+    }
+    for (set, option) in [
+        (!o.migrate_disks.is_empty(), "--migrate-disks"),
+        (o.disks_port.is_some(), "--disks-port"),
+        (
+            o.copy_storage_synchronous_writes,
+            "--copy-storage-synchronous-writes",
+        ),
+    ] {
+        if set && !copy_storage {
+            return Err(Needs {
+                option,
+                needs: "--copy-storage-all or --copy-storage-inc",
+            });
+        }
+    }
+    if copy_storage && o.offline {
+        return Err(LiveOnly("--copy-storage-all/-inc"));
+    }
+    if o.disks_port == Some(0) {
+        return Err(AtLeast {
+            option: "--disks-port",
+            min: "1",
+        });
+    }
     if o.compressed && o.parallel {
         return Err(Incompatible(
             "--compressed (XBZRLE)",
@@ -257,6 +285,28 @@ mod tests {
                     ..live()
                 },
                 "needs --postcopy",
+            ),
+            (
+                MigrateOptions {
+                    copy_storage_all: true,
+                    copy_storage_inc: true,
+                    ..live()
+                },
+                "--copy-storage-all and --copy-storage-inc are mutually exclusive",
+            ),
+            (
+                MigrateOptions {
+                    migrate_disks: vec!["vda".into()],
+                    ..live()
+                },
+                "--migrate-disks needs --copy-storage-all or --copy-storage-inc",
+            ),
+            (
+                MigrateOptions {
+                    disks_port: Some(10809),
+                    ..live()
+                },
+                "--disks-port needs",
             ),
             (
                 MigrateOptions {

@@ -147,6 +147,9 @@ pub enum PerformError {
     /// A cancel that QEMU did not finish.
     #[error("QEMU did not finish cancelling within {0:?}")]
     CancelStuck(Duration),
+    /// The memory arrived but a disk's copy did not complete.
+    #[error("the disks' copy did not complete")]
+    Storage(#[source] crate::storage::StorageError),
 }
 
 /// How the Perform phase ended.
@@ -220,8 +223,9 @@ pub async fn run(
             stats: JobStats::default(),
         };
     }
+    // What the job measured before (the disks' mirrors) carries over.
+    let mut last = progress.borrow().stats.clone();
     let mut w = Watch::new(qmp, options, progress, throttle);
-    let mut last = JobStats::default();
 
     loop {
         w.take_preflight();

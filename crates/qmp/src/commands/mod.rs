@@ -3,6 +3,7 @@
 //! Argument structs serialize to QEMU's kebab-case names; reply structs accept
 //! any extra field and every field QEMU may omit is an `Option`.
 
+pub mod block;
 pub mod dirty_rate;
 pub mod migration;
 pub mod object;

@@ -112,6 +112,10 @@ async fn land(qmp: &qmp::Client, timeout: Duration, job: &IncomingJob) -> Result
     if let Err(e) = reset {
         tracing::warn!(error = %e, "could not reset the migration settings");
     }
+    // The source has completed its mirrors: the copies are whole.
+    if !job.created_images.is_empty() {
+        migration::storage::destination::stop(qmp).await;
+    }
     if !job.ident.flags.suspend {
         qmp.execute(&Cont).await.map_err(LandError::Resume)?;
     }
@@ -151,6 +155,7 @@ pub(crate) async fn recover(
     tracing::info!(job = %job_id, domain = %name, %uri, "listening to recover post-copy");
     Ok(Reply::Prepared {
         uri: uri.to_string(),
+        nbd_port: None,
     })
 }
 
@@ -228,6 +233,7 @@ mod tests {
             phase: Mutex::new(Phase::Finish),
             definition,
             replaced_definition: None,
+            created_images: Vec::new(),
             reattached: false,
         }
     }

@@ -8,6 +8,7 @@
 
 mod finish;
 mod prepare;
+mod storage;
 
 use std::sync::Arc;
 
@@ -109,6 +110,7 @@ pub(crate) async fn teardown(
     if let Some(vm) = &job.vm {
         vm.process.kill_and_wait(STOP_TIMEOUT).await;
     }
+    storage::remove_images(&job.created_images).await;
     forget(agent, name, job);
     tracing::warn!(job = %job.ident.id, domain = %name, %reason, "incoming migration aborted; destination cleaned up");
     true

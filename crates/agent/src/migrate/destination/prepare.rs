@@ -13,11 +13,12 @@ use migration::uri::{parse_data_uri, DataUri};
 use migration::{incoming, support, wire, Flags};
 use protocol::domain::Tunables;
 use protocol::job::{Phase, Role};
-use protocol::migrate::{PrepareRequest, ProbeRequest};
+use protocol::migrate::{PrepareRequest, ProbeRequest, StorageCopy};
 use protocol::{ApiError, ErrorCode, Reply};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::storage;
 use crate::errors;
 use crate::migrate::stream_tls;
 use crate::server::ConnContext;
@@ -56,6 +57,7 @@ struct Incoming {
     spec: domain::qemu::LaunchSpec,
     flags: Flags,
     source: String,
+    storage: Vec<StorageCopy>,
 }
 
 impl TryFrom<PrepareRequest> for Incoming {
@@ -71,6 +73,7 @@ impl TryFrom<PrepareRequest> for Incoming {
             spec: wire::launch_spec_from(&req.spec),
             flags,
             source: req.source,
+            storage: req.storage,
         })
     }
 }
@@ -120,7 +123,10 @@ async fn prepare_offline(agent: &Arc<Agent>, req: &Incoming) -> Result<Reply, Ap
         Ok(())
     })?;
     tracing::info!("definition received (offline migration)");
-    Ok(Reply::Prepared { uri: String::new() })
+    Ok(Reply::Prepared {
+        uri: String::new(),
+        nbd_port: None,
+    })
 }
 
 async fn prepare_live(
@@ -175,19 +181,28 @@ async fn prepare_live(
         (created, replaced)
     };
 
+    let images = match storage::create_images(&req.definition, &req.storage).await {
+        Ok(images) => images,
+        Err(e) => {
+            release(agent, &name, created);
+            return Err(e);
+        }
+    };
     match start(agent, &req, &listen, tls.as_ref()).await {
-        Ok((vm, previous, uri)) => {
+        Ok((vm, previous, uri, nbd_port)) => {
             if req.flags.postcopy && !req.flags.suspend {
                 migration::postcopy::resume_on_postcopy(vm.process.qmp().clone());
             }
-            let job = Arc::new(incoming_job(
+            let mut job = incoming_job(
                 agent,
                 &req,
                 ctx,
                 (created, replaced),
                 Some(vm.clone()),
                 previous,
-            ));
+            );
+            job.created_images = images;
+            let job = Arc::new(job);
             agent.with_domain(&name, |d| {
                 d.vm = Some(vm);
                 d.job = Some(ActiveJob::Incoming(job));
@@ -196,12 +211,14 @@ async fn prepare_live(
                 Ok(())
             })?;
             agent.persist_run(&name).await;
-            tracing::info!(%uri, source = %req.source, "prepared");
+            tracing::info!(%uri, ?nbd_port, source = %req.source, "prepared");
             Ok(Reply::Prepared {
                 uri: uri.to_string(),
+                nbd_port,
             })
         }
         Err(e) => {
+            storage::remove_images(&images).await;
             release(agent, &name, created);
             tracing::error!(error = %e, "prepare failed");
             Err(e)
@@ -216,7 +233,7 @@ async fn start(
     req: &Incoming,
     listen: &Listen,
     tls: Option<&StreamTls>,
-) -> Result<(Arc<vm::RunningVm>, settings::Previous, DataUri), ApiError> {
+) -> Result<(Arc<vm::RunningVm>, settings::Previous, DataUri, Option<u16>), ApiError> {
     let vm = vm::launch(agent, &req.definition, &req.spec, true, false).await?;
     let qmp = vm.process.qmp();
     let setup = async {
@@ -246,11 +263,35 @@ async fn start(
             }
             (e, _) => errors::qemu(errors::chain(&e)),
         })?;
-        Ok::<_, ApiError>((previous, uri))
+        // The disks' NBD server listens where the memory stream arrives.
+        let nbd_port = if req.storage.is_empty() {
+            None
+        } else {
+            let host = match &uri {
+                DataUri::Tcp { host, .. } => host.trim_start_matches('[').trim_end_matches(']'),
+                other => {
+                    return Err(errors::invalid(format!(
+                        "disks are copied only over tcp: migration URIs, not {other}"
+                    )))
+                }
+            };
+            Some(
+                storage::serve(
+                    qmp,
+                    host,
+                    req.flags.disks_port,
+                    agent.config.migration_ports,
+                    &req.storage,
+                    tls.is_some(),
+                )
+                .await?,
+            )
+        };
+        Ok::<_, ApiError>((previous, uri, nbd_port))
     }
     .await;
     match setup {
-        Ok((previous, uri)) => Ok((vm, previous, uri)),
+        Ok((previous, uri, nbd_port)) => Ok((vm, previous, uri, nbd_port)),
         Err(e) => {
             vm.process.kill_and_wait(STOP_TIMEOUT).await;
             Err(e)
@@ -296,6 +337,7 @@ fn incoming_job(
         definition: req.definition.clone(),
         replaced_definition: replaced,
         reattached: false,
+        created_images: Vec::new(),
     }
 }
 

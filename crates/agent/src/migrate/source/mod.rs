@@ -13,6 +13,7 @@ pub(crate) mod finish;
 pub(crate) mod peer;
 mod record;
 mod run;
+mod storage;
 
 use std::sync::{Arc, Mutex};
 
@@ -75,7 +76,12 @@ pub(crate) async fn begin(
         Ok((d.definition.clone(), d.vm.clone(), d.tunables))
     })?;
 
-    migration::safety::check(&def, flags.offline, flags.unsafe_migration)
+    let storage: Vec<String> = migration::storage::disks_to_copy(&def, flags.options())
+        .map_err(|e| errors::invalid(e.to_string()))?
+        .into_iter()
+        .map(|(target, _)| target)
+        .collect();
+    migration::safety::check(&def, flags.offline, flags.unsafe_migration, &storage)
         .map_err(|e| errors::operation_invalid(e.to_string()))?;
     let binary = agent.binary().await?;
     support::check(&flags, Role::Source, &agent.uri, binary)
@@ -160,6 +166,7 @@ pub(crate) async fn begin(
         tunables,
         progress: progress_tx,
         tls,
+        storage,
     };
     tokio::spawn(run.run().instrument(span));
     Ok(Reply::MigrationStarted {
@@ -205,7 +212,7 @@ async fn postcopy_resume(
         )
         .await
     {
-        Ok(Reply::Prepared { uri }) => uri,
+        Ok(Reply::Prepared { uri, .. }) => uri,
         Ok(other) => return Err(unexpected(&other)),
         Err(e) => return Err(e.to_api()),
     };

@@ -37,6 +37,8 @@ enum PrepareError {
     Refused(#[source] protocol::ClientError),
     #[error("destination agent sent an unexpected reply: {0:?}")]
     Unexpected(Box<Reply>),
+    #[error("{0}")]
+    Storage(String),
 }
 
 pub(super) struct Run {
@@ -52,6 +54,8 @@ pub(super) struct Run {
     pub progress: watch::Sender<Progress>,
     /// The stream's TLS, with `--tls`.
     pub tls: Option<migration::stream_tls::StreamTls>,
+    /// The disks copied to the destination (`vda`, ...).
+    pub storage: Vec<String>,
 }
 
 impl Run {
@@ -68,8 +72,15 @@ impl Run {
         self.conclude(ending).await;
     }
 
-    async fn prepare(&self) -> Result<String, PrepareError> {
+    async fn prepare(&self) -> Result<(String, Option<u16>), PrepareError> {
         self.set_phase(Phase::Prepare);
+        let storage = match &self.vm {
+            Some(vm) => self
+                .storage_copies(vm.process.qmp())
+                .await
+                .map_err(PrepareError::Storage)?,
+            None => Vec::new(),
+        };
         let spec = match &self.vm {
             Some(vm) => vm.spec.clone(),
             None => LaunchSpec {
@@ -84,9 +95,10 @@ impl Run {
             spec: wire::launch_spec(&spec),
             flags: self.job.ident.flags.options().clone(),
             source: self.agent.uri.clone(),
+            storage,
         }));
         match self.peer.request(request, PREPARE_TIMEOUT).await {
-            Ok(Reply::Prepared { uri }) => Ok(uri),
+            Ok(Reply::Prepared { uri, nbd_port }) => Ok((uri, nbd_port)),
             Ok(other) => Err(PrepareError::Unexpected(Box::new(other))),
             Err(e) => Err(PrepareError::Refused(e)),
         }
@@ -106,8 +118,8 @@ impl Run {
     async fn live(&self, vm: &Arc<RunningVm>) -> Ending {
         let qmp = vm.process.qmp();
         let flags = &self.job.ident.flags;
-        let data_uri = match self.prepare().await {
-            Ok(uri) => uri,
+        let (data_uri, nbd_port) = match self.prepare().await {
+            Ok(prepared) => prepared,
             Err(e) => {
                 let e = errors::chain(&e);
                 // The destination tears down on its own when Prepare fails
@@ -125,6 +137,25 @@ impl Run {
             }
         };
         tracing::info!(%data_uri, "destination ready");
+        let mirrors = match self.mirror_disks(qmp, &data_uri, nbd_port).await {
+            Ok(mirrors) => mirrors,
+            Err(e) => {
+                let error = format!("copying the disks failed: {e}");
+                self.peer.abort(&self.job.ident.id, &error).await;
+                let (status, error) = if self.job.cancel.is_cancelled() {
+                    self.cancelled_because(CancelReason::User)
+                } else {
+                    (JobStatus::Failed, error)
+                };
+                return Ending {
+                    status,
+                    error: Some(error),
+                    recovery: None,
+                    stats: self.progress.borrow().stats.clone(),
+                    data_uri: Some(data_uri),
+                };
+            }
+        };
 
         self.set_phase(Phase::Perform);
         let tunables = self
@@ -170,6 +201,29 @@ impl Run {
         let options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
         let outcome = self.perform(vm, &data_uri, &options, throttle).await;
 
+        let outcome = match outcome {
+            // The guest is paused: the mirrors catch up and end, and only
+            // then may the destination run it.
+            Outcome::Completed { stats } if !mirrors.is_empty() => {
+                match mirrors.complete(qmp).await {
+                    Ok(()) => Outcome::Completed { stats },
+                    Err(e) => {
+                        self.peer
+                            .abort(&self.job.ident.id, "the disks' copy failed")
+                            .await;
+                        Outcome::Failed {
+                            error: perform::PerformError::Storage(e),
+                            stats,
+                        }
+                    }
+                }
+            }
+            Outcome::Completed { stats } => Outcome::Completed { stats },
+            other => {
+                mirrors.abandon(qmp).await;
+                other
+            }
+        };
         let mut ending = match outcome {
             Outcome::Completed { stats } => self.finish_and_confirm(vm, stats, was_running).await,
             Outcome::Failed { error, stats } => {

@@ -1,0 +1,130 @@
+//! The source's part in copying disks: what to ask the destination for,
+//! and the mirrors that must be in sync before the memory copy starts.
+
+use domain::qemu::argv::drive_id;
+use migration::storage::source::{MirrorPlan, Mirrors};
+use migration::stream_tls::TlsPeer;
+use protocol::migrate::StorageCopy;
+use qmp::commands::block::{CopyMode, MirrorSync, QueryBlock};
+
+use super::run::Run;
+use crate::errors;
+
+impl Run {
+    /// The disks this job copies, as the destination must create them:
+    /// their size (and, with `--copy-storage-inc`, the backing file) as
+    /// this QEMU has them open.
+    pub(super) async fn storage_copies(
+        &self,
+        qmp: &qmp::Client,
+    ) -> Result<Vec<StorageCopy>, String> {
+        if self.storage.is_empty() {
+            return Ok(Vec::new());
+        }
+        let blocks = qmp
+            .execute(&QueryBlock)
+            .await
+            .map_err(|e| format!("cannot query the guest's disks: {e}"))?;
+        let incremental = self.job.ident.flags.copy_storage_inc;
+        self.storage
+            .iter()
+            .map(|target| {
+                let image = blocks
+                    .iter()
+                    .find(|b| b.device == drive_id(target))
+                    .and_then(|b| b.inserted.as_ref())
+                    .map(|i| &i.image)
+                    .ok_or_else(|| format!("QEMU has no disk {target}"))?;
+                // Only the top image moves; one without a backing file is
+                // all top, and is copied whole.
+                let backing = if incremental {
+                    image
+                        .full_backing_filename
+                        .clone()
+                        .or_else(|| image.backing_filename.clone())
+                        .map(|file| {
+                            let format = image
+                                .backing_filename_format
+                                .clone()
+                                .unwrap_or_else(|| "raw".into());
+                            (file, format)
+                        })
+                } else {
+                    None
+                };
+                Ok(StorageCopy {
+                    target: target.clone(),
+                    virtual_size: image.virtual_size,
+                    backing,
+                })
+            })
+            .collect()
+    }
+
+    /// Mirrors the copied disks into the destination's NBD server (on the
+    /// data URI's host) and waits until each is in sync.
+    pub(super) async fn mirror_disks(
+        &self,
+        qmp: &qmp::Client,
+        data_uri: &str,
+        nbd_port: Option<u16>,
+    ) -> Result<Mirrors, String> {
+        if self.storage.is_empty() {
+            return Ok(Mirrors::default());
+        }
+        let port = nbd_port.ok_or("the destination offered no NBD server for the disks")?;
+        let host = migration::uri::parse_data_uri(data_uri)
+            .ok()
+            .and_then(|uri| match uri {
+                migration::uri::DataUri::Tcp { host, .. } => Some(host),
+                _ => None,
+            })
+            .ok_or_else(|| format!("disks are copied only over tcp:, not {data_uri}"))?;
+        let flags = &self.job.ident.flags;
+        let plan = MirrorPlan {
+            host: host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            port,
+            sync: if flags.copy_storage_inc {
+                MirrorSync::Top
+            } else {
+                MirrorSync::Full
+            },
+            copy_mode: if flags.copy_storage_synchronous_writes {
+                CopyMode::WriteBlocking
+            } else {
+                CopyMode::Background
+            },
+            speed: flags.bandwidth.map(|mib| mib.saturating_mul(types::MIB)),
+            tls_hostname: self.tls.as_ref().and_then(|t| match &t.peer {
+                TlsPeer::Destination { hostname } => Some(hostname.clone()),
+                TlsPeer::Source { .. } => None,
+            }),
+        };
+        let mirrors = Mirrors::start(qmp, &plan, &self.storage)
+            .await
+            .map_err(|e| errors::chain(&e))?;
+        tracing::info!(disks = ?self.storage, port, "mirroring the disks");
+        let timeout = flags.timeout.map(std::time::Duration::from_secs);
+        let ready = mirrors
+            .wait_ready(qmp, &self.job.cancel, timeout, |p| {
+                self.progress.send_modify(|progress| {
+                    progress.stats.disk_total_bytes = Some(p.total);
+                    progress.stats.disk_processed_bytes = Some(p.processed);
+                });
+            })
+            .await;
+        match ready {
+            Ok(()) => {
+                tracing::info!("the disks are in sync; copying memory");
+                Ok(mirrors)
+            }
+            Err(e) => {
+                mirrors.abandon(qmp).await;
+                Err(errors::chain(&e))
+            }
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! The source's half of a disk copy: a mirror per disk into the
+//! destination's NBD exports, ready before the memory copy starts,
+//! completed once the guest is paused at switchover.
+
+use std::time::Duration;
+
+use domain::qemu::argv::{disk_node, TLS_CLIENT_ID};
+use qmp::commands::block::{
+    BlockJobCancel, BlockJobInfo, BlockdevAddNbd, BlockdevDel, BlockdevMirror, CopyMode,
+    InetAddress, JobDismiss, MirrorSync, QueryBlockJobs,
+};
+use qmp::Client;
+use tokio_util::sync::CancellationToken;
+
+use super::{export_name, StorageError};
+
+/// How often the mirrors are looked at.
+const POLL: Duration = Duration::from_millis(200);
+/// How long completing or abandoning a mirror may take.
+const END_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How a copy is made.
+#[derive(Debug, Clone)]
+pub struct MirrorPlan {
+    /// The destination's NBD server.
+    pub host: String,
+    /// Its port.
+    pub port: u16,
+    /// The whole chain, or the top image only.
+    pub sync: MirrorSync,
+    /// When guest writes are copied.
+    pub copy_mode: CopyMode,
+    /// With `--tls`: the name the destination's certificate must carry.
+    pub tls_hostname: Option<String>,
+    /// Copy rate cap per disk, bytes/s (the job's `--bandwidth`, as
+    /// libvirt applies it to the disks too).
+    pub speed: Option<u64>,
+}
+
+/// One disk being copied.
+#[derive(Debug, Clone)]
+struct Mirror {
+    target: String,
+    job: String,
+    node: String,
+}
+
+/// The running mirrors of a migration.
+#[derive(Debug, Default)]
+pub struct Mirrors {
+    mirrors: Vec<Mirror>,
+}
+
+/// Bytes of the copy, summed over the disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyProgress {
+    /// To copy in all (grows as the guest writes).
+    pub total: u64,
+    /// Copied.
+    pub processed: u64,
+}
+
+impl Mirrors {
+    /// Starts a mirror of each of `targets` into the destination's
+    /// exports.
+    ///
+    /// # Errors
+    /// [`StorageError::Qemu`]; mirrors already started are abandoned.
+    pub async fn start(
+        qmp: &Client,
+        plan: &MirrorPlan,
+        targets: &[String],
+    ) -> Result<Mirrors, StorageError> {
+        let mut started = Mirrors::default();
+        for target in targets {
+            let mirror = Mirror {
+                target: target.clone(),
+                job: format!("livemig-mirror-{target}"),
+                node: format!("livemig-nbd-{target}"),
+            };
+            let add = BlockdevAddNbd {
+                driver: "nbd",
+                node_name: mirror.node.clone(),
+                server: InetAddress::new(&plan.host, plan.port),
+                export: export_name(target),
+                tls_creds: plan
+                    .tls_hostname
+                    .as_ref()
+                    .map(|_| TLS_CLIENT_ID.to_string()),
+                tls_hostname: plan.tls_hostname.clone(),
+            };
+            if let Err(e) = qmp.execute(&add).await {
+                started.abandon(qmp).await;
+                return Err(StorageError::Qemu {
+                    step: format!(
+                        "cannot reach the destination's NBD export of {target} at {}:{}",
+                        plan.host, plan.port
+                    ),
+                    source: e,
+                });
+            }
+            let run = BlockdevMirror {
+                job_id: mirror.job.clone(),
+                device: disk_node(target),
+                target: mirror.node.clone(),
+                sync: plan.sync,
+                copy_mode: plan.copy_mode,
+                auto_dismiss: false,
+                speed: plan.speed,
+            };
+            if let Err(e) = qmp.execute(&run).await {
+                let _ = qmp
+                    .execute(&BlockdevDel {
+                        node_name: mirror.node.clone(),
+                    })
+                    .await;
+                started.abandon(qmp).await;
+                return Err(StorageError::Qemu {
+                    step: format!("cannot start the mirror of {target}"),
+                    source: e,
+                });
+            }
+            started.mirrors.push(mirror);
+        }
+        Ok(started)
+    }
+
+    /// True if there is nothing to copy.
+    pub fn is_empty(&self) -> bool {
+        self.mirrors.is_empty()
+    }
+
+    async fn jobs(&self, qmp: &Client) -> Result<Vec<BlockJobInfo>, StorageError> {
+        let all = qmp
+            .execute(&QueryBlockJobs)
+            .await
+            .map_err(StorageError::qemu("cannot query the block jobs"))?;
+        Ok(all
+            .into_iter()
+            .filter(|j| self.mirrors.iter().any(|m| m.job == j.device))
+            .collect())
+    }
+
+    /// The copy's progress.
+    ///
+    /// # Errors
+    /// [`StorageError::Qemu`].
+    pub async fn progress(&self, qmp: &Client) -> Result<CopyProgress, StorageError> {
+        let jobs = self.jobs(qmp).await?;
+        Ok(CopyProgress {
+            total: jobs.iter().map(|j| j.len).sum(),
+            processed: jobs.iter().map(|j| j.offset).sum(),
+        })
+    }
+
+    /// Waits until every disk's bulk copy is done and its writes are being
+    /// mirrored; reports progress through `on_progress`.
+    ///
+    /// # Errors
+    /// [`StorageError::MirrorFailed`] or `MirrorGone` if a mirror ends,
+    /// [`StorageError::Cancelled`], [`StorageError::Timeout`].
+    pub async fn wait_ready(
+        &self,
+        qmp: &Client,
+        cancel: &CancellationToken,
+        timeout: Option<Duration>,
+        mut on_progress: impl FnMut(CopyProgress),
+    ) -> Result<(), StorageError> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let jobs = self.jobs(qmp).await?;
+            self.check_running(&jobs)?;
+            on_progress(CopyProgress {
+                total: jobs.iter().map(|j| j.len).sum(),
+                processed: jobs.iter().map(|j| j.offset).sum(),
+            });
+            if jobs.len() == self.mirrors.len() && jobs.iter().all(|j| j.ready) {
+                return Ok(());
+            }
+            if let (Some(deadline), Some(timeout)) = (deadline, timeout) {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(StorageError::Timeout(timeout));
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(StorageError::Cancelled),
+                _ = tokio::time::sleep(POLL) => {}
+            }
+        }
+    }
+
+    /// Every mirror still runs.
+    fn check_running(&self, jobs: &[BlockJobInfo]) -> Result<(), StorageError> {
+        for mirror in &self.mirrors {
+            match jobs.iter().find(|j| j.device == mirror.job) {
+                None => return Err(StorageError::MirrorGone(mirror.target.clone())),
+                Some(job) => {
+                    if let Some(message) = &job.error {
+                        return Err(StorageError::MirrorFailed {
+                            target: mirror.target.clone(),
+                            message: message.clone(),
+                        });
+                    }
+                    if job.status.as_deref() == Some("concluded") {
+                        return Err(StorageError::MirrorGone(mirror.target.clone()));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// With the guest paused: completes every mirror, leaving each
+    /// destination image an exact copy, and disconnects from the NBD
+    /// server.
+    ///
+    /// # Errors
+    /// [`StorageError`] if a mirror fails to complete: the destination's
+    /// copy cannot be trusted.
+    pub async fn complete(self, qmp: &Client) -> Result<(), StorageError> {
+        let jobs = self.jobs(qmp).await?;
+        if let Err(e) = self.check_running(&jobs) {
+            self.abandon(qmp).await;
+            return Err(e);
+        }
+        for mirror in &self.mirrors {
+            let cancel = BlockJobCancel {
+                device: mirror.job.clone(),
+                force: false,
+            };
+            if let Err(e) = qmp.execute(&cancel).await {
+                self.abandon(qmp).await;
+                return Err(StorageError::Qemu {
+                    step: format!("cannot complete the mirror of {}", mirror.target),
+                    source: e,
+                });
+            }
+        }
+        let ended = self.wait_concluded(qmp).await;
+        self.remove(qmp).await;
+        for (mirror, job) in self.mirrors.iter().zip(ended?) {
+            if let Some(message) = job.and_then(|j| j.error) {
+                return Err(StorageError::MirrorFailed {
+                    target: mirror.target.clone(),
+                    message,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Abandons every mirror (the migration failed): the source's disks
+    /// are untouched, the destination's copies are to be thrown away.
+    pub async fn abandon(&self, qmp: &Client) {
+        for mirror in &self.mirrors {
+            let _ = qmp
+                .execute(&BlockJobCancel {
+                    device: mirror.job.clone(),
+                    force: true,
+                })
+                .await;
+        }
+        if let Err(e) = self.wait_concluded(qmp).await {
+            tracing::warn!(error = %e, "mirrors did not end");
+        }
+        self.remove(qmp).await;
+    }
+
+    /// Waits until every mirror has concluded; each one's last state.
+    async fn wait_concluded(
+        &self,
+        qmp: &Client,
+    ) -> Result<Vec<Option<BlockJobInfo>>, StorageError> {
+        let deadline = tokio::time::Instant::now() + END_TIMEOUT;
+        loop {
+            let jobs = self.jobs(qmp).await?;
+            let states: Vec<Option<BlockJobInfo>> = self
+                .mirrors
+                .iter()
+                .map(|m| jobs.iter().find(|j| j.device == m.job).cloned())
+                .collect();
+            let done = states.iter().all(|j| {
+                j.as_ref()
+                    .is_none_or(|j| j.status.as_deref() == Some("concluded"))
+            });
+            if done {
+                return Ok(states);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(StorageError::Timeout(END_TIMEOUT));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Dismisses the concluded jobs and removes the NBD client nodes.
+    async fn remove(&self, qmp: &Client) {
+        for mirror in &self.mirrors {
+            let _ = qmp
+                .execute(&JobDismiss {
+                    id: mirror.job.clone(),
+                })
+                .await;
+            if let Err(e) = qmp
+                .execute(&BlockdevDel {
+                    node_name: mirror.node.clone(),
+                })
+                .await
+            {
+                tracing::debug!(node = %mirror.node, error = %e, "NBD node not removed");
+            }
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! Disks on one host's storage only, copied with the guest
+//! (`--copy-storage-all`, `--copy-storage-inc`, `--migrate-disks`): two
+//! agents, each with its own "local" directory at the same path.
+
+use std::path::Path;
+
+use guest::linux::LinuxWorkload;
+use guest::Workload;
+use protocol::domain::DomainState;
+use protocol::job::JobStatus;
+use protocol::{MigrateOptions, Request};
+use testkit::output::stderr;
+use testkit::{assert_runs_only_on, create_image, live, TestBed};
+
+/// Memory, and 1 MiB of disk blocks rewritten and checked every second.
+fn workload() -> LinuxWorkload {
+    LinuxWorkload {
+        disk: Some("/dev/vda".into()),
+        disk_blocks: 256,
+        disk_kib_s: 1024,
+        ..LinuxWorkload::memory(Workload::busy(8, 20_000))
+    }
+}
+
+fn local_disk(bed: &TestBed, file: &str, format: &str) -> String {
+    format!(
+        "[[disks]]\npath = {:?}\nformat = \"{format}\"\n",
+        bed.local().join(file).display().to_string()
+    )
+}
+
+/// `qemu-img compare` of two images QEMU may hold open.
+fn identical(a: &Path, b: &Path) -> Result<(), String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("qemu-img");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+#[tokio::test]
+async fn copy_storage_all_moves_a_local_disk_being_written_and_the_copy_is_exact() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed.hosts_with_local_storage(None).await;
+    create_image(&bed.local_of("a").join("vm.qcow2"), 64, "qcow2");
+    a.define_and_start(bed.linux_definition(
+        "vm",
+        192,
+        &workload(),
+        &local_disk(&bed, "vm.qcow2", "qcow2"),
+    ))
+    .await;
+    a.wait_guest_disk("vm", 256).await;
+
+    // Without a copy flag the guest would find no disk on b.
+    let out = a.cli(&["migrate", "--live", "vm", &b.uri()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("--copy-storage-all"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!bed.local_of("b").join("vm.qcow2").exists());
+
+    // --suspend: the guest waits on b, so both images hold the same bytes.
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                copy_storage_all: true,
+                suspend: true,
+                ..live()
+            },
+        )
+        .await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert!(record.flags.contains(&"copy-storage-all".to_string()));
+    assert!(
+        record.stats.disk_total_bytes.unwrap_or(0) > 0,
+        "{:?}",
+        record.stats
+    );
+    assert_eq!(b.state("vm").await, Some(DomainState::Paused));
+    let (on_a, on_b) = (
+        bed.local_of("a").join("vm.qcow2"),
+        bed.local_of("b").join("vm.qcow2"),
+    );
+    identical(&on_a, &on_b).unwrap_or_else(|e| panic!("the copy differs: {e}"));
+
+    b.request(Request::Resume {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    assert_runs_only_on("vm", &b, &a, 2).await;
+    // Every block written on a, and since, reads back right on b.
+    let log = b.wait_guest_disk("vm", 512).await;
+    assert!(log.disk_intact(), "{:?}", log.corruptions);
+}
+
+#[tokio::test]
+async fn an_abort_during_the_disk_copy_leaves_the_source_on_its_disk_and_nothing_on_the_destination(
+) {
+    let bed = TestBed::new().await;
+    let (a, b) = bed.hosts_with_local_storage(None).await;
+    // 48 MiB of data on the disk, copied at 1 MiB/s: the copy takes long
+    // enough to abort.
+    let image = bed.local_of("a").join("vm.raw");
+    std::fs::write(&image, vec![0x5au8; 48 << 20]).unwrap();
+    a.define_and_start(bed.linux_definition(
+        "vm",
+        192,
+        &workload(),
+        &local_disk(&bed, "vm.raw", "raw"),
+    ))
+    .await;
+    a.wait_guest_disk("vm", 256).await;
+
+    let job = a
+        .migration_until(
+            "vm",
+            &b,
+            MigrateOptions {
+                copy_storage_all: true,
+                ..testkit::capped(1)
+            },
+            "the disk copy to be under way",
+            |j| j.stats.disk_processed_bytes.unwrap_or(0) > 0,
+        )
+        .await;
+    assert!(
+        bed.local_of("b").join("vm.raw").exists(),
+        "b created the image"
+    );
+    a.cli_ok(&["domjobabort", "vm"]);
+    let record = a.wait_job(&job).await;
+
+    assert_eq!(record.status, JobStatus::Cancelled, "{record:#?}");
+    b.wait_no_qemu().await;
+    assert!(
+        !bed.local_of("b").join("vm.raw").exists(),
+        "b removed the half-copied image"
+    );
+    assert_eq!(b.state("vm").await, None);
+    // No mirror, no NBD connection left on a; its guest still checks its
+    // disk.
+    let jobs = a.qmp("vm", "query-block-jobs").await.unwrap();
+    assert_eq!(jobs, serde_json::json!([]));
+    let nodes = a.qmp("vm", "query-named-block-nodes").await.unwrap();
+    assert!(!nodes.to_string().contains("livemig-nbd"), "{nodes}");
+    assert_runs_only_on("vm", &a, &b, 1).await;
+    a.wait_guest_disk("vm", 256).await;
+}
+
+#[tokio::test]
+async fn migrate_disks_copies_the_disks_named_and_inc_only_the_top_image() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed.hosts_with_local_storage(None).await;
+    // vda: a top image on a base both hosts have (shared, read-only);
+    // vdb: a scratch disk on a's storage; vdc: shared.
+    let base = bed.images().join("base.raw");
+    std::fs::write(&base, vec![0x11u8; 4 << 20]).unwrap();
+    let top = bed.local_of("a").join("top.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    create_image(&bed.local_of("a").join("scratch.raw"), 8, "raw");
+    let shared = bed.disk_image("shared.raw", 8, "raw");
+    let devices = format!(
+        "{}{}[[disks]]\npath = {:?}\nshared = true\n",
+        local_disk(&bed, "top.qcow2", "qcow2"),
+        local_disk(&bed, "scratch.raw", "raw"),
+        shared.display().to_string()
+    );
+    a.define_and_start(bed.linux_definition("vm", 192, &workload(), &devices))
+        .await;
+    a.wait_guest_disk("vm", 256).await;
+
+    // Naming only vda leaves vdb behind: refused, nothing created.
+    let out = a.cli(&[
+        "migrate",
+        "--live",
+        "--copy-storage-inc",
+        "--migrate-disks",
+        "vda",
+        "vm",
+        &b.uri(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("disk vdb"), "{}", stderr(&out));
+    assert!(!bed.local_of("b").join("top.qcow2").exists());
+
+    let record = a
+        .migrate_completes(
+            "vm",
+            &b,
+            MigrateOptions {
+                copy_storage_inc: true,
+                migrate_disks: vec!["vda".into(), "vdb".into()],
+                ..live()
+            },
+        )
+        .await;
+    assert!(record.flags.contains(&"migrate-disks=vda,vdb".to_string()));
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(bed.local_of("b").join("top.qcow2"))
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["backing-filename"],
+        base.display().to_string(),
+        "{info}"
+    );
+    assert!(bed.local_of("b").join("scratch.raw").exists());
+    let log = b.wait_guest_disk("vm", 512).await;
+    assert!(log.disk_intact(), "{:?}", log.corruptions);
+}
