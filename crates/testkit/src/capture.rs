@@ -136,6 +136,23 @@ fn parse(frame: &[u8]) -> Option<Segment> {
 }
 
 impl Captured {
+    /// Every connection opened during the capture: its server port and the
+    /// start of what the client sent.
+    pub fn client_streams(&self) -> Vec<(u16, Vec<u8>)> {
+        let mut ports: Vec<u16> = self
+            .segments
+            .iter()
+            .filter(|s| s.syn && !s.ack)
+            .map(|s| s.dst_port)
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+            .into_iter()
+            .filter_map(|port| Some((port, self.client_stream(port)?)))
+            .collect()
+    }
+
     /// The first bytes the client of the first connection to `port` sent,
     /// in order, up to the first gap or [`KEEP_BYTES`]; `None` if no
     /// connection to `port` was seen opening.

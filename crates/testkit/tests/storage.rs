@@ -9,6 +9,7 @@ use guest::Workload;
 use protocol::domain::DomainState;
 use protocol::job::JobStatus;
 use protocol::{MigrateOptions, Request};
+use testkit::capture::Capture;
 use testkit::output::stderr;
 use testkit::{assert_runs_only_on, create_image, live, TestBed};
 
@@ -231,4 +232,62 @@ async fn migrate_disks_copies_the_disks_named_and_inc_only_the_top_image() {
     assert!(bed.local_of("b").join("scratch.raw").exists());
     let log = b.wait_guest_disk("vm", 512).await;
     assert!(log.disk_intact(), "{:?}", log.corruptions);
+}
+
+/// Where `haystack` holds `needle`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test]
+async fn with_tls_the_disks_travel_encrypted_too() {
+    let bed = TestBed::new().await;
+    let net = testkit::netns::NetnsPair::create("nbd").expect("network namespaces");
+    let (a, b) = bed.hosts_with_local_storage(Some(&net)).await;
+    create_image(&bed.local_of("a").join("vm.qcow2"), 32, "qcow2");
+    a.define_and_start(bed.linux_definition(
+        "vm",
+        192,
+        &workload(),
+        &local_disk(&bed, "vm.qcow2", "qcow2"),
+    ))
+    .await;
+    a.wait_guest_disk("vm", 256).await;
+    let capture = Capture::start(&net.b).expect("a packet capture in b's namespace");
+
+    a.migrate_completes(
+        "vm",
+        &b,
+        MigrateOptions {
+            copy_storage_all: true,
+            tls: true,
+            ..live()
+        },
+    )
+    .await;
+    let seen = capture.finish();
+    let log = b.wait_guest_disk("vm", 512).await;
+    assert!(log.disk_intact(), "{:?}", log.corruptions);
+
+    // The NBD connection: its client asked for TLS (NBD_OPT_STARTTLS, 5)
+    // and sent the rest, the export's name included, inside it.
+    let streams = seen.client_streams();
+    let (port, nbd) = streams
+        .iter()
+        .find(|(_, s)| contains(s, b"IHAVEOPT"))
+        .unwrap_or_else(|| panic!("no NBD connection among {} seen", streams.len()));
+    let starttls = [b"IHAVEOPT".as_slice(), &[0, 0, 0, 5]].concat();
+    assert!(
+        contains(nbd, &starttls),
+        "port {port}: {:02x?}",
+        &nbd[..nbd.len().min(48)]
+    );
+    assert!(
+        contains(nbd, &[0x16, 0x03]),
+        "no TLS handshake on port {port}"
+    );
+    assert!(
+        !contains(nbd, b"livemig-vda"),
+        "the export name went in the clear on port {port}"
+    );
 }
