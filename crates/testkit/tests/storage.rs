@@ -291,3 +291,55 @@ async fn with_tls_the_disks_travel_encrypted_too() {
         "the export name went in the clear on port {port}"
     );
 }
+
+#[tokio::test]
+async fn a_link_lost_during_the_disk_copy_fails_the_job_and_leaves_nothing_on_the_destination() {
+    let bed = TestBed::new().await;
+    let net = testkit::netns::NetnsPair::create("cut").expect("network namespaces");
+    let (a, b) = bed.hosts_with_local_storage(Some(&net)).await;
+    let image = bed.local_of("a").join("vm.raw");
+    std::fs::write(&image, vec![0x5au8; 48 << 20]).unwrap();
+    a.define_and_start(bed.linux_definition(
+        "vm",
+        192,
+        &workload(),
+        &local_disk(&bed, "vm.raw", "raw"),
+    ))
+    .await;
+    a.wait_guest_disk("vm", 256).await;
+    let job = a
+        .migration_until(
+            "vm",
+            &b,
+            MigrateOptions {
+                copy_storage_all: true,
+                ..testkit::capped(1)
+            },
+            "the disk copy to be under way",
+            |j| j.stats.disk_processed_bytes.unwrap_or(0) > 0,
+        )
+        .await;
+
+    // Down for longer than the agents wait for each other, then back: the
+    // mirror's stalled NBD requests can end and the abort reach b.
+    net.cut().unwrap();
+    tokio::time::sleep(protocol::PEER_SILENCE_LIMIT + std::time::Duration::from_secs(10)).await;
+    net.restore().unwrap();
+    let record = a.wait_job(&job).await;
+
+    assert_eq!(record.status, JobStatus::Failed, "{record:#?}");
+    let error = record.error.unwrap_or_default();
+    assert!(error.contains("lost contact"), "{error}");
+    b.wait_no_qemu().await;
+    testkit::wait_until(
+        std::time::Duration::from_secs(60),
+        "b to remove the half-copied image",
+        || async { (!bed.local_of("b").join("vm.raw").exists()).then_some(()) },
+    )
+    .await;
+    let jobs = a.qmp("vm", "query-block-jobs").await.unwrap();
+    assert_eq!(jobs, serde_json::json!([]));
+    assert_runs_only_on("vm", &a, &b, 1).await;
+    let log = a.wait_guest_disk("vm", 256).await;
+    assert!(log.disk_intact(), "{:?}", log.corruptions);
+}

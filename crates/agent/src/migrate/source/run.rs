@@ -143,7 +143,8 @@ impl Run {
                 let error = format!("copying the disks failed: {e}");
                 self.peer.abort(&self.job.ident.id, &error).await;
                 let (status, error) = if self.job.cancel.is_cancelled() {
-                    self.cancelled_because(CancelReason::User)
+                    let (status, why) = self.cancelled_because(CancelReason::User);
+                    (status, format!("{why} while copying the disks"))
                 } else {
                     (JobStatus::Failed, error)
                 };
@@ -291,12 +292,19 @@ impl Run {
             throttle,
             retunes,
         );
-        tokio::pin!(perform);
+        self.watched(perform).await
+    }
+
+    /// Runs `work` while checking that the destination agent is there:
+    /// when it has been silent too long, the job is cancelled (which
+    /// `work` must heed) and marked as having lost its peer.
+    pub(super) async fn watched<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(work);
         let mut last_contact = Instant::now();
         let mut check = Box::pin(self.peer.answers_after(PEER_CHECK_INTERVAL));
         loop {
             tokio::select! {
-                outcome = &mut perform => return outcome,
+                done = &mut work => return done,
                 reachable = &mut check => {
                     if reachable {
                         last_contact = Instant::now();
@@ -314,7 +322,7 @@ impl Run {
     }
 
     /// The status and error of a job QEMU cancelled.
-    fn cancelled_because(&self, reason: CancelReason) -> (JobStatus, String) {
+    pub(super) fn cancelled_because(&self, reason: CancelReason) -> (JobStatus, String) {
         match reason {
             CancelReason::User if self.lost_peer.load(Ordering::Relaxed) => (
                 JobStatus::Failed,

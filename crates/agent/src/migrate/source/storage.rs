@@ -108,13 +108,13 @@ impl Run {
             .map_err(|e| errors::chain(&e))?;
         tracing::info!(disks = ?self.storage, port, "mirroring the disks");
         let timeout = flags.timeout.map(std::time::Duration::from_secs);
-        let ready = mirrors
-            .wait_ready(qmp, &self.job.cancel, timeout, |p| {
+        let ready = self
+            .watched(mirrors.wait_ready(qmp, &self.job.cancel, timeout, |p| {
                 self.progress.send_modify(|progress| {
                     progress.stats.disk_total_bytes = Some(p.total);
                     progress.stats.disk_processed_bytes = Some(p.processed);
                 });
-            })
+            }))
             .await;
         match ready {
             Ok(()) => {
