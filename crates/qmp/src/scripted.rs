@@ -58,6 +58,11 @@ pub struct State {
     pub listening: Option<(String, u16)>,
     /// Objects made with `object-add`, by id: their arguments.
     pub objects: BTreeMap<String, Value>,
+    /// Block jobs, as `query-block-jobs` lists them; a running one copies
+    /// half its length per query and is then ready.
+    pub block_jobs: Vec<Value>,
+    /// Nodes made with `blockdev-add`.
+    pub block_nodes: Vec<String>,
     /// Thread ids `query-cpus-fast` reports.
     pub vcpu_threads: Vec<i64>,
     /// What `query-dirty-rate` measures, MiB/s.
@@ -102,6 +107,8 @@ impl Default for State {
             .unwrap_or_default(),
             listening: None,
             objects: BTreeMap::new(),
+            block_jobs: Vec::new(),
+            block_nodes: Vec::new(),
             vcpu_threads: vec![4242],
             dirty_rate_mib_s: 100,
             log: Vec::new(),
@@ -425,7 +432,61 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
             s.run_state = "running".into();
             (Ok(json!({})), vec![event("RESUME", json!({}))])
         }
-        "announce-self" => ok(json!({})),
+        "announce-self" | "nbd-server-start" | "block-export-add" | "nbd-server-stop" => {
+            ok(json!({}))
+        }
+        "blockdev-add" => {
+            s.block_nodes
+                .push(args["node-name"].as_str().unwrap_or_default().to_string());
+            ok(json!({}))
+        }
+        "blockdev-del" => {
+            let node = args["node-name"].as_str().unwrap_or_default();
+            match s.block_nodes.iter().position(|n| n == node) {
+                Some(i) => {
+                    s.block_nodes.remove(i);
+                    ok(json!({}))
+                }
+                None => (
+                    Err(("GenericError", format!("Failed to find node with node-name='{node}'"))),
+                    Vec::new(),
+                ),
+            }
+        }
+        "blockdev-mirror" => {
+            s.block_jobs.push(json!({"device": args["job-id"], "type": "mirror",
+                "len": 8 << 20, "offset": 0, "ready": false, "status": "running"}));
+            ok(json!({}))
+        }
+        "query-block-jobs" => {
+            for job in &mut s.block_jobs {
+                if job["status"] == "running" {
+                    let len = job["len"].as_u64().unwrap_or(0);
+                    let offset = (job["offset"].as_u64().unwrap_or(0) + len / 2).min(len);
+                    job["offset"] = json!(offset);
+                    if offset == len {
+                        job["ready"] = json!(true);
+                        job["status"] = json!("ready");
+                    }
+                }
+            }
+            ok(Value::Array(s.block_jobs.clone()))
+        }
+        "block-job-cancel" => match s.block_jobs.iter_mut().find(|j| j["device"] == args["device"]) {
+            Some(job) => {
+                job["status"] = json!("concluded");
+                ok(json!({}))
+            }
+            None => (
+                Err(("DeviceNotActive", format!("Block job '{}' not found", args["device"]))),
+                Vec::new(),
+            ),
+        },
+        "job-dismiss" => {
+            s.block_jobs
+                .retain(|j| !(j["device"] == args["id"] && j["status"] == "concluded"));
+            ok(json!({}))
+        }
         "query-status" => ok(json!({"status": s.run_state, "running": s.run_state == "running"})),
         "query-cpus-fast" => ok(Value::Array(
             s.vcpu_threads

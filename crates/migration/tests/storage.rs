@@ -1,0 +1,146 @@
+//! The disk copy's state machine on the source, driven by a scripted QEMU
+//! monitor: mirrors started, in sync, completed at switchover, abandoned
+//! on any failure, with nothing left behind.
+
+use migration::storage::source::{MirrorPlan, Mirrors};
+use migration::storage::StorageError;
+use qmp::commands::block::{CopyMode, MirrorSync};
+use qmp::scripted::ScriptedQemu;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+fn plan() -> MirrorPlan {
+    MirrorPlan {
+        host: "10.0.0.2".into(),
+        port: 10809,
+        sync: MirrorSync::Full,
+        copy_mode: CopyMode::Background,
+        tls_hostname: None,
+        speed: Some(16 << 20),
+    }
+}
+
+fn targets() -> Vec<String> {
+    vec!["vda".into(), "vdb".into()]
+}
+
+/// Nothing of the copy left in QEMU: no job, no NBD node.
+fn clean(qemu: &ScriptedQemu) {
+    qemu.with(|s| {
+        assert!(s.block_jobs.is_empty(), "jobs left: {:?}", s.block_jobs);
+        assert!(s.block_nodes.is_empty(), "nodes left: {:?}", s.block_nodes);
+    });
+}
+
+#[tokio::test]
+async fn mirrors_reach_sync_then_complete_with_nothing_left() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
+
+    let add = qemu.calls("blockdev-add");
+    assert_eq!(add.len(), 2);
+    assert_eq!(
+        add[0],
+        json!({"driver": "nbd", "node-name": "livemig-nbd-vda", "export": "livemig-vda",
+               "server": {"type": "inet", "host": "10.0.0.2", "port": "10809"}})
+    );
+    let mirror = &qemu.calls("blockdev-mirror")[1];
+    assert_eq!(mirror["device"], "disk-vdb");
+    assert_eq!(mirror["target"], "livemig-nbd-vdb");
+    assert_eq!(mirror["sync"], "full");
+    assert_eq!(mirror["speed"], 16 << 20);
+    assert_eq!(mirror["auto-dismiss"], false);
+
+    let mut seen = Vec::new();
+    mirrors
+        .wait_ready(&qmp, &CancellationToken::new(), None, |p| seen.push(p))
+        .await
+        .unwrap();
+    assert!(seen.last().unwrap().processed == seen.last().unwrap().total);
+    assert!(seen.first().unwrap().processed < seen.first().unwrap().total);
+
+    mirrors.complete(&qmp).await.unwrap();
+    // Completed, not abandoned: a ready mirror cancelled without force
+    // leaves the target an exact copy.
+    assert!(qemu
+        .calls("block-job-cancel")
+        .iter()
+        .all(|c| c["force"] == false));
+    clean(&qemu);
+}
+
+#[tokio::test]
+async fn a_mirror_that_fails_is_reported_and_every_mirror_abandoned() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
+    qemu.with(|s| {
+        s.block_jobs[1]["status"] = json!("concluded");
+        s.block_jobs[1]["error"] = json!("Input/output error");
+    });
+
+    let err = mirrors
+        .wait_ready(&qmp, &CancellationToken::new(), None, |_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StorageError::MirrorFailed { target, message } if target == "vdb" && message.contains("Input/output")),
+        "{err:?}"
+    );
+    mirrors.abandon(&qmp).await;
+    assert!(qemu
+        .calls("block-job-cancel")
+        .iter()
+        .all(|c| c["force"] == true));
+    clean(&qemu);
+}
+
+#[tokio::test]
+async fn a_cancel_while_copying_stops_the_wait() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    // A disk that never gets in sync.
+    qemu.on("query-block-jobs", |s, _| {
+        Some(Ok(serde_json::Value::Array(s.block_jobs.clone())))
+    });
+    let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
+    let cancel = CancellationToken::new();
+    let waiting = mirrors.wait_ready(&qmp, &cancel, None, |_| {});
+    let cancelling = async {
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        cancel.cancel();
+    };
+    let (result, ()) = tokio::join!(waiting, cancelling);
+    assert!(matches!(result, Err(StorageError::Cancelled)), "{result:?}");
+}
+
+#[tokio::test]
+async fn a_second_disk_qemu_refuses_undoes_the_first() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    qemu.on("blockdev-mirror", |_, args| {
+        (args["job-id"] == "livemig-mirror-vdb")
+            .then(|| Err(("GenericError", "Permission denied".to_string())))
+    });
+
+    let err = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap_err();
+
+    assert!(err.to_string().contains("vdb"), "{err}");
+    clean(&qemu);
+}
+
+#[tokio::test]
+async fn a_mirror_gone_at_switchover_fails_the_completion() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
+    mirrors
+        .wait_ready(&qmp, &CancellationToken::new(), None, |_| {})
+        .await
+        .unwrap();
+    qemu.with(|s| s.block_jobs.remove(0));
+
+    let err = mirrors.complete(&qmp).await.unwrap_err();
+
+    assert!(
+        matches!(&err, StorageError::MirrorGone(t) if t == "vda"),
+        "{err:?}"
+    );
+    clean(&qemu);
+}
