@@ -242,6 +242,24 @@ pub fn record_summary(r: &JobRecord) -> String {
 /// One progress line, as `migrate --verbose` prints it.
 pub fn progress_line(job: &JobInfo) -> String {
     let s = &job.stats;
+    // Disks copied first: until memory moves, their copy is the progress.
+    if let (None, Some(total), Some(done)) = (
+        s.memory_total_bytes,
+        s.disk_total_bytes,
+        s.disk_processed_bytes,
+    ) {
+        let pct = if total > 0 {
+            100.0 * done as f64 / total as f64
+        } else {
+            100.0
+        };
+        return format!(
+            "Migration: [{pct:3.0} %] phase {}, copying disks: {} of {}",
+            job.phase,
+            mib(done),
+            mib(total)
+        );
+    }
     let pct = match (s.memory_total_bytes, s.memory_remaining_bytes) {
         (Some(total), Some(remaining)) if total > 0 => {
             format!(

@@ -1,5 +1,5 @@
 //! Running `livemigd` as a child process: for the demo, the tests and the
-//! benchmarks.
+//! benchmarks; and [`netns`], two "hosts" on one machine.
 //!
 //! The agent is put in a process group of its own, and the QEMU processes
 //! it starts inherit that group; dropping the [`AgentProcess`] kills the
@@ -18,6 +18,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use protocol::host::AgentInfo;
 use protocol::{AgentUri, Client, Reply, Request};
+
+pub mod netns;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 

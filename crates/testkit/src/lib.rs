@@ -29,7 +29,7 @@ pub mod capture;
 mod checks;
 mod host;
 mod in_process;
-pub mod netns;
+pub use launcher::netns;
 pub mod output;
 pub mod procs;
 pub mod rogue;

@@ -1,9 +1,14 @@
 //! `livemig demo`, as the README runs it (smaller, so the test is quick).
 
 use std::process::Command;
+use std::sync::Mutex;
+
+/// One demo at a time: two busy TCG guests each already fill two cores.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[test]
 fn demo_migrates_a_busy_guest_with_auto_converge_and_prints_the_record() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(testkit::bin("livemig"))
         .args([
             "demo",
@@ -58,5 +63,49 @@ fn demo_migrates_a_busy_guest_with_auto_converge_and_prints_the_record() {
     let events = stdout.lines().count() - 1;
     assert!(events >= 2, "{stdout}");
     assert!(stdout.contains("\"event\":\"progress\""), "{stdout}");
+    assert!(stderr.contains("Cleaning up"));
+}
+
+#[test]
+fn the_linux_demo_copies_the_disk_and_keeps_the_tcp_session() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(testkit::bin("livemig"))
+        .args([
+            "demo",
+            "--guest",
+            "linux",
+            "--copy-storage-all",
+            "--json",
+            "--memory",
+            "192",
+            "--working-set",
+            "16",
+            "--spin",
+            "20000",
+            "--bandwidth",
+            "64",
+            "--workload",
+        ])
+        .arg(testkit::linux_workload())
+        .env_remove("LIVEMIG_URI")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stderr}\n{stdout}");
+    let last = stdout.lines().last().expect("a record line");
+    let record: serde_json::Value = serde_json::from_str(last).unwrap();
+    assert_eq!(record["status"], "completed", "{record}");
+    for check in ["memory_check", "disk_check", "network_check"] {
+        assert_eq!(record[check], "ok", "{check}: {record}");
+    }
+    assert!(record["flags"]
+        .as_array()
+        .unwrap()
+        .contains(&"copy-storage-all".into()));
+    assert!(
+        record["stats"]["disk_total_bytes"].as_u64().unwrap_or(0) > 0,
+        "{record}"
+    );
     assert!(stderr.contains("Cleaning up"));
 }

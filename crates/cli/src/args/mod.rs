@@ -269,4 +269,26 @@ pub struct DemoArgs {
     /// Also write a timeline report of the migration (FILE.svg or FILE.html).
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+    /// The guest: the bare-metal test kernel, or the Linux guest with a
+    /// disk, a NIC on a bridge and a TCP session kept open across the
+    /// migration (needs root: it makes network namespaces).
+    #[arg(long, value_enum, default_value_t = GuestArg::Bare)]
+    pub guest: GuestArg,
+    /// With --guest linux: the disk is on host-a's own storage and is
+    /// copied with the guest.
+    #[arg(long)]
+    pub copy_storage_all: bool,
+    /// The Linux guest's static workload [default: built by
+    /// scripts/build-linux-guest.sh beside this build].
+    #[arg(long, value_name = "PATH")]
+    pub workload: Option<PathBuf>,
+}
+
+/// Which guest the demo migrates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GuestArg {
+    /// The bare-metal test kernel: memory only.
+    Bare,
+    /// Debian's cloud kernel with busybox and our workload.
+    Linux,
 }

@@ -1,5 +1,8 @@
 //! `livemig demo`: two agents on loopback, a busy guest, a live migration
-//! with auto-converge, and a check that the guest's memory survived.
+//! with auto-converge, and a check that the guest's memory survived;
+//! [`linux`]: the Linux guest with its disk and network.
+
+mod linux;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,12 +16,21 @@ use protocol::domain::{DefinitionDoc, DomainInfo, DomainState};
 use protocol::job::JobStatus;
 use protocol::{Client, ConvergeMode, MigrateOptions, Reply, Request};
 
-use crate::args::DemoArgs;
+use crate::args::{DemoArgs, GuestArg};
 use crate::progress::Progress;
 use crate::{migrate, output, print_json, request, unexpected};
 
 const DOMAIN: &str = "demo-busy";
 const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Who makes it converge, from `--converge` / `--no-auto-converge`.
+fn converge_mode(args: &DemoArgs) -> ConvergeMode {
+    match (args.converge, args.no_auto_converge) {
+        (Some(mode), _) => mode.into(),
+        (None, true) => ConvergeMode::None,
+        (None, false) => ConvergeMode::Qemu,
+    }
+}
 
 /// Where progress goes: stdout for people, stderr when stdout carries JSON.
 struct Say {
@@ -91,6 +103,12 @@ fn dirty_rate_mib_s(log: &SerialLog) -> Option<f64> {
 }
 
 pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    if args.guest == GuestArg::Linux {
+        return linux::run(args).await;
+    }
+    if args.copy_storage_all {
+        bail!("--copy-storage-all needs --guest linux (the test kernel has no disk)");
+    }
     let say = Say { json: args.json };
     let tmp = tempfile::Builder::new()
         .prefix("livemig-demo-")
@@ -202,11 +220,7 @@ async fn scenario(
         args.bandwidth
     ));
 
-    let converge = match (args.converge, args.no_auto_converge) {
-        (Some(mode), _) => mode.into(),
-        (None, true) => ConvergeMode::None,
-        (None, false) => ConvergeMode::Qemu,
-    };
+    let converge = converge_mode(args);
     let flags = MigrateOptions {
         live: true,
         auto_converge: converge == ConvergeMode::Qemu,
