@@ -178,9 +178,20 @@ pub struct Hosts {
 
 impl Hosts {
     pub async fn start(livemigd: &Path) -> Result<Hosts> {
+        Self::start_with(livemigd, false).await
+    }
+
+    /// With `local_storage`, each agent sees a directory of its own at
+    /// [`Hosts::local`] (a bind mount in its mount namespace: needs root).
+    pub async fn start_with(livemigd: &Path, local_storage: bool) -> Result<Hosts> {
         let dir = tempfile::Builder::new()
             .prefix("livemig-bench-")
             .tempdir()?;
+        if local_storage {
+            for sub in ["local", "local-a", "local-b"] {
+                std::fs::create_dir_all(dir.path().join(sub))?;
+            }
+        }
         let kernel = guest::install_kernel(dir.path())?;
         let pki = dir.path().join("pki");
         tls::pki::init_if_missing(&pki)?;
@@ -198,7 +209,14 @@ impl Hosts {
                 netns: None,
                 image_dirs: vec![dir.path().to_path_buf()],
                 extra_args: Vec::new(),
-                private_dirs: Vec::new(),
+                private_dirs: if local_storage {
+                    vec![(
+                        dir.path().join(format!("local-{name}")),
+                        dir.path().join("local"),
+                    )]
+                } else {
+                    Vec::new()
+                },
             })
         };
         let a = AgentProcess::spawn(&launch("a")?)
@@ -252,6 +270,21 @@ impl Hosts {
             )
             .await?;
         Ok(())
+    }
+
+    /// Where each host sees its own storage (with `local_storage`).
+    pub fn local(&self) -> PathBuf {
+        self._dir.path().join("local")
+    }
+
+    /// What host `name` sees at [`Hosts::local`].
+    pub fn local_of(&self, name: &str) -> PathBuf {
+        self._dir.path().join(format!("local-{name}"))
+    }
+
+    /// The directory both hosts take images from.
+    pub fn images(&self) -> &Path {
+        self._dir.path()
     }
 
     pub fn b_uri(&self) -> &str {

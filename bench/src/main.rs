@@ -8,10 +8,16 @@
 //! `livemig-bench tls --json [--reps N]` migrates one guest back and forth
 //! with and without `--tls`, then times API requests and connections over
 //! the unix socket and over mutual TLS.
+//!
+//! `livemig-bench storage [--sizes 1,4,8] [--bandwidth 256]` copies a disk
+//! on one host's storage with the Linux guest (`--copy-storage-all`), idle
+//! and under a write load, against the least time the link allows (needs
+//! root: each agent gets its own storage through a mount namespace).
 
 mod convergence;
 mod load;
 mod sampler;
+mod storage;
 mod tls;
 
 use std::path::PathBuf;
@@ -62,6 +68,20 @@ enum Command {
         /// New connections per transport.
         #[arg(long, default_value_t = 200)]
         connections: usize,
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+    /// Disks copied with the guest (--copy-storage-all), idle and under a
+    /// write load, against the link's minimum.
+    Storage {
+        #[arg(long)]
+        json: bool,
+        /// Disk sizes, GiB.
+        #[arg(long, value_delimiter = ',', default_value = "1,4")]
+        sizes: Vec<u64>,
+        /// The link cap (--bandwidth), MiB/s.
+        #[arg(long, default_value_t = 256)]
+        bandwidth: u64,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -270,6 +290,14 @@ async fn run(cli: Cli) -> Result<()> {
             connections,
             livemigd: path,
         } => run_tls(json, reps, requests, connections, livemigd(path)).await,
+        Command::Storage {
+            json,
+            sizes,
+            bandwidth,
+            livemigd: path,
+        } => storage::run(&livemigd(path), &sizes, bandwidth, json)
+            .await
+            .map(|_| ()),
         Command::Load {
             json,
             domains,

@@ -87,6 +87,16 @@ async fn migrate(
         tls,
         ..Default::default()
     };
+    migrate_with(from, name, to_uri, flags).await
+}
+
+/// Migrates `name` with `flags` and waits for the record.
+pub async fn migrate_with(
+    from: &Client,
+    name: &str,
+    to_uri: &str,
+    flags: MigrateOptions,
+) -> Result<protocol::job::JobRecord> {
     let job_id = match request(
         from,
         Request::Migrate {

@@ -62,6 +62,17 @@ pub fn capped(bandwidth_mib_s: u64) -> protocol::MigrateOptions {
     }
 }
 
+/// The Linux guest's workload in the tests: 8 MiB of memory swept, and
+/// 1 MiB of `/dev/vda` rewritten and reread every second.
+pub fn disk_workload() -> guest::linux::LinuxWorkload {
+    guest::linux::LinuxWorkload {
+        disk: Some("/dev/vda".into()),
+        disk_blocks: 256,
+        disk_kib_s: 1024,
+        ..guest::linux::LinuxWorkload::memory(guest::Workload::busy(8, 20_000))
+    }
+}
+
 /// The directory holding `livemig` and `livemigd`.
 pub fn bin_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LIVEMIG_BIN_DIR") {

@@ -2,21 +2,8 @@
 //! under the agents: its memory, its disk and its network across a live
 //! migration.
 
-use guest::linux::LinuxWorkload;
-use guest::Workload;
 use protocol::MigrateOptions;
-use testkit::{live, TestBed};
-
-/// 8 MiB swept with a pause per page: a few MiB/s under TCG.
-fn workload() -> LinuxWorkload {
-    LinuxWorkload {
-        disk: Some("/dev/vda".into()),
-        // 1 MiB of blocks at 1 MiB/s: every block is checked each second.
-        disk_blocks: 256,
-        disk_kib_s: 1024,
-        ..LinuxWorkload::memory(Workload::busy(8, 20_000))
-    }
-}
+use testkit::{disk_workload, live, TestBed};
 
 #[tokio::test]
 async fn a_linux_guest_on_a_shared_disk_migrates_live_with_memory_and_disk_intact() {
@@ -27,7 +14,7 @@ async fn a_linux_guest_on_a_shared_disk_migrates_live_with_memory_and_disk_intac
     let definition = bed.linux_definition(
         "vm",
         192,
-        &workload(),
+        &disk_workload(),
         &format!(
             "[[disks]]\npath = {:?}\nformat = \"qcow2\"\nshared = true\n\
              [[nics]]\nnetwork = \"user\"\n",

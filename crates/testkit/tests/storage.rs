@@ -4,24 +4,12 @@
 
 use std::path::Path;
 
-use guest::linux::LinuxWorkload;
-use guest::Workload;
 use protocol::domain::DomainState;
 use protocol::job::JobStatus;
 use protocol::{MigrateOptions, Request};
 use testkit::capture::Capture;
 use testkit::output::stderr;
-use testkit::{assert_runs_only_on, create_image, live, TestBed};
-
-/// Memory, and 1 MiB of disk blocks rewritten and checked every second.
-fn workload() -> LinuxWorkload {
-    LinuxWorkload {
-        disk: Some("/dev/vda".into()),
-        disk_blocks: 256,
-        disk_kib_s: 1024,
-        ..LinuxWorkload::memory(Workload::busy(8, 20_000))
-    }
-}
+use testkit::{assert_runs_only_on, create_image, disk_workload, live, Host, TestBed};
 
 fn local_disk(bed: &TestBed, file: &str, format: &str) -> String {
     format!(
@@ -49,6 +37,30 @@ fn identical(a: &Path, b: &Path) -> Result<(), String> {
     }
 }
 
+/// The guest on a, with 48 MiB of data on a disk of a's own, and a
+/// `--copy-storage-all` migration to b copying it at 1 MiB/s: under way
+/// long enough to interfere with. The job's id.
+async fn slow_copy_under_way(bed: &TestBed, a: &Host, b: &Host) -> String {
+    let image = bed.local_of("a").join("vm.raw");
+    std::fs::write(&image, vec![0x5au8; 48 << 20]).unwrap();
+    a.define_and_start(bed.linux_definition(
+        "vm",
+        192,
+        &disk_workload(),
+        &local_disk(bed, "vm.raw", "raw"),
+    ))
+    .await;
+    a.wait_guest_disk("vm", 256).await;
+    let options = MigrateOptions {
+        copy_storage_all: true,
+        ..testkit::capped(1)
+    };
+    a.migration_until("vm", b, options, "the disk copy to be under way", |j| {
+        j.stats.disk_processed_bytes.unwrap_or(0) > 0
+    })
+    .await
+}
+
 #[tokio::test]
 async fn copy_storage_all_moves_a_local_disk_being_written_and_the_copy_is_exact() {
     let bed = TestBed::new().await;
@@ -57,7 +69,7 @@ async fn copy_storage_all_moves_a_local_disk_being_written_and_the_copy_is_exact
     a.define_and_start(bed.linux_definition(
         "vm",
         192,
-        &workload(),
+        &disk_workload(),
         &local_disk(&bed, "vm.qcow2", "qcow2"),
     ))
     .await;
@@ -115,31 +127,7 @@ async fn an_abort_during_the_disk_copy_leaves_the_source_on_its_disk_and_nothing
 ) {
     let bed = TestBed::new().await;
     let (a, b) = bed.hosts_with_local_storage(None).await;
-    // 48 MiB of data on the disk, copied at 1 MiB/s: the copy takes long
-    // enough to abort.
-    let image = bed.local_of("a").join("vm.raw");
-    std::fs::write(&image, vec![0x5au8; 48 << 20]).unwrap();
-    a.define_and_start(bed.linux_definition(
-        "vm",
-        192,
-        &workload(),
-        &local_disk(&bed, "vm.raw", "raw"),
-    ))
-    .await;
-    a.wait_guest_disk("vm", 256).await;
-
-    let job = a
-        .migration_until(
-            "vm",
-            &b,
-            MigrateOptions {
-                copy_storage_all: true,
-                ..testkit::capped(1)
-            },
-            "the disk copy to be under way",
-            |j| j.stats.disk_processed_bytes.unwrap_or(0) > 0,
-        )
-        .await;
+    let job = slow_copy_under_way(&bed, &a, &b).await;
     assert!(
         bed.local_of("b").join("vm.raw").exists(),
         "b created the image"
@@ -188,7 +176,7 @@ async fn migrate_disks_copies_the_disks_named_and_inc_only_the_top_image() {
         local_disk(&bed, "scratch.raw", "raw"),
         shared.display().to_string()
     );
-    a.define_and_start(bed.linux_definition("vm", 192, &workload(), &devices))
+    a.define_and_start(bed.linux_definition("vm", 192, &disk_workload(), &devices))
         .await;
     a.wait_guest_disk("vm", 256).await;
 
@@ -248,7 +236,7 @@ async fn with_tls_the_disks_travel_encrypted_too() {
     a.define_and_start(bed.linux_definition(
         "vm",
         192,
-        &workload(),
+        &disk_workload(),
         &local_disk(&bed, "vm.qcow2", "qcow2"),
     ))
     .await;
@@ -297,28 +285,7 @@ async fn a_link_lost_during_the_disk_copy_fails_the_job_and_leaves_nothing_on_th
     let bed = TestBed::new().await;
     let net = testkit::netns::NetnsPair::create("cut").expect("network namespaces");
     let (a, b) = bed.hosts_with_local_storage(Some(&net)).await;
-    let image = bed.local_of("a").join("vm.raw");
-    std::fs::write(&image, vec![0x5au8; 48 << 20]).unwrap();
-    a.define_and_start(bed.linux_definition(
-        "vm",
-        192,
-        &workload(),
-        &local_disk(&bed, "vm.raw", "raw"),
-    ))
-    .await;
-    a.wait_guest_disk("vm", 256).await;
-    let job = a
-        .migration_until(
-            "vm",
-            &b,
-            MigrateOptions {
-                copy_storage_all: true,
-                ..testkit::capped(1)
-            },
-            "the disk copy to be under way",
-            |j| j.stats.disk_processed_bytes.unwrap_or(0) > 0,
-        )
-        .await;
+    let job = slow_copy_under_way(&bed, &a, &b).await;
 
     // Down for longer than the agents wait for each other, then back: the
     // mirror's stalled NBD requests can end and the abort reach b.

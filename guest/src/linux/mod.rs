@@ -8,6 +8,7 @@
 //! them into a kernel and an initrd in a directory, and
 //! [`LinuxWorkload::cmdline`] says what the guest does.
 
+pub mod counter;
 mod cpio;
 mod modules;
 

@@ -4,7 +4,6 @@
 //! (with `--copy-storage-all`, of the disk too). Needs root (namespaces,
 //! bridges, mounts).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,18 +12,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use domain::DomainDefinition;
+use guest::linux::counter::keep_talking;
 use guest::linux::{self, LinuxWorkload};
 use guest::{SerialLog, Workload};
 use launcher::netns::{connect_in, NetnsPair};
 use launcher::{AgentProcess, LaunchOptions};
 use protocol::domain::{DefinitionDoc, DomainState};
 use protocol::job::JobStatus;
-use protocol::{Client, ConvergeMode, MigrateOptions, Reply, Request};
+use protocol::{Client, ConvergeMode, MigrateOptions, Request};
 
-use super::{converge_mode, dominfo, find_livemigd, Say, DOMAIN};
+use super::{converge_mode, dominfo, find_livemigd, migrate_and_follow, stop_all, Say, DOMAIN};
 use crate::args::DemoArgs;
-use crate::progress::Progress;
-use crate::{migrate, output, print_json, request, unexpected};
+use crate::{output, print_json, request};
 
 const GUEST_PORT: u16 = 7000;
 const DISK_MIB: u64 = 1024;
@@ -40,55 +39,6 @@ fn find_workload(given: Option<PathBuf>) -> PathBuf {
             .map(|dir| dir.join("../x86_64-unknown-linux-gnu/release/livemig-workload"))
             .unwrap_or_else(|| PathBuf::from("livemig-workload"))
     })
-}
-
-/// What the client saw of its session: answers in order, the longest wait.
-struct Session {
-    numbers: Vec<u64>,
-    longest_pause: Duration,
-    error: Option<String>,
-}
-
-/// A line every 50 ms on `stream`, its answer read, until `stop`.
-fn keep_talking(stream: std::net::TcpStream, stop: Arc<AtomicBool>) -> Session {
-    let mut session = Session {
-        numbers: Vec::new(),
-        longest_pause: Duration::ZERO,
-        error: None,
-    };
-    let Ok(read) = stream.try_clone() else {
-        session.error = Some("cannot read the session".into());
-        return session;
-    };
-    let (mut reader, mut writer) = (BufReader::new(read), stream);
-    let mut last = Instant::now();
-    while !stop.load(Ordering::SeqCst) {
-        let mut line = String::new();
-        let answer = writeln!(writer, "ping")
-            .and_then(|()| reader.read_line(&mut line))
-            .map_err(|e| e.to_string())
-            .and_then(|n| match n {
-                0 => Err("the guest closed the session".into()),
-                _ => line
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .ok_or_else(|| format!("unexpected answer {line:?}")),
-            });
-        match answer {
-            Ok(n) => {
-                session.longest_pause = session.longest_pause.max(last.elapsed());
-                last = Instant::now();
-                session.numbers.push(n);
-            }
-            Err(e) => {
-                session.error = Some(e);
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    session
 }
 
 /// Waits until the guest's serial log satisfies `ready`.
@@ -176,18 +126,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let result = scenario(&args, &say, &net, (&a, &b), &b_uri, &image, tmp.path()).await;
 
     say.line("==> Cleaning up: the guest, both agents, the namespaces");
-    for client in [&a, &b] {
-        let _ = client
-            .request(
-                Request::Destroy {
-                    domain: DOMAIN.parse()?,
-                },
-                Duration::from_secs(20),
-            )
-            .await;
-    }
-    host_a.stop(Duration::from_secs(20)).await;
-    host_b.stop(Duration::from_secs(20)).await;
+    stop_all([&a, &b], [host_a, host_b]).await;
     drop(net);
     result
 }
@@ -297,7 +236,7 @@ async fn scenario(
     let stop = Arc::new(AtomicBool::new(false));
     let client = {
         let stop = stop.clone();
-        std::thread::spawn(move || keep_talking(stream, stop))
+        std::thread::spawn(move || keep_talking(stream, Duration::from_millis(50), stop))
     };
 
     let converge = converge_mode(args);
@@ -324,20 +263,7 @@ async fn scenario(
         },
         args.bandwidth
     ));
-    let reply = request(
-        a,
-        Request::Migrate {
-            domain: DOMAIN.parse()?,
-            destination: b_uri.to_string(),
-            flags: Box::new(flags),
-        },
-    )
-    .await?;
-    let Reply::MigrationStarted { job_id } = reply else {
-        return Err(unexpected(reply));
-    };
-    let mut progress = Progress::new(&job_id, args.json);
-    let record = migrate::follow(a, DOMAIN, &job_id, &mut progress).await?;
+    let record = migrate_and_follow(a, b_uri, flags, args.json).await?;
 
     let (runs_on, owner) = match record.status {
         JobStatus::Completed => ("host-b", b),
@@ -369,8 +295,7 @@ async fn scenario(
     let before = SerialLog::read(&serial_a)?;
     let memory_ok = after.memory_intact() && before.memory_intact();
     let disk_ok = after.disk_intact() && before.disk_intact();
-    let continuous = session.numbers.windows(2).all(|w| w[1] == w[0] + 1);
-    let network_ok = session.error.is_none() && continuous && !session.numbers.is_empty();
+    let network_ok = session.unbroken();
     let check = |ok: bool| if ok { "ok" } else { "failed" };
     if args.json {
         let mut value = serde_json::to_value(&record)?;

@@ -32,6 +32,44 @@ fn converge_mode(args: &DemoArgs) -> ConvergeMode {
     }
 }
 
+/// Destroys the demo's guest wherever it is and stops both agents.
+async fn stop_all(clients: [&Client; 2], agents: [AgentProcess; 2]) {
+    for client in clients {
+        if let Ok(domain) = DOMAIN.parse() {
+            let _ = client
+                .request(Request::Destroy { domain }, Duration::from_secs(20))
+                .await;
+        }
+    }
+    for agent in agents {
+        agent.stop(Duration::from_secs(20)).await;
+    }
+}
+
+/// Starts the demo guest's migration from `a` and shows its progress
+/// until the record.
+async fn migrate_and_follow(
+    a: &Client,
+    b_uri: &str,
+    flags: MigrateOptions,
+    json: bool,
+) -> Result<protocol::job::JobRecord> {
+    let reply = request(
+        a,
+        Request::Migrate {
+            domain: DOMAIN.parse()?,
+            destination: b_uri.to_string(),
+            flags: Box::new(flags),
+        },
+    )
+    .await?;
+    let Reply::MigrationStarted { job_id } = reply else {
+        return Err(unexpected(reply));
+    };
+    let mut progress = Progress::new(&job_id, json);
+    migrate::follow(a, DOMAIN, &job_id, &mut progress).await
+}
+
 /// Where progress goes: stdout for people, stderr when stdout carries JSON.
 struct Say {
     json: bool,
@@ -161,18 +199,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     let result = scenario(&args, &say, &a, &b, &b_uri, &kernel).await;
 
     say.line("==> Cleaning up: stopping the guest and both agents");
-    for client in [&a, &b] {
-        let _ = client
-            .request(
-                Request::Destroy {
-                    domain: DOMAIN.parse()?,
-                },
-                Duration::from_secs(20),
-            )
-            .await;
-    }
-    host_a.stop(Duration::from_secs(20)).await;
-    host_b.stop(Duration::from_secs(20)).await;
+    stop_all([&a, &b], [host_a, host_b]).await;
     result
 }
 
@@ -238,20 +265,7 @@ async fn scenario(
         "==> livemig migrate --live{how} --bandwidth {} --timeout {} {DOMAIN} {b_uri}",
         args.bandwidth, args.timeout
     ));
-    let reply = request(
-        a,
-        Request::Migrate {
-            domain: DOMAIN.parse()?,
-            destination: b_uri.to_string(),
-            flags: Box::new(flags),
-        },
-    )
-    .await?;
-    let Reply::MigrationStarted { job_id } = reply else {
-        return Err(unexpected(reply));
-    };
-    let mut progress = Progress::new(&job_id, args.json);
-    let record = migrate::follow(a, DOMAIN, &job_id, &mut progress).await?;
+    let record = migrate_and_follow(a, b_uri, flags, args.json).await?;
     if let Some(path) = &args.report {
         report::write(&record, path)
             .with_context(|| format!("cannot write the report to {}", path.display()))?;
