@@ -112,6 +112,39 @@ fn livemigd(given: Option<PathBuf>) -> PathBuf {
     })
 }
 
+/// `livemigd` where it is expected, built first when this runs under
+/// cargo (`cargo run -p livemig-bench` builds only the bench) and it is
+/// missing; otherwise an error that says how to get it.
+fn ensure_livemigd(path: &std::path::Path) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let release = path
+            .parent()
+            .and_then(|d| d.file_name())
+            .is_some_and(|d| d == "release");
+        eprintln!(
+            "livemigd is not built yet: building it ({})",
+            path.display()
+        );
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "-p", "livemig-agent", "--bin", "livemigd"]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build.status()?;
+        if status.success() && path.exists() {
+            return Ok(());
+        }
+    }
+    bail!(
+        "livemigd not found at {}: build it (cargo build --release -p livemig-agent) or pass \
+         --livemigd PATH",
+        path.display()
+    )
+}
+
 fn emit<T: serde::Serialize>(json: bool, value: &T, text: String) {
     if json {
         println!("{}", serde_json::to_string(value).expect("serializable"));
@@ -255,6 +288,12 @@ async fn run_tls(
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = match &cli.command {
+        Command::Convergence { json, .. }
+        | Command::Tls { json, .. }
+        | Command::Storage { json, .. }
+        | Command::Load { json, .. } => *json,
+    };
     // On Ctrl-C or SIGTERM the run is dropped, and with it the agents and
     // every QEMU they started (their process groups are killed).
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -268,12 +307,23 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            // A JSON reader of stdout sees the failure too, not just no rows.
+            if json {
+                println!("{}", serde_json::json!({ "error": format!("{e:#}") }));
+            }
             ExitCode::from(1)
         }
     }
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    let given = match &cli.command {
+        Command::Convergence { livemigd, .. }
+        | Command::Tls { livemigd, .. }
+        | Command::Storage { livemigd, .. }
+        | Command::Load { livemigd, .. } => livemigd.clone(),
+    };
+    ensure_livemigd(&livemigd(given))?;
     match cli.command {
         Command::Convergence {
             json,

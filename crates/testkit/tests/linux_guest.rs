@@ -44,3 +44,32 @@ async fn a_linux_guest_on_a_shared_disk_migrates_live_with_memory_and_disk_intac
         log.corruptions
     );
 }
+
+#[tokio::test]
+async fn a_two_vcpu_linux_guest_converges_under_the_adaptive_controller() {
+    let bed = TestBed::new().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    let mut definition = bed.linux_definition("vm", 192, &disk_workload(), "");
+    definition.vcpus = 2;
+    // No disk: the workload's disk writer reports an error without one.
+    definition.kernel.as_mut().unwrap().cmdline =
+        guest::linux::LinuxWorkload::memory(guest::Workload::busy(16, 2_000)).cmdline();
+    a.define_and_start(definition).await;
+    let cpus = a.qmp("vm", "query-cpus-fast").await.unwrap();
+    assert_eq!(cpus.as_array().unwrap().len(), 2, "{cpus}");
+
+    let record = a
+        .migrate_completes(
+            "vm",
+            &b,
+            MigrateOptions {
+                converge: Some(protocol::ConvergeMode::Adaptive),
+                bandwidth: Some(16),
+                timeout: Some(180),
+                ..live()
+            },
+        )
+        .await;
+    assert!(record.max_cpu_throttle_pct > 0.0, "{record:#?}");
+}
