@@ -25,6 +25,10 @@ pub(crate) struct RunJob {
     /// Destination only: the domain did not exist here before.
     #[serde(default)]
     pub created_domain: bool,
+    /// Destination only: images created for copied disks, removed if the
+    /// guest does not land.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub created_images: Vec<PathBuf>,
 }
 
 /// One running QEMU.

@@ -214,6 +214,7 @@ impl Agent {
                     flags: ident.flags.options().clone(),
                     started_at_ms: ident.started_at_ms,
                     created_domain: created,
+                    created_images: Vec::new(),
                 };
                 Some(RunRecord {
                     name: name.clone(),
@@ -232,9 +233,10 @@ impl Agent {
                         _ => None,
                     },
                     incoming: match &d.job {
-                        Some(ActiveJob::Incoming(j)) => {
-                            Some(job(&j.ident, &j.ident.source, j.created_domain))
-                        }
+                        Some(ActiveJob::Incoming(j)) => Some(RunJob {
+                            created_images: j.created_images.clone(),
+                            ..job(&j.ident, &j.ident.source, j.created_domain)
+                        }),
                         _ => None,
                     },
                 })

@@ -310,3 +310,38 @@ async fn a_link_lost_during_the_disk_copy_fails_the_job_and_leaves_nothing_on_th
     let log = a.wait_guest_disk("vm", 256).await;
     assert!(log.disk_intact(), "{:?}", log.corruptions);
 }
+
+#[tokio::test]
+async fn the_destination_agent_killed_during_the_disk_copy_leaves_no_image_once_it_is_back() {
+    let bed = TestBed::new().await;
+    let (a, mut b) = bed.hosts_with_local_storage(None).await;
+    let job = slow_copy_under_way(&bed, &a, &b).await;
+
+    b.crash();
+    let record = a.wait_job(&job).await;
+    assert_eq!(record.status, JobStatus::Failed, "{record:#?}");
+    assert!(
+        record
+            .error
+            .clone()
+            .unwrap_or_default()
+            .contains("lost contact"),
+        "{record:#?}"
+    );
+    assert_eq!(a.state("vm").await, Some(DomainState::Running));
+
+    // The agent comes back, adopts its orphaned incoming QEMU, and when
+    // no source claims it, tears it down with the image it created.
+    b.start_again().await;
+    testkit::wait_until(
+        std::time::Duration::from_secs(120),
+        "b to give up the orphaned copy and remove its image",
+        || async {
+            (b.qemu_pids().is_empty() && !bed.local_of("b").join("vm.raw").exists()).then_some(())
+        },
+    )
+    .await;
+    assert_runs_only_on("vm", &a, &b, 1).await;
+    let log = a.wait_guest_disk("vm", 256).await;
+    assert!(log.disk_intact(), "{:?}", log.corruptions);
+}

@@ -43,8 +43,7 @@ pub(super) fn keep_incoming(
         definition: record.definition.clone(),
         replaced_definition: None,
         reattached: true,
-        // Not recorded across a restart: a failure from here leaves them.
-        created_images: Vec::new(),
+        created_images: job.created_images.clone(),
     });
     let _ = agent.with_domain(name, |d| {
         d.job = Some(ActiveJob::Incoming(incoming.clone()));

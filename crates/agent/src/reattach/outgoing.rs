@@ -228,6 +228,7 @@ mod tests {
             },
             started_at_ms: 0,
             created_domain: false,
+            created_images: Vec::new(),
         }
     }
 
