@@ -23,7 +23,10 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
         "this test needs the cgroup v1 cpu controller at {}",
         migration::vcpu_throttle::cgroup::CPU_V1_ROOT
     );
-    let bed = TestBed::new().await;
+    // Agents as processes, as in production: the hold and livemig's own
+    // switchover hinge on the controller's timing on a 2-core machine that
+    // two busy TCG guests already fill.
+    let bed = TestBed::with_agent_processes().await;
     let (a, b) = bed.two_hosts_running("vm", 512, HOT).await;
     a.wait_guest_passes("vm", 1).await;
 
