@@ -9,7 +9,9 @@ use domain::{DomainDefinition, DomainName};
 use migration::perform::Retune;
 use protocol::domain::{DefinitionDoc, DomainInfo, DomainSummary, Tunables};
 use protocol::host::{AgentInfo, HostCapabilities};
+use protocol::job::Phase;
 use protocol::{ApiError, ErrorCode, Reply, Request, Role, PROTOCOL_VERSION};
+use qmp::commands::block::BlockJobSetSpeed;
 use qmp::commands::migration::MigrateStartPostcopy;
 use qmp::commands::vm::{Cont, Stop};
 use serde_json::Value;
@@ -376,15 +378,43 @@ impl Agent {
                 }
                 d.tunables.downtime_ms = Some(ms);
             }
-            Ok(match &d.job {
-                Some(ActiveJob::Outgoing(job)) => Some(job.retune.clone()),
+            Ok(match (&d.job, &d.vm) {
+                (Some(ActiveJob::Outgoing(job)), Some(vm)) => Some((
+                    job.retune.clone(),
+                    job.storage.clone(),
+                    *job.phase.lock().expect("phase lock"),
+                    vm.process.qmp().clone(),
+                )),
                 _ => None,
             })
         })?;
-        let Some(job) = job else {
+        let Some((job, disks, phase, qmp)) = job else {
             // Kept for the next migration.
             return Ok(Reply::Done);
         };
+        // The disks' mirrors take the cap as it is given, as --bandwidth.
+        if let (Some(bandwidth), false) = (bandwidth, disks.is_empty()) {
+            for target in &disks {
+                let set = BlockJobSetSpeed {
+                    device: migration::storage::source::mirror_job_id(target),
+                    speed: bandwidth.bytes_per_sec(),
+                };
+                if let Err(e) = qmp.execute(&set).await {
+                    tracing::debug!(disk = %target, error = %e, "mirror speed not set");
+                }
+            }
+        }
+        // Before Perform (the disks still being copied), the memory copy
+        // takes the change when it starts.
+        if matches!(phase, Phase::Begin | Phase::Prepare) {
+            return match job.try_send(Retune {
+                bandwidth,
+                downtime: change.downtime_ms.map(Duration::from_millis),
+                done: oneshot::channel().0,
+            }) {
+                Ok(()) | Err(_) => Ok(Reply::Done),
+            };
+        }
         let (done, applied) = oneshot::channel();
         if job
             .send(Retune {

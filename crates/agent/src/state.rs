@@ -42,6 +42,9 @@ pub(crate) struct OutgoingJob {
     pub retune: mpsc::Sender<Retune>,
     /// The watcher's end, taken when Perform starts.
     pub retunes: Mutex<Option<mpsc::Receiver<Retune>>>,
+    /// The disks it copies (`vda`, ...): their mirrors follow
+    /// `migrate-setspeed` too.
+    pub storage: Vec<String>,
 }
 
 /// A migration this agent is receiving.

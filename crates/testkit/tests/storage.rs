@@ -345,3 +345,22 @@ async fn the_destination_agent_killed_during_the_disk_copy_leaves_no_image_once_
     let log = a.wait_guest_disk("vm", 256).await;
     assert!(log.disk_intact(), "{:?}", log.corruptions);
 }
+
+#[tokio::test]
+async fn migrate_setspeed_retunes_the_disks_copy_too() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed.hosts_with_local_storage(None).await;
+    let job = slow_copy_under_way(&bed, &a, &b).await;
+
+    // At 1 MiB/s the 48 MiB would take most of a minute; the new cap
+    // reaches the mirror at once, and the memory copy when it starts.
+    a.cli_ok(&["migrate-setspeed", "vm", "512"]);
+    let jobs = a.qmp("vm", "query-block-jobs").await.unwrap();
+    assert_eq!(jobs[0]["speed"], 512u64 << 20, "{jobs}");
+    let record = a.wait_job(&job).await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert_runs_only_on("vm", &b, &a, 1).await;
+    let log = b.wait_guest_disk("vm", 256).await;
+    assert!(log.disk_intact(), "{:?}", log.corruptions);
+}

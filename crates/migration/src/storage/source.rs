@@ -19,6 +19,11 @@ const POLL: Duration = Duration::from_millis(200);
 /// How long completing or abandoning a mirror may take.
 const END_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The block job that mirrors the disk the guest calls `target`.
+pub fn mirror_job_id(target: &str) -> String {
+    format!("livemig-mirror-{target}")
+}
+
 /// How a copy is made.
 #[derive(Debug, Clone)]
 pub struct MirrorPlan {
@@ -75,7 +80,7 @@ impl Mirrors {
         for target in targets {
             let mirror = Mirror {
                 target: target.clone(),
-                job: format!("livemig-mirror-{target}"),
+                job: mirror_job_id(target),
                 node: format!("livemig-nbd-{target}"),
             };
             let add = BlockdevAddNbd {

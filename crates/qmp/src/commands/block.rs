@@ -278,6 +278,20 @@ impl Command for BlockJobCancel {
     type Reply = Empty;
 }
 
+/// `block-job-set-speed`: a running block job's rate cap.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockJobSetSpeed {
+    /// The job's id.
+    pub device: String,
+    /// Bytes per second (0: no cap).
+    pub speed: u64,
+}
+
+impl Command for BlockJobSetSpeed {
+    const NAME: &'static str = "block-job-set-speed";
+    type Reply = Empty;
+}
+
 /// `job-dismiss`: removes a concluded job.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobDismiss {

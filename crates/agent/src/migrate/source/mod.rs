@@ -147,6 +147,7 @@ pub(crate) async fn begin(
         phase: Mutex::new(Phase::Begin),
         retune: retune_tx,
         retunes: Mutex::new(Some(retune_rx)),
+        storage: storage.clone(),
     });
     agent.with_domain(name, |d| {
         d.job = Some(ActiveJob::Outgoing(job.clone()));
