@@ -47,17 +47,6 @@ pub struct StorageTrial {
     pub disk_check: &'static str,
 }
 
-/// The workload binary beside this build.
-fn workload_binary() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| {
-            e.parent()
-                .map(|d| d.join("../x86_64-unknown-linux-gnu/release/livemig-workload"))
-        })
-        .unwrap_or_else(|| PathBuf::from("livemig-workload"))
-}
-
 /// A raw image of `gib` GiB full of data (a sparse or zero image would
 /// not be copied).
 fn fill(path: &Path, gib: u64) -> Result<()> {
@@ -253,7 +242,7 @@ pub async fn run(
     json: bool,
 ) -> Result<Vec<StorageTrial>> {
     let hosts = Hosts::start_with(livemigd, true).await?;
-    let parts = linux::Parts::installed(&workload_binary())
+    let parts = linux::Parts::installed(&linux::workload_beside_this_build())
         .context("the Linux guest (scripts/setup.sh, scripts/build-linux-guest.sh)")?;
     let image = linux::build(&parts, hosts.images())?;
     let mut trials = Vec::new();

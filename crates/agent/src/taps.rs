@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use domain::definition::NicNetwork;
+use domain::devices::nic::stable_hash;
 use domain::DomainDefinition;
 use protocol::ErrorCode;
 use tokio::process::Command;
@@ -14,13 +15,6 @@ use protocol::ApiError;
 
 /// How long one `ip` command may take.
 const IP_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// FNV-1a, stable across builds.
-fn stable_hash(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
 
 /// The tap names of `def`'s bridged NICs on the agent with `state_dir`:
 /// `lm`, eight hex digits of the state directory and the domain, the NIC's

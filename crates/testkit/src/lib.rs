@@ -93,7 +93,7 @@ pub fn linux_workload() -> PathBuf {
     if let Some(path) = std::env::var_os("LIVEMIG_WORKLOAD") {
         return PathBuf::from(path);
     }
-    bin_dir().join("../x86_64-unknown-linux-gnu/release/livemig-workload")
+    guest::linux::workload_beside(&bin_dir())
 }
 
 /// Path of a workspace binary, checked to exist.

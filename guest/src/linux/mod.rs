@@ -68,6 +68,20 @@ pub struct Parts {
     pub workload: PathBuf,
 }
 
+/// Where `scripts/build-linux-guest.sh` leaves the static workload,
+/// relative to a build's binary directory (`target/<profile>`).
+pub fn workload_beside(bin_dir: &Path) -> PathBuf {
+    bin_dir.join("../x86_64-unknown-linux-gnu/release/livemig-workload")
+}
+
+/// The static workload beside the running program's build.
+pub fn workload_beside_this_build() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(workload_beside))
+        .unwrap_or_else(|| PathBuf::from("livemig-workload"))
+}
+
 /// The kernel and initrd of a built guest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinuxImage {

@@ -32,13 +32,7 @@ const WAIT: Duration = Duration::from_secs(120);
 /// The static workload: `--workload`, else where
 /// `scripts/build-linux-guest.sh` puts it beside this build.
 fn find_workload(given: Option<PathBuf>) -> PathBuf {
-    given.unwrap_or_else(|| {
-        std::env::current_exe()
-            .ok()
-            .and_then(|exe| exe.parent().map(Path::to_path_buf))
-            .map(|dir| dir.join("../x86_64-unknown-linux-gnu/release/livemig-workload"))
-            .unwrap_or_else(|| PathBuf::from("livemig-workload"))
-    })
+    given.unwrap_or_else(linux::workload_beside_this_build)
 }
 
 /// Waits until the guest's serial log satisfies `ready`.

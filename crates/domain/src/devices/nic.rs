@@ -83,8 +83,9 @@ fn is_unicast_mac(mac: &str) -> bool {
         && u8::from_str_radix(octets[0], 16).is_ok_and(|first| first & 1 == 0)
 }
 
-/// FNV-1a: stable across builds and hosts, unlike std's hasher.
-fn stable_hash(bytes: &[u8]) -> u64 {
+/// FNV-1a: stable across builds and hosts, unlike std's hasher (names
+/// derived from it must come out the same on every host and run).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
