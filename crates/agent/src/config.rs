@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use domain::Accel;
+use migration::vcpu_throttle::cgroup::Hierarchy;
+use migration::vcpu_throttle::{lease, HostPlace};
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -57,9 +59,14 @@ pub struct Config {
     /// migration loses writes (see `domain::qemu::layout`). Turning it off
     /// exists only to show that the guest's memory check catches the bug.
     pub tcg_workaround: bool,
-    /// Mount point of the cgroup v1 `cpu` controller, for throttling vCPU
-    /// threads from the host (`--converge adaptive`).
+    /// The cgroup v2 root, or the cgroup v1 `cpu` controller's mount
+    /// point, for throttling vCPU threads from the host (`--converge
+    /// adaptive`).
     pub cgroup_cpu: PathBuf,
+    /// The program that holds a host throttle's lease (`livemigd
+    /// guard-throttle`): this binary by default. Without one the adaptive
+    /// controller uses QEMU's throttle.
+    pub throttle_guard: Option<PathBuf>,
     /// Ports a destination QEMU may listen on for migration data; any free
     /// port when unset.
     pub migration_ports: Option<(u16, u16)>,
@@ -87,8 +94,29 @@ impl Config {
             qemu_timeout: Duration::from_secs(30),
             finish_timeout: Duration::from_secs(60),
             tcg_workaround: true,
-            cgroup_cpu: PathBuf::from(migration::vcpu_throttle::cgroup::CPU_V1_ROOT),
+            cgroup_cpu: Hierarchy::default_root(),
+            throttle_guard: lease::default_program(),
             migration_ports: None,
         }
     }
+}
+
+impl Config {
+    /// This agent's throttles: under its own scope, named after its state
+    /// directory, so that agents sharing a host (and a restarted agent's
+    /// predecessor) each see only their own.
+    pub fn throttle_place(&self) -> HostPlace {
+        HostPlace {
+            root: self.cgroup_cpu.clone(),
+            scope: throttle_scope(&self.state_dir),
+            guard: self.throttle_guard.clone(),
+        }
+    }
+}
+
+/// The throttle scope of the agent on `state_dir`.
+pub fn throttle_scope(state_dir: &std::path::Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let hash = domain::devices::nic::stable_hash(state_dir.as_os_str().as_bytes());
+    format!("agent-{hash:016x}")
 }

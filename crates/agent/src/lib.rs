@@ -10,6 +10,7 @@
 //! - `migrate`: the source and destination halves of a migration.
 //! - `runfile`, `reattach`: what runs, on disk, and taking it over after
 //!   a restart.
+//! - [`throttles`]: lifting the vCPU throttles a crashed agent left.
 //! - `server`: unix and TCP listeners, one task per connection; an HTTP
 //!   `GET /metrics` on the TCP port is answered by `metrics`.
 //!
@@ -33,7 +34,9 @@ mod server;
 mod state;
 pub mod store;
 mod taps;
+pub mod throttles;
 mod vm;
 
 pub use config::Config;
 pub use server::{run, serve, Listeners, RunError};
+pub use throttles::release_stale_throttles;

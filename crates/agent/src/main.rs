@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use domain::Accel;
 use serde::Deserialize;
 
@@ -41,6 +41,8 @@ enum Switch {
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -111,6 +113,43 @@ struct Args {
     /// Log format on stderr [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+}
+
+/// What else the binary does besides serving.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Lift every vCPU throttle this agent (by its state directory) left
+    /// in the cgroup tree, and exit: the systemd unit's stop hook.
+    ReleaseThrottles,
+    /// Hold one throttle's lease for the agent that started it (internal):
+    /// lifts the throttle when stdin closes or stays silent for the lease.
+    #[command(hide = true)]
+    GuardThrottle {
+        #[arg(long)]
+        cgroup_root: PathBuf,
+        #[arg(long)]
+        scope: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        lease_ms: u64,
+    },
+}
+
+/// `livemigd guard-throttle`: watches the agent's pipe on stdin.
+fn guard_throttle(root: &Path, scope: &str, name: &str, lease_ms: u64) -> Result<()> {
+    use migration::vcpu_throttle::{cgroup::Hierarchy, lease};
+    let hierarchy = Hierarchy::probe(root).context("guard-throttle")?;
+    let end = lease::guard(
+        &hierarchy,
+        scope,
+        name,
+        Duration::from_millis(lease_ms),
+        std::io::BufReader::new(std::io::stdin()),
+    )
+    .context("guard-throttle")?;
+    lease::report(scope, name, end);
+    Ok(())
 }
 
 /// The config file; every field optional.
@@ -241,6 +280,18 @@ fn raise_nofile_limit() {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(Command::GuardThrottle {
+        cgroup_root,
+        scope,
+        name,
+        lease_ms,
+    }) = &args.command
+    {
+        let (root, scope, name, lease_ms) =
+            (cgroup_root.clone(), scope.clone(), name.clone(), *lease_ms);
+        return tokio::task::spawn_blocking(move || guard_throttle(&root, &scope, &name, lease_ms))
+            .await?;
+    }
     let file = match &args.config {
         Some(path) => read_config(path)?,
         None => ConfigFile::default(),
@@ -326,6 +377,11 @@ async fn main() -> Result<()> {
         .transpose()?;
     if let Some(cgroup) = file.cgroup_cpu {
         config.cgroup_cpu = cgroup;
+    }
+    if let Some(Command::ReleaseThrottles) = args.command {
+        let released = agent::release_stale_throttles(&config);
+        println!("released {released} vCPU throttle(s)");
+        return Ok(());
     }
     agent::run(config, shutdown_signal())
         .await

@@ -119,7 +119,19 @@ pub fn capabilities(caps: &HostCapabilities) -> String {
             Some(list(&q.migration_capabilities)),
         ),
         ("Migration parameters", Some(list(&q.migration_parameters))),
+        (
+            "vCPU throttle",
+            caps.vcpu_throttle.as_ref().map(throttle_mechanism),
+        ),
     ])
+}
+
+/// "host, up to 99.9 %: ..." for `domcapabilities` and `estimate`.
+fn throttle_mechanism(m: &protocol::host::ThrottleMechanism) -> String {
+    format!(
+        "{}, up to {:.1} %: {}",
+        m.kind, m.max_throttle_pct, m.detail
+    )
 }
 
 pub fn job_info(job: &JobInfo) -> String {
@@ -283,6 +295,23 @@ pub fn progress_line(job: &JobInfo) -> String {
     )
 }
 
+/// "vda writes 1.0 MiB/s, local 64 MiB: copy converges, at most 5 s".
+fn disk_estimate(d: &protocol::estimate::DiskEstimate) -> String {
+    let writes = format!("{} writes {:.1} MiB/s", d.target, d.write_bytes_s / MIB);
+    match &d.copy {
+        None => format!("{writes}, shared (not copied)"),
+        Some(c) if c.converges => format!(
+            "{writes}, local {}: copy converges, at most {:.0} s",
+            mib(d.size_bytes),
+            c.copy_secs.unwrap_or(0.0)
+        ),
+        Some(_) => format!(
+            "{writes}, local {}: copy does not converge (writes near or above the link)",
+            mib(d.size_bytes)
+        ),
+    }
+}
+
 /// `estimate` and `migrate --dry-run`.
 pub fn estimate(r: &protocol::estimate::EstimateReport) -> String {
     let m = &r.model;
@@ -291,12 +320,14 @@ pub fn estimate(r: &protocol::estimate::EstimateReport) -> String {
         .iter()
         .map(|s| format!("{:.0} MiB in {:.0} s", s.dirtied / MIB, s.window_secs))
         .collect();
+    let disks: Vec<String> = r.disks.iter().map(disk_estimate).collect();
     let mut out = rows(&[
         (
             "Domain",
             Some(format!("{} ({})", r.domain, mib(r.guest_ram_bytes))),
         ),
         ("Dirtied", Some(windows.join(", "))),
+        ("Disks", (!disks.is_empty()).then(|| disks.join("; "))),
         (
             "Dirty rate",
             Some(if m.rate_is_lower_bound {
@@ -325,6 +356,10 @@ pub fn estimate(r: &protocol::estimate::EstimateReport) -> String {
             )),
         ),
         ("Downtime limit", Some(format!("{} ms", r.downtime_ms))),
+        (
+            "vCPU throttle",
+            r.vcpu_throttle.as_ref().map(throttle_mechanism),
+        ),
         (
             "Time budget",
             Some(format!("{:.0} s", r.budget_s.unwrap_or(600.0))),

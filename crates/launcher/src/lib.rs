@@ -85,9 +85,30 @@ pub struct LaunchOptions {
     pub private_dirs: Vec<(PathBuf, PathBuf)>,
 }
 
-/// The shell that bind-mounts `DIR AT` pairs up to `--`, then runs the rest.
-const BIND: &str =
-    "while [ \"$1\" != -- ]; do mount --bind \"$1\" \"$2\" || exit 1; shift 2; done; shift; exec \"$@\"";
+/// The shell that sets up the agent's mount namespace, then runs the rest:
+/// its first argument says which cgroup hierarchy to mount again (`ip netns
+/// exec` mounts a fresh /sys without the host's cgroup tree, which the
+/// agent's vCPU throttle needs): `v1` (the `cpu` controller), `v2` (the
+/// unified tree) or `none`; then it bind-mounts `DIR AT` pairs up to `--`.
+const SETUP: &str = "case \"$1\" in \
+     v1) mount -t tmpfs cgroup /sys/fs/cgroup && mkdir /sys/fs/cgroup/cpu && \
+         mount -t cgroup -o cpu cgroup /sys/fs/cgroup/cpu || exit 1;; \
+     v2) mount -t cgroup2 cgroup2 /sys/fs/cgroup || exit 1;; \
+   esac; shift; \
+   while [ \"$1\" != -- ]; do mount --bind \"$1\" \"$2\" || exit 1; shift 2; done; shift; \
+   exec \"$@\"";
+
+/// Which of the host's cgroup hierarchies an agent in a network namespace
+/// gets mounted again (see [`SETUP`]).
+fn host_cgroup() -> &'static str {
+    if Path::new("/sys/fs/cgroup/cpu/tasks").exists() {
+        "v1"
+    } else if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        "v2"
+    } else {
+        "none"
+    }
+}
 
 /// A running `livemigd` child.
 #[derive(Debug)]
@@ -114,26 +135,20 @@ impl AgentProcess {
         let log_file = File::create(&log).map_err(io(&log))?;
         let log_err = log_file.try_clone().map_err(io(&log))?;
 
-        // ip netns exec NS unshare ... sh -c BIND -- livemigd ...
+        // [ip netns exec NS | unshare --mount ...] sh -c SETUP CGROUP DIR AT.. -- livemigd ...
         let mut program: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(ns) = &options.netns {
+        let cgroup = if let Some(ns) = &options.netns {
             program.extend(["ip", "netns", "exec", ns].map(Into::into));
+            host_cgroup()
+        } else {
+            "none"
+        };
+        if !options.private_dirs.is_empty() && options.netns.is_none() {
+            program
+                .extend(["unshare", "--mount", "--propagation", "private", "--"].map(Into::into));
         }
-        if !options.private_dirs.is_empty() {
-            program.extend(
-                [
-                    "unshare",
-                    "--mount",
-                    "--propagation",
-                    "private",
-                    "--",
-                    "sh",
-                    "-c",
-                    BIND,
-                    "sh",
-                ]
-                .map(Into::into),
-            );
+        if options.netns.is_some() || !options.private_dirs.is_empty() {
+            program.extend(["sh", "-c", SETUP, "sh", cgroup].map(Into::into));
             for (dir, at) in &options.private_dirs {
                 program.push(dir.into());
                 program.push(at.into());

@@ -94,10 +94,42 @@ pub struct EstimateReport {
     pub budget_s: Option<f64>,
     /// Highest throttle the adaptive controller may use here, percent.
     pub max_throttle_pct: f64,
+    /// The throttle mechanism behind it, and why.
+    #[serde(default)]
+    pub vcpu_throttle: Option<crate::host::ThrottleMechanism>,
+    /// The guest's disks: how fast it writes them, and for those a
+    /// migration would copy (not shared), whether the copy converges.
+    #[serde(default)]
+    pub disks: Vec<DiskEstimate>,
     /// The measurements.
     pub samples: Vec<DirtySample>,
     /// The model fitted to them.
     pub model: DirtyModel,
     /// The predictions.
     pub predictions: Predictions,
+}
+
+/// One disk in an estimate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskEstimate {
+    /// The guest's name for it (`vda`).
+    pub target: String,
+    /// On storage both hosts see: not copied.
+    pub shared: bool,
+    /// Its virtual size, bytes.
+    pub size_bytes: u64,
+    /// Bytes per second the guest wrote to it during the measurement.
+    pub write_bytes_s: f64,
+    /// Copying it (`--copy-storage-all`), for a disk that is not shared.
+    pub copy: Option<DiskCopyOutlook>,
+}
+
+/// Whether a disk's copy converges at the link.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DiskCopyOutlook {
+    /// The copy gains on the guest's writes.
+    pub converges: bool,
+    /// Seconds the bulk copy takes at most (the whole virtual size), if it
+    /// converges.
+    pub copy_secs: Option<f64>,
 }

@@ -82,4 +82,18 @@ pub struct HostCapabilities {
     pub default_accel: Accel,
     /// Whether the TCG migration bug needs the RAM-layout workaround here.
     pub tcg_dirty_bitmap_bug: bool,
+    /// How the adaptive controller would throttle a guest's vCPUs here.
+    #[serde(default)]
+    pub vcpu_throttle: Option<ThrottleMechanism>,
+}
+
+/// The mechanism the adaptive controller throttles vCPUs with on a host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ThrottleMechanism {
+    /// "host" (a CPU quota on the vCPU threads) or "qemu" (QEMU's own).
+    pub kind: String,
+    /// The highest throttle it can apply, percent.
+    pub max_throttle_pct: f64,
+    /// Which cgroup hierarchy, or why the host cannot throttle.
+    pub detail: String,
 }

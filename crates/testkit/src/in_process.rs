@@ -49,6 +49,9 @@ impl InProcessAgent {
         config.tls_dir = options.tls_dir.clone();
         config.image_dirs = options.image_dirs.clone();
         config.qemu_monitor_command = true;
+        // Not this test binary: the guard that holds a throttle's lease is
+        // `livemigd guard-throttle`.
+        config.throttle_guard = Some(crate::bin("livemigd"));
 
         let log =
             std::fs::File::create(options.state_dir.join("livemigd.log")).expect("the agent's log");

@@ -107,12 +107,20 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// Whether this host has the cgroup v1 `cpu` controller livemig's host
-/// throttle needs.
+/// Whether this host has a cgroup hierarchy with a `cpu` controller where
+/// livemig's host throttle can work.
 pub fn host_throttle_available() -> bool {
-    std::path::Path::new(migration::vcpu_throttle::cgroup::CPU_V1_ROOT)
-        .join("tasks")
-        .exists()
+    use migration::vcpu_throttle::cgroup::Hierarchy;
+    Hierarchy::probe(&Hierarchy::default_root()).is_ok()
+}
+
+/// The host throttles the agent on `state_dir` holds now, by name.
+pub fn throttles_held(state_dir: &std::path::Path) -> Vec<String> {
+    use migration::vcpu_throttle::cgroup::{held, Hierarchy};
+    match Hierarchy::probe(&Hierarchy::default_root()) {
+        Ok(hierarchy) => held(&hierarchy, &agent::config::throttle_scope(state_dir)),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// The `define` request for `definition`.

@@ -318,6 +318,19 @@ async fn without_a_host_throttle_the_controller_steers_qemus_own() {
         .await;
     let b = bed.host("b").await;
     a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    // Both say which throttle and why.
+    let caps = testkit::output::stdout(&a.cli(&["domcapabilities"]));
+    assert!(
+        caps.contains("vCPU throttle")
+            && caps.contains("qemu, up to 99.0 %")
+            && caps.contains("/nonexistent"),
+        "{caps}"
+    );
+    let b_caps = testkit::output::stdout(&b.cli(&["domcapabilities"]));
+    assert!(b_caps.contains("vCPU throttle"), "{b_caps}");
+    if testkit::host_throttle_available() {
+        assert!(b_caps.contains("host, up to 99.9 %"), "{b_caps}");
+    }
 
     let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
 
@@ -331,4 +344,96 @@ async fn without_a_host_throttle_the_controller_steers_qemus_own() {
     assert!(record.max_cpu_throttle_pct <= 99.0);
     assert!(!record.auto_converge, "auto-converge only as the mechanism");
     assert_runs_only_on("vm", &b, &a, 2).await;
+}
+
+/// CPU time a process used so far, seconds (utime + stime).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds `pid` gets during one second of wall time.
+async fn cpu_share(pid: u32) -> f64 {
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    (cpu_seconds(pid) - before) / 2.0
+}
+
+/// A process of the test's, killed (by pid) when dropped.
+struct Spinner(std::process::Child);
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the systemd unit's stop hook (`livemigd release-throttles`) is
+/// for: a throttle left with neither its agent nor its lease's guard (both
+/// killed) is lifted, and only that agent's.
+#[tokio::test]
+async fn the_stop_hook_lifts_a_throttle_left_without_agent_or_guard() {
+    use migration::vcpu_throttle::cgroup::{Hierarchy, HostThrottle};
+    if !testkit::host_throttle_available() {
+        eprintln!("skipped: this host has no cgroup cpu controller to throttle with");
+        return;
+    }
+    let bed = TestBed::new().await;
+    let state_dir = bed.path().join("crashed-agent");
+    // A busy process stands in for a vCPU thread, throttled in that
+    // agent's scope as a crashed agent would leave it.
+    let spinner = Spinner(
+        std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = spinner.0.id();
+    let hierarchy = Hierarchy::probe(&Hierarchy::default_root()).unwrap();
+    let scope = agent::config::throttle_scope(&state_dir);
+    let mut throttle = HostThrottle::attach(&hierarchy, &scope, "vm-left", pid, &[pid]).unwrap();
+    throttle.set(0.999).unwrap();
+    std::mem::forget(throttle);
+    let throttled = cpu_share(pid).await;
+    assert!(throttled < 0.05, "throttled: {throttled:.2} CPU");
+    // Another agent's throttle, which the hook must leave alone.
+    let other_dir = bed.path().join("other-agent");
+    let other = HostThrottle::attach(
+        &hierarchy,
+        &agent::config::throttle_scope(&other_dir),
+        "vm-other",
+        pid,
+        &[],
+    )
+    .unwrap();
+
+    let out = std::process::Command::new(testkit::bin("livemigd"))
+        .arg("--state-dir")
+        .arg(&state_dir)
+        .arg("release-throttles")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        testkit::output::stdout(&out).contains("released 1 vCPU throttle"),
+        "{out:?}"
+    );
+
+    assert!(testkit::throttles_held(&state_dir).is_empty());
+    assert!(
+        !cpu_cgroup(pid, pid).contains("livemig"),
+        "{}",
+        cpu_cgroup(pid, pid)
+    );
+    let free = cpu_share(pid).await;
+    assert!(free > 0.1, "still throttled: {free:.2} CPU");
+    assert_eq!(testkit::throttles_held(&other_dir), ["vm-other"]);
+    drop(other);
+    assert!(testkit::throttles_held(&other_dir).is_empty());
 }

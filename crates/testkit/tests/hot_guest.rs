@@ -20,8 +20,8 @@ const HOT: Workload = Workload {
 async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
     assert!(
         testkit::host_throttle_available(),
-        "this test needs the cgroup v1 cpu controller at {}",
-        migration::vcpu_throttle::cgroup::CPU_V1_ROOT
+        "this test needs a cgroup cpu controller at {}",
+        migration::vcpu_throttle::cgroup::Hierarchy::default_root().display()
     );
     // Agents as processes, as in production: the hold and livemig's own
     // switchover hinge on the controller's timing on a 2-core machine that

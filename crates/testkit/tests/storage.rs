@@ -85,6 +85,28 @@ async fn copy_storage_all_moves_a_local_disk_being_written_and_the_copy_is_exact
     );
     assert!(!bed.local_of("b").join("vm.qcow2").exists());
 
+    // The estimate sees the disk being written, and that its copy keeps
+    // up with 16 MiB/s.
+    let out = a.cli(&["estimate", "vm", "--bandwidth", "16", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vda = &report["disks"][0];
+    assert_eq!(vda["target"], "vda", "{report:#}");
+    assert_eq!(vda["shared"], false, "{report:#}");
+    assert_eq!(vda["size_bytes"], 64u64 << 20, "{report:#}");
+    let writes = vda["write_bytes_s"].as_f64().unwrap();
+    // The workload writes 1 MiB/s (less under a loaded TCG).
+    assert!(
+        writes > 64.0 * 1024.0 && writes < 4.0 * 1048576.0,
+        "{report:#}"
+    );
+    assert_eq!(vda["copy"]["converges"], true, "{report:#}");
+    let text = testkit::output::stdout(&a.cli(&["estimate", "vm", "--bandwidth", "16"]));
+    assert!(
+        text.contains("vda writes") && text.contains("copy converges"),
+        "{text}"
+    );
+
     // --suspend: the guest waits on b, so both images hold the same bytes.
     let record = a
         .migrate(

@@ -242,7 +242,7 @@ pub async fn serve(
         tls,
         peer_tls,
     } = listeners;
-    let stale = migration::vcpu_throttle::cgroup::release_stale(&config.cgroup_cpu);
+    let stale = crate::release_stale_throttles(&config);
     if stale > 0 {
         tracing::warn!(
             count = stale,

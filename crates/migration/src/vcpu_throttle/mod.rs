@@ -7,9 +7,10 @@
 //!   trigger (a sync at least a second after the last check).
 
 pub mod cgroup;
+pub mod lease;
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
@@ -18,7 +19,8 @@ use qmp::commands::vm::QueryCpusFast;
 use qmp::Client;
 
 use crate::settings::{qemu_throttle_parameters, ThrottleVia};
-use cgroup::{HostThrottle, LONG_PERIOD_ABOVE, MAX_HOST_THROTTLE};
+use cgroup::{Hierarchy, HostThrottle, LONG_PERIOD_ABOVE, MAX_HOST_THROTTLE};
+use lease::Lease;
 
 /// The highest throttle QEMU's own mechanism applies.
 pub const MAX_QEMU_THROTTLE: f64 = 0.99;
@@ -41,6 +43,18 @@ pub enum ThrottleError {
     /// The blocking cgroup write did not come back.
     #[error("the throttle's cgroup task failed")]
     Task(#[from] tokio::task::JoinError),
+    /// No guard could hold the throttle's lease, so it is not applied.
+    #[error("cannot start the throttle's lease guard {program}")]
+    Lease {
+        /// The guard program.
+        program: PathBuf,
+        /// Why it did not start.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No guard program is configured.
+    #[error("no program to guard the throttle's lease")]
+    NoGuard,
 }
 
 /// A way to throttle a guest's vCPUs.
@@ -61,7 +75,8 @@ pub trait VcpuThrottle: Send + Sync {
     }
 }
 
-/// The vCPU threads of one QEMU in a cgroup with a CPU quota.
+/// The vCPU threads of one QEMU in a cgroup with a CPU quota, held on a
+/// lease ([`lease`]).
 ///
 /// Above 99 % the quota period grows (up to 1 s, so the quota stays at
 /// least 1 ms), and a vCPU thread may then wait most of a period before it
@@ -71,6 +86,7 @@ pub trait VcpuThrottle: Send + Sync {
 #[derive(Debug)]
 pub struct HostVcpuThrottle {
     inner: Arc<Mutex<Option<HostThrottle>>>,
+    lease: Option<Lease>,
 }
 
 fn apply(inner: &Mutex<Option<HostThrottle>>, throttle: f64) -> Result<(), ThrottleError> {
@@ -80,23 +96,56 @@ fn apply(inner: &Mutex<Option<HostThrottle>>, throttle: f64) -> Result<(), Throt
     }
 }
 
+/// Where and under whose name an agent throttles from the host.
+#[derive(Debug, Clone)]
+pub struct HostPlace {
+    /// The cgroup hierarchy's root (v2) or the v1 `cpu` controller.
+    pub root: PathBuf,
+    /// The agent's scope under `ROOT/livemig/`.
+    pub scope: String,
+    /// The program that holds the lease (`livemigd`), if any: without one
+    /// the host throttle is not used.
+    pub guard: Option<PathBuf>,
+}
+
 impl HostVcpuThrottle {
-    /// Moves the vCPU threads into a cgroup named `name` under `controller`.
+    /// Puts the vCPU threads under a cgroup named `name` in the agent's
+    /// scope, and starts the guard that holds its lease.
     ///
     /// # Errors
     /// Why the host cannot throttle threads.
     pub async fn attach(
-        controller: PathBuf,
+        place: &HostPlace,
         name: String,
         pid: u32,
         threads: Vec<u32>,
     ) -> Result<Self, ThrottleError> {
-        let inner = tokio::task::spawn_blocking(move || {
-            HostThrottle::attach(&controller, &name, pid, &threads)
-        })
-        .await??;
+        let guard = place.guard.clone().ok_or(ThrottleError::NoGuard)?;
+        let root = place.root.clone();
+        let scope = place.scope.clone();
+        let (inner, hierarchy) = {
+            let name = name.clone();
+            tokio::task::spawn_blocking(move || {
+                let hierarchy = Hierarchy::probe(&root)?;
+                HostThrottle::attach(&hierarchy, &scope, &name, pid, &threads)
+                    .map(|t| (t, hierarchy))
+            })
+            .await??
+        };
+        // Nothing is throttled yet: without a lease, nothing will be.
+        let lease = match Lease::take(&guard, hierarchy.root(), &place.scope, &name) {
+            Ok(lease) => lease,
+            Err(source) => {
+                let _ = tokio::task::spawn_blocking(move || inner.release()).await;
+                return Err(ThrottleError::Lease {
+                    program: guard,
+                    source,
+                });
+            }
+        };
         Ok(HostVcpuThrottle {
             inner: Arc::new(Mutex::new(Some(inner))),
+            lease: Some(lease),
         })
     }
 }
@@ -126,6 +175,10 @@ impl VcpuThrottle for HostVcpuThrottle {
                 }
             })
             .await;
+            // Lifted by us: the guard may go.
+            if let Some(lease) = self.lease.take() {
+                lease.end().await;
+            }
         })
     }
 
@@ -175,12 +228,12 @@ impl VcpuThrottle for QemuVcpuThrottle {
 }
 
 /// The throttle for an adaptive job on the QEMU behind `qmp` (process
-/// `pid`): a cgroup named `name` under `controller` when this host allows
-/// it, else QEMU's own throttle (which the job's settings must then turn
-/// on: the [`ThrottleVia`] says so).
+/// `pid`): a cgroup named `name` in the agent's `place` when this host
+/// allows it, else QEMU's own throttle (which the job's settings must then
+/// turn on: the [`ThrottleVia`] says so).
 pub async fn attach(
     qmp: &Client,
-    controller: &Path,
+    place: &HostPlace,
     name: String,
     pid: u32,
 ) -> (Box<dyn VcpuThrottle>, ThrottleVia) {
@@ -192,7 +245,7 @@ pub async fn attach(
         }
     };
     if !threads.is_empty() {
-        match HostVcpuThrottle::attach(controller.to_path_buf(), name, pid, threads).await {
+        match HostVcpuThrottle::attach(place, name, pid, threads).await {
             Ok(host) => return (Box::new(host), ThrottleVia::NotQemu),
             Err(e) => tracing::warn!(
                 error = %types::error_chain(&e),
@@ -206,12 +259,30 @@ pub async fn attach(
     )
 }
 
-/// The highest throttle this host can apply to a guest: the host
-/// mechanism's when the cgroup `controller` is there, else QEMU's.
-pub fn max_available(controller: &Path) -> f64 {
-    if HostThrottle::available(controller) {
-        MAX_HOST_THROTTLE
-    } else {
-        MAX_QEMU_THROTTLE
+/// Which mechanism an adaptive job on this host would throttle with, and
+/// why: the host's cgroup when it has a `cpu` controller we may write (and
+/// a guard for the lease), else QEMU's own throttle.
+pub fn available(place: &HostPlace) -> protocol::host::ThrottleMechanism {
+    let host = match (Hierarchy::probe(&place.root), &place.guard) {
+        (Ok(hierarchy), Some(_)) => Ok(hierarchy),
+        (Ok(_), None) => Err("no guard program for the throttle's lease".to_string()),
+        (Err(e), _) => Err(e.to_string()),
+    };
+    match host {
+        Ok(hierarchy) => protocol::host::ThrottleMechanism {
+            kind: "host".into(),
+            max_throttle_pct: MAX_HOST_THROTTLE * 100.0,
+            detail: format!(
+                "vCPU threads under a CPU quota ({} at {}), held on a {} s lease",
+                hierarchy.describe(),
+                hierarchy.root().display(),
+                lease::LEASE.as_secs()
+            ),
+        },
+        Err(why) => protocol::host::ThrottleMechanism {
+            kind: "qemu".into(),
+            max_throttle_pct: MAX_QEMU_THROTTLE * 100.0,
+            detail: format!("QEMU's own throttle (up to 99 %): {why}"),
+        },
     }
 }

@@ -19,11 +19,38 @@ unit_command!(
     Vec<BlockJobInfo>
 );
 unit_command!(
+    /// `query-blockstats`: I/O counters of the guest's block devices.
+    QueryBlockstats,
+    "query-blockstats",
+    Vec<BlockStats>
+);
+unit_command!(
     /// `nbd-server-stop`: stops the NBD server and removes its exports.
     NbdServerStop,
     "nbd-server-stop",
     Empty
 );
+
+/// One block device of `query-blockstats`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockStats {
+    /// The block backend's name (the `-drive` id); empty for a node.
+    #[serde(default)]
+    pub device: String,
+    /// Its counters.
+    pub stats: BlockDeviceStats,
+}
+
+/// The counters of one block device (the ones livemig reads).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub struct BlockDeviceStats {
+    /// Bytes the guest wrote since QEMU started.
+    pub wr_bytes: u64,
+    /// Bytes the guest read since QEMU started.
+    pub rd_bytes: u64,
+}
 
 /// One block device of `query-block`.
 #[derive(Debug, Clone, Deserialize)]

@@ -165,9 +165,13 @@ impl Run {
             .unwrap_or(self.tunables);
         let (throttle, via) = if flags.converge_mode() == protocol::ConvergeMode::Adaptive {
             let name = format!("{}-{}", self.name, &self.job.ident.id[..8]);
-            let (throttle, via) =
-                vcpu_throttle::attach(qmp, &self.agent.config.cgroup_cpu, name, vm.process.pid())
-                    .await;
+            let (throttle, via) = vcpu_throttle::attach(
+                qmp,
+                &self.agent.config.throttle_place(),
+                name,
+                vm.process.pid(),
+            )
+            .await;
             (Some(throttle), via)
         } else {
             (None, settings::ThrottleVia::NotQemu)

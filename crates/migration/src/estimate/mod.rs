@@ -1,4 +1,9 @@
 //! `estimate` and `migrate --dry-run`: measure the guest, predict the move.
+//!
+//! - [`disks`]: the guest's disk writes, and whether copying its disks
+//!   would converge.
+
+pub mod disks;
 
 use converge::estimate::{fit, predict};
 use protocol::domain::Tunables;
@@ -21,6 +26,9 @@ pub enum EstimateError {
     /// The measurement failed.
     #[error("cannot measure the dirty rate")]
     Measure(#[from] MeasureError),
+    /// QEMU would not give its block counters.
+    #[error("cannot read the disks' counters")]
+    Disks(#[source] qmp::Error),
     /// It gave nothing to fit.
     #[error("no dirty-rate samples")]
     NoSamples,
@@ -35,8 +43,10 @@ pub struct Subject<'a> {
     pub ram_bytes: u64,
     /// The domain's migration limits.
     pub tunables: Tunables,
-    /// The highest throttle this host can apply.
-    pub mechanism_max: f64,
+    /// How this host can throttle the guest's vCPUs.
+    pub mechanism: &'a protocol::host::ThrottleMechanism,
+    /// The guest's disks.
+    pub disks: &'a [disks::DiskFacts],
 }
 
 /// Measures the guest behind `qmp` and predicts its migration under each
@@ -49,7 +59,9 @@ pub async fn estimate(
     subject: Subject<'_>,
     params: EstimateParams,
 ) -> Result<EstimateReport, EstimateError> {
+    let disks_before = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
     let samples = crate::dirty::measure(qmp, &WINDOWS).await?;
+    let disks_after = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
     let ram = subject.ram_bytes as f64;
     let model = fit(&samples, ram).ok_or(EstimateError::NoSamples)?;
 
@@ -67,7 +79,7 @@ pub async fn estimate(
     );
     let policy = controller_policy(
         params.max_throttle_pct.map(Throttle::from_percent),
-        subject.mechanism_max,
+        subject.mechanism.max_throttle_pct / 100.0,
         downtime,
         None,
         params.timeout_s.map(std::time::Duration::from_secs),
@@ -81,6 +93,8 @@ pub async fn estimate(
         downtime_ms: downtime.as_millis() as u64,
         budget_s: policy.budget,
         max_throttle_pct: Throttle::from_fraction(policy.max_throttle).percent(),
+        vcpu_throttle: Some(subject.mechanism.clone()),
+        disks: disks::outlook(subject.disks, &disks_before, &disks_after, bandwidth),
         samples: samples.iter().map(wire::dirty_sample).collect(),
         model: wire::dirty_model(&model),
         predictions: wire::predictions(&predict(model, ram, bandwidth, &policy)),
