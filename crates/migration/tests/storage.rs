@@ -20,6 +20,9 @@ fn plan() -> MirrorPlan {
     }
 }
 
+/// Long enough never to end a copy in these tests but the one about it.
+const WINDOW: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn targets() -> Vec<String> {
     vec!["vda".into(), "vdb".into()]
 }
@@ -53,7 +56,9 @@ async fn mirrors_reach_sync_then_complete_with_nothing_left() {
 
     let mut seen = Vec::new();
     mirrors
-        .wait_ready(&qmp, &CancellationToken::new(), None, |p| seen.push(p))
+        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, |p| {
+            seen.push(p)
+        })
         .await
         .unwrap();
     assert!(seen.last().unwrap().processed == seen.last().unwrap().total);
@@ -79,7 +84,7 @@ async fn a_mirror_that_fails_is_reported_and_every_mirror_abandoned() {
     });
 
     let err = mirrors
-        .wait_ready(&qmp, &CancellationToken::new(), None, |_| {})
+        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, |_| {})
         .await
         .unwrap_err();
     assert!(
@@ -103,7 +108,7 @@ async fn a_cancel_while_copying_stops_the_wait() {
     });
     let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
     let cancel = CancellationToken::new();
-    let waiting = mirrors.wait_ready(&qmp, &cancel, None, |_| {});
+    let waiting = mirrors.wait_ready(&qmp, &cancel, None, WINDOW, |_| {});
     let cancelling = async {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         cancel.cancel();
@@ -131,7 +136,7 @@ async fn a_mirror_gone_at_switchover_fails_the_completion() {
     let (qmp, qemu) = ScriptedQemu::start().await;
     let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
     mirrors
-        .wait_ready(&qmp, &CancellationToken::new(), None, |_| {})
+        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, |_| {})
         .await
         .unwrap();
     qemu.with(|s| s.block_jobs.remove(0));
@@ -142,5 +147,32 @@ async fn a_mirror_gone_at_switchover_fails_the_completion() {
         matches!(&err, StorageError::MirrorGone(t) if t == "vda"),
         "{err:?}"
     );
+    clean(&qemu);
+}
+
+#[tokio::test]
+async fn a_copy_the_guest_outwrites_is_stopped_and_reported_not_mirrored_forever() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    // The guest writes 8 MiB between two looks, the copy sends 4 MiB.
+    qemu.with(|s| s.disk_writes_per_query = 8 << 20);
+    let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
+
+    let err = mirrors
+        .wait_ready(
+            &qmp,
+            &CancellationToken::new(),
+            None,
+            std::time::Duration::from_secs(1),
+            |_| {},
+        )
+        .await
+        .unwrap_err();
+    let StorageError::NotConverging(stop) = &err else {
+        panic!("{err:?}");
+    };
+    assert!(stop.write_rate > stop.copy_rate, "{stop:?}");
+    let message = err.to_string();
+    assert!(message.contains("does not converge"), "{message}");
+    mirrors.abandon(&qmp).await;
     clean(&qemu);
 }

@@ -59,8 +59,12 @@ pub struct State {
     /// Objects made with `object-add`, by id: their arguments.
     pub objects: BTreeMap<String, Value>,
     /// Block jobs, as `query-block-jobs` lists them; a running one copies
-    /// half its length per query and is then ready.
+    /// 4 MiB per query (half its first length) and is ready once it caught
+    /// up.
     pub block_jobs: Vec<Value>,
+    /// Bytes the guest writes to a mirrored disk between two queries (the
+    /// job's length grows by as much).
+    pub disk_writes_per_query: u64,
     /// Nodes made with `blockdev-add`.
     pub block_nodes: Vec<String>,
     /// Thread ids `query-cpus-fast` reports.
@@ -109,6 +113,7 @@ impl Default for State {
             objects: BTreeMap::new(),
             block_jobs: Vec::new(),
             block_nodes: Vec::new(),
+            disk_writes_per_query: 0,
             vcpu_threads: vec![4242],
             dirty_rate_mib_s: 100,
             log: Vec::new(),
@@ -459,10 +464,12 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
             ok(json!({}))
         }
         "query-block-jobs" => {
+            let writes = s.disk_writes_per_query;
             for job in &mut s.block_jobs {
                 if job["status"] == "running" {
-                    let len = job["len"].as_u64().unwrap_or(0);
-                    let offset = (job["offset"].as_u64().unwrap_or(0) + len / 2).min(len);
+                    let len = job["len"].as_u64().unwrap_or(0) + writes;
+                    job["len"] = json!(len);
+                    let offset = (job["offset"].as_u64().unwrap_or(0) + (4 << 20)).min(len);
                     job["offset"] = json!(offset);
                     if offset == len {
                         job["ready"] = json!(true);

@@ -386,3 +386,48 @@ async fn migrate_setspeed_retunes_the_disks_copy_too() {
     let log = b.wait_guest_disk("vm", 256).await;
     assert!(log.disk_intact(), "{:?}", log.corruptions);
 }
+
+#[tokio::test]
+async fn a_disk_written_faster_than_the_link_fails_as_not_converging_instead_of_mirroring_forever()
+{
+    let bed = TestBed::new().await;
+    let (a, b) = bed.hosts_with_local_storage(None).await;
+    create_image(&bed.local_of("a").join("vm.raw"), 64, "raw");
+    // Cycling over all 64 MiB as fast as it can (several MiB/s), against
+    // a 1 MiB/s copy: the writes lap the copy.
+    let workload = guest::linux::LinuxWorkload {
+        disk_kib_s: 8192,
+        disk_blocks: 16384,
+        ..disk_workload()
+    };
+    a.define_and_start(bed.linux_definition(
+        "vm",
+        192,
+        &workload,
+        &local_disk(&bed, "vm.raw", "raw"),
+    ))
+    .await;
+    a.wait_guest_disk("vm", 256).await;
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                copy_storage_all: true,
+                ..testkit::capped(1)
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Failed, "{record:#?}");
+    let error = record.error.unwrap_or_default();
+    assert!(error.contains("does not converge"), "{error}");
+    eprintln!("{error}");
+    b.wait_no_qemu().await;
+    assert!(!bed.local_of("b").join("vm.raw").exists());
+    assert_runs_only_on("vm", &a, &b, 1).await;
+    let jobs = a.qmp("vm", "query-block-jobs").await.unwrap();
+    assert_eq!(jobs, serde_json::json!([]));
+    a.wait_guest_disk("vm", 256).await;
+}

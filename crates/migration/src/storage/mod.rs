@@ -3,9 +3,12 @@
 //! empty images of the same size writable over NBD ([`destination`]); the
 //! source's QEMU mirrors each disk into them and keeps mirroring its
 //! writes ([`source`]) until the guest is paused at switchover, when the
-//! mirrors are completed and the destination's copies are exact.
+//! mirrors are completed and the destination's copies are exact. A copy
+//! the guest's writes outrun is stopped and reported ([`progress`]) rather
+//! than mirrored forever.
 
 pub mod destination;
+pub mod progress;
 pub mod source;
 
 use domain::definition::Disk;
@@ -44,6 +47,17 @@ pub enum StorageError {
     /// The job was cancelled while the disks were copied.
     #[error("cancelled while copying the disks")]
     Cancelled,
+    /// The guest writes its disks as fast as the copy sends them.
+    #[error(
+        "the disk copy does not converge: the guest wrote its disks at {:.1} MiB/s while the \
+         copy sent {:.1} MiB/s, and {:.0} MiB stayed left for {:.0} s; migrate with more \
+         --bandwidth, while the guest writes less, or from shared storage",
+        .0.write_rate / 1048576.0,
+        .0.copy_rate / 1048576.0,
+        .0.left as f64 / 1048576.0,
+        .0.secs
+    )]
+    NotConverging(progress::NoProgress),
 }
 
 impl StorageError {

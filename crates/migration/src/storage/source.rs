@@ -12,6 +12,7 @@ use qmp::commands::block::{
 use qmp::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::progress::CopyWatch;
 use super::{export_name, StorageError};
 
 /// How often the mirrors are looked at.
@@ -163,24 +164,36 @@ impl Mirrors {
     ///
     /// # Errors
     /// [`StorageError::MirrorFailed`] or `MirrorGone` if a mirror ends,
-    /// [`StorageError::Cancelled`], [`StorageError::Timeout`].
+    /// [`StorageError::Cancelled`], [`StorageError::Timeout`], and
+    /// [`StorageError::NotConverging`] once the bytes left have had no new
+    /// low for `no_progress` (the guest writes as fast as the copy sends).
     pub async fn wait_ready(
         &self,
         qmp: &Client,
         cancel: &CancellationToken,
         timeout: Option<Duration>,
+        no_progress: Duration,
         mut on_progress: impl FnMut(CopyProgress),
     ) -> Result<(), StorageError> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut watch = CopyWatch::new(no_progress);
         loop {
             let jobs = self.jobs(qmp).await?;
             self.check_running(&jobs)?;
-            on_progress(CopyProgress {
+            let progress = CopyProgress {
                 total: jobs.iter().map(|j| j.len).sum(),
                 processed: jobs.iter().map(|j| j.offset).sum(),
-            });
+            };
+            on_progress(progress);
             if jobs.len() == self.mirrors.len() && jobs.iter().all(|j| j.ready) {
                 return Ok(());
+            }
+            if let Some(stop) = watch.observe(
+                tokio::time::Instant::now(),
+                progress.total,
+                progress.processed,
+            ) {
+                return Err(StorageError::NotConverging(stop));
             }
             if let (Some(deadline), Some(timeout)) = (deadline, timeout) {
                 if tokio::time::Instant::now() >= deadline {

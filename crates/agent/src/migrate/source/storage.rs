@@ -10,6 +10,11 @@ use qmp::commands::block::{CopyMode, MirrorSync, QueryBlock};
 use super::run::Run;
 use crate::errors;
 
+/// How long the disks' copy may go without gaining on the guest's writes
+/// before the job stops it as not converging: long enough for a burst of
+/// writes to pass, short enough that nobody waits on a copy that cannot end.
+const NO_PROGRESS: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Run {
     /// The disks this job copies, as the destination must create them:
     /// their size (and, with `--copy-storage-inc`, the backing file) as
@@ -109,12 +114,14 @@ impl Run {
         tracing::info!(disks = ?self.storage, port, "mirroring the disks");
         let timeout = flags.timeout.map(std::time::Duration::from_secs);
         let ready = self
-            .watched(mirrors.wait_ready(qmp, &self.job.cancel, timeout, |p| {
-                self.progress.send_modify(|progress| {
-                    progress.stats.disk_total_bytes = Some(p.total);
-                    progress.stats.disk_processed_bytes = Some(p.processed);
-                });
-            }))
+            .watched(
+                mirrors.wait_ready(qmp, &self.job.cancel, timeout, NO_PROGRESS, |p| {
+                    self.progress.send_modify(|progress| {
+                        progress.stats.disk_total_bytes = Some(p.total);
+                        progress.stats.disk_processed_bytes = Some(p.processed);
+                    });
+                }),
+            )
             .await;
         match ready {
             Ok(()) => {
