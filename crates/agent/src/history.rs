@@ -336,6 +336,8 @@ mod tests {
             recovery: None,
             role: Role::Source,
             stats: JobStats::default(),
+            phases: Vec::new(),
+            first_byte_ms: None,
             samples: vec![
                 Sample {
                     t_ms: 250,

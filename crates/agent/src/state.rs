@@ -35,6 +35,8 @@ use crate::vm::RunningVm;
 pub(crate) struct OutgoingJob {
     pub ident: JobIdentity,
     pub started: Instant,
+    /// When each phase began, from the command's arrival.
+    pub clock: migration::record::PhaseClock,
     pub cancel: CancellationToken,
     pub progress: watch::Receiver<Progress>,
     pub phase: Mutex<Phase>,
@@ -96,11 +98,15 @@ impl ActiveJob {
 
     pub fn info(&self) -> JobInfo {
         match self {
-            ActiveJob::Outgoing(j) => j.ident.info(
-                *j.phase.lock().expect("phase lock"),
-                j.started.elapsed(),
-                Some(&j.progress.borrow()),
-            ),
+            ActiveJob::Outgoing(j) => {
+                let mut info = j.ident.info(
+                    *j.phase.lock().expect("phase lock"),
+                    j.started.elapsed(),
+                    Some(&j.progress.borrow()),
+                );
+                info.phases = j.clock.times();
+                info
+            }
             ActiveJob::Incoming(j) => j.ident.info(
                 *j.phase.lock().expect("phase lock"),
                 j.started.elapsed(),

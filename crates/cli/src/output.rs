@@ -199,8 +199,22 @@ pub fn job_info(job: &JobInfo) -> String {
             )),
         ),
         ("Flags", Some(job.flags.join(" "))),
+        (
+            "Phases",
+            (!job.phases.is_empty()).then(|| phases(&job.phases)),
+        ),
         ("Error", job.error.clone()),
     ]) + &actions(&job.actions)
+}
+
+/// "begin at 0 ms, prepare at 41 ms, perform at 612 ms, ...": when each
+/// phase began after the command reached the source agent.
+fn phases(phases: &[protocol::job::PhaseTime]) -> String {
+    phases
+        .iter()
+        .map(|p| format!("{} at {} ms", p.phase, p.at_ms))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The job's timeline, one action a line.
@@ -245,6 +259,15 @@ pub fn record_summary(r: &JobRecord) -> String {
     };
     if let Some(recovery) = &r.recovery {
         out.push_str(&format!("Recovery: {recovery}\n"));
+    }
+    if !r.phases.is_empty() {
+        out.push_str(&format!(
+            "Phases: {}{}\n",
+            phases(&r.phases),
+            r.first_byte_ms
+                .map(|ms| format!("; first byte after {ms} ms"))
+                .unwrap_or_default()
+        ));
     }
     out.push_str(&actions(&r.actions));
     out.push_str(&format!("Job id: {}\n", r.id));

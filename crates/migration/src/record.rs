@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use protocol::job::{work_lost_s, JobInfo, JobRecord, JobStats, JobStatus, Phase, Role};
+use protocol::job::{work_lost_s, JobInfo, JobRecord, JobStats, JobStatus, Phase, PhaseTime, Role};
+use tokio::time::Instant;
 
 use crate::flags::Flags;
 use crate::job::unix_ms;
@@ -57,8 +58,54 @@ impl JobIdentity {
             recovery: None,
             role: self.role,
             stats: JobStats::default(),
+            phases: Vec::new(),
+            first_byte_ms: None,
             samples: Vec::new(),
         }
+    }
+}
+
+/// When each phase of a job began, counted from the moment the command
+/// reached the agent: where the time before the first byte goes.
+#[derive(Debug)]
+pub struct PhaseClock {
+    begun: Instant,
+    entered: std::sync::Mutex<Vec<(Phase, Instant)>>,
+}
+
+impl PhaseClock {
+    /// A clock started when the command arrived, in `phase`.
+    pub fn new(begun: Instant, phase: Phase) -> Self {
+        PhaseClock {
+            begun,
+            entered: std::sync::Mutex::new(vec![(phase, begun)]),
+        }
+    }
+
+    /// `phase` begins now.
+    pub fn enter(&self, phase: Phase) {
+        self.entered
+            .lock()
+            .expect("phase clock")
+            .push((phase, Instant::now()));
+    }
+
+    /// Ms from the command to `at`.
+    pub fn since_command(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.begun).as_millis() as u64
+    }
+
+    /// The phases so far.
+    pub fn times(&self) -> Vec<PhaseTime> {
+        self.entered
+            .lock()
+            .expect("phase clock")
+            .iter()
+            .map(|(phase, at)| PhaseTime {
+                phase: *phase,
+                at_ms: self.since_command(*at),
+            })
+            .collect()
     }
 }
 
@@ -83,6 +130,7 @@ impl JobIdentity {
             converge: self.flags.converge_mode(),
             guest_work_lost_s: work_lost_s(&progress.samples),
             actions: progress.actions,
+            phases: Vec::new(),
             bandwidth_limit_mib_s: progress.bandwidth_limit.map(|b| b.mib_s()),
             downtime_limit_ms: progress.downtime_limit.map(|d| d.as_millis() as u64),
             error: None,

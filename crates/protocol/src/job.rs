@@ -46,6 +46,15 @@ pub enum Phase {
     Done,
 }
 
+/// When a phase began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseTime {
+    /// The phase.
+    pub phase: Phase,
+    /// Ms after the source agent got the command.
+    pub at_ms: u64,
+}
+
 impl fmt::Display for Phase {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -318,6 +327,10 @@ pub struct JobInfo {
     /// The timeline so far.
     #[serde(default)]
     pub actions: Vec<TimedAction>,
+    /// When each phase began so far, ms after the source agent got the
+    /// command.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseTime>,
     /// Estimated impact on the guest so far: seconds of full-speed guest
     /// time lost to the vCPU throttle.
     #[serde(default)]
@@ -389,6 +402,14 @@ pub struct JobRecord {
     /// The last statistics QEMU reported.
     #[serde(default)]
     pub stats: JobStats,
+    /// When each phase began, ms after the source agent got the command
+    /// (the source's record).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseTime>,
+    /// Ms from the command reaching the source agent to QEMU sending the
+    /// memory (`migrate` accepted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_byte_ms: Option<u64>,
     /// The timeline: one sample per poll.
     #[serde(default)]
     pub samples: Vec<Sample>,
@@ -415,6 +436,7 @@ impl JobRecord {
             throttle_pct: 0.0,
             converge: self.converge,
             actions: self.actions.clone(),
+            phases: self.phases.clone(),
             guest_work_lost_s: work_lost_s(&self.samples),
             bandwidth_limit_mib_s: None,
             downtime_limit_ms: None,

@@ -53,6 +53,8 @@ fn record() -> JobRecord {
         recovery: None,
         role: Role::Source,
         stats: JobStats::default(),
+        phases: Vec::new(),
+        first_byte_ms: None,
         samples,
     }
 }

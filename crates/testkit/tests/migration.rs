@@ -31,6 +31,21 @@ async fn idle_guest_migrates_and_keeps_running_on_the_destination() {
     assert!(record.transferred_bytes > 0);
     assert!(record.downtime_ms.is_some());
     assert_eq!(record.destination, b.uri());
+    // Where the time before the first byte went: every phase, in order,
+    // and the memory moving once Perform began.
+    let phases: Vec<String> = record.phases.iter().map(|p| p.phase.to_string()).collect();
+    assert_eq!(
+        phases,
+        ["begin", "prepare", "perform", "finish", "confirm", "done"],
+        "{record:?}"
+    );
+    assert!(record.phases.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+    let first_byte = record.first_byte_ms.expect("first byte time");
+    assert!(first_byte >= record.phases[2].at_ms, "{record:?}");
+    eprintln!(
+        "phases {:?}, first byte after {first_byte} ms",
+        record.phases
+    );
     assert!(
         !procs::alive(source_pid),
         "source QEMU {source_pid} still runs"

@@ -198,6 +198,8 @@ pub struct Progress {
     /// The job's downtime limit in force (the user's, not the 1 ms of a
     /// held switchover).
     pub downtime_limit: Option<Duration>,
+    /// When QEMU accepted `migrate` and began sending the memory.
+    pub migrating_since: Option<tokio::time::Instant>,
 }
 
 /// Starts the migration to `uri` and watches it until QEMU finishes it.
@@ -223,6 +225,7 @@ pub async fn run(
             stats: JobStats::default(),
         };
     }
+    progress.send_modify(|p| p.migrating_since = Some(tokio::time::Instant::now()));
     // What the job measured before (the disks' mirrors) carries over.
     let mut last = progress.borrow().stats.clone();
     let mut w = Watch::new(qmp, options, progress, throttle);

@@ -45,6 +45,7 @@ pub(crate) async fn begin(
     destination: &str,
     options: MigrateOptions,
 ) -> Result<Reply, ApiError> {
+    let begun = Instant::now();
     let flags = Flags::new(options).map_err(|e| errors::invalid(e.to_string()))?;
     let dest_uri: AgentUri = destination
         .parse()
@@ -142,6 +143,7 @@ pub(crate) async fn begin(
             started_at_ms: unix_ms(),
         },
         started: Instant::now(),
+        clock: migration::record::PhaseClock::new(begun, Phase::Begin),
         cancel: CancellationToken::new(),
         progress: progress_rx,
         phase: Mutex::new(Phase::Begin),

@@ -51,6 +51,12 @@ impl Run {
         record.error = ending.error;
         record.recovery = ending.recovery;
         record.data_uri = ending.data_uri;
+        record.phases = self.job.clock.times();
+        record.first_byte_ms = self
+            .progress
+            .borrow()
+            .migrating_since
+            .map(|at| self.job.clock.since_command(at));
         let record =
             migration::record::with_progress(record, ending.stats, &self.progress.borrow());
         match record.status {
