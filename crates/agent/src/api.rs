@@ -193,6 +193,7 @@ impl Agent {
             Ok(d.definition.clone())
         })?;
         let binary = self.binary().await?;
+        let binary = binary.as_ref();
         let spec = vm::spec_for(&def, binary, &self.uri, self.config.tcg_workaround)?;
         let vm = vm::launch(self, &def, &spec, false, paused).await?;
         self.with_domain(name, |d| {
@@ -326,6 +327,7 @@ impl Agent {
 
     async fn domcapabilities(self: &Arc<Self>) -> Result<Reply, ApiError> {
         let binary = self.binary().await?;
+        let binary = binary.as_ref();
         Ok(Reply::Capabilities(Box::new(
             self.host_capabilities(binary),
         )))

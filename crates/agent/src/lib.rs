@@ -28,6 +28,7 @@ mod estimate;
 pub mod history;
 mod metrics;
 mod migrate;
+mod probe_cache;
 mod reattach;
 mod runfile;
 mod server;

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use domain::qemu::fingerprint::Fingerprint;
 use domain::qemu::QemuBinary;
 use domain::{DomainDefinition, DomainName};
 use migration::perform::{Progress, Retune};
@@ -159,7 +160,8 @@ pub(crate) struct Agent {
     /// The agent's certificate as its QEMUs read it, for `--tls` (with a
     /// TLS directory only).
     pub qemu_credentials: Option<std::path::PathBuf>,
-    binary: tokio::sync::OnceCell<QemuBinary>,
+    /// The probed QEMU binary, with the fingerprint it was probed at.
+    binary: tokio::sync::Mutex<Option<(Fingerprint, Arc<QemuBinary>)>>,
     pub domains: Mutex<BTreeMap<DomainName, Domain>>,
     next_run_id: AtomicU64,
     next_connection: AtomicU64,
@@ -183,7 +185,7 @@ impl Agent {
             metrics: Metrics::default(),
             uri,
             instance: uuid::Uuid::new_v4().to_string(),
-            binary: tokio::sync::OnceCell::new(),
+            binary: tokio::sync::Mutex::new(None),
             domains: Mutex::new(BTreeMap::new()),
             next_run_id: AtomicU64::new(1),
             next_connection: AtomicU64::new(1),
@@ -271,18 +273,38 @@ impl Agent {
         protocol::Client::connect_with(uri, self.peer_tls.as_ref()).await
     }
 
-    /// The probed QEMU binary (probed once, on first use).
-    pub async fn binary(&self) -> Result<&QemuBinary, ApiError> {
-        self.binary
-            .get_or_try_init(|| domain::qemu::probe(&self.config.qemu, self.config.qemu_timeout))
+    /// The QEMU binary's capabilities: probed on first use and again only
+    /// when the binary changes (its path, size or mtime), kept across
+    /// restarts in the state directory.
+    pub async fn binary(&self) -> Result<Arc<QemuBinary>, ApiError> {
+        let failed = |e: String| errors::qemu(format!("cannot probe QEMU on {}: {e}", self.uri));
+        let now = domain::qemu::fingerprint::fingerprint(&self.config.qemu)
             .await
-            .map_err(|e| {
-                errors::qemu(format!(
-                    "cannot probe QEMU on {}: {}",
-                    self.uri,
-                    errors::chain(&e)
-                ))
-            })
+            .map_err(|e| failed(format!("{}: {e}", self.config.qemu.display())))?;
+        let mut cached = self.binary.lock().await;
+        if let Some((fingerprint, binary)) = cached.as_ref() {
+            if *fingerprint == now {
+                return Ok(binary.clone());
+            }
+        }
+        let state_dir = self.store.root();
+        let binary = match crate::probe_cache::load(state_dir, &now).await {
+            Some(binary) => {
+                tracing::debug!(binary = %now.path.display(), "QEMU capabilities from the cached probe");
+                binary
+            }
+            None => {
+                let binary = domain::qemu::probe(&self.config.qemu, self.config.qemu_timeout)
+                    .await
+                    .map_err(|e| failed(errors::chain(&e)))?;
+                tracing::info!(binary = %now.path.display(), version = %binary.version, "probed QEMU");
+                crate::probe_cache::save(state_dir, now.clone(), &binary).await;
+                binary
+            }
+        };
+        let binary = Arc::new(binary);
+        *cached = Some((now, binary.clone()));
+        Ok(binary)
     }
 
     /// Runs `f` on a domain under the table lock.

@@ -106,6 +106,7 @@ pub(crate) async fn launch(
     // or a file replaced by a link since.
     agent.check_paths(def).await?;
     let binary = agent.binary().await?;
+    let binary = binary.as_ref();
     let name = &def.name;
     let qmp_socket = agent.store.run_dir().join(format!("{name}.qmp"));
     if qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {

@@ -468,3 +468,65 @@ async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
         "JSON logs from the config file"
     );
 }
+
+/// How many times the agent's log says it probed QEMU.
+fn probes_logged(host: &testkit::Host) -> usize {
+    std::fs::read_to_string(host.state_dir().join("livemigd.log"))
+        .unwrap_or_default()
+        .matches("probed QEMU")
+        .count()
+}
+
+/// The QEMU probe (a QEMU started to list its capabilities) is made once
+/// per binary: at the agent's start rather than during the first
+/// migration, kept across restarts, and made again when the binary changes
+/// as an upgrade changes it.
+#[tokio::test]
+async fn the_qemu_probe_is_kept_across_restarts_and_redone_when_the_binary_changes() {
+    let bed = TestBed::new().await;
+    let installed =
+        domain::qemu::fingerprint::fingerprint(std::path::Path::new("qemu-system-x86_64"))
+            .await
+            .unwrap()
+            .path;
+    // A copy of the installed binary, in a prefix of its own: QEMU finds
+    // its modules and firmware relative to where it runs from.
+    let prefix = installed.parent().and_then(|bin| bin.parent()).unwrap();
+    let ours = bed.path().join("prefix");
+    std::fs::create_dir_all(ours.join("bin")).unwrap();
+    for shared in ["lib", "share"] {
+        std::os::unix::fs::symlink(prefix.join(shared), ours.join(shared)).unwrap();
+    }
+    let qemu = ours.join("bin/qemu-system-x86_64");
+    std::fs::copy(&installed, &qemu).unwrap();
+    let mut a = bed
+        .host_args("a", &["--qemu", qemu.to_str().unwrap()])
+        .await;
+    let cache = a.state_dir().join("qemu-probe.json");
+    testkit::wait_until(
+        std::time::Duration::from_secs(30),
+        "the probe at the agent's start",
+        || async { (probes_logged(&a) == 1 && cache.exists()).then_some(()) },
+    )
+    .await;
+
+    a.restart().await;
+    let caps = a.cli(&["domcapabilities"]);
+    assert!(caps.status.success(), "{caps:?}");
+    assert!(stdout(&caps).contains("QEMU version"));
+    assert_eq!(probes_logged(&a), 0, "probed again after a restart");
+
+    // An upgrade rewrites the binary.
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "2001-02-03 04:05:06"])
+        .arg(&qemu)
+        .status()
+        .unwrap();
+    assert!(touched.success());
+    a.restart().await;
+    let caps = a.cli(&["domcapabilities"]);
+    assert!(caps.status.success(), "{caps:?}");
+    assert_eq!(probes_logged(&a), 1, "not probed after the binary changed");
+    let log = std::fs::read_to_string(a.state_dir().join("livemigd.log")).unwrap();
+    assert!(log.contains("changed since its last probe"), "{log}");
+}

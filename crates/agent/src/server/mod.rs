@@ -266,6 +266,14 @@ pub async fn serve(
         peer_tls,
         qemu_credentials,
     ));
+    // The QEMU probe (or its cached copy) now, not while the first
+    // migration waits for it.
+    let warm = agent.clone();
+    tokio::spawn(async move {
+        if let Err(e) = warm.binary().await {
+            tracing::warn!(error = %e.message, "QEMU not probed at start");
+        }
+    });
     {
         let defs = agent.store.load_definitions().await;
         let mut domains = agent.domains.lock().expect("domains lock");

@@ -2,6 +2,7 @@
 
 pub mod argv;
 pub mod binary;
+pub mod fingerprint;
 pub mod img;
 pub mod layout;
 pub mod process;

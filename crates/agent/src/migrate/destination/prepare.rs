@@ -31,6 +31,7 @@ use crate::vm;
 pub(crate) async fn probe(agent: &Arc<Agent>, probe: ProbeRequest) -> Result<Reply, ApiError> {
     let flags = Flags::new(probe.flags).map_err(|e| errors::invalid(e.to_string()))?;
     let binary = agent.binary().await?;
+    let binary = binary.as_ref();
     support::check(&flags, Role::Destination, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
     stream_tls::check(agent, &flags)?;
@@ -136,6 +137,7 @@ async fn prepare_live(
 ) -> Result<Reply, ApiError> {
     let name = req.definition.name.clone();
     let binary = agent.binary().await?;
+    let binary = binary.as_ref();
     support::check(&req.flags, Role::Destination, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
     vm::check_spec(&req.spec, binary, &agent.uri, agent.config.tcg_workaround)?;

@@ -85,6 +85,7 @@ pub(crate) async fn begin(
     migration::safety::check(&def, flags.offline, flags.unsafe_migration, &storage)
         .map_err(|e| errors::operation_invalid(e.to_string()))?;
     let binary = agent.binary().await?;
+    let binary = binary.as_ref();
     support::check(&flags, Role::Source, &agent.uri, binary)
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
     let tls = crate::migrate::stream_tls::source(agent, &flags, &dest_uri)?;
