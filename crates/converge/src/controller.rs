@@ -37,6 +37,9 @@ const HYSTERESIS: f64 = 0.005;
 /// ... or change of the CPU share left to the guest (near 100 %, a tenth
 /// of a point can halve what the guest gets).
 const SHARE_HYSTERESIS: f64 = 1.25;
+/// Share of the link a guest known only by a lower bound may dirty under
+/// the throttle chosen: below 1, so that passes shrink.
+const LINK_SHARE: f64 = 0.9;
 /// Passes under one throttle without a new low (see [`stalled`]) after
 /// which the model is not trusted and the throttle escalates.
 const STALL_WINDOW: usize = 2;
@@ -216,7 +219,13 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     let working_set = state.model.working_set.max(dirtied);
     let saturated = !known_ws || dirtied >= SATURATION * working_set;
     let implied = dirtied / pass_secs / (1.0 - obs.throttle).max(1e-4);
-    next.model = if saturated {
+    // An unthrottled pass counts only pages dirtied after it had sent them
+    // (the first pass sends all of RAM once, whatever the guest dirtied
+    // before reaching a page): it undercounts, so it cannot lower a bound
+    // measured independently (the pre-flight's sampling).
+    let undercounts =
+        obs.throttle <= 0.0 && state.model.rate_is_lower_bound && implied < state.model.rate;
+    next.model = if saturated || undercounts {
         DirtyModel {
             rate: implied.max(state.model.rate),
             working_set,
@@ -262,6 +271,15 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
                 (policy.max_throttle, policy.max_downtime)
             }
         };
+    // Never a throttle under which even the lower bound dirties faster
+    // than the link sends (unless the working set fits in the downtime):
+    // that pass would be wasted, and the next decision a pass later.
+    if next.model.rate_is_lower_bound
+        && next.model.working_set > obs.bandwidth * state.downtime
+        && next.model.rate > obs.bandwidth
+    {
+        throttle = throttle.max(1.0 - LINK_SHARE * obs.bandwidth / next.model.rate);
+    }
     // Saturated while already throttled: the real rate is higher than any
     // estimate so far, so make sure the next pass is throttled clearly more.
     if known_ws && saturated && obs.throttle > 0.0 {

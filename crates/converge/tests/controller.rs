@@ -305,3 +305,52 @@ fn a_writer_hot_enough_never_converges_even_at_99() {
     assert!(!p.converges, "{p:?}");
     assert_eq!(p.max_throttle, 0.99);
 }
+
+/// The issue's timeline: the pre-flight measurement said "at least
+/// 202 MiB/s" (the working set filled within its 1 s window), then the
+/// first pass came back unsaturated. Pages dirtied before the first pass
+/// reached them are not counted again, so that pass undercounts; taken as
+/// a measurement it made the controller choose 60 % (and, for a longer
+/// pass, nothing at all) where the link carries a third of the lower bound.
+#[test]
+fn an_unthrottled_pass_under_the_preflight_bound_does_not_lower_it() {
+    let p = Policy {
+        budget: None,
+        ..policy()
+    };
+    let state = State::new(
+        &p,
+        Some(DirtyModel {
+            rate: 202.0 * MIB,
+            working_set: 256.0 * MIB,
+            rate_is_lower_bound: true,
+        }),
+    );
+    // Under any lighter throttle even the lower bound outruns the link.
+    let floor = 1.0 - 64.0 / 202.0;
+    for (pass_secs, remaining_mib) in [(2.0, 150.0), (2.0, 200.0), (5.4, 200.0)] {
+        let d = sync(&state, &p, 5.4, remaining_mib, pass_secs);
+        assert!(
+            d.state.throttle > floor,
+            "pass {pass_secs} s, {remaining_mib} MiB: {:?}",
+            d.actions
+        );
+        assert!(d.state.model.rate >= 202.0 * MIB, "{:?}", d.state.model);
+    }
+}
+
+/// Whatever the model, a throttle under which the guest's known lower
+/// bound still dirties faster than the link sends is never chosen.
+#[test]
+fn no_throttle_under_which_the_lower_bound_outruns_the_link() {
+    let p = policy();
+    let mut state = State::new(&p, None);
+    state.model = DirtyModel {
+        rate: 500.0 * MIB,
+        working_set: 256.0 * MIB,
+        rate_is_lower_bound: true,
+    };
+    state.history = vec![256.0 * MIB];
+    let d = sync(&state, &p, 10.0, 256.0, 4.0);
+    assert!(d.state.throttle >= 1.0 - 64.0 / 500.0, "{:?}", d.actions);
+}
