@@ -78,6 +78,11 @@ pub struct Trial {
     pub guest_rate_writes_s: f64,
     pub memory_check: &'static str,
     pub error: Option<String>,
+    /// What the controller predicted once it had measured the guest (and
+    /// for the fastest writer the measurement allows), ms: set against
+    /// `total_time_ms` to see how far `estimate`'s model is off.
+    pub predicted_total_ms: Option<u64>,
+    pub predicted_worst_total_ms: Option<u64>,
     /// The job's timeline (controller decisions, escalations).
     pub actions: Vec<protocol::job::TimedAction>,
 }
@@ -468,6 +473,8 @@ pub async fn trial(
         guest_rate_writes_s: guest_rate,
         memory_check: if intact { "ok" } else { "corrupt" },
         error: record.error,
+        predicted_total_ms: record.predicted_total_ms,
+        predicted_worst_total_ms: record.predicted_worst_total_ms,
         actions: record.actions,
     })
 }

@@ -275,7 +275,8 @@ impl History {
         self.with(move |conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, domain, role, status, started_at_ms, total_time_ms, downtime_ms, \
-                 max_throttle_pct, converge, error FROM jobs \
+                 max_throttle_pct, converge, error, \
+                 json_extract(record, '$.predicted_total_ms') FROM jobs \
                  WHERE ?1 IS NULL OR domain = ?1 ORDER BY finished_at_ms DESC LIMIT ?2",
             )?;
             let rows = stmt
@@ -291,6 +292,7 @@ impl History {
                         max_throttle_pct: r.get(7)?,
                         converge: r.get(8)?,
                         error: r.get(9)?,
+                        predicted_total_ms: r.get::<_, Option<i64>>(10)?.map(|p| p as u64),
                     })
                 })?
                 .collect::<Result<_, _>>()?;
@@ -338,6 +340,8 @@ mod tests {
             stats: JobStats::default(),
             phases: Vec::new(),
             first_byte_ms: None,
+            predicted_total_ms: Some(9_000),
+            predicted_worst_total_ms: None,
             samples: vec![
                 Sample {
                     t_ms: 250,
@@ -388,6 +392,8 @@ mod tests {
         let web = history.list(Some("web".into()), 1).await.unwrap();
         assert_eq!(web.len(), 1);
         assert_eq!(web[0].id, "new");
+        // Read from the record's JSON: no schema change for it.
+        assert_eq!(web[0].predicted_total_ms, Some(9_000));
     }
 
     #[tokio::test]

@@ -450,12 +450,20 @@ pub fn estimate(r: &protocol::estimate::EstimateReport) -> String {
 /// `jobs`.
 pub fn job_list(jobs: &[JobSummary]) -> String {
     let mut out = format!(
-        "{:<36}  {:<16} {:<11} {:<9} {:>9} {:>9} {:>9}  {}\n",
-        "Job", "Domain", "Role", "Status", "Time", "Downtime", "Throttle", "Convergence"
+        "{:<36}  {:<16} {:<11} {:<9} {:>9} {:>9} {:>9}  {:<11} {}\n",
+        "Job",
+        "Domain",
+        "Role",
+        "Status",
+        "Time",
+        "Downtime",
+        "Throttle",
+        "Convergence",
+        "Predicted"
     );
     for j in jobs {
         out.push_str(&format!(
-            "{:<36}  {:<16} {:<11} {:<9} {:>7.1} s {:>9} {:>8.1}%  {}\n",
+            "{:<36}  {:<16} {:<11} {:<9} {:>7.1} s {:>9} {:>8.1}%  {:<11} {}\n",
             j.id,
             j.domain,
             j.role,
@@ -468,7 +476,22 @@ pub fn job_list(jobs: &[JobSummary]) -> String {
             } else {
                 &j.converge
             },
+            predicted(j),
         ));
     }
     out
+}
+
+/// "12.6 s (-30 %)": the predicted total time, and by how much it missed
+/// the real one.
+fn predicted(j: &JobSummary) -> String {
+    match j.predicted_total_ms {
+        Some(p) if j.total_time_ms > 0 && j.status == "completed" => format!(
+            "{:.1} s ({:+.0} %)",
+            p as f64 / 1000.0,
+            (p as f64 - j.total_time_ms as f64) / j.total_time_ms as f64 * 100.0
+        ),
+        Some(p) => format!("{:.1} s", p as f64 / 1000.0),
+        None => "-".into(),
+    }
 }

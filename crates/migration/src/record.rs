@@ -60,6 +60,8 @@ impl JobIdentity {
             stats: JobStats::default(),
             phases: Vec::new(),
             first_byte_ms: None,
+            predicted_total_ms: None,
+            predicted_worst_total_ms: None,
             samples: Vec::new(),
         }
     }
@@ -158,6 +160,10 @@ pub fn with_progress(mut record: JobRecord, stats: JobStats, progress: &Progress
         .max(stats.cpu_throttle_pct.unwrap_or(0) as f64);
     record.actions.clone_from(&progress.actions);
     record.samples.clone_from(&progress.samples);
+    if let Some(prediction) = progress.prediction {
+        record.predicted_total_ms = Some((prediction.total_secs * 1000.0) as u64);
+        record.predicted_worst_total_ms = prediction.worst_secs.map(|w| (w * 1000.0) as u64);
+    }
     record.stats = stats;
     record
 }

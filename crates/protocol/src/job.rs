@@ -410,6 +410,14 @@ pub struct JobRecord {
     /// memory (`migrate` accepted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_byte_ms: Option<u64>,
+    /// What the controller predicted for the job's total time once it had
+    /// measured the guest (adaptive jobs on a capped link), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_total_ms: Option<u64>,
+    /// The same for the fastest writer the measurement allows, when the
+    /// rate was only a lower bound: how sure the prediction was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_worst_total_ms: Option<u64>,
     /// The timeline: one sample per poll.
     #[serde(default)]
     pub samples: Vec<Sample>,
@@ -468,6 +476,9 @@ pub struct JobSummary {
     pub converge: String,
     /// Why it failed.
     pub error: Option<String>,
+    /// The total time predicted once the guest was measured, ms.
+    #[serde(default)]
+    pub predicted_total_ms: Option<u64>,
 }
 
 #[cfg(test)]

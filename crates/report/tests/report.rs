@@ -55,6 +55,8 @@ fn record() -> JobRecord {
         stats: JobStats::default(),
         phases: Vec::new(),
         first_byte_ms: None,
+        predicted_total_ms: None,
+        predicted_worst_total_ms: None,
         samples,
     }
 }

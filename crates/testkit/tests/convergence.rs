@@ -87,6 +87,19 @@ async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
         "qemu:"
     };
     assert!(detail.starts_with(mechanism), "{detail}");
+    // The controller's prediction, made once it had measured the guest,
+    // is kept beside the outcome, and `jobs` shows how far off it was.
+    let predicted = record.predicted_total_ms.expect("a prediction");
+    assert!(predicted > 0, "{record:#?}");
+    let jobs = testkit::output::stdout(&a.cli(&["jobs"]));
+    let row = jobs
+        .lines()
+        .find(|l| l.starts_with(&record.id))
+        .unwrap_or_else(|| panic!("{jobs}"));
+    assert!(
+        row.contains(&format!("{:.1} s (", predicted as f64 / 1000.0)),
+        "{jobs}"
+    );
     assert_runs_only_on("vm", &b, &a, 2).await;
 }
 

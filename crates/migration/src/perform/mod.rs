@@ -200,6 +200,19 @@ pub struct Progress {
     pub downtime_limit: Option<Duration>,
     /// When QEMU accepted `migrate` and began sending the memory.
     pub migrating_since: Option<tokio::time::Instant>,
+    /// What the controller predicted once it had measured the guest.
+    pub prediction: Option<Prediction>,
+}
+
+/// A job's total time as predicted from the pre-flight measurement.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    /// For the model as measured, seconds.
+    pub total_secs: f64,
+    /// For the fastest writer the measurement allows (a lower-bound rate),
+    /// seconds; `None` when the rate was measured, or that writer would not
+    /// converge.
+    pub worst_secs: Option<f64>,
 }
 
 /// Starts the migration to `uri` and watches it until QEMU finishes it.

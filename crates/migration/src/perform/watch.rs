@@ -255,11 +255,53 @@ impl<'a> Watch<'a> {
                             state.model = model;
                         }
                     }
+                    self.predict(model);
                 }
             }
             Err(oneshot::error::TryRecvError::Empty) => {}
             Err(oneshot::error::TryRecvError::Closed) => self.preflight = None,
         }
+    }
+
+    /// Predicts the job's total time from the pre-flight `model`, to be
+    /// set against the outcome in the record (on a capped link only: the
+    /// link's speed is otherwise unknown this early).
+    fn predict(&mut self, model: converge::model::DirtyModel) {
+        let (Some((_, policy)), Some(link)) = (&self.controller, self.limits.bandwidth) else {
+            return;
+        };
+        let outlook = converge::estimate::predict(
+            model,
+            self.options.ram_bytes as f64,
+            link.as_f64(),
+            policy,
+        );
+        let adaptive = outlook.measured.adaptive;
+        if !adaptive.converges {
+            return;
+        }
+        let worst = outlook
+            .worst_case
+            .map(|w| w.adaptive)
+            .filter(|w| w.converges)
+            .map(|w| w.total_secs);
+        let prediction = super::Prediction {
+            total_secs: adaptive.total_secs,
+            worst_secs: worst,
+        };
+        self.update(|p| p.prediction = Some(prediction));
+        self.record(
+            ActionKind::Measure,
+            None,
+            match worst {
+                Some(worst) => format!(
+                    "predicted: completes in {:.1} s ({:.1} s if the guest writes as fast as \
+                     the measurement allows)",
+                    adaptive.total_secs, worst
+                ),
+                None => format!("predicted: completes in {:.1} s", adaptive.total_secs),
+            },
+        );
     }
 
     /// Lifts our throttle; called as soon as QEMU reports the end.
