@@ -387,7 +387,7 @@ impl Agent {
                 (Some(ActiveJob::Outgoing(job)), Some(vm)) => Some((
                     job.retune.clone(),
                     job.storage.clone(),
-                    *job.phase.lock().expect("phase lock"),
+                    job.clock.current(),
                     vm.process.qmp().clone(),
                 )),
                 _ => None,

@@ -36,11 +36,10 @@ use crate::vm::RunningVm;
 pub(crate) struct OutgoingJob {
     pub ident: JobIdentity,
     pub started: Instant,
-    /// When each phase began, from the command's arrival.
+    /// The phase it is in, and when each began from the command's arrival.
     pub clock: migration::record::PhaseClock,
     pub cancel: CancellationToken,
     pub progress: watch::Receiver<Progress>,
-    pub phase: Mutex<Phase>,
     /// Mid-job limits for the watcher (`migrate-setspeed`, ...).
     pub retune: mpsc::Sender<Retune>,
     /// The watcher's end, taken when Perform starts.
@@ -101,7 +100,7 @@ impl ActiveJob {
         match self {
             ActiveJob::Outgoing(j) => {
                 let mut info = j.ident.info(
-                    *j.phase.lock().expect("phase lock"),
+                    j.clock.current(),
                     j.started.elapsed(),
                     Some(&j.progress.borrow()),
                 );

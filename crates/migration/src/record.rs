@@ -84,6 +84,15 @@ impl PhaseClock {
         }
     }
 
+    /// The phase the job is in now.
+    pub fn current(&self) -> Phase {
+        self.entered
+            .lock()
+            .expect("phase clock")
+            .last()
+            .map_or(Phase::Begin, |(phase, _)| *phase)
+    }
+
     /// `phase` begins now.
     pub fn enter(&self, phase: Phase) {
         self.entered

@@ -147,7 +147,6 @@ pub(crate) async fn begin(
         clock: migration::record::PhaseClock::new(begun, Phase::Begin),
         cancel: CancellationToken::new(),
         progress: progress_rx,
-        phase: Mutex::new(Phase::Begin),
         retune: retune_tx,
         retunes: Mutex::new(Some(retune_rx)),
         storage: storage.clone(),

@@ -43,7 +43,7 @@ impl Run {
         if ending.status == JobStatus::Completed {
             self.set_phase(Phase::Done);
         }
-        let phase = *self.job.phase.lock().expect("phase lock");
+        let phase = self.job.clock.current();
         let mut record = self
             .job
             .ident
