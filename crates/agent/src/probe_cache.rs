@@ -7,13 +7,17 @@
 use std::path::{Path, PathBuf};
 
 use domain::qemu::fingerprint::{CachedProbe, Fingerprint};
+use domain::qemu::QemuBinary;
+
+use crate::errors;
+use crate::store::Store;
 
 fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("qemu-probe.json")
 }
 
 /// The cached probe, if it was made of the binary `now` fingerprints.
-pub(crate) async fn load(state_dir: &Path, now: &Fingerprint) -> Option<domain::qemu::QemuBinary> {
+pub(crate) async fn load(state_dir: &Path, now: &Fingerprint) -> Option<QemuBinary> {
     let text = tokio::fs::read(path(state_dir)).await.ok()?;
     match serde_json::from_slice::<CachedProbe>(&text) {
         Ok(cached) if cached.fingerprint == *now => Some(cached.binary),
@@ -29,28 +33,15 @@ pub(crate) async fn load(state_dir: &Path, now: &Fingerprint) -> Option<domain::
 }
 
 /// Keeps `binary`'s probe for the next start; a failure only costs a probe.
-pub(crate) async fn save(
-    state_dir: &Path,
-    fingerprint: Fingerprint,
-    binary: &domain::qemu::QemuBinary,
-) {
+pub(crate) async fn save(store: &Store, fingerprint: Fingerprint, binary: &QemuBinary) {
     let cached = CachedProbe {
         fingerprint,
         binary: binary.clone(),
     };
-    let target = path(state_dir);
-    let tmp = state_dir.join(".qemu-probe.json.tmp");
-    let bytes = match serde_json::to_vec_pretty(&cached) {
-        Ok(bytes) => bytes,
-        Err(_) => return,
+    let Ok(bytes) = serde_json::to_vec_pretty(&cached) else {
+        return;
     };
-    let written = async {
-        tokio::fs::write(&tmp, bytes).await?;
-        tokio::fs::rename(&tmp, &target).await
-    }
-    .await;
-    if let Err(e) = written {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        tracing::warn!(error = %e, path = %target.display(), "cannot cache the QEMU probe");
+    if let Err(e) = store.write_file(path(store.root()), bytes).await {
+        tracing::warn!(error = %errors::chain(&e), "cannot cache the QEMU probe");
     }
 }

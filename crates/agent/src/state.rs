@@ -297,7 +297,7 @@ impl Agent {
                     .await
                     .map_err(|e| failed(errors::chain(&e)))?;
                 tracing::info!(binary = %now.path.display(), version = %binary.version, "probed QEMU");
-                crate::probe_cache::save(state_dir, now.clone(), &binary).await;
+                crate::probe_cache::save(&self.store, now.clone(), &binary).await;
                 binary
             }
         };

@@ -99,6 +99,15 @@ impl Store {
         &self.root
     }
 
+    /// Writes a file of the state directory the crash-safe way (see
+    /// `write_atomic`).
+    ///
+    /// # Errors
+    /// [`StoreError::Write`].
+    pub(crate) async fn write_file(&self, path: PathBuf, bytes: Vec<u8>) -> Result<(), StoreError> {
+        write_atomic(path, bytes).await
+    }
+
     /// Where run records, QMP sockets and serial logs live.
     pub fn run_dir(&self) -> PathBuf {
         self.root.join("run")
