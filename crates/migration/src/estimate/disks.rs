@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 
+use domain::qemu::argv::drive_id;
 use protocol::estimate::{DiskCopyOutlook, DiskEstimate};
 use qmp::commands::block::{QueryBlock, QueryBlockstats};
 use qmp::Client;
@@ -24,7 +25,8 @@ pub struct DiskFacts {
 /// converging: at the link's own rate the mirror never catches up.
 const CONVERGES_BELOW: f64 = 0.9;
 
-/// Bytes written per disk (by target) at one moment, and each disk's size.
+/// Bytes written per disk (by its `-drive` id) at one moment, and each
+/// disk's size.
 #[derive(Debug, Clone)]
 pub(super) struct Counters {
     at: Instant,
@@ -36,16 +38,15 @@ pub(super) struct Counters {
 pub(super) async fn counters(qmp: &Client) -> Result<Counters, qmp::Error> {
     let stats = qmp.execute(&QueryBlockstats).await?;
     let blocks = qmp.execute(&QueryBlock).await?;
-    let target = |device: &str| device.strip_prefix("drive-").map(str::to_string);
     Ok(Counters {
         at: Instant::now(),
         written: stats
             .iter()
-            .filter_map(|s| Some((target(&s.device)?, s.stats.wr_bytes)))
+            .map(|s| (s.device.clone(), s.stats.wr_bytes))
             .collect(),
         sizes: blocks
             .iter()
-            .filter_map(|b| Some((target(&b.device)?, b.inserted.as_ref()?.image.virtual_size)))
+            .filter_map(|b| Some((b.device.clone(), b.inserted.as_ref()?.image.virtual_size)))
             .collect(),
     })
 }
@@ -75,15 +76,13 @@ pub(super) fn outlook(
     disks
         .iter()
         .map(|disk| {
-            let written = match (
-                before.written.get(&disk.target),
-                after.written.get(&disk.target),
-            ) {
+            let drive = drive_id(&disk.target);
+            let written = match (before.written.get(&drive), after.written.get(&drive)) {
                 (Some(b), Some(a)) => a.saturating_sub(*b),
                 _ => 0,
             };
             let write_rate = written as f64 / secs;
-            let size = after.sizes.get(&disk.target).copied().unwrap_or(0);
+            let size = after.sizes.get(&drive).copied().unwrap_or(0);
             DiskEstimate {
                 target: disk.target.clone(),
                 shared: disk.shared,
@@ -122,8 +121,16 @@ mod tests {
         let at = Instant::now();
         let counters = |secs: u64, vda: u64, vdb: u64| Counters {
             at: at + std::time::Duration::from_secs(secs),
-            written: [("vda".to_string(), vda), ("vdb".to_string(), vdb)].into(),
-            sizes: [("vda".to_string(), 1 << 30), ("vdb".to_string(), 1 << 20)].into(),
+            written: [
+                ("drive-vda".to_string(), vda),
+                ("drive-vdb".to_string(), vdb),
+            ]
+            .into(),
+            sizes: [
+                ("drive-vda".to_string(), 1 << 30),
+                ("drive-vdb".to_string(), 1 << 20),
+            ]
+            .into(),
         };
         let disks = [
             DiskFacts {
