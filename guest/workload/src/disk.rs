@@ -57,6 +57,11 @@ fn check(block: &[u8], index: u64, generation: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Blocks read and written per request: a guest under TCG pays per request
+/// (an exit to QEMU, an interrupt back), so one 64 KiB request moves about
+/// as many bytes a second as sixteen of 4 KiB would if it were alone.
+const BATCH: u64 = 16;
+
 /// Writes and checks blocks until the process ends.
 pub fn run(
     device: &str,
@@ -71,9 +76,9 @@ pub fn run(
         .custom_flags(O_DIRECT)
         .open(device)?;
     // O_DIRECT wants an aligned buffer: take the aligned part of a larger one.
-    let mut raw = vec![0u8; 2 * BLOCK];
+    let mut raw = vec![0u8; (BATCH as usize + 1) * BLOCK];
     let offset = raw.as_ptr().align_offset(BLOCK);
-    let buffer = &mut raw[offset..offset + BLOCK];
+    let buffer = &mut raw[offset..offset + BATCH as usize * BLOCK];
     let interval = if kib_s == 0 {
         Duration::ZERO
     } else {
@@ -83,23 +88,31 @@ pub fn run(
     let mut next_report = Instant::now() + report_every;
     let mut next_write = Instant::now();
     loop {
-        for index in 0..blocks {
-            let at = index * BLOCK as u64;
+        let mut first = 0;
+        while first < blocks {
+            let count = BATCH.min(blocks - first);
+            let batch = &mut buffer[..count as usize * BLOCK];
+            let at = first * BLOCK as u64;
             if generation > 0 {
-                file.read_exact_at(buffer, at)?;
-                match check(buffer, index, generation - 1) {
-                    Ok(()) => verified += 1,
-                    Err(what) => {
-                        errors += 1;
-                        if errors <= 16 {
-                            report::line(&format!("CORRUPT disk block={index} {what}"));
+                file.read_exact_at(batch, at)?;
+                for (index, block) in (first..).zip(batch.chunks_exact(BLOCK)) {
+                    match check(block, index, generation - 1) {
+                        Ok(()) => verified += 1,
+                        Err(what) => {
+                            errors += 1;
+                            if errors <= 16 {
+                                report::line(&format!("CORRUPT disk block={index} {what}"));
+                            }
                         }
                     }
                 }
             }
-            fill(buffer, index, generation);
-            file.write_all_at(buffer, at)?;
-            writes += 1;
+            for (index, block) in (first..).zip(batch.chunks_exact_mut(BLOCK)) {
+                fill(block, index, generation);
+            }
+            file.write_all_at(batch, at)?;
+            writes += count;
+            first += count;
             let now = Instant::now();
             if now >= next_report {
                 next_report = now + report_every;
@@ -108,7 +121,7 @@ pub fn run(
                     started.elapsed().as_millis()
                 ));
             }
-            next_write += interval;
+            next_write += interval * count as u32;
             if let Some(wait) = next_write.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             } else {
