@@ -13,7 +13,8 @@ use protocol::job::{ActionKind, JobRecord, JobSummary, Sample, TimedAction};
 use rusqlite::{params, Connection, OptionalExtension};
 
 /// Schema migrations; entry `i` takes the schema from version `i` to `i+1`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
     domain TEXT NOT NULL,
@@ -50,7 +51,12 @@ CREATE TABLE events (
     detail TEXT NOT NULL
 );
 CREATE INDEX events_by_job ON events (job_id, t_ms);
-"#];
+"#,
+    r#"
+ALTER TABLE samples ADD COLUMN disk_remaining_bytes INTEGER;
+ALTER TABLE samples ADD COLUMN disk_dirty_rate_mib_s REAL;
+"#,
+];
 
 #[derive(Debug, thiserror::Error)]
 /// Why the history could not be read or written.
@@ -181,7 +187,8 @@ impl History {
                 let mut insert = tx.prepare(
                     "INSERT INTO samples (job_id, t_ms, status, pass, remaining_bytes, \
                      transferred_bytes, bandwidth_mib_s, dirty_rate_mib_s, throttle_pct, \
-                     expected_downtime_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     expected_downtime_ms, disk_remaining_bytes, disk_dirty_rate_mib_s) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 )?;
                 for s in &record.samples {
                     insert.execute(params![
@@ -195,6 +202,8 @@ impl History {
                         s.dirty_rate_mib_s,
                         s.throttle_pct,
                         s.expected_downtime_ms.map(|d| d as i64),
+                        s.disk_remaining_bytes.map(|b| b as i64),
+                        s.disk_dirty_rate_mib_s,
                     ])?;
                 }
                 let mut insert = tx.prepare(
@@ -230,7 +239,8 @@ impl History {
             let mut record: JobRecord = serde_json::from_str(&json)?;
             let mut stmt = conn.prepare(
                 "SELECT t_ms, status, pass, remaining_bytes, transferred_bytes, bandwidth_mib_s, \
-                 dirty_rate_mib_s, throttle_pct, expected_downtime_ms FROM samples \
+                 dirty_rate_mib_s, throttle_pct, expected_downtime_ms, disk_remaining_bytes, \
+                 disk_dirty_rate_mib_s FROM samples \
                  WHERE job_id = ?1 ORDER BY t_ms",
             )?;
             record.samples = stmt
@@ -245,6 +255,8 @@ impl History {
                         dirty_rate_mib_s: r.get(6)?,
                         throttle_pct: r.get(7)?,
                         expected_downtime_ms: r.get::<_, Option<i64>>(8)?.map(|d| d as u64),
+                        disk_remaining_bytes: r.get::<_, Option<i64>>(9)?.map(|b| b as u64),
+                        disk_dirty_rate_mib_s: r.get(10)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
@@ -421,5 +433,54 @@ mod tests {
             History::open(&path),
             Err(HistoryError::TooNew { found: 99, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_database_from_before_the_disk_samples_is_brought_up_to_date() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.db");
+        // The first schema, with a job and a sample in it.
+        let mut conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);\
+             INSERT INTO schema_version (version) VALUES (1);",
+        )
+        .unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        let old = record("old", "web", 1000);
+        let tx = conn.transaction().unwrap();
+        tx.execute(
+            "INSERT INTO jobs (id, domain, role, status, started_at_ms, finished_at_ms, \
+             total_time_ms, max_throttle_pct, converge, record) \
+             VALUES ('old', 'web', 'source', 'completed', 0, 1000, 1000, 0, 'plain', ?1)",
+            [serde_json::to_string(&JobRecord {
+                samples: Vec::new(),
+                actions: Vec::new(),
+                ..old.clone()
+            })
+            .unwrap()],
+        )
+        .unwrap();
+        tx.execute(
+            "INSERT INTO samples (job_id, t_ms, status, pass, remaining_bytes, \
+             transferred_bytes, bandwidth_mib_s, dirty_rate_mib_s, throttle_pct) \
+             VALUES ('old', 250, 'active', 1, 10, 20, 1.0, 2.0, 0.0)",
+            [],
+        )
+        .unwrap();
+        tx.commit().unwrap();
+        drop(conn);
+
+        let history = History::open(&path).unwrap();
+        let loaded = history.load("old").await.unwrap().unwrap();
+        assert_eq!(loaded.samples.len(), 1);
+        assert_eq!(loaded.samples[0].remaining_bytes, 10);
+        assert_eq!(loaded.samples[0].disk_remaining_bytes, None);
+        // New jobs keep their disks' figures.
+        let mut job = record("new", "web", 2000);
+        job.samples[0].disk_remaining_bytes = Some(4096);
+        job.samples[0].disk_dirty_rate_mib_s = Some(1.5);
+        history.save(&job).await.unwrap();
+        assert_eq!(history.load("new").await.unwrap(), Some(job));
     }
 }

@@ -162,13 +162,13 @@ pub fn job_info(job: &JobInfo) -> String {
         ("Memory total", s.memory_total_bytes.map(mib)),
         // virsh's names for a copy-storage job's disks.
         ("File processed", s.disk_processed_bytes.map(mib)),
-        (
-            "File remaining",
-            s.disk_total_bytes
-                .zip(s.disk_processed_bytes)
-                .map(|(t, p)| mib(t.saturating_sub(p))),
-        ),
+        ("File remaining", s.disk_remaining_bytes().map(mib)),
         ("File total", s.disk_total_bytes.map(mib)),
+        (
+            "File dirty rate",
+            s.disk_dirty_rate_bytes_s
+                .map(|b| format!("{:.3} MiB/s", b as f64 / MIB)),
+        ),
         (
             "Memory bandwidth",
             s.bandwidth_mib_s.map(|b| format!("{b:.3} MiB/s")),
@@ -288,8 +288,17 @@ pub fn progress_line(job: &JobInfo) -> String {
         } else {
             100.0
         };
+        let dirty = s
+            .disk_dirty_rate_bytes_s
+            .map(|b| format!(", written again at {:.1} MiB/s", b as f64 / MIB))
+            .unwrap_or_default();
+        let throttle = if job.throttle_pct > 0.0 {
+            format!(", vCPU throttle {:.1} %", job.throttle_pct)
+        } else {
+            String::new()
+        };
         return format!(
-            "Migration: [{pct:3.0} %] phase {}, copying disks: {} of {}",
+            "Migration: [{pct:3.0} %] phase {}, copying disks: {} of {}{dirty}{throttle}",
             job.phase,
             mib(done),
             mib(total)

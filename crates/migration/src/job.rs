@@ -29,6 +29,7 @@ pub fn stats_from_qemu(info: &MigrationInfo) -> JobStats {
         // The disks' mirrors are block jobs, not part of query-migrate.
         disk_total_bytes: None,
         disk_processed_bytes: None,
+        disk_dirty_rate_bytes_s: None,
     }
 }
 

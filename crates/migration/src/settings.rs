@@ -52,6 +52,14 @@ pub fn wanted_capabilities(
             MigrationCapability::DirtyLimit,
             flags.dirty_limit && role == Role::Source,
         ),
+        // With disks mirrored, QEMU must wait at switchover (guest paused,
+        // disks still active) until the mirrors are completed: at the end
+        // of the migration it deactivates the disks, and a mirror with
+        // writes still to send then aborts the source QEMU.
+        (
+            MigrationCapability::PauseBeforeSwitchover,
+            flags.copies_storage() && role == Role::Source,
+        ),
     ]
 }
 

@@ -5,7 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use migration::perform::{self, CancelReason, Outcome, Progress, Retune, WatchOptions};
+use migration::perform::{
+    self, CancelReason, Outcome, PerformError, Progress, Retune, WatchOptions,
+};
+use migration::storage::source::{MirrorPlan, Mirrors};
 use migration::vcpu_throttle::{BoxFuture, ThrottleError, VcpuThrottle};
 use protocol::job::ActionKind;
 use protocol::TimeoutAction;
@@ -42,7 +45,10 @@ impl Job {
                 &options,
                 &token,
                 &progress_tx,
-                throttle,
+                perform::Levers {
+                    throttle,
+                    mirrors: None,
+                },
                 retunes,
             )
             .await
@@ -466,4 +472,124 @@ async fn a_new_bandwidth_mid_job_reaches_qemu_and_the_published_limits() {
     assert_eq!(progress.downtime_limit, Some(Duration::from_millis(150)));
     job.qemu.complete(100, 10);
     let _ = job.outcome().await;
+}
+
+/// A job copying two disks on the scripted QEMU, their mirrors in sync.
+async fn start_with_disks() -> (Job, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let (client, qemu) = ScriptedQemu::start().await;
+    let plan = MirrorPlan {
+        host: "10.0.0.2".into(),
+        port: 10809,
+        sync: qmp::commands::block::MirrorSync::Full,
+        copy_mode: qmp::commands::block::CopyMode::Background,
+        tls_hostname: None,
+        speed: None,
+    };
+    let mirrors = Mirrors::start(&client, &plan, &["vda".into(), "vdb".into()])
+        .await
+        .unwrap();
+    mirrors
+        .wait_ready(
+            &client,
+            &CancellationToken::new(),
+            None,
+            Duration::from_secs(600),
+            None,
+            |_| {},
+        )
+        .await
+        .unwrap();
+    // What the mirrors were when QEMU was told to go on.
+    let at_continue = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = at_continue.clone();
+    qemu.on("migrate-continue", move |s, _| {
+        *seen.lock().unwrap() = s
+            .block_jobs
+            .iter()
+            .map(|j| j["status"].as_str().unwrap_or("").to_string())
+            .collect();
+        None
+    });
+    let cancel = CancellationToken::new();
+    let (progress_tx, progress) = watch::channel(Progress::default());
+    let (retune, retunes) = mpsc::channel(4);
+    let token = cancel.clone();
+    let options = options();
+    let task = tokio::spawn(async move {
+        perform::run(
+            &client,
+            "tcp:127.0.0.1:49999",
+            &options,
+            &token,
+            &progress_tx,
+            perform::Levers {
+                throttle: None,
+                mirrors: Some(&mirrors),
+            },
+            retunes,
+        )
+        .await
+    });
+    let job = Job {
+        qemu,
+        cancel,
+        progress,
+        retune,
+        task,
+    };
+    job.settle().await;
+    (job, at_continue)
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_disks_the_mirrors_are_completed_while_qemu_waits_before_switching_over() {
+    let (job, at_continue) = start_with_disks().await;
+    job.pass(1.0, MIB).await;
+    // The guest is paused, the disks still active: QEMU waits for us.
+    job.qemu.set_status(MigrationStatus::PreSwitchover);
+    job.settle().await;
+    job.settle().await;
+    assert_eq!(job.qemu.calls("migrate-continue").len(), 1);
+    assert_eq!(
+        job.qemu.calls("migrate-continue")[0]["state"],
+        "pre-switchover"
+    );
+    job.qemu.complete(1500, 25);
+
+    let (outcome, progress, qemu) = job.outcome().await;
+
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+    // Every mirror was completed (not abandoned) before QEMU went on.
+    let cancels = qemu.calls("block-job-cancel");
+    assert_eq!(cancels.len(), 2, "{cancels:?}");
+    assert!(cancels.iter().all(|c| c["force"] == false));
+    let states = at_continue.lock().unwrap().clone();
+    assert!(
+        states.iter().all(|s| s == "concluded"),
+        "mirrors when QEMU went on: {states:?}"
+    );
+    assert!(progress
+        .actions
+        .iter()
+        .any(|a| a.action == ActionKind::Switchover && a.detail.contains("mirrors completed")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_mirror_that_fails_at_switchover_cancels_the_migration() {
+    let (job, _) = start_with_disks().await;
+    job.pass(1.0, MIB).await;
+    job.qemu.with(|s| {
+        s.block_jobs[1]["status"] = json!("concluded");
+        s.block_jobs[1]["error"] = json!("Input/output error");
+    });
+    job.qemu.set_status(MigrationStatus::PreSwitchover);
+
+    let (outcome, _, qemu) = job.outcome().await;
+
+    let Outcome::Failed { error, .. } = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(matches!(error, PerformError::Storage(_)), "{error:?}");
+    assert!(qemu.calls("migrate-continue").is_empty());
+    assert_eq!(qemu.calls("migrate_cancel").len(), 1);
 }

@@ -2,8 +2,9 @@
 //! monitor: mirrors started, in sync, completed at switchover, abandoned
 //! on any failure, with nothing left behind.
 
-use migration::storage::source::{MirrorPlan, Mirrors};
+use migration::storage::source::{MirrorEvent, MirrorPlan, Mirrors};
 use migration::storage::StorageError;
+use migration::vcpu_throttle::{BoxFuture, ThrottleError, VcpuThrottle};
 use qmp::commands::block::{CopyMode, MirrorSync};
 use qmp::scripted::ScriptedQemu;
 use serde_json::json;
@@ -56,8 +57,10 @@ async fn mirrors_reach_sync_then_complete_with_nothing_left() {
 
     let mut seen = Vec::new();
     mirrors
-        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, |p| {
-            seen.push(p)
+        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, None, |e| {
+            if let MirrorEvent::Progress { progress, .. } = e {
+                seen.push(progress)
+            }
         })
         .await
         .unwrap();
@@ -84,7 +87,7 @@ async fn a_mirror_that_fails_is_reported_and_every_mirror_abandoned() {
     });
 
     let err = mirrors
-        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, |_| {})
+        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, None, |_| {})
         .await
         .unwrap_err();
     assert!(
@@ -108,7 +111,7 @@ async fn a_cancel_while_copying_stops_the_wait() {
     });
     let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
     let cancel = CancellationToken::new();
-    let waiting = mirrors.wait_ready(&qmp, &cancel, None, WINDOW, |_| {});
+    let waiting = mirrors.wait_ready(&qmp, &cancel, None, WINDOW, None, |_| {});
     let cancelling = async {
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         cancel.cancel();
@@ -136,7 +139,7 @@ async fn a_mirror_gone_at_switchover_fails_the_completion() {
     let (qmp, qemu) = ScriptedQemu::start().await;
     let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
     mirrors
-        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, |_| {})
+        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, None, |_| {})
         .await
         .unwrap();
     qemu.with(|s| s.block_jobs.remove(0));
@@ -163,6 +166,7 @@ async fn a_copy_the_guest_outwrites_is_stopped_and_reported_not_mirrored_forever
             &CancellationToken::new(),
             None,
             std::time::Duration::from_secs(1),
+            None,
             |_| {},
         )
         .await
@@ -174,5 +178,85 @@ async fn a_copy_the_guest_outwrites_is_stopped_and_reported_not_mirrored_forever
     let message = err.to_string();
     assert!(message.contains("does not converge"), "{message}");
     mirrors.abandon(&qmp).await;
+    clean(&qemu);
+}
+
+/// A vCPU throttle on the scripted guest: its disk writes scale with the
+/// vCPU time the throttle leaves.
+struct ScriptedThrottle {
+    qemu: qmp::scripted::Model,
+    unthrottled_writes: u64,
+    set: std::sync::Arc<std::sync::Mutex<Vec<f64>>>,
+}
+
+impl VcpuThrottle for ScriptedThrottle {
+    fn kind(&self) -> &'static str {
+        "host"
+    }
+    fn max(&self) -> f64 {
+        0.999
+    }
+    fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), ThrottleError>> {
+        self.set.lock().unwrap().push(throttle);
+        let writes = (self.unthrottled_writes as f64 * (1.0 - throttle)) as u64;
+        self.qemu.with(|s| s.disk_writes_per_query = writes);
+        Box::pin(async { Ok(()) })
+    }
+    fn release(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn acts_before_migration(&self) -> bool {
+        true
+    }
+}
+
+#[tokio::test]
+async fn an_adaptive_job_throttles_a_guest_that_outwrites_the_copy_until_the_disks_are_in_sync() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    // Unthrottled, the guest's writes would lap the copy.
+    qemu.with(|s| s.disk_writes_per_query = 5 << 20);
+    let set = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut throttle: Box<dyn VcpuThrottle> = Box::new(ScriptedThrottle {
+        qemu: qemu.model(),
+        unthrottled_writes: 5 << 20,
+        set: set.clone(),
+    });
+    let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
+
+    let mut events = Vec::new();
+    mirrors
+        .wait_ready(
+            &qmp,
+            &CancellationToken::new(),
+            None,
+            std::time::Duration::from_secs(30),
+            Some(&mut throttle),
+            |e| events.push(e),
+        )
+        .await
+        .unwrap();
+
+    // Two disks, each written 5 MiB and copied 4 MiB a look: writes at half
+    // the copy need a 60 % throttle; lifted once in sync.
+    let set = set.lock().unwrap().clone();
+    assert_eq!(set.len(), 2, "{set:?}");
+    assert!((set[0] - 0.6).abs() < 0.02, "{set:?}");
+    assert_eq!(set[1], 0.0);
+    let changes: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            MirrorEvent::Throttle { why, applied, .. } => Some((why.clone(), applied.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(changes[0].0.contains("outrun"), "{changes:?}");
+    assert!(changes[1].0.contains("in sync"), "{changes:?}");
+    assert!(changes.iter().all(|(_, applied)| applied.is_ok()));
+    // The dirty rate was measured and reported.
+    assert!(events.iter().any(|e| matches!(
+        e,
+        MirrorEvent::Progress { dirty_rate: Some(rate), .. } if *rate > 0.0
+    )));
+    mirrors.complete(&qmp).await.unwrap();
     clean(&qemu);
 }

@@ -140,6 +140,10 @@ pub struct JobStats {
     /// Bytes of the copied disks mirrored so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_processed_bytes: Option<u64>,
+    /// Bytes per second the guest's writes add to the disks' copy (blocks
+    /// written again after the mirror sent them), over the last seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_dirty_rate_bytes_s: Option<u64>,
 }
 
 impl JobStats {
@@ -162,9 +166,17 @@ impl JobStats {
             iteration,
             page_size,
             disk_total_bytes,
-            disk_processed_bytes
+            disk_processed_bytes,
+            disk_dirty_rate_bytes_s
         );
         self
+    }
+
+    /// Bytes of the copied disks left to mirror.
+    pub fn disk_remaining_bytes(&self) -> Option<u64> {
+        self.disk_total_bytes
+            .zip(self.disk_processed_bytes)
+            .map(|(total, processed)| total.saturating_sub(processed))
     }
 
     /// Bytes per second newly dirtied, as QEMU last reported it.
@@ -265,6 +277,12 @@ pub struct Sample {
     pub throttle_pct: f64,
     /// QEMU's expected downtime, ms.
     pub expected_downtime_ms: Option<u64>,
+    /// Bytes of the copied disks left to mirror, with `--copy-storage-*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_remaining_bytes: Option<u64>,
+    /// MiB/s the guest's writes add to the disks' copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_dirty_rate_mib_s: Option<f64>,
 }
 
 impl Sample {
@@ -282,6 +300,10 @@ impl Sample {
                 .map_or(0.0, |b| types::units::mib(b as f64)),
             throttle_pct: our_throttle_pct.max(stats.cpu_throttle_pct.unwrap_or(0) as f64),
             expected_downtime_ms: stats.expected_downtime_ms,
+            disk_remaining_bytes: stats.disk_remaining_bytes(),
+            disk_dirty_rate_mib_s: stats
+                .disk_dirty_rate_bytes_s
+                .map(|b| types::units::mib(b as f64)),
         }
     }
 }

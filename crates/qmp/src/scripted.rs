@@ -65,6 +65,9 @@ pub struct State {
     /// Bytes the guest writes to a mirrored disk between two queries (the
     /// job's length grows by as much).
     pub disk_writes_per_query: u64,
+    /// Bytes the guest wrote to its disks in all, as `query-blockstats`
+    /// counts them (each `drive-TARGET` of a mirror `livemig-mirror-TARGET`).
+    pub disk_written: u64,
     /// Nodes made with `blockdev-add`.
     pub block_nodes: Vec<String>,
     /// Thread ids `query-cpus-fast` reports.
@@ -114,6 +117,7 @@ impl Default for State {
             block_jobs: Vec::new(),
             block_nodes: Vec::new(),
             disk_writes_per_query: 0,
+            disk_written: 0,
             vcpu_threads: vec![4242],
             dirty_rate_mib_s: 100,
             log: Vec::new(),
@@ -133,11 +137,28 @@ struct Shared {
     hooks: Mutex<HashMap<String, Hook>>,
 }
 
+/// The scripted QEMU's model, shared.
+#[derive(Clone)]
+pub struct Model(Arc<Shared>);
+
+impl Model {
+    /// Reads or changes the model.
+    pub fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        f(&mut self.0.state.lock().expect("state lock"))
+    }
+}
+
 /// The scripted monitor; dropping it closes the connection.
 pub struct ScriptedQemu {
     shared: Arc<Shared>,
     out: mpsc::UnboundedSender<Option<Value>>,
     task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for ScriptedQemu {
@@ -194,6 +215,12 @@ impl ScriptedQemu {
     /// Reads or changes the model.
     pub fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
         f(&mut self.shared.state.lock().expect("state lock"))
+    }
+
+    /// A handle on the model for another party of a test (a scripted
+    /// throttle that slows the guest), which does not hold the connection.
+    pub fn model(&self) -> Model {
+        Model(self.shared.clone())
     }
 
     /// Sends an event.
@@ -354,8 +381,26 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
                 ],
             )
         }
+        "migrate-continue" => match s.status {
+            Some(MigrationStatus::PreSwitchover) if args["state"] == "pre-switchover" => {
+                s.status = Some(MigrationStatus::Device);
+                (
+                    Ok(json!({})),
+                    vec![migration_event(MigrationStatus::Device)],
+                )
+            }
+            _ => (
+                Err((
+                    "GenericError",
+                    "Migration not in expected state".into(),
+                )),
+                Vec::new(),
+            ),
+        },
         "migrate_cancel" => match s.status {
-            Some(MigrationStatus::Active | MigrationStatus::Setup) => {
+            Some(
+                MigrationStatus::Active | MigrationStatus::Setup | MigrationStatus::PreSwitchover,
+            ) => {
                 s.status = Some(MigrationStatus::Cancelled);
                 (
                     Ok(json!({})),
@@ -463,8 +508,19 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
                 "len": 8 << 20, "offset": 0, "ready": false, "status": "running"}));
             ok(json!({}))
         }
+        "query-blockstats" => ok(Value::Array(
+            s.block_jobs
+                .iter()
+                .filter_map(|j| j["device"].as_str()?.strip_prefix("livemig-mirror-"))
+                .map(|target| {
+                    json!({"device": format!("drive-{target}"),
+                           "stats": {"wr_bytes": s.disk_written, "rd_bytes": 0}})
+                })
+                .collect(),
+        )),
         "query-block-jobs" => {
             let writes = s.disk_writes_per_query;
+            s.disk_written += writes;
             for job in &mut s.block_jobs {
                 if job["status"] == "running" {
                     let len = job["len"].as_u64().unwrap_or(0) + writes;

@@ -54,6 +54,9 @@ pub const SERIES: [&str; 4] = [
     "throttle (%)",
 ];
 
+/// Series drawn besides for a job that copied disks.
+pub const DISK_SERIES: [&str; 2] = ["disks remaining (MiB)", "disks dirty rate (MiB/s)"];
+
 /// The chart, as an SVG document.
 ///
 /// # Errors
@@ -72,12 +75,25 @@ pub fn svg(record: &JobRecord) -> Result<String, ReportError> {
     let secs = |t_ms: u64| t_ms as f64 / 1000.0;
     let max_remaining = samples
         .iter()
-        .map(|s| mib(s.remaining_bytes as f64))
+        .map(|s| mib(s.remaining_bytes.max(s.disk_remaining_bytes.unwrap_or(0)) as f64))
         .fold(1.0, f64::max);
     let max_rate = samples
         .iter()
-        .map(|s| s.bandwidth_mib_s.max(s.dirty_rate_mib_s))
+        .map(|s| {
+            s.bandwidth_mib_s
+                .max(s.dirty_rate_mib_s)
+                .max(s.disk_dirty_rate_mib_s.unwrap_or(0.0))
+        })
         .fold(1.0, f64::max);
+    // A job that copied disks starts its timeline with their copy.
+    let disk_remaining: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|s| Some((secs(s.t_ms), mib(s.disk_remaining_bytes? as f64))))
+        .collect();
+    let disk_dirty: Vec<(f64, f64)> = samples
+        .iter()
+        .filter_map(|s| Some((secs(s.t_ms), s.disk_dirty_rate_mib_s?)))
+        .collect();
 
     let mut out = String::new();
     {
@@ -100,18 +116,15 @@ pub fn svg(record: &JobRecord) -> Result<String, ReportError> {
             .map_err(draw_error)?;
         let areas = panels.split_evenly((3, 1));
 
-        // The switchover: QEMU's downtime ends the migration.
+        // The switchover: QEMU's downtime ends the migration (and the
+        // timeline, which starts earlier than QEMU's clock when disks were
+        // copied first).
         let downtime = record
             .downtime_ms
             .filter(|_| record.status == JobStatus::Completed)
-            .map(|d| {
-                (
-                    secs(record.total_time_ms) - d as f64 / 1000.0,
-                    secs(record.total_time_ms),
-                )
-            });
+            .map(|d| (end_s - d as f64 / 1000.0, end_s));
 
-        let panels: [Panel; 3] = [
+        let mut panels: [Panel; 3] = [
             (
                 "MiB",
                 max_remaining * 1.1,
@@ -159,6 +172,15 @@ pub fn svg(record: &JobRecord) -> Result<String, ReportError> {
                 )],
             ),
         ];
+
+        if !disk_remaining.is_empty() {
+            panels[0].2.push((DISK_SERIES[0], CYAN, disk_remaining));
+        }
+        if !disk_dirty.is_empty() {
+            panels[1]
+                .2
+                .push((DISK_SERIES[1], RGBColor(139, 69, 19), disk_dirty));
+        }
 
         for (area, (unit, y_max, series)) in areas.iter().zip(panels) {
             let mut chart = ChartBuilder::on(area)

@@ -14,6 +14,7 @@ fn record() -> JobRecord {
             dirty_rate_mib_s: 60.0 - i as f64,
             throttle_pct: if i > 16 { 97.0 } else { 0.0 },
             expected_downtime_ms: Some(300),
+            ..Default::default()
         })
         .collect();
     JobRecord {
@@ -71,6 +72,24 @@ fn the_svg_has_every_series_the_markers_and_the_downtime_band() {
     assert!(svg.contains("switchover downtime"));
     // One polyline per series per panel at least.
     assert!(svg.matches("<polyline").count() >= 4, "{}", svg.len());
+}
+
+#[test]
+fn a_job_that_copied_disks_charts_their_bytes_and_dirty_rate_too() {
+    let plain = report::svg(&record()).unwrap();
+    for series in report::DISK_SERIES {
+        assert!(!plain.contains(series), "{series} without disks");
+    }
+    let mut r = record();
+    for (i, s) in r.samples.iter_mut().enumerate() {
+        s.disk_remaining_bytes = Some((64 - i as u64) << 20);
+        s.disk_dirty_rate_mib_s = Some(0.5);
+    }
+    let svg = report::svg(&r).unwrap();
+    for series in report::SERIES.iter().chain(&report::DISK_SERIES) {
+        assert!(svg.contains(series), "missing series {series}");
+    }
+    assert!(svg.matches("<polyline").count() >= 6, "{}", svg.len());
 }
 
 #[test]

@@ -82,6 +82,11 @@ impl Flags {
         self.converge_mode() == ConvergeMode::Qemu
     }
 
+    /// Disks are copied with the memory (`--copy-storage-all/-inc`).
+    pub fn copies_storage(&self) -> bool {
+        self.copy_storage_all || self.copy_storage_inc
+    }
+
     /// Post-copy must be enabled on both QEMUs before `migrate`.
     pub fn postcopy_enabled(&self) -> bool {
         self.postcopy || self.allow_postcopy

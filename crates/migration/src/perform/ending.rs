@@ -123,6 +123,14 @@ impl Watch<'_> {
             }
         }
         self.publish(&stats);
+        if let Some(e) = self.storage_failed.take() {
+            if status != MigrationStatus::Completed {
+                return Outcome::Failed {
+                    error: PerformError::Storage(e),
+                    stats,
+                };
+            }
+        }
         let reason = self.cancelling.map(|(reason, _)| reason);
         match status {
             MigrationStatus::Completed => Outcome::Completed { stats },

@@ -33,8 +33,10 @@
 //! - `watch`: the loop's state and its bookkeeping.
 //! - `steer`: what happens at a dirty-bitmap sync.
 //! - `switchover`: holding QEMU's switchover and doing it ourselves.
+//! - `disks`: completing the disks' mirrors at switchover.
 //! - `ending`: cancel, the timeout action, the end of the job.
 
+mod disks;
 mod ending;
 mod steer;
 mod switchover;
@@ -52,6 +54,7 @@ use tokio_util::sync::CancellationToken;
 use types::{Bandwidth, Throttle};
 
 use crate::job::stats_from_qemu;
+use crate::storage::source::Mirrors;
 use crate::vcpu_throttle::VcpuThrottle;
 use watch::Watch;
 
@@ -200,6 +203,9 @@ pub struct Progress {
     pub downtime_limit: Option<Duration>,
     /// When QEMU accepted `migrate` and began sending the memory.
     pub migrating_since: Option<tokio::time::Instant>,
+    /// Where the job's timeline (samples, actions) starts: the disks'
+    /// copy, when there is one; else QEMU's `migrate`.
+    pub timeline_origin: Option<tokio::time::Instant>,
     /// What the controller predicted once it had measured the guest.
     pub prediction: Option<Prediction>,
 }
@@ -215,6 +221,24 @@ pub struct Prediction {
     pub worst_secs: Option<f64>,
 }
 
+/// What the watcher acts on besides QEMU's migration.
+#[derive(Default)]
+pub struct Levers<'a> {
+    /// The mechanism the controller throttles with (adaptive jobs).
+    pub throttle: Option<Box<dyn VcpuThrottle>>,
+    /// The disks' mirrors, completed at switchover.
+    pub mirrors: Option<&'a Mirrors>,
+}
+
+impl std::fmt::Debug for Levers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Levers")
+            .field("throttle", &self.throttle.as_ref().map(|t| t.kind()))
+            .field("mirrors", &self.mirrors)
+            .finish()
+    }
+}
+
 /// Starts the migration to `uri` and watches it until QEMU finishes it.
 pub async fn run(
     qmp: &Client,
@@ -222,9 +246,12 @@ pub async fn run(
     options: &WatchOptions,
     cancel: &CancellationToken,
     progress: &channel::Sender<Progress>,
-    throttle: Option<Box<dyn VcpuThrottle>>,
+    levers: Levers<'_>,
     mut retunes: mpsc::Receiver<Retune>,
 ) -> Outcome {
+    let no_mirrors = Mirrors::default();
+    let mirrors = levers.mirrors.unwrap_or(&no_mirrors);
+    let throttle = levers.throttle;
     let mut events = qmp.events();
     if let Err(e) = qmp
         .execute(&Migrate {
@@ -262,6 +289,9 @@ pub async fn run(
             }
         };
         w.publish(&stats);
+        if status == Some(MigrationStatus::PreSwitchover) {
+            w.before_switchover(mirrors).await;
+        }
         if status.is_some_and(MigrationStatus::is_postcopy) {
             progress.send_modify(|p| p.postcopy_started = true);
         }
@@ -311,6 +341,9 @@ async fn wait(
             event = events.recv() => match event {
                 Ok(e) => match e.kind() {
                     EventKind::Migration { status } if status.is_finished() => return,
+                    EventKind::Migration {
+                        status: MigrationStatus::PreSwitchover,
+                    } => return,
                     EventKind::MigrationPass { .. } => return,
                     _ => {}
                 },

@@ -39,6 +39,8 @@ pub(super) struct Watch<'a> {
     pub options: &'a WatchOptions,
     progress: &'a channel::Sender<Progress>,
     pub started: Instant,
+    /// Where the timeline's times count from (`Progress::timeline_origin`).
+    pub origin: Instant,
     pub limits: Limits,
     /// The mechanism the controller throttles with, until released.
     pub throttle: Option<Box<dyn VcpuThrottle>>,
@@ -59,6 +61,10 @@ pub(super) struct Watch<'a> {
     pub cancel_refused: bool,
     /// When the watcher paused the guest to switch over.
     pub paused_at: Option<Instant>,
+    /// QEMU was let go on from `pre-switchover`.
+    pub switchover_continued: bool,
+    /// The disks' mirrors failed to complete at switchover.
+    pub storage_failed: Option<crate::storage::StorageError>,
 }
 
 impl<'a> Watch<'a> {
@@ -69,7 +75,9 @@ impl<'a> Watch<'a> {
         throttle: Option<Box<dyn VcpuThrottle>>,
     ) -> Self {
         let started = Instant::now();
+        let mut origin = started;
         progress.send_modify(|p| {
+            origin = *p.timeline_origin.get_or_insert(started);
             p.bandwidth_limit = options.bandwidth_cap;
             p.downtime_limit = Some(options.downtime);
         });
@@ -87,6 +95,7 @@ impl<'a> Watch<'a> {
             options,
             progress,
             started,
+            origin,
             limits: Limits {
                 downtime: options.downtime,
                 bandwidth: options.bandwidth_cap,
@@ -106,6 +115,8 @@ impl<'a> Watch<'a> {
             cancelling: None,
             cancel_refused: false,
             paused_at: None,
+            switchover_continued: false,
+            storage_failed: None,
         }
     }
 
@@ -115,7 +126,7 @@ impl<'a> Watch<'a> {
 
     /// Adds an action to the timeline (and the log).
     pub fn record(&self, action: ActionKind, value: Option<f64>, detail: String) {
-        let t_ms = ms_since(self.started);
+        let t_ms = ms_since(self.origin);
         tracing::info!(t_ms, %action, ?value, %detail, "job action");
         self.progress.send_modify(|p| {
             p.actions.push(TimedAction {
@@ -144,7 +155,7 @@ impl<'a> Watch<'a> {
 
     /// Publishes a reading of QEMU's figures and adds it to the timeline.
     pub fn publish(&self, stats: &JobStats) {
-        let t_ms = ms_since(self.started);
+        let t_ms = ms_since(self.origin);
         self.progress.send_modify(|p| {
             let qemu = Throttle::from_percent(stats.cpu_throttle_pct.unwrap_or(0) as f64);
             if qemu > p.max_throttle {

@@ -63,7 +63,10 @@ impl CopyWatch {
             processed,
         };
         let low = match self.low {
-            Some(low) if (now.left() as f64) >= low.left() as f64 * NEW_LOW => low,
+            // Nothing left is caught up, however long it stays so.
+            Some(low) if now.left() > 0 && (now.left() as f64) >= low.left() as f64 * NEW_LOW => {
+                low
+            }
             _ => {
                 self.low = Some(now);
                 return None;

@@ -4,21 +4,33 @@
 
 use std::time::Duration;
 
-use domain::qemu::argv::{disk_node, TLS_CLIENT_ID};
+use domain::qemu::argv::{disk_node, drive_id, TLS_CLIENT_ID};
 use qmp::commands::block::{
     BlockJobCancel, BlockJobInfo, BlockdevAddNbd, BlockdevDel, BlockdevMirror, CopyMode,
-    InetAddress, JobDismiss, MirrorSync, QueryBlockJobs,
+    InetAddress, JobDismiss, MirrorSync, QueryBlockJobs, QueryBlockstats,
 };
 use qmp::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::pace::DiskPace;
 use super::progress::CopyWatch;
 use super::{export_name, StorageError};
+use crate::vcpu_throttle::VcpuThrottle;
 
 /// How often the mirrors are looked at.
 const POLL: Duration = Duration::from_millis(200);
 /// How long completing or abandoning a mirror may take.
 const END_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The mirror's buffer for a copy capped at `speed` bytes/s: a quarter
+/// second's worth. QEMU's rate limit lets a whole buffer through, then
+/// sleeps until the cap is paid back; with its default 16 MiB buffer a
+/// 1 MiB/s copy would go 16 s at a time without a look at the guest's new
+/// writes or a progress update, and the job could not tell a copy that
+/// gains from one that does not.
+fn buffer_for(speed: u64) -> u64 {
+    (speed / 4).clamp(256 << 10, 16 << 20)
+}
 
 /// The block job that mirrors the disk the guest calls `target`.
 pub fn mirror_job_id(target: &str) -> String {
@@ -55,6 +67,29 @@ struct Mirror {
 #[derive(Debug, Default)]
 pub struct Mirrors {
     mirrors: Vec<Mirror>,
+    /// Completed at switchover: a second completion has nothing to do.
+    completed: std::sync::atomic::AtomicBool,
+}
+
+/// What waiting for the mirrors saw.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MirrorEvent {
+    /// A reading of the copy.
+    Progress {
+        /// Its bytes.
+        progress: CopyProgress,
+        /// Bytes/s the guest's writes add to it, once measured.
+        dirty_rate: Option<f64>,
+    },
+    /// The vCPU throttle was changed for the disks' sake.
+    Throttle {
+        /// The new throttle, 0..1.
+        throttle: f64,
+        /// Why.
+        why: String,
+        /// Whether the mechanism took it, and why not.
+        applied: Result<(), String>,
+    },
 }
 
 /// Bytes of the copy, summed over the disks.
@@ -113,6 +148,7 @@ impl Mirrors {
                 copy_mode: plan.copy_mode,
                 auto_dismiss: false,
                 speed: plan.speed,
+                buf_size: plan.speed.map(buffer_for),
             };
             if let Err(e) = qmp.execute(&run).await {
                 let _ = qmp
@@ -160,23 +196,33 @@ impl Mirrors {
     }
 
     /// Waits until every disk's bulk copy is done and its writes are being
-    /// mirrored; reports progress through `on_progress`.
+    /// mirrored; reports progress, the disks' dirty rate and any throttle
+    /// change through `on_event`. With a `throttle` that acts before the
+    /// migration (adaptive jobs on a host that throttles from outside), a
+    /// copy the guest's writes outrun slows the vCPUs ([`super::pace`]);
+    /// the throttle is lifted again once the mirrors are in sync.
     ///
     /// # Errors
     /// [`StorageError::MirrorFailed`] or `MirrorGone` if a mirror ends,
     /// [`StorageError::Cancelled`], [`StorageError::Timeout`], and
     /// [`StorageError::NotConverging`] once the bytes left have had no new
-    /// low for `no_progress` (the guest writes as fast as the copy sends).
+    /// low for `no_progress` (the guest writes as fast as the copy sends,
+    /// even under the highest throttle). The throttle is left as it was:
+    /// the caller releases it.
     pub async fn wait_ready(
         &self,
         qmp: &Client,
         cancel: &CancellationToken,
         timeout: Option<Duration>,
         no_progress: Duration,
-        mut on_progress: impl FnMut(CopyProgress),
+        throttle: Option<&mut Box<dyn VcpuThrottle>>,
+        mut on_event: impl FnMut(MirrorEvent),
     ) -> Result<(), StorageError> {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut watch = CopyWatch::new(no_progress);
+        let mut throttle = throttle.filter(|t| t.acts_before_migration());
+        let mut pace = DiskPace::new(throttle.as_ref().map_or(0.0, |t| t.max()));
+        let mut dirty_rate = None;
         loop {
             let jobs = self.jobs(qmp).await?;
             self.check_running(&jobs)?;
@@ -184,15 +230,46 @@ impl Mirrors {
                 total: jobs.iter().map(|j| j.len).sum(),
                 processed: jobs.iter().map(|j| j.offset).sum(),
             };
-            on_progress(progress);
+            let written = self.written(qmp).await;
+            let now = tokio::time::Instant::now();
+            let rates = pace.observe(now, progress.total, progress.processed, written);
+            if let Some(rates) = rates {
+                dirty_rate = Some(rates.dirty);
+            }
+            on_event(MirrorEvent::Progress {
+                progress,
+                dirty_rate,
+            });
             if jobs.len() == self.mirrors.len() && jobs.iter().all(|j| j.ready) {
+                if pace.throttle() > 0.0 {
+                    if let Some(throttle) = throttle.as_deref_mut() {
+                        let applied = throttle.set(0.0).await.map_err(|e| types::error_chain(&e));
+                        on_event(MirrorEvent::Throttle {
+                            throttle: 0.0,
+                            why: "the disks are in sync".into(),
+                            applied,
+                        });
+                    }
+                }
                 return Ok(());
             }
-            if let Some(stop) = watch.observe(
-                tokio::time::Instant::now(),
-                progress.total,
-                progress.processed,
-            ) {
+            if let (Some(rates), Some(throttle)) = (rates, throttle.as_deref_mut()) {
+                if let Some(decision) = pace.decide(rates) {
+                    let applied = throttle
+                        .set(decision.throttle)
+                        .await
+                        .map_err(|e| types::error_chain(&e));
+                    if applied.is_ok() {
+                        pace.applied(decision.throttle);
+                    }
+                    on_event(MirrorEvent::Throttle {
+                        throttle: decision.throttle,
+                        why: decision.why,
+                        applied,
+                    });
+                }
+            }
+            if let Some(stop) = watch.observe(now, progress.total, progress.processed) {
                 return Err(StorageError::NotConverging(stop));
             }
             if let (Some(deadline), Some(timeout)) = (deadline, timeout) {
@@ -205,6 +282,22 @@ impl Mirrors {
                 _ = tokio::time::sleep(POLL) => {}
             }
         }
+    }
+
+    /// Bytes the guest wrote to the copied disks since QEMU started, by
+    /// QEMU's block counters; `None` if QEMU does not say.
+    async fn written(&self, qmp: &Client) -> Option<u64> {
+        let stats = qmp.execute(&QueryBlockstats).await.ok()?;
+        self.mirrors
+            .iter()
+            .map(|m| {
+                let drive = drive_id(&m.target);
+                stats
+                    .iter()
+                    .find(|s| s.device == drive)
+                    .map(|s| s.stats.wr_bytes)
+            })
+            .sum()
     }
 
     /// Every mirror still runs.
@@ -230,12 +323,18 @@ impl Mirrors {
 
     /// With the guest paused: completes every mirror, leaving each
     /// destination image an exact copy, and disconnects from the NBD
-    /// server.
+    /// server. Once only: a second call has nothing to do.
     ///
     /// # Errors
     /// [`StorageError`] if a mirror fails to complete: the destination's
     /// copy cannot be trusted.
-    pub async fn complete(self, qmp: &Client) -> Result<(), StorageError> {
+    pub async fn complete(&self, qmp: &Client) -> Result<(), StorageError> {
+        if self
+            .completed
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
         let jobs = self.jobs(qmp).await?;
         if let Err(e) = self.check_running(&jobs) {
             self.abandon(qmp).await;

@@ -67,6 +67,11 @@ pub trait VcpuThrottle: Send + Sync {
     fn set(&mut self, throttle: f64) -> BoxFuture<'_, Result<(), ThrottleError>>;
     /// Lifts the throttle for good; called the moment the job ends.
     fn release(&mut self) -> BoxFuture<'_, ()>;
+    /// It slows the guest before QEMU's migration has started (while the
+    /// disks are copied); QEMU's own throttle acts only within one.
+    fn acts_before_migration(&self) -> bool {
+        false
+    }
     /// Under `throttle`, a vCPU may take long to stop when QEMU asks (at
     /// switchover); setting any throttle lets it run at once.
     fn slow_to_stop(&self, throttle: f64) -> bool {
@@ -184,6 +189,10 @@ impl VcpuThrottle for HostVcpuThrottle {
 
     fn slow_to_stop(&self, throttle: f64) -> bool {
         throttle > LONG_PERIOD_ABOVE
+    }
+
+    fn acts_before_migration(&self) -> bool {
+        true
     }
 }
 

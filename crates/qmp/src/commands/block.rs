@@ -283,6 +283,9 @@ pub struct BlockdevMirror {
     /// Copy rate cap, bytes/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speed: Option<u64>,
+    /// Most bytes in flight at once (QEMU's default: 16 MiB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buf_size: Option<u64>,
 }
 
 impl Command for BlockdevMirror {

@@ -239,6 +239,19 @@ impl Command for MigrateIncoming {
     type Reply = Empty;
 }
 
+/// `migrate-continue`: lets a migration paused in `pre-switchover` (the
+/// `pause-before-switchover` capability) go on to switch over.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateContinue {
+    /// The state it is paused in: `pre-switchover`.
+    pub state: MigrationStatus,
+}
+
+impl Command for MigrateContinue {
+    const NAME: &'static str = "migrate-continue";
+    type Reply = Empty;
+}
+
 /// `migrate-recover`: destination side of a post-copy recovery.
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateRecover {

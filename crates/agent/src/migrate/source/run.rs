@@ -137,9 +137,30 @@ impl Run {
             }
         };
         tracing::info!(%data_uri, "destination ready");
-        let mirrors = match self.mirror_disks(qmp, &data_uri, nbd_port).await {
+        // The adaptive controller's throttle, taken before the disks are
+        // copied: a copy the guest's writes outrun slows the vCPUs too.
+        let (mut throttle, via) = if flags.converge_mode() == protocol::ConvergeMode::Adaptive {
+            let name = format!("{}-{}", self.name, &self.job.ident.id[..8]);
+            let (throttle, via) = vcpu_throttle::attach(
+                qmp,
+                &self.agent.config.throttle_place(),
+                name,
+                vm.process.pid(),
+            )
+            .await;
+            (Some(throttle), via)
+        } else {
+            (None, settings::ThrottleVia::NotQemu)
+        };
+        let mirrors = match self
+            .mirror_disks(qmp, &data_uri, nbd_port, throttle.as_mut())
+            .await
+        {
             Ok(mirrors) => mirrors,
             Err(e) => {
+                if let Some(mut throttle) = throttle {
+                    throttle.release().await;
+                }
                 let error = format!("copying the disks failed: {e}");
                 self.peer.abort(&self.job.ident.id, &error).await;
                 let (status, error) = if self.job.cancel.is_cancelled() {
@@ -163,19 +184,6 @@ impl Run {
             .agent
             .with_domain(&self.name, |d| Ok(d.tunables))
             .unwrap_or(self.tunables);
-        let (throttle, via) = if flags.converge_mode() == protocol::ConvergeMode::Adaptive {
-            let name = format!("{}-{}", self.name, &self.job.ident.id[..8]);
-            let (throttle, via) = vcpu_throttle::attach(
-                qmp,
-                &self.agent.config.throttle_place(),
-                name,
-                vm.process.pid(),
-            )
-            .await;
-            (Some(throttle), via)
-        } else {
-            (None, settings::ThrottleVia::NotQemu)
-        };
         let previous =
             match settings::apply(qmp, flags, tunables, Role::Source, via, self.tls.as_ref()).await
             {
@@ -204,10 +212,13 @@ impl Run {
 
         let mechanism_max = throttle.as_ref().map_or(0.0, |t| t.max());
         let options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
-        let outcome = self.perform(vm, &data_uri, &options, throttle).await;
+        let outcome = self
+            .perform(vm, &data_uri, &options, throttle, &mirrors)
+            .await;
 
         let outcome = match outcome {
-            // The guest is paused: the mirrors catch up and end, and only
+            // The guest is paused: the mirrors catch up and end (at
+            // pre-switchover already, unless QEMU went past it), and only
             // then may the destination run it.
             Outcome::Completed { stats } if !mirrors.is_empty() => {
                 match mirrors.complete(qmp).await {
@@ -279,6 +290,7 @@ impl Run {
         data_uri: &str,
         options: &perform::WatchOptions,
         throttle: Option<Box<dyn vcpu_throttle::VcpuThrottle>>,
+        mirrors: &migration::storage::source::Mirrors,
     ) -> Outcome {
         let retunes = self
             .job
@@ -293,7 +305,10 @@ impl Run {
             options,
             &self.job.cancel,
             &self.progress,
-            throttle,
+            perform::Levers {
+                throttle,
+                mirrors: Some(mirrors),
+            },
             retunes,
         );
         self.watched(perform).await

@@ -2,10 +2,13 @@
 //! and the mirrors that must be in sync before the memory copy starts.
 
 use domain::qemu::argv::drive_id;
-use migration::storage::source::{MirrorPlan, Mirrors};
+use migration::storage::source::{MirrorEvent, MirrorPlan, Mirrors};
 use migration::stream_tls::TlsPeer;
+use migration::vcpu_throttle::VcpuThrottle;
+use protocol::job::{ActionKind, Sample, TimedAction};
 use protocol::migrate::StorageCopy;
 use qmp::commands::block::{CopyMode, MirrorSync, QueryBlock};
+use types::Throttle;
 
 use super::run::Run;
 use crate::errors;
@@ -73,6 +76,7 @@ impl Run {
         qmp: &qmp::Client,
         data_uri: &str,
         nbd_port: Option<u16>,
+        throttle: Option<&mut Box<dyn VcpuThrottle>>,
     ) -> Result<Mirrors, String> {
         if self.storage.is_empty() {
             return Ok(Mirrors::default());
@@ -113,15 +117,19 @@ impl Run {
             .map_err(|e| errors::chain(&e))?;
         tracing::info!(disks = ?self.storage, port, "mirroring the disks");
         let timeout = flags.timeout.map(std::time::Duration::from_secs);
+        // The job's timeline starts with the disks' copy.
+        let origin = tokio::time::Instant::now();
+        self.progress
+            .send_modify(|progress| progress.timeline_origin = Some(origin));
         let ready = self
-            .watched(
-                mirrors.wait_ready(qmp, &self.job.cancel, timeout, NO_PROGRESS, |p| {
-                    self.progress.send_modify(|progress| {
-                        progress.stats.disk_total_bytes = Some(p.total);
-                        progress.stats.disk_processed_bytes = Some(p.processed);
-                    });
-                }),
-            )
+            .watched(mirrors.wait_ready(
+                qmp,
+                &self.job.cancel,
+                timeout,
+                NO_PROGRESS,
+                throttle,
+                |event| self.on_mirror_event(origin, event),
+            ))
             .await;
         match ready {
             Ok(()) => {
@@ -131,6 +139,54 @@ impl Run {
             Err(e) => {
                 mirrors.abandon(qmp).await;
                 Err(errors::chain(&e))
+            }
+        }
+    }
+
+    /// Publishes what waiting for the mirrors saw: the disks' figures as
+    /// job statistics and samples, a throttle change as a timeline action.
+    fn on_mirror_event(&self, origin: tokio::time::Instant, event: MirrorEvent) {
+        let t_ms = origin.elapsed().as_millis() as u64;
+        match event {
+            MirrorEvent::Progress {
+                progress,
+                dirty_rate,
+            } => self.progress.send_modify(|p| {
+                p.stats.disk_total_bytes = Some(progress.total);
+                p.stats.disk_processed_bytes = Some(progress.processed);
+                p.stats.disk_dirty_rate_bytes_s = dirty_rate.map(|r| r as u64);
+                let sample = Sample::from_stats(t_ms, &p.stats, p.throttle.percent());
+                p.samples.push(sample);
+            }),
+            MirrorEvent::Throttle {
+                throttle,
+                why,
+                applied,
+            } => {
+                let to = Throttle::from_fraction(throttle);
+                let (action, detail) = match (&applied, to.is_on()) {
+                    (Ok(()), true) => (ActionKind::Throttle, why),
+                    (Ok(()), false) => (ActionKind::Release, why),
+                    (Err(e), _) => (
+                        ActionKind::Throttle,
+                        format!("host throttle failed: {e}: {why}"),
+                    ),
+                };
+                tracing::info!(t_ms, %action, throttle = to.percent(), %detail, "job action");
+                self.progress.send_modify(|p| {
+                    if applied.is_ok() {
+                        p.throttle = to;
+                        if to > p.max_throttle {
+                            p.max_throttle = to;
+                        }
+                    }
+                    p.actions.push(TimedAction {
+                        t_ms,
+                        action,
+                        value: Some(to.percent()),
+                        detail,
+                    });
+                });
             }
         }
     }
