@@ -260,3 +260,26 @@ async fn an_adaptive_job_throttles_a_guest_that_outwrites_the_copy_until_the_dis
     mirrors.complete(&qmp).await.unwrap();
     clean(&qemu);
 }
+
+#[tokio::test]
+async fn mirrors_in_sync_are_switched_to_copy_every_write() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
+    mirrors
+        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, None, |_| {})
+        .await
+        .unwrap();
+
+    mirrors.block_writes(&qmp).await.unwrap();
+
+    let changes = qemu.calls("block-job-change");
+    assert_eq!(
+        changes,
+        [
+            json!({"id": "livemig-mirror-vda", "type": "mirror", "copy-mode": "write-blocking"}),
+            json!({"id": "livemig-mirror-vdb", "type": "mirror", "copy-mode": "write-blocking"}),
+        ]
+    );
+    mirrors.complete(&qmp).await.unwrap();
+    clean(&qemu);
+}

@@ -508,6 +508,16 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
                 "len": 8 << 20, "offset": 0, "ready": false, "status": "running"}));
             ok(json!({}))
         }
+        "block-job-change" => match s.block_jobs.iter_mut().find(|j| j["device"] == args["id"]) {
+            Some(job) if args["type"] == "mirror" => {
+                job["copy-mode"] = args["copy-mode"].clone();
+                ok(json!({}))
+            }
+            _ => (
+                Err(("GenericError", format!("Job '{}' not found", args["id"]))),
+                Vec::new(),
+            ),
+        },
         "query-blockstats" => ok(Value::Array(
             s.block_jobs
                 .iter()

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use domain::qemu::argv::{disk_node, drive_id, TLS_CLIENT_ID};
 use qmp::commands::block::{
-    BlockJobCancel, BlockJobInfo, BlockdevAddNbd, BlockdevDel, BlockdevMirror, CopyMode,
-    InetAddress, JobDismiss, MirrorSync, QueryBlockJobs, QueryBlockstats,
+    BlockJobCancel, BlockJobChangeMirror, BlockJobInfo, BlockdevAddNbd, BlockdevDel,
+    BlockdevMirror, CopyMode, InetAddress, JobDismiss, MirrorSync, QueryBlockJobs, QueryBlockstats,
 };
 use qmp::Client;
 use tokio_util::sync::CancellationToken;
@@ -282,6 +282,26 @@ impl Mirrors {
                 _ = tokio::time::sleep(POLL) => {}
             }
         }
+    }
+
+    /// Once in sync, makes every mirror copy each guest write before the
+    /// guest sees it complete (`block-job-change`, QEMU 8.2+): the guest's
+    /// writes can then never outrun the copy while the memory moves, and
+    /// the switchover has no disk backlog to send.
+    ///
+    /// # Errors
+    /// [`StorageError::Qemu`] for the first mirror QEMU refused; the ones
+    /// before it stay switched, which is harmless (they only copy sooner).
+    pub async fn block_writes(&self, qmp: &Client) -> Result<(), StorageError> {
+        for mirror in &self.mirrors {
+            qmp.execute(&BlockJobChangeMirror::write_blocking(&mirror.job))
+                .await
+                .map_err(StorageError::qemu(format!(
+                    "cannot make the mirror of {} write-blocking",
+                    mirror.target
+                )))?;
+        }
+        Ok(())
     }
 
     /// Bytes the guest wrote to the copied disks since QEMU started, by

@@ -293,6 +293,35 @@ impl Command for BlockdevMirror {
     type Reply = Empty;
 }
 
+/// `block-job-change` (QEMU 8.2+) for a mirror: a new copy mode.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockJobChangeMirror {
+    /// The job's id.
+    pub id: String,
+    /// Always `mirror`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The copy mode from now on.
+    pub copy_mode: CopyMode,
+}
+
+impl BlockJobChangeMirror {
+    /// Makes the mirror `id` copy every guest write before completing it.
+    pub fn write_blocking(id: &str) -> Self {
+        BlockJobChangeMirror {
+            id: id.to_string(),
+            kind: "mirror",
+            copy_mode: CopyMode::WriteBlocking,
+        }
+    }
+}
+
+impl Command for BlockJobChangeMirror {
+    const NAME: &'static str = "block-job-change";
+    type Reply = Empty;
+}
+
 /// `block-job-cancel`: on a ready mirror without `force`, completes it
 /// leaving the target a point-in-time copy; with `force`, abandons it.
 #[derive(Debug, Clone, Serialize)]

@@ -134,6 +134,9 @@ impl Run {
         match ready {
             Ok(()) => {
                 tracing::info!("the disks are in sync; copying memory");
+                if plan.copy_mode == CopyMode::Background {
+                    self.block_writes_if_possible(qmp, &mirrors).await;
+                }
                 Ok(mirrors)
             }
             Err(e) => {
@@ -188,6 +191,27 @@ impl Run {
                     });
                 });
             }
+        }
+    }
+
+    /// Mirrors in sync copy every write from now on where QEMU can switch
+    /// them (8.2+); older QEMUs keep copying in the background, and the
+    /// rest is sent at switchover.
+    async fn block_writes_if_possible(&self, qmp: &qmp::Client, mirrors: &Mirrors) {
+        let can = match self.agent.binary().await {
+            Ok(binary) => binary.commands.contains("block-job-change"),
+            Err(_) => false,
+        };
+        if !can {
+            tracing::debug!("QEMU cannot change a mirror's copy mode; mirroring in the background");
+            return;
+        }
+        match mirrors.block_writes(qmp).await {
+            Ok(()) => tracing::info!("the mirrors copy every write from now on"),
+            Err(e) => tracing::warn!(
+                error = %errors::chain(&e),
+                "the mirrors stay in the background"
+            ),
         }
     }
 }
