@@ -203,7 +203,7 @@ mod tests {
         let dir = throttle.dir().to_path_buf();
         std::mem::forget(throttle);
         assert_eq!(
-            std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap(),
+            std::fs::read_to_string(dir.join("vcpu0/cpu.cfs_quota_us")).unwrap(),
             "1000"
         );
         assert!(dir.starts_with(tree));
@@ -233,7 +233,7 @@ mod tests {
         assert_eq!(waiting.join().unwrap().unwrap(), GuardEnd::AgentGone);
         assert!(start.elapsed() < Duration::from_secs(10), "not the lease");
         assert_eq!(
-            std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap(),
+            std::fs::read_to_string(dir.join("vcpu0/cpu.cfs_quota_us")).unwrap(),
             "-1"
         );
         assert_eq!(
@@ -257,7 +257,7 @@ mod tests {
         .unwrap();
         assert_eq!(end, GuardEnd::Expired);
         assert_eq!(
-            std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap(),
+            std::fs::read_to_string(dir.join("vcpu0/cpu.cfs_quota_us")).unwrap(),
             "-1"
         );
     }
@@ -271,7 +271,7 @@ mod tests {
         assert_eq!(end, GuardEnd::Returned);
         // Not ours to touch any more (a later throttle may use the name).
         assert_eq!(
-            std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap(),
+            std::fs::read_to_string(dir.join("vcpu0/cpu.cfs_quota_us")).unwrap(),
             "1000"
         );
     }

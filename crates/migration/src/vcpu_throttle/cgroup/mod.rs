@@ -8,7 +8,8 @@
 //!
 //! Two hierarchies, as the host offers ([`Hierarchy::probe`]):
 //! - cgroup v1's `cpu` controller ([`v1`]): single threads move by writing
-//!   their id to `tasks`; one cgroup holds all the vCPUs.
+//!   their id to `tasks`; each vCPU gets a cgroup `vcpuN` and a quota of
+//!   its own.
 //! - cgroup v2 ([`v2`], Debian 12, Ubuntu 22.04+, RHEL 9): threads move
 //!   only inside a threaded subtree, so the QEMU process moves into a cgroup
 //!   of ours for the job, with one threaded child per vCPU (`vcpu0`, ...,
@@ -95,6 +96,12 @@ pub fn quota_for(throttle: f64, vcpus: usize) -> (u64, Option<u64>) {
     let share = ((1.0 - throttle) * period as f64).round() as u64;
     let quota = (share * vcpus.max(1) as u64).max(MIN_QUOTA_US);
     (period, Some(quota))
+}
+
+/// `DIR/vcpuN`: the cgroup of a throttle's N-th vCPU thread (both
+/// hierarchies, as libvirt lays them out).
+fn vcpu_dir(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("vcpu{index}"))
 }
 
 /// A cgroup hierarchy with a `cpu` controller, as probed.

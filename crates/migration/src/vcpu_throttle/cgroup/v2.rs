@@ -10,12 +10,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{io_err, quota_for, HostThrottle, ThrottleError, OURS};
-
-/// `DIR/vcpuN`: the cgroup of the N-th vCPU thread.
-fn vcpu_dir(dir: &Path, index: usize) -> PathBuf {
-    dir.join(format!("vcpu{index}"))
-}
+use super::{io_err, quota_for, vcpu_dir, HostThrottle, ThrottleError, OURS};
 
 fn write(path: &Path, what: &'static str, value: &str) -> Result<(), ThrottleError> {
     fs::write(path, value).map_err(io_err(what, path))
