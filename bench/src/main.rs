@@ -9,6 +9,11 @@
 //! with and without `--tls`, then times API requests and connections over
 //! the unix socket and over mutual TLS.
 //!
+//! `livemig-bench start --json [--reps N]` times the command to the first
+//! byte (and to the guest running on the destination) for an idle guest,
+//! livemig against QEMU driven over raw QMP with the destination QEMU
+//! started per migration and started beforehand.
+//!
 //! `livemig-bench storage [--sizes 1,4,8] [--bandwidth 256]` copies a disk
 //! on one host's storage with the Linux guest (`--copy-storage-all`), idle
 //! and under a write load, against the least time the link allows (needs
@@ -17,6 +22,7 @@
 mod convergence;
 mod load;
 mod sampler;
+mod start;
 mod storage;
 mod tls;
 
@@ -82,6 +88,17 @@ enum Command {
         /// The link cap (--bandwidth), MiB/s.
         #[arg(long, default_value_t = 256)]
         bandwidth: u64,
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+    /// From the command to the first byte: livemig against raw QMP (the
+    /// destination QEMU started per migration, and started beforehand).
+    Start {
+        #[arg(long)]
+        json: bool,
+        /// Migrations per engine.
+        #[arg(long, default_value_t = 10)]
+        reps: u32,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -292,6 +309,7 @@ async fn main() -> ExitCode {
         Command::Convergence { json, .. }
         | Command::Tls { json, .. }
         | Command::Storage { json, .. }
+        | Command::Start { json, .. }
         | Command::Load { json, .. } => *json,
     };
     // On Ctrl-C or SIGTERM the run is dropped, and with it the agents and
@@ -321,6 +339,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Convergence { livemigd, .. }
         | Command::Tls { livemigd, .. }
         | Command::Storage { livemigd, .. }
+        | Command::Start { livemigd, .. }
         | Command::Load { livemigd, .. } => livemigd.clone(),
     };
     ensure_livemigd(&livemigd(given))?;
@@ -348,6 +367,34 @@ async fn run(cli: Cli) -> Result<()> {
         } => storage::run(&livemigd(path), &sizes, bandwidth, json)
             .await
             .map(|_| ()),
+        Command::Start {
+            json,
+            reps,
+            livemigd: path,
+        } => {
+            let summary = start::run(&livemigd(path), reps, json).await?;
+            let ms = |v: Option<f64>| v.map_or("n/a".into(), |v| format!("{v:.1} ms"));
+            let text = summary
+                .medians
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{:<19} median first byte {}, done {}",
+                        m.engine,
+                        ms(m.first_byte_ms),
+                        ms(m.done_ms)
+                    )
+                })
+                .chain(std::iter::once(format!(
+                    "livemig - raw-qmp: first byte {}, done {}",
+                    ms(summary.livemig_minus_raw_first_byte_ms),
+                    ms(summary.livemig_minus_raw_done_ms)
+                )))
+                .collect::<Vec<_>>()
+                .join("\n");
+            emit(json, &summary, text);
+            Ok(())
+        }
         Command::Load {
             json,
             domains,
