@@ -545,6 +545,10 @@ async fn start_with_disks() -> (Job, std::sync::Arc<std::sync::Mutex<Vec<String>
 async fn with_disks_the_mirrors_are_completed_while_qemu_waits_before_switching_over() {
     let (job, at_continue) = start_with_disks().await;
     job.pass(1.0, MIB).await;
+    // While the memory moves, the disks' figures are the job's too.
+    let stats = job.progress.borrow().stats.clone();
+    assert!(stats.disk_total_bytes.unwrap_or(0) > 0, "{stats:?}");
+    assert_eq!(stats.disk_total_bytes, stats.disk_processed_bytes);
     // The guest is paused, the disks still active: QEMU waits for us.
     job.qemu.set_status(MigrationStatus::PreSwitchover);
     job.settle().await;

@@ -1,11 +1,15 @@
-//! The disks at switchover. With disks mirrored, QEMU pauses in
+//! The disks while the memory moves, and at switchover.
+//!
+//! The mirrors keep copying the guest's writes during the memory copy: each
+//! poll reads their bytes and dirty rate into the job's figures. With
+//! disks mirrored, QEMU pauses in
 //! `pre-switchover` (the `pause-before-switchover` capability): the guest
 //! is stopped, its disks still active. The mirrors are completed then, so
 //! the destination's images hold every write the guest made, and only
 //! then may QEMU go on: at the end of the migration it deactivates the
 //! disks, and a mirror still sending would abort the source QEMU.
 
-use protocol::job::ActionKind;
+use protocol::job::{ActionKind, JobStats};
 use qmp::commands::migration::{MigrateCancel, MigrateContinue, MigrationStatus};
 use tokio::time::Instant;
 
@@ -14,6 +18,24 @@ use super::watch::Watch;
 use crate::storage::source::Mirrors;
 
 impl Watch<'_> {
+    /// QEMU's figures with the disks' added, while the mirrors run.
+    pub async fn with_disks(&mut self, mut stats: JobStats, mirrors: &Mirrors) -> JobStats {
+        if mirrors.is_empty() || mirrors.is_completed() {
+            return stats;
+        }
+        if let Ok(copy) = mirrors.progress(self.qmp).await {
+            stats.disk_total_bytes = Some(copy.total);
+            stats.disk_processed_bytes = Some(copy.processed);
+            if let Some(rates) =
+                self.disk_rates
+                    .observe(Instant::now(), copy.total, copy.processed, None)
+            {
+                stats.disk_dirty_rate_bytes_s = Some(rates.dirty as u64);
+            }
+        }
+        stats
+    }
+
     /// QEMU waits in `pre-switchover`: complete the mirrors, then let it
     /// go on; if a mirror fails, cancel (the source's disks are intact).
     pub async fn before_switchover(&mut self, mirrors: &Mirrors) {

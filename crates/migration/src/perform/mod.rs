@@ -288,6 +288,7 @@ pub async fn run(
                 };
             }
         };
+        let stats = w.with_disks(stats, mirrors).await;
         w.publish(&stats);
         if status == Some(MigrationStatus::PreSwitchover) {
             w.before_switchover(mirrors).await;

@@ -65,6 +65,8 @@ pub(super) struct Watch<'a> {
     pub switchover_continued: bool,
     /// The disks' mirrors failed to complete at switchover.
     pub storage_failed: Option<crate::storage::StorageError>,
+    /// The mirrors' rates while the memory moves (measured only).
+    pub disk_rates: crate::storage::pace::DiskPace,
 }
 
 impl<'a> Watch<'a> {
@@ -117,6 +119,7 @@ impl<'a> Watch<'a> {
             paused_at: None,
             switchover_continued: false,
             storage_failed: None,
+            disk_rates: crate::storage::pace::DiskPace::new(0.0),
         }
     }
 

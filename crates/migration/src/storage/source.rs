@@ -167,6 +167,11 @@ impl Mirrors {
         Ok(started)
     }
 
+    /// The mirrors were completed (at switchover).
+    pub fn is_completed(&self) -> bool {
+        self.completed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// True if there is nothing to copy.
     pub fn is_empty(&self) -> bool {
         self.mirrors.is_empty()
