@@ -175,8 +175,18 @@ async fn a_copy_the_guest_outwrites_is_stopped_and_reported_not_mirrored_forever
         panic!("{err:?}");
     };
     assert!(stop.write_rate > stop.copy_rate, "{stop:?}");
+    // Its block counters say what the guest wrote: 8 MiB a look on each
+    // of two disks.
+    assert!(
+        stop.guest_write_rate.unwrap_or(0.0) >= stop.write_rate,
+        "{stop:?}"
+    );
     let message = err.to_string();
     assert!(message.contains("does not converge"), "{message}");
+    assert!(
+        message.contains("the guest wrote its disks at"),
+        "{message}"
+    );
     mirrors.abandon(&qmp).await;
     clean(&qemu);
 }

@@ -50,11 +50,10 @@ pub enum StorageError {
     Cancelled,
     /// The guest writes its disks as fast as the copy sends them.
     #[error(
-        "the disk copy does not converge: the guest's writes added {:.1} MiB/s to the copy \
-         while it sent {:.1} MiB/s, and {:.0} MiB stayed left for {:.0} s; migrate with more \
-         --bandwidth, with --converge adaptive (on a host that can throttle the vCPUs), while \
-         the guest writes less, or from shared storage",
-        .0.write_rate / 1048576.0,
+        "the disk copy does not converge: {} while it sent {:.1} MiB/s, and {:.0} MiB stayed \
+         left for {:.0} s; migrate with more --bandwidth, with --converge adaptive (on a host \
+         that can throttle the vCPUs), while the guest writes less, or from shared storage",
+        .0.writes(),
         .0.copy_rate / 1048576.0,
         .0.left as f64 / 1048576.0,
         .0.secs

@@ -39,6 +39,26 @@ pub struct NoProgress {
     pub write_rate: f64,
     /// What the copy sent meanwhile, bytes/s.
     pub copy_rate: f64,
+    /// What the guest wrote to the copied disks, bytes/s (QEMU's block
+    /// counters over the last window), when known: more than `write_rate`
+    /// once the writes lap the copy.
+    pub guest_write_rate: Option<f64>,
+}
+
+impl NoProgress {
+    /// "the guest wrote its disks at X MiB/s, adding Y MiB/s to the copy"
+    /// or, without the block counters, "the guest's writes added Y MiB/s
+    /// to the copy".
+    pub fn writes(&self) -> String {
+        let added = self.write_rate / 1_048_576.0;
+        match self.guest_write_rate {
+            Some(w) => format!(
+                "the guest wrote its disks at {:.1} MiB/s, adding {added:.1} MiB/s to the copy",
+                w / 1_048_576.0
+            ),
+            None => format!("the guest's writes added {added:.1} MiB/s to the copy"),
+        }
+    }
 }
 
 /// Follows a copy's bytes left.
@@ -82,6 +102,7 @@ impl CopyWatch {
             secs,
             write_rate: total.saturating_sub(low.total) as f64 / secs,
             copy_rate: processed.saturating_sub(low.processed) as f64 / secs,
+            guest_write_rate: None,
         })
     }
 }

@@ -228,6 +228,8 @@ impl Mirrors {
         let mut throttle = throttle.filter(|t| t.acts_before_migration());
         let mut pace = DiskPace::new(throttle.as_ref().map_or(0.0, |t| t.max()));
         let mut dirty_rate = None;
+        let mut guest_writes = None;
+        let mut first_written = None;
         loop {
             let jobs = self.jobs(qmp).await?;
             self.check_running(&jobs)?;
@@ -240,6 +242,7 @@ impl Mirrors {
             let rates = pace.observe(now, progress.total, progress.processed, written);
             if let Some(rates) = rates {
                 dirty_rate = Some(rates.dirty);
+                guest_writes = rates.written.or(guest_writes);
             }
             on_event(MirrorEvent::Progress {
                 progress,
@@ -274,7 +277,14 @@ impl Mirrors {
                     });
                 }
             }
-            if let Some(stop) = watch.observe(now, progress.total, progress.processed) {
+            let (since, first) = *first_written.get_or_insert((now, written));
+            if let Some(mut stop) = watch.observe(now, progress.total, progress.processed) {
+                // The last window's rate, or the average so far.
+                let secs = now.duration_since(since).as_secs_f64();
+                stop.guest_write_rate = guest_writes.or_else(|| {
+                    let bytes = written?.checked_sub(first?)?;
+                    (secs > 0.0).then(|| bytes as f64 / secs)
+                });
                 return Err(StorageError::NotConverging(stop));
             }
             if let (Some(deadline), Some(timeout)) = (deadline, timeout) {
