@@ -23,6 +23,7 @@ use protocol::{Client, Request};
 use protocol::{ConvergeMode, MigrateOptions};
 use serde::Serialize;
 
+use crate::median;
 use crate::sampler::Sampler;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -107,19 +108,6 @@ pub struct PolicySummary {
     pub median_max_cpu_throttle_pct: f64,
     pub median_guest_work_lost_s: f64,
     pub median_transferred_bytes: f64,
-}
-
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    Some(if values.len().is_multiple_of(2) {
-        (values[mid - 1] + values[mid]) / 2.0
-    } else {
-        values[mid]
-    })
 }
 
 pub fn summarize(workload: &str, trials: &[Trial], policies: &[String]) -> Summary {

@@ -162,6 +162,20 @@ fn ensure_livemigd(path: &std::path::Path) -> Result<()> {
     )
 }
 
+/// The middle value (the mean of the two middle ones for an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
+    })
+}
+
 fn emit<T: serde::Serialize>(json: bool, value: &T, text: String) {
     if json {
         println!("{}", serde_json::to_string(value).expect("serializable"));

@@ -34,6 +34,7 @@ use qmp::commands::vm::Cont;
 use serde::Serialize;
 
 use crate::convergence::Hosts;
+use crate::median;
 
 const MEMORY_MIB: u32 = 64;
 const QEMU: &str = "qemu-system-x86_64";
@@ -70,14 +71,6 @@ pub struct EngineMedians {
 }
 
 const ENGINES: [&str; 3] = ["livemig", "raw-qmp", "raw-qmp-prestarted"];
-
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    Some(values[values.len() / 2])
-}
 
 /// Runs `reps` migrations with each engine; prints each and the summary.
 pub async fn run(livemigd: &Path, reps: u32, json: bool) -> Result<StartSummary> {

@@ -17,6 +17,7 @@ use protocol::{AgentUri, Client, MigrateOptions, Reply, Request};
 use serde::Serialize;
 
 use crate::convergence::Hosts;
+use crate::median;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const MEMORY_MIB: u32 = 512;
@@ -53,14 +54,6 @@ pub struct TlsSummary {
     pub plain_median_throughput_mib_s: Option<f64>,
     pub tls_median_throughput_mib_s: Option<f64>,
     pub latencies: Vec<Latency>,
-}
-
-fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    Some(values[values.len() / 2])
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

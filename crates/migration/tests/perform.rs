@@ -34,6 +34,17 @@ struct Job {
 impl Job {
     async fn start(options: WatchOptions, throttle: Option<Box<dyn VcpuThrottle>>) -> Job {
         let (client, qemu) = ScriptedQemu::start().await;
+        Job::run(client, qemu, options, throttle, None).await
+    }
+
+    /// Perform on `client` (`qemu`'s monitor), copying `mirrors` if any.
+    async fn run(
+        client: qmp::Client,
+        qemu: ScriptedQemu,
+        options: WatchOptions,
+        throttle: Option<Box<dyn VcpuThrottle>>,
+        mirrors: Option<Mirrors>,
+    ) -> Job {
         let cancel = CancellationToken::new();
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (retune, retunes) = mpsc::channel(4);
@@ -47,7 +58,7 @@ impl Job {
                 &progress_tx,
                 perform::Levers {
                     throttle,
-                    mirrors: None,
+                    mirrors: mirrors.as_ref(),
                 },
                 retunes,
             )
@@ -510,34 +521,7 @@ async fn start_with_disks() -> (Job, std::sync::Arc<std::sync::Mutex<Vec<String>
             .collect();
         None
     });
-    let cancel = CancellationToken::new();
-    let (progress_tx, progress) = watch::channel(Progress::default());
-    let (retune, retunes) = mpsc::channel(4);
-    let token = cancel.clone();
-    let options = options();
-    let task = tokio::spawn(async move {
-        perform::run(
-            &client,
-            "tcp:127.0.0.1:49999",
-            &options,
-            &token,
-            &progress_tx,
-            perform::Levers {
-                throttle: None,
-                mirrors: Some(&mirrors),
-            },
-            retunes,
-        )
-        .await
-    });
-    let job = Job {
-        qemu,
-        cancel,
-        progress,
-        retune,
-        task,
-    };
-    job.settle().await;
+    let job = Job::run(client, qemu, options(), None, Some(mirrors)).await;
     (job, at_continue)
 }
 

@@ -387,27 +387,34 @@ async fn migrate_setspeed_retunes_the_disks_copy_too() {
     assert!(log.disk_intact(), "{:?}", log.corruptions);
 }
 
-#[tokio::test]
-async fn a_disk_written_faster_than_the_link_fails_as_not_converging_instead_of_mirroring_forever()
-{
-    let bed = TestBed::new().await;
-    let (a, b) = bed.hosts_with_local_storage(None).await;
-    create_image(&bed.local_of("a").join("vm.raw"), 16, "raw");
-    // Cycling over all 16 MiB at 8 MiB/s against a 1 MiB/s copy: the
-    // writes lap the copy.
+/// The Linux guest on a, rewriting all of its `mib` MiB raw disk (a's own)
+/// at up to `kib_s` KiB/s; returns once it has written and checked a
+/// first round of blocks.
+async fn busy_disk_on_a(bed: &TestBed, a: &Host, mib: u32, kib_s: u32) {
+    create_image(&bed.local_of("a").join("vm.raw"), mib, "raw");
     let workload = guest::linux::LinuxWorkload {
-        disk_kib_s: 8192,
-        disk_blocks: 4096,
+        disk_kib_s: kib_s,
+        disk_blocks: mib * 256,
         ..disk_workload()
     };
     a.define_and_start(bed.linux_definition(
         "vm",
         192,
         &workload,
-        &local_disk(&bed, "vm.raw", "raw"),
+        &local_disk(bed, "vm.raw", "raw"),
     ))
     .await;
     a.wait_guest_disk("vm", 256).await;
+}
+
+#[tokio::test]
+async fn a_disk_written_faster_than_the_link_fails_as_not_converging_instead_of_mirroring_forever()
+{
+    let bed = TestBed::new().await;
+    let (a, b) = bed.hosts_with_local_storage(None).await;
+    // Cycling over all 16 MiB at 8 MiB/s against a 1 MiB/s copy: the
+    // writes lap the copy.
+    busy_disk_on_a(&bed, &a, 16, 8192).await;
 
     let record = a
         .migrate(
@@ -438,22 +445,9 @@ async fn a_disk_written_faster_than_the_link_fails_as_not_converging_instead_of_
 async fn an_adaptive_job_throttles_a_guest_whose_disk_writes_outrun_the_copy_until_it_is_in_sync() {
     let bed = TestBed::new().await;
     let (a, b) = bed.hosts_with_local_storage(None).await;
-    create_image(&bed.local_of("a").join("vm.raw"), 8, "raw");
     // Cycling over its 8 MiB disk as fast as it can (tens of MiB/s),
     // against a 1 MiB/s copy: unthrottled, the writes lap the copy.
-    let workload = guest::linux::LinuxWorkload {
-        disk_kib_s: 65536,
-        disk_blocks: 2048,
-        ..disk_workload()
-    };
-    a.define_and_start(bed.linux_definition(
-        "vm",
-        192,
-        &workload,
-        &local_disk(&bed, "vm.raw", "raw"),
-    ))
-    .await;
-    a.wait_guest_disk("vm", 256).await;
+    busy_disk_on_a(&bed, &a, 8, 65536).await;
 
     let options = MigrateOptions {
         copy_storage_all: true,

@@ -210,6 +210,16 @@ pub struct Progress {
     pub prediction: Option<Prediction>,
 }
 
+impl Progress {
+    /// A throttle now in force: the current one, and the highest so far.
+    pub fn throttle_applied(&mut self, to: Throttle) {
+        self.throttle = to;
+        if to > self.max_throttle {
+            self.max_throttle = to;
+        }
+    }
+}
+
 /// A job's total time as predicted from the pre-flight measurement.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Prediction {

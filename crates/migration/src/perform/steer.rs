@@ -153,12 +153,7 @@ impl Watch<'_> {
         match throttle.set(to.fraction()).await {
             Ok(()) => {
                 self.throttled |= to.is_on();
-                self.update(|p| {
-                    p.throttle = to;
-                    if to > p.max_throttle {
-                        p.max_throttle = to;
-                    }
-                });
+                self.update(|p| p.throttle_applied(to));
                 self.record(
                     ActionKind::Throttle,
                     Some(to.percent()),

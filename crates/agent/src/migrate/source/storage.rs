@@ -178,10 +178,7 @@ impl Run {
                 tracing::info!(t_ms, %action, throttle = to.percent(), %detail, "job action");
                 self.progress.send_modify(|p| {
                     if applied.is_ok() {
-                        p.throttle = to;
-                        if to > p.max_throttle {
-                            p.max_throttle = to;
-                        }
+                        p.throttle_applied(to);
                     }
                     p.actions.push(TimedAction {
                         t_ms,

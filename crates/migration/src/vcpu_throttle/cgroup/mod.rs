@@ -104,6 +104,18 @@ fn vcpu_dir(dir: &Path, index: usize) -> PathBuf {
     dir.join(format!("vcpu{index}"))
 }
 
+/// The cgroups directly under `dir` (a throttle's vCPUs).
+fn children(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A cgroup hierarchy with a `cpu` controller, as probed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hierarchy {

@@ -8,7 +8,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{io_err, quota_for, vcpu_dir, HostThrottle, ThrottleError};
+use super::{children, io_err, quota_for, vcpu_dir, HostThrottle, ThrottleError};
 
 pub(super) fn attach(
     root: &Path,
@@ -65,17 +65,6 @@ fn lift(dir: &Path) {
     for child in children(dir) {
         lift(&child);
     }
-}
-
-fn children(dir: &Path) -> Vec<PathBuf> {
-    fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_dir())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Lifts, empties (threads to the root) and removes `dir` and its vCPU

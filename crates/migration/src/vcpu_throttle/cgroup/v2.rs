@@ -10,7 +10,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::{io_err, quota_for, vcpu_dir, HostThrottle, ThrottleError, OURS};
+use super::{children, io_err, quota_for, vcpu_dir, HostThrottle, ThrottleError, OURS};
 
 fn write(path: &Path, what: &'static str, value: &str) -> Result<(), ThrottleError> {
     fs::write(path, value).map_err(io_err(what, path))
@@ -99,17 +99,6 @@ fn lift(dir: &Path) {
     for vcpu in children(dir) {
         let _ = fs::write(vcpu.join("cpu.max"), "max");
     }
-}
-
-fn children(dir: &Path) -> Vec<PathBuf> {
-    fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_dir())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 pub(super) fn release_dir(root: &Path, dir: &Path) {
