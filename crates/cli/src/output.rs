@@ -337,10 +337,22 @@ fn disk_estimate(d: &protocol::estimate::DiskEstimate) -> String {
             mib(d.size_bytes),
             c.copy_secs.unwrap_or(0.0)
         ),
-        Some(_) => format!(
-            "{writes}, local {}: copy does not converge (writes near or above the link)",
-            mib(d.size_bytes)
-        ),
+        Some(c) => {
+            let adaptive = c
+                .adaptive
+                .map(|a| {
+                    format!(
+                        "; adaptive with a host throttle: converges under a {:.0} % vCPU \
+                         throttle, at most {:.0} s",
+                        a.throttle_pct, a.copy_secs
+                    )
+                })
+                .unwrap_or_default();
+            format!(
+                "{writes}, local {}: copy does not converge (writes near or above the link){adaptive}",
+                mib(d.size_bytes)
+            )
+        }
     }
 }
 

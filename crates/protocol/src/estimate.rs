@@ -132,4 +132,19 @@ pub struct DiskCopyOutlook {
     /// Seconds the bulk copy takes at most (the whole virtual size), if it
     /// converges.
     pub copy_secs: Option<f64>,
+    /// For a copy that does not converge: the vCPU throttle under which an
+    /// adaptive job (`--converge adaptive`, with a host throttle) slows the
+    /// writes to half the link, percent, and the bulk copy's longest time
+    /// then, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveDiskCopy>,
+}
+
+/// A disk copy made to converge by throttling the vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveDiskCopy {
+    /// The vCPU throttle, percent.
+    pub throttle_pct: f64,
+    /// Seconds the bulk copy takes at most under it.
+    pub copy_secs: f64,
 }

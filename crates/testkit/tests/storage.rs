@@ -415,6 +415,14 @@ async fn a_disk_written_faster_than_the_link_fails_as_not_converging_instead_of_
     // Cycling over all 16 MiB at 8 MiB/s against a 1 MiB/s copy: the
     // writes lap the copy.
     busy_disk_on_a(&bed, &a, 16, 8192).await;
+    // The estimate says so beforehand, and what throttle would help.
+    let out = a.cli(&["estimate", "vm", "--bandwidth", "1", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let copy = &report["disks"][0]["copy"];
+    assert_eq!(copy["converges"], false, "{report:#}");
+    let throttle = copy["adaptive"]["throttle_pct"].as_f64().unwrap_or(0.0);
+    assert!(throttle > 50.0 && throttle < 100.0, "{report:#}");
 
     let record = a
         .migrate(

@@ -7,10 +7,13 @@
 use std::collections::BTreeMap;
 
 use domain::qemu::argv::drive_id;
-use protocol::estimate::{DiskCopyOutlook, DiskEstimate};
+use protocol::estimate::{AdaptiveDiskCopy, DiskCopyOutlook, DiskEstimate};
 use qmp::commands::block::{QueryBlock, QueryBlockstats};
 use qmp::Client;
 use tokio::time::Instant;
+
+use crate::storage::pace::{OUTRUN, TARGET};
+use crate::vcpu_throttle::cgroup::MAX_HOST_THROTTLE;
 
 /// What the estimate needs to know of a disk from the definition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,10 +23,6 @@ pub struct DiskFacts {
     /// Both hosts see it: a migration does not copy it.
     pub shared: bool,
 }
-
-/// Share of the link a disk's writes may take for its copy to count as
-/// converging: at the link's own rate the mirror never catches up.
-const CONVERGES_BELOW: f64 = 0.9;
 
 /// Bytes written per disk (by its `-drive` id) at one moment, and each
 /// disk's size.
@@ -52,15 +51,24 @@ pub(super) async fn counters(qmp: &Client) -> Result<Counters, qmp::Error> {
 }
 
 /// How long copying `size` bytes takes at `bandwidth` while the guest
-/// writes `write_rate` to it, if it ever finishes.
+/// writes `write_rate` to it, if it ever finishes; for a copy that does
+/// not, what the adaptive controller's disk pacing ([`crate::storage::pace`])
+/// would need: writes at or above [`OUTRUN`] of the link are never caught
+/// up, and the pacing aims them at [`TARGET`] of it.
 pub fn copy_outlook(size: u64, write_rate: f64, bandwidth: f64) -> DiskCopyOutlook {
-    let converges = bandwidth > 0.0 && write_rate < CONVERGES_BELOW * bandwidth;
+    let converges = bandwidth > 0.0 && write_rate < OUTRUN * bandwidth;
+    // Every byte written during the copy is copied again: the copy gains
+    // on the disk at (bandwidth − writes). An upper bound: QEMU skips what
+    // the image never allocated.
+    let copy_secs = |writes: f64| size as f64 / (bandwidth - writes);
     DiskCopyOutlook {
         converges,
-        // Every byte written during the copy is copied again: the copy
-        // gains on the disk at (bandwidth − writes). An upper bound: QEMU
-        // skips what the image never allocated.
-        copy_secs: converges.then(|| size as f64 / (bandwidth - write_rate)),
+        copy_secs: converges.then(|| copy_secs(write_rate)),
+        adaptive: (!converges && bandwidth > 0.0).then(|| AdaptiveDiskCopy {
+            throttle_pct: ((1.0 - TARGET * bandwidth / write_rate) * 100.0)
+                .clamp(0.0, MAX_HOST_THROTTLE * 100.0),
+            copy_secs: copy_secs(TARGET * bandwidth),
+        }),
     }
 }
 
@@ -114,6 +122,21 @@ mod tests {
             assert!(!never.converges && never.copy_secs.is_none(), "{writes}");
         }
         assert!(!copy_outlook(1, 0.0, 0.0).converges);
+        assert_eq!(idle.adaptive, None);
+    }
+
+    #[test]
+    fn a_copy_that_does_not_converge_says_what_throttle_would_make_it() {
+        // 150 MiB/s of writes over a 100 MiB/s link: down to 50 MiB/s.
+        let paced = copy_outlook(1 << 30, 150.0 * MIB, 100.0 * MIB)
+            .adaptive
+            .expect("an adaptive outlook");
+        assert!(
+            (paced.throttle_pct - 100.0 / 3.0 * 2.0).abs() < 0.01,
+            "{paced:?}"
+        );
+        // Then the copy gains at half the link.
+        assert!((paced.copy_secs - 20.48).abs() < 0.01, "{paced:?}");
     }
 
     #[test]
