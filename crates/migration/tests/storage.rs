@@ -293,3 +293,30 @@ async fn mirrors_in_sync_are_switched_to_copy_every_write() {
     mirrors.complete(&qmp).await.unwrap();
     clean(&qemu);
 }
+
+#[tokio::test]
+async fn mirrors_left_by_a_dead_agent_are_swept_before_a_new_copy() {
+    let (qmp, qemu) = ScriptedQemu::start().await;
+    // An agent died mid-copy: its mirror of vda failed on a gone server,
+    // and its NBD node stayed.
+    qemu.with(|s| {
+        s.block_jobs
+            .push(json!({"device": "livemig-mirror-vda", "type": "mirror",
+            "len": 8 << 20, "offset": 1 << 20, "ready": false, "status": "concluded",
+            "error": "Input/output error"}));
+        s.block_nodes.push("livemig-nbd-vda".into());
+    });
+
+    let mirrors = Mirrors::start(&qmp, &plan(), &targets()).await.unwrap();
+
+    assert_eq!(qemu.calls("job-dismiss")[0]["id"], "livemig-mirror-vda");
+    assert_eq!(qemu.calls("blockdev-mirror").len(), 2);
+    mirrors
+        .wait_ready(&qmp, &CancellationToken::new(), None, WINDOW, None, |_| {})
+        .await
+        .unwrap();
+    mirrors.complete(&qmp).await.unwrap();
+    clean(&qemu);
+    // Nothing left: a sweep finds nothing.
+    assert_eq!(Mirrors::sweep(&qmp).await, 0);
+}

@@ -486,8 +486,14 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
             ok(json!({}))
         }
         "blockdev-add" => {
-            s.block_nodes
-                .push(args["node-name"].as_str().unwrap_or_default().to_string());
+            let node = args["node-name"].as_str().unwrap_or_default().to_string();
+            if s.block_nodes.contains(&node) {
+                return (
+                    Err(("GenericError", format!("Duplicate nodes with node-name='{node}'"))),
+                    Vec::new(),
+                );
+            }
+            s.block_nodes.push(node);
             ok(json!({}))
         }
         "blockdev-del" => {
@@ -504,6 +510,12 @@ fn model(s: &mut State, name: &str, args: &Value) -> (Result<Value, QmpError>, V
             }
         }
         "blockdev-mirror" => {
+            if s.block_jobs.iter().any(|j| j["device"] == args["job-id"]) {
+                return (
+                    Err(("GenericError", format!("Job ID '{}' already in use", args["job-id"].as_str().unwrap_or_default()))),
+                    Vec::new(),
+                );
+            }
             s.block_jobs.push(json!({"device": args["job-id"], "type": "mirror",
                 "len": 8 << 20, "offset": 0, "ready": false, "status": "running"}));
             ok(json!({}))

@@ -105,6 +105,10 @@ async fn resolve(
         }
     }
 
+    // Disk mirrors of the dead job point at a destination that is being
+    // torn down; they would also stand in the way of the next copy.
+    migration::storage::source::Mirrors::sweep(qmp).await;
+
     let why = "the source agent restarted during the migration";
     let resolution = |status, error, recovery: String| Resolution {
         status,

@@ -32,9 +32,12 @@ fn buffer_for(speed: u64) -> u64 {
     (speed / 4).clamp(256 << 10, 16 << 20)
 }
 
+/// What the block job mirroring a disk is called before the disk's name.
+const MIRROR_PREFIX: &str = "livemig-mirror-";
+
 /// The block job that mirrors the disk the guest calls `target`.
 pub fn mirror_job_id(target: &str) -> String {
-    format!("livemig-mirror-{target}")
+    format!("{MIRROR_PREFIX}{target}")
 }
 
 /// How a copy is made.
@@ -61,6 +64,16 @@ struct Mirror {
     target: String,
     job: String,
     node: String,
+}
+
+impl Mirror {
+    fn of(target: &str) -> Mirror {
+        Mirror {
+            target: target.to_string(),
+            job: mirror_job_id(target),
+            node: format!("livemig-nbd-{target}"),
+        }
+    }
 }
 
 /// The running mirrors of a migration.
@@ -112,13 +125,12 @@ impl Mirrors {
         plan: &MirrorPlan,
         targets: &[String],
     ) -> Result<Mirrors, StorageError> {
+        // A copy whose agent died midway leaves its jobs and nodes, under
+        // the names this one needs.
+        Mirrors::sweep(qmp).await;
         let mut started = Mirrors::default();
         for target in targets {
-            let mirror = Mirror {
-                target: target.clone(),
-                job: mirror_job_id(target),
-                node: format!("livemig-nbd-{target}"),
-            };
+            let mirror = Mirror::of(target);
             let add = BlockdevAddNbd {
                 driver: "nbd",
                 node_name: mirror.node.clone(),
@@ -165,6 +177,31 @@ impl Mirrors {
             started.mirrors.push(mirror);
         }
         Ok(started)
+    }
+
+    /// Abandons every mirror of ours QEMU still has, and its NBD node:
+    /// what an agent that died during a copy left behind (the guest runs
+    /// on its own disks; the destination's copy is gone). Returns how many.
+    pub async fn sweep(qmp: &Client) -> usize {
+        let Ok(jobs) = qmp.execute(&QueryBlockJobs).await else {
+            return 0;
+        };
+        let left = Mirrors {
+            mirrors: jobs
+                .iter()
+                .filter_map(|j| j.device.strip_prefix(MIRROR_PREFIX))
+                .map(Mirror::of)
+                .collect(),
+            ..Default::default()
+        };
+        if !left.is_empty() {
+            tracing::warn!(
+                mirrors = left.mirrors.len(),
+                "abandoning disk mirrors left by an earlier job"
+            );
+            left.abandon(qmp).await;
+        }
+        left.mirrors.len()
     }
 
     /// The mirrors were completed (at switchover).
