@@ -369,6 +369,56 @@ async fn the_destination_agent_killed_during_the_disk_copy_leaves_no_image_once_
 }
 
 #[tokio::test]
+async fn the_source_agent_killed_during_the_disk_copy_leaves_the_guest_on_its_disk_and_the_next_copy_works(
+) {
+    let bed = TestBed::new().await;
+    let (mut a, b) = bed.hosts_with_local_storage(None).await;
+    slow_copy_under_way(&bed, &a, &b).await;
+
+    a.crash();
+    // The destination gives up on a source that went silent: its QEMU and
+    // the image it created go.
+    testkit::wait_until(
+        std::time::Duration::from_secs(120),
+        "b to give up the copy and remove its image",
+        || async {
+            (b.qemu_pids().is_empty() && !bed.local_of("b").join("vm.raw").exists()).then_some(())
+        },
+    )
+    .await;
+    // The agent comes back and settles the job: the guest runs on a, and
+    // the dead job's mirror (failed against the gone server) is swept.
+    a.start_again().await;
+    testkit::wait_until(
+        std::time::Duration::from_secs(60),
+        "a to sweep the dead job's mirror",
+        || async {
+            let jobs = a.qmp("vm", "query-block-jobs").await.ok()?;
+            (jobs == serde_json::json!([])).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(a.state("vm").await, Some(DomainState::Running));
+    a.wait_guest_disk("vm", 256).await;
+
+    // The names the dead job used are free: the next copy goes through.
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                copy_storage_all: true,
+                ..live()
+            },
+        )
+        .await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    assert_runs_only_on("vm", &b, &a, 1).await;
+    let log = b.wait_guest_disk("vm", 256).await;
+    assert!(log.disk_intact(), "{:?}", log.corruptions);
+}
+
+#[tokio::test]
 async fn migrate_setspeed_retunes_the_disks_copy_too() {
     let bed = TestBed::new().await;
     let (a, b) = bed.hosts_with_local_storage(None).await;
