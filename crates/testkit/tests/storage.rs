@@ -333,6 +333,18 @@ async fn a_link_lost_during_the_disk_copy_fails_the_job_and_leaves_nothing_on_th
     assert!(log.disk_intact(), "{:?}", log.corruptions);
 }
 
+/// Waits until b has no QEMU and no image of the copy left.
+async fn b_gave_up_the_copy(bed: &TestBed, b: &Host) {
+    testkit::wait_until(
+        std::time::Duration::from_secs(120),
+        "b to give up the copy and remove its image",
+        || async {
+            (b.qemu_pids().is_empty() && !bed.local_of("b").join("vm.raw").exists()).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_destination_agent_killed_during_the_disk_copy_leaves_no_image_once_it_is_back() {
     let bed = TestBed::new().await;
@@ -355,14 +367,7 @@ async fn the_destination_agent_killed_during_the_disk_copy_leaves_no_image_once_
     // The agent comes back, adopts its orphaned incoming QEMU, and when
     // no source claims it, tears it down with the image it created.
     b.start_again().await;
-    testkit::wait_until(
-        std::time::Duration::from_secs(120),
-        "b to give up the orphaned copy and remove its image",
-        || async {
-            (b.qemu_pids().is_empty() && !bed.local_of("b").join("vm.raw").exists()).then_some(())
-        },
-    )
-    .await;
+    b_gave_up_the_copy(&bed, &b).await;
     assert_runs_only_on("vm", &a, &b, 1).await;
     let log = a.wait_guest_disk("vm", 256).await;
     assert!(log.disk_intact(), "{:?}", log.corruptions);
@@ -378,14 +383,7 @@ async fn the_source_agent_killed_during_the_disk_copy_leaves_the_guest_on_its_di
     a.crash();
     // The destination gives up on a source that went silent: its QEMU and
     // the image it created go.
-    testkit::wait_until(
-        std::time::Duration::from_secs(120),
-        "b to give up the copy and remove its image",
-        || async {
-            (b.qemu_pids().is_empty() && !bed.local_of("b").join("vm.raw").exists()).then_some(())
-        },
-    )
-    .await;
+    b_gave_up_the_copy(&bed, &b).await;
     // The agent comes back and settles the job: the guest runs on a, and
     // the dead job's mirror (failed against the gone server) is swept.
     a.start_again().await;

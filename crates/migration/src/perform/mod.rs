@@ -211,6 +211,13 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Adds a sample of the figures and throttle in force, at `t_ms` on
+    /// the job's timeline.
+    pub fn sample_at(&mut self, t_ms: u64) {
+        let sample = Sample::from_stats(t_ms, &self.stats, self.throttle.percent());
+        self.samples.push(sample);
+    }
+
     /// A throttle now in force: the current one, and the highest so far.
     pub fn throttle_applied(&mut self, to: Throttle) {
         self.throttle = to;

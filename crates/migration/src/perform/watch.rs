@@ -6,7 +6,7 @@ use std::time::Duration;
 use converge::controller::{Policy, State};
 use converge::estimate::fit;
 use converge::DirtyModel;
-use protocol::job::{ActionKind, JobStats, Sample, TimedAction};
+use protocol::job::{ActionKind, JobStats, TimedAction};
 use qmp::commands::migration::{MigrateSetParameters, MigrationParameters};
 use qmp::Client;
 use tokio::sync::{oneshot, watch as channel};
@@ -165,8 +165,7 @@ impl<'a> Watch<'a> {
                 p.max_throttle = qemu;
             }
             p.stats = stats.clone();
-            p.samples
-                .push(Sample::from_stats(t_ms, stats, p.throttle.percent()));
+            p.sample_at(t_ms);
         });
     }
 

@@ -5,7 +5,7 @@ use domain::qemu::argv::drive_id;
 use migration::storage::source::{MirrorEvent, MirrorPlan, Mirrors};
 use migration::stream_tls::TlsPeer;
 use migration::vcpu_throttle::VcpuThrottle;
-use protocol::job::{ActionKind, Sample, TimedAction};
+use protocol::job::{ActionKind, TimedAction};
 use protocol::migrate::StorageCopy;
 use qmp::commands::block::{CopyMode, MirrorSync, QueryBlock};
 use types::Throttle;
@@ -158,8 +158,7 @@ impl Run {
                 p.stats.disk_total_bytes = Some(progress.total);
                 p.stats.disk_processed_bytes = Some(progress.processed);
                 p.stats.disk_dirty_rate_bytes_s = dirty_rate.map(|r| r as u64);
-                let sample = Sample::from_stats(t_ms, &p.stats, p.throttle.percent());
-                p.samples.push(sample);
+                p.sample_at(t_ms);
             }),
             MirrorEvent::Throttle {
                 throttle,
