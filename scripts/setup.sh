@@ -4,7 +4,22 @@
 # (network-namespace tests), and the Linux test guest's pieces: Debian's
 # cloud kernel and a static busybox (guest/src/linux packs them with our
 # workload into an initramfs).
+#
+# `--with-libvirt` also installs libvirt (libvirtd with its QEMU driver, and
+# virsh): the storage and start benchmarks run `virsh migrate` beside
+# livemig on the same guest. The tests do not need it.
 set -euo pipefail
+
+with_libvirt=false
+for arg in "$@"; do
+    case "$arg" in
+    --with-libvirt) with_libvirt=true ;;
+    *)
+        echo "usage: $0 [--with-libvirt]" >&2
+        exit 2
+        ;;
+    esac
+done
 
 need=()
 command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
@@ -14,6 +29,10 @@ command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" ||
     need+=(busybox-static)
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
+if $with_libvirt; then
+    [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
+    command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""

@@ -265,6 +265,14 @@ impl Hosts {
         Ok(())
     }
 
+    /// New connections to both agents: they close a connection idle for
+    /// two minutes, as a long baseline run leaves these.
+    pub async fn reconnect(&mut self) -> Result<()> {
+        self.a_client = Client::connect(&self.a.local_uri()).await?;
+        self.b_client = Client::connect(&self.b.local_uri()).await?;
+        Ok(())
+    }
+
     /// Where each host sees its own storage (with `local_storage`).
     pub fn local(&self) -> PathBuf {
         self._dir.path().join("local")

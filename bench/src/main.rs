@@ -12,14 +12,18 @@
 //! `livemig-bench start --json [--reps N]` times the command to the first
 //! byte (and to the guest running on the destination) for an idle guest,
 //! livemig against QEMU driven over raw QMP with the destination QEMU
-//! started per migration and started beforehand.
+//! started per migration and started beforehand, and against `virsh
+//! migrate --live` between two session libvirtd (needs root).
 //!
 //! `livemig-bench storage [--sizes 1,4,8] [--bandwidth 256]` copies a disk
 //! on one host's storage with the Linux guest (`--copy-storage-all`), idle
-//! and under a write load, against the least time the link allows (needs
-//! root: each agent gets its own storage through a mount namespace).
+//! and under a write load, against the least time the link allows and
+//! against libvirt's `virsh migrate --copy-storage-all` on the same guest
+//! (`--engines livemig,virsh`; needs root: each agent gets its own storage
+//! through a mount namespace, and the two libvirtd run as `nobody`).
 
 mod convergence;
+mod libvirt;
 mod load;
 mod sampler;
 mod start;
@@ -88,6 +92,11 @@ enum Command {
         /// The link cap (--bandwidth), MiB/s.
         #[arg(long, default_value_t = 256)]
         bandwidth: u64,
+        /// Who drives the copy: livemig, and virsh (libvirt's
+        /// `virsh migrate --copy-storage-all` between two session libvirtd
+        /// on this machine).
+        #[arg(long, value_delimiter = ',', default_value = "livemig,virsh")]
+        engines: Vec<String>,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -129,24 +138,19 @@ fn livemigd(given: Option<PathBuf>) -> PathBuf {
     })
 }
 
-/// `livemigd` where it is expected, built first when this runs under
-/// cargo (`cargo run -p livemig-bench` builds only the bench) and it is
-/// missing; otherwise an error that says how to get it.
-fn ensure_livemigd(path: &std::path::Path) -> Result<()> {
-    if path.exists() {
-        return Ok(());
-    }
-    if let Some(cargo) = std::env::var_os("CARGO") {
+/// `livemigd` where it is expected. Under cargo (`cargo run -p
+/// livemig-bench` builds only the bench) it is built first every time:
+/// cargo does nothing when it is current, and a stale agent beside a fresh
+/// bench measures old code. Otherwise it must exist; an error says how to
+/// get it.
+fn ensure_livemigd(path: &std::path::Path, given: bool) -> Result<()> {
+    if let (Some(cargo), false) = (std::env::var_os("CARGO"), given) {
         let release = path
             .parent()
             .and_then(|d| d.file_name())
             .is_some_and(|d| d == "release");
-        eprintln!(
-            "livemigd is not built yet: building it ({})",
-            path.display()
-        );
         let mut build = std::process::Command::new(cargo);
-        build.args(["build", "-p", "livemig-agent", "--bin", "livemigd"]);
+        build.args(["build", "-q", "-p", "livemig-agent", "--bin", "livemigd"]);
         if release {
             build.arg("--release");
         }
@@ -154,6 +158,13 @@ fn ensure_livemigd(path: &std::path::Path) -> Result<()> {
         if status.success() && path.exists() {
             return Ok(());
         }
+    } else if path.exists() {
+        eprintln!(
+            "using {}: rebuild it with the bench (cargo build --release --workspace) or run \
+             the bench through cargo run, which does",
+            path.display()
+        );
+        return Ok(());
     }
     bail!(
         "livemigd not found at {}: build it (cargo build --release -p livemig-agent) or pass \
@@ -356,7 +367,8 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Start { livemigd, .. }
         | Command::Load { livemigd, .. } => livemigd.clone(),
     };
-    ensure_livemigd(&livemigd(given))?;
+    let named = given.is_some();
+    ensure_livemigd(&livemigd(given), named)?;
     match cli.command {
         Command::Convergence {
             json,
@@ -377,8 +389,9 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             sizes,
             bandwidth,
+            engines,
             livemigd: path,
-        } => storage::run(&livemigd(path), &sizes, bandwidth, json)
+        } => storage::run(&livemigd(path), &sizes, bandwidth, &engines, json)
             .await
             .map(|_| ()),
         Command::Start {
@@ -403,6 +416,10 @@ async fn run(cli: Cli) -> Result<()> {
                     "livemig - raw-qmp: first byte {}, done {}",
                     ms(summary.livemig_minus_raw_first_byte_ms),
                     ms(summary.livemig_minus_raw_done_ms)
+                )))
+                .chain(std::iter::once(format!(
+                    "virsh connecting alone (virsh version): {}",
+                    ms(summary.virsh_connect_ms)
                 )))
                 .collect::<Vec<_>>()
                 .join("\n");

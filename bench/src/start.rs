@@ -15,7 +15,11 @@
 //!   do; `raw-qmp-prestarted` has the destination QEMU listening already,
 //!   the floor.
 //!
-//! The order of the three engines rotates with each repetition.
+//! - between two session libvirtd on this machine with `virsh migrate
+//!   --live` (libvirt 9.0 from Debian), timed from virsh's start to its
+//!   end, the first byte on the wire through a relay.
+//!
+//! The order of the engines rotates with each repetition.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -34,6 +38,7 @@ use qmp::commands::vm::Cont;
 use serde::Serialize;
 
 use crate::convergence::Hosts;
+use crate::libvirt::{DomainXml, LibvirtHosts};
 use crate::median;
 
 const MEMORY_MIB: u32 = 64;
@@ -60,6 +65,9 @@ pub struct StartSummary {
     pub medians: Vec<EngineMedians>,
     pub livemig_minus_raw_first_byte_ms: Option<f64>,
     pub livemig_minus_raw_done_ms: Option<f64>,
+    /// A `virsh version` call: what virsh's own start and connection add
+    /// to its figures.
+    pub virsh_connect_ms: Option<f64>,
 }
 
 /// One engine's medians.
@@ -70,7 +78,7 @@ pub struct EngineMedians {
     pub done_ms: Option<f64>,
 }
 
-const ENGINES: [&str; 3] = ["livemig", "raw-qmp", "raw-qmp-prestarted"];
+const ENGINES: [&str; 4] = ["livemig", "raw-qmp", "raw-qmp-prestarted", "virsh"];
 
 /// Runs `reps` migrations with each engine; prints each and the summary.
 pub async fn run(livemigd: &Path, reps: u32, json: bool) -> Result<StartSummary> {
@@ -78,13 +86,21 @@ pub async fn run(livemigd: &Path, reps: u32, json: bool) -> Result<StartSummary>
     let result = async {
         let mut raw = RawPair::start(hosts.images()).await?;
         let mut livemig = LivemigPair::start(&hosts).await?;
+        let mut virsh = VirshPair::start()
+            .await
+            .context("the virsh engine needs libvirtd (apt-get install libvirt-daemon-driver-qemu libvirt-clients)")?;
         let mut trials = Vec::new();
+        let mut virsh_connect = Vec::new();
         for rep in 1..=reps {
             for k in 0..ENGINES.len() {
                 let engine = ENGINES[(k + rep as usize) % ENGINES.len()];
                 let (first_byte_ms, done_ms) = match engine {
                     "livemig" => livemig.migrate().await?,
                     "raw-qmp" => raw.migrate(false).await?,
+                    "virsh" => {
+                        virsh_connect.push(virsh.connect_ms().await?);
+                        virsh.migrate().await?
+                    }
                     _ => raw.migrate(true).await?,
                 };
                 let trial = StartTrial {
@@ -104,7 +120,9 @@ pub async fn run(livemigd: &Path, reps: u32, json: bool) -> Result<StartSummary>
             }
         }
         raw.stop().await;
-        anyhow::Ok(summarize(reps, &trials))
+        let mut summary = summarize(reps, &trials);
+        summary.virsh_connect_ms = median(virsh_connect);
+        anyhow::Ok(summary)
     }
     .await;
     hosts.stop().await;
@@ -135,6 +153,7 @@ fn summarize(reps: u32, trials: &[StartTrial]) -> StartSummary {
         reps,
         livemig_minus_raw_first_byte_ms: diff(medians[0].first_byte_ms, medians[1].first_byte_ms),
         livemig_minus_raw_done_ms: diff(medians[0].done_ms, medians[1].done_ms),
+        virsh_connect_ms: None,
         medians,
     }
 }
@@ -302,4 +321,124 @@ async fn spawn(
         QEMU_TIMEOUT,
     )
     .await?)
+}
+
+/// The guest on two session libvirtd, migrated back and forth with
+/// `virsh migrate --live`. libvirt owns the QEMUs' monitors, so the first
+/// byte is timed on the wire: the destination listens on 127.0.0.2 and the
+/// source's stream goes through a relay on 127.0.0.1 that notes its first
+/// byte. "Command" is virsh's start: its time includes virsh connecting to
+/// both daemons (`virsh_connect_ms` in the summary measures that alone).
+struct VirshPair {
+    libvirt: LibvirtHosts,
+    on_a: bool,
+}
+
+const VIRSH_GUEST: &str = "bench-start-virsh";
+
+impl VirshPair {
+    async fn start() -> Result<VirshPair> {
+        let libvirt = LibvirtHosts::start().await?;
+        let files = libvirt.files();
+        std::fs::create_dir_all(&files)?;
+        let kernel = guest::install_kernel(&files)?;
+        let cmdline = Workload::IDLE.cmdline();
+        let serial_log = files.join(format!("{VIRSH_GUEST}.log"));
+        let xml = DomainXml {
+            name: VIRSH_GUEST,
+            memory_mib: MEMORY_MIB,
+            kernel: &kernel,
+            initrd: None,
+            cmdline: &cmdline,
+            disks: &[],
+            serial_log: &serial_log,
+        }
+        .render();
+        let xml_path = files.join(format!("{VIRSH_GUEST}.xml"));
+        std::fs::write(&xml_path, xml)?;
+        crate::libvirt::give_to_user(&files).await?;
+        libvirt
+            .a
+            .virsh(&["create", &xml_path.display().to_string()])
+            .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok(VirshPair {
+            libvirt,
+            on_a: true,
+        })
+    }
+
+    async fn migrate(&mut self) -> Result<(f64, f64)> {
+        let (from, to) = if self.on_a {
+            (&self.libvirt.a, &self.libvirt.b)
+        } else {
+            (&self.libvirt.b, &self.libvirt.a)
+        };
+        let relay = FirstByteRelay::bind().await?;
+        let migrate_uri = format!("tcp://127.0.0.1:{}", relay.port);
+        let to_uri = to.uri();
+        let command = Instant::now();
+        let relayed = tokio::spawn(relay.run());
+        from.virsh(&[
+            "migrate",
+            "--live",
+            "--migrateuri",
+            &migrate_uri,
+            "--listen-address",
+            RELAY_TARGET,
+            VIRSH_GUEST,
+            &to_uri,
+        ])
+        .await?;
+        let done = command.elapsed();
+        let first_byte = tokio::time::timeout(QEMU_TIMEOUT, relayed)
+            .await
+            .context("the relay saw no stream")???;
+        self.on_a = !self.on_a;
+        Ok((ms(first_byte.duration_since(command)), ms(done)))
+    }
+
+    /// A `virsh` call that only connects, and asks for the version.
+    async fn connect_ms(&self) -> Result<f64> {
+        let started = Instant::now();
+        self.libvirt.a.virsh(&["version"]).await?;
+        Ok(ms(started.elapsed()))
+    }
+}
+
+/// Where libvirt's destination QEMU listens; the relay forwards to it.
+const RELAY_TARGET: &str = "127.0.0.2";
+
+/// One migration stream's relay: accepts the source's connection on
+/// 127.0.0.1, connects to the same port on [`RELAY_TARGET`], copies both
+/// ways, and returns when the first byte arrived from the source.
+struct FirstByteRelay {
+    listener: tokio::net::TcpListener,
+    port: u16,
+}
+
+impl FirstByteRelay {
+    async fn bind() -> Result<FirstByteRelay> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        Ok(FirstByteRelay { listener, port })
+    }
+
+    async fn run(self) -> Result<Instant> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut source, _) = tokio::time::timeout(MIGRATION_TIMEOUT, self.listener.accept())
+            .await
+            .context("the source never connected")??;
+        let mut destination = tokio::net::TcpStream::connect((RELAY_TARGET, self.port)).await?;
+        let mut first = [0u8; 1];
+        tokio::time::timeout(MIGRATION_TIMEOUT, source.read_exact(&mut first))
+            .await
+            .context("the source sent nothing")??;
+        let at = Instant::now();
+        destination.write_all(&first).await?;
+        tokio::spawn(async move {
+            let _ = tokio::io::copy_bidirectional(&mut source, &mut destination).await;
+        });
+        Ok(at)
+    }
 }
