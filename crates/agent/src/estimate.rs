@@ -5,13 +5,17 @@ use std::sync::Arc;
 
 use domain::DomainName;
 use migration::estimate::disks::DiskFacts;
-use migration::estimate::Subject;
+use migration::estimate::{PastJob, Subject};
 use migration::vcpu_throttle;
 use protocol::estimate::EstimateParams;
-use protocol::{ApiError, Reply};
+use protocol::job::JobStatus;
+use protocol::{ApiError, ConvergeMode, Reply};
 
 use crate::errors;
 use crate::state::Agent;
+
+/// Recent jobs of the domain looked through for adaptive ones.
+const HISTORY_LOOKBACK: u32 = 50;
 
 pub(crate) async fn estimate(
     agent: &Arc<Agent>,
@@ -43,8 +47,39 @@ pub(crate) async fn estimate(
         mechanism: &mechanism,
         disks: &disks,
     };
-    let report = migration::estimate::estimate(vm.process.qmp(), subject, params)
+    let mut report = migration::estimate::estimate(vm.process.qmp(), subject, params)
         .await
         .map_err(|e| errors::qemu(errors::chain(&e)))?;
+    migration::estimate::calibrate(&mut report, &past_adaptive_jobs(agent, name).await);
     Ok(Reply::Estimate(Box::new(report)))
+}
+
+/// The domain's completed adaptive migrations from this host that made a
+/// prediction, newest first. Without a readable history there is nothing
+/// to calibrate on, which is no reason to fail the estimate.
+async fn past_adaptive_jobs(agent: &Agent, name: &DomainName) -> Vec<PastJob> {
+    let jobs = match agent
+        .history
+        .list(Some(name.as_str().to_string()), HISTORY_LOOKBACK)
+        .await
+    {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            tracing::warn!(error = %e, "job history unreadable: estimate not calibrated");
+            return Vec::new();
+        }
+    };
+    jobs.iter()
+        .filter(|j| {
+            j.role == "source"
+                && j.status == JobStatus::Completed.to_string()
+                && j.converge == ConvergeMode::Adaptive.name()
+        })
+        .filter_map(|j| {
+            Some(PastJob {
+                predicted_secs: j.predicted_total_ms? as f64 / 1000.0,
+                real_secs: j.total_time_ms as f64 / 1000.0,
+            })
+        })
+        .collect()
 }

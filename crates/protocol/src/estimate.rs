@@ -107,6 +107,29 @@ pub struct EstimateReport {
     pub model: DirtyModel,
     /// The predictions.
     pub predictions: Predictions,
+    /// The adaptive prediction corrected by how this host's past adaptive
+    /// migrations of the domain fared; absent before the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Calibration>,
+}
+
+/// How past jobs correct the adaptive prediction.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Past jobs it rests on (the most recent, at most five).
+    pub jobs: u32,
+    /// The median of their real / predicted total time.
+    pub factor: f64,
+    /// The lowest real / predicted among them.
+    pub factor_low: f64,
+    /// The highest.
+    pub factor_high: f64,
+    /// The adaptive total time corrected, s.
+    pub adaptive_total_secs: f64,
+    /// The same with the lowest factor, s.
+    pub adaptive_total_low_secs: f64,
+    /// The same with the highest factor, s.
+    pub adaptive_total_high_secs: f64,
 }
 
 /// One disk in an estimate.

@@ -120,6 +120,57 @@ async fn adaptive_never_throttles_a_guest_that_converges_on_its_own() {
     assert_runs_only_on("vm", &b, &a, 2).await;
 }
 
+/// `estimate --json` on `host`, parsed.
+fn estimate_json(host: &testkit::Host) -> serde_json::Value {
+    let out = host.cli(&["estimate", "vm", "--bandwidth", "16", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn estimate_is_calibrated_on_the_domains_past_adaptive_migrations_from_this_host() {
+    let bed = TestBed::new().await;
+    // A guest the controller has to help: its jobs predict their time.
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
+    let first = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
+    assert_eq!(first.status, JobStatus::Completed, "{first:#?}");
+    let predicted = first.predicted_total_ms.expect("a prediction") as f64;
+
+    // b only received the guest: nothing to calibrate on there.
+    let report = estimate_json(&b);
+    assert!(report.get("calibration").is_none(), "{report:#}");
+
+    let back = b.migrate("vm", &a, flags(ConvergeMode::Adaptive)).await;
+    assert_eq!(back.status, JobStatus::Completed, "{back:#?}");
+    // a sent the guest once: its estimate is corrected by how that job's
+    // prediction fared.
+    let report = estimate_json(&a);
+    let c = &report["calibration"];
+    assert_eq!(c["jobs"], 1, "{report:#}");
+    let factor = first.total_time_ms as f64 / predicted;
+    assert!(
+        (c["factor"].as_f64().unwrap() - factor).abs() < 1e-6,
+        "{factor} {report:#}"
+    );
+    let adaptive = report["predictions"]["adaptive"]["total_secs"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (c["adaptive_total_secs"].as_f64().unwrap() - adaptive * factor).abs() < 1e-6,
+        "{report:#}"
+    );
+    let text = testkit::output::stdout(&a.cli(&["estimate", "vm", "--bandwidth", "16"]));
+    assert!(
+        text.contains("Calibrated on 1 past adaptive migration of this domain"),
+        "{text}"
+    );
+    assert_runs_only_on("vm", &a, &b, 2).await;
+}
+
 #[tokio::test]
 async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
     let bed = TestBed::new().await;

@@ -5,9 +5,11 @@
 
 pub mod disks;
 
+use converge::calibration;
+pub use converge::calibration::PastJob;
 use converge::estimate::{fit, predict};
 use protocol::domain::Tunables;
-use protocol::estimate::{EstimateParams, EstimateReport};
+use protocol::estimate::{Calibration, EstimateParams, EstimateReport};
 use qmp::Client;
 use types::{Bandwidth, Throttle};
 
@@ -98,5 +100,24 @@ pub async fn estimate(
         samples: samples.iter().map(wire::dirty_sample).collect(),
         model: wire::dirty_model(&model),
         predictions: wire::predictions(&predict(model, ram, bandwidth, &policy)),
+        calibration: None,
     })
+}
+
+/// Corrects the adaptive prediction by how past adaptive jobs of the
+/// domain fared (`past` newest first): only a prediction that converges
+/// has a time to correct.
+pub fn calibrate(report: &mut EstimateReport, past: &[PastJob]) {
+    let adaptive = &report.predictions.measured.adaptive;
+    report.calibration = calibration::calibrate(past)
+        .filter(|_| adaptive.converges)
+        .map(|c| Calibration {
+            jobs: c.jobs as u32,
+            factor: c.factor,
+            factor_low: c.low,
+            factor_high: c.high,
+            adaptive_total_secs: c.apply(adaptive.total_secs),
+            adaptive_total_low_secs: adaptive.total_secs * c.low,
+            adaptive_total_high_secs: adaptive.total_secs * c.high,
+        });
 }
