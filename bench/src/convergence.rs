@@ -62,6 +62,17 @@ pub fn policy(name: &str) -> Option<ConvergeMode> {
     }
 }
 
+/// How `livemig-bench convergence` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub json: bool,
+    pub reps: u32,
+    /// Give up on a migration after this many seconds.
+    pub timeout: u64,
+    /// Estimate before each migration.
+    pub estimate: bool,
+}
+
 /// One trial's figures (one JSON line).
 #[derive(Debug, Clone, Serialize)]
 pub struct Trial {
@@ -84,8 +95,60 @@ pub struct Trial {
     /// `total_time_ms` to see how far `estimate`'s model is off.
     pub predicted_total_ms: Option<u64>,
     pub predicted_worst_total_ms: Option<u64>,
+    /// With `--estimate`: what `estimate` said just before the migration
+    /// for this trial's policy (its total time when it predicted
+    /// convergence, ms), and whether it predicted convergence.
+    pub estimated_total_ms: Option<u64>,
+    pub estimated_converges: Option<bool>,
+    /// Its adaptive time calibrated on the earlier repetitions, and on how
+    /// many.
+    pub calibrated_total_ms: Option<u64>,
+    pub calibration_jobs: Option<u32>,
     /// The job's timeline (controller decisions, escalations).
     pub actions: Vec<protocol::job::TimedAction>,
+}
+
+/// What `estimate` predicted for one policy.
+struct Estimated {
+    total_ms: Option<u64>,
+    converges: bool,
+    calibrated_ms: Option<u64>,
+    calibration_jobs: Option<u32>,
+}
+
+async fn estimate(hosts: &Hosts, domain: &domain::DomainName, policy: &str) -> Result<Estimated> {
+    let reply = hosts
+        .a_client
+        .request(
+            Request::Estimate {
+                domain: domain.clone(),
+                params: protocol::estimate::EstimateParams {
+                    bandwidth_mib_s: Some(BANDWIDTH_MIB_S),
+                    downtime_ms: Some(DOWNTIME_MS),
+                    ..Default::default()
+                },
+            },
+            REQUEST_TIMEOUT,
+        )
+        .await?;
+    let Reply::Estimate(report) = reply else {
+        bail!("unexpected reply {reply:?}");
+    };
+    let outlook = &report.predictions.measured;
+    let prediction = match policy {
+        "none" => &outlook.none,
+        "qemu" => &outlook.qemu,
+        _ => &outlook.adaptive,
+    };
+    let calibration = report.calibration.filter(|_| policy == "adaptive");
+    Ok(Estimated {
+        total_ms: prediction
+            .converges
+            .then_some((prediction.total_secs * 1000.0) as u64),
+        converges: prediction.converges,
+        calibrated_ms: calibration.map(|c| (c.adaptive_total_secs * 1000.0) as u64),
+        calibration_jobs: calibration.map(|c| c.jobs),
+    })
 }
 
 /// Medians per policy for one workload, and the adaptive/qemu ratios.
@@ -336,10 +399,17 @@ pub async fn trial(
     policy_name: &str,
     rep: u32,
     timeout_s: u64,
+    estimate_first: bool,
 ) -> Result<Trial> {
     let workload = workload(workload_name).ok_or_else(|| anyhow!("unknown workload"))?;
     let mode = policy(policy_name).ok_or_else(|| anyhow!("unknown policy"))?;
-    let name = format!("bench-{workload_name}-{policy_name}-{rep}");
+    // Estimates are calibrated on the domain's past jobs: one name across
+    // the repetitions.
+    let name = if estimate_first {
+        format!("bench-{workload_name}-{policy_name}")
+    } else {
+        format!("bench-{workload_name}-{policy_name}-{rep}")
+    };
     hosts.start_guest(&name, MEMORY_MIB, workload).await?;
     let domain: domain::DomainName = name.parse()?;
     let sampler = Sampler::start();
@@ -367,6 +437,12 @@ pub async fn trial(
         .recent_rate(RATE_WINDOW)
         .filter(|r| *r > 0.0)
         .ok_or_else(|| anyhow!("the guest reported no progress during warm-up"))?;
+
+    let estimated = if estimate_first {
+        Some(estimate(hosts, &domain, policy_name).await?)
+    } else {
+        None
+    };
 
     let flags = MigrateOptions {
         live: true,
@@ -471,6 +547,10 @@ pub async fn trial(
         error: record.error,
         predicted_total_ms: record.predicted_total_ms,
         predicted_worst_total_ms: record.predicted_worst_total_ms,
+        estimated_total_ms: estimated.as_ref().and_then(|e| e.total_ms),
+        estimated_converges: estimated.as_ref().map(|e| e.converges),
+        calibrated_total_ms: estimated.as_ref().and_then(|e| e.calibrated_ms),
+        calibration_jobs: estimated.as_ref().and_then(|e| e.calibration_jobs),
         actions: record.actions,
     })
 }

@@ -60,6 +60,12 @@ enum Command {
         /// Give up on a migration after this many seconds.
         #[arg(long, default_value_t = 90)]
         timeout: u64,
+        /// Run `estimate` before each migration and print its prediction
+        /// beside the outcome (the domain keeps its name across
+        /// repetitions, so adaptive estimates are calibrated on the
+        /// earlier ones).
+        #[arg(long)]
+        estimate: bool,
         /// livemigd binary [default: next to this binary].
         #[arg(long)]
         livemigd: Option<PathBuf>,
@@ -173,6 +179,33 @@ fn ensure_livemigd(path: &std::path::Path, given: bool) -> Result<()> {
     )
 }
 
+/// " estimate 9.8 s (+12 %) calibrated on 2: 8.1 s (-7 %)", or nothing.
+fn estimate_text(t: &convergence::Trial) -> String {
+    let Some(converges) = t.estimated_converges else {
+        return String::new();
+    };
+    let real = t.total_time_ms as f64;
+    let against = |ms: u64| {
+        if t.converged && real > 0.0 {
+            format!(
+                "{:.1} s ({:+.0} %)",
+                ms as f64 / 1000.0,
+                (ms as f64 - real) / real * 100.0
+            )
+        } else {
+            format!("{:.1} s", ms as f64 / 1000.0)
+        }
+    };
+    let mut text = match t.estimated_total_ms {
+        Some(ms) if converges => format!(" estimate {}", against(ms)),
+        _ => " estimate: does not converge".to_string(),
+    };
+    if let (Some(ms), Some(jobs)) = (t.calibrated_total_ms, t.calibration_jobs) {
+        text.push_str(&format!(" calibrated on {jobs}: {}", against(ms)));
+    }
+    text
+}
+
 /// The middle value (the mean of the two middle ones for an even count).
 fn median(mut values: Vec<f64>) -> Option<f64> {
     if values.is_empty() {
@@ -196,13 +229,17 @@ fn emit<T: serde::Serialize>(json: bool, value: &T, text: String) {
 }
 
 async fn run_convergence(
-    json: bool,
-    reps: u32,
+    options: convergence::RunOptions,
     workloads: Vec<String>,
     policies: Vec<String>,
-    timeout: u64,
     livemigd_path: PathBuf,
 ) -> Result<()> {
+    let convergence::RunOptions {
+        json,
+        reps,
+        timeout,
+        estimate,
+    } = options;
     for w in &workloads {
         if convergence::workload(w).is_none() {
             bail!("unknown workload {w:?} (light, heavy, hot)");
@@ -223,12 +260,13 @@ async fn run_convergence(
                 let mut order = policies.clone();
                 order.rotate_left((rep as usize - 1) % policies.len().max(1));
                 for p in &order {
-                    let trial = convergence::trial(&hosts, w, p, rep, timeout).await?;
+                    let trial =
+                        convergence::trial(&hosts, w, p, rep, timeout, estimate).await?;
                     emit(
                         json,
                         &trial,
                         format!(
-                            "{:<6} {:<9} rep {} converged={:<5} total {:>7.1} s downtime {:>5} max throttle {:>5.1}% lost {:>5.1} s ({:>3.0}%) sent {:>6.0} MiB memory {}",
+                            "{:<6} {:<9} rep {} converged={:<5} total {:>7.1} s downtime {:>5} max throttle {:>5.1}% lost {:>5.1} s ({:>3.0}%) sent {:>6.0} MiB memory {}{}",
                             trial.workload,
                             trial.policy,
                             trial.rep,
@@ -240,6 +278,7 @@ async fn run_convergence(
                             trial.guest_work_lost_fraction * 100.0,
                             trial.transferred_bytes as f64 / 1048576.0,
                             trial.memory_check,
+                            estimate_text(&trial),
                         ),
                     );
                     trials.push(trial);
@@ -376,8 +415,17 @@ async fn run(cli: Cli) -> Result<()> {
             workloads,
             policies,
             timeout,
+            estimate,
             livemigd: path,
-        } => run_convergence(json, reps, workloads, policies, timeout, livemigd(path)).await,
+        } => {
+            let options = convergence::RunOptions {
+                json,
+                reps,
+                timeout,
+                estimate,
+            };
+            run_convergence(options, workloads, policies, livemigd(path)).await
+        }
         Command::Tls {
             json,
             reps,
