@@ -100,8 +100,7 @@ pub struct Trial {
     /// convergence, ms), and whether it predicted convergence.
     pub estimated_total_ms: Option<u64>,
     pub estimated_converges: Option<bool>,
-    /// Its adaptive time calibrated on the earlier repetitions, and on how
-    /// many.
+    /// Its time calibrated on the earlier repetitions, and on how many.
     pub calibrated_total_ms: Option<u64>,
     pub calibration_jobs: Option<u32>,
     /// The job's timeline (controller decisions, escalations).
@@ -140,13 +139,16 @@ async fn estimate(hosts: &Hosts, domain: &domain::DomainName, policy: &str) -> R
         "qemu" => &outlook.qemu,
         _ => &outlook.adaptive,
     };
-    let calibration = report.calibration.filter(|_| policy == "adaptive");
+    let calibration = report
+        .calibrations
+        .iter()
+        .find(|c| c.policy.name() == policy);
     Ok(Estimated {
         total_ms: prediction
             .converges
             .then_some((prediction.total_secs * 1000.0) as u64),
         converges: prediction.converges,
-        calibrated_ms: calibration.map(|c| (c.adaptive_total_secs * 1000.0) as u64),
+        calibrated_ms: calibration.map(|c| (c.total_secs * 1000.0) as u64),
         calibration_jobs: calibration.map(|c| c.jobs),
     })
 }

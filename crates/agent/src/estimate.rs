@@ -50,14 +50,15 @@ pub(crate) async fn estimate(
     let mut report = migration::estimate::estimate(vm.process.qmp(), subject, params)
         .await
         .map_err(|e| errors::qemu(errors::chain(&e)))?;
-    migration::estimate::calibrate(&mut report, &past_adaptive_jobs(agent, name).await);
+    migration::estimate::calibrate(&mut report, &past_jobs(agent, name).await);
     Ok(Reply::Estimate(Box::new(report)))
 }
 
-/// The domain's completed adaptive migrations from this host that made a
-/// prediction, newest first. Without a readable history there is nothing
-/// to calibrate on, which is no reason to fail the estimate.
-async fn past_adaptive_jobs(agent: &Agent, name: &DomainName) -> Vec<PastJob> {
+/// The domain's completed migrations from this host that made a
+/// prediction, with their convergence mode, newest first. Without a
+/// readable history there is nothing to calibrate on, which is no reason
+/// to fail the estimate.
+async fn past_jobs(agent: &Agent, name: &DomainName) -> Vec<(ConvergeMode, PastJob)> {
     let jobs = match agent
         .history
         .list(Some(name.as_str().to_string()), HISTORY_LOOKBACK)
@@ -69,17 +70,28 @@ async fn past_adaptive_jobs(agent: &Agent, name: &DomainName) -> Vec<PastJob> {
             return Vec::new();
         }
     };
+    let modes = [
+        ConvergeMode::None,
+        ConvergeMode::Qemu,
+        ConvergeMode::Adaptive,
+    ];
     jobs.iter()
-        .filter(|j| {
-            j.role == "source"
-                && j.status == JobStatus::Completed.to_string()
-                && j.converge == ConvergeMode::Adaptive.name()
-        })
+        .filter(|j| j.role == "source" && j.status == JobStatus::Completed.to_string())
         .filter_map(|j| {
-            Some(PastJob {
-                predicted_secs: j.predicted_total_ms? as f64 / 1000.0,
-                real_secs: j.total_time_ms as f64 / 1000.0,
-            })
+            // Records from before the mode was kept have none: plain.
+            let name = if j.converge.is_empty() {
+                "none"
+            } else {
+                &j.converge
+            };
+            let mode = modes.into_iter().find(|m| m.name() == name)?;
+            Some((
+                mode,
+                PastJob {
+                    predicted_secs: j.predicted_total_ms? as f64 / 1000.0,
+                    real_secs: j.total_time_ms as f64 / 1000.0,
+                },
+            ))
         })
         .collect()
 }

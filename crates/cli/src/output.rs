@@ -458,18 +458,19 @@ pub fn estimate(r: &protocol::estimate::EstimateReport) -> String {
                 .max(pred.work_lost_secs)),
         ));
     }
-    if let Some(c) = &r.calibration {
+    for c in &r.calibrations {
         out.push_str(&format!(
-            "\nCalibrated on {} past adaptive migration{} of this domain from this host\n\
-             (real / predicted {:.2}, from {:.2} to {:.2}): adaptive {:.1} s ({:.1}..{:.1} s)\n",
+            "\n{}: calibrated on {} past migration{} of this domain from this host\n\
+             (real / predicted {:.2}, from {:.2} to {:.2}): {:.1} s ({:.1}..{:.1} s)\n",
+            c.policy,
             c.jobs,
             if c.jobs == 1 { "" } else { "s" },
             c.factor,
             c.factor_low,
             c.factor_high,
-            c.adaptive_total_secs,
-            c.adaptive_total_low_secs,
-            c.adaptive_total_high_secs,
+            c.total_secs,
+            c.total_low_secs,
+            c.total_high_secs,
         ));
     }
     if m.rate_is_lower_bound {

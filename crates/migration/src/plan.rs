@@ -65,27 +65,32 @@ pub fn watch_options(
     ram_bytes: u64,
 ) -> WatchOptions {
     let downtime = downtime_limit(flags.downtime(), tunables.downtime_ms, flags.max_downtime());
-    let controller = (flags.converge_mode() == ConvergeMode::Adaptive).then(|| {
-        controller_policy(
-            flags.max_throttle(),
-            mechanism_max,
-            downtime,
-            flags.max_downtime(),
-            flags.timeout(),
-            flags.postcopy_enabled(),
-        )
-    });
+    let policy = controller_policy(
+        flags.max_throttle(),
+        mechanism_max,
+        downtime,
+        flags.max_downtime(),
+        flags.timeout(),
+        flags.postcopy_enabled(),
+    );
+    let mode = flags.converge_mode();
+    let controller = (mode == ConvergeMode::Adaptive).then_some(policy);
+    let bandwidth_cap = job_bandwidth(flags, tunables);
+    // Every job on a capped link predicts its time, whatever its mode:
+    // `estimate` is calibrated on how those predictions fared.
+    let forecast = bandwidth_cap.map(|_| (mode, policy));
     WatchOptions {
         timeout: flags.timeout(),
         timeout_action: flags.timeout_action(),
         postcopy_after_precopy: flags.postcopy_after_precopy,
-        preflight: controller.is_some(),
+        preflight: controller.is_some() || forecast.is_some(),
+        forecast,
         ram_bytes,
         controller,
         downtime,
         max_downtime: flags.max_downtime(),
         allow_postcopy: flags.allow_postcopy,
-        bandwidth_cap: job_bandwidth(flags, tunables),
+        bandwidth_cap,
         ..WatchOptions::default()
     }
 }
@@ -127,7 +132,7 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_jobs_get_a_controller_and_a_preflight_others_do_not() {
+    fn adaptive_jobs_get_a_controller_and_every_job_on_a_capped_link_a_forecast() {
         let adaptive = flags(MigrateOptions {
             live: true,
             converge: Some(ConvergeMode::Adaptive),
@@ -138,6 +143,7 @@ mod tests {
         let w = watch_options(&adaptive, Tunables::default(), 0.999, 1 << 29);
         let policy = w.controller.expect("a controller");
         assert!(w.preflight);
+        assert_eq!(w.forecast.map(|f| f.0), Some(ConvergeMode::Adaptive));
         assert_eq!(
             w.downtime,
             Duration::from_millis(200),
@@ -160,8 +166,13 @@ mod tests {
             0.0,
             1 << 29,
         );
-        assert!(w.controller.is_none() && !w.preflight);
+        assert!(w.controller.is_none());
+        assert!(w.preflight, "capped by the domain's tunable: predicted");
+        assert_eq!(w.forecast.map(|f| f.0), Some(ConvergeMode::Qemu));
         assert_eq!(w.downtime, Duration::from_millis(500));
         assert_eq!(w.bandwidth_cap.unwrap().mib_s(), 32);
+
+        let uncapped = watch_options(&plain, Tunables::default(), 0.0, 1 << 29);
+        assert!(uncapped.forecast.is_none() && !uncapped.preflight);
     }
 }

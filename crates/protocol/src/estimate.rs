@@ -107,15 +107,17 @@ pub struct EstimateReport {
     pub model: DirtyModel,
     /// The predictions.
     pub predictions: Predictions,
-    /// The adaptive prediction corrected by how this host's past adaptive
-    /// migrations of the domain fared; absent before the first one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calibration: Option<Calibration>,
+    /// The predictions corrected by how this host's past migrations of the
+    /// domain with each convergence mode fared; one per mode that has any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calibrations: Vec<Calibration>,
 }
 
-/// How past jobs correct the adaptive prediction.
+/// How past jobs with one convergence mode correct its prediction.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Calibration {
+    /// The mode (`none`, `qemu`, `adaptive`).
+    pub policy: crate::ConvergeMode,
     /// Past jobs it rests on (the most recent, at most five).
     pub jobs: u32,
     /// The median of their real / predicted total time.
@@ -124,12 +126,12 @@ pub struct Calibration {
     pub factor_low: f64,
     /// The highest.
     pub factor_high: f64,
-    /// The adaptive total time corrected, s.
-    pub adaptive_total_secs: f64,
+    /// The mode's total time corrected, s.
+    pub total_secs: f64,
     /// The same with the lowest factor, s.
-    pub adaptive_total_low_secs: f64,
+    pub total_low_secs: f64,
     /// The same with the highest factor, s.
-    pub adaptive_total_high_secs: f64,
+    pub total_high_secs: f64,
 }
 
 /// One disk in an estimate.

@@ -132,7 +132,7 @@ fn estimate_json(host: &testkit::Host) -> serde_json::Value {
 }
 
 #[tokio::test]
-async fn estimate_is_calibrated_on_the_domains_past_adaptive_migrations_from_this_host() {
+async fn estimate_is_calibrated_on_the_domains_past_migrations_from_this_host() {
     let bed = TestBed::new().await;
     // A guest the controller has to help: its jobs predict their time.
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
@@ -142,14 +142,17 @@ async fn estimate_is_calibrated_on_the_domains_past_adaptive_migrations_from_thi
 
     // b only received the guest: nothing to calibrate on there.
     let report = estimate_json(&b);
-    assert!(report.get("calibration").is_none(), "{report:#}");
+    assert!(report.get("calibrations").is_none(), "{report:#}");
 
     let back = b.migrate("vm", &a, flags(ConvergeMode::Adaptive)).await;
     assert_eq!(back.status, JobStatus::Completed, "{back:#?}");
-    // a sent the guest once: its estimate is corrected by how that job's
-    // prediction fared.
+    // a sent the guest once with the controller: its adaptive estimate is
+    // corrected by how that job's prediction fared, and only that one.
     let report = estimate_json(&a);
-    let c = &report["calibration"];
+    let calibrations = report["calibrations"].as_array().unwrap();
+    assert_eq!(calibrations.len(), 1, "{report:#}");
+    let c = &calibrations[0];
+    assert_eq!(c["policy"], "adaptive", "{report:#}");
     assert_eq!(c["jobs"], 1, "{report:#}");
     let factor = first.total_time_ms as f64 / predicted;
     assert!(
@@ -160,12 +163,12 @@ async fn estimate_is_calibrated_on_the_domains_past_adaptive_migrations_from_thi
         .as_f64()
         .unwrap();
     assert!(
-        (c["adaptive_total_secs"].as_f64().unwrap() - adaptive * factor).abs() < 1e-6,
+        (c["total_secs"].as_f64().unwrap() - adaptive * factor).abs() < 1e-6,
         "{report:#}"
     );
     let text = testkit::output::stdout(&a.cli(&["estimate", "vm", "--bandwidth", "16"]));
     assert!(
-        text.contains("Calibrated on 1 past adaptive migration of this domain"),
+        text.contains("adaptive: calibrated on 1 past migration of this domain"),
         "{text}"
     );
     assert_runs_only_on("vm", &a, &b, 2).await;

@@ -10,6 +10,7 @@ pub use converge::calibration::PastJob;
 use converge::estimate::{fit, predict};
 use protocol::domain::Tunables;
 use protocol::estimate::{Calibration, EstimateParams, EstimateReport};
+use protocol::ConvergeMode;
 use qmp::Client;
 use types::{Bandwidth, Throttle};
 
@@ -100,24 +101,39 @@ pub async fn estimate(
         samples: samples.iter().map(wire::dirty_sample).collect(),
         model: wire::dirty_model(&model),
         predictions: wire::predictions(&predict(model, ram, bandwidth, &policy)),
-        calibration: None,
+        calibrations: Vec::new(),
     })
 }
 
-/// Corrects the adaptive prediction by how past adaptive jobs of the
-/// domain fared (`past` newest first): only a prediction that converges
-/// has a time to correct.
-pub fn calibrate(report: &mut EstimateReport, past: &[PastJob]) {
-    let adaptive = &report.predictions.measured.adaptive;
-    report.calibration = calibration::calibrate(past)
-        .filter(|_| adaptive.converges)
-        .map(|c| Calibration {
+/// Corrects each mode's prediction by how past jobs with that mode fared
+/// (`past` newest first): only a prediction that converges has a time to
+/// correct.
+pub fn calibrate(report: &mut EstimateReport, past: &[(ConvergeMode, PastJob)]) {
+    let outlook = &report.predictions.measured;
+    report.calibrations = [
+        (ConvergeMode::None, &outlook.none),
+        (ConvergeMode::Qemu, &outlook.qemu),
+        (ConvergeMode::Adaptive, &outlook.adaptive),
+    ]
+    .into_iter()
+    .filter(|(_, predicted)| predicted.converges)
+    .filter_map(|(mode, predicted)| {
+        let jobs: Vec<PastJob> = past
+            .iter()
+            .filter(|(m, _)| *m == mode)
+            .map(|(_, j)| *j)
+            .collect();
+        let c = calibration::calibrate(&jobs)?;
+        Some(Calibration {
+            policy: mode,
             jobs: c.jobs as u32,
             factor: c.factor,
             factor_low: c.low,
             factor_high: c.high,
-            adaptive_total_secs: c.apply(adaptive.total_secs),
-            adaptive_total_low_secs: adaptive.total_secs * c.low,
-            adaptive_total_high_secs: adaptive.total_secs * c.high,
-        });
+            total_secs: c.apply(predicted.total_secs),
+            total_low_secs: predicted.total_secs * c.low,
+            total_high_secs: predicted.total_secs * c.high,
+        })
+    })
+    .collect();
 }

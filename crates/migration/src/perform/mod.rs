@@ -112,6 +112,10 @@ pub struct WatchOptions {
     pub bandwidth_cap: Option<Bandwidth>,
     /// Measure the dirty rate (`calc-dirty-rate`) while the first pass runs.
     pub preflight: bool,
+    /// Predict the job's time once the pre-flight is in, for this
+    /// convergence mode with this policy (on a capped link), to be set
+    /// against the outcome.
+    pub forecast: Option<(protocol::ConvergeMode, converge::Policy)>,
     /// Guest RAM: the most a working set can be.
     pub ram_bytes: u64,
 }
@@ -130,6 +134,7 @@ impl Default for WatchOptions {
             allow_postcopy: false,
             bandwidth_cap: None,
             preflight: false,
+            forecast: None,
             ram_bytes: 0,
         }
     }

@@ -7,6 +7,7 @@ use converge::controller::{Policy, State};
 use converge::estimate::fit;
 use converge::DirtyModel;
 use protocol::job::{ActionKind, JobStats, TimedAction};
+use protocol::ConvergeMode;
 use qmp::commands::migration::{MigrateSetParameters, MigrationParameters};
 use qmp::Client;
 use tokio::sync::{oneshot, watch as channel};
@@ -280,26 +281,33 @@ impl<'a> Watch<'a> {
     /// set against the outcome in the record (on a capped link only: the
     /// link's speed is otherwise unknown this early).
     fn predict(&mut self, model: converge::model::DirtyModel) {
-        let (Some((_, policy)), Some(link)) = (&self.controller, self.limits.bandwidth) else {
+        let (Some((mode, policy)), Some(link)) = (self.options.forecast, self.limits.bandwidth)
+        else {
             return;
         };
         let outlook = converge::estimate::predict(
             model,
             self.options.ram_bytes as f64,
             link.as_f64(),
-            policy,
+            &policy,
         );
-        let adaptive = outlook.measured.adaptive;
-        if !adaptive.converges {
+        let of_mode = |o: &converge::estimate::Outlook| match mode {
+            ConvergeMode::None => o.none,
+            ConvergeMode::Qemu => o.qemu,
+            ConvergeMode::Adaptive => o.adaptive,
+        };
+        let predicted = of_mode(&outlook.measured);
+        if !predicted.converges {
             return;
         }
         let worst = outlook
             .worst_case
-            .map(|w| w.adaptive)
+            .as_ref()
+            .map(of_mode)
             .filter(|w| w.converges)
             .map(|w| w.total_secs);
         let prediction = super::Prediction {
-            total_secs: adaptive.total_secs,
+            total_secs: predicted.total_secs,
             worst_secs: worst,
         };
         self.update(|p| p.prediction = Some(prediction));
@@ -310,9 +318,9 @@ impl<'a> Watch<'a> {
                 Some(worst) => format!(
                     "predicted: completes in {:.1} s ({:.1} s if the guest writes as fast as \
                      the measurement allows)",
-                    adaptive.total_secs, worst
+                    predicted.total_secs, worst
                 ),
-                None => format!("predicted: completes in {:.1} s", adaptive.total_secs),
+                None => format!("predicted: completes in {:.1} s", predicted.total_secs),
             },
         );
     }
