@@ -14,7 +14,7 @@ use protocol::{ApiError, ConvergeMode, Reply};
 use crate::errors;
 use crate::state::Agent;
 
-/// Recent jobs of the domain looked through for adaptive ones.
+/// Recent jobs of the domain looked through for predictions to learn from.
 const HISTORY_LOOKBACK: u32 = 50;
 
 pub(crate) async fn estimate(

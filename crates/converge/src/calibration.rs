@@ -4,7 +4,7 @@
 //! link: it sends a whole first pass where QEMU skips zero pages (a guest
 //! that uses half its RAM migrates about twice as fast as predicted), and a
 //! hot writer's passes stay near its working set longer than its
-//! proportional slowdown says (about 2.6x slower than predicted). A
+//! proportional slowdown says (1.4–2.9x slower than predicted). A
 //! domain's workload is usually the same from one migration to the next,
 //! so the ratio real / predicted of its recent jobs corrects the next
 //! prediction; their spread says how sure the correction is.
