@@ -54,12 +54,7 @@ pub fn workload(name: &str) -> Option<Workload> {
 }
 
 pub fn policy(name: &str) -> Option<ConvergeMode> {
-    match name {
-        "none" => Some(ConvergeMode::None),
-        "qemu" => Some(ConvergeMode::Qemu),
-        "adaptive" => Some(ConvergeMode::Adaptive),
-        _ => None,
-    }
+    ConvergeMode::from_name(name)
 }
 
 /// How `livemig-bench convergence` runs.
@@ -115,7 +110,11 @@ struct Estimated {
     calibration_jobs: Option<u32>,
 }
 
-async fn estimate(hosts: &Hosts, domain: &domain::DomainName, policy: &str) -> Result<Estimated> {
+async fn estimate(
+    hosts: &Hosts,
+    domain: &domain::DomainName,
+    mode: ConvergeMode,
+) -> Result<Estimated> {
     let reply = hosts
         .a_client
         .request(
@@ -134,15 +133,8 @@ async fn estimate(hosts: &Hosts, domain: &domain::DomainName, policy: &str) -> R
         bail!("unexpected reply {reply:?}");
     };
     let outlook = &report.predictions.measured;
-    let prediction = match policy {
-        "none" => &outlook.none,
-        "qemu" => &outlook.qemu,
-        _ => &outlook.adaptive,
-    };
-    let calibration = report
-        .calibrations
-        .iter()
-        .find(|c| c.policy.name() == policy);
+    let prediction = outlook.of(mode);
+    let calibration = report.calibrations.iter().find(|c| c.policy == mode);
     Ok(Estimated {
         total_ms: prediction
             .converges
@@ -441,7 +433,7 @@ pub async fn trial(
         .ok_or_else(|| anyhow!("the guest reported no progress during warm-up"))?;
 
     let estimated = if estimate_first {
-        Some(estimate(hosts, &domain, policy_name).await?)
+        Some(estimate(hosts, &domain, mode).await?)
     } else {
         None
     };

@@ -135,7 +135,7 @@ async fn disk_check(owner_log: &Path) -> &'static str {
 }
 
 /// What an engine's copy measured; the trial adds the rest.
-struct Copy {
+struct CopyOutcome {
     completed: bool,
     error: Option<String>,
     elapsed: Duration,
@@ -147,14 +147,13 @@ struct Copy {
     disk_check: &'static str,
 }
 
-#[allow(clippy::too_many_arguments)]
 fn finish(
     engine: &'static str,
     gib: u64,
     load: &'static str,
     bandwidth: u64,
     baseline: Option<f64>,
-    copy: Copy,
+    copy: CopyOutcome,
 ) -> StorageTrial {
     let rate = (bandwidth << 20) as f64;
     let minimum = (copy.disk_bytes + copy.memory_bytes) as f64 / rate;
@@ -253,7 +252,7 @@ async fn livemig_trial(
     } else {
         "-"
     };
-    let copy = Copy {
+    let copy = CopyOutcome {
         completed,
         error: record.error.clone(),
         elapsed,
@@ -399,7 +398,7 @@ async fn virsh_trial(
         } else {
             "-"
         };
-        let copy = Copy {
+        let copy = CopyOutcome {
             completed,
             error: migrated.err().map(|e| format!("{e:#}")),
             elapsed,

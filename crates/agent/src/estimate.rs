@@ -70,11 +70,6 @@ async fn past_jobs(agent: &Agent, name: &DomainName) -> Vec<(ConvergeMode, PastJ
             return Vec::new();
         }
     };
-    let modes = [
-        ConvergeMode::None,
-        ConvergeMode::Qemu,
-        ConvergeMode::Adaptive,
-    ];
     jobs.iter()
         .filter(|j| j.role == "source" && j.status == JobStatus::Completed.to_string())
         .filter_map(|j| {
@@ -84,7 +79,7 @@ async fn past_jobs(agent: &Agent, name: &DomainName) -> Vec<(ConvergeMode, PastJ
             } else {
                 &j.converge
             };
-            let mode = modes.into_iter().find(|m| m.name() == name)?;
+            let mode = ConvergeMode::from_name(name)?;
             Some((
                 mode,
                 PastJob {

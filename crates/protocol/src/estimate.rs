@@ -66,6 +66,17 @@ pub struct Outlook {
     pub adaptive: Prediction,
 }
 
+impl Outlook {
+    /// The prediction for `mode`.
+    pub fn of(&self, mode: crate::ConvergeMode) -> &Prediction {
+        match mode {
+            crate::ConvergeMode::None => &self.none,
+            crate::ConvergeMode::Qemu => &self.qemu,
+            crate::ConvergeMode::Adaptive => &self.adaptive,
+        }
+    }
+}
+
 /// Predictions for the measured model; when the rate is only a lower
 /// bound, also for the worst case the measurement allows.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -23,6 +23,18 @@ pub enum ConvergeMode {
 }
 
 impl ConvergeMode {
+    /// Every mode.
+    pub const ALL: [ConvergeMode; 3] = [
+        ConvergeMode::None,
+        ConvergeMode::Qemu,
+        ConvergeMode::Adaptive,
+    ];
+
+    /// The mode with this wire name.
+    pub fn from_name(name: &str) -> Option<ConvergeMode> {
+        Self::ALL.into_iter().find(|m| m.name() == name)
+    }
+
     /// The mode's wire name.
     pub fn name(self) -> &'static str {
         match self {

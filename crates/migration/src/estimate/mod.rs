@@ -110,30 +110,27 @@ pub async fn estimate(
 /// correct.
 pub fn calibrate(report: &mut EstimateReport, past: &[(ConvergeMode, PastJob)]) {
     let outlook = &report.predictions.measured;
-    report.calibrations = [
-        (ConvergeMode::None, &outlook.none),
-        (ConvergeMode::Qemu, &outlook.qemu),
-        (ConvergeMode::Adaptive, &outlook.adaptive),
-    ]
-    .into_iter()
-    .filter(|(_, predicted)| predicted.converges)
-    .filter_map(|(mode, predicted)| {
-        let jobs: Vec<PastJob> = past
-            .iter()
-            .filter(|(m, _)| *m == mode)
-            .map(|(_, j)| *j)
-            .collect();
-        let c = calibration::calibrate(&jobs)?;
-        Some(Calibration {
-            policy: mode,
-            jobs: c.jobs as u32,
-            factor: c.factor,
-            factor_low: c.low,
-            factor_high: c.high,
-            total_secs: c.apply(predicted.total_secs),
-            total_low_secs: predicted.total_secs * c.low,
-            total_high_secs: predicted.total_secs * c.high,
+    report.calibrations = ConvergeMode::ALL
+        .into_iter()
+        .map(|mode| (mode, outlook.of(mode)))
+        .filter(|(_, predicted)| predicted.converges)
+        .filter_map(|(mode, predicted)| {
+            let jobs: Vec<PastJob> = past
+                .iter()
+                .filter(|(m, _)| *m == mode)
+                .map(|(_, j)| *j)
+                .collect();
+            let c = calibration::calibrate(&jobs)?;
+            Some(Calibration {
+                policy: mode,
+                jobs: c.jobs as u32,
+                factor: c.factor,
+                factor_low: c.low,
+                factor_high: c.high,
+                total_secs: c.apply(predicted.total_secs),
+                total_low_secs: predicted.total_secs * c.low,
+                total_high_secs: predicted.total_secs * c.high,
+            })
         })
-    })
-    .collect();
+        .collect();
 }
