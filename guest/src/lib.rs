@@ -15,7 +15,9 @@ mod serial;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use serial::{Corruption, DiskProgress, Progress, SerialLog, Start};
+pub use serial::{
+    spinner_rate, Corruption, DiskProgress, Progress, SerialLog, SpinnerProgress, Start,
+};
 
 /// The guest kernel image (32-bit multiboot ELF).
 pub const KERNEL: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/livemig-guest.elf"));

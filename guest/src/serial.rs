@@ -48,6 +48,18 @@ pub struct DiskProgress {
     pub errors: u64,
 }
 
+/// One `spinner` line: a compute-only thread pinned to one vCPU (the
+/// Linux guest's `spinners=N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpinnerProgress {
+    /// The vCPU it is pinned to.
+    pub cpu: u32,
+    /// Time since the workload started.
+    pub t_ms: u64,
+    /// Loops so far.
+    pub loops: u64,
+}
+
 /// A `CORRUPT` line, verbatim after the prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Corruption(pub String);
@@ -65,6 +77,8 @@ pub struct SerialLog {
     pub disk: Vec<DiskProgress>,
     /// `error ...` lines: the guest could not run its workload.
     pub errors: Vec<String>,
+    /// Every `spinner` line.
+    pub spinners: Vec<SpinnerProgress>,
 }
 
 impl SerialLog {
@@ -99,6 +113,10 @@ impl SerialLog {
                 if let Some(d) = parse_disk(fields) {
                     log.disk.push(d);
                 }
+            } else if let Some(fields) = rest.strip_prefix("spinner ") {
+                if let Some(p) = parse_spinner(fields) {
+                    log.spinners.push(p);
+                }
             } else if let Some(fields) = rest.strip_prefix("start ") {
                 log.start = parse_start(fields);
             } else if rest.starts_with("CORRUPT") {
@@ -122,6 +140,27 @@ impl SerialLog {
             .iter()
             .any(|c| c.0.starts_with("CORRUPT disk"))
             && self.disk.iter().all(|d| d.errors == 0)
+    }
+
+    /// The vCPUs that have spinners, in order.
+    pub fn spinner_cpus(&self) -> Vec<u32> {
+        let mut cpus: Vec<u32> = self.spinners.iter().map(|s| s.cpu).collect();
+        cpus.sort_unstable();
+        cpus.dedup();
+        cpus
+    }
+
+    /// The last `spinner` line of vCPU `cpu` at or before `t_ms` (guest
+    /// time), or its first line if none is that early.
+    pub fn spinner_at(&self, cpu: u32, t_ms: u64) -> Option<SpinnerProgress> {
+        let mut lines = self.spinners.iter().filter(|s| s.cpu == cpu);
+        let first = *lines.clone().next()?;
+        Some(lines.rfind(|s| s.t_ms <= t_ms).copied().unwrap_or(first))
+    }
+
+    /// The most recent `spinner` line of vCPU `cpu`.
+    pub fn last_spinner(&self, cpu: u32) -> Option<SpinnerProgress> {
+        self.spinners.iter().rfind(|s| s.cpu == cpu).copied()
     }
 
     /// The most recent `disk` line.
@@ -160,6 +199,20 @@ fn parse_disk(fields: &str) -> Option<DiskProgress> {
     })
 }
 
+fn parse_spinner(fields: &str) -> Option<SpinnerProgress> {
+    Some(SpinnerProgress {
+        cpu: field(fields, "cpu")? as u32,
+        t_ms: field(fields, "t_ms")?,
+        loops: field(fields, "loops")?,
+    })
+}
+
+/// Loops per second of guest time from `a` to `b` (the same spinner).
+pub fn spinner_rate(a: SpinnerProgress, b: SpinnerProgress) -> Option<f64> {
+    (b.t_ms > a.t_ms)
+        .then(|| (b.loops - a.loops.min(b.loops)) as f64 / ((b.t_ms - a.t_ms) as f64 / 1000.0))
+}
+
 fn parse_start(fields: &str) -> Option<Start> {
     Some(Start {
         working_set_mib: field(fields, "wss_mib")?,
@@ -192,6 +245,23 @@ livemig-guest: progress t_ms=15";
         assert_eq!(log.last_progress().unwrap().writes, 8_378_112);
         assert_eq!(log.corruptions.len(), 1);
         assert!(!log.memory_intact());
+    }
+
+    #[test]
+    fn spinner_lines_give_each_vcpus_speed() {
+        let log = SerialLog::parse(
+            "livemig-guest: spinner cpu=1 t_ms=500 loops=1000\n\
+             livemig-guest: spinner cpu=2 t_ms=510 loops=900\n\
+             livemig-guest: spinner cpu=1 t_ms=1000 loops=3000\n\
+             livemig-guest: spinner cpu=1 t_ms=1500 loops=4000\n",
+        );
+        assert_eq!(log.spinner_cpus(), [1, 2]);
+        let a = log.spinner_at(1, 999).unwrap();
+        assert_eq!(a.loops, 1000);
+        let b = log.last_spinner(1).unwrap();
+        assert_eq!(spinner_rate(a, b), Some(3000.0));
+        assert_eq!(log.spinner_at(2, 0).unwrap().loops, 900, "first line");
+        assert_eq!(spinner_rate(b, b), None);
     }
 
     #[test]

@@ -211,6 +211,9 @@ pub enum ActionKind {
     Suspend,
     /// The throttle was lifted at the end.
     Release,
+    /// The vCPUs found writing memory, the only ones throttled from then on
+    /// (value: how many).
+    Writers,
     /// A kind from a newer agent.
     #[serde(other)]
     Unknown,
@@ -230,6 +233,7 @@ impl ActionKind {
             ActionKind::Cancel => "cancel",
             ActionKind::Suspend => "suspend",
             ActionKind::Release => "release",
+            ActionKind::Writers => "writers",
             ActionKind::Unknown => "unknown",
         }
     }

@@ -241,6 +241,8 @@ pub struct LinuxWorkload {
     pub port: Option<u16>,
     /// The NIC's address, `IP/PREFIX`, if any.
     pub address: Option<String>,
+    /// Compute-only threads on vCPUs 1..=N, the sweep pinned to vCPU 0.
+    pub spinners: u32,
 }
 
 impl LinuxWorkload {
@@ -253,6 +255,7 @@ impl LinuxWorkload {
             disk_blocks: 1024,
             port: None,
             address: None,
+            spinners: 0,
         }
     }
 
@@ -270,6 +273,9 @@ impl LinuxWorkload {
         }
         if let Some(address) = &self.address {
             line.push_str(&format!(" guest_ip={address}"));
+        }
+        if self.spinners > 0 {
+            line.push_str(&format!(" spinners={}", self.spinners));
         }
         line
     }

@@ -10,13 +10,17 @@
 //!   (`disk` lines, `CORRUPT disk` on a mismatch);
 //! - network: a TCP counter on a port: every line a client sends is
 //!   answered with the next number of one counter, so a client sees a
-//!   gap or a reset if the guest lost its state.
+//!   gap or a reset if the guest lost its state;
+//! - spinners: with `spinners=N`, threads that only compute, pinned to
+//!   vCPUs 1..=N while the memory sweep is pinned to vCPU 0 (`spinner`
+//!   lines with their loop counts).
 
 mod counter;
 mod disk;
 mod memory;
 mod report;
 mod settings;
+mod spinner;
 
 use std::time::{Duration, Instant};
 
@@ -47,6 +51,16 @@ fn main() {
                 report::line(&format!("error disk {device}: {e}"));
             }
         });
+    }
+    if settings.spinners > 0 {
+        if !spinner::pin_to(0) {
+            report::line("error memory: cannot pin to cpu 0");
+        }
+        spinner::start(
+            settings.spinners,
+            Duration::from_millis(settings.report_ms),
+            started,
+        );
     }
     memory::run(&settings, started);
 }

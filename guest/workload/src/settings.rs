@@ -1,6 +1,6 @@
 //! The workload's settings, from the kernel command line: the bare-metal
 //! guest's `wss= spin= report=`, plus `disk= disk_blocks= disk_kib_s=
-//! port=`.
+//! port= spinners=`.
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +19,8 @@ pub struct Settings {
     pub disk_kib_s: u64,
     /// The TCP counter's port, if any.
     pub port: Option<u16>,
+    /// Compute-only threads on vCPUs 1..=N (the sweep then on vCPU 0).
+    pub spinners: u32,
 }
 
 impl Settings {
@@ -40,6 +42,7 @@ impl Settings {
             disk_blocks: number("disk_blocks", 4096).max(1),
             disk_kib_s: number("disk_kib_s", 1024),
             port: value("port").and_then(|v| v.parse().ok()),
+            spinners: number("spinners", 0) as u32,
         }
     }
 }
@@ -51,7 +54,8 @@ mod tests {
     #[test]
     fn reads_its_words_among_the_kernels() {
         let s = Settings::parse(
-            "console=ttyS0 quiet wss=8 spin=100 report=250 disk=/dev/vda disk_kib_s=64 port=7000",
+            "console=ttyS0 quiet wss=8 spin=100 report=250 disk=/dev/vda disk_kib_s=64 port=7000 \
+             spinners=3",
         );
         assert_eq!(s.wss_mib, 8);
         assert_eq!(s.spin, 100);
@@ -60,6 +64,7 @@ mod tests {
         assert_eq!(s.disk_blocks, 4096);
         assert_eq!(s.disk_kib_s, 64);
         assert_eq!(s.port, Some(7000));
+        assert_eq!(s.spinners, 3);
     }
 
     #[test]
@@ -68,5 +73,6 @@ mod tests {
         assert_eq!(s.disk, None);
         assert_eq!(s.port, None);
         assert_eq!(s.wss_mib, 16);
+        assert_eq!(s.spinners, 0);
     }
 }

@@ -293,7 +293,7 @@ pub async fn run(
     let mut w = Watch::new(qmp, options, progress, throttle);
 
     loop {
-        w.take_preflight();
+        w.take_preflight().await;
         let (stats, status) = match qmp.execute(&QueryMigrate).await {
             Ok(info) => {
                 let stats = stats_from_qemu(&info).merged_over(&last);

@@ -78,6 +78,7 @@ impl Watch<'_> {
             return;
         }
         if self.controller.is_some() {
+            self.widen_if_stalled().await;
             self.consult_controller(stats, remaining, pass_secs).await;
         } else if stalled(&self.history, STALL_WINDOW) {
             self.escalate().await;
@@ -89,6 +90,22 @@ impl Watch<'_> {
             return;
         };
         let throttle_now = self.throttle_now().fraction();
+        // A throttle would stop the probes; the first one waits for them
+        // (a few seconds: one per busy vCPU) rather than slow every vCPU.
+        if let (Some(busy), 0.0) = (self.searching_writers, throttle_now) {
+            if !self.deferred_for_writers {
+                self.deferred_for_writers = true;
+                self.record(
+                    ActionKind::Writers,
+                    None,
+                    format!(
+                        "the controller waits for the search for the vCPUs that write ({busy} \
+                         busy vCPUs probed a second each) before it throttles"
+                    ),
+                );
+            }
+            return;
+        }
         // What is applied, whatever the controller last asked for.
         state.throttle = throttle_now;
         let decision = controller::decide(

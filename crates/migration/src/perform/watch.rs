@@ -5,22 +5,37 @@ use std::time::Duration;
 
 use converge::controller::{Policy, State};
 use converge::estimate::fit;
+use converge::stall::stalled;
 use converge::DirtyModel;
 use protocol::job::{ActionKind, JobStats, TimedAction};
 use protocol::ConvergeMode;
 use qmp::commands::migration::{MigrateSetParameters, MigrationParameters};
 use qmp::Client;
-use tokio::sync::{oneshot, watch as channel};
+use tokio::sync::{mpsc, watch as channel};
 use tokio::time::Instant;
 use types::units::mib;
 use types::{Bandwidth, Throttle};
 
 use super::ending::CancelReason;
 use super::{ms_since, Progress, RetuneError, WatchOptions};
-use crate::vcpu_throttle::VcpuThrottle;
+use crate::vcpu_throttle::writers::{self, HostProbe, Writers};
+use crate::vcpu_throttle::{VcpuSelector, VcpuThrottle};
 
-/// The dirty rate measured while the first pass runs, and its description.
-pub(super) type Preflight = Option<(DirtyModel, String)>;
+/// Passes without a new low, at the highest throttle on the writers alone,
+/// before every vCPU is throttled.
+const WIDEN_AFTER_PASSES: usize = 3;
+
+/// What the pre-flight learns while the first pass runs, as it comes in.
+#[derive(Debug)]
+pub(super) enum Preflight {
+    /// The dirty rate measured, and its description.
+    Model(DirtyModel, String),
+    /// Looking for the vCPUs that write, probing this many busy ones
+    /// (multi-vCPU guests under a host throttle).
+    SearchingWriters(usize),
+    /// Which vCPUs write; `None` if the search had to stop.
+    Writers(Option<Writers>),
+}
 
 /// The limits the job runs under.
 #[derive(Debug, Clone, Copy)]
@@ -54,7 +69,14 @@ pub(super) struct Watch<'a> {
     pub last_iteration: u64,
     pub last_sync: Instant,
     pub postcopy_requested: bool,
-    preflight: Option<oneshot::Receiver<Preflight>>,
+    preflight: Option<mpsc::UnboundedReceiver<Preflight>>,
+    /// The writers' search is probing this many vCPUs: the controller's first
+    /// throttle waits for it (a throttle would stop it).
+    pub searching_writers: Option<usize>,
+    /// The controller has said once that it waits for the search.
+    pub deferred_for_writers: bool,
+    /// The throttle applies to the vCPUs found writing, not to all.
+    pub narrowed: bool,
     pub timeout_done: bool,
     /// Why and when we asked QEMU to cancel.
     pub cancelling: Option<(CancelReason, Instant)>,
@@ -85,12 +107,17 @@ impl<'a> Watch<'a> {
             p.downtime_limit = Some(options.downtime);
         });
         let preflight = options.preflight.then(|| {
-            let (tx, rx) = oneshot::channel();
+            let (tx, rx) = mpsc::unbounded_channel();
             let client = qmp.clone();
             let ram = options.ram_bytes as f64;
-            tokio::spawn(async move {
-                let _ = tx.send(preflight(client, ram).await);
-            });
+            // The writers are only looked for when a throttle is likely:
+            // a probe slows a vCPU for a second.
+            let selector = throttle
+                .as_ref()
+                .and_then(|t| t.selector())
+                .filter(|s| s.threads.len() > 1);
+            let link = options.bandwidth_cap.map(Bandwidth::as_f64);
+            tokio::spawn(preflight(client, ram, selector, link, tx));
             rx
         });
         Watch {
@@ -114,6 +141,9 @@ impl<'a> Watch<'a> {
             last_sync: started,
             postcopy_requested: false,
             preflight,
+            searching_writers: None,
+            deferred_for_writers: false,
+            narrowed: false,
             timeout_done: false,
             cancelling: None,
             cancel_refused: false,
@@ -254,15 +284,11 @@ impl<'a> Watch<'a> {
             .unwrap_or(1e9)
     }
 
-    /// Takes the first-pass measurement once it is there.
-    pub fn take_preflight(&mut self) {
-        let Some(rx) = self.preflight.as_mut() else {
-            return;
-        };
-        match rx.try_recv() {
-            Ok(result) => {
-                self.preflight = None;
-                if let Some((model, detail)) = result {
+    /// Takes what the first-pass measurement found, as it comes in.
+    pub async fn take_preflight(&mut self) {
+        while let Some(rx) = self.preflight.as_mut() {
+            match rx.try_recv() {
+                Ok(Preflight::Model(model, detail)) => {
                     self.record(ActionKind::Measure, Some(mib(model.rate)), detail);
                     if let Some((state, _)) = self.controller.as_mut() {
                         if state.model.rate == 0.0 {
@@ -271,9 +297,51 @@ impl<'a> Watch<'a> {
                     }
                     self.predict(model);
                 }
+                Ok(Preflight::SearchingWriters(busy)) => self.searching_writers = Some(busy),
+                Ok(Preflight::Writers(Some(found))) => {
+                    self.searching_writers = None;
+                    self.throttle_writers(found).await;
+                }
+                Ok(Preflight::Writers(None)) => {
+                    self.searching_writers = None;
+                    self.record(
+                        ActionKind::Writers,
+                        None,
+                        "the search for the vCPUs that write stopped (a throttle came first or \
+                         a measurement failed): every vCPU is throttled"
+                            .into(),
+                    );
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.preflight = None;
+                    self.searching_writers = None;
+                }
             }
-            Err(oneshot::error::TryRecvError::Empty) => {}
-            Err(oneshot::error::TryRecvError::Closed) => self.preflight = None,
+        }
+    }
+
+    /// Narrows the throttle to the vCPUs found writing.
+    async fn throttle_writers(&mut self, found: Writers) {
+        let Some(selector) = self.throttle.as_ref().and_then(|t| t.selector()) else {
+            return;
+        };
+        let count = found.writers.len();
+        if count == selector.threads.len() {
+            self.record(ActionKind::Writers, Some(count as f64), found.describe());
+            return;
+        }
+        match selector.select(found.writers.clone()).await {
+            Ok(true) => {
+                self.narrowed = true;
+                self.record(ActionKind::Writers, Some(count as f64), found.describe());
+            }
+            Ok(false) => {}
+            Err(e) => self.record(
+                ActionKind::Writers,
+                None,
+                format!("every vCPU stays throttled: {}", types::error_chain(&e)),
+            ),
         }
     }
 
@@ -325,6 +393,44 @@ impl<'a> Watch<'a> {
         );
     }
 
+    /// The throttle on the writers alone is as high as it goes and the
+    /// passes stopped shrinking: some vCPU taken for idle or computing
+    /// writes after all (or a writer moved), so every vCPU is throttled
+    /// from now on.
+    pub async fn widen_if_stalled(&mut self) {
+        let Some(throttle) = self.throttle.as_ref() else {
+            return;
+        };
+        let at_max = self.throttle_now().fraction() >= throttle.max() - 1e-6;
+        if !self.narrowed || !at_max || !stalled(&self.history, WIDEN_AFTER_PASSES) {
+            return;
+        }
+        let Some(selector) = throttle.selector() else {
+            return;
+        };
+        self.narrowed = false;
+        let all: Vec<usize> = (0..selector.threads.len()).collect();
+        let count = all.len() as f64;
+        match selector.select(all).await {
+            Ok(_) => {
+                self.history.clear();
+                self.record(
+                    ActionKind::Writers,
+                    Some(count),
+                    format!(
+                        "no new low in {WIDEN_AFTER_PASSES} passes with the writers at the \
+                         highest throttle: every vCPU is throttled"
+                    ),
+                );
+            }
+            Err(e) => self.record(
+                ActionKind::Writers,
+                None,
+                format!("cannot throttle every vCPU: {}", types::error_chain(&e)),
+            ),
+        }
+    }
+
     /// Lifts our throttle; called as soon as QEMU reports the end.
     pub async fn release(&mut self) {
         if let Some(mut throttle) = self.throttle.take() {
@@ -355,9 +461,47 @@ pub(super) fn downtime(limit: Duration) -> MigrationParameters {
     }
 }
 
-/// Measures the dirty rate over 1 s and 2 s windows and fits the model.
-async fn preflight(qmp: Client, ram_bytes: f64) -> Preflight {
-    let samples = crate::dirty::measure(&qmp, &[1, 2]).await.ok()?;
-    let model = fit(&samples, ram_bytes)?;
-    Some((model, crate::dirty::describe(&samples, &model)))
+/// Measures the dirty rate over 1 s and 2 s windows and fits the model;
+/// then, with a `selector` (a host throttle of several vCPUs) and a guest
+/// dirtying more than half the `link`, finds which vCPUs write.
+async fn preflight(
+    qmp: Client,
+    ram_bytes: f64,
+    selector: Option<VcpuSelector>,
+    link: Option<f64>,
+    tx: mpsc::UnboundedSender<Preflight>,
+) {
+    let cpu_before = selector.as_ref().map(writers::cpu_times);
+    let started = Instant::now();
+    let Ok(samples) = crate::dirty::measure(&qmp, &[1, 2]).await else {
+        return;
+    };
+    let Some(model) = fit(&samples, ram_bytes) else {
+        return;
+    };
+    let _ = tx.send(Preflight::Model(
+        model,
+        crate::dirty::describe(&samples, &model),
+    ));
+    let (Some(selector), Some(before), Some(link)) = (selector, cpu_before, link) else {
+        return;
+    };
+    if model.rate <= link / 2.0 {
+        return;
+    }
+    let probe = HostProbe {
+        selector: &selector,
+        qmp: &qmp,
+    };
+    let found = writers::find(
+        &probe,
+        &before,
+        started.elapsed(),
+        samples[0].dirtied,
+        |busy| {
+            let _ = tx.send(Preflight::SearchingWriters(busy));
+        },
+    )
+    .await;
+    let _ = tx.send(Preflight::Writers(found));
 }

@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod lease;
+pub mod writers;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -78,6 +79,63 @@ pub trait VcpuThrottle: Send + Sync {
         let _ = throttle;
         false
     }
+    /// A handle to throttle single vCPUs, when the mechanism can: to find
+    /// which vCPUs write and throttle only those ([`writers`]).
+    fn selector(&self) -> Option<VcpuSelector> {
+        None
+    }
+}
+
+/// Single vCPUs of a host throttle: probing one, selecting the writers.
+/// Shares the throttle with its [`HostVcpuThrottle`]; once the throttle is
+/// released every call fails with [`ThrottleError::Released`].
+#[derive(Debug, Clone)]
+pub struct VcpuSelector {
+    inner: Arc<Mutex<Option<HostThrottle>>>,
+    /// The QEMU process.
+    pub pid: u32,
+    /// Its vCPU threads, by vCPU index.
+    pub threads: Vec<u32>,
+}
+
+impl VcpuSelector {
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut HostThrottle) -> Result<T, cgroup::ThrottleError> + Send + 'static,
+    ) -> Result<T, ThrottleError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(
+            move || match inner.lock().expect("throttle lock").as_mut() {
+                Some(t) => Ok(f(t)?),
+                None => Err(ThrottleError::Released),
+            },
+        )
+        .await?
+    }
+
+    /// Throttles vCPU `index` alone (see [`HostThrottle::probe`]).
+    ///
+    /// # Errors
+    /// The cgroup's refusal, or a released throttle.
+    pub async fn probe(&self, index: usize, throttle: f64) -> Result<bool, ThrottleError> {
+        self.with(move |t| t.probe(index, throttle)).await
+    }
+
+    /// Lifts the probe (see [`HostThrottle::end_probe`]).
+    ///
+    /// # Errors
+    /// The cgroup's refusal, or a released throttle.
+    pub async fn end_probe(&self, index: usize) -> Result<bool, ThrottleError> {
+        self.with(move |t| t.end_probe(index)).await
+    }
+
+    /// Throttles only these vCPUs from now on (see [`HostThrottle::select`]).
+    ///
+    /// # Errors
+    /// The cgroup's refusal, or a released throttle.
+    pub async fn select(&self, indices: Vec<usize>) -> Result<bool, ThrottleError> {
+        self.with(move |t| t.select(&indices)).await
+    }
 }
 
 /// The vCPU threads of one QEMU in a cgroup with a CPU quota, held on a
@@ -92,6 +150,8 @@ pub trait VcpuThrottle: Send + Sync {
 pub struct HostVcpuThrottle {
     inner: Arc<Mutex<Option<HostThrottle>>>,
     lease: Option<Lease>,
+    pid: u32,
+    threads: Vec<u32>,
 }
 
 fn apply(inner: &Mutex<Option<HostThrottle>>, throttle: f64) -> Result<(), ThrottleError> {
@@ -130,6 +190,7 @@ impl HostVcpuThrottle {
         let scope = place.scope.clone();
         let (inner, hierarchy) = {
             let name = name.clone();
+            let threads = threads.clone();
             tokio::task::spawn_blocking(move || {
                 let hierarchy = Hierarchy::probe(&root)?;
                 HostThrottle::attach(&hierarchy, &scope, &name, pid, &threads)
@@ -151,6 +212,8 @@ impl HostVcpuThrottle {
         Ok(HostVcpuThrottle {
             inner: Arc::new(Mutex::new(Some(inner))),
             lease: Some(lease),
+            pid,
+            threads,
         })
     }
 }
@@ -193,6 +256,14 @@ impl VcpuThrottle for HostVcpuThrottle {
 
     fn acts_before_migration(&self) -> bool {
         true
+    }
+
+    fn selector(&self) -> Option<VcpuSelector> {
+        Some(VcpuSelector {
+            inner: self.inner.clone(),
+            pid: self.pid,
+            threads: self.threads.clone(),
+        })
     }
 }
 

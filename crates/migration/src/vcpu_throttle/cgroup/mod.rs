@@ -224,6 +224,10 @@ pub struct HostThrottle {
     /// v2: the cgroup the process came from (`cgroup.procs`).
     origin: Option<PathBuf>,
     current: f64,
+    /// Which vCPUs the throttle applies to (by index); all at first.
+    selected: Vec<bool>,
+    /// A vCPU under a probe's throttle, while nothing else is throttled.
+    probing: Option<usize>,
     released: bool,
 }
 
@@ -255,6 +259,8 @@ impl HostThrottle {
             threads: Vec::new(),
             origin: None,
             current: 0.0,
+            selected: vec![true; threads.len()],
+            probing: None,
             released: false,
         };
         let attached = match hierarchy {
@@ -272,13 +278,90 @@ impl HostThrottle {
     ///
     /// # Errors
     /// [`ThrottleError::Io`] if the quota cannot be written.
+    ///
+    /// It applies to the selected vCPUs ([`HostThrottle::select`]; all
+    /// unless told otherwise); the others run free. A throttle overrules a
+    /// probe in progress; "none" leaves it be.
     pub fn set(&mut self, throttle: f64) -> Result<(), ThrottleError> {
-        match &self.hierarchy {
-            Hierarchy::V1(_) => v1::set(&self.dir, self.threads.len(), throttle)?,
-            Hierarchy::V2(_) => v2::set(&self.dir, self.threads.len(), throttle)?,
+        if throttle > 0.0 {
+            self.probing = None;
+        }
+        for index in 0..self.threads.len() {
+            if self.probing == Some(index) {
+                continue;
+            }
+            let level = if self.selected[index] { throttle } else { 0.0 };
+            self.set_vcpu(index, level)?;
         }
         self.current = throttle.clamp(0.0, MAX_HOST_THROTTLE);
         Ok(())
+    }
+
+    fn set_vcpu(&self, index: usize, throttle: f64) -> Result<(), ThrottleError> {
+        match &self.hierarchy {
+            Hierarchy::V1(_) => v1::set(&self.dir, index, throttle),
+            Hierarchy::V2(_) => v2::set(&self.dir, index, throttle),
+        }
+    }
+
+    /// Narrows the throttle to the vCPUs at `indices` (the ones that write
+    /// memory), applying the throttle in force to them alone. Indices out
+    /// of range are ignored; an empty selection is refused (false): a
+    /// guest that dirties memory has a vCPU that writes.
+    ///
+    /// # Errors
+    /// [`ThrottleError::Io`] if a quota cannot be written.
+    pub fn select(&mut self, indices: &[usize]) -> Result<bool, ThrottleError> {
+        let selected: Vec<bool> = (0..self.threads.len())
+            .map(|i| indices.contains(&i))
+            .collect();
+        if !selected.contains(&true) {
+            return Ok(false);
+        }
+        self.selected = selected;
+        if self.current > 0.0 {
+            self.set(self.current)?;
+        }
+        Ok(true)
+    }
+
+    /// The vCPUs the throttle applies to, by index.
+    pub fn selected(&self) -> Vec<usize> {
+        (0..self.selected.len())
+            .filter(|&i| self.selected[i])
+            .collect()
+    }
+
+    /// Throttles vCPU `index` alone, to see what the guest dirties without
+    /// it. Only while no throttle is in force (false otherwise): the
+    /// controller's throttle comes first.
+    ///
+    /// # Errors
+    /// [`ThrottleError::Io`] if the quota cannot be written.
+    pub fn probe(&mut self, index: usize, throttle: f64) -> Result<bool, ThrottleError> {
+        if self.current > 0.0 || index >= self.threads.len() {
+            return Ok(false);
+        }
+        if let Some(other) = self.probing.take() {
+            self.set_vcpu(other, 0.0)?;
+        }
+        self.set_vcpu(index, throttle)?;
+        self.probing = Some(index);
+        Ok(true)
+    }
+
+    /// Lifts the probe of vCPU `index`. False if the controller's throttle
+    /// overruled it meanwhile: what was measured under it means nothing.
+    ///
+    /// # Errors
+    /// [`ThrottleError::Io`] if the quota cannot be written.
+    pub fn end_probe(&mut self, index: usize) -> Result<bool, ThrottleError> {
+        if self.probing != Some(index) {
+            return Ok(false);
+        }
+        self.probing = None;
+        self.set_vcpu(index, 0.0)?;
+        Ok(true)
     }
 
     /// The throttle in force.

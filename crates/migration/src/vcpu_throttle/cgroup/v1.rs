@@ -27,18 +27,16 @@ pub(super) fn attach(
     Ok(())
 }
 
-pub(super) fn set(dir: &Path, vcpus: usize, throttle: f64) -> Result<(), ThrottleError> {
+pub(super) fn set(dir: &Path, index: usize, throttle: f64) -> Result<(), ThrottleError> {
     let (period, quota) = quota_for(throttle, 1);
-    for index in 0..vcpus {
-        let vcpu = vcpu_dir(dir, index);
-        let quota_path = vcpu.join("cpu.cfs_quota_us");
-        let period_path = vcpu.join("cpu.cfs_period_us");
-        // The quota must stay valid for the period at every step.
-        fs::write(&quota_path, "-1").map_err(io_err("write", &quota_path))?;
-        fs::write(&period_path, period.to_string()).map_err(io_err("write", &period_path))?;
-        if let Some(quota) = quota {
-            fs::write(&quota_path, quota.to_string()).map_err(io_err("write", &quota_path))?;
-        }
+    let vcpu = vcpu_dir(dir, index);
+    let quota_path = vcpu.join("cpu.cfs_quota_us");
+    let period_path = vcpu.join("cpu.cfs_period_us");
+    // The quota must stay valid for the period at every step.
+    fs::write(&quota_path, "-1").map_err(io_err("write", &quota_path))?;
+    fs::write(&period_path, period.to_string()).map_err(io_err("write", &period_path))?;
+    if let Some(quota) = quota {
+        fs::write(&quota_path, quota.to_string()).map_err(io_err("write", &quota_path))?;
     }
     Ok(())
 }
@@ -120,6 +118,48 @@ mod tests {
         // Back where they came from (the root here), quotas lifted first.
         assert_eq!(read(root.join("tasks")), "12");
         assert_eq!(read(dir.join("vcpu0/cpu.cfs_quota_us")), "-1");
+    }
+
+    #[test]
+    fn only_the_selected_vcpus_are_throttled_and_a_probe_yields_to_the_throttle() {
+        let tree = tempfile::tempdir().unwrap();
+        let root = tree.path();
+        fs::write(root.join("tasks"), "").unwrap();
+        let hierarchy = Hierarchy::probe(root).unwrap();
+        let mut throttle =
+            HostThrottle::attach(&hierarchy, "a", "vm-1", 4321, &[11, 12, 13]).unwrap();
+        let dir = root.join("livemig/a/vm-1");
+        let quota = |vcpu: &str| read(dir.join(vcpu).join("cpu.cfs_quota_us"));
+
+        // A probe throttles one vCPU alone, and "no throttle" leaves it be.
+        assert!(throttle.probe(2, 0.99).unwrap());
+        assert_eq!(quota("vcpu2"), "1000");
+        throttle.set(0.0).unwrap();
+        assert_eq!(quota("vcpu2"), "1000");
+        assert!(throttle.end_probe(2).unwrap());
+        assert_eq!(quota("vcpu2"), "-1");
+
+        // A real throttle overrules a probe, which then reports so.
+        assert!(throttle.probe(0, 0.99).unwrap());
+        throttle.set(0.5).unwrap();
+        assert!(!throttle.end_probe(0).unwrap());
+        assert_eq!(quota("vcpu0"), "50000");
+        // No probing under a throttle.
+        assert!(!throttle.probe(1, 0.99).unwrap());
+
+        // Narrowed to the writer, the throttle in force follows.
+        assert!(throttle.select(&[1]).unwrap());
+        assert_eq!(throttle.selected(), [1]);
+        assert_eq!(quota("vcpu0"), "-1");
+        assert_eq!(quota("vcpu1"), "50000");
+        assert_eq!(quota("vcpu2"), "-1");
+        throttle.set(0.9).unwrap();
+        assert_eq!(quota("vcpu1"), "10000");
+        assert_eq!(quota("vcpu0"), "-1");
+        // Nobody selected would throttle nothing: refused.
+        assert!(!throttle.select(&[7]).unwrap());
+        assert_eq!(throttle.selected(), [1]);
+        throttle.release();
     }
 
     #[test]

@@ -67,20 +67,17 @@ pub(super) fn attach(
     Ok(())
 }
 
-pub(super) fn set(dir: &Path, vcpus: usize, throttle: f64) -> Result<(), ThrottleError> {
+pub(super) fn set(dir: &Path, index: usize, throttle: f64) -> Result<(), ThrottleError> {
     let (period, quota) = quota_for(throttle, 1);
     let value = match quota {
         Some(quota) => format!("{quota} {period}"),
         None => format!("max {period}"),
     };
-    for index in 0..vcpus {
-        write(
-            &vcpu_dir(dir, index).join("cpu.max"),
-            "write",
-            value.as_str(),
-        )?;
-    }
-    Ok(())
+    write(
+        &vcpu_dir(dir, index).join("cpu.max"),
+        "write",
+        value.as_str(),
+    )
 }
 
 pub(super) fn release(root: &Path, dir: &Path, pid: u32, origin: Option<PathBuf>) {
