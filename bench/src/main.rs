@@ -21,6 +21,11 @@
 //! against libvirt's `virsh migrate --copy-storage-all` on the same guest
 //! (`--engines livemig,virsh`; needs root: each agent gets its own storage
 //! through a mount namespace, and the two libvirtd run as `nobody`).
+//!
+//! `livemig-bench vcpus [--reps N] [--engines qemu,adaptive]` migrates a
+//! 4-vCPU Linux guest with one writing vCPU and three compute-only ones,
+//! with QEMU's auto-converge and with the controller, and reports how fast
+//! each vCPU ran during the migration against before it.
 
 mod convergence;
 mod libvirt;
@@ -29,6 +34,7 @@ mod sampler;
 mod start;
 mod storage;
 mod tls;
+mod vcpus;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -114,6 +120,30 @@ enum Command {
         /// Migrations per engine.
         #[arg(long, default_value_t = 10)]
         reps: u32,
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+    /// A 4-vCPU guest, one vCPU writing: QEMU's auto-converge (every vCPU
+    /// throttled) against the controller (the writer alone).
+    Vcpus {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 3)]
+        reps: u32,
+        #[arg(long, value_delimiter = ',', default_value = "qemu,adaptive")]
+        engines: Vec<String>,
+        /// The link cap, MiB/s.
+        #[arg(long, default_value_t = 32)]
+        bandwidth: u64,
+        /// The writer's working set, MiB.
+        #[arg(long, default_value_t = 128)]
+        working_set: u32,
+        /// The writer's busy loop per page (0: as fast as it goes).
+        #[arg(long, default_value_t = 2000)]
+        spin: u32,
+        /// Give up on a migration after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -374,6 +404,7 @@ async fn main() -> ExitCode {
         | Command::Tls { json, .. }
         | Command::Storage { json, .. }
         | Command::Start { json, .. }
+        | Command::Vcpus { json, .. }
         | Command::Load { json, .. } => *json,
     };
     // On Ctrl-C or SIGTERM the run is dropped, and with it the agents and
@@ -404,6 +435,7 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Tls { livemigd, .. }
         | Command::Storage { livemigd, .. }
         | Command::Start { livemigd, .. }
+        | Command::Vcpus { livemigd, .. }
         | Command::Load { livemigd, .. } => livemigd.clone(),
     };
     let named = given.is_some();
@@ -473,6 +505,24 @@ async fn run(cli: Cli) -> Result<()> {
                 .join("\n");
             emit(json, &summary, text);
             Ok(())
+        }
+        Command::Vcpus {
+            json,
+            reps,
+            engines,
+            bandwidth,
+            working_set,
+            spin,
+            timeout,
+            livemigd: path,
+        } => {
+            let setup = vcpus::Setup {
+                bandwidth,
+                working_set_mib: working_set,
+                spin,
+                timeout,
+            };
+            vcpus::run(&livemigd(path), &engines, reps, setup, json).await
         }
         Command::Load {
             json,

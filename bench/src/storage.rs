@@ -67,11 +67,11 @@ fn fill(path: &Path, gib: u64) -> Result<()> {
     Ok(())
 }
 
-async fn request(client: &Client, request: Request) -> Result<Reply> {
+pub async fn request(client: &Client, request: Request) -> Result<Reply> {
     Ok(client.request(request, REQUEST_TIMEOUT).await?)
 }
 
-async fn serial_path(client: &Client, name: &str) -> Result<PathBuf> {
+pub async fn serial_path(client: &Client, name: &str) -> Result<PathBuf> {
     let domain = name.parse()?;
     match request(client, Request::DomInfo { domain }).await? {
         Reply::DomainInfo(info) => Ok(PathBuf::from(info.serial_log.unwrap_or_default())),

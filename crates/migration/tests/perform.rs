@@ -581,3 +581,85 @@ async fn a_mirror_that_fails_at_switchover_cancels_the_migration() {
     assert!(qemu.calls("migrate-continue").is_empty());
     assert_eq!(qemu.calls("migrate_cancel").len(), 1);
 }
+
+/// The quota of `vcpu` in the cgroup v1 tree of a throttle at `dir` ("-1":
+/// none).
+fn quota_of(dir: &std::path::Path, vcpu: usize) -> String {
+    std::fs::read_to_string(dir.join(format!("vcpu{vcpu}/cpu.cfs_quota_us")))
+        .map(|q| q.trim().to_string())
+        .unwrap_or_else(|_| "-1".into())
+}
+
+/// A 3-vCPU guest whose vCPU 1 alone writes, under a real host throttle on
+/// a directory standing in for the cgroup v1 cpu controller: the
+/// pre-flight's probes find vCPU 1, the controller's first throttle waits
+/// for them, and from then on only vCPU 1 has a quota.
+#[tokio::test(start_paused = true)]
+async fn only_the_vcpu_found_writing_is_throttled() {
+    use migration::vcpu_throttle::{HostPlace, HostVcpuThrottle};
+    let tree = tempfile::tempdir().unwrap();
+    std::fs::write(tree.path().join("tasks"), "").unwrap();
+    let place = HostPlace {
+        root: tree.path().to_path_buf(),
+        scope: "agent".into(),
+        guard: Some("/bin/true".into()),
+    };
+    // Thread ids /proc does not know: their CPU time cannot be read, so
+    // each counts as busy and is probed.
+    let threads = vec![4_000_001, 4_000_002, 4_000_003];
+    let throttle = HostVcpuThrottle::attach(&place, "vm-1".into(), std::process::id(), threads)
+        .await
+        .unwrap();
+    let dir = tree.path().join("livemig/agent/vm-1");
+    let (client, qemu) = ScriptedQemu::start().await;
+    // 200 MiB/s, 4 MiB/s while vCPU 1 is held back (a probe: 1 ms quota).
+    let probed = dir.clone();
+    qemu.on("query-dirty-rate", move |state, _| {
+        state.dirty_rate_mib_s = if quota_of(&probed, 1) == "1000" {
+            4
+        } else {
+            200
+        };
+        None
+    });
+    let options = WatchOptions {
+        preflight: true,
+        ..adaptive()
+    };
+    let job = Job::run(client, qemu, options, Some(Box::new(throttle)), None).await;
+
+    // The first pass ends while the probes run: no throttle yet.
+    job.pass(0.65, 256 * MIB).await;
+    assert!(job.actions(ActionKind::Throttle).is_empty());
+    let waits = job.actions(ActionKind::Writers);
+    assert!(
+        waits.iter().any(|w| w.contains("waits for the search")),
+        "{waits:?}"
+    );
+    // The probes' cgroup writes run on blocking threads, outside the
+    // paused clock: give them real time.
+    for _ in 0..200 {
+        if job.actions(ActionKind::Writers).len() > 1 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        job.settle().await;
+    }
+    let writers = job.actions(ActionKind::Writers);
+    assert!(
+        writers.iter().any(|w| w.starts_with("vCPU 1 writes")),
+        "{writers:?}"
+    );
+    job.pass(2.0, 256 * MIB).await;
+    assert_eq!(job.actions(ActionKind::Throttle).len(), 1);
+    assert_ne!(quota_of(&dir, 1), "-1");
+    assert_eq!(quota_of(&dir, 0), "-1");
+    assert_eq!(quota_of(&dir, 2), "-1");
+    job.qemu.complete(5000, 30);
+
+    let (outcome, _, _) = job.outcome().await;
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+    for vcpu in 0..3 {
+        assert_eq!(quota_of(&dir, vcpu), "-1", "released");
+    }
+}
