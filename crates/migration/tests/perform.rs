@@ -590,17 +590,15 @@ fn quota_of(dir: &std::path::Path, vcpu: usize) -> String {
         .unwrap_or_else(|_| "-1".into())
 }
 
-/// A 3-vCPU guest whose vCPU 1 alone writes, under a real host throttle on
-/// a directory standing in for the cgroup v1 cpu controller: the
-/// pre-flight's probes find vCPU 1, the controller's first throttle waits
-/// for them, and from then on only vCPU 1 has a quota.
-#[tokio::test(start_paused = true)]
-async fn only_the_vcpu_found_writing_is_throttled() {
+/// A 3-vCPU guest under a real host throttle on a directory standing in
+/// for the cgroup v1 cpu controller, where the pre-flight's probes will
+/// find vCPU 1 alone writing (200 MiB/s, 4 MiB/s while vCPU 1 is held
+/// back); and that throttle's cgroup directory.
+async fn three_vcpus_one_writer(tree: &std::path::Path) -> (Job, std::path::PathBuf) {
     use migration::vcpu_throttle::{HostPlace, HostVcpuThrottle};
-    let tree = tempfile::tempdir().unwrap();
-    std::fs::write(tree.path().join("tasks"), "").unwrap();
+    std::fs::write(tree.join("tasks"), "").unwrap();
     let place = HostPlace {
-        root: tree.path().to_path_buf(),
+        root: tree.to_path_buf(),
         scope: "agent".into(),
         guard: Some("/bin/true".into()),
     };
@@ -610,11 +608,11 @@ async fn only_the_vcpu_found_writing_is_throttled() {
     let throttle = HostVcpuThrottle::attach(&place, "vm-1".into(), std::process::id(), threads)
         .await
         .unwrap();
-    let dir = tree.path().join("livemig/agent/vm-1");
+    let dir = tree.join("livemig/agent/vm-1");
     let (client, qemu) = ScriptedQemu::start().await;
-    // 200 MiB/s, 4 MiB/s while vCPU 1 is held back (a probe: 1 ms quota).
     let probed = dir.clone();
     qemu.on("query-dirty-rate", move |state, _| {
+        // A probe's quota: 1 ms.
         state.dirty_rate_mib_s = if quota_of(&probed, 1) == "1000" {
             4
         } else {
@@ -627,6 +625,29 @@ async fn only_the_vcpu_found_writing_is_throttled() {
         ..adaptive()
     };
     let job = Job::run(client, qemu, options, Some(Box::new(throttle)), None).await;
+    (job, dir)
+}
+
+/// Waits for the `writers` actions to number `count`: the probes' cgroup
+/// writes run on blocking threads, outside the paused clock, so they get
+/// real time.
+async fn wait_writers(job: &Job, count: usize) -> Vec<String> {
+    for _ in 0..200 {
+        if job.actions(ActionKind::Writers).len() >= count {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        job.settle().await;
+    }
+    job.actions(ActionKind::Writers)
+}
+
+/// The pre-flight's probes find vCPU 1, the controller's first throttle
+/// waits for them, and from then on only vCPU 1 has a quota.
+#[tokio::test(start_paused = true)]
+async fn only_the_vcpu_found_writing_is_throttled() {
+    let tree = tempfile::tempdir().unwrap();
+    let (job, dir) = three_vcpus_one_writer(tree.path()).await;
 
     // The first pass ends while the probes run: no throttle yet.
     job.pass(0.65, 256 * MIB).await;
@@ -636,16 +657,7 @@ async fn only_the_vcpu_found_writing_is_throttled() {
         waits.iter().any(|w| w.contains("waits for the search")),
         "{waits:?}"
     );
-    // The probes' cgroup writes run on blocking threads, outside the
-    // paused clock: give them real time.
-    for _ in 0..200 {
-        if job.actions(ActionKind::Writers).len() > 1 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-        job.settle().await;
-    }
-    let writers = job.actions(ActionKind::Writers);
+    let writers = wait_writers(&job, 2).await;
     assert!(
         writers.iter().any(|w| w.starts_with("vCPU 1 writes")),
         "{writers:?}"
@@ -662,4 +674,35 @@ async fn only_the_vcpu_found_writing_is_throttled() {
     for vcpu in 0..3 {
         assert_eq!(quota_of(&dir, vcpu), "-1", "released");
     }
+}
+
+/// Passes that stop shrinking with the writer at the highest throttle:
+/// some other vCPU writes after all, and every vCPU is throttled.
+#[tokio::test(start_paused = true)]
+async fn passes_that_stall_at_the_highest_throttle_widen_it_to_every_vcpu() {
+    let tree = tempfile::tempdir().unwrap();
+    let (job, dir) = three_vcpus_one_writer(tree.path()).await;
+    wait_writers(&job, 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_writers(&job, 1).await;
+    // Saturated passes: the controller escalates to its highest throttle,
+    // and the passes still leave as much.
+    for _ in 0..12 {
+        job.pass(2.0, 256 * MIB).await;
+    }
+
+    let writers = job.actions(ActionKind::Writers);
+    assert!(
+        writers
+            .iter()
+            .any(|w| w.contains("every vCPU is throttled")),
+        "{writers:?} {:?}",
+        job.actions(ActionKind::Throttle)
+    );
+    for vcpu in 0..3 {
+        assert_ne!(quota_of(&dir, vcpu), "-1", "vCPU {vcpu}");
+    }
+    job.qemu.complete(30000, 30);
+    let (outcome, _, _) = job.outcome().await;
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
 }
