@@ -71,6 +71,27 @@ pub async fn request(client: &Client, request: Request) -> Result<Reply> {
     Ok(client.request(request, REQUEST_TIMEOUT).await?)
 }
 
+/// Defines `definition` on the host behind `client` and starts it; the
+/// path of its serial log.
+pub async fn define_and_start(client: &Client, definition: &DomainDefinition) -> Result<PathBuf> {
+    request(
+        client,
+        Request::Define {
+            definition: DefinitionDoc(definition.to_document()),
+        },
+    )
+    .await?;
+    request(
+        client,
+        Request::Start {
+            domain: definition.name.clone(),
+            paused: false,
+        },
+    )
+    .await?;
+    serial_path(client, definition.name.as_str()).await
+}
+
 pub async fn serial_path(client: &Client, name: &str) -> Result<PathBuf> {
     let domain = name.parse()?;
     match request(client, Request::DomInfo { domain }).await? {
@@ -197,22 +218,7 @@ async fn livemig_trial(
         workload(writing).cmdline(),
         hosts.local().join(&file).display().to_string(),
     ))?;
-    request(
-        &hosts.a_client,
-        Request::Define {
-            definition: DefinitionDoc(definition.to_document()),
-        },
-    )
-    .await?;
-    request(
-        &hosts.a_client,
-        Request::Start {
-            domain: name.parse()?,
-            paused: false,
-        },
-    )
-    .await?;
-    let source_log = serial_path(&hosts.a_client, &name).await?;
+    let source_log = define_and_start(&hosts.a_client, &definition).await?;
     wait_log(&source_log, writing).await?;
     let baseline = if writing {
         baseline(&source_log).await?

@@ -12,13 +12,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use domain::DomainDefinition;
 use guest::linux::{self, LinuxWorkload};
 use guest::{spinner_rate, SerialLog, Workload};
-use protocol::domain::DefinitionDoc;
 use protocol::job::{ActionKind, JobStatus};
 use protocol::{ConvergeMode, MigrateOptions, Request};
 use serde::Serialize;
 
 use crate::convergence::Hosts;
-use crate::storage::{request, serial_path};
+use crate::storage::{define_and_start, request, serial_path};
 use crate::tls::migrate_with;
 
 const MEMORY_MIB: u32 = 512;
@@ -131,22 +130,7 @@ async fn trial(
         workload.cmdline(),
     ))?;
     definition.vcpus = VCPUS;
-    request(
-        &hosts.a_client,
-        Request::Define {
-            definition: DefinitionDoc(definition.to_document()),
-        },
-    )
-    .await?;
-    request(
-        &hosts.a_client,
-        Request::Start {
-            domain: name.parse()?,
-            paused: false,
-        },
-    )
-    .await?;
-    let source_log = serial_path(&hosts.a_client, &name).await?;
+    let source_log = define_and_start(&hosts.a_client, &definition).await?;
     let before = wait_for_lines(&source_log).await?;
     let (converge, auto_converge) = match engine {
         "qemu" => (None, true),
