@@ -10,22 +10,25 @@
 //! 1. **CPU time.** A vCPU thread that ran under a tenth of a CPU while the
 //!    pre-flight measured cannot be what outruns the link: it is idle.
 //! 2. **Probes.** Each busy vCPU in turn is throttled alone to 99 % (1 ms
-//!    in every 100 ms) for a one-second `calc-dirty-rate` window. If the
-//!    guest then dirtied under three quarters of what it dirties with that
-//!    vCPU running (the most of the pre-flight's unthrottled second and the
-//!    other probes), that vCPU writes. Not harder: at 99.9 % (1 ms in a
-//!    1 s period) a probed vCPU may sit out the whole second while holding
-//!    something the others wait for (a guest lock, QEMU's exclusive work),
-//!    and probing a Linux guest's compute-only vCPU that way once stopped
-//!    the writer on another vCPU for the whole window (0 MiB dirtied): the
-//!    spinner passed for a writer. A hot writer still dirties a good part
-//!    of its working set in ten 1 ms slices (the Linux test guest's: 19 MiB
-//!    of 34 MiB), which is why the line is drawn at three quarters.
+//!    in every 100 ms) for a one-second `calc-dirty-rate` window. Sorted by
+//!    what the guest dirtied meanwhile, the probes split at the widest gap
+//!    between neighbours: the vCPUs below it write if that gap is wide
+//!    enough ([`WRITER_GAP`]) and they are under [`WRITER_BELOW`] of what
+//!    the guest dirties with them running (the most of the pre-flight's
+//!    unthrottled second and the other probes). Not harder than 99 %: at
+//!    99.9 % (1 ms in a 1 s period) a probed vCPU may sit out the whole
+//!    second while holding something the others wait for (a guest lock, an
+//!    IPI, QEMU's exclusive work), and probing a Linux guest's
+//!    compute-only vCPU that way stopped the writer on another vCPU for the
+//!    whole window (0 MiB dirtied): the spinner passed for a writer. A hot
+//!    writer still dirties a good part of its working set in ten 1 ms
+//!    slices, so its probe reads lower but not near zero.
 //!
 //! If no busy vCPU stands out (say, two writers each of which alone fills
 //! the working set within a second), every busy vCPU is taken as a writer.
-//! A probe yields to the controller: once a throttle is in force the
-//! search stops and every vCPU stays throttled.
+//! The controller's first throttle waits for the probes
+//! ([`crate::perform`]); a throttle in force (the disks' pacing) stops the
+//! search, and every vCPU stays throttled.
 
 use std::future::Future;
 use std::time::Duration;

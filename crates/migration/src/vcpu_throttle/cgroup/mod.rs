@@ -280,16 +280,11 @@ impl HostThrottle {
     /// [`ThrottleError::Io`] if the quota cannot be written.
     ///
     /// It applies to the selected vCPUs ([`HostThrottle::select`]; all
-    /// unless told otherwise); the others run free. A throttle overrules a
-    /// probe in progress; "none" leaves it be.
+    /// unless told otherwise); the others run free. It overrules a probe in
+    /// progress, "none" too: that is how the switchover lets every vCPU run.
     pub fn set(&mut self, throttle: f64) -> Result<(), ThrottleError> {
-        if throttle > 0.0 {
-            self.probing = None;
-        }
+        self.probing = None;
         for index in 0..self.threads.len() {
-            if self.probing == Some(index) {
-                continue;
-            }
             let level = if self.selected[index] { throttle } else { 0.0 };
             self.set_vcpu(index, level)?;
         }

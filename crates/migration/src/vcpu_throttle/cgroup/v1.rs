@@ -131,13 +131,16 @@ mod tests {
         let dir = root.join("livemig/a/vm-1");
         let quota = |vcpu: &str| read(dir.join(vcpu).join("cpu.cfs_quota_us"));
 
-        // A probe throttles one vCPU alone, and "no throttle" leaves it be.
+        // A probe throttles one vCPU alone.
         assert!(throttle.probe(2, 0.99).unwrap());
-        assert_eq!(quota("vcpu2"), "1000");
-        throttle.set(0.0).unwrap();
         assert_eq!(quota("vcpu2"), "1000");
         assert!(throttle.end_probe(2).unwrap());
         assert_eq!(quota("vcpu2"), "-1");
+        // Lifting every quota (the switchover) ends a probe too.
+        assert!(throttle.probe(2, 0.99).unwrap());
+        throttle.set(0.0).unwrap();
+        assert_eq!(quota("vcpu2"), "-1");
+        assert!(!throttle.end_probe(2).unwrap());
 
         // A real throttle overrules a probe, which then reports so.
         assert!(throttle.probe(0, 0.99).unwrap());
