@@ -49,7 +49,7 @@ pub fn workload(name: &str) -> Option<Workload> {
     Some(Workload {
         working_set_mib: WORKING_SET_MIB,
         spin,
-        report_ms: 200,
+        report_ms: REPORT_MS,
     })
 }
 
@@ -66,7 +66,14 @@ pub struct RunOptions {
     pub timeout: u64,
     /// Estimate before each migration.
     pub estimate: bool,
+    /// The guest's progress-line interval, ms. Each line is serial-port
+    /// output, which QEMU emulates under its big lock; a long interval
+    /// leaves the guest's work during the migration unmeasured.
+    pub report_ms: u32,
 }
+
+/// The progress-line interval the work-lost figures are made with.
+pub const REPORT_MS: u32 = 200;
 
 /// One trial's figures (one JSON line).
 #[derive(Debug, Clone, Serialize)]
@@ -392,10 +399,11 @@ pub async fn trial(
     workload_name: &str,
     policy_name: &str,
     rep: u32,
-    timeout_s: u64,
-    estimate_first: bool,
+    options: &RunOptions,
 ) -> Result<Trial> {
-    let workload = workload(workload_name).ok_or_else(|| anyhow!("unknown workload"))?;
+    let (timeout_s, estimate_first) = (options.timeout, options.estimate);
+    let mut workload = workload(workload_name).ok_or_else(|| anyhow!("unknown workload"))?;
+    workload.report_ms = options.report_ms;
     let mode = policy(policy_name).ok_or_else(|| anyhow!("unknown policy"))?;
     // Estimates are calibrated on the domain's past jobs: one name across
     // the repetitions.
@@ -426,11 +434,18 @@ pub async fn trial(
             bail!("the guest did not sweep its working set within {MAX_WARMUP:?}");
         }
     }
-    let guest_rate = sampler
-        .samples()
-        .recent_rate(RATE_WINDOW)
-        .filter(|r| *r > 0.0)
-        .ok_or_else(|| anyhow!("the guest reported no progress during warm-up"))?;
+    // Two lines within the rate's window at least, or the guest's work is
+    // not measured (NaN: `null` in the JSON).
+    let measure_work = options.report_ms as u128 * 2 <= RATE_WINDOW.as_millis();
+    let guest_rate = if measure_work {
+        sampler
+            .samples()
+            .recent_rate(RATE_WINDOW)
+            .filter(|r| *r > 0.0)
+            .ok_or_else(|| anyhow!("the guest reported no progress during warm-up"))?
+    } else {
+        f64::NAN
+    };
 
     let estimated = if estimate_first {
         Some(estimate(hosts, &domain, mode).await?)
@@ -493,12 +508,16 @@ pub async fn trial(
     sampler.stop();
 
     let samples = sampler.samples();
-    let work = match (samples.writes_at(t_start), samples.writes_at(t_end)) {
-        (Some(a), Some(b)) => b - a,
-        _ => bail!("no guest progress samples around the migration"),
-    };
     let secs = duration.as_secs_f64();
-    let lost = (secs - work / guest_rate).max(0.0);
+    let lost = if measure_work {
+        let work = match (samples.writes_at(t_start), samples.writes_at(t_end)) {
+            (Some(a), Some(b)) => b - a,
+            _ => bail!("no guest progress samples around the migration"),
+        };
+        (secs - work / guest_rate).max(0.0)
+    } else {
+        f64::NAN
+    };
     let log = if converged {
         serial_log(&hosts.b_client, &name).await
     } else {

@@ -72,6 +72,11 @@ enum Command {
         /// earlier ones).
         #[arg(long)]
         estimate: bool,
+        /// The guest's progress-line interval, ms: its serial output, which
+        /// QEMU emulates under its big lock. Above 2000 the guest's work
+        /// during the migration is not measured.
+        #[arg(long, default_value_t = convergence::REPORT_MS)]
+        report_ms: u32,
         /// livemigd binary [default: next to this binary].
         #[arg(long)]
         livemigd: Option<PathBuf>,
@@ -264,12 +269,7 @@ async fn run_convergence(
     policies: Vec<String>,
     livemigd_path: PathBuf,
 ) -> Result<()> {
-    let convergence::RunOptions {
-        json,
-        reps,
-        timeout,
-        estimate,
-    } = options;
+    let convergence::RunOptions { json, reps, .. } = options;
     for w in &workloads {
         if convergence::workload(w).is_none() {
             bail!("unknown workload {w:?} (light, heavy, hot)");
@@ -290,8 +290,7 @@ async fn run_convergence(
                 let mut order = policies.clone();
                 order.rotate_left((rep as usize - 1) % policies.len().max(1));
                 for p in &order {
-                    let trial =
-                        convergence::trial(&hosts, w, p, rep, timeout, estimate).await?;
+                    let trial = convergence::trial(&hosts, w, p, rep, &options).await?;
                     emit(
                         json,
                         &trial,
@@ -448,6 +447,7 @@ async fn run(cli: Cli) -> Result<()> {
             policies,
             timeout,
             estimate,
+            report_ms,
             livemigd: path,
         } => {
             let options = convergence::RunOptions {
@@ -455,6 +455,7 @@ async fn run(cli: Cli) -> Result<()> {
                 reps,
                 timeout,
                 estimate,
+                report_ms,
             };
             run_convergence(options, workloads, policies, livemigd(path)).await
         }
