@@ -595,6 +595,14 @@ fn quota_of(dir: &std::path::Path, vcpu: usize) -> String {
 /// find vCPU 1 alone writing (200 MiB/s, 4 MiB/s while vCPU 1 is held
 /// back); and that throttle's cgroup directory.
 async fn three_vcpus_one_writer(tree: &std::path::Path) -> (Job, std::path::PathBuf) {
+    three_vcpus_one_writer_with(tree, adaptive()).await
+}
+
+/// [`three_vcpus_one_writer`] with these options.
+async fn three_vcpus_one_writer_with(
+    tree: &std::path::Path,
+    options: WatchOptions,
+) -> (Job, std::path::PathBuf) {
     use migration::vcpu_throttle::{HostPlace, HostVcpuThrottle};
     std::fs::write(tree.join("tasks"), "").unwrap();
     let place = HostPlace {
@@ -622,7 +630,7 @@ async fn three_vcpus_one_writer(tree: &std::path::Path) -> (Job, std::path::Path
     });
     let options = WatchOptions {
         preflight: true,
-        ..adaptive()
+        ..options
     };
     let job = Job::run(client, qemu, options, Some(Box::new(throttle)), None).await;
     (job, dir)
@@ -703,6 +711,27 @@ async fn passes_that_stall_at_the_highest_throttle_widen_it_to_every_vcpu() {
         assert_ne!(quota_of(&dir, vcpu), "-1", "vCPU {vcpu}");
     }
     job.qemu.complete(30000, 30);
+    let (outcome, _, _) = job.outcome().await;
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+}
+
+/// Without a bandwidth cap, QEMU's throughput (64 MiB/s here) stands for
+/// the link: a guest dirtying 200 MiB/s gets its writer found all the same.
+#[tokio::test(start_paused = true)]
+async fn uncapped_the_writer_is_found_against_qemus_throughput() {
+    let tree = tempfile::tempdir().unwrap();
+    let options = WatchOptions {
+        bandwidth_cap: None,
+        ..adaptive()
+    };
+    let (job, _dir) = three_vcpus_one_writer_with(tree.path(), options).await;
+
+    let writers = wait_writers(&job, 1).await;
+    assert!(
+        writers.iter().any(|w| w.starts_with("vCPU 1 writes")),
+        "{writers:?}"
+    );
+    job.qemu.complete(3000, 30);
     let (outcome, _, _) = job.outcome().await;
     assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
 }

@@ -9,7 +9,7 @@ use converge::stall::stalled;
 use converge::DirtyModel;
 use protocol::job::{ActionKind, JobStats, TimedAction};
 use protocol::ConvergeMode;
-use qmp::commands::migration::{MigrateSetParameters, MigrationParameters};
+use qmp::commands::migration::{MigrateSetParameters, MigrationParameters, QueryMigrate};
 use qmp::Client;
 use tokio::sync::{mpsc, watch as channel};
 use tokio::time::Instant;
@@ -461,9 +461,19 @@ pub(super) fn downtime(limit: Duration) -> MigrationParameters {
     }
 }
 
+/// QEMU's own figure for the migration's throughput, bytes/s.
+async fn measured_link(qmp: &Client) -> Option<f64> {
+    let info = qmp.execute(&QueryMigrate).await.ok()?;
+    crate::job::stats_from_qemu(&info)
+        .bandwidth_mib_s
+        .filter(|b| *b > 0.0)
+        .map(|b| b * types::MIB as f64)
+}
+
 /// Measures the dirty rate over 1 s and 2 s windows and fits the model;
 /// then, with a `selector` (a host throttle of several vCPUs) and a guest
-/// dirtying more than half the `link`, finds which vCPUs write.
+/// dirtying more than half the link (the cap, else QEMU's throughput),
+/// finds which vCPUs write.
 async fn preflight(
     qmp: Client,
     ram_bytes: f64,
@@ -483,6 +493,13 @@ async fn preflight(
         model,
         crate::dirty::describe(&samples, &model),
     ));
+    // Uncapped, QEMU's throughput so far stands for the link (it reads low
+    // while the first pass skims zero pages: the search runs rather more
+    // often than needed, never less).
+    let link = match link {
+        Some(cap) => Some(cap),
+        None => measured_link(&qmp).await,
+    };
     let (Some(selector), Some(before), Some(link)) = (selector, cpu_before, link) else {
         return;
     };
