@@ -397,6 +397,7 @@ async fn without_a_host_throttle_the_controller_steers_qemus_own() {
     assert!(b_caps.contains("vCPU throttle"), "{b_caps}");
     if testkit::host_throttle_available() {
         assert!(b_caps.contains("host, up to 99.9 %"), "{b_caps}");
+        assert!(b_caps.contains("only the ones found writing"), "{b_caps}");
     }
 
     let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;

@@ -353,7 +353,8 @@ pub fn available(place: &HostPlace) -> protocol::host::ThrottleMechanism {
             kind: "host".into(),
             max_throttle_pct: MAX_HOST_THROTTLE * 100.0,
             detail: format!(
-                "vCPU threads under a CPU quota ({} at {}), held on a {} s lease",
+                "each vCPU thread under a CPU quota of its own ({} at {}), held on a {} s \
+                 lease; with several vCPUs, only the ones found writing",
                 hierarchy.describe(),
                 hierarchy.root().display(),
                 lease::LEASE.as_secs()
