@@ -87,6 +87,15 @@ fn spinner_ratio(before: &SerialLog, after: &SerialLog, cpu: u32) -> Option<f64>
     Some(speed_during / speed_before)
 }
 
+/// `--converge` and `--auto-converge` for an engine.
+fn engine_flags(engine: &str) -> Result<(Option<ConvergeMode>, bool)> {
+    Ok(match engine {
+        "qemu" => (None, true),
+        "adaptive" => (Some(ConvergeMode::Adaptive), false),
+        other => bail!("unknown engine {other:?} (qemu, adaptive)"),
+    })
+}
+
 async fn wait_for_lines(log: &Path) -> Result<SerialLog> {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -102,6 +111,12 @@ async fn wait_for_lines(log: &Path) -> Result<SerialLog> {
             return Ok(l);
         }
         if Instant::now() > deadline {
+            if l.spinners.is_empty() && !l.progress.is_empty() {
+                bail!(
+                    "the guest's workload runs no spinners: it predates them (rebuild it with \
+                     scripts/build-linux-guest.sh)"
+                );
+            }
             bail!("the guest's workload did not report within 120 s");
         }
     }
@@ -132,11 +147,7 @@ async fn trial(
     definition.vcpus = VCPUS;
     let source_log = define_and_start(&hosts.a_client, &definition).await?;
     let before = wait_for_lines(&source_log).await?;
-    let (converge, auto_converge) = match engine {
-        "qemu" => (None, true),
-        "adaptive" => (Some(ConvergeMode::Adaptive), false),
-        other => bail!("unknown engine {other:?} (qemu, adaptive)"),
-    };
+    let (converge, auto_converge) = engine_flags(engine)?;
     let started = Instant::now();
     let record = migrate_with(
         &hosts.a_client,
@@ -275,6 +286,10 @@ pub async fn run(
     setup: Setup,
     json: bool,
 ) -> Result<()> {
+    // Bad input changes nothing: no agent, no guest.
+    for engine in engines {
+        engine_flags(engine)?;
+    }
     let hosts = Hosts::start(livemigd).await?;
     let result = async {
         let parts = linux::Parts::installed(&linux::workload_beside_this_build())
