@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use domain::DomainDefinition;
 use guest::linux::{self, LinuxWorkload};
-use guest::{spinner_rate, SerialLog, Workload};
+use guest::{SerialLog, Workload};
 use protocol::job::{ActionKind, JobStatus};
 use protocol::{ConvergeMode, MigrateOptions, Request};
 use serde::Serialize;
@@ -80,10 +80,8 @@ fn writer_ratio(before: &SerialLog, after: &SerialLog) -> Option<f64> {
 /// Speed over the `BEFORE` seconds up to the log's last line, and during:
 /// from that line to the last line of `after`.
 fn spinner_ratio(before: &SerialLog, after: &SerialLog, cpu: u32) -> Option<f64> {
-    let start = before.last_spinner(cpu)?;
-    let earlier = before.spinner_at(cpu, start.t_ms.saturating_sub(BEFORE.as_millis() as u64))?;
-    let speed_before = spinner_rate(earlier, start)?;
-    let speed_during = spinner_rate(start, after.last_spinner(cpu)?)?;
+    let (speed_before, speed_during) =
+        before.spinner_speeds(after, cpu, BEFORE.as_millis() as u64)?;
     Some(speed_during / speed_before)
 }
 

@@ -158,6 +158,24 @@ impl SerialLog {
         Some(lines.rfind(|s| s.t_ms <= t_ms).copied().unwrap_or(first))
     }
 
+    /// Spinner `cpu`'s loops per second (guest time) over the `window_ms`
+    /// up to this log's last line of it, and from that line to the last
+    /// line of it in `later` (the same log read again, e.g. after a
+    /// migration): its speed before and since.
+    pub fn spinner_speeds(
+        &self,
+        later: &SerialLog,
+        cpu: u32,
+        window_ms: u64,
+    ) -> Option<(f64, f64)> {
+        let start = self.last_spinner(cpu)?;
+        let earlier = self.spinner_at(cpu, start.t_ms.saturating_sub(window_ms))?;
+        Some((
+            spinner_rate(earlier, start)?,
+            spinner_rate(start, later.last_spinner(cpu)?)?,
+        ))
+    }
+
     /// The most recent `spinner` line of vCPU `cpu`.
     pub fn last_spinner(&self, cpu: u32) -> Option<SpinnerProgress> {
         self.spinners.iter().rfind(|s| s.cpu == cpu).copied()
@@ -262,6 +280,19 @@ livemig-guest: progress t_ms=15";
         assert_eq!(spinner_rate(a, b), Some(3000.0));
         assert_eq!(log.spinner_at(2, 0).unwrap().loops, 900, "first line");
         assert_eq!(spinner_rate(b, b), None);
+        // 1000 loops/s over the second before t=1000, 2000/s since.
+        let earlier = SerialLog::parse(
+            "livemig-guest: spinner cpu=1 t_ms=0 loops=0\n\
+             livemig-guest: spinner cpu=1 t_ms=1000 loops=1000\n",
+        );
+        let later = SerialLog::parse(&format!(
+            "{}livemig-guest: spinner cpu=1 t_ms=2000 loops=3000\n",
+            "livemig-guest: spinner cpu=1 t_ms=1000 loops=1000\n"
+        ));
+        assert_eq!(
+            earlier.spinner_speeds(&later, 1, 1000),
+            Some((1000.0, 2000.0))
+        );
     }
 
     #[test]

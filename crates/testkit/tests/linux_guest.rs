@@ -130,13 +130,7 @@ async fn only_the_vcpu_that_writes_is_throttled() {
     // before it (throttled like the writer, it would have crawled).
     let during = guest::SerialLog::read(std::path::Path::new(&serial_log)).unwrap();
     for cpu in [1, 2, 3] {
-        let start = before.last_spinner(cpu).unwrap();
-        let earlier = before
-            .spinner_at(cpu, start.t_ms.saturating_sub(3000))
-            .unwrap();
-        let speed_before = guest::spinner_rate(earlier, start).unwrap();
-        let end = during.last_spinner(cpu).unwrap();
-        let speed_during = guest::spinner_rate(start, end).unwrap();
+        let (speed_before, speed_during) = before.spinner_speeds(&during, cpu, 3000).unwrap();
         assert!(
             speed_during >= 0.5 * speed_before,
             "vCPU {cpu}: {speed_during:.0} loops/s during the migration, {speed_before:.0} before"
