@@ -70,6 +70,10 @@ pub struct RunOptions {
     /// output, which QEMU emulates under its big lock; a long interval
     /// leaves the guest's work during the migration unmeasured.
     pub report_ms: u32,
+    /// `--max-downtime` for every job, ms.
+    pub max_downtime_ms: Option<u64>,
+    /// `--allow-postcopy` for every job.
+    pub allow_postcopy: bool,
 }
 
 /// The progress-line interval the work-lost figures are made with.
@@ -457,6 +461,8 @@ pub async fn trial(
         live: true,
         bandwidth: Some(BANDWIDTH_MIB_S),
         downtime: Some(DOWNTIME_MS),
+        max_downtime: options.max_downtime_ms,
+        allow_postcopy: options.allow_postcopy,
         timeout: Some(timeout_s),
         converge: Some(mode),
         ..Default::default()

@@ -77,6 +77,13 @@ enum Command {
         /// during the migration is not measured.
         #[arg(long, default_value_t = convergence::REPORT_MS)]
         report_ms: u32,
+        /// The highest downtime limit the jobs may raise the limit to, ms
+        /// (`migrate --max-downtime`) [default: the 300 ms limit itself].
+        #[arg(long)]
+        max_downtime: Option<u64>,
+        /// Let the jobs switch to post-copy (`migrate --allow-postcopy`).
+        #[arg(long)]
+        allow_postcopy: bool,
         /// livemigd binary [default: next to this binary].
         #[arg(long)]
         livemigd: Option<PathBuf>,
@@ -448,6 +455,8 @@ async fn run(cli: Cli) -> Result<()> {
             timeout,
             estimate,
             report_ms,
+            max_downtime,
+            allow_postcopy,
             livemigd: path,
         } => {
             let options = convergence::RunOptions {
@@ -456,6 +465,8 @@ async fn run(cli: Cli) -> Result<()> {
                 timeout,
                 estimate,
                 report_ms,
+                max_downtime_ms: max_downtime,
+                allow_postcopy,
             };
             run_convergence(options, workloads, policies, livemigd(path)).await
         }

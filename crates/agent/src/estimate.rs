@@ -40,9 +40,11 @@ pub(crate) async fn estimate(
         })
         .collect();
     let mechanism = vcpu_throttle::available(&agent.config.throttle_place());
+    let ram_in_use_bytes = ram_in_use(&vm).await;
     let subject = Subject {
         domain: name.as_str(),
         ram_bytes: vm.spec.ram.bytes,
+        ram_in_use_bytes,
         tunables,
         mechanism: &mechanism,
         disks: &disks,
@@ -52,6 +54,15 @@ pub(crate) async fn estimate(
         .map_err(|e| errors::qemu(errors::chain(&e)))?;
     migration::estimate::calibrate(&mut report, &past_jobs(agent, name).await);
     Ok(Reply::Estimate(Box::new(report)))
+}
+
+/// The part of the guest's RAM that holds anything; unreadable, the
+/// prediction counts all of it, which is no reason to fail.
+pub(crate) async fn ram_in_use(vm: &crate::vm::RunningVm) -> Option<u64> {
+    domain::qemu::guest_ram_resident(vm.process.pid(), vm.spec.ram.bytes)
+        .await
+        .inspect_err(|e| tracing::warn!(error = %types::error_chain(e), "guest RAM in use unknown: the whole RAM is counted"))
+        .ok()
 }
 
 /// The domain's completed migrations from this host that made a

@@ -368,7 +368,15 @@ pub fn estimate(r: &protocol::estimate::EstimateReport) -> String {
     let mut out = rows(&[
         (
             "Domain",
-            Some(format!("{} ({})", r.domain, mib(r.guest_ram_bytes))),
+            Some(match r.guest_ram_in_use_bytes {
+                Some(used) => format!(
+                    "{} ({}, {} in use: the first pass sends that)",
+                    r.domain,
+                    mib(r.guest_ram_bytes),
+                    mib(used)
+                ),
+                None => format!("{} ({})", r.domain, mib(r.guest_ram_bytes)),
+            }),
         ),
         ("Dirtied", Some(windows.join(", "))),
         ("Disks", (!disks.is_empty()).then(|| disks.join("; "))),

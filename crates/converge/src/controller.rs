@@ -43,6 +43,10 @@ const LINK_SHARE: f64 = 0.9;
 /// Passes under one throttle without a new low (see [`stalled`]) after
 /// which the model is not trusted and the throttle escalates.
 const STALL_WINDOW: usize = 2;
+/// Share of the downtime limit a pass may leave when a switchover is
+/// due: the rest is for what the guest dirties before it stops, and the
+/// device state (the watcher switches over itself at this share above 99 %).
+pub const SWITCHOVER_SHARE: f64 = 0.5;
 
 /// What the user allows.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -75,6 +79,9 @@ pub struct State {
     /// Length of `history` when the throttle last changed.
     #[serde(default)]
     pub throttle_since: usize,
+    /// The slice floor has been reported (see [`SliceFloor`]).
+    #[serde(default)]
+    pub floor_reported: bool,
 }
 
 impl State {
@@ -92,6 +99,7 @@ impl State {
             history: Vec::new(),
             postcopy: false,
             throttle_since: 0,
+            floor_reported: false,
         }
     }
 }
@@ -109,6 +117,65 @@ pub struct Observation {
     pub throttle: f64,
     /// Bytes per second the link carries.
     pub bandwidth: f64,
+    /// CPU time the throttled vCPUs used during the pass, where the
+    /// throttle mechanism can tell.
+    #[serde(default)]
+    pub vcpu: Option<VcpuUse>,
+}
+
+/// CPU time the throttled vCPUs had in a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct VcpuUse {
+    /// Seconds of CPU time, summed over the throttled vCPUs.
+    pub cpu_secs: f64,
+    /// The least CPU time the mechanism gives a throttled vCPU whenever it
+    /// runs at all (a CPU quota's minimum, 1 ms), seconds.
+    pub min_slice_secs: f64,
+}
+
+/// What the guest dirties in the least CPU time the throttle can give
+/// it. No throttle makes a pass dirty less unless the vCPU gets no slice
+/// at all in it, so when a slice's dirt exceeds what the downtime lets
+/// through at a switchover, throttling converges only by chance (a pass
+/// that happens to fall between two slices).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SliceFloor {
+    /// Bytes dirtied in one slice, at the pass's bytes per CPU second.
+    pub bytes: f64,
+    /// The slice, seconds.
+    pub slice_secs: f64,
+}
+
+impl SliceFloor {
+    /// The floor a throttled pass shows, if it measured enough CPU time to
+    /// say (at least one slice: a pass whose slice fell outside it would
+    /// give a wild rate).
+    pub fn of(obs: &Observation) -> Option<SliceFloor> {
+        let vcpu = obs.vcpu?;
+        if obs.throttle <= 0.0
+            || vcpu.min_slice_secs <= 0.0
+            || vcpu.cpu_secs < vcpu.min_slice_secs
+            || obs.bandwidth <= 0.0
+        {
+            return None;
+        }
+        let bytes = obs.remaining.max(0.0) / vcpu.cpu_secs * vcpu.min_slice_secs;
+        Some(SliceFloor {
+            bytes,
+            slice_secs: vcpu.min_slice_secs,
+        })
+    }
+
+    fn describe(&self, obs: &Observation) -> String {
+        let cpu_ms = obs.vcpu.map_or(0.0, |v| v.cpu_secs * 1000.0);
+        format!(
+            "each {:.0} ms slice of CPU the throttle gives lets the guest dirty about {:.0} MiB \
+             (the last pass: {:.0} MiB in {cpu_ms:.1} ms of vCPU time)",
+            self.slice_secs * 1000.0,
+            self.bytes / MIB,
+            obs.remaining / MIB,
+        )
+    }
 }
 
 /// A change the controller asks for, with its reason.
@@ -131,6 +198,14 @@ pub enum Action {
     },
     /// Switch to post-copy.
     Postcopy {
+        /// Why, for the timeline.
+        why: String,
+    },
+    /// Nothing to change, but the timeline should say why throttling
+    /// alone may not finish (see [`SliceFloor`]).
+    Floor {
+        /// MiB the guest dirties in one slice.
+        mib: f64,
         /// Why, for the timeline.
         why: String,
     },
@@ -325,9 +400,46 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
         });
         next.downtime = downtime;
     }
+    slice_floor(&mut next, obs, policy, &mut actions);
     Decision {
         state: next,
         actions,
+    }
+}
+
+/// When one slice of CPU lets the guest dirty more than the highest
+/// downtime allowed lets through: switch to post-copy if allowed, else say
+/// so once. (Raising the downtime to one slice was tried on the
+/// benchmark's hot guest: passes then hold at several slices, each sync
+/// stretched by the vCPU's quota, and convergence stayed a matter of
+/// chance: 50 and 29 s, docs/CONVERGENCE.md.)
+fn slice_floor(next: &mut State, obs: &Observation, policy: &Policy, actions: &mut Vec<Action>) {
+    let Some(floor) = SliceFloor::of(obs) else {
+        return;
+    };
+    let downtime = policy.max_downtime.max(next.downtime);
+    if floor.bytes <= obs.bandwidth * downtime * SWITCHOVER_SHARE {
+        return;
+    }
+    let what = format!(
+        "{}, more than a {:.0} ms downtime lets through: a pass is small enough only if \
+         the vCPU gets no slice in it",
+        floor.describe(obs),
+        downtime * 1000.0
+    );
+    if policy.allow_postcopy && !next.postcopy {
+        next.postcopy = true;
+        next.floor_reported = true;
+        actions.push(Action::Postcopy { why: what });
+    } else if !next.floor_reported && !next.postcopy {
+        next.floor_reported = true;
+        actions.push(Action::Floor {
+            mib: floor.bytes / MIB,
+            why: format!(
+                "{what}, so throttling finishes by chance; --allow-postcopy would switch to \
+                 post-copy here"
+            ),
+        });
     }
 }
 
@@ -366,6 +478,7 @@ impl Steering for AdaptiveSim {
                 pass_secs: view.pass_secs,
                 throttle: view.throttle,
                 bandwidth: view.bandwidth,
+                vcpu: None,
             },
             &self.policy,
         );
@@ -375,7 +488,7 @@ impl Steering for AdaptiveSim {
             match action {
                 Action::Throttle { to, .. } => steer.throttle = Some(to),
                 Action::Downtime { to, .. } => steer.downtime = Some(to),
-                Action::Postcopy { .. } => {}
+                Action::Postcopy { .. } | Action::Floor { .. } => {}
             }
         }
         steer

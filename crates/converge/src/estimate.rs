@@ -90,24 +90,31 @@ pub struct Predictions {
 /// every 50 ms, as a memory-bound loop does.
 pub const WORST_CASE_REFILL_SECS: f64 = 0.05;
 
-/// Predicts a migration of a guest with `ram_bytes` of RAM.
-pub fn predict(model: DirtyModel, ram_bytes: f64, bandwidth: f64, policy: &Policy) -> Predictions {
+/// Predicts a migration whose first pass sends `first_pass_bytes`: the
+/// guest's RAM, or the part of it that holds anything (QEMU sends a zero
+/// page as a header).
+pub fn predict(
+    model: DirtyModel,
+    first_pass_bytes: f64,
+    bandwidth: f64,
+    policy: &Policy,
+) -> Predictions {
     let worst_case = model.rate_is_lower_bound.then(|| {
         let worst = DirtyModel {
             rate: model.rate.max(model.working_set / WORST_CASE_REFILL_SECS),
             ..model
         };
-        outlook(worst, ram_bytes, bandwidth, policy)
+        outlook(worst, first_pass_bytes, bandwidth, policy)
     });
     Predictions {
-        measured: outlook(model, ram_bytes, bandwidth, policy),
+        measured: outlook(model, first_pass_bytes, bandwidth, policy),
         worst_case,
     }
 }
 
-fn outlook(model: DirtyModel, ram_bytes: f64, bandwidth: f64, policy: &Policy) -> Outlook {
+fn outlook(model: DirtyModel, first_pass_bytes: f64, bandwidth: f64, policy: &Policy) -> Outlook {
     let scenario = Scenario {
-        first_pass_bytes: ram_bytes,
+        first_pass_bytes,
         model,
         bandwidth,
         downtime: policy.downtime,

@@ -1,6 +1,8 @@
 //! The adaptive controller: scripted scenarios and properties.
 
-use converge::controller::{decide, Action, AdaptiveSim, Decision, Observation, Policy, State};
+use converge::controller::{
+    decide, Action, AdaptiveSim, Decision, Observation, Policy, State, VcpuUse,
+};
 use converge::model::{simulate, DirtyModel, Scenario};
 use converge::qemu::{AutoConvergeParams, QemuAutoConverge};
 use proptest::prelude::*;
@@ -134,9 +136,132 @@ fn sync(state: &State, p: &Policy, elapsed: f64, remaining_mib: f64, pass_secs: 
             pass_secs,
             throttle: state.throttle,
             bandwidth: 64.0 * MIB,
+            vcpu: None,
         },
         p,
     )
+}
+
+/// A sync of the hot guest at 99.9 %, as measured on this machine: 56 MiB
+/// dirtied in a 2 s pass in which the vCPU had 2 ms of CPU (two 1 ms
+/// slices).
+fn hot_sync_with_cpu(state: &State, p: &Policy) -> Decision {
+    decide(
+        state,
+        &Observation {
+            elapsed: 20.0,
+            remaining: 56.0 * MIB,
+            pass_secs: 2.0,
+            throttle: state.throttle,
+            bandwidth: 64.0 * MIB,
+            vcpu: Some(VcpuUse {
+                cpu_secs: 0.002,
+                min_slice_secs: 0.001,
+            }),
+        },
+        p,
+    )
+}
+
+fn floors(d: &Decision) -> Vec<f64> {
+    d.actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Floor { mib, .. } => Some(*mib),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_slice_that_dirties_more_than_the_downtime_allows_is_said_once() {
+    // 28 MiB a slice against 19 MiB that 300 ms let through at 64 MiB/s:
+    // no throttle can make a pass smaller, the timeline says why.
+    let p = policy();
+    let first = hot_sync_with_cpu(&throttled_at(&p, 0.999), &p);
+    let floor = floors(&first);
+    assert_eq!(floor.len(), 1, "{:?}", first.actions);
+    assert!((floor[0] - 28.0).abs() < 0.5, "{floor:?}");
+    let Action::Floor { why, .. } = &first.actions[first.actions.len() - 1] else {
+        panic!("{:?}", first.actions);
+    };
+    assert!(
+        why.contains("300 ms downtime") && why.contains("--allow-postcopy"),
+        "{why}"
+    );
+    let again = hot_sync_with_cpu(&first.state, &p);
+    assert!(floors(&again).is_empty(), "said once: {:?}", again.actions);
+}
+
+#[test]
+fn a_downtime_allowed_that_lets_a_slice_through_says_nothing() {
+    // --max-downtime 1 s lets 32 MiB through at a held switchover: one
+    // 28 MiB slice fits, the floor is no reason to speak.
+    let p = Policy {
+        max_downtime: 1.0,
+        ..policy()
+    };
+    let d = hot_sync_with_cpu(&throttled_at(&p, 0.999), &p);
+    assert!(floors(&d).is_empty(), "{:?}", d.actions);
+}
+
+#[test]
+fn the_slice_floor_switches_to_postcopy_when_allowed() {
+    let p = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    let d = hot_sync_with_cpu(&throttled_at(&p, 0.999), &p);
+    assert!(
+        d.actions
+            .iter()
+            .any(|a| matches!(a, Action::Postcopy { why } if why.contains("slice"))),
+        "{:?}",
+        d.actions
+    );
+    assert!(d.state.postcopy);
+}
+
+#[test]
+fn a_slice_that_fits_or_a_pass_with_too_little_cpu_says_nothing() {
+    let p = policy();
+    let state = throttled_at(&p, 0.99);
+    // The heavy guest at 99 %: 30 MiB in a 1 s pass with 10 ms of CPU is
+    // 3 MiB a slice, well within the limit.
+    let fits = decide(
+        &state,
+        &Observation {
+            elapsed: 10.0,
+            remaining: 30.0 * MIB,
+            pass_secs: 1.0,
+            throttle: 0.99,
+            bandwidth: 64.0 * MIB,
+            vcpu: Some(VcpuUse {
+                cpu_secs: 0.010,
+                min_slice_secs: 0.001,
+            }),
+        },
+        &p,
+    );
+    assert!(floors(&fits).is_empty(), "{:?}", fits.actions);
+    // Less CPU than one slice: the slice fell outside the window measured,
+    // and the rate per CPU second would be wild.
+    let little = decide(
+        &throttled_at(&p, 0.999),
+        &Observation {
+            elapsed: 10.0,
+            remaining: 56.0 * MIB,
+            pass_secs: 1.0,
+            throttle: 0.999,
+            bandwidth: 64.0 * MIB,
+            vcpu: Some(VcpuUse {
+                cpu_secs: 0.0002,
+                min_slice_secs: 0.001,
+            }),
+        },
+        &p,
+    );
+    assert!(floors(&little).is_empty(), "{:?}", little.actions);
 }
 
 #[test]
@@ -216,8 +341,10 @@ prop_compose! {
 prop_compose! {
     fn arb_observation()(elapsed in 0.0f64..600.0, remaining in 0.0f64..(4096.0 * MIB),
                          pass_secs in 0.001f64..100.0, throttle in 0.0f64..0.999,
-                         bandwidth in (1.0 * MIB)..(2048.0 * MIB)) -> Observation {
-        Observation { elapsed, remaining, pass_secs, throttle, bandwidth }
+                         bandwidth in (1.0 * MIB)..(2048.0 * MIB),
+                         cpu in proptest::option::of((0.0f64..0.1, 0.0005f64..0.01))) -> Observation {
+        let vcpu = cpu.map(|(cpu_secs, min_slice_secs)| VcpuUse { cpu_secs, min_slice_secs });
+        Observation { elapsed, remaining, pass_secs, throttle, bandwidth, vcpu }
     }
 }
 
@@ -240,6 +367,7 @@ proptest! {
                     Action::Throttle { to, .. } => prop_assert!(*to <= policy.max_throttle + 1e-9 && *to >= 0.0),
                     Action::Downtime { to, .. } => prop_assert!(*to <= policy.max_downtime + 1e-9),
                     Action::Postcopy { .. } => prop_assert!(policy.allow_postcopy),
+                    Action::Floor { mib, .. } => prop_assert!(*mib >= 0.0),
                 }
             }
             state = d.state;

@@ -6,8 +6,8 @@
 //! - [`qemu`]: everything about the QEMU binary: probing its capabilities
 //!   ([`qemu::binary`]), the RAM layout that avoids a TCG migration bug
 //!   ([`qemu::layout`]), the argv built from a definition ([`qemu::argv`]),
-//!   and the supervised process with its QMP connection
-//!   ([`qemu::process`]).
+//!   the supervised process with its QMP connection ([`qemu::process`]),
+//!   and how much of the guest's RAM it holds ([`qemu::resident`]).
 
 #![warn(missing_docs)]
 

@@ -9,7 +9,7 @@ use migration::perform::{
     self, CancelReason, Outcome, PerformError, Progress, Retune, WatchOptions,
 };
 use migration::storage::source::{MirrorPlan, Mirrors};
-use migration::vcpu_throttle::{BoxFuture, ThrottleError, VcpuThrottle};
+use migration::vcpu_throttle::{BoxFuture, CpuUse, ThrottleError, VcpuThrottle};
 use protocol::job::ActionKind;
 use protocol::TimeoutAction;
 use qmp::commands::migration::MigrationStatus;
@@ -136,6 +136,8 @@ fn adaptive() -> WatchOptions {
 struct FakeThrottle {
     log: Arc<Mutex<Vec<String>>>,
     slow_above: Option<f64>,
+    /// The throttled vCPUs' CPU time so far, when the test tells it.
+    cpu: Option<Arc<Mutex<Duration>>>,
 }
 
 impl FakeThrottle {
@@ -165,6 +167,13 @@ impl VcpuThrottle for FakeThrottle {
 
     fn slow_to_stop(&self, throttle: f64) -> bool {
         self.slow_above.is_some_and(|above| throttle > above)
+    }
+
+    fn cpu_use(&self) -> Option<CpuUse> {
+        Some(CpuUse {
+            cpu: *self.cpu.as_ref()?.lock().unwrap(),
+            min_slice: Duration::from_millis(1),
+        })
     }
 }
 
@@ -456,6 +465,64 @@ async fn above_the_slow_stop_line_the_watcher_holds_qemus_switchover_and_pauses_
         .actions
         .iter()
         .any(|a| a.action == ActionKind::Switchover));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slice_of_cpu_that_dirties_more_than_the_downtime_allows_goes_to_postcopy_unthrottled() {
+    // Then a pass leaves 56 MiB after 2 ms of vCPU time: 28 MiB a slice
+    // against the 9.6 MiB that half of 300 ms lets through at 64 MiB/s.
+    let cpu = Arc::new(Mutex::new(Duration::ZERO));
+    let throttle = FakeThrottle {
+        slow_above: Some(0.0),
+        cpu: Some(cpu.clone()),
+        ..Default::default()
+    };
+    let options = WatchOptions {
+        controller: Some(migration::plan::controller_policy(
+            None,
+            0.999,
+            Duration::from_millis(300),
+            None,
+            None,
+            true,
+        )),
+        allow_postcopy: true,
+        ..adaptive()
+    };
+    let job = Job::start(options, Some(Box::new(throttle.clone()))).await;
+    job.qemu
+        .with(|s| s.capabilities.insert("postcopy-ram".into(), true));
+    // A throttle the model expects to finish with; the vCPU gets plenty
+    // of CPU under it, so no slice is too much yet.
+    for left in [256, 100] {
+        *cpu.lock().unwrap() += Duration::from_millis(200);
+        job.pass(2.0, left * MIB).await;
+    }
+    assert!(
+        job.actions(ActionKind::Postcopy).is_empty(),
+        "{:?}",
+        job.progress.borrow().actions
+    );
+    assert!(job.progress.borrow().throttle.is_on());
+    *cpu.lock().unwrap() += Duration::from_millis(2);
+    job.pass(2.0, 56 * MIB).await;
+
+    let postcopy = job.actions(ActionKind::Postcopy);
+    assert_eq!(postcopy.len(), 1, "{postcopy:?}");
+    assert!(
+        postcopy[0].contains("28 MiB") && postcopy[0].contains("throttle is lifted"),
+        "{postcopy:?}"
+    );
+    assert_eq!(job.qemu.calls("migrate-start-postcopy").len(), 1);
+    let log = throttle.log();
+    assert_eq!(
+        log.last().map(String::as_str),
+        Some("set 0.000"),
+        "lifted right after the switch was asked for: {log:?}"
+    );
+    job.qemu.complete(9000, 20);
+    let (outcome, _, _) = job.outcome().await;
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
 }
 
 #[tokio::test(start_paused = true)]

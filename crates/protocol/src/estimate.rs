@@ -95,6 +95,11 @@ pub struct EstimateReport {
     pub domain: String,
     /// Guest RAM, bytes.
     pub guest_ram_bytes: u64,
+    /// The part of it that holds anything (resident in the QEMU process),
+    /// which is what the first pass sends; absent when it could not be
+    /// read, and then the whole RAM is counted.
+    #[serde(default)]
+    pub guest_ram_in_use_bytes: Option<u64>,
     /// Bytes per second the prediction assumes.
     pub bandwidth_bytes_s: f64,
     /// No bandwidth was given: the figure is an assumption.

@@ -214,6 +214,9 @@ pub enum ActionKind {
     /// The vCPUs found writing memory, the only ones throttled from then on
     /// (value: how many).
     Writers,
+    /// The least CPU time the throttle can give the guest lets it dirty
+    /// more than the downtime lets through (value: MiB per slice).
+    Floor,
     /// A kind from a newer agent.
     #[serde(other)]
     Unknown,
@@ -234,6 +237,7 @@ impl ActionKind {
             ActionKind::Suspend => "suspend",
             ActionKind::Release => "release",
             ActionKind::Writers => "writers",
+            ActionKind::Floor => "floor",
             ActionKind::Unknown => "unknown",
         }
     }

@@ -315,7 +315,9 @@ async fn a_stalled_migration_switches_to_postcopy_when_allowed() {
 #[tokio::test]
 async fn estimate_and_dry_run_predict_without_touching_the_guest() {
     let bed = TestBed::new().await;
-    let (a, b) = bed.two_hosts_running("vm", 64, FAST).await;
+    // 128 MiB of RAM of which the guest writes 48: the first pass sends
+    // what it touched, QEMU sends the rest as zero pages.
+    let (a, b) = bed.two_hosts_running("vm", 128, FAST).await;
     let pid = a.dominfo("vm").await.unwrap().qemu_pid.unwrap();
 
     let out = a.cli(&["estimate", "vm", "--bandwidth", "16", "--json"]);
@@ -326,6 +328,14 @@ async fn estimate_and_dry_run_predict_without_touching_the_guest() {
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["samples"].as_array().unwrap().len(), 2);
+    let in_use = report["guest_ram_in_use_bytes"]
+        .as_u64()
+        .expect("RAM in use read");
+    assert!(
+        (48 << 20..=96 << 20).contains(&in_use),
+        "{} MiB in use of 128",
+        in_use >> 20
+    );
     // A fast writer over 48 MiB against 16 MiB/s fills its working set
     // within a second: the rate is a lower bound, plain pre-copy may not
     // make it, the controller does either way.
@@ -337,6 +347,7 @@ async fn estimate_and_dry_run_predict_without_touching_the_guest() {
     let text = a.cli(&["estimate", "vm", "--bandwidth", "16"]).stdout;
     let text = String::from_utf8_lossy(&text);
     assert!(text.contains("lower"), "{text}");
+    assert!(text.contains("in use: the first pass sends that"), "{text}");
 
     let dry = a.cli_migrate(
         "vm",

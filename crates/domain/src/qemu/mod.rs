@@ -6,8 +6,10 @@ pub mod fingerprint;
 pub mod img;
 pub mod layout;
 pub mod process;
+pub mod resident;
 
 pub use argv::{build_argv, Hardening, LaunchConfig, LaunchSpec};
 pub use binary::{probe, ProbeError, QemuBinary};
 pub use layout::RamLayout;
 pub use process::{ExitInfo, ProcessError, QemuProcess, STOP_TIMEOUT};
+pub use resident::{guest_ram_resident, ResidentError};

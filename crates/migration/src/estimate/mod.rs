@@ -44,6 +44,9 @@ pub struct Subject<'a> {
     pub domain: &'a str,
     /// Guest RAM as QEMU has it.
     pub ram_bytes: u64,
+    /// The part of it that holds anything, when known
+    /// (`domain::qemu::resident`): what the first pass sends.
+    pub ram_in_use_bytes: Option<u64>,
     /// The domain's migration limits.
     pub tunables: Tunables,
     /// How this host can throttle the guest's vCPUs.
@@ -100,9 +103,21 @@ pub async fn estimate(
         disks: disks::outlook(subject.disks, &disks_before, &disks_after, bandwidth),
         samples: samples.iter().map(wire::dirty_sample).collect(),
         model: wire::dirty_model(&model),
-        predictions: wire::predictions(&predict(model, ram, bandwidth, &policy)),
+        guest_ram_in_use_bytes: subject.ram_in_use_bytes,
+        predictions: wire::predictions(&predict(
+            model,
+            first_pass_bytes(subject.ram_bytes, subject.ram_in_use_bytes),
+            bandwidth,
+            &policy,
+        )),
         calibrations: Vec::new(),
     })
+}
+
+/// What a migration's first pass sends: the RAM in use, never more than
+/// the RAM.
+pub fn first_pass_bytes(ram_bytes: u64, in_use_bytes: Option<u64>) -> f64 {
+    in_use_bytes.map_or(ram_bytes, |b| b.min(ram_bytes)) as f64
 }
 
 /// Corrects each mode's prediction by how past jobs with that mode fared

@@ -118,6 +118,9 @@ pub struct WatchOptions {
     pub forecast: Option<(protocol::ConvergeMode, converge::Policy)>,
     /// Guest RAM: the most a working set can be.
     pub ram_bytes: u64,
+    /// The part of it that holds anything, when known: what the first
+    /// pass sends.
+    pub ram_in_use_bytes: Option<u64>,
 }
 
 impl Default for WatchOptions {
@@ -136,6 +139,7 @@ impl Default for WatchOptions {
             preflight: false,
             forecast: None,
             ram_bytes: 0,
+            ram_in_use_bytes: None,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use converge::controller::{self, Action, Observation};
+use converge::controller::{self, Action, Observation, VcpuUse, SWITCHOVER_SHARE};
 use converge::stall::stalled;
 use protocol::job::{ActionKind, JobStats};
 use qmp::commands::migration::MigrateStartPostcopy;
@@ -18,10 +18,6 @@ const STALL_WINDOW: usize = 3;
 /// A pass shorter than this says little about the dirty rate (QEMU syncs
 /// again quickly near the end); the controller skips it.
 const MIN_PASS_SECS: f64 = 0.5;
-/// Share of the downtime limit the watcher fills when it switches over:
-/// the rest is for what the guest dirties before it stops, and the device
-/// state.
-const HELD_SWITCHOVER_SHARE: f64 = 0.5;
 
 impl Watch<'_> {
     /// After each poll: a new pass lets the policy act, and
@@ -53,6 +49,7 @@ impl Watch<'_> {
         let now = Instant::now();
         let pass_secs = now.duration_since(self.last_sync).as_secs_f64();
         self.last_sync = now;
+        let vcpu = self.pass_cpu_use();
         let remaining = stats.memory_remaining_bytes.unwrap_or(0) as f64;
         self.history.push(remaining);
         tracing::debug!(
@@ -67,9 +64,7 @@ impl Watch<'_> {
         }
         if self.limits.held
             && remaining
-                <= self.bandwidth(stats)
-                    * self.limits.downtime.as_secs_f64()
-                    * HELD_SWITCHOVER_SHARE
+                <= self.bandwidth(stats) * self.limits.downtime.as_secs_f64() * SWITCHOVER_SHARE
         {
             self.switch_over(remaining).await;
             return;
@@ -79,13 +74,31 @@ impl Watch<'_> {
         }
         if self.controller.is_some() {
             self.widen_if_stalled().await;
-            self.consult_controller(stats, remaining, pass_secs).await;
+            self.consult_controller(stats, remaining, pass_secs, vcpu)
+                .await;
         } else if stalled(&self.history, STALL_WINDOW) {
             self.escalate().await;
         }
     }
 
-    async fn consult_controller(&mut self, stats: &JobStats, remaining: f64, pass_secs: f64) {
+    /// The throttled vCPUs' CPU time in the pass that just ended.
+    fn pass_cpu_use(&mut self) -> Option<VcpuUse> {
+        let now = self.throttle.as_ref().and_then(|t| t.cpu_use());
+        let before = std::mem::replace(&mut self.cpu_at_sync, now.map(|u| u.cpu));
+        let now = now?;
+        Some(VcpuUse {
+            cpu_secs: now.cpu.checked_sub(before?)?.as_secs_f64(),
+            min_slice_secs: now.min_slice.as_secs_f64(),
+        })
+    }
+
+    async fn consult_controller(
+        &mut self,
+        stats: &JobStats,
+        remaining: f64,
+        pass_secs: f64,
+        vcpu: Option<VcpuUse>,
+    ) {
         let Some((mut state, policy)) = self.controller.clone() else {
             return;
         };
@@ -116,6 +129,7 @@ impl Watch<'_> {
                 pass_secs,
                 throttle: throttle_now,
                 bandwidth: self.bandwidth(stats),
+                vcpu,
             },
             &policy,
         );
@@ -134,6 +148,7 @@ impl Watch<'_> {
                 Action::Postcopy { why } => {
                     self.start_postcopy(why).await;
                 }
+                Action::Floor { mib, why } => self.record(ActionKind::Floor, Some(mib), why),
             }
         }
     }
@@ -188,6 +203,28 @@ impl Watch<'_> {
         }
     }
 
+    /// QEMU stops the vCPUs to switch to post-copy, with the downtime
+    /// clock running: a vCPU out of its quota would see that stop only at
+    /// its next period, up to a second away (two of three hot-guest runs
+    /// had a 1 s downtime that way). No quota, then, as at a held
+    /// switchover; the guest runs on the destination from here. True if a
+    /// throttle was lifted.
+    async fn lift_slow_throttle(&mut self) -> bool {
+        let now = self.throttle_now().fraction();
+        let Some(throttle) = self.throttle.as_mut() else {
+            return false;
+        };
+        if !throttle.slow_to_stop(now) {
+            return false;
+        }
+        if let Err(e) = throttle.set(0.0).await {
+            tracing::warn!(error = %e, "could not lift the throttle for post-copy");
+            return false;
+        }
+        self.update(|p| p.throttle = Throttle::NONE);
+        true
+    }
+
     /// Asks QEMU to switch to post-copy (once); false if it refused.
     pub async fn start_postcopy(&mut self, why: String) -> bool {
         if self.postcopy_requested {
@@ -197,6 +234,11 @@ impl Watch<'_> {
         match self.qmp.execute(&MigrateStartPostcopy).await {
             Ok(_) => {
                 self.update(|p| p.postcopy_started = true);
+                let why = if self.lift_slow_throttle().await {
+                    format!("{why}; the throttle is lifted so that the vCPUs stop at once")
+                } else {
+                    why
+                };
                 self.record(ActionKind::Postcopy, None, why);
                 true
             }

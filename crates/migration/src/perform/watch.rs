@@ -68,6 +68,9 @@ pub(super) struct Watch<'a> {
     pub history: Vec<f64>,
     pub last_iteration: u64,
     pub last_sync: Instant,
+    /// The throttled vCPUs' CPU time at the last sync, where the throttle
+    /// can tell.
+    pub cpu_at_sync: Option<std::time::Duration>,
     pub postcopy_requested: bool,
     preflight: Option<mpsc::UnboundedReceiver<Preflight>>,
     /// The writers' search is probing this many vCPUs: the controller's first
@@ -139,6 +142,7 @@ impl<'a> Watch<'a> {
             history: Vec::new(),
             last_iteration: 0,
             last_sync: started,
+            cpu_at_sync: None,
             postcopy_requested: false,
             preflight,
             searching_writers: None,
@@ -355,7 +359,10 @@ impl<'a> Watch<'a> {
         };
         let outlook = converge::estimate::predict(
             model,
-            self.options.ram_bytes as f64,
+            crate::estimate::first_pass_bytes(
+                self.options.ram_bytes,
+                self.options.ram_in_use_bytes,
+            ),
             link.as_f64(),
             &policy,
         );

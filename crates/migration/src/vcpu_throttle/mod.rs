@@ -20,7 +20,7 @@ use qmp::commands::vm::QueryCpusFast;
 use qmp::Client;
 
 use crate::settings::{qemu_throttle_parameters, ThrottleVia};
-use cgroup::{Hierarchy, HostThrottle, LONG_PERIOD_ABOVE, MAX_HOST_THROTTLE};
+use cgroup::{Hierarchy, HostThrottle, LONG_PERIOD_ABOVE, MAX_HOST_THROTTLE, MIN_SLICE};
 use lease::Lease;
 
 /// The highest throttle QEMU's own mechanism applies.
@@ -84,6 +84,22 @@ pub trait VcpuThrottle: Send + Sync {
     fn selector(&self) -> Option<VcpuSelector> {
         None
     }
+    /// CPU time the throttled vCPUs have used so far, and the least CPU
+    /// time per period the mechanism gives them whenever they run at all,
+    /// where the mechanism can tell: to see how much the guest dirties in
+    /// the smallest slice ([`converge::controller::SliceFloor`]).
+    fn cpu_use(&self) -> Option<CpuUse> {
+        None
+    }
+}
+
+/// See [`VcpuThrottle::cpu_use`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CpuUse {
+    /// CPU time of the throttled vCPU threads so far.
+    pub cpu: std::time::Duration,
+    /// Their least CPU time in a period (one quota each).
+    pub min_slice: std::time::Duration,
 }
 
 /// Single vCPUs of a host throttle: probing one, selecting the writers.
@@ -263,6 +279,24 @@ impl VcpuThrottle for HostVcpuThrottle {
             inner: self.inner.clone(),
             pid: self.pid,
             threads: self.threads.clone(),
+        })
+    }
+
+    fn cpu_use(&self) -> Option<CpuUse> {
+        let selected = self
+            .inner
+            .lock()
+            .expect("throttle lock")
+            .as_ref()?
+            .selected();
+        let times = writers::thread_cpu_times(self.pid, &self.threads);
+        let cpu_ns: u64 = selected
+            .iter()
+            .map(|&i| times.get(i).copied().flatten())
+            .sum::<Option<u64>>()?;
+        Some(CpuUse {
+            cpu: std::time::Duration::from_nanos(cpu_ns),
+            min_slice: MIN_SLICE * selected.len().max(1) as u32,
         })
     }
 }

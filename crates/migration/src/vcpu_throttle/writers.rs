@@ -287,11 +287,15 @@ impl Probe for HostProbe<'_> {
 /// CPU time of each vCPU thread so far, ns, from `schedstat` (a few small
 /// `/proc` reads: fine on the runtime).
 pub fn cpu_times(selector: &VcpuSelector) -> Vec<Option<u64>> {
-    selector
-        .threads
+    thread_cpu_times(selector.pid, &selector.threads)
+}
+
+/// CPU time of each of process `pid`'s `threads` so far, ns.
+pub fn thread_cpu_times(pid: u32, threads: &[u32]) -> Vec<Option<u64>> {
+    threads
         .iter()
         .map(|tid| {
-            let path = format!("/proc/{}/task/{tid}/schedstat", selector.pid);
+            let path = format!("/proc/{pid}/task/{tid}/schedstat");
             std::fs::read_to_string(path)
                 .ok()?
                 .split_whitespace()

@@ -211,7 +211,8 @@ impl Run {
         }
 
         let mechanism_max = throttle.as_ref().map_or(0.0, |t| t.max());
-        let options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
+        let mut options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
+        options.ram_in_use_bytes = crate::estimate::ram_in_use(vm).await;
         let outcome = self
             .perform(vm, &data_uri, &options, throttle, &mirrors)
             .await;
