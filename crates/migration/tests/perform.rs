@@ -116,6 +116,11 @@ fn options() -> WatchOptions {
 
 /// The adaptive controller at its defaults, over a 64 MiB/s link.
 fn adaptive() -> WatchOptions {
+    adaptive_with(false)
+}
+
+/// As [`adaptive`], with post-copy allowed or not.
+fn adaptive_with(allow_postcopy: bool) -> WatchOptions {
     WatchOptions {
         controller: Some(migration::plan::controller_policy(
             None,
@@ -123,8 +128,9 @@ fn adaptive() -> WatchOptions {
             Duration::from_millis(300),
             None,
             None,
-            false,
+            allow_postcopy,
         )),
+        allow_postcopy,
         bandwidth_cap: Bandwidth::from_mib_s(64),
         ram_bytes: 512 * MIB,
         ..options()
@@ -477,19 +483,7 @@ async fn a_slice_of_cpu_that_dirties_more_than_the_downtime_allows_goes_to_postc
         cpu: Some(cpu.clone()),
         ..Default::default()
     };
-    let options = WatchOptions {
-        controller: Some(migration::plan::controller_policy(
-            None,
-            0.999,
-            Duration::from_millis(300),
-            None,
-            None,
-            true,
-        )),
-        allow_postcopy: true,
-        ..adaptive()
-    };
-    let job = Job::start(options, Some(Box::new(throttle.clone()))).await;
+    let job = Job::start(adaptive_with(true), Some(Box::new(throttle.clone()))).await;
     job.qemu
         .with(|s| s.capabilities.insert("postcopy-ram".into(), true));
     // A throttle the model expects to finish with; the vCPU gets plenty
