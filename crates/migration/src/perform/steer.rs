@@ -211,18 +211,8 @@ impl Watch<'_> {
     /// throttle was lifted.
     async fn lift_slow_throttle(&mut self) -> bool {
         let now = self.throttle_now().fraction();
-        let Some(throttle) = self.throttle.as_mut() else {
-            return false;
-        };
-        if !throttle.slow_to_stop(now) {
-            return false;
-        }
-        if let Err(e) = throttle.set(0.0).await {
-            tracing::warn!(error = %e, "could not lift the throttle for post-copy");
-            return false;
-        }
-        self.update(|p| p.throttle = Throttle::NONE);
-        true
+        let slow = self.throttle.as_ref().is_some_and(|t| t.slow_to_stop(now));
+        slow && self.lift_throttle_for_stop("post-copy").await
     }
 
     /// Asks QEMU to switch to post-copy (once); false if it refused.

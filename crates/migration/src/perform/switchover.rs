@@ -47,6 +47,20 @@ impl Watch<'_> {
         self.record(ActionKind::Hold, Some(limit.as_millis() as f64), detail);
     }
 
+    /// Lifts the throttle so that a vCPU out of quota sees a stop of QEMU's
+    /// (`what`) at once rather than at its next period; true if lifted.
+    pub(super) async fn lift_throttle_for_stop(&mut self, what: &str) -> bool {
+        let Some(throttle) = self.throttle.as_mut() else {
+            return false;
+        };
+        if let Err(e) = throttle.set(0.0).await {
+            tracing::warn!(error = %e, "could not lift the throttle for {what}");
+            return false;
+        }
+        self.update(|p| p.throttle = Throttle::NONE);
+        true
+    }
+
     /// Switches over while QEMU's own switchover is held: pause the guest,
     /// let the throttled vCPUs run so they stop at once, then let QEMU
     /// complete as in its own stop-and-copy.
@@ -64,11 +78,7 @@ impl Watch<'_> {
         // run out before the vCPU gets to the stop. No quota, then: the
         // vCPU runs until it stops, which it does at once if the stop
         // reached it during the lead.
-        if let Some(throttle) = self.throttle.as_mut() {
-            if let Err(e) = throttle.set(0.0).await {
-                tracing::warn!(error = %e, "could not lift the throttle for the stop");
-            }
-        }
+        self.lift_throttle_for_stop("the stop").await;
         self.update(|p| p.throttle = Throttle::NONE);
         let result = match early {
             Some(result) => Ok(result),
