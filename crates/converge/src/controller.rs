@@ -138,42 +138,57 @@ pub struct VcpuUse {
 /// at all in it, so when a slice's dirt exceeds what the downtime lets
 /// through at a switchover, throttling converges only by chance (a pass
 /// that happens to fall between two slices).
+///
+/// Measured from a window in which the throttled vCPUs dirtied `dirtied`
+/// bytes in some CPU time: a pass, or the pre-flight's short probe. A
+/// window that filled the working set undercounts the dirt, so the floor
+/// is a lower bound: it may hide a floor, never invent one.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SliceFloor {
-    /// Bytes dirtied in one slice, at the pass's bytes per CPU second.
+    /// Bytes dirtied in one slice, at the window's bytes per CPU second.
     pub bytes: f64,
     /// The slice, seconds.
     pub slice_secs: f64,
+    /// What the window dirtied, bytes.
+    pub dirtied: f64,
+    /// The vCPU time in it, seconds.
+    pub cpu_secs: f64,
 }
 
 impl SliceFloor {
-    /// The floor a throttled pass shows, if it measured enough CPU time to
-    /// say (at least one slice: a pass whose slice fell outside it would
-    /// give a wild rate).
-    pub fn of(obs: &Observation) -> Option<SliceFloor> {
-        let vcpu = obs.vcpu?;
-        if obs.throttle <= 0.0
-            || vcpu.min_slice_secs <= 0.0
-            || vcpu.cpu_secs < vcpu.min_slice_secs
-            || obs.bandwidth <= 0.0
-        {
+    /// The floor a window shows, if it measured enough CPU time to say (at
+    /// least one slice: a window whose slice fell outside it would give a
+    /// wild rate).
+    pub fn measured(dirtied: f64, vcpu: VcpuUse) -> Option<SliceFloor> {
+        if vcpu.min_slice_secs <= 0.0 || vcpu.cpu_secs < vcpu.min_slice_secs {
             return None;
         }
-        let bytes = obs.remaining.max(0.0) / vcpu.cpu_secs * vcpu.min_slice_secs;
+        let dirtied = dirtied.max(0.0);
         Some(SliceFloor {
-            bytes,
+            bytes: dirtied / vcpu.cpu_secs * vcpu.min_slice_secs,
             slice_secs: vcpu.min_slice_secs,
+            dirtied,
+            cpu_secs: vcpu.cpu_secs,
         })
     }
 
-    fn describe(&self, obs: &Observation) -> String {
-        let cpu_ms = obs.vcpu.map_or(0.0, |v| v.cpu_secs * 1000.0);
+    /// The floor a throttled pass shows.
+    pub fn of(obs: &Observation) -> Option<SliceFloor> {
+        if obs.throttle <= 0.0 || obs.bandwidth <= 0.0 {
+            return None;
+        }
+        SliceFloor::measured(obs.remaining, obs.vcpu?)
+    }
+
+    /// `window` names where it was seen ("the last pass").
+    fn describe(&self, window: &str) -> String {
         format!(
             "each {:.0} ms slice of CPU the throttle gives lets the guest dirty about {:.0} MiB \
-             (the last pass: {:.0} MiB in {cpu_ms:.1} ms of vCPU time)",
+             ({window}: {:.0} MiB in {:.1} ms of vCPU time)",
             self.slice_secs * 1000.0,
             self.bytes / MIB,
-            obs.remaining / MIB,
+            self.dirtied / MIB,
+            self.cpu_secs * 1000.0,
         )
     }
 }
@@ -400,7 +415,16 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
         });
         next.downtime = downtime;
     }
-    slice_floor(&mut next, obs, policy, &mut actions);
+    if let Some(floor) = SliceFloor::of(obs) {
+        judge_floor(
+            &mut next,
+            &floor,
+            "the last pass",
+            obs.bandwidth,
+            policy,
+            &mut actions,
+        );
+    }
     Decision {
         state: next,
         actions,
@@ -412,19 +436,24 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
 /// so once. (Raising the downtime to one slice was tried on the
 /// benchmark's hot guest: passes then hold at several slices, each sync
 /// stretched by the vCPU's quota, and convergence stayed a matter of
-/// chance: 50 and 29 s, docs/CONVERGENCE.md.)
-fn slice_floor(next: &mut State, obs: &Observation, policy: &Policy, actions: &mut Vec<Action>) {
-    let Some(floor) = SliceFloor::of(obs) else {
-        return;
-    };
+/// chance: 50 and 29 s, docs/CONVERGENCE.md.) `window` says where the
+/// floor was seen, for the timeline.
+fn judge_floor(
+    next: &mut State,
+    floor: &SliceFloor,
+    window: &str,
+    bandwidth: f64,
+    policy: &Policy,
+    actions: &mut Vec<Action>,
+) {
     let downtime = policy.max_downtime.max(next.downtime);
-    if floor.bytes <= obs.bandwidth * downtime * SWITCHOVER_SHARE {
+    if bandwidth <= 0.0 || floor.bytes <= bandwidth * downtime * SWITCHOVER_SHARE {
         return;
     }
     let what = format!(
         "{}, more than a {:.0} ms downtime lets through: a pass is small enough only if \
          the vCPU gets no slice in it",
-        floor.describe(obs),
+        floor.describe(window),
         downtime * 1000.0
     );
     if policy.allow_postcopy && !next.postcopy {
@@ -440,6 +469,27 @@ fn slice_floor(next: &mut State, obs: &Observation, policy: &Policy, actions: &m
                  post-copy here"
             ),
         });
+    }
+}
+
+/// The pre-flight's probe of the slice floor (the writing vCPU briefly
+/// under a hard throttle, see the migration crate's `slice_probe`): acts
+/// on it between syncs as [`decide`] would on a pass, so that a guest no
+/// throttle can finish goes to post-copy within seconds instead of after
+/// the passes that climb to 99.9 %. `window` describes the probe.
+pub fn at_probe(
+    state: &State,
+    floor: &SliceFloor,
+    window: &str,
+    bandwidth: f64,
+    policy: &Policy,
+) -> Decision {
+    let mut next = state.clone();
+    let mut actions = Vec::new();
+    judge_floor(&mut next, floor, window, bandwidth, policy, &mut actions);
+    Decision {
+        state: next,
+        actions,
     }
 }
 

@@ -1,7 +1,8 @@
 //! The adaptive controller: scripted scenarios and properties.
 
 use converge::controller::{
-    decide, Action, AdaptiveSim, Decision, Observation, Policy, State, VcpuUse,
+    at_probe, decide, Action, AdaptiveSim, Decision, Observation, Policy, SliceFloor, State,
+    VcpuUse,
 };
 use converge::model::{simulate, DirtyModel, Scenario};
 use converge::qemu::{AutoConvergeParams, QemuAutoConverge};
@@ -220,6 +221,83 @@ fn the_slice_floor_switches_to_postcopy_when_allowed() {
         d.actions
     );
     assert!(d.state.postcopy);
+}
+
+/// The pre-flight's probe of the hot guest as measured: at 99.5 % for a
+/// second, 118 MiB dirtied in 5.2 ms of the writer's CPU time.
+fn hot_probe() -> SliceFloor {
+    SliceFloor::measured(
+        118.0 * MIB,
+        VcpuUse {
+            cpu_secs: 0.0052,
+            min_slice_secs: 0.001,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_probe_of_a_slice_goes_to_postcopy_before_any_throttle() {
+    let p = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    // Before the first sync: nothing throttled, nothing known but the
+    // pre-flight's model.
+    let state = State::new(&p, None);
+    let d = at_probe(&state, &hot_probe(), "the probe", 64.0 * MIB, &p);
+    let [Action::Postcopy { why }] = d.actions.as_slice() else {
+        panic!("{:?}", d.actions);
+    };
+    assert!(
+        why.contains("about 23 MiB") && why.contains("the probe: 118 MiB in 5.2 ms"),
+        "{why}"
+    );
+    assert!(d.state.postcopy);
+    // The passes that follow do not ask again.
+    let later = hot_sync_with_cpu(&d.state, &p);
+    assert!(
+        !later
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Postcopy { .. })),
+        "{:?}",
+        later.actions
+    );
+}
+
+#[test]
+fn a_probe_whose_slice_fits_the_downtime_changes_nothing() {
+    let p = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    let state = State::new(&p, None);
+    // The test suite's hot guest: ~2.6 MiB a slice, against 9.6 MiB that
+    // half of 300 ms carries at 64 MiB/s.
+    let cool = SliceFloor::measured(
+        15.0 * MIB,
+        VcpuUse {
+            cpu_secs: 0.0058,
+            min_slice_secs: 0.001,
+        },
+    )
+    .unwrap();
+    let d = at_probe(&state, &cool, "the probe", 64.0 * MIB, &p);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(d.state, state);
+    // On a faster link the hot guest's slice fits too.
+    let d = at_probe(&state, &hot_probe(), "the probe", 1024.0 * MIB, &p);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // And without --allow-postcopy it is said, once.
+    let d = at_probe(&state, &hot_probe(), "the probe", 64.0 * MIB, &policy());
+    assert!(
+        matches!(d.actions.as_slice(), [Action::Floor { .. }]),
+        "{:?}",
+        d.actions
+    );
+    let again = at_probe(&d.state, &hot_probe(), "the probe", 64.0 * MIB, &policy());
+    assert!(again.actions.is_empty(), "{:?}", again.actions);
 }
 
 #[test]

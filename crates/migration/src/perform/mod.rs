@@ -31,6 +31,7 @@
 //!
 //! - `mod`: the options, the outcome and the loop.
 //! - `watch`: the loop's state and its bookkeeping.
+//! - `preflight`: what the first pass's measurements and probes find.
 //! - `steer`: what happens at a dirty-bitmap sync.
 //! - `switchover`: holding QEMU's switchover and doing it ourselves.
 //! - `disks`: completing the disks' mirrors at switchover.
@@ -38,6 +39,7 @@
 
 mod disks;
 mod ending;
+mod preflight;
 mod steer;
 mod switchover;
 mod watch;

@@ -58,8 +58,10 @@ impl Watch<'_> {
             pass_secs,
             "pass"
         );
-        if self.paused_at.is_some() {
-            // Paused for the switchover: QEMU completes, nothing to steer.
+        if self.paused_at.is_some() || self.progress_postcopy_started() {
+            // Paused for the switchover, or switched to post-copy (whose
+            // own sync lands here, and the guest runs on the destination
+            // from then on): nothing to steer.
             return;
         }
         if self.limits.held
@@ -104,18 +106,13 @@ impl Watch<'_> {
         };
         let throttle_now = self.throttle_now().fraction();
         // A throttle would stop the probes; the first one waits for them
-        // (a few seconds: one per busy vCPU) rather than slow every vCPU.
-        if let (Some(busy), 0.0) = (self.searching_writers, throttle_now) {
-            if !self.deferred_for_writers {
-                self.deferred_for_writers = true;
-                self.record(
-                    ActionKind::Writers,
-                    None,
-                    format!(
-                        "the controller waits for the search for the vCPUs that write ({busy} \
-                         busy vCPUs probed a second each) before it throttles"
-                    ),
-                );
+        // (a few seconds: one per busy vCPU, and the slice probe) rather
+        // than slow every vCPU or miss the floor.
+        if let (Some(probing), 0.0) = (self.probing, throttle_now) {
+            if self.said_waiting != Some(probing) {
+                self.said_waiting = Some(probing);
+                let (kind, why) = probing.waiting();
+                self.record(kind, None, why);
             }
             return;
         }
@@ -136,7 +133,12 @@ impl Watch<'_> {
         if let Some((state, _)) = self.controller.as_mut() {
             *state = decision.state;
         }
-        for action in decision.actions {
+        self.apply(decision.actions).await;
+    }
+
+    /// Carries out the controller's actions.
+    pub async fn apply(&mut self, actions: Vec<Action>) {
+        for action in actions {
             match action {
                 Action::Throttle { to, why } => {
                     self.set_throttle(Throttle::from_fraction(to), why).await

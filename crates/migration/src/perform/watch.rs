@@ -4,38 +4,23 @@
 use std::time::Duration;
 
 use converge::controller::{Policy, State};
-use converge::estimate::fit;
 use converge::stall::stalled;
-use converge::DirtyModel;
 use protocol::job::{ActionKind, JobStats, TimedAction};
 use protocol::ConvergeMode;
-use qmp::commands::migration::{MigrateSetParameters, MigrationParameters, QueryMigrate};
+use qmp::commands::migration::{MigrateSetParameters, MigrationParameters};
 use qmp::Client;
 use tokio::sync::{mpsc, watch as channel};
 use tokio::time::Instant;
-use types::units::mib;
 use types::{Bandwidth, Throttle};
 
 use super::ending::CancelReason;
+use super::preflight::{preflight, Preflight, PreflightPlan, Probing};
 use super::{ms_since, Progress, RetuneError, WatchOptions};
-use crate::vcpu_throttle::writers::{self, HostProbe, Writers};
-use crate::vcpu_throttle::{VcpuSelector, VcpuThrottle};
+use crate::vcpu_throttle::VcpuThrottle;
 
 /// Passes without a new low, at the highest throttle on the writers alone,
 /// before every vCPU is throttled.
 const WIDEN_AFTER_PASSES: usize = 3;
-
-/// What the pre-flight learns while the first pass runs, as it comes in.
-#[derive(Debug)]
-pub(super) enum Preflight {
-    /// The dirty rate measured, and its description.
-    Model(DirtyModel, String),
-    /// Looking for the vCPUs that write, probing this many busy ones
-    /// (multi-vCPU guests under a host throttle).
-    SearchingWriters(usize),
-    /// Which vCPUs write; `None` if the search had to stop.
-    Writers(Option<Writers>),
-}
 
 /// The limits the job runs under.
 #[derive(Debug, Clone, Copy)]
@@ -72,12 +57,12 @@ pub(super) struct Watch<'a> {
     /// can tell.
     pub cpu_at_sync: Option<std::time::Duration>,
     pub postcopy_requested: bool,
-    preflight: Option<mpsc::UnboundedReceiver<Preflight>>,
-    /// The writers' search is probing this many vCPUs: the controller's first
-    /// throttle waits for it (a throttle would stop it).
-    pub searching_writers: Option<usize>,
-    /// The controller has said once that it waits for the search.
-    pub deferred_for_writers: bool,
+    pub preflight: Option<mpsc::UnboundedReceiver<Preflight>>,
+    /// The pre-flight is probing vCPUs: the controller's first throttle
+    /// waits for it (a throttle would stop the probes).
+    pub probing: Option<Probing>,
+    /// The last probe the controller said it waits for (said once each).
+    pub said_waiting: Option<Probing>,
     /// The throttle applies to the vCPUs found writing, not to all.
     pub narrowed: bool,
     pub timeout_done: bool,
@@ -111,16 +96,15 @@ impl<'a> Watch<'a> {
         });
         let preflight = options.preflight.then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let client = qmp.clone();
-            let ram = options.ram_bytes as f64;
-            // The writers are only looked for when a throttle is likely:
-            // a probe slows a vCPU for a second.
-            let selector = throttle
-                .as_ref()
-                .and_then(|t| t.selector())
-                .filter(|s| s.threads.len() > 1);
-            let link = options.bandwidth_cap.map(Bandwidth::as_f64);
-            tokio::spawn(preflight(client, ram, selector, link, tx));
+            let plan = PreflightPlan {
+                ram_bytes: options.ram_bytes as f64,
+                selector: throttle.as_ref().and_then(|t| t.selector()),
+                link: options.bandwidth_cap.map(Bandwidth::as_f64),
+                // The slice floor matters only where it can change the
+                // course: post-copy is the way past it.
+                probe_slice: options.controller.is_some_and(|p| p.allow_postcopy),
+            };
+            tokio::spawn(preflight(qmp.clone(), plan, tx));
             rx
         });
         Watch {
@@ -145,8 +129,8 @@ impl<'a> Watch<'a> {
             cpu_at_sync: None,
             postcopy_requested: false,
             preflight,
-            searching_writers: None,
-            deferred_for_writers: false,
+            probing: None,
+            said_waiting: None,
             narrowed: false,
             timeout_done: false,
             cancelling: None,
@@ -189,6 +173,11 @@ impl<'a> Watch<'a> {
     /// The throttle in force, as published.
     pub fn throttle_now(&self) -> Throttle {
         self.progress.borrow().throttle
+    }
+
+    /// QEMU's figures as last published.
+    pub fn last_stats(&self) -> JobStats {
+        self.progress.borrow().stats.clone()
     }
 
     /// Publishes a reading of QEMU's figures and adds it to the timeline.
@@ -288,71 +277,10 @@ impl<'a> Watch<'a> {
             .unwrap_or(1e9)
     }
 
-    /// Takes what the first-pass measurement found, as it comes in.
-    pub async fn take_preflight(&mut self) {
-        while let Some(rx) = self.preflight.as_mut() {
-            match rx.try_recv() {
-                Ok(Preflight::Model(model, detail)) => {
-                    self.record(ActionKind::Measure, Some(mib(model.rate)), detail);
-                    if let Some((state, _)) = self.controller.as_mut() {
-                        if state.model.rate == 0.0 {
-                            state.model = model;
-                        }
-                    }
-                    self.predict(model);
-                }
-                Ok(Preflight::SearchingWriters(busy)) => self.searching_writers = Some(busy),
-                Ok(Preflight::Writers(Some(found))) => {
-                    self.searching_writers = None;
-                    self.throttle_writers(found).await;
-                }
-                Ok(Preflight::Writers(None)) => {
-                    self.searching_writers = None;
-                    self.record(
-                        ActionKind::Writers,
-                        None,
-                        "the search for the vCPUs that write stopped (a throttle came first or \
-                         a measurement failed): every vCPU is throttled"
-                            .into(),
-                    );
-                }
-                Err(mpsc::error::TryRecvError::Empty) => return,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    self.preflight = None;
-                    self.searching_writers = None;
-                }
-            }
-        }
-    }
-
-    /// Narrows the throttle to the vCPUs found writing.
-    async fn throttle_writers(&mut self, found: Writers) {
-        let Some(selector) = self.throttle.as_ref().and_then(|t| t.selector()) else {
-            return;
-        };
-        let count = found.writers.len();
-        if count == selector.threads.len() {
-            self.record(ActionKind::Writers, Some(count as f64), found.describe());
-            return;
-        }
-        match selector.select(found.writers.clone()).await {
-            Ok(true) => {
-                self.narrowed = true;
-                self.record(ActionKind::Writers, Some(count as f64), found.describe());
-            }
-            Ok(false) => {}
-            Err(e) => self.record(
-                ActionKind::Writers,
-                None,
-                format!("every vCPU stays throttled: {}", types::error_chain(&e)),
-            ),
-        }
-    }
-
     /// Predicts the job's total time from the pre-flight `model`, to be
     /// set against the outcome in the record (on a capped link only: the
     /// link's speed is otherwise unknown this early).
-    fn predict(&mut self, model: converge::model::DirtyModel) {
+    pub fn predict(&mut self, model: converge::model::DirtyModel) {
         let (Some((mode, policy)), Some(link)) = (self.options.forecast, self.limits.bandwidth)
         else {
             return;
@@ -466,66 +394,4 @@ pub(super) fn downtime(limit: Duration) -> MigrationParameters {
         downtime_limit: Some(limit.as_millis() as u64),
         ..Default::default()
     }
-}
-
-/// QEMU's own figure for the migration's throughput, bytes/s.
-async fn measured_link(qmp: &Client) -> Option<f64> {
-    let info = qmp.execute(&QueryMigrate).await.ok()?;
-    crate::job::stats_from_qemu(&info)
-        .bandwidth_mib_s
-        .filter(|b| *b > 0.0)
-        .map(|b| b * types::MIB as f64)
-}
-
-/// Measures the dirty rate over 1 s and 2 s windows and fits the model;
-/// then, with a `selector` (a host throttle of several vCPUs) and a guest
-/// dirtying more than half the link (the cap, else QEMU's throughput),
-/// finds which vCPUs write.
-async fn preflight(
-    qmp: Client,
-    ram_bytes: f64,
-    selector: Option<VcpuSelector>,
-    link: Option<f64>,
-    tx: mpsc::UnboundedSender<Preflight>,
-) {
-    let cpu_before = selector.as_ref().map(writers::cpu_times);
-    let started = Instant::now();
-    let Ok(samples) = crate::dirty::measure(&qmp, &[1, 2]).await else {
-        return;
-    };
-    let Some(model) = fit(&samples, ram_bytes) else {
-        return;
-    };
-    let _ = tx.send(Preflight::Model(
-        model,
-        crate::dirty::describe(&samples, &model),
-    ));
-    // Uncapped, QEMU's throughput so far stands for the link (it reads low
-    // while the first pass skims zero pages: the search runs rather more
-    // often than needed, never less).
-    let link = match link {
-        Some(cap) => Some(cap),
-        None => measured_link(&qmp).await,
-    };
-    let (Some(selector), Some(before), Some(link)) = (selector, cpu_before, link) else {
-        return;
-    };
-    if model.rate <= link / 2.0 {
-        return;
-    }
-    let probe = HostProbe {
-        selector: &selector,
-        qmp: &qmp,
-    };
-    let found = writers::find(
-        &probe,
-        &before,
-        started.elapsed(),
-        samples[0].dirtied,
-        |busy| {
-            let _ = tx.send(Preflight::SearchingWriters(busy));
-        },
-    )
-    .await;
-    let _ = tx.send(Preflight::Writers(found));
 }

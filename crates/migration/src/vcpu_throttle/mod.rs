@@ -8,6 +8,7 @@
 
 pub mod cgroup;
 pub mod lease;
+pub mod slice_probe;
 pub mod writers;
 
 use std::future::Future;

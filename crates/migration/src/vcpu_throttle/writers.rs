@@ -194,10 +194,12 @@ pub fn classify(seen: Vec<VcpuSeen>, baseline: f64) -> Writers {
 pub trait Probe: Send + Sync {
     /// CPU time of each vCPU thread so far, ns (`None`: unreadable).
     fn cpu_times(&self) -> Vec<Option<u64>>;
-    /// Throttles vCPU `index` alone; false if a throttle is in force.
+    /// Throttles vCPU `index` alone to `throttle`; false if a throttle is
+    /// in force.
     fn throttle_one(
         &self,
         index: usize,
+        throttle: f64,
     ) -> impl Future<Output = Result<bool, ThrottleError>> + Send;
     /// Lifts it; false if the controller's throttle overruled it.
     fn lift_one(&self, index: usize) -> impl Future<Output = Result<bool, ThrottleError>> + Send;
@@ -241,7 +243,7 @@ pub async fn find<P: Probe>(
     if busy_ones.len() > 1 {
         probing(busy_ones.len());
         for &index in &busy_ones {
-            if !probe.throttle_one(index).await.ok()? {
+            if !probe.throttle_one(index, PROBE_THROTTLE).await.ok()? {
                 return None;
             }
             let dirtied = probe.dirtied_in_a_second().await;
@@ -270,8 +272,8 @@ impl Probe for HostProbe<'_> {
         cpu_times(self.selector)
     }
 
-    async fn throttle_one(&self, index: usize) -> Result<bool, ThrottleError> {
-        self.selector.probe(index, PROBE_THROTTLE).await
+    async fn throttle_one(&self, index: usize, throttle: f64) -> Result<bool, ThrottleError> {
+        self.selector.probe(index, throttle).await
     }
 
     async fn lift_one(&self, index: usize) -> Result<bool, ThrottleError> {
@@ -420,7 +422,7 @@ mod tests {
             // 2 s after `before` (all zero): idle, 90 % and 95 % of a CPU.
             vec![Some(0), Some(1_800_000_000), Some(1_900_000_000)]
         }
-        async fn throttle_one(&self, index: usize) -> Result<bool, ThrottleError> {
+        async fn throttle_one(&self, index: usize, _: f64) -> Result<bool, ThrottleError> {
             let mut log = self.log.lock().unwrap();
             if log.iter().filter(|l| l.starts_with("probe")).count() >= self.throttled_after {
                 return Ok(false);

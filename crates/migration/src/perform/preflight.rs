@@ -1,0 +1,277 @@
+//! The pre-flight: what the watcher learns about the guest while the first
+//! pass runs, in a task of its own, and how the watcher takes it in.
+//!
+//! 1. The dirty rate over 1 s and 2 s windows (`calc-dirty-rate`), fitted
+//!    to a model: the controller's start and the job's prediction.
+//! 2. With a host throttle of several vCPUs and a guest dirtying more than
+//!    half the link: which vCPUs write ([`writers`]), so that only those
+//!    are throttled.
+//! 3. With `--allow-postcopy`, a guest that filled its working set faster
+//!    than the link sends and one vCPU writing: what that vCPU dirties in
+//!    one slice of CPU ([`slice_probe`]), so that a guest no throttle can
+//!    finish goes to post-copy at once.
+//!
+//! The probes throttle one vCPU at a time, which only works while no
+//! throttle is in force: the controller's first throttle waits for them.
+
+use converge::controller::{self, SliceFloor, VcpuUse};
+use converge::estimate::fit;
+use converge::DirtyModel;
+use protocol::job::ActionKind;
+use qmp::commands::migration::QueryMigrate;
+use qmp::Client;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use types::units::mib;
+
+use super::watch::Watch;
+use crate::vcpu_throttle::cgroup::MIN_SLICE;
+use crate::vcpu_throttle::slice_probe::{self, SliceProbe};
+use crate::vcpu_throttle::writers::{self, HostProbe, Writers};
+use crate::vcpu_throttle::VcpuSelector;
+
+/// What the pre-flight learns, as it comes in.
+#[derive(Debug)]
+pub(super) enum Preflight {
+    /// The dirty rate measured, and its description.
+    Model(DirtyModel, String),
+    /// A probe begins.
+    Probing(Probing),
+    /// Which vCPUs write; `None` if the search had to stop.
+    Writers(Option<Writers>),
+    /// The slice probe's reading; `None` if it had to stop.
+    Slice(Option<SliceProbe>),
+}
+
+/// A probe the controller's first throttle waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Probing {
+    /// The search for the writers, probing this many busy vCPUs.
+    Writers(usize),
+    /// The slice probe of the one writer.
+    Slice,
+}
+
+impl Probing {
+    /// The timeline's entry while the controller waits.
+    pub fn waiting(self) -> (ActionKind, String) {
+        match self {
+            Probing::Writers(busy) => (
+                ActionKind::Writers,
+                format!(
+                    "the controller waits for the search for the vCPUs that write ({busy} busy \
+                     vCPUs probed a second each) before it throttles"
+                ),
+            ),
+            Probing::Slice => (
+                ActionKind::Measure,
+                "the controller waits for the probe of what the writing vCPU dirties in a \
+                 slice of CPU (1 s) before it throttles"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// What the pre-flight works with.
+#[derive(Debug)]
+pub(super) struct PreflightPlan {
+    /// The guest's RAM, bytes.
+    pub ram_bytes: f64,
+    /// The host throttle's single vCPUs, if the job has one.
+    pub selector: Option<VcpuSelector>,
+    /// The bandwidth cap, bytes/s.
+    pub link: Option<f64>,
+    /// Probe the slice floor when the guest calls for it.
+    pub probe_slice: bool,
+}
+
+/// Runs the pre-flight, sending what it learns to the watcher.
+pub(super) async fn preflight(
+    qmp: Client,
+    plan: PreflightPlan,
+    tx: mpsc::UnboundedSender<Preflight>,
+) {
+    let cpu_before = plan.selector.as_ref().map(writers::cpu_times);
+    let started = Instant::now();
+    let Ok(samples) = crate::dirty::measure(&qmp, &[1, 2]).await else {
+        return;
+    };
+    let Some(model) = fit(&samples, plan.ram_bytes) else {
+        return;
+    };
+    let _ = tx.send(Preflight::Model(
+        model,
+        crate::dirty::describe(&samples, &model),
+    ));
+    // Uncapped, QEMU's throughput so far stands for the link (it reads low
+    // while the first pass skims zero pages: the probes run rather more
+    // often than needed, never less).
+    let link = match plan.link {
+        Some(cap) => Some(cap),
+        None => measured_link(&qmp).await,
+    };
+    let (Some(selector), Some(before), Some(link)) = (plan.selector.as_ref(), cpu_before, link)
+    else {
+        return;
+    };
+    // A probe slows a vCPU for a second: only where a throttle is likely.
+    if model.rate <= link / 2.0 {
+        return;
+    }
+    let probe = HostProbe {
+        selector,
+        qmp: &qmp,
+    };
+    // The slice floor matters where even the lower bound outruns the link.
+    let floor_in_question = plan.probe_slice && model.rate_is_lower_bound && model.rate > link;
+    let writer = if selector.threads.len() > 1 {
+        let found = writers::find(
+            &probe,
+            &before,
+            started.elapsed(),
+            samples[0].dirtied,
+            |busy| {
+                let _ = tx.send(Preflight::Probing(Probing::Writers(busy)));
+            },
+        )
+        .await;
+        let one = found
+            .as_ref()
+            .filter(|w| w.writers.len() == 1)
+            .map(|w| w.writers[0]);
+        // Before the writers: the controller must not see a gap between
+        // the two probes and throttle in it.
+        if floor_in_question && one.is_some() {
+            let _ = tx.send(Preflight::Probing(Probing::Slice));
+        }
+        let _ = tx.send(Preflight::Writers(found));
+        one
+    } else {
+        if floor_in_question {
+            let _ = tx.send(Preflight::Probing(Probing::Slice));
+        }
+        Some(0)
+    };
+    if let (true, Some(index)) = (floor_in_question, writer) {
+        let seen = slice_probe::probe(&probe, index).await;
+        let _ = tx.send(Preflight::Slice(seen));
+    }
+}
+
+/// QEMU's own figure for the migration's throughput, bytes/s.
+async fn measured_link(qmp: &Client) -> Option<f64> {
+    let info = qmp.execute(&QueryMigrate).await.ok()?;
+    crate::job::stats_from_qemu(&info)
+        .bandwidth_mib_s
+        .filter(|b| *b > 0.0)
+        .map(|b| b * types::MIB as f64)
+}
+
+impl Watch<'_> {
+    /// Takes what the pre-flight found, as it comes in.
+    pub async fn take_preflight(&mut self) {
+        while let Some(rx) = self.preflight.as_mut() {
+            match rx.try_recv() {
+                Ok(Preflight::Model(model, detail)) => {
+                    self.record(ActionKind::Measure, Some(mib(model.rate)), detail);
+                    if let Some((state, _)) = self.controller.as_mut() {
+                        if state.model.rate == 0.0 {
+                            state.model = model;
+                        }
+                    }
+                    self.predict(model);
+                }
+                Ok(Preflight::Probing(probing)) => self.probing = Some(probing),
+                Ok(Preflight::Writers(found)) => {
+                    if matches!(self.probing, Some(Probing::Writers(_))) {
+                        self.probing = None;
+                    }
+                    match found {
+                        Some(found) => self.throttle_writers(found).await,
+                        None => self.record(
+                            ActionKind::Writers,
+                            None,
+                            "the search for the vCPUs that write stopped (a throttle came first \
+                             or a measurement failed): every vCPU is throttled"
+                                .into(),
+                        ),
+                    }
+                }
+                Ok(Preflight::Slice(seen)) => {
+                    self.probing = None;
+                    match seen {
+                        Some(seen) => self.at_slice_probe(seen).await,
+                        None => tracing::debug!("the slice probe stopped"),
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    self.preflight = None;
+                    self.probing = None;
+                }
+            }
+        }
+    }
+
+    /// Narrows the throttle to the vCPUs found writing.
+    async fn throttle_writers(&mut self, found: Writers) {
+        let Some(selector) = self.throttle.as_ref().and_then(|t| t.selector()) else {
+            return;
+        };
+        let count = found.writers.len();
+        if count == selector.threads.len() {
+            self.record(ActionKind::Writers, Some(count as f64), found.describe());
+            return;
+        }
+        match selector.select(found.writers.clone()).await {
+            Ok(true) => {
+                self.narrowed = true;
+                self.record(ActionKind::Writers, Some(count as f64), found.describe());
+            }
+            Ok(false) => {}
+            Err(e) => self.record(
+                ActionKind::Writers,
+                None,
+                format!("every vCPU stays throttled: {}", types::error_chain(&e)),
+            ),
+        }
+    }
+
+    /// Puts the slice probe in the timeline and lets the controller act on
+    /// it now, between syncs.
+    async fn at_slice_probe(&mut self, seen: SliceProbe) {
+        let floor = SliceFloor::measured(
+            seen.dirtied,
+            VcpuUse {
+                cpu_secs: seen.cpu_secs,
+                min_slice_secs: MIN_SLICE.as_secs_f64(),
+            },
+        );
+        let per_slice = floor.map_or_else(
+            || " (less than a slice of CPU: no reading)".to_string(),
+            |f| {
+                format!(
+                    ": about {:.0} MiB a {:.0} ms slice",
+                    mib(f.bytes),
+                    f.slice_secs * 1000.0
+                )
+            },
+        );
+        self.record(
+            ActionKind::Measure,
+            None,
+            format!("{}{per_slice}", seen.describe()),
+        );
+        let (Some(floor), Some((state, policy))) = (floor, self.controller.clone()) else {
+            return;
+        };
+        let stats = self.last_stats();
+        let decision =
+            controller::at_probe(&state, &floor, "the probe", self.bandwidth(&stats), &policy);
+        if let Some((state, _)) = self.controller.as_mut() {
+            *state = decision.state;
+        }
+        self.apply(decision.actions).await;
+    }
+}
