@@ -5,6 +5,9 @@
 //! memory_mib = 512
 //! vcpus = 1
 //! accel = "tcg"            # or "kvm"
+//! dirty_ring = 4096        # optional, KVM only: a dirty ring of this many
+//!                          # entries per vCPU (QEMU then reports each
+//!                          # vCPU's dirty rate, and the controller uses it)
 //! machine = "pc"           # optional
 //! cpu = "Skylake-Server"   # optional; "host" and "max" migrate only with --unsafe
 //!
@@ -42,6 +45,9 @@ pub use types::{Accel, DomainName};
 const MIN_MEMORY_MIB: u32 = 16;
 const MAX_MEMORY_MIB: u32 = 1 << 20;
 const MAX_VCPUS: u32 = 255;
+/// The dirty ring sizes KVM takes: a power of two in this range (KVM's
+/// own bounds, as QEMU documents `dirty-ring-size`).
+const DIRTY_RING_ENTRIES: std::ops::RangeInclusive<u32> = 1024..=65536;
 
 /// Direct kernel boot (`-kernel`, `-append`, `-initrd`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +87,10 @@ pub struct DomainDefinition {
     #[serde(default)]
     /// The accelerator.
     pub accel: Accel,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// KVM's dirty ring, entries per vCPU (`-accel kvm,dirty-ring-size=`):
+    /// dirty pages are logged per vCPU, so QEMU can say which vCPUs write.
+    pub dirty_ring: Option<u32>,
     #[serde(default = "default_machine")]
     /// Machine type, or an alias QEMU resolves (`pc`).
     pub machine: String,
@@ -152,6 +162,12 @@ pub enum DefinitionError {
     #[error("machine type {0:?} is not a plain name")]
     /// A machine type that is not a plain name.
     Machine(String),
+    #[error("dirty_ring must be a power of two between 1024 and 65536, got {0}")]
+    /// A dirty ring size KVM does not take.
+    DirtyRing(u32),
+    #[error("dirty_ring needs accel = \"kvm\" (a dirty ring is KVM's)")]
+    /// A dirty ring on an accelerator that has none.
+    DirtyRingWithoutKvm,
     #[error("CPU model {0:?} is not a plain name")]
     /// A CPU model that is not a plain name.
     Cpu(String),
@@ -297,6 +313,14 @@ impl DomainDefinition {
         }
         if !(1..=MAX_VCPUS).contains(&self.vcpus) {
             return Err(DefinitionError::Vcpus(self.vcpus));
+        }
+        if let Some(entries) = self.dirty_ring {
+            if !DIRTY_RING_ENTRIES.contains(&entries) || !entries.is_power_of_two() {
+                return Err(DefinitionError::DirtyRing(entries));
+            }
+            if self.accel != Accel::Kvm {
+                return Err(DefinitionError::DirtyRingWithoutKvm);
+            }
         }
         if !is_plain_name(&self.machine) {
             return Err(DefinitionError::Machine(self.machine.clone()));

@@ -40,6 +40,19 @@ fn minimal_definition_gets_defaults() {
 }
 
 #[test]
+fn a_dirty_ring_is_kvms_and_reaches_the_accelerator_option() {
+    let def =
+        DomainDefinition::from_toml(&format!("accel = \"kvm\"\ndirty_ring = 4096\n{MINIMAL}"))
+            .unwrap();
+    assert_eq!(def.dirty_ring, Some(4096));
+    assert_eq!(DomainDefinition::from_toml(&def.to_toml()).unwrap(), def);
+    assert_eq!(
+        DomainDefinition::from_document(def.to_document()).unwrap(),
+        def
+    );
+}
+
+#[test]
 fn round_trips_through_toml() {
     let def = DomainDefinition::from_toml(MINIMAL).unwrap();
     assert_eq!(DomainDefinition::from_toml(&def.to_toml()).unwrap(), def);
@@ -144,6 +157,18 @@ fn values_out_of_range_are_refused() {
         (
             format!("machine = \"pc,accel=kvm\"\n{MINIMAL}"),
             "machine type",
+        ),
+        (
+            format!("accel = \"kvm\"\ndirty_ring = 3000\n{MINIMAL}"),
+            "power of two between 1024 and 65536, got 3000",
+        ),
+        (
+            format!("accel = \"kvm\"\ndirty_ring = 512\n{MINIMAL}"),
+            "got 512",
+        ),
+        (
+            format!("dirty_ring = 4096\n{MINIMAL}"),
+            "dirty_ring needs accel = \"kvm\"",
         ),
     ];
     for (text, expected) in cases {

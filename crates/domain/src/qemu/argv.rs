@@ -96,7 +96,11 @@ pub fn build_argv(config: &LaunchConfig<'_>) -> Vec<String> {
     push(&["-name", &format!("guest={},debug-threads=on", def.name)]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     push(&["-msg", "timestamp=on"]);
-    push(&["-accel", &spec.accel.to_string()]);
+    let accel = match (spec.accel, def.dirty_ring) {
+        (Accel::Kvm, Some(entries)) => format!("kvm,dirty-ring-size={entries}"),
+        (accel, _) => accel.to_string(),
+    };
+    push(&["-accel", &accel]);
 
     let mut machine = escape_option_value(&spec.machine);
     if spec.ram.backend {
@@ -273,6 +277,29 @@ format = "qcow2"
         assert_eq!(value_of(&argv, "-m"), ["256M"]);
         assert_eq!(value_of(&argv, "-smp"), ["2"]);
         assert!(!argv.contains(&"-incoming".to_string()));
+    }
+
+    #[test]
+    fn a_kvm_dirty_ring_is_an_accelerator_property() {
+        let def = DomainDefinition::from_toml(
+            "name = \"vm\"\nmemory_mib = 64\naccel = \"kvm\"\ndirty_ring = 4096\n[kernel]\npath = \"/k\"\n",
+        )
+        .unwrap();
+        let spec = LaunchSpec {
+            machine: "pc".into(),
+            accel: Accel::Kvm,
+            ram: RamLayout::plain(64),
+        };
+        let argv = build_argv(&LaunchConfig {
+            definition: &def,
+            spec: &spec,
+            qmp_socket: Path::new("/run/qmp.sock"),
+            serial_log: Path::new("/run/serial.log"),
+            incoming: false,
+            taps: &[],
+            hardening: Hardening::default(),
+        });
+        assert_eq!(value_of(&argv, "-accel"), ["kvm,dirty-ring-size=4096"]);
     }
 
     #[test]

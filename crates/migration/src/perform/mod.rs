@@ -123,6 +123,9 @@ pub struct WatchOptions {
     /// The part of it that holds anything, when known: what the first
     /// pass sends.
     pub ram_in_use_bytes: Option<u64>,
+    /// The guest runs with a KVM dirty ring, so QEMU can give each vCPU's
+    /// dirty rate.
+    pub dirty_ring: bool,
 }
 
 impl Default for WatchOptions {
@@ -142,6 +145,7 @@ impl Default for WatchOptions {
             forecast: None,
             ram_bytes: 0,
             ram_in_use_bytes: None,
+            dirty_ring: false,
         }
     }
 }

@@ -5,7 +5,8 @@
 //!    to a model: the controller's start and the job's prediction.
 //! 2. With a host throttle of several vCPUs and a guest dirtying more than
 //!    half the link: which vCPUs write ([`writers`]), so that only those
-//!    are throttled.
+//!    are throttled: from QEMU's per-vCPU dirty rates where the guest has
+//!    a KVM dirty ring, else by probing each busy vCPU.
 //! 3. With `--allow-postcopy`, a guest that filled its working set faster
 //!    than the link sends and one vCPU writing: what that vCPU dirties in
 //!    one slice of CPU ([`slice_probe`]), so that a guest no throttle can
@@ -41,6 +42,8 @@ pub(super) enum Preflight {
     Writers(Option<Writers>),
     /// The slice probe's reading; `None` if it had to stop.
     Slice(Option<SliceProbe>),
+    /// Something for the timeline.
+    Note(ActionKind, String),
 }
 
 /// A probe the controller's first throttle waits for.
@@ -48,6 +51,8 @@ pub(super) enum Preflight {
 pub(super) enum Probing {
     /// The search for the writers, probing this many busy vCPUs.
     Writers(usize),
+    /// The writers read off QEMU's per-vCPU dirty rates.
+    DirtyRing,
     /// The slice probe of the one writer.
     Slice,
 }
@@ -62,6 +67,11 @@ impl Probing {
                     "the controller waits for the search for the vCPUs that write ({busy} busy \
                      vCPUs probed a second each) before it throttles"
                 ),
+            ),
+            Probing::DirtyRing => (
+                ActionKind::Writers,
+                "the controller waits for QEMU's per-vCPU dirty rates (1 s) before it throttles"
+                    .into(),
             ),
             Probing::Slice => (
                 ActionKind::Measure,
@@ -84,6 +94,8 @@ pub(super) struct PreflightPlan {
     pub link: Option<f64>,
     /// Probe the slice floor when the guest calls for it.
     pub probe_slice: bool,
+    /// The guest has a KVM dirty ring: QEMU can give each vCPU's rate.
+    pub dirty_ring: bool,
 }
 
 /// Runs the pre-flight, sending what it learns to the watcher.
@@ -126,16 +138,47 @@ pub(super) async fn preflight(
     // The slice floor matters where even the lower bound outruns the link.
     let floor_in_question = plan.probe_slice && model.rate_is_lower_bound && model.rate > link;
     let writer = if selector.threads.len() > 1 {
-        let found = writers::find(
-            &probe,
-            &before,
-            started.elapsed(),
-            samples[0].dirtied,
-            |busy| {
-                let _ = tx.send(Preflight::Probing(Probing::Writers(busy)));
-            },
-        )
-        .await;
+        let from_ring = if plan.dirty_ring {
+            let _ = tx.send(Preflight::Probing(Probing::DirtyRing));
+            match crate::dirty::per_vcpu(&qmp).await {
+                Ok(rates) => {
+                    let shares = writers::cpu_shares(
+                        &writers::cpu_times(selector),
+                        &before,
+                        started.elapsed(),
+                    );
+                    writers::from_dirty_rates(&rates, &shares, link)
+                }
+                Err(e) => {
+                    let _ = tx.send(Preflight::Note(
+                        ActionKind::Writers,
+                        format!(
+                            "QEMU gave no per-vCPU dirty rates ({}): probing the busy vCPUs \
+                             instead",
+                            types::error_chain(&e)
+                        ),
+                    ));
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let found = match from_ring {
+            Some(found) => Some(found),
+            None => {
+                writers::find(
+                    &probe,
+                    &before,
+                    started.elapsed(),
+                    samples[0].dirtied,
+                    |busy| {
+                        let _ = tx.send(Preflight::Probing(Probing::Writers(busy)));
+                    },
+                )
+                .await
+            }
+        };
         let one = found
             .as_ref()
             .filter(|w| w.writers.len() == 1)
@@ -184,7 +227,7 @@ impl Watch<'_> {
                 }
                 Ok(Preflight::Probing(probing)) => self.probing = Some(probing),
                 Ok(Preflight::Writers(found)) => {
-                    if matches!(self.probing, Some(Probing::Writers(_))) {
+                    if matches!(self.probing, Some(Probing::Writers(_) | Probing::DirtyRing)) {
                         self.probing = None;
                     }
                     match found {
@@ -205,6 +248,7 @@ impl Watch<'_> {
                         None => tracing::debug!("the slice probe stopped"),
                     }
                 }
+                Ok(Preflight::Note(kind, detail)) => self.record(kind, None, detail),
                 Err(mpsc::error::TryRecvError::Empty) => return,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     self.preflight = None;

@@ -103,6 +103,7 @@ impl<'a> Watch<'a> {
                 // The slice floor matters only where it can change the
                 // course: post-copy is the way past it.
                 probe_slice: options.controller.is_some_and(|p| p.allow_postcopy),
+                dirty_ring: options.dirty_ring,
             };
             tokio::spawn(preflight(qmp.clone(), plan, tx));
             rx

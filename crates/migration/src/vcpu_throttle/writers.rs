@@ -2,10 +2,12 @@
 //!
 //! A guest with several vCPUs rarely has them all writing: throttling
 //! every vCPU (as QEMU's auto-converge does) slows the ones that compute or
-//! idle for nothing. QEMU can report a dirty rate per vCPU only with KVM's
-//! dirty ring (`calc-dirty-rate` in `dirty-ring` mode); under TCG, and on
-//! QEMU 7.2, it cannot. So livemig finds the writers itself, during the
-//! first pass, right after the pre-flight measurement:
+//! idle for nothing. QEMU reports a dirty rate per vCPU only with KVM's
+//! dirty ring (`calc-dirty-rate` in `dirty-ring` mode, a guest defined with
+//! `dirty_ring`): then the writers are read off it ([`from_dirty_rates`]),
+//! no vCPU slowed to find them. Under TCG, or KVM without a ring, livemig
+//! finds the writers itself, during the first pass, right after the
+//! pre-flight measurement:
 //!
 //! 1. **CPU time.** A vCPU thread that ran under a tenth of a CPU while the
 //!    pre-flight measured cannot be what outruns the link: it is idle.
@@ -59,8 +61,11 @@ pub struct VcpuSeen {
     /// Share of a CPU its thread ran while the pre-flight measured.
     pub busy: f64,
     /// What the guest dirtied in a second with this vCPU probed, bytes;
-    /// `None` when it was not probed (idle).
+    /// `None` when it was not probed (idle, or QEMU gave its rate).
     pub dirtied_without: Option<f64>,
+    /// Its own dirty rate as QEMU measured it (KVM's dirty ring),
+    /// bytes/s.
+    pub dirty_rate: Option<f64>,
 }
 
 /// What the search found.
@@ -87,18 +92,41 @@ impl Writers {
                 .join(", ")
         };
         let one = self.writers.len() == 1;
-        let probed = self.seen.iter().any(|v| v.dirtied_without.is_some());
+        let measured = self
+            .seen
+            .iter()
+            .any(|v| v.dirtied_without.is_some() || v.dirty_rate.is_some());
         let mut parts = vec![format!(
             "vCPU{} {} {}",
             if one { "" } else { "s" },
             list(&self.writers),
-            match (self.inconclusive, probed, one) {
+            match (self.inconclusive, measured, one) {
                 (true, _, _) => "throttled: no probe singled out a writer, so every busy vCPU",
                 (false, false, _) => "writes (the only busy vCPU): only it is throttled",
                 (false, true, true) => "writes: only it is throttled",
                 (false, true, false) => "write: only they are throttled",
             }
         )];
+        let rates: Vec<String> = self
+            .seen
+            .iter()
+            .filter_map(|v| {
+                v.dirty_rate.map(|r| {
+                    format!(
+                        "vCPU {} {:.0} MiB/s at {:.0} % of a CPU",
+                        v.index,
+                        mib(r),
+                        v.busy * 100.0
+                    )
+                })
+            })
+            .collect();
+        if !rates.is_empty() {
+            parts.push(format!(
+                "QEMU's per-vCPU dirty rates over 1 s (KVM's dirty ring, no probe needed): {}",
+                rates.join(", ")
+            ));
+        }
         let probes: Vec<String> = self
             .seen
             .iter()
@@ -125,7 +153,7 @@ impl Writers {
         let idle: Vec<usize> = self
             .seen
             .iter()
-            .filter(|v| v.dirtied_without.is_none())
+            .filter(|v| v.busy < IDLE_BELOW)
             .map(|v| v.index)
             .collect();
         if !idle.is_empty() {
@@ -137,6 +165,68 @@ impl Writers {
         }
         parts.join("; ")
     }
+}
+
+/// Share of the link the vCPUs left unthrottled may dirty together, when
+/// QEMU gives each vCPU's rate: well under the link, so that passes still
+/// shrink with the writers throttled hard.
+pub const UNTHROTTLED_SHARE: f64 = 0.25;
+
+/// Decides from QEMU's per-vCPU dirty rates (bytes/s, by index; KVM's
+/// dirty ring) and the vCPU threads' CPU `shares`: the fewest vCPUs,
+/// fastest first, such that the others together dirty under
+/// [`UNTHROTTLED_SHARE`] of the `link`. No probe, so no vCPU is slowed to
+/// find them, and a vCPU that computes without writing is told from a
+/// writer at once. `None` if no vCPU dirtied anything (nothing to tell
+/// apart).
+pub fn from_dirty_rates(rates: &[f64], shares: &[f64], link: f64) -> Option<Writers> {
+    if !rates.iter().any(|r| *r > 0.0) {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..rates.len()).collect();
+    order.sort_by(|a, b| rates[*b].total_cmp(&rates[*a]));
+    let mut rest: f64 = rates.iter().sum();
+    let mut writers = Vec::new();
+    for index in order {
+        if rest < UNTHROTTLED_SHARE * link || rates[index] <= 0.0 {
+            break;
+        }
+        rest -= rates[index];
+        writers.push(index);
+    }
+    writers.sort_unstable();
+    let seen = (0..rates.len())
+        .map(|index| VcpuSeen {
+            index,
+            busy: shares.get(index).copied().unwrap_or(1.0),
+            dirtied_without: None,
+            dirty_rate: Some(rates[index]),
+        })
+        .collect();
+    Some(Writers {
+        writers,
+        seen,
+        reference: rates.iter().sum(),
+        inconclusive: false,
+    })
+}
+
+/// Each vCPU thread's share of a CPU since `cpu_before`, `window` ago
+/// (unreadable: taken as busy, so it is looked at rather than spared).
+pub fn cpu_shares(
+    cpu_after: &[Option<u64>],
+    cpu_before: &[Option<u64>],
+    window: Duration,
+) -> Vec<f64> {
+    let secs = window.as_secs_f64().max(1e-3);
+    cpu_after
+        .iter()
+        .zip(cpu_before)
+        .map(|(after, before)| match (after, before) {
+            (Some(a), Some(b)) => a.saturating_sub(*b) as f64 / 1e9 / secs,
+            _ => 1.0,
+        })
+        .collect()
 }
 
 /// The vCPUs that are busy enough to be probed.
@@ -220,23 +310,14 @@ pub async fn find<P: Probe>(
     baseline: f64,
     probing: impl FnOnce(usize),
 ) -> Option<Writers> {
-    let cpu_after = probe.cpu_times();
-    let secs = window.as_secs_f64().max(1e-3);
-    let shares: Vec<f64> = cpu_after
-        .iter()
-        .zip(cpu_before)
-        .map(|(after, before)| match (after, before) {
-            (Some(a), Some(b)) => a.saturating_sub(*b) as f64 / 1e9 / secs,
-            // Unreadable: assume busy, so it is probed rather than spared.
-            _ => 1.0,
-        })
-        .collect();
+    let shares = cpu_shares(&probe.cpu_times(), cpu_before, window);
     let busy_ones = busy(&shares);
     let mut seen: Vec<VcpuSeen> = (0..shares.len())
         .map(|index| VcpuSeen {
             index,
             busy: shares[index],
             dirtied_without: None,
+            dirty_rate: None,
         })
         .collect();
     // A single busy vCPU is the writer: nothing to probe.
@@ -320,6 +401,7 @@ mod tests {
             index,
             busy,
             dirtied_without: without.map(|m| m * MIB),
+            dirty_rate: None,
         }
     }
 
@@ -390,6 +472,38 @@ mod tests {
             "{}",
             w.describe()
         );
+    }
+
+    #[test]
+    fn qemus_per_vcpu_rates_name_the_writers_without_probes() {
+        // As a 4-vCPU KVM guest with a dirty ring would show it: vCPU 2
+        // writes, vCPU 0 a little (the kernel), 1 and 3 compute.
+        let link = 64.0 * MIB;
+        let rates = [3.0 * MIB, 0.0, 384.0 * MIB, 0.5 * MIB];
+        let shares = [0.05, 0.98, 0.97, 0.99];
+        let w = from_dirty_rates(&rates, &shares, link).unwrap();
+        assert_eq!(w.writers, [2]);
+        assert!(!w.inconclusive);
+        let text = w.describe();
+        assert!(
+            text.starts_with("vCPU 2 writes: only it is throttled"),
+            "{text}"
+        );
+        assert!(
+            text.contains("KVM's dirty ring") && text.contains("vCPU 2 384 MiB/s at 97 % of a CPU"),
+            "{text}"
+        );
+        assert!(text.contains("idle (under 10 % of a CPU): 0"), "{text}");
+        // Two writers that each fill a good part of the link: both, the
+        // faster first, until what is left runs under a quarter of it.
+        let w = from_dirty_rates(&[40.0 * MIB, 30.0 * MIB, 1.0 * MIB], &[1.0; 3], link).unwrap();
+        assert_eq!(w.writers, [0, 1]);
+        // Many small writers that only together outrun the link: as many as
+        // it takes.
+        let w = from_dirty_rates(&[10.0 * MIB; 6], &[1.0; 6], link).unwrap();
+        assert_eq!(w.writers.len(), 5, "{:?}", w.writers);
+        // Nothing dirtied: nothing to tell apart.
+        assert_eq!(from_dirty_rates(&[0.0, 0.0], &[1.0, 1.0], link), None);
     }
 
     #[test]

@@ -213,6 +213,7 @@ impl Run {
         let mechanism_max = throttle.as_ref().map_or(0.0, |t| t.max());
         let mut options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
         options.ram_in_use_bytes = crate::estimate::ram_in_use(vm).await;
+        options.dirty_ring = self.def.dirty_ring.is_some() && vm.spec.accel == types::Accel::Kvm;
         let outcome = self
             .perform(vm, &data_uri, &options, throttle, &mirrors)
             .await;
