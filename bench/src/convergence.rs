@@ -36,9 +36,18 @@ const MAX_WARMUP: Duration = Duration::from_secs(60);
 const RATE_WINDOW: Duration = Duration::from_secs(4);
 const SETTLE: Duration = Duration::from_secs(3);
 
-/// The three workloads; spin values calibrated on the 2-core machine in
+/// The light workload dirties this share of the link: well below it, so
+/// that it converges on its own with room to spare. Near the link (where
+/// spin 40000 had drifted: 41–48 MiB/s against 64 on 2026-11-28, 22 when
+/// first calibrated) a few MiB/s between two measurements move a
+/// prediction by seconds.
+const LIGHT_SHARE: f64 = 1.0 / 3.0;
+
+/// The three workloads, as first calibrated on the 2-core machine in
 /// `docs/BENCHMARKS.md` (spin 40000 ≈ 22 MiB/s, 2000 ≈ 280 MiB/s, 0 =
-/// as fast as TCG runs).
+/// as fast as TCG runs). TCG's speed drifts from day to day, so each run
+/// calibrates `light` again ([`calibrate_light`]); `heavy` and `hot` stay
+/// far above the link either way.
 pub fn workload(name: &str) -> Option<Workload> {
     let spin = match name {
         "light" => 40_000,
@@ -305,6 +314,29 @@ impl Hosts {
         })
     }
 
+    /// Stops the guest `domain` wherever it runs and undefines it on a.
+    pub async fn remove_guest(&self, domain: &domain::DomainName) {
+        for client in [&self.a_client, &self.b_client] {
+            let _ = client
+                .request(
+                    Request::Destroy {
+                        domain: domain.clone(),
+                    },
+                    REQUEST_TIMEOUT,
+                )
+                .await;
+        }
+        let _ = self
+            .a_client
+            .request(
+                Request::Undefine {
+                    domain: domain.clone(),
+                },
+                REQUEST_TIMEOUT,
+            )
+            .await;
+    }
+
     /// Defines the test guest `name` on host a and starts it.
     pub async fn start_guest(&self, name: &str, memory_mib: u32, workload: Workload) -> Result<()> {
         let definition = DomainDefinition::from_toml(&guest::definition_toml(
@@ -397,16 +429,71 @@ async fn serial_log(client: &Client, name: &str) -> Option<PathBuf> {
     }
 }
 
-/// Runs one trial.
+/// How the light workload's spin was found for this run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Calibration {
+    pub calibration: String,
+    /// The spin measured with, and what the guest dirtied under it.
+    pub spin_measured: u32,
+    pub measured_mib_s: f64,
+    /// What it should dirty, and the spin that does.
+    pub target_mib_s: f64,
+    pub spin: u32,
+}
+
+/// Finds the spin under which the light workload dirties [`LIGHT_SHARE`]
+/// of the link on this machine now: a guest with the nominal spin runs
+/// alone on host a for a warm-up, its writes per second (one page each)
+/// give its rate, and the spin scales by rate over target (a write's cost
+/// is nearly all spin).
+pub async fn calibrate_light(hosts: &Hosts) -> Result<(Workload, Calibration)> {
+    let mut light = workload("light").expect("light is a workload");
+    light.report_ms = REPORT_MS;
+    let name = "bench-calibration";
+    hosts.start_guest(name, MEMORY_MIB, light).await?;
+    let sampler = Sampler::start();
+    let log = serial_log(&hosts.a_client, name)
+        .await
+        .ok_or_else(|| anyhow!("no serial log"))?;
+    sampler.follow(log);
+    let started = Instant::now();
+    let writes_s = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let rate = sampler.samples().recent_rate(RATE_WINDOW);
+        match rate {
+            Some(r) if started.elapsed() >= WARMUP && r > 0.0 => break r,
+            _ if started.elapsed() > MAX_WARMUP => {
+                bail!("the calibration guest reported no progress within {MAX_WARMUP:?}")
+            }
+            _ => {}
+        }
+    };
+    sampler.stop();
+    hosts.remove_guest(&name.parse()?).await;
+    // Each write is one 4 KiB page.
+    let measured = writes_s * 4096.0 / types::MIB as f64;
+    let target = LIGHT_SHARE * BANDWIDTH_MIB_S as f64;
+    let spin = (light.spin as f64 * measured / target).round().max(1.0) as u32;
+    let calibration = Calibration {
+        calibration: "light".into(),
+        spin_measured: light.spin,
+        measured_mib_s: measured,
+        target_mib_s: target,
+        spin,
+    };
+    light.spin = spin;
+    Ok((light, calibration))
+}
+
+/// Runs one trial of `workload` (named `workload_name`).
 pub async fn trial(
     hosts: &Hosts,
-    workload_name: &str,
+    (workload_name, mut workload): (&str, Workload),
     policy_name: &str,
     rep: u32,
     options: &RunOptions,
 ) -> Result<Trial> {
     let (timeout_s, estimate_first) = (options.timeout, options.estimate);
-    let mut workload = workload(workload_name).ok_or_else(|| anyhow!("unknown workload"))?;
     workload.report_ms = options.report_ms;
     let mode = policy(policy_name).ok_or_else(|| anyhow!("unknown policy"))?;
     // Estimates are calibrated on the domain's past jobs: one name across
@@ -535,20 +622,7 @@ pub async fn trial(
             .unwrap_or(false),
         None => false,
     };
-    for client in [&hosts.a_client, &hosts.b_client] {
-        let _ = client
-            .request(
-                Request::Destroy {
-                    domain: domain.clone(),
-                },
-                REQUEST_TIMEOUT,
-            )
-            .await;
-    }
-    let _ = hosts
-        .a_client
-        .request(Request::Undefine { domain }, REQUEST_TIMEOUT)
-        .await;
+    hosts.remove_guest(&domain).await;
 
     Ok(Trial {
         workload: workload_name.to_string(),

@@ -290,14 +290,36 @@ async fn run_convergence(
     let hosts = convergence::Hosts::start(&livemigd_path).await?;
     let mut trials = Vec::new();
     let result = async {
+        let light = if workloads.iter().any(|w| w == "light") {
+            let (light, calibration) = convergence::calibrate_light(&hosts).await?;
+            emit(
+                json,
+                &calibration,
+                format!(
+                    "light: spin {} dirtied {:.1} MiB/s here; spin {} for {:.1} MiB/s",
+                    calibration.spin_measured,
+                    calibration.measured_mib_s,
+                    calibration.spin,
+                    calibration.target_mib_s
+                ),
+            );
+            Some(light)
+        } else {
+            None
+        };
         for rep in 1..=reps {
             for w in &workloads {
+                let workload = match (w.as_str(), light) {
+                    ("light", Some(light)) => light,
+                    _ => convergence::workload(w).expect("checked above"),
+                };
                 // Rotate the order each repetition so no policy always runs
                 // first on a freshly warmed machine.
                 let mut order = policies.clone();
                 order.rotate_left((rep as usize - 1) % policies.len().max(1));
                 for p in &order {
-                    let trial = convergence::trial(&hosts, w, p, rep, &options).await?;
+                    let trial =
+                        convergence::trial(&hosts, (w, workload), p, rep, &options).await?;
                     emit(
                         json,
                         &trial,

@@ -243,14 +243,23 @@ format = "qcow2"
     }
 
     fn argv(spec: &LaunchSpec, incoming: bool) -> Vec<String> {
-        let def = definition();
+        argv_of(&definition(), spec, incoming, &[])
+    }
+
+    /// `def` started as `spec` says, with the given taps.
+    fn argv_of(
+        def: &DomainDefinition,
+        spec: &LaunchSpec,
+        incoming: bool,
+        taps: &[String],
+    ) -> Vec<String> {
         build_argv(&LaunchConfig {
-            definition: &def,
+            definition: def,
             spec,
             qmp_socket: &PathBuf::from("/run/x,y/qmp.sock"),
             serial_log: &PathBuf::from("/run/serial.log"),
             incoming,
-            taps: &[],
+            taps,
             hardening: Hardening::default(),
         })
     }
@@ -290,15 +299,7 @@ format = "qcow2"
             accel: Accel::Kvm,
             ram: RamLayout::plain(64),
         };
-        let argv = build_argv(&LaunchConfig {
-            definition: &def,
-            spec: &spec,
-            qmp_socket: Path::new("/run/qmp.sock"),
-            serial_log: Path::new("/run/serial.log"),
-            incoming: false,
-            taps: &[],
-            hardening: Hardening::default(),
-        });
+        let argv = argv_of(&def, &spec, false, &[]);
         assert_eq!(value_of(&argv, "-accel"), ["kvm,dirty-ring-size=4096"]);
     }
 
@@ -330,15 +331,7 @@ mac = "52:54:00:aa:bb:cc"
             accel: Accel::Tcg,
             ram: RamLayout::plain(256),
         };
-        let argv = build_argv(&LaunchConfig {
-            definition: &def,
-            spec: &spec,
-            qmp_socket: Path::new("/run/qmp.sock"),
-            serial_log: Path::new("/run/serial.log"),
-            incoming: false,
-            taps: &["lm01234567n1".to_string()],
-            hardening: Hardening::default(),
-        });
+        let argv = argv_of(&def, &spec, false, &["lm01234567n1".to_string()]);
         assert_eq!(
             value_of(&argv, "-drive"),
             [
