@@ -36,22 +36,33 @@ pub enum MeasureError {
 /// small guest.
 const SAMPLE_PAGES: i64 = 4096;
 
-/// Measures one window after another.
+/// Measures one window after another, on a guest of `ram_bytes` (for
+/// each sample's noise; 0 when unknown).
 ///
 /// # Errors
 /// QEMU's refusal, or a measurement that never finished.
-pub async fn measure(qmp: &Client, windows_secs: &[i64]) -> Result<Vec<Sample>, MeasureError> {
+pub async fn measure(
+    qmp: &Client,
+    windows_secs: &[i64],
+    ram_bytes: f64,
+) -> Result<Vec<Sample>, MeasureError> {
+    // QEMU samples per GiB of each RAM block: a small guest gets few.
+    let sampled_pages = SAMPLE_PAGES as f64 * ram_bytes / GIB;
     let mut samples = Vec::new();
     for &window in windows_secs {
         let info = window_of(qmp, window, DirtyRateMode::PageSampling).await?;
         let rate = info.dirty_rate.ok_or(MeasureError::NoRate)?;
-        samples.push(Sample {
-            window_secs: window as f64,
-            dirtied: rate as f64 * MIB as f64 * window as f64,
-        });
+        samples.push(Sample::sampled(
+            window as f64,
+            rate as f64 * MIB as f64 * window as f64,
+            ram_bytes,
+            sampled_pages,
+        ));
     }
     Ok(samples)
 }
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 /// Each vCPU's dirty rate over one second, bytes/s by vCPU index, from
 /// KVM's dirty ring (which logs dirty pages per vCPU); QEMU refuses when

@@ -346,8 +346,27 @@ async fn estimate_and_dry_run_predict_without_touching_the_guest() {
     assert_eq!(p["worst_case"]["adaptive"]["converges"], true, "{report:#}");
     let text = a.cli(&["estimate", "vm", "--bandwidth", "16"]).stdout;
     let text = String::from_utf8_lossy(&text);
-    assert!(text.contains("lower"), "{text}");
     assert!(text.contains("in use: the first pass sends that"), "{text}");
+    // This estimate measured again: its text calls the rate a lower bound
+    // when its own first window filled the working set (beside the other
+    // tests' guests, this one sometimes writes a little slower).
+    let mib_after = |label: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("{text}"));
+        line[label.len()..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // (The text rounds to whole MiB: near the 85 % line either is right.)
+    let filled = mib_after("Dirtied:") / mib_after("Working set:");
+    if !(0.8..0.9).contains(&filled) {
+        assert_eq!(text.contains("only a lower"), filled >= 0.9, "{text}");
+    }
 
     let dry = a.cli_migrate(
         "vm",

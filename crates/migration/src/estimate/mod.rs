@@ -66,9 +66,9 @@ pub async fn estimate(
     params: EstimateParams,
 ) -> Result<EstimateReport, EstimateError> {
     let disks_before = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
-    let samples = crate::dirty::measure(qmp, &WINDOWS).await?;
-    let disks_after = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
     let ram = subject.ram_bytes as f64;
+    let samples = crate::dirty::measure(qmp, &WINDOWS, ram).await?;
+    let disks_after = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
     let model = fit(&samples, ram).ok_or(EstimateError::NoSamples)?;
 
     let given = params

@@ -106,7 +106,7 @@ pub(super) async fn preflight(
 ) {
     let cpu_before = plan.selector.as_ref().map(writers::cpu_times);
     let started = Instant::now();
-    let Ok(samples) = crate::dirty::measure(&qmp, &[1, 2]).await else {
+    let Ok(samples) = crate::dirty::measure(&qmp, &[1, 2], plan.ram_bytes).await else {
         return;
     };
     let Some(model) = fit(&samples, plan.ram_bytes) else {

@@ -362,7 +362,8 @@ impl Probe for HostProbe<'_> {
     }
 
     async fn dirtied_in_a_second(&self) -> Option<f64> {
-        let samples = crate::dirty::measure(self.qmp, &[1]).await.ok()?;
+        // Compared with each other only: no noise figure needed (RAM 0).
+        let samples = crate::dirty::measure(self.qmp, &[1], 0.0).await.ok()?;
         samples.first().map(|s| s.dirtied)
     }
 }
