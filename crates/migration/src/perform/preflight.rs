@@ -140,27 +140,7 @@ pub(super) async fn preflight(
     let writer = if selector.threads.len() > 1 {
         let from_ring = if plan.dirty_ring {
             let _ = tx.send(Preflight::Probing(Probing::DirtyRing));
-            match crate::dirty::per_vcpu(&qmp).await {
-                Ok(rates) => {
-                    let shares = writers::cpu_shares(
-                        &writers::cpu_times(selector),
-                        &before,
-                        started.elapsed(),
-                    );
-                    writers::from_dirty_rates(&rates, &shares, link)
-                }
-                Err(e) => {
-                    let _ = tx.send(Preflight::Note(
-                        ActionKind::Writers,
-                        format!(
-                            "QEMU gave no per-vCPU dirty rates ({}): probing the busy vCPUs \
-                             instead",
-                            types::error_chain(&e)
-                        ),
-                    ));
-                    None
-                }
-            }
+            writers_from_ring(&probe, &before, started, link, &tx).await
         } else {
             None
         };
@@ -199,6 +179,36 @@ pub(super) async fn preflight(
     if let (true, Some(index)) = (floor_in_question, writer) {
         let seen = slice_probe::probe(&probe, index).await;
         let _ = tx.send(Preflight::Slice(seen));
+    }
+}
+
+/// The writers read off QEMU's per-vCPU dirty rates (a KVM dirty ring);
+/// `None` sends the search to its probes: QEMU refused (said in the
+/// timeline) or no vCPU dirtied anything in the second. CPU shares are
+/// over the time `since` the pre-flight began.
+async fn writers_from_ring(
+    probe: &HostProbe<'_>,
+    cpu_before: &[Option<u64>],
+    since: Instant,
+    link: f64,
+    tx: &mpsc::UnboundedSender<Preflight>,
+) -> Option<Writers> {
+    match crate::dirty::per_vcpu(probe.qmp).await {
+        Ok(rates) => {
+            let cpu_after = writers::cpu_times(probe.selector);
+            let shares = writers::cpu_shares(&cpu_after, cpu_before, since.elapsed());
+            writers::from_dirty_rates(&rates, &shares, link)
+        }
+        Err(e) => {
+            let _ = tx.send(Preflight::Note(
+                ActionKind::Writers,
+                format!(
+                    "QEMU gave no per-vCPU dirty rates ({}): probing the busy vCPUs instead",
+                    types::error_chain(&e)
+                ),
+            ));
+            None
+        }
     }
 }
 
