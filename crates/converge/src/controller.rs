@@ -145,14 +145,10 @@ pub struct VcpuUse {
 /// is a lower bound: it may hide a floor, never invent one.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SliceFloor {
-    /// Bytes dirtied in one slice, at the window's bytes per CPU second.
-    pub bytes: f64,
-    /// The slice, seconds.
-    pub slice_secs: f64,
     /// What the window dirtied, bytes.
     pub dirtied: f64,
-    /// The vCPU time in it, seconds.
-    pub cpu_secs: f64,
+    /// The vCPU time in it, and the slice.
+    pub vcpu: VcpuUse,
 }
 
 impl SliceFloor {
@@ -163,13 +159,15 @@ impl SliceFloor {
         if vcpu.min_slice_secs <= 0.0 || vcpu.cpu_secs < vcpu.min_slice_secs {
             return None;
         }
-        let dirtied = dirtied.max(0.0);
         Some(SliceFloor {
-            bytes: dirtied / vcpu.cpu_secs * vcpu.min_slice_secs,
-            slice_secs: vcpu.min_slice_secs,
-            dirtied,
-            cpu_secs: vcpu.cpu_secs,
+            dirtied: dirtied.max(0.0),
+            vcpu,
         })
+    }
+
+    /// Bytes dirtied in one slice, at the window's bytes per CPU second.
+    pub fn bytes(&self) -> f64 {
+        self.dirtied / self.vcpu.cpu_secs * self.vcpu.min_slice_secs
     }
 
     /// The floor a throttled pass shows.
@@ -185,10 +183,10 @@ impl SliceFloor {
         format!(
             "each {:.0} ms slice of CPU the throttle gives lets the guest dirty about {:.0} MiB \
              ({window}: {:.0} MiB in {:.1} ms of vCPU time)",
-            self.slice_secs * 1000.0,
-            self.bytes / MIB,
+            self.vcpu.min_slice_secs * 1000.0,
+            self.bytes() / MIB,
             self.dirtied / MIB,
-            self.cpu_secs * 1000.0,
+            self.vcpu.cpu_secs * 1000.0,
         )
     }
 }
@@ -447,7 +445,7 @@ fn judge_floor(
     actions: &mut Vec<Action>,
 ) {
     let downtime = policy.max_downtime.max(next.downtime);
-    if bandwidth <= 0.0 || floor.bytes <= bandwidth * downtime * SWITCHOVER_SHARE {
+    if bandwidth <= 0.0 || floor.bytes() <= bandwidth * downtime * SWITCHOVER_SHARE {
         return;
     }
     let what = format!(
@@ -463,7 +461,7 @@ fn judge_floor(
     } else if !next.floor_reported && !next.postcopy {
         next.floor_reported = true;
         actions.push(Action::Floor {
-            mib: floor.bytes / MIB,
+            mib: floor.bytes() / MIB,
             why: format!(
                 "{what}, so throttling finishes by chance; --allow-postcopy would switch to \
                  post-copy here"

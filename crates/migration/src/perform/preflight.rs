@@ -307,8 +307,8 @@ impl Watch<'_> {
             |f| {
                 format!(
                     ": about {:.0} MiB a {:.0} ms slice",
-                    mib(f.bytes),
-                    f.slice_secs * 1000.0
+                    mib(f.bytes()),
+                    f.vcpu.min_slice_secs * 1000.0
                 )
             },
         );

@@ -138,7 +138,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!((floor.bytes / MIB - 25.0).abs() < 1e-6, "{floor:?}");
+        assert!((floor.bytes() / MIB - 25.0).abs() < 1e-6, "{floor:?}");
         assert!(
             seen.describe()
                 .contains("vCPU 0 at 99.5 % for 1 s, 150 MiB dirtied in 6.0 ms"),
