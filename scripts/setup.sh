@@ -21,24 +21,48 @@ for arg in "$@"; do
     esac
 done
 
-need=()
-command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
-command -v as >/dev/null 2>&1 && command -v ld >/dev/null 2>&1 || need+=(binutils)
-command -v ip >/dev/null 2>&1 || need+=(iproute2)
-command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
-dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" ||
-    need+=(busybox-static)
-ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
-if $with_libvirt; then
-    [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
-    command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
-fi
+# What is missing, as the packages that provide it.
+missing() {
+    local need=()
+    command -v qemu-system-x86_64 >/dev/null 2>&1 || need+=(qemu-system-x86)
+    command -v as >/dev/null 2>&1 && command -v ld >/dev/null 2>&1 || need+=(binutils)
+    command -v ip >/dev/null 2>&1 || need+=(iproute2)
+    command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+    dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" ||
+        need+=(busybox-static)
+    ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)
+    if $with_libvirt; then
+        [ -x /usr/sbin/libvirtd ] || need+=(libvirt-daemon libvirt-daemon-driver-qemu)
+        command -v virsh >/dev/null 2>&1 || need+=(libvirt-clients)
+    fi
+    echo "${need[*]}"
+}
 
-if [ ${#need[@]} -gt 0 ]; then
-    sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    echo "==> installing ${need[*]}"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+updated=false
+install() {
+    echo "==> installing $*"
+    if ! $updated; then
+        $sudo apt-get update -qq
+        updated=true
+    fi
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+# Installing one package can remove another: a newer qemu-utils (from
+# backports) conflicts with Debian's qemu-system-x86, so apt removes it and
+# qemu-img is gone. Check again after each install and put back what went.
+for _ in 1 2; do
+    need=$(missing)
+    [ -z "$need" ] && break
+    # shellcheck disable=SC2086
+    install $need
+done
+need=$(missing)
+if [ -n "$need" ]; then
+    echo "setup: still missing after installing: $need" >&2
+    exit 1
 fi
 qemu-system-x86_64 --version | head -n 1
+qemu-img --version | head -n 1
