@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use domain::qemu::argv::{build_argv, Hardening, LaunchConfig, LaunchSpec};
 use domain::qemu::layout::RamLayout;
-use domain::qemu::process::QemuProcess;
+use domain::qemu::process::VmProcess;
 use domain::DomainDefinition;
 use guest::Workload;
 use migration::uri::parse_data_uri;
@@ -204,7 +204,7 @@ struct RawPair {
     dir: PathBuf,
     definition: DomainDefinition,
     spec: LaunchSpec,
-    source: QemuProcess,
+    source: VmProcess,
     serial: u32,
 }
 
@@ -301,7 +301,7 @@ async fn spawn(
     spec: &LaunchSpec,
     name: &str,
     incoming: bool,
-) -> Result<QemuProcess> {
+) -> Result<VmProcess> {
     let qmp_socket = dir.join(format!("{name}.qmp"));
     let serial_log = dir.join(format!("{name}.serial"));
     let argv = build_argv(&LaunchConfig {
@@ -313,7 +313,7 @@ async fn spawn(
         taps: &[],
         hardening: Hardening::default(),
     });
-    Ok(QemuProcess::spawn(
+    Ok(VmProcess::spawn(
         Path::new(QEMU),
         &argv,
         &qmp_socket,

@@ -319,9 +319,7 @@ impl Agent {
             tcg_dirty_bitmap_bug: binary.has_tcg_dirty_bitmap_bug(domain::Accel::Tcg),
             qemu: migration::wire::qemu_info(binary),
             default_accel: self.config.default_accel,
-            vcpu_throttle: Some(migration::vcpu_throttle::available(
-                &self.config.throttle_place(),
-            )),
+            vcpu_throttle: Some(migration::vcpu_throttle::available(&self.throttle_place())),
         }
     }
 

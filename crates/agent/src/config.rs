@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use domain::hypervisor::HypervisorKind;
 use domain::Accel;
 use migration::vcpu_throttle::cgroup::Hierarchy;
 use migration::vcpu_throttle::{lease, HostPlace};
@@ -46,7 +47,10 @@ pub struct Config {
     /// QEMU drops to this user once it has opened its files (`-runas`, or
     /// `-run-with user=`).
     pub qemu_user: Option<String>,
-    /// The QEMU binary to run.
+    /// What runs the guests: QEMU, or simulated VMs (for tests and for
+    /// trying the control plane without guests).
+    pub hypervisor: HypervisorKind,
+    /// The program the hypervisor runs: QEMU's binary, or `livemig-simvm`.
     pub qemu: PathBuf,
     /// Accelerator for probing and defaults.
     pub default_accel: Accel,
@@ -89,7 +93,8 @@ impl Config {
             insecure: false,
             qemu_monitor_command: false,
             migrate_tls_force: false,
-            qemu: PathBuf::from("qemu-system-x86_64"),
+            hypervisor: HypervisorKind::Qemu,
+            qemu: HypervisorKind::Qemu.default_program(),
             default_accel: Accel::Tcg,
             qemu_timeout: Duration::from_secs(30),
             finish_timeout: Duration::from_secs(60),

@@ -39,8 +39,8 @@ pub(crate) async fn estimate(
             shared: disk.shared,
         })
         .collect();
-    let mechanism = vcpu_throttle::available(&agent.config.throttle_place());
-    let ram_in_use_bytes = ram_in_use(&vm).await;
+    let mechanism = vcpu_throttle::available(&agent.throttle_place());
+    let ram_in_use_bytes = ram_in_use(agent, &vm).await;
     let subject = Subject {
         domain: name.as_str(),
         ram_bytes: vm.spec.ram.bytes,
@@ -58,8 +58,10 @@ pub(crate) async fn estimate(
 
 /// The part of the guest's RAM that holds anything; unreadable, the
 /// prediction counts all of it, which is no reason to fail.
-pub(crate) async fn ram_in_use(vm: &crate::vm::RunningVm) -> Option<u64> {
-    domain::qemu::guest_ram_resident(vm.process.pid(), vm.spec.ram.bytes)
+pub(crate) async fn ram_in_use(agent: &Agent, vm: &crate::vm::RunningVm) -> Option<u64> {
+    agent
+        .hypervisor
+        .ram_in_use(&vm.process, vm.spec.ram.bytes)
         .await
         .inspect_err(|e| tracing::warn!(error = %types::error_chain(e), "guest RAM in use unknown: the whole RAM is counted"))
         .ok()

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use domain::hypervisor::HypervisorKind;
 use domain::Accel;
 use serde::Deserialize;
 
@@ -36,7 +37,7 @@ enum Switch {
         The config file takes the same settings as the flags (state_dir, socket, socket_group, listen,\n\
         metrics_listen, tls_dir,\n\
         insecure, qemu_monitor_command, migrate_tls_force, image_dirs = [\"/srv/images\"],\n\
-        allow_device_nodes, qemu_user, qemu_sandbox = \"on\", qemu, accel, tcg_workaround, log_format,\n\
+        allow_device_nodes, qemu_user, qemu_sandbox = \"on\", hypervisor, qemu, accel, tcg_workaround, log_format,\n\
         migration_ports = \"49152-49215\",\n\
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
@@ -96,7 +97,13 @@ struct Args {
     /// seccomp) [default: on].
     #[arg(long, value_enum)]
     qemu_sandbox: Option<Switch>,
-    /// QEMU binary [default: qemu-system-x86_64].
+    /// What runs the guests: qemu, or simulated (livemig-simvm: modelled
+    /// guests that migrate for real between agents; for tests and for
+    /// trying a cluster without guests) [default: qemu].
+    #[arg(long, value_name = "KIND")]
+    hypervisor: Option<HypervisorKind>,
+    /// The hypervisor's program [default: qemu-system-x86_64, or
+    /// livemig-simvm beside livemigd].
     #[arg(long, value_name = "PATH")]
     qemu: Option<PathBuf>,
     /// Default accelerator: tcg or kvm [default: tcg].
@@ -173,6 +180,7 @@ struct ConfigFile {
     allow_device_nodes: bool,
     qemu_user: Option<String>,
     qemu_sandbox: Option<Switch>,
+    hypervisor: Option<HypervisorKind>,
     qemu: Option<PathBuf>,
     accel: Option<Accel>,
     tcg_workaround: Option<Switch>,
@@ -363,9 +371,11 @@ async fn main() -> Result<()> {
             bail!("--qemu-user {user:?}: no such user on this host");
         }
     }
-    if let Some(qemu) = args.qemu.or(file.qemu) {
-        config.qemu = qemu;
-    }
+    config.hypervisor = args.hypervisor.or(file.hypervisor).unwrap_or_default();
+    config.qemu = args
+        .qemu
+        .or(file.qemu)
+        .unwrap_or_else(|| config.hypervisor.default_program());
     config.default_accel = args.accel.or(file.accel).unwrap_or(Accel::Tcg);
     config.qemu_timeout = Duration::from_secs(30);
     config.tcg_workaround = args.tcg_workaround.or(file.tcg_workaround) != Some(Switch::Off);

@@ -159,6 +159,8 @@ pub(crate) struct Agent {
     /// The agent's certificate as its QEMUs read it, for `--tls` (with a
     /// TLS directory only).
     pub qemu_credentials: Option<std::path::PathBuf>,
+    /// What runs the guests.
+    pub hypervisor: Box<dyn domain::hypervisor::Hypervisor>,
     /// The probed QEMU binary, with the fingerprint it was probed at.
     binary: tokio::sync::Mutex<Option<(Fingerprint, Arc<QemuBinary>)>>,
     pub domains: Mutex<BTreeMap<DomainName, Domain>>,
@@ -176,6 +178,7 @@ impl Agent {
         qemu_credentials: Option<std::path::PathBuf>,
     ) -> Self {
         Agent {
+            hypervisor: config.hypervisor.with_program(config.qemu.clone()),
             peer_tls,
             qemu_credentials,
             config,
@@ -201,6 +204,16 @@ impl Agent {
         .check(def)
         .await
         .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, errors::chain(&e)))
+    }
+
+    /// Where this agent's host throttles live; none when the hypervisor's
+    /// vCPU threads do not run the guest (QEMU's own throttle then serves).
+    pub fn throttle_place(&self) -> migration::vcpu_throttle::HostPlace {
+        let mut place = self.config.throttle_place();
+        if !self.hypervisor.host_throttle() {
+            place.guard = None;
+        }
+        place
     }
 
     pub fn next_run_id(&self) -> u64 {
@@ -293,7 +306,9 @@ impl Agent {
                 binary
             }
             None => {
-                let binary = domain::qemu::probe(&self.config.qemu, self.config.qemu_timeout)
+                let binary = self
+                    .hypervisor
+                    .probe(self.config.qemu_timeout)
                     .await
                     .map_err(|e| failed(errors::chain(&e)))?;
                 tracing::info!(binary = %now.path.display(), version = %binary.version, "probed QEMU");

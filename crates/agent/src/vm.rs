@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use domain::qemu::{
-    build_argv, Hardening, LaunchConfig, LaunchSpec, QemuBinary, QemuProcess, RamLayout,
+    build_argv, Hardening, LaunchConfig, LaunchSpec, QemuBinary, RamLayout, VmProcess,
 };
 use domain::{DomainDefinition, DomainName};
 use protocol::{ApiError, ErrorCode};
@@ -22,7 +22,7 @@ const MAX_SOCKET_PATH: usize = 107;
 pub(crate) struct RunningVm {
     /// Shown by `list` as the domain's Id.
     pub run_id: u64,
-    pub process: QemuProcess,
+    pub process: VmProcess,
     pub spec: LaunchSpec,
     pub qmp_socket: PathBuf,
     pub serial_log: PathBuf,
@@ -149,14 +149,10 @@ pub(crate) async fn launch(
     if paused || incoming {
         argv.push("-S".into());
     }
-    let process = match QemuProcess::spawn(
-        &agent.config.qemu,
-        &argv,
-        &qmp_socket,
-        &qemu_log,
-        agent.config.qemu_timeout,
-    )
-    .await
+    let process = match agent
+        .hypervisor
+        .spawn(&argv, &qmp_socket, &qemu_log, agent.config.qemu_timeout)
+        .await
     {
         Ok(process) => process,
         Err(e) => {

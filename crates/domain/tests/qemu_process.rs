@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use domain::qemu::{
-    build_argv, probe, LaunchConfig, LaunchSpec, ProcessError, QemuProcess, RamLayout,
+    build_argv, probe, LaunchConfig, LaunchSpec, ProcessError, RamLayout, VmProcess,
 };
 use domain::DomainDefinition;
 use guest::{SerialLog, Workload};
@@ -73,7 +73,7 @@ async fn guest_runs_and_reports_progress_with_the_workaround_layout() {
 #[tokio::test]
 async fn a_bad_command_line_fails_with_qemus_own_message() {
     let dir = tempfile::tempdir().unwrap();
-    let err = QemuProcess::spawn(
+    let err = VmProcess::spawn(
         Path::new(QEMU),
         &["-machine".into(), "no-such-machine".into()],
         &dir.path().join("qmp.sock"),
@@ -113,7 +113,7 @@ async fn dropping_the_process_kills_qemu() {
 }
 
 /// The test guest under QEMU's `pc` machine, plain RAM layout.
-async fn start_guest(dir: &Path, workload: Workload) -> QemuProcess {
+async fn start_guest(dir: &Path, workload: Workload) -> VmProcess {
     let def = definition(dir, workload);
     let spec = LaunchSpec {
         machine: "pc".into(),
@@ -124,7 +124,7 @@ async fn start_guest(dir: &Path, workload: Workload) -> QemuProcess {
 }
 
 /// `def` under QEMU as `spec` lays it out, its files in `dir`.
-async fn spawn(dir: &Path, def: &DomainDefinition, spec: &LaunchSpec) -> QemuProcess {
+async fn spawn(dir: &Path, def: &DomainDefinition, spec: &LaunchSpec) -> VmProcess {
     let socket = dir.join("qmp.sock");
     let argv = build_argv(&LaunchConfig {
         definition: def,
@@ -135,7 +135,7 @@ async fn spawn(dir: &Path, def: &DomainDefinition, spec: &LaunchSpec) -> QemuPro
         taps: &[],
         hardening: Default::default(),
     });
-    QemuProcess::spawn(
+    VmProcess::spawn(
         Path::new(QEMU),
         &argv,
         &socket,

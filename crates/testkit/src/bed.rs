@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use domain::hypervisor::HypervisorKind;
 use domain::DomainDefinition;
 use guest::linux::{self, LinuxImage, LinuxWorkload};
 use guest::Workload;
@@ -24,7 +25,10 @@ pub struct TestBed {
     pki: PathBuf,
     /// How `host` and `two_hosts_running` run their agents.
     agents: AgentKind,
-    _serial: MutexGuard<'static, ()>,
+    /// What runs the guests of every host of the bed.
+    hypervisor: HypervisorKind,
+    /// Held by beds of real guests: they take the machine's cores.
+    _serial: Option<MutexGuard<'static, ()>>,
 }
 
 impl TestBed {
@@ -33,17 +37,28 @@ impl TestBed {
     /// serve their agents in-process; hosts with flags or in a network
     /// namespace are `livemigd` processes.
     pub async fn new() -> TestBed {
-        Self::with(AgentKind::InProcess).await
+        Self::with(AgentKind::InProcess, HypervisorKind::Qemu).await
     }
 
     /// A bed whose every agent is a `livemigd` process: for tests that
     /// crash an agent or measure its process.
     pub async fn with_agent_processes() -> TestBed {
-        Self::with(AgentKind::Process).await
+        Self::with(AgentKind::Process, HypervisorKind::Qemu).await
     }
 
-    async fn with(agents: AgentKind) -> TestBed {
-        let serial = SERIAL.lock().await;
+    /// A bed whose hosts run simulated VMs (`livemig-simvm`): for tests
+    /// whose subject is the agent, the CLI or the protocol. Such beds take
+    /// little CPU, so they do not wait for one another.
+    pub async fn simulated() -> TestBed {
+        Self::with(AgentKind::InProcess, HypervisorKind::Simulated).await
+    }
+
+    /// A bed of `agents` whose guests run on `hypervisor`.
+    pub async fn with(agents: AgentKind, hypervisor: HypervisorKind) -> TestBed {
+        let serial = match hypervisor {
+            HypervisorKind::Qemu => Some(SERIAL.lock().await),
+            HypervisorKind::Simulated => None,
+        };
         let mut dir = tempfile::Builder::new()
             .prefix("livemig-test-")
             .tempdir()
@@ -63,8 +78,14 @@ impl TestBed {
             kernel,
             pki,
             agents,
+            hypervisor,
             _serial: serial,
         }
+    }
+
+    /// What runs the bed's guests.
+    pub fn hypervisor(&self) -> HypervisorKind {
+        self.hypervisor
     }
 
     /// Where the bed's agents take images from (`--image-dir`).
@@ -277,8 +298,24 @@ impl TestBed {
             extra_args: std::iter::once("--allow-qemu-monitor-command")
                 .chain(args.iter().copied())
                 .map(str::to_string)
+                .chain(self.hypervisor_args())
                 .collect(),
             private_dirs: Vec::new(),
+        }
+    }
+
+    /// The flags that give an agent the bed's hypervisor.
+    fn hypervisor_args(&self) -> Vec<String> {
+        match self.hypervisor {
+            HypervisorKind::Qemu => Vec::new(),
+            HypervisorKind::Simulated => vec![
+                "--hypervisor".into(),
+                "simulated".into(),
+                "--qemu".into(),
+                bin(domain::hypervisor::SIMULATED_PROGRAM)
+                    .display()
+                    .to_string(),
+            ],
         }
     }
 

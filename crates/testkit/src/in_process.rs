@@ -52,6 +52,17 @@ impl InProcessAgent {
         // Not this test binary: the guard that holds a throttle's lease is
         // `livemigd guard-throttle`.
         config.throttle_guard = Some(crate::bin("livemigd"));
+        // The hypervisor flags livemigd would get.
+        let mut extra = options.extra_args.iter();
+        while let Some(arg) = extra.next() {
+            match (arg.as_str(), extra.clone().next()) {
+                ("--hypervisor", Some(kind)) => {
+                    config.hypervisor = kind.parse().expect("a hypervisor kind");
+                }
+                ("--qemu", Some(program)) => config.qemu = program.into(),
+                _ => {}
+            }
+        }
 
         let log =
             std::fs::File::create(options.state_dir.join("livemigd.log")).expect("the agent's log");

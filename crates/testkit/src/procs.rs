@@ -35,16 +35,22 @@ pub fn in_group(pgid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// QEMU processes in a process group.
+/// True for a VM process: QEMU, or a simulated VM.
+pub fn is_vm(pid: u32) -> bool {
+    comm(pid).is_some_and(|c| c.starts_with("qemu-system") || c == "livemig-simvm")
+}
+
+/// VM processes (QEMU or simulated) in a process group.
 pub fn qemus_in_group(pgid: u32) -> Vec<u32> {
     in_group(pgid)
         .into_iter()
-        .filter(|&pid| comm(pid).is_some_and(|c| c.starts_with("qemu-system")))
+        .filter(|&pid| is_vm(pid))
         .collect()
 }
 
-/// Live QEMU processes whose command line names a path under `dir` (an
-/// agent's state directory: every QEMU it starts has its QMP socket there).
+/// Live VM processes (QEMU or simulated) whose command line names a path
+/// under `dir` (an agent's state directory: every VM it starts has its QMP
+/// socket there).
 pub fn qemus_naming(dir: &Path) -> Vec<u32> {
     let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
     needle.push(b'/');
@@ -54,7 +60,7 @@ pub fn qemus_naming(dir: &Path) -> Vec<u32> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| comm(pid).is_some_and(|c| c.starts_with("qemu-system")) && alive(pid))
+        .filter(|&pid| is_vm(pid) && alive(pid))
         .filter(|&pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|cmdline| cmdline.windows(needle.len()).any(|w| w == needle))

@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use domain::qemu::{build_argv, LaunchConfig, LaunchSpec, QemuProcess, RamLayout};
+use domain::qemu::{build_argv, LaunchConfig, LaunchSpec, RamLayout, VmProcess};
 use domain::DomainDefinition;
 use guest::{SerialLog, Workload};
 use migration::dirty::{per_vcpu, MeasureError};
@@ -43,7 +43,7 @@ fn kvm_available() -> bool {
 
 /// The test guest with two vCPUs sweeping on vCPU 0, under `accel`
 /// (with a dirty ring of `ring` entries).
-async fn start(dir: &Path, accel: Accel, ring: Option<u32>) -> QemuProcess {
+async fn start(dir: &Path, accel: Accel, ring: Option<u32>) -> VmProcess {
     let kernel = guest::install_kernel(dir).unwrap();
     let mut def = DomainDefinition::from_toml(&format!(
         "name = \"t\"\nmemory_mib = 128\nvcpus = 2\n[kernel]\npath = {:?}\ncmdline = {:?}\n",
@@ -69,7 +69,7 @@ async fn start(dir: &Path, accel: Accel, ring: Option<u32>) -> QemuProcess {
         taps: &[],
         hardening: Default::default(),
     });
-    let qemu = QemuProcess::spawn(
+    let qemu = VmProcess::spawn(
         Path::new(QEMU),
         &argv,
         &socket,

@@ -24,7 +24,6 @@ mod outgoing;
 
 use std::sync::Arc;
 
-use domain::qemu::QemuProcess;
 use domain::DomainName;
 use migration::record::JobIdentity;
 use migration::Flags;
@@ -38,13 +37,15 @@ use crate::vm::{self, RunningVm};
 pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
     for record in agent.store.load_runs().await {
         let name = record.name.clone();
-        let process = match QemuProcess::adopt(
-            record.pid,
-            &record.qmp_socket,
-            &record.qemu_log,
-            agent.config.qemu_timeout,
-        )
-        .await
+        let process = match agent
+            .hypervisor
+            .adopt(
+                record.pid,
+                &record.qmp_socket,
+                &record.qemu_log,
+                agent.config.qemu_timeout,
+            )
+            .await
         {
             Ok(process) => process,
             Err(e) => {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::definition::Accel;
 use crate::qemu::layout;
-use crate::qemu::process::{ProcessError, QemuProcess};
+use crate::qemu::process::{ProcessError, VmProcess};
 
 /// A machine type and the alias pointing at it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,7 +173,7 @@ async fn probe_in(
         "chardev=qmp,mode=control".into(),
     ])
     .collect();
-    let process = QemuProcess::spawn(binary, &argv, &socket, &log, timeout)
+    let process = VmProcess::spawn(binary, &argv, &socket, &log, timeout)
         .await
         .map_err(|source| ProbeError::Start {
             binary: binary.to_path_buf(),

@@ -11,5 +11,5 @@ pub mod resident;
 pub use argv::{build_argv, Hardening, LaunchConfig, LaunchSpec};
 pub use binary::{probe, ProbeError, QemuBinary};
 pub use layout::RamLayout;
-pub use process::{ExitInfo, ProcessError, QemuProcess, STOP_TIMEOUT};
+pub use process::{ExitInfo, ProcessError, VmProcess, STOP_TIMEOUT};
 pub use resident::{guest_ram_resident, ResidentError};

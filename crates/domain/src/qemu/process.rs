@@ -1,10 +1,11 @@
-//! A supervised QEMU process with its QMP connection.
+//! A supervised VM process with its QMP connection: a QEMU, or a simulated
+//! VM that stands in for one (see [`crate::hypervisor`]).
 //!
 //! A task owns the child: it reaps it and publishes how it exited on a
-//! `watch` channel, and kills it when asked or when the [`QemuProcess`] is
-//! dropped — unless it was [detached](QemuProcess::detach), which an agent
+//! `watch` channel, and kills it when asked or when the [`VmProcess`] is
+//! dropped — unless it was [detached](VmProcess::detach), which an agent
 //! does when it shuts down so its guests keep running. A QEMU started by an
-//! earlier agent process is [adopted](QemuProcess::adopt): it is not our
+//! earlier agent process is [adopted](VmProcess::adopt): it is not our
 //! child, so its exit is noticed by watching `/proc`. QEMU's stdout and
 //! stderr go to a log file, whose tail is quoted when QEMU fails to start.
 
@@ -92,7 +93,7 @@ pub enum ProcessError {
 /// that owns it before a kill order could run — unless it was detached.
 struct ChildGuard {
     child: tokio::process::Child,
-    /// Set by [`QemuProcess::detach`] directly: an agent that shuts down
+    /// Set by [`VmProcess::detach`] directly: an agent that shuts down
     /// detaches and exits at once, without this task running again.
     detached: Arc<AtomicBool>,
 }
@@ -105,7 +106,7 @@ impl Drop for ChildGuard {
     }
 }
 
-/// What the owner of a [`QemuProcess`] wants done with it.
+/// What the owner of a [`VmProcess`] wants done with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Order {
     Kill,
@@ -113,9 +114,9 @@ enum Order {
     Detach,
 }
 
-/// A running QEMU.
+/// A running QEMU (or simulated VM).
 #[derive(Debug)]
-pub struct QemuProcess {
+pub struct VmProcess {
     pid: u32,
     qmp: Client,
     exit: watch::Receiver<Option<ExitInfo>>,
@@ -124,7 +125,7 @@ pub struct QemuProcess {
     detached: Arc<AtomicBool>,
 }
 
-impl QemuProcess {
+impl VmProcess {
     /// Starts `binary argv...`, then connects to its QMP socket.
     ///
     /// # Errors
@@ -136,7 +137,7 @@ impl QemuProcess {
         qmp_socket: &Path,
         log: &Path,
         timeout: Duration,
-    ) -> Result<QemuProcess, ProcessError> {
+    ) -> Result<VmProcess, ProcessError> {
         let log_file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -232,7 +233,7 @@ impl QemuProcess {
                 }
             }
         };
-        Ok(QemuProcess {
+        Ok(VmProcess {
             pid,
             qmp,
             exit: exit_rx,
@@ -252,7 +253,7 @@ impl QemuProcess {
         qmp_socket: &Path,
         log: &Path,
         timeout: Duration,
-    ) -> Result<QemuProcess, ProcessError> {
+    ) -> Result<VmProcess, ProcessError> {
         let adopt_error = |reason: String| ProcessError::Adopt { pid, reason };
         if !alive(pid) {
             return Err(adopt_error("the process is gone".into()));
@@ -290,7 +291,7 @@ impl QemuProcess {
                 signal: None,
             }));
         });
-        Ok(QemuProcess {
+        Ok(VmProcess {
             pid,
             qmp,
             exit: exit_rx,
@@ -372,7 +373,7 @@ impl QemuProcess {
     }
 }
 
-impl Drop for QemuProcess {
+impl Drop for VmProcess {
     fn drop(&mut self) {
         self.kill();
     }

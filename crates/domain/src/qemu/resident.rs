@@ -29,6 +29,16 @@ pub enum ResidentError {
         #[source]
         source: std::io::Error,
     },
+    /// The simulated VM did not answer its RAM query.
+    #[error("cannot ask the VM (pid {pid}) for the {ram_bytes} bytes of its RAM in use: {reason}")]
+    Query {
+        /// The VM's pid.
+        pid: u32,
+        /// Its RAM size.
+        ram_bytes: u64,
+        /// Why.
+        reason: String,
+    },
     /// No mapping there has the size of the guest's RAM.
     #[error("no mapping of {ram_bytes} bytes (the guest's RAM) in {path}")]
     NotFound {

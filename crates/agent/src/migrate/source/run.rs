@@ -141,13 +141,9 @@ impl Run {
         // copied: a copy the guest's writes outrun slows the vCPUs too.
         let (mut throttle, via) = if flags.converge_mode() == protocol::ConvergeMode::Adaptive {
             let name = format!("{}-{}", self.name, &self.job.ident.id[..8]);
-            let (throttle, via) = vcpu_throttle::attach(
-                qmp,
-                &self.agent.config.throttle_place(),
-                name,
-                vm.process.pid(),
-            )
-            .await;
+            let (throttle, via) =
+                vcpu_throttle::attach(qmp, &self.agent.throttle_place(), name, vm.process.pid())
+                    .await;
             (Some(throttle), via)
         } else {
             (None, settings::ThrottleVia::NotQemu)
@@ -212,7 +208,7 @@ impl Run {
 
         let mechanism_max = throttle.as_ref().map_or(0.0, |t| t.max());
         let mut options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
-        options.ram_in_use_bytes = crate::estimate::ram_in_use(vm).await;
+        options.ram_in_use_bytes = crate::estimate::ram_in_use(&self.agent, vm).await;
         options.dirty_ring = self.def.dirty_ring.is_some() && vm.spec.accel == types::Accel::Kvm;
         let outcome = self
             .perform(vm, &data_uri, &options, throttle, &mirrors)
