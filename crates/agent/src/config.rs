@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::timeouts::Timeouts;
 use domain::hypervisor::HypervisorKind;
 use domain::Accel;
 use migration::vcpu_throttle::cgroup::Hierarchy;
@@ -74,6 +75,8 @@ pub struct Config {
     /// Ports a destination QEMU may listen on for migration data; any free
     /// port when unset.
     pub migration_ports: Option<(u16, u16)>,
+    /// How long it waits, for what.
+    pub timeouts: Timeouts,
 }
 
 impl Config {
@@ -102,6 +105,7 @@ impl Config {
             cgroup_cpu: Hierarchy::default_root(),
             throttle_guard: lease::default_program(),
             migration_ports: None,
+            timeouts: Timeouts::default(),
         }
     }
 }
@@ -115,6 +119,7 @@ impl Config {
             root: self.cgroup_cpu.clone(),
             scope: throttle_scope(&self.state_dir),
             guard: self.throttle_guard.clone(),
+            lease: self.timeouts.throttle_lease,
         }
     }
 }

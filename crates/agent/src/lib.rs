@@ -1,6 +1,6 @@
 //! `livemigd`, the per-host agent.
 //!
-//! - [`config`]: how the agent runs.
+//! - [`config`]: how the agent runs; [`timeouts`]: how long it waits.
 //! - [`store`]: the state directory (definitions, run records, sockets, logs).
 //! - [`history`]: finished jobs with their timelines, in SQLite.
 //! - `state`: the in-memory domain table and active jobs.
@@ -36,8 +36,10 @@ mod state;
 pub mod store;
 mod taps;
 pub mod throttles;
+pub mod timeouts;
 mod vm;
 
 pub use config::Config;
 pub use server::{run, serve, Listeners, RunError};
 pub use throttles::release_stale_throttles;
+pub use timeouts::Timeouts;

@@ -38,7 +38,7 @@ enum Switch {
         metrics_listen, tls_dir,\n\
         insecure, qemu_monitor_command, migrate_tls_force, image_dirs = [\"/srv/images\"],\n\
         allow_device_nodes, qemu_user, qemu_sandbox = \"on\", hypervisor, qemu, accel, tcg_workaround, log_format,\n\
-        migration_ports = \"49152-49215\",\n\
+        migration_ports = \"49152-49215\", [timeouts] peer-silence = \"20s\",\n\
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
 struct Args {
@@ -117,6 +117,12 @@ struct Args {
     /// 49152-49215 [default: any free port].
     #[arg(long, value_name = "FIRST-LAST")]
     migration_ports: Option<String>,
+    /// A timeout, NAME=DURATION (500ms, 20s, 2m); repeat for more. Names:
+    /// peer-silence (20s), peer-retry (30s), prepare (90s), disk-progress
+    /// (30s), throttle-lease (5s), client-idle (120s), handshake (10s),
+    /// orphan (60s).
+    #[arg(long = "timeout", value_name = "NAME=DURATION")]
+    timeouts: Vec<String>,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -187,6 +193,9 @@ struct ConfigFile {
     migration_ports: Option<String>,
     log_format: Option<LogFormat>,
     cgroup_cpu: Option<PathBuf>,
+    /// `name = "20s"`, as `--timeout` takes them.
+    #[serde(default)]
+    timeouts: std::collections::BTreeMap<String, String>,
 }
 
 fn read_config(path: &Path) -> Result<ConfigFile> {
@@ -385,6 +394,20 @@ async fn main() -> Result<()> {
         .as_deref()
         .map(parse_ports)
         .transpose()?;
+    for (name, value) in &file.timeouts {
+        config
+            .timeouts
+            .apply(&format!("{name}={value}"))
+            .with_context(|| {
+                format!(
+                    "[timeouts] in {}",
+                    args.config.as_deref().unwrap_or(Path::new("?")).display()
+                )
+            })?;
+    }
+    for setting in &args.timeouts {
+        config.timeouts.apply(setting).context("--timeout")?;
+    }
     if let Some(cgroup) = file.cgroup_cpu {
         config.cgroup_cpu = cgroup;
     }
@@ -439,5 +462,18 @@ mod tests {
         let ok: ConfigFile =
             toml::from_str("listen = \"tcp://0.0.0.0:7000\"\naccel = \"kvm\"").unwrap();
         assert_eq!(ok.accel, Some(Accel::Kvm));
+    }
+
+    #[test]
+    fn the_config_file_sets_timeouts_by_name() {
+        let file: ConfigFile =
+            toml::from_str("hypervisor = \"simulated\"\n[timeouts]\npeer-silence = \"3s\"")
+                .unwrap();
+        let mut timeouts = agent::Timeouts::default();
+        for (name, value) in &file.timeouts {
+            timeouts.apply(&format!("{name}={value}")).unwrap();
+        }
+        assert_eq!(timeouts.peer_silence, Duration::from_secs(3));
+        assert_eq!(file.hypervisor, Some(HypervisorKind::Simulated));
     }
 }

@@ -282,7 +282,12 @@ impl Agent {
         &self,
         uri: &protocol::AgentUri,
     ) -> Result<protocol::Client, protocol::ClientError> {
-        protocol::Client::connect_with(uri, self.peer_tls.as_ref()).await
+        protocol::Client::connect_watching(
+            uri,
+            self.peer_tls.as_ref(),
+            self.config.timeouts.peer_silence,
+        )
+        .await
     }
 
     /// The QEMU binary's capabilities: probed on first use and again only

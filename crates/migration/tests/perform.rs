@@ -675,6 +675,7 @@ async fn three_vcpus_one_writer_with(
         root: tree.to_path_buf(),
         scope: "agent".into(),
         guard: Some("/bin/true".into()),
+        lease: migration::vcpu_throttle::lease::LEASE,
     };
     // Thread ids /proc does not know: their CPU time cannot be read, so
     // each counts as busy and is probed.

@@ -105,13 +105,14 @@ impl ClientError {
     }
 }
 
-/// A TCP connection with keepalive, within [`CONNECT_TIMEOUT`].
-async fn tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
+/// A TCP connection with keepalive on the scale of `silence`, within
+/// [`CONNECT_TIMEOUT`].
+async fn tcp(host: &str, port: u16, silence: Duration) -> std::io::Result<TcpStream> {
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let _ = stream.set_nodelay(true);
-    crate::keepalive(&stream);
+    crate::keepalive(&stream, silence);
     Ok(stream)
 }
 
@@ -158,6 +159,19 @@ impl Client {
         uri: &AgentUri,
         tls: Option<&Arc<rustls::ClientConfig>>,
     ) -> Result<Client, ClientError> {
+        Self::connect_watching(uri, tls, crate::PEER_SILENCE_LIMIT).await
+    }
+
+    /// As [`Client::connect_with`], with TCP keepalive noticing a dead
+    /// link within `silence` (an agent's configured peer silence).
+    ///
+    /// # Errors
+    /// As [`Client::connect_with`].
+    pub async fn connect_watching(
+        uri: &AgentUri,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+        silence: Duration,
+    ) -> Result<Client, ClientError> {
         let connect_error = |source| ClientError::Connect {
             uri: uri.to_string(),
             source,
@@ -170,7 +184,7 @@ impl Client {
                     .map_err(connect_error)?,
             ),
             AgentUri::Tcp { host, port } => {
-                Box::new(tcp(host, *port).await.map_err(connect_error)?)
+                Box::new(tcp(host, *port, silence).await.map_err(connect_error)?)
             }
             AgentUri::Tls { host, port } => {
                 let config = tls.ok_or_else(|| ClientError::NoCredentials {
@@ -183,7 +197,7 @@ impl Client {
                 let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
                     tls_error(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
                 })?;
-                let stream = tcp(host, *port).await.map_err(connect_error)?;
+                let stream = tcp(host, *port, silence).await.map_err(connect_error)?;
                 let connector = tokio_rustls::TlsConnector::from(config.clone());
                 let stream = tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name, stream))
                     .await

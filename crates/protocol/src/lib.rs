@@ -52,16 +52,17 @@ pub use reply::Reply;
 pub use request::Request;
 pub use uri::{AgentUri, BadAgentUri};
 
-/// How long an agent connection may go unheard before it counts as lost:
-/// TCP keepalive probes after 10 s idle, every 2 s, five times.
+/// How long an agent connection may go unheard before it counts as lost,
+/// unless the agent is configured otherwise.
 pub const PEER_SILENCE_LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Turns on TCP keepalive so a peer behind a dead link is noticed within
-/// [`PEER_SILENCE_LIMIT`] instead of the kernel's two hours.
-pub fn keepalive(stream: &tokio::net::TcpStream) {
+/// `silence` instead of the kernel's two hours: probes after half of it
+/// idle, then five probes over the other half.
+pub fn keepalive(stream: &tokio::net::TcpStream, silence: std::time::Duration) {
     let params = socket2::TcpKeepalive::new()
-        .with_time(std::time::Duration::from_secs(10))
-        .with_interval(std::time::Duration::from_secs(2))
+        .with_time((silence / 2).max(std::time::Duration::from_secs(1)))
+        .with_interval((silence / 10).max(std::time::Duration::from_secs(1)))
         .with_retries(5);
     if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
         tracing::warn!(error = %e, "cannot enable TCP keepalive");

@@ -15,11 +15,8 @@ use crate::runfile::{RunJob, RunRecord};
 use crate::state::{ActiveJob, Agent, IncomingJob};
 use crate::vm::RunningVm;
 
-/// How long a reattached incoming QEMU waits for its source.
-pub(crate) const ORPHAN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Keeps an incoming QEMU for its source to finish or abort, within
-/// [`ORPHAN_TIMEOUT`].
+/// Keeps an incoming QEMU for its source to finish or abort, within the
+/// agent's orphan timeout.
 pub(super) fn keep_incoming(
     agent: &Arc<Agent>,
     name: &DomainName,
@@ -54,7 +51,7 @@ pub(super) fn keep_incoming(
     let name = name.clone();
     let source = job.peer.clone();
     tokio::spawn(async move {
-        let deadline = Instant::now() + ORPHAN_TIMEOUT;
+        let deadline = Instant::now() + agent.config.timeouts.orphan;
         let waiting = || {
             agent
                 .with_domain(&name, |d| {

@@ -12,7 +12,7 @@
 //!   one state that cannot end with two running copies. The job record says
 //!   which.
 //! - **destination**: the incoming QEMU is kept (paused) for the source to
-//!   finish or abort; if the source says nothing for [`ORPHAN_TIMEOUT`], it
+//!   finish or abort; if the source says nothing for the orphan timeout, it
 //!   is torn down.
 //!
 //! - `mod`: adopting the QEMUs.

@@ -2,7 +2,6 @@
 //! network ports) one HTTP request (see `http`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use protocol::codec::{read_message, write_message, CodecError};
 use protocol::envelope::{RequestEnvelope, ResponseEnvelope, ResponseResult};
@@ -12,12 +11,6 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, BufReader};
 use super::ConnContext;
 use crate::migrate::destination;
 use crate::state::Agent;
-
-/// How long a new connection may take to say what it is.
-const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a connection may sit without a whole request before it is
-/// closed (a migration's peer connection pings every few seconds).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A network connection speaks the agent protocol, or HTTP (`GET
 /// /metrics`): the agent protocol starts with '{', HTTP with a method. On
@@ -30,7 +23,7 @@ where
     let mut stream = BufReader::new(stream);
     let is_http = http_only
         || matches!(
-            tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.fill_buf()).await,
+            tokio::time::timeout(agent.config.timeouts.handshake, stream.fill_buf()).await,
             Ok(Ok(first)) if first.first().is_some_and(u8::is_ascii_uppercase)
         );
     if is_http {
@@ -53,7 +46,10 @@ pub(super) async fn serve_requests<R, W>(
     W: AsyncWrite + Unpin,
 {
     loop {
-        let next = tokio::time::timeout(IDLE_TIMEOUT, read_message(&mut reader)).await;
+        // A migration's peer connection pings every few seconds, so only
+        // a client that has gone quiet meets this.
+        let idle = agent.config.timeouts.client_idle;
+        let next = tokio::time::timeout(idle, read_message(&mut reader)).await;
         let Ok(next) = next else {
             tracing::debug!(conn = ctx.id, "idle connection closed");
             break;

@@ -33,8 +33,6 @@ use crate::state::{ActiveJob, Agent, Domain};
 use crate::store::{Store, StoreError};
 use connection::{serve_requests, serve_stream};
 
-/// How long a client may take to finish the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most network connections served at once; more are closed at once.
 /// Local ones (the unix socket's owner) are not counted.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -416,7 +414,7 @@ async fn serve_tcp(
     http_only: bool,
 ) {
     let _ = stream.set_nodelay(true);
-    protocol::keepalive(&stream);
+    protocol::keepalive(&stream, agent.config.timeouts.peer_silence);
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let peer = stream.peer_addr().ok();
     let Some(acceptor) = tls else {
@@ -428,7 +426,12 @@ async fn serve_tcp(
         serve_stream(agent, stream, ctx, http_only).await;
         return;
     };
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+    let stream = match tokio::time::timeout(
+        agent.config.timeouts.handshake,
+        acceptor.accept(stream),
+    )
+    .await
+    {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
             tracing::info!(?peer, error = %e, "TLS handshake refused");

@@ -6,9 +6,9 @@
 //! frozen. So with every host throttle the agent starts a guard process
 //! (`livemigd guard-throttle`, its own process group, so it outlives the
 //! agent) whose stdin is a pipe from the agent:
-//! - the agent writes `renew` every [`RENEW_EVERY`]; a guard that hears
-//!   nothing for [`LEASE`] (the agent is stopped or wedged) lifts the
-//!   throttle;
+//! - the agent writes `renew` five times per lease ([`LEASE`] unless the
+//!   agent is configured otherwise); a guard that hears nothing for a
+//!   lease (the agent is stopped or wedged) lifts the throttle;
 //! - the agent dies: the pipe closes and the guard lifts the throttle at
 //!   once;
 //! - the job ends: the agent releases the throttle itself, then writes
@@ -29,10 +29,11 @@ use tokio::sync::oneshot;
 
 use super::cgroup::{release_named, Hierarchy, ThrottleError};
 
-/// How long a throttle outlives the agent's last renewal.
+/// How long a throttle outlives the agent's last renewal, unless the
+/// agent says otherwise.
 pub const LEASE: Duration = Duration::from_secs(5);
-/// How often the agent renews.
-pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// Renewals per lease.
+const RENEWALS: u32 = 5;
 /// How long the agent waits for its guard to leave at the end of a job.
 const GUARD_EXIT: Duration = Duration::from_secs(2);
 
@@ -60,13 +61,20 @@ pub struct Lease {
 
 impl Lease {
     /// Starts `program guard-throttle ...` for the throttle `scope/name`
-    /// under `root` and renews it from a task of its own.
+    /// under `root`, held for `lease` past each renewal, and renews it
+    /// from a task of its own.
     ///
     /// # Errors
     /// The guard could not be started.
-    pub fn take(program: &Path, root: &Path, scope: &str, name: &str) -> std::io::Result<Lease> {
+    pub fn take(
+        program: &Path,
+        root: &Path,
+        scope: &str,
+        name: &str,
+        lease: Duration,
+    ) -> std::io::Result<Lease> {
         let mut child = tokio::process::Command::new(program)
-            .args(guard_args(root, scope, name, LEASE))
+            .args(guard_args(root, scope, name, lease))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .process_group(0)
@@ -76,7 +84,7 @@ impl Lease {
         let (done, mut done_rx) = oneshot::channel::<()>();
         let name = name.to_string();
         let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RENEW_EVERY);
+            let mut tick = tokio::time::interval(lease / RENEWALS);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {

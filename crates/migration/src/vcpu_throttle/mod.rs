@@ -188,6 +188,8 @@ pub struct HostPlace {
     /// The program that holds the lease (`livemigd`), if any: without one
     /// the host throttle is not used.
     pub guard: Option<PathBuf>,
+    /// How long a throttle outlives the agent's last renewal.
+    pub lease: std::time::Duration,
 }
 
 impl HostVcpuThrottle {
@@ -216,7 +218,7 @@ impl HostVcpuThrottle {
             .await??
         };
         // Nothing is throttled yet: without a lease, nothing will be.
-        let lease = match Lease::take(&guard, hierarchy.root(), &place.scope, &name) {
+        let lease = match Lease::take(&guard, hierarchy.root(), &place.scope, &name, place.lease) {
             Ok(lease) => lease,
             Err(source) => {
                 let _ = tokio::task::spawn_blocking(move || inner.release()).await;
@@ -392,7 +394,7 @@ pub fn available(place: &HostPlace) -> protocol::host::ThrottleMechanism {
                  lease; with several vCPUs, only the ones found writing",
                 hierarchy.describe(),
                 hierarchy.root().display(),
-                lease::LEASE.as_secs()
+                place.lease.as_secs_f64()
             ),
         },
         Err(why) => protocol::host::ThrottleMechanism {

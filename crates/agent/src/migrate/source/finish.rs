@@ -14,10 +14,6 @@ use protocol::{ClientError, Reply, Request};
 use super::peer::{unexpected, Peer};
 use crate::errors;
 
-/// How long to look for a destination agent that went away mid-job (one
-/// that restarts comes back well within it).
-pub(crate) const PEER_RETRY: Duration = Duration::from_secs(30);
-
 /// What the destination says after the copy completed.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Settled {

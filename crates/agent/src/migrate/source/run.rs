@@ -3,7 +3,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use domain::qemu::{LaunchSpec, RamLayout, STOP_TIMEOUT};
 use domain::{DomainDefinition, DomainName};
@@ -13,22 +12,17 @@ use migration::{cleanup, plan, vcpu_throttle, wire};
 use protocol::domain::{DefinitionDoc, Tunables};
 use protocol::job::{JobStats, JobStatus, Phase, Role};
 use protocol::migrate::PrepareRequest;
-use protocol::{Reply, Request, PEER_SILENCE_LIMIT};
+use protocol::{Reply, Request};
 use qmp::commands::vm::{QueryStatus, RunState, Stop};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::finish::{self, Settled, PEER_RETRY};
+use super::finish::{self, Settled};
 use super::peer::Peer;
 use super::record::Ending;
 use crate::errors;
 use crate::state::{Agent, OutgoingJob};
 use crate::vm::RunningVm;
-
-/// How long the destination may take to start its QEMU and listen.
-const PREPARE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How often the watchdog checks that the destination agent is there.
-const PEER_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Why the destination did not prepare.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +91,11 @@ impl Run {
             source: self.agent.uri.clone(),
             storage,
         }));
-        match self.peer.request(request, PREPARE_TIMEOUT).await {
+        match self
+            .peer
+            .request(request, self.agent.config.timeouts.prepare)
+            .await
+        {
             Ok(Reply::Prepared { uri, nbd_port }) => Ok((uri, nbd_port)),
             Ok(other) => Err(PrepareError::Unexpected(Box::new(other))),
             Err(e) => Err(PrepareError::Refused(e)),
@@ -318,21 +316,22 @@ impl Run {
     pub(super) async fn watched<T>(&self, work: impl std::future::Future<Output = T>) -> T {
         tokio::pin!(work);
         let mut last_contact = Instant::now();
-        let mut check = Box::pin(self.peer.answers_after(PEER_CHECK_INTERVAL));
+        let timeouts = self.agent.config.timeouts;
+        let mut check = Box::pin(self.peer.answers_after(timeouts.peer_check_interval()));
         loop {
             tokio::select! {
                 done = &mut work => return done,
                 reachable = &mut check => {
                     if reachable {
                         last_contact = Instant::now();
-                    } else if last_contact.elapsed() >= PEER_SILENCE_LIMIT
+                    } else if last_contact.elapsed() >= timeouts.peer_silence
                         && !self.job.cancel.is_cancelled()
                     {
                         tracing::error!("lost the destination agent; cancelling");
                         self.lost_peer.store(true, Ordering::Relaxed);
                         self.job.cancel.cancel();
                     }
-                    check = Box::pin(self.peer.answers_after(PEER_CHECK_INTERVAL));
+                    check = Box::pin(self.peer.answers_after(timeouts.peer_check_interval()));
                 }
             }
         }
@@ -344,9 +343,8 @@ impl Run {
             CancelReason::User if self.lost_peer.load(Ordering::Relaxed) => (
                 JobStatus::Failed,
                 format!(
-                    "lost contact with the destination agent {} for {}s; migration cancelled",
-                    self.job.ident.destination,
-                    PEER_SILENCE_LIMIT.as_secs()
+                    "lost contact with the destination agent {} for {:?}; migration cancelled",
+                    self.job.ident.destination, self.agent.config.timeouts.peer_silence
                 ),
             ),
             CancelReason::User => (JobStatus::Cancelled, "cancelled by domjobabort".to_string()),
@@ -373,7 +371,7 @@ impl Run {
             &self.peer,
             &self.job.ident.id,
             self.agent.config.finish_timeout,
-            PEER_RETRY,
+            self.agent.config.timeouts.peer_retry,
         )
         .await;
         let note = match settled {

@@ -13,11 +13,6 @@ use types::Throttle;
 use super::run::Run;
 use crate::errors;
 
-/// How long the disks' copy may go without gaining on the guest's writes
-/// before the job stops it as not converging: long enough for a burst of
-/// writes to pass, short enough that nobody waits on a copy that cannot end.
-const NO_PROGRESS: std::time::Duration = std::time::Duration::from_secs(30);
-
 impl Run {
     /// The disks this job copies, as the destination must create them:
     /// their size (and, with `--copy-storage-inc`, the backing file) as
@@ -126,7 +121,7 @@ impl Run {
                 qmp,
                 &self.job.cancel,
                 timeout,
-                NO_PROGRESS,
+                self.agent.config.timeouts.disk_progress,
                 throttle,
                 |event| self.on_mirror_event(origin, event),
             ))
