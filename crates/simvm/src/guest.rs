@@ -23,8 +23,9 @@ use crate::ram::{PageSet, Ram, PAGE_SIZE};
 
 /// Nanoseconds per page write with `spin=0`.
 pub const WRITE_NS: f64 = 14_100.0;
-/// Nanoseconds per spin iteration.
-pub const SPIN_NS: f64 = 2.05;
+/// Nanoseconds per spin iteration: the tests' workloads measured under TCG
+/// here (spin 20000: ~50 MiB/s, 250000: ~4 MiB/s, 600000: ~1.5 MiB/s).
+pub const SPIN_NS: f64 = 4.0;
 
 /// What the guest's command line asks of it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -198,7 +199,7 @@ mod tests {
         let w = Workload::from_cmdline("wss=64 spin=2000 report=500", 1 << 20);
         assert_eq!(w.pages, 16384);
         assert!(
-            (w.rate / (1 << 20) as f64 - 214.0).abs() < 5.0,
+            (w.rate / (1 << 20) as f64 - 177.0).abs() < 5.0,
             "{}",
             w.rate
         );

@@ -8,6 +8,11 @@
 
 /// Bytes a page stands for.
 pub const PAGE_SIZE: u64 = 4096;
+/// RAM blocks besides the guest's that a PC machine migrates (BIOS, option
+/// ROM, ACPI tables): QEMU 7.2 counts 520 KiB of them in `ram.total`.
+pub const FIRMWARE_BYTES: u64 = 520 << 10;
+/// What a firmware page holds: never zero, never written by the guest.
+const FIRMWARE_WORD: u64 = 0xf1f1_f1f1_f1f1_f1f1;
 
 /// A set of page indexes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -114,11 +119,13 @@ impl PageSet {
     }
 }
 
-/// The guest's pages.
+/// The guest's pages, then the firmware's.
 #[derive(Debug, Clone)]
 pub struct Ram {
     /// What each page holds; 0 for a page never written.
     pub pages: Vec<u64>,
+    /// Pages of guest RAM (the firmware's follow).
+    pub guest_pages: usize,
     /// Pages written since the migration's last dirty-bitmap sync: what a
     /// dirty log holds (every page, as with QEMU, only once migration has
     /// started logging).
@@ -128,16 +135,26 @@ pub struct Ram {
 }
 
 impl Ram {
-    /// `bytes` of zeroed RAM.
+    /// `bytes` of zeroed guest RAM, and the firmware's (none for a machine
+    /// without RAM: a probe).
     pub fn new(bytes: u64) -> Self {
+        let guest_pages = (bytes / PAGE_SIZE) as usize;
+        let firmware = if bytes == 0 {
+            0
+        } else {
+            (FIRMWARE_BYTES / PAGE_SIZE) as usize
+        };
+        let mut pages = vec![0; guest_pages + firmware];
+        pages[guest_pages..].fill(FIRMWARE_WORD);
         Ram {
-            pages: vec![0; (bytes / PAGE_SIZE) as usize],
+            pages,
+            guest_pages,
             dirty_log: None,
             rate_log: None,
         }
     }
 
-    /// Pages of guest RAM.
+    /// Pages a migration sends: the guest's and the firmware's.
     pub fn len(&self) -> usize {
         self.pages.len()
     }
@@ -158,9 +175,12 @@ impl Ram {
         }
     }
 
-    /// Pages that hold something (the guest wrote them at least once).
+    /// Guest pages that hold something (written at least once).
     pub fn in_use(&self) -> usize {
-        self.pages.iter().filter(|&&v| v != 0).count()
+        self.pages[..self.guest_pages]
+            .iter()
+            .filter(|&&v| v != 0)
+            .count()
     }
 }
 
@@ -188,6 +208,10 @@ mod tests {
     #[test]
     fn writes_reach_the_logs_that_are_on() {
         let mut ram = Ram::new(64 * PAGE_SIZE);
+        assert_eq!(
+            ram.len() as u64 * PAGE_SIZE,
+            64 * PAGE_SIZE + FIRMWARE_BYTES
+        );
         ram.write(1, 7);
         ram.dirty_log = Some(PageSet::new(ram.len()));
         ram.write(2, 8);

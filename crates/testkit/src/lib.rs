@@ -12,6 +12,8 @@
 //! - [`netns`]: two network namespaces joined by a veth pair.
 //! - [`capture`]: the start of each TCP connection in a namespace, as sent.
 //! - [`rogue`]: a compromised peer agent that rewrites a real one's replies.
+//! - [`contract`]: a scenario run on real QEMU and on simulated VMs, the
+//!   agent's view of both compared.
 //! - [`procs`]: which processes are in a group, for leak checks.
 //! - [`output`]: what the CLI printed.
 //! - [`tls_client`]: a raw TLS connection to an agent (metrics, probing).
@@ -27,6 +29,7 @@
 mod bed;
 pub mod capture;
 mod checks;
+pub mod contract;
 mod host;
 mod in_process;
 pub use launcher::netns;

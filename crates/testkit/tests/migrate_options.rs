@@ -6,9 +6,8 @@ use guest::Workload;
 use protocol::domain::DomainState;
 use protocol::job::JobStatus;
 use protocol::MigrateOptions;
-use protocol::Request;
 use testkit::output::stdout;
-use testkit::{assert_runs_only_on, capped, live, TestBed};
+use testkit::{capped, live, TestBed};
 
 const BUSY: Workload = Workload {
     working_set_mib: 16,
@@ -36,29 +35,6 @@ async fn postcopy_after_precopy_moves_a_busy_guest_that_precopy_alone_cannot() {
         .await;
 
     assert!(record.flags.contains(&"postcopy-after-precopy".to_string()));
-}
-
-#[tokio::test]
-async fn migrate_postcopy_switches_a_running_job() {
-    let bed = TestBed::new().await;
-    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
-    let job = a
-        .migration_in_flight(
-            "vm",
-            &b,
-            MigrateOptions {
-                postcopy: true,
-                bandwidth: Some(16),
-                ..live()
-            },
-        )
-        .await;
-
-    a.cli_ok(&["migrate-postcopy", "vm"]);
-    let record = a.wait_job(&job).await;
-
-    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
-    assert_runs_only_on("vm", &b, &a, 2).await;
 }
 
 #[tokio::test]
@@ -102,41 +78,6 @@ async fn compressed_and_parallel_migrations_complete() {
         },
     )
     .await;
-}
-
-#[tokio::test]
-async fn non_live_and_suspend_leave_the_guest_paused_only_when_asked() {
-    let bed = TestBed::new().await;
-    let (a, b) = bed
-        .two_hosts_running("vm", 64, Workload::busy(4, 100_000))
-        .await;
-
-    // Without --live the guest is paused for the copy, then resumed there.
-    a.migrate_completes("vm", &b, MigrateOptions::default())
-        .await;
-
-    let suspended = b
-        .migrate(
-            "vm",
-            &a,
-            MigrateOptions {
-                suspend: true,
-                ..live()
-            },
-        )
-        .await;
-    assert_eq!(suspended.status, JobStatus::Completed);
-    assert_eq!(a.state("vm").await, Some(DomainState::Paused));
-    let domstate =
-        |host: &testkit::Host| stdout(&host.cli_ok(&["domstate", "vm"])).trim().to_string();
-    assert_eq!(domstate(&a), "paused");
-    a.request(Request::Resume {
-        domain: "vm".parse().unwrap(),
-    })
-    .await
-    .unwrap();
-    assert_eq!(domstate(&a), "running");
-    assert_runs_only_on("vm", &a, &b, 2).await;
 }
 
 #[tokio::test]

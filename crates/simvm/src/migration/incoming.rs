@@ -143,7 +143,7 @@ async fn land<R: AsyncRead + Unpin>(
                     return Err(WireError::Body(format!(
                         "Length mismatch: pc.ram: {:#x} in != {:#x}",
                         hello.pages * crate::ram::PAGE_SIZE,
-                        m.config.ram_bytes
+                        m.ram.len() as u64 * crate::ram::PAGE_SIZE
                     )));
                 }
                 if hello.machine != m.config.machine {

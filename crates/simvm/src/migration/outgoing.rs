@@ -88,7 +88,7 @@ pub fn start(shared: &Shared, uri: &str) -> Result<(), String> {
         return Err("Guest is waiting for an incoming migration".into());
     }
     let (tx, rx) = mpsc::unbounded_channel();
-    let total = m.config.ram_bytes;
+    let total = m.ram.len() as u64 * PAGE_SIZE;
     let mig = &mut m.migration;
     mig.status = Some(MigrationStatus::Setup);
     mig.started = Some(Instant::now());

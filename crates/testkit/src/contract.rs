@@ -1,0 +1,26 @@
+//! The contract between real QEMU and the simulated VM: a scenario runs on
+//! a bed of each, asserts what a user would check, and returns what the
+//! agent saw that may not differ between them. Tests whose subject is the
+//! agent, the CLI or the protocol run on the simulation only because these
+//! scenarios hold it to QEMU.
+
+use std::fmt::Debug;
+use std::future::Future;
+
+use crate::TestBed;
+
+/// Runs `scenario` on real QEMU, then on simulated VMs, and checks that
+/// both gave the same observation.
+pub async fn holds<F, Fut, O>(scenario: F)
+where
+    F: Fn(TestBed) -> Fut,
+    Fut: Future<Output = O>,
+    O: Debug + PartialEq,
+{
+    let real = scenario(TestBed::new().await).await;
+    let simulated = scenario(TestBed::simulated().await).await;
+    assert_eq!(
+        simulated, real,
+        "the agent saw the simulated VM (left) differ from QEMU (right)"
+    );
+}
