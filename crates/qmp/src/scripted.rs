@@ -78,7 +78,7 @@ pub struct State {
     pub log: Vec<(String, Value)>,
 }
 
-/// The migration capabilities a scripted QEMU (and `fake-qemu`) offers,
+/// The migration capabilities a scripted QEMU offers,
 /// all off: the ones livemig uses that QEMU 7.2 has.
 pub const CAPABILITIES: &[&str] = &[
     "xbzrle",

@@ -36,6 +36,17 @@ pub fn qemu_7_2() -> &'static Recorded {
     })
 }
 
+/// Capabilities to leave out (`LIVEMIG_SIMVM_WITHOUT=cap,cap`): a simulated
+/// VM then stands for an older QEMU that lacks them.
+pub fn capabilities_without() -> Vec<String> {
+    std::env::var("LIVEMIG_SIMVM_WITHOUT")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|c| !c.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 /// The package name a simulated VM reports beside QEMU's version.
 pub const PACKAGE: &str = "livemig-simvm";
 

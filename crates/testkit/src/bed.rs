@@ -53,6 +53,11 @@ impl TestBed {
         Self::with(AgentKind::InProcess, HypervisorKind::Simulated).await
     }
 
+    /// A bed of simulated VMs whose every agent is a `livemigd` process.
+    pub async fn simulated_with_agent_processes() -> TestBed {
+        Self::with(AgentKind::Process, HypervisorKind::Simulated).await
+    }
+
     /// A bed of `agents` whose guests run on `hypervisor`.
     pub async fn with(agents: AgentKind, hypervisor: HypervisorKind) -> TestBed {
         let serial = match hypervisor {
@@ -298,25 +303,31 @@ impl TestBed {
             extra_args: std::iter::once("--allow-qemu-monitor-command")
                 .chain(args.iter().copied())
                 .map(str::to_string)
-                .chain(self.hypervisor_args())
+                .chain(self.hypervisor_args(args))
                 .collect(),
             private_dirs: Vec::new(),
         }
     }
 
-    /// The flags that give an agent the bed's hypervisor.
-    fn hypervisor_args(&self) -> Vec<String> {
+    /// The flags that give an agent the bed's hypervisor (with the
+    /// simulation's program, unless the test names another in `args`).
+    fn hypervisor_args(&self, args: &[&str]) -> Vec<String> {
         match self.hypervisor {
             HypervisorKind::Qemu => Vec::new(),
-            HypervisorKind::Simulated => vec![
-                "--hypervisor".into(),
-                "simulated".into(),
-                "--qemu".into(),
-                bin(domain::hypervisor::SIMULATED_PROGRAM)
-                    .display()
-                    .to_string(),
-            ],
+            HypervisorKind::Simulated => {
+                let mut flags = vec!["--hypervisor".to_string(), "simulated".into()];
+                if !args.contains(&"--qemu") {
+                    flags.push("--qemu".into());
+                    flags.push(self.simulated_program().display().to_string());
+                }
+                flags
+            }
         }
+    }
+
+    /// The simulated VM's program.
+    pub fn simulated_program(&self) -> PathBuf {
+        bin(domain::hypervisor::SIMULATED_PROGRAM)
     }
 
     /// The Linux test guest's kernel and initrd, built into the bed's

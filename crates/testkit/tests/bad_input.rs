@@ -49,7 +49,7 @@ impl Untouched {
 
 #[tokio::test]
 async fn a_capability_the_qemu_lacks_names_the_capability_and_the_host() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let (a, b) = bed.two_hosts_running("vm", 64, Workload::IDLE).await;
     let before = Untouched::record(&a, "vm").await;
 
@@ -70,7 +70,7 @@ async fn a_capability_the_qemu_lacks_names_the_capability_and_the_host() {
 
 #[tokio::test]
 async fn an_unknown_domain_is_a_clear_error() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
 
@@ -100,7 +100,7 @@ async fn an_unknown_domain_is_a_clear_error() {
 
 #[tokio::test]
 async fn a_malformed_definition_is_refused_and_nothing_is_defined() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let cases = [
         (
@@ -151,7 +151,7 @@ async fn a_malformed_definition_is_refused_and_nothing_is_defined() {
 
 #[tokio::test]
 async fn bad_uris_and_flags_are_refused_before_anything_starts() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let (a, b) = bed.two_hosts_running("vm", 64, Workload::IDLE).await;
     let before = Untouched::record(&a, "vm").await;
 
@@ -202,7 +202,7 @@ async fn bad_uris_and_flags_are_refused_before_anything_starts() {
 
 #[tokio::test]
 async fn a_destination_agent_that_is_down_fails_cleanly() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
     let down = bed.host("down").await;
@@ -226,7 +226,7 @@ async fn a_destination_agent_that_is_down_fails_cleanly() {
 
 #[tokio::test]
 async fn migrating_onto_a_host_where_the_domain_already_runs_fails_in_prepare() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let (a, b) = bed.two_hosts_running("vm", 64, Workload::IDLE).await;
     b.define_and_start(bed.definition("vm", 64, Workload::IDLE))
         .await;
@@ -255,7 +255,7 @@ async fn migrating_onto_a_host_where_the_domain_already_runs_fails_in_prepare() 
 
 #[tokio::test]
 async fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let (a, b) = bed
         .two_hosts_running("vm", 64, Workload::busy(16, 20_000))
         .await;
@@ -286,14 +286,14 @@ async fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
 
 #[tokio::test]
 async fn a_destination_qemu_without_auto_converge_is_named_and_nothing_changes() {
-    let bed = TestBed::new().await;
-    // Host b's QEMU is a fake whose probe lacks auto-converge.
+    let bed = TestBed::simulated().await;
+    // Host b's VMs stand for a QEMU that lacks auto-converge.
     let wrapper = bed.path().join("qemu-without-auto-converge");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nFAKE_QEMU_DROP_CAPS=auto-converge exec {} \"$@\"\n",
-            env!("CARGO_BIN_EXE_fake-qemu")
+            "#!/bin/sh\nLIVEMIG_SIMVM_WITHOUT=auto-converge exec {} \"$@\"\n",
+            bed.simulated_program().display()
         ),
     )
     .unwrap();
@@ -324,10 +324,14 @@ async fn a_destination_qemu_without_auto_converge_is_named_and_nothing_changes()
         "{err}"
     );
     before.check(&a, &b, "vm").await;
-    // b's agent really probed the fake.
+    // b's agent really probed that program.
     let caps = b.cli(&["domcapabilities", "--json"]);
     let caps: serde_json::Value = serde_json::from_slice(&caps.stdout).unwrap();
-    assert_eq!(caps["qemu"]["package"], "fake");
+    assert_eq!(caps["qemu"]["path"], wrapper.display().to_string());
+    assert!(!caps["qemu"]["migration_capabilities"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("auto-converge")));
 }
 
 #[test]
@@ -382,7 +386,7 @@ fn the_cli_reports_what_it_can_see_before_contacting_any_agent() {
 
 #[tokio::test]
 async fn a_host_dependent_cpu_model_migrates_only_with_unsafe() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
     let mut definition = bed.definition("vm", 64, Workload::busy(4, 100_000));
@@ -417,7 +421,7 @@ async fn a_host_dependent_cpu_model_migrates_only_with_unsafe() {
 
 #[tokio::test]
 async fn a_disk_only_this_host_has_is_refused_and_a_cached_shared_disk_needs_unsafe() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
     let image = bed.disk_image("vm.raw", 16, "raw");

@@ -7,10 +7,17 @@ use protocol::MigrateOptions;
 use testkit::{capped, TestBed};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Needs auto-converge against 16 MiB/s: a migration of several seconds.
+/// ~50 MiB/s over 16 MiB: never converges without help.
 const BUSY: Workload = Workload {
     working_set_mib: 16,
     spin: 20_000,
+    report_ms: 500,
+};
+/// ~4 MiB/s over 16 MiB: against 8 MiB/s, a migration of a few seconds
+/// that converges on its own.
+const MOVING: Workload = Workload {
+    working_set_mib: 16,
+    spin: 250_000,
     report_ms: 500,
 };
 
@@ -24,13 +31,13 @@ fn stderr(out: &std::process::Output) -> String {
 
 #[tokio::test]
 async fn migrate_json_streams_progress_events_then_the_record() {
-    let bed = TestBed::new().await;
-    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
+    let bed = TestBed::simulated().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, MOVING).await;
 
     let out = a.cli_migrate(
         "vm",
         &b,
-        &["--live", "--auto-converge", "--bandwidth", "16", "--json"],
+        &["--live", "--auto-converge", "--bandwidth", "8", "--json"],
     );
 
     let text = stdout(&out);
@@ -62,14 +69,10 @@ async fn migrate_json_streams_progress_events_then_the_record() {
 
 #[tokio::test]
 async fn migrate_without_a_terminal_prints_a_line_a_second() {
-    let bed = TestBed::new().await;
-    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
+    let bed = TestBed::simulated().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, MOVING).await;
 
-    let out = a.cli_migrate(
-        "vm",
-        &b,
-        &["--live", "--auto-converge", "--bandwidth", "16"],
-    );
+    let out = a.cli_migrate("vm", &b, &["--live", "--auto-converge", "--bandwidth", "8"]);
 
     let text = stdout(&out);
     let lines = text
@@ -82,10 +85,10 @@ async fn migrate_without_a_terminal_prints_a_line_a_second() {
 
 #[tokio::test]
 async fn domjobinfo_shows_the_fields_virsh_users_know() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let job = a
-        .migration_until("vm", &b, capped(2), "a pass to finish", |j| {
+        .migration_until("vm", &b, capped(8), "a pass to finish", |j| {
             j.stats.iteration.unwrap_or(0) >= 2
         })
         .await;
@@ -128,14 +131,14 @@ async fn domjobinfo_shows_the_fields_virsh_users_know() {
 
 #[tokio::test]
 async fn job_history_with_timelines_survives_an_agent_restart() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let mut a = bed.host("a").await;
     let b = bed.host("b").await;
-    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    a.define_and_start(bed.definition("vm", 64, MOVING)).await;
     let flags = MigrateOptions {
         live: true,
         auto_converge: true,
-        bandwidth: Some(16),
+        bandwidth: Some(8),
         ..Default::default()
     };
     let first = a.migrate("vm", &b, flags.clone()).await;
@@ -170,8 +173,8 @@ async fn job_history_with_timelines_survives_an_agent_restart() {
 
 #[tokio::test]
 async fn report_draws_the_timeline_with_the_expected_series() {
-    let bed = TestBed::new().await;
-    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
+    let bed = TestBed::simulated().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, MOVING).await;
     let record = a
         .migrate(
             "vm",
@@ -179,7 +182,7 @@ async fn report_draws_the_timeline_with_the_expected_series() {
             MigrateOptions {
                 live: true,
                 converge: Some(protocol::ConvergeMode::Adaptive),
-                bandwidth: Some(16),
+                bandwidth: Some(8),
                 ..Default::default()
             },
         )
@@ -230,8 +233,8 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn metrics_are_served_in_prometheus_text_format() {
-    let bed = TestBed::new().await;
-    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
+    let bed = TestBed::simulated().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, MOVING).await;
     let monitor = bed.certificate("grafana", protocol::Role::Monitor, &[]);
     let before = scrape(&a.uri(), &monitor).await;
     assert_eq!(metric(&before, "livemig_up"), 1.0);
@@ -244,7 +247,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
             MigrateOptions {
                 live: true,
                 auto_converge: true,
-                bandwidth: Some(16),
+                bandwidth: Some(8),
                 ..Default::default()
             },
         )
@@ -292,7 +295,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
 
 #[tokio::test]
 async fn a_metrics_only_port_serves_prometheus_and_nothing_else() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -375,7 +378,7 @@ async fn a_metrics_only_port_serves_prometheus_and_nothing_else() {
 
 #[tokio::test]
 async fn dumpdef_prints_a_definition_that_defines_the_same_domain() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let mut definition = bed.definition("vm", 64, Workload::IDLE);
     definition.cpu = Some("qemu64".into());
@@ -432,7 +435,7 @@ fn completions_and_the_man_page_are_generated_from_the_cli() {
 
 #[tokio::test]
 async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let config = bed.path().join("b.toml");
     std::fs::write(
         &config,
@@ -483,7 +486,7 @@ fn probes_logged(host: &testkit::Host) -> usize {
 /// as an upgrade changes it.
 #[tokio::test]
 async fn the_qemu_probe_is_kept_across_restarts_and_redone_when_the_binary_changes() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let installed =
         domain::qemu::fingerprint::fingerprint(std::path::Path::new("qemu-system-x86_64"))
             .await

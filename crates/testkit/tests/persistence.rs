@@ -9,7 +9,7 @@ use testkit::TestBed;
 
 #[tokio::test]
 async fn definitions_survive_an_agent_restart() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let mut a = bed.host("a").await;
     let web = bed.definition("web", 64, Workload::IDLE);
     let db = bed.definition("db", 96, Workload::busy(8, 50_000));
@@ -47,7 +47,7 @@ async fn definitions_survive_an_agent_restart() {
 
 #[tokio::test]
 async fn undefine_removes_the_definition_for_good() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let mut a = bed.host("a").await;
     a.request(testkit::define(&bed.definition("web", 64, Workload::IDLE)))
         .await
@@ -62,7 +62,7 @@ async fn undefine_removes_the_definition_for_good() {
 
 #[tokio::test]
 async fn persistent_migration_with_undefine_source_moves_the_definition() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let mut b = bed.host("b").await;
     a.define_and_start(bed.definition("web", 64, Workload::IDLE))
@@ -108,7 +108,7 @@ async fn persistent_migration_with_undefine_source_moves_the_definition() {
 
 #[tokio::test]
 async fn offline_migration_moves_only_the_definition() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let b = bed.host("b").await;
     a.request(testkit::define(&bed.definition("cold", 64, Workload::IDLE)))
@@ -138,7 +138,7 @@ async fn offline_migration_moves_only_the_definition() {
 
 #[tokio::test]
 async fn kill_9_while_writing_definitions_leaves_old_or_new_never_torn() {
-    let bed = TestBed::with_agent_processes().await;
+    let bed = TestBed::simulated_with_agent_processes().await;
     let mut a = bed.host("a").await;
     for round in 0..12u32 {
         // Redefine in a tight loop on one connection, and kill the agent

@@ -42,7 +42,7 @@ where
 
 #[tokio::test]
 async fn a_plaintext_client_a_foreign_certificate_and_no_certificate_get_no_answer() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let addr = a.uri().trim_start_matches("tls://").to_string();
 
@@ -104,7 +104,7 @@ async fn a_plaintext_client_a_foreign_certificate_and_no_certificate_get_no_answ
 
 #[tokio::test]
 async fn a_certificate_s_role_decides_what_it_may_do() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let definition = DefinitionDoc(
         bed.definition("vm", 64, guest::Workload::IDLE)
@@ -209,7 +209,7 @@ async fn a_certificate_s_role_decides_what_it_may_do() {
 
 #[tokio::test]
 async fn plaintext_needs_insecure_and_the_local_socket_is_the_owner_s() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let out = std::process::Command::new(bin("livemigd"))
         .args(["--state-dir"])
         .arg(bed.path().join("plain"))
@@ -270,7 +270,7 @@ async fn idle_slow_and_oversized_clients_leave_the_agent_answering_the_others() 
     let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     // A process of its own, whose memory is measured.
-    let bed = TestBed::with_agent_processes().await;
+    let bed = TestBed::simulated_with_agent_processes().await;
     let a = bed.host("a").await;
     let addr = a.uri().trim_start_matches("tls://").to_string();
     let admin = bed.certificate("ops", Role::Admin, &[]);
@@ -335,7 +335,7 @@ fn list_as_nobody(host: &Host) -> std::process::Output {
 
 #[tokio::test]
 async fn a_socket_group_lets_its_members_use_the_local_socket_and_nobody_else() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let closed = bed.host("closed").await;
     let out = list_as_nobody(&closed);
     assert!(!out.status.success(), "nobody used an owner-only socket");

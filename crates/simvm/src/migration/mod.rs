@@ -97,10 +97,12 @@ pub struct Migration {
 impl Default for Migration {
     fn default() -> Self {
         let probe = crate::probe::qemu_7_2();
+        let without = crate::probe::capabilities_without();
         Migration {
             capabilities: probe
                 .capabilities
                 .iter()
+                .filter(|c| !without.contains(c))
                 .map(|c| (c.clone(), false))
                 .collect(),
             parameters: probe.parameters.clone(),
