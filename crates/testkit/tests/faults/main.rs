@@ -11,7 +11,8 @@
 //!
 //! - `main`: the two-host bed and the checks every case ends with.
 //! - [`qemu`], [`agent`], [`link`], [`disk`], [`abort`], [`postcopy`],
-//!   [`load`]: the cases, by what fails.
+//!   [`load`]: the cases, by what fails (the agent under concurrent load is
+//!   tested on simulated VMs, in `tests/simulated`).
 
 mod abort;
 mod agent;
@@ -120,26 +121,6 @@ impl Bed {
         self.wait_phase(&job, "the controller to throttle", throttled)
             .await;
         job
-    }
-
-    /// Starts two more light guests beside the first and migrates all three
-    /// at once at `bandwidth` MiB/s each; returns their jobs.
-    pub async fn migrate_three_at_once(&self, bandwidth: u64) -> Vec<String> {
-        for name in ["vm2", "vm3"] {
-            self.a
-                .define_and_start(self.bed.definition(name, 64, LIGHT))
-                .await;
-        }
-        let mut jobs = Vec::new();
-        for name in [VM, "vm2", "vm3"] {
-            jobs.push(
-                self.a
-                    .start_migration(name, &self.b.uri(), live(bandwidth))
-                    .await
-                    .unwrap(),
-            );
-        }
-        jobs
     }
 
     /// `domjobabort` of the guest's job, accepted.

@@ -1,4 +1,4 @@
-//! No request makes an agent's QEMU open a file it was not configured for:
+//! No request makes an agent's VM open a file it was not configured for:
 //! images only from the agent's image directories, device nodes only when
 //! allowed, serial logs only in its log directory; checked on the agent for
 //! every definition, however it arrives.
@@ -8,13 +8,13 @@ use std::time::Duration;
 use guest::Workload;
 use protocol::domain::DefinitionDoc;
 use protocol::job::JobStatus;
-use protocol::{AgentUri, Client, ErrorCode, MigrateOptions, Request, Role};
+use protocol::{AgentUri, Client, ErrorCode, Request, Role};
 use serde_json::json;
 use testkit::{assert_runs_only_on, TestBed};
 
 #[tokio::test]
 async fn definitions_naming_files_outside_what_the_host_allows_are_refused_untouched() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     // An administrator, over the network, sending definitions as raw
     // documents: no CLI-side check helps.
@@ -88,7 +88,7 @@ async fn definitions_naming_files_outside_what_the_host_allows_are_refused_untou
 
 #[tokio::test]
 async fn a_destination_that_does_not_allow_the_guest_s_images_refuses_it_at_prepare() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let a = bed.host("a").await;
     let elsewhere = bed.path().join("b-images");
     std::fs::create_dir(&elsewhere).unwrap();
@@ -106,43 +106,4 @@ async fn a_destination_that_does_not_allow_the_guest_s_images_refuses_it_at_prep
         b.list_all().await.is_empty(),
         "b keeps no trace of the guest"
     );
-}
-
-/// The uid QEMU runs as and its seccomp mode, from /proc.
-fn uid_and_seccomp(pid: u32) -> (u32, u32) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
-    };
-    (field("Uid:"), field("Seccomp:"))
-}
-
-#[tokio::test]
-async fn qemu_runs_sandboxed_as_an_unprivileged_user_and_still_migrates_over_tls() {
-    let bed = TestBed::new().await;
-    let nobody = nix::unistd::User::from_name("nobody")
-        .unwrap()
-        .expect("a nobody user")
-        .uid
-        .as_raw();
-    let a = bed.host_args("a", &["--qemu-user", "nobody"]).await;
-    let b = bed.host_args("b", &["--qemu-user", "nobody"]).await;
-    a.define_and_start(bed.definition("vm", 64, Workload::busy(8, 50_000)))
-        .await;
-    let pid = a.qemu_pids()[0];
-    // 2: a seccomp filter (QEMU's -sandbox).
-    assert_eq!(uid_and_seccomp(pid), (nobody, 2));
-
-    let options = MigrateOptions {
-        auto_converge: true,
-        tls: true,
-        ..testkit::live()
-    };
-    a.migrate_completes("vm", &b, options).await;
-    assert_eq!(uid_and_seccomp(b.qemu_pids()[0]), (nobody, 2));
 }

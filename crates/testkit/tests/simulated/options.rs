@@ -1,6 +1,5 @@
-//! The other `migrate` options against real QEMU: post-copy (automatic and
-//! by command), compression, multifd, non-live, --suspend, and tuning a job
-//! while it runs.
+//! The `migrate` options the agent carries out: post-copy after pre-copy,
+//! `migrate-postcopy` without `--postcopy`, tuning a job while it runs.
 
 use guest::Workload;
 use protocol::domain::DomainState;
@@ -17,7 +16,7 @@ const BUSY: Workload = Workload {
 
 #[tokio::test]
 async fn postcopy_after_precopy_moves_a_busy_guest_that_precopy_alone_cannot() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
     let record = a
@@ -39,7 +38,7 @@ async fn postcopy_after_precopy_moves_a_busy_guest_that_precopy_alone_cannot() {
 
 #[tokio::test]
 async fn migrate_postcopy_without_the_flag_is_refused() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let job = a.migration_in_flight("vm", &b, capped(1)).await;
 
@@ -53,36 +52,8 @@ async fn migrate_postcopy_without_the_flag_is_refused() {
 }
 
 #[tokio::test]
-async fn compressed_and_parallel_migrations_complete() {
-    let bed = TestBed::new().await;
-    let (a, b) = bed
-        .two_hosts_running("vm", 64, Workload::busy(8, 50_000))
-        .await;
-
-    a.migrate_completes(
-        "vm",
-        &b,
-        MigrateOptions {
-            compressed: true,
-            ..live()
-        },
-    )
-    .await;
-    b.migrate_completes(
-        "vm",
-        &a,
-        MigrateOptions {
-            parallel: true,
-            parallel_connections: Some(4),
-            ..live()
-        },
-    )
-    .await;
-}
-
-#[tokio::test]
 async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::simulated().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
     let job = a.migration_in_flight("vm", &b, capped(1)).await;
     let get = |what: &str| stdout(&a.cli_ok(&[what, "vm"])).trim().to_string();

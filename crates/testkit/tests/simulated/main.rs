@@ -1,0 +1,21 @@
+//! Tests whose subject is the agent, the CLI or the protocol, on simulated
+//! VMs (`livemig-simvm`, held to real QEMU by `tests/qemu/contract.rs`):
+//! they take little CPU, so they run side by side.
+//!
+//! - [`bad_input`]: a clear error, and nothing changed.
+//! - [`confinement`]: no definition makes a VM open a file it may not.
+//! - [`load`]: concurrent migrations and requests.
+//! - [`operator`]: progress, job statistics, history, reports, metrics.
+//! - [`options`]: `migrate` options the agent carries out.
+//! - [`persistence`]: definitions across restarts and migrations.
+//! - [`rogue_peer`]: a compromised peer agent.
+//! - [`security`]: TLS, roles, sockets, abusive clients.
+
+mod bad_input;
+mod confinement;
+mod load;
+mod operator;
+mod options;
+mod persistence;
+mod rogue_peer;
+mod security;
