@@ -487,21 +487,9 @@ fn probes_logged(host: &testkit::Host) -> usize {
 #[tokio::test]
 async fn the_qemu_probe_is_kept_across_restarts_and_redone_when_the_binary_changes() {
     let bed = TestBed::simulated().await;
-    let installed =
-        domain::qemu::fingerprint::fingerprint(std::path::Path::new("qemu-system-x86_64"))
-            .await
-            .unwrap()
-            .path;
-    // A copy of the installed binary, in a prefix of its own: QEMU finds
-    // its modules and firmware relative to where it runs from.
-    let prefix = installed.parent().and_then(|bin| bin.parent()).unwrap();
-    let ours = bed.path().join("prefix");
-    std::fs::create_dir_all(ours.join("bin")).unwrap();
-    for shared in ["lib", "share"] {
-        std::os::unix::fs::symlink(prefix.join(shared), ours.join(shared)).unwrap();
-    }
-    let qemu = ours.join("bin/qemu-system-x86_64");
-    std::fs::copy(&installed, &qemu).unwrap();
+    // A copy of the VM program of its own, which the test can rewrite.
+    let qemu = bed.path().join("livemig-simvm");
+    std::fs::copy(bed.simulated_program(), &qemu).unwrap();
     let mut a = bed
         .host_args("a", &["--qemu", qemu.to_str().unwrap()])
         .await;
