@@ -27,6 +27,8 @@ pub struct TestBed {
     agents: AgentKind,
     /// What runs the guests of every host of the bed.
     hypervisor: HypervisorKind,
+    /// `--timeout` settings of every agent the bed starts from now on.
+    timeouts: Vec<String>,
     /// Held by beds of real guests: they take the machine's cores.
     _serial: Option<MutexGuard<'static, ()>>,
 }
@@ -84,6 +86,7 @@ impl TestBed {
             pki,
             agents,
             hypervisor,
+            timeouts: Vec::new(),
             _serial: serial,
         }
     }
@@ -91,6 +94,14 @@ impl TestBed {
     /// What runs the bed's guests.
     pub fn hypervisor(&self) -> HypervisorKind {
         self.hypervisor
+    }
+
+    /// Gives every agent the bed starts from now on these timeouts
+    /// (`NAME=DURATION`, as `livemigd --timeout` takes them), so a test
+    /// need not wait out production values.
+    pub fn with_timeouts(mut self, settings: &[&str]) -> TestBed {
+        self.timeouts = settings.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// Where the bed's agents take images from (`--image-dir`).
@@ -304,6 +315,11 @@ impl TestBed {
                 .chain(args.iter().copied())
                 .map(str::to_string)
                 .chain(self.hypervisor_args(args))
+                .chain(
+                    self.timeouts
+                        .iter()
+                        .flat_map(|t| ["--timeout".to_string(), t.clone()]),
+                )
                 .collect(),
             private_dirs: Vec::new(),
         }

@@ -60,6 +60,9 @@ impl InProcessAgent {
                     config.hypervisor = kind.parse().expect("a hypervisor kind");
                 }
                 ("--qemu", Some(program)) => config.qemu = program.into(),
+                ("--timeout", Some(setting)) => {
+                    config.timeouts.apply(setting).expect("a timeout setting");
+                }
                 _ => {}
             }
         }

@@ -10,19 +10,21 @@
 
 mod connection;
 mod http;
+mod listeners;
+
+pub use listeners::Listeners;
 
 use std::fmt;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::Role;
-use tls::{Identity, TlsDir, TlsError};
+use tls::{Identity, TlsError};
 use tokio::io::BufReader;
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -117,83 +119,6 @@ pub(crate) struct ConnContext {
     /// reached us on, hence the one its QEMU can reach ours on.
     pub local_ip: Option<IpAddr>,
     pub caller: Caller,
-}
-
-/// The sockets an agent serves: its unix socket, and TCP (with TLS unless
-/// the agent is insecure) when it listens there.
-pub struct Listeners {
-    unix: UnixListener,
-    tcp: Option<TcpListener>,
-    /// `GET /metrics` only (`--metrics-listen`).
-    metrics: Option<TcpListener>,
-    tls: Option<TlsAcceptor>,
-    /// How the agent dials its peers, from the same TLS directory.
-    peer_tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-impl fmt::Debug for Listeners {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Listeners")
-            .field("tcp", &self.tcp_addr())
-            .field("tls", &self.tls.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Listeners {
-    /// Binds what `config` names: the unix socket (replacing a stale one,
-    /// never a live one; readable by its owner only) and the TCP address,
-    /// if any, with TLS from `config.tls_dir`.
-    ///
-    /// # Errors
-    /// [`RunError::SocketInUse`], [`RunError::Bind`], [`RunError::Tls`],
-    /// or [`RunError::Plaintext`] for TCP without TLS or `--insecure`.
-    pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
-        let (tls, peer_tls) = match &config.tls_dir {
-            Some(dir) => {
-                let dir = TlsDir::load(dir)?;
-                (
-                    Some(TlsAcceptor::from(dir.server_config()?)),
-                    Some(dir.client_config()?),
-                )
-            }
-            None => (None, None),
-        };
-        if tls.is_none() && !config.insecure {
-            if let Some(addr) = config.listen.or(config.metrics_listen) {
-                return Err(RunError::Plaintext(addr));
-            }
-        }
-        let unix = bind_unix(&config.socket, config.socket_group).await?;
-        let tcp = bind_tcp(config.listen, "tcp").await?;
-        let metrics = bind_tcp(config.metrics_listen, "metrics").await?;
-        Ok(Listeners {
-            unix,
-            tcp,
-            metrics,
-            tls,
-            peer_tls,
-        })
-    }
-
-    /// The metrics address actually bound, if any.
-    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
-        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
-    /// The TCP address actually bound (port 0 picks one).
-    pub fn tcp_addr(&self) -> Option<std::net::SocketAddr> {
-        self.tcp.as_ref().and_then(|l| l.local_addr().ok())
-    }
-
-    /// The URI peers and remote clients dial.
-    fn uri(&self, socket: &Path) -> String {
-        match (self.tcp_addr(), &self.tls) {
-            (Some(addr), Some(_)) => format!("tls://{addr}"),
-            (Some(addr), None) => format!("tcp://{addr}"),
-            (None, _) => format!("unix://{}", socket.display()),
-        }
-    }
 }
 
 /// Binds the listeners `config` names and serves until `shutdown`
@@ -466,52 +391,6 @@ async fn serve_tcp(
         caller: Caller::Certified(identity),
     };
     serve_stream(agent, stream, ctx, http_only).await;
-}
-
-/// Binds `addr`, if given (`what` names it in an error).
-async fn bind_tcp(addr: Option<SocketAddr>, what: &str) -> Result<Option<TcpListener>, RunError> {
-    let Some(addr) = addr else {
-        return Ok(None);
-    };
-    TcpListener::bind(addr)
-        .await
-        .map(Some)
-        .map_err(|source| RunError::Bind {
-            what: format!("{what}://{addr}"),
-            source,
-        })
-}
-
-/// Binds the unix socket, replacing a stale one but never a live one.
-async fn bind_unix(path: &Path, group: Option<u32>) -> Result<UnixListener, RunError> {
-    if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
-            return Err(RunError::SocketInUse(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    if let Some(parent) = path.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    let listener = UnixListener::bind(path).map_err(|source| RunError::Bind {
-        what: format!("unix://{}", path.display()),
-        source,
-    })?;
-    // The caller is checked too (SO_PEERCRED), but nobody else even gets
-    // to connect.
-    let bind_error = |source| RunError::Bind {
-        what: format!("unix://{}", path.display()),
-        source,
-    };
-    let mode = match group {
-        Some(gid) => {
-            std::os::unix::fs::chown(path, None, Some(gid)).map_err(bind_error)?;
-            0o660
-        }
-        None => 0o600,
-    };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_error)?;
-    Ok(listener)
 }
 
 /// Shutdown: outgoing jobs are cancelled and given time to resume the

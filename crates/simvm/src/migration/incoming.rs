@@ -13,7 +13,8 @@ use qmp::commands::migration::MigrationStatus;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 
-use super::outgoing::{pages_of, set_status};
+use super::outgoing::set_status;
+use super::passes::pages_of;
 use super::wire::{self, Frame, WireError};
 use crate::machine::{lock, RunState, Shared};
 

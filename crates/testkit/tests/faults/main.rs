@@ -34,6 +34,8 @@ use testkit::netns::NetnsPair;
 use testkit::{assert_no_leftovers, assert_runs_only_on, wait_until, Host, TestBed};
 
 pub const VM: &str = "vm";
+/// The agents' peer silence in the fault matrix.
+pub const PEER_SILENCE: &str = "peer-silence=8s";
 
 /// ~50 MiB/s over 16 MiB: needs help against 16 MiB/s.
 pub const BUSY: Workload = Workload {
@@ -47,9 +49,11 @@ pub const LIGHT: Workload = Workload {
     spin: 250_000,
     report_ms: 500,
 };
-/// ~1.5 MiB/s: converges on its own even at 4 MiB/s, slowly enough to hit.
+/// ~1.5 MiB/s: converges on its own even at 4 MiB/s, slowly enough to hit;
+/// 8 MiB, so that checking every page after a case takes seconds, not
+/// twenty.
 pub const SLOW: Workload = Workload {
-    working_set_mib: 16,
+    working_set_mib: 8,
     spin: 600_000,
     report_ms: 500,
 };
@@ -64,7 +68,9 @@ pub struct Bed {
 
 impl Bed {
     pub async fn new(tag: &str, workload: Workload) -> Bed {
-        let bed = TestBed::new().await;
+        // A peer unheard for 8 s is gone (production: 20 s); the cases
+        // that cut the link and bring it back do so within 4 s.
+        let bed = TestBed::new().await.with_timeouts(&[PEER_SILENCE]);
         let (net, a, b) = bed.hosts_in_namespaces(tag).await;
         a.define_and_start(bed.definition(VM, 64, workload)).await;
         Bed { net, bed, a, b }

@@ -120,12 +120,16 @@ async fn auto_converge_completes_a_busy_guest_by_throttling_it() {
     holds(|bed: TestBed| async move {
         let (a, b) = bed.two_hosts_running("busy", 64, BUSY).await;
 
+        // Steeper steps than QEMU's (20 %, then 10 % more every other
+        // second): the guest needs about 70 %, reached in two steps.
         let record = a
             .migrate_completes(
                 "busy",
                 &b,
                 MigrateOptions {
                     auto_converge: true,
+                    auto_converge_initial: Some(50),
+                    auto_converge_increment: Some(25),
                     bandwidth: Some(CAP_MIB_S),
                     timeout: Some(240),
                     ..live()
@@ -135,7 +139,7 @@ async fn auto_converge_completes_a_busy_guest_by_throttling_it() {
 
         assert!(record.auto_converge);
         assert!(
-            record.max_cpu_throttle_pct > 0.0,
+            record.max_cpu_throttle_pct >= 50.0,
             "no throttle seen: {record:?}"
         );
         assert!(record.flags.contains(&"auto-converge".to_string()));
@@ -145,11 +149,7 @@ async fn auto_converge_completes_a_busy_guest_by_throttling_it() {
             "auto-converge: {} ms, throttle up to {} %",
             record.total_time_ms, record.max_cpu_throttle_pct
         );
-        (
-            record.status,
-            record.max_cpu_throttle_pct >= 20.0,
-            reported(&record),
-        )
+        (record.status, reported(&record))
     })
     .await;
 }

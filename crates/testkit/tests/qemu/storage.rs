@@ -304,7 +304,7 @@ async fn with_tls_the_disks_travel_encrypted_too() {
 
 #[tokio::test]
 async fn a_link_lost_during_the_disk_copy_fails_the_job_and_leaves_nothing_on_the_destination() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::new().await.with_timeouts(&["peer-silence=8s"]);
     let net = testkit::netns::NetnsPair::create("cut").expect("network namespaces");
     let (a, b) = bed.hosts_with_local_storage(Some(&net)).await;
     let job = slow_copy_under_way(&bed, &a, &b).await;
@@ -312,7 +312,7 @@ async fn a_link_lost_during_the_disk_copy_fails_the_job_and_leaves_nothing_on_th
     // Down for longer than the agents wait for each other, then back: the
     // mirror's stalled NBD requests can end and the abort reach b.
     net.cut().unwrap();
-    tokio::time::sleep(protocol::PEER_SILENCE_LIMIT + std::time::Duration::from_secs(10)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(8 + 10)).await;
     net.restore().unwrap();
     let record = a.wait_job(&job).await;
 
@@ -347,7 +347,9 @@ async fn b_gave_up_the_copy(bed: &TestBed, b: &Host) {
 
 #[tokio::test]
 async fn the_destination_agent_killed_during_the_disk_copy_leaves_no_image_once_it_is_back() {
-    let bed = TestBed::new().await;
+    let bed = TestBed::new()
+        .await
+        .with_timeouts(&["peer-silence=8s", "orphan=20s"]);
     let (a, mut b) = bed.hosts_with_local_storage(None).await;
     let job = slow_copy_under_way(&bed, &a, &b).await;
 

@@ -139,7 +139,9 @@ mod tests {
     }
 
     async fn settle_against(agent: &ScriptedAgent) -> Settled {
-        let peer = Peer::connect(&agent.uri(), None).await.expect("connect");
+        let peer = Peer::connect(&agent.uri(), None, protocol::PEER_SILENCE_LIMIT)
+            .await
+            .expect("connect");
         settle(&peer, JOB, Duration::from_secs(1), SHORT).await
     }
 
@@ -215,7 +217,9 @@ mod tests {
             || panic!("Finish must not be sent"),
             || panic!("nor an abort"),
         );
-        let peer = Peer::connect(&agent.uri(), None).await.expect("connect");
+        let peer = Peer::connect(&agent.uri(), None, protocol::PEER_SILENCE_LIMIT)
+            .await
+            .expect("connect");
         agent.stop();
 
         let settled = settle(&peer, JOB, Duration::from_secs(1), SHORT).await;
@@ -251,7 +255,9 @@ mod tests {
             || Answer::Reply(Reply::Finished),
             || panic!("no abort after a finish"),
         );
-        let peer = Peer::connect(&agent.uri(), None).await.expect("connect");
+        let peer = Peer::connect(&agent.uri(), None, protocol::PEER_SILENCE_LIMIT)
+            .await
+            .expect("connect");
         agent.stop();
         agent.listen();
 

@@ -90,7 +90,12 @@ pub(crate) async fn begin(
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
     let tls = crate::migrate::stream_tls::source(agent, &flags, &dest_uri)?;
 
-    let peer = Peer::connect(&dest_uri, agent.peer_tls.clone()).await?;
+    let peer = Peer::connect(
+        &dest_uri,
+        agent.peer_tls.clone(),
+        agent.config.timeouts.peer_silence,
+    )
+    .await?;
     let hello = match peer
         .request(Request::Hello, protocol::REQUEST_TIMEOUT)
         .await
@@ -205,7 +210,12 @@ async fn postcopy_resume(
         )
     })
     .await?;
-    let peer = Peer::connect(destination, agent.peer_tls.clone()).await?;
+    let peer = Peer::connect(
+        destination,
+        agent.peer_tls.clone(),
+        agent.config.timeouts.peer_silence,
+    )
+    .await?;
     let uri = match peer
         .request(
             Request::PeerRecover {

@@ -21,27 +21,34 @@ const ABORT_RETRY: Duration = Duration::from_secs(5);
 pub(crate) struct Peer {
     uri: AgentUri,
     tls: Option<Arc<rustls::ClientConfig>>,
+    /// How long it may be unheard before it counts as gone.
+    silence: Duration,
     client: tokio::sync::Mutex<Client>,
 }
 
 impl Peer {
-    /// Connects to the destination agent (with `tls` for a `tls://` URI).
+    /// Connects to the destination agent (with `tls` for a `tls://` URI),
+    /// watching the connection on the scale of `silence`.
     pub async fn connect(
         uri: &AgentUri,
         tls: Option<Arc<rustls::ClientConfig>>,
+        silence: Duration,
     ) -> Result<Peer, ApiError> {
-        let client = Client::connect_with(uri, tls.as_ref()).await.map_err(|e| {
-            ApiError::new(
-                ErrorCode::PeerUnreachable,
-                format!(
-                    "destination agent is down or unreachable: {}",
-                    errors::chain(&e)
-                ),
-            )
-        })?;
+        let client = Client::connect_watching(uri, tls.as_ref(), silence)
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::PeerUnreachable,
+                    format!(
+                        "destination agent is down or unreachable: {}",
+                        errors::chain(&e)
+                    ),
+                )
+            })?;
         Ok(Peer {
             uri: uri.clone(),
             tls,
+            silence,
             client: tokio::sync::Mutex::new(client),
         })
     }
@@ -73,7 +80,9 @@ impl Peer {
     pub async fn reconnect(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         loop {
-            if let Ok(client) = Client::connect_with(&self.uri, self.tls.as_ref()).await {
+            if let Ok(client) =
+                Client::connect_watching(&self.uri, self.tls.as_ref(), self.silence).await
+            {
                 *self.client.lock().await = client;
                 tracing::info!("reconnected to the destination agent");
                 return true;
@@ -88,16 +97,19 @@ impl Peer {
     /// Tells the destination to tear its side down. A restarted agent
     /// keeps the incoming QEMU for us rather than tying it to the old
     /// connection, so it is looked for again if the connection is gone.
+    /// An agent that is there answers at once: one unheard for the peer
+    /// silence is not waited for longer (it tears down by itself when our
+    /// connection is gone).
     pub async fn abort(&self, job_id: &str, reason: &str) {
         let abort = || Request::PeerAbort {
             job_id: job_id.to_string(),
             reason: reason.to_string(),
         };
-        let mut result = self.request(abort(), protocol::REQUEST_TIMEOUT).await;
+        let mut result = self.request(abort(), self.silence).await;
         if matches!(result, Err(ref e) if !matches!(e, ClientError::Api(_)))
-            && self.reconnect(ABORT_RETRY).await
+            && self.reconnect(ABORT_RETRY.min(self.silence)).await
         {
-            result = self.request(abort(), protocol::REQUEST_TIMEOUT).await;
+            result = self.request(abort(), self.silence).await;
         }
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not reach the destination to abort; it tears down when our connection closes");
