@@ -6,10 +6,10 @@
 #   scripts/test.sh          everything
 #   scripts/test.sh --fast   everything that needs no real QEMU (a few minutes)
 #
-# Tests run two at a time (cargo-nextest, .config/nextest.toml), except the
-# ones that measure rates or throttle real vCPUs (tests/convergence) and the
-# fault matrix (tests/faults), which run one at a time afterwards: a second
-# busy guest on a 2-core machine would change what they measure.
+# Tests run side by side as far as the machine allows (cargo-nextest; each
+# takes slots by the CPU it needs, see .config/nextest.toml): two real QEMU
+# guests at a time, and the tests that measure rates or throttle real
+# vCPUs (tests/convergence) beside no other QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,8 +27,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"
     cargo install --locked cargo-nextest
 fi
-# The end-to-end tests run the livemig, livemigd and livemig-simvm binaries.
-cargo build --bins
+# The end-to-end tests run the livemig, livemigd and livemig-simvm binaries;
+# building the tests builds them (each has tests of its own).
 if $fast; then
     exec cargo nextest run --workspace --profile fast "${args[@]}"
 fi
@@ -36,8 +36,4 @@ fi
 # setup.sh's packages).
 scripts/build-linux-guest.sh >/dev/null
 
-alone='binary(convergence) | binary(faults)'
-status=0
-cargo nextest run --workspace -j 2 -E "not ($alone)" "${args[@]}" || status=$?
-cargo nextest run --workspace -j 1 -E "$alone" "${args[@]}" || status=$?
-exit $status
+exec cargo nextest run --workspace "${args[@]}"

@@ -18,10 +18,11 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use types::Bandwidth;
 
+use crate::caller::ConnContext;
 use crate::errors;
+use crate::jobs::ActiveJob;
 use crate::migrate;
-use crate::server::ConnContext;
-use crate::state::{ActiveJob, Agent, Domain};
+use crate::state::Agent;
 use crate::vm;
 
 /// How long a running job may take to apply a new limit.
@@ -51,10 +52,8 @@ impl Agent {
             Request::List { all } => self.list(all).await,
             Request::DomInfo { domain } => self.dominfo(&domain, role).await,
             Request::DomCapabilities => self.domcapabilities().await,
-            Request::DumpDef { domain } => self.with_domain(&domain, |d| {
-                Ok(Reply::Definition {
-                    definition: DefinitionDoc(d.definition.to_document()),
-                })
+            Request::DumpDef { domain } => Ok(Reply::Definition {
+                definition: DefinitionDoc(self.table.get(&domain)?.definition.to_document()),
             }),
             Request::Migrate {
                 domain,
@@ -135,35 +134,21 @@ impl Agent {
             .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, e.to_string()))?;
         self.check_paths(&definition).await?;
         let name = definition.name.clone();
-        let lock = {
-            let mut domains = self.domains.lock().expect("domains lock");
-            domains
-                .entry(name.clone())
-                .or_insert_with(|| Domain::new(definition.clone(), false))
-                .op_lock
-                .clone()
-        };
+        let lock = self.table.enter(&definition);
         let _guard = lock.lock().await;
         if let Err(e) = self.store.save_definition(&definition).await {
-            self.drop_if_transient_and_idle(&name);
+            self.table.drop_if_transient_and_idle(&name);
             return Err(errors::storage(&e));
         }
-        self.with_domain(&name, |d| {
-            // A running domain keeps its QEMU; the new definition applies
-            // from its next start, as with libvirt.
-            d.definition = definition;
-            d.persistent = true;
-            Ok(())
-        })?;
+        self.table.defined(definition)?;
         tracing::info!(domain = %name, "defined");
         Ok(Reply::Done)
     }
 
     async fn undefine(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
-        let lock = self.op_lock(name)?;
+        let lock = self.table.op_lock(name)?;
         let _guard = lock.lock().await;
-        let persistent = self.with_domain(name, |d| Ok(d.persistent))?;
-        if !persistent {
+        if !self.table.persistent(name)? {
             return Err(errors::operation_invalid(format!(
                 "domain '{name}' is transient: it has no definition to remove"
             )));
@@ -172,68 +157,40 @@ impl Agent {
             .remove_definition(name)
             .await
             .map_err(|e| errors::storage(&e))?;
-        self.with_domain(name, |d| {
-            d.persistent = false;
-            Ok(())
-        })?;
-        self.drop_if_transient_and_idle(name);
+        self.table.undefined(name)?;
+        self.table.drop_if_transient_and_idle(name);
         tracing::info!(domain = %name, "undefined");
         Ok(Reply::Done)
     }
 
     async fn start(self: &Arc<Self>, name: &DomainName, paused: bool) -> Result<Reply, ApiError> {
-        let lock = self.op_lock(name)?;
+        let lock = self.table.op_lock(name)?;
         let _guard = lock.lock().await;
-        let def = self.with_domain(name, |d| {
-            if d.vm.is_some() {
-                return Err(errors::operation_invalid(format!(
-                    "domain '{name}' is already running"
-                )));
-            }
-            Ok(d.definition.clone())
-        })?;
+        let def = self.table.startable(name)?;
         let binary = self.binary().await?;
         let binary = binary.as_ref();
         let spec = vm::spec_for(&def, binary, &self.uri, self.config.tcg_workaround)?;
         let vm = vm::launch(self, &def, &spec, false, paused).await?;
-        self.with_domain(name, |d| {
-            d.vm = Some(vm);
-            Ok(())
-        })?;
+        if let Err(e) = self.table.attach_vm(name, vm.clone()) {
+            vm.process.kill_and_wait(STOP_TIMEOUT).await;
+            return Err(e);
+        }
         self.persist_run(name).await;
         Ok(Reply::Done)
     }
 
     async fn destroy(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
-        let lock = self.op_lock(name)?;
+        let lock = self.table.op_lock(name)?;
         let _guard = lock.lock().await;
-        let vm = self.with_domain(name, |d| {
-            if let Some(job) = &d.job {
-                return Err(errors::operation_invalid(format!(
-                    "domain '{name}' has an active migration job ({}); abort it first with \
-                     domjobabort on the source host",
-                    job.id()
-                )));
-            }
-            d.vm.take()
-                .ok_or_else(|| errors::operation_invalid(format!("domain '{name}' is not running")))
-        })?;
+        let vm = self.table.take_vm(name)?;
         vm.process.kill_and_wait(STOP_TIMEOUT).await;
         tracing::info!(domain = %name, "destroyed");
-        self.drop_if_transient_and_idle(name);
+        self.table.drop_if_transient_and_idle(name);
         Ok(Reply::Done)
     }
 
     async fn pause(self: &Arc<Self>, name: &DomainName, stop: bool) -> Result<Reply, ApiError> {
-        let vm = self.with_domain(name, |d| {
-            if d.job.is_some() {
-                return Err(errors::operation_invalid(format!(
-                    "domain '{name}' has an active migration job"
-                )));
-            }
-            d.vm.clone()
-                .ok_or_else(|| errors::operation_invalid(format!("domain '{name}' is not running")))
-        })?;
+        let vm = self.table.idle_vm(name)?;
         let result = if stop {
             vm.process.qmp().execute(&Stop).await
         } else {
@@ -244,13 +201,12 @@ impl Agent {
     }
 
     async fn list(self: &Arc<Self>, all: bool) -> Result<Reply, ApiError> {
-        let rows: Vec<(DomainName, Option<u64>, bool)> = {
-            let domains = self.domains.lock().expect("domains lock");
-            domains
-                .iter()
-                .map(|(n, d)| (n.clone(), d.vm.as_ref().map(|vm| vm.run_id), d.persistent))
-                .collect()
-        };
+        let rows: Vec<(DomainName, Option<u64>, bool)> = self
+            .table
+            .all()
+            .into_iter()
+            .map(|d| (d.name, d.vm.as_ref().map(|vm| vm.run_id), d.persistent))
+            .collect();
         let mut domains = Vec::new();
         for (name, id, persistent) in rows {
             let Ok(state) = self.state_of(&name).await else {
@@ -271,15 +227,9 @@ impl Agent {
     /// A domain's details; its QEMU's pid and paths only for administrators.
     async fn dominfo(self: &Arc<Self>, name: &DomainName, role: Role) -> Result<Reply, ApiError> {
         let state = self.state_of(name).await?;
-        let (def, persistent, vm, tunables, job) = self.with_domain(name, |d| {
-            Ok((
-                d.definition.clone(),
-                d.persistent,
-                d.vm.clone(),
-                d.tunables,
-                d.job.as_ref().map(|j| j.id().to_string()),
-            ))
-        })?;
+        let d = self.table.get(name)?;
+        let (def, persistent, vm, tunables) = (d.definition, d.persistent, d.vm, d.tunables);
+        let job = d.job.as_ref().map(|j| j.id().to_string());
         let workaround = vm.as_ref().and_then(|vm| {
             vm.spec.ram.avoids_tcg_dirty_bitmap_bug().then(|| {
                 format!(
@@ -332,18 +282,17 @@ impl Agent {
     }
 
     fn domjobinfo(&self, name: &DomainName, completed: bool) -> Result<Reply, ApiError> {
-        self.with_domain(name, |d| {
-            let job = if completed {
-                d.last_job.as_ref().map(|r| Box::new(r.as_info()))
-            } else {
-                d.job.as_ref().map(|j| Box::new(j.info()))
-            };
-            Ok(Reply::JobInfo { job })
-        })
+        let d = self.table.get(name)?;
+        let job = if completed {
+            d.last_job.as_ref().map(|r| Box::new(r.as_info()))
+        } else {
+            d.job.as_ref().map(|j| Box::new(j.info()))
+        };
+        Ok(Reply::JobInfo { job })
     }
 
     fn domjobabort(&self, name: &DomainName) -> Result<Reply, ApiError> {
-        self.with_domain(name, |d| match &d.job {
+        match &self.table.get(name)?.job {
             Some(ActiveJob::Outgoing(job)) => {
                 job.cancel.cancel();
                 tracing::info!(domain = %name, job = %job.ident.id, "abort requested");
@@ -356,7 +305,7 @@ impl Agent {
             None => Err(errors::operation_invalid(format!(
                 "domain '{name}' has no active job"
             ))),
-        })
+        }
     }
 
     async fn retune(
@@ -371,26 +320,14 @@ impl Agent {
             })?),
             None => None,
         };
-        let job = self.with_domain(name, |d| {
-            if let Some(b) = change.bandwidth_mib_s {
-                d.tunables.bandwidth_mib_s = Some(b);
-            }
-            if let Some(ms) = change.downtime_ms {
-                if ms == 0 {
-                    return Err(errors::invalid("downtime must be at least 1 ms"));
-                }
-                d.tunables.downtime_ms = Some(ms);
-            }
-            Ok(match (&d.job, &d.vm) {
-                (Some(ActiveJob::Outgoing(job)), Some(vm)) => Some((
-                    job.retune.clone(),
-                    job.storage.clone(),
-                    job.clock.current(),
-                    vm.process.qmp().clone(),
-                )),
-                _ => None,
-            })
-        })?;
+        let job = self.table.retune(name, change)?.map(|(job, vm)| {
+            (
+                job.retune.clone(),
+                job.storage.clone(),
+                job.clock.current(),
+                vm.process.qmp().clone(),
+            )
+        });
         let Some((job, disks, phase, qmp)) = job else {
             // Kept for the next migration.
             return Ok(Reply::Done);
@@ -441,17 +378,19 @@ impl Agent {
     }
 
     async fn start_postcopy(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
-        let qmp = self.with_domain(name, |d| match (&d.job, &d.vm) {
-            (Some(ActiveJob::Outgoing(job)), Some(vm)) if job.ident.flags.postcopy => {
-                Ok(vm.process.qmp().clone())
+        let qmp = match self.table.outgoing_of(name)? {
+            Some((job, Some(vm))) if job.ident.flags.postcopy => vm.process.qmp().clone(),
+            Some(_) => {
+                return Err(errors::operation_invalid(format!(
+                    "the migration of '{name}' was not started with --postcopy"
+                )))
             }
-            (Some(ActiveJob::Outgoing(_)), _) => Err(errors::operation_invalid(format!(
-                "the migration of '{name}' was not started with --postcopy"
-            ))),
-            _ => Err(errors::operation_invalid(format!(
-                "domain '{name}' is not being migrated from this host"
-            ))),
-        })?;
+            None => {
+                return Err(errors::operation_invalid(format!(
+                    "domain '{name}' is not being migrated from this host"
+                )))
+            }
+        };
         qmp.execute(&MigrateStartPostcopy)
             .await
             .map_err(|e| errors::qemu(errors::chain(&e)))?;
@@ -461,7 +400,7 @@ impl Agent {
     async fn job(&self, id: &str) -> Result<Reply, ApiError> {
         // Check the live table first: a record is written before the job
         // leaves it, so one of the two always answers.
-        if let Some(info) = self.find_job(id) {
+        if let Some(info) = self.table.find_job(id) {
             return Ok(Reply::Job {
                 active: Some(Box::new(info)),
                 record: None,
@@ -503,10 +442,7 @@ impl Agent {
             .ok_or_else(|| errors::invalid("the command must be a QMP object with \"execute\""))?
             .to_string();
         let arguments = command.get("arguments").cloned();
-        let vm = self.with_domain(name, |d| {
-            d.vm.clone()
-                .ok_or_else(|| errors::operation_invalid(format!("domain '{name}' is not running")))
-        })?;
+        let vm = self.table.vm(name)?;
         let result = vm
             .process
             .qmp()

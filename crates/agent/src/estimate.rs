@@ -22,13 +22,12 @@ pub(crate) async fn estimate(
     name: &DomainName,
     params: EstimateParams,
 ) -> Result<Reply, ApiError> {
-    let (vm, tunables, definition) = agent.with_domain(name, |d| {
-        let vm = d.vm.clone().ok_or_else(|| {
-            errors::operation_invalid(format!(
-                "domain '{name}' is not running: nothing to measure"
-            ))
-        })?;
-        Ok((vm, d.tunables, d.definition.clone()))
+    let d = agent.table.get(name)?;
+    let (tunables, definition) = (d.tunables, d.definition);
+    let vm = d.vm.ok_or_else(|| {
+        errors::operation_invalid(format!(
+            "domain '{name}' is not running: nothing to measure"
+        ))
     })?;
     let disks: Vec<DiskFacts> = definition
         .disks
@@ -58,7 +57,7 @@ pub(crate) async fn estimate(
 
 /// The part of the guest's RAM that holds anything; unreadable, the
 /// prediction counts all of it, which is no reason to fail.
-pub(crate) async fn ram_in_use(agent: &Agent, vm: &crate::vm::RunningVm) -> Option<u64> {
+pub(crate) async fn ram_in_use(agent: &Agent, vm: &crate::running::RunningVm) -> Option<u64> {
     agent
         .hypervisor
         .ram_in_use(&vm.process, vm.spec.ram.bytes)

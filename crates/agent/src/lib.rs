@@ -3,8 +3,10 @@
 //! - [`config`]: how the agent runs; [`timeouts`]: how long it waits.
 //! - [`store`]: the state directory (definitions, run records, sockets, logs).
 //! - [`history`]: finished jobs with their timelines, in SQLite.
-//! - `state`: the in-memory domain table and active jobs.
-//! - `vm`: starting a domain's QEMU and noticing when it exits.
+//! - `state`: the agent itself; `table`: every domain, its state and
+//!   transitions (the only place that locks them); `jobs`: the migrations a
+//!   domain can be part of; `running`: a domain's running VM.
+//! - `vm`: starting a domain's VM and noticing when it exits.
 //! - `api`: one handler per request.
 //! - `estimate`: measuring a guest and predicting its migration.
 //! - `migrate`: the source and destination halves of a migration.
@@ -22,18 +24,22 @@
 #![warn(missing_docs)]
 
 mod api;
+mod caller;
 pub mod config;
 mod errors;
 mod estimate;
 pub mod history;
+mod jobs;
 mod metrics;
 mod migrate;
 mod probe_cache;
 mod reattach;
 mod runfile;
+mod running;
 mod server;
 mod state;
 pub mod store;
+mod table;
 mod taps;
 pub mod throttles;
 pub mod timeouts;

@@ -14,7 +14,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use protocol::job::{JobRecord, JobStatus, Role};
 
-use crate::state::{ActiveJob, Agent};
+use crate::jobs::ActiveJob;
+use crate::table::DomainTable;
 
 /// The media type of what [`Metrics::render`] returns.
 pub(crate) const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -98,8 +99,8 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition: the counters, and gauges read from
-    /// `agent`'s domain table now.
-    pub fn render(&self, agent: &Agent) -> String {
+    /// the domain table now.
+    pub fn render(&self, table: &DomainTable) -> String {
         let mut registry = Registry::default();
         let up = Gauge::<i64>::default();
         up.set(1);
@@ -132,8 +133,8 @@ impl Metrics {
         let running = Gauge::<i64>::default();
         let throttle = Family::<DomainLabel, Gauge<f64, AtomicU64>>::default();
         {
-            let domains = agent.domains.lock().expect("domains lock");
-            for (name, d) in domains.iter() {
+            for d in table.all() {
+                let name = &d.name;
                 if d.vm.is_some() {
                     running.inc();
                 }

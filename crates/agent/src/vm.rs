@@ -1,36 +1,18 @@
 //! Starting a domain's QEMU, and noticing when it exits.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use domain::qemu::{
-    build_argv, Hardening, LaunchConfig, LaunchSpec, QemuBinary, RamLayout, VmProcess,
-};
+use domain::qemu::{build_argv, Hardening, LaunchConfig, LaunchSpec, QemuBinary, RamLayout};
 use domain::{DomainDefinition, DomainName};
 use protocol::{ApiError, ErrorCode};
-use qmp::QemuVersion;
 
 use crate::errors;
+use crate::running::RunningVm;
 use crate::state::Agent;
 use crate::taps;
 
 /// Unix socket paths are limited to 107 bytes.
 const MAX_SOCKET_PATH: usize = 107;
-
-/// A domain's running QEMU.
-#[derive(Debug)]
-pub(crate) struct RunningVm {
-    /// Shown by `list` as the domain's Id.
-    pub run_id: u64,
-    pub process: VmProcess,
-    pub spec: LaunchSpec,
-    pub qmp_socket: PathBuf,
-    pub serial_log: PathBuf,
-    pub qemu_log: PathBuf,
-    pub qemu_version: QemuVersion,
-    /// The taps of its bridged NICs, removed when it exits.
-    pub taps: Vec<String>,
-}
 
 /// The launch spec for a fresh start on this host.
 pub(crate) fn spec_for(
@@ -191,29 +173,16 @@ pub(crate) fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>
         let Ok(info) = exit.wait_for(Option::is_some).await.map(|i| *i) else {
             return;
         };
-        let cleared = {
-            let mut domains = agent.domains.lock().expect("domains lock");
-            match domains.get_mut(&name) {
-                Some(d) if d.vm.as_ref().is_some_and(|vm| vm.run_id == run_id) => {
-                    d.vm = None;
-                    true
-                }
-                _ => false,
-            }
-        };
+        let cleared = agent.table.vm_exited(&name, run_id);
         agent.store.remove_run_if(&name, run_id).await;
         taps::remove(&taps).await;
-        let replaced = agent
-            .with_domain(&name, |d| {
-                Ok(d.vm.as_ref().is_some_and(|vm| vm.run_id != run_id))
-            })
-            .unwrap_or(false);
+        let replaced = agent.table.runs_another_vm(&name, run_id);
         if !replaced {
             let _ = tokio::fs::remove_file(&socket).await;
         }
         if cleared {
             tracing::info!(domain = %name, exit = ?info, "QEMU exited");
-            agent.drop_if_transient_and_idle(&name);
+            agent.table.drop_if_transient_and_idle(&name);
         }
     });
 }

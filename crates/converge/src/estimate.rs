@@ -124,6 +124,14 @@ pub struct Predictions {
 /// every 50 ms, as a memory-bound loop does.
 pub const WORST_CASE_REFILL_SECS: f64 = 0.05;
 
+/// What a migration's first pass sends: the RAM in use (QEMU sends a page
+/// that reads as zero as a header), never more than the RAM. The job's own
+/// prediction and `estimate` must count it alike, or calibrating one on
+/// the other goes wrong.
+pub fn first_pass_bytes(ram_bytes: u64, in_use_bytes: Option<u64>) -> f64 {
+    in_use_bytes.map_or(ram_bytes, |b| b.min(ram_bytes)) as f64
+}
+
 /// Predicts a migration whose first pass sends `first_pass_bytes`: the
 /// guest's RAM, or the part of it that holds anything (QEMU sends a zero
 /// page as a header).

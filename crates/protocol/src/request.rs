@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use types::DomainName;
 
-use crate::access::Access;
+use crate::access::{Access, Role};
 use crate::domain::DefinitionDoc;
 use crate::estimate::EstimateParams;
 use crate::migrate::{MigrateOptions, PrepareRequest, ProbeRequest};
@@ -235,6 +235,20 @@ impl Request {
     }
 }
 
+impl Role {
+    /// Whether this role may send `request`.
+    pub fn allows(self, request: &Request) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Monitor => request.access() == Access::Read,
+            Role::Agent => {
+                request.access() == Access::Peer
+                    || matches!(request, Request::Hello | Request::Job { .. })
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -282,5 +296,41 @@ mod tests {
             .access(),
             Access::Control
         );
+    }
+
+    fn domain() -> types::DomainName {
+        "vm".parse().unwrap()
+    }
+
+    #[test]
+    fn a_monitor_reads_and_changes_nothing() {
+        assert!(Role::Monitor.allows(&Request::List { all: true }));
+        assert!(Role::Monitor.allows(&Request::DomJobInfo {
+            domain: domain(),
+            completed: false
+        }));
+        assert!(!Role::Monitor.allows(&Request::Destroy { domain: domain() }));
+        assert!(!Role::Monitor.allows(&Request::PeerFinish { job_id: "j".into() }));
+    }
+
+    #[test]
+    fn an_agent_does_only_the_peer_half() {
+        assert!(Role::Agent.allows(&Request::PeerAbort {
+            job_id: "j".into(),
+            reason: "r".into()
+        }));
+        assert!(Role::Agent.allows(&Request::Hello));
+        assert!(!Role::Agent.allows(&Request::Define {
+            definition: Default::default()
+        }));
+        assert!(!Role::Agent.allows(&Request::List { all: true }));
+    }
+
+    #[test]
+    fn an_admin_does_everything() {
+        assert!(Role::Admin.allows(&Request::QemuMonitorCommand {
+            domain: domain(),
+            command: serde_json::json!({})
+        }));
     }
 }

@@ -104,7 +104,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --bins` before the tests (scripts/test.sh does)",
+        "{} is missing: build the workspace's tests first (`cargo nextest run --workspace` and scripts/test.sh do)",
         path.display()
     );
     path

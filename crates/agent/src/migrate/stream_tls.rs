@@ -5,8 +5,8 @@ use migration::stream_tls::{StreamTls, TlsPeer};
 use migration::Flags;
 use protocol::{AgentUri, ApiError};
 
+use crate::caller::{Caller, ConnContext};
 use crate::errors;
-use crate::server::{Caller, ConnContext};
 use crate::state::Agent;
 
 /// Refuses a migration this host will not take part in: one without

@@ -10,10 +10,11 @@ use protocol::{AgentUri, Reply, Request};
 use tokio::time::Instant;
 
 use super::identity;
+use crate::jobs::IncomingJob;
 use crate::migrate::destination;
 use crate::runfile::{RunJob, RunRecord};
-use crate::state::{ActiveJob, Agent, IncomingJob};
-use crate::vm::RunningVm;
+use crate::running::RunningVm;
+use crate::state::Agent;
 
 /// Keeps an incoming QEMU for its source to finish or abort, within the
 /// agent's orphan timeout.
@@ -42,23 +43,14 @@ pub(super) fn keep_incoming(
         reattached: true,
         created_images: job.created_images.clone(),
     });
-    let _ = agent.with_domain(name, |d| {
-        d.job = Some(ActiveJob::Incoming(incoming.clone()));
-        Ok(())
-    });
+    agent.table.keep_incoming(name, incoming.clone());
     tracing::warn!(domain = %name, job = %job.id, "incoming migration kept for its source after restart");
     let agent = agent.clone();
     let name = name.clone();
     let source = job.peer.clone();
     tokio::spawn(async move {
         let deadline = Instant::now() + agent.config.timeouts.orphan;
-        let waiting = || {
-            agent
-                .with_domain(&name, |d| {
-                    Ok(matches!(&d.job, Some(ActiveJob::Incoming(j)) if Arc::ptr_eq(j, &incoming)))
-                })
-                .unwrap_or(false)
-        };
+        let waiting = || agent.table.is_incoming(&name, &incoming);
         // Ask the source how its job stands; one that has ended without us
         // will never finish here.
         while Instant::now() < deadline && waiting() {

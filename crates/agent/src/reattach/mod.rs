@@ -30,8 +30,9 @@ use migration::Flags;
 use protocol::job::Role;
 
 use crate::runfile::RunJob;
-use crate::state::{Agent, Domain};
-use crate::vm::{self, RunningVm};
+use crate::running::RunningVm;
+use crate::state::Agent;
+use crate::vm;
 
 /// Adopts every QEMU an earlier agent left running; resolves their jobs.
 pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
@@ -66,13 +67,7 @@ pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
             qemu_version: record.qemu_version,
             taps: crate::taps::names(agent.store.root(), &record.definition),
         });
-        {
-            let mut domains = agent.domains.lock().expect("domains lock");
-            let d = domains
-                .entry(name.clone())
-                .or_insert_with(|| Domain::new(record.definition.clone(), false));
-            d.vm = Some(vm.clone());
-        }
+        agent.table.adopt_vm(&record.definition, vm.clone());
         vm::watch_exit(agent.clone(), name.clone(), vm.clone());
         tracing::info!(domain = %name, pid = record.pid, "reattached to a running QEMU");
 

@@ -19,8 +19,8 @@ use tokio::time::Instant;
 
 use super::identity;
 use crate::runfile::RunJob;
+use crate::running::RunningVm;
 use crate::state::Agent;
-use crate::vm::RunningVm;
 
 /// How long a copy still running gets to settle after `migrate_cancel`.
 const CANCEL_WAIT: Duration = Duration::from_secs(30);
@@ -208,10 +208,7 @@ pub(super) async fn resolve_outgoing(
     if let Err(e) = agent.history.save(&record).await {
         tracing::error!(error = %crate::errors::chain(&e), "could not save the job record");
     }
-    let _ = agent.with_domain(name, |d| {
-        d.last_job = Some(record);
-        Ok(())
-    });
+    agent.table.set_last_job(name, record);
 }
 
 #[cfg(test)]

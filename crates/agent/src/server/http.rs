@@ -52,7 +52,8 @@ fn respond(agent: &Agent, request: &Request<Incoming>) -> Response<Full<Bytes>> 
     };
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/metrics") => {
-            let mut response = Response::new(Full::new(Bytes::from(agent.metrics.render(agent))));
+            let mut response =
+                Response::new(Full::new(Bytes::from(agent.metrics.render(&agent.table))));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static(metrics::CONTENT_TYPE),

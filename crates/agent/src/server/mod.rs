@@ -12,16 +12,15 @@ mod connection;
 mod http;
 mod listeners;
 
+use crate::caller::{Caller, ConnContext};
+
 pub use listeners::Listeners;
 
-use std::fmt;
 use std::future::Future;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::Role;
 use tls::{Identity, TlsError};
 use tokio::io::BufReader;
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -31,7 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::Config;
 use crate::history::History;
 use crate::migrate::destination;
-use crate::state::{ActiveJob, Agent, Domain};
+use crate::state::Agent;
 use crate::store::{Store, StoreError};
 use connection::{serve_requests, serve_stream};
 
@@ -71,54 +70,6 @@ pub enum RunError {
     /// The TLS directory does not work.
     #[error("cannot set up TLS")]
     Tls(#[from] TlsError),
-}
-
-/// Who is on the other end of a connection.
-#[derive(Debug, Clone)]
-pub(crate) enum Caller {
-    /// The unix socket's owner, or root: an administrator.
-    Local,
-    /// A TLS client, as its certificate names it.
-    Certified(Identity),
-    /// A plaintext TCP client of an agent started `--insecure`.
-    Insecure,
-}
-
-impl Caller {
-    pub fn role(&self) -> Role {
-        match self {
-            Caller::Local | Caller::Insecure => Role::Admin,
-            Caller::Certified(identity) => identity.role,
-        }
-    }
-
-    /// The certificate's name, for a certified caller.
-    pub fn name(&self) -> Option<&str> {
-        match self {
-            Caller::Certified(identity) => Some(&identity.name),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Caller {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Caller::Local => f.write_str("the local administrator"),
-            Caller::Certified(i) => write!(f, "{} (role {})", i.name, i.role),
-            Caller::Insecure => f.write_str("a plaintext client"),
-        }
-    }
-}
-
-/// Where a request came from.
-#[derive(Debug, Clone)]
-pub(crate) struct ConnContext {
-    pub id: u64,
-    /// Our address on this connection (TCP only): the address a peer
-    /// reached us on, hence the one its QEMU can reach ours on.
-    pub local_ip: Option<IpAddr>,
-    pub caller: Caller,
 }
 
 /// Binds the listeners `config` names and serves until `shutdown`
@@ -197,14 +148,8 @@ pub async fn serve(
             tracing::warn!(error = %e.message, "QEMU not probed at start");
         }
     });
-    {
-        let defs = agent.store.load_definitions().await;
-        let mut domains = agent.domains.lock().expect("domains lock");
-        for def in defs {
-            domains.insert(def.name.clone(), Domain::new(def, true));
-        }
-        tracing::info!(count = domains.len(), "definitions loaded");
-    }
+    agent.table.load(agent.store.load_definitions().await);
+    tracing::info!(count = agent.table.len(), "definitions loaded");
     crate::reattach::reattach_all(&agent).await;
     tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");
     if let Some(addr) = metrics_addr {
@@ -396,50 +341,25 @@ async fn serve_tcp(
 /// Shutdown: outgoing jobs are cancelled and given time to resume the
 /// source, incoming ones are torn down, running guests are left running.
 async fn stop_everything(agent: &Arc<Agent>) {
-    let outgoing: Vec<_> = {
-        let domains = agent.domains.lock().expect("domains lock");
-        domains
-            .values()
-            .filter_map(|d| match &d.job {
-                Some(ActiveJob::Outgoing(job)) => Some(job.clone()),
-                _ => None,
-            })
-            .collect()
-    };
+    let outgoing = agent.table.outgoing();
     for job in &outgoing {
         job.cancel.cancel();
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     while tokio::time::Instant::now() < deadline {
-        let busy = agent
-            .domains
-            .lock()
-            .expect("domains lock")
-            .values()
-            .any(|d| matches!(d.job, Some(ActiveJob::Outgoing(_))));
-        if !busy {
+        if agent.table.outgoing().is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let incoming: Vec<_> = {
-        let domains = agent.domains.lock().expect("domains lock");
-        domains
-            .iter()
-            .filter_map(|(name, d)| match &d.job {
-                Some(ActiveJob::Incoming(job)) => Some((name.clone(), job.clone())),
-                _ => None,
-            })
-            .collect()
-    };
+    let incoming = agent.table.incoming(|_| true);
     for (name, job) in incoming {
         destination::teardown(agent, &name, &job, "the destination agent is shutting down").await;
     }
-    let domains = agent.domains.lock().expect("domains lock");
-    for (name, d) in domains.iter() {
+    for d in agent.table.all() {
         if let Some(vm) = &d.vm {
             vm.process.detach();
-            tracing::info!(domain = %name, pid = vm.process.pid(), "left running for the next agent");
+            tracing::info!(domain = %d.name, pid = vm.process.pid(), "left running for the next agent");
         }
     }
 }

@@ -106,18 +106,12 @@ pub async fn estimate(
         guest_ram_in_use_bytes: subject.ram_in_use_bytes,
         predictions: wire::predictions(&predict(
             model,
-            first_pass_bytes(subject.ram_bytes, subject.ram_in_use_bytes),
+            converge::estimate::first_pass_bytes(subject.ram_bytes, subject.ram_in_use_bytes),
             bandwidth,
             &policy,
         )),
         calibrations: Vec::new(),
     })
-}
-
-/// What a migration's first pass sends: the RAM in use, never more than
-/// the RAM.
-pub fn first_pass_bytes(ram_bytes: u64, in_use_bytes: Option<u64>) -> f64 {
-    in_use_bytes.map_or(ram_bytes, |b| b.min(ram_bytes)) as f64
 }
 
 /// Corrects each mode's prediction by how past jobs with that mode fared

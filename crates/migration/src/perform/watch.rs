@@ -288,7 +288,7 @@ impl<'a> Watch<'a> {
         };
         let outlook = converge::estimate::predict(
             model,
-            crate::estimate::first_pass_bytes(
+            converge::estimate::first_pass_bytes(
                 self.options.ram_bytes,
                 self.options.ram_in_use_bytes,
             ),

@@ -13,9 +13,10 @@ use qmp::commands::vm::{AnnounceSelf, Cont};
 use tracing::Instrument;
 
 use super::{find, teardown};
+use crate::caller::ConnContext;
 use crate::errors;
-use crate::server::ConnContext;
-use crate::state::{Agent, IncomingJob};
+use crate::jobs::IncomingJob;
+use crate::state::Agent;
 
 pub(crate) async fn finish(
     agent: &Arc<Agent>,
@@ -41,10 +42,7 @@ pub(crate) async fn finish(
         if job.ident.flags.persistent {
             match agent.store.save_definition(&job.definition).await {
                 Ok(()) => {
-                    let _ = agent.with_domain(&name, |d| {
-                        d.persistent = true;
-                        Ok(())
-                    });
+                    let _ = agent.table.defined(job.definition.clone());
                 }
                 Err(e) => {
                     let text = format!("could not persist the definition: {}", errors::chain(&e));
@@ -63,11 +61,7 @@ pub(crate) async fn finish(
         if let Err(e) = agent.history.save(&record).await {
             tracing::error!(error = %errors::chain(&e), "could not save the job record");
         }
-        agent.with_domain(&name, |d| {
-            d.job = None;
-            d.last_job = Some(record);
-            Ok(())
-        })?;
+        agent.table.end_job(&name, &job.ident.id, record);
         tracing::info!(
             paused = job.ident.flags.suspend,
             "guest resumed on the destination"

@@ -18,9 +18,9 @@ use protocol::job::Phase;
 use protocol::{ApiError, ErrorCode, Role};
 use qmp::commands::migration::{MigrationStatus, QueryMigrate};
 
-use crate::server::Caller;
-use crate::state::{ActiveJob, Agent, IncomingJob};
-use crate::vm;
+use crate::caller::Caller;
+use crate::jobs::IncomingJob;
+use crate::state::Agent;
 
 pub(crate) use finish::{abort, finish, recover};
 pub(crate) use prepare::{prepare, probe};
@@ -44,50 +44,21 @@ fn find(
 }
 
 fn find_any(agent: &Agent, job_id: &str) -> Result<(DomainName, Arc<IncomingJob>), ApiError> {
-    let domains = agent.domains.lock().expect("domains lock");
-    domains
-        .iter()
-        .find_map(|(name, d)| match &d.job {
-            Some(ActiveJob::Incoming(job)) if job.ident.id == job_id => {
-                Some((name.clone(), job.clone()))
-            }
-            _ => None,
-        })
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::NoJob,
-                format!("no incoming job '{job_id}' on {}", agent.uri),
-            )
-        })
+    agent.table.find_incoming(job_id).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NoJob,
+            format!("no incoming job '{job_id}' on {}", agent.uri),
+        )
+    })
 }
 
 /// True if this QEMU is in post-copy: it runs the guest, and killing it
 /// would lose the guest.
-async fn in_postcopy(vm: &vm::RunningVm) -> bool {
+async fn in_postcopy(vm: &crate::running::RunningVm) -> bool {
     matches!(
         vm.process.qmp().execute(&QueryMigrate).await,
         Ok(info) if info.status.is_some_and(MigrationStatus::is_postcopy)
     )
-}
-
-/// Clears a job from the table: forgets the domain if it only existed for
-/// the migration, else leaves it as it was without the job's QEMU.
-fn forget(agent: &Agent, name: &DomainName, job: &IncomingJob) {
-    let mut domains = agent.domains.lock().expect("domains lock");
-    let ours = matches!(domains.get(name).and_then(|d| d.job.as_ref()), Some(ActiveJob::Incoming(j)) if j.ident.id == job.ident.id);
-    if !ours {
-        return;
-    }
-    if job.created_domain {
-        domains.remove(name);
-    } else if let Some(d) = domains.get_mut(name) {
-        d.job = None;
-        d.vm = None;
-        // The peer's definition only held while its guest was arriving.
-        if let Some(definition) = &job.replaced_definition {
-            d.definition = definition.clone();
-        }
-    }
 }
 
 /// Kills the destination QEMU and forgets the job (and the domain, if it
@@ -111,25 +82,14 @@ pub(crate) async fn teardown(
         vm.process.kill_and_wait(STOP_TIMEOUT).await;
     }
     storage::remove_images(&job.created_images).await;
-    forget(agent, name, job);
+    agent.table.forget_incoming(name, &job.ident.id);
     tracing::warn!(job = %job.ident.id, domain = %name, %reason, "incoming migration aborted; destination cleaned up");
     true
 }
 
 /// Aborts the jobs a closed peer connection had prepared.
 pub(crate) async fn abort_for_connection(agent: &Arc<Agent>, connection: u64) {
-    let orphans: Vec<(DomainName, Arc<IncomingJob>)> = {
-        let domains = agent.domains.lock().expect("domains lock");
-        domains
-            .iter()
-            .filter_map(|(name, d)| match &d.job {
-                Some(ActiveJob::Incoming(job)) if job.connection == connection => {
-                    Some((name.clone(), job.clone()))
-                }
-                _ => None,
-            })
-            .collect()
-    };
+    let orphans = agent.table.incoming(|job| job.connection == connection);
     for (name, job) in orphans {
         teardown(
             agent,

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use domain::qemu::STOP_TIMEOUT;
-use domain::{DomainDefinition, DomainName};
+use domain::DomainDefinition;
 use migration::job::unix_ms;
 use migration::record::JobIdentity;
 use migration::settings::{self, ThrottleVia};
@@ -19,10 +19,11 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::storage;
+use crate::caller::ConnContext;
 use crate::errors;
+use crate::jobs::IncomingJob;
 use crate::migrate::stream_tls;
-use crate::server::ConnContext;
-use crate::state::{ActiveJob, Agent, Domain, IncomingJob};
+use crate::state::Agent;
 use crate::vm;
 
 /// Probe: this host's QEMU has what the migration needs here, and the
@@ -100,29 +101,18 @@ pub(crate) async fn prepare(
 
 async fn prepare_offline(agent: &Arc<Agent>, req: &Incoming) -> Result<Reply, ApiError> {
     let name = req.definition.name.clone();
-    {
-        let mut domains = agent.domains.lock().expect("domains lock");
-        if let Some(d) = domains.get(&name) {
-            if d.vm.is_some() || d.job.is_some() {
-                return Err(errors::operation_invalid(format!(
-                    "domain '{name}' is running on {}",
-                    agent.uri
-                )));
-            }
-        }
-        domains
-            .entry(name.clone())
-            .or_insert_with(|| Domain::new(req.definition.clone(), false));
+    // The same lock as `define`: the definition on disk changes.
+    let lock = agent.table.enter(&req.definition);
+    let _guard = lock.lock().await;
+    if let Err(e) = agent.table.receivable_offline(&name, &agent.uri) {
+        agent.table.drop_if_transient_and_idle(&name);
+        return Err(e);
     }
     if let Err(e) = agent.store.save_definition(&req.definition).await {
-        agent.drop_if_transient_and_idle(&name);
+        agent.table.drop_if_transient_and_idle(&name);
         return Err(errors::storage(&e));
     }
-    agent.with_domain(&name, |d| {
-        d.definition = req.definition.clone();
-        d.persistent = true;
-        Ok(())
-    })?;
+    agent.table.defined(req.definition.clone())?;
     tracing::info!("definition received (offline migration)");
     Ok(Reply::Prepared {
         uri: String::new(),
@@ -159,34 +149,25 @@ async fn prepare_live(
     };
 
     // Reserve the name: from here on the domain is "migrating in".
-    let (created, replaced) = {
-        let mut domains = agent.domains.lock().expect("domains lock");
-        let created = !domains.contains_key(&name);
-        let d = domains
-            .entry(name.clone())
-            .or_insert_with(|| Domain::new(req.definition.clone(), false));
-        if d.vm.is_some() || d.job.is_some() {
-            return Err(errors::operation_invalid(format!(
-                "domain '{name}' is already running on {}",
-                agent.uri
-            )));
-        }
-        let replaced = (!created).then(|| d.definition.clone());
-        d.job = Some(ActiveJob::Incoming(Arc::new(incoming_job(
-            agent,
-            &req,
-            ctx,
-            (created, replaced.clone()),
-            None,
-            Default::default(),
-        ))));
-        (created, replaced)
-    };
+    let (created, replaced) = agent.table.reserve_incoming(
+        &req.definition,
+        |created, replaced| {
+            incoming_job(
+                agent,
+                &req,
+                ctx,
+                (created, replaced),
+                None,
+                Default::default(),
+            )
+        },
+        &agent.uri,
+    )?;
 
     let images = match storage::create_images(&req.definition, &req.storage).await {
         Ok(images) => images,
         Err(e) => {
-            release(agent, &name, created);
+            agent.table.forget_incoming(&name, &req.job_id);
             return Err(e);
         }
     };
@@ -204,14 +185,7 @@ async fn prepare_live(
                 previous,
             );
             job.created_images = images;
-            let job = Arc::new(job);
-            agent.with_domain(&name, |d| {
-                d.vm = Some(vm);
-                d.job = Some(ActiveJob::Incoming(job));
-                // The running configuration is the one that arrives.
-                d.definition = req.definition.clone();
-                Ok(())
-            })?;
+            agent.table.prepared_incoming(Arc::new(job))?;
             agent.persist_run(&name).await;
             tracing::info!(%uri, ?nbd_port, source = %req.source, "prepared");
             Ok(Reply::Prepared {
@@ -221,7 +195,7 @@ async fn prepare_live(
         }
         Err(e) => {
             storage::remove_images(&images).await;
-            release(agent, &name, created);
+            agent.table.forget_incoming(&name, &req.job_id);
             tracing::error!(error = %e, "prepare failed");
             Err(e)
         }
@@ -235,7 +209,15 @@ async fn start(
     req: &Incoming,
     listen: &Listen,
     tls: Option<&StreamTls>,
-) -> Result<(Arc<vm::RunningVm>, settings::Previous, DataUri, Option<u16>), ApiError> {
+) -> Result<
+    (
+        Arc<crate::running::RunningVm>,
+        settings::Previous,
+        DataUri,
+        Option<u16>,
+    ),
+    ApiError,
+> {
     let vm = vm::launch(agent, &req.definition, &req.spec, true, false).await?;
     let qmp = vm.process.qmp();
     let setup = async {
@@ -316,7 +298,7 @@ fn incoming_job(
     req: &Incoming,
     ctx: &ConnContext,
     (created, replaced): (bool, Option<DomainDefinition>),
-    vm: Option<Arc<vm::RunningVm>>,
+    vm: Option<Arc<crate::running::RunningVm>>,
     previous: settings::Previous,
 ) -> IncomingJob {
     IncomingJob {
@@ -340,16 +322,5 @@ fn incoming_job(
         replaced_definition: replaced,
         reattached: false,
         created_images: Vec::new(),
-    }
-}
-
-/// Clears a failed incoming job from the table.
-fn release(agent: &Agent, name: &DomainName, created: bool) {
-    let mut domains = agent.domains.lock().expect("domains lock");
-    if created {
-        domains.remove(name);
-    } else if let Some(d) = domains.get_mut(name) {
-        d.job = None;
-        d.vm = None;
     }
 }

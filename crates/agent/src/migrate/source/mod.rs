@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::errors;
-use crate::state::{ActiveJob, Agent, OutgoingJob};
+use crate::jobs::OutgoingJob;
+use crate::state::Agent;
 use peer::{unexpected, Peer};
 use run::Run;
 
@@ -53,29 +54,10 @@ pub(crate) async fn begin(
     if flags.postcopy_resume {
         return postcopy_resume(agent, name, &dest_uri).await;
     }
-    let lock = agent.op_lock(name)?;
+    let lock = agent.table.op_lock(name)?;
     let _guard = lock.lock().await;
 
-    let (def, vm, tunables) = agent.with_domain(name, |d| {
-        if let Some(job) = &d.job {
-            return Err(errors::operation_invalid(format!(
-                "domain '{name}' already has an active migration job ({})",
-                job.id()
-            )));
-        }
-        if flags.offline {
-            if !d.persistent {
-                return Err(errors::operation_invalid(format!(
-                    "offline migration needs a persistent domain; '{name}' is transient"
-                )));
-            }
-        } else if d.vm.is_none() {
-            return Err(errors::operation_invalid(format!(
-                "domain '{name}' is not running (use --offline to move only its definition)"
-            )));
-        }
-        Ok((d.definition.clone(), d.vm.clone(), d.tunables))
-    })?;
+    let (def, vm, tunables) = agent.table.migratable(name, flags.offline)?;
 
     let storage: Vec<String> = migration::storage::disks_to_copy(&def, flags.options())
         .map_err(|e| errors::invalid(e.to_string()))?
@@ -156,10 +138,7 @@ pub(crate) async fn begin(
         retunes: Mutex::new(Some(retune_rx)),
         storage: storage.clone(),
     });
-    agent.with_domain(name, |d| {
-        d.job = Some(ActiveJob::Outgoing(job.clone()));
-        Ok(())
-    })?;
+    agent.table.begin_outgoing(name, job.clone())?;
     agent.persist_run(name).await;
     let span = tracing::info_span!("job", id = %job.ident.id, domain = %name, role = "source");
     tracing::info!(parent: &span, %destination, flags = ?job.ident.flags.names(), "migration started");
@@ -191,12 +170,11 @@ async fn postcopy_resume(
     name: &DomainName,
     destination: &AgentUri,
 ) -> Result<Reply, ApiError> {
-    let (job, vm) = agent.with_domain(name, |d| match (&d.job, &d.vm) {
-        (Some(ActiveJob::Outgoing(job)), Some(vm)) => Ok((job.clone(), vm.clone())),
-        _ => Err(errors::operation_invalid(format!(
+    let Some((job, Some(vm))) = agent.table.outgoing_of(name)? else {
+        return Err(errors::operation_invalid(format!(
             "domain '{name}' has no migration from this host to resume"
-        ))),
-    })?;
+        )));
+    };
     if job.ident.destination != destination.to_string() {
         return Err(errors::invalid(format!(
             "the migration of '{name}' goes to {}, not {destination}",

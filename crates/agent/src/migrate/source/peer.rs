@@ -97,19 +97,25 @@ impl Peer {
     /// Tells the destination to tear its side down. A restarted agent
     /// keeps the incoming QEMU for us rather than tying it to the old
     /// connection, so it is looked for again if the connection is gone.
-    /// An agent that is there answers at once: one unheard for the peer
-    /// silence is not waited for longer (it tears down by itself when our
-    /// connection is gone).
-    pub async fn abort(&self, job_id: &str, reason: &str) {
+    /// An agent that is there answers at once; one already found `unheard`
+    /// for the peer silence gets a single short try (it tears its side
+    /// down by itself when our connection is gone).
+    pub async fn abort(&self, job_id: &str, reason: &str, unheard: bool) {
         let abort = || Request::PeerAbort {
             job_id: job_id.to_string(),
             reason: reason.to_string(),
         };
-        let mut result = self.request(abort(), self.silence).await;
+        let (timeout, retry) = if unheard {
+            (PING_TIMEOUT, Duration::ZERO)
+        } else {
+            (self.silence, ABORT_RETRY.min(self.silence))
+        };
+        let mut result = self.request(abort(), timeout).await;
         if matches!(result, Err(ref e) if !matches!(e, ClientError::Api(_)))
-            && self.reconnect(ABORT_RETRY.min(self.silence)).await
+            && !retry.is_zero()
+            && self.reconnect(retry).await
         {
-            result = self.request(abort(), self.silence).await;
+            result = self.request(abort(), timeout).await;
         }
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not reach the destination to abort; it tears down when our connection closes");

@@ -74,12 +74,10 @@ impl Run {
         if let Err(e) = self.agent.history.save(&record).await {
             tracing::error!(error = %errors::chain(&e), "could not save the job record");
         }
-        let _ = self.agent.with_domain(&self.name, |d| {
-            d.job = None;
-            d.last_job = Some(record);
-            Ok(())
-        });
+        self.agent
+            .table
+            .end_job(&self.name, &self.job.ident.id, record);
         self.agent.persist_run(&self.name).await;
-        self.agent.drop_if_transient_and_idle(&self.name);
+        self.agent.table.drop_if_transient_and_idle(&self.name);
     }
 }

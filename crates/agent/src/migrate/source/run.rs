@@ -21,8 +21,9 @@ use super::finish::{self, Settled};
 use super::peer::Peer;
 use super::record::Ending;
 use crate::errors;
-use crate::state::{Agent, OutgoingJob};
-use crate::vm::RunningVm;
+use crate::jobs::OutgoingJob;
+use crate::running::RunningVm;
+use crate::state::Agent;
 
 /// Why the destination did not prepare.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +123,7 @@ impl Run {
                 let e = errors::chain(&e);
                 // The destination tears down on its own when Prepare fails
                 // or our connection closes; ask anyway.
-                self.peer.abort(&self.job.ident.id, &e).await;
+                self.abort_peer(&e).await;
                 return Ending::failed(e, JobStats::default());
             }
         };
@@ -130,7 +131,7 @@ impl Run {
             Ok(uri) => uri,
             Err(e) => {
                 let e = errors::chain(&e);
-                self.peer.abort(&self.job.ident.id, &e).await;
+                self.abort_peer(&e).await;
                 return Ending::failed(e, JobStats::default());
             }
         };
@@ -156,7 +157,7 @@ impl Run {
                     throttle.release().await;
                 }
                 let error = format!("copying the disks failed: {e}");
-                self.peer.abort(&self.job.ident.id, &error).await;
+                self.abort_peer(&error).await;
                 let (status, error) = if self.job.cancel.is_cancelled() {
                     let (status, why) = self.cancelled_because(CancelReason::User);
                     (status, format!("{why} while copying the disks"))
@@ -176,7 +177,8 @@ impl Run {
         self.set_phase(Phase::Perform);
         let tunables = self
             .agent
-            .with_domain(&self.name, |d| Ok(d.tunables))
+            .table
+            .tunables(&self.name)
             .unwrap_or(self.tunables);
         let previous =
             match settings::apply(qmp, flags, tunables, Role::Source, via, self.tls.as_ref()).await
@@ -190,7 +192,7 @@ impl Run {
                         "source QEMU refused the migration settings: {}",
                         errors::chain(&e)
                     );
-                    self.peer.abort(&self.job.ident.id, &error).await;
+                    self.abort_peer(&error).await;
                     return Ending::failed(error, JobStats::default());
                 }
             };
@@ -220,9 +222,7 @@ impl Run {
                 match mirrors.complete(qmp).await {
                     Ok(()) => Outcome::Completed { stats },
                     Err(e) => {
-                        self.peer
-                            .abort(&self.job.ident.id, "the disks' copy failed")
-                            .await;
+                        self.abort_peer("the disks' copy failed").await;
                         Outcome::Failed {
                             error: perform::PerformError::Storage(e),
                             stats,
@@ -337,6 +337,13 @@ impl Run {
         }
     }
 
+    /// Tells the destination to tear its side down (briefly, if the
+    /// watchdog already found it unheard).
+    pub(super) async fn abort_peer(&self, reason: &str) {
+        let unheard = self.lost_peer.load(Ordering::Relaxed);
+        self.peer.abort(&self.job.ident.id, reason, unheard).await;
+    }
+
     /// The status and error of a job QEMU cancelled.
     pub(super) fn cancelled_because(&self, reason: CancelReason) -> (JobStatus, String) {
         match reason {
@@ -397,9 +404,8 @@ impl Run {
         self.set_phase(Phase::Confirm);
         let vm = self
             .agent
-            .with_domain(&self.name, |d| Ok(d.vm.take()))
-            .ok()
-            .flatten()
+            .table
+            .confirm_outgoing(&self.name)
             .unwrap_or_else(|| vm.clone());
         vm.process.shutdown(STOP_TIMEOUT).await;
         if self.job.ident.flags.undefine_source {
@@ -411,10 +417,7 @@ impl Run {
     async fn undefine_source(&self) {
         match self.agent.store.remove_definition(&self.name).await {
             Ok(()) => {
-                let _ = self.agent.with_domain(&self.name, |d| {
-                    d.persistent = false;
-                    Ok(())
-                });
+                let _ = self.agent.table.undefined(&self.name);
             }
             Err(e) => {
                 tracing::error!(error = %errors::chain(&e), "could not undefine the source domain")
@@ -431,7 +434,7 @@ impl Run {
         error: &str,
     ) -> Option<String> {
         self.set_phase(Phase::Cleanup);
-        self.peer.abort(&self.job.ident.id, error).await;
+        self.abort_peer(error).await;
         if let Some(exit) = vm.process.exit_info() {
             return Some(format!("none possible: the source QEMU exited ({exit})"));
         }
