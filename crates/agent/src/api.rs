@@ -95,7 +95,7 @@ impl Agent {
                 .list(domain.map(|d| d.to_string()), limit)
                 .await
                 .map(|jobs| Reply::Jobs { jobs })
-                .map_err(|e| ApiError::new(ErrorCode::Storage, errors::chain(&e))),
+                .map_err(ApiError::from),
             Request::Estimate { domain, params } => {
                 crate::estimate::estimate(self, &domain, params).await
             }
@@ -138,7 +138,7 @@ impl Agent {
         let _guard = lock.lock().await;
         if let Err(e) = self.store.save_definition(&definition).await {
             self.table.drop_if_transient_and_idle(&name);
-            return Err(errors::storage(&e));
+            return Err(ApiError::from(e));
         }
         self.table.defined(definition)?;
         tracing::info!(domain = %name, "defined");
@@ -156,7 +156,7 @@ impl Agent {
         self.store
             .remove_definition(name)
             .await
-            .map_err(|e| errors::storage(&e))?;
+            .map_err(ApiError::from)?;
         self.table.undefined(name)?;
         self.table.drop_if_transient_and_idle(name);
         tracing::info!(domain = %name, "undefined");
@@ -196,7 +196,7 @@ impl Agent {
         } else {
             vm.process.qmp().execute(&Cont).await
         };
-        result.map_err(|e| errors::qemu(errors::chain(&e)))?;
+        result.map_err(|e| errors::qemu_failed(&e))?;
         Ok(Reply::Done)
     }
 
@@ -370,7 +370,7 @@ impl Agent {
         }
         match tokio::time::timeout(RETUNE_TIMEOUT, applied).await {
             Ok(Ok(Ok(()))) | Ok(Err(_)) => Ok(Reply::Done),
-            Ok(Ok(Err(why))) => Err(errors::qemu(errors::chain(&why))),
+            Ok(Ok(Err(why))) => Err(errors::qemu_failed(&why)),
             Err(_) => Err(errors::qemu(format!(
                 "the running job did not take the change within {RETUNE_TIMEOUT:?}; it applies to the next migration"
             ))),
@@ -393,7 +393,7 @@ impl Agent {
         };
         qmp.execute(&MigrateStartPostcopy)
             .await
-            .map_err(|e| errors::qemu(errors::chain(&e)))?;
+            .map_err(|e| errors::qemu_failed(&e))?;
         Ok(Reply::Done)
     }
 
@@ -406,11 +406,7 @@ impl Agent {
                 record: None,
             });
         }
-        let loaded = self
-            .history
-            .load(id)
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::Storage, errors::chain(&e)))?;
+        let loaded = self.history.load(id).await.map_err(ApiError::from)?;
         match loaded {
             Some(record) => Ok(Reply::Job {
                 active: None,
@@ -448,7 +444,7 @@ impl Agent {
             .qmp()
             .execute_raw(&execute, arguments, self.config.qemu_timeout)
             .await
-            .map_err(|e| errors::qemu(errors::chain(&e)))?;
+            .map_err(|e| errors::qemu_failed(&e))?;
         Ok(Reply::Monitor { result })
     }
 }

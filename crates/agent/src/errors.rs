@@ -1,4 +1,6 @@
-//! Constructors for the errors handlers return.
+//! The errors handlers return: constructors by code, and the conversions
+//! of the agent's own errors into the API's (which crosses the wire, so it
+//! carries the chain of causes as its message).
 
 use domain::DomainName;
 use protocol::{ApiError, ErrorCode};
@@ -19,8 +21,21 @@ pub(crate) fn qemu(message: impl Into<String>) -> ApiError {
     ApiError::new(ErrorCode::Qemu, message)
 }
 
-pub(crate) fn storage(error: &crate::store::StoreError) -> ApiError {
-    ApiError::new(ErrorCode::Storage, chain(error))
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> ApiError {
+        ApiError::new(ErrorCode::Storage, chain(&error))
+    }
+}
+
+impl From<crate::history::HistoryError> for ApiError {
+    fn from(error: crate::history::HistoryError) -> ApiError {
+        ApiError::new(ErrorCode::Storage, chain(&error))
+    }
+}
+
+/// QEMU refused or did not answer.
+pub(crate) fn qemu_failed(error: &dyn std::error::Error) -> ApiError {
+    qemu(chain(error))
 }
 
 /// An error with its sources, on one line.

@@ -50,7 +50,7 @@ pub(crate) async fn estimate(
     };
     let mut report = migration::estimate::estimate(vm.process.qmp(), subject, params)
         .await
-        .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        .map_err(|e| errors::qemu_failed(&e))?;
     migration::estimate::calibrate(&mut report, &past_jobs(agent, name).await);
     Ok(Reply::Estimate(Box::new(report)))
 }

@@ -30,17 +30,54 @@ pub(crate) fn names(state_dir: &Path, def: &DomainDefinition) -> Vec<String> {
         .collect()
 }
 
-async fn ip(args: &[&str]) -> Result<(), String> {
+/// Why a domain's NICs could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TapError {
+    /// The definition names a bridge the host does not have.
+    #[error("domain '{domain}': there is no bridge '{bridge}' on {host}")]
+    NoBridge {
+        domain: String,
+        bridge: String,
+        host: String,
+    },
+    /// `ip` refused to make or attach the tap.
+    #[error("domain '{domain}': cannot attach a NIC to bridge '{bridge}'")]
+    Attach {
+        domain: String,
+        bridge: String,
+        #[source]
+        source: IpError,
+    },
+}
+
+impl From<TapError> for ApiError {
+    fn from(e: TapError) -> ApiError {
+        ApiError::new(ErrorCode::OperationInvalid, types::error_chain(&e))
+    }
+}
+
+/// An `ip` command that did not do its part.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum IpError {
+    #[error("cannot run ip")]
+    Run(#[source] std::io::Error),
+    #[error("ip {command}: {stderr}")]
+    Refused { command: String, stderr: String },
+    #[error("ip {command} took over {IP_TIMEOUT:?}")]
+    Timeout { command: String },
+}
+
+async fn ip(args: &[&str]) -> Result<(), IpError> {
     let run = Command::new("ip").args(args).kill_on_drop(true).output();
+    let command = || args.join(" ");
     match tokio::time::timeout(IP_TIMEOUT, run).await {
         Ok(Ok(out)) if out.status.success() => Ok(()),
-        Ok(Ok(out)) => Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Ok(Err(e)) => Err(format!("cannot run ip: {e}")),
-        Err(_) => Err(format!("ip {} took over {IP_TIMEOUT:?}", args.join(" "))),
+        Ok(Ok(out)) => Err(IpError::Refused {
+            command: command(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        }),
+        Ok(Err(e)) => Err(IpError::Run(e)),
+        Err(_) => Err(IpError::Timeout { command: command() }),
     }
 }
 
@@ -48,33 +85,34 @@ async fn ip(args: &[&str]) -> Result<(), String> {
 /// QEMU running as `user` (the agent's own user when `None`).
 ///
 /// # Errors
-/// [`ApiError`] naming the bridge that does not exist or the command that
+/// [`TapError`] naming the bridge that does not exist or the command that
 /// failed; taps made so far are removed.
 pub(crate) async fn create(
     taps: &[String],
     def: &DomainDefinition,
     user: Option<&str>,
     host: &str,
-) -> Result<(), ApiError> {
+) -> Result<(), TapError> {
     let bridges = def
         .nics
         .iter()
         .filter(|n| n.network == NicNetwork::Bridge)
         .filter_map(|n| n.bridge.as_deref());
     for (made, (tap, bridge)) in taps.iter().zip(bridges).enumerate() {
-        let fail = |message: String| async {
+        let fail = |error: TapError| async {
             remove(&taps[..made]).await;
-            Err(ApiError::new(ErrorCode::OperationInvalid, message))
+            Err(error)
         };
         if !Path::new("/sys/class/net")
             .join(bridge)
             .join("bridge")
             .is_dir()
         {
-            return fail(format!(
-                "domain '{}': there is no bridge '{bridge}' on {host}",
-                def.name
-            ))
+            return fail(TapError::NoBridge {
+                domain: def.name.to_string(),
+                bridge: bridge.to_string(),
+                host: host.to_string(),
+            })
             .await;
         }
         warn_if_address_moves(bridge);
@@ -89,12 +127,13 @@ pub(crate) async fn create(
             vec!["link", "set", tap, "master", bridge],
             vec!["link", "set", tap, "up"],
         ] {
-            if let Err(e) = ip(&args).await {
+            if let Err(source) = ip(&args).await {
                 let _ = ip(&["link", "del", tap]).await;
-                return fail(format!(
-                    "domain '{}': cannot attach a NIC to bridge '{bridge}': {e}",
-                    def.name
-                ))
+                return fail(TapError::Attach {
+                    domain: def.name.to_string(),
+                    bridge: bridge.to_string(),
+                    source,
+                })
                 .await;
             }
         }

@@ -26,20 +26,57 @@ pub struct NetnsPair {
     veth_b: String,
 }
 
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
+/// Why a namespace, link or shaping could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    /// The tool (`ip`, `tc`) would not run.
+    #[error("cannot run {tool}")]
+    Run {
+        /// The tool.
+        tool: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It ran and refused (often: not root).
+    #[error("{command} failed: {stderr}")]
+    Failed {
+        /// The command line.
+        command: String,
+        /// What it said.
+        stderr: String,
+    },
+    /// Its output was not what it should be.
+    #[error("unexpected {tool} output {output:?}")]
+    Output {
+        /// The tool.
+        tool: &'static str,
+        /// What it printed.
+        output: String,
+    },
+}
+
+/// Runs `tool args...` (`prefix` goes before the arguments: `ip netns exec
+/// NS`), checking that it succeeded.
+fn run(tool: &'static str, prefix: &[&str], args: &[&str]) -> Result<(), NetnsError> {
+    let program = prefix.first().copied().unwrap_or(tool);
+    let out = Command::new(program)
+        .args(prefix.iter().skip(1))
         .args(args)
         .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
+        .map_err(|source| NetnsError::Run { tool, source })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
+        Err(NetnsError::Failed {
+            command: format!("{tool} {}", args.join(" ")),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
+}
+
+fn ip(args: &[&str]) -> Result<(), NetnsError> {
+    run("ip", &[], args)
 }
 
 impl NetnsPair {
@@ -48,7 +85,7 @@ impl NetnsPair {
     ///
     /// # Errors
     /// The failing `ip` command and its message (e.g. not root).
-    pub fn create(tag: &str) -> Result<NetnsPair, String> {
+    pub fn create(tag: &str) -> Result<NetnsPair, NetnsError> {
         Self::make(tag, false)
     }
 
@@ -58,7 +95,7 @@ impl NetnsPair {
     ///
     /// # Errors
     /// The failing `ip` command and its message.
-    pub fn create_bridged(tag: &str) -> Result<NetnsPair, String> {
+    pub fn create_bridged(tag: &str) -> Result<NetnsPair, NetnsError> {
         Self::make(tag, true)
     }
 
@@ -67,7 +104,7 @@ impl NetnsPair {
         format!("{}.{host}", self.prefix)
     }
 
-    fn make(tag: &str, bridged: bool) -> Result<NetnsPair, String> {
+    fn make(tag: &str, bridged: bool) -> Result<NetnsPair, NetnsError> {
         let id = std::process::id();
         let a = format!("lm-{tag}-{id}-a");
         let b = format!("lm-{tag}-{id}-b");
@@ -123,13 +160,13 @@ impl NetnsPair {
 impl NetnsPair {
     /// Takes the link down on both ends: nothing crosses, nothing is reset
     /// (connections just stop hearing from each other).
-    pub fn cut(&self) -> Result<(), String> {
+    pub fn cut(&self) -> Result<(), NetnsError> {
         ip(&["-n", &self.a, "link", "set", &self.veth_a, "down"])?;
         ip(&["-n", &self.b, "link", "set", &self.veth_b, "down"])
     }
 
     /// Brings the link back.
-    pub fn restore(&self) -> Result<(), String> {
+    pub fn restore(&self) -> Result<(), NetnsError> {
         ip(&["-n", &self.a, "link", "set", &self.veth_a, "up"])?;
         ip(&["-n", &self.b, "link", "set", &self.veth_b, "up"])
     }
@@ -137,7 +174,7 @@ impl NetnsPair {
     /// Shapes traffic from `a` to `b` with a token bucket: `rate` such as
     /// "40mbit", queueing up to `latency` such as "200ms" (this kernel has
     /// no netem, so delay comes from queueing behind the rate).
-    pub fn shape(&self, rate: &str, latency: &str) -> Result<(), String> {
+    pub fn shape(&self, rate: &str, latency: &str) -> Result<(), NetnsError> {
         self.token_bucket(rate, "latency", latency)
     }
 
@@ -145,12 +182,12 @@ impl NetnsPair {
     /// `queue_bytes`: TCP overruns it and the overflow is dropped, which
     /// makes a lossy link (this kernel has no netem or random-drop action;
     /// a longer queue would push back on the sender instead of dropping).
-    pub fn shape_lossy(&self, rate: &str, queue_bytes: u32) -> Result<(), String> {
+    pub fn shape_lossy(&self, rate: &str, queue_bytes: u32) -> Result<(), NetnsError> {
         self.token_bucket(rate, "limit", &queue_bytes.to_string())
     }
 
     /// A `tbf` qdisc on `a`'s side; `queue` is "latency" or "limit".
-    fn token_bucket(&self, rate: &str, queue: &str, size: &str) -> Result<(), String> {
+    fn token_bucket(&self, rate: &str, queue: &str, size: &str) -> Result<(), NetnsError> {
         tc(
             &self.a,
             &[
@@ -171,12 +208,12 @@ impl NetnsPair {
     }
 
     /// Packets the shaping on `a`'s side has dropped so far.
-    pub fn dropped_packets(&self) -> Result<u64, String> {
+    pub fn dropped_packets(&self) -> Result<u64, NetnsError> {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.a, "tc", "-s", "qdisc", "show", "dev"])
             .arg(&self.veth_a)
             .output()
-            .map_err(|e| format!("cannot run tc: {e}"))?;
+            .map_err(|source| NetnsError::Run { tool: "tc", source })?;
         let text = String::from_utf8_lossy(&out.stdout);
         // "Sent 123 bytes 4 pkt (dropped 5, overlimits 6 requeues 0)"
         text.split("dropped ")
@@ -186,32 +223,22 @@ impl NetnsPair {
                     .next()
                     .unwrap_or("")
                     .parse::<u64>()
-                    .map_err(|e| format!("unexpected tc output {text:?}: {e}"))
+                    .map_err(|_| NetnsError::Output {
+                        tool: "tc",
+                        output: text.to_string(),
+                    })
             })
             .sum()
     }
 
     /// Removes shaping.
-    pub fn unshape(&self) -> Result<(), String> {
+    pub fn unshape(&self) -> Result<(), NetnsError> {
         tc(&self.a, &["qdisc", "del", "dev", &self.veth_a, "root"])
     }
 }
 
-fn tc(ns: &str, args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns, "tc"])
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run tc: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "tc {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+fn tc(ns: &str, args: &[&str]) -> Result<(), NetnsError> {
+    run("tc", &["ip", "netns", "exec", ns, "tc"], args)
 }
 
 impl Drop for NetnsPair {

@@ -8,6 +8,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Mutex;
 
+use crate::call::Call;
 use crate::codec::{read_message, write_message, CodecError};
 use crate::envelope::{RequestEnvelope, ResponseEnvelope, ResponseResult, PROTOCOL_VERSION};
 use crate::error::{ApiError, ErrorCode};
@@ -84,6 +85,16 @@ pub enum ClientError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The agent answered with another request's kind of reply.
+    #[error("the livemig agent at {uri} answered `{op}` with {reply:?}")]
+    UnexpectedReply {
+        /// The agent.
+        uri: String,
+        /// The request's operation.
+        op: &'static str,
+        /// What it said.
+        reply: Box<Reply>,
     },
 }
 
@@ -218,6 +229,26 @@ impl Client {
     /// The agent's address.
     pub fn uri(&self) -> &AgentUri {
         &self.uri
+    }
+
+    /// Sends a typed call and waits up to `timeout` for its reply.
+    ///
+    /// # Errors
+    /// As [`Client::request`], and [`ClientError::UnexpectedReply`] when
+    /// the agent answers with another request's kind of reply.
+    pub async fn call<C: Call>(
+        &self,
+        call: C,
+        timeout: Duration,
+    ) -> Result<C::Output, ClientError> {
+        let request = call.request();
+        let op = request.op();
+        let reply = self.request(request, timeout).await?;
+        C::output(reply).map_err(|reply| ClientError::UnexpectedReply {
+            uri: self.uri.to_string(),
+            op,
+            reply: Box::new(reply),
+        })
     }
 
     /// Sends a request and waits up to `timeout` for its reply.

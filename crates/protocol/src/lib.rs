@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod call;
 pub mod client;
 pub mod codec;
 pub mod domain;

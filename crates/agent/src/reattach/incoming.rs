@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use domain::DomainName;
 use protocol::job::{JobStatus, Phase, Role};
-use protocol::{AgentUri, Reply, Request};
+use protocol::AgentUri;
 use tokio::time::Instant;
 
 use super::identity;
@@ -87,19 +87,11 @@ pub(super) fn keep_incoming(
 async fn source_job_status(agent: &Agent, source: &str, job_id: &str) -> Option<JobStatus> {
     let uri: AgentUri = source.parse().ok()?;
     let client = agent.dial(&uri).await.ok()?;
-    match client
-        .request(
-            Request::Job {
-                id: job_id.to_string(),
-            },
-            protocol::REQUEST_TIMEOUT,
-        )
-        .await
-    {
-        Ok(Reply::Job {
-            record: Some(record),
-            ..
-        }) => Some(record.status),
+    let asked = protocol::call::Job {
+        id: job_id.to_string(),
+    };
+    match client.call(asked, protocol::REQUEST_TIMEOUT).await {
+        Ok(protocol::call::JobState::Ended(record)) => Some(record.status),
         _ => None,
     }
 }

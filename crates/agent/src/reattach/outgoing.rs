@@ -13,7 +13,7 @@ use migration::settings::{self, ThrottleVia};
 use migration::Flags;
 use protocol::domain::Tunables;
 use protocol::job::{JobStatus, Phase, Role};
-use protocol::{AgentUri, Client, Reply, Request};
+use protocol::{AgentUri, Client};
 use qmp::commands::migration::{MigrateCancel, MigrationStatus, QueryMigrate};
 use tokio::time::Instant;
 
@@ -32,8 +32,6 @@ enum AskError {
     Uri(#[from] protocol::BadAgentUri),
     #[error(transparent)]
     Client(#[from] protocol::ClientError),
-    #[error("unexpected reply {0:?}")]
-    Unexpected(Box<Reply>),
 }
 
 /// Asks the destination whether the guest runs there, tearing its side
@@ -45,20 +43,11 @@ async fn ask_destination(
 ) -> Result<bool, AskError> {
     let uri: AgentUri = job.peer.parse()?;
     let client = Client::connect_with(&uri, tls).await?;
-    match client
-        .request(
-            Request::PeerAbort {
-                job_id: job.id.clone(),
-                reason: reason.to_string(),
-            },
-            protocol::REQUEST_TIMEOUT,
-        )
-        .await
-    {
-        Ok(Reply::Aborted { guest_running_here }) => Ok(guest_running_here),
-        Ok(other) => Err(AskError::Unexpected(Box::new(other))),
-        Err(e) => Err(e.into()),
-    }
+    let abort = protocol::call::PeerAbort {
+        job_id: job.id.clone(),
+        reason: reason.to_string(),
+    };
+    Ok(client.call(abort, protocol::REQUEST_TIMEOUT).await?)
 }
 
 /// What became of a job the agent was not there to finish.
@@ -214,7 +203,7 @@ pub(super) async fn resolve_outgoing(
 #[cfg(test)]
 mod tests {
     use protocol::scripted::{Answer, ScriptedAgent};
-    use protocol::MigrateOptions;
+    use protocol::{MigrateOptions, Reply, Request};
     use qmp::scripted::ScriptedQemu;
 
     use super::*;

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
+use protocol::call::{self, JobState};
 use protocol::job::{JobInfo, JobRecord, JobStatus};
-use protocol::{ClientError, MigrateOptions, Reply, Request};
+use protocol::{ClientError, MigrateOptions};
 
 use super::{Host, JOB_TIMEOUT};
 use crate::wait_until;
@@ -16,17 +17,12 @@ impl Host {
         destination: &str,
         flags: MigrateOptions,
     ) -> Result<String, ClientError> {
-        match self
-            .request(Request::Migrate {
-                domain: name.parse().expect("valid name"),
-                destination: destination.to_string(),
-                flags: Box::new(flags),
-            })
-            .await?
-        {
-            Reply::MigrationStarted { job_id } => Ok(job_id),
-            other => panic!("unexpected reply {other:?}"),
-        }
+        self.call(call::Migrate {
+            domain: name.parse().expect("valid name"),
+            destination: destination.to_string(),
+            flags,
+        })
+        .await
     }
 
     /// Starts a migration to `dest` and waits until its live info
@@ -77,26 +73,18 @@ impl Host {
 
     /// The job's live info, or `None` once it has a record.
     pub async fn job_active(&self, id: &str) -> Option<JobInfo> {
-        match self
-            .request(Request::Job { id: id.into() })
-            .await
-            .expect("job")
-        {
-            Reply::Job { active, .. } => active.map(|j| *j),
-            other => panic!("unexpected reply {other:?}"),
+        match self.call(call::Job { id: id.into() }).await.expect("job") {
+            JobState::Active(info) => Some(*info),
+            JobState::Ended(_) => None,
         }
     }
 
     /// Waits for a job to end and returns its record.
     pub async fn wait_job(&self, id: &str) -> JobRecord {
         wait_until(JOB_TIMEOUT, &format!("job {id} to end"), || async {
-            match self
-                .request(Request::Job { id: id.into() })
-                .await
-                .expect("job")
-            {
-                Reply::Job { record, .. } => record.map(|r| *r),
-                other => panic!("unexpected reply {other:?}"),
+            match self.call(call::Job { id: id.into() }).await.expect("job") {
+                JobState::Ended(record) => Some(*record),
+                JobState::Active(_) => None,
             }
         })
         .await

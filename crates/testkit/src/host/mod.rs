@@ -9,6 +9,7 @@ use domain::DomainDefinition;
 use launcher::{AgentProcess, LaunchOptions};
 use protocol::domain::{DefinitionDoc, DomainInfo, DomainState, DomainSummary};
 
+use protocol::call::{self, Call};
 use protocol::{AgentUri, Client, ClientError, Reply, Request};
 use serde_json::Value;
 
@@ -255,29 +256,22 @@ impl Host {
         self.wait_guest_progress(name.as_str(), 2).await;
     }
 
+    /// Sends a typed call to the agent.
+    pub async fn call<C: Call>(&self, call: C) -> Result<C::Output, ClientError> {
+        self.client().call(call, REQUEST_TIMEOUT).await
+    }
+
     /// The domain's `dominfo`.
     pub async fn dominfo(&self, name: &str) -> Result<DomainInfo, ClientError> {
-        match self
-            .request(Request::DomInfo {
-                domain: name.parse().expect("valid name"),
-            })
-            .await?
-        {
-            Reply::DomainInfo(info) => Ok(*info),
-            other => panic!("unexpected reply {other:?}"),
-        }
+        self.call(call::DomInfo {
+            domain: name.parse().expect("valid name"),
+        })
+        .await
     }
 
     /// Every domain the agent knows.
     pub async fn list_all(&self) -> Vec<DomainSummary> {
-        match self
-            .request(Request::List { all: true })
-            .await
-            .expect("list")
-        {
-            Reply::Domains { domains } => domains,
-            other => panic!("unexpected reply {other:?}"),
-        }
+        self.call(call::List { all: true }).await.expect("list")
     }
 
     /// The domain's state, if the agent knows it.
@@ -287,16 +281,11 @@ impl Host {
 
     /// Runs a QMP command on a domain's QEMU through the agent.
     pub async fn qmp(&self, name: &str, execute: &str) -> Result<Value, ClientError> {
-        match self
-            .request(Request::QemuMonitorCommand {
-                domain: name.parse().expect("valid name"),
-                command: serde_json::json!({ "execute": execute }),
-            })
-            .await?
-        {
-            Reply::Monitor { result } => Ok(result),
-            other => panic!("unexpected reply {other:?}"),
-        }
+        self.call(call::QemuMonitorCommand {
+            domain: name.parse().expect("valid name"),
+            command: serde_json::json!({ "execute": execute }),
+        })
+        .await
     }
 
     /// The state of one migration capability on a domain's QEMU.

@@ -145,7 +145,7 @@ pub(crate) async fn recover(
         .unwrap_or_else(|| "127.0.0.1".into());
     let uri = incoming::listen_for_recovery(qmp, &host)
         .await
-        .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        .map_err(|e| errors::qemu_failed(&e))?;
     tracing::info!(job = %job_id, domain = %name, %uri, "listening to recover post-copy");
     Ok(Reply::Prepared {
         uri: uri.to_string(),
@@ -176,7 +176,7 @@ pub(crate) async fn abort(
         .history
         .load(job_id)
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Storage, errors::chain(&e)))?
+        .map_err(ApiError::from)?
         .is_some_and(|r| r.role == Role::Destination && r.status == JobStatus::Completed);
     Ok(Reply::Aborted {
         guest_running_here: finished_here,

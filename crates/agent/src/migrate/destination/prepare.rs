@@ -110,7 +110,7 @@ async fn prepare_offline(agent: &Arc<Agent>, req: &Incoming) -> Result<Reply, Ap
     }
     if let Err(e) = agent.store.save_definition(&req.definition).await {
         agent.table.drop_if_transient_and_idle(&name);
-        return Err(errors::storage(&e));
+        return Err(ApiError::from(e));
     }
     agent.table.defined(req.definition.clone())?;
     tracing::info!("definition received (offline migration)");

@@ -108,6 +108,6 @@ pub(crate) async fn serve(
     let targets: Vec<String> = copies.iter().map(|c| c.target.clone()).collect();
     destination::serve(qmp, host, port, &targets, tls)
         .await
-        .map_err(|e| errors::qemu(errors::chain(&e)))?;
+        .map_err(|e| errors::qemu_failed(&e))?;
     Ok(port)
 }

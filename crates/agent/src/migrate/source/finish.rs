@@ -9,9 +9,10 @@
 
 use std::time::Duration;
 
-use protocol::{ClientError, Reply, Request};
+use protocol::call;
+use protocol::ClientError;
 
-use super::peer::{unexpected, Peer};
+use super::peer::Peer;
 use crate::errors;
 
 /// What the destination says after the copy completed.
@@ -45,16 +46,15 @@ pub(crate) async fn settle(
         ));
     }
     let finish = peer
-        .request(
-            Request::PeerFinish {
+        .call(
+            call::PeerFinish {
                 job_id: job_id.to_string(),
             },
             finish_timeout + protocol::REQUEST_TIMEOUT,
         )
         .await;
     let error = match finish {
-        Ok(Reply::Finished) => return Settled::Finished,
-        Ok(reply) => unexpected(&reply).message,
+        Ok(()) => return Settled::Finished,
         // It answered: Finish failed there (and it tore its side down),
         // or it does not know the job. Its record says which.
         Err(ClientError::Api(e)) => e.message,
@@ -71,8 +71,8 @@ pub(crate) async fn settle(
     };
     tracing::error!(%error, "destination did not finish");
     let asked = peer
-        .request(
-            Request::PeerAbort {
+        .call(
+            call::PeerAbort {
                 job_id: job_id.to_string(),
                 reason: error.clone(),
             },
@@ -80,20 +80,13 @@ pub(crate) async fn settle(
         )
         .await;
     match asked {
-        Ok(Reply::Aborted {
-            guest_running_here: true,
-        }) => Settled::RunsThere(format!(
+        Ok(true) => Settled::RunsThere(format!(
             "the destination's Finish reply was lost ({error}) but the guest runs there"
         )),
-        Ok(Reply::Aborted {
-            guest_running_here: false,
-        }) => Settled::NotThere(format!("destination could not resume the guest: {error}")),
-        other => Settled::Unknown(format!(
+        Ok(false) => Settled::NotThere(format!("destination could not resume the guest: {error}")),
+        Err(e) => Settled::Unknown(format!(
             "destination did not confirm Finish: {error}; and its state cannot be checked: {}",
-            match other {
-                Ok(reply) => unexpected(&reply).message,
-                Err(e) => errors::chain(&e),
-            }
+            errors::chain(&e)
         )),
     }
 }
@@ -102,7 +95,7 @@ pub(crate) async fn settle(
 mod tests {
     use protocol::host::AgentInfo;
     use protocol::scripted::{Answer, ScriptedAgent};
-    use protocol::{ApiError, ErrorCode};
+    use protocol::{ApiError, ErrorCode, Reply, Request};
 
     use super::*;
 

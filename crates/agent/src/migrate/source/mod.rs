@@ -22,10 +22,11 @@ use migration::job::unix_ms;
 use migration::perform::Progress;
 use migration::record::JobIdentity;
 use migration::{support, Flags};
+use protocol::call;
 use protocol::estimate::EstimateParams;
 use protocol::job::{Phase, Role};
 use protocol::migrate::ProbeRequest;
-use protocol::{AgentUri, ApiError, ErrorCode, MigrateOptions, Reply, Request};
+use protocol::{AgentUri, ApiError, ErrorCode, MigrateOptions, Reply};
 use qmp::commands::migration::Migrate;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -35,7 +36,7 @@ use tracing::Instrument;
 use crate::errors;
 use crate::jobs::OutgoingJob;
 use crate::state::Agent;
-use peer::{unexpected, Peer};
+use peer::Peer;
 use run::Run;
 
 /// Begin: validates everything that can be checked before anything changes,
@@ -78,14 +79,10 @@ pub(crate) async fn begin(
         agent.config.timeouts.peer_silence,
     )
     .await?;
-    let hello = match peer
-        .request(Request::Hello, protocol::REQUEST_TIMEOUT)
+    let hello = peer
+        .call(call::Hello {}, protocol::REQUEST_TIMEOUT)
         .await
-    {
-        Ok(Reply::Hello(info)) => info,
-        Ok(other) => return Err(unexpected(&other)),
-        Err(e) => return Err(e.to_api()),
-    };
+        .map_err(|e| e.to_api())?;
     if hello.instance == agent.instance {
         return Err(errors::invalid(format!(
             "{destination} is this agent: migrate to another host's agent"
@@ -93,15 +90,15 @@ pub(crate) async fn begin(
     }
     // The destination checks its own QEMU: the capabilities the flags
     // need there, and the machine type the guest runs with here.
-    let probe = Request::PeerProbe(Box::new(ProbeRequest {
-        flags: flags.options().clone(),
-        machine: vm.as_ref().map(|vm| vm.spec.machine.clone()),
-    }));
-    match peer.request(probe, protocol::REQUEST_TIMEOUT).await {
-        Ok(Reply::Capabilities(_)) => {}
-        Ok(other) => return Err(unexpected(&other)),
-        Err(e) => return Err(e.to_api()),
-    }
+    let probe = call::PeerProbe {
+        probe: ProbeRequest {
+            flags: flags.options().clone(),
+            machine: vm.as_ref().map(|vm| vm.spec.machine.clone()),
+        },
+    };
+    peer.call(probe, protocol::REQUEST_TIMEOUT)
+        .await
+        .map_err(|e| e.to_api())?;
 
     if flags.dry_run {
         drop(peer);
@@ -194,19 +191,16 @@ async fn postcopy_resume(
         agent.config.timeouts.peer_silence,
     )
     .await?;
-    let uri = match peer
-        .request(
-            Request::PeerRecover {
+    let uri = peer
+        .call(
+            call::PeerRecover {
                 job_id: job.ident.id.clone(),
             },
             protocol::REQUEST_TIMEOUT,
         )
         .await
-    {
-        Ok(Reply::Prepared { uri, .. }) => uri,
-        Ok(other) => return Err(unexpected(&other)),
-        Err(e) => return Err(e.to_api()),
-    };
+        .map_err(|e| e.to_api())?
+        .uri;
     qmp.execute(&Migrate {
         uri: uri.clone(),
         resume: Some(true),

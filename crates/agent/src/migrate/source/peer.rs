@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use protocol::{AgentUri, ApiError, Client, ClientError, ErrorCode, Reply, Request};
+use protocol::call::{self, Call};
+use protocol::{AgentUri, ApiError, Client, ClientError, ErrorCode};
 use tokio::time::Instant;
 
 use crate::errors;
@@ -57,16 +58,18 @@ impl Peer {
         &self.uri
     }
 
-    pub async fn request(&self, request: Request, timeout: Duration) -> Result<Reply, ClientError> {
-        self.client.lock().await.request(request, timeout).await
+    /// Sends a typed call on the current connection.
+    pub async fn call<C: Call>(
+        &self,
+        call: C,
+        timeout: Duration,
+    ) -> Result<C::Output, ClientError> {
+        self.client.lock().await.call(call, timeout).await
     }
 
     /// True if the connection still answers.
     pub async fn ping(&self) -> bool {
-        matches!(
-            self.request(Request::Hello, PING_TIMEOUT).await,
-            Ok(Reply::Hello(_))
-        )
+        self.call(call::Hello {}, PING_TIMEOUT).await.is_ok()
     }
 
     /// After `delay`: does the agent answer, on this connection or a new
@@ -101,7 +104,7 @@ impl Peer {
     /// for the peer silence gets a single short try (it tears its side
     /// down by itself when our connection is gone).
     pub async fn abort(&self, job_id: &str, reason: &str, unheard: bool) {
-        let abort = || Request::PeerAbort {
+        let abort = || call::PeerAbort {
             job_id: job_id.to_string(),
             reason: reason.to_string(),
         };
@@ -110,23 +113,15 @@ impl Peer {
         } else {
             (self.silence, ABORT_RETRY.min(self.silence))
         };
-        let mut result = self.request(abort(), timeout).await;
+        let mut result = self.call(abort(), timeout).await;
         if matches!(result, Err(ref e) if !matches!(e, ClientError::Api(_)))
             && !retry.is_zero()
             && self.reconnect(retry).await
         {
-            result = self.request(abort(), timeout).await;
+            result = self.call(abort(), timeout).await;
         }
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not reach the destination to abort; it tears down when our connection closes");
         }
     }
-}
-
-/// The error for a reply that does not answer the request.
-pub(crate) fn unexpected(reply: &Reply) -> ApiError {
-    ApiError::new(
-        ErrorCode::PeerFailed,
-        format!("destination agent sent an unexpected reply: {reply:?}"),
-    )
 }

@@ -9,10 +9,10 @@ use domain::{DomainDefinition, DomainName};
 use migration::perform::{self, CancelReason, Outcome, Progress};
 use migration::settings;
 use migration::{cleanup, plan, vcpu_throttle, wire};
+use protocol::call;
 use protocol::domain::{DefinitionDoc, Tunables};
 use protocol::job::{JobStats, JobStatus, Phase, Role};
 use protocol::migrate::PrepareRequest;
-use protocol::{Reply, Request};
 use qmp::commands::vm::{QueryStatus, RunState, Stop};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::finish::{self, Settled};
 use super::peer::Peer;
 use super::record::Ending;
+use super::storage::DiskCopyError;
 use crate::errors;
 use crate::jobs::OutgoingJob;
 use crate::running::RunningVm;
@@ -30,10 +31,8 @@ use crate::state::Agent;
 enum PrepareError {
     #[error("destination could not prepare")]
     Refused(#[source] protocol::ClientError),
-    #[error("destination agent sent an unexpected reply: {0:?}")]
-    Unexpected(Box<Reply>),
-    #[error("{0}")]
-    Storage(String),
+    #[error("cannot copy the disks")]
+    Storage(#[from] DiskCopyError),
 }
 
 pub(super) struct Run {
@@ -84,23 +83,22 @@ impl Run {
                 ram: RamLayout::plain(self.def.memory_mib),
             },
         };
-        let request = Request::PeerPrepare(Box::new(PrepareRequest {
-            job_id: self.job.ident.id.clone(),
-            definition: DefinitionDoc(self.def.to_document()),
-            spec: wire::launch_spec(&spec),
-            flags: self.job.ident.flags.options().clone(),
-            source: self.agent.uri.clone(),
-            storage,
-        }));
-        match self
+        let request = call::PeerPrepare {
+            prepare: PrepareRequest {
+                job_id: self.job.ident.id.clone(),
+                definition: DefinitionDoc(self.def.to_document()),
+                spec: wire::launch_spec(&spec),
+                flags: self.job.ident.flags.options().clone(),
+                source: self.agent.uri.clone(),
+                storage,
+            },
+        };
+        let prepared = self
             .peer
-            .request(request, self.agent.config.timeouts.prepare)
+            .call(request, self.agent.config.timeouts.prepare)
             .await
-        {
-            Ok(Reply::Prepared { uri, nbd_port }) => Ok((uri, nbd_port)),
-            Ok(other) => Err(PrepareError::Unexpected(Box::new(other))),
-            Err(e) => Err(PrepareError::Refused(e)),
-        }
+            .map_err(PrepareError::Refused)?;
+        Ok((prepared.uri, prepared.nbd_port))
     }
 
     async fn offline(&self) -> Ending {
@@ -156,7 +154,7 @@ impl Run {
                 if let Some(mut throttle) = throttle {
                     throttle.release().await;
                 }
-                let error = format!("copying the disks failed: {e}");
+                let error = format!("copying the disks failed: {}", errors::chain(&e));
                 self.abort_peer(&error).await;
                 let (status, error) = if self.job.cancel.is_cancelled() {
                     let (status, why) = self.cancelled_because(CancelReason::User);

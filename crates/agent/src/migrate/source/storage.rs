@@ -11,7 +11,26 @@ use qmp::commands::block::{CopyMode, MirrorSync, QueryBlock};
 use types::Throttle;
 
 use super::run::Run;
-use crate::errors;
+
+/// Why the disks could not be copied.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum DiskCopyError {
+    /// QEMU would not list its disks.
+    #[error("cannot query the guest's disks")]
+    Query(#[source] qmp::Error),
+    /// A disk to copy is not among QEMU's.
+    #[error("QEMU has no disk {0}")]
+    NoDisk(String),
+    /// The destination did not answer Prepare with an NBD port.
+    #[error("the destination offered no NBD server for the disks")]
+    NoNbdServer,
+    /// The memory stream is not TCP, so there is no host for NBD.
+    #[error("disks are copied only over tcp:, not {0}")]
+    NotTcp(String),
+    /// A mirror failed, or the copy did not converge.
+    #[error(transparent)]
+    Mirrors(#[from] migration::storage::StorageError),
+}
 
 impl Run {
     /// The disks this job copies, as the destination must create them:
@@ -20,14 +39,14 @@ impl Run {
     pub(super) async fn storage_copies(
         &self,
         qmp: &qmp::Client,
-    ) -> Result<Vec<StorageCopy>, String> {
+    ) -> Result<Vec<StorageCopy>, DiskCopyError> {
         if self.storage.is_empty() {
             return Ok(Vec::new());
         }
         let blocks = qmp
             .execute(&QueryBlock)
             .await
-            .map_err(|e| format!("cannot query the guest's disks: {e}"))?;
+            .map_err(DiskCopyError::Query)?;
         let incremental = self.job.ident.flags.copy_storage_inc;
         self.storage
             .iter()
@@ -37,7 +56,7 @@ impl Run {
                     .find(|b| b.device == drive_id(target))
                     .and_then(|b| b.inserted.as_ref())
                     .map(|i| &i.image)
-                    .ok_or_else(|| format!("QEMU has no disk {target}"))?;
+                    .ok_or_else(|| DiskCopyError::NoDisk(target.clone()))?;
                 // Only the top image moves; one without a backing file is
                 // all top, and is copied whole.
                 let backing = if incremental {
@@ -72,18 +91,18 @@ impl Run {
         data_uri: &str,
         nbd_port: Option<u16>,
         throttle: Option<&mut Box<dyn VcpuThrottle>>,
-    ) -> Result<Mirrors, String> {
+    ) -> Result<Mirrors, DiskCopyError> {
         if self.storage.is_empty() {
             return Ok(Mirrors::default());
         }
-        let port = nbd_port.ok_or("the destination offered no NBD server for the disks")?;
+        let port = nbd_port.ok_or(DiskCopyError::NoNbdServer)?;
         let host = migration::uri::parse_data_uri(data_uri)
             .ok()
             .and_then(|uri| match uri {
                 migration::uri::DataUri::Tcp { host, .. } => Some(host),
                 _ => None,
             })
-            .ok_or_else(|| format!("disks are copied only over tcp:, not {data_uri}"))?;
+            .ok_or_else(|| DiskCopyError::NotTcp(data_uri.to_string()))?;
         let flags = &self.job.ident.flags;
         let plan = MirrorPlan {
             host: host
@@ -107,9 +126,7 @@ impl Run {
                 TlsPeer::Source { .. } => None,
             }),
         };
-        let mirrors = Mirrors::start(qmp, &plan, &self.storage)
-            .await
-            .map_err(|e| errors::chain(&e))?;
+        let mirrors = Mirrors::start(qmp, &plan, &self.storage).await?;
         tracing::info!(disks = ?self.storage, port, "mirroring the disks");
         let timeout = flags.timeout.map(std::time::Duration::from_secs);
         // The job's timeline starts with the disks' copy.
@@ -136,7 +153,7 @@ impl Run {
             }
             Err(e) => {
                 mirrors.abandon(qmp).await;
-                Err(errors::chain(&e))
+                Err(e.into())
             }
         }
     }
@@ -200,7 +217,7 @@ impl Run {
         match mirrors.block_writes(qmp).await {
             Ok(()) => tracing::info!("the mirrors copy every write from now on"),
             Err(e) => tracing::warn!(
-                error = %errors::chain(&e),
+                error = %types::error_chain(&e),
                 "the mirrors stay in the background"
             ),
         }
