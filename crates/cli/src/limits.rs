@@ -2,13 +2,15 @@
 //! job uses, else the one the next migration of the domain gets.
 
 use anyhow::Result;
+use protocol::call;
 use protocol::domain::DomainInfo;
 use protocol::job::{JobInfo, Role};
 use protocol::migrate::DEFAULT_DOWNTIME_MS;
-use protocol::{Client, Reply, Request};
+use protocol::Client;
 use serde_json::json;
 
-use crate::{domain, dominfo, print_json, request, unexpected};
+use crate::agent::{call, domain};
+use crate::commands::json;
 
 /// Where a limit comes from.
 fn origin(job: bool, domain: bool) -> &'static str {
@@ -20,49 +22,47 @@ fn origin(job: bool, domain: bool) -> &'static str {
 }
 
 async fn lookup(client: &Client, name: &str) -> Result<(DomainInfo, Option<JobInfo>)> {
-    let info = dominfo(client, name).await?;
-    let job = match request(
+    let info = crate::commands::domains::info(client, name).await?;
+    let job = call(
         client,
-        Request::DomJobInfo {
+        call::DomJobInfo {
             domain: domain(name)?,
             completed: false,
         },
     )
     .await?
-    {
-        Reply::JobInfo { job } => job.map(|j| *j).filter(|j| j.role == Role::Source),
-        other => return Err(unexpected(other)),
-    };
+    .map(|j| *j)
+    .filter(|j| j.role == Role::Source);
     Ok((info, job))
 }
 
-pub async fn speed(client: &Client, name: &str, json: bool) -> Result<()> {
+/// `migrate-getspeed`.
+pub async fn speed(client: &Client, name: &str, as_json: bool) -> Result<String> {
     let (info, job) = lookup(client, name).await?;
     let from_job = job.and_then(|j| j.bandwidth_limit_mib_s);
     let bandwidth = from_job.or(info.tunables.bandwidth_mib_s);
     let origin = origin(from_job.is_some(), info.tunables.bandwidth_mib_s.is_some());
-    if json {
-        print_json(&json!({"domain": name, "bandwidth_mib_s": bandwidth, "from": origin}))?;
+    if as_json {
+        json(&json!({"domain": name, "bandwidth_mib_s": bandwidth, "from": origin}))
     } else {
-        match bandwidth {
-            Some(b) => println!("{b}"),
-            None => println!("unlimited"),
-        }
+        Ok(match bandwidth {
+            Some(b) => format!("{b}\n"),
+            None => "unlimited\n".into(),
+        })
     }
-    Ok(())
 }
 
-pub async fn max_downtime(client: &Client, name: &str, json: bool) -> Result<()> {
+/// `migrate-getmaxdowntime`.
+pub async fn max_downtime(client: &Client, name: &str, as_json: bool) -> Result<String> {
     let (info, job) = lookup(client, name).await?;
     let from_job = job.and_then(|j| j.downtime_limit_ms);
     let downtime = from_job
         .or(info.tunables.downtime_ms)
         .unwrap_or(DEFAULT_DOWNTIME_MS);
     let origin = origin(from_job.is_some(), info.tunables.downtime_ms.is_some());
-    if json {
-        print_json(&json!({"domain": name, "downtime_ms": downtime, "from": origin}))?;
+    if as_json {
+        json(&json!({"domain": name, "downtime_ms": downtime, "from": origin}))
     } else {
-        println!("{downtime}");
+        Ok(format!("{downtime}\n"))
     }
-    Ok(())
 }

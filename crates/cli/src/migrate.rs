@@ -5,13 +5,15 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use protocol::call::{self, JobState, Migration};
 use protocol::job::{JobRecord, JobStatus};
-use protocol::Reply;
-use protocol::{Client, Request};
+use protocol::Client;
 
+use crate::agent::{call, domain};
 use crate::args::MigrateArgs;
+use crate::commands::json;
+use crate::output;
 use crate::progress::Progress;
-use crate::{domain, output, print_json, request, unexpected};
 
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -45,18 +47,12 @@ pub async fn follow(
     let mut abort_sent = false;
     loop {
         let id = job_id.to_string();
-        match request(client, Request::Job { id }).await? {
-            Reply::Job {
-                record: Some(record),
-                ..
-            } => {
+        match call(client, call::Job { id }).await? {
+            JobState::Ended(record) => {
                 progress.finish();
                 return Ok(*record);
             }
-            Reply::Job {
-                active: Some(job), ..
-            } => progress.update(&job),
-            other => return Err(unexpected(other)),
+            JobState::Active(job) => progress.update(&job),
         }
         tokio::select! {
             _ = tokio::time::sleep(POLL_INTERVAL) => {}
@@ -65,7 +61,7 @@ pub async fn follow(
                     abort_sent = true;
                     progress.say("Aborting the migration; the guest stays on the source");
                     let domain = domain(domain_name)?;
-                    if let Err(e) = request(client, Request::DomJobAbort { domain }).await {
+                    if let Err(e) = call(client, call::DomJobAbort { domain }).await {
                         progress.say(&format!("could not abort: {e:#}"));
                     }
                 }
@@ -75,32 +71,31 @@ pub async fn follow(
 }
 
 pub async fn run(client: &Client, args: MigrateArgs) -> Result<ExitCode> {
-    let reply = request(
+    let migration = call(
         client,
-        Request::Migrate {
+        call::Migrate {
             domain: domain(&args.domain)?,
             destination: args.dest_uri.clone(),
-            flags: Box::new(args.options()),
+            flags: args.options(),
         },
     )
     .await?;
-    let job_id = match reply {
-        Reply::MigrationStarted { job_id } => job_id,
-        Reply::Estimate(report) => {
+    let job_id = match migration {
+        Migration::Started(job_id) => job_id,
+        Migration::DryRun(report) => {
             if args.json {
-                print_json(&report)?;
+                print!("{}", json(&report)?);
             } else {
                 println!("Dry run: every check passed; nothing was started.");
                 print!("{}", output::estimate(&report));
             }
             return Ok(ExitCode::SUCCESS);
         }
-        other => return Err(unexpected(other)),
     };
     let mut progress = Progress::new(&job_id, args.json);
     let record = follow(client, &args.domain, &job_id, &mut progress).await?;
     if args.json {
-        print_json(&record)?;
+        print!("{}", json(&record)?);
     } else {
         print!("{}", output::record_summary(&record));
     }

@@ -130,12 +130,45 @@ call!(
     DomCapabilities {} => Request::DomCapabilities;
     HostCapabilities, Reply::Capabilities(caps) => *caps
 );
-call!(
-    /// `migrate`: the job's id.
-    Migrate { domain: DomainName, destination: String, flags: MigrateOptions } =>
-        Request::Migrate { domain, destination, flags: Box::new(flags) };
-    String, Reply::MigrationStarted { job_id } => job_id
-);
+/// What `migrate` did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Migration {
+    /// The job runs, with this id.
+    Started(String),
+    /// `--dry-run`: every check passed, nothing started; the estimate.
+    DryRun(Box<EstimateReport>),
+}
+
+/// `migrate`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Migrate {
+    /// The domain.
+    pub domain: DomainName,
+    /// The destination agent's URI.
+    pub destination: String,
+    /// The options.
+    pub flags: MigrateOptions,
+}
+
+impl Call for Migrate {
+    type Output = Migration;
+
+    fn request(self) -> Request {
+        Request::Migrate {
+            domain: self.domain,
+            destination: self.destination,
+            flags: Box::new(self.flags),
+        }
+    }
+
+    fn output(reply: Reply) -> Result<Migration, Reply> {
+        match reply {
+            Reply::MigrationStarted { job_id } => Ok(Migration::Started(job_id)),
+            Reply::Estimate(report) => Ok(Migration::DryRun(report)),
+            other => Err(other),
+        }
+    }
+}
 call!(
     /// `domjobinfo`: the running job (or, `completed`, the last one).
     DomJobInfo { domain: DomainName, completed: bool } => Request::DomJobInfo { domain, completed };

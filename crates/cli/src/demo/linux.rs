@@ -19,11 +19,13 @@ use launcher::netns::{connect_in, NetnsPair};
 use launcher::{AgentProcess, LaunchOptions};
 use protocol::domain::{DefinitionDoc, DomainState};
 use protocol::job::JobStatus;
-use protocol::{Client, ConvergeMode, MigrateOptions, Request};
+use protocol::{Client, ConvergeMode, MigrateOptions};
 
 use super::{converge_mode, dominfo, find_livemigd, migrate_and_follow, stop_all, Say, DOMAIN};
+use crate::agent::call;
 use crate::args::DemoArgs;
-use crate::{output, print_json, request};
+use crate::output;
+use protocol::call;
 
 const GUEST_PORT: u16 = 7000;
 const DISK_MIB: u64 = 1024;
@@ -179,16 +181,16 @@ async fn scenario(
         ..LinuxWorkload::memory(Workload::busy(args.working_set, args.spin))
     };
     let definition = definition(args, image, &workload, &disk)?;
-    request(
+    call(
         a,
-        Request::Define {
+        call::Define {
             definition: DefinitionDoc(definition.to_document()),
         },
     )
     .await?;
-    request(
+    call(
         a,
-        Request::Start {
+        call::Start {
             domain: DOMAIN.parse()?,
             paused: false,
         },
@@ -297,7 +299,7 @@ async fn scenario(
         value["disk_check"] = check(disk_ok).into();
         value["network_check"] = check(network_ok).into();
         value["network_longest_pause_ms"] = (session.longest_pause.as_millis() as u64).into();
-        print_json(&value)?;
+        print!("{}", crate::commands::json(&value)?);
     } else {
         print!("{}", output::record_summary(&record));
         println!("Memory check: {}", check(memory_ok));

@@ -14,11 +14,13 @@ use guest::{SerialLog, Workload};
 use launcher::{AgentProcess, LaunchOptions};
 use protocol::domain::{DefinitionDoc, DomainInfo, DomainState};
 use protocol::job::JobStatus;
-use protocol::{Client, ConvergeMode, MigrateOptions, Reply, Request};
+use protocol::{Client, ConvergeMode, MigrateOptions, Request};
 
+use crate::agent::call;
 use crate::args::{DemoArgs, GuestArg};
 use crate::progress::Progress;
-use crate::{migrate, output, print_json, request, unexpected};
+use crate::{migrate, output};
+use protocol::call;
 
 const DOMAIN: &str = "demo-busy";
 const GUEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -54,17 +56,17 @@ async fn migrate_and_follow(
     flags: MigrateOptions,
     json: bool,
 ) -> Result<protocol::job::JobRecord> {
-    let reply = request(
+    let migration = call(
         a,
-        Request::Migrate {
+        call::Migrate {
             domain: DOMAIN.parse()?,
             destination: b_uri.to_string(),
-            flags: Box::new(flags),
+            flags,
         },
     )
     .await?;
-    let Reply::MigrationStarted { job_id } = reply else {
-        return Err(unexpected(reply));
+    let call::Migration::Started(job_id) = migration else {
+        bail!("the demo's migration was a dry run");
     };
     let mut progress = Progress::new(&job_id, json);
     migrate::follow(a, DOMAIN, &job_id, &mut progress).await
@@ -97,17 +99,7 @@ fn find_livemigd(given: Option<PathBuf>) -> PathBuf {
 }
 
 async fn dominfo(client: &Client) -> Result<DomainInfo> {
-    match request(
-        client,
-        Request::DomInfo {
-            domain: DOMAIN.parse()?,
-        },
-    )
-    .await?
-    {
-        Reply::DomainInfo(info) => Ok(*info),
-        other => Err(unexpected(other)),
-    }
+    crate::commands::domains::info(client, DOMAIN).await
 }
 
 /// Waits until the guest's serial log shows `lines` progress lines whose
@@ -219,10 +211,10 @@ async fn scenario(
         workload,
     ))?;
     let definition = DefinitionDoc(definition.to_document());
-    request(a, Request::Define { definition }).await?;
-    request(
+    call(a, call::Define { definition }).await?;
+    call(
         a,
-        Request::Start {
+        call::Start {
             domain: DOMAIN.parse()?,
             paused: false,
         },
@@ -287,10 +279,8 @@ async fn scenario(
             info.state
         );
     }
-    let source_gone = match request(a, Request::List { all: true }).await? {
-        Reply::Domains { domains } => !domains.iter().any(|d| d.name == DOMAIN && d.id.is_some()),
-        other => return Err(unexpected(other)),
-    };
+    let domains = call(a, call::List { all: true }).await?;
+    let source_gone = !domains.iter().any(|d| d.name == DOMAIN && d.id.is_some());
     let serial = PathBuf::from(info.serial_log.clone().unwrap_or_default());
     say.line(&format!(
         "==> Checking the guest on {runs_on}: it must keep running and find every page intact"
@@ -313,7 +303,7 @@ async fn scenario(
     if args.json {
         let mut value = serde_json::to_value(&record)?;
         value["memory_check"] = serde_json::Value::from(memory_check);
-        print_json(&value)?;
+        print!("{}", crate::commands::json(&value)?);
     } else {
         print!("{}", output::record_summary(&record));
         println!("Memory check: {memory_check}");

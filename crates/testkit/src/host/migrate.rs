@@ -17,12 +17,17 @@ impl Host {
         destination: &str,
         flags: MigrateOptions,
     ) -> Result<String, ClientError> {
-        self.call(call::Migrate {
-            domain: name.parse().expect("valid name"),
-            destination: destination.to_string(),
-            flags,
-        })
-        .await
+        let migration = self
+            .call(call::Migrate {
+                domain: name.parse().expect("valid name"),
+                destination: destination.to_string(),
+                flags,
+            })
+            .await?;
+        match migration {
+            call::Migration::Started(job_id) => Ok(job_id),
+            call::Migration::DryRun(_) => panic!("a dry run started no job"),
+        }
     }
 
     /// Starts a migration to `dest` and waits until its live info

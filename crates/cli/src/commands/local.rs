@@ -1,0 +1,48 @@
+//! What needs no agent: the PKI, shell completions, the man page.
+
+use anyhow::{Context, Result};
+
+use crate::args::{Cli, PkiCommand};
+
+/// `pki init` and `pki issue`.
+pub fn pki(command: PkiCommand) -> Result<String> {
+    match command {
+        PkiCommand::Init { dir } => {
+            tls::pki::init(&dir)
+                .with_context(|| format!("cannot create a CA in {}", dir.display()))?;
+            Ok(format!(
+                "CA created in {} (keep ca-key.pem private; ca.pem goes to every host)\n",
+                dir.display()
+            ))
+        }
+        PkiCommand::Issue {
+            dir,
+            name,
+            role,
+            hosts,
+        } => {
+            let out = tls::pki::issue(&dir, &name, role, &hosts)
+                .with_context(|| format!("cannot issue a certificate for {name}"))?;
+            Ok(format!(
+                "Certificate for {name} (role {role}) in {}: use it as --tls-dir\n",
+                out.display()
+            ))
+        }
+    }
+}
+
+/// `completions SHELL`.
+pub fn completions(shell: clap_complete::Shell) -> Result<String> {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut command, "livemig", &mut out);
+    Ok(String::from_utf8(out)?)
+}
+
+/// `man`: the manual page, roff.
+pub fn man() -> Result<String> {
+    let command = <Cli as clap::CommandFactory>::command();
+    let mut out = Vec::new();
+    clap_mangen::Man::new(command).render(&mut out)?;
+    Ok(String::from_utf8(out)?)
+}
