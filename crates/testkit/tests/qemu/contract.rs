@@ -96,7 +96,7 @@ async fn without_auto_converge_a_busy_guest_times_out_and_stays_on_the_source() 
                 &b,
                 MigrateOptions {
                     bandwidth: Some(CAP_MIB_S),
-                    timeout: Some(8),
+                    timeout: Some(5),
                     ..live()
                 },
             )
