@@ -9,7 +9,7 @@
 # Tests run side by side as far as the machine allows (cargo-nextest; each
 # takes slots by the CPU it needs, see .config/nextest.toml): two real QEMU
 # guests at a time, and the tests that measure rates or throttle real
-# vCPUs (tests/convergence) beside no other QEMU.
+# vCPUs (tests/convergence) alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

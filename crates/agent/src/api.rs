@@ -379,7 +379,9 @@ impl Agent {
 
     async fn start_postcopy(self: &Arc<Self>, name: &DomainName) -> Result<Reply, ApiError> {
         let qmp = match self.table.outgoing_of(name)? {
-            Some((job, Some(vm))) if job.ident.flags.postcopy => vm.process.qmp().clone(),
+            Some((job, Some(vm))) if job.ident.flags.postcopy().on_command() => {
+                vm.process.qmp().clone()
+            }
             Some(_) => {
                 return Err(errors::operation_invalid(format!(
                     "the migration of '{name}' was not started with --postcopy"

@@ -82,14 +82,14 @@ pub fn watch_options(
     WatchOptions {
         timeout: flags.timeout(),
         timeout_action: flags.timeout_action(),
-        postcopy_after_precopy: flags.postcopy_after_precopy,
+        postcopy_after_precopy: flags.postcopy().after_first_pass(),
         preflight: controller.is_some() || forecast.is_some(),
         forecast,
         ram_bytes,
         controller,
         downtime,
         max_downtime: flags.max_downtime(),
-        allow_postcopy: flags.allow_postcopy,
+        allow_postcopy: flags.postcopy().by_policy(),
         bandwidth_cap,
         ..WatchOptions::default()
     }

@@ -15,7 +15,7 @@ use protocol::domain::Tunables;
 use protocol::job::Role;
 use types::Bandwidth;
 
-use crate::flags::Flags;
+use crate::flags::{Convergence, Flags};
 use crate::stream_tls::{self, StreamTls};
 
 pub use protocol::migrate::DEFAULT_DOWNTIME_MS;
@@ -45,12 +45,15 @@ pub fn wanted_capabilities(
             MigrationCapability::AutoConverge,
             flags.qemu_auto_converge() || qemu_throttle,
         ),
-        (MigrationCapability::Xbzrle, flags.compressed),
-        (MigrationCapability::Multifd, flags.parallel),
+        (MigrationCapability::Xbzrle, flags.stream().compressed),
+        (
+            MigrationCapability::Multifd,
+            flags.stream().multifd.is_some(),
+        ),
         (MigrationCapability::PostcopyRam, flags.postcopy_enabled()),
         (
             MigrationCapability::DirtyLimit,
-            flags.dirty_limit && role == Role::Source,
+            flags.dirty_limit() && role == Role::Source,
         ),
         // With disks mirrored, QEMU must wait at switchover (guest paused,
         // disks still active) until the mirrors are completed: at the end
@@ -86,11 +89,7 @@ pub fn wanted_parameters(
     via: ThrottleVia,
 ) -> MigrationParameters {
     let mut p = MigrationParameters {
-        multifd_channels: if flags.parallel {
-            flags.parallel_connections
-        } else {
-            None
-        },
+        multifd_channels: flags.stream().multifd.flatten(),
         ..Default::default()
     };
     if role == Role::Source {
@@ -100,10 +99,15 @@ pub fn wanted_parameters(
             // The cap holds in post-copy too (QEMU's default is unlimited).
             p.max_postcopy_bandwidth = Some(bandwidth.map_or(0, Bandwidth::bytes_per_sec));
         }
-        p.downtime_limit = flags.downtime.or(tunables.downtime_ms);
-        p.cpu_throttle_initial = flags.auto_converge_initial;
-        p.cpu_throttle_increment = flags.auto_converge_increment;
-        if let Some(max) = flags.max_downtime {
+        p.downtime_limit = flags
+            .downtime()
+            .map(|d| d.as_millis() as u64)
+            .or(tunables.downtime_ms);
+        if let Convergence::Qemu { initial, increment } = flags.convergence() {
+            p.cpu_throttle_initial = initial;
+            p.cpu_throttle_increment = increment;
+        }
+        if let Some(max) = flags.max_downtime().map(|d| d.as_millis() as u64) {
             // The limit starts at --downtime (QEMU's 300 ms by default) and
             // the policy may raise it up to --max-downtime.
             p.downtime_limit = p.downtime_limit.or(Some(max.min(DEFAULT_DOWNTIME_MS)));

@@ -13,17 +13,17 @@ use crate::state::Agent;
 /// `--tls` where the config forces it (`migrate_tls_force`), and one with
 /// `--tls` on an agent without certificates.
 pub(crate) fn check(agent: &Agent, flags: &Flags) -> Result<(), ApiError> {
-    if flags.offline {
+    if flags.offline() {
         // No stream: only the definition moves, over the agents' TLS.
         return Ok(());
     }
-    if agent.config.migrate_tls_force && !flags.tls {
+    if agent.config.migrate_tls_force && !flags.stream().tls {
         return Err(errors::operation_invalid(format!(
             "{} only migrates with an encrypted stream (migrate_tls_force): add --tls",
             agent.uri
         )));
     }
-    if flags.tls && agent.qemu_credentials.is_none() {
+    if flags.stream().tls && agent.qemu_credentials.is_none() {
         return Err(errors::operation_invalid(format!(
             "--tls needs certificates on {}: start its livemigd with --tls-dir",
             agent.uri
@@ -40,7 +40,7 @@ pub(crate) fn source(
     destination: &AgentUri,
 ) -> Result<Option<StreamTls>, ApiError> {
     check(agent, flags)?;
-    if !flags.tls {
+    if !flags.stream().tls {
         return Ok(None);
     }
     let hostname = match destination.host_port() {
@@ -64,7 +64,7 @@ pub(crate) fn destination(
     ctx: &ConnContext,
 ) -> Result<Option<StreamTls>, ApiError> {
     check(agent, flags)?;
-    if !flags.tls {
+    if !flags.stream().tls {
         return Ok(None);
     }
     let Caller::Certified(identity) = &ctx.caller else {

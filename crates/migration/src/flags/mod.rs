@@ -2,14 +2,15 @@
 //! wire's [`MigrateOptions`] by checking every combination the way libvirt
 //! does, and it answers in typed units and with what QEMU must support.
 
-use std::ops::Deref;
 use std::time::Duration;
 
 use protocol::{ConvergeMode, MigrateOptions, TimeoutAction};
 use types::{Bandwidth, Throttle};
 
+mod parts;
 mod validate;
 
+pub use parts::{Convergence, DiskCopy, Landing, Limits, Mode, Postcopy, Storage, Stream};
 use validate::validate;
 pub use validate::InvalidFlags;
 
@@ -35,18 +36,19 @@ pub enum RequirementKind {
     Parameter,
 }
 
-/// A migration's options, checked. Reads through to the options (`flags.live`).
+/// A migration's options, checked, and parsed into the parts they decide
+/// (see [`parts`]); the options themselves travel as given
+/// ([`Flags::options`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Flags {
     options: MigrateOptions,
-}
-
-impl Deref for Flags {
-    type Target = MigrateOptions;
-
-    fn deref(&self) -> &MigrateOptions {
-        &self.options
-    }
+    mode: Mode,
+    convergence: Convergence,
+    postcopy: Postcopy,
+    storage: Storage,
+    stream: Stream,
+    limits: Limits,
+    landing: Landing,
 }
 
 impl TryFrom<MigrateOptions> for Flags {
@@ -58,13 +60,24 @@ impl TryFrom<MigrateOptions> for Flags {
 }
 
 impl Flags {
-    /// Checks combinations and ranges the way libvirt does.
+    /// Checks combinations and ranges the way libvirt does, then parses.
     ///
     /// # Errors
     /// [`InvalidFlags`] naming the offending options.
     pub fn new(options: MigrateOptions) -> Result<Flags, InvalidFlags> {
         validate(&options)?;
-        Ok(Flags { options })
+        let (mode, convergence, postcopy, storage, stream, limits, landing) =
+            parts::parts(&options);
+        Ok(Flags {
+            options,
+            mode,
+            convergence,
+            postcopy,
+            storage,
+            stream,
+            limits,
+            landing,
+        })
     }
 
     /// The options as they travel.
@@ -72,55 +85,122 @@ impl Flags {
         &self.options
     }
 
+    /// How the guest travels.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The guest runs during the copy.
+    pub fn live(&self) -> bool {
+        self.mode == Mode::Live
+    }
+
+    /// Only the definition moves.
+    pub fn offline(&self) -> bool {
+        self.mode == Mode::Offline
+    }
+
+    /// Who makes the guest converge.
+    pub fn convergence(&self) -> Convergence {
+        self.convergence
+    }
+
+    /// Whether and how post-copy may come.
+    pub fn postcopy(&self) -> Postcopy {
+        self.postcopy
+    }
+
+    /// The disks.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// The stream.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// How the guest lands.
+    pub fn landing(&self) -> Landing {
+        self.landing
+    }
+
+    /// `--unsafe`: the safety checks of what the destination sees are off.
+    pub fn unsafe_migration(&self) -> bool {
+        self.options.unsafe_migration
+    }
+
+    /// `--dirty-limit`.
+    pub fn dirty_limit(&self) -> bool {
+        self.options.dirty_limit
+    }
+
+    /// `--dry-run`: check and estimate, start nothing.
+    pub fn dry_run(&self) -> bool {
+        self.options.dry_run
+    }
+
+    /// `--postcopy-resume`: recover a broken post-copy.
+    pub fn postcopy_resume(&self) -> bool {
+        self.options.postcopy_resume
+    }
+
     /// Which convergence the job uses (`--auto-converge` is `qemu`).
     pub fn converge_mode(&self) -> ConvergeMode {
-        converge_mode(&self.options)
+        self.convergence.mode()
     }
 
     /// QEMU's auto-converge capability is on for this job.
     pub fn qemu_auto_converge(&self) -> bool {
-        self.converge_mode() == ConvergeMode::Qemu
+        matches!(self.convergence, Convergence::Qemu { .. })
     }
 
     /// Disks are copied with the memory (`--copy-storage-all/-inc`).
     pub fn copies_storage(&self) -> bool {
-        self.copy_storage_all || self.copy_storage_inc
+        self.storage.copy().is_some()
     }
 
     /// Post-copy must be enabled on both QEMUs before `migrate`.
     pub fn postcopy_enabled(&self) -> bool {
-        self.postcopy || self.allow_postcopy
+        self.postcopy.enabled()
     }
 
     /// The bandwidth cap asked for.
     pub fn bandwidth(&self) -> Option<Bandwidth> {
-        // Checked in `new`.
-        self.options.bandwidth.and_then(Bandwidth::from_mib_s)
+        self.limits.bandwidth
     }
 
     /// The downtime limit asked for.
     pub fn downtime(&self) -> Option<Duration> {
-        self.options.downtime.map(Duration::from_millis)
+        self.limits.downtime
     }
 
     /// The ceiling of a downtime ramp.
     pub fn max_downtime(&self) -> Option<Duration> {
-        self.options.max_downtime.map(Duration::from_millis)
+        self.limits.max_downtime
     }
 
     /// When the timeout action runs.
     pub fn timeout(&self) -> Option<Duration> {
-        self.options.timeout.map(Duration::from_secs)
+        self.limits.timeout.map(|(after, _)| after)
     }
 
     /// What runs at the timeout.
     pub fn timeout_action(&self) -> TimeoutAction {
-        self.options.timeout_action.unwrap_or_default()
+        self.limits
+            .timeout
+            .map(|(_, action)| action)
+            .unwrap_or_default()
     }
 
     /// The highest throttle the controller may use, if limited.
     pub fn max_throttle(&self) -> Option<Throttle> {
-        self.options.max_throttle.map(Throttle::from_percent)
+        self.limits.max_throttle
     }
 
     /// What the QEMU binaries must support for these flags; checked on both
@@ -145,7 +225,7 @@ impl Flags {
             destination: true,
         };
         let mut out = Vec::new();
-        if self.tls {
+        if self.stream.tls {
             out.push(both_param("TLS-encrypted migration", "tls-creds"));
             out.push(both_param(
                 "authorizing the migration's source by its certificate",
@@ -157,28 +237,40 @@ impl Flags {
             // both QEMUs' view of the job the same.
             out.push(both("auto-converge migration", "auto-converge"));
         }
-        if self.auto_converge_initial.is_some() {
+        if matches!(
+            self.convergence,
+            Convergence::Qemu {
+                initial: Some(_),
+                ..
+            }
+        ) {
             out.push(source_param(
                 "setting the initial auto-converge throttle",
                 "cpu-throttle-initial",
             ));
         }
-        if self.auto_converge_increment.is_some() {
+        if matches!(
+            self.convergence,
+            Convergence::Qemu {
+                increment: Some(_),
+                ..
+            }
+        ) {
             out.push(source_param(
                 "setting the auto-converge throttle increment",
                 "cpu-throttle-increment",
             ));
         }
-        if self.compressed {
+        if self.stream.compressed {
             out.push(both("compressed (XBZRLE) migration", "xbzrle"));
         }
-        if self.parallel {
+        if self.stream.multifd.is_some() {
             out.push(both("parallel (multifd) migration", "multifd"));
         }
         if self.postcopy_enabled() {
             out.push(both("post-copy migration", "postcopy-ram"));
         }
-        if self.dirty_limit {
+        if self.dirty_limit() {
             out.push(both("dirty-limit migration", "dirty-limit"));
         }
         out
@@ -303,6 +395,46 @@ mod tests {
         assert_eq!(f.downtime(), Some(Duration::from_millis(250)));
         assert_eq!(f.timeout(), Some(Duration::from_secs(30)));
         assert_eq!(f.max_throttle().unwrap().fraction(), 0.995);
+    }
+
+    #[test]
+    fn options_come_out_as_parts() {
+        let f = Flags::new(MigrateOptions {
+            auto_converge: true,
+            auto_converge_initial: Some(40),
+            allow_postcopy: true,
+            copy_storage_inc: true,
+            migrate_disks: vec!["vda".into()],
+            parallel: true,
+            timeout: Some(30),
+            timeout_action: Some(TimeoutAction::Postcopy),
+            suspend: true,
+            ..live()
+        })
+        .unwrap();
+        assert_eq!(f.mode(), Mode::Live);
+        assert_eq!(
+            f.convergence(),
+            Convergence::Qemu {
+                initial: Some(40),
+                increment: None
+            }
+        );
+        assert!(f.postcopy().by_policy() && !f.postcopy().on_command());
+        let copy = f.storage().copy().unwrap();
+        assert!(copy.incremental);
+        assert_eq!(copy.disks, ["vda"]);
+        assert_eq!(f.stream().multifd, Some(None));
+        assert_eq!(
+            f.limits().timeout,
+            Some((Duration::from_secs(30), TimeoutAction::Postcopy))
+        );
+        assert!(f.landing().suspend);
+        let plain = Flags::new(MigrateOptions::default()).unwrap();
+        assert_eq!(plain.mode(), Mode::Paused);
+        assert_eq!(plain.convergence(), Convergence::None);
+        assert_eq!(plain.postcopy(), Postcopy::Off);
+        assert_eq!(*plain.storage(), Storage::Shared);
     }
 
     #[test]

@@ -312,7 +312,7 @@ async fn a_link_lost_during_the_disk_copy_fails_the_job_and_leaves_nothing_on_th
     // Down for longer than the agents wait for each other, then back: the
     // mirror's stalled NBD requests can end and the abort reach b.
     net.cut().unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(8 + 4)).await;
+    tokio::time::sleep(std::time::Duration::from_secs(8 + 10)).await;
     net.restore().unwrap();
     let record = a.wait_job(&job).await;
 

@@ -39,7 +39,7 @@ pub(crate) async fn finish(
         }
 
         let mut note = None;
-        if job.ident.flags.persistent {
+        if job.ident.flags.landing().persistent {
             match agent.store.save_definition(&job.definition).await {
                 Ok(()) => {
                     let _ = agent.table.defined(job.definition.clone());
@@ -63,7 +63,7 @@ pub(crate) async fn finish(
         }
         agent.table.end_job(&name, &job.ident.id, record);
         tracing::info!(
-            paused = job.ident.flags.suspend,
+            paused = job.ident.flags.landing().suspend,
             "guest resumed on the destination"
         );
         Ok(Reply::Finished)
@@ -110,7 +110,7 @@ async fn land(qmp: &qmp::Client, timeout: Duration, job: &IncomingJob) -> Result
     if !job.created_images.is_empty() {
         migration::storage::destination::stop(qmp).await;
     }
-    if !job.ident.flags.suspend {
+    if !job.ident.flags.landing().suspend {
         qmp.execute(&Cont).await.map_err(LandError::Resume)?;
     }
     // QEMU announced the NICs when the data landed; again now that the

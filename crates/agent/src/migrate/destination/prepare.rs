@@ -90,7 +90,7 @@ pub(crate) async fn prepare(
     agent.check_paths(&req.definition).await?;
     let span = tracing::info_span!("job", id = %req.job_id, domain = %req.definition.name, role = "destination");
     async {
-        if req.flags.offline {
+        if req.flags.offline() {
             return prepare_offline(agent, &req).await;
         }
         prepare_live(agent, req, ctx).await
@@ -132,7 +132,7 @@ async fn prepare_live(
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
     vm::check_spec(&req.spec, binary, &agent.uri, agent.config.tcg_workaround)?;
     let tls = stream_tls::destination(agent, &req.flags, ctx)?;
-    let listen = match &req.flags.migrateuri {
+    let listen = match &req.flags.stream().uri {
         Some(uri) => Listen::Uri(parse_data_uri(uri).map_err(|e| errors::invalid(e.to_string()))?),
         None => {
             let ip = ctx
@@ -173,7 +173,7 @@ async fn prepare_live(
     };
     match start(agent, &req, &listen, tls.as_ref()).await {
         Ok((vm, previous, uri, nbd_port)) => {
-            if req.flags.postcopy && !req.flags.suspend {
+            if req.flags.postcopy().on_command() && !req.flags.landing().suspend {
                 migration::postcopy::resume_on_postcopy(vm.process.qmp().clone());
             }
             let mut job = incoming_job(
@@ -263,7 +263,7 @@ async fn start(
                 storage::serve(
                     qmp,
                     host,
-                    req.flags.disks_port,
+                    req.flags.storage().copy().and_then(|c| c.port),
                     agent.config.migration_ports,
                     &req.storage,
                     tls.is_some(),

@@ -52,20 +52,20 @@ pub(crate) async fn begin(
     let dest_uri: AgentUri = destination
         .parse()
         .map_err(|e: protocol::BadAgentUri| errors::invalid(e.to_string()))?;
-    if flags.postcopy_resume {
+    if flags.postcopy_resume() {
         return postcopy_resume(agent, name, &dest_uri).await;
     }
     let lock = agent.table.op_lock(name)?;
     let _guard = lock.lock().await;
 
-    let (def, vm, tunables) = agent.table.migratable(name, flags.offline)?;
+    let (def, vm, tunables) = agent.table.migratable(name, flags.offline())?;
 
     let storage: Vec<String> = migration::storage::disks_to_copy(&def, flags.options())
         .map_err(|e| errors::invalid(e.to_string()))?
         .into_iter()
         .map(|(target, _)| target)
         .collect();
-    migration::safety::check(&def, flags.offline, flags.unsafe_migration, &storage)
+    migration::safety::check(&def, flags.offline(), flags.unsafe_migration(), &storage)
         .map_err(|e| errors::operation_invalid(e.to_string()))?;
     let binary = agent.binary().await?;
     let binary = binary.as_ref();
@@ -100,16 +100,16 @@ pub(crate) async fn begin(
         .await
         .map_err(|e| e.to_api())?;
 
-    if flags.dry_run {
+    if flags.dry_run() {
         drop(peer);
         return crate::estimate::estimate(
             agent,
             name,
             EstimateParams {
-                bandwidth_mib_s: flags.bandwidth,
-                downtime_ms: flags.downtime,
-                timeout_s: flags.timeout,
-                max_throttle_pct: flags.max_throttle,
+                bandwidth_mib_s: flags.bandwidth().map(|b| b.mib_s()),
+                downtime_ms: flags.downtime().map(|d| d.as_millis() as u64),
+                timeout_s: flags.timeout().map(|t| t.as_secs()),
+                max_throttle_pct: flags.max_throttle().map(|t| t.percent()),
             },
         )
         .await;

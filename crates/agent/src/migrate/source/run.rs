@@ -106,7 +106,7 @@ impl Run {
             return Ending::failed(errors::chain(&e), JobStats::default());
         }
         self.set_phase(Phase::Confirm);
-        if self.job.ident.flags.undefine_source {
+        if self.job.ident.flags.landing().undefine_source {
             self.undefine_source().await;
         }
         Ending::completed(JobStats::default(), None)
@@ -198,7 +198,7 @@ impl Run {
             qmp.execute(&QueryStatus).await,
             Ok(s) if s.status == RunState::Running
         );
-        if !flags.live && was_running {
+        if !flags.live() && was_running {
             if let Err(e) = qmp.execute(&Stop).await {
                 tracing::warn!(error = %e, "could not pause the guest for a non-live migration");
             }
@@ -272,7 +272,7 @@ impl Run {
             .await
             .map(|addrs| addrs.map(|a| a.ip()).collect())
             .unwrap_or_default();
-        let asked = self.job.ident.flags.migrateuri.as_deref();
+        let asked = self.job.ident.flags.stream().uri.as_deref();
         migration::uri::check_peer_data_uri(answered, asked, host, &addrs).map(|u| u.to_string())
     }
 
@@ -406,7 +406,7 @@ impl Run {
             .confirm_outgoing(&self.name)
             .unwrap_or_else(|| vm.clone());
         vm.process.shutdown(STOP_TIMEOUT).await;
-        if self.job.ident.flags.undefine_source {
+        if self.job.ident.flags.landing().undefine_source {
             self.undefine_source().await;
         }
         Ending::completed(stats, note)

@@ -47,7 +47,13 @@ impl Run {
             .execute(&QueryBlock)
             .await
             .map_err(DiskCopyError::Query)?;
-        let incremental = self.job.ident.flags.copy_storage_inc;
+        let incremental = self
+            .job
+            .ident
+            .flags
+            .storage()
+            .copy()
+            .is_some_and(|c| c.incremental);
         self.storage
             .iter()
             .map(|target| {
@@ -110,17 +116,17 @@ impl Run {
                 .trim_end_matches(']')
                 .to_string(),
             port,
-            sync: if flags.copy_storage_inc {
+            sync: if flags.storage().copy().is_some_and(|c| c.incremental) {
                 MirrorSync::Top
             } else {
                 MirrorSync::Full
             },
-            copy_mode: if flags.copy_storage_synchronous_writes {
+            copy_mode: if flags.storage().copy().is_some_and(|c| c.synchronous_writes) {
                 CopyMode::WriteBlocking
             } else {
                 CopyMode::Background
             },
-            speed: flags.bandwidth.map(|mib| mib.saturating_mul(types::MIB)),
+            speed: flags.bandwidth().map(|b| b.bytes_per_sec()),
             tls_hostname: self.tls.as_ref().and_then(|t| match &t.peer {
                 TlsPeer::Destination { hostname } => Some(hostname.clone()),
                 TlsPeer::Source { .. } => None,
@@ -128,7 +134,7 @@ impl Run {
         };
         let mirrors = Mirrors::start(qmp, &plan, &self.storage).await?;
         tracing::info!(disks = ?self.storage, port, "mirroring the disks");
-        let timeout = flags.timeout.map(std::time::Duration::from_secs);
+        let timeout = flags.timeout();
         // The job's timeline starts with the disks' copy.
         let origin = tokio::time::Instant::now();
         self.progress
