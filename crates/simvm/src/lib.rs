@@ -16,10 +16,15 @@
 //! - [`migration`]: QEMU 7.2's pre-copy, auto-converge, post-copy and
 //!   cancel, over [`migration::wire`].
 //! - [`probe`]: QEMU 7.2's answers to a capability probe, as recorded.
+//! - [`block`]: the disks' nodes, the NBD server a destination exports
+//!   them on and the mirror jobs a source copies them with
+//!   (`--copy-storage-*`): a raw image's bytes really move, paced at the
+//!   job's speed, and a lost destination fails the job as QEMU's does.
 //!
-//! What it does not model (tested with real QEMU only): disk I/O and block
-//! jobs (`--copy-storage-*`), TLS on the migration stream (both ends must
-//! agree to use it, but the stream is not encrypted), multifd channels and
+//! What it does not model (tested with real QEMU only): the guest's own
+//! disk I/O, the contents of a qcow2 image (a mirror of one counts its
+//! virtual size but writes nothing), TLS on the migration and NBD streams (both ends must agree to
+//! use it, but the stream is not encrypted), multifd channels and
 //! compression (accepted, no effect), post-copy recovery, and vCPU threads
 //! that burn CPU (host-side throttling).
 
@@ -27,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod args;
+pub mod block;
 mod commands;
 pub mod dirty_rate;
 pub mod guest;

@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::args::Config;
+use crate::block::Block;
 use crate::dirty_rate::DirtyRate;
 use crate::guest::Guest;
 use crate::migration::Migration;
@@ -69,6 +70,8 @@ pub struct Machine {
     pub vcpu_threads: Vec<i64>,
     /// `object-add`ed objects by id: type and properties.
     pub objects: Vec<(String, String)>,
+    /// NBD server, NBD nodes, block jobs.
+    pub block: Block,
     events: broadcast::Sender<String>,
 }
 
@@ -113,6 +116,7 @@ impl Machine {
             dirty_rate: DirtyRate::default(),
             vcpu_threads: Vec::new(),
             objects,
+            block: Block::default(),
             events,
             config,
         }

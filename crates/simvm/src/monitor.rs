@@ -69,7 +69,7 @@ async fn connection(shared: Shared, stream: UnixStream) {
                 ),
                 false,
             ),
-            Ok(request) => answer(&shared, &request, &mut events),
+            Ok(request) => answer(&shared, &request, &mut events).await,
         };
         // QEMU writes the events a command raised before its reply.
         let mut raised = String::new();
@@ -109,7 +109,7 @@ async fn recv(events: &mut Option<broadcast::Receiver<String>>) -> Option<String
     }
 }
 
-fn answer(
+async fn answer(
     shared: &Shared,
     request: &Value,
     events: &mut Option<broadcast::Receiver<String>>,
@@ -153,6 +153,10 @@ fn answer(
         Outcome::Reply(Ok(value)) => (ok_reply(&id, value), false),
         Outcome::Reply(Err((class, desc))) => (error_reply(&id, class, &desc), false),
         Outcome::Quit => (ok_reply(&id, json!({})), true),
+        Outcome::Pending(later) => match later.await {
+            Ok(value) => (ok_reply(&id, value), false),
+            Err((class, desc)) => (error_reply(&id, class, &desc), false),
+        },
     }
 }
 

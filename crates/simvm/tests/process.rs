@@ -192,3 +192,181 @@ async fn a_busy_guest_migrates_with_every_page_intact() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+mod disks {
+    use super::*;
+    use qmp::commands::block::{
+        BlockExportAddNbd, BlockJobCancel, BlockJobInfo, BlockdevAddNbd, BlockdevDel,
+        BlockdevMirror, CopyMode, InetAddress, JobDismiss, LegacyInetAddress, MirrorSync,
+        NbdServerStart, QueryBlockJobs,
+    };
+
+    const DISK: usize = 8 << 20;
+
+    fn drive(file: &Path) -> String {
+        format!(
+            "file={},format=raw,if=none,id=drive-vda,node-name=disk-vda,cache=none",
+            file.display()
+        )
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn add_node(port: u16, export: &str) -> BlockdevAddNbd {
+        BlockdevAddNbd {
+            driver: "nbd",
+            node_name: "target".into(),
+            server: InetAddress::new("127.0.0.1", port),
+            export: export.into(),
+            tls_creds: None,
+            tls_hostname: None,
+        }
+    }
+
+    fn mirror(speed: u64) -> BlockdevMirror {
+        BlockdevMirror {
+            job_id: "copy".into(),
+            device: "disk-vda".into(),
+            target: "target".into(),
+            sync: MirrorSync::Full,
+            copy_mode: CopyMode::Background,
+            auto_dismiss: false,
+            speed: Some(speed),
+            buf_size: Some(512 << 10),
+        }
+    }
+
+    async fn job(vm: &Vm) -> BlockJobInfo {
+        let jobs = vm.qmp.execute(&QueryBlockJobs).await.unwrap();
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        jobs[0].clone()
+    }
+
+    async fn until(vm: &Vm, what: &str, done: impl Fn(&BlockJobInfo) -> bool) -> BlockJobInfo {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let job = job(vm).await;
+            if done(&job) {
+                return job;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{what}: {job:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A destination serving its empty image, and a source whose image
+    /// holds a pattern.
+    async fn pair(dir: &Path) -> (Vm, Vm, u16, Vec<u8>) {
+        let pattern: Vec<u8> = (0..DISK).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(dir.join("src.raw"), &pattern).unwrap();
+        std::fs::File::create(dir.join("dst.raw"))
+            .unwrap()
+            .set_len(DISK as u64)
+            .unwrap();
+        let src_drive = drive(&dir.join("src.raw"));
+        let dst_drive = drive(&dir.join("dst.raw"));
+        let src = start(dir, "src", &["-append", "wss=1", "-drive", &src_drive]).await;
+        let dst = start(
+            dir,
+            "dst",
+            &["-incoming", "defer", "-S", "-drive", &dst_drive],
+        )
+        .await;
+        let port = free_port();
+        dst.qmp
+            .execute(&NbdServerStart {
+                addr: LegacyInetAddress::new("127.0.0.1", port),
+                tls_creds: None,
+                tls_authz: None,
+            })
+            .await
+            .unwrap();
+        dst.qmp
+            .execute(&BlockExportAddNbd {
+                kind: "nbd",
+                id: "vda".into(),
+                node_name: "disk-vda".into(),
+                name: "vda".into(),
+                writable: true,
+            })
+            .await
+            .unwrap();
+        (src, dst, port, pattern)
+    }
+
+    #[tokio::test]
+    async fn a_mirror_copies_the_disk_at_its_speed_and_completes_when_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, _dst, port, pattern) = pair(dir.path()).await;
+
+        let refused = src.qmp.execute(&add_node(free_port(), "vda")).await;
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("Connection refused"),
+            "a server that is not there"
+        );
+        let unknown = src.qmp.execute(&add_node(port, "vdb")).await;
+        assert!(unknown.unwrap_err().to_string().contains("not available"));
+
+        src.qmp.execute(&add_node(port, "vda")).await.unwrap();
+        // 8 MiB at 4 MiB/s: about two seconds, seen halfway.
+        src.qmp.execute(&mirror(4 << 20)).await.unwrap();
+        let midway = until(&src, "copying", |j| j.offset > 0).await;
+        assert!(!midway.ready && midway.offset < midway.len, "{midway:?}");
+        assert_eq!(midway.len, DISK as u64);
+        let ready = until(&src, "ready", |j| j.ready).await;
+        assert_eq!(ready.offset, ready.len);
+        assert_eq!(std::fs::read(dir.path().join("dst.raw")).unwrap(), pattern);
+
+        src.qmp
+            .execute(&BlockJobCancel {
+                device: "copy".into(),
+                force: false,
+            })
+            .await
+            .unwrap();
+        let done = job(&src).await;
+        assert_eq!(done.status.as_deref(), Some("concluded"));
+        assert_eq!(done.error, None);
+        src.qmp
+            .execute(&JobDismiss { id: "copy".into() })
+            .await
+            .unwrap();
+        src.qmp
+            .execute(&BlockdevDel {
+                node_name: "target".into(),
+            })
+            .await
+            .unwrap();
+        assert!(src.qmp.execute(&QueryBlockJobs).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_mirror_fails_with_an_io_error_when_the_destination_dies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst, port, _) = pair(dir.path()).await;
+        src.qmp.execute(&add_node(port, "vda")).await.unwrap();
+        src.qmp.execute(&mirror(1 << 20)).await.unwrap();
+        until(&src, "copying", |j| j.offset > 0).await;
+        let busy = src
+            .qmp
+            .execute(&BlockdevDel {
+                node_name: "target".into(),
+            })
+            .await;
+        assert!(busy.unwrap_err().to_string().contains("busy"));
+
+        drop(dst);
+        let failed = until(&src, "failed", |j| j.status.as_deref() == Some("concluded")).await;
+        assert_eq!(failed.error.as_deref(), Some("Input/output error"));
+        assert!(!failed.ready && failed.offset < failed.len, "{failed:?}");
+    }
+}

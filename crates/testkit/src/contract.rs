@@ -17,7 +17,10 @@ where
     Fut: Future<Output = O>,
     O: Debug + PartialEq,
 {
+    // Which half a failure comes from shows in the test's output.
+    eprintln!("contract: the scenario on real QEMU");
     let real = scenario(TestBed::new().await).await;
+    eprintln!("contract: the scenario on the simulated VM");
     let simulated = scenario(TestBed::simulated().await).await;
     assert_eq!(
         simulated, real,

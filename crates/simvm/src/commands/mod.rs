@@ -6,7 +6,12 @@ mod block;
 mod migration;
 mod vm;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use serde_json::Value;
+
+pub use block::virtual_size;
 
 use crate::machine::Shared;
 
@@ -14,12 +19,24 @@ use crate::machine::Shared;
 pub type QmpError = (&'static str, String);
 
 /// What a command comes to.
-#[derive(Debug)]
 pub enum Outcome {
     /// A reply.
     Reply(Result<Value, QmpError>),
     /// Reply, then exit (`quit`).
     Quit,
+    /// A reply once this is done (QEMU's monitor waits too, e.g. while
+    /// `blockdev-add` connects).
+    Pending(Pin<Box<dyn Future<Output = Result<Value, QmpError>> + Send>>),
+}
+
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Reply(reply) => f.debug_tuple("Reply").field(reply).finish(),
+            Outcome::Quit => f.write_str("Quit"),
+            Outcome::Pending(_) => f.write_str("Pending"),
+        }
+    }
 }
 
 /// A `GenericError`.
@@ -60,6 +77,15 @@ pub const COMMANDS: &[&str] = &[
     "query-block",
     "query-blockstats",
     "query-block-jobs",
+    "nbd-server-start",
+    "block-export-add",
+    "nbd-server-stop",
+    "blockdev-add",
+    "blockdev-del",
+    "blockdev-mirror",
+    "block-job-cancel",
+    "block-job-set-speed",
+    "job-dismiss",
     "x-livemig-query-ram",
 ];
 
@@ -68,14 +94,15 @@ pub fn execute(shared: &Shared, name: &str, args: &Value) -> Outcome {
     if let Some(reply) = vm::execute(shared, name, args) {
         return reply;
     }
-    let reply = migration::execute(shared, name, args)
-        .or_else(|| block::execute(shared, name, args))
-        .unwrap_or_else(|| {
-            Err((
-                "CommandNotFound",
-                format!("The command {name} has not been found"),
-            ))
-        });
+    if let Some(outcome) = block::execute(shared, name, args) {
+        return outcome;
+    }
+    let reply = migration::execute(shared, name, args).unwrap_or_else(|| {
+        Err((
+            "CommandNotFound",
+            format!("The command {name} has not been found"),
+        ))
+    });
     Outcome::Reply(reply)
 }
 

@@ -398,3 +398,79 @@ async fn the_agent_probes_the_same_capabilities_from_both() {
     })
     .await;
 }
+
+/// The test guest on a, with an 8 MiB raw disk of a's own holding a
+/// pattern (see `TestBed::hosts_with_local_storage`); the pattern.
+async fn guest_on_a_local_disk(bed: &TestBed, a: &testkit::Host) -> Vec<u8> {
+    let pattern: Vec<u8> = (0..8usize << 20).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(bed.local_of("a").join("vm.raw"), &pattern).unwrap();
+    let toml = format!(
+        "{}[[disks]]\npath = {:?}\nformat = \"raw\"\n",
+        guest::definition_toml("vm", 64, bed.kernel(), Workload::IDLE),
+        bed.local().join("vm.raw").display().to_string()
+    );
+    a.define_and_start(domain::DomainDefinition::from_toml(&toml).unwrap())
+        .await;
+    pattern
+}
+
+#[tokio::test]
+async fn copy_storage_all_moves_a_local_disk_with_the_guest() {
+    holds(|bed: TestBed| async move {
+        let (a, b) = bed.hosts_with_local_storage(None).await;
+        let pattern = guest_on_a_local_disk(&bed, &a).await;
+
+        let options = MigrateOptions {
+            copy_storage_all: true,
+            ..capped(16)
+        };
+        let record = a.migrate("vm", &b, options).await;
+
+        assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+        let copy = std::fs::read(bed.local_of("b").join("vm.raw")).unwrap();
+        assert!(copy == pattern, "the destination's image differs");
+        assert_runs_only_on("vm", &b, &a, 0).await;
+        let phases: Vec<String> = record.phases.iter().map(|p| p.phase.to_string()).collect();
+        (
+            phases,
+            record.stats.disk_total_bytes,
+            record.stats.disk_remaining_bytes(),
+            reported(&record),
+        )
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_abort_during_the_disk_copy_leaves_the_guest_on_its_disk_and_nothing_on_the_destination()
+{
+    holds(|bed: TestBed| async move {
+        let (a, b) = bed.hosts_with_local_storage(None).await;
+        let pattern = guest_on_a_local_disk(&bed, &a).await;
+        // 8 MiB at 1 MiB/s: under way for seconds.
+        let options = MigrateOptions {
+            copy_storage_all: true,
+            ..capped(1)
+        };
+        let job = a
+            .migration_until("vm", &b, options, "the disk copy under way", |j| {
+                j.stats.disk_processed_bytes.unwrap_or(0) > 0
+            })
+            .await;
+        assert!(bed.local_of("b").join("vm.raw").exists(), "b's new image");
+
+        a.cli_ok(&["domjobabort", "vm"]);
+        let record = a.wait_job(&job).await;
+
+        assert_eq!(record.status, JobStatus::Cancelled, "{record:#?}");
+        b.wait_no_qemu().await;
+        assert!(!bed.local_of("b").join("vm.raw").exists(), "b's half copy");
+        assert_eq!(b.state("vm").await, None);
+        let jobs = a.qmp("vm", "query-block-jobs").await.unwrap();
+        assert_eq!(jobs, serde_json::json!([]));
+        assert_runs_only_on("vm", &a, &b, 0).await;
+        assert!(std::fs::read(bed.local_of("a").join("vm.raw")).unwrap() == pattern);
+        (record.status, record.error, record.recovery)
+    })
+    .await;
+}
