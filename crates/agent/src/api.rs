@@ -18,7 +18,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use types::Bandwidth;
 
-use crate::caller::ConnContext;
+use crate::caller::{Caller, ConnContext};
 use crate::errors;
 use crate::jobs::ActiveJob;
 use crate::migrate;
@@ -89,7 +89,7 @@ impl Agent {
                 .await
             }
             Request::MigratePostcopy { domain } => self.start_postcopy(&domain).await,
-            Request::Job { id } => self.job(&id).await,
+            Request::Job { id } => self.job(&id, &ctx.caller).await,
             Request::Jobs { domain, limit } => self
                 .history
                 .list(domain.map(|d| d.to_string()), limit)
@@ -141,6 +141,8 @@ impl Agent {
             return Err(ApiError::from(e));
         }
         self.table.defined(definition)?;
+        // An administrator's definition: no peer may replace it.
+        self.bind(&name, None).await;
         tracing::info!(domain = %name, "defined");
         Ok(Reply::Done)
     }
@@ -175,6 +177,8 @@ impl Agent {
             vm.process.kill_and_wait(STOP_TIMEOUT).await;
             return Err(e);
         }
+        // The guest runs here again: no peer may replace it.
+        self.bind(name, None).await;
         self.persist_run(name).await;
         Ok(Reply::Done)
     }
@@ -399,10 +403,20 @@ impl Agent {
         Ok(Reply::Done)
     }
 
-    async fn job(&self, id: &str) -> Result<Reply, ApiError> {
+    async fn job(&self, id: &str, caller: &Caller) -> Result<Reply, ApiError> {
+        // An agent sees only the jobs it is the other host of; to it, any
+        // other job does not exist.
+        let visible = |peer: Option<&str>| match caller.role() {
+            protocol::Role::Agent => caller.name().is_some() && peer == caller.name(),
+            _ => true,
+        };
+        let no_job = || ApiError::new(ErrorCode::NoJob, format!("no job with id '{id}'"));
         // Check the live table first: a record is written before the job
         // leaves it, so one of the two always answers.
-        if let Some(info) = self.table.find_job(id) {
+        if let Some((info, peer)) = self.table.find_job(id) {
+            if !visible(peer.as_deref()) {
+                return Err(no_job());
+            }
             return Ok(Reply::Job {
                 active: Some(Box::new(info)),
                 record: None,
@@ -410,14 +424,11 @@ impl Agent {
         }
         let loaded = self.history.load(id).await.map_err(ApiError::from)?;
         match loaded {
-            Some(record) => Ok(Reply::Job {
+            Some(record) if visible(record.peer.as_deref()) => Ok(Reply::Job {
                 active: None,
                 record: Some(Box::new(record)),
             }),
-            None => Err(ApiError::new(
-                ErrorCode::NoJob,
-                format!("no job with id '{id}'"),
-            )),
+            _ => Err(no_job()),
         }
     }
 

@@ -77,6 +77,52 @@ pub struct Config {
     pub migration_ports: Option<(u16, u16)>,
     /// How long it waits, for what.
     pub timeouts: Timeouts,
+    /// What another host (an agent certificate) may do when it sends a
+    /// guest here.
+    pub peers: PeerRules,
+}
+
+/// What this host lets a peer do when it sends a guest here. Every host of
+/// a cluster holds an agent certificate, so these hold against one that
+/// was compromised: it may hand over the guests it sends, within limits,
+/// and nothing else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerRules {
+    /// Peers (certificate names; `*` for any) whose incoming migrations may
+    /// replace a domain defined here that was not handed to them.
+    pub allow_replace: Vec<String>,
+    /// Incoming migrations one peer may have under way at once.
+    pub max_jobs: usize,
+    /// Guest RAM one peer's incoming migrations may hold at once, MiB.
+    pub max_memory_mib: u64,
+    /// Disk one peer's incoming migrations may create at once, GiB.
+    pub max_disk_gib: u64,
+}
+
+impl Default for PeerRules {
+    fn default() -> Self {
+        PeerRules {
+            allow_replace: Vec::new(),
+            max_jobs: 4,
+            max_memory_mib: host_memory_mib().unwrap_or(64 << 10),
+            max_disk_gib: 1024,
+        }
+    }
+}
+
+impl PeerRules {
+    /// True when `peer` may replace a domain it was not handed.
+    pub fn may_replace(&self, peer: &str) -> bool {
+        self.allow_replace.iter().any(|p| p == "*" || p == peer)
+    }
+}
+
+/// This host's RAM, from `/proc/meminfo`.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
 }
 
 impl Config {
@@ -106,6 +152,7 @@ impl Config {
             throttle_guard: lease::default_program(),
             migration_ports: None,
             timeouts: Timeouts::default(),
+            peers: PeerRules::default(),
         }
     }
 }

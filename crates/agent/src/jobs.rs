@@ -45,6 +45,9 @@ pub(crate) struct IncomingJob {
     pub prepared_by: Option<String>,
     /// The domain did not exist here before the migration.
     pub created_domain: bool,
+    /// The virtual size of the images it creates for copied disks: what it
+    /// counts against its peer's disk quota.
+    pub disk_bytes: u64,
     pub previous: Previous,
     pub vm: Option<Arc<RunningVm>>,
     pub phase: Mutex<Phase>,

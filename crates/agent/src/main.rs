@@ -39,6 +39,7 @@ enum Switch {
         insecure, qemu_monitor_command, migrate_tls_force, image_dirs = [\"/srv/images\"],\n\
         allow_device_nodes, qemu_user, qemu_sandbox = \"on\", hypervisor, qemu, accel, tcg_workaround, log_format,\n\
         migration_ports = \"49152-49215\", [timeouts] peer-silence = \"20s\",\n\
+        [peers] allow_replace = [\"agent-a\"], max_jobs = 4, max_memory_mib, max_disk_gib,\n\
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
 struct Args {
@@ -123,6 +124,22 @@ struct Args {
     /// orphan (60s).
     #[arg(long = "timeout", value_name = "NAME=DURATION")]
     timeouts: Vec<String>,
+    /// A peer (agent certificate name, or `*`) whose incoming migrations
+    /// may replace a domain defined here that was not handed to it;
+    /// repeat for more [default: none].
+    #[arg(long = "allow-replace", value_name = "PEER")]
+    allow_replace: Vec<String>,
+    /// Incoming migrations one peer may have under way at once [default: 4].
+    #[arg(long, value_name = "N")]
+    peer_max_jobs: Option<usize>,
+    /// Guest RAM one peer's incoming migrations may hold at once, MiB
+    /// [default: this host's RAM].
+    #[arg(long, value_name = "MIB")]
+    peer_max_memory: Option<u64>,
+    /// Disk one peer's incoming migrations may create at once, GiB
+    /// [default: 1024].
+    #[arg(long, value_name = "GIB")]
+    peer_max_disk: Option<u64>,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -196,6 +213,19 @@ struct ConfigFile {
     /// `name = "20s"`, as `--timeout` takes them.
     #[serde(default)]
     timeouts: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    peers: PeersFile,
+}
+
+/// `[peers]`: what another host may do when it sends a guest here.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeersFile {
+    #[serde(default)]
+    allow_replace: Vec<String>,
+    max_jobs: Option<usize>,
+    max_memory_mib: Option<u64>,
+    max_disk_gib: Option<u64>,
 }
 
 fn read_config(path: &Path) -> Result<ConfigFile> {
@@ -407,6 +437,18 @@ async fn main() -> Result<()> {
     }
     for setting in &args.timeouts {
         config.timeouts.apply(setting).context("--timeout")?;
+    }
+    let peers = &mut config.peers;
+    peers.allow_replace = file.peers.allow_replace;
+    peers.allow_replace.extend(args.allow_replace);
+    if let Some(n) = args.peer_max_jobs.or(file.peers.max_jobs) {
+        peers.max_jobs = n;
+    }
+    if let Some(mib) = args.peer_max_memory.or(file.peers.max_memory_mib) {
+        peers.max_memory_mib = mib;
+    }
+    if let Some(gib) = args.peer_max_disk.or(file.peers.max_disk_gib) {
+        peers.max_disk_gib = gib;
     }
     if let Some(cgroup) = file.cgroup_cpu {
         config.cgroup_cpu = cgroup;

@@ -29,6 +29,11 @@ pub(crate) struct RunJob {
     /// guest does not land.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub created_images: Vec<PathBuf>,
+    /// The other host's certificate name: the destination's for a job
+    /// sent, the agent's that prepared it for one received (which alone
+    /// may finish or abort it after a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_name: Option<String>,
 }
 
 /// One running QEMU.

@@ -77,14 +77,32 @@ impl Agent {
 
     /// Checks that `def` names only files this host lets QEMU open.
     pub async fn check_paths(&self, def: &DomainDefinition) -> Result<(), ApiError> {
+        self.confinement()
+            .check(def)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, errors::chain(&e)))
+    }
+
+    /// Binds `name` to the peer its guest was handed to (`None`: its guest
+    /// is here, or nowhere), in the table and on disk for a persistent
+    /// domain.
+    pub async fn bind(&self, name: &DomainName, peer: Option<&str>) {
+        self.table.bind(name, peer.map(str::to_string));
+        if !self.table.persistent(name).unwrap_or(false) {
+            return;
+        }
+        if let Err(e) = self.store.save_binding(name, peer).await {
+            tracing::error!(domain = %name, error = %errors::chain(&e), "could not record which host the guest went to");
+        }
+    }
+
+    /// The files this host lets a definition (or a peer) name.
+    pub fn confinement(&self) -> domain::confine::Confinement {
         domain::confine::Confinement {
             image_dirs: self.config.image_dirs.clone(),
             allow_device_nodes: self.config.allow_device_nodes,
             logs_dir: self.store.logs_dir(),
         }
-        .check(def)
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, errors::chain(&e)))
     }
 
     /// Where this agent's host throttles live; none when the hypervisor's
@@ -121,6 +139,7 @@ impl Agent {
             started_at_ms: ident.started_at_ms,
             created_domain: created,
             created_images: Vec::new(),
+            peer_name: ident.peer.clone(),
         };
         let record = RunRecord {
             name: name.clone(),

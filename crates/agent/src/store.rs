@@ -3,6 +3,8 @@
 //! ```text
 //! STATE_DIR/
 //!   domains/NAME.toml   persistent definitions
+//!   domains/NAME.peer   the host (certificate name) this domain's guest
+//!                       was handed to, which may hand it back
 //!   history.db          finished migration jobs (see `history`)
 //!   run/                QMP sockets, and NAME.json for each running QEMU
 //!   logs/               QEMU output and guest serial logs
@@ -165,17 +167,43 @@ impl Store {
         write_atomic(self.definition_path(&def.name), def.to_toml().into_bytes()).await
     }
 
-    /// Removes a definition; a missing file is not an error.
+    /// Removes a definition (and its binding); a missing file is not an
+    /// error.
     ///
     /// # Errors
     /// [`StoreError::Remove`].
     pub async fn remove_definition(&self, name: &DomainName) -> Result<(), StoreError> {
-        let path = self.definition_path(name);
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(StoreError::Remove { path, source }),
+        remove_if_there(self.definition_path(name)).await?;
+        remove_if_there(self.binding_path(name)).await
+    }
+
+    fn binding_path(&self, name: &DomainName) -> PathBuf {
+        self.root.join("domains").join(format!("{name}.peer"))
+    }
+
+    /// Records which peer (its certificate's name) `name`'s guest went to,
+    /// or that it went nowhere.
+    ///
+    /// # Errors
+    /// [`StoreError::Write`] or [`StoreError::Remove`].
+    pub async fn save_binding(
+        &self,
+        name: &DomainName,
+        peer: Option<&str>,
+    ) -> Result<(), StoreError> {
+        match peer {
+            Some(peer) => write_atomic(self.binding_path(name), peer.as_bytes().to_vec()).await,
+            None => remove_if_there(self.binding_path(name)).await,
         }
+    }
+
+    /// The peer `name`'s guest went to, if recorded.
+    pub async fn load_binding(&self, name: &DomainName) -> Option<String> {
+        let text = tokio::fs::read_to_string(self.binding_path(name))
+            .await
+            .ok()?;
+        let peer = text.trim();
+        (!peer.is_empty()).then(|| peer.to_string())
     }
 
     fn run_path(&self, name: &DomainName) -> PathBuf {
@@ -230,6 +258,14 @@ impl Store {
         })
         .await
         .unwrap_or_default()
+    }
+}
+
+async fn remove_if_there(path: PathBuf) -> Result<(), StoreError> {
+    match tokio::fs::remove_file(&path).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StoreError::Remove { path, source }),
     }
 }
 

@@ -54,6 +54,9 @@ pub(crate) struct Domain {
     last_job: Option<JobRecord>,
     tunables: Tunables,
     op_lock: OpLock,
+    /// The peer (certificate name) its guest was last handed to, which
+    /// may hand it back; none once it runs here again.
+    bound_to: Option<String>,
 }
 
 impl Domain {
@@ -62,6 +65,7 @@ impl Domain {
             definition,
             persistent,
             occupancy: Occupancy::ShutOff,
+            bound_to: None,
             last_job: None,
             tunables: Tunables::default(),
             op_lock: OpLock::default(),
@@ -327,5 +331,6 @@ impl DomainTable {
 }
 
 mod migrating;
+pub(crate) use migrating::Arrival;
 #[cfg(test)]
 mod tests;

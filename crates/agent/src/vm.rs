@@ -102,6 +102,17 @@ pub(crate) async fn launch(
         .log
         .clone()
         .unwrap_or_else(|| agent.store.logs_dir().join(format!("{name}.serial.log")));
+    // A log in the domain's own directory (see `domain::confine`): QEMU
+    // creates the file, not the directory.
+    let own_dir = agent.store.logs_dir().join(name.as_str());
+    if serial_log.parent() == Some(own_dir.as_path()) {
+        tokio::fs::create_dir_all(&own_dir).await.map_err(|e| {
+            errors::operation_invalid(format!(
+                "cannot create the serial log directory {}: {e}",
+                own_dir.display()
+            ))
+        })?;
+    }
     let qemu_log = agent.store.logs_dir().join(format!("{name}.qemu.log"));
     if agent.config.qemu_sandbox && !binary.has_sandbox() {
         tracing::warn!(

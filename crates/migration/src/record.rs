@@ -27,6 +27,8 @@ pub struct JobIdentity {
     pub flags: Flags,
     /// Unix time in milliseconds.
     pub started_at_ms: u64,
+    /// The other host's certificate name, over TLS.
+    pub peer: Option<String>,
 }
 
 impl JobIdentity {
@@ -63,6 +65,7 @@ impl JobIdentity {
             predicted_total_ms: None,
             predicted_worst_total_ms: None,
             samples: Vec::new(),
+            peer: self.peer.clone(),
         }
     }
 }
@@ -198,6 +201,7 @@ mod tests {
             })
             .unwrap(),
             started_at_ms: 1,
+            peer: None,
         }
     }
 

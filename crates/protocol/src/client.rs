@@ -138,6 +138,8 @@ struct Connection {
 /// A connection to an agent.
 pub struct Client {
     uri: AgentUri,
+    /// The agent's certificate (DER), over TLS: who answered.
+    peer_certificate: Option<Vec<u8>>,
     connection: Mutex<Connection>,
 }
 
@@ -187,6 +189,7 @@ impl Client {
             uri: uri.to_string(),
             source,
         };
+        let mut peer_certificate = None;
         let stream: Box<dyn Stream> = match uri {
             AgentUri::Unix(path) => Box::new(
                 tokio::time::timeout(CONNECT_TIMEOUT, UnixStream::connect(path))
@@ -214,11 +217,18 @@ impl Client {
                     .await
                     .map_err(|_| tls_error(std::io::ErrorKind::TimedOut.into()))?
                     .map_err(tls_error)?;
+                peer_certificate = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .map(|cert| cert.as_ref().to_vec());
                 Box::new(stream)
             }
         };
         Ok(Client {
             uri: uri.clone(),
+            peer_certificate,
             connection: Mutex::new(Connection {
                 stream: BufReader::new(stream),
                 next_id: 1,
@@ -229,6 +239,12 @@ impl Client {
     /// The agent's address.
     pub fn uri(&self) -> &AgentUri {
         &self.uri
+    }
+
+    /// The certificate (DER) the agent presented, over TLS: which host of
+    /// the cluster answered.
+    pub fn peer_certificate(&self) -> Option<&[u8]> {
+        self.peer_certificate.as_deref()
     }
 
     /// Sends a typed call and waits up to `timeout` for its reply.

@@ -317,6 +317,10 @@ pub struct JobRecord {
     /// The timeline: one sample per poll.
     #[serde(default)]
     pub samples: Vec<Sample>,
+    /// The other host's certificate name (over TLS): the only agent that
+    /// may look the job up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 fn source_role() -> Role {

@@ -59,6 +59,7 @@ fn record() -> JobRecord {
         predicted_total_ms: None,
         predicted_worst_total_ms: None,
         samples,
+        peer: None,
     }
 }
 

@@ -32,6 +32,64 @@ impl Drop for RoguePeer {
     }
 }
 
+/// The rogue's TLS directory: an agent certificate named `rogue` from the
+/// bed's CA, as every host of the cluster has one.
+fn rogue_tls(bed: &TestBed) -> tls::TlsDir {
+    let issued = bed.path().join("pki/rogue");
+    let dir = if issued.exists() {
+        issued
+    } else {
+        bed.certificate("rogue", protocol::Role::Agent, &["127.0.0.1"])
+    };
+    tls::TlsDir::load(&dir).expect("the rogue's certificate")
+}
+
+/// A compromised peer talking to `host` directly, with its own agent
+/// certificate: whatever peer request it likes, as a host of the cluster.
+///
+/// # Panics
+/// If the certificate cannot be set up or `host` does not answer.
+pub async fn client(bed: &TestBed, host: &Host) -> Client {
+    let config = rogue_tls(bed)
+        .client_config()
+        .expect("a client configuration");
+    let uri: AgentUri = host.uri().parse().expect("the agent's URI");
+    Client::connect_with(&uri, Some(&config))
+        .await
+        .expect("the rogue connects")
+}
+
+/// A `peer-prepare` for `definition` as a source running it on QEMU 7.2
+/// under TCG would send it, with `flags` and the disks it copies.
+pub fn prepare(
+    job_id: &str,
+    definition: &domain::DomainDefinition,
+    flags: protocol::MigrateOptions,
+    storage: Vec<protocol::migrate::StorageCopy>,
+) -> protocol::Request {
+    use domain::qemu::RamLayout;
+    let ram = RamLayout::for_domain(
+        definition.memory_mib,
+        definition.accel,
+        qmp::QemuVersion::new(7, 2, 0),
+    );
+    protocol::Request::PeerPrepare(Box::new(protocol::migrate::PrepareRequest {
+        job_id: job_id.to_string(),
+        definition: protocol::domain::DefinitionDoc(definition.to_document()),
+        spec: protocol::migrate::LaunchSpec {
+            machine: "pc-i440fx-7.2".into(),
+            accel: definition.accel,
+            ram: protocol::migrate::RamLayout {
+                bytes: ram.bytes,
+                backend: ram.backend,
+            },
+        },
+        flags,
+        source: "tls://127.0.0.1:1".into(),
+        storage,
+    }))
+}
+
 impl RoguePeer {
     /// Listens on loopback with an agent certificate named `rogue`,
     /// forwarding to `real` with the same certificate.
@@ -39,13 +97,7 @@ impl RoguePeer {
     /// # Panics
     /// If the certificate or the listener cannot be set up.
     pub async fn start(bed: &TestBed, real: &Host, rewrite: Rewrite) -> RoguePeer {
-        let issued = bed.path().join("pki/rogue");
-        let dir = if issued.exists() {
-            issued
-        } else {
-            bed.certificate("rogue", protocol::Role::Agent, &["127.0.0.1"])
-        };
-        let tls = tls::TlsDir::load(&dir).expect("the rogue's certificate");
+        let tls = rogue_tls(bed);
         let acceptor = TlsAcceptor::from(tls.server_config().expect("a server configuration"));
         let client_config = tls.client_config().expect("a client configuration");
         let upstream: AgentUri = real.uri().parse().expect("the real agent's URI");

@@ -51,6 +51,7 @@ fn record(id: &str, domain: &str, finished: u64) -> JobRecord {
                 ..Default::default()
             },
         ],
+        peer: Some("agent-b".into()),
     }
 }
 

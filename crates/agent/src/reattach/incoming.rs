@@ -31,9 +31,10 @@ pub(super) fn keep_incoming(
         // No connection prepared it in this process: it is not torn down
         // when one closes, only by the source or the deadline.
         connection: 0,
-        // Who prepared it is not known after a restart: only the source's
-        // own requests, checked by job id, or an administrator, reach it.
-        prepared_by: None,
+        // Still only the agent that prepared it (or an administrator) may
+        // finish or abort it.
+        prepared_by: job.peer_name.clone(),
+        disk_bytes: 0,
         created_domain: job.created_domain,
         previous: Default::default(),
         vm: Some(vm.clone()),

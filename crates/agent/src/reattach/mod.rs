@@ -99,5 +99,6 @@ fn identity(agent: &Agent, name: &DomainName, job: &RunJob, role: Role) -> JobId
         destination,
         flags,
         started_at_ms: job.started_at_ms,
+        peer: job.peer_name.clone(),
     }
 }

@@ -219,6 +219,7 @@ mod tests {
             started_at_ms: 0,
             created_domain: false,
             created_images: Vec::new(),
+            peer_name: None,
         }
     }
 

@@ -148,7 +148,14 @@ pub async fn serve(
             tracing::warn!(error = %e.message, "QEMU not probed at start");
         }
     });
-    agent.table.load(agent.store.load_definitions().await);
+    let definitions = agent.store.load_definitions().await;
+    let names: Vec<_> = definitions.iter().map(|d| d.name.clone()).collect();
+    agent.table.load(definitions);
+    for name in names {
+        if let Some(peer) = agent.store.load_binding(&name).await {
+            agent.table.bind(&name, Some(peer));
+        }
+    }
     tracing::info!(count = agent.table.len(), "definitions loaded");
     crate::reattach::reattach_all(&agent).await;
     tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");

@@ -14,17 +14,30 @@ use crate::errors;
 use crate::jobs::{IncomingJob, OutgoingJob};
 use crate::running::RunningVm;
 
+/// What an arriving guest is admitted by, under the table's lock: the
+/// domain it would replace, and the migrations already arriving.
+#[derive(Debug)]
+pub(crate) struct Arrival<'a> {
+    /// The domain of that name here, if any: the peer it is bound to.
+    pub existing: Option<Option<&'a str>>,
+    /// The incoming jobs under way.
+    pub incoming: Vec<&'a IncomingJob>,
+}
+
 /// An outgoing job, with the VM it sends (gone once Confirm stopped it).
 pub(crate) type Sending = (Arc<OutgoingJob>, Option<Arc<RunningVm>>);
 /// An outgoing job whose VM still runs here: what a new limit reaches.
 pub(crate) type Retunable = (Arc<OutgoingJob>, Arc<RunningVm>);
 
 impl DomainTable {
-    /// The active job with this id, wherever it runs.
-    pub fn find_job(&self, id: &str) -> Option<JobInfo> {
-        self.lock()
-            .values()
-            .find_map(|d| d.job().filter(|j| j.id() == id).map(|j| j.info()))
+    /// The active job with this id, wherever it runs, and the other host's
+    /// certificate name.
+    pub fn find_job(&self, id: &str) -> Option<(JobInfo, Option<String>)> {
+        self.lock().values().find_map(|d| {
+            d.job()
+                .filter(|j| j.id() == id)
+                .map(|j| (j.info(), j.ident().peer.clone()))
+        })
     }
 
     /// The incoming job with this id, and its domain.
@@ -129,16 +142,32 @@ impl DomainTable {
 
     /// An offline migration's Prepare: the domain, created if new, must be
     /// shut off here to take the definition that arrives.
-    pub fn receivable_offline(&self, name: &DomainName, host: &str) -> Result<(), ApiError> {
-        self.with(name, |d| {
-            if d.idle() {
-                Ok(())
-            } else {
-                Err(errors::operation_invalid(format!(
-                    "domain '{name}' is running on {host}"
-                )))
-            }
+    pub fn receivable_offline(
+        &self,
+        name: &DomainName,
+        host: &str,
+        created: bool,
+        admit: impl FnOnce(Arrival<'_>) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        let domains = self.lock();
+        let d = domains.get(name).ok_or_else(|| errors::no_domain(name))?;
+        if !d.idle() {
+            return Err(errors::operation_invalid(format!(
+                "domain '{name}' is running on {host}"
+            )));
+        }
+        admit(Arrival {
+            existing: (!created).then_some(d.bound_to.as_deref()),
+            incoming: incoming_jobs(&domains),
         })
+    }
+
+    /// Binds the domain to the peer its guest was handed to (or to none).
+    pub fn bind(&self, name: &DomainName, peer: Option<String>) {
+        let _ = self.with(name, |d| {
+            d.bound_to = peer;
+            Ok(())
+        });
     }
 
     /// Prepare: the domain is arriving. A domain the table knows must be
@@ -150,10 +179,22 @@ impl DomainTable {
         definition: &DomainDefinition,
         job: impl FnOnce(bool, Option<DomainDefinition>) -> IncomingJob,
         host: &str,
+        admit: impl FnOnce(Arrival<'_>) -> Result<(), ApiError>,
     ) -> Result<(bool, Option<DomainDefinition>), ApiError> {
         let name = &definition.name;
         let mut domains = self.lock();
         let created = !domains.contains_key(name);
+        if let Some(d) = domains.get(name) {
+            if !d.idle() {
+                return Err(errors::operation_invalid(format!(
+                    "domain '{name}' is already running on {host}"
+                )));
+            }
+        }
+        admit(Arrival {
+            existing: domains.get(name).map(|d| d.bound_to.as_deref()),
+            incoming: incoming_jobs(&domains),
+        })?;
         let d = domains
             .entry(name.clone())
             .or_insert_with(|| Domain::new(definition.clone(), false));
@@ -272,4 +313,14 @@ impl DomainTable {
             })
         })
     }
+}
+
+fn incoming_jobs(domains: &std::collections::BTreeMap<DomainName, Domain>) -> Vec<&IncomingJob> {
+    domains
+        .values()
+        .filter_map(|d| match &d.occupancy {
+            Occupancy::Incoming(job) => Some(job.as_ref()),
+            _ => None,
+        })
+        .collect()
 }

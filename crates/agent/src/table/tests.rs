@@ -31,6 +31,7 @@ fn ident(id: &str, domain: &str, role: Role) -> JobIdentity {
         destination: "tls://b:7000".into(),
         flags: Flags::default(),
         started_at_ms: 0,
+        peer: None,
     }
 }
 
@@ -46,6 +47,7 @@ fn incoming(
         connection: 7,
         prepared_by: Some("agent-a".into()),
         created_domain: created,
+        disk_bytes: 0,
         previous: Default::default(),
         vm: None,
         phase: Mutex::new(Phase::Prepare),
@@ -115,7 +117,12 @@ fn an_arriving_domain_new_here_is_forgotten_if_it_does_not_land() {
     let arriving = definition("vm", 64);
 
     let (created, replaced) = table
-        .reserve_incoming(&arriving, |c, r| incoming("j1", &arriving, c, r), "tls://b")
+        .reserve_incoming(
+            &arriving,
+            |c, r| incoming("j1", &arriving, c, r),
+            "tls://b",
+            |_| Ok(()),
+        )
         .unwrap();
 
     assert!(created && replaced.is_none());
@@ -125,8 +132,12 @@ fn an_arriving_domain_new_here_is_forgotten_if_it_does_not_land() {
         table.startable(&name("vm")).is_err(),
         "it cannot start here"
     );
-    let again =
-        table.reserve_incoming(&arriving, |c, r| incoming("j2", &arriving, c, r), "tls://b");
+    let again = table.reserve_incoming(
+        &arriving,
+        |c, r| incoming("j2", &arriving, c, r),
+        "tls://b",
+        |_| Ok(()),
+    );
     assert!(again
         .unwrap_err()
         .message
@@ -150,7 +161,12 @@ fn an_arriving_domain_known_here_gets_its_own_definition_back_if_it_does_not_lan
     let arriving = definition("vm", 64);
 
     let (created, replaced) = table
-        .reserve_incoming(&arriving, |c, r| incoming("j1", &arriving, c, r), "tls://b")
+        .reserve_incoming(
+            &arriving,
+            |c, r| incoming("j1", &arriving, c, r),
+            "tls://b",
+            |_| Ok(()),
+        )
         .unwrap();
     assert!(!created);
     assert_eq!(replaced.as_ref().map(|d| d.memory_mib), Some(96));
@@ -170,7 +186,12 @@ fn a_landed_incoming_job_ends_with_its_record() {
     let table = DomainTable::default();
     let arriving = definition("vm", 64);
     table
-        .reserve_incoming(&arriving, |c, r| incoming("j1", &arriving, c, r), "tls://b")
+        .reserve_incoming(
+            &arriving,
+            |c, r| incoming("j1", &arriving, c, r),
+            "tls://b",
+            |_| Ok(()),
+        )
         .unwrap();
     assert!(table.find_job("j1").is_some());
     assert_eq!(table.incoming(|j| j.connection == 7).len(), 1);

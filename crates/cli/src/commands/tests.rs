@@ -26,6 +26,7 @@ fn record(status: JobStatus) -> protocol::job::JobRecord {
         destination: "tls://b:7000".into(),
         flags: migration::Flags::default(),
         started_at_ms: 0,
+        peer: None,
     }
     .record(status, Phase::Done, std::time::Duration::from_secs(2))
 }

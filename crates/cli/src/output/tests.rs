@@ -26,6 +26,7 @@ fn record(status: JobStatus) -> JobRecord {
         destination: "tls://b:7000".into(),
         flags: Flags::default(),
         started_at_ms: 0,
+        peer: None,
     };
     ident.record(status, Phase::Done, Duration::from_millis(12_345))
 }

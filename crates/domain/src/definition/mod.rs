@@ -28,7 +28,7 @@
 //! network = "user"
 //!
 //! [serial]
-//! log = "/var/lib/livemig/logs/web1.log"   # optional
+//! log = "/var/lib/livemig/logs/web1/console.log"   # optional: the domain's own
 //! ```
 //!
 //! A single `[disk]` table (the older form) is read as the first of

@@ -1,7 +1,8 @@
 //! No request makes an agent's VM open a file it was not configured for:
 //! images only from the agent's image directories, device nodes only when
-//! allowed, serial logs only in its log directory; checked on the agent for
-//! every definition, however it arrives.
+//! allowed, a qcow2 image's whole backing chain, no link to nothing, serial
+//! logs only the domain's own; checked on the agent for every definition,
+//! however it arrives.
 
 use std::time::Duration;
 
@@ -35,6 +36,21 @@ async fn definitions_naming_files_outside_what_the_host_allows_are_refused_untou
     .unwrap();
     let kernel = bed.kernel().display().to_string();
     let images = bed.images().display().to_string();
+    // A qcow2 inside whose backing file is the victim: QEMU would serve
+    // its bytes to the guest.
+    let leak = bed.images().join("leak.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
+        .arg(&victim)
+        .arg(&leak)
+        .arg("1M")
+        .output()
+        .expect("qemu-img (qemu-utils)");
+    assert!(out.status.success(), "{out:?}");
+    // A link to nothing: creating the image would follow it out.
+    let dangling = bed.images().join("new.raw");
+    std::os::unix::fs::symlink(bed.path().join("planted.raw"), &dangling).unwrap();
+    let other_log = a.state_dir().join("logs/web.serial.log");
     let cases = [
         (
             json!({"name": "vm", "memory_mib": 64, "kernel": {"path": victim}}),
@@ -47,7 +63,22 @@ async fn definitions_naming_files_outside_what_the_host_allows_are_refused_untou
         (
             json!({"name": "vm", "memory_mib": 64, "kernel": {"path": kernel},
                 "serial": {"log": victim}}),
-            "outside this host's log directory",
+            "is not vm's own",
+        ),
+        (
+            json!({"name": "vm", "memory_mib": 64, "kernel": {"path": kernel},
+                "serial": {"log": other_log}}),
+            "is not vm's own",
+        ),
+        (
+            json!({"name": "vm", "memory_mib": 64, "kernel": {"path": kernel},
+                "disks": [{"path": leak, "format": "qcow2"}]}),
+            "the backing chain of",
+        ),
+        (
+            json!({"name": "vm", "memory_mib": 64, "kernel": {"path": kernel},
+                "disks": [{"path": dangling}]}),
+            "a symbolic link to a missing file",
         ),
         (
             json!({"name": "vm", "memory_mib": 64, "disk": {"path": device}}),
@@ -78,6 +109,7 @@ async fn definitions_naming_files_outside_what_the_host_allows_are_refused_untou
     }
 
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(!bed.path().join("planted.raw").exists());
     assert!(a.list_all().await.is_empty(), "nothing defined");
     let saved = std::fs::read_dir(a.state_dir().join("domains"))
         .map(|d| d.count())

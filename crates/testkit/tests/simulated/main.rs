@@ -8,7 +8,8 @@
 //! - [`operator`]: progress, job statistics, history, reports, metrics.
 //! - [`options`]: `migrate` options the agent carries out.
 //! - [`persistence`]: definitions across restarts and migrations.
-//! - [`rogue_peer`]: a compromised peer agent.
+//! - [`peer_prepare`]: what a compromised peer may ask a destination.
+//! - [`rogue_peer`]: a compromised peer agent in front of a real one.
 //! - [`security`]: TLS, roles, sockets, abusive clients.
 
 mod bad_input;
@@ -16,6 +17,7 @@ mod confinement;
 mod load;
 mod operator;
 mod options;
+mod peer_prepare;
 mod persistence;
 mod rogue_peer;
 mod security;

@@ -62,6 +62,8 @@ pub(crate) async fn finish(
             tracing::error!(error = %errors::chain(&e), "could not save the job record");
         }
         agent.table.end_job(&name, &job.ident.id, record);
+        // The guest is here now: no peer may replace it.
+        agent.bind(&name, None).await;
         tracing::info!(
             paused = job.ident.flags.landing().suspend,
             "guest resumed on the destination"
@@ -217,11 +219,13 @@ mod tests {
                 })
                 .unwrap(),
                 started_at_ms: unix_ms(),
+                peer: None,
             },
             started: Instant::now(),
             connection: 1,
             prepared_by: None,
             created_domain: true,
+            disk_bytes: 0,
             previous: Default::default(),
             vm: None,
             phase: Mutex::new(Phase::Finish),

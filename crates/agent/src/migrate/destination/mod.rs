@@ -6,6 +6,7 @@
 //! connection closes before Finish, the job is aborted, so a dead source
 //! agent never leaves a paused QEMU behind here.
 
+mod admission;
 mod finish;
 mod prepare;
 mod storage;
@@ -26,7 +27,8 @@ pub(crate) use finish::{abort, finish, recover};
 pub(crate) use prepare::{prepare, probe};
 
 /// The incoming job with this id, and its domain, if `caller` may act on
-/// it: an agent only on the jobs it prepared itself.
+/// it: an agent only on the jobs it prepared itself (a job whose owner is
+/// not known, only an administrator).
 fn find(
     agent: &Agent,
     job_id: &str,
@@ -34,13 +36,16 @@ fn find(
 ) -> Result<(DomainName, Arc<IncomingJob>), ApiError> {
     let found = find_any(agent, job_id)?;
     let owner = found.1.prepared_by.as_deref();
-    match (caller.role(), owner, caller.name()) {
-        (Role::Agent, Some(owner), Some(name)) if owner != name => Err(ApiError::new(
+    if caller.role() == Role::Agent && (owner.is_none() || owner != caller.name()) {
+        return Err(ApiError::new(
             ErrorCode::PermissionDenied,
-            format!("{caller} may not act on job '{job_id}': {owner} prepared it"),
-        )),
-        _ => Ok(found),
+            format!(
+                "{caller} may not act on job '{job_id}': {} prepared it",
+                owner.unwrap_or("an agent this one does not know")
+            ),
+        ));
     }
+    Ok(found)
 }
 
 fn find_any(agent: &Agent, job_id: &str) -> Result<(DomainName, Arc<IncomingJob>), ApiError> {

@@ -9,7 +9,7 @@ use migration::job::unix_ms;
 use migration::record::JobIdentity;
 use migration::settings::{self, ThrottleVia};
 use migration::stream_tls::StreamTls;
-use migration::uri::{parse_data_uri, DataUri};
+use migration::uri::DataUri;
 use migration::{incoming, support, wire, Flags};
 use protocol::domain::Tunables;
 use protocol::job::{Phase, Role};
@@ -18,6 +18,7 @@ use protocol::{ApiError, ErrorCode, Reply};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use super::admission::{self, Listen};
 use super::storage;
 use crate::caller::ConnContext;
 use crate::errors;
@@ -91,7 +92,7 @@ pub(crate) async fn prepare(
     let span = tracing::info_span!("job", id = %req.job_id, domain = %req.definition.name, role = "destination");
     async {
         if req.flags.offline() {
-            return prepare_offline(agent, &req).await;
+            return prepare_offline(agent, &req, ctx).await;
         }
         prepare_live(agent, req, ctx).await
     }
@@ -99,12 +100,29 @@ pub(crate) async fn prepare(
     .await
 }
 
-async fn prepare_offline(agent: &Arc<Agent>, req: &Incoming) -> Result<Reply, ApiError> {
+async fn prepare_offline(
+    agent: &Arc<Agent>,
+    req: &Incoming,
+    ctx: &ConnContext,
+) -> Result<Reply, ApiError> {
     let name = req.definition.name.clone();
     // The same lock as `define`: the definition on disk changes.
     let lock = agent.table.enter(&req.definition);
     let _guard = lock.lock().await;
-    if let Err(e) = agent.table.receivable_offline(&name, &agent.uri) {
+    // Under the lock, a domain that is not persistent is the placeholder
+    // `enter` made: new here.
+    let created = !agent.table.persistent(&name).unwrap_or(false);
+    let claim = admission::Claim {
+        name: name.as_str(),
+        memory_mib: 0,
+        disk_bytes: 0,
+    };
+    let admitted = agent
+        .table
+        .receivable_offline(&name, &agent.uri, created, |arrival| {
+            admission::admit(&arrival, &ctx.caller, &agent.config.peers, claim)
+        });
+    if let Err(e) = admitted {
         agent.table.drop_if_transient_and_idle(&name);
         return Err(e);
     }
@@ -113,6 +131,7 @@ async fn prepare_offline(agent: &Arc<Agent>, req: &Incoming) -> Result<Reply, Ap
         return Err(ApiError::from(e));
     }
     agent.table.defined(req.definition.clone())?;
+    agent.bind(&name, None).await;
     tracing::info!("definition received (offline migration)");
     Ok(Reply::Prepared {
         uri: String::new(),
@@ -132,23 +151,19 @@ async fn prepare_live(
         .map_err(|e| ApiError::new(ErrorCode::Unsupported, e.to_string()))?;
     vm::check_spec(&req.spec, binary, &agent.uri, agent.config.tcg_workaround)?;
     let tls = stream_tls::destination(agent, &req.flags, ctx)?;
-    let listen = match &req.flags.stream().uri {
-        Some(uri) => Listen::Uri(parse_data_uri(uri).map_err(|e| errors::invalid(e.to_string()))?),
-        None => {
-            let ip = ctx
-                .local_ip
-                .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-            match agent.config.migration_ports {
-                Some(range) => Listen::Ports(ip.to_string(), range),
-                None => Listen::Uri(DataUri::Tcp {
-                    host: ip.to_string(),
-                    port: 0,
-                }),
-            }
-        }
-    };
+    // The peer proposes; this host decides where its QEMU listens and
+    // which files it creates images on.
+    let ports = agent.config.migration_ports;
+    let listen = admission::listen(req.flags.stream().uri.as_deref(), ctx.local_ip, ports).await?;
+    admission::nbd_port(req.flags.storage().copy().and_then(|c| c.port), ports)?;
+    admission::storage(&req.definition, &req.storage, &agent.confinement()).await?;
 
     // Reserve the name: from here on the domain is "migrating in".
+    let claim = admission::Claim {
+        name: name.as_str(),
+        memory_mib: u64::from(req.definition.memory_mib),
+        disk_bytes: disk_bytes(&req.storage),
+    };
     let (created, replaced) = agent.table.reserve_incoming(
         &req.definition,
         |created, replaced| {
@@ -162,6 +177,7 @@ async fn prepare_live(
             )
         },
         &agent.uri,
+        |arrival| admission::admit(&arrival, &ctx.caller, &agent.config.peers, claim),
     )?;
 
     let images = match storage::create_images(&req.definition, &req.storage).await {
@@ -283,12 +299,12 @@ async fn start(
     }
 }
 
-/// Where the destination QEMU listens for the data.
-enum Listen {
-    /// This URI (port 0: any free port).
-    Uri(DataUri),
-    /// The first free port of the configured range on this host.
-    Ports(String, (u16, u16)),
+/// The bytes of the images the copied disks take.
+fn disk_bytes(storage: &[StorageCopy]) -> u64 {
+    storage
+        .iter()
+        .map(|c| c.virtual_size)
+        .fold(0, u64::saturating_add)
 }
 
 /// The job record for an incoming migration; `(created, replaced)`: the
@@ -310,11 +326,13 @@ fn incoming_job(
             destination: agent.uri.clone(),
             flags: req.flags.clone(),
             started_at_ms: unix_ms(),
+            peer: ctx.caller.name().map(str::to_string),
         },
         started: Instant::now(),
         connection: ctx.id,
         prepared_by: ctx.caller.name().map(str::to_string),
         created_domain: created,
+        disk_bytes: disk_bytes(&req.storage),
         previous,
         vm,
         phase: Mutex::new(Phase::Prepare),

@@ -126,6 +126,7 @@ pub(crate) async fn begin(
             destination: destination.to_string(),
             flags,
             started_at_ms: unix_ms(),
+            peer: peer.name().map(str::to_string),
         },
         started: Instant::now(),
         clock: migration::record::PhaseClock::new(begun, Phase::Begin),

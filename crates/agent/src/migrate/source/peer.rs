@@ -24,7 +24,16 @@ pub(crate) struct Peer {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// How long it may be unheard before it counts as gone.
     silence: Duration,
+    /// Its certificate's name (over TLS): the host the guest is handed
+    /// to, and the only one a reconnection may reach.
+    name: Option<String>,
     client: tokio::sync::Mutex<Client>,
+}
+
+/// The name on the certificate `client`'s agent presented.
+fn certificate_name(client: &Client) -> Option<String> {
+    let der = client.peer_certificate()?;
+    tls::Identity::from_certificate(der).ok().map(|i| i.name)
 }
 
 impl Peer {
@@ -50,12 +59,18 @@ impl Peer {
             uri: uri.clone(),
             tls,
             silence,
+            name: certificate_name(&client),
             client: tokio::sync::Mutex::new(client),
         })
     }
 
     pub fn uri(&self) -> &AgentUri {
         &self.uri
+    }
+
+    /// The destination's certificate name, over TLS.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
     }
 
     /// Sends a typed call on the current connection.
@@ -86,6 +101,11 @@ impl Peer {
             if let Ok(client) =
                 Client::connect_watching(&self.uri, self.tls.as_ref(), self.silence).await
             {
+                let name = certificate_name(&client);
+                if name != self.name {
+                    tracing::error!(expected = ?self.name, found = ?name, "another host answers at the destination's address");
+                    return false;
+                }
                 *self.client.lock().await = client;
                 tracing::info!("reconnected to the destination agent");
                 return true;

@@ -74,9 +74,14 @@ impl Run {
         if let Err(e) = self.agent.history.save(&record).await {
             tracing::error!(error = %errors::chain(&e), "could not save the job record");
         }
+        let completed = record.status == JobStatus::Completed;
         self.agent
             .table
             .end_job(&self.name, &self.job.ident.id, record);
+        if completed {
+            // The guest is the destination's now; it may hand it back.
+            self.agent.bind(&self.name, self.peer.name()).await;
+        }
         self.agent.persist_run(&self.name).await;
         self.agent.table.drop_if_transient_and_idle(&self.name);
     }
