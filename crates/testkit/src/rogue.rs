@@ -60,9 +60,9 @@ pub async fn client(bed: &TestBed, host: &Host) -> Client {
 }
 
 /// A `peer-prepare` for `definition` as a source running it on QEMU 7.2
-/// under TCG would send it, with `flags` and the disks it copies.
+/// under TCG would send it, with `flags` and the disks it copies, under a
+/// new job id.
 pub fn prepare(
-    job_id: &str,
     definition: &domain::DomainDefinition,
     flags: protocol::MigrateOptions,
     storage: Vec<protocol::migrate::StorageCopy>,
@@ -74,7 +74,7 @@ pub fn prepare(
         qmp::QemuVersion::new(7, 2, 0),
     );
     protocol::Request::PeerPrepare(Box::new(protocol::migrate::PrepareRequest {
-        job_id: job_id.to_string(),
+        job_id: uuid::Uuid::new_v4().to_string(),
         definition: protocol::domain::DefinitionDoc(definition.to_document()),
         spec: protocol::migrate::LaunchSpec {
             machine: "pc-i440fx-7.2".into(),

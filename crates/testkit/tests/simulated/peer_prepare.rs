@@ -62,7 +62,7 @@ async fn a_peer_cannot_choose_where_the_destination_s_qemu_opens_a_socket() {
             migrateuri: Some(uri.clone()),
             ..Default::default()
         };
-        let err = refused(&rogue, rogue::prepare("job-1", &def, options, vec![])).await;
+        let err = refused(&rogue, rogue::prepare(&def, options, vec![])).await;
         assert_eq!(err.code, code, "{uri}: {err}");
         assert!(err.message.contains(says), "{uri}: {err}");
         assert!(err.message.contains(&uri), "the error names it: {err}");
@@ -78,7 +78,7 @@ async fn a_peer_cannot_choose_where_the_destination_s_qemu_opens_a_socket() {
     };
     let reply = rogue
         .request(
-            rogue::prepare("job-2", &def, options, vec![]),
+            rogue::prepare(&def, options, vec![]),
             Duration::from_secs(30),
         )
         .await
@@ -135,11 +135,7 @@ async fn a_peer_cannot_read_a_file_through_the_backing_of_an_image_it_has_create
             virtual_size: 1 << 20,
             backing: Some((backing.clone(), "raw".into())),
         }];
-        let err = refused(
-            &rogue,
-            rogue::prepare("job-1", &def, options.clone(), storage),
-        )
-        .await;
+        let err = refused(&rogue, rogue::prepare(&def, options.clone(), storage)).await;
         assert_eq!(err.code, ErrorCode::PermissionDenied, "{backing}: {err}");
         assert!(err.message.contains(says), "{backing}: {err}");
         assert!(!disk.exists(), "{backing}: b created the image");
@@ -188,11 +184,7 @@ async fn a_peer_cannot_replace_a_domain_defined_on_the_destination() {
             ..Default::default()
         },
     ] {
-        let err = refused(
-            &rogue,
-            rogue::prepare("job-1", &evil, options.clone(), vec![]),
-        )
-        .await;
+        let err = refused(&rogue, rogue::prepare(&evil, options.clone(), vec![])).await;
         assert_eq!(err.code, ErrorCode::PermissionDenied, "{options:?}: {err}");
         assert!(
             err.message.contains("was not handed to rogue")
@@ -207,7 +199,6 @@ async fn a_peer_cannot_replace_a_domain_defined_on_the_destination() {
     rogue
         .request(
             rogue::prepare(
-                "job-2",
                 &bed.definition("fresh", 64, Workload::IDLE),
                 MigrateOptions {
                     offline: true,
@@ -233,7 +224,6 @@ async fn an_administrator_may_let_a_peer_replace_domains() {
     rogue
         .request(
             rogue::prepare(
-                "job-1",
                 &bed.definition("web", 96, Workload::IDLE),
                 MigrateOptions {
                     offline: true,
@@ -270,7 +260,6 @@ async fn a_guest_handed_to_a_peer_may_come_back_after_a_restart_and_only_from_it
     let err = refused(
         &rogue,
         rogue::prepare(
-            "job-x",
             &bed.definition("vm", 64, Workload::IDLE),
             MigrateOptions {
                 live: true,
@@ -309,7 +298,6 @@ async fn a_peers_incoming_migrations_stay_within_its_quota() {
     rogue
         .request(
             rogue::prepare(
-                "job-1",
                 &bed.definition("one", 64, Workload::IDLE),
                 live.clone(),
                 vec![],
@@ -320,12 +308,7 @@ async fn a_peers_incoming_migrations_stay_within_its_quota() {
         .expect("the first is within the quota");
     let err = refused(
         &rogue,
-        rogue::prepare(
-            "job-2",
-            &bed.definition("two", 64, Workload::IDLE),
-            live,
-            vec![],
-        ),
+        rogue::prepare(&bed.definition("two", 64, Workload::IDLE), live, vec![]),
     )
     .await;
     assert_eq!(err.code, ErrorCode::PermissionDenied, "{err}");
@@ -333,4 +316,42 @@ async fn a_peers_incoming_migrations_stay_within_its_quota() {
     assert_eq!(b.qemu_pids().len(), 1, "only the first VM started");
     drop(rogue);
     b.wait_no_qemu().await;
+}
+
+#[tokio::test]
+async fn a_job_id_or_source_that_is_not_what_sources_send_is_refused() {
+    let bed = TestBed::simulated().await;
+    let b = bed.host("b").await;
+    let rogue = rogue::client(&bed, &b).await;
+    let def = bed.definition("vm", 64, Workload::IDLE);
+    let live = MigrateOptions {
+        live: true,
+        ..Default::default()
+    };
+    // A forged log line, terminal escapes; a source to be dialled later.
+    for (job_id, source, says) in [
+        (
+            "x\n2026-01-01T00:00:00Z INFO migration completed\u{1b}[2J".to_string(),
+            "tls://127.0.0.1:1".to_string(),
+            "is not a UUID",
+        ),
+        (
+            uuid::Uuid::new_v4().to_string(),
+            "file:///etc/passwd".to_string(),
+            "is not an agent URI",
+        ),
+    ] {
+        let protocol::Request::PeerPrepare(mut prepare) =
+            rogue::prepare(&def, live.clone(), vec![])
+        else {
+            unreachable!()
+        };
+        prepare.job_id = job_id.clone();
+        prepare.source = source;
+        let err = refused(&rogue, protocol::Request::PeerPrepare(prepare)).await;
+        assert_eq!(err.code, ErrorCode::InvalidArgument, "{err}");
+        assert!(err.message.contains(says), "{err}");
+        assert!(!err.message.contains('\n'), "escaped: {err}");
+        untouched(&b).await;
+    }
 }

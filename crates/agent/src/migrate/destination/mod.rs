@@ -52,7 +52,7 @@ fn find_any(agent: &Agent, job_id: &str) -> Result<(DomainName, Arc<IncomingJob>
     agent.table.find_incoming(job_id).ok_or_else(|| {
         ApiError::new(
             ErrorCode::NoJob,
-            format!("no incoming job '{job_id}' on {}", agent.uri),
+            format!("no incoming job {job_id:?} on {}", agent.uri),
         )
     })
 }
@@ -78,7 +78,7 @@ pub(crate) async fn teardown(
 ) -> bool {
     if let Some(vm) = &job.vm {
         if in_postcopy(vm).await {
-            tracing::error!(job = %job.ident.id, domain = %name, %reason, "not tearing down: the guest runs here in post-copy; recover with migrate --postcopy-resume");
+            tracing::error!(job = %job.ident.id, domain = %name, ?reason, "not tearing down: the guest runs here in post-copy; recover with migrate --postcopy-resume");
             return false;
         }
     }
@@ -88,7 +88,7 @@ pub(crate) async fn teardown(
     }
     storage::remove_images(&job.created_images).await;
     agent.table.forget_incoming(name, &job.ident.id);
-    tracing::warn!(job = %job.ident.id, domain = %name, %reason, "incoming migration aborted; destination cleaned up");
+    tracing::warn!(job = %job.ident.id, domain = %name, ?reason, "incoming migration aborted; destination cleaned up");
     true
 }
 

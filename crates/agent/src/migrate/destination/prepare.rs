@@ -70,6 +70,22 @@ impl TryFrom<PrepareRequest> for Incoming {
         let definition = DomainDefinition::from_document(req.definition.0)
             .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, e.to_string()))?;
         let flags = Flags::new(req.flags).map_err(|e| errors::invalid(e.to_string()))?;
+        // Ids go into logs, file names and other hosts' requests: only the
+        // UUIDs sources make.
+        if uuid::Uuid::parse_str(&req.job_id).is_err() {
+            return Err(errors::invalid(format!(
+                "job id {:?} is not a UUID",
+                req.job_id
+            )));
+        }
+        // The source's address is dialled after a restart to settle the
+        // job: it must be an agent URI.
+        if req.source.parse::<protocol::AgentUri>().is_err() {
+            return Err(errors::invalid(format!(
+                "source {:?} is not an agent URI",
+                req.source
+            )));
+        }
         Ok(Incoming {
             job_id: req.job_id,
             definition,
@@ -203,7 +219,7 @@ async fn prepare_live(
             job.created_images = images;
             agent.table.prepared_incoming(Arc::new(job))?;
             agent.persist_run(&name).await;
-            tracing::info!(%uri, ?nbd_port, source = %req.source, "prepared");
+            tracing::info!(%uri, ?nbd_port, source = ?req.source, "prepared");
             Ok(Reply::Prepared {
                 uri: uri.to_string(),
                 nbd_port,
