@@ -28,6 +28,10 @@ pub struct Timeouts {
     /// A client connection with no request for this long is closed.
     /// `client-idle`, 120 s.
     pub client_idle: Duration,
+    /// A reply the client has not taken within this closes its connection
+    /// (a client that sends and never reads would hold it forever).
+    /// `client-write`, 30 s.
+    pub client_write: Duration,
     /// A connection must finish its TLS handshake, and send its first bytes,
     /// within this. `handshake`, 10 s.
     pub handshake: Duration,
@@ -45,6 +49,7 @@ impl Default for Timeouts {
             disk_progress: Duration::from_secs(30),
             throttle_lease: Duration::from_secs(5),
             client_idle: Duration::from_secs(120),
+            client_write: Duration::from_secs(30),
             handshake: Duration::from_secs(10),
             orphan: Duration::from_secs(60),
         }
@@ -77,6 +82,7 @@ impl Timeouts {
         "disk-progress",
         "throttle-lease",
         "client-idle",
+        "client-write",
         "handshake",
         "orphan",
     ];
@@ -89,6 +95,7 @@ impl Timeouts {
             "disk-progress" => &mut self.disk_progress,
             "throttle-lease" => &mut self.throttle_lease,
             "client-idle" => &mut self.client_idle,
+            "client-write" => &mut self.client_write,
             "handshake" => &mut self.handshake,
             "orphan" => &mut self.orphan,
             _ => return None,

@@ -66,7 +66,11 @@ pub(super) async fn serve_requests<R, W>(
                         format!("malformed request: {e}"),
                     )),
                 };
-                let _ = write_message(&mut write, &reply).await;
+                let _ = tokio::time::timeout(
+                    agent.config.timeouts.client_write,
+                    write_message(&mut write, &reply),
+                )
+                .await;
                 break;
             }
             Err(e) => {
@@ -99,7 +103,18 @@ pub(super) async fn serve_requests<R, W>(
                 Err(e) => ResponseResult::Error(e),
             },
         };
-        if write_message(&mut write, &reply).await.is_err() {
+        let written = tokio::time::timeout(
+            agent.config.timeouts.client_write,
+            write_message(&mut write, &reply),
+        )
+        .await;
+        if !matches!(written, Ok(Ok(()))) {
+            if written.is_err() {
+                tracing::info!(
+                    conn = ctx.id,
+                    "a client that does not read its replies; closed"
+                );
+            }
             break;
         }
     }

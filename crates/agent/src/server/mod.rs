@@ -10,6 +10,7 @@
 
 mod connection;
 mod http;
+mod limits;
 mod listeners;
 
 use crate::caller::{Caller, ConnContext};
@@ -35,7 +36,8 @@ use crate::store::{Store, StoreError};
 use connection::{serve_requests, serve_stream};
 
 /// The most network connections served at once; more are closed at once.
-/// Local ones (the unix socket's owner) are not counted.
+/// Local ones (the unix socket's owner) are not counted. Connections in
+/// their handshake have a smaller budget of their own (see `limits`).
 pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Why the agent could not run.
@@ -165,7 +167,7 @@ pub async fn serve(
     }
 
     let mut connections = JoinSet::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let limits = limits::Limits::new(limits::Budget::default());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -177,10 +179,10 @@ pub async fn serve(
                 Err(e) => tracing::warn!(error = %e, "unix accept failed"),
             },
             accepted = accept_tcp(tcp.as_ref()) => {
-                accept_network(&agent, &tls, &slots, &mut connections, accepted, false);
+                accept_network(&agent, &tls, &limits, &mut connections, accepted, false);
             }
             accepted = accept_tcp(metrics.as_ref()) => {
-                accept_network(&agent, &tls, &slots, &mut connections, accepted, true);
+                accept_network(&agent, &tls, &limits, &mut connections, accepted, true);
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
@@ -199,23 +201,22 @@ pub async fn serve(
 fn accept_network(
     agent: &Arc<Agent>,
     tls: &Option<TlsAcceptor>,
-    slots: &Arc<tokio::sync::Semaphore>,
+    limits: &Arc<limits::Limits>,
     connections: &mut JoinSet<()>,
     accepted: std::io::Result<(TcpStream, std::net::SocketAddr)>,
     http_only: bool,
 ) {
     match accepted {
-        Ok((stream, peer)) => match slots.clone().try_acquire_owned() {
-            Ok(slot) => {
+        Ok((stream, peer)) => match limits.pending(peer.ip()) {
+            Some(pending) => {
                 tracing::debug!(%peer, http_only, "tcp connection");
-                let (agent, tls) = (agent.clone(), tls.clone());
+                let (agent, tls, limits) = (agent.clone(), tls.clone(), limits.clone());
                 connections.spawn(async move {
-                    serve_tcp(agent, stream, tls, http_only).await;
-                    drop(slot);
+                    serve_tcp(agent, stream, tls, http_only, (pending, &limits)).await;
                 });
             }
-            Err(_) => {
-                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "too many connections; closed");
+            None => {
+                tracing::warn!(%peer, "too many connections in their handshake; closed");
             }
         },
         Err(e) => tracing::warn!(error = %e, "tcp accept failed"),
@@ -289,12 +290,31 @@ async fn serve_tcp(
     stream: TcpStream,
     tls: Option<TlsAcceptor>,
     http_only: bool,
+    (pending, limits): (limits::Pending, &Arc<limits::Limits>),
 ) {
     let _ = stream.set_nodelay(true);
     protocol::keepalive(&stream, agent.config.timeouts.peer_silence);
     let local_ip = stream.local_addr().ok().map(|a| a.ip());
     let peer = stream.peer_addr().ok();
+    let Some(ip) = peer.map(|p| p.ip()) else {
+        return;
+    };
+    let established = |pending: limits::Pending| {
+        drop(pending);
+        let place = limits.established(ip);
+        if place.is_none() {
+            tracing::warn!(
+                ?peer,
+                limit = MAX_CONNECTIONS,
+                "too many connections; closed"
+            );
+        }
+        place
+    };
     let Some(acceptor) = tls else {
+        let Some(_place) = established(pending) else {
+            return;
+        };
         let ctx = ConnContext {
             id: agent.next_connection_id(),
             local_ip,
@@ -303,21 +323,26 @@ async fn serve_tcp(
         serve_stream(agent, stream, ctx, http_only).await;
         return;
     };
-    let stream = match tokio::time::timeout(
-        agent.config.timeouts.handshake,
-        acceptor.accept(stream),
-    )
-    .await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            tracing::info!(?peer, error = %e, "TLS handshake refused");
+    let handshake = tokio::time::timeout(agent.config.timeouts.handshake, acceptor.accept(stream));
+    let stream = tokio::select! {
+        done = handshake => match done {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::info!(?peer, error = %e, "TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(?peer, "TLS handshake timed out");
+                return;
+            }
+        },
+        _ = pending.closed.cancelled() => {
+            tracing::info!(?peer, "handshake given up for a newer connection");
             return;
         }
-        Err(_) => {
-            tracing::info!(?peer, "TLS handshake timed out");
-            return;
-        }
+    };
+    let Some(_place) = established(pending) else {
+        return;
     };
     let identity = stream
         .get_ref()

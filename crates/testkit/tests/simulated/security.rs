@@ -276,11 +276,25 @@ async fn idle_slow_and_oversized_clients_leave_the_agent_answering_the_others() 
     let admin = bed.certificate("ops", Role::Admin, &[]);
     let before = rss_kib(a.pgid());
 
-    // Two thousand connections that never say anything.
+    // Two thousand connections that never say anything, from one address
+    // (another loopback address than the clients below).
     let mut idle = Vec::new();
     for _ in 0..2000 {
-        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        idle.push(socket.connect(addr.parse().unwrap()).await.unwrap());
     }
+    // Only the address's share of handshake places is held; the rest were
+    // closed at once, not left to hold a place for the handshake time-out.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let open = idle
+        .iter()
+        .filter(|s| {
+            let mut byte = [0u8; 1];
+            matches!(s.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .count();
+    assert!(open <= 32, "{open} handshakes from one address held open");
     // A client that starts a request and stalls.
     let mut slow = testkit::tls_client::connect(&a.uri(), &admin)
         .await
@@ -357,4 +371,43 @@ async fn a_socket_group_lets_its_members_use_the_local_socket_and_nobody_else() 
         "a member of the group: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_replies_is_cut_off() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host_args("a", &["--timeout", "client-write=2s"]).await;
+    let admin = bed.certificate("ops", Role::Admin, &[]);
+    let stream = testkit::tls_client::connect(&a.uri(), &admin)
+        .await
+        .unwrap();
+    let (mut read, mut write) = tokio::io::split(stream);
+    // Requests, pipelined, and no reading: the agent's replies fill the
+    // socket buffers and its write to this client can never finish.
+    let writer = tokio::spawn(async move {
+        for id in 1.. {
+            let envelope = protocol::envelope::RequestEnvelope {
+                version: protocol::PROTOCOL_VERSION,
+                id,
+                request: Request::List { all: true },
+            };
+            let mut line = serde_json::to_vec(&envelope).unwrap();
+            line.push(b'\n');
+            if write.write_all(&line).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // The agent has closed the connection: what it wrote drains, then the
+    // stream ends, rather than waiting forever.
+    let mut drained = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(20), read.read_to_end(&mut drained)).await;
+    assert!(ended.is_ok(), "the connection is still open");
+    writer.abort();
+    let client = client(&a, &admin).await.unwrap();
+    assert!(matches!(
+        ask(&client, Request::List { all: true }).await,
+        Ok(Reply::Domains { .. })
+    ));
 }
