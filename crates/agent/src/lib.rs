@@ -26,6 +26,7 @@
 mod api;
 mod caller;
 pub mod config;
+mod credentials;
 mod errors;
 mod estimate;
 pub mod history;

@@ -34,8 +34,9 @@ pub(crate) struct Agent {
     pub uri: String,
     /// Random per process: tells an agent that a "peer" is itself.
     pub instance: String,
-    /// How this agent dials its peers (`tls://` URIs).
-    pub peer_tls: Option<Arc<rustls::ClientConfig>>,
+    /// Its TLS credentials: how it serves and dials its peers (`tls://`
+    /// URIs).
+    pub credentials: Arc<crate::credentials::Credentials>,
     /// The agent's certificate as its QEMUs read it, for `--tls` (with a
     /// TLS directory only).
     pub qemu_credentials: Option<std::path::PathBuf>,
@@ -55,12 +56,12 @@ impl Agent {
         store: Store,
         history: History,
         uri: String,
-        peer_tls: Option<Arc<rustls::ClientConfig>>,
+        credentials: Arc<crate::credentials::Credentials>,
         qemu_credentials: Option<std::path::PathBuf>,
     ) -> Self {
         Agent {
             hypervisor: config.hypervisor.with_program(config.qemu.clone()),
-            peer_tls,
+            credentials,
             qemu_credentials,
             config,
             store,
@@ -172,6 +173,12 @@ impl Agent {
         self.next_connection.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// How this agent dials its peers, with the revocation list as it is
+    /// now.
+    pub fn peer_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.credentials.client()
+    }
+
     /// Connects to another agent, over TLS with this agent's certificate
     /// when the URI says `tls://`.
     pub async fn dial(
@@ -180,7 +187,7 @@ impl Agent {
     ) -> Result<protocol::Client, protocol::ClientError> {
         protocol::Client::connect_watching(
             uri,
-            self.peer_tls.as_ref(),
+            self.peer_tls().as_ref(),
             self.config.timeouts.peer_silence,
         )
         .await

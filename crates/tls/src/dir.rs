@@ -1,14 +1,16 @@
-//! A TLS directory (`ca.pem`, `cert.pem`, `key.pem`) and the rustls
-//! configurations built from it: an agent's server side, which requires a
-//! client certificate from the same CA, and the client side an agent or a
-//! CLI dials with.
+//! A TLS directory (`ca.pem`, `cert.pem`, `key.pem`, and the CA's
+//! `crl.pem` once a certificate was revoked) and the rustls configurations
+//! built from it: an agent's server side, which requires a client
+//! certificate from the same CA that is not revoked, and the client side an
+//! agent or a CLI dials with, which refuses a revoked server certificate.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -39,8 +41,8 @@ pub enum TlsError {
         #[source]
         source: rustls::Error,
     },
-    /// The CA cannot verify clients.
-    #[error("the CA in {dir} cannot verify client certificates")]
+    /// The CA (or its CRL) cannot verify certificates.
+    #[error("the CA in {dir} cannot verify certificates")]
     Verifier {
         /// The directory.
         dir: PathBuf,
@@ -73,6 +75,7 @@ pub struct TlsDir {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl std::fmt::Debug for TlsDir {
@@ -115,12 +118,34 @@ impl TlsDir {
             path: key_path,
             source,
         })?;
+        let crl_path = dir.join(files::CRL);
+        let crls = if crl_path.exists() {
+            let read = |source| TlsError::Read {
+                path: crl_path.clone(),
+                source,
+            };
+            CertificateRevocationListDer::pem_file_iter(&crl_path)
+                .map_err(read)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(read)?
+        } else {
+            Vec::new()
+        };
         Ok(TlsDir {
             path: dir.to_path_buf(),
             roots: Arc::new(roots),
             chain,
             key,
+            crls,
         })
+    }
+
+    /// When the directory's CRL last changed (none without one): an agent
+    /// builds its configurations again when this moves.
+    pub fn crl_modified(dir: &Path) -> Option<std::time::SystemTime> {
+        std::fs::metadata(dir.join(files::CRL))
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     /// The directory.
@@ -150,6 +175,7 @@ impl TlsDir {
     /// [`TlsError`] if rustls refuses the certificates or the key.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .with_crls(self.crls.clone())
             .build()
             .map_err(|source| TlsError::Verifier {
                 dir: self.path.clone(),
@@ -170,10 +196,17 @@ impl TlsDir {
     /// # Errors
     /// [`TlsError`] if rustls refuses the certificates or the key.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let verifier = WebPkiServerVerifier::builder_with_provider(self.roots.clone(), provider())
+            .with_crls(self.crls.clone())
+            .build()
+            .map_err(|source| TlsError::Verifier {
+                dir: self.path.clone(),
+                source,
+            })?;
         let config = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(self.config_error())?
-            .with_root_certificates(self.roots.clone())
+            .with_webpki_verifier(verifier)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(self.config_error())?;
         Ok(Arc::new(config))
@@ -233,5 +266,72 @@ mod tests {
     fn a_missing_directory_says_how_to_make_one() {
         let err = TlsDir::load(Path::new("/nonexistent")).unwrap_err();
         assert!(err.to_string().contains("livemig pki issue"), "{err}");
+    }
+
+    /// A mutual TLS handshake between a server with `server`'s directory
+    /// and a client with `client`'s, over a pipe.
+    async fn handshake(server: &Path, client: &Path) -> Result<(), String> {
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(TlsDir::load(server).unwrap().server_config().unwrap());
+        let connector = tokio_rustls::TlsConnector::from(
+            TlsDir::load(client).unwrap().client_config().unwrap(),
+        );
+        let (a, b) = tokio::io::duplex(64 << 10);
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let (served, dialled) = tokio::join!(acceptor.accept(a), connector.connect(name, b));
+        match (served, dialled) {
+            (Ok(_), Ok(_)) => Ok(()),
+            (s, d) => Err(format!("server: {:?}, client: {:?}", s.err(), d.err())),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_revoked_certificate_is_refused_by_both_sides_once_the_crl_is_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = dir.path();
+        pki::init(pki).unwrap();
+        let hosts = ["127.0.0.1".to_string()];
+        let a = pki::issue(pki, "host-a", Role::Agent, &hosts).unwrap();
+        let b = pki::issue(pki, "host-b", Role::Agent, &hosts).unwrap();
+        let c = pki::issue(pki, "host-c", Role::Agent, &hosts).unwrap();
+        handshake(&a, &b).await.unwrap();
+
+        let crl = pki::revoke(pki, "host-b").unwrap();
+        // Every host gets the CRL.
+        for host in [&a, &b, &c] {
+            std::fs::copy(&crl, host.join(files::CRL)).unwrap();
+        }
+        assert!(TlsDir::crl_modified(&a).is_some());
+        // As a client, and as a server dialled by a peer.
+        let err = handshake(&a, &b).await.unwrap_err();
+        assert!(err.to_lowercase().contains("revoked"), "{err}");
+        let err = handshake(&b, &a).await.unwrap_err();
+        assert!(err.to_lowercase().contains("revoked"), "{err}");
+        // The others still talk.
+        handshake(&a, &c).await.unwrap();
+        handshake(&c, &a).await.unwrap();
+        // Revoking again keeps the list; a name never issued is an error.
+        pki::revoke(pki, "host-c").unwrap();
+        let listed = std::fs::read_to_string(pki.join(files::REVOKED)).unwrap();
+        assert_eq!(listed.lines().count(), 2, "{listed}");
+        assert!(matches!(
+            pki::revoke(pki, "host-z"),
+            Err(pki::PkiError::NotIssued(_))
+        ));
+    }
+
+    #[test]
+    fn every_ca_has_a_subject_of_its_own() {
+        let one = tempfile::tempdir().unwrap();
+        let two = tempfile::tempdir().unwrap();
+        let subject = |dir: &Path| {
+            pki::init(dir).unwrap();
+            let der = certificates(&dir.join(files::CA)).unwrap().remove(0);
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            cert.subject().to_string()
+        };
+        let (a, b) = (subject(one.path()), subject(two.path()));
+        assert!(a.contains("livemig CA "), "{a}");
+        assert_ne!(a, b);
     }
 }

@@ -5,7 +5,12 @@
 //! livemig pki init DIR                      DIR/ca.pem, DIR/ca-key.pem
 //! livemig pki issue DIR NAME --role ROLE    DIR/NAME/{ca.pem, cert.pem, key.pem}
 //!     [--host HOST]...                      (the hosts an agent is dialled by)
+//! livemig pki revoke DIR NAME               DIR/crl.pem (copy it into every
+//!                                           TLS directory), DIR/revoked.txt
 //! ```
+//!
+//! Each CA's subject is its own (`livemig CA` and a fingerprint of its
+//! key), so two clusters' CAs are never taken for one another.
 
 use std::fs;
 use std::io::Write;
@@ -14,8 +19,9 @@ use std::path::{Path, PathBuf};
 
 use protocol::Role;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -56,6 +62,12 @@ pub enum PkiError {
     /// Generating or signing failed.
     #[error("cannot generate the certificate")]
     Generate(#[from] rcgen::Error),
+    /// No certificate of that name was issued here.
+    #[error("{0} holds no certificate issued by this PKI")]
+    NotIssued(PathBuf),
+    /// A certificate that does not parse.
+    #[error("cannot read the certificate {0}")]
+    Unreadable(PathBuf),
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> PkiError {
@@ -108,7 +120,14 @@ pub fn init(dir: &Path) -> Result<(), PkiError> {
     let _ = fs::set_permissions(dir, fs::Permissions::from_mode(0o700));
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
-    params.distinguished_name = subject("livemig CA", None);
+    let fingerprint: String = key
+        .public_key_raw()
+        .iter()
+        .rev()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    params.distinguished_name = subject(&format!("livemig CA {fingerprint}"), None);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     validity(&mut params, CA_DAYS);
@@ -158,12 +177,7 @@ pub fn issue(pki: &Path, name: &str, role: Role, hosts: &[String]) -> Result<Pat
     if out.exists() {
         return Err(PkiError::Issued(out));
     }
-    let ca_pem =
-        fs::read_to_string(pki.join(files::CA)).map_err(io("read", &pki.join(files::CA)))?;
-    let ca_key_path = pki.join(files::CA_KEY);
-    let ca_key =
-        KeyPair::from_pem(&fs::read_to_string(&ca_key_path).map_err(io("read", &ca_key_path))?)?;
-    let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
+    let (ca_pem, ca, ca_key) = load_ca(pki)?;
 
     let mut params = CertificateParams::default();
     params.distinguished_name = subject(name.as_str(), Some(role));
@@ -202,4 +216,107 @@ pub fn issue(pki: &Path, name: &str, role: Role, hosts: &[String]) -> Result<Pat
     write_new(&out.join(files::CERT), &cert.pem(), 0o644)?;
     write_new(&out.join(files::CA), &ca_pem, 0o644)?;
     Ok(out)
+}
+
+/// The CA of `pki`, to sign with.
+fn load_ca(pki: &Path) -> Result<(String, rcgen::Certificate, KeyPair), PkiError> {
+    let ca_pem =
+        fs::read_to_string(pki.join(files::CA)).map_err(io("read", &pki.join(files::CA)))?;
+    let ca_key_path = pki.join(files::CA_KEY);
+    let ca_key =
+        KeyPair::from_pem(&fs::read_to_string(&ca_key_path).map_err(io("read", &ca_key_path))?)?;
+    let ca = CertificateParams::from_ca_cert_pem(&ca_pem)?.self_signed(&ca_key)?;
+    Ok((ca_pem, ca, ca_key))
+}
+
+/// Revokes the certificate issued to `name`: records its serial in
+/// `pki/revoked.txt` and writes a new `pki/crl.pem`, signed by the CA, that
+/// lists every certificate revoked so far. Agents refuse a revoked
+/// certificate, from clients and from the peers they dial, once the CRL is
+/// in their TLS directory (`crl.pem`; they read it again when it changes).
+/// Returns the CRL's path.
+///
+/// # Errors
+/// [`PkiError::NotIssued`] if `pki/NAME/cert.pem` does not exist, or what
+/// reading the CA or writing the files fails with.
+pub fn revoke(pki: &Path, name: &str) -> Result<PathBuf, PkiError> {
+    let name: types::DomainName = name.parse()?;
+    let cert_path = pki.join(name.as_str()).join(files::CERT);
+    if !cert_path.exists() {
+        return Err(PkiError::NotIssued(cert_path));
+    }
+    let serial = serial_of(&cert_path)?;
+    let (_, ca, ca_key) = load_ca(pki)?;
+    let revoked_path = pki.join(files::REVOKED);
+    let mut listed = match fs::read_to_string(&revoked_path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io("read", &revoked_path)(e)),
+    };
+    let now = OffsetDateTime::now_utc();
+    if !listed
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(serial.as_str()))
+    {
+        listed.push_str(&format!("{serial} {name} {}\n", now.unix_timestamp()));
+    }
+    let mut revoked_certs = Vec::new();
+    for line in listed.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(hex), Some(_), Some(at)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let bytes: Option<Vec<u8>> = (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                hex.get(i..i + 2)
+                    .and_then(|b| u8::from_str_radix(b, 16).ok())
+            })
+            .collect();
+        let (Some(bytes), Ok(at)) = (bytes, at.parse::<i64>()) else {
+            continue;
+        };
+        revoked_certs.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&bytes),
+            revocation_time: OffsetDateTime::from_unix_timestamp(at).unwrap_or(now),
+            reason_code: Some(RevocationReason::Unspecified),
+            invalidity_date: None,
+        });
+    }
+    let crl = CertificateRevocationListParams {
+        this_update: now - Duration::hours(1),
+        next_update: now + Duration::days(CERT_DAYS),
+        crl_number: SerialNumber::from(now.unix_timestamp().max(1) as u64),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca, &ca_key)?;
+    write_replacing(&revoked_path, &listed)?;
+    let crl_path = pki.join(files::CRL);
+    write_replacing(&crl_path, &crl.pem()?)?;
+    Ok(crl_path)
+}
+
+/// A certificate's serial number, in hex.
+fn serial_of(path: &Path) -> Result<String, PkiError> {
+    use rustls::pki_types::pem::PemObject;
+    let der = rustls::pki_types::CertificateDer::from_pem_file(path)
+        .map_err(|_| PkiError::Unreadable(path.to_path_buf()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|_| PkiError::Unreadable(path.to_path_buf()))?;
+    Ok(cert
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Replaces `path` atomically (a new file renamed over it).
+fn write_replacing(path: &Path, contents: &str) -> Result<(), PkiError> {
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, contents, 0o644)?;
+    fs::rename(&tmp, path).map_err(io("replace", path))
 }

@@ -167,7 +167,7 @@ pub(super) async fn resolve_outgoing(
         error,
         recovery,
         stop_source,
-    } = resolve(qmp, job, agent.peer_tls.as_ref()).await;
+    } = resolve(qmp, job, agent.peer_tls().as_ref()).await;
     if stop_source {
         vm.process.shutdown(STOP_TIMEOUT).await;
     }

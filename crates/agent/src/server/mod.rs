@@ -134,12 +134,14 @@ pub async fn serve(
         }
         None => None,
     };
+    let credentials = crate::credentials::Credentials::new(config.tls_dir.clone(), tls, peer_tls);
+    let watching = credentials.watch();
     let agent = Arc::new(Agent::new(
         config,
         store,
         history,
         uri.clone(),
-        peer_tls,
+        credentials,
         qemu_credentials,
     ));
     // The QEMU probe (or its cached copy) now, not while the first
@@ -162,7 +164,11 @@ pub async fn serve(
     crate::reattach::reattach_all(&agent).await;
     tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");
     if let Some(addr) = metrics_addr {
-        let scheme = if tls.is_some() { "https" } else { "http" };
+        let scheme = if agent.credentials.acceptor().is_some() {
+            "https"
+        } else {
+            "http"
+        };
         tracing::info!(metrics = %format!("{scheme}://{addr}/metrics"), "serving metrics");
     }
 
@@ -179,16 +185,17 @@ pub async fn serve(
                 Err(e) => tracing::warn!(error = %e, "unix accept failed"),
             },
             accepted = accept_tcp(tcp.as_ref()) => {
-                accept_network(&agent, &tls, &limits, &mut connections, accepted, false);
+                accept_network(&agent, &limits, &mut connections, accepted, false);
             }
             accepted = accept_tcp(metrics.as_ref()) => {
-                accept_network(&agent, &tls, &limits, &mut connections, accepted, true);
+                accept_network(&agent, &limits, &mut connections, accepted, true);
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
 
     tracing::info!("shutting down");
+    watching.abort();
     drop(unix);
     drop(tcp);
     connections.abort_all();
@@ -200,7 +207,6 @@ pub async fn serve(
 /// Serves a network connection in `connections`, within the limit.
 fn accept_network(
     agent: &Arc<Agent>,
-    tls: &Option<TlsAcceptor>,
     limits: &Arc<limits::Limits>,
     connections: &mut JoinSet<()>,
     accepted: std::io::Result<(TcpStream, std::net::SocketAddr)>,
@@ -210,7 +216,10 @@ fn accept_network(
         Ok((stream, peer)) => match limits.pending(peer.ip()) {
             Some(pending) => {
                 tracing::debug!(%peer, http_only, "tcp connection");
-                let (agent, tls, limits) = (agent.clone(), tls.clone(), limits.clone());
+                // The credentials as they are now: a revocation list read
+                // since applies to this connection.
+                let tls = agent.credentials.acceptor();
+                let (agent, limits) = (agent.clone(), limits.clone());
                 connections.spawn(async move {
                     serve_tcp(agent, stream, tls, http_only, (pending, &limits)).await;
                 });

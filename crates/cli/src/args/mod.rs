@@ -230,6 +230,15 @@ pub enum PkiCommand {
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
     },
+    /// Revoke the certificate issued to NAME: DIR/crl.pem lists every
+    /// certificate revoked so far; copy it into every host's TLS directory
+    /// (as crl.pem), where agents pick it up within seconds.
+    Revoke {
+        /// The PKI directory (from `pki init`).
+        dir: PathBuf,
+        /// The holder whose certificate is revoked.
+        name: String,
+    },
 }
 
 #[derive(Debug, Args)]

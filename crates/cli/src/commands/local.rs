@@ -4,7 +4,7 @@ use anyhow::{Context, Result};
 
 use crate::args::{Cli, PkiCommand};
 
-/// `pki init` and `pki issue`.
+/// `pki init`, `pki issue` and `pki revoke`.
 pub fn pki(command: PkiCommand) -> Result<String> {
     match command {
         PkiCommand::Init { dir } => {
@@ -26,6 +26,15 @@ pub fn pki(command: PkiCommand) -> Result<String> {
             Ok(format!(
                 "Certificate for {name} (role {role}) in {}: use it as --tls-dir\n",
                 out.display()
+            ))
+        }
+        PkiCommand::Revoke { dir, name } => {
+            let crl = tls::pki::revoke(&dir, &name)
+                .with_context(|| format!("cannot revoke the certificate of {name}"))?;
+            Ok(format!(
+                "Certificate of {name} revoked; copy {} into every host's TLS directory as \
+                 crl.pem\n",
+                crl.display()
             ))
         }
     }

@@ -411,3 +411,77 @@ async fn a_client_that_never_reads_its_replies_is_cut_off() {
         Ok(Reply::Domains { .. })
     ));
 }
+
+/// `livemig pki revoke PKI NAME`, and the CRL copied into the TLS
+/// directories of `hosts`, as an operator distributes it.
+fn revoke(bed: &TestBed, name: &str, hosts: &[&str]) {
+    let pki = bed.path().join("pki");
+    let out = std::process::Command::new(bin("livemig"))
+        .args(["pki", "revoke"])
+        .arg(&pki)
+        .arg(name)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    for host in hosts {
+        std::fs::copy(pki.join("crl.pem"), pki.join(host).join("crl.pem")).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_revoked_certificate_is_refused_within_seconds_without_a_restart() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    let ops = bed.certificate("ops", Role::Admin, &[]);
+    let thief = bed.certificate("thief", Role::Admin, &[]);
+    assert!(client(&a, &thief).await.is_ok());
+
+    revoke(&bed, "thief", &["agent-a"]);
+
+    // The agent reads the list again within its check interval.
+    // The agent reads the list again within its check interval; the
+    // thief's handshake (or its first request) fails from then on.
+    testkit::wait_until(
+        Duration::from_secs(15),
+        "the revocation to apply",
+        || async {
+            match client(&a, &thief).await {
+                Ok(c) => ask(&c, Request::List { all: true }).await.err(),
+                Err(e) => Some(e),
+            }
+        },
+    )
+    .await;
+    // Everyone else still gets in, and a still reaches its peer.
+    let admin = client(&a, &ops).await.unwrap();
+    assert!(matches!(
+        ask(&admin, Request::List { all: true }).await,
+        Ok(Reply::Domains { .. })
+    ));
+
+    // A revoked peer: a no longer dials b.
+    revoke(&bed, "agent-b", &["agent-a"]);
+    a.define_and_start(bed.definition("vm", 64, guest::Workload::IDLE))
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let refused = a
+        .start_migration(
+            "vm",
+            &b.uri(),
+            protocol::MigrateOptions {
+                live: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_lowercase().contains("revoked"),
+        "{refused}"
+    );
+    assert_eq!(
+        a.state("vm").await,
+        Some(protocol::domain::DomainState::Running)
+    );
+}

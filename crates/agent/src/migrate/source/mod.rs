@@ -75,7 +75,7 @@ pub(crate) async fn begin(
 
     let peer = Peer::connect(
         &dest_uri,
-        agent.peer_tls.clone(),
+        agent.peer_tls(),
         agent.config.timeouts.peer_silence,
     )
     .await?;
@@ -188,7 +188,7 @@ async fn postcopy_resume(
     .await?;
     let peer = Peer::connect(
         destination,
-        agent.peer_tls.clone(),
+        agent.peer_tls(),
         agent.config.timeouts.peer_silence,
     )
     .await?;
