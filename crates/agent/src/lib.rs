@@ -50,3 +50,8 @@ pub use config::Config;
 pub use server::{run, serve, Listeners, RunError};
 pub use throttles::release_stale_throttles;
 pub use timeouts::Timeouts;
+
+/// The tap names the agent with `state_dir` gives `def`'s bridged NICs.
+pub fn tap_names(state_dir: &std::path::Path, def: &domain::DomainDefinition) -> Vec<String> {
+    taps::Taps::of(state_dir, def).names
+}

@@ -17,5 +17,5 @@ pub(crate) struct RunningVm {
     pub qemu_log: PathBuf,
     pub qemu_version: QemuVersion,
     /// The taps of its bridged NICs, removed when it exits.
-    pub taps: Vec<String>,
+    pub taps: crate::taps::Taps,
 }

@@ -9,7 +9,7 @@ use protocol::{ApiError, ErrorCode};
 use crate::errors;
 use crate::running::RunningVm;
 use crate::state::Agent;
-use crate::taps;
+use crate::taps::Taps;
 
 /// Unix socket paths are limited to 107 bytes.
 const MAX_SOCKET_PATH: usize = 107;
@@ -120,15 +120,16 @@ pub(crate) async fn launch(
             "this QEMU was built without seccomp: it runs without -sandbox"
         );
     }
-    let taps = taps::names(agent.store.root(), def);
-    taps::create(&taps, def, agent.config.qemu_user.as_deref(), &agent.uri).await?;
+    let taps = Taps::of(agent.store.root(), def);
+    taps.create(def, agent.config.qemu_user.as_deref(), &agent.uri)
+        .await?;
     let mut argv = build_argv(&LaunchConfig {
         definition: def,
         spec,
         qmp_socket: &qmp_socket,
         serial_log: &serial_log,
         incoming,
-        taps: &taps,
+        taps: &taps.names,
         hardening: Hardening {
             sandbox: agent.config.qemu_sandbox && binary.has_sandbox(),
             user: agent.config.qemu_user.as_deref(),
@@ -149,7 +150,7 @@ pub(crate) async fn launch(
     {
         Ok(process) => process,
         Err(e) => {
-            taps::remove(&taps).await;
+            taps.remove().await;
             return Err(errors::qemu(format!(
                 "cannot start domain '{name}': {}",
                 errors::chain(&e)
@@ -186,7 +187,7 @@ pub(crate) fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>
         };
         let cleared = agent.table.vm_exited(&name, run_id);
         agent.store.remove_run_if(&name, run_id).await;
-        taps::remove(&taps).await;
+        taps.remove().await;
         let replaced = agent.table.runs_another_vm(&name, run_id);
         if !replaced {
             let _ = tokio::fs::remove_file(&socket).await;

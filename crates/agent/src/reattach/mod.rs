@@ -65,7 +65,7 @@ pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
             serial_log: record.serial_log.clone(),
             qemu_log: record.qemu_log.clone(),
             qemu_version: record.qemu_version,
-            taps: crate::taps::names(agent.store.root(), &record.definition),
+            taps: crate::taps::Taps::of(agent.store.root(), &record.definition),
         });
         agent.table.adopt_vm(&record.definition, vm.clone());
         vm::watch_exit(agent.clone(), name.clone(), vm.clone());

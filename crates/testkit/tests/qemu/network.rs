@@ -84,3 +84,46 @@ async fn a_tcp_session_to_a_bridged_linux_guest_survives_its_live_migration() {
         String::from_utf8_lossy(&taps.stdout)
     );
 }
+
+#[tokio::test]
+async fn an_interface_that_is_not_the_domain_s_own_tap_is_never_taken_over() {
+    let bed = TestBed::new().await;
+    let (net, a, _b) = bed.hosts_on_one_segment("taken").await;
+    let definition = bed.linux_definition(
+        "vm",
+        192,
+        &LinuxWorkload::memory(Workload::IDLE),
+        "[[nics]]\nbridge = \"br0\"\n",
+    );
+    // An interface of the name the agent would give the tap: another
+    // agent's, or anything else on the host.
+    let taken = agent::tap_names(a.state_dir(), &definition).remove(0);
+    let ip = |args: &[&str]| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &net.a, "ip"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let made = ip(&["tuntap", "add", "dev", &taken, "mode", "tap"]);
+    assert!(made.status.success(), "{made:?}");
+    a.request(testkit::define(&definition)).await.unwrap();
+
+    let refused = a
+        .request(protocol::Request::Start {
+            domain: "vm".parse().unwrap(),
+            paused: false,
+        })
+        .await
+        .unwrap_err()
+        .to_api();
+    assert!(
+        refused.message.contains(&taken) && refused.message.contains("left alone"),
+        "{refused:?}"
+    );
+    assert!(
+        ip(&["link", "show", &taken]).status.success(),
+        "it was deleted"
+    );
+    assert!(a.qemu_pids().is_empty());
+}
