@@ -7,6 +7,7 @@ pub mod img;
 pub mod layout;
 pub mod process;
 pub mod resident;
+pub mod sockets;
 
 pub use argv::{build_argv, Hardening, LaunchConfig, LaunchSpec};
 pub use binary::{probe, ProbeError, QemuBinary};

@@ -9,7 +9,8 @@ use super::{export_name, StorageError};
 use crate::stream_tls::AUTHZ_ID;
 
 /// Serves `targets` (the guest's disk names) writable over NBD on
-/// `host:port`; with `tls`, only to the certificates the job's TLS
+/// `host`, on `port` (0: any free one) or the first free one up to `to`,
+/// QEMU binding it; with `tls`, only to the certificates the job's TLS
 /// authorization admits (set up with the migration settings).
 ///
 /// # Errors
@@ -17,12 +18,12 @@ use crate::stream_tls::AUTHZ_ID;
 pub async fn serve(
     qmp: &Client,
     host: &str,
-    port: u16,
+    (port, to): (u16, Option<u16>),
     targets: &[String],
     tls: bool,
 ) -> Result<(), StorageError> {
     qmp.execute(&NbdServerStart {
-        addr: LegacyInetAddress::new(host, port),
+        addr: LegacyInetAddress::range(host, port, to),
         tls_creds: tls.then(|| TLS_SERVER_ID.to_string()),
         tls_authz: tls.then(|| AUTHZ_ID.to_string()),
     })

@@ -147,18 +147,27 @@ pub struct LegacyInetAddress {
 pub struct LegacyInetData {
     /// Host name or address.
     pub host: String,
-    /// Port, as a string.
+    /// Port, as a string (`0`: any free port).
     pub port: String,
+    /// With it, QEMU binds the first free port from `port` to this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<u16>,
 }
 
 impl LegacyInetAddress {
     /// `host:port`.
     pub fn new(host: &str, port: u16) -> Self {
+        Self::range(host, port, None)
+    }
+
+    /// `host`, the first free port from `port` to `to` (QEMU binds it).
+    pub fn range(host: &str, port: u16, to: Option<u16>) -> Self {
         LegacyInetAddress {
             kind: "inet",
             data: LegacyInetData {
                 host: host.to_string(),
                 port: port.to_string(),
+                to,
             },
         }
     }

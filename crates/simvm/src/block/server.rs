@@ -48,11 +48,31 @@ pub struct Export {
 ///
 /// # Errors
 /// QEMU's message when the address cannot be bound.
-pub fn start(shared: &Shared, host: &str, port: &str, tls: bool) -> Result<NbdServer, String> {
-    let port: u16 = port
+pub fn start(
+    shared: &Shared,
+    host: &str,
+    port: &str,
+    to: Option<u16>,
+    tls: bool,
+) -> Result<NbdServer, String> {
+    let first: u16 = port
         .parse()
         .map_err(|_| format!("Port '{port}' should be a number"))?;
-    let bound = std::net::TcpListener::bind((host, port))
+    // As QEMU's inet listen: the first port of the range that binds.
+    let last = to.unwrap_or(first).max(first);
+    let mut error = None;
+    let mut bound = None;
+    for port in first..=last {
+        match std::net::TcpListener::bind((host, port)) {
+            Ok(listener) => {
+                bound = Some(listener);
+                break;
+            }
+            Err(e) => error = Some(e),
+        }
+    }
+    let bound = bound
+        .ok_or_else(|| error.unwrap_or_else(|| std::io::Error::other("no port")))
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .and_then(TcpListener::from_std)
         .map_err(|e| format!("Failed to bind socket: {}", super::mirror::io_message(&e)))?;

@@ -90,9 +90,9 @@ fn tls_creds(m: &Machine, args: &Value) -> Result<bool, QmpError> {
     }
 }
 
-/// An `inet` address: QEMU's legacy form (`{type, data: {host, port}}`)
-/// or the flat one.
-fn inet(addr: &Value) -> Result<(String, String), QmpError> {
+/// An `inet` address: QEMU's legacy form (`{type, data: {host, port,
+/// to}}`) or the flat one.
+fn inet(addr: &Value) -> Result<(String, String, Option<u16>), QmpError> {
     let data = addr.get("data").unwrap_or(addr);
     let field = |name: &str| {
         data.get(name)
@@ -105,16 +105,24 @@ fn inet(addr: &Value) -> Result<(String, String), QmpError> {
             "the simulated VM serves NBD on inet addresses only",
         ));
     }
-    Ok((field("host")?, field("port")?))
+    let to = match data.get("to") {
+        None => None,
+        Some(to) => Some(
+            to.as_u64()
+                .and_then(|t| u16::try_from(t).ok())
+                .ok_or_else(|| generic("Parameter 'to' expects uint16"))?,
+        ),
+    };
+    Ok((field("host")?, field("port")?, to))
 }
 
 fn nbd_server_start(shared: &Shared, m: &mut Machine, args: &Value) -> Result<Value, QmpError> {
     if m.block.server.is_some() {
         return Err(generic("NBD server already running"));
     }
-    let (host, port) = inet(args.get("addr").unwrap_or(&Value::Null))?;
+    let (host, port, to) = inet(args.get("addr").unwrap_or(&Value::Null))?;
     let tls = tls_creds(m, args)?;
-    m.block.server = Some(server::start(shared, &host, &port, tls).map_err(generic)?);
+    m.block.server = Some(server::start(shared, &host, &port, to, tls).map_err(generic)?);
     Ok(json!({}))
 }
 
@@ -166,7 +174,7 @@ fn blockdev_add(shared: &Shared, args: &Value) -> Outcome {
         {
             return Err(generic(format!("Duplicate nodes with node-name='{node}'")));
         }
-        let (host, port) = inet(args.get("server").unwrap_or(&Value::Null))?;
+        let (host, port, _) = inet(args.get("server").unwrap_or(&Value::Null))?;
         let export = string_arg(args, "export")?.to_string();
         Ok((node, host, port, export, tls_creds(&m, args)?))
     })();

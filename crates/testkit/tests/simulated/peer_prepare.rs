@@ -355,3 +355,63 @@ async fn a_job_id_or_source_that_is_not_what_sources_send_is_refused() {
         untouched(&b).await;
     }
 }
+
+#[tokio::test]
+async fn the_destination_s_vm_binds_the_disks_port_itself_within_its_range() {
+    let bed = TestBed::simulated().await;
+    let b = bed
+        .host_args("b", &["--migration-ports", "40200-40210"])
+        .await;
+    // Someone else holds the first ports of the range.
+    let held: Vec<_> = (40200..40202)
+        .filter_map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
+        .collect();
+    let rogue = rogue::client(&bed, &b).await;
+    let disk = bed.images().join("vm.raw");
+    let def = domain::DomainDefinition::from_toml(&format!(
+        "{}[[disks]]\npath = {:?}\n",
+        guest::definition_toml("vm", 64, bed.kernel(), Workload::IDLE),
+        disk.display().to_string()
+    ))
+    .unwrap();
+    let options = MigrateOptions {
+        live: true,
+        copy_storage_all: true,
+        ..Default::default()
+    };
+    let storage = vec![StorageCopy {
+        target: "vda".into(),
+        virtual_size: 1 << 20,
+        backing: None,
+    }];
+    let reply = rogue
+        .request(
+            rogue::prepare(&def, options, storage),
+            Duration::from_secs(30),
+        )
+        .await
+        .expect("prepared");
+    let protocol::Reply::Prepared { uri, nbd_port } = reply else {
+        panic!("{reply:?}");
+    };
+    let nbd_port = nbd_port.expect("an NBD port");
+    let data_port: u16 = uri.rsplit(':').next().unwrap().parse().unwrap();
+    for port in [nbd_port, data_port] {
+        assert!(
+            (40200 + held.len() as u16..=40210).contains(&port),
+            "{port} ({uri}, NBD {nbd_port})"
+        );
+    }
+    assert_ne!(nbd_port, data_port);
+    // The port answered is the one the VM listens on.
+    std::net::TcpStream::connect(("127.0.0.1", nbd_port)).expect("the NBD server");
+    assert!(disk.exists(), "the image to copy into");
+    drop(rogue);
+    b.wait_no_qemu().await;
+    testkit::wait_until(
+        Duration::from_secs(10),
+        "the half-copied image to be removed",
+        || async { (!disk.exists()).then_some(()) },
+    )
+    .await;
+}

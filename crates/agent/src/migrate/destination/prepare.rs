@@ -294,9 +294,12 @@ async fn start(
             Some(
                 storage::serve(
                     qmp,
+                    vm.process.pid(),
                     host,
-                    req.flags.storage().copy().and_then(|c| c.port),
-                    agent.config.migration_ports,
+                    (
+                        req.flags.storage().copy().and_then(|c| c.port),
+                        agent.config.migration_ports,
+                    ),
                     &req.storage,
                     tls.is_some(),
                 )

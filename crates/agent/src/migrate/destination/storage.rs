@@ -2,10 +2,9 @@
 //! removed again unless the guest lands) and the NBD server the source
 //! mirrors into.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
-use domain::qemu::img;
+use domain::qemu::{img, sockets};
 use domain::DomainDefinition;
 use migration::storage::destination;
 use protocol::migrate::StorageCopy;
@@ -67,47 +66,55 @@ pub(crate) async fn remove_images(paths: &[PathBuf]) {
     }
 }
 
-/// A port for the NBD server on `host`: the one asked for, else a free one
-/// from `range`, else any free one.
-fn nbd_port(host: &str, asked: Option<u16>, range: Option<(u16, u16)>) -> Result<u16, ApiError> {
-    if let Some(port) = asked {
-        return Ok(port);
-    }
-    let free = |port: u16| {
-        TcpListener::bind((host, port))
-            .ok()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.port())
-    };
-    match range {
-        Some((first, last)) => (first..=last).find_map(free).ok_or_else(|| {
-            errors::operation_invalid(format!(
-                "no free port in {first}-{last} on {host} for the disks' NBD server: widen \
-                 migration_ports"
-            ))
-        }),
-        None => free(0).ok_or_else(|| {
-            errors::operation_invalid(format!("no free port on {host} for the NBD server"))
-        }),
-    }
-}
-
-/// Serves the copied disks over NBD on `host`; returns the port.
+/// Serves the copied disks over NBD on `host`, from QEMU `pid`; returns
+/// the port. QEMU binds it itself: the one asked for, else the first free
+/// one of `range`, else any; the port it took is read from the sockets it
+/// listens on (the one that was not there before), so no port is picked by
+/// binding and releasing it first.
 ///
 /// # Errors
 /// [`ApiError`] if no port is free or QEMU refuses.
 pub(crate) async fn serve(
     qmp: &qmp::Client,
+    pid: u32,
     host: &str,
-    asked: Option<u16>,
-    range: Option<(u16, u16)>,
+    (asked, range): (Option<u16>, Option<(u16, u16)>),
     copies: &[StorageCopy],
     tls: bool,
 ) -> Result<u16, ApiError> {
-    let port = nbd_port(host, asked, range)?;
+    let ports = match (asked, range) {
+        (Some(port), _) => (port, None),
+        (None, Some((first, last))) => (first, Some(last)),
+        (None, None) => (0, None),
+    };
+    let before = sockets::listening(pid).await.unwrap_or_default();
     let targets: Vec<String> = copies.iter().map(|c| c.target.clone()).collect();
-    destination::serve(qmp, host, port, &targets, tls)
-        .await
-        .map_err(|e| errors::qemu_failed(&e))?;
-    Ok(port)
+    if let Err(e) = destination::serve(qmp, host, ports, &targets, tls).await {
+        return Err(match (asked, range) {
+            (None, Some((first, last))) => errors::operation_invalid(format!(
+                "no free port in {first}-{last} on {host} for the disks' NBD server (widen \
+                 migration_ports): {}",
+                errors::chain(&e)
+            )),
+            _ => errors::qemu_failed(&e),
+        });
+    }
+    if let Some(port) = asked {
+        return Ok(port);
+    }
+    let after = sockets::listening(pid).await.map_err(|e| {
+        errors::qemu(format!(
+            "cannot tell which port QEMU's NBD server took: {e}"
+        ))
+    })?;
+    let mut new = after.difference(&before).map(|a| a.port());
+    match (new.next(), new.next()) {
+        (Some(port), None) => Ok(port),
+        _ => {
+            destination::stop(qmp).await;
+            Err(errors::qemu(format!(
+                "cannot tell which port QEMU's NBD server took on {host}"
+            )))
+        }
+    }
 }
