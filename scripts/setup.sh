@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what livemig needs besides Rust: QEMU and qemu-img, binutils (the
 # bare-metal test guest is assembled with `as`/`ld`), iproute2
-# (network-namespace tests), and the Linux test guest's pieces: Debian's
+# (network-namespace tests), the Linux test guest's pieces: Debian's
 # cloud kernel and a static busybox (guest/src/linux packs them with our
-# workload into an initramfs).
+# workload into an initramfs), etcd (the cluster's shared state; the tests
+# start their own) and protoc (the etcd client's build compiles etcd's
+# protocol).
 #
 # `--with-libvirt` also installs libvirt (libvirtd with its QEMU driver, and
 # virsh): the storage and start benchmarks run `virsh migrate` beside
@@ -28,6 +30,8 @@ missing() {
     command -v as >/dev/null 2>&1 && command -v ld >/dev/null 2>&1 || need+=(binutils)
     command -v ip >/dev/null 2>&1 || need+=(iproute2)
     command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+    command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+    command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
     dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" ||
         need+=(busybox-static)
     ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || need+=(linux-image-cloud-amd64)

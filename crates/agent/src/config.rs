@@ -80,6 +80,20 @@ pub struct Config {
     /// What another host (an agent certificate) may do when it sends a
     /// guest here.
     pub peers: PeerRules,
+    /// The cluster this host joins (`--cluster`), if any.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// This host's place in a cluster: etcd's endpoints, and what it says of
+/// itself there.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterSettings {
+    /// `https://HOST:PORT[,...]` (`http://` only with `insecure`).
+    pub endpoints: String,
+    /// The bandwidth of this host's migration link, MiB/s.
+    pub link_mib_s: Option<u32>,
+    /// Labels the cluster may select this host by.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// What this host lets a peer do when it sends a guest here. Every host of
@@ -153,6 +167,7 @@ impl Config {
             migration_ports: None,
             timeouts: Timeouts::default(),
             peers: PeerRules::default(),
+            cluster: None,
         }
     }
 }

@@ -31,6 +31,7 @@ mod errors;
 mod estimate;
 pub mod history;
 mod jobs;
+mod membership;
 mod metrics;
 mod migrate;
 mod probe_cache;

@@ -40,6 +40,7 @@ enum Switch {
         allow_device_nodes, qemu_user, qemu_sandbox = \"on\", hypervisor, qemu, accel, tcg_workaround, log_format,\n\
         migration_ports = \"49152-49215\", [timeouts] peer-silence = \"20s\",\n\
         [peers] allow_replace = [\"agent-a\"], max_jobs = 4, max_memory_mib, max_disk_gib,\n\
+        [cluster] endpoints = \"https://10.0.0.9:2379\", link_mib_s, labels = { rack = \"r1\" },\n\
         cgroup_cpu); flags override it. LIVEMIG_LOG sets the log filter (e.g. debug)."
 )]
 struct Args {
@@ -121,7 +122,7 @@ struct Args {
     /// A timeout, NAME=DURATION (500ms, 20s, 2m); repeat for more. Names:
     /// peer-silence (20s), peer-retry (30s), prepare (90s), disk-progress
     /// (30s), throttle-lease (5s), client-idle (120s), client-write (30s),
-    /// handshake (10s), orphan (60s).
+    /// handshake (10s), orphan (60s), cluster-lease (10s).
     #[arg(long = "timeout", value_name = "NAME=DURATION")]
     timeouts: Vec<String>,
     /// A peer (agent certificate name, or `*`) whose incoming migrations
@@ -140,6 +141,18 @@ struct Args {
     /// [default: 1024].
     #[arg(long, value_name = "GIB")]
     peer_max_disk: Option<u64>,
+    /// Join the cluster whose etcd is at these endpoints,
+    /// https://HOST:PORT[,...] (with --tls-dir; http:// only with
+    /// --insecure): this host is registered there while the agent runs.
+    #[arg(long, value_name = "URLS")]
+    cluster: Option<String>,
+    /// This host's migration link, MiB/s, as the cluster is told.
+    #[arg(long, value_name = "MIB_S")]
+    link: Option<u32>,
+    /// A label the cluster may select this host by, KEY=VALUE; repeat for
+    /// more.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -215,6 +228,17 @@ struct ConfigFile {
     timeouts: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     peers: PeersFile,
+    cluster: Option<ClusterFile>,
+}
+
+/// `[cluster]`: the cluster this host joins.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterFile {
+    endpoints: String,
+    link_mib_s: Option<u32>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `[peers]`: what another host may do when it sends a guest here.
@@ -449,6 +473,26 @@ async fn main() -> Result<()> {
     }
     if let Some(gib) = args.peer_max_disk.or(file.peers.max_disk_gib) {
         peers.max_disk_gib = gib;
+    }
+    let from_file = file.cluster.unwrap_or_default();
+    if let Some(endpoints) = args
+        .cluster
+        .or(Some(from_file.endpoints).filter(|e| !e.is_empty()))
+    {
+        let mut labels = from_file.labels;
+        for label in &args.labels {
+            let (key, value) = label
+                .split_once('=')
+                .with_context(|| format!("--label {label:?}: expected KEY=VALUE"))?;
+            labels.insert(key.to_string(), value.to_string());
+        }
+        // Refused now rather than at the first connection.
+        cluster::Endpoints::parse(&endpoints, config.insecure).context("--cluster")?;
+        config.cluster = Some(agent::config::ClusterSettings {
+            endpoints,
+            link_mib_s: args.link.or(from_file.link_mib_s),
+            labels,
+        });
     }
     if let Some(cgroup) = file.cgroup_cpu {
         config.cgroup_cpu = cgroup;

@@ -38,6 +38,9 @@ pub struct Timeouts {
     /// An incoming migration adopted after a restart whose source says
     /// nothing for this long is torn down. `orphan`, 60 s.
     pub orphan: Duration,
+    /// A host whose agent stops renewing its cluster registration leaves
+    /// the cluster after this long. `cluster-lease`, 10 s.
+    pub cluster_lease: Duration,
 }
 
 impl Default for Timeouts {
@@ -52,6 +55,7 @@ impl Default for Timeouts {
             client_write: Duration::from_secs(30),
             handshake: Duration::from_secs(10),
             orphan: Duration::from_secs(60),
+            cluster_lease: Duration::from_secs(10),
         }
     }
 }
@@ -85,6 +89,7 @@ impl Timeouts {
         "client-write",
         "handshake",
         "orphan",
+        "cluster-lease",
     ];
 
     fn slot(&mut self, name: &str) -> Option<&mut Duration> {
@@ -98,6 +103,7 @@ impl Timeouts {
             "client-write" => &mut self.client_write,
             "handshake" => &mut self.handshake,
             "orphan" => &mut self.orphan,
+            "cluster-lease" => &mut self.cluster_lease,
             _ => return None,
         })
     }

@@ -126,6 +126,17 @@ impl TestBed {
         tls::pki::issue(&self.pki, name, role, &hosts).expect("issue a test certificate")
     }
 
+    /// A certificate for a client `name` with `role`, issued once: the
+    /// same directory on later calls.
+    pub fn certificate_dir(&self, name: &str, role: protocol::Role) -> PathBuf {
+        let dir = self.pki.join(name);
+        if dir.exists() {
+            dir
+        } else {
+            self.certificate(name, role, &[])
+        }
+    }
+
     /// Starts an agent listening on loopback (mutual TLS).
     pub async fn host(&self, name: &str) -> Host {
         self.launch(name, Some("tls://127.0.0.1:0".into()), None, &[], None)

@@ -14,6 +14,7 @@
 //! - [`rogue`]: a compromised peer agent that rewrites a real one's replies.
 //! - [`contract`]: a scenario run on real QEMU and on simulated VMs, the
 //!   agent's view of both compared.
+//! - [`etcd`]: a real etcd on loopback, for the cluster's tests.
 //! - [`procs`]: which processes are in a group, for leak checks.
 //! - [`output`]: what the CLI printed.
 //! - [`tls_client`]: a raw TLS connection to an agent (metrics, probing).
@@ -30,6 +31,7 @@ mod bed;
 pub mod capture;
 mod checks;
 pub mod contract;
+pub mod etcd;
 mod host;
 mod in_process;
 pub use launcher::netns;

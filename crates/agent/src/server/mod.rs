@@ -49,6 +49,9 @@ pub enum RunError {
     #[error("cannot open the job history")]
     /// The job history failed.
     History(#[from] crate::history::HistoryError),
+    #[error("cannot join the cluster")]
+    /// The cluster (`--cluster`) could not be joined.
+    Cluster(#[from] crate::membership::JoinError),
     #[error("another agent is already serving {0}")]
     /// Another agent serves this socket.
     SocketInUse(PathBuf),
@@ -144,6 +147,12 @@ pub async fn serve(
         credentials,
         qemu_credentials,
     ));
+    // A host that cannot join the cluster it was told to says so now.
+    let leave = tokio_util::sync::CancellationToken::new();
+    let membership = match agent.config.cluster.clone() {
+        Some(settings) => Some(crate::membership::join(&agent, &settings, leave.clone()).await?),
+        None => None,
+    };
     // The QEMU probe (or its cached copy) now, not while the first
     // migration waits for it.
     let warm = agent.clone();
@@ -196,6 +205,10 @@ pub async fn serve(
 
     tracing::info!("shutting down");
     watching.abort();
+    leave.cancel();
+    if let Some(membership) = membership {
+        let _ = tokio::time::timeout(Duration::from_secs(5), membership).await;
+    }
     drop(unix);
     drop(tcp);
     connections.abort_all();

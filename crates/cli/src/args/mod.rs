@@ -36,6 +36,13 @@ pub struct Cli {
     /// for tls:// agents.
     #[arg(long, env = "LIVEMIG_TLS_DIR", global = true, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// The cluster's etcd endpoints, https://HOST:PORT[,...] (with
+    /// --tls-dir), for the cluster commands (`hosts`).
+    #[arg(long, env = "LIVEMIG_CLUSTER", global = true, value_name = "URLS")]
+    pub cluster: Option<String>,
+    /// Talk to a plaintext (http://) cluster.
+    #[arg(long, global = true)]
+    pub insecure: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -198,6 +205,9 @@ pub enum Command {
     /// per user.
     #[command(subcommand)]
     Pki(PkiCommand),
+    /// List the cluster's hosts (needs --cluster): each agent registers its
+    /// host while it runs.
+    Hosts(Json),
     /// Run the demo: a busy guest live-migrated with auto-converge between
     /// two agents on this machine.
     Demo(DemoArgs),

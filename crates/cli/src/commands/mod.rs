@@ -6,7 +6,9 @@
 //! - [`domains`]: define, start, stop, list and show domains.
 //! - [`jobs`]: migration jobs, their limits, estimates and records.
 //! - [`local`]: what needs no agent (`pki`, completions, the man page).
+//! - [`cluster`]: what the cluster's etcd says (`hosts`).
 
+pub mod cluster;
 pub mod domains;
 pub mod jobs;
 pub mod local;
@@ -42,6 +44,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => return crate::demo::run(args).await,
         Command::Completions { shell } => return local::completions(shell).map(print),
         Command::Man => return local::man().map(print),
+        Command::Hosts(json) => {
+            return cluster::hosts(cli.cluster.as_deref(), cli.insecure, tls_dir, json.json)
+                .await
+                .map(print)
+        }
         Command::Migrate(args) => {
             // Contradictory options are refused before any agent is
             // contacted, with the agent's own rules.
@@ -134,6 +141,7 @@ pub async fn execute(client: &Client, command: Command) -> Result<String> {
         | Command::Migrate(_)
         | Command::Completions { .. }
         | Command::Man
+        | Command::Hosts(_)
         | Command::Pki(_) => anyhow::bail!("run handles this command itself"),
     }
 }

@@ -3,6 +3,7 @@
 //! they take little CPU, so they run side by side.
 //!
 //! - [`bad_input`]: a clear error, and nothing changed.
+//! - [`cluster`]: hosts registered in a real etcd.
 //! - [`confinement`]: no definition makes a VM open a file it may not.
 //! - [`load`]: concurrent migrations and requests.
 //! - [`operator`]: progress, job statistics, history, reports, metrics.
@@ -13,6 +14,7 @@
 //! - [`security`]: TLS, roles, sockets, abusive clients.
 
 mod bad_input;
+mod cluster;
 mod confinement;
 mod load;
 mod operator;

@@ -1,0 +1,23 @@
+//! The cluster's shared state, kept in etcd (a real distributed store:
+//! leases, watches, transactions), never in a store of livemig's own. A
+//! single pair of agents works without it.
+//!
+//! - [`connect`]: a client to the etcd endpoints, over mutual TLS with a
+//!   certificate from the cluster's PKI (plaintext only when asked for).
+//! - [`membership`]: each agent registers its host under a lease, so it
+//!   is gone from the cluster within seconds of the agent dying.
+//!
+//! Keys live under `/livemig/`: `/livemig/hosts/NAME` holds a
+//! [`HostRecord`] as JSON.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod connect;
+pub mod membership;
+
+pub use connect::{Cluster, ClusterError, Endpoints, TlsFiles};
+pub use membership::{HostRecord, Registration};
+
+/// The prefix of every key livemig writes.
+pub const PREFIX: &str = "/livemig/";

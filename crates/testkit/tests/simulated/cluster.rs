@@ -1,0 +1,128 @@
+//! Hosts in a cluster: each agent started with `--cluster` registers its
+//! host in a real etcd (mutual TLS with the cluster's certificates) while it
+//! runs, and is gone from it within its lease of dying.
+
+use std::time::Duration;
+
+use guest::Workload;
+use protocol::Role;
+use testkit::etcd::Etcd;
+use testkit::{bin, wait_until, TestBed};
+
+/// `livemig --cluster ENDPOINT hosts --json`, as an administrator.
+fn hosts(bed: &TestBed, etcd: &Etcd) -> Vec<serde_json::Value> {
+    let admin = bed.certificate_dir("ops", Role::Admin);
+    let out = std::process::Command::new(bin("livemig"))
+        .args(["--cluster", &etcd.endpoint, "--tls-dir"])
+        .arg(&admin)
+        .args(["hosts", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn names(hosts: &[serde_json::Value]) -> Vec<&str> {
+    hosts.iter().map(|h| h["name"].as_str().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn agents_register_their_hosts_and_are_gone_within_their_lease_of_dying() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let args = [
+        "--cluster",
+        &etcd.endpoint,
+        "--timeout",
+        "cluster-lease=2s",
+        "--label",
+        "rack=r1",
+        "--link",
+        "100",
+    ];
+    let a = bed.host_args("a", &args).await;
+    let mut b = bed.host_args("b", &args).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
+
+    let listed = wait_until(
+        Duration::from_secs(20),
+        "both hosts registered, with a's guest",
+        || async {
+            let listed = hosts(&bed, &etcd);
+            let a_runs_vm = listed
+                .iter()
+                .any(|h| h["name"] == "agent-a" && h["domains"] == serde_json::json!(["vm"]));
+            (names(&listed) == ["agent-a", "agent-b"] && a_runs_vm).then_some(listed)
+        },
+    )
+    .await;
+    let record = &listed[0];
+    assert_eq!(record["agent_uri"], a.uri().as_str());
+    assert_eq!(record["labels"]["rack"], "r1");
+    assert_eq!(record["link_mib_s"], 100);
+    assert!(record["ram_free_mib"].as_u64().unwrap() > 0);
+    assert!(record["qemu_version"].as_str().unwrap().starts_with("7."));
+
+    // b's agent dies without a word: its lease runs out.
+    b.crash();
+    wait_until(
+        Duration::from_secs(15),
+        "b to leave the cluster",
+        || async { (names(&hosts(&bed, &etcd)) == ["agent-a"]).then_some(()) },
+    )
+    .await;
+    // a stops too.
+    drop(a);
+    wait_until(
+        Duration::from_secs(10),
+        "a to leave the cluster",
+        || async { hosts(&bed, &etcd).is_empty().then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_cluster_that_is_down_plaintext_or_not_given_is_a_clear_error() {
+    let bed = TestBed::simulated().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let agent_cert = bed.certificate("agent-x", Role::Agent, &["127.0.0.1"]);
+    let livemigd = |cluster: &str, dir: &str| {
+        std::process::Command::new(bin("livemigd"))
+            .arg("--state-dir")
+            .arg(bed.path().join(dir))
+            .args(["--listen", "tls://127.0.0.1:0", "--tls-dir"])
+            .arg(&agent_cert)
+            .args(["--cluster", cluster, "--hypervisor", "simulated"])
+            .output()
+            .unwrap()
+    };
+    for (cluster, says) in [
+        (
+            format!("https://127.0.0.1:{closed}"),
+            "cannot join the cluster",
+        ),
+        (format!("http://127.0.0.1:{closed}"), "plaintext"),
+        ("127.0.0.1:2379".to_string(), "expected https://"),
+    ] {
+        let out = livemigd(&cluster, "down");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cluster}: {stderr}");
+        assert!(stderr.contains(says), "{cluster}: {stderr}");
+    }
+
+    let out = std::process::Command::new(bin("livemig"))
+        .arg("hosts")
+        .env_remove("LIVEMIG_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--cluster"),
+        "{out:?}"
+    );
+}
