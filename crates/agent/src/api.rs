@@ -172,7 +172,15 @@ impl Agent {
         let binary = self.binary().await?;
         let binary = binary.as_ref();
         let spec = vm::spec_for(&def, binary, &self.uri, self.config.tcg_workaround)?;
-        let vm = vm::launch(self, &def, &spec, false, paused).await?;
+        // In a cluster, only where the cluster says it may run.
+        crate::membership::claim(self, name.as_str()).await?;
+        let vm = match vm::launch(self, &def, &spec, false, paused).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                crate::membership::release(self, name.as_str()).await;
+                return Err(e);
+            }
+        };
         if let Err(e) = self.table.attach_vm(name, vm.clone()) {
             vm.process.kill_and_wait(STOP_TIMEOUT).await;
             return Err(e);
@@ -188,6 +196,7 @@ impl Agent {
         let _guard = lock.lock().await;
         let vm = self.table.take_vm(name)?;
         vm.process.kill_and_wait(STOP_TIMEOUT).await;
+        crate::membership::release(self, name.as_str()).await;
         tracing::info!(domain = %name, "destroyed");
         self.table.drop_if_transient_and_idle(name);
         Ok(Reply::Done)

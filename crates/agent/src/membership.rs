@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cluster::{Cluster, Endpoints, HostRecord, TlsFiles};
+use cluster::{Claim, Cluster, Endpoints, HostRecord, TlsFiles};
+use protocol::{ApiError, ErrorCode};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +16,95 @@ use crate::state::Agent;
 
 /// How often the record is written again.
 const REFRESH: Duration = Duration::from_secs(3);
+
+/// This host, joined.
+#[derive(Debug, Clone)]
+pub(crate) struct Member {
+    pub cluster: Cluster,
+    /// Its name in the cluster (its agent certificate's).
+    pub name: String,
+}
+
+/// Claims `domain` for this host before it starts here: refused if the
+/// cluster says another host runs it, or cannot be asked (nothing starts
+/// while the cluster cannot tell who runs what). Outside a cluster, always
+/// granted.
+///
+/// # Errors
+/// [`ApiError`] naming the host that runs it, or the cluster's error.
+pub(crate) async fn claim(agent: &Agent, domain: &str) -> Result<(), ApiError> {
+    let Some(member) = agent.cluster.get() else {
+        return Ok(());
+    };
+    match member.cluster.claim(domain, &member.name).await {
+        Ok(Claim::Granted) => Ok(()),
+        Ok(Claim::HeldBy(host)) => Err(ApiError::new(
+            ErrorCode::OperationInvalid,
+            format!(
+                "domain '{domain}' runs on {host}, the cluster says: stop it there, or migrate \
+                 it here"
+            ),
+        )),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::PeerUnreachable,
+            format!(
+                "the cluster cannot say who runs '{domain}', so it is not started: {}",
+                crate::errors::chain(&e)
+            ),
+        )),
+    }
+}
+
+/// The domain stopped here: the cluster forgets it ran here.
+pub(crate) async fn release(agent: &Agent, domain: &str) {
+    let Some(member) = agent.cluster.get() else {
+        return;
+    };
+    if let Err(e) = member.cluster.release(domain, &member.name).await {
+        tracing::warn!(domain, error = %crate::errors::chain(&e), "the cluster could not be told the domain stopped here");
+    }
+}
+
+/// Switchover: the domain runs on `to` (its certificate's name) now.
+pub(crate) async fn hand_over(agent: &Agent, domain: &str, to: Option<&str>) {
+    let (Some(member), Some(to)) = (agent.cluster.get(), to) else {
+        return;
+    };
+    match member.cluster.hand_over(domain, &member.name, to).await {
+        Ok(true) => tracing::info!(
+            domain,
+            to,
+            "the cluster says the domain runs on its destination"
+        ),
+        Ok(false) => tracing::warn!(
+            domain,
+            to,
+            "the cluster did not have the domain on this host; its destination claims it"
+        ),
+        Err(e) => {
+            tracing::warn!(domain, error = %crate::errors::chain(&e), "the cluster could not be told of the switchover; the destination claims it")
+        }
+    }
+}
+
+/// Claims what runs here with no job (and not yet in the cluster's view:
+/// started before joining, or landed while the cluster was not told).
+async fn claim_running(agent: &Agent, member: &Member) {
+    for d in agent.table.all() {
+        if d.vm.is_none() || d.job.is_some() {
+            continue;
+        }
+        match member.cluster.claim(d.name.as_str(), &member.name).await {
+            Ok(Claim::Granted) => {}
+            Ok(Claim::HeldBy(host)) => {
+                tracing::error!(domain = %d.name, %host, "runs here, but the cluster says it runs on another host")
+            }
+            Err(e) => {
+                tracing::debug!(error = %crate::errors::chain(&e), "cannot claim running domains")
+            }
+        }
+    }
+}
 
 /// Why the host could not join its cluster.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +203,11 @@ pub(crate) async fn join(
         )
         .await?;
     tracing::info!(%endpoints, host = %name, "joined the cluster");
+    let member = Member {
+        cluster: cluster.clone(),
+        name: name.clone(),
+    };
+    let _ = agent.cluster.set(member.clone());
     let agent = agent.clone();
     let settings = settings.clone();
     Ok(tokio::spawn(async move {
@@ -126,6 +221,7 @@ pub(crate) async fn join(
                 }
                 _ = tokio::time::sleep(REFRESH) => {}
             }
+            claim_running(&agent, &member).await;
             let now = record(&agent, &name, &settings).await;
             if let Err(e) = registration.update(&now).await {
                 tracing::warn!(error = %crate::errors::chain(&e), "cannot update this host's record in the cluster");

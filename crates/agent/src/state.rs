@@ -42,6 +42,8 @@ pub(crate) struct Agent {
     pub qemu_credentials: Option<std::path::PathBuf>,
     /// What runs the guests.
     pub hypervisor: Box<dyn domain::hypervisor::Hypervisor>,
+    /// This host in its cluster, once joined (`--cluster`).
+    pub cluster: std::sync::OnceLock<crate::membership::Member>,
     /// The probed QEMU binary, with the fingerprint it was probed at.
     binary: tokio::sync::Mutex<Option<(Fingerprint, Arc<QemuBinary>)>>,
     /// Every domain, and what it is doing.
@@ -62,6 +64,7 @@ impl Agent {
         Agent {
             hypervisor: config.hypervisor.with_program(config.qemu.clone()),
             credentials,
+            cluster: std::sync::OnceLock::new(),
             qemu_credentials,
             config,
             store,

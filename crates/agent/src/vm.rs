@@ -194,6 +194,10 @@ pub(crate) fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>
         }
         if cleared {
             tracing::info!(domain = %name, exit = ?info, "QEMU exited");
+            // Stopped here: the cluster no longer has it running here (a
+            // domain handed over at switchover is not this host's to
+            // release).
+            crate::membership::release(&agent, name.as_str()).await;
             agent.table.drop_if_transient_and_idle(&name);
         }
     });

@@ -6,18 +6,23 @@
 //!   certificate from the cluster's PKI (plaintext only when asked for).
 //! - [`membership`]: each agent registers its host under a lease, so it
 //!   is gone from the cluster within seconds of the agent dying.
+//! - [`ownership`]: which host runs each domain, moved only by
+//!   compare-and-swap transactions.
 //!
 //! Keys live under `/livemig/`: `/livemig/hosts/NAME` holds a
-//! [`HostRecord`] as JSON.
+//! [`HostRecord`] as JSON, `/livemig/domains/NAME` the name of the host
+//! that runs the domain.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod connect;
 pub mod membership;
+pub mod ownership;
 
 pub use connect::{Cluster, ClusterError, Endpoints, TlsFiles};
 pub use membership::{HostRecord, Registration};
+pub use ownership::Claim;
 
 /// The prefix of every key livemig writes.
 pub const PREFIX: &str = "/livemig/";

@@ -80,7 +80,8 @@ pub enum Command {
     Suspend(DomainArg),
     /// Resume a paused domain.
     Resume(DomainArg),
-    /// List domains.
+    /// List domains (with --cluster: every domain running in the cluster,
+    /// and its host).
     List {
         /// Include inactive domains.
         #[arg(long)]

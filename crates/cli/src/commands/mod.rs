@@ -44,6 +44,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => return crate::demo::run(args).await,
         Command::Completions { shell } => return local::completions(shell).map(print),
         Command::Man => return local::man().map(print),
+        Command::List { json, .. } if cli.cluster.is_some() => {
+            return cluster::domains(cli.cluster.as_deref(), cli.insecure, tls_dir, json.json)
+                .await
+                .map(print)
+        }
         Command::Hosts(json) => {
             return cluster::hosts(cli.cluster.as_deref(), cli.insecure, tls_dir, json.json)
                 .await

@@ -126,3 +126,74 @@ async fn a_cluster_that_is_down_plaintext_or_not_given_is_a_clear_error() {
         "{out:?}"
     );
 }
+
+/// `livemig --cluster ENDPOINT list --json`: domain → host.
+fn owners(bed: &TestBed, etcd: &Etcd) -> Vec<(String, String)> {
+    let admin = bed.certificate_dir("ops", Role::Admin);
+    let out = std::process::Command::new(bin("livemig"))
+        .args(["--cluster", &etcd.endpoint, "--tls-dir"])
+        .arg(&admin)
+        .args(["list", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_string(),
+                r["host"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn runs_on(domain: &str, host: &str) -> Vec<(String, String)> {
+    vec![(domain.to_string(), host.to_string())]
+}
+
+#[tokio::test]
+async fn the_cluster_says_where_each_domain_runs_and_it_never_starts_on_a_second_host() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let args = ["--cluster", etcd.endpoint.as_str()];
+    let a = bed.host_args("a", &args).await;
+    let b = bed.host_args("b", &args).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::busy(4, 50_000)))
+        .await;
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+
+    let record = a.migrate_live("vm", &b).await;
+    assert_eq!(
+        record.status,
+        protocol::job::JobStatus::Completed,
+        "{record:?}"
+    );
+    // Handed over at switchover, in one transaction.
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-b"));
+
+    // a keeps its definition, shut off: starting it there would run the
+    // guest twice.
+    let start = || protocol::Request::Start {
+        domain: "vm".parse().unwrap(),
+        paused: false,
+    };
+    let refused = a.request(start()).await.unwrap_err().to_api();
+    assert!(refused.message.contains("runs on agent-b"), "{refused:?}");
+    assert!(a.qemu_pids().is_empty());
+
+    // Stopped on b, it may start on a.
+    b.request(protocol::Request::Destroy {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "b to release the domain",
+        || async { owners(&bed, &etcd).is_empty().then_some(()) },
+    )
+    .await;
+    a.request(start()).await.unwrap();
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+}

@@ -400,6 +400,9 @@ impl Run {
         };
 
         self.set_phase(Phase::Confirm);
+        // The guest runs on the destination: the cluster says so before
+        // the source's copy stops.
+        crate::membership::hand_over(&self.agent, self.name.as_str(), self.peer.name()).await;
         let vm = self
             .agent
             .table
