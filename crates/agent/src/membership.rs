@@ -55,6 +55,35 @@ pub(crate) async fn claim(agent: &Agent, domain: &str) -> Result<(), ApiError> {
     }
 }
 
+/// May a guest land here: not while the cluster has this host cordoned,
+/// nor while the cluster cannot say. Outside a cluster, always.
+///
+/// # Errors
+/// [`ApiError`] saying why, and how to lift a cordon.
+pub(crate) async fn takes_guests(agent: &Agent) -> Result<(), ApiError> {
+    let Some(member) = agent.cluster.get() else {
+        return Ok(());
+    };
+    let name = &member.name;
+    match member.cluster.cordon_of(name).await {
+        Ok(None) => Ok(()),
+        Ok(Some(cordon)) => Err(ApiError::new(
+            ErrorCode::OperationInvalid,
+            format!(
+                "host {name} is cordoned ({}): no guest lands here until `livemig uncordon {name}`",
+                cordon.reason
+            ),
+        )),
+        Err(e) => Err(ApiError::new(
+            ErrorCode::PeerUnreachable,
+            format!(
+                "the cluster cannot say whether {name} takes guests, so it takes none: {}",
+                crate::errors::chain(&e)
+            ),
+        )),
+    }
+}
+
 /// The domain stopped here: the cluster forgets it ran here.
 pub(crate) async fn release(agent: &Agent, domain: &str) {
     let Some(member) = agent.cluster.get() else {

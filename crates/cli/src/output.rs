@@ -278,8 +278,9 @@ pub fn record_summary(r: &JobRecord) -> String {
     out
 }
 
-/// One progress line, as `migrate --verbose` prints it.
-pub fn progress_line(job: &JobInfo) -> String {
+/// One progress line, as `migrate --verbose` prints it; `done` is the
+/// whole job's share (see `progress::Completion`).
+pub fn progress_line(job: &JobInfo, done: f64) -> String {
     let s = &job.stats;
     // Disks copied first: until memory moves, their copy is the progress.
     if let (None, Some(total), Some(done)) = (
@@ -309,12 +310,7 @@ pub fn progress_line(job: &JobInfo) -> String {
         );
     }
     let pct = match (s.memory_total_bytes, s.memory_remaining_bytes) {
-        (Some(total), Some(remaining)) if total > 0 => {
-            format!(
-                "{:3.0} %",
-                100.0 * (total.saturating_sub(remaining)) as f64 / total as f64
-            )
-        }
+        (Some(total), Some(_)) if total > 0 => format!("{:3.0} %", 100.0 * done),
         _ => "  - %".into(),
     };
     format!(

@@ -1,7 +1,8 @@
 //! Showing a running migration.
 //!
-//! On a terminal: a progress bar (indicatif) with the phase, the share of
-//! guest RAM sent in this pass, what is left, the transfer and dirty rates,
+//! On a terminal: a progress bar (indicatif) with the phase, how far the
+//! whole migration is (it never runs backwards: a new pass does not empty
+//! the bar, see [`Completion`]), what is left, the transfer and dirty rates,
 //! the throttle, the pass, the expected downtime and when the pass ends.
 //! Otherwise: one plain line a second. With `--json`: one NDJSON event a
 //! second (`progress`) and one per job action (`action`), on stdout, before
@@ -18,11 +19,36 @@ use crate::output;
 
 use types::units::MIB_F64 as MIB;
 const LINE_INTERVAL: Duration = Duration::from_secs(1);
+/// The bar's resolution.
+const BAR_STEPS: u64 = 1000;
 
 enum Display {
     Bar(ProgressBar),
     Lines,
     Json,
+}
+
+/// How far a migration is, as a share that only grows: the bytes sent
+/// over the bytes sent and still to send. A new pass finds pages dirtied
+/// again, so what is left jumps up and the share of *this pass* falls back
+/// (a bar at 96 % dropping to 58 %); the whole job's share is held at the
+/// highest it reached instead, and the pass is shown beside it.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Completion {
+    shown: f64,
+}
+
+impl Completion {
+    /// The share to show after this poll, 0 to 1.
+    pub fn next(&mut self, processed: Option<u64>, remaining: Option<u64>) -> f64 {
+        if let (Some(done), Some(left)) = (processed, remaining) {
+            let total = done.saturating_add(left);
+            if total > 0 {
+                self.shown = self.shown.max(done as f64 / total as f64);
+            }
+        }
+        self.shown
+    }
 }
 
 /// The progress display of one job.
@@ -31,6 +57,7 @@ pub struct Progress {
     job_id: String,
     last_line: Option<Instant>,
     actions_seen: usize,
+    completion: Completion,
 }
 
 impl Progress {
@@ -39,7 +66,7 @@ impl Progress {
         let display = if json {
             Display::Json
         } else if std::io::stdout().is_terminal() {
-            let bar = ProgressBar::new(1);
+            let bar = ProgressBar::new(BAR_STEPS);
             bar.set_style(
                 ProgressStyle::with_template(
                     "{spinner} {elapsed_precise} [{bar:28.cyan/blue}] {percent:>3}% {msg}",
@@ -57,6 +84,7 @@ impl Progress {
             job_id: job_id.to_string(),
             last_line: None,
             actions_seen: 0,
+            completion: Completion::default(),
         }
     }
 
@@ -68,15 +96,13 @@ impl Progress {
     /// Shows one poll of the job.
     pub fn update(&mut self, job: &JobInfo) {
         let new_actions = &job.actions[self.actions_seen.min(job.actions.len())..];
+        let s = &job.stats;
+        let done = self
+            .completion
+            .next(s.memory_processed_bytes, s.memory_remaining_bytes);
         match &self.display {
             Display::Bar(bar) => {
-                let s = &job.stats;
-                if let (Some(total), Some(remaining)) =
-                    (s.memory_total_bytes, s.memory_remaining_bytes)
-                {
-                    bar.set_length(total.max(1));
-                    bar.set_position(total.saturating_sub(remaining));
-                }
+                bar.set_position((done * BAR_STEPS as f64).round() as u64);
                 bar.set_message(summary(job));
                 for a in new_actions {
                     bar.println(format!(
@@ -89,7 +115,7 @@ impl Progress {
             Display::Lines => {
                 if self.last_line.is_none_or(|t| t.elapsed() >= LINE_INTERVAL) {
                     self.last_line = Some(Instant::now());
-                    println!("{}", output::progress_line(job));
+                    println!("{}", output::progress_line(job, done));
                 }
                 for a in new_actions {
                     println!("Action: {:.1} s {}", a.t_ms as f64 / 1000.0, describe(a));
@@ -185,4 +211,32 @@ pub fn progress_event(job_id: &str, job: &JobInfo) -> serde_json::Value {
         "throttle_pct": job.throttle_pct.max(s.cpu_throttle_pct.unwrap_or(0) as f64),
         "expected_downtime_ms": s.expected_downtime_ms,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_never_runs_backwards_when_a_new_pass_begins() {
+        let mut c = Completion::default();
+        let mib = 1 << 20;
+        // Pass 1 sends 90 of 100 MiB; pass 2 finds 60 MiB dirtied again.
+        let polls = [
+            (Some(10 * mib), Some(90 * mib)),
+            (Some(90 * mib), Some(10 * mib)),
+            (Some(100 * mib), Some(60 * mib)),
+            (Some(130 * mib), Some(30 * mib)),
+            (None, None),
+            (Some(160 * mib), Some(0)),
+        ];
+        let shown: Vec<f64> = polls.iter().map(|(d, r)| c.next(*d, *r)).collect();
+        assert!(shown.windows(2).all(|w| w[1] >= w[0]), "{shown:?}");
+        assert!((shown[1] - 0.9).abs() < 1e-9, "{shown:?}");
+        assert!(
+            (shown[2] - 0.9).abs() < 1e-9,
+            "held at 90 %, not 62 %: {shown:?}"
+        );
+        assert_eq!(shown[5], 1.0);
+    }
 }

@@ -8,19 +8,22 @@
 //!   is gone from the cluster within seconds of the agent dying.
 //! - [`ownership`]: which host runs each domain, moved only by
 //!   compare-and-swap transactions.
+//! - [`cordon`]: hosts no new guest lands on.
 //!
 //! Keys live under `/livemig/`: `/livemig/hosts/NAME` holds a
 //! [`HostRecord`] as JSON, `/livemig/domains/NAME` the name of the host
-//! that runs the domain.
+//! that runs the domain, `/livemig/cordons/NAME` a [`Cordon`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod connect;
+pub mod cordon;
 pub mod membership;
 pub mod ownership;
 
 pub use connect::{Cluster, ClusterError, Endpoints, TlsFiles};
+pub use cordon::Cordon;
 pub use membership::{HostRecord, Registration};
 pub use ownership::Claim;
 

@@ -209,6 +209,20 @@ pub enum Command {
     /// List the cluster's hosts (needs --cluster): each agent registers its
     /// host while it runs.
     Hosts(Json),
+    /// Cordon a host of the cluster (needs --cluster): no new guest lands
+    /// there; what runs there goes on.
+    Cordon {
+        /// The host, by its name in the cluster.
+        host: String,
+        /// Why (shown in `hosts` and in refusals).
+        #[arg(long, default_value = "cordoned")]
+        reason: String,
+    },
+    /// Lift a host's cordon (needs --cluster).
+    Uncordon {
+        /// The host.
+        host: String,
+    },
     /// Run the demo: a busy guest live-migrated with auto-converge between
     /// two agents on this machine.
     Demo(DemoArgs),

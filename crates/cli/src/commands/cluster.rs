@@ -1,5 +1,5 @@
 //! The cluster commands: what the cluster's etcd holds (`hosts`, `list
-//! --cluster`).
+//! --cluster`) and cordons (`cordon`, `uncordon`).
 
 use std::path::Path;
 
@@ -59,21 +59,36 @@ pub async fn hosts(
 ) -> Result<String> {
     let cluster = connect(urls, insecure, tls_dir).await?;
     let hosts = cluster.hosts().await?;
+    let cordons = cluster.cordons().await?;
     if json {
-        return super::json(&hosts);
+        let rows: Vec<serde_json::Value> = hosts
+            .iter()
+            .map(|h| {
+                let mut row = serde_json::to_value(h).expect("a host record serializes");
+                row["cordoned"] = serde_json::to_value(cordons.get(&h.name)).unwrap_or_default();
+                row
+            })
+            .collect();
+        return super::json(&rows);
     }
     let mut out = format!(
-        "{:<16} {:<24} {:<8} {:>10} {:>8}  {}\n",
-        "NAME", "AGENT", "QEMU", "RAM FREE", "DOMAINS", "CPU"
+        "{:<16} {:<24} {:<8} {:>10} {:>8}  {:<10} {}\n",
+        "NAME", "AGENT", "QEMU", "RAM FREE", "DOMAINS", "STATE", "CPU"
     );
     for h in &hosts {
+        let state = if cordons.contains_key(&h.name) {
+            "cordoned"
+        } else {
+            "ready"
+        };
         out.push_str(&format!(
-            "{:<16} {:<24} {:<8} {:>6} MiB {:>8}  {}\n",
+            "{:<16} {:<24} {:<8} {:>6} MiB {:>8}  {:<10} {}\n",
             h.name,
             h.agent_uri,
             h.qemu_version,
             h.ram_free_mib,
             h.domains.len(),
+            state,
             h.cpu_model
         ));
     }
@@ -81,4 +96,60 @@ pub async fn hosts(
         out.push_str("(no host is registered: start livemigd with --cluster)\n");
     }
     Ok(out)
+}
+
+/// `cordon HOST`: no new guest lands on a registered host.
+///
+/// # Errors
+/// A host the cluster does not have, or an etcd that does not answer.
+pub async fn cordon(
+    urls: Option<&str>,
+    insecure: bool,
+    tls_dir: Option<&Path>,
+    host: &str,
+    reason: &str,
+) -> Result<String> {
+    let cluster = connect(urls, insecure, tls_dir).await?;
+    let hosts = cluster.hosts().await?;
+    if !hosts.iter().any(|h| h.name == host) {
+        let known: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+        anyhow::bail!(
+            "no host {host:?} in the cluster (registered: {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        );
+    }
+    let at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    cluster
+        .cordon(
+            host,
+            &cluster::Cordon {
+                reason: reason.to_string(),
+                at_ms,
+            },
+        )
+        .await?;
+    Ok(format!("{host} cordoned: no new guest lands there\n"))
+}
+
+/// `uncordon HOST`.
+///
+/// # Errors
+/// A host that is not cordoned, or an etcd that does not answer.
+pub async fn uncordon(
+    urls: Option<&str>,
+    insecure: bool,
+    tls_dir: Option<&Path>,
+    host: &str,
+) -> Result<String> {
+    let cluster = connect(urls, insecure, tls_dir).await?;
+    if !cluster.uncordon(host).await? {
+        anyhow::bail!("{host} is not cordoned");
+    }
+    Ok(format!("{host} uncordoned\n"))
 }

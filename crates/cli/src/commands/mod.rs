@@ -49,6 +49,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .map(print)
         }
+        Command::Cordon { host, reason } => {
+            return cluster::cordon(
+                cli.cluster.as_deref(),
+                cli.insecure,
+                tls_dir,
+                &host,
+                &reason,
+            )
+            .await
+            .map(print)
+        }
+        Command::Uncordon { host } => {
+            return cluster::uncordon(cli.cluster.as_deref(), cli.insecure, tls_dir, &host)
+                .await
+                .map(print)
+        }
         Command::Hosts(json) => {
             return cluster::hosts(cli.cluster.as_deref(), cli.insecure, tls_dir, json.json)
                 .await
@@ -147,6 +163,8 @@ pub async fn execute(client: &Client, command: Command) -> Result<String> {
         | Command::Completions { .. }
         | Command::Man
         | Command::Hosts(_)
+        | Command::Cordon { .. }
+        | Command::Uncordon { .. }
         | Command::Pki(_) => anyhow::bail!("run handles this command itself"),
     }
 }

@@ -197,3 +197,80 @@ async fn the_cluster_says_where_each_domain_runs_and_it_never_starts_on_a_second
     a.request(start()).await.unwrap();
     assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
 }
+
+/// `livemig --cluster ENDPOINT ARGS...` as an administrator.
+fn cluster_cli(bed: &TestBed, etcd: &Etcd, args: &[&str]) -> std::process::Output {
+    let admin = bed.certificate_dir("ops", Role::Admin);
+    std::process::Command::new(bin("livemig"))
+        .args(["--cluster", &etcd.endpoint, "--tls-dir"])
+        .arg(&admin)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_cordoned_host_takes_no_guest_until_it_is_uncordoned() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let args = ["--cluster", etcd.endpoint.as_str()];
+    let a = bed.host_args("a", &args).await;
+    let b = bed.host_args("b", &args).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::busy(4, 50_000)))
+        .await;
+    wait_until(Duration::from_secs(20), "both hosts registered", || async {
+        (hosts(&bed, &etcd).len() == 2).then_some(())
+    })
+    .await;
+
+    let out = cluster_cli(
+        &bed,
+        &etcd,
+        &["cordon", "agent-b", "--reason", "kernel update"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let listed = hosts(&bed, &etcd);
+    assert_eq!(listed[1]["cordoned"]["reason"], "kernel update");
+    assert!(listed[0]["cordoned"].is_null());
+
+    let refused = a
+        .start_migration(
+            "vm",
+            &b.uri(),
+            protocol::MigrateOptions {
+                live: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err()
+        .to_api();
+    assert!(
+        refused.message.contains("cordoned (kernel update)"),
+        "{refused:?}"
+    );
+    assert!(b.qemu_pids().is_empty());
+    assert_eq!(a.qemu_pids().len(), 1, "the guest stays on a");
+
+    // Bad input changes nothing.
+    let out = cluster_cli(&bed, &etcd, &["cordon", "agent-z"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no host \"agent-z\""),
+        "{out:?}"
+    );
+
+    let out = cluster_cli(&bed, &etcd, &["uncordon", "agent-b"]);
+    assert!(out.status.success(), "{out:?}");
+    let record = a.migrate_live("vm", &b).await;
+    assert_eq!(
+        record.status,
+        protocol::job::JobStatus::Completed,
+        "{record:?}"
+    );
+    let out = cluster_cli(&bed, &etcd, &["uncordon", "agent-b"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not cordoned"),
+        "{out:?}"
+    );
+}

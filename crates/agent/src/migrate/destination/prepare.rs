@@ -32,6 +32,7 @@ use crate::vm;
 /// capabilities.
 pub(crate) async fn probe(agent: &Arc<Agent>, probe: ProbeRequest) -> Result<Reply, ApiError> {
     let flags = Flags::new(probe.flags).map_err(|e| errors::invalid(e.to_string()))?;
+    crate::membership::takes_guests(agent).await?;
     let binary = agent.binary().await?;
     let binary = binary.as_ref();
     support::check(&flags, Role::Destination, &agent.uri, binary)
@@ -103,6 +104,7 @@ pub(crate) async fn prepare(
     ctx: &ConnContext,
 ) -> Result<Reply, ApiError> {
     let req = Incoming::try_from(req)?;
+    crate::membership::takes_guests(agent).await?;
     // The definition names files on this host: the same rules as `define`.
     agent.check_paths(&req.definition).await?;
     let span = tracing::info_span!("job", id = %req.job_id, domain = %req.definition.name, role = "destination");
