@@ -90,6 +90,10 @@ impl Agent {
             }
             Request::MigratePostcopy { domain } => self.start_postcopy(&domain).await,
             Request::Job { id } => self.job(&id, &ctx.caller).await,
+            // Served by the connection itself (see `watch`).
+            Request::Watch { .. } => Err(errors::invalid(
+                "watch streams on its own connection and takes it over",
+            )),
             Request::Jobs { domain, limit } => self
                 .history
                 .list(domain.map(|d| d.to_string()), limit)

@@ -46,6 +46,7 @@ mod taps;
 pub mod throttles;
 pub mod timeouts;
 mod vm;
+mod watch;
 
 pub use config::Config;
 pub use server::{run, serve, Listeners, RunError};

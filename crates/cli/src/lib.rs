@@ -24,3 +24,4 @@ mod limits;
 mod migrate;
 pub mod output;
 mod progress;
+mod watch;

@@ -267,6 +267,67 @@ impl Client {
         })
     }
 
+    /// Watches the agent's jobs (or `domain`'s): hands each event to
+    /// `each` until it returns false, or the agent closes the connection.
+    /// Every event arrives within a second or so of the last while a job
+    /// runs; there is no overall time limit, so wrap the call in one if
+    /// needed. The connection serves nothing else meanwhile.
+    ///
+    /// # Errors
+    /// [`ClientError::Api`] when the agent refuses (a role that may not
+    /// read); the other variants when the conversation fails.
+    pub async fn watch(
+        &self,
+        domain: Option<types::DomainName>,
+        mut each: impl FnMut(crate::WatchEvent) -> bool,
+    ) -> Result<(), ClientError> {
+        let uri = self.uri.to_string();
+        let mut conn = self.connection.lock().await;
+        let id = conn.next_id;
+        conn.next_id += 1;
+        let envelope = RequestEnvelope {
+            version: PROTOCOL_VERSION,
+            id,
+            request: Request::Watch { domain },
+        };
+        write_message(conn.stream.get_mut(), &envelope)
+            .await
+            .map_err(|source| ClientError::Codec {
+                uri: uri.clone(),
+                source,
+            })?;
+        loop {
+            let response = match read_message::<_, ResponseEnvelope>(&mut conn.stream).await {
+                Err(source) => return Err(ClientError::Codec { uri, source }),
+                Ok(None) => return Ok(()),
+                Ok(Some(response)) => response,
+            };
+            if response.version != PROTOCOL_VERSION || response.id != id {
+                return Err(ClientError::Protocol {
+                    uri,
+                    version: response.version,
+                });
+            }
+            match response.result {
+                ResponseResult::Ok(Reply::Watch(event)) => {
+                    if !each(*event) {
+                        // Ending the watch leaves the connection unusable
+                        // for requests: the agent may have more in flight.
+                        return Ok(());
+                    }
+                }
+                ResponseResult::Ok(reply) => {
+                    return Err(ClientError::UnexpectedReply {
+                        uri,
+                        op: "watch",
+                        reply: Box::new(reply),
+                    })
+                }
+                ResponseResult::Error(e) => return Err(ClientError::Api(e)),
+            }
+        }
+    }
+
     /// Sends a request and waits up to `timeout` for its reply.
     ///
     /// # Errors

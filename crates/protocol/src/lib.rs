@@ -49,7 +49,7 @@ pub use client::{Client, ClientError, REQUEST_TIMEOUT};
 pub use envelope::PROTOCOL_VERSION;
 pub use error::{ApiError, ErrorCode};
 pub use migrate::{ConvergeMode, MigrateOptions, TimeoutAction};
-pub use reply::Reply;
+pub use reply::{Reply, WatchEvent};
 pub use request::Request;
 pub use uri::{AgentUri, BadAgentUri};
 

@@ -69,6 +69,8 @@ pub enum Reply {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nbd_port: Option<u16>,
     },
+    /// One of the answers to `watch`.
+    Watch(Box<WatchEvent>),
     /// Answer to `peer-finish`: the guest runs here.
     Finished,
     /// Answer to `peer-abort`: whether the guest already runs here (the
@@ -76,5 +78,22 @@ pub enum Reply {
     Aborted {
         /// The guest runs on the destination.
         guest_running_here: bool,
+    },
+}
+
+/// What `watch` reports of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum WatchEvent {
+    /// A job as it runs: its phase, progress and actions (sent every half
+    /// second while it runs).
+    Progress {
+        /// The job.
+        job: Box<JobInfo>,
+    },
+    /// A job has ended: its record.
+    Ended {
+        /// The record.
+        record: Box<JobRecord>,
     },
 }

@@ -109,6 +109,14 @@ pub enum Request {
         /// The domain.
         domain: DomainName,
     },
+    /// Every job on this agent as it goes (or only `domain`'s): a stream
+    /// of [`crate::Reply::Watch`] answers under the request's id, until the
+    /// client sends anything else or hangs up.
+    Watch {
+        /// Only this domain's jobs.
+        #[serde(default)]
+        domain: Option<DomainName>,
+    },
     /// Finished jobs, newest first.
     Jobs {
         /// Only this domain's.
@@ -188,6 +196,7 @@ impl Request {
             Request::MigrateSetMaxDowntime { .. } => "migrate-set-max-downtime",
             Request::MigratePostcopy { .. } => "migrate-postcopy",
             Request::Jobs { .. } => "jobs",
+            Request::Watch { .. } => "watch",
             Request::Estimate { .. } => "estimate",
             Request::Job { .. } => "job",
             Request::QemuMonitorCommand { .. } => "qemu-monitor-command",
@@ -209,6 +218,7 @@ impl Request {
             | Request::DomCapabilities
             | Request::DomJobInfo { .. }
             | Request::Jobs { .. }
+            | Request::Watch { .. }
             | Request::Job { .. } => Access::Read,
             Request::Define { .. }
             | Request::Undefine { .. }

@@ -78,6 +78,14 @@ pub(super) async fn serve_requests<R, W>(
                 break;
             }
         };
+        // A watch streams on this connection until the client is done.
+        if let protocol::Request::Watch { domain } = &envelope.request {
+            if envelope.version == PROTOCOL_VERSION && ctx.caller.role().allows(&envelope.request) {
+                crate::watch::serve(&agent, domain.clone(), envelope.id, &mut reader, &mut write)
+                    .await;
+                break;
+            }
+        }
         let result = if envelope.version != PROTOCOL_VERSION {
             Err(ApiError::new(
                 ErrorCode::Protocol,

@@ -170,6 +170,14 @@ pub enum Command {
         #[command(flatten)]
         json: Json,
     },
+    /// Follow every migration job on the agent as it goes (or one
+    /// domain's), whoever started it, until interrupted.
+    Watch {
+        /// Only this domain's jobs.
+        domain: Option<String>,
+        #[command(flatten)]
+        json: Json,
+    },
     /// List finished migration jobs, newest first.
     Jobs {
         /// Only this domain's jobs.

@@ -85,6 +85,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let client = connect(uri, tls_dir).await?;
             return domains::define(&client, definition, &file).await.map(print);
         }
+        Command::Watch { domain, json } => {
+            let client = connect(uri, tls_dir).await?;
+            return crate::watch::run(&client, domain.as_deref(), json.json).await;
+        }
         command => command,
     };
     let client = connect(uri, tls_dir).await?;
@@ -164,6 +168,7 @@ pub async fn execute(client: &Client, command: Command) -> Result<String> {
         | Command::Man
         | Command::Hosts(_)
         | Command::Cordon { .. }
+        | Command::Watch { .. }
         | Command::Uncordon { .. }
         | Command::Pki(_) => anyhow::bail!("run handles this command itself"),
     }

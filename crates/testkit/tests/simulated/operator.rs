@@ -521,3 +521,70 @@ async fn the_qemu_probe_is_kept_across_restarts_and_redone_when_the_binary_chang
     let log = std::fs::read_to_string(a.state_dir().join("livemigd.log")).unwrap();
     assert!(log.contains("changed since its last probe"), "{log}");
 }
+
+#[tokio::test]
+async fn anyone_who_may_read_follows_every_job_to_its_end_with_watch() {
+    use std::io::BufRead;
+    let bed = TestBed::simulated().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, MOVING).await;
+    // A monitor's certificate, in a process of its own: not the CLI that
+    // started the migration.
+    let monitor = bed.certificate_dir("grafana", protocol::Role::Monitor);
+    let mut watcher = std::process::Command::new(testkit::bin("livemig"))
+        .args(["-c", &a.uri(), "--tls-dir"])
+        .arg(&monitor)
+        .args(["watch", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watcher.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    // Slow enough to be seen in flight.
+    let record = a.migrate("vm", &b, capped(8)).await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+
+    let mut events: Vec<serde_json::Value> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !events
+        .iter()
+        .any(|e| e["event"] == "ended" && e["record"]["id"] == record.id.as_str())
+    {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .expect("the watch reports the job's end");
+        events.push(serde_json::from_str(&line).unwrap());
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+
+    let phases: Vec<&str> = events
+        .iter()
+        .filter(|e| e["event"] == "progress" && e["job"]["id"] == record.id.as_str())
+        .map(|e| e["job"]["phase"].as_str().unwrap())
+        .collect();
+    assert!(phases.contains(&"perform"), "{phases:?}");
+    let ended = events.last().unwrap();
+    assert_eq!(ended["record"]["status"], "completed");
+
+    // A peer's certificate may not watch.
+    let rogue = testkit::rogue::client(&bed, &a).await;
+    let refused = rogue.watch(None, |_| true).await.unwrap_err().to_api();
+    assert_eq!(
+        refused.code,
+        protocol::ErrorCode::PermissionDenied,
+        "{refused:?}"
+    );
+}
