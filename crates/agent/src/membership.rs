@@ -84,6 +84,47 @@ pub(crate) async fn takes_guests(agent: &Agent) -> Result<(), ApiError> {
     }
 }
 
+/// `options` with the cluster's policy for `domain` (by its labels) where
+/// the user gave nothing. Outside a cluster, or with no labels, unchanged.
+///
+/// # Errors
+/// [`ApiError`] when the cluster cannot be asked: no migration starts on
+/// settings that may not be the ones the operator set.
+pub(crate) async fn with_policy(
+    agent: &Agent,
+    domain: &domain::DomainName,
+    options: protocol::MigrateOptions,
+) -> Result<protocol::MigrateOptions, ApiError> {
+    let Some(member) = agent.cluster.get() else {
+        return Ok(options);
+    };
+    let Ok(view) = agent.table.get(domain) else {
+        return Ok(options);
+    };
+    if view.definition.labels.is_empty() {
+        return Ok(options);
+    }
+    let policies = member.cluster.policies().await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::PeerUnreachable,
+            format!(
+                "the cluster cannot say which policy applies to '{domain}', so it is not \
+                 migrated: {}",
+                crate::errors::chain(&e)
+            ),
+        )
+    })?;
+    Ok(
+        match cluster::policy::choose(&policies, &view.definition.labels) {
+            Some(policy) => {
+                tracing::info!(%domain, policy = %policy.name, "migration policy applies");
+                policy.apply(options)
+            }
+            None => options,
+        },
+    )
+}
+
 /// The domain stopped here: the cluster forgets it ran here.
 pub(crate) async fn release(agent: &Agent, domain: &str) {
     let Some(member) = agent.cluster.get() else {

@@ -9,6 +9,7 @@
 //! - [`ownership`]: which host runs each domain, moved only by
 //!   compare-and-swap transactions.
 //! - [`cordon`]: hosts no new guest lands on.
+//! - [`policy`]: migration settings by domain labels.
 //!
 //! Keys live under `/livemig/`: `/livemig/hosts/NAME` holds a
 //! [`HostRecord`] as JSON, `/livemig/domains/NAME` the name of the host
@@ -21,11 +22,13 @@ pub mod connect;
 pub mod cordon;
 pub mod membership;
 pub mod ownership;
+pub mod policy;
 
 pub use connect::{Cluster, ClusterError, Endpoints, TlsFiles};
 pub use cordon::Cordon;
 pub use membership::{HostRecord, Registration};
 pub use ownership::Claim;
+pub use policy::{Policy, PolicyError};
 
 /// The prefix of every key livemig writes.
 pub const PREFIX: &str = "/livemig/";

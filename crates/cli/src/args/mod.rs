@@ -231,6 +231,10 @@ pub enum Command {
         /// The host.
         host: String,
     },
+    /// The cluster's migration policies (needs --cluster): settings for
+    /// the domains whose labels a selector matches.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Run the demo: a busy guest live-migrated with auto-converge between
     /// two agents on this machine.
     Demo(DemoArgs),
@@ -270,6 +274,44 @@ pub enum PkiCommand {
         /// The PKI directory (from `pki init`).
         dir: PathBuf,
         /// The holder whose certificate is revoked.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create or replace a policy. The most specific matching selector
+    /// wins (ties: the first name); options given to `migrate` win over it.
+    Set {
+        /// The policy's name.
+        name: String,
+        /// The labels a domain must carry, KEY=VALUE[,KEY=VALUE...].
+        #[arg(long, value_name = "LABELS")]
+        selector: String,
+        /// none, qemu or adaptive.
+        #[arg(long, value_enum)]
+        converge: Option<migrate::ConvergeArg>,
+        /// The downtime the adaptive controller may grow to, ms.
+        #[arg(long, value_name = "MS")]
+        max_downtime: Option<u64>,
+        /// The adaptive controller's highest vCPU throttle, percent.
+        #[arg(long, value_name = "PCT")]
+        max_throttle: Option<f64>,
+        /// The adaptive controller may switch to post-copy.
+        #[arg(long)]
+        allow_postcopy: bool,
+        /// Bandwidth, MiB/s.
+        #[arg(long, value_name = "MIB_S")]
+        bandwidth: Option<u64>,
+        /// Time limit, s.
+        #[arg(long, value_name = "S")]
+        timeout: Option<u64>,
+    },
+    /// List the policies.
+    List(Json),
+    /// Remove a policy.
+    Rm {
+        /// The policy's name.
         name: String,
     },
 }

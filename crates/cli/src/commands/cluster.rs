@@ -1,5 +1,5 @@
 //! The cluster commands: what the cluster's etcd holds (`hosts`, `list
-//! --cluster`) and cordons (`cordon`, `uncordon`).
+//! --cluster`), cordons (`cordon`, `uncordon`) and policies (`policy`).
 
 use std::path::Path;
 
@@ -152,4 +152,94 @@ pub async fn uncordon(
         anyhow::bail!("{host} is not cordoned");
     }
     Ok(format!("{host} uncordoned\n"))
+}
+
+/// `policy set|list|rm`.
+///
+/// # Errors
+/// A malformed or contradictory policy (refused before etcd is
+/// contacted), a policy that does not exist, or an etcd that does not
+/// answer.
+pub async fn policy(
+    urls: Option<&str>,
+    insecure: bool,
+    tls_dir: Option<&Path>,
+    command: crate::args::PolicyCommand,
+) -> Result<String> {
+    use crate::args::PolicyCommand;
+    match command {
+        PolicyCommand::Set {
+            name,
+            selector,
+            converge,
+            max_downtime,
+            max_throttle,
+            allow_postcopy,
+            bandwidth,
+            timeout,
+        } => {
+            let policy = cluster::Policy {
+                name: name.clone(),
+                selector: cluster::policy::parse_selector(&selector)?,
+                converge: converge.map(Into::into),
+                max_downtime_ms: max_downtime,
+                max_throttle_pct: max_throttle,
+                bandwidth_mib_s: bandwidth,
+                timeout_s: timeout,
+                allow_postcopy,
+            };
+            policy.check()?;
+            let cluster = connect(urls, insecure, tls_dir).await?;
+            cluster.set_policy(&policy).await?;
+            Ok(format!("policy {name} set\n"))
+        }
+        PolicyCommand::List(json) => {
+            let cluster = connect(urls, insecure, tls_dir).await?;
+            let policies = cluster.policies().await?;
+            if json.json {
+                return super::json(&policies);
+            }
+            let mut out = format!("{:<16} {:<24} {}\n", "NAME", "SELECTOR", "SETTINGS");
+            for p in &policies {
+                let selector: Vec<String> =
+                    p.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let mut settings = Vec::new();
+                if let Some(c) = p.converge {
+                    settings.push(format!(
+                        "converge {}",
+                        serde_json::to_value(c)?.as_str().unwrap_or("?")
+                    ));
+                }
+                if let Some(d) = p.max_downtime_ms {
+                    settings.push(format!("max-downtime {d} ms"));
+                }
+                if let Some(t) = p.max_throttle_pct {
+                    settings.push(format!("max-throttle {t} %"));
+                }
+                if p.allow_postcopy {
+                    settings.push("allow-postcopy".into());
+                }
+                if let Some(b) = p.bandwidth_mib_s {
+                    settings.push(format!("bandwidth {b} MiB/s"));
+                }
+                if let Some(t) = p.timeout_s {
+                    settings.push(format!("timeout {t} s"));
+                }
+                out.push_str(&format!(
+                    "{:<16} {:<24} {}\n",
+                    p.name,
+                    selector.join(","),
+                    settings.join(", ")
+                ));
+            }
+            Ok(out)
+        }
+        PolicyCommand::Rm { name } => {
+            let cluster = connect(urls, insecure, tls_dir).await?;
+            if !cluster.remove_policy(&name).await? {
+                anyhow::bail!("no policy {name:?}");
+            }
+            Ok(format!("policy {name} removed\n"))
+        }
+    }
 }

@@ -60,6 +60,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .map(print)
         }
+        Command::Policy(command) => {
+            return cluster::policy(cli.cluster.as_deref(), cli.insecure, tls_dir, command)
+                .await
+                .map(print)
+        }
         Command::Uncordon { host } => {
             return cluster::uncordon(cli.cluster.as_deref(), cli.insecure, tls_dir, &host)
                 .await
@@ -169,6 +174,7 @@ pub async fn execute(client: &Client, command: Command) -> Result<String> {
         | Command::Hosts(_)
         | Command::Cordon { .. }
         | Command::Watch { .. }
+        | Command::Policy(_)
         | Command::Uncordon { .. }
         | Command::Pki(_) => anyhow::bail!("run handles this command itself"),
     }

@@ -112,6 +112,10 @@ pub struct DomainDefinition {
     #[serde(default)]
     /// The serial console.
     pub serial: Serial,
+    /// Labels a cluster's migration policies select the domain by
+    /// (`labels = { tier = "db" }`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn one() -> u32 {
@@ -174,6 +178,17 @@ pub enum DefinitionError {
     #[error("the definition has nothing to boot: give [kernel] or [[disks]]")]
     /// Neither a kernel nor a disk.
     NoBootSource,
+    /// A label whose key or value is not a plain name.
+    #[error(
+        "label {key:?} = {value:?}: keys and values are 1 to 64 letters, digits, '.', '_' \
+         or '-'"
+    )]
+    Label {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
     #[error("{what} path {path:?} must be absolute")]
     /// A relative path.
     RelativePath {
@@ -330,6 +345,16 @@ impl DomainDefinition {
         }
         if self.kernel.is_none() && self.disks.is_empty() {
             return Err(DefinitionError::NoBootSource);
+        }
+        if let Some((key, value)) = self
+            .labels
+            .iter()
+            .find(|(k, v)| !is_plain_name(k) || !is_plain_name(v))
+        {
+            return Err(DefinitionError::Label {
+                key: key.clone(),
+                value: value.clone(),
+            });
         }
         let mut paths: Vec<(&'static str, &Path)> = Vec::new();
         if let Some(k) = &self.kernel {

@@ -274,3 +274,88 @@ async fn a_cordoned_host_takes_no_guest_until_it_is_uncordoned() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn a_policy_chosen_by_labels_sets_what_the_user_did_not() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let args = ["--cluster", etcd.endpoint.as_str()];
+    let a = bed.host_args("a", &args).await;
+    let b = bed.host_args("b", &args).await;
+    let labelled = domain::DomainDefinition::from_toml(&format!(
+        "{}[labels]\ntier = \"db\"\n",
+        guest::definition_toml("vm", 64, bed.kernel(), Workload::busy(4, 50_000))
+    ))
+    .unwrap();
+    a.define_and_start(labelled).await;
+
+    // Refused before anything is stored.
+    for (bad, says) in [
+        (vec!["--selector", "tier"], "expected KEY=VALUE"),
+        (
+            vec!["--selector", "tier=db", "--max-downtime", "400"],
+            "--converge adaptive",
+        ),
+    ] {
+        let mut command = vec!["policy", "set", "bad"];
+        command.extend(bad);
+        let out = cluster_cli(&bed, &etcd, &command);
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{out:?}"
+        );
+    }
+    let out = cluster_cli(
+        &bed,
+        &etcd,
+        &[
+            "policy",
+            "set",
+            "db",
+            "--selector",
+            "tier=db",
+            "--converge",
+            "adaptive",
+            "--max-downtime",
+            "400",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let listed = cluster_cli(&bed, &etcd, &["policy", "list", "--json"]);
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["selector"]["tier"], "db");
+
+    // No option given: the policy's.
+    let there = a.migrate_live("vm", &b).await;
+    assert_eq!(
+        there.status,
+        protocol::job::JobStatus::Completed,
+        "{there:?}"
+    );
+    assert_eq!(there.converge, protocol::ConvergeMode::Adaptive);
+    // An option given wins.
+    let back = b
+        .migrate(
+            "vm",
+            &a,
+            protocol::MigrateOptions {
+                live: true,
+                converge: Some(protocol::ConvergeMode::Qemu),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(back.status, protocol::job::JobStatus::Completed, "{back:?}");
+    assert_eq!(back.converge, protocol::ConvergeMode::Qemu);
+
+    assert!(cluster_cli(&bed, &etcd, &["policy", "rm", "db"])
+        .status
+        .success());
+    let out = cluster_cli(&bed, &etcd, &["policy", "rm", "db"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no policy"),
+        "{out:?}"
+    );
+}

@@ -48,6 +48,8 @@ pub(crate) async fn begin(
     options: MigrateOptions,
 ) -> Result<Reply, ApiError> {
     let begun = Instant::now();
+    // In a cluster, the domain's policy fills in what the user left unset.
+    let options = crate::membership::with_policy(agent, name, options).await?;
     let flags = Flags::new(options).map_err(|e| errors::invalid(e.to_string()))?;
     let dest_uri: AgentUri = destination
         .parse()
