@@ -76,3 +76,22 @@ fn memory_zero_and_huge_are_refused() {
         );
     }
 }
+
+/// The definition README.md shows is one the agent takes, every key of it.
+#[test]
+fn the_readme_s_example_definition_parses() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"),
+    )
+    .unwrap();
+    let start = readme
+        .find("```toml\nname = \"web1\"")
+        .expect("the example")
+        + "```toml\n".len();
+    let end = start + readme[start..].find("```").unwrap();
+    let def = domain::DomainDefinition::from_toml(&readme[start..end]).unwrap();
+    assert_eq!(def.name.as_str(), "web1");
+    assert_eq!(def.labels.get("tier").map(String::as_str), Some("web"));
+    assert_eq!(def.disks.len(), 2);
+    assert_eq!(def.nics.len(), 2);
+}
