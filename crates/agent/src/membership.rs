@@ -135,24 +135,45 @@ pub(crate) async fn release(agent: &Agent, domain: &str) {
     }
 }
 
-/// Switchover: the domain runs on `to` (its certificate's name) now.
+/// How long a switchover keeps trying to reach the cluster.
+const HAND_OVER_FOR: Duration = Duration::from_secs(3600);
+
+/// Switchover: the domain runs on `to` (its certificate's name) now. If
+/// the cluster cannot be reached, this keeps trying in the background:
+/// until it succeeds the cluster still names this host, and nothing would
+/// stop a start of the stale copy here once it is back.
 pub(crate) async fn hand_over(agent: &Agent, domain: &str, to: Option<&str>) {
-    let (Some(member), Some(to)) = (agent.cluster.get(), to) else {
+    let (Some(member), Some(to)) = (agent.cluster.get().cloned(), to) else {
         return;
     };
-    match member.cluster.hand_over(domain, &member.name, to).await {
-        Ok(true) => tracing::info!(
-            domain,
-            to,
-            "the cluster says the domain runs on its destination"
-        ),
-        Ok(false) => tracing::warn!(
-            domain,
-            to,
-            "the cluster did not have the domain on this host; its destination claims it"
-        ),
+    let (domain, to) = (domain.to_string(), to.to_string());
+    match member.cluster.hand_over(&domain, &member.name, &to).await {
+        Ok(true) => {
+            tracing::info!(%domain, %to, "the cluster says the domain runs on its destination")
+        }
+        Ok(false) => {
+            tracing::warn!(%domain, %to, "the cluster did not have the domain on this host")
+        }
         Err(e) => {
-            tracing::warn!(domain, error = %crate::errors::chain(&e), "the cluster could not be told of the switchover; the destination claims it")
+            tracing::warn!(%domain, error = %crate::errors::chain(&e), "the cluster could not be told of the switchover; trying again");
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + HAND_OVER_FOR;
+                let mut wait = Duration::from_millis(500);
+                while tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(10));
+                    match member.cluster.hand_over(&domain, &member.name, &to).await {
+                        Ok(done) => {
+                            tracing::info!(%domain, %to, handed_over = done, "the cluster was told of the switchover");
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %crate::errors::chain(&e), "the cluster is still out of reach")
+                        }
+                    }
+                }
+                tracing::error!(%domain, %to, "the cluster was never told of the switchover");
+            });
         }
     }
 }
@@ -293,9 +314,7 @@ pub(crate) async fn join(
             }
             claim_running(&agent, &member).await;
             let now = record(&agent, &name, &settings).await;
-            if let Err(e) = registration.update(&now).await {
-                tracing::warn!(error = %crate::errors::chain(&e), "cannot update this host's record in the cluster");
-            }
+            registration.update(&now);
         }
     }))
 }

@@ -8,6 +8,20 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 /// How long connecting, and each request, may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A request to etcd, given [`TIMEOUT`] whatever the transport does with
+/// a server that holds the connection and answers nothing.
+pub(crate) async fn bounded<T>(
+    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, etcd_client::Error> {
+    match tokio::time::timeout(TIMEOUT, request).await {
+        Ok(result) => result,
+        Err(_) => Err(etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("etcd did not answer within {TIMEOUT:?}"),
+        ))),
+    }
+}
+
 /// Why the cluster could not be reached or asked.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -177,7 +191,7 @@ impl Cluster {
             };
             options = options.with_tls(tls.options()?);
         }
-        let mut client = Client::connect(&endpoints.urls, Some(options))
+        let mut client = bounded(Client::connect(&endpoints.urls, Some(options)))
             .await
             .map_err(|source| ClusterError::Etcd {
                 endpoints: endpoints.to_string(),
@@ -185,8 +199,7 @@ impl Cluster {
             })?;
         // A first request: the connection is lazy, and a refused
         // certificate shows only here.
-        client
-            .get(crate::PREFIX, None)
+        bounded(client.get(crate::PREFIX, None))
             .await
             .map_err(|source| ClusterError::Etcd {
                 endpoints: endpoints.to_string(),

@@ -30,11 +30,13 @@ impl Cluster {
     /// [`ClusterError::Etcd`].
     pub async fn cordon(&self, host: &str, cordon: &Cordon) -> Result<(), ClusterError> {
         let value = serde_json::to_vec(cordon).expect("a cordon always serializes");
-        self.client
-            .clone()
-            .put(format!("{CORDONS}{host}"), value, None)
-            .await
-            .map_err(self.etcd_error())?;
+        crate::connect::bounded(
+            self.client
+                .clone()
+                .put(format!("{CORDONS}{host}"), value, None),
+        )
+        .await
+        .map_err(self.etcd_error())?;
         Ok(())
     }
 
@@ -43,12 +45,10 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError::Etcd`].
     pub async fn uncordon(&self, host: &str) -> Result<bool, ClusterError> {
-        let deleted = self
-            .client
-            .clone()
-            .delete(format!("{CORDONS}{host}"), None)
-            .await
-            .map_err(self.etcd_error())?;
+        let deleted =
+            crate::connect::bounded(self.client.clone().delete(format!("{CORDONS}{host}"), None))
+                .await
+                .map_err(self.etcd_error())?;
         Ok(deleted.deleted() > 0)
     }
 
@@ -58,10 +58,7 @@ impl Cluster {
     /// [`ClusterError`].
     pub async fn cordon_of(&self, host: &str) -> Result<Option<Cordon>, ClusterError> {
         let key = format!("{CORDONS}{host}");
-        let got = self
-            .client
-            .clone()
-            .get(key.clone(), None)
+        let got = crate::connect::bounded(self.client.clone().get(key.clone(), None))
             .await
             .map_err(self.etcd_error())?;
         got.kvs()
@@ -78,12 +75,13 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError`].
     pub async fn cordons(&self) -> Result<BTreeMap<String, Cordon>, ClusterError> {
-        let got = self
-            .client
-            .clone()
-            .get(CORDONS, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.etcd_error())?;
+        let got = crate::connect::bounded(
+            self.client
+                .clone()
+                .get(CORDONS, Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(self.etcd_error())?;
         got.kvs()
             .iter()
             .map(|kv| {

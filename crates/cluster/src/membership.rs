@@ -3,10 +3,13 @@
 //! is gone within the lease's time to live.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{GetOptions, PutOptions};
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::connect::{Cluster, ClusterError};
@@ -41,17 +44,109 @@ pub struct HostRecord {
 
 /// A host's registration; dropping it stops renewing (the record goes
 /// when the lease runs out), [`Registration::leave`] removes it at once.
+/// A lease the cluster lost (etcd out of reach for longer than its time to
+/// live) is replaced and the record written again as soon as etcd answers.
 #[derive(Debug)]
 pub struct Registration {
     cluster: Cluster,
-    lease: i64,
-    key: String,
+    lease: Arc<AtomicI64>,
+    latest: watch::Sender<HostRecord>,
     renew: JoinHandle<()>,
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
         self.renew.abort();
+    }
+}
+
+/// Grants a lease of `ttl` and writes `record` under it.
+async fn put_leased(
+    cluster: &Cluster,
+    record: &HostRecord,
+    ttl: Duration,
+) -> Result<i64, ClusterError> {
+    let mut client = cluster.client.clone();
+    let lease = crate::connect::bounded(client.lease_grant(ttl.as_secs().max(1) as i64, None))
+        .await
+        .map_err(cluster.etcd_error())?
+        .id();
+    let value = serde_json::to_vec(record).expect("a host record always serializes");
+    crate::connect::bounded(client.put(
+        format!("{HOSTS}{}", record.name),
+        value,
+        Some(PutOptions::new().with_lease(lease)),
+    ))
+    .await
+    .map_err(cluster.etcd_error())?;
+    Ok(lease)
+}
+
+/// Keeps the lease alive and the record current until aborted; registers
+/// again when the lease is lost.
+async fn renew(
+    cluster: Cluster,
+    ttl: Duration,
+    lease: Arc<AtomicI64>,
+    mut latest: watch::Receiver<HostRecord>,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(200));
+    loop {
+        let id = lease.load(Ordering::SeqCst);
+        let mut client = cluster.client.clone();
+        let kept = crate::connect::bounded(client.lease_keep_alive(id)).await;
+        if let Ok((mut keeper, mut answers)) = kept {
+            let mut unheard_since = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {
+                        let renewed = async {
+                            keeper.keep_alive().await?;
+                            answers.message().await
+                        };
+                        match tokio::time::timeout(every, renewed).await {
+                            Ok(Ok(Some(answer))) if answer.ttl() > 0 => {
+                                unheard_since = tokio::time::Instant::now();
+                            }
+                            Ok(Ok(_)) => break,
+                            _ if unheard_since.elapsed() > ttl => break,
+                            _ => {}
+                        }
+                    }
+                    changed = latest.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        let record = latest.borrow_and_update().clone();
+                        let value = serde_json::to_vec(&record).expect("a host record always serializes");
+                        let mut client = cluster.client.clone();
+                        let put = crate::connect::bounded(client.put(
+                            format!("{HOSTS}{}", record.name),
+                            value,
+                            Some(PutOptions::new().with_lease(id)),
+                        ))
+                        .await;
+                        if let Err(e) = put {
+                            tracing::debug!(error = %e, "cannot update this host's record");
+                        }
+                    }
+                }
+            }
+        }
+        // The lease is gone, or etcd out of reach: register again once it
+        // answers.
+        let record = latest.borrow().clone();
+        tracing::warn!(host = %record.name, "this host's lease in the cluster was lost; registering again");
+        loop {
+            match put_leased(&cluster, &record, ttl).await {
+                Ok(id) => {
+                    lease.store(id, Ordering::SeqCst);
+                    tracing::info!(host = %record.name, "registered in the cluster again");
+                    break;
+                }
+                Err(_) => tokio::time::sleep(every).await,
+            }
+        }
     }
 }
 
@@ -66,52 +161,13 @@ impl Cluster {
         record: &HostRecord,
         ttl: Duration,
     ) -> Result<Registration, ClusterError> {
-        let mut client = self.client.clone();
-        let lease = client
-            .lease_grant(ttl.as_secs().max(1) as i64, None)
-            .await
-            .map_err(self.etcd_error())?
-            .id();
-        let key = format!("{HOSTS}{}", record.name);
-        let value = serde_json::to_vec(record).expect("a host record always serializes");
-        client
-            .put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .map_err(self.etcd_error())?;
-        let (mut keeper, mut answers) = client
-            .lease_keep_alive(lease)
-            .await
-            .map_err(self.etcd_error())?;
-        let every = (ttl / 3).max(Duration::from_millis(200));
-        let name = record.name.clone();
-        let renew = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let renewed = async {
-                    keeper.keep_alive().await?;
-                    answers.message().await
-                };
-                match tokio::time::timeout(every, renewed).await {
-                    Ok(Ok(Some(answer))) if answer.ttl() > 0 => {}
-                    Ok(Ok(_)) => {
-                        tracing::error!(host = %name, "the cluster let this host's lease expire");
-                        return;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(host = %name, error = %e, "cannot renew this host's lease")
-                    }
-                    Err(_) => tracing::warn!(host = %name, "renewing this host's lease timed out"),
-                }
-            }
-        });
+        let lease = Arc::new(AtomicI64::new(put_leased(self, record, ttl).await?));
+        let (latest, updates) = watch::channel(record.clone());
+        let renew = tokio::spawn(renew(self.clone(), ttl, lease.clone(), updates));
         Ok(Registration {
             cluster: self.clone(),
             lease,
-            key,
+            latest,
             renew,
         })
     }
@@ -122,8 +178,7 @@ impl Cluster {
     /// [`ClusterError`] if etcd does not answer or a record is malformed.
     pub async fn hosts(&self) -> Result<Vec<HostRecord>, ClusterError> {
         let mut client = self.client.clone();
-        let got = client
-            .get(HOSTS, Some(GetOptions::new().with_prefix()))
+        let got = crate::connect::bounded(client.get(HOSTS, Some(GetOptions::new().with_prefix())))
             .await
             .map_err(self.etcd_error())?;
         let mut hosts = got
@@ -144,23 +199,10 @@ impl Cluster {
 }
 
 impl Registration {
-    /// Writes `record` again (its domains, free RAM), under the same lease.
-    ///
-    /// # Errors
-    /// [`ClusterError::Etcd`].
-    pub async fn update(&self, record: &HostRecord) -> Result<(), ClusterError> {
-        let value = serde_json::to_vec(record).expect("a host record always serializes");
-        self.cluster
-            .client
-            .clone()
-            .put(
-                self.key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(self.lease)),
-            )
-            .await
-            .map_err(self.cluster.etcd_error())?;
-        Ok(())
+    /// Writes `record` again (its domains, free RAM), under the lease in
+    /// force.
+    pub fn update(&self, record: &HostRecord) {
+        self.latest.send_replace(record.clone());
     }
 
     /// Leaves the cluster now: the lease is revoked and the record gone.
@@ -169,12 +211,14 @@ impl Registration {
     /// [`ClusterError::Etcd`].
     pub async fn leave(self) -> Result<(), ClusterError> {
         self.renew.abort();
-        self.cluster
-            .client
-            .clone()
-            .lease_revoke(self.lease)
-            .await
-            .map_err(self.cluster.etcd_error())?;
+        crate::connect::bounded(
+            self.cluster
+                .client
+                .clone()
+                .lease_revoke(self.lease.load(Ordering::SeqCst)),
+        )
+        .await
+        .map_err(self.cluster.etcd_error())?;
         Ok(())
     }
 }

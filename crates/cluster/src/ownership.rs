@@ -39,10 +39,7 @@ impl Cluster {
             .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(key.clone(), host, None)])
             .or_else([TxnOp::get(key, None)]);
-        let answer = self
-            .client
-            .clone()
-            .txn(txn)
+        let answer = crate::connect::bounded(self.client.clone().txn(txn))
             .await
             .map_err(self.etcd_error())?;
         if answer.succeeded() {
@@ -78,10 +75,7 @@ impl Cluster {
         let txn = Txn::new()
             .when([Compare::value(key.clone(), CompareOp::Equal, from)])
             .and_then([TxnOp::put(key, to, None)]);
-        let answer = self
-            .client
-            .clone()
-            .txn(txn)
+        let answer = crate::connect::bounded(self.client.clone().txn(txn))
             .await
             .map_err(self.etcd_error())?;
         Ok(answer.succeeded())
@@ -96,10 +90,7 @@ impl Cluster {
         let txn = Txn::new()
             .when([Compare::value(key.clone(), CompareOp::Equal, host)])
             .and_then([TxnOp::delete(key, None)]);
-        let answer = self
-            .client
-            .clone()
-            .txn(txn)
+        let answer = crate::connect::bounded(self.client.clone().txn(txn))
             .await
             .map_err(self.etcd_error())?;
         Ok(answer.succeeded())

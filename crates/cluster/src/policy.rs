@@ -174,11 +174,13 @@ impl Cluster {
     /// [`ClusterError::Etcd`]; check the policy first ([`Policy::check`]).
     pub async fn set_policy(&self, policy: &Policy) -> Result<(), ClusterError> {
         let value = serde_json::to_vec(policy).expect("a policy always serializes");
-        self.client
-            .clone()
-            .put(format!("{POLICIES}{}", policy.name), value, None)
-            .await
-            .map_err(self.etcd_error())?;
+        crate::connect::bounded(self.client.clone().put(
+            format!("{POLICIES}{}", policy.name),
+            value,
+            None,
+        ))
+        .await
+        .map_err(self.etcd_error())?;
         Ok(())
     }
 
@@ -187,12 +189,13 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError::Etcd`].
     pub async fn remove_policy(&self, name: &str) -> Result<bool, ClusterError> {
-        let deleted = self
-            .client
-            .clone()
-            .delete(format!("{POLICIES}{name}"), None)
-            .await
-            .map_err(self.etcd_error())?;
+        let deleted = crate::connect::bounded(
+            self.client
+                .clone()
+                .delete(format!("{POLICIES}{name}"), None),
+        )
+        .await
+        .map_err(self.etcd_error())?;
         Ok(deleted.deleted() > 0)
     }
 

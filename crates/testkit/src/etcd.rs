@@ -39,6 +39,19 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
+    /// Freezes etcd (SIGSTOP): it holds its connections and answers
+    /// nothing, as a partitioned or overloaded etcd would.
+    pub fn pause(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop etcd");
+    }
+
+    /// Lets a paused etcd go on (SIGCONT).
+    pub fn resume(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("continue etcd");
+    }
+
     /// Starts etcd for `bed`, serving clients over mutual TLS with a
     /// certificate named `etcd` from the bed's CA; waits until it answers.
     ///

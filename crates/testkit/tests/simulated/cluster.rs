@@ -359,3 +359,67 @@ async fn a_policy_chosen_by_labels_sets_what_the_user_did_not() {
         "{out:?}"
     );
 }
+
+#[tokio::test]
+async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_back() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let args = [
+        "--cluster",
+        etcd.endpoint.as_str(),
+        "--timeout",
+        "cluster-lease=3s",
+    ];
+    let a = bed.host_args("a", &args).await;
+    let b = bed.host_args("b", &args).await;
+    // A guest that converges at 8 MiB/s within seconds.
+    let moving = Workload {
+        working_set_mib: 16,
+        spin: 250_000,
+        report_ms: 500,
+    };
+    a.define_and_start(bed.definition("vm", 64, moving)).await;
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+
+    // etcd freezes once the destination is prepared: the migration goes
+    // on (it needs only the two agents), its switchover cannot be told.
+    let job = a
+        .migration_until("vm", &b, testkit::capped(8), "the memory moving", |j| {
+            j.phase == protocol::job::Phase::Perform
+        })
+        .await;
+    etcd.pause();
+    let record = a.wait_job(&job).await;
+    assert_eq!(
+        record.status,
+        protocol::job::JobStatus::Completed,
+        "{record:?}"
+    );
+    // Meanwhile a's stale copy does not start: the cluster cannot say.
+    let start = || protocol::Request::Start {
+        domain: "vm".parse().unwrap(),
+        paused: false,
+    };
+    let refused = a.request(start()).await.unwrap_err().to_api();
+    assert!(refused.message.contains("cannot say"), "{refused:?}");
+    // Out of reach for longer than the hosts' leases.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    etcd.resume();
+
+    wait_until(
+        Duration::from_secs(30),
+        "the switchover to reach the cluster",
+        || async { (owners(&bed, &etcd) == runs_on("vm", "agent-b")).then_some(()) },
+    )
+    .await;
+    let refused = a.request(start()).await.unwrap_err().to_api();
+    assert!(refused.message.contains("runs on agent-b"), "{refused:?}");
+    // The hosts registered again.
+    wait_until(
+        Duration::from_secs(30),
+        "both hosts back in the cluster",
+        || async { (names(&hosts(&bed, &etcd)) == ["agent-a", "agent-b"]).then_some(()) },
+    )
+    .await;
+    assert!(a.qemu_pids().is_empty());
+}
