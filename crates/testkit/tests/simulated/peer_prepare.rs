@@ -415,3 +415,50 @@ async fn the_destination_s_vm_binds_the_disks_port_itself_within_its_range() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_peer_cannot_run_a_guest_on_another_domain_s_disk() {
+    let bed = TestBed::simulated().await;
+    let b = bed.host("b").await;
+    // web's disk, through a link too.
+    let disk = bed.images().join("web.raw");
+    std::fs::write(&disk, vec![0x5au8; 1 << 20]).unwrap();
+    let link = bed.images().join("alias.raw");
+    std::os::unix::fs::symlink(&disk, &link).unwrap();
+    let with_disk = |name: &str, path: &std::path::Path| {
+        domain::DomainDefinition::from_toml(&format!(
+            "{}[[disks]]\npath = {:?}\nshared = true\n",
+            guest::definition_toml(name, 64, bed.kernel(), Workload::IDLE),
+            path.display().to_string()
+        ))
+        .unwrap()
+    };
+    b.request(testkit::define(&with_disk("web", &disk)))
+        .await
+        .unwrap();
+    let rogue = rogue::client(&bed, &b).await;
+    for path in [&disk, &link] {
+        for options in [
+            MigrateOptions {
+                live: true,
+                ..Default::default()
+            },
+            MigrateOptions {
+                offline: true,
+                persistent: true,
+                ..Default::default()
+            },
+        ] {
+            let err = refused(
+                &rogue,
+                rogue::prepare(&with_disk("evil", path), options, vec![]),
+            )
+            .await;
+            assert_eq!(err.code, ErrorCode::PermissionDenied, "{err}");
+            assert!(err.message.contains("domain 'web''s"), "{err}");
+        }
+    }
+    assert!(b.qemu_pids().is_empty());
+    assert_eq!(b.list_all().await.len(), 1, "only web");
+    assert_eq!(std::fs::read(&disk).unwrap(), vec![0x5au8; 1 << 20]);
+}

@@ -152,6 +152,43 @@ pub(super) fn nbd_port(asked: Option<u16>, ports: Option<(u16, u16)>) -> Result<
     }
 }
 
+/// The arriving guest's files are its own: no disk (or kernel, initrd)
+/// another domain defined or running here names, compared after resolving
+/// links. A peer could otherwise run a guest of its own on another
+/// domain's disk.
+///
+/// # Errors
+/// [`ErrorCode::PermissionDenied`] naming the file and the domain.
+pub(super) async fn own_files(
+    arriving: &DomainDefinition,
+    others: &[DomainDefinition],
+) -> Result<(), ApiError> {
+    async fn real(path: &Path) -> std::path::PathBuf {
+        tokio::fs::canonicalize(path)
+            .await
+            .unwrap_or_else(|_| path.to_path_buf())
+    }
+    fn disks(def: &DomainDefinition) -> Vec<&Path> {
+        def.disks.iter().map(|d| d.path.as_path()).collect()
+    }
+    let mut theirs = Vec::new();
+    for other in others.iter().filter(|o| o.name != arriving.name) {
+        for path in disks(other) {
+            theirs.push((real(path).await, other.name.to_string()));
+        }
+    }
+    for path in disks(arriving) {
+        let mine = real(path).await;
+        if let Some((_, owner)) = theirs.iter().find(|(p, _)| *p == mine) {
+            return Err(refused(format!(
+                "disk {} is domain '{owner}''s on this host: an arriving guest may not use it",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The disks a peer copies here: each one of the definition's, once, not
 /// on shared storage, and any backing file its new image sits on held to
 /// this host's confinement, down its chain.

@@ -105,8 +105,16 @@ pub(crate) async fn prepare(
 ) -> Result<Reply, ApiError> {
     let req = Incoming::try_from(req)?;
     crate::membership::takes_guests(agent).await?;
-    // The definition names files on this host: the same rules as `define`.
+    // The definition names files on this host: the same rules as `define`,
+    // and none of another domain's.
     agent.check_paths(&req.definition).await?;
+    let others: Vec<_> = agent
+        .table
+        .all()
+        .into_iter()
+        .map(|d| d.definition)
+        .collect();
+    admission::own_files(&req.definition, &others).await?;
     let span = tracing::info_span!("job", id = %req.job_id, domain = %req.definition.name, role = "destination");
     async {
         if req.flags.offline() {
