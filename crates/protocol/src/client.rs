@@ -135,6 +135,31 @@ struct Connection {
     next_id: u64,
 }
 
+impl Connection {
+    /// `request` under the connection's next id.
+    fn envelope(&mut self, request: Request) -> RequestEnvelope {
+        let id = self.next_id;
+        self.next_id += 1;
+        RequestEnvelope {
+            version: PROTOCOL_VERSION,
+            id,
+            request,
+        }
+    }
+}
+
+/// The result a response carries, if it answers request `id` in this
+/// protocol's version.
+fn answer(response: ResponseEnvelope, id: u64, uri: String) -> Result<ResponseResult, ClientError> {
+    if response.version != PROTOCOL_VERSION || response.id != id {
+        return Err(ClientError::Protocol {
+            uri,
+            version: response.version,
+        });
+    }
+    Ok(response.result)
+}
+
 /// A connection to an agent.
 pub struct Client {
     uri: AgentUri,
@@ -283,13 +308,8 @@ impl Client {
     ) -> Result<(), ClientError> {
         let uri = self.uri.to_string();
         let mut conn = self.connection.lock().await;
-        let id = conn.next_id;
-        conn.next_id += 1;
-        let envelope = RequestEnvelope {
-            version: PROTOCOL_VERSION,
-            id,
-            request: Request::Watch { domain },
-        };
+        let envelope = conn.envelope(Request::Watch { domain });
+        let id = envelope.id;
         write_message(conn.stream.get_mut(), &envelope)
             .await
             .map_err(|source| ClientError::Codec {
@@ -302,13 +322,7 @@ impl Client {
                 Ok(None) => return Ok(()),
                 Ok(Some(response)) => response,
             };
-            if response.version != PROTOCOL_VERSION || response.id != id {
-                return Err(ClientError::Protocol {
-                    uri,
-                    version: response.version,
-                });
-            }
-            match response.result {
+            match answer(response, id, uri.clone())? {
                 ResponseResult::Ok(Reply::Watch(event)) => {
                     if !each(*event) {
                         // Ending the watch leaves the connection unusable
@@ -337,13 +351,8 @@ impl Client {
         let op = request.op();
         let uri = self.uri.to_string();
         let mut conn = self.connection.lock().await;
-        let id = conn.next_id;
-        conn.next_id += 1;
-        let envelope = RequestEnvelope {
-            version: PROTOCOL_VERSION,
-            id,
-            request,
-        };
+        let envelope = conn.envelope(request);
+        let id = envelope.id;
         let exchange = async {
             write_message(conn.stream.get_mut(), &envelope).await?;
             read_message::<_, ResponseEnvelope>(&mut conn.stream).await
@@ -354,13 +363,7 @@ impl Client {
             Ok(Ok(None)) => return Err(ClientError::Closed { uri }),
             Ok(Ok(Some(response))) => response,
         };
-        if response.version != PROTOCOL_VERSION || response.id != id {
-            return Err(ClientError::Protocol {
-                uri,
-                version: response.version,
-            });
-        }
-        match response.result {
+        match answer(response, id, uri)? {
             ResponseResult::Ok(reply) => Ok(reply),
             ResponseResult::Error(e) => Err(ClientError::Api(e)),
         }
