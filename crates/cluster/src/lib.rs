@@ -10,22 +10,33 @@
 //!   compare-and-swap transactions.
 //! - [`cordon`]: hosts no new guest lands on.
 //! - [`policy`]: migration settings by domain labels.
+//! - [`leader`]: which controller leads, by a key under its lease.
+//! - [`drain`]: drains and how each of their guests stands.
 //!
 //! Keys live under `/livemig/`: `/livemig/hosts/NAME` holds a
 //! [`HostRecord`] as JSON, `/livemig/domains/NAME` the name of the host
-//! that runs the domain, `/livemig/cordons/NAME` a [`Cordon`].
+//! that runs the domain, `/livemig/cordons/NAME` a [`Cordon`],
+//! `/livemig/drains/ID` a [`DrainRecord`] (and `/livemig/draining/HOST`
+//! its id while it runs), `/livemig/controller/leader` the leading
+//! controller's name.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod connect;
 pub mod cordon;
+pub mod drain;
+pub mod leader;
 pub mod membership;
 pub mod ownership;
 pub mod policy;
 
 pub use connect::{Cluster, ClusterError, Endpoints, TlsFiles};
 pub use cordon::Cordon;
+pub use drain::{
+    DrainGuest, DrainRecord, DrainStart, DrainState, GuestCost, GuestState, Versioned,
+};
+pub use leader::Leadership;
 pub use membership::{HostRecord, Registration};
 pub use ownership::Claim;
 pub use policy::{Policy, PolicyError};

@@ -1,0 +1,411 @@
+//! Where each guest of a drain goes, what moving it costs, and the
+//! shortest the drain could take.
+//!
+//! A guest's cost is the convergence model's prediction (the `converge`
+//! crate, with livemig's adaptive controller steering) at a bandwidth: its
+//! time and the bytes it sends. Guests are placed longest first (LPT) on
+//! the compatible host whose inbound link is least loaded so far, which
+//! spreads the bytes the way the schedule will need them.
+
+use std::collections::BTreeMap;
+
+use converge::controller::{AdaptiveSim, Policy};
+use converge::model::{simulate, DirtyModel, Scenario};
+
+/// Seconds a migration spends before and after copying memory (the
+/// agents' probe and prepare, the destination QEMU's start, switchover and
+/// confirm), as measured on the agents; the model's copy time comes on
+/// top.
+pub const SETUP_SECS: f64 = 0.6;
+
+/// A drain's migration budget over sending the memory once.
+pub const BUDGET_MARGIN: f64 = 1.5;
+
+/// The shortest budget a drain gives a migration, seconds.
+pub const MIN_BUDGET_SECS: f64 = 3.0;
+
+/// A guest to move.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Guest {
+    /// The domain.
+    pub name: String,
+    /// Its RAM, bytes.
+    pub memory_bytes: u64,
+    /// What the first pass sends (the RAM in use), bytes.
+    pub first_pass_bytes: f64,
+    /// How it dirties memory (an idle guest when it was not measured).
+    pub model: DirtyModel,
+}
+
+impl Guest {
+    /// A guest that writes nothing while it moves.
+    pub fn idle(name: &str, memory_bytes: u64) -> Guest {
+        Guest {
+            name: name.to_string(),
+            memory_bytes,
+            first_pass_bytes: memory_bytes as f64,
+            model: DirtyModel {
+                rate: 0.0,
+                working_set: 0.0,
+                rate_is_lower_bound: false,
+            },
+        }
+    }
+
+    /// Its migration at `bandwidth` bytes/s with the adaptive controller
+    /// and no time budget: it throttles only as much as converging needs.
+    pub fn cost(&self, bandwidth: f64) -> Cost {
+        self.cost_within(bandwidth, None)
+    }
+
+    /// The time budget a drain gives its migration at `bandwidth`: a
+    /// margin over sending its memory once. Within it the adaptive
+    /// controller trades a little guest time for the link time that
+    /// re-sending a hot working set over and over would take from every
+    /// guest after it.
+    pub fn budget(&self, bandwidth: f64) -> f64 {
+        (self.first_pass_bytes / bandwidth.max(1.0) * BUDGET_MARGIN).max(MIN_BUDGET_SECS)
+    }
+
+    /// Its migration at `bandwidth` bytes/s with the adaptive controller,
+    /// to complete within `budget` seconds if given.
+    pub fn cost_within(&self, bandwidth: f64, budget: Option<f64>) -> Cost {
+        let policy = Policy {
+            max_throttle: 0.99,
+            downtime: 0.3,
+            max_downtime: 1.0,
+            budget,
+            allow_postcopy: false,
+        };
+        let scenario = Scenario {
+            first_pass_bytes: self.first_pass_bytes,
+            model: self.model,
+            bandwidth: bandwidth.max(1.0),
+            downtime: policy.downtime,
+            horizon: converge::controller::DEFAULT_HORIZON_SECS,
+        };
+        let p = simulate(&scenario, &mut AdaptiveSim::new(policy, Some(self.model)));
+        Cost {
+            secs: p.total_secs,
+            bytes: p.transferred,
+            work_lost_secs: p.work_lost_secs,
+            converges: p.converges,
+        }
+    }
+
+    /// The bandwidth it can use to good effect on a path of `link`
+    /// bytes/s: a guest that writes sends less the faster it goes, so it
+    /// wants the whole path; one that barely writes sends its memory once
+    /// at any speed, so it can make do with what others leave.
+    pub fn need(&self, link: f64) -> f64 {
+        if self.model.rate > 0.05 * link && self.model.working_set > link * 0.05 {
+            link
+        } else {
+            0.1 * link
+        }
+    }
+}
+
+/// A migration predicted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cost {
+    /// Seconds copying memory (setup comes on top).
+    pub secs: f64,
+    /// Bytes sent.
+    pub bytes: f64,
+    /// Seconds of full-speed guest time lost to throttling and downtime.
+    pub work_lost_secs: f64,
+    /// It converges.
+    pub converges: bool,
+}
+
+/// A host as placement sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Host {
+    /// Its name in the cluster.
+    pub name: String,
+    /// Its migration link, bytes/s each way.
+    pub link: f64,
+    /// RAM free, bytes.
+    pub ram_free_bytes: u64,
+    /// Its QEMU version (`7.2.x`).
+    pub qemu_version: String,
+    /// Its CPU model.
+    pub cpu_model: String,
+    /// Cordoned, and why.
+    pub cordoned: Option<String>,
+}
+
+/// Where the guests go.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Placement {
+    /// Guest name to host name.
+    pub destination: BTreeMap<String, String>,
+    /// Guests no host can take, with why.
+    pub unplaceable: BTreeMap<String, String>,
+}
+
+/// RAM a host keeps for itself besides its guests', bytes.
+const RAM_RESERVE: u64 = 64 << 20;
+
+/// `major.minor` of a QEMU version, comparable.
+fn qemu_release(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.split('.');
+    let major = parts.next()?.trim().parse().ok()?;
+    let minor = parts.next()?.trim().parse().ok()?;
+    Some((major, minor))
+}
+
+/// Why `host` cannot take guests from `source` at all, if it cannot.
+pub fn incompatible(source: &Host, host: &Host, to: &[String]) -> Option<String> {
+    if host.name == source.name {
+        return Some("it is the host being drained".into());
+    }
+    if !to.is_empty() && !to.contains(&host.name) {
+        return Some("not named by --to".into());
+    }
+    if let Some(reason) = &host.cordoned {
+        return Some(format!("cordoned ({reason})"));
+    }
+    match (
+        qemu_release(&source.qemu_version),
+        qemu_release(&host.qemu_version),
+    ) {
+        (Some(from), Some(to)) if to >= from => {}
+        _ => {
+            return Some(format!(
+                "QEMU {} cannot take a guest from QEMU {}",
+                host.qemu_version, source.qemu_version
+            ))
+        }
+    }
+    if host.cpu_model != source.cpu_model {
+        return Some(format!(
+            "CPU {:?}, not the source's {:?}",
+            host.cpu_model, source.cpu_model
+        ));
+    }
+    None
+}
+
+/// Places `guests` from `source` on `hosts` (only those in `to`, if any):
+/// longest migration first, each on the compatible host with room whose
+/// inbound link has the fewest seconds of work so far.
+pub fn place(guests: &[Guest], source: &Host, hosts: &[Host], to: &[String]) -> Placement {
+    let mut placement = Placement::default();
+    let mut why_not: Vec<(&Host, Option<String>)> = hosts
+        .iter()
+        .map(|h| (h, incompatible(source, h, to)))
+        .collect();
+    why_not.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    let mut free: BTreeMap<&str, u64> = hosts
+        .iter()
+        .map(|h| {
+            (
+                h.name.as_str(),
+                h.ram_free_bytes.saturating_sub(RAM_RESERVE),
+            )
+        })
+        .collect();
+    let mut load: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
+    for guest in by_cost(guests, source.link) {
+        let mut best: Option<(&Host, f64, usize)> = None;
+        let mut reasons = Vec::new();
+        for (host, incompatible) in &why_not {
+            if host.name == source.name {
+                continue;
+            }
+            if let Some(reason) = incompatible {
+                reasons.push(format!("{}: {reason}", host.name));
+                continue;
+            }
+            if free[host.name.as_str()] < guest.memory_bytes {
+                reasons.push(format!(
+                    "{}: {} MiB free, the guest needs {} MiB",
+                    host.name,
+                    free[host.name.as_str()] >> 20,
+                    guest.memory_bytes >> 20
+                ));
+                continue;
+            }
+            let link = host.link.min(source.link);
+            let (secs, count) = load.get(host.name.as_str()).copied().unwrap_or_default();
+            let after = secs + guest.cost(link).bytes / host.link;
+            if best.is_none_or(|(_, s, c)| (after, count) < (s, c)) {
+                best = Some((host, after, count));
+            }
+        }
+        match best {
+            Some((host, after, count)) => {
+                *free.get_mut(host.name.as_str()).expect("listed") -= guest.memory_bytes;
+                load.insert(&host.name, (after, count + 1));
+                placement
+                    .destination
+                    .insert(guest.name.clone(), host.name.clone());
+            }
+            None => {
+                let reason = if reasons.is_empty() {
+                    "no other host is in the cluster".to_string()
+                } else {
+                    reasons.join("; ")
+                };
+                placement.unplaceable.insert(guest.name.clone(), reason);
+            }
+        }
+    }
+    placement
+}
+
+/// `guests` longest migration at `link` first (ties by name).
+pub fn by_cost(guests: &[Guest], link: f64) -> Vec<&Guest> {
+    let mut sorted: Vec<(&Guest, f64)> = guests.iter().map(|g| (g, g.cost(link).secs)).collect();
+    sorted.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.name.cmp(&b.0.name)));
+    sorted.into_iter().map(|(g, _)| g).collect()
+}
+
+/// The shortest a drain could take: nothing crosses before the first
+/// migration is set up, and then every link must carry at least the memory
+/// in use of each guest that crosses it (a guest that wrote nothing while
+/// it moved, or was stopped, sends no more).
+pub fn lower_bound(guests: &[Guest], source: &Host, hosts: &[Host], placement: &Placement) -> f64 {
+    let links: BTreeMap<&str, f64> = hosts.iter().map(|h| (h.name.as_str(), h.link)).collect();
+    let mut outbound = 0.0;
+    let mut inbound: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut longest: f64 = 0.0;
+    for guest in guests {
+        let Some(to) = placement.destination.get(&guest.name) else {
+            continue;
+        };
+        let link = links.get(to.as_str()).copied().unwrap_or(source.link);
+        outbound += guest.first_pass_bytes;
+        *inbound.entry(to).or_default() += guest.first_pass_bytes;
+        longest = longest.max(guest.first_pass_bytes / link.min(source.link));
+    }
+    let mut bound = longest.max(outbound / source.link);
+    for (host, bytes) in inbound {
+        bound = bound.max(bytes / links[host]);
+    }
+    if placement.destination.is_empty() {
+        return 0.0;
+    }
+    SETUP_SECS + bound
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    const MIB: f64 = 1048576.0;
+
+    pub(crate) fn host(name: &str, link_mib: f64, free_mib: u64) -> Host {
+        Host {
+            name: name.into(),
+            link: link_mib * MIB,
+            ram_free_bytes: free_mib << 20,
+            qemu_version: "7.2.19".into(),
+            cpu_model: "cpu".into(),
+            cordoned: None,
+        }
+    }
+
+    pub(crate) fn writer(name: &str, mib: u64, rate_mib: f64, ws_mib: f64) -> Guest {
+        Guest {
+            name: name.into(),
+            memory_bytes: mib << 20,
+            first_pass_bytes: (mib << 20) as f64,
+            model: DirtyModel {
+                rate: rate_mib * MIB,
+                working_set: ws_mib * MIB,
+                rate_is_lower_bound: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_busier_guest_costs_more_and_more_bandwidth_costs_less() {
+        let idle = Guest::idle("i", 256 << 20);
+        let hot = writer("h", 256, 80.0, 64.0);
+        assert!(hot.cost(100.0 * MIB).secs > idle.cost(100.0 * MIB).secs);
+        assert!(hot.cost(50.0 * MIB).secs > hot.cost(100.0 * MIB).secs);
+        assert!(hot.cost(100.0 * MIB).bytes > idle.cost(100.0 * MIB).bytes);
+        // The idle one sends its RAM once.
+        let idle_cost = idle.cost(100.0 * MIB);
+        assert!((idle_cost.bytes - (256 << 20) as f64).abs() < MIB);
+        assert!((idle_cost.secs - 2.56).abs() < 0.1, "{idle_cost:?}");
+    }
+
+    #[test]
+    fn guests_spread_over_compatible_hosts_with_room() {
+        let a = host("a", 100.0, 4096);
+        let mut old = host("old", 100.0, 4096);
+        old.qemu_version = "6.2.0".into();
+        let mut other_cpu = host("other", 100.0, 4096);
+        other_cpu.cpu_model = "different".into();
+        let mut cordoned = host("cordoned", 100.0, 4096);
+        cordoned.cordoned = Some("maintenance".into());
+        let hosts = [
+            a.clone(),
+            host("b", 100.0, 4096),
+            host("c", 100.0, 4096),
+            old,
+            other_cpu,
+            cordoned,
+        ];
+        let guests: Vec<Guest> = (0..4)
+            .map(|i| writer(&format!("g{i}"), 256, 10.0 * i as f64, 32.0))
+            .collect();
+        let p = place(&guests, &a, &hosts, &[]);
+        assert!(p.unplaceable.is_empty(), "{p:?}");
+        let on = |h: &str| p.destination.values().filter(|d| *d == h).count();
+        assert_eq!((on("b"), on("c")), (2, 2), "{p:?}");
+
+        // --to limits the choice.
+        let p = place(&guests, &a, &hosts, &["c".into()]);
+        assert_eq!(on_all(&p, "c"), 4);
+
+        // No room anywhere: each guest says why, host by host.
+        let small = [a.clone(), host("b", 100.0, 400)];
+        let p = place(&guests, &a, &small, &[]);
+        assert_eq!(p.destination.len(), 1, "{p:?}");
+        let reason = &p.unplaceable["g0"];
+        assert!(
+            reason.contains("b: 80 MiB free, the guest needs 256 MiB"),
+            "{reason}"
+        );
+        let p = place(&guests, &a, &hosts[..1], &[]);
+        assert!(p.unplaceable["g1"].contains("no other host"), "{p:?}");
+        let p = place(&guests, &a, &hosts[3..], &[]);
+        let reason = &p.unplaceable["g2"];
+        assert!(reason.contains("QEMU 6.2.0"), "{reason}");
+        assert!(reason.contains("CPU \"different\""), "{reason}");
+        assert!(reason.contains("cordoned (maintenance)"), "{reason}");
+    }
+
+    fn on_all(p: &Placement, h: &str) -> usize {
+        p.destination.values().filter(|d| *d == h).count()
+    }
+
+    #[test]
+    fn the_lower_bound_is_the_busiest_link_or_the_longest_guest() {
+        let a = host("a", 100.0, 0);
+        let hosts = [a.clone(), host("b", 100.0, 4096), host("c", 50.0, 4096)];
+        let guests: Vec<Guest> = (0..4)
+            .map(|i| Guest::idle(&format!("g{i}"), 200 << 20))
+            .collect();
+        let mut p = Placement::default();
+        for (i, g) in guests.iter().enumerate() {
+            let to = if i == 0 { "c" } else { "b" };
+            p.destination.insert(g.name.clone(), to.into());
+        }
+        // 800 MiB leave a at 100 MiB/s: 8 s; c's 200 MiB at 50: 4 s.
+        let bound = lower_bound(&guests, &a, &hosts, &p);
+        assert!((bound - 8.0 - SETUP_SECS).abs() < 0.01, "{bound}");
+        // One guest: its own time.
+        let one = [Guest::idle("g0", 200 << 20)];
+        let bound = lower_bound(&one, &a, &hosts, &p);
+        assert!((bound - 4.0 - SETUP_SECS).abs() < 0.01, "{bound}");
+        // A writer sends more than its memory, but need not.
+        let hot = [writer("g0", 200, 80.0, 64.0)];
+        assert_eq!(lower_bound(&hot, &a, &hosts, &p), bound);
+    }
+}
