@@ -277,6 +277,7 @@ impl Agent {
             tcg_dirty_bitmap_workaround: workaround,
             tunables,
             active_job: job,
+            labels: def.labels.clone(),
         })))
     }
 

@@ -1,5 +1,6 @@
 //! Text output in virsh's style; `estimate` draws an estimate.
 
+pub mod drain;
 mod estimate;
 
 pub use estimate::estimate;

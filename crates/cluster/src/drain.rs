@@ -84,9 +84,19 @@ pub struct DrainGuest {
     /// with, seconds.
     #[serde(default)]
     pub predicted_secs: Option<f64>,
-    /// Its measured dirty rate, bytes per second.
+    /// Its measured dirty rate, bytes per second (absent: not measured,
+    /// planned as idle).
     #[serde(default)]
     pub dirty_rate: Option<f64>,
+    /// The memory it keeps rewriting, bytes.
+    #[serde(default)]
+    pub working_set: Option<f64>,
+    /// What its first pass sends (the memory in use), bytes.
+    #[serde(default)]
+    pub first_pass_bytes: Option<f64>,
+    /// Its labels (which policy applies).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// How far its migration is, 0 to 1 (never runs backwards).
     #[serde(default)]
     pub progress: f64,

@@ -97,9 +97,15 @@ async fn renew(
         let kept = crate::connect::bounded(client.lease_keep_alive(id)).await;
         if let Ok((mut keeper, mut answers)) = kept {
             let mut unheard_since = tokio::time::Instant::now();
+            // One clock for the renewals: record updates come every few
+            // seconds and must not put the next renewal off (a sleep
+            // started afresh on each pass through the select would never
+            // end while updates come more often than it lasts).
+            let mut renewals = tokio::time::interval(every);
+            renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {
+                    _ = renewals.tick() => {
                         let renewed = async {
                             keeper.keep_alive().await?;
                             answers.message().await
@@ -126,8 +132,10 @@ async fn renew(
                             Some(PutOptions::new().with_lease(id)),
                         ))
                         .await;
-                        if let Err(e) = put {
-                            tracing::debug!(error = %e, "cannot update this host's record");
+                        match put {
+                            Err(e) if e.to_string().contains("lease not found") => break,
+                            Err(e) => tracing::debug!(error = %e, "cannot update this host's record"),
+                            Ok(_) => {}
                         }
                     }
                 }

@@ -13,5 +13,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod controller;
 pub mod plan;
 pub mod schedule;
+pub mod survey;

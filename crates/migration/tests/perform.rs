@@ -433,6 +433,25 @@ async fn the_controller_throttles_a_guest_that_outruns_the_link_and_lifts_it_at_
 }
 
 #[tokio::test(start_paused = true)]
+async fn passes_too_short_to_measure_that_stop_shrinking_still_get_throttled() {
+    let throttle = FakeThrottle::default();
+    let job = Job::start(adaptive(), Some(Box::new(throttle.clone()))).await;
+    // A small, hot working set over the link: every pass takes 0.3 s and
+    // leaves 30 MiB, three times what a switchover may carry.
+    for _ in 0..8 {
+        job.pass(0.3, 30 * MIB).await;
+    }
+    let throttled = job.progress.borrow().throttle;
+    job.qemu.complete(8000, 30);
+
+    let (outcome, _, _) = job.outcome().await;
+
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+    assert!(throttled.fraction() >= 0.3, "throttle {throttled}");
+    assert!(throttle.log().iter().any(|l| l.starts_with("set 0.")));
+}
+
+#[tokio::test(start_paused = true)]
 async fn above_the_slow_stop_line_the_watcher_holds_qemus_switchover_and_pauses_the_guest_itself() {
     let throttle = FakeThrottle {
         slow_above: Some(0.0),

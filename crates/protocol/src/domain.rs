@@ -107,4 +107,7 @@ pub struct DomainInfo {
     pub tunables: Tunables,
     /// The active job's id.
     pub active_job: Option<String>,
+    /// Its labels (which migration policy applies).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }

@@ -31,6 +31,7 @@ mod bed;
 pub mod capture;
 mod checks;
 pub mod contract;
+pub mod controller;
 pub mod etcd;
 mod host;
 mod in_process;

@@ -235,6 +235,12 @@ pub enum Command {
     /// the domains whose labels a selector matches.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Drain a host of the cluster (needs --cluster and a running
+    /// livemig-controller): cordon it and move every guest it runs to
+    /// other hosts, ordered and paced by what each costs to move.
+    Drain(DrainArgs),
+    /// The cluster's drains, running and ended (needs --cluster).
+    Drains(Json),
     /// Run the demo: a busy guest live-migrated with auto-converge between
     /// two agents on this machine.
     Demo(DemoArgs),
@@ -242,6 +248,38 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff).
     Man,
+}
+
+#[derive(Debug, Args)]
+#[command(after_help = "Examples:\n  \
+    livemig --cluster https://10.0.0.1:2379 drain host-a --dry-run\n  \
+    livemig --cluster https://10.0.0.1:2379 drain host-a --to host-b --to host-c --wait\n  \
+    livemig --cluster https://10.0.0.1:2379 drain --watch host-a-1765000000000")]
+pub struct DrainArgs {
+    /// The host to drain, by its name in the cluster.
+    #[arg(required_unless_present = "watch", conflicts_with = "watch")]
+    pub host: Option<String>,
+    /// Only these hosts may take its guests (repeat, or separate with
+    /// commas) [default: any compatible host].
+    #[arg(long, value_delimiter = ',', value_name = "HOST")]
+    pub to: Vec<String>,
+    /// At most this many of its migrations at once (the controller's
+    /// per-host and cluster caps apply besides).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_parallel: Option<u32>,
+    /// Plan only: measure the guests, say where each would go and how long
+    /// the drain should take; record nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Follow the drain until it ends, and exit 1 if a guest could not
+    /// be moved.
+    #[arg(long)]
+    pub wait: bool,
+    /// Follow a recorded drain until it ends.
+    #[arg(long, value_name = "ID")]
+    pub watch: Option<String>,
+    #[command(flatten)]
+    pub json: Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,7 +7,11 @@ use anyhow::{Context, Result};
 use cluster::{Cluster, Endpoints, TlsFiles};
 
 /// The cluster `--cluster` names.
-async fn connect(urls: Option<&str>, insecure: bool, tls_dir: Option<&Path>) -> Result<Cluster> {
+pub(crate) async fn connect(
+    urls: Option<&str>,
+    insecure: bool,
+    tls_dir: Option<&Path>,
+) -> Result<Cluster> {
     let urls = urls.context(
         "which cluster? give --cluster https://HOST:PORT (or set LIVEMIG_CLUSTER), with \
          --tls-dir",

@@ -7,9 +7,11 @@
 //! - [`jobs`]: migration jobs, their limits, estimates and records.
 //! - [`local`]: what needs no agent (`pki`, completions, the man page).
 //! - [`cluster`]: what the cluster's etcd says (`hosts`).
+//! - [`drain`]: draining hosts (`drain`, `drains`).
 
 pub mod cluster;
 pub mod domains;
+pub mod drain;
 pub mod jobs;
 pub mod local;
 
@@ -67,6 +69,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Uncordon { host } => {
             return cluster::uncordon(cli.cluster.as_deref(), cli.insecure, tls_dir, &host)
+                .await
+                .map(print)
+        }
+        Command::Drain(args) => {
+            return drain::run(cli.cluster.as_deref(), cli.insecure, tls_dir, args).await
+        }
+        Command::Drains(json) => {
+            return drain::list(cli.cluster.as_deref(), cli.insecure, tls_dir, json.json)
                 .await
                 .map(print)
         }
@@ -175,6 +185,8 @@ pub async fn execute(client: &Client, command: Command) -> Result<String> {
         | Command::Cordon { .. }
         | Command::Watch { .. }
         | Command::Policy(_)
+        | Command::Drain(_)
+        | Command::Drains(_)
         | Command::Uncordon { .. }
         | Command::Pki(_) => anyhow::bail!("run handles this command itself"),
     }

@@ -68,6 +68,7 @@ fn dominfo_shows_virshs_fields_and_only_what_is_known() {
             downtime_ms: None,
         },
         active_job: None,
+        labels: Default::default(),
     };
 
     let text = domain_info(&info);

@@ -16,7 +16,8 @@ use super::watch::Watch;
 /// Passes without a new low before a non-adaptive job escalates.
 const STALL_WINDOW: usize = 3;
 /// A pass shorter than this says little about the dirty rate (QEMU syncs
-/// again quickly near the end); the controller skips it.
+/// again quickly near the end); the controller skips it, unless passes
+/// have stopped shrinking.
 const MIN_PASS_SECS: f64 = 0.5;
 
 impl Watch<'_> {
@@ -71,7 +72,10 @@ impl Watch<'_> {
             self.switch_over(remaining).await;
             return;
         }
-        if pass_secs < MIN_PASS_SECS {
+        // Short passes are skipped unless they stopped shrinking: a guest
+        // whose working set crosses a slow link in under MIN_PASS_SECS
+        // would otherwise loop forever with nobody deciding anything.
+        if pass_secs < MIN_PASS_SECS && !stalled(&self.history, STALL_WINDOW) {
             return;
         }
         if self.controller.is_some() {

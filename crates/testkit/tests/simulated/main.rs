@@ -4,6 +4,8 @@
 //!
 //! - [`bad_input`]: a clear error, and nothing changed.
 //! - [`cluster`]: hosts registered in a real etcd.
+//! - [`drain`]: draining a host through a controller, and its leader
+//!   killed mid-drain.
 //! - [`confinement`]: no definition makes a VM open a file it may not.
 //! - [`load`]: concurrent migrations and requests.
 //! - [`operator`]: progress, job statistics, history, reports, metrics.
@@ -16,6 +18,7 @@
 mod bad_input;
 mod cluster;
 mod confinement;
+mod drain;
 mod load;
 mod operator;
 mod options;

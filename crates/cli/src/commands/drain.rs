@@ -1,0 +1,320 @@
+//! `drain` and `drains`: a drain is checked here (the host, `--to`, a place
+//! for every guest) before anything is recorded; the controller does the
+//! rest, and `--wait`/`--watch` follow its record in etcd.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cluster::{Cluster, Cordon, DrainRecord, DrainStart, DrainState, GuestState};
+use fleet::plan;
+use fleet::schedule::{self, Caps, Move, Policy};
+use fleet::survey::{self, Agents};
+
+use super::cluster::connect;
+use crate::args::DrainArgs;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `drain HOST ...` or `drain --watch ID`.
+///
+/// # Errors
+/// An unknown or already-draining host, a `--to` host that cannot take
+/// guests, a guest no host can take (each said, nothing recorded), an
+/// etcd or agent that does not answer.
+pub async fn run(
+    urls: Option<&str>,
+    insecure: bool,
+    tls_dir: Option<&Path>,
+    args: DrainArgs,
+) -> Result<ExitCode> {
+    let cluster = connect(urls, insecure, tls_dir).await?;
+    if let Some(id) = &args.watch {
+        return follow(&cluster, id, args.json.json).await;
+    }
+    let host = args
+        .host
+        .clone()
+        .context("which host? give HOST or --watch ID")?;
+    let agents = Agents::new(tls_dir)?;
+    if let Some(active) = cluster
+        .drains()
+        .await?
+        .into_iter()
+        .find(|d| d.record.host == host && !d.record.state.ended())
+    {
+        anyhow::bail!(
+            "{host} is being drained already (drain {}); follow it with `livemig drain --watch {}`",
+            active.record.id,
+            active.record.id
+        );
+    }
+    let (records, hosts) = survey::hosts(&cluster).await?;
+    for to in &args.to {
+        let Some(target) = hosts.iter().find(|h| &h.name == to) else {
+            let known: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+            anyhow::bail!(
+                "--to {to}: no such host in the cluster (registered: {})",
+                known.join(", ")
+            );
+        };
+        if to == &host {
+            anyhow::bail!("--to {to}: that is the host being drained");
+        }
+        if let Some(reason) = &target.cordoned {
+            anyhow::bail!("--to {to}: it is cordoned ({reason}); no guest may land there");
+        }
+    }
+    let survey = survey::survey(&cluster, &agents, &host, args.dry_run).await?;
+    let guests: Vec<plan::Guest> = survey.guests.iter().map(|s| s.guest.clone()).collect();
+    let placement = plan::place(&guests, &survey.source, &survey.hosts, &args.to);
+    if !placement.unplaceable.is_empty() {
+        let mut why = String::new();
+        for (guest, reason) in &placement.unplaceable {
+            why.push_str(&format!("\n  {guest}: {reason}"));
+        }
+        anyhow::bail!(
+            "cannot drain {host}: no host can take {} of its guests (nothing was changed):{why}",
+            placement.unplaceable.len()
+        );
+    }
+    if args.dry_run {
+        return Ok(print(dry_run(
+            &survey,
+            &guests,
+            &placement,
+            args.json.json,
+        )?));
+    }
+    let created_at_ms = now_ms();
+    let record = DrainRecord {
+        id: format!("{host}-{created_at_ms}"),
+        host: host.clone(),
+        to: args.to.clone(),
+        max_parallel: args.max_parallel,
+        state: DrainState::Pending,
+        guests: Vec::new(),
+        created_at_ms,
+        ended_at_ms: None,
+        controller: None,
+        predicted_secs: None,
+        lower_bound_secs: None,
+        note: None,
+    };
+    let cordon = Cordon {
+        reason: format!("draining ({})", record.id),
+        at_ms: created_at_ms,
+    };
+    match cluster.start_drain(&record, &cordon).await? {
+        DrainStart::Started => {}
+        DrainStart::AlreadyDraining(id) => {
+            anyhow::bail!("{host} is being drained already (drain {id})")
+        }
+    }
+    if !args.wait {
+        if args.json.json {
+            return Ok(print(super::json(&record)?));
+        }
+        return Ok(print(format!(
+            "drain {id} of {host} recorded ({n} guests), {host} cordoned; follow it with \
+             `livemig drain --watch {id}`\n",
+            id = record.id,
+            n = guests.len()
+        )));
+    }
+    if !args.json.json {
+        println!("drain {} of {host}: {} guests", record.id, guests.len());
+    }
+    follow(&cluster, &record.id, args.json.json).await
+}
+
+fn print(text: String) -> ExitCode {
+    print!("{text}");
+    ExitCode::SUCCESS
+}
+
+/// What `--dry-run` prints: where each guest goes and the predicted drain.
+fn dry_run(
+    survey: &survey::Survey,
+    guests: &[plan::Guest],
+    placement: &plan::Placement,
+    json: bool,
+) -> Result<String> {
+    let index = |name: &str| survey.hosts.iter().position(|h| h.name == name);
+    let links: Vec<f64> = survey.hosts.iter().map(|h| h.link).collect();
+    let from = index(&survey.source.name).expect("the source is registered");
+    let moves: Vec<Move> = guests
+        .iter()
+        .map(|g| Move {
+            guest: g.clone(),
+            from,
+            to: index(&placement.destination[&g.name]).expect("placed on a registered host"),
+        })
+        .collect();
+    let outcome = schedule::simulate(Policy::Livemig, Caps::default(), &links, &moves);
+    let bound = plan::lower_bound(guests, &survey.source, &survey.hosts, placement);
+    let rows: Vec<serde_json::Value> = moves
+        .iter()
+        .zip(&outcome.moves)
+        .zip(&survey.guests)
+        .map(|((m, o), s)| {
+            serde_json::json!({
+                "guest": m.guest.name,
+                "to": survey.hosts[m.to].name,
+                "memory_mib": m.guest.memory_bytes >> 20,
+                "dirty_rate_mib_s": s.measured.then(|| m.guest.model.rate / 1048576.0),
+                "start_s": o.start,
+                "end_s": o.end,
+            })
+        })
+        .collect();
+    if json {
+        return super::json(&serde_json::json!({
+            "host": survey.source.name,
+            "guests": rows,
+            "predicted_s": outcome.makespan,
+            "lower_bound_s": bound,
+        }));
+    }
+    let mut out = format!(
+        "{:<20} {:<16} {:>8} {:>12} {:>8} {:>8}\n",
+        "GUEST", "TO", "MEMORY", "DIRTY RATE", "START", "END"
+    );
+    for row in &rows {
+        let rate = row["dirty_rate_mib_s"]
+            .as_f64()
+            .map_or("?".to_string(), |r| format!("{r:.0} MiB/s"));
+        out.push_str(&format!(
+            "{:<20} {:<16} {:>4} MiB {:>12} {:>6.1} s {:>6.1} s\n",
+            row["guest"].as_str().unwrap_or(""),
+            row["to"].as_str().unwrap_or(""),
+            row["memory_mib"],
+            rate,
+            row["start_s"].as_f64().unwrap_or(0.0),
+            row["end_s"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    out.push_str(&format!(
+        "predicted: {:.1} s (lower bound {:.1} s); nothing was recorded\n",
+        outcome.makespan, bound
+    ));
+    Ok(out)
+}
+
+/// `drains`: every drain, oldest first.
+///
+/// # Errors
+/// An etcd that does not answer.
+pub async fn list(
+    urls: Option<&str>,
+    insecure: bool,
+    tls_dir: Option<&Path>,
+    json: bool,
+) -> Result<String> {
+    let cluster = connect(urls, insecure, tls_dir).await?;
+    let drains: Vec<DrainRecord> = cluster
+        .drains()
+        .await?
+        .into_iter()
+        .map(|d| d.record)
+        .collect();
+    if json {
+        return super::json(&drains);
+    }
+    let mut out = format!(
+        "{:<32} {:<16} {:<8} {:>8} {:>10}\n",
+        "ID", "HOST", "STATE", "MOVED", "ELAPSED"
+    );
+    for d in &drains {
+        let moved = d
+            .guests
+            .iter()
+            .filter(|g| g.state == GuestState::Moved)
+            .count();
+        let elapsed = d
+            .ended_at_ms
+            .unwrap_or_else(now_ms)
+            .saturating_sub(d.created_at_ms);
+        out.push_str(&format!(
+            "{:<32} {:<16} {:<8} {:>8} {:>8.1} s\n",
+            d.id,
+            d.host,
+            state_name(d.state),
+            format!("{moved}/{}", d.guests.len()),
+            elapsed as f64 / 1000.0
+        ));
+    }
+    if drains.is_empty() {
+        out.push_str("(no drain)\n");
+    }
+    Ok(out)
+}
+
+fn state_name(state: DrainState) -> &'static str {
+    match state {
+        DrainState::Pending => "pending",
+        DrainState::Running => "running",
+        DrainState::Done => "done",
+        DrainState::Failed => "failed",
+    }
+}
+
+/// How long `--watch` waits for etcd before it gives up.
+const SILENCE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Follows drain `id` until it ends: a line per change (or a JSON object
+/// per change), then the report. Exit 1 if a guest could not be moved.
+async fn follow(cluster: &Cluster, id: &str, json: bool) -> Result<ExitCode> {
+    let mut last_heard = tokio::time::Instant::now();
+    let mut shown = String::new();
+    loop {
+        let record = match cluster.drain(id).await {
+            Ok(Some(drain)) => drain.record,
+            Ok(None) => anyhow::bail!("no drain {id} (see `livemig drains`)"),
+            Err(e) if last_heard.elapsed() < SILENCE_LIMIT => {
+                tracing_note(&e);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e).context("the cluster stopped answering"),
+        };
+        last_heard = tokio::time::Instant::now();
+        let now = if json {
+            super::json(&serde_json::json!({"event": "drain", "drain": record}))?
+        } else {
+            crate::output::drain::progress(&record, now_ms())
+        };
+        // Progress lines change with the clock: compare what they say
+        // without it.
+        let key = serde_json::to_string(&(record.state, &record.guests, &record.note))?;
+        if key != shown {
+            print!("{now}");
+            shown = key;
+        }
+        if record.state.ended() {
+            if json {
+                print!(
+                    "{}",
+                    super::json(&serde_json::json!({"event": "report", "drain": record}))?
+                );
+            } else {
+                print!("{}", crate::output::drain::report(&record));
+            }
+            return Ok(if record.state == DrainState::Done {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn tracing_note(e: &cluster::ClusterError) {
+    eprintln!("(the cluster does not answer: {e}; retrying)");
+}

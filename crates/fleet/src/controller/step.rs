@@ -1,0 +1,381 @@
+//! One look at a drain: plan it if nobody has, follow its migrations,
+//! admit the next, end it when the host runs no guest. Every change is
+//! written back before anything acts on it, under the leadership and the
+//! revision read, so a successor never finds a migration it cannot
+//! account for.
+
+use std::collections::BTreeMap;
+
+use cluster::{DrainGuest, DrainRecord, DrainState, GuestCost, GuestState, Leadership, Versioned};
+use protocol::call::{self, JobState};
+use protocol::job::JobStatus;
+use protocol::Client;
+
+use super::Context;
+use crate::plan::{self, Guest};
+use crate::schedule::{self, Move, Policy};
+use crate::survey::{self, FleetError};
+
+/// A drain being worked on, with the revision the next write must find.
+pub(super) struct Draft {
+    pub record: DrainRecord,
+    pub revision: i64,
+}
+
+impl Draft {
+    /// Writes the record; false if this controller no longer leads or
+    /// another wrote it meanwhile (then the step stops).
+    pub async fn save(
+        &mut self,
+        cx: &Context,
+        leadership: &Leadership,
+    ) -> Result<bool, FleetError> {
+        match cx
+            .cluster
+            .save_drain(leadership, &self.record, self.revision)
+            .await?
+        {
+            Some(revision) => {
+                self.revision = revision;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+pub(super) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The cost model of a drain's guest, as recorded.
+pub(super) fn guest_model(g: &DrainGuest) -> Guest {
+    let mut guest = Guest::idle(&g.domain, g.memory_mib << 20);
+    if let Some(bytes) = g.first_pass_bytes {
+        guest.first_pass_bytes = bytes;
+    }
+    guest.model.rate = g.dirty_rate.unwrap_or(0.0);
+    guest.model.working_set = g.working_set.unwrap_or(0.0);
+    guest
+}
+
+/// Steps one drain.
+///
+/// # Errors
+/// An etcd or agent failure that stopped the step; the next tick retries.
+pub async fn step(
+    cx: &Context,
+    leadership: &Leadership,
+    drain: Versioned,
+    elsewhere: &[(String, String)],
+) -> Result<(), FleetError> {
+    let mut draft = Draft {
+        record: drain.record,
+        revision: drain.revision,
+    };
+    if draft.record.state == DrainState::Pending && !plan_drain(cx, leadership, &mut draft).await? {
+        return Ok(());
+    }
+    let source_uri = match source_agent(cx, &draft.record.host).await? {
+        Some(uri) => uri,
+        None => {
+            // The drained host's agent is gone: its guests are never
+            // started elsewhere behind its back; wait for it.
+            let note = format!(
+                "{} is not registered: waiting for its agent to come back",
+                draft.record.host
+            );
+            if draft.record.note.as_deref() != Some(&note) {
+                draft.record.note = Some(note);
+                draft.save(cx, leadership).await?;
+            }
+            return Ok(());
+        }
+    };
+    let source = cx.agents.connect(&draft.record.host, &source_uri).await?;
+    if !follow(cx, leadership, &mut draft, &source).await? {
+        return Ok(());
+    }
+    if !super::admit::admit(cx, leadership, &mut draft, &source, &source_uri, elsewhere).await? {
+        return Ok(());
+    }
+    finish_if_empty(cx, leadership, &mut draft, &source).await
+}
+
+async fn source_agent(cx: &Context, host: &str) -> Result<Option<String>, FleetError> {
+    let hosts = cx.cluster.hosts().await?;
+    Ok(hosts
+        .into_iter()
+        .find(|h| h.name == host)
+        .map(|h| h.agent_uri))
+}
+
+/// Surveys the host, measures its guests, places them and predicts the
+/// drain; false if the drain cannot be planned yet.
+async fn plan_drain(
+    cx: &Context,
+    leadership: &Leadership,
+    draft: &mut Draft,
+) -> Result<bool, FleetError> {
+    let record = &mut draft.record;
+    tracing::info!(drain = %record.id, host = %record.host, "planning: measuring the guests");
+    let survey = match survey::survey(&cx.cluster, &cx.agents, &record.host, true).await {
+        Ok(survey) => survey,
+        Err(e @ (FleetError::UnknownHost { .. } | FleetError::Agent { .. })) => {
+            tracing::warn!(drain = %record.id, error = %e, "cannot plan the drain yet");
+            record.note = Some(format!("cannot survey {}: {e}", record.host));
+            draft.save(cx, leadership).await?;
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let guests: Vec<Guest> = survey.guests.iter().map(|s| s.guest.clone()).collect();
+    let placement = plan::place(&guests, &survey.source, &survey.hosts, &record.to);
+    let index: BTreeMap<&str, usize> = survey
+        .hosts
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.name.as_str(), i))
+        .collect();
+    let links: Vec<f64> = survey.hosts.iter().map(|h| h.link).collect();
+    let from = index[survey.source.name.as_str()];
+    let moves: Vec<Move> = guests
+        .iter()
+        .filter_map(|g| {
+            let to = placement.destination.get(&g.name)?;
+            Some(Move {
+                guest: g.clone(),
+                from,
+                to: index[to.as_str()],
+            })
+        })
+        .collect();
+    let outcome = schedule::simulate(Policy::Livemig, cx.settings.caps, &links, &moves);
+    record.predicted_secs = Some(outcome.makespan);
+    record.lower_bound_secs = Some(plan::lower_bound(
+        &guests,
+        &survey.source,
+        &survey.hosts,
+        &placement,
+    ));
+    record.guests = survey
+        .guests
+        .iter()
+        .map(|s| {
+            let destination = placement.destination.get(&s.guest.name).cloned();
+            let path = destination.as_ref().map_or(survey.source.link, |d| {
+                links[index[d.as_str()]].min(survey.source.link)
+            });
+            DrainGuest {
+                domain: s.guest.name.clone(),
+                memory_mib: s.guest.memory_bytes >> 20,
+                state: if destination.is_some() {
+                    GuestState::Waiting
+                } else {
+                    GuestState::Failed
+                },
+                predicted_secs: Some(s.guest.cost(path).secs + plan::SETUP_SECS),
+                dirty_rate: s.measured.then_some(s.guest.model.rate),
+                working_set: s.measured.then_some(s.guest.model.working_set),
+                first_pass_bytes: Some(s.guest.first_pass_bytes),
+                labels: s.labels.clone(),
+                error: placement.unplaceable.get(&s.guest.name).cloned(),
+                destination,
+                job_id: None,
+                progress: 0.0,
+                bandwidth_mib_s: None,
+                failures: Vec::new(),
+                cost: None,
+                started_at_ms: None,
+            }
+        })
+        .collect();
+    record.state = DrainState::Running;
+    record.controller = Some(cx.settings.name.clone());
+    record.note = None;
+    draft.save(cx, leadership).await
+}
+
+/// Follows every migrating guest on the source agent; false if the
+/// record could not be written.
+async fn follow(
+    cx: &Context,
+    leadership: &Leadership,
+    draft: &mut Draft,
+    source: &Client,
+) -> Result<bool, FleetError> {
+    let host = draft.record.host.clone();
+    let owners = cx.cluster.owners().await?;
+    let mut changed = false;
+    for g in draft.record.guests.iter_mut() {
+        if g.state != GuestState::Migrating {
+            continue;
+        }
+        let moved_to = |g: &DrainGuest| {
+            owners
+                .get(&g.domain)
+                .is_some_and(|o| Some(o) == g.destination.as_ref())
+        };
+        let Some(id) = g.job_id.clone() else {
+            // Marked but not known to have started: the agent says
+            // whether it did.
+            let info = cx
+                .agents
+                .call(
+                    source,
+                    &host,
+                    call::DomInfo {
+                        domain: match g.domain.parse() {
+                            Ok(d) => d,
+                            Err(_) => continue,
+                        },
+                    },
+                )
+                .await;
+            match info {
+                Ok(info) if info.active_job.is_some() => g.job_id = info.active_job,
+                _ if moved_to(g) => {
+                    g.state = GuestState::Moved;
+                    g.progress = 1.0;
+                }
+                Ok(_) => back_to_waiting(g, None),
+                Err(FleetError::Agent { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            changed = true;
+            continue;
+        };
+        match cx
+            .agents
+            .call(source, &host, call::Job { id: id.clone() })
+            .await
+        {
+            Ok(JobState::Active(info)) => {
+                let (done, left) = (
+                    info.stats.memory_processed_bytes,
+                    info.stats.memory_remaining_bytes,
+                );
+                if let (Some(done), Some(left)) = (done, left) {
+                    let total = done.saturating_add(left);
+                    if total > 0 {
+                        let share = done as f64 / total as f64;
+                        if share > g.progress + 0.01 {
+                            g.progress = share.min(0.99);
+                            changed = true;
+                        }
+                    }
+                }
+            }
+            Ok(JobState::Ended(record)) => {
+                changed = true;
+                if record.status == JobStatus::Completed {
+                    g.state = GuestState::Moved;
+                    g.progress = 1.0;
+                    g.cost = Some(GuestCost {
+                        time_ms: record.total_time_ms,
+                        bytes: record.transferred_bytes,
+                        max_throttle_pct: record.max_cpu_throttle_pct,
+                        downtime_ms: record.downtime_ms,
+                    });
+                } else {
+                    let reason = record
+                        .error
+                        .unwrap_or_else(|| format!("the job ended {:?}", record.status));
+                    back_to_waiting(g, Some(reason));
+                }
+            }
+            Err(FleetError::Agent { source, .. }) if moved_to(g) => {
+                tracing::debug!(error = %source, guest = %g.domain, "job unknown, guest moved");
+                g.state = GuestState::Moved;
+                g.progress = 1.0;
+                changed = true;
+            }
+            Err(e) => tracing::warn!(guest = %g.domain, error = %e, "cannot follow the job"),
+        }
+    }
+    if changed {
+        return draft.save(cx, leadership).await;
+    }
+    Ok(true)
+}
+
+/// The guest waits again, with why its last destination failed.
+pub(super) fn back_to_waiting(g: &mut DrainGuest, reason: Option<String>) {
+    if let (Some(to), Some(reason)) = (&g.destination, reason) {
+        g.failures.push(format!("{to}: {reason}"));
+    }
+    g.state = GuestState::Waiting;
+    g.job_id = None;
+    g.progress = 0.0;
+    g.bandwidth_mib_s = None;
+}
+
+/// Ends the drain once nothing waits or moves: done if the host runs no
+/// guest, failed (each left guest saying why) if some could not go. A
+/// guest that started on the host meanwhile joins the drain.
+async fn finish_if_empty(
+    cx: &Context,
+    leadership: &Leadership,
+    draft: &mut Draft,
+    source: &Client,
+) -> Result<(), FleetError> {
+    let record = &mut draft.record;
+    if record
+        .guests
+        .iter()
+        .any(|g| matches!(g.state, GuestState::Waiting | GuestState::Migrating))
+    {
+        return Ok(());
+    }
+    let running = cx
+        .agents
+        .call(source, &record.host, call::List { all: false })
+        .await?;
+    let mut joined = false;
+    for domain in running {
+        if !record.guests.iter().any(|g| g.domain == domain.name) {
+            let mut guest = DrainGuest {
+                domain: domain.name.clone(),
+                memory_mib: 0,
+                state: GuestState::Waiting,
+                destination: None,
+                job_id: None,
+                predicted_secs: None,
+                dirty_rate: None,
+                working_set: None,
+                first_pass_bytes: None,
+                labels: BTreeMap::new(),
+                progress: 0.0,
+                bandwidth_mib_s: None,
+                failures: Vec::new(),
+                cost: None,
+                error: None,
+                started_at_ms: None,
+            };
+            if let Ok(name) = domain.name.parse() {
+                if let Ok(info) = cx
+                    .agents
+                    .call(source, &record.host, call::DomInfo { domain: name })
+                    .await
+                {
+                    guest.memory_mib = u64::from(info.memory_mib);
+                    guest.labels = info.labels;
+                }
+            }
+            record.guests.push(guest);
+            joined = true;
+        }
+    }
+    if !joined {
+        let all_moved = record.guests.iter().all(|g| g.state == GuestState::Moved);
+        record.state = if all_moved {
+            DrainState::Done
+        } else {
+            DrainState::Failed
+        };
+        record.ended_at_ms = Some(now_ms());
+    }
+    draft.save(cx, leadership).await.map(|_| ())
+}
