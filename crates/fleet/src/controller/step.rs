@@ -221,30 +221,8 @@ async fn follow(
         let Some(id) = g.job_id.clone() else {
             // Marked but not known to have started: the agent says
             // whether it did.
-            let info = cx
-                .agents
-                .call(
-                    source,
-                    &host,
-                    call::DomInfo {
-                        domain: match g.domain.parse() {
-                            Ok(d) => d,
-                            Err(_) => continue,
-                        },
-                    },
-                )
-                .await;
-            match info {
-                Ok(info) if info.active_job.is_some() => g.job_id = info.active_job,
-                _ if moved_to(g) => {
-                    g.state = GuestState::Moved;
-                    g.progress = 1.0;
-                }
-                Ok(_) => back_to_waiting(g, None),
-                Err(FleetError::Agent { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-            changed = true;
+            let moved = moved_to(g);
+            changed |= settle_unknown(cx, source, &host, g, moved, None).await?;
             continue;
         };
         match cx
@@ -286,17 +264,52 @@ async fn follow(
                     back_to_waiting(g, Some(reason));
                 }
             }
-            Err(FleetError::Agent { source, .. }) if moved_to(g) => {
-                tracing::debug!(error = %source, guest = %g.domain, "job unknown, guest moved");
-                g.state = GuestState::Moved;
-                g.progress = 1.0;
-                changed = true;
+            Err(FleetError::Agent { source: e, .. }) => {
+                // The agent cannot show the job (restarted without it, or
+                // a request that failed): what runs where says how it
+                // ended.
+                let why = format!("its job {id} was lost: {e}");
+                let moved = moved_to(g);
+                changed |= settle_unknown(cx, source, &host, g, moved, Some(why)).await?;
             }
-            Err(e) => tracing::warn!(guest = %g.domain, error = %e, "cannot follow the job"),
+            Err(e) => return Err(e),
         }
     }
     if changed {
         return draft.save(cx, leadership).await;
+    }
+    Ok(true)
+}
+
+/// A migrating guest whose job the source agent cannot show: adopted if
+/// the agent runs another job for it, moved if the cluster says it runs on
+/// its destination, else back to waiting. Returns whether it changed.
+async fn settle_unknown(
+    cx: &Context,
+    source: &Client,
+    host: &str,
+    g: &mut DrainGuest,
+    moved: bool,
+    why: Option<String>,
+) -> Result<bool, FleetError> {
+    let Ok(domain) = g.domain.parse() else {
+        return Ok(false);
+    };
+    match cx.agents.call(source, host, call::DomInfo { domain }).await {
+        Ok(info) if info.active_job.is_some() => {
+            if info.active_job == g.job_id {
+                return Ok(false);
+            }
+            g.job_id = info.active_job;
+        }
+        _ if moved => {
+            g.state = GuestState::Moved;
+            g.progress = 1.0;
+        }
+        Ok(_) => back_to_waiting(g, why),
+        // The agent does not answer: wait for it.
+        Err(FleetError::Agent { .. }) => return Ok(false),
+        Err(e) => return Err(e),
     }
     Ok(true)
 }

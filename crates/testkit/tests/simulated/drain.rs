@@ -13,7 +13,7 @@ use testkit::etcd::Etcd;
 use testkit::{bin, wait_until, Host, TestBed};
 
 /// `livemig --cluster ENDPOINT ARGS...` as an administrator.
-fn livemig(bed: &TestBed, etcd: &Etcd, args: &[&str]) -> std::process::Output {
+pub(crate) fn livemig(bed: &TestBed, etcd: &Etcd, args: &[&str]) -> std::process::Output {
     let admin = bed.certificate_dir("ops", Role::Admin);
     std::process::Command::new(bin("livemig"))
         .args(["--cluster", &etcd.endpoint, "--tls-dir"])
@@ -23,16 +23,16 @@ fn livemig(bed: &TestBed, etcd: &Etcd, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn stdout(out: &std::process::Output) -> String {
+pub(crate) fn stdout(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn stderr(out: &std::process::Output) -> String {
+pub(crate) fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The cluster's view: domain → host.
-fn owners(bed: &TestBed, etcd: &Etcd) -> BTreeMap<String, String> {
+pub(crate) fn owners(bed: &TestBed, etcd: &Etcd) -> BTreeMap<String, String> {
     let out = livemig(bed, etcd, &["list", "--json"]);
     assert!(out.status.success(), "{out:?}");
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
@@ -46,7 +46,7 @@ fn owners(bed: &TestBed, etcd: &Etcd) -> BTreeMap<String, String> {
         .collect()
 }
 
-async fn running(host: &Host) -> Vec<String> {
+pub(crate) async fn running(host: &Host) -> Vec<String> {
     host.list_all()
         .await
         .into_iter()
@@ -56,14 +56,27 @@ async fn running(host: &Host) -> Vec<String> {
 }
 
 /// Three hosts in a cluster with `link` MiB/s each; a runs `guests`.
-async fn cluster_of_three(
+pub(crate) async fn cluster_of_three(
     bed: &TestBed,
     etcd: &Etcd,
     link: &str,
     guests: &[(&str, Workload)],
 ) -> (Host, Host, Host) {
+    cluster_of_three_with(bed, etcd, link, guests, &[]).await
+}
+
+/// As [`cluster_of_three`], with `a_args` for a's agent besides.
+pub(crate) async fn cluster_of_three_with(
+    bed: &TestBed,
+    etcd: &Etcd,
+    link: &str,
+    guests: &[(&str, Workload)],
+    a_args: &[&str],
+) -> (Host, Host, Host) {
     let args = ["--cluster", etcd.endpoint.as_str(), "--link", link];
-    let a = bed.host_args("a", &args).await;
+    let mut for_a = args.to_vec();
+    for_a.extend(a_args);
+    let a = bed.host_args("a", &for_a).await;
     let b = bed.host_args("b", &args).await;
     let c = bed.host_args("c", &args).await;
     for (name, workload) in guests {
@@ -91,7 +104,7 @@ async fn cluster_of_three(
     (a, b, c)
 }
 
-fn mix() -> Vec<(&'static str, Workload)> {
+pub(crate) fn mix() -> Vec<(&'static str, Workload)> {
     vec![
         ("idle1", Workload::IDLE),
         ("idle2", Workload::IDLE),
@@ -101,7 +114,14 @@ fn mix() -> Vec<(&'static str, Workload)> {
 }
 
 /// Every guest runs exactly once, none on a, and the cluster agrees.
-async fn all_moved_off_a(bed: &TestBed, etcd: &Etcd, a: &Host, b: &Host, c: &Host, n: usize) {
+pub(crate) async fn all_moved_off_a(
+    bed: &TestBed,
+    etcd: &Etcd,
+    a: &Host,
+    b: &Host,
+    c: &Host,
+    n: usize,
+) {
     assert!(running(a).await.is_empty(), "a still runs guests");
     let mut moved = running(b).await;
     moved.extend(running(c).await);

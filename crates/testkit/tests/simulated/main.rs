@@ -6,6 +6,8 @@
 //! - [`cluster`]: hosts registered in a real etcd.
 //! - [`drain`]: draining a host through a controller, and its leader
 //!   killed mid-drain.
+//! - [`drain_faults`]: drains meeting a refusing destination, a killed
+//!   agent, a frozen etcd.
 //! - [`confinement`]: no definition makes a VM open a file it may not.
 //! - [`load`]: concurrent migrations and requests.
 //! - [`operator`]: progress, job statistics, history, reports, metrics.
@@ -19,6 +21,7 @@ mod bad_input;
 mod cluster;
 mod confinement;
 mod drain;
+mod drain_faults;
 mod load;
 mod operator;
 mod options;
