@@ -7,7 +7,6 @@
 
 use std::time::Duration;
 
-use guest::Workload;
 use testkit::controller::Controller;
 use testkit::etcd::Etcd;
 use testkit::{wait_until, TestBed};
