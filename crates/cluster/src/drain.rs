@@ -103,6 +103,11 @@ pub struct DrainGuest {
     /// The bandwidth it has now, MiB/s.
     #[serde(default)]
     pub bandwidth_mib_s: Option<u64>,
+    /// Seconds its migration should still take, as last seen: the
+    /// prediction's rest, or what is left to send at its bandwidth once
+    /// it overran the prediction.
+    #[serde(default)]
+    pub remaining_secs: Option<f64>,
     /// Hosts it failed to move to, and why.
     #[serde(default)]
     pub failures: Vec<String>,

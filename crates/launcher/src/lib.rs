@@ -1,5 +1,6 @@
 //! Running `livemigd` as a child process: for the demo, the tests and the
-//! benchmarks; and [`netns`], two "hosts" on one machine.
+//! benchmarks; [`netns`], two "hosts" on one machine, and [`fabric`],
+//! several on one bridge; [`etcd`], the cluster's store.
 //!
 //! The agent is put in a process group of its own, and the QEMU processes
 //! it starts inherit that group; dropping the [`AgentProcess`] kills the
@@ -19,6 +20,8 @@ use nix::unistd::Pid;
 use protocol::host::AgentInfo;
 use protocol::{AgentUri, Client, Reply, Request};
 
+pub mod etcd;
+pub mod fabric;
 pub mod netns;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);

@@ -404,6 +404,13 @@ pub struct DemoArgs {
     /// scripts/build-linux-guest.sh beside this build].
     #[arg(long, value_name = "PATH")]
     pub workload: Option<PathBuf>,
+    /// The fleet: etcd, three agents in network namespaces and a
+    /// controller; a host of mixed guests is drained (needs root).
+    #[arg(long, conflicts_with_all = ["guest", "copy_storage_all"])]
+    pub fleet: bool,
+    /// With --fleet: each host's link, MiB/s each way.
+    #[arg(long, default_value_t = 100, value_name = "MIB_S")]
+    pub link: u64,
 }
 
 /// Which guest the demo migrates.

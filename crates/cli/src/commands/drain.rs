@@ -34,14 +34,67 @@ pub async fn run(
     args: DrainArgs,
 ) -> Result<ExitCode> {
     let cluster = connect(urls, insecure, tls_dir).await?;
+    let mode = if args.json.json {
+        Follow::Json
+    } else {
+        Follow::Text
+    };
     if let Some(id) = &args.watch {
-        return follow(&cluster, id, args.json.json).await;
+        return follow(&cluster, id, mode).await.map(|(code, _)| code);
     }
     let host = args
         .host
         .clone()
         .context("which host? give HOST or --watch ID")?;
     let agents = Agents::new(tls_dir)?;
+    let checked = check(&cluster, &agents, &host, &args.to, args.dry_run).await?;
+    if args.dry_run {
+        return Ok(print(dry_run(&checked, args.json.json)?));
+    }
+    let record = record(&cluster, &host, &args.to, args.max_parallel).await?;
+    let guests = checked.guests.len();
+    if !args.wait {
+        if args.json.json {
+            return Ok(print(super::json(&record)?));
+        }
+        return Ok(print(format!(
+            "drain {id} of {host} recorded ({guests} guests), {host} cordoned; follow it with \
+             `livemig drain --watch {id}`\n",
+            id = record.id,
+        )));
+    }
+    if !args.json.json {
+        println!("drain {} of {host}: {guests} guests", record.id);
+    }
+    follow(&cluster, &record.id, mode)
+        .await
+        .map(|(code, _)| code)
+}
+
+/// A drain checked against the cluster: the host's guests and where each
+/// would go.
+#[derive(Debug)]
+pub struct Checked {
+    /// The survey it rests on.
+    pub survey: survey::Survey,
+    /// The guests' cost models.
+    pub guests: Vec<plan::Guest>,
+    /// Where each goes.
+    pub placement: plan::Placement,
+}
+
+/// Checks a drain of `host` (to `to`, if given) without changing
+/// anything; with `measure`, the guests' dirty rates are measured too.
+///
+/// # Errors
+/// An unknown or draining host, a bad `--to`, a guest no host can take.
+pub async fn check(
+    cluster: &Cluster,
+    agents: &Agents,
+    host: &str,
+    to: &[String],
+    measure: bool,
+) -> Result<Checked> {
     if let Some(active) = cluster
         .drains()
         .await?
@@ -54,25 +107,25 @@ pub async fn run(
             active.record.id
         );
     }
-    let (records, hosts) = survey::hosts(&cluster).await?;
-    for to in &args.to {
-        let Some(target) = hosts.iter().find(|h| &h.name == to) else {
+    let (records, hosts) = survey::hosts(cluster).await?;
+    for name in to {
+        let Some(target) = hosts.iter().find(|h| &h.name == name) else {
             let known: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
             anyhow::bail!(
-                "--to {to}: no such host in the cluster (registered: {})",
+                "--to {name}: no such host in the cluster (registered: {})",
                 known.join(", ")
             );
         };
-        if to == &host {
-            anyhow::bail!("--to {to}: that is the host being drained");
+        if name == host {
+            anyhow::bail!("--to {name}: that is the host being drained");
         }
         if let Some(reason) = &target.cordoned {
-            anyhow::bail!("--to {to}: it is cordoned ({reason}); no guest may land there");
+            anyhow::bail!("--to {name}: it is cordoned ({reason}); no guest may land there");
         }
     }
-    let survey = survey::survey(&cluster, &agents, &host, args.dry_run).await?;
+    let survey = survey::survey(cluster, agents, host, measure).await?;
     let guests: Vec<plan::Guest> = survey.guests.iter().map(|s| s.guest.clone()).collect();
-    let placement = plan::place(&guests, &survey.source, &survey.hosts, &args.to);
+    let placement = plan::place(&guests, &survey.source, &survey.hosts, to);
     if !placement.unplaceable.is_empty() {
         let mut why = String::new();
         for (guest, reason) in &placement.unplaceable {
@@ -83,20 +136,29 @@ pub async fn run(
             placement.unplaceable.len()
         );
     }
-    if args.dry_run {
-        return Ok(print(dry_run(
-            &survey,
-            &guests,
-            &placement,
-            args.json.json,
-        )?));
-    }
+    Ok(Checked {
+        survey,
+        guests,
+        placement,
+    })
+}
+
+/// Records a drain of `host` and cordons it, for the controller.
+///
+/// # Errors
+/// A host being drained already, or an etcd that does not answer.
+pub async fn record(
+    cluster: &Cluster,
+    host: &str,
+    to: &[String],
+    max_parallel: Option<u32>,
+) -> Result<DrainRecord> {
     let created_at_ms = now_ms();
     let record = DrainRecord {
         id: format!("{host}-{created_at_ms}"),
-        host: host.clone(),
-        to: args.to.clone(),
-        max_parallel: args.max_parallel,
+        host: host.to_string(),
+        to: to.to_vec(),
+        max_parallel,
         state: DrainState::Pending,
         guests: Vec::new(),
         created_at_ms,
@@ -111,26 +173,11 @@ pub async fn run(
         at_ms: created_at_ms,
     };
     match cluster.start_drain(&record, &cordon).await? {
-        DrainStart::Started => {}
+        DrainStart::Started => Ok(record),
         DrainStart::AlreadyDraining(id) => {
             anyhow::bail!("{host} is being drained already (drain {id})")
         }
     }
-    if !args.wait {
-        if args.json.json {
-            return Ok(print(super::json(&record)?));
-        }
-        return Ok(print(format!(
-            "drain {id} of {host} recorded ({n} guests), {host} cordoned; follow it with \
-             `livemig drain --watch {id}`\n",
-            id = record.id,
-            n = guests.len()
-        )));
-    }
-    if !args.json.json {
-        println!("drain {} of {host}: {} guests", record.id, guests.len());
-    }
-    follow(&cluster, &record.id, args.json.json).await
 }
 
 fn print(text: String) -> ExitCode {
@@ -139,12 +186,8 @@ fn print(text: String) -> ExitCode {
 }
 
 /// What `--dry-run` prints: where each guest goes and the predicted drain.
-fn dry_run(
-    survey: &survey::Survey,
-    guests: &[plan::Guest],
-    placement: &plan::Placement,
-    json: bool,
-) -> Result<String> {
+fn dry_run(checked: &Checked, json: bool) -> Result<String> {
+    let (survey, guests, placement) = (&checked.survey, &checked.guests, &checked.placement);
     let index = |name: &str| survey.hosts.iter().position(|h| h.name == name);
     let links: Vec<f64> = survey.hosts.iter().map(|h| h.link).collect();
     let from = index(&survey.source.name).expect("the source is registered");
@@ -267,9 +310,23 @@ fn state_name(state: DrainState) -> &'static str {
 /// How long `--watch` waits for etcd before it gives up.
 const SILENCE_LIMIT: Duration = Duration::from_secs(60);
 
-/// Follows drain `id` until it ends: a line per change (or a JSON object
-/// per change), then the report. Exit 1 if a guest could not be moved.
-async fn follow(cluster: &Cluster, id: &str, json: bool) -> Result<ExitCode> {
+/// How a drain is followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Follow {
+    /// Progress and the report as text on stdout.
+    Text,
+    /// A JSON object per change and the report, on stdout.
+    Json,
+    /// Progress as text on stderr, no report (the caller prints its own).
+    Stderr,
+}
+
+/// Follows drain `id` until it ends: its progress at each change, then
+/// the report; exit 1 if a guest could not be moved.
+///
+/// # Errors
+/// No such drain, or a cluster silent for a minute.
+pub async fn follow(cluster: &Cluster, id: &str, mode: Follow) -> Result<(ExitCode, DrainRecord)> {
     let mut last_heard = tokio::time::Instant::now();
     let mut shown = String::new();
     loop {
@@ -277,44 +334,43 @@ async fn follow(cluster: &Cluster, id: &str, json: bool) -> Result<ExitCode> {
             Ok(Some(drain)) => drain.record,
             Ok(None) => anyhow::bail!("no drain {id} (see `livemig drains`)"),
             Err(e) if last_heard.elapsed() < SILENCE_LIMIT => {
-                tracing_note(&e);
+                eprintln!("(the cluster does not answer: {e}; retrying)");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
             Err(e) => return Err(e).context("the cluster stopped answering"),
         };
         last_heard = tokio::time::Instant::now();
-        let now = if json {
-            super::json(&serde_json::json!({"event": "drain", "drain": record}))?
-        } else {
-            crate::output::drain::progress(&record, now_ms())
-        };
         // Progress lines change with the clock: compare what they say
         // without it.
         let key = serde_json::to_string(&(record.state, &record.guests, &record.note))?;
         if key != shown {
-            print!("{now}");
             shown = key;
+            match mode {
+                Follow::Json => print!(
+                    "{}",
+                    super::json(&serde_json::json!({"event": "drain", "drain": record}))?
+                ),
+                Follow::Text => print!("{}", crate::output::drain::progress(&record, now_ms())),
+                Follow::Stderr => eprint!("{}", crate::output::drain::progress(&record, now_ms())),
+            }
         }
         if record.state.ended() {
-            if json {
-                print!(
+            match mode {
+                Follow::Json => print!(
                     "{}",
                     super::json(&serde_json::json!({"event": "report", "drain": record}))?
-                );
-            } else {
-                print!("{}", crate::output::drain::report(&record));
+                ),
+                Follow::Text => print!("{}", crate::output::drain::report(&record)),
+                Follow::Stderr => {}
             }
-            return Ok(if record.state == DrainState::Done {
+            let code = if record.state == DrainState::Done {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
-            });
+            };
+            return Ok((code, record));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-}
-
-fn tracing_note(e: &cluster::ClusterError) {
-    eprintln!("(the cluster does not answer: {e}; retrying)");
 }

@@ -1,7 +1,9 @@
 //! `livemig demo`: two agents on loopback, a busy guest, a live migration
 //! with auto-converge, and a check that the guest's memory survived;
-//! [`linux`]: the Linux guest with its disk and network.
+//! [`linux`]: the Linux guest with its disk and network; [`fleet`]: a host
+//! of mixed guests drained through etcd and the controller.
 
+mod fleet;
 mod linux;
 
 use std::path::{Path, PathBuf};
@@ -133,6 +135,9 @@ fn dirty_rate_mib_s(log: &SerialLog) -> Option<f64> {
 }
 
 pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    if args.fleet {
+        return fleet::run(args).await;
+    }
     if args.guest == GuestArg::Linux {
         return linux::run(args).await;
     }

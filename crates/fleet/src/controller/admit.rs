@@ -94,7 +94,9 @@ pub(super) async fn admit(
             from,
             to,
             need: guest_model(g).need(path(to)),
-            remaining_secs: (1.0 - g.progress) * g.predicted_secs.unwrap_or(1.0),
+            remaining_secs: g
+                .remaining_secs
+                .unwrap_or_else(|| g.predicted_secs.unwrap_or(1.0)),
         });
         running_guests.push((k, running.len() - 1));
     }

@@ -186,6 +186,7 @@ async fn plan_drain(
                 job_id: None,
                 progress: 0.0,
                 bandwidth_mib_s: None,
+                remaining_secs: None,
                 failures: Vec::new(),
                 cost: None,
                 started_at_ms: None,
@@ -235,6 +236,19 @@ async fn follow(
                     info.stats.memory_processed_bytes,
                     info.stats.memory_remaining_bytes,
                 );
+                // What is left, in seconds: the prediction's rest, but no
+                // less than the bytes left at the job's bandwidth (a
+                // guest that overran its prediction is not nearly done
+                // because its share of bytes sent is high).
+                let predicted_left =
+                    g.predicted_secs.unwrap_or(0.0) - info.elapsed_ms as f64 / 1000.0;
+                let bandwidth = g.bandwidth_mib_s.unwrap_or(1).max(1) as f64 * 1048576.0;
+                let bytes_left = left.map_or(0.0, |l| l as f64 / bandwidth);
+                let remaining = predicted_left.max(bytes_left).max(0.0);
+                if g.remaining_secs.is_none_or(|r| (r - remaining).abs() > 0.2) {
+                    g.remaining_secs = Some(remaining);
+                    changed = true;
+                }
                 if let (Some(done), Some(left)) = (done, left) {
                     let total = done.saturating_add(left);
                     if total > 0 {
@@ -323,6 +337,7 @@ pub(super) fn back_to_waiting(g: &mut DrainGuest, reason: Option<String>) {
     g.job_id = None;
     g.progress = 0.0;
     g.bandwidth_mib_s = None;
+    g.remaining_secs = None;
 }
 
 /// Ends the drain once nothing waits or moves: done if the host runs no
@@ -362,6 +377,7 @@ async fn finish_if_empty(
                 labels: BTreeMap::new(),
                 progress: 0.0,
                 bandwidth_mib_s: None,
+                remaining_secs: None,
                 failures: Vec::new(),
                 cost: None,
                 error: None,

@@ -109,3 +109,35 @@ fn the_linux_demo_copies_the_disk_and_keeps_the_tcp_session() {
     );
     assert!(stderr.contains("Cleaning up"));
 }
+
+/// `livemig demo --fleet --json`: etcd, three agents in namespaces, a
+/// controller; host-a's mixed guests drained, each checked where it
+/// landed.
+#[test]
+fn demo_fleet_drains_a_host_of_mixed_guests_every_one_converged_and_intact() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(testkit::bin("livemig"))
+        .args(["demo", "--fleet", "--json"])
+        .env_remove("LIVEMIG_URI")
+        .env_remove("LIVEMIG_CLUSTER")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stderr}\n{stdout}");
+    let report: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a report line")).unwrap();
+    assert_eq!(report["drain"]["state"], "done", "{report}");
+    let vms = report["vms"].as_u64().unwrap();
+    assert!(vms >= 4, "{report}");
+    assert_eq!(report["converged"].as_u64(), Some(vms), "{report}");
+    assert_eq!(report["intact"].as_u64(), Some(vms), "{report}");
+    for guest in report["guests"].as_array().unwrap() {
+        assert_ne!(guest["host"], "host-a", "{guest}");
+        assert_eq!(guest["memory_check"], "ok", "{guest}");
+    }
+    // Each guest's cost is in the drain's report.
+    for guest in report["drain"]["guests"].as_array().unwrap() {
+        assert!(guest["cost"]["bytes"].as_u64().unwrap() > 0, "{guest}");
+    }
+}
