@@ -1,6 +1,7 @@
 //! Running `livemigd` as a child process: for the demo, the tests and the
 //! benchmarks; [`netns`], two "hosts" on one machine, and [`fabric`],
-//! several on one bridge; [`etcd`], the cluster's store.
+//! several on one bridge; [`etcd`], the cluster's store; [`local_fleet`],
+//! all of it with agents and a controller.
 //!
 //! The agent is put in a process group of its own, and the QEMU processes
 //! it starts inherit that group; dropping the [`AgentProcess`] kills the
@@ -22,6 +23,7 @@ use protocol::{AgentUri, Client, Reply, Request};
 
 pub mod etcd;
 pub mod fabric;
+pub mod local_fleet;
 pub mod netns;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(20);

@@ -3,18 +3,15 @@
 //! on host-a; host-a is drained, and every guest's memory is checked where
 //! it landed. Needs root (namespaces, the bridge, tc).
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use cluster::{Cluster, Endpoints, GuestState, TlsFiles};
+use cluster::{Cluster, GuestState};
 use domain::DomainDefinition;
 use guest::{SerialLog, Workload};
-use launcher::etcd::{EtcdOptions, EtcdProcess};
-use launcher::fabric::Fabric;
-use launcher::{AgentProcess, LaunchOptions};
+use launcher::local_fleet::{FleetOptions, LocalFleet};
 use protocol::call;
 use protocol::domain::DefinitionDoc;
 use protocol::Client;
@@ -35,17 +32,6 @@ const GUESTS: [(&str, u32, u32, Option<u32>); 4] = [
     ("heavy", 192, 48, Some(2_000)),
     ("hot", 256, 64, Some(200)),
 ];
-
-/// A child killed (its process group, by PID) when dropped.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(-(self.0.id() as i32));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.0.wait();
-    }
-}
 
 fn beside_this(binary: &str) -> PathBuf {
     std::env::current_exe()
@@ -70,138 +56,41 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         .context("cannot create a temporary directory")?;
     let dir = tmp.path();
     let kernel = guest::install_kernel(dir)?;
-    let pki = dir.join("pki");
-    tls::pki::init_if_missing(&pki).context("cannot create the demo's CA")?;
-
     say.line(&format!(
-        "==> Three hosts in network namespaces on one bridge, links capped at {} MiB/s",
+        "==> etcd, three agents in network namespaces on one bridge (links capped at {} MiB/s), \
+         a controller; all mutual TLS",
         args.link
     ));
-    let fabric = Fabric::create("fleet", HOSTS.len()).context("cannot make the namespaces")?;
-    fabric.cap(args.link).context("cannot cap the links")?;
-
-    say.line("==> etcd for the cluster's state (mutual TLS)");
-    let etcd_tls = tls::pki::issue(
-        &pki,
-        "etcd",
-        protocol::Role::Agent,
-        std::slice::from_ref(&fabric.gateway_ip),
-    )?;
-    let etcd = EtcdProcess::spawn(&EtcdOptions {
-        data_dir: dir.join("etcd"),
-        tls_dir: etcd_tls,
-        host: fabric.gateway_ip.clone(),
-        log: dir.join("etcd.log"),
+    let fleet = LocalFleet::start(&FleetOptions {
+        dir: dir.to_path_buf(),
+        hosts: HOSTS.iter().map(|h| h.to_string()).collect(),
+        link_mib_s: args.link,
+        livemigd: super::find_livemigd(args.livemigd.clone()),
+        controller: Some(beside_this("livemig-controller")),
+        qemu: args.qemu.clone(),
+        image_dirs: vec![dir.to_path_buf()],
     })
-    .context("cannot start etcd (Debian's etcd-server; scripts/setup.sh installs it)")?;
-    let operator = tls::pki::issue(&pki, "operator", protocol::Role::Admin, &[])?;
-    let cluster = connect_cluster(&etcd.endpoint, &operator).await?;
-
-    let mut agents = Vec::new();
-    for (host, net) in HOSTS.iter().zip(&fabric.hosts) {
-        let mut extra = vec![
-            "--cluster".to_string(),
-            etcd.endpoint.clone(),
-            "--link".to_string(),
-            args.link.to_string(),
-        ];
-        if let Some(qemu) = &args.qemu {
-            extra.extend(["--qemu".to_string(), qemu.display().to_string()]);
-        }
-        let options = LaunchOptions {
-            binary: super::find_livemigd(args.livemigd.clone()),
-            state_dir: dir.join(host),
-            listen: Some(format!("tls://{}:0", net.ip)),
-            tls_dir: Some(tls::pki::issue(
-                &pki,
-                host,
-                protocol::Role::Agent,
-                std::slice::from_ref(&net.ip),
-            )?),
-            netns: Some(net.netns.clone()),
-            image_dirs: vec![dir.to_path_buf()],
-            extra_args: extra,
-            private_dirs: Vec::new(),
-        };
-        agents.push(
-            AgentProcess::spawn(&options)
-                .await
-                .with_context(|| format!("cannot start {host}'s agent"))?,
-        );
-    }
-    let clients = [
-        Client::connect(&agents[0].local_uri()).await?,
-        Client::connect(&agents[1].local_uri()).await?,
-        Client::connect(&agents[2].local_uri()).await?,
-    ];
-    let controller = spawn_controller(dir, &etcd.endpoint, &operator)?;
+    .await
+    .context("cannot start the cluster")?;
     say.line(&format!(
-        "==> Agents {} registered; livemig-controller (pid {}) leads",
+        "    etcd at {}; {} registered; livemig-controller (pid {}) leads",
+        fleet.endpoint,
         HOSTS.join(", "),
-        controller.0.id()
+        fleet.controller_pid().unwrap_or(0)
     ));
 
-    let result = scenario(&args, &say, &cluster, &clients, &kernel).await;
+    let result = scenario(&args, &say, &fleet.cluster, &fleet.clients, &kernel).await;
 
     say.line("==> Cleaning up: guests, agents, controller, etcd, namespaces");
-    for client in &clients {
-        for (name, ..) in GUESTS {
-            if let Ok(domain) = name.parse() {
-                let _ = client
-                    .request(
-                        protocol::Request::Destroy { domain },
-                        Duration::from_secs(20),
-                    )
-                    .await;
-            }
-        }
-    }
-    for agent in agents {
-        agent.stop(Duration::from_secs(20)).await;
-    }
-    drop(controller);
-    drop(etcd);
-    drop(fabric);
+    fleet.stop().await;
     result
-}
-
-async fn connect_cluster(endpoint: &str, tls_dir: &Path) -> Result<Cluster> {
-    let endpoints = Endpoints::parse(endpoint, false)?;
-    let files = TlsFiles {
-        dir: tls_dir.to_path_buf(),
-    };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match Cluster::connect(&endpoints, Some(&files)).await {
-            Ok(cluster) => return Ok(cluster),
-            Err(e) if tokio::time::Instant::now() > deadline => {
-                return Err(e).context("etcd did not answer within 30 s")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
-        }
-    }
-}
-
-fn spawn_controller(dir: &Path, endpoint: &str, tls_dir: &Path) -> Result<Killed> {
-    let log = std::fs::File::create(dir.join("controller.log"))?;
-    let child = std::process::Command::new(beside_this("livemig-controller"))
-        .args(["--cluster", endpoint, "--tls-dir"])
-        .arg(tls_dir)
-        .args(["--name", "demo-controller"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .context("cannot start livemig-controller (built beside livemig)")?;
-    Ok(Killed(child))
 }
 
 async fn scenario(
     args: &DemoArgs,
     say: &Say,
     cluster: &Cluster,
-    clients: &[Client; 3],
+    clients: &[Client],
     kernel: &Path,
 ) -> Result<ExitCode> {
     let a = &clients[0];
