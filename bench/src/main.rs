@@ -22,12 +22,19 @@
 //! (`--engines livemig,virsh`; needs root: each agent gets its own storage
 //! through a mount namespace, and the two libvirtd run as `nobody`).
 //!
+//! `livemig-bench drain [--json] [--reps N] [--link MIB_S]
+//! [--policies sequential,fixed-2,all,livemig]` drains a host of six small
+//! real guests (quiet, light, heavy, hot) to two others over capped links
+//! in network namespaces, by each policy in turn, against the lower bound
+//! (needs root).
+//!
 //! `livemig-bench vcpus [--reps N] [--engines qemu,adaptive]` migrates a
 //! 4-vCPU Linux guest with one writing vCPU and three compute-only ones,
 //! with QEMU's auto-converge and with the controller, and reports how fast
 //! each vCPU ran during the migration against before it.
 
 mod convergence;
+mod drain;
 mod libvirt;
 mod load;
 mod sampler;
@@ -41,6 +48,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
+use protocol::ConvergeMode;
 
 #[derive(Debug, Parser)]
 #[command(name = "livemig-bench", version, about = "livemig benchmarks")]
@@ -160,6 +168,30 @@ enum Command {
         livemigd: Option<PathBuf>,
     },
     /// API latency on a source agent while several migrations run.
+    /// A host of six small real guests drained to two others over capped
+    /// links by sequential, fixed-2, all-at-once and livemig's scheduler,
+    /// against the lower bound (needs root).
+    Drain {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 1)]
+        reps: u32,
+        /// Each host's link, MiB/s each way.
+        #[arg(long, default_value_t = 100)]
+        link: u64,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "sequential,fixed-2,all,livemig"
+        )]
+        policies: Vec<String>,
+        /// How the fixed policies' migrations converge: qemu
+        /// (auto-converge) or adaptive.
+        #[arg(long, default_value = "qemu")]
+        baseline_converge: String,
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
     Load {
         #[arg(long)]
         json: bool,
@@ -246,6 +278,37 @@ fn estimate_text(t: &convergence::Trial) -> String {
         text.push_str(&format!(" calibrated on {jobs}: {}", against(ms)));
     }
     text
+}
+
+/// Medians per policy, and livemig's against the bound and each other.
+fn drain_summary(json: bool, runs: &[drain::Run]) {
+    let mut policies: Vec<&str> = runs.iter().map(|r| r.policy.as_str()).collect();
+    policies.dedup();
+    policies.sort_unstable();
+    policies.dedup();
+    for policy in policies {
+        let of = |f: fn(&drain::Run) -> f64| {
+            median(runs.iter().filter(|r| r.policy == policy).map(f).collect()).unwrap_or(0.0)
+        };
+        let makespan = of(|r| r.makespan_s);
+        let bound = of(|r| r.lower_bound_s);
+        let lost = of(|r| r.guest_work_lost_s);
+        let value = serde_json::json!({
+            "summary": policy,
+            "makespan_s": makespan,
+            "lower_bound_s": bound,
+            "makespan_over_bound": makespan / bound.max(1e-9),
+            "guest_work_lost_s": lost,
+        });
+        emit(
+            json,
+            &value,
+            format!(
+                "{policy:<10} median makespan {makespan:>6.1} s = {:.2}x the bound ({bound:.1} s), work lost {lost:.1} s",
+                makespan / bound.max(1e-9)
+            ),
+        );
+    }
 }
 
 /// The middle value (the mean of the two middle ones for an even count).
@@ -433,6 +496,7 @@ async fn main() -> ExitCode {
         | Command::Storage { json, .. }
         | Command::Start { json, .. }
         | Command::Vcpus { json, .. }
+        | Command::Drain { json, .. }
         | Command::Load { json, .. } => *json,
     };
     // On Ctrl-C or SIGTERM the run is dropped, and with it the agents and
@@ -464,11 +528,35 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Storage { livemigd, .. }
         | Command::Start { livemigd, .. }
         | Command::Vcpus { livemigd, .. }
+        | Command::Drain { livemigd, .. }
         | Command::Load { livemigd, .. } => livemigd.clone(),
     };
     let named = given.is_some();
     ensure_livemigd(&livemigd(given), named)?;
     match cli.command {
+        Command::Drain {
+            json,
+            reps,
+            link,
+            policies,
+            baseline_converge,
+            livemigd: path,
+        } => {
+            let baseline_converge = ConvergeMode::from_name(&baseline_converge)
+                .filter(|m| *m != ConvergeMode::None)
+                .ok_or_else(|| anyhow::anyhow!("--baseline-converge: qemu or adaptive"))?;
+            let runs = drain::run(drain::Options {
+                reps,
+                link,
+                policies,
+                json,
+                livemigd: livemigd(path),
+                baseline_converge,
+            })
+            .await?;
+            drain_summary(json, &runs);
+            Ok(())
+        }
         Command::Convergence {
             json,
             reps,

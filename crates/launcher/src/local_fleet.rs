@@ -220,7 +220,8 @@ impl Drop for LocalFleet {
 }
 
 async fn connect(endpoint: &str, tls_dir: &Path) -> Result<Cluster, FleetError> {
-    let endpoints = Endpoints::parse(endpoint, false).map_err(|e| FleetError::Cluster(e.to_string()))?;
+    let endpoints =
+        Endpoints::parse(endpoint, false).map_err(|e| FleetError::Cluster(e.to_string()))?;
     let files = TlsFiles {
         dir: tls_dir.to_path_buf(),
     };
