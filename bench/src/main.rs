@@ -28,6 +28,12 @@
 //! in network namespaces, by each policy in turn, against the lower bound
 //! (needs root).
 //!
+//! `livemig-bench fleet [--json] [--hosts 1000] [--vms 20000] [--batch 50]
+//! [--agents 250,500,1000]` plans a rolling upgrade with each policy over
+//! the convergence model (no QEMU) against the lower bound, timing the
+//! controller's decisions; then puts a real etcd under that many simulated
+//! agents and a controller.
+//!
 //! `livemig-bench vcpus [--reps N] [--engines qemu,adaptive]` migrates a
 //! 4-vCPU Linux guest with one writing vCPU and three compute-only ones,
 //! with QEMU's auto-converge and with the controller, and reports how fast
@@ -35,6 +41,7 @@
 
 mod convergence;
 mod drain;
+mod fleet;
 mod libvirt;
 mod load;
 mod sampler;
@@ -185,10 +192,34 @@ enum Command {
             default_value = "sequential,fixed-2,all,livemig"
         )]
         policies: Vec<String>,
-        /// How the fixed policies' migrations converge: qemu
-        /// (auto-converge) or adaptive.
-        #[arg(long, default_value = "qemu")]
+        /// How the fixed policies' migrations converge: adaptive (livemig's
+        /// controller: only the schedule differs) or qemu (auto-converge).
+        #[arg(long, default_value = "adaptive")]
         baseline_converge: String,
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+    /// The scheduler at fleet scale over the convergence model, and etcd
+    /// under many simulated agents.
+    Fleet {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 1000)]
+        hosts: usize,
+        #[arg(long, default_value_t = 20000)]
+        vms: usize,
+        /// Hosts drained at once.
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        /// Each host's link, MiB/s.
+        #[arg(long, default_value_t = 1000.0)]
+        link: f64,
+        /// Simulated agents on etcd, one run each (none: skip).
+        #[arg(long, value_delimiter = ',', default_value = "250,500,1000")]
+        agents: Vec<usize>,
+        /// Seconds each etcd run is measured.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -278,6 +309,18 @@ fn estimate_text(t: &convergence::Trial) -> String {
         text.push_str(&format!(" calibrated on {jobs}: {}", against(ms)));
     }
     text
+}
+
+/// This process's peak resident memory, MiB.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// Medians per policy, and livemig's against the bound and each other.
@@ -497,6 +540,7 @@ async fn main() -> ExitCode {
         | Command::Start { json, .. }
         | Command::Vcpus { json, .. }
         | Command::Drain { json, .. }
+        | Command::Fleet { json, .. }
         | Command::Load { json, .. } => *json,
     };
     // On Ctrl-C or SIGTERM the run is dropped, and with it the agents and
@@ -529,11 +573,76 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Start { livemigd, .. }
         | Command::Vcpus { livemigd, .. }
         | Command::Drain { livemigd, .. }
+        | Command::Fleet { livemigd, .. }
         | Command::Load { livemigd, .. } => livemigd.clone(),
     };
     let named = given.is_some();
     ensure_livemigd(&livemigd(given), named)?;
     match cli.command {
+        Command::Fleet {
+            json,
+            hosts,
+            vms,
+            batch,
+            link,
+            agents,
+            seconds,
+            ..
+        } => {
+            let before = std::time::Instant::now();
+            let results = fleet::plan_fleet(hosts, vms, batch.max(1), link);
+            let plan_wall = before.elapsed().as_secs_f64();
+            for r in &results {
+                emit(
+                    json,
+                    r,
+                    format!(
+                        "{:<10} {} hosts {} vms batch {}: upgrade {:>8.0} s = {:.2}x the bound ({:.0} s), work lost {:>7.0} s, converged {}/{} migrations, decisions {:.2} s (worst batch {:.3} s)",
+                        r.policy,
+                        r.hosts,
+                        r.vms,
+                        r.batch,
+                        r.makespan_s,
+                        r.makespan_s / r.lower_bound_s.max(1e-9),
+                        r.lower_bound_s,
+                        r.guest_work_lost_s,
+                        r.converged,
+                        r.moves,
+                        r.decision_s,
+                        r.worst_batch_decision_s
+                    ),
+                );
+            }
+            let peak = peak_rss_mib();
+            emit(
+                json,
+                &serde_json::json!({"planning_wall_s": plan_wall, "peak_rss_mib": peak}),
+                format!("planning: {plan_wall:.1} s wall for all four policies, peak memory {peak:.0} MiB"),
+            );
+            let tmp = tempfile::Builder::new()
+                .prefix("livemig-fleet-")
+                .tempdir()?;
+            for n in agents {
+                let r = fleet::store(tmp.path(), n, seconds).await?;
+                emit(
+                    json,
+                    &r,
+                    format!(
+                        "etcd under {:>5} agents: agent read p50 {:.1} ms p99 {:.1} ms, controller read p50 {:.1} ms p99 {:.1} ms, etcd CPU {:.0} % of a core, RSS {:.0} MiB, {} refreshes, {} failed registrations",
+                        r.agents,
+                        r.agent_read_p50_ms,
+                        r.agent_read_p99_ms,
+                        r.read_p50_ms,
+                        r.read_p99_ms,
+                        r.etcd_cpu * 100.0,
+                        r.etcd_rss_mib,
+                        r.refreshes,
+                        r.failures
+                    ),
+                );
+            }
+            Ok(())
+        }
         Command::Drain {
             json,
             reps,

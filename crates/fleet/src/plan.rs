@@ -188,10 +188,25 @@ pub fn incompatible(source: &Host, host: &Host, to: &[String]) -> Option<String>
     None
 }
 
+/// Seconds of inbound work and guests placed so far, by host: shared by
+/// the placements of several drained hosts so that they spread together.
+pub type Load = BTreeMap<String, (f64, usize)>;
+
 /// Places `guests` from `source` on `hosts` (only those in `to`, if any):
 /// longest migration first, each on the compatible host with room whose
 /// inbound link has the fewest seconds of work so far.
 pub fn place(guests: &[Guest], source: &Host, hosts: &[Host], to: &[String]) -> Placement {
+    place_with(guests, source, hosts, to, &mut Load::new())
+}
+
+/// As [`place`], counting (and adding to) the inbound work `load` holds.
+pub fn place_with(
+    guests: &[Guest],
+    source: &Host,
+    hosts: &[Host],
+    to: &[String],
+    load: &mut Load,
+) -> Placement {
     let mut placement = Placement::default();
     let mut why_not: Vec<(&Host, Option<String>)> = hosts
         .iter()
@@ -207,8 +222,9 @@ pub fn place(guests: &[Guest], source: &Host, hosts: &[Host], to: &[String]) -> 
             )
         })
         .collect();
-    let mut load: BTreeMap<&str, (f64, usize)> = BTreeMap::new();
     for guest in by_cost(guests, source.link) {
+        // What it sends, once: the same whichever host takes it.
+        let bytes = guest.cost(source.link).bytes;
         let mut best: Option<(&Host, f64, usize)> = None;
         let mut reasons = Vec::new();
         for (host, incompatible) in &why_not {
@@ -228,9 +244,8 @@ pub fn place(guests: &[Guest], source: &Host, hosts: &[Host], to: &[String]) -> 
                 ));
                 continue;
             }
-            let link = host.link.min(source.link);
             let (secs, count) = load.get(host.name.as_str()).copied().unwrap_or_default();
-            let after = secs + guest.cost(link).bytes / host.link;
+            let after = secs + bytes / host.link;
             if best.is_none_or(|(_, s, c)| (after, count) < (s, c)) {
                 best = Some((host, after, count));
             }
@@ -238,7 +253,7 @@ pub fn place(guests: &[Guest], source: &Host, hosts: &[Host], to: &[String]) -> 
         match best {
             Some((host, after, count)) => {
                 *free.get_mut(host.name.as_str()).expect("listed") -= guest.memory_bytes;
-                load.insert(&host.name, (after, count + 1));
+                load.insert(host.name.clone(), (after, count + 1));
                 placement
                     .destination
                     .insert(guest.name.clone(), host.name.clone());

@@ -160,47 +160,79 @@ pub fn shares(policy: Policy, links: &[f64], running: &[Running]) -> Vec<f64> {
             _ => 1.0,
         })
         .collect();
-    let mut out_left = links.to_vec();
-    let mut in_left = links.to_vec();
+    // Progressive filling: every unfrozen flow grows at `weight × level`;
+    // the link that fills first (the lowest level at which its rest is
+    // used up) freezes its flows, whose other side then has less to give.
+    // Each side of each host is a link: `h` outbound, `hosts + h` inbound.
+    let hosts = links.len();
+    let mut capacity: Vec<f64> = links.iter().chain(links.iter()).copied().collect();
+    let mut weights = vec![0.0f64; 2 * hosts];
+    let mut flows_on: Vec<Vec<usize>> = vec![Vec::new(); 2 * hosts];
+    for (i, r) in running.iter().enumerate() {
+        for link in [r.from, hosts + r.to] {
+            weights[link] += weight[i];
+            flows_on[link].push(i);
+        }
+    }
     let mut share = vec![0.0; running.len()];
     let mut frozen = vec![false; running.len()];
-    // Fill every unfrozen flow in proportion to its weight until a link is
-    // full, freeze the flows on it, go on.
-    loop {
-        let mut out_w = vec![0.0f64; links.len()];
-        let mut in_w = vec![0.0f64; links.len()];
-        for (i, r) in running.iter().enumerate() {
-            if !frozen[i] {
-                out_w[r.from] += weight[i];
-                in_w[r.to] += weight[i];
+    // (level, link, version): the smallest level first; an entry whose
+    // version is stale is skipped.
+    let mut version = vec![0u64; 2 * hosts];
+    let mut heap = std::collections::BinaryHeap::new();
+    let level_of = |capacity: f64, weight: f64| (capacity.max(0.0) / weight).max(0.0);
+    for link in 0..2 * hosts {
+        if weights[link] > 0.0 {
+            heap.push(Pending(level_of(capacity[link], weights[link]), link, 0));
+        }
+    }
+    while let Some(Pending(level, link, v)) = heap.pop() {
+        if v != version[link] || weights[link] <= 1e-12 {
+            continue;
+        }
+        for &f in &flows_on[link] {
+            if frozen[f] {
+                continue;
+            }
+            frozen[f] = true;
+            share[f] = level * weight[f];
+            let r = &running[f];
+            for side in [r.from, hosts + r.to] {
+                capacity[side] -= share[f];
+                weights[side] -= weight[f];
+                if side != link && weights[side] > 1e-12 {
+                    version[side] += 1;
+                    heap.push(Pending(
+                        level_of(capacity[side], weights[side]).max(level),
+                        side,
+                        version[side],
+                    ));
+                }
             }
         }
-        let mut level = f64::INFINITY;
-        for h in 0..links.len() {
-            if out_w[h] > 0.0 {
-                level = level.min(out_left[h] / out_w[h]);
-            }
-            if in_w[h] > 0.0 {
-                level = level.min(in_left[h] / in_w[h]);
-            }
-        }
-        if !level.is_finite() {
-            return share;
-        }
-        let level = level.max(0.0);
-        for (i, r) in running.iter().enumerate() {
-            if !frozen[i] {
-                let give = level * weight[i];
-                share[i] += give;
-                out_left[r.from] -= give;
-                in_left[r.to] -= give;
-            }
-        }
-        for (i, r) in running.iter().enumerate() {
-            if !frozen[i] && (out_left[r.from] <= 1e-6 || in_left[r.to] <= 1e-6) {
-                frozen[i] = true;
-            }
-        }
+        weights[link] = 0.0;
+    }
+    share
+}
+
+/// A link's level in the filling, smallest first out of the heap.
+#[derive(Debug, PartialEq)]
+struct Pending(f64, usize, u64);
+
+impl Eq for Pending {}
+
+impl PartialOrd for Pending {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Pending {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other
+            .0
+            .total_cmp(&self.0)
+            .then_with(|| other.1.cmp(&self.1))
     }
 }
 
@@ -310,14 +342,16 @@ pub fn simulate(policy: Policy, caps: Caps, links: &[f64], moves: &[Move]) -> Ou
         let (copying, bw) = share_out(policy, links, moves, &running, |r| {
             (r.i, r.setup_left <= 0.0)
         });
+        let mut share_of = vec![None; running.len()];
+        for (slot, &k) in copying.iter().enumerate() {
+            share_of[k] = Some(bw[slot]);
+        }
         let current: Vec<Running> = running
             .iter()
-            .map(|r| {
+            .zip(&share_of)
+            .map(|(r, share)| {
                 let m = &moves[r.i];
-                let b = copying
-                    .iter()
-                    .position(|&k| std::ptr::eq(&running[k], r))
-                    .map_or(path(r.i), |p| bw[p]);
+                let b = share.unwrap_or_else(|| path(r.i));
                 Running {
                     from: m.from,
                     to: m.to,
