@@ -25,6 +25,8 @@ pub struct EtcdOptions {
 #[derive(Debug)]
 pub struct EtcdProcess {
     child: Child,
+    options: EtcdOptions,
+    ports: (u16, u16),
     /// `https://HOST:PORT`.
     pub endpoint: String,
 }
@@ -42,12 +44,43 @@ impl EtcdProcess {
     /// # Errors
     /// No free port, or etcd is not installed.
     pub fn spawn(options: &EtcdOptions) -> std::io::Result<EtcdProcess> {
-        let (client, peer) = (free_port(&options.host)?, free_port(&options.host)?);
+        let ports = (free_port(&options.host)?, free_port(&options.host)?);
+        let child = Self::child(options, ports)?;
+        Ok(EtcdProcess {
+            child,
+            options: options.clone(),
+            ports,
+            endpoint: format!("https://{}:{}", options.host, ports.0),
+        })
+    }
+
+    /// Kills it (SIGKILL, as a crash would) and starts it again on the same
+    /// data directory and ports.
+    ///
+    /// # Errors
+    /// It cannot be started again.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        self.child = Self::child(&self.options, self.ports)?;
+        Ok(())
+    }
+
+    /// Kills it (SIGKILL); [`EtcdProcess::restart`] brings it back.
+    pub fn kill(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    fn child(options: &EtcdOptions, (client, peer): (u16, u16)) -> std::io::Result<Child> {
         let endpoint = format!("https://{}:{client}", options.host);
         let peer_url = format!("http://{}:{peer}", options.host);
-        let log = std::fs::File::create(&options.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&options.log)?;
         let tls = &options.tls_dir;
-        let child = Command::new("etcd")
+        Command::new("etcd")
             .args(["--name", "livemig", "--data-dir"])
             .arg(&options.data_dir)
             .args(["--listen-client-urls", &endpoint])
@@ -67,8 +100,7 @@ impl EtcdProcess {
             .stdout(log.try_clone()?)
             .stderr(log)
             .process_group(0)
-            .spawn()?;
-        Ok(EtcdProcess { child, endpoint })
+            .spawn()
     }
 
     /// Its PID.
@@ -92,8 +124,6 @@ impl EtcdProcess {
 impl Drop for EtcdProcess {
     fn drop(&mut self) {
         // Its own process group: nothing else is touched.
-        let pid = nix::unistd::Pid::from_raw(-(self.child.id() as i32));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.child.wait();
+        self.kill();
     }
 }

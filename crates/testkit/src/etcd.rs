@@ -16,6 +16,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Etcd {
     process: EtcdProcess,
+    probe: cluster::TlsFiles,
     /// `https://127.0.0.1:PORT`.
     pub endpoint: String,
     /// Its data directory.
@@ -32,6 +33,30 @@ impl Etcd {
     /// Lets a paused etcd go on (SIGCONT).
     pub fn resume(&self) {
         self.process.resume();
+    }
+
+    /// Kills etcd (SIGKILL): connections are refused until
+    /// [`Etcd::start_again`].
+    pub fn stop(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts a stopped etcd again on its data directory and ports, and
+    /// waits until it answers.
+    pub async fn start_again(&mut self) {
+        self.process.restart().expect("etcd starts again");
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let endpoints = cluster::Endpoints::parse(&self.endpoint, false).expect("endpoint");
+        crate::wait_until(START_TIMEOUT, "etcd to answer", || async {
+            cluster::Cluster::connect(&endpoints, Some(&self.probe))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await;
     }
 
     /// Starts etcd for `bed`, serving clients over mutual TLS with a
@@ -58,18 +83,12 @@ impl Etcd {
         let etcd = Etcd {
             endpoint: process.endpoint.clone(),
             process,
+            probe: cluster::TlsFiles {
+                dir: bed.certificate_dir("etcd-probe", protocol::Role::Admin),
+            },
             data_dir,
         };
-        let admin = bed.certificate_dir("etcd-probe", protocol::Role::Admin);
-        let endpoints = cluster::Endpoints::parse(&etcd.endpoint, false).expect("endpoint");
-        let files = cluster::TlsFiles { dir: admin };
-        crate::wait_until(START_TIMEOUT, "etcd to answer", || async {
-            cluster::Cluster::connect(&endpoints, Some(&files))
-                .await
-                .ok()
-                .map(|_| ())
-        })
-        .await;
+        etcd.wait_ready().await;
         etcd
     }
 }

@@ -1,8 +1,8 @@
 //! Drains that meet faults: a destination that refuses its guests (they
 //! go to another host), the drained host's agent killed mid-drain (its
 //! guests never start elsewhere behind its back; the drain finishes once
-//! it is back), etcd frozen mid-drain (what runs finishes, nothing new
-//! starts until it answers). In every case each guest ends up running
+//! it is back), etcd frozen or killed and restarted mid-drain (what runs
+//! finishes, nothing new starts until it answers). In every case each guest ends up running
 //! exactly once.
 
 use std::time::Duration;
@@ -159,6 +159,39 @@ async fn etcd_frozen_mid_drain_starts_nothing_new_and_the_drain_finishes_once_it
     // No migration began on a while etcd could not record it.
     let started_meanwhile = jobs_started_since(&a, frozen_at + 1000).await;
     etcd.resume();
+    assert!(started_meanwhile.is_empty(), "{started_meanwhile:?}");
+
+    let report = report(&bed, &etcd, &id);
+    assert_eq!(report["drain"]["state"], "done", "{report}");
+    all_moved_off_a(&bed, &etcd, &a, &b, &c, 4).await;
+}
+
+#[tokio::test]
+async fn etcd_stopped_and_restarted_mid_drain_starts_nothing_new_and_the_drain_finishes() {
+    let bed = TestBed::simulated().await;
+    let mut etcd = Etcd::start(&bed).await;
+    let (a, b, c) = super::drain::cluster_of_three(&bed, &etcd, "24", &mix()).await;
+    let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "5"]);
+    let id = start_drain(&bed, &etcd);
+    wait_until(Duration::from_secs(60), "a guest to be moving", || async {
+        let drains = drains(&bed, &etcd);
+        drains
+            .first()?
+            .get("guests")?
+            .as_array()?
+            .iter()
+            .any(|g| g["state"] == "migrating" && g["job_id"].is_string())
+            .then_some(())
+    })
+    .await;
+    etcd.stop();
+    let stopped_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let started_meanwhile = jobs_started_since(&a, stopped_at + 1000).await;
+    etcd.start_again().await;
     assert!(started_meanwhile.is_empty(), "{started_meanwhile:?}");
 
     let report = report(&bed, &etcd, &id);
