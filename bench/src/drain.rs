@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use cluster::{Cordon, DrainRecord, DrainStart, DrainState};
+use cluster::{Cordon, DrainRecord, DrainStart};
 use domain::DomainDefinition;
 use fleet::plan;
 use guest::{SerialLog, Workload};
@@ -332,23 +332,8 @@ async fn reset(fleet: &LocalFleet, kernel: &Path) -> Result<Vec<(String, PathBuf
 
 /// livemig: a drain recorded for the controller; its length as recorded.
 async fn by_controller(fleet: &LocalFleet) -> Result<(f64, Vec<JobRecord>)> {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis() as u64;
-    let record = DrainRecord {
-        id: format!("{}-{now_ms}", HOSTS[0]),
-        host: HOSTS[0].to_string(),
-        to: Vec::new(),
-        max_parallel: None,
-        state: DrainState::Pending,
-        guests: Vec::new(),
-        created_at_ms: now_ms,
-        ended_at_ms: None,
-        controller: None,
-        predicted_secs: None,
-        lower_bound_secs: None,
-        note: None,
-    };
+    let now_ms = cluster::now_ms();
+    let record = DrainRecord::pending(HOSTS[0], &[], None, now_ms);
     let cordon = Cordon {
         reason: "benchmark drain".into(),
         at_ms: now_ms,

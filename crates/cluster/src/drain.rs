@@ -178,6 +178,64 @@ pub struct Versioned {
     pub revision: i64,
 }
 
+/// Unix time now, in milliseconds: the clock every record carries.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl DrainRecord {
+    /// A drain of `host` asked for at `created_at_ms`, for a controller to
+    /// plan; its id names the host and the time.
+    pub fn pending(
+        host: &str,
+        to: &[String],
+        max_parallel: Option<u32>,
+        created_at_ms: u64,
+    ) -> DrainRecord {
+        DrainRecord {
+            id: format!("{host}-{created_at_ms}"),
+            host: host.to_string(),
+            to: to.to_vec(),
+            max_parallel,
+            state: DrainState::Pending,
+            guests: Vec::new(),
+            created_at_ms,
+            ended_at_ms: None,
+            controller: None,
+            predicted_secs: None,
+            lower_bound_secs: None,
+            note: None,
+        }
+    }
+}
+
+impl DrainGuest {
+    /// A guest not yet started, known only by name and RAM.
+    pub fn waiting(domain: &str, memory_mib: u64) -> DrainGuest {
+        DrainGuest {
+            domain: domain.to_string(),
+            memory_mib,
+            state: GuestState::Waiting,
+            destination: None,
+            job_id: None,
+            predicted_secs: None,
+            dirty_rate: None,
+            working_set: None,
+            first_pass_bytes: None,
+            labels: std::collections::BTreeMap::new(),
+            progress: 0.0,
+            bandwidth_mib_s: None,
+            remaining_secs: None,
+            failures: Vec::new(),
+            cost: None,
+            error: None,
+            started_at_ms: None,
+        }
+    }
+}
+
 fn record_key(id: &str) -> String {
     format!("{DRAINS}{id}")
 }

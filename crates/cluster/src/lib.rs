@@ -34,7 +34,7 @@ pub mod policy;
 pub use connect::{Cluster, ClusterError, Endpoints, TlsFiles};
 pub use cordon::Cordon;
 pub use drain::{
-    DrainGuest, DrainRecord, DrainStart, DrainState, GuestCost, GuestState, Versioned,
+    now_ms, DrainGuest, DrainRecord, DrainStart, DrainState, GuestCost, GuestState, Versioned,
 };
 pub use leader::Leadership;
 pub use membership::{HostRecord, Registration};

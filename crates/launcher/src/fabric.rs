@@ -5,9 +5,7 @@
 //! capped both ways. Names carry the process id; dropping the fabric
 //! deletes the namespaces (and with them the veths) and the bridge.
 
-use std::process::Command;
-
-use crate::netns::NetnsError;
+use crate::netns::{run, tc, NetnsError};
 
 /// One host of a [`Fabric`].
 #[derive(Debug, Clone)]
@@ -32,24 +30,8 @@ pub struct Fabric {
     bridge: String,
 }
 
-fn run(program: &str, args: &[&str]) -> Result<(), NetnsError> {
-    let tool = if program == "tc" { "tc" } else { "ip" };
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|source| NetnsError::Run { tool, source })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NetnsError::Failed {
-            command: format!("{program} {}", args.join(" ")),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
-}
-
 fn ip(args: &[&str]) -> Result<(), NetnsError> {
-    run("ip", args)
+    run("ip", &[], args)
 }
 
 impl Fabric {
@@ -134,12 +116,11 @@ impl Fabric {
                 .collect()
             };
             let inside = tbf(&host.veth_inside);
-            let mut args = vec!["netns", "exec", &host.netns, "tc"];
-            args.extend(inside.iter().map(String::as_str));
-            run("ip", &args)?;
+            let inside: Vec<&str> = inside.iter().map(String::as_str).collect();
+            tc(&host.netns, &inside)?;
             let outside = tbf(&host.veth_outside);
-            let args: Vec<&str> = outside.iter().map(String::as_str).collect();
-            run("tc", &args)?;
+            let outside: Vec<&str> = outside.iter().map(String::as_str).collect();
+            run("tc", &[], &outside)?;
         }
         Ok(())
     }

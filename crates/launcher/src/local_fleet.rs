@@ -50,8 +50,10 @@ pub struct LocalFleet {
     /// An administrator's TLS directory (for etcd and the agents).
     pub operator: PathBuf,
     controller: Option<Child>,
-    etcd: EtcdProcess,
-    fabric: Fabric,
+    // Held for their Drop: etcd killed, the network removed (after the
+    // agents, which are stopped first).
+    _etcd: EtcdProcess,
+    _fabric: Fabric,
 }
 
 /// Why the cluster could not be started.
@@ -156,8 +158,8 @@ impl LocalFleet {
             endpoint: etcd.endpoint.clone(),
             operator,
             controller,
-            etcd,
-            fabric,
+            _etcd: etcd,
+            _fabric: fabric,
         };
         fleet.wait_registered(&options.hosts).await?;
         Ok(fleet)
@@ -166,16 +168,6 @@ impl LocalFleet {
     /// The controller's PID, if one runs.
     pub fn controller_pid(&self) -> Option<u32> {
         self.controller.as_ref().map(Child::id)
-    }
-
-    /// etcd's PID.
-    pub fn etcd_pid(&self) -> u32 {
-        self.etcd.pid()
-    }
-
-    /// The bridge's address, where etcd listens.
-    pub fn gateway(&self) -> &str {
-        &self.fabric.gateway_ip
     }
 
     async fn wait_registered(&self, hosts: &[String]) -> Result<(), FleetError> {

@@ -58,7 +58,7 @@ pub enum NetnsError {
 
 /// Runs `tool args...` (`prefix` goes before the arguments: `ip netns exec
 /// NS`), checking that it succeeded.
-fn run(tool: &'static str, prefix: &[&str], args: &[&str]) -> Result<(), NetnsError> {
+pub(crate) fn run(tool: &'static str, prefix: &[&str], args: &[&str]) -> Result<(), NetnsError> {
     let program = prefix.first().copied().unwrap_or(tool);
     let out = Command::new(program)
         .args(prefix.iter().skip(1))
@@ -237,7 +237,7 @@ impl NetnsPair {
     }
 }
 
-fn tc(ns: &str, args: &[&str]) -> Result<(), NetnsError> {
+pub(crate) fn tc(ns: &str, args: &[&str]) -> Result<(), NetnsError> {
     run("tc", &["ip", "netns", "exec", ns, "tc"], args)
 }
 

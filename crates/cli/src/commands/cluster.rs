@@ -126,9 +126,7 @@ pub async fn cordon(
             }
         );
     }
-    let at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let at_ms = cluster::now_ms();
     cluster
         .cordon(
             host,

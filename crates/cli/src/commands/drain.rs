@@ -7,19 +7,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use cluster::{Cluster, Cordon, DrainRecord, DrainStart, DrainState, GuestState};
+use cluster::{now_ms, Cluster, Cordon, DrainRecord, DrainStart, DrainState, GuestState};
 use fleet::plan;
 use fleet::schedule::{self, Caps, Move, Policy};
 use fleet::survey::{self, Agents};
 
 use super::cluster::connect;
 use crate::args::DrainArgs;
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// `drain HOST ...` or `drain --watch ID`.
 ///
@@ -154,20 +148,7 @@ pub async fn record(
     max_parallel: Option<u32>,
 ) -> Result<DrainRecord> {
     let created_at_ms = now_ms();
-    let record = DrainRecord {
-        id: format!("{host}-{created_at_ms}"),
-        host: host.to_string(),
-        to: to.to_vec(),
-        max_parallel,
-        state: DrainState::Pending,
-        guests: Vec::new(),
-        created_at_ms,
-        ended_at_ms: None,
-        controller: None,
-        predicted_secs: None,
-        lower_bound_secs: None,
-        note: None,
-    };
+    let record = DrainRecord::pending(host, to, max_parallel, created_at_ms);
     let cordon = Cordon {
         reason: format!("draining ({})", record.id),
         at_ms: created_at_ms,

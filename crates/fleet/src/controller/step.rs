@@ -44,11 +44,7 @@ impl Draft {
     }
 }
 
-pub(super) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(super) use cluster::now_ms;
 
 /// The cost model of a drain's guest, as recorded.
 pub(super) fn guest_model(g: &DrainGuest) -> Guest {
@@ -364,25 +360,7 @@ async fn finish_if_empty(
     let mut joined = false;
     for domain in running {
         if !record.guests.iter().any(|g| g.domain == domain.name) {
-            let mut guest = DrainGuest {
-                domain: domain.name.clone(),
-                memory_mib: 0,
-                state: GuestState::Waiting,
-                destination: None,
-                job_id: None,
-                predicted_secs: None,
-                dirty_rate: None,
-                working_set: None,
-                first_pass_bytes: None,
-                labels: BTreeMap::new(),
-                progress: 0.0,
-                bandwidth_mib_s: None,
-                remaining_secs: None,
-                failures: Vec::new(),
-                cost: None,
-                error: None,
-                started_at_ms: None,
-            };
+            let mut guest = DrainGuest::waiting(&domain.name, 0);
             if let Ok(name) = domain.name.parse() {
                 if let Ok(info) = cx
                     .agents

@@ -25,6 +25,20 @@ fn report(bed: &TestBed, etcd: &Etcd, id: &str) -> serde_json::Value {
     serde_json::from_str(&last).unwrap_or_else(|_| panic!("{out:?}"))
 }
 
+/// Waits until the drain has a guest whose migration runs.
+async fn wait_guest_moving(bed: &TestBed, etcd: &Etcd) {
+    wait_until(Duration::from_secs(60), "a guest to be moving", || async {
+        drains(bed, etcd)
+            .first()?
+            .get("guests")?
+            .as_array()?
+            .iter()
+            .any(|g| g["state"] == "migrating" && g["job_id"].is_string())
+            .then_some(())
+    })
+    .await;
+}
+
 fn start_drain(bed: &TestBed, etcd: &Etcd) -> String {
     let out = livemig(bed, etcd, &["drain", "agent-a", "--json"]);
     assert!(out.status.success(), "{out:?}");
@@ -95,17 +109,7 @@ async fn the_drained_hosts_agent_killed_mid_drain_loses_no_guest_and_the_drain_f
     .await;
     let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "2"]);
     let id = start_drain(&bed, &etcd);
-    wait_until(Duration::from_secs(60), "a guest to be moving", || async {
-        let drains = drains(&bed, &etcd);
-        drains
-            .first()?
-            .get("guests")?
-            .as_array()?
-            .iter()
-            .any(|g| g["state"] == "migrating" && g["job_id"].is_string())
-            .then_some(())
-    })
-    .await;
+    wait_guest_moving(&bed, &etcd).await;
     a.crash();
     // Its lease runs out; the controller waits for it, and no guest of a
     // starts anywhere else meanwhile.
@@ -139,17 +143,7 @@ async fn etcd_frozen_mid_drain_starts_nothing_new_and_the_drain_finishes_once_it
     let (a, b, c) = super::drain::cluster_of_three(&bed, &etcd, "24", &mix()).await;
     let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "5"]);
     let id = start_drain(&bed, &etcd);
-    wait_until(Duration::from_secs(60), "a guest to be moving", || async {
-        let drains = drains(&bed, &etcd);
-        drains
-            .first()?
-            .get("guests")?
-            .as_array()?
-            .iter()
-            .any(|g| g["state"] == "migrating" && g["job_id"].is_string())
-            .then_some(())
-    })
-    .await;
+    wait_guest_moving(&bed, &etcd).await;
     etcd.pause();
     let frozen_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -173,17 +167,7 @@ async fn etcd_stopped_and_restarted_mid_drain_starts_nothing_new_and_the_drain_f
     let (a, b, c) = super::drain::cluster_of_three(&bed, &etcd, "24", &mix()).await;
     let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "5"]);
     let id = start_drain(&bed, &etcd);
-    wait_until(Duration::from_secs(60), "a guest to be moving", || async {
-        let drains = drains(&bed, &etcd);
-        drains
-            .first()?
-            .get("guests")?
-            .as_array()?
-            .iter()
-            .any(|g| g["state"] == "migrating" && g["job_id"].is_string())
-            .then_some(())
-    })
-    .await;
+    wait_guest_moving(&bed, &etcd).await;
     etcd.stop();
     let stopped_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
