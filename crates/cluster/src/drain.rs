@@ -120,6 +120,24 @@ pub struct DrainGuest {
     /// When its migration started (Unix ms).
     #[serde(default)]
     pub started_at_ms: Option<u64>,
+    /// When its last attempt failed (Unix ms): a host it failed on is
+    /// tried again only after a backoff.
+    #[serde(default)]
+    pub failed_at_ms: Option<u64>,
+    /// Why a waiting guest can go nowhere now: it waits for a host (one
+    /// coming back, RAM freed, a cordon lifted) for the controller's
+    /// patience, then fails.
+    #[serde(default)]
+    pub blocked: Option<Blocked>,
+}
+
+/// A waiting guest no host can take now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Blocked {
+    /// Since when (Unix ms).
+    pub since_ms: u64,
+    /// Why, per host.
+    pub why: String,
 }
 
 /// A drain, as recorded.
@@ -232,6 +250,8 @@ impl DrainGuest {
             cost: None,
             error: None,
             started_at_ms: None,
+            failed_at_ms: None,
+            blocked: None,
         }
     }
 }

@@ -34,7 +34,8 @@ pub mod policy;
 pub use connect::{Cluster, ClusterError, Endpoints, TlsFiles};
 pub use cordon::Cordon;
 pub use drain::{
-    now_ms, DrainGuest, DrainRecord, DrainStart, DrainState, GuestCost, GuestState, Versioned,
+    now_ms, Blocked, DrainGuest, DrainRecord, DrainStart, DrainState, GuestCost, GuestState,
+    Versioned,
 };
 pub use leader::Leadership;
 pub use membership::{HostRecord, Registration};

@@ -136,6 +136,14 @@ pub struct Host {
     pub cordoned: Option<String>,
 }
 
+impl Host {
+    /// RAM it can give guests, bytes: what is free less what it keeps for
+    /// itself.
+    pub fn room(&self) -> u64 {
+        self.ram_free_bytes.saturating_sub(RAM_RESERVE)
+    }
+}
+
 /// Where the guests go.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Placement {
@@ -213,15 +221,7 @@ pub fn place_with(
         .map(|h| (h, incompatible(source, h, to)))
         .collect();
     why_not.sort_by(|a, b| a.0.name.cmp(&b.0.name));
-    let mut free: BTreeMap<&str, u64> = hosts
-        .iter()
-        .map(|h| {
-            (
-                h.name.as_str(),
-                h.ram_free_bytes.saturating_sub(RAM_RESERVE),
-            )
-        })
-        .collect();
+    let mut free: BTreeMap<&str, u64> = hosts.iter().map(|h| (h.name.as_str(), h.room())).collect();
     for guest in by_cost(guests, source.link) {
         // What it sends, once: the same whichever host takes it.
         let bytes = guest.cost(source.link).bytes;

@@ -280,6 +280,22 @@ impl TestBed {
         (a, b)
     }
 
+    /// An agent `name` on loopback with `args`, and storage of its own at
+    /// [`TestBed::local`] as in [`TestBed::hosts_with_local_storage`].
+    pub async fn host_with_local_storage(&self, name: &str, args: &[&str]) -> Host {
+        std::fs::create_dir_all(self.local()).expect("the local storage mount point");
+        std::fs::create_dir_all(self.local_of(name)).expect("a host's local storage");
+        let mut options = self.options(
+            name,
+            Some("tls://127.0.0.1:0".into()),
+            None,
+            args,
+            Some(vec![self.images(), self.local()]),
+        );
+        options.private_dirs = vec![(self.local_of(name), self.local())];
+        Host::start(options, AgentKind::Process).await
+    }
+
     async fn launch(
         &self,
         name: &str,

@@ -80,6 +80,17 @@ pub fn progress(record: &DrainRecord, now_ms: u64) -> String {
             share * 100.0,
             guest_state(g)
         ));
+        if let Some(blocked) = g
+            .blocked
+            .as_ref()
+            .filter(|_| g.state == GuestState::Waiting)
+        {
+            let waited = now_ms.saturating_sub(blocked.since_ms) as f64 / 1000.0;
+            out.push_str(&format!(
+                "    no host can take it now ({waited:.0} s): {}\n",
+                blocked.why
+            ));
+        }
     }
     if let Some(note) = &record.note {
         out.push_str(&format!("  ({note})\n"));

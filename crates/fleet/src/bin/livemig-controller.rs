@@ -42,6 +42,10 @@ struct Args {
     /// Migrations in the cluster at once, at most.
     #[arg(long, default_value_t = 16)]
     max_migrations: u32,
+    /// Seconds a guest waits for a host that can take it (an agent coming
+    /// back, RAM freed, a cordon lifted) before the drain gives it up.
+    #[arg(long, default_value_t = 300)]
+    patience: u64,
 }
 
 #[tokio::main]
@@ -79,6 +83,7 @@ async fn main() -> Result<()> {
             cluster: Some(args.max_migrations),
         },
         lease: Duration::from_secs(args.lease.max(1)),
+        patience: Duration::from_secs(args.patience),
         ..Settings::default()
     };
     let shutdown = async {

@@ -15,45 +15,102 @@ use crate::plan::{self, Host};
 use crate::schedule::{self, Policy, Running, Waiting};
 use crate::survey::{self, FleetError};
 
-/// Where `g` may go now: its planned host if that still can take it, else
-/// the best other; or why none can.
-fn destination(
+/// Attempts a guest gets before it fails for good.
+pub(super) const MAX_ATTEMPTS: usize = 4;
+/// How long after a failure a guest may go back to a host it failed on:
+/// this, doubled with each failure (an agent restarting, a lease running
+/// out, a host short of RAM for a moment).
+const RETRY_BACKOFF_MS: u64 = 5_000;
+
+/// Why a waiting guest cannot start now.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum NoHost {
+    /// It may later: a host may come back, free RAM or be uncordoned, or
+    /// one it failed on may be tried again.
+    Now(String),
+    /// It failed [`MAX_ATTEMPTS`] times.
+    Ever(String),
+}
+
+/// Where `g` may go at `now_ms`: its planned host if that still can take it
+/// and it has not failed there, else the best host it has not failed on,
+/// else (after the backoff) the best it failed on; or why none can.
+pub(super) fn destination(
     g: &cluster::DrainGuest,
     source: &Host,
     hosts: &[Host],
     to: &[String],
-) -> Result<String, String> {
+    now_ms: u64,
+) -> Result<String, NoHost> {
+    if g.failures.len() >= MAX_ATTEMPTS {
+        return Err(NoHost::Ever(format!(
+            "failed {} times: {}",
+            g.failures.len(),
+            g.failures.join("; ")
+        )));
+    }
     let tried = |h: &Host| {
         g.failures
             .iter()
             .any(|f| f.starts_with(&format!("{}: ", h.name)))
     };
-    let open: Vec<Host> = hosts.iter().filter(|h| !tried(h)).cloned().collect();
+    let untried: Vec<Host> = hosts.iter().filter(|h| !tried(h)).cloned().collect();
     let guest = guest_model(g);
     if let Some(planned) = &g.destination {
-        if let Some(h) = open.iter().find(|h| &h.name == planned) {
-            if plan::incompatible(source, h, to).is_none() && h.ram_free_bytes >= guest.memory_bytes
-            {
+        if let Some(h) = untried.iter().find(|h| &h.name == planned) {
+            if plan::incompatible(source, h, to).is_none() && h.room() >= guest.memory_bytes {
                 return Ok(planned.clone());
             }
         }
     }
-    let placement = plan::place(std::slice::from_ref(&guest), source, &open, to);
-    placement
-        .destination
-        .get(&g.domain)
-        .cloned()
-        .ok_or_else(|| {
+    let placement = plan::place(std::slice::from_ref(&guest), source, &untried, to);
+    if let Some(host) = placement.destination.get(&g.domain) {
+        return Ok(host.clone());
+    }
+    let backoff = RETRY_BACKOFF_MS << g.failures.len().saturating_sub(1).min(6);
+    let retry_at = g.failed_at_ms.unwrap_or(0).saturating_add(backoff);
+    let again = plan::place(std::slice::from_ref(&guest), source, hosts, to);
+    match again.destination.get(&g.domain) {
+        Some(host) if now_ms >= retry_at => Ok(host.clone()),
+        Some(host) => Err(NoHost::Now(format!(
+            "{host} failed it before; trying it again in {:.0} s",
+            (retry_at - now_ms) as f64 / 1000.0
+        ))),
+        None => {
             let mut why = placement
                 .unplaceable
                 .get(&g.domain)
                 .cloned()
-                .unwrap_or_default();
+                .unwrap_or_else(|| "no host in the cluster".into());
             if !g.failures.is_empty() {
                 why = format!("{why}; failed before on {}", g.failures.join("; "));
             }
-            why
+            Err(NoHost::Now(why))
+        }
+    }
+}
+
+/// Of the admitted migrations (indexes into `candidates`, in order), those
+/// whose guests fit in their destinations' free RAM together with the
+/// ones admitted before them; `memory` gives each candidate's bytes.
+fn within_ram(
+    admitted: Vec<usize>,
+    candidates: &[Waiting],
+    memory: impl Fn(usize) -> u64,
+    hosts: &[Host],
+) -> Vec<usize> {
+    let mut free: Vec<u64> = hosts.iter().map(Host::room).collect();
+    admitted
+        .into_iter()
+        .filter(|&a| {
+            let (to, bytes) = (candidates[a].to, memory(a));
+            let fits = free[to] >= bytes;
+            if fits {
+                free[to] -= bytes;
+            }
+            fits
         })
+        .collect()
 }
 
 /// Admits what may start, starts it, and re-splits the links; false if
@@ -119,13 +176,18 @@ pub(super) async fn admit(
         secs(b).total_cmp(&secs(a))
     });
     let source_host = hosts[from].clone();
+    let now = now_ms();
+    let patience_ms = cx.settings.patience.as_millis() as u64;
     let mut changed = false;
     let mut candidates = Vec::new();
     let mut candidate_guests = Vec::new();
     for k in order {
         let g = &mut record.guests[k];
-        match destination(g, &source_host, &hosts, &record.to) {
+        match destination(g, &source_host, &hosts, &record.to, now) {
             Ok(to) => {
+                if g.blocked.take().is_some() {
+                    changed = true;
+                }
                 let t = index[&to];
                 candidates.push(Waiting {
                     from,
@@ -138,19 +200,43 @@ pub(super) async fn admit(
                 }
                 candidate_guests.push(k);
             }
-            Err(why) => {
+            Err(NoHost::Ever(why)) => {
                 g.state = GuestState::Failed;
-                g.error = Some(format!("no host can take it: {why}"));
+                g.error = Some(why);
+                g.blocked = None;
                 changed = true;
+            }
+            Err(NoHost::Now(why)) => {
+                let since_ms = g.blocked.as_ref().map_or(now, |b| b.since_ms);
+                if now.saturating_sub(since_ms) > patience_ms {
+                    g.state = GuestState::Failed;
+                    g.error = Some(format!(
+                        "no host could take it for {:.0} s: {why}",
+                        patience_ms as f64 / 1000.0
+                    ));
+                    g.blocked = None;
+                    changed = true;
+                } else if g.blocked.as_ref().map(|b| &b.why) != Some(&why) {
+                    g.blocked = Some(cluster::Blocked { since_ms, why });
+                    changed = true;
+                }
             }
         }
     }
-    let mut admitted = schedule::admit(
+    let admitted = schedule::admit(
         Policy::Livemig,
         cx.settings.caps,
         &links,
         &running,
         &candidates,
+    );
+    // The schedule shares links; RAM is shared too, with the guests
+    // admitted in this same step.
+    let mut admitted = within_ram(
+        admitted,
+        &candidates,
+        |a| record.guests[candidate_guests[a]].memory_mib << 20,
+        &hosts,
     );
     if let Some(max) = record.max_parallel {
         let room = (max as usize).saturating_sub(running_guests.len());
@@ -254,4 +340,90 @@ pub(super) async fn admit(
         return draft.save(cx, leadership).await;
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::tests::host;
+
+    fn waiting(name: &str, mib: u64) -> cluster::DrainGuest {
+        cluster::DrainGuest::waiting(name, mib)
+    }
+
+    #[test]
+    fn guests_admitted_in_one_step_do_not_overfill_a_host_s_ram() {
+        // b has room for one 256 MiB guest beside its reserve, c for both.
+        let hosts = [
+            host("a", 100.0, 4096),
+            host("b", 100.0, 400),
+            host("c", 100.0, 1024),
+        ];
+        let to = |t| Waiting {
+            from: 0,
+            to: t,
+            need: 1.0,
+        };
+        let candidates = [to(1), to(1), to(2), to(2)];
+        let kept = within_ram(vec![0, 1, 2, 3], &candidates, |_| 256 << 20, &hosts);
+        assert_eq!(kept, [0, 2, 3]);
+    }
+
+    #[test]
+    fn a_guest_goes_to_a_host_it_has_not_failed_on_first() {
+        let hosts = [
+            host("a", 100.0, 4096),
+            host("b", 100.0, 4096),
+            host("c", 100.0, 4096),
+        ];
+        let mut g = waiting("vm", 128);
+        g.destination = Some("b".into());
+        assert_eq!(destination(&g, &hosts[0], &hosts, &[], 0), Ok("b".into()));
+        g.failures.push("b: refused".into());
+        g.failed_at_ms = Some(1_000);
+        assert_eq!(
+            destination(&g, &hosts[0], &hosts, &[], 1_000),
+            Ok("c".into())
+        );
+    }
+
+    #[test]
+    fn a_host_it_failed_on_is_tried_again_after_a_backoff_and_only_so_often() {
+        let hosts = [host("a", 100.0, 4096), host("b", 100.0, 4096)];
+        let to = ["b".to_string()];
+        let mut g = waiting("vm", 128);
+        g.destination = Some("b".into());
+        g.failures.push("b: connection refused".into());
+        g.failed_at_ms = Some(10_000);
+        match destination(&g, &hosts[0], &hosts, &to, 11_000) {
+            Err(NoHost::Now(why)) => assert!(why.contains("b failed it before"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            destination(&g, &hosts[0], &hosts, &to, 10_000 + RETRY_BACKOFF_MS),
+            Ok("b".into())
+        );
+        // The backoff doubles with each failure.
+        g.failures.push("b: connection refused".into());
+        assert!(destination(&g, &hosts[0], &hosts, &to, 10_000 + RETRY_BACKOFF_MS).is_err());
+        assert!(destination(&g, &hosts[0], &hosts, &to, 10_000 + 2 * RETRY_BACKOFF_MS).is_ok());
+        while g.failures.len() < MAX_ATTEMPTS {
+            g.failures.push("b: connection refused".into());
+        }
+        assert!(matches!(
+            destination(&g, &hosts[0], &hosts, &to, u64::MAX),
+            Err(NoHost::Ever(_))
+        ));
+    }
+
+    #[test]
+    fn a_guest_with_no_host_now_may_have_one_later() {
+        // b is gone from the cluster (its agent restarting): only a is left.
+        let hosts = [host("a", 100.0, 4096)];
+        let g = waiting("vm", 128);
+        match destination(&g, &hosts[0], &hosts, &[], 0) {
+            Err(NoHost::Now(why)) => assert!(!why.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
 }

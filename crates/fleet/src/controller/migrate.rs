@@ -10,9 +10,11 @@ use protocol::{Client, ConvergeMode, MigrateOptions};
 use crate::survey::{Agents, FleetError};
 
 /// A drain's migration options: live, the guest defined on its new host
-/// and no longer on the drained one, the stream encrypted between TLS
-/// agents, the domain's policy where it has one, and livemig's controller
-/// making it converge where the policy says nothing.
+/// and no longer on the drained one, its disks that are not on shared
+/// storage copied with it (the shared ones stay where they are), the
+/// stream encrypted between TLS agents, the domain's policy where it has
+/// one, and livemig's controller making it converge where the policy says
+/// nothing.
 pub fn options(
     policies: &[Policy],
     labels: &BTreeMap<String, String>,
@@ -23,6 +25,7 @@ pub fn options(
         live: true,
         persistent: true,
         undefine_source: true,
+        copy_storage_all: true,
         tls,
         ..MigrateOptions::default()
     };
@@ -79,6 +82,7 @@ mod tests {
     fn a_drain_migrates_live_for_good_with_the_domains_policy_and_its_share() {
         let plain = options(&[], &BTreeMap::new(), 50, true);
         assert!(plain.live && plain.persistent && plain.undefine_source && plain.tls);
+        assert!(plain.copy_storage_all, "a local disk goes with its guest");
         assert_eq!(plain.converge, Some(ConvergeMode::Adaptive));
         assert_eq!(plain.bandwidth, Some(50));
 

@@ -35,6 +35,9 @@ pub struct Settings {
     pub lease: Duration,
     /// How often it looks at the drains and the jobs.
     pub tick: Duration,
+    /// How long a guest waits for a host that can take it (one coming
+    /// back, RAM freed, a cordon lifted) before it fails.
+    pub patience: Duration,
 }
 
 impl Default for Settings {
@@ -48,6 +51,7 @@ impl Default for Settings {
             },
             lease: Duration::from_secs(5),
             tick: Duration::from_millis(500),
+            patience: Duration::from_secs(300),
         }
     }
 }

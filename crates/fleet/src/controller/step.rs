@@ -164,29 +164,16 @@ async fn plan_drain(
             let path = destination.as_ref().map_or(survey.source.link, |d| {
                 links[index[d.as_str()]].min(survey.source.link)
             });
-            DrainGuest {
-                domain: s.guest.name.clone(),
-                memory_mib: s.guest.memory_bytes >> 20,
-                state: if destination.is_some() {
-                    GuestState::Waiting
-                } else {
-                    GuestState::Failed
-                },
-                predicted_secs: Some(s.guest.cost(path).secs + plan::SETUP_SECS),
-                dirty_rate: s.measured.then_some(s.guest.model.rate),
-                working_set: s.measured.then_some(s.guest.model.working_set),
-                first_pass_bytes: Some(s.guest.first_pass_bytes),
-                labels: s.labels.clone(),
-                error: placement.unplaceable.get(&s.guest.name).cloned(),
-                destination,
-                job_id: None,
-                progress: 0.0,
-                bandwidth_mib_s: None,
-                remaining_secs: None,
-                failures: Vec::new(),
-                cost: None,
-                started_at_ms: None,
-            }
+            // A guest no host can take now waits for one (admission
+            // says so, and gives up after the controller's patience).
+            let mut guest = DrainGuest::waiting(&s.guest.name, s.guest.memory_bytes >> 20);
+            guest.predicted_secs = Some(s.guest.cost(path).secs + plan::SETUP_SECS);
+            guest.dirty_rate = s.measured.then_some(s.guest.model.rate);
+            guest.working_set = s.measured.then_some(s.guest.model.working_set);
+            guest.first_pass_bytes = Some(s.guest.first_pass_bytes);
+            guest.labels = s.labels.clone();
+            guest.destination = destination;
+            guest
         })
         .collect();
     record.state = DrainState::Running;
@@ -328,6 +315,7 @@ async fn settle_unknown(
 pub(super) fn back_to_waiting(g: &mut DrainGuest, reason: Option<String>) {
     if let (Some(to), Some(reason)) = (&g.destination, reason) {
         g.failures.push(format!("{to}: {reason}"));
+        g.failed_at_ms = Some(now_ms());
     }
     g.state = GuestState::Waiting;
     g.job_id = None;

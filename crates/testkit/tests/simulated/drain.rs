@@ -325,3 +325,70 @@ async fn killing_the_leading_controller_mid_drain_loses_no_guest_and_moves_none_
     assert_eq!(completed.len(), 4, "{jobs:?}");
     assert!(completed.values().all(|&n| n == 1), "{completed:?}");
 }
+
+#[tokio::test]
+async fn a_drain_carries_a_guest_s_local_disk_with_it_and_leaves_a_shared_one_in_place() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let args = ["--cluster", etcd.endpoint.as_str(), "--link", "100"];
+    let a = bed.host_with_local_storage("a", &args).await;
+    let b = bed.host_with_local_storage("b", &args).await;
+    let c = bed.host_with_local_storage("c", &args).await;
+    // A 4 MiB disk only a has, and one every host sees.
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(bed.local_of("a").join("data.raw"), &data).unwrap();
+    let shared = bed.images().join("shared.raw");
+    std::fs::write(&shared, vec![0x5au8; 1 << 20]).unwrap();
+    let def = domain::DomainDefinition::from_toml(&format!(
+        "{}[[disks]]\npath = {:?}\n[[disks]]\npath = {:?}\nshared = true\n",
+        guest::definition_toml("db", 64, bed.kernel(), Workload::IDLE),
+        bed.local().join("data.raw").display().to_string(),
+        shared.display().to_string(),
+    ))
+    .unwrap();
+    a.define_and_start(def).await;
+    a.define_and_start(bed.definition("web", 64, Workload::IDLE))
+        .await;
+    wait_until(
+        Duration::from_secs(20),
+        "three hosts registered",
+        || async {
+            let out = livemig(&bed, &etcd, &["hosts", "--json"]);
+            let hosts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+            (hosts.len() == 3).then_some(())
+        },
+    )
+    .await;
+    let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "2"]);
+
+    let out = livemig(&bed, &etcd, &["drain", "agent-a", "--wait", "--json"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let report: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().last().unwrap()).unwrap();
+    assert_eq!(report["drain"]["state"], "done", "{report}");
+    let db = report["drain"]["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["domain"] == "db")
+        .unwrap();
+    let to = db["destination"].as_str().unwrap();
+    let (there, other) = match to {
+        "agent-b" => (&b, ("c", &c)),
+        "agent-c" => (&c, ("b", &b)),
+        _ => panic!("{db}"),
+    };
+    assert!(running(there).await.contains(&"db".to_string()));
+    assert!(running(&a).await.is_empty());
+    // The local disk arrived whole on the host that runs db, and nowhere
+    // else; the shared one was not copied.
+    let host = to.trim_start_matches("agent-");
+    let copied = std::fs::read(bed.local_of(host).join("data.raw")).unwrap();
+    assert!(copied == data, "the copy of db's local disk differs");
+    let (other_name, other_host) = other;
+    if !running(other_host).await.contains(&"db".to_string()) {
+        assert!(!bed.local_of(other_name).join("data.raw").exists());
+    }
+    assert!(!bed.local_of(host).join("shared.raw").exists());
+    assert_eq!(std::fs::read(&shared).unwrap(), vec![0x5au8; 1 << 20]);
+}

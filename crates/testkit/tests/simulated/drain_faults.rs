@@ -1,7 +1,8 @@
 //! Drains that meet faults: a destination that refuses its guests (they
 //! go to another host), the drained host's agent killed mid-drain (its
 //! guests never start elsewhere behind its back; the drain finishes once
-//! it is back), etcd frozen or killed and restarted mid-drain (what runs
+//! it is back), a destination's agent killed mid-drain (the guests wait
+//! for it and go there once it is back), etcd frozen or killed and restarted mid-drain (what runs
 //! finishes, nothing new starts until it answers). In every case each guest ends up running
 //! exactly once.
 
@@ -134,6 +135,74 @@ async fn the_drained_hosts_agent_killed_mid_drain_loses_no_guest_and_the_drain_f
     let report = report(&bed, &etcd, &id);
     assert_eq!(report["drain"]["state"], "done", "{report}");
     all_moved_off_a(&bed, &etcd, &a, &b, &c, 4).await;
+}
+
+#[tokio::test]
+async fn a_destination_agent_killed_mid_drain_takes_its_guests_once_it_is_back() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let cluster = [
+        "--cluster",
+        etcd.endpoint.as_str(),
+        "--link",
+        "24",
+        "--timeout",
+        "cluster-lease=2s",
+    ];
+    let a = bed.host_args("a", &cluster).await;
+    let mut b = bed.host_args("b", &cluster).await;
+    for (name, workload) in mix() {
+        a.define_and_start(bed.definition(name, 64, workload)).await;
+    }
+    wait_until(Duration::from_secs(20), "two hosts registered", || async {
+        let out = livemig(&bed, &etcd, &["hosts", "--json"]);
+        let hosts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+        (hosts.len() == 2).then_some(())
+    })
+    .await;
+    let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "2"]);
+    let out = livemig(
+        &bed,
+        &etcd,
+        &["drain", "agent-a", "--to", "agent-b", "--json"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    wait_guest_moving(&bed, &etcd).await;
+    b.crash();
+    // b's lease runs out: the drain's guests wait for a host, none fails.
+    wait_until(
+        Duration::from_secs(30),
+        "a guest to wait for a host",
+        || async {
+            drains(&bed, &etcd)
+                .first()?
+                .get("guests")?
+                .as_array()?
+                .iter()
+                .any(|g| g["blocked"]["why"].is_string())
+                .then_some(())
+        },
+    )
+    .await;
+    let drain = drains(&bed, &etcd).remove(0);
+    assert_eq!(drain["state"], "running", "{drain}");
+
+    b.start_again().await;
+    let report = report(&bed, &etcd, &id);
+    let drain = &report["drain"];
+    assert_eq!(drain["state"], "done", "{drain}");
+    assert!(running(&a).await.is_empty());
+    let mut on_b = running(&b).await;
+    on_b.sort();
+    let mut all: Vec<String> = mix().iter().map(|(n, _)| n.to_string()).collect();
+    all.sort();
+    assert_eq!(on_b, all, "every guest runs once, on b");
+    let owners = super::drain::owners(&bed, &etcd);
+    assert!(owners.values().all(|h| h == "agent-b"), "{owners:?}");
 }
 
 #[tokio::test]
