@@ -256,6 +256,18 @@ impl DrainGuest {
     }
 }
 
+impl Cluster {
+    /// Wakes on any change to any drain.
+    pub fn drains_changes(&self) -> crate::Changes {
+        self.changes(DRAINS)
+    }
+
+    /// Wakes on changes to drain `id`.
+    pub fn drain_changes(&self, id: &str) -> crate::Changes {
+        self.changes(&record_key(id))
+    }
+}
+
 fn record_key(id: &str) -> String {
     format!("{DRAINS}{id}")
 }

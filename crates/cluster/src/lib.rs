@@ -12,6 +12,7 @@
 //! - [`policy`]: migration settings by domain labels.
 //! - [`leader`]: which controller leads, by a key under its lease.
 //! - [`drain`]: drains and how each of their guests stands.
+//! - [`changes`]: being woken when keys change (etcd watches).
 //!
 //! Keys live under `/livemig/`: `/livemig/hosts/NAME` holds a
 //! [`HostRecord`] as JSON, `/livemig/domains/NAME` the name of the host
@@ -23,6 +24,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod changes;
 pub mod connect;
 pub mod cordon;
 pub mod drain;
@@ -31,6 +33,7 @@ pub mod membership;
 pub mod ownership;
 pub mod policy;
 
+pub use changes::Changes;
 pub use connect::{Cluster, ClusterError, Endpoints, TlsFiles};
 pub use cordon::Cordon;
 pub use drain::{

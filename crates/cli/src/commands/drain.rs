@@ -310,6 +310,9 @@ pub enum Follow {
 pub async fn follow(cluster: &Cluster, id: &str, mode: Follow) -> Result<(ExitCode, DrainRecord)> {
     let mut last_heard = tokio::time::Instant::now();
     let mut shown = String::new();
+    // An etcd watch on the record says when to read it again; the wait's
+    // bound covers a watch that is being set up again.
+    let mut changes = cluster.drain_changes(id);
     loop {
         let record = match cluster.drain(id).await {
             Ok(Some(drain)) => drain.record,
@@ -352,6 +355,6 @@ pub async fn follow(cluster: &Cluster, id: &str, mode: Follow) -> Result<(ExitCo
             };
             return Ok((code, record));
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        changes.next(Duration::from_secs(2)).await;
     }
 }

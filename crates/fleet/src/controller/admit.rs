@@ -10,10 +10,10 @@ use protocol::Client;
 
 use super::migrate;
 use super::step::{back_to_waiting, guest_model, now_ms, Draft};
-use super::Context;
+use super::{Context, Moving, Snapshot};
 use crate::plan::{self, Host};
 use crate::schedule::{self, Policy, Running, Waiting};
-use crate::survey::{self, FleetError};
+use crate::survey::FleetError;
 
 /// Attempts a guest gets before it fails for good.
 pub(super) const MAX_ATTEMPTS: usize = 4;
@@ -121,10 +121,11 @@ pub(super) async fn admit(
     draft: &mut Draft,
     source: &Client,
     source_uri: &str,
-    elsewhere: &[(String, String)],
+    snapshot: &Snapshot,
+    elsewhere: &[Moving],
 ) -> Result<bool, FleetError> {
-    let (records, mut hosts) = survey::hosts(&cx.cluster).await?;
-    let policies = cx.cluster.policies().await?;
+    let (records, policies) = (&snapshot.records, &snapshot.policies);
+    let mut hosts = snapshot.hosts.clone();
     let record = &mut draft.record;
     let index: BTreeMap<String, usize> = hosts
         .iter()
@@ -157,8 +158,11 @@ pub(super) async fn admit(
         });
         running_guests.push((k, running.len() - 1));
     }
-    for (other_from, other_to) in elsewhere {
-        if let (Some(&f), Some(&t)) = (index.get(other_from), index.get(other_to)) {
+    for other in elsewhere {
+        if let (Some(&f), Some(&t)) = (index.get(&other.from), index.get(&other.to)) {
+            hosts[t].ram_free_bytes = hosts[t]
+                .ram_free_bytes
+                .saturating_sub(other.memory_mib << 20);
             running.push(Running {
                 from: f,
                 to: t,
@@ -282,12 +286,8 @@ pub(super) async fn admit(
                 let Some(uri) = records.iter().find(|r| r.name == to).map(|r| &r.agent_uri) else {
                     continue;
                 };
-                let flags = migrate::options(
-                    &policies,
-                    &g.labels,
-                    share,
-                    source_uri.starts_with("tls://"),
-                );
+                let flags =
+                    migrate::options(policies, &g.labels, share, source_uri.starts_with("tls://"));
                 let domain = match g.domain.parse() {
                     Ok(domain) => domain,
                     Err(e) => {

@@ -22,7 +22,7 @@ use cluster::Cluster;
 use crate::schedule::Caps;
 use crate::survey::Agents;
 
-pub use step::step;
+use step::step;
 
 /// How a controller runs.
 #[derive(Debug, Clone)]
@@ -67,6 +67,10 @@ pub struct Context {
     pub settings: Settings,
 }
 
+/// How long an idle leader waits for a change to the drains before it
+/// looks anyway.
+const IDLE_WAIT: Duration = Duration::from_secs(10);
+
 /// Runs until `shutdown` resolves: waits to lead, then leads until the
 /// leadership is lost (and waits again).
 pub async fn run(context: Context, shutdown: impl std::future::Future<Output = ()>) {
@@ -81,9 +85,16 @@ pub async fn run(context: Context, shutdown: impl std::future::Future<Output = (
             Ok(Some(leadership)) => {
                 tracing::info!(name = %settings.name, "leading");
                 let lead = async {
+                    // An etcd watch wakes an idle leader for a new drain;
+                    // while drains run, the jobs on the agents are looked
+                    // at every tick.
+                    let mut changes = context.cluster.drains_changes();
                     while leadership.is_leading() {
-                        lead_once(&context, &leadership).await;
-                        tokio::time::sleep(settings.tick).await;
+                        if lead_once(&context, &leadership).await {
+                            tokio::time::sleep(settings.tick).await;
+                        } else {
+                            changes.next(IDLE_WAIT).await;
+                        }
                     }
                 };
                 tokio::select! {
@@ -104,42 +115,98 @@ pub async fn run(context: Context, shutdown: impl std::future::Future<Output = (
     }
 }
 
-async fn lead_once(context: &Context, leadership: &cluster::Leadership) {
+/// A migration a drain runs: the links and the destination's RAM it
+/// takes are the cluster's, not one drain's.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Moving {
+    /// The drain's id.
+    pub drain: String,
+    /// The drained host.
+    pub from: String,
+    /// The destination.
+    pub to: String,
+    /// The guest's RAM, MiB.
+    pub memory_mib: u64,
+}
+
+fn moving(record: &cluster::DrainRecord) -> impl Iterator<Item = Moving> + '_ {
+    record.guests.iter().filter_map(|g| {
+        (g.state == cluster::GuestState::Migrating)
+            .then(|| g.destination.clone())
+            .flatten()
+            .map(|to| Moving {
+                drain: record.id.clone(),
+                from: record.host.clone(),
+                to,
+                memory_mib: g.memory_mib,
+            })
+    })
+}
+
+/// What the cluster says at the start of a tick, read once and shared by
+/// every drain's step.
+pub(super) struct Snapshot {
+    /// The hosts' records.
+    pub records: Vec<cluster::HostRecord>,
+    /// The hosts as placement sees them (with their cordons).
+    pub hosts: Vec<crate::plan::Host>,
+    /// Which host runs each domain.
+    pub owners: std::collections::BTreeMap<String, String>,
+    /// The migration policies.
+    pub policies: Vec<cluster::Policy>,
+}
+
+async fn snapshot(cluster: &Cluster) -> Result<Snapshot, crate::survey::FleetError> {
+    let (records, hosts) = crate::survey::hosts(cluster).await?;
+    Ok(Snapshot {
+        records,
+        hosts,
+        owners: cluster.owners().await?,
+        policies: cluster.policies().await?,
+    })
+}
+
+/// Steps every drain that has not ended; whether one has not.
+async fn lead_once(context: &Context, leadership: &cluster::Leadership) -> bool {
     let drains = match context.cluster.drains().await {
         Ok(drains) => drains,
         Err(e) => {
             // Nothing new starts while etcd cannot be read; what runs
             // goes on in the agents.
             tracing::warn!(error = %e, "cannot read the drains");
-            return;
+            return true;
         }
     };
-    // Every migration the drains run, by drain: the caps and the links
-    // are the cluster's, not one drain's.
-    let migrating: Vec<(String, String, String)> = drains
-        .iter()
+    let drains: Vec<cluster::Versioned> = drains
+        .into_iter()
         .filter(|d| !d.record.state.ended())
-        .flat_map(|d| {
-            d.record.guests.iter().filter_map(|g| {
-                (g.state == cluster::GuestState::Migrating)
-                    .then(|| g.destination.clone())
-                    .flatten()
-                    .map(|to| (d.record.id.clone(), d.record.host.clone(), to))
-            })
-        })
         .collect();
-    for drain in drains {
-        if drain.record.state.ended() {
-            continue;
+    if drains.is_empty() {
+        return false;
+    }
+    let snapshot = match snapshot(&context.cluster).await {
+        Ok(snapshot) => snapshot,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the cluster");
+            return true;
         }
+    };
+    let mut migrating: Vec<Moving> = drains.iter().flat_map(|d| moving(&d.record)).collect();
+    for drain in drains {
         let id = drain.record.id.clone();
-        let elsewhere: Vec<(String, String)> = migrating
+        let elsewhere: Vec<Moving> = migrating
             .iter()
-            .filter(|(drain, _, _)| *drain != id)
-            .map(|(_, from, to)| (from.clone(), to.clone()))
+            .filter(|m| m.drain != id)
+            .cloned()
             .collect();
-        if let Err(e) = step(context, leadership, drain, &elsewhere).await {
-            tracing::warn!(drain = %id, error = %e, "drain step failed");
+        match step(context, leadership, drain, &snapshot, &elsewhere).await {
+            // The next drain sees what this one started.
+            Ok(record) => {
+                migrating.retain(|m| m.drain != id);
+                migrating.extend(moving(&record));
+            }
+            Err(e) => tracing::warn!(drain = %id, error = %e, "drain step failed"),
         }
     }
+    true
 }

@@ -11,7 +11,7 @@ use protocol::call::{self, JobState};
 use protocol::job::JobStatus;
 use protocol::Client;
 
-use super::Context;
+use super::{Context, Moving, Snapshot};
 use crate::plan::{self, Guest};
 use crate::schedule::{self, Move, Policy};
 use crate::survey::{self, FleetError};
@@ -57,24 +57,30 @@ pub(super) fn guest_model(g: &DrainGuest) -> Guest {
     guest
 }
 
-/// Steps one drain.
-///
 /// # Errors
 /// An etcd or agent failure that stopped the step; the next tick retries.
-pub async fn step(
+/// Steps one drain with what the cluster said at the tick's start; the
+/// record as the step left it.
+pub(super) async fn step(
     cx: &Context,
     leadership: &Leadership,
     drain: Versioned,
-    elsewhere: &[(String, String)],
-) -> Result<(), FleetError> {
+    snapshot: &Snapshot,
+    elsewhere: &[Moving],
+) -> Result<DrainRecord, FleetError> {
     let mut draft = Draft {
         record: drain.record,
         revision: drain.revision,
     };
     if draft.record.state == DrainState::Pending && !plan_drain(cx, leadership, &mut draft).await? {
-        return Ok(());
+        return Ok(draft.record);
     }
-    let source_uri = match source_agent(cx, &draft.record.host).await? {
+    let source_uri = snapshot
+        .records
+        .iter()
+        .find(|h| h.name == draft.record.host)
+        .map(|h| h.agent_uri.clone());
+    let source_uri = match source_uri {
         Some(uri) => uri,
         None => {
             // The drained host's agent is gone: its guests are never
@@ -87,25 +93,25 @@ pub async fn step(
                 draft.record.note = Some(note);
                 draft.save(cx, leadership).await?;
             }
-            return Ok(());
+            return Ok(draft.record);
         }
     };
     let source = cx.agents.connect(&draft.record.host, &source_uri).await?;
-    if !follow(cx, leadership, &mut draft, &source).await? {
-        return Ok(());
+    if follow(cx, leadership, &mut draft, &source, &snapshot.owners).await?
+        && super::admit::admit(
+            cx,
+            leadership,
+            &mut draft,
+            &source,
+            &source_uri,
+            snapshot,
+            elsewhere,
+        )
+        .await?
+    {
+        finish_if_empty(cx, leadership, &mut draft, &source).await?;
     }
-    if !super::admit::admit(cx, leadership, &mut draft, &source, &source_uri, elsewhere).await? {
-        return Ok(());
-    }
-    finish_if_empty(cx, leadership, &mut draft, &source).await
-}
-
-async fn source_agent(cx: &Context, host: &str) -> Result<Option<String>, FleetError> {
-    let hosts = cx.cluster.hosts().await?;
-    Ok(hosts
-        .into_iter()
-        .find(|h| h.name == host)
-        .map(|h| h.agent_uri))
+    Ok(draft.record)
 }
 
 /// Surveys the host, measures its guests, places them and predicts the
@@ -189,9 +195,9 @@ async fn follow(
     leadership: &Leadership,
     draft: &mut Draft,
     source: &Client,
+    owners: &BTreeMap<String, String>,
 ) -> Result<bool, FleetError> {
     let host = draft.record.host.clone();
-    let owners = cx.cluster.owners().await?;
     let mut changed = false;
     for g in draft.record.guests.iter_mut() {
         if g.state != GuestState::Migrating {

@@ -423,3 +423,50 @@ async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_
     .await;
     assert!(a.qemu_pids().is_empty());
 }
+
+#[tokio::test]
+async fn a_watch_on_the_drains_wakes_for_each_change_to_them_and_survives_etcd_restarting() {
+    let bed = TestBed::simulated().await;
+    let mut etcd = Etcd::start(&bed).await;
+    let cluster = cluster::Cluster::connect(
+        &cluster::Endpoints::parse(&etcd.endpoint, false).unwrap(),
+        Some(&cluster::TlsFiles {
+            dir: bed.certificate_dir("ops", Role::Admin),
+        }),
+    )
+    .await
+    .unwrap();
+    let cordon = cluster::Cordon {
+        reason: "test".into(),
+        at_ms: cluster::now_ms(),
+    };
+    let mut changes = cluster.drains_changes();
+    assert!(changes.next(Duration::from_secs(10)).await, "set up");
+    assert!(
+        !changes.next(Duration::from_secs(1)).await,
+        "nothing changed"
+    );
+
+    let drain = cluster::DrainRecord::pending("h1", &[], None, cluster::now_ms());
+    cluster.start_drain(&drain, &cordon).await.unwrap();
+    assert!(
+        changes.next(Duration::from_secs(5)).await,
+        "a drain recorded"
+    );
+    // Another kind of key does not wake a watch on the drains.
+    cluster.cordon("h9", &cordon).await.unwrap();
+    assert!(!changes.next(Duration::from_secs(1)).await, "a cordon");
+
+    etcd.stop();
+    etcd.start_again().await;
+    while changes.next(Duration::from_secs(3)).await {}
+    let drain = cluster::DrainRecord::pending("h2", &[], None, cluster::now_ms());
+    wait_until(Duration::from_secs(20), "etcd to take a drain", || async {
+        cluster.start_drain(&drain, &cordon).await.ok()
+    })
+    .await;
+    assert!(
+        changes.next(Duration::from_secs(10)).await,
+        "a drain recorded after etcd restarted"
+    );
+}
