@@ -138,16 +138,21 @@ pub(crate) async fn release(agent: &Agent, domain: &str) {
 /// How long a switchover keeps trying to reach the cluster.
 const HAND_OVER_FOR: Duration = Duration::from_secs(3600);
 
-/// Switchover: the domain runs on `to` (its certificate's name) now. If
+/// Switchover: the domain runs on `to` (its certificate's name) now, as
+/// `arriving` (its name there, which `--dname` may change). If
 /// the cluster cannot be reached, this keeps trying in the background:
 /// until it succeeds the cluster still names this host, and nothing would
 /// stop a start of the stale copy here once it is back.
-pub(crate) async fn hand_over(agent: &Agent, domain: &str, to: Option<&str>) {
+pub(crate) async fn hand_over(agent: &Agent, domain: &str, arriving: &str, to: Option<&str>) {
     let (Some(member), Some(to)) = (agent.cluster.get().cloned(), to) else {
         return;
     };
-    let (domain, to) = (domain.to_string(), to.to_string());
-    match member.cluster.hand_over(&domain, &member.name, &to).await {
+    let (domain, arriving, to) = (domain.to_string(), arriving.to_string(), to.to_string());
+    match member
+        .cluster
+        .hand_over_as(&domain, &arriving, &member.name, &to)
+        .await
+    {
         Ok(true) => {
             tracing::info!(%domain, %to, "the cluster says the domain runs on its destination")
         }
@@ -162,7 +167,11 @@ pub(crate) async fn hand_over(agent: &Agent, domain: &str, to: Option<&str>) {
                 while tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(10));
-                    match member.cluster.hand_over(&domain, &member.name, &to).await {
+                    match member
+                        .cluster
+                        .hand_over_as(&domain, &arriving, &member.name, &to)
+                        .await
+                    {
                         Ok(done) => {
                             tracing::info!(%domain, %to, handed_over = done, "the cluster was told of the switchover");
                             return;

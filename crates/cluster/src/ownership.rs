@@ -81,6 +81,47 @@ impl Cluster {
         Ok(answer.succeeded())
     }
 
+    /// Hands `domain` from `from` to `to` where it runs as `arriving` (the
+    /// same name, or the one it was renamed to on the way): in one
+    /// transaction, if `from` holds `domain` and `arriving` is nobody's
+    /// but `to`'s. Returns whether it did.
+    ///
+    /// # Errors
+    /// [`ClusterError::Etcd`].
+    pub async fn hand_over_as(
+        &self,
+        domain: &str,
+        arriving: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<bool, ClusterError> {
+        if domain == arriving {
+            return self.hand_over(domain, from, to).await;
+        }
+        let (old, new) = (key(domain), key(arriving));
+        for new_is_free in [
+            Compare::create_revision(new.clone(), CompareOp::Equal, 0),
+            Compare::value(new.clone(), CompareOp::Equal, to),
+        ] {
+            let txn = Txn::new()
+                .when([
+                    Compare::value(old.clone(), CompareOp::Equal, from),
+                    new_is_free,
+                ])
+                .and_then([
+                    TxnOp::delete(old.clone(), None),
+                    TxnOp::put(new.clone(), to, None),
+                ]);
+            let answer = crate::connect::bounded(self.client.clone().txn(txn))
+                .await
+                .map_err(self.etcd_error())?;
+            if answer.succeeded() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Releases `domain` if `host` holds it. Returns whether it did.
     ///
     /// # Errors

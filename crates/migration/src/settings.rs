@@ -52,6 +52,10 @@ pub fn wanted_capabilities(
         ),
         (MigrationCapability::PostcopyRam, flags.postcopy_enabled()),
         (
+            MigrationCapability::ZeroCopySend,
+            flags.stream().zerocopy && role == Role::Source,
+        ),
+        (
             MigrationCapability::DirtyLimit,
             flags.dirty_limit() && role == Role::Source,
         ),
@@ -88,16 +92,35 @@ pub fn wanted_parameters(
     role: Role,
     via: ThrottleVia,
 ) -> MigrationParameters {
+    let stream = flags.stream();
     let mut p = MigrationParameters {
-        multifd_channels: flags.stream().multifd.flatten(),
+        multifd_channels: stream.multifd.flatten(),
+        xbzrle_cache_size: stream.xbzrle_cache,
         ..Default::default()
     };
+    if stream.multifd.is_some() {
+        // Both ends must agree on it; "none" so a job never inherits
+        // another's.
+        p.multifd_compression = Some(
+            stream
+                .multifd_compression
+                .map_or("none", |(method, _)| method.name())
+                .to_string(),
+        );
+    }
     if role == Role::Source {
+        match stream.multifd_compression {
+            Some((protocol::CompMethod::Zlib, level)) => p.multifd_zlib_level = level,
+            Some((protocol::CompMethod::Zstd, level)) => p.multifd_zstd_level = level,
+            _ => {}
+        }
         let bandwidth = job_bandwidth(flags, tunables);
         p.max_bandwidth = Some(bandwidth.unwrap_or(Bandwidth::UNLIMITED).bytes_per_sec());
         if flags.postcopy_enabled() {
-            // The cap holds in post-copy too (QEMU's default is unlimited).
-            p.max_postcopy_bandwidth = Some(bandwidth.map_or(0, Bandwidth::bytes_per_sec));
+            // The cap holds in post-copy too (QEMU's default is unlimited),
+            // unless post-copy has a cap of its own.
+            let postcopy = flags.limits().postcopy_bandwidth.or(bandwidth);
+            p.max_postcopy_bandwidth = Some(postcopy.map_or(0, Bandwidth::bytes_per_sec));
         }
         p.downtime_limit = flags
             .downtime()
@@ -157,6 +180,12 @@ fn previous_values(
             .and(before.throttle_trigger_threshold),
         multifd_channels: wanted.multifd_channels.and(before.multifd_channels),
         xbzrle_cache_size: wanted.xbzrle_cache_size.and(before.xbzrle_cache_size),
+        multifd_compression: wanted
+            .multifd_compression
+            .as_ref()
+            .and(before.multifd_compression.clone()),
+        multifd_zlib_level: wanted.multifd_zlib_level.and(before.multifd_zlib_level),
+        multifd_zstd_level: wanted.multifd_zstd_level.and(before.multifd_zstd_level),
         tls_creds: wanted.tls_creds.as_ref().and(before.tls_creds.clone()),
         tls_hostname: wanted
             .tls_hostname
@@ -307,9 +336,56 @@ mod tests {
             dst,
             MigrationParameters {
                 multifd_channels: Some(4),
+                multifd_compression: Some("none".into()),
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn zstd_on_both_ends_its_level_and_zero_copy_on_the_source() {
+        let zstd = flags(MigrateOptions {
+            live: true,
+            parallel: true,
+            compressed: true,
+            comp_methods: vec![protocol::CompMethod::Zstd],
+            comp_zstd_level: Some(5),
+            ..Default::default()
+        });
+        for role in [Role::Source, Role::Destination] {
+            let p = wanted_parameters(&zstd, Tunables::default(), role, ThrottleVia::NotQemu);
+            assert_eq!(p.multifd_compression.as_deref(), Some("zstd"), "{role:?}");
+            let level = (role == Role::Source).then_some(5);
+            assert_eq!(p.multifd_zstd_level, level, "{role:?}");
+        }
+        let zerocopy = flags(MigrateOptions {
+            live: true,
+            parallel: true,
+            zerocopy: true,
+            ..Default::default()
+        });
+        let on = |role| {
+            wanted_capabilities(&zerocopy, role, ThrottleVia::NotQemu)
+                .contains(&(MigrationCapability::ZeroCopySend, true))
+        };
+        assert!(on(Role::Source) && !on(Role::Destination));
+    }
+
+    #[test]
+    fn post_copy_has_its_own_cap_when_given_else_the_job_s() {
+        let cap = |postcopy_bandwidth| {
+            let f = flags(MigrateOptions {
+                live: true,
+                postcopy: true,
+                bandwidth: Some(64),
+                postcopy_bandwidth,
+                ..Default::default()
+            });
+            wanted_parameters(&f, Tunables::default(), Role::Source, ThrottleVia::NotQemu)
+                .max_postcopy_bandwidth
+        };
+        assert_eq!(cap(None), Some(64 << 20));
+        assert_eq!(cap(Some(8)), Some(8 << 20));
     }
 
     #[test]

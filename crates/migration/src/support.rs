@@ -35,22 +35,41 @@ pub fn check(
         if role == Role::Destination && !req.destination {
             continue;
         }
-        let (present, kind) = match req.kind {
-            RequirementKind::Capability => {
-                (binary.has_capability(req.name), "migration capability")
+        let lacks = match req.kind {
+            RequirementKind::Capability => (!binary.has_capability(req.name))
+                .then(|| format!("has no `{}` migration capability", req.name)),
+            RequirementKind::Parameter => (!binary.has_parameter(req.name))
+                .then(|| format!("has no `{}` migration parameter", req.name)),
+            RequirementKind::MultifdCompression => {
+                (!binary.multifd_compressions.contains(req.name)).then(|| {
+                    let known: Vec<&str> = binary
+                        .multifd_compressions
+                        .iter()
+                        .map(String::as_str)
+                        .collect();
+                    format!(
+                        "was built without {}: its multifd-compression takes {}",
+                        req.name,
+                        if known.is_empty() {
+                            "nothing".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    )
+                })
             }
-            RequirementKind::Parameter => (binary.has_parameter(req.name), "migration parameter"),
+            RequirementKind::MultifdLevel => (!binary.multifd_levels_apply)
+                .then(|| format!("takes `{}` but does not apply it", req.name)),
         };
-        if !present {
+        if let Some(lacks) = lacks {
             return Err(Unsupported {
                 feature: req.feature.to_string(),
                 name: req.name.to_string(),
                 host: host.to_string(),
                 detail: format!(
-                    "{}, QEMU {}, has no `{}` {kind}",
+                    "{}, QEMU {}, {lacks}",
                     binary.path.display(),
                     binary.version,
-                    req.name
                 ),
             });
         }
@@ -80,6 +99,8 @@ mod tests {
             machines: vec![],
             kvm_present: false,
             command_line_options: BTreeSet::new(),
+            multifd_compressions: BTreeSet::from(["none".to_string(), "zlib".to_string()]),
+            multifd_levels_apply: false,
         }
     }
 
@@ -101,6 +122,39 @@ mod tests {
         assert!(err.to_string().starts_with(
             "dirty-limit migration is not supported by the QEMU binary on tcp://10.0.0.2:7000"
         ));
+    }
+
+    #[test]
+    fn a_compression_the_binary_was_built_without_or_a_level_it_ignores_is_named() {
+        let zstd = |level| {
+            Flags::new(MigrateOptions {
+                live: true,
+                parallel: true,
+                compressed: true,
+                comp_methods: vec![protocol::CompMethod::Zstd],
+                comp_zstd_level: level,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let mut binary = qemu_7_2();
+        binary.migration_capabilities.insert("multifd".into());
+        let err = check(&zstd(None), Role::Destination, "dst", &binary).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("was built without zstd: its multifd-compression takes none, zlib"),
+            "{err}"
+        );
+        binary.multifd_compressions.insert("zstd".into());
+        assert!(check(&zstd(None), Role::Destination, "dst", &binary).is_ok());
+        // The level matters on the source only.
+        assert!(check(&zstd(Some(5)), Role::Destination, "dst", &binary).is_ok());
+        let err = check(&zstd(Some(5)), Role::Source, "src", &binary).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("takes `multifd-zstd-level` but does not apply it"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub use access::{Access, Role};
 pub use client::{Client, ClientError, REQUEST_TIMEOUT};
 pub use envelope::PROTOCOL_VERSION;
 pub use error::{ApiError, ErrorCode};
-pub use migrate::{ConvergeMode, MigrateOptions, TimeoutAction};
+pub use migrate::{CompMethod, ConvergeMode, MigrateOptions, TimeoutAction};
 pub use reply::{Reply, WatchEvent};
 pub use request::Request;
 pub use uri::{AgentUri, BadAgentUri};

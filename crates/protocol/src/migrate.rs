@@ -75,6 +75,43 @@ impl TimeoutAction {
     }
 }
 
+/// A way of compressing the migration stream (virsh's `--comp-methods`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompMethod {
+    /// XBZRLE: pages that were sent before go as deltas (one stream only).
+    Xbzrle,
+    /// zlib on every multifd channel (`--parallel`).
+    Zlib,
+    /// zstd on every multifd channel (`--parallel`).
+    Zstd,
+}
+
+impl CompMethod {
+    /// Every method.
+    pub const ALL: [CompMethod; 3] = [CompMethod::Xbzrle, CompMethod::Zlib, CompMethod::Zstd];
+
+    /// The method's name, as virsh spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompMethod::Xbzrle => "xbzrle",
+            CompMethod::Zlib => "zlib",
+            CompMethod::Zstd => "zstd",
+        }
+    }
+
+    /// It compresses each multifd channel (QEMU's `multifd-compression`).
+    pub fn multifd(self) -> bool {
+        matches!(self, CompMethod::Zlib | CompMethod::Zstd)
+    }
+}
+
+impl std::fmt::Display for CompMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What the user asked of a migration, as it travels: every field is
 /// optional, and the agent validates the combination (the `migration`
 /// crate's `Flags`). Field names follow virsh's options; the CLI maps its
@@ -154,6 +191,22 @@ pub struct MigrateOptions {
     /// Mirror guest writes synchronously from the start, so that a busy
     /// disk converges at the cost of its write latency.
     pub copy_storage_synchronous_writes: bool,
+    /// How the stream is compressed (empty: XBZRLE with `compressed`, else
+    /// none).
+    pub comp_methods: Vec<CompMethod>,
+    /// zlib's level, 0 to 9.
+    pub comp_zlib_level: Option<u8>,
+    /// zstd's level, 0 to 20.
+    pub comp_zstd_level: Option<u8>,
+    /// XBZRLE's cache, bytes.
+    pub comp_xbzrle_cache: Option<u64>,
+    /// Bandwidth cap once in post-copy, MiB/s (without it, `bandwidth`).
+    pub postcopy_bandwidth: Option<u64>,
+    /// The name the domain arrives under.
+    pub dname: Option<String>,
+    /// Send multifd pages without copying them (QEMU's `zero-copy-send`:
+    /// the pages are locked in memory while they are sent).
+    pub zerocopy: bool,
 }
 
 /// RAM as QEMU is given it; both ends of a migration must agree.

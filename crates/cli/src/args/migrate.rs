@@ -3,7 +3,7 @@
 //! changing the wire.
 
 use clap::{Args, ValueEnum};
-use protocol::{ConvergeMode, MigrateOptions, TimeoutAction};
+use protocol::{CompMethod, ConvergeMode, MigrateOptions, TimeoutAction};
 
 /// Who makes a busy guest's migration converge.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -22,6 +22,27 @@ impl From<ConvergeArg> for ConvergeMode {
             ConvergeArg::None => ConvergeMode::None,
             ConvergeArg::Qemu => ConvergeMode::Qemu,
             ConvergeArg::Adaptive => ConvergeMode::Adaptive,
+        }
+    }
+}
+
+/// A compression method (`--comp-methods`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompMethodArg {
+    /// Pages sent before go as deltas against a cache (one stream only).
+    Xbzrle,
+    /// zlib on each multifd channel (needs --parallel).
+    Zlib,
+    /// zstd on each multifd channel (needs --parallel).
+    Zstd,
+}
+
+impl From<CompMethodArg> for CompMethod {
+    fn from(arg: CompMethodArg) -> Self {
+        match arg {
+            CompMethodArg::Xbzrle => CompMethod::Xbzrle,
+            CompMethodArg::Zlib => CompMethod::Zlib,
+            CompMethodArg::Zstd => CompMethod::Zstd,
         }
     }
 }
@@ -65,9 +86,23 @@ pub struct MigrateArgs {
     /// Auto-converge throttle increment, percent (QEMU default 10).
     #[arg(long, value_name = "PCT")]
     pub auto_converge_increment: Option<u8>,
-    /// Compress repeated pages (XBZRLE).
+    /// Compress the stream: XBZRLE (repeated pages as deltas), or the
+    /// methods --comp-methods names.
     #[arg(long)]
     pub compressed: bool,
+    /// Compression methods, comma-separated: xbzrle, or zlib or zstd on
+    /// multifd's channels (with --parallel) [default: xbzrle].
+    #[arg(long, value_enum, value_name = "METHODS", value_delimiter = ',')]
+    pub comp_methods: Vec<CompMethodArg>,
+    /// zlib's level, 0 (none) to 9 (smallest) [QEMU default 1].
+    #[arg(long, value_name = "LEVEL")]
+    pub comp_zlib_level: Option<u8>,
+    /// zstd's level, 0 to 20 [QEMU default 1].
+    #[arg(long, value_name = "LEVEL")]
+    pub comp_zstd_level: Option<u8>,
+    /// XBZRLE's page cache, bytes: a power of two [QEMU default 64 MiB].
+    #[arg(long, value_name = "BYTES")]
+    pub comp_xbzrle_cache: Option<u64>,
     /// Send memory over several connections (multifd).
     #[arg(long)]
     pub parallel: bool,
@@ -80,6 +115,13 @@ pub struct MigrateArgs {
     /// Switch to post-copy automatically after the first pre-copy pass.
     #[arg(long)]
     pub postcopy_after_precopy: bool,
+    /// Limit the bandwidth once in post-copy, MiB/s [default: --bandwidth].
+    #[arg(long, value_name = "MiB/s")]
+    pub postcopy_bandwidth: Option<u64>,
+    /// Send multifd's pages without copying them (QEMU 7.1+ on Linux; the
+    /// agent raises QEMU's locked-memory limit to the guest's RAM).
+    #[arg(long)]
+    pub zerocopy: bool,
     /// Limit the migration bandwidth, MiB/s.
     #[arg(long, value_name = "MiB/s")]
     pub bandwidth: Option<u64>,
@@ -95,8 +137,11 @@ pub struct MigrateArgs {
     #[arg(long)]
     pub persistent: bool,
     /// Remove the domain's definition from the source after success.
-    #[arg(long)]
+    #[arg(long, visible_alias = "undefinesource")]
     pub undefine_source: bool,
+    /// The name the domain arrives under on the destination.
+    #[arg(long, value_name = "NAME")]
+    pub dname: Option<String>,
     /// Leave the domain paused on the destination.
     #[arg(long)]
     pub suspend: bool,
@@ -223,6 +268,13 @@ impl MigrateArgs {
             migrate_disks: self.migrate_disks.clone(),
             disks_port: self.disks_port,
             copy_storage_synchronous_writes: self.copy_storage_synchronous_writes,
+            comp_methods: self.comp_methods.iter().map(|&m| m.into()).collect(),
+            comp_zlib_level: self.comp_zlib_level,
+            comp_zstd_level: self.comp_zstd_level,
+            comp_xbzrle_cache: self.comp_xbzrle_cache,
+            postcopy_bandwidth: self.postcopy_bandwidth,
+            dname: self.dname.clone(),
+            zerocopy: self.zerocopy,
         }
     }
 }
@@ -304,5 +356,37 @@ mod tests {
         assert_eq!(wire["converge"], "qemu");
         assert_eq!(wire["max_downtime"], 400);
         assert_eq!(wire["migrateuri"], "tcp:10.0.0.2:49152");
+    }
+
+    #[test]
+    fn virsh_compression_renaming_and_post_copy_options_reach_the_wire() {
+        let args = migrate(&[
+            "--live",
+            "--parallel",
+            "--compressed",
+            "--comp-methods",
+            "zstd",
+            "--comp-zstd-level",
+            "3",
+            "--postcopy",
+            "--postcopy-bandwidth",
+            "16",
+            "--dname",
+            "web-2",
+            "--undefinesource",
+        ])
+        .unwrap();
+        let wire = serde_json::to_value(args.options()).unwrap();
+        assert_eq!(wire["comp_methods"], serde_json::json!(["zstd"]));
+        assert_eq!(wire["comp_zstd_level"], 3);
+        assert_eq!(wire["postcopy_bandwidth"], 16);
+        assert_eq!(wire["dname"], "web-2");
+        assert_eq!(wire["undefine_source"], true);
+        let methods = migrate(&["--compressed", "--comp-methods", "xbzrle,zlib"]).unwrap();
+        assert_eq!(
+            methods.options().comp_methods,
+            [CompMethod::Xbzrle, CompMethod::Zlib]
+        );
+        assert!(migrate(&["--comp-methods", "mt"]).is_err());
     }
 }

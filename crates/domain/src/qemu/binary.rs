@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use qmp::commands::migration::{QueryMigrateCapabilities, QueryMigrateParameters};
+use qmp::commands::migration::{
+    MigrateSetParameters, MigrationParameters, QueryMigrateCapabilities, QueryMigrateParameters,
+};
 use qmp::commands::vm::{
     QueryCommandLineOptions, QueryCommands, QueryKvm, QueryMachines, QueryVersion,
 };
@@ -51,6 +53,13 @@ pub struct QemuBinary {
     /// Command-line option groups it has (`sandbox`, `run-with`, ...).
     #[serde(default)]
     pub command_line_options: BTreeSet<String>,
+    /// The values its `multifd-compression` takes (`none`, `zlib`, `zstd`:
+    /// the compressions it was built with). No default: a probe cached
+    /// before this was probed is made again.
+    pub multifd_compressions: BTreeSet<String>,
+    /// Setting `multifd-zlib-level`/`multifd-zstd-level` changes them
+    /// (QEMU 7.2 takes both and keeps level 1).
+    pub multifd_levels_apply: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +205,7 @@ async fn probe_in(
     let commands = qmp.execute(&QueryCommands).await.map_err(query_error)?;
     let machines = qmp.execute(&QueryMachines).await.map_err(query_error)?;
     let kvm = qmp.execute(&QueryKvm).await.map_err(query_error)?;
+    let (multifd_compressions, multifd_levels_apply) = probe_multifd_compression(qmp).await;
     // A binary that cannot list its options gets none of the optional
     // hardening rather than no guests at all.
     let options = qmp
@@ -223,5 +233,37 @@ async fn probe_in(
             .collect(),
         kvm_present: kvm.present,
         command_line_options: options.into_iter().map(|o| o.option).collect(),
+        multifd_compressions,
+        multifd_levels_apply,
     })
+}
+
+/// Which multifd compressions the binary was built with (a value it lacks
+/// is refused by `migrate-set-parameters`), and whether a compression
+/// level set is the level read back. The probe's QEMU is thrown away
+/// after, so nothing needs putting back.
+async fn probe_multifd_compression(qmp: &qmp::Client) -> (BTreeSet<String>, bool) {
+    let mut methods = BTreeSet::new();
+    for method in ["none", "zlib", "zstd"] {
+        let set = MigrateSetParameters(MigrationParameters {
+            multifd_compression: Some(method.to_string()),
+            ..Default::default()
+        });
+        if qmp.execute(&set).await.is_ok() {
+            methods.insert(method.to_string());
+        }
+    }
+    let set = MigrateSetParameters(MigrationParameters {
+        multifd_zlib_level: Some(2),
+        multifd_zstd_level: Some(2),
+        ..Default::default()
+    });
+    let applies = match qmp.execute(&set).await {
+        Ok(_) => qmp
+            .execute(&QueryMigrateParameters)
+            .await
+            .is_ok_and(|p| p.multifd_zlib_level == Some(2) && p.multifd_zstd_level == Some(2)),
+        Err(_) => false,
+    };
+    (methods, applies)
 }

@@ -5,6 +5,7 @@ pub mod binary;
 pub mod fingerprint;
 pub mod img;
 pub mod layout;
+pub mod memlock;
 pub mod process;
 pub mod resident;
 pub mod sockets;

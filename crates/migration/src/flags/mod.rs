@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use protocol::{ConvergeMode, MigrateOptions, TimeoutAction};
+use protocol::{CompMethod, ConvergeMode, MigrateOptions, TimeoutAction};
 use types::{Bandwidth, Throttle};
 
 mod parts;
@@ -34,6 +34,12 @@ pub enum RequirementKind {
     Capability,
     /// A migration parameter (`migrate-set-parameters`).
     Parameter,
+    /// A value of `multifd-compression` (`zlib`, `zstd`: a build option).
+    MultifdCompression,
+    /// A multifd compression level the binary really applies (QEMU 7.2
+    /// takes `multifd-zlib-level` and `multifd-zstd-level` and ignores
+    /// them).
+    MultifdLevel,
 }
 
 /// A migration's options, checked, and parsed into the parts they decide
@@ -126,8 +132,8 @@ impl Flags {
     }
 
     /// How the guest lands.
-    pub fn landing(&self) -> Landing {
-        self.landing
+    pub fn landing(&self) -> &Landing {
+        &self.landing
     }
 
     /// `--unsafe`: the safety checks of what the destination sees are off.
@@ -264,6 +270,51 @@ impl Flags {
         if self.stream.compressed {
             out.push(both("compressed (XBZRLE) migration", "xbzrle"));
         }
+        if self.stream.xbzrle_cache.is_some() {
+            out.push(both_param("sizing the XBZRLE cache", "xbzrle-cache-size"));
+        }
+        if let Some((method, level)) = self.stream.multifd_compression {
+            out.push(Requirement {
+                feature: if method == CompMethod::Zlib {
+                    "zlib compression of multifd's channels"
+                } else {
+                    "zstd compression of multifd's channels"
+                },
+                name: method.name(),
+                kind: RequirementKind::MultifdCompression,
+                destination: true,
+            });
+            if level.is_some() {
+                out.push(Requirement {
+                    feature: if method == CompMethod::Zlib {
+                        "setting zlib's level (--comp-zlib-level)"
+                    } else {
+                        "setting zstd's level (--comp-zstd-level)"
+                    },
+                    name: if method == CompMethod::Zlib {
+                        "multifd-zlib-level"
+                    } else {
+                        "multifd-zstd-level"
+                    },
+                    kind: RequirementKind::MultifdLevel,
+                    destination: false,
+                });
+            }
+        }
+        if self.stream.zerocopy {
+            out.push(Requirement {
+                feature: "zero-copy sending (--zerocopy)",
+                name: "zero-copy-send",
+                kind: RequirementKind::Capability,
+                destination: false,
+            });
+        }
+        if self.limits.postcopy_bandwidth.is_some() {
+            out.push(source_param(
+                "capping the post-copy bandwidth",
+                "max-postcopy-bandwidth",
+            ));
+        }
         if self.stream.multifd.is_some() {
             out.push(both("parallel (multifd) migration", "multifd"));
         }
@@ -300,6 +351,7 @@ impl Flags {
                 o.copy_storage_synchronous_writes,
                 "copy-storage-synchronous-writes",
             ),
+            (o.zerocopy, "zerocopy"),
         ]
         .iter()
         .filter(|(set, _)| *set)
@@ -322,6 +374,10 @@ impl Flags {
             ("downtime", o.downtime),
             ("timeout", o.timeout),
             ("disks-port", o.disks_port.map(u64::from)),
+            ("comp-zlib-level", o.comp_zlib_level.map(u64::from)),
+            ("comp-zstd-level", o.comp_zstd_level.map(u64::from)),
+            ("comp-xbzrle-cache", o.comp_xbzrle_cache),
+            ("postcopy-bandwidth", o.postcopy_bandwidth),
         ];
         names.extend(
             valued
@@ -345,6 +401,13 @@ impl Flags {
         }
         if !o.migrate_disks.is_empty() {
             names.push(format!("migrate-disks={}", o.migrate_disks.join(",")));
+        }
+        if !o.comp_methods.is_empty() {
+            let methods: Vec<&str> = o.comp_methods.iter().map(|m| m.name()).collect();
+            names.push(format!("comp-methods={}", methods.join(",")));
+        }
+        if let Some(dname) = &o.dname {
+            names.push(format!("dname={dname}"));
         }
         names
     }

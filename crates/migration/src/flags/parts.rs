@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use protocol::{ConvergeMode, MigrateOptions, TimeoutAction};
+use protocol::{CompMethod, ConvergeMode, MigrateOptions, TimeoutAction};
 use types::{Bandwidth, Throttle};
 
 /// How the guest travels.
@@ -146,10 +146,17 @@ impl Storage {
 pub struct Stream {
     /// `--tls`.
     pub tls: bool,
-    /// `--compressed` (XBZRLE; never with multifd).
+    /// XBZRLE (`--compressed` alone, or with `xbzrle` among
+    /// `--comp-methods`; never with multifd).
     pub compressed: bool,
+    /// `--comp-xbzrle-cache`, bytes.
+    pub xbzrle_cache: Option<u64>,
     /// `--parallel`, with `--parallel-connections` if given.
     pub multifd: Option<Option<u8>>,
+    /// zlib or zstd on multifd's channels, with its level if given.
+    pub multifd_compression: Option<(CompMethod, Option<u8>)>,
+    /// `--zerocopy`.
+    pub zerocopy: bool,
     /// `--migrateuri`, checked to parse.
     pub uri: Option<String>,
 }
@@ -168,11 +175,15 @@ pub struct Limits {
     /// `--max-throttle`: the highest throttle the controller may use (and
     /// the estimate assumes).
     pub max_throttle: Option<Throttle>,
+    /// `--postcopy-bandwidth`: the cap once in post-copy.
+    pub postcopy_bandwidth: Option<Bandwidth>,
 }
 
 /// How the guest lands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Landing {
+    /// `--dname`: the name it arrives under, if another.
+    pub dname: Option<types::DomainName>,
     /// `--suspend`: paused on the destination.
     pub suspend: bool,
     /// `--persistent`: defined there.
@@ -225,10 +236,21 @@ pub(super) fn parts(
     } else {
         Storage::Shared
     };
+    let multifd_compression = o.comp_methods.iter().find(|m| m.multifd()).map(|&m| {
+        let level = match m {
+            CompMethod::Zlib => o.comp_zlib_level,
+            _ => o.comp_zstd_level,
+        };
+        (m, level)
+    });
     let stream = Stream {
         tls: o.tls,
-        compressed: o.compressed,
+        compressed: o.compressed
+            && (o.comp_methods.is_empty() || o.comp_methods.contains(&CompMethod::Xbzrle)),
+        xbzrle_cache: o.comp_xbzrle_cache,
         multifd: o.parallel.then_some(o.parallel_connections),
+        multifd_compression,
+        zerocopy: o.zerocopy,
         uri: o.migrateuri.clone(),
     };
     let limits = Limits {
@@ -239,8 +261,10 @@ pub(super) fn parts(
             .timeout
             .map(|s| (Duration::from_secs(s), o.timeout_action.unwrap_or_default())),
         max_throttle: o.max_throttle.map(Throttle::from_percent),
+        postcopy_bandwidth: o.postcopy_bandwidth.and_then(Bandwidth::from_mib_s),
     };
     let landing = Landing {
+        dname: o.dname.as_deref().and_then(|n| n.parse().ok()),
         suspend: o.suspend,
         persistent: o.persistent,
         undefine_source: o.undefine_source,

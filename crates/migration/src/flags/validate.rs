@@ -2,7 +2,7 @@
 //! contradict each other, values out of range, numbers that would
 //! overflow.
 
-use protocol::{ConvergeMode, MigrateOptions, TimeoutAction};
+use protocol::{CompMethod, ConvergeMode, MigrateOptions, TimeoutAction};
 use types::Bandwidth;
 
 use super::converge_mode;
@@ -69,6 +69,15 @@ pub enum InvalidFlags {
     /// A malformed `--migrateuri`.
     #[error(transparent)]
     DataUri(#[from] BadDataUri),
+    /// A compression method named twice.
+    #[error("--comp-methods names {0} twice")]
+    RepeatedMethod(CompMethod),
+    /// An XBZRLE cache QEMU would refuse.
+    #[error("--comp-xbzrle-cache must be a power of two of at least 4096 bytes, got {0}")]
+    XbzrleCache(u64),
+    /// A `--dname` that is no domain name.
+    #[error("--dname: {0}")]
+    Dname(String),
 }
 
 pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
@@ -131,6 +140,8 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
             (o.converge.is_some(), "--converge"),
             (o.allow_postcopy, "--allow-postcopy"),
             (o.tls, "--tls"),
+            (o.zerocopy, "--zerocopy"),
+            (o.postcopy_bandwidth.is_some(), "--postcopy-bandwidth"),
         ];
         if let Some((_, name)) = live_only.iter().find(|(set, _)| *set) {
             return Err(LiveOnly(name));
@@ -202,11 +213,43 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
             min: "1",
         });
     }
-    if o.compressed && o.parallel {
-        return Err(Incompatible(
-            "--compressed (XBZRLE)",
-            "--parallel (multifd)",
-        ));
+    compression(o)?;
+    if o.zerocopy {
+        if !o.parallel {
+            return Err(Needs {
+                option: "--zerocopy",
+                needs: "--parallel",
+            });
+        }
+        if o.compressed {
+            return Err(Incompatible("--zerocopy", "--compressed"));
+        }
+        if o.tls {
+            // QEMU sends the pages themselves; TLS would have to encrypt
+            // a copy.
+            return Err(Incompatible("--zerocopy", "--tls"));
+        }
+    }
+    if let Some(mib) = o.postcopy_bandwidth {
+        if !postcopy_enabled {
+            return Err(Needs {
+                option: "--postcopy-bandwidth",
+                needs: "--postcopy or --allow-postcopy",
+            });
+        }
+        if mib == 0 {
+            return Err(AtLeast {
+                option: "--postcopy-bandwidth",
+                min: "1 MiB/s",
+            });
+        }
+        if Bandwidth::from_mib_s(mib).is_none() {
+            return Err(BandwidthTooLarge(mib));
+        }
+    }
+    if let Some(name) = &o.dname {
+        name.parse::<types::DomainName>()
+            .map_err(|e| Dname(e.to_string()))?;
     }
     if o.dirty_limit && mode == ConvergeMode::Qemu {
         return Err(Exclusive("--dirty-limit", "--auto-converge"));
@@ -229,6 +272,79 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
     }
     if let Some(uri) = &o.migrateuri {
         crate::uri::parse_data_uri(uri)?;
+    }
+    Ok(())
+}
+
+/// The compression options, as libvirt checks them: methods need
+/// `--compressed`, each once; XBZRLE works on one stream only, zlib and
+/// zstd on multifd's channels only, and one of them at most; a level or a
+/// cache only for its method, and in QEMU's range.
+fn compression(o: &MigrateOptions) -> Result<(), InvalidFlags> {
+    use InvalidFlags::*;
+    let methods = &o.comp_methods;
+    if !methods.is_empty() && !o.compressed {
+        return Err(Needs {
+            option: "--comp-methods",
+            needs: "--compressed",
+        });
+    }
+    for (i, m) in methods.iter().enumerate() {
+        if methods[..i].contains(m) {
+            return Err(RepeatedMethod(*m));
+        }
+    }
+    let xbzrle = o.compressed && (methods.is_empty() || methods.contains(&CompMethod::Xbzrle));
+    let multifd: Vec<CompMethod> = methods.iter().copied().filter(|m| m.multifd()).collect();
+    if multifd.len() > 1 {
+        return Err(Exclusive("--comp-methods zlib", "--comp-methods zstd"));
+    }
+    if xbzrle && o.parallel {
+        return Err(Incompatible(
+            "--compressed (XBZRLE)",
+            "--parallel (multifd)",
+        ));
+    }
+    if !multifd.is_empty() && !o.parallel {
+        return Err(Needs {
+            option: "--comp-methods zlib|zstd",
+            needs: "--parallel (they compress multifd's channels)",
+        });
+    }
+    for (level, method, option, max) in [
+        (o.comp_zlib_level, CompMethod::Zlib, "--comp-zlib-level", 9),
+        (o.comp_zstd_level, CompMethod::Zstd, "--comp-zstd-level", 20),
+    ] {
+        let Some(level) = level else { continue };
+        if !methods.contains(&method) {
+            return Err(Needs {
+                option,
+                needs: if method == CompMethod::Zlib {
+                    "--compressed --comp-methods zlib"
+                } else {
+                    "--compressed --comp-methods zstd"
+                },
+            });
+        }
+        if level > max {
+            return Err(Range {
+                option,
+                min: "0",
+                max: if max == 9 { "9" } else { "20" },
+                got: level.to_string(),
+            });
+        }
+    }
+    if let Some(bytes) = o.comp_xbzrle_cache {
+        if !xbzrle {
+            return Err(Needs {
+                option: "--comp-xbzrle-cache",
+                needs: "--compressed with XBZRLE",
+            });
+        }
+        if bytes < 4096 || !bytes.is_power_of_two() {
+            return Err(XbzrleCache(bytes));
+        }
     }
     Ok(())
 }
@@ -330,10 +446,156 @@ mod tests {
                 },
                 "beyond any link",
             ),
+            (
+                MigrateOptions {
+                    comp_methods: vec![CompMethod::Zstd],
+                    parallel: true,
+                    ..live()
+                },
+                "--comp-methods needs --compressed",
+            ),
+            (
+                MigrateOptions {
+                    compressed: true,
+                    comp_methods: vec![CompMethod::Zstd],
+                    ..live()
+                },
+                "needs --parallel",
+            ),
+            (
+                MigrateOptions {
+                    compressed: true,
+                    parallel: true,
+                    comp_methods: vec![CompMethod::Zstd, CompMethod::Zlib],
+                    ..live()
+                },
+                "mutually exclusive",
+            ),
+            (
+                MigrateOptions {
+                    compressed: true,
+                    parallel: true,
+                    comp_methods: vec![CompMethod::Xbzrle, CompMethod::Zstd],
+                    ..live()
+                },
+                "--compressed (XBZRLE) cannot be combined with --parallel",
+            ),
+            (
+                MigrateOptions {
+                    compressed: true,
+                    comp_methods: vec![CompMethod::Xbzrle, CompMethod::Xbzrle],
+                    ..live()
+                },
+                "names xbzrle twice",
+            ),
+            (
+                MigrateOptions {
+                    compressed: true,
+                    parallel: true,
+                    comp_methods: vec![CompMethod::Zstd],
+                    comp_zlib_level: Some(3),
+                    ..live()
+                },
+                "--comp-zlib-level needs --compressed --comp-methods zlib",
+            ),
+            (
+                MigrateOptions {
+                    compressed: true,
+                    parallel: true,
+                    comp_methods: vec![CompMethod::Zstd],
+                    comp_zstd_level: Some(21),
+                    ..live()
+                },
+                "--comp-zstd-level must be between 0 and 20",
+            ),
+            (
+                MigrateOptions {
+                    compressed: true,
+                    comp_xbzrle_cache: Some(5_000_000),
+                    ..live()
+                },
+                "power of two",
+            ),
+            (
+                MigrateOptions {
+                    parallel: true,
+                    compressed: true,
+                    comp_methods: vec![CompMethod::Zstd],
+                    comp_xbzrle_cache: Some(1 << 26),
+                    ..live()
+                },
+                "--comp-xbzrle-cache needs --compressed with XBZRLE",
+            ),
+            (
+                MigrateOptions {
+                    zerocopy: true,
+                    ..live()
+                },
+                "--zerocopy needs --parallel",
+            ),
+            (
+                MigrateOptions {
+                    zerocopy: true,
+                    parallel: true,
+                    tls: true,
+                    ..live()
+                },
+                "--zerocopy cannot be combined with --tls",
+            ),
+            (
+                MigrateOptions {
+                    postcopy_bandwidth: Some(10),
+                    ..live()
+                },
+                "--postcopy-bandwidth needs --postcopy or --allow-postcopy",
+            ),
+            (
+                MigrateOptions {
+                    dname: Some("../etc".into()),
+                    ..live()
+                },
+                "--dname",
+            ),
         ];
         for (f, expected) in cases {
             let err = validate(&f).unwrap_err().to_string();
             assert!(err.contains(expected), "{err} / {expected}");
+        }
+    }
+
+    #[test]
+    fn compression_as_virsh_takes_it() {
+        for ok in [
+            MigrateOptions {
+                compressed: true,
+                ..live()
+            },
+            MigrateOptions {
+                compressed: true,
+                comp_methods: vec![CompMethod::Xbzrle],
+                comp_xbzrle_cache: Some(1 << 27),
+                ..live()
+            },
+            MigrateOptions {
+                compressed: true,
+                parallel: true,
+                comp_methods: vec![CompMethod::Zstd],
+                comp_zstd_level: Some(3),
+                ..live()
+            },
+            MigrateOptions {
+                parallel: true,
+                zerocopy: true,
+                ..live()
+            },
+            MigrateOptions {
+                postcopy: true,
+                postcopy_bandwidth: Some(16),
+                dname: Some("web-2".into()),
+                ..live()
+            },
+        ] {
+            assert_eq!(validate(&ok), Ok(()), "{ok:?}");
         }
     }
 }

@@ -166,6 +166,15 @@ pub struct MigrationParameters {
     /// XBZRLE cache, bytes.
     pub xbzrle_cache_size: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// How multifd's channels are compressed (`none`, `zlib`, `zstd`).
+    pub multifd_compression: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// zlib's level on multifd's channels.
+    pub multifd_zlib_level: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    /// zstd's level on multifd's channels.
+    pub multifd_zstd_level: Option<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     /// Bandwidth cap during post-copy, bytes per second (0: none).
     pub max_postcopy_bandwidth: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

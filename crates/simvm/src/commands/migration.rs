@@ -106,6 +106,24 @@ fn set_capabilities(shared: &Shared, args: &Value) -> Result<Value, QmpError> {
         }
         changes.push((name.to_string(), state));
     }
+    let after = |cap: &str| {
+        changes
+            .iter()
+            .rev()
+            .find(|(name, _)| name == cap)
+            .map(|&(_, state)| state)
+            .unwrap_or_else(|| m.migration.capabilities.get(cap).copied().unwrap_or(false))
+    };
+    if after("zero-copy-send") {
+        let param = |name: &str| m.migration.parameters.get(name).and_then(Value::as_str);
+        let compressed = param("multifd-compression").is_some_and(|c| c != "none");
+        let tls = param("tls-creds").is_some_and(|c| !c.is_empty());
+        if !after("multifd") || compressed || tls {
+            return Err(generic(
+                "Zero copy only available for non-compressed non-TLS multifd migration",
+            ));
+        }
+    }
     for (name, state) in changes {
         m.migration.capabilities.insert(name, state);
     }
@@ -136,6 +154,22 @@ fn set_parameters(shared: &Shared, args: &Value) -> Result<Value, QmpError> {
                 )));
             }
         }
+        if name == "multifd-compression"
+            && !["none", "zlib", "zstd"].contains(&value.as_str().unwrap_or_default())
+        {
+            return Err(generic(format!(
+                "Parameter 'multifd-compression' does not accept value '{}'",
+                value.as_str().unwrap_or_default()
+            )));
+        }
+        if name == "xbzrle-cache-size" {
+            let bytes = value.as_u64().unwrap_or(0);
+            if bytes < 4096 || !bytes.is_power_of_two() {
+                return Err(generic(
+                    "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size",
+                ));
+            }
+        }
         if name == "downtime-limit" && value.as_u64().unwrap_or(0) > 2_000_000 {
             return Err(generic(
                 "Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 ms",
@@ -143,6 +177,10 @@ fn set_parameters(shared: &Shared, args: &Value) -> Result<Value, QmpError> {
         }
     }
     for (name, value) in given {
+        // QEMU 7.2 takes the multifd compression levels and keeps level 1.
+        if name == "multifd-zlib-level" || name == "multifd-zstd-level" {
+            continue;
+        }
         m.migration.parameters.insert(name.clone(), value.clone());
     }
     Ok(json!({}))

@@ -198,6 +198,40 @@ async fn the_cluster_says_where_each_domain_runs_and_it_never_starts_on_a_second
     assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
 }
 
+#[tokio::test]
+async fn a_guest_renamed_on_the_way_is_handed_over_under_its_new_name() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let args = ["--cluster", etcd.endpoint.as_str()];
+    let a = bed.host_args("a", &args).await;
+    let b = bed.host_args("b", &args).await;
+    a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
+        .await;
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            protocol::MigrateOptions {
+                dname: Some("web-2".into()),
+                ..testkit::live()
+            },
+        )
+        .await;
+    assert_eq!(
+        record.status,
+        protocol::job::JobStatus::Completed,
+        "{record:?}"
+    );
+    assert_eq!(
+        b.state("web-2").await,
+        Some(protocol::domain::DomainState::Running)
+    );
+    // One transaction: the old name gone, the new one on b.
+    assert_eq!(owners(&bed, &etcd), runs_on("web-2", "agent-b"));
+}
+
 /// `livemig --cluster ENDPOINT ARGS...` as an administrator.
 fn cluster_cli(bed: &TestBed, etcd: &Etcd, args: &[&str]) -> std::process::Output {
     let admin = bed.certificate_dir("ops", Role::Admin);

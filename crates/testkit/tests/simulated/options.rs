@@ -96,3 +96,62 @@ async fn setspeed_and_setmaxdowntime_apply_to_a_running_job() {
     assert_eq!(got["downtime_ms"], 450);
     assert_eq!(got["from"], "domain setting");
 }
+
+#[tokio::test]
+async fn dname_lands_the_guest_under_its_new_name_and_the_old_one_is_gone() {
+    let bed = TestBed::simulated().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
+    b.define_and_start(bed.definition("taken", 64, Workload::IDLE))
+        .await;
+
+    // A name the destination already runs: refused, nothing moves.
+    let out = a.cli(&["migrate", "--live", "--dname", "taken", "vm", &b.uri()]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        stdout(&out).contains("domain 'taken' is already running"),
+        "{out:?}"
+    );
+    assert_eq!(a.state("vm").await, Some(DomainState::Running));
+    assert_eq!(b.state("taken").await, Some(DomainState::Running));
+    assert_eq!(b.state("vm").await, None);
+
+    // virsh's spellings: --dname, --undefinesource.
+    a.cli_ok(&[
+        "migrate",
+        "--live",
+        "--persistent",
+        "--undefinesource",
+        "--dname",
+        "web-2",
+        "vm",
+        &b.uri(),
+    ]);
+    assert_eq!(b.state("web-2").await, Some(DomainState::Running));
+    assert_eq!(b.state("vm").await, None);
+    assert_eq!(a.state("vm").await, None, "undefined on the source");
+    let on_b = b.list_all().await;
+    let web2 = on_b.iter().find(|d| d.name == "web-2").unwrap();
+    assert!(web2.persistent, "{web2:?}");
+    // The job's record says what it was asked.
+    let jobs = a
+        .call(protocol::call::Jobs {
+            domain: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    let done = jobs.iter().find(|j| j.status == "completed").unwrap();
+    let state = a
+        .call(protocol::call::Job {
+            id: done.id.clone(),
+        })
+        .await
+        .unwrap();
+    let protocol::call::JobState::Ended(record) = state else {
+        panic!("{state:?}");
+    };
+    assert!(
+        record.flags.contains(&"dname=web-2".to_string()),
+        "{record:?}"
+    );
+}

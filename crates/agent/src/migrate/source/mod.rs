@@ -117,6 +117,15 @@ pub(crate) async fn begin(
         .await;
     }
 
+    // Zero-copy sends lock the pages they send: the source QEMU needs a
+    // locked-memory limit of the guest's RAM. Raised before the job
+    // starts, so a host that cannot is a clear refusal; put back when the
+    // job ends.
+    let memlock = match (&vm, flags.stream().zerocopy) {
+        (Some(vm), true) => Some(raise_memlock(agent, name, vm)?),
+        _ => None,
+    };
+
     let (progress_tx, progress_rx) = watch::channel(Progress::default());
     let (retune_tx, retune_rx) = tokio::sync::mpsc::channel(4);
     let job = Arc::new(OutgoingJob {
@@ -154,10 +163,43 @@ pub(crate) async fn begin(
         progress: progress_tx,
         tls,
         storage,
+        memlock,
     };
     tokio::spawn(run.run().instrument(span));
     Ok(Reply::MigrationStarted {
         job_id: job.ident.id.clone(),
+    })
+}
+
+/// What a zero-copy migration needs locked beyond the guest's RAM: QEMU's
+/// own buffers.
+const ZEROCOPY_SLACK: u64 = 64 << 20;
+
+/// Raises the source QEMU's locked-memory limit for `--zerocopy`; the
+/// limit it had.
+fn raise_memlock(
+    agent: &Agent,
+    name: &DomainName,
+    vm: &crate::running::RunningVm,
+) -> Result<domain::qemu::memlock::MemlockLimit, ApiError> {
+    let pid = vm.process.pid();
+    let need = vm.spec.ram.bytes + ZEROCOPY_SLACK;
+    domain::qemu::memlock::raise(pid, need).map_err(|e| {
+        let now = domain::qemu::memlock::get(pid)
+            .map(|l| format!("{} MiB", l.soft >> 20))
+            .unwrap_or_else(|_| "unknown".into());
+        ApiError::new(
+            ErrorCode::Unsupported,
+            format!(
+                "--zerocopy needs the locked-memory limit (RLIMIT_MEMLOCK) of domain '{name}''s \
+                 QEMU at {} MiB (its RAM and QEMU's buffers), and the agent on {} cannot raise \
+                 it from {now}: {} (run the agent with CAP_SYS_RESOURCE, or start it with a \
+                 higher LimitMEMLOCK)",
+                need >> 20,
+                agent.uri,
+                e.source
+            ),
+        )
     })
 }
 

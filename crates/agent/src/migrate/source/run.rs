@@ -50,6 +50,9 @@ pub(super) struct Run {
     pub tls: Option<migration::stream_tls::StreamTls>,
     /// The disks copied to the destination (`vda`, ...).
     pub storage: Vec<String>,
+    /// With `--zerocopy`, the source QEMU's locked-memory limit before the
+    /// job raised it.
+    pub memlock: Option<domain::qemu::memlock::MemlockLimit>,
 }
 
 impl Run {
@@ -63,7 +66,35 @@ impl Run {
             Some(vm) => self.live(&vm).await,
             None => self.offline().await,
         };
+        if let (Some(limit), Some(vm)) = (self.memlock, &self.vm) {
+            if vm.process.exit_info().is_none() {
+                if let Err(e) = domain::qemu::memlock::set(vm.process.pid(), limit) {
+                    tracing::warn!(error = %errors::chain(&e), "could not put the QEMU's locked-memory limit back");
+                }
+            }
+        }
         self.conclude(ending).await;
+    }
+
+    /// The definition the destination gets: under `--dname`'s name if
+    /// given.
+    fn outgoing_definition(&self) -> DomainDefinition {
+        let mut def = self.def.clone();
+        if let Some(dname) = &self.job.ident.flags.landing().dname {
+            def.name = dname.clone();
+        }
+        def
+    }
+
+    /// The domain's name on the destination.
+    fn arriving_name(&self) -> &DomainName {
+        self.job
+            .ident
+            .flags
+            .landing()
+            .dname
+            .as_ref()
+            .unwrap_or(&self.name)
     }
 
     async fn prepare(&self) -> Result<(String, Option<u16>), PrepareError> {
@@ -86,7 +117,7 @@ impl Run {
         let request = call::PeerPrepare {
             prepare: PrepareRequest {
                 job_id: self.job.ident.id.clone(),
-                definition: DefinitionDoc(self.def.to_document()),
+                definition: DefinitionDoc(self.outgoing_definition().to_document()),
                 spec: wire::launch_spec(&spec),
                 flags: self.job.ident.flags.options().clone(),
                 source: self.agent.uri.clone(),
@@ -402,7 +433,13 @@ impl Run {
         self.set_phase(Phase::Confirm);
         // The guest runs on the destination: the cluster says so before
         // the source's copy stops.
-        crate::membership::hand_over(&self.agent, self.name.as_str(), self.peer.name()).await;
+        crate::membership::hand_over(
+            &self.agent,
+            self.name.as_str(),
+            self.arriving_name().as_str(),
+            self.peer.name(),
+        )
+        .await;
         let vm = self
             .agent
             .table
