@@ -86,6 +86,7 @@ pub fn watch_options(
         preflight: controller.is_some() || forecast.is_some(),
         forecast,
         ram_bytes,
+        compressed: flags.stream().compressed || flags.stream().multifd_compression.is_some(),
         controller,
         downtime,
         max_downtime: flags.max_downtime(),

@@ -126,6 +126,9 @@ pub struct WatchOptions {
     /// The guest runs with a KVM dirty ring, so QEMU can give each vCPU's
     /// dirty rate.
     pub dirty_ring: bool,
+    /// The stream is compressed (XBZRLE, zlib, zstd): memory leaves faster
+    /// than the link carries bytes.
+    pub compressed: bool,
 }
 
 impl Default for WatchOptions {
@@ -146,6 +149,7 @@ impl Default for WatchOptions {
             ram_bytes: 0,
             ram_in_use_bytes: None,
             dirty_ring: false,
+            compressed: false,
         }
     }
 }

@@ -271,11 +271,13 @@ impl<'a> Watch<'a> {
             .bandwidth_mib_s
             .filter(|b| *b > 0.0)
             .map(|b| b * types::MIB as f64);
-        self.limits
+        let link = self
+            .limits
             .bandwidth
             .map(Bandwidth::as_f64)
             .or(measured)
-            .unwrap_or(1e9)
+            .unwrap_or(1e9);
+        memory_rate(link, self.options.compressed, stats)
     }
 
     /// Predicts the job's total time from the pre-flight `model`, to be
@@ -394,5 +396,43 @@ pub(super) fn downtime(limit: Duration) -> MigrationParameters {
     MigrationParameters {
         downtime_limit: Some(limit.as_millis() as u64),
         ..Default::default()
+    }
+}
+
+/// How fast memory leaves over a link of `link` bytes/s: with compression,
+/// faster than the link carries bytes, by the ratio of the pages sent so
+/// far to the bytes they took on the wire. The controller compares it
+/// with the memory the guest dirties, so the raw link rate would make it
+/// throttle a guest whose pages compress for nothing.
+pub(super) fn memory_rate(link: f64, compressed: bool, stats: &JobStats) -> f64 {
+    let ratio = match (stats.normal_bytes, stats.memory_processed_bytes) {
+        (Some(pages), Some(wire)) if compressed && wire > 0 => pages as f64 / wire as f64,
+        _ => 1.0,
+    };
+    link * ratio.max(1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_pages_leave_faster_than_the_link_carries_bytes() {
+        let stats = JobStats {
+            normal_bytes: Some(300 << 20),
+            memory_processed_bytes: Some(100 << 20),
+            ..Default::default()
+        };
+        let link = 64.0 * 1048576.0;
+        assert_eq!(memory_rate(link, true, &stats), 3.0 * link);
+        assert_eq!(memory_rate(link, false, &stats), link);
+        // Pages that do not compress never count as slower than the link.
+        let incompressible = JobStats {
+            normal_bytes: Some(90 << 20),
+            memory_processed_bytes: Some(100 << 20),
+            ..Default::default()
+        };
+        assert_eq!(memory_rate(link, true, &incompressible), link);
+        assert_eq!(memory_rate(link, true, &JobStats::default()), link);
     }
 }

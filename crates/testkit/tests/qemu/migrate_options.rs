@@ -77,9 +77,7 @@ async fn zstd_compresses_multifd_s_channels_on_both_qemus_and_the_guest_arrives_
     );
     assert!(b.qemu_pids().is_empty());
 
-    let job = a
-        .migration_in_flight("vm", &b, zstd)
-        .await;
+    let job = a.migration_in_flight("vm", &b, zstd).await;
     // Both ends compress: the destination must decompress what the
     // source sends.
     assert_eq!(parameter(&a, "vm", "multifd-compression").await, "zstd");
@@ -123,7 +121,10 @@ async fn postcopy_bandwidth_caps_post_copy_while_pre_copy_runs_at_the_job_s_band
     let mib_s = (last.transferred_bytes - first.transferred_bytes) as f64
         / 1048576.0
         / ((last.t_ms - first.t_ms) as f64 / 1000.0);
-    assert!(mib_s > 0.5 && mib_s <= 8.0 * 1.25, "{mib_s:.1} MiB/s in post-copy");
+    assert!(
+        mib_s > 0.5 && mib_s <= 8.0 * 1.25,
+        "{mib_s:.1} MiB/s in post-copy"
+    );
 }
 
 /// Whether this process (and so the agents it starts) may raise another
