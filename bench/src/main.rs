@@ -34,11 +34,17 @@
 //! controller's decisions; then puts a real etcd under that many simulated
 //! agents and a controller.
 //!
+//! `livemig-bench compression --json [--reps N] [--methods none,zstd,zlib]
+//! [--bandwidth MIB_S]` migrates a Linux guest whose memory holds text and
+//! one whose memory holds random bytes with plain multifd and with each
+//! compression on multifd's channels: time, bytes on the wire, source CPU.
+//!
 //! `livemig-bench vcpus [--reps N] [--engines qemu,adaptive]` migrates a
 //! 4-vCPU Linux guest with one writing vCPU and three compute-only ones,
 //! with QEMU's auto-converge and with the controller, and reports how fast
 //! each vCPU ran during the migration against before it.
 
+mod compression;
 mod convergence;
 mod drain;
 mod fleet;
@@ -171,6 +177,21 @@ enum Command {
         /// Give up on a migration after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+    /// Plain multifd against zstd and zlib on its channels, on a guest
+    /// whose memory compresses and one whose memory does not.
+    Compression {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 2)]
+        reps: u32,
+        #[arg(long, value_delimiter = ',', default_value = "none,zstd,zlib")]
+        methods: Vec<String>,
+        /// The link cap, MiB/s.
+        #[arg(long, default_value_t = 64)]
+        bandwidth: u64,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -539,6 +560,7 @@ async fn main() -> ExitCode {
         | Command::Storage { json, .. }
         | Command::Start { json, .. }
         | Command::Vcpus { json, .. }
+        | Command::Compression { json, .. }
         | Command::Drain { json, .. }
         | Command::Fleet { json, .. }
         | Command::Load { json, .. } => *json,
@@ -572,6 +594,7 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Storage { livemigd, .. }
         | Command::Start { livemigd, .. }
         | Command::Vcpus { livemigd, .. }
+        | Command::Compression { livemigd, .. }
         | Command::Drain { livemigd, .. }
         | Command::Fleet { livemigd, .. }
         | Command::Load { livemigd, .. } => livemigd.clone(),
@@ -737,6 +760,13 @@ async fn run(cli: Cli) -> Result<()> {
             emit(json, &summary, text);
             Ok(())
         }
+        Command::Compression {
+            json,
+            reps,
+            methods,
+            bandwidth,
+            livemigd: path,
+        } => compression::run(&livemigd(path), &methods, reps, bandwidth, json).await,
         Command::Vcpus {
             json,
             reps,

@@ -114,7 +114,7 @@ pub async fn migrate_with(
     }
 }
 
-async fn memory_intact(client: &Client, name: &str) -> bool {
+pub async fn memory_intact(client: &Client, name: &str) -> bool {
     // A pass after the landing, checked by the guest itself.
     tokio::time::sleep(Duration::from_secs(3)).await;
     match request(

@@ -243,6 +243,9 @@ pub struct LinuxWorkload {
     pub address: Option<String>,
     /// Compute-only threads on vCPUs 1..=N, the sweep pinned to vCPU 0.
     pub spinners: u32,
+    /// What the working set's pages hold: `text` (compresses like prose)
+    /// or `random` (does not); zeros if none.
+    pub fill: Option<&'static str>,
 }
 
 impl LinuxWorkload {
@@ -256,6 +259,7 @@ impl LinuxWorkload {
             port: None,
             address: None,
             spinners: 0,
+            fill: None,
         }
     }
 
@@ -276,6 +280,9 @@ impl LinuxWorkload {
         }
         if self.spinners > 0 {
             line.push_str(&format!(" spinners={}", self.spinners));
+        }
+        if let Some(fill) = self.fill {
+            line.push_str(&format!(" fill={fill}"));
         }
         line
     }

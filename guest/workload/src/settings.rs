@@ -1,6 +1,18 @@
 //! The workload's settings, from the kernel command line: the bare-metal
-//! guest's `wss= spin= report=`, plus `disk= disk_blocks= disk_kib_s=
+//! guest's `wss= spin= report=`, plus `fill= disk= disk_blocks= disk_kib_s=
 //! port= spinners=`.
+
+/// What the working set's pages hold besides the sweep's stamps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fill {
+    /// Zeros.
+    #[default]
+    Zero,
+    /// Words of English-like text: compresses as text does.
+    Text,
+    /// Pseudo-random bytes: does not compress.
+    Random,
+}
 
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -9,6 +21,8 @@ pub struct Settings {
     pub wss_mib: u64,
     /// Busy-loop iterations after each page write.
     pub spin: u64,
+    /// What the pages hold.
+    pub fill: Fill,
     /// Interval between progress lines, ms.
     pub report_ms: u64,
     /// The block device to write, if any.
@@ -37,6 +51,11 @@ impl Settings {
         Settings {
             wss_mib: number("wss", 16),
             spin: number("spin", 20_000),
+            fill: match value("fill") {
+                Some("text") => Fill::Text,
+                Some("random") => Fill::Random,
+                _ => Fill::Zero,
+            },
             report_ms: number("report", 500).max(50),
             disk: value("disk").map(str::to_string),
             disk_blocks: number("disk_blocks", 4096).max(1),
@@ -65,6 +84,9 @@ mod tests {
         assert_eq!(s.disk_kib_s, 64);
         assert_eq!(s.port, Some(7000));
         assert_eq!(s.spinners, 3);
+        assert_eq!(s.fill, Fill::Zero);
+        assert_eq!(Settings::parse("fill=text").fill, Fill::Text);
+        assert_eq!(Settings::parse("fill=random").fill, Fill::Random);
     }
 
     #[test]
