@@ -244,6 +244,9 @@ pub struct Hosts {
     b_uri: String,
     kernel: PathBuf,
     pki: PathBuf,
+    /// With [`Hosts::start_linked`], the namespaces the agents run in:
+    /// dropped after them.
+    _fabric: Option<launcher::fabric::Fabric>,
 }
 
 impl Hosts {
@@ -254,6 +257,35 @@ impl Hosts {
     /// With `local_storage`, each agent sees a directory of its own at
     /// [`Hosts::local`] (a bind mount in its mount namespace: needs root).
     pub async fn start_with(livemigd: &Path, local_storage: bool) -> Result<Hosts> {
+        Self::start_on(livemigd, local_storage, None).await
+    }
+
+    /// The two agents in network namespaces of their own, joined by a link
+    /// capped at `link_mib_s` each way by the kernel (`tc`), not by QEMU:
+    /// what crosses it is the bytes really sent (needs root).
+    pub async fn start_linked(livemigd: &Path, link_mib_s: u64) -> Result<Hosts> {
+        Self::start_on(livemigd, false, Some(link_mib_s)).await
+    }
+
+    async fn start_on(livemigd: &Path, local_storage: bool, link: Option<u64>) -> Result<Hosts> {
+        let fabric = match link {
+            Some(mib_s) => {
+                let fabric = launcher::fabric::Fabric::create("bench", 2)
+                    .context("network namespaces for the two hosts (needs root)")?;
+                fabric.cap(mib_s)?;
+                Some(fabric)
+            }
+            None => None,
+        };
+        let address = |name: &str| -> (String, Option<String>) {
+            match &fabric {
+                Some(f) => {
+                    let host = &f.hosts[usize::from(name == "b")];
+                    (host.ip.clone(), Some(host.netns.clone()))
+                }
+                None => ("127.0.0.1".into(), None),
+            }
+        };
         let dir = tempfile::Builder::new()
             .prefix("livemig-bench-")
             .tempdir()?;
@@ -269,14 +301,14 @@ impl Hosts {
             Ok(LaunchOptions {
                 binary: livemigd.to_path_buf(),
                 state_dir: dir.path().join(name),
-                listen: Some("tls://127.0.0.1:0".into()),
+                listen: Some(format!("tls://{}:0", address(name).0)),
                 tls_dir: Some(tls::pki::issue(
                     &pki,
                     name,
                     protocol::Role::Agent,
-                    &["127.0.0.1".into()],
+                    &[address(name).0],
                 )?),
-                netns: None,
+                netns: address(name).1,
                 image_dirs: vec![dir.path().to_path_buf()],
                 extra_args: Vec::new(),
                 private_dirs: if local_storage {
@@ -311,7 +343,14 @@ impl Hosts {
             b_uri,
             kernel,
             pki,
+            _fabric: fabric,
         })
+    }
+
+    /// Bytes host a (0) or b (1) has sent onto its link, with
+    /// [`Hosts::start_linked`].
+    pub fn sent_bytes(&self, host: usize) -> Option<u64> {
+        self._fabric.as_ref()?.hosts.get(host)?.sent_bytes()
     }
 
     /// Stops the guest `domain` wherever it runs and undefines it on a.

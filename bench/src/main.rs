@@ -35,9 +35,11 @@
 //! agents and a controller.
 //!
 //! `livemig-bench compression --json [--reps N] [--methods none,zstd,zlib]
-//! [--bandwidth MIB_S]` migrates a Linux guest whose memory holds text and
-//! one whose memory holds random bytes with plain multifd and with each
-//! compression on multifd's channels: time, bytes on the wire, source CPU.
+//! [--link MIB_S]` migrates a Linux guest whose memory holds text and one
+//! whose memory holds random bytes with plain multifd and with each
+//! compression on multifd's channels between two hosts in network
+//! namespaces on a capped link (needs root): time, bytes on the wire,
+//! source CPU.
 //!
 //! `livemig-bench vcpus [--reps N] [--engines qemu,adaptive]` migrates a
 //! 4-vCPU Linux guest with one writing vCPU and three compute-only ones,
@@ -189,9 +191,9 @@ enum Command {
         reps: u32,
         #[arg(long, value_delimiter = ',', default_value = "none,zstd,zlib")]
         methods: Vec<String>,
-        /// The link cap, MiB/s.
+        /// The link between the two hosts, MiB/s each way (`tc`).
         #[arg(long, default_value_t = 64)]
-        bandwidth: u64,
+        link: u64,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -764,9 +766,9 @@ async fn run(cli: Cli) -> Result<()> {
             json,
             reps,
             methods,
-            bandwidth,
+            link,
             livemigd: path,
-        } => compression::run(&livemigd(path), &methods, reps, bandwidth, json).await,
+        } => compression::run(&livemigd(path), &methods, reps, link, json).await,
         Command::Vcpus {
             json,
             reps,

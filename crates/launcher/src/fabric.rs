@@ -20,6 +20,21 @@ pub struct FabricHost {
     veth_outside: String,
 }
 
+impl FabricHost {
+    /// Bytes this host has sent onto the segment (what the bridge's end of
+    /// its veth received), from the kernel's counters.
+    pub fn sent_bytes(&self) -> Option<u64> {
+        std::fs::read_to_string(format!(
+            "/sys/class/net/{}/statistics/rx_bytes",
+            self.veth_outside
+        ))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+    }
+}
+
 /// Hosts on one segment.
 #[derive(Debug)]
 pub struct Fabric {
