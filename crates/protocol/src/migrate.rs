@@ -207,6 +207,9 @@ pub struct MigrateOptions {
     /// Send multifd pages without copying them (QEMU's `zero-copy-send`:
     /// the pages are locked in memory while they are sent).
     pub zerocopy: bool,
+    /// With `tls`: the name the destination QEMU's certificate must carry
+    /// [default: the host the destination agent was dialled at].
+    pub tls_destination: Option<String>,
 }
 
 /// RAM as QEMU is given it; both ends of a migration must agree.

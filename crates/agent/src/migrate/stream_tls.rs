@@ -33,7 +33,8 @@ pub(crate) fn check(agent: &Agent, flags: &Flags) -> Result<(), ApiError> {
 }
 
 /// The source's QEMU set-up, after [`check`]: the destination's
-/// certificate must be valid for the host its agent was dialled at.
+/// certificate must be valid for the host its agent was dialled at, or
+/// for `--tls-destination`.
 pub(crate) fn source(
     agent: &Agent,
     flags: &Flags,
@@ -43,11 +44,18 @@ pub(crate) fn source(
     if !flags.stream().tls {
         return Ok(None);
     }
-    let hostname = match destination.host_port() {
+    let dialled = match destination.host_port() {
         Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
         // A peer on this host's socket: its QEMU listens on loopback.
         None => "localhost",
     };
+    // `--tls-destination`: the name its certificate carries when it is
+    // dialled by another (an address, say).
+    let hostname = flags
+        .options()
+        .tls_destination
+        .as_deref()
+        .unwrap_or(dialled);
     Ok(Some(StreamTls {
         credentials: credentials(agent)?,
         peer: TlsPeer::Destination {

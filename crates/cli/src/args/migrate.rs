@@ -188,6 +188,10 @@ pub struct MigrateArgs {
     /// their agents' certificates (the agents need --tls-dir).
     #[arg(long)]
     pub tls: bool,
+    /// With --tls: the name the destination's certificate must carry for
+    /// the migration stream [default: the host in DEST_URI].
+    #[arg(long, value_name = "NAME")]
+    pub tls_destination: Option<String>,
     /// Migrate although the domain's configuration is unsafe to migrate (a
     /// CPU model that passes the host's CPU through).
     #[arg(long = "unsafe")]
@@ -275,6 +279,7 @@ impl MigrateArgs {
             postcopy_bandwidth: self.postcopy_bandwidth,
             dname: self.dname.clone(),
             zerocopy: self.zerocopy,
+            tls_destination: self.tls_destination.clone(),
         }
     }
 }

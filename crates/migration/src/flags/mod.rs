@@ -409,6 +409,9 @@ impl Flags {
         if let Some(dname) = &o.dname {
             names.push(format!("dname={dname}"));
         }
+        if let Some(name) = &o.tls_destination {
+            names.push(format!("tls-destination={name}"));
+        }
         names
     }
 }

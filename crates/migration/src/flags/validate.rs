@@ -78,6 +78,9 @@ pub enum InvalidFlags {
     /// A `--dname` that is no domain name.
     #[error("--dname: {0}")]
     Dname(String),
+    /// A `--tls-destination` that is no host name or address.
+    #[error("--tls-destination {0:?} is not a host name or an IP address")]
+    TlsDestination(String),
 }
 
 pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
@@ -245,6 +248,27 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
         }
         if Bandwidth::from_mib_s(mib).is_none() {
             return Err(BandwidthTooLarge(mib));
+        }
+    }
+    if let Some(name) = &o.tls_destination {
+        if !o.tls {
+            return Err(Needs {
+                option: "--tls-destination",
+                needs: "--tls",
+            });
+        }
+        let host_name = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 253
+                && n.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                        && !label.starts_with('-')
+                })
+        };
+        if name.parse::<std::net::IpAddr>().is_err() && !host_name(name) {
+            return Err(TlsDestination(name.clone()));
         }
     }
     if let Some(name) = &o.dname {
@@ -556,6 +580,21 @@ mod tests {
                 },
                 "--dname",
             ),
+            (
+                MigrateOptions {
+                    tls_destination: Some("b.example".into()),
+                    ..live()
+                },
+                "--tls-destination needs --tls",
+            ),
+            (
+                MigrateOptions {
+                    tls: true,
+                    tls_destination: Some("b example,evil=1".into()),
+                    ..live()
+                },
+                "is not a host name",
+            ),
         ];
         for (f, expected) in cases {
             let err = validate(&f).unwrap_err().to_string();
@@ -592,6 +631,16 @@ mod tests {
                 postcopy: true,
                 postcopy_bandwidth: Some(16),
                 dname: Some("web-2".into()),
+                ..live()
+            },
+            MigrateOptions {
+                tls: true,
+                tls_destination: Some("host-b.example.org".into()),
+                ..live()
+            },
+            MigrateOptions {
+                tls: true,
+                tls_destination: Some("fd00::2".into()),
                 ..live()
             },
         ] {

@@ -116,3 +116,46 @@ async fn a_host_that_forces_tls_refuses_a_plain_migration_and_takes_a_tls_multif
     .await;
     assert_no_leftovers(&a);
 }
+
+#[tokio::test]
+async fn tls_destination_is_the_name_the_destination_qemu_s_certificate_must_carry() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed
+        .two_hosts_running("vm", 64, Workload::busy(4, 50_000))
+        .await;
+
+    // b's certificate names 127.0.0.1, not this: the source QEMU refuses
+    // the stream, the guest stays on a and b tears its side down.
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                tls: true,
+                tls_destination: Some("not-b.example".into()),
+                ..live()
+            },
+        )
+        .await;
+    assert_eq!(record.status, JobStatus::Failed, "{record:#?}");
+    let error = record.error.clone().unwrap_or_default();
+    assert!(error.contains("not-b.example"), "{error}");
+    b.wait_no_qemu().await;
+    assert_runs_only_on("vm", &a, &b, 1).await;
+
+    // The name it does carry.
+    let record = a
+        .migrate_completes(
+            "vm",
+            &b,
+            MigrateOptions {
+                tls: true,
+                tls_destination: Some("127.0.0.1".into()),
+                ..live()
+            },
+        )
+        .await;
+    assert!(record
+        .flags
+        .contains(&"tls-destination=127.0.0.1".to_string()));
+}
