@@ -106,6 +106,15 @@ impl Agent {
             Request::QemuMonitorCommand { domain, command } => {
                 self.monitor_command(&domain, command).await
             }
+            Request::DomDirtyRateCalc {
+                domain,
+                seconds,
+                mode,
+            } => crate::measure::calc(self, &domain, seconds, mode.as_deref()).await,
+            Request::DomDirtyRate { domain } => crate::measure::last(self, &domain).await,
+            Request::MigrateCompcache { domain, bytes } => {
+                crate::measure::compcache(self, &domain, bytes).await
+            }
             Request::PeerProbe(probe) => migrate::destination::probe(self, *probe).await,
             Request::PeerPrepare(prepare) => {
                 migrate::destination::prepare(self, *prepare, ctx).await

@@ -8,7 +8,8 @@
 //!   domain can be part of; `running`: a domain's running VM.
 //! - `vm`: starting a domain's VM and noticing when it exits.
 //! - `api`: one handler per request.
-//! - `estimate`: measuring a guest and predicting its migration.
+//! - `estimate`: measuring a guest and predicting its migration;
+//!   `measure`: virsh's dirty-rate measurement and XBZRLE cache.
 //! - `migrate`: the source and destination halves of a migration.
 //! - `runfile`, `reattach`: what runs, on disk, and taking it over after
 //!   a restart.
@@ -31,6 +32,7 @@ mod errors;
 mod estimate;
 pub mod history;
 mod jobs;
+mod measure;
 mod membership;
 mod metrics;
 mod migrate;

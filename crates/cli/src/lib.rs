@@ -21,6 +21,7 @@ pub mod commands;
 pub mod demo;
 pub mod hints;
 mod limits;
+mod measure;
 mod migrate;
 pub mod output;
 mod progress;

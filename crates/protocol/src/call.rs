@@ -240,6 +240,23 @@ call!(
     Value, Reply::Monitor { result } => result
 );
 call!(
+    /// `domdirtyrate-calc`.
+    DomDirtyRateCalc { domain: DomainName, seconds: u32, mode: Option<String> } =>
+        Request::DomDirtyRateCalc { domain, seconds, mode };
+    (), Reply::Done => ()
+);
+call!(
+    /// `domstats --dirtyrate`.
+    DomDirtyRate { domain: DomainName } => Request::DomDirtyRate { domain };
+    crate::domain::DirtyRate, Reply::DirtyRate(rate) => rate
+);
+call!(
+    /// `migrate-compcache`: the XBZRLE cache's size, after setting it.
+    MigrateCompcache { domain: DomainName, bytes: Option<u64> } =>
+        Request::MigrateCompcache { domain, bytes };
+    u64, Reply::Compcache { bytes } => bytes
+);
+call!(
     /// `peer-probe`: the destination's capabilities.
     PeerProbe { probe: ProbeRequest } => Request::PeerProbe(Box::new(probe));
     HostCapabilities, Reply::Capabilities(caps) => *caps

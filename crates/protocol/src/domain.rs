@@ -111,3 +111,26 @@ pub struct DomainInfo {
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub labels: std::collections::BTreeMap<String, String>,
 }
+
+/// A domain's last dirty-rate measurement (`domdirtyrate-calc`, read by
+/// `domstats --dirtyrate`), as QEMU reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirtyRate {
+    /// `unstarted`, `measuring` or `measured`.
+    pub status: String,
+    /// When the measurement started, QEMU's clock (seconds).
+    #[serde(default)]
+    pub start_time: Option<i64>,
+    /// Its window, seconds.
+    #[serde(default)]
+    pub calc_period_s: Option<i64>,
+    /// How it measured (`page-sampling`, `dirty-bitmap`, `dirty-ring`).
+    #[serde(default)]
+    pub mode: Option<String>,
+    /// The rate, MiB/s, once measured.
+    #[serde(default)]
+    pub mib_s: Option<i64>,
+    /// Each vCPU's rate, MiB/s (`dirty-ring` only), by index.
+    #[serde(default)]
+    pub vcpus_mib_s: Vec<i64>,
+}

@@ -54,6 +54,13 @@ pub enum Reply {
     },
     /// Answer to `estimate` and `migrate --dry-run`.
     Estimate(Box<EstimateReport>),
+    /// Answer to `dom-dirty-rate`.
+    DirtyRate(crate::domain::DirtyRate),
+    /// Answer to `migrate-compcache`: the XBZRLE cache, bytes.
+    Compcache {
+        /// Its size.
+        bytes: u64,
+    },
     /// Answer to `jobs`.
     Jobs {
         /// Newest first.

@@ -139,6 +139,31 @@ pub enum Request {
         /// The job id.
         id: String,
     },
+    /// Start measuring a running domain's dirty rate for `seconds`
+    /// (`domdirtyrate-calc`).
+    DomDirtyRateCalc {
+        /// The domain.
+        domain: DomainName,
+        /// The window, 1 to 60 seconds.
+        seconds: u32,
+        /// `page-sampling` (the default), `dirty-bitmap` or `dirty-ring`.
+        #[serde(default)]
+        mode: Option<String>,
+    },
+    /// The last dirty-rate measurement (`domstats --dirtyrate`).
+    DomDirtyRate {
+        /// The domain.
+        domain: DomainName,
+    },
+    /// The XBZRLE cache size of a running domain's QEMU, after setting it
+    /// to `bytes` if given (`migrate-compcache`).
+    MigrateCompcache {
+        /// The domain.
+        domain: DomainName,
+        /// The new size, bytes.
+        #[serde(default)]
+        bytes: Option<u64>,
+    },
     /// A raw QMP command for a domain's QEMU.
     QemuMonitorCommand {
         /// The domain.
@@ -200,6 +225,9 @@ impl Request {
             Request::Estimate { .. } => "estimate",
             Request::Job { .. } => "job",
             Request::QemuMonitorCommand { .. } => "qemu-monitor-command",
+            Request::DomDirtyRateCalc { .. } => "dom-dirty-rate-calc",
+            Request::DomDirtyRate { .. } => "dom-dirty-rate",
+            Request::MigrateCompcache { .. } => "migrate-compcache",
             Request::PeerProbe(_) => "peer-probe",
             Request::PeerPrepare(_) => "peer-prepare",
             Request::PeerFinish { .. } => "peer-finish",
@@ -219,6 +247,8 @@ impl Request {
             | Request::DomJobInfo { .. }
             | Request::Jobs { .. }
             | Request::Watch { .. }
+            | Request::DomDirtyRate { .. }
+            | Request::MigrateCompcache { bytes: None, .. }
             | Request::Job { .. } => Access::Read,
             Request::Define { .. }
             | Request::Undefine { .. }
@@ -232,6 +262,8 @@ impl Request {
             | Request::MigrateSetMaxDowntime { .. }
             | Request::MigratePostcopy { .. }
             | Request::Estimate { .. }
+            | Request::DomDirtyRateCalc { .. }
+            | Request::MigrateCompcache { bytes: Some(_), .. }
             | Request::QemuMonitorCommand { .. } => Access::Control,
             // It changes nothing, but names every host file the domain
             // uses: administrators only, as `dom-info`'s paths are.

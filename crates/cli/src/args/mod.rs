@@ -117,6 +117,10 @@ pub enum Command {
         /// Show the last finished job instead of the active one.
         #[arg(long)]
         completed: bool,
+        /// Accepted for virsh compatibility: a finished job's record is
+        /// always kept (see `livemig jobs`).
+        #[arg(long, requires = "completed")]
+        keep_completed: bool,
         #[command(flatten)]
         json: Json,
     },
@@ -150,6 +154,39 @@ pub enum Command {
     },
     /// Switch a running migration (started with --postcopy) to post-copy.
     MigratePostcopy(DomainArg),
+    /// Show the XBZRLE compression cache of a running domain's QEMU, in
+    /// bytes, after setting it with --size.
+    MigrateCompcache {
+        domain: String,
+        /// The new size, bytes: a power of two.
+        #[arg(long, value_name = "BYTES")]
+        size: Option<u64>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Start measuring a running domain's memory dirty rate; read it with
+    /// `domstats --dirtyrate` once the window has passed.
+    #[command(name = "domdirtyrate-calc")]
+    DomdirtyrateCalc {
+        domain: String,
+        /// The window, 1 to 60 seconds.
+        #[arg(long, default_value_t = 1)]
+        seconds: u32,
+        /// page-sampling (default), dirty-bitmap or dirty-ring (KVM with a
+        /// dirty ring).
+        #[arg(long, value_name = "MODE")]
+        mode: Option<String>,
+    },
+    /// Show a domain's statistics; --dirtyrate: its last dirty-rate
+    /// measurement.
+    Domstats {
+        domain: String,
+        /// The dirty rate measured by `domdirtyrate-calc`.
+        #[arg(long)]
+        dirtyrate: bool,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Measure a running domain's dirty rate and predict its migration under
     /// plain pre-copy, QEMU's auto-converge and the adaptive controller.
     Estimate {

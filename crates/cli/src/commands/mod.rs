@@ -135,7 +135,21 @@ pub async fn execute(client: &Client, command: Command) -> Result<String> {
             domain,
             completed,
             json,
+            ..
         } => jobs::domjobinfo(client, &domain, completed, json.json).await,
+        Command::MigrateCompcache { domain, size, json } => {
+            crate::measure::compcache(client, &domain, size, json.json).await
+        }
+        Command::DomdirtyrateCalc {
+            domain,
+            seconds,
+            mode,
+        } => crate::measure::calc(client, &domain, seconds, mode).await,
+        Command::Domstats {
+            domain,
+            dirtyrate,
+            json,
+        } => crate::measure::domstats(client, &domain, dirtyrate, json.json).await,
         Command::Domjobabort(d) => jobs::domjobabort(client, &d.domain).await,
         Command::MigrateSetspeed { domain, bandwidth } => {
             jobs::setspeed(client, &domain, bandwidth).await

@@ -92,6 +92,7 @@ async fn a_domain_with_no_job_has_job_type_none() {
         Command::Domjobinfo {
             domain: "web1".into(),
             completed: false,
+            keep_completed: false,
             json: Json { json: false },
         },
     )

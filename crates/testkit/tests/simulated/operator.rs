@@ -127,6 +127,68 @@ async fn domjobinfo_shows_the_fields_virsh_users_know() {
         done.contains("Cancelled") && done.contains("cancel"),
         "{done}"
     );
+    // virsh's --keep-completed: the record is there to read again.
+    let kept = stdout(&a.cli(&["domjobinfo", "--completed", "--keep-completed", "vm"]));
+    assert_eq!(kept, done);
+}
+
+#[tokio::test]
+async fn domdirtyrate_calc_measures_and_domstats_shows_it_as_virsh_does() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host("a").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let out = a.cli(&["domdirtyrate-calc", "vm", "--seconds", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("between 1 and 60"), "{out:?}");
+    let before = stdout(&a.cli_ok(&["domstats", "--dirtyrate", "vm"]));
+    assert!(before.contains("dirtyrate.calc_status=0"), "{before}");
+
+    a.cli_ok(&["domdirtyrate-calc", "vm", "--seconds", "1"]);
+    let again = a.cli(&["domdirtyrate-calc", "vm"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        stderr(&again).contains("being measured already"),
+        "{again:?}"
+    );
+    let measuring = stdout(&a.cli_ok(&["domstats", "--dirtyrate", "vm"]));
+    assert!(measuring.contains("dirtyrate.calc_status=1"), "{measuring}");
+
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let text = stdout(&a.cli_ok(&["domstats", "--dirtyrate", "vm"]));
+    assert!(text.starts_with("Domain: 'vm'"), "{text}");
+    assert!(text.contains("dirtyrate.calc_status=2"), "{text}");
+    assert!(text.contains("dirtyrate.calc_period=1"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&stdout(&a.cli_ok(&[
+        "domstats",
+        "--dirtyrate",
+        "vm",
+        "--json",
+    ])))
+    .unwrap();
+    // ~50 MiB/s over a 16 MiB working set.
+    let mib_s = json["dirtyrate"]["mib_s"].as_i64().unwrap();
+    assert!(mib_s > 0, "{json}");
+}
+
+#[tokio::test]
+async fn migrate_compcache_reads_and_sets_the_xbzrle_cache() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host("a").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    let size = stdout(&a.cli_ok(&["migrate-compcache", "vm"]));
+    assert_eq!(size, "Compression cache: 64.000 MiB\n", "QEMU's default");
+    let set = stdout(&a.cli_ok(&["migrate-compcache", "vm", "--size", "134217728"]));
+    assert_eq!(set, "Compression cache: 128.000 MiB\n");
+    let bad = a.cli(&["migrate-compcache", "vm", "--size", "5000"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("power of two"), "{bad:?}");
+    assert_eq!(
+        stdout(&a.cli_ok(&["migrate-compcache", "vm"])),
+        "Compression cache: 128.000 MiB\n",
+        "unchanged by the refusal"
+    );
 }
 
 #[tokio::test]
