@@ -70,13 +70,17 @@ pub async fn follow(
     }
 }
 
-pub async fn run(client: &Client, args: MigrateArgs) -> Result<ExitCode> {
+pub async fn run(
+    client: &Client,
+    args: MigrateArgs,
+    options: protocol::MigrateOptions,
+) -> Result<ExitCode> {
     let migration = call(
         client,
         call::Migrate {
             domain: domain(&args.domain)?,
             destination: args.dest_uri.clone(),
-            flags: args.options(),
+            flags: options,
         },
     )
     .await?;

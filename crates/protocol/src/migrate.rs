@@ -210,6 +210,10 @@ pub struct MigrateOptions {
     /// With `tls`: the name the destination QEMU's certificate must carry
     /// [default: the host the destination agent was dialled at].
     pub tls_destination: Option<String>,
+    /// The definition the destination runs the domain with (virsh's
+    /// `--xml`): host-side settings may differ from the source's, what the
+    /// guest sees may not.
+    pub xml: Option<crate::domain::DefinitionDoc>,
 }
 
 /// RAM as QEMU is given it; both ends of a migration must agree.

@@ -188,6 +188,11 @@ pub struct MigrateArgs {
     /// their agents' certificates (the agents need --tls-dir).
     #[arg(long)]
     pub tls: bool,
+    /// A definition file the destination runs the domain with: image
+    /// paths, bridges, cache modes and the serial log may differ from the
+    /// source's; what the guest sees may not.
+    #[arg(long, value_name = "FILE")]
+    pub xml: Option<std::path::PathBuf>,
     /// With --tls: the name the destination's certificate must carry for
     /// the migration stream [default: the host in DEST_URI].
     #[arg(long, value_name = "NAME")]
@@ -280,7 +285,23 @@ impl MigrateArgs {
             dname: self.dname.clone(),
             zerocopy: self.zerocopy,
             tls_destination: self.tls_destination.clone(),
+            xml: None,
         }
+    }
+
+    /// [`MigrateArgs::options`] with `--xml`'s file read and checked.
+    ///
+    /// # Errors
+    /// A file that cannot be read or is no valid definition.
+    pub fn wire_options(&self) -> anyhow::Result<MigrateOptions> {
+        use anyhow::Context;
+        let mut options = self.options();
+        if let Some(file) = &self.xml {
+            let definition = domain::DomainDefinition::from_file(file)
+                .with_context(|| format!("--xml {}", file.display()))?;
+            options.xml = Some(protocol::domain::DefinitionDoc(definition.to_document()));
+        }
+        Ok(options)
     }
 }
 

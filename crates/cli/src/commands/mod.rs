@@ -88,9 +88,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Migrate(args) => {
             // Contradictory options are refused before any agent is
             // contacted, with the agent's own rules.
-            migration::Flags::new(args.options())?;
+            let options = args.wire_options()?;
+            migration::Flags::new(options.clone())?;
             let client = connect(uri, tls_dir).await?;
-            return crate::migrate::run(&client, args).await;
+            return crate::migrate::run(&client, args, options).await;
         }
         // A definition is read and validated before any agent is
         // contacted.

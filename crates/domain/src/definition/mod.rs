@@ -395,5 +395,6 @@ impl DomainDefinition {
     }
 }
 
+mod abi;
 #[cfg(test)]
 mod tests;

@@ -352,6 +352,7 @@ impl Flags {
                 "copy-storage-synchronous-writes",
             ),
             (o.zerocopy, "zerocopy"),
+            (o.xml.is_some(), "xml"),
         ]
         .iter()
         .filter(|(set, _)| *set)

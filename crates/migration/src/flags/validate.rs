@@ -145,6 +145,7 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
             (o.tls, "--tls"),
             (o.zerocopy, "--zerocopy"),
             (o.postcopy_bandwidth.is_some(), "--postcopy-bandwidth"),
+            (o.xml.is_some(), "--xml"),
         ];
         if let Some((_, name)) = live_only.iter().find(|(set, _)| *set) {
             return Err(LiveOnly(name));

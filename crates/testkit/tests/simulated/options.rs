@@ -155,3 +155,58 @@ async fn dname_lands_the_guest_under_its_new_name_and_the_old_one_is_gone() {
         "{record:?}"
     );
 }
+
+#[tokio::test]
+async fn xml_changes_host_side_paths_on_the_destination_and_never_what_the_guest_sees() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host("a").await;
+    let b = bed.host("b").await;
+    let (here, there) = (bed.images().join("vm-a.raw"), bed.images().join("vm-b.raw"));
+    for image in [&here, &there] {
+        std::fs::write(image, vec![0u8; 1 << 20]).unwrap();
+    }
+    let toml = |memory_mib: u32, name: &str, image: &std::path::Path| {
+        format!(
+            "{}[[disks]]\npath = {:?}\nshared = true\n",
+            guest::definition_toml(name, memory_mib, bed.kernel(), Workload::IDLE),
+            image.display().to_string()
+        )
+    };
+    a.define_and_start(domain::DomainDefinition::from_toml(&toml(64, "vm", &here)).unwrap())
+        .await;
+    let file = |name: &str, text: String| {
+        let path = bed.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+
+    // What the guest sees may not change, nor may the name.
+    for (xml, says) in [
+        (
+            file("bigger.toml", toml(128, "vm", &there)),
+            "memory_mib 64 -> 128",
+        ),
+        (
+            file("renamed.toml", toml(64, "other", &there)),
+            "--xml defines domain 'other'",
+        ),
+    ] {
+        let out = a.cli(&["migrate", "--live", "--xml", &xml, "vm", &b.uri()]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+        assert_eq!(a.state("vm").await, Some(DomainState::Running));
+        assert!(b.qemu_pids().is_empty());
+    }
+
+    // Another image path is a host-side change.
+    let xml = file("moved.toml", toml(64, "vm", &there));
+    a.cli_ok(&["migrate", "--live", "--xml", &xml, "vm", &b.uri()]);
+    assert_eq!(b.state("vm").await, Some(DomainState::Running));
+    assert_eq!(a.state("vm").await, Some(DomainState::ShutOff));
+    let def = stdout(&b.cli_ok(&["dumpdef", "vm"]));
+    assert!(
+        def.contains("vm-b.raw") && !def.contains("vm-a.raw"),
+        "{def}"
+    );
+}

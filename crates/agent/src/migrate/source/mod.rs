@@ -17,7 +17,7 @@ mod storage;
 
 use std::sync::{Arc, Mutex};
 
-use domain::DomainName;
+use domain::{DomainDefinition, DomainName};
 use migration::job::unix_ms;
 use migration::perform::Progress;
 use migration::record::JobIdentity;
@@ -62,6 +62,7 @@ pub(crate) async fn begin(
 
     let (def, vm, tunables) = agent.table.migratable(name, flags.offline())?;
 
+    let outgoing = outgoing_definition(&def, &flags)?;
     let storage: Vec<String> = migration::storage::disks_to_copy(&def, flags.options())
         .map_err(|e| errors::invalid(e.to_string()))?
         .into_iter()
@@ -164,11 +165,64 @@ pub(crate) async fn begin(
         tls,
         storage,
         memlock,
+        outgoing,
     };
     tokio::spawn(run.run().instrument(span));
     Ok(Reply::MigrationStarted {
         job_id: job.ident.id.clone(),
     })
+}
+
+/// The definition the destination runs the domain with: `--xml`'s if
+/// given (named as the domain arrives, what the guest sees unchanged; a
+/// NIC it gives no MAC keeps the one the guest has), else the source's;
+/// under `--dname`'s name, with every NIC's MAC pinned so a rename does
+/// not change it.
+///
+/// # Errors
+/// A malformed `--xml`, one under another name, or one that changes what
+/// the guest sees.
+fn outgoing_definition(
+    def: &DomainDefinition,
+    flags: &Flags,
+) -> Result<DomainDefinition, ApiError> {
+    let mut current = def.clone();
+    current.pin_macs();
+    let arriving = flags
+        .landing()
+        .dname
+        .clone()
+        .unwrap_or_else(|| def.name.clone());
+    let Some(doc) = &flags.options().xml else {
+        let mut outgoing = current;
+        outgoing.name = arriving;
+        return Ok(outgoing);
+    };
+    let mut given = DomainDefinition::from_document(doc.0.clone())
+        .map_err(|e| ApiError::new(ErrorCode::InvalidDefinition, format!("--xml: {e}")))?;
+    if given.name != arriving {
+        return Err(errors::invalid(format!(
+            "--xml defines domain '{}', but the domain arrives as '{arriving}' (use --dname to \
+             rename it)",
+            given.name
+        )));
+    }
+    for (nic, now) in given.nics.iter_mut().zip(&current.nics) {
+        if nic.mac.is_none() {
+            nic.mac = now.mac.clone();
+        }
+    }
+    given.pin_macs();
+    let changes = current.guest_abi_changes(&given);
+    if !changes.is_empty() {
+        return Err(errors::operation_invalid(format!(
+            "--xml changes what the guest of '{}' sees: {}; only host-side settings (image \
+             paths, bridges, cache modes, the serial log, the kernel's files) may differ",
+            def.name,
+            changes.join("; ")
+        )));
+    }
+    Ok(given)
 }
 
 /// What a zero-copy migration needs locked beyond the guest's RAM: QEMU's

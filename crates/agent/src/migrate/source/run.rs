@@ -53,6 +53,9 @@ pub(super) struct Run {
     /// With `--zerocopy`, the source QEMU's locked-memory limit before the
     /// job raised it.
     pub memlock: Option<domain::qemu::memlock::MemlockLimit>,
+    /// The definition the destination gets: the source's, or `--xml`'s,
+    /// under `--dname`'s name, with the NICs' MACs pinned.
+    pub outgoing: DomainDefinition,
 }
 
 impl Run {
@@ -74,16 +77,6 @@ impl Run {
             }
         }
         self.conclude(ending).await;
-    }
-
-    /// The definition the destination gets: under `--dname`'s name if
-    /// given.
-    fn outgoing_definition(&self) -> DomainDefinition {
-        let mut def = self.def.clone();
-        if let Some(dname) = &self.job.ident.flags.landing().dname {
-            def.name = dname.clone();
-        }
-        def
     }
 
     /// The domain's name on the destination.
@@ -117,7 +110,7 @@ impl Run {
         let request = call::PeerPrepare {
             prepare: PrepareRequest {
                 job_id: self.job.ident.id.clone(),
-                definition: DefinitionDoc(self.outgoing_definition().to_document()),
+                definition: DefinitionDoc(self.outgoing.to_document()),
                 spec: wire::launch_spec(&spec),
                 flags: self.job.ident.flags.options().clone(),
                 source: self.agent.uri.clone(),
