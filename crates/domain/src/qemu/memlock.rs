@@ -55,6 +55,20 @@ fn prlimit(pid: u32, new: Option<MemlockLimit>) -> Result<MemlockLimit, MemlockE
     })
 }
 
+/// Whether process `pid` may lock memory beyond its limit: it holds
+/// `CAP_IPC_LOCK` (a QEMU that runs as root without dropping it), which
+/// the kernel's accounting of zero-copy sends does not charge.
+pub fn exempt(pid: u32) -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
 /// Process `pid`'s limit.
 ///
 /// # Errors

@@ -119,11 +119,13 @@ pub(crate) async fn begin(
     }
 
     // Zero-copy sends lock the pages they send: the source QEMU needs a
-    // locked-memory limit of the guest's RAM. Raised before the job
-    // starts, so a host that cannot is a clear refusal; put back when the
-    // job ends.
+    // locked-memory limit of the guest's RAM (unless it holds
+    // CAP_IPC_LOCK). Raised before the job starts, so a host that cannot
+    // is a clear refusal; put back when the job ends.
     let memlock = match (&vm, flags.stream().zerocopy) {
-        (Some(vm), true) => Some(raise_memlock(agent, name, vm)?),
+        (Some(vm), true) if !domain::qemu::memlock::exempt(vm.process.pid()) => {
+            Some(raise_memlock(agent, name, vm)?)
+        }
         _ => None,
     };
 
