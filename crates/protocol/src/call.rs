@@ -264,7 +264,7 @@ call!(
 call!(
     /// `peer-prepare`: where the data goes, and the NBD port for disks.
     PeerPrepare { prepare: PrepareRequest } => Request::PeerPrepare(Box::new(prepare));
-    Prepared, Reply::Prepared { uri, nbd_port } => Prepared { uri, nbd_port }
+    Prepared, Reply::Prepared { uri, nbd_port, nbd_host } => Prepared { uri, nbd_port, nbd_host }
 );
 call!(
     /// `peer-finish`.
@@ -274,7 +274,7 @@ call!(
 call!(
     /// `peer-recover`: where the data goes again.
     PeerRecover { job_id: String } => Request::PeerRecover { job_id };
-    Prepared, Reply::Prepared { uri, nbd_port } => Prepared { uri, nbd_port }
+    Prepared, Reply::Prepared { uri, nbd_port, nbd_host } => Prepared { uri, nbd_port, nbd_host }
 );
 call!(
     /// `peer-abort`: whether the guest runs on the destination after all.
@@ -289,6 +289,8 @@ pub struct Prepared {
     pub uri: String,
     /// The NBD server for copied disks.
     pub nbd_port: Option<u16>,
+    /// Its address, when not the stream's (`--disks-uri`).
+    pub nbd_host: Option<String>,
 }
 
 #[cfg(test)]

@@ -214,6 +214,14 @@ pub struct MigrateOptions {
     /// `--xml`): host-side settings may differ from the source's, what the
     /// guest sees may not.
     pub xml: Option<crate::domain::DefinitionDoc>,
+    /// The destination's own address its QEMU listens on for the memory
+    /// stream (and the source dials) [default: the address the source
+    /// reached its agent at].
+    pub listen_address: Option<String>,
+    /// Where the destination's NBD server for the copied disks listens,
+    /// `tcp:ADDRESS:PORT` (one of its own addresses) [default: beside the
+    /// memory stream].
+    pub disks_uri: Option<String>,
 }
 
 /// RAM as QEMU is given it; both ends of a migration must agree.

@@ -75,6 +75,10 @@ pub enum Reply {
         /// URI's host, when disks are copied.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         nbd_port: Option<u16>,
+        /// The NBD server's address when it is not the data URI's host
+        /// (`--disks-uri`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        nbd_host: Option<String>,
     },
     /// One of the answers to `watch`.
     Watch(Box<WatchEvent>),

@@ -193,6 +193,16 @@ pub struct MigrateArgs {
     /// source's; what the guest sees may not.
     #[arg(long, value_name = "FILE")]
     pub xml: Option<std::path::PathBuf>,
+    /// The destination's own address its QEMU listens on for the memory
+    /// stream (and this host dials) [default: the one DEST_URI reaches];
+    /// with --migrateuri, on its port.
+    #[arg(long, value_name = "ADDRESS")]
+    pub listen_address: Option<String>,
+    /// Where the destination's NBD server for the copied disks listens:
+    /// tcp:ADDRESS:PORT, an address of the destination's own (PORT 0: any
+    /// free one) [default: beside the memory stream].
+    #[arg(long, value_name = "URI")]
+    pub disks_uri: Option<String>,
     /// With --tls: the name the destination's certificate must carry for
     /// the migration stream [default: the host in DEST_URI].
     #[arg(long, value_name = "NAME")]
@@ -286,6 +296,8 @@ impl MigrateArgs {
             zerocopy: self.zerocopy,
             tls_destination: self.tls_destination.clone(),
             xml: None,
+            listen_address: self.listen_address.clone(),
+            disks_uri: self.disks_uri.clone(),
         }
     }
 

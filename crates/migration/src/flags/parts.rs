@@ -159,6 +159,34 @@ pub struct Stream {
     pub zerocopy: bool,
     /// `--migrateuri`, checked to parse.
     pub uri: Option<String>,
+    /// `--listen-address`.
+    pub listen_address: Option<String>,
+}
+
+impl Stream {
+    /// Where the user asked the destination to listen for the memory
+    /// stream: `--listen-address` (on `--migrateuri`'s port, if given),
+    /// else `--migrateuri`.
+    pub fn asked_uri(&self) -> Option<String> {
+        let Some(address) = &self.listen_address else {
+            return self.uri.clone();
+        };
+        let port = self
+            .uri
+            .as_deref()
+            .and_then(|u| crate::uri::parse_data_uri(u).ok())
+            .and_then(|u| match u {
+                crate::uri::DataUri::Tcp { port, .. } => Some(port),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let bare = address.trim_start_matches('[').trim_end_matches(']');
+        Some(if bare.contains(':') {
+            format!("tcp:[{bare}]:{port}")
+        } else {
+            format!("tcp:{bare}:{port}")
+        })
+    }
 }
 
 /// The job's limits, in their units.
@@ -252,6 +280,7 @@ pub(super) fn parts(
         multifd_compression,
         zerocopy: o.zerocopy,
         uri: o.migrateuri.clone(),
+        listen_address: o.listen_address.clone(),
     };
     let limits = Limits {
         bandwidth: o.bandwidth.and_then(Bandwidth::from_mib_s),

@@ -81,6 +81,15 @@ pub enum InvalidFlags {
     /// A `--tls-destination` that is no host name or address.
     #[error("--tls-destination {0:?} is not a host name or an IP address")]
     TlsDestination(String),
+    /// A `--listen-address` that is no single address of the destination.
+    #[error(
+        "--listen-address {0:?}: give one of the destination's own IP addresses (not a name, \
+         not 0.0.0.0 or ::)"
+    )]
+    ListenAddress(String),
+    /// A `--disks-uri` that is not `tcp:ADDRESS:PORT`.
+    #[error("--disks-uri {0:?}: give tcp:ADDRESS:PORT, an address of the destination's own")]
+    DisksUri(String),
 }
 
 pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
@@ -146,6 +155,7 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
             (o.zerocopy, "--zerocopy"),
             (o.postcopy_bandwidth.is_some(), "--postcopy-bandwidth"),
             (o.xml.is_some(), "--xml"),
+            (o.listen_address.is_some(), "--listen-address"),
         ];
         if let Some((_, name)) = live_only.iter().find(|(set, _)| *set) {
             return Err(LiveOnly(name));
@@ -249,6 +259,34 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
         }
         if Bandwidth::from_mib_s(mib).is_none() {
             return Err(BandwidthTooLarge(mib));
+        }
+    }
+    if let Some(address) = &o.listen_address {
+        let ip = address
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>();
+        if !ip.is_ok_and(|ip| !ip.is_unspecified() && !ip.is_multicast()) {
+            return Err(ListenAddress(address.clone()));
+        }
+    }
+    if let Some(uri) = &o.disks_uri {
+        let tcp = matches!(
+            crate::uri::parse_data_uri(uri),
+            Ok(crate::uri::DataUri::Tcp { ref host, .. })
+                if host.trim_start_matches('[').trim_end_matches(']').parse::<std::net::IpAddr>().is_ok()
+        );
+        if !tcp {
+            return Err(DisksUri(uri.clone()));
+        }
+        if !(o.copy_storage_all || o.copy_storage_inc) {
+            return Err(Needs {
+                option: "--disks-uri",
+                needs: "--copy-storage-all or --copy-storage-inc",
+            });
+        }
+        if o.disks_port.is_some() {
+            return Err(Exclusive("--disks-uri", "--disks-port"));
         }
     }
     if let Some(name) = &o.tls_destination {
@@ -590,6 +628,35 @@ mod tests {
             ),
             (
                 MigrateOptions {
+                    listen_address: Some("0.0.0.0".into()),
+                    ..live()
+                },
+                "--listen-address \"0.0.0.0\"",
+            ),
+            (
+                MigrateOptions {
+                    listen_address: Some("b.example".into()),
+                    ..live()
+                },
+                "own IP addresses",
+            ),
+            (
+                MigrateOptions {
+                    copy_storage_all: true,
+                    disks_uri: Some("unix:/tmp/nbd".into()),
+                    ..live()
+                },
+                "--disks-uri \"unix:/tmp/nbd\"",
+            ),
+            (
+                MigrateOptions {
+                    disks_uri: Some("tcp:10.0.0.2:10809".into()),
+                    ..live()
+                },
+                "--disks-uri needs --copy-storage-all",
+            ),
+            (
+                MigrateOptions {
                     tls: true,
                     tls_destination: Some("b example,evil=1".into()),
                     ..live()
@@ -642,6 +709,12 @@ mod tests {
             MigrateOptions {
                 tls: true,
                 tls_destination: Some("fd00::2".into()),
+                ..live()
+            },
+            MigrateOptions {
+                listen_address: Some("10.0.0.2".into()),
+                copy_storage_all: true,
+                disks_uri: Some("tcp:[fd00::2]:10809".into()),
                 ..live()
             },
         ] {

@@ -210,3 +210,80 @@ async fn xml_changes_host_side_paths_on_the_destination_and_never_what_the_guest
         "{def}"
     );
 }
+
+#[tokio::test]
+async fn listen_address_puts_the_stream_on_another_of_the_destination_s_addresses() {
+    let bed = TestBed::simulated().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, Workload::IDLE).await;
+
+    // Not an address of b's: refused before anything starts there.
+    let out = a.cli(&[
+        "migrate",
+        "--live",
+        "--listen-address",
+        "192.0.2.1",
+        "vm",
+        &b.uri(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(stdout(&out).contains("192.0.2.1"), "{out:?}");
+    assert_eq!(a.state("vm").await, Some(DomainState::Running));
+    b.wait_no_qemu().await;
+
+    // 127.0.0.2 is b's too (all of 127/8 is loopback).
+    let record = a
+        .migrate_completes(
+            "vm",
+            &b,
+            MigrateOptions {
+                listen_address: Some("127.0.0.2".into()),
+                ..live()
+            },
+        )
+        .await;
+    let data_uri = record.data_uri.unwrap_or_default();
+    assert!(data_uri.starts_with("tcp:127.0.0.2:"), "{data_uri}");
+}
+
+#[tokio::test]
+async fn disks_uri_serves_the_copied_disks_on_the_address_asked_for() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host_with_local_storage("a", &[]).await;
+    let b = bed.host_with_local_storage("b", &[]).await;
+    let data: Vec<u8> = (0..2u32 << 20).map(|i| (i % 253) as u8).collect();
+    std::fs::write(bed.local_of("a").join("vm.raw"), &data).unwrap();
+    let def = domain::DomainDefinition::from_toml(&format!(
+        "{}[[disks]]\npath = {:?}\n",
+        guest::definition_toml("vm", 64, bed.kernel(), Workload::IDLE),
+        bed.local().join("vm.raw").display().to_string(),
+    ))
+    .unwrap();
+    a.define_and_start(def).await;
+    // A free port on 127.0.0.3.
+    let port = std::net::TcpListener::bind("127.0.0.3:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let job = a
+        .migration_until(
+            "vm",
+            &b,
+            MigrateOptions {
+                copy_storage_all: true,
+                disks_uri: Some(format!("tcp:127.0.0.3:{port}")),
+                ..capped(1)
+            },
+            "the disk copy to be under way",
+            |j| j.stats.disk_processed_bytes.unwrap_or(0) > 0,
+        )
+        .await;
+    // b's NBD server listens there, and only there.
+    assert!(std::net::TcpStream::connect(("127.0.0.3", port)).is_ok());
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    a.cli_ok(&["migrate-setspeed", "vm", "1000"]);
+    let record = a.wait_job(&job).await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    let copied = std::fs::read(bed.local_of("b").join("vm.raw")).unwrap();
+    assert!(copied == data, "the copy differs");
+}

@@ -391,7 +391,7 @@ async fn the_destination_s_vm_binds_the_disks_port_itself_within_its_range() {
         )
         .await
         .expect("prepared");
-    let protocol::Reply::Prepared { uri, nbd_port } = reply else {
+    let protocol::Reply::Prepared { uri, nbd_port, .. } = reply else {
         panic!("{reply:?}");
     };
     let nbd_port = nbd_port.expect("an NBD port");

@@ -45,6 +45,7 @@ async fn a_compromised_peer_cannot_make_the_source_run_a_command_or_send_the_gue
                 Reply::Prepared { .. } => Reply::Prepared {
                     uri: answer.clone(),
                     nbd_port: None,
+                    nbd_host: None,
                 },
                 other => other,
             }),

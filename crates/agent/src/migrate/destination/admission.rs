@@ -40,6 +40,16 @@ pub(super) enum Listen {
     Ports(String, (u16, u16)),
 }
 
+impl Listen {
+    /// The address it listens on.
+    pub(super) fn host(&self) -> &str {
+        match self {
+            Listen::Uri(DataUri::Tcp { host, .. }) | Listen::Ports(host, _) => host,
+            Listen::Uri(DataUri::Unix { path }) => path,
+        }
+    }
+}
+
 fn refused(message: String) -> ApiError {
     ApiError::new(ErrorCode::PermissionDenied, message)
 }

@@ -152,6 +152,7 @@ pub(crate) async fn recover(
     Ok(Reply::Prepared {
         uri: uri.to_string(),
         nbd_port: None,
+        nbd_host: None,
     })
 }
 

@@ -162,6 +162,7 @@ async fn prepare_offline(
     Ok(Reply::Prepared {
         uri: String::new(),
         nbd_port: None,
+        nbd_host: None,
     })
 }
 
@@ -180,7 +181,17 @@ async fn prepare_live(
     // The peer proposes; this host decides where its QEMU listens and
     // which files it creates images on.
     let ports = agent.config.migration_ports;
-    let listen = admission::listen(req.flags.stream().uri.as_deref(), ctx.local_ip, ports).await?;
+    let listen = admission::listen(
+        req.flags.stream().asked_uri().as_deref(),
+        ctx.local_ip,
+        ports,
+    )
+    .await?;
+    // `--disks-uri`: the NBD server on another of this host's addresses.
+    let nbd_listen = match &req.flags.options().disks_uri {
+        Some(uri) => Some(admission::listen(Some(uri), ctx.local_ip, ports).await?),
+        None => None,
+    };
     admission::nbd_port(req.flags.storage().copy().and_then(|c| c.port), ports)?;
     admission::storage(&req.definition, &req.storage, &agent.confinement()).await?;
 
@@ -213,7 +224,7 @@ async fn prepare_live(
             return Err(e);
         }
     };
-    match start(agent, &req, &listen, tls.as_ref()).await {
+    match start(agent, &req, &listen, nbd_listen.as_ref(), tls.as_ref()).await {
         Ok((vm, previous, uri, nbd_port)) => {
             if req.flags.postcopy().on_command() && !req.flags.landing().suspend {
                 migration::postcopy::resume_on_postcopy(vm.process.qmp().clone());
@@ -233,6 +244,7 @@ async fn prepare_live(
             Ok(Reply::Prepared {
                 uri: uri.to_string(),
                 nbd_port,
+                nbd_host: nbd_listen.map(|l| l.host().to_string()),
             })
         }
         Err(e) => {
@@ -250,6 +262,7 @@ async fn start(
     agent: &Arc<Agent>,
     req: &Incoming,
     listen: &Listen,
+    nbd_listen: Option<&Listen>,
     tls: Option<&StreamTls>,
 ) -> Result<
     (
@@ -289,27 +302,43 @@ async fn start(
             }
             (e, _) => errors::qemu(errors::chain(&e)),
         })?;
-        // The disks' NBD server listens where the memory stream arrives.
+        // The disks' NBD server listens where the memory stream arrives,
+        // or where `--disks-uri` asked.
         let nbd_port = if req.storage.is_empty() {
             None
         } else {
-            let host = match &uri {
-                DataUri::Tcp { host, .. } => host.trim_start_matches('[').trim_end_matches(']'),
-                other => {
+            let (host, ports) = match nbd_listen {
+                Some(Listen::Uri(DataUri::Tcp { host, port })) => {
+                    (host.as_str(), ((*port != 0).then_some(*port), None))
+                }
+                Some(Listen::Ports(host, range)) => (host.as_str(), (None, Some(*range))),
+                Some(Listen::Uri(other)) => {
                     return Err(errors::invalid(format!(
-                        "disks are copied only over tcp: migration URIs, not {other}"
+                        "disks are served only on tcp: addresses, not {other}"
                     )))
                 }
+                None => match &uri {
+                    DataUri::Tcp { host, .. } => (
+                        host.as_str(),
+                        (
+                            req.flags.storage().copy().and_then(|c| c.port),
+                            agent.config.migration_ports,
+                        ),
+                    ),
+                    other => {
+                        return Err(errors::invalid(format!(
+                            "disks are copied only over tcp: migration URIs, not {other}"
+                        )))
+                    }
+                },
             };
+            let host = host.trim_start_matches('[').trim_end_matches(']');
             Some(
                 storage::serve(
                     qmp,
                     vm.process.pid(),
                     host,
-                    (
-                        req.flags.storage().copy().and_then(|c| c.port),
-                        agent.config.migration_ports,
-                    ),
+                    ports,
                     &req.storage,
                     tls.is_some(),
                 )

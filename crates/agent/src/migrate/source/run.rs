@@ -90,7 +90,7 @@ impl Run {
             .unwrap_or(&self.name)
     }
 
-    async fn prepare(&self) -> Result<(String, Option<u16>), PrepareError> {
+    async fn prepare(&self) -> Result<call::Prepared, PrepareError> {
         self.set_phase(Phase::Prepare);
         let storage = match &self.vm {
             Some(vm) => self
@@ -117,12 +117,10 @@ impl Run {
                 storage,
             },
         };
-        let prepared = self
-            .peer
+        self.peer
             .call(request, self.agent.config.timeouts.prepare)
             .await
-            .map_err(PrepareError::Refused)?;
-        Ok((prepared.uri, prepared.nbd_port))
+            .map_err(PrepareError::Refused)
     }
 
     async fn offline(&self) -> Ending {
@@ -139,7 +137,11 @@ impl Run {
     async fn live(&self, vm: &Arc<RunningVm>) -> Ending {
         let qmp = vm.process.qmp();
         let flags = &self.job.ident.flags;
-        let (data_uri, nbd_port) = match self.prepare().await {
+        let call::Prepared {
+            uri: data_uri,
+            nbd_port,
+            nbd_host,
+        } = match self.prepare().await {
             Ok(prepared) => prepared,
             Err(e) => {
                 let e = errors::chain(&e);
@@ -149,13 +151,37 @@ impl Run {
                 return Ending::failed(e, JobStats::default());
             }
         };
-        let data_uri = match self.trusted(&data_uri).await {
+        let asked = flags.stream().asked_uri();
+        let data_uri = match self.trusted(&data_uri, asked.as_deref()).await {
             Ok(uri) => uri,
             Err(e) => {
                 let e = errors::chain(&e);
                 self.abort_peer(&e).await;
                 return Ending::failed(e, JobStats::default());
             }
+        };
+        // `--disks-uri`: the NBD server's own address, held to the same
+        // rule as the stream's.
+        let nbd_host = match (nbd_host, nbd_port) {
+            (Some(host), Some(port)) => {
+                let answered = if host.contains(':') {
+                    format!("tcp:[{host}]:{port}")
+                } else {
+                    format!("tcp:{host}:{port}")
+                };
+                match self
+                    .trusted(&answered, flags.options().disks_uri.as_deref())
+                    .await
+                {
+                    Ok(_) => Some(host),
+                    Err(e) => {
+                        let e = format!("the destination's disks server: {}", errors::chain(&e));
+                        self.abort_peer(&e).await;
+                        return Ending::failed(e, JobStats::default());
+                    }
+                }
+            }
+            _ => None,
         };
         tracing::info!(%data_uri, "destination ready");
         // The adaptive controller's throttle, taken before the disks are
@@ -170,7 +196,13 @@ impl Run {
             (None, settings::ThrottleVia::NotQemu)
         };
         let mirrors = match self
-            .mirror_disks(qmp, &data_uri, nbd_port, throttle.as_mut())
+            .mirror_disks(
+                qmp,
+                &data_uri,
+                nbd_port,
+                nbd_host.as_deref(),
+                throttle.as_mut(),
+            )
             .await
         {
             Ok(mirrors) => mirrors,
@@ -289,14 +321,17 @@ impl Run {
 
     /// The data URI the destination answered, if it points at the
     /// destination itself or where the user asked.
-    async fn trusted(&self, answered: &str) -> Result<String, migration::uri::UntrustedDataUri> {
+    async fn trusted(
+        &self,
+        answered: &str,
+        asked: Option<&str>,
+    ) -> Result<String, migration::uri::UntrustedDataUri> {
         // A peer on this host's unix socket may only name loopback.
         let (host, port) = self.peer.uri().host_port().unwrap_or(("localhost", 0));
         let addrs: Vec<std::net::IpAddr> = tokio::net::lookup_host((host, port))
             .await
             .map(|addrs| addrs.map(|a| a.ip()).collect())
             .unwrap_or_default();
-        let asked = self.job.ident.flags.stream().uri.as_deref();
         migration::uri::check_peer_data_uri(answered, asked, host, &addrs).map(|u| u.to_string())
     }
 

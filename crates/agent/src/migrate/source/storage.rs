@@ -89,26 +89,31 @@ impl Run {
             .collect()
     }
 
-    /// Mirrors the copied disks into the destination's NBD server (on the
-    /// data URI's host) and waits until each is in sync.
+    /// Mirrors the copied disks into the destination's NBD server (on
+    /// `nbd_host`, else the data URI's host) and waits until each is in
+    /// sync.
     pub(super) async fn mirror_disks(
         &self,
         qmp: &qmp::Client,
         data_uri: &str,
         nbd_port: Option<u16>,
+        nbd_host: Option<&str>,
         throttle: Option<&mut Box<dyn VcpuThrottle>>,
     ) -> Result<Mirrors, DiskCopyError> {
         if self.storage.is_empty() {
             return Ok(Mirrors::default());
         }
         let port = nbd_port.ok_or(DiskCopyError::NoNbdServer)?;
-        let host = migration::uri::parse_data_uri(data_uri)
-            .ok()
-            .and_then(|uri| match uri {
-                migration::uri::DataUri::Tcp { host, .. } => Some(host),
-                _ => None,
-            })
-            .ok_or_else(|| DiskCopyError::NotTcp(data_uri.to_string()))?;
+        let host = match nbd_host {
+            Some(host) => host.to_string(),
+            None => migration::uri::parse_data_uri(data_uri)
+                .ok()
+                .and_then(|uri| match uri {
+                    migration::uri::DataUri::Tcp { host, .. } => Some(host),
+                    _ => None,
+                })
+                .ok_or_else(|| DiskCopyError::NotTcp(data_uri.to_string()))?,
+        };
         let flags = &self.job.ident.flags;
         let plan = MirrorPlan {
             host: host
