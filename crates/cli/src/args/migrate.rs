@@ -330,7 +330,7 @@ mod tests {
             .chain(args)
             .chain(&["vm", "tcp://127.0.0.1:7000"]);
         match Cli::try_parse_from(argv)?.command {
-            Command::Migrate(m) => Ok(m),
+            Command::Migrate(m) => Ok(*m),
             other => panic!("parsed as {other:?}"),
         }
     }

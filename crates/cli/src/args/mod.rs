@@ -110,7 +110,7 @@ pub enum Command {
         json: Json,
     },
     /// Migrate a domain to another host's agent.
-    Migrate(MigrateArgs),
+    Migrate(Box<MigrateArgs>),
     /// Show the active (or last completed) migration job of a domain.
     Domjobinfo {
         domain: String,

@@ -91,7 +91,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let options = args.wire_options()?;
             migration::Flags::new(options.clone())?;
             let client = connect(uri, tls_dir).await?;
-            return crate::migrate::run(&client, args, options).await;
+            return crate::migrate::run(&client, *args, options).await;
         }
         // A definition is read and validated before any agent is
         // contacted.
