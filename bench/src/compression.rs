@@ -129,38 +129,18 @@ async fn migrate(
 ) -> Result<(protocol::job::JobRecord, Option<f64>)> {
     let pid = qemu_pid(from, name).await?;
     let before = pid.and_then(cpu_seconds);
-    let job_id = match request(
-        from,
-        Request::Migrate {
-            domain: name.parse()?,
-            destination: to_uri.to_string(),
-            flags: Box::new(flags),
-        },
-    )
-    .await?
-    {
-        Reply::MigrationStarted { job_id } => job_id,
-        other => bail!("unexpected reply {other:?}"),
-    };
-    let deadline = Instant::now() + JOB_TIMEOUT;
     let mut last = before;
-    loop {
+    let watched = crate::tls::migrate_watching(from, name, to_uri, flags, || {
         if let Some(now) = pid.and_then(cpu_seconds) {
             last = Some(now);
         }
-        match request(from, Request::Job { id: job_id.clone() }).await? {
-            Reply::Job {
-                record: Some(r), ..
-            } => {
-                return Ok((*r, before.zip(last).map(|(b, l)| l - b)));
-            }
-            Reply::Job { .. } if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Reply::Job { .. } => bail!("job {job_id} did not end within {JOB_TIMEOUT:?}"),
-            other => bail!("unexpected reply {other:?}"),
-        }
-    }
+    });
+    let record = tokio::time::timeout(JOB_TIMEOUT, watched)
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!("the migration of {name} did not end within {JOB_TIMEOUT:?}")
+        })??;
+    Ok((record, before.zip(last).map(|(b, l)| l - b)))
 }
 
 /// Waits until the guest's workload has filled its pages and swept them

@@ -90,6 +90,17 @@ pub async fn migrate_with(
     to_uri: &str,
     flags: MigrateOptions,
 ) -> Result<protocol::job::JobRecord> {
+    migrate_watching(from, name, to_uri, flags, || {}).await
+}
+
+/// As [`migrate_with`], calling `tick` every 100 ms while the job runs.
+pub async fn migrate_watching(
+    from: &Client,
+    name: &str,
+    to_uri: &str,
+    flags: MigrateOptions,
+    mut tick: impl FnMut(),
+) -> Result<protocol::job::JobRecord> {
     let job_id = match request(
         from,
         Request::Migrate {
@@ -104,6 +115,7 @@ pub async fn migrate_with(
         other => bail!("unexpected reply {other:?}"),
     };
     loop {
+        tick();
         match request(from, Request::Job { id: job_id.clone() }).await? {
             Reply::Job {
                 record: Some(r), ..
