@@ -214,6 +214,10 @@ pub struct MigrateOptions {
     /// `--xml`): host-side settings may differ from the source's, what the
     /// guest sees may not.
     pub xml: Option<crate::domain::DefinitionDoc>,
+    /// With `persistent`: the definition the destination keeps for the
+    /// domain's next start (virsh's `--persistent-xml`), as `define` on a
+    /// running domain would.
+    pub persistent_xml: Option<crate::domain::DefinitionDoc>,
     /// The destination's own address its QEMU listens on for the memory
     /// stream (and the source dials) [default: the address the source
     /// reached its agent at].

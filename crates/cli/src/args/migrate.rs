@@ -193,6 +193,10 @@ pub struct MigrateArgs {
     /// source's; what the guest sees may not.
     #[arg(long, value_name = "FILE")]
     pub xml: Option<std::path::PathBuf>,
+    /// With --persistent: the definition file the destination keeps for
+    /// the domain's next start (as `define` on a running domain).
+    #[arg(long, value_name = "FILE", requires = "persistent")]
+    pub persistent_xml: Option<std::path::PathBuf>,
     /// The destination's own address its QEMU listens on for the memory
     /// stream (and this host dials) [default: the one DEST_URI reaches];
     /// with --migrateuri, on its port.
@@ -296,6 +300,7 @@ impl MigrateArgs {
             zerocopy: self.zerocopy,
             tls_destination: self.tls_destination.clone(),
             xml: None,
+            persistent_xml: None,
             listen_address: self.listen_address.clone(),
             disks_uri: self.disks_uri.clone(),
         }
@@ -308,10 +313,16 @@ impl MigrateArgs {
     pub fn wire_options(&self) -> anyhow::Result<MigrateOptions> {
         use anyhow::Context;
         let mut options = self.options();
-        if let Some(file) = &self.xml {
+        let read = |file: &std::path::Path, option: &str| -> anyhow::Result<_> {
             let definition = domain::DomainDefinition::from_file(file)
-                .with_context(|| format!("--xml {}", file.display()))?;
-            options.xml = Some(protocol::domain::DefinitionDoc(definition.to_document()));
+                .with_context(|| format!("{option} {}", file.display()))?;
+            Ok(protocol::domain::DefinitionDoc(definition.to_document()))
+        };
+        if let Some(file) = &self.xml {
+            options.xml = Some(read(file, "--xml")?);
+        }
+        if let Some(file) = &self.persistent_xml {
+            options.persistent_xml = Some(read(file, "--persistent-xml")?);
         }
         Ok(options)
     }

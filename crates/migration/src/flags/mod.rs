@@ -353,6 +353,7 @@ impl Flags {
             ),
             (o.zerocopy, "zerocopy"),
             (o.xml.is_some(), "xml"),
+            (o.persistent_xml.is_some(), "persistent-xml"),
         ]
         .iter()
         .filter(|(set, _)| *set)

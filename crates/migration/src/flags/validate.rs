@@ -261,6 +261,12 @@ pub(super) fn validate(o: &MigrateOptions) -> Result<(), InvalidFlags> {
             return Err(BandwidthTooLarge(mib));
         }
     }
+    if o.persistent_xml.is_some() && !o.persistent {
+        return Err(Needs {
+            option: "--persistent-xml",
+            needs: "--persistent",
+        });
+    }
     if let Some(address) = &o.listen_address {
         let ip = address
             .trim_start_matches('[')

@@ -287,3 +287,43 @@ async fn disks_uri_serves_the_copied_disks_on_the_address_asked_for() {
     let copied = std::fs::read(bed.local_of("b").join("vm.raw")).unwrap();
     assert!(copied == data, "the copy differs");
 }
+
+#[tokio::test]
+async fn persistent_xml_is_what_the_destination_keeps_for_the_next_start() {
+    let bed = TestBed::simulated().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, Workload::IDLE).await;
+    let next = bed.path().join("next.toml");
+    std::fs::write(
+        &next,
+        guest::definition_toml("vm", 128, bed.kernel(), Workload::IDLE),
+    )
+    .unwrap();
+    let next = next.display().to_string();
+
+    let out = a.cli(&[
+        "migrate",
+        "--live",
+        "--persistent-xml",
+        &next,
+        "vm",
+        &b.uri(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "needs --persistent: {out:?}");
+
+    a.cli_ok(&[
+        "migrate",
+        "--live",
+        "--persistent",
+        "--persistent-xml",
+        &next,
+        "vm",
+        &b.uri(),
+    ]);
+    // The guest runs as it ran (64 MiB); its next start takes 128.
+    let info = b.dominfo("vm").await.unwrap();
+    assert_eq!(info.state, DomainState::Running);
+    let ram = info.guest_ram_bytes.unwrap();
+    assert!(ram <= 64 << 20 && ram > 63 << 20, "{info:?}");
+    let kept = stdout(&b.cli_ok(&["dumpdef", "vm"]));
+    assert!(kept.contains("memory_mib = 128"), "{kept}");
+}

@@ -40,9 +40,15 @@ pub(crate) async fn finish(
 
         let mut note = None;
         if job.ident.flags.landing().persistent {
-            match agent.store.save_definition(&job.definition).await {
+            // `--persistent-xml` was checked at Prepare: it is kept for the
+            // next start, as `define` on a running domain.
+            let kept = super::prepare::persistent_definition(&job.ident.flags, &job.definition)
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| job.definition.clone());
+            match agent.store.save_definition(&kept).await {
                 Ok(()) => {
-                    let _ = agent.table.defined(job.definition.clone());
+                    let _ = agent.table.defined(kept);
                 }
                 Err(e) => {
                     let text = format!("could not persist the definition: {}", errors::chain(&e));

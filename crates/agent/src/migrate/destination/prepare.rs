@@ -106,7 +106,7 @@ pub(crate) async fn prepare(
     let req = Incoming::try_from(req)?;
     crate::membership::takes_guests(agent).await?;
     // The definition names files on this host: the same rules as `define`,
-    // and none of another domain's.
+    // and none of another domain's; the one kept for the next start too.
     agent.check_paths(&req.definition).await?;
     let others: Vec<_> = agent
         .table
@@ -115,6 +115,10 @@ pub(crate) async fn prepare(
         .map(|d| d.definition)
         .collect();
     admission::own_files(&req.definition, &others).await?;
+    if let Some(next) = persistent_definition(&req.flags, &req.definition)? {
+        agent.check_paths(&next).await?;
+        admission::own_files(&next, &others).await?;
+    }
     let span = tracing::info_span!("job", id = %req.job_id, domain = %req.definition.name, role = "destination");
     async {
         if req.flags.offline() {
@@ -124,6 +128,33 @@ pub(crate) async fn prepare(
     }
     .instrument(span)
     .await
+}
+
+/// `--persistent-xml`'s definition, for the domain's next start: under
+/// the arriving name.
+///
+/// # Errors
+/// A malformed one, or one under another name.
+pub(super) fn persistent_definition(
+    flags: &Flags,
+    arriving: &DomainDefinition,
+) -> Result<Option<DomainDefinition>, ApiError> {
+    let Some(doc) = &flags.options().persistent_xml else {
+        return Ok(None);
+    };
+    let next = DomainDefinition::from_document(doc.0.clone()).map_err(|e| {
+        ApiError::new(
+            ErrorCode::InvalidDefinition,
+            format!("--persistent-xml: {e}"),
+        )
+    })?;
+    if next.name != arriving.name {
+        return Err(errors::invalid(format!(
+            "--persistent-xml defines domain '{}', not '{}'",
+            next.name, arriving.name
+        )));
+    }
+    Ok(Some(next))
 }
 
 async fn prepare_offline(
@@ -152,11 +183,13 @@ async fn prepare_offline(
         agent.table.drop_if_transient_and_idle(&name);
         return Err(e);
     }
-    if let Err(e) = agent.store.save_definition(&req.definition).await {
+    let kept = persistent_definition(&req.flags, &req.definition)?
+        .unwrap_or_else(|| req.definition.clone());
+    if let Err(e) = agent.store.save_definition(&kept).await {
         agent.table.drop_if_transient_and_idle(&name);
         return Err(ApiError::from(e));
     }
-    agent.table.defined(req.definition.clone())?;
+    agent.table.defined(kept)?;
     agent.bind(&name, None).await;
     tracing::info!("definition received (offline migration)");
     Ok(Reply::Prepared {
