@@ -207,3 +207,37 @@ fn locked_memory_limit(pid: u32) -> u64 {
     let soft = line.split_whitespace().nth(3).unwrap();
     soft.parse().unwrap_or(u64::MAX)
 }
+
+#[tokio::test]
+async fn xbzrle_takes_the_cache_size_asked_for_and_migrate_compcache_sets_qemu_s() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed
+        .two_hosts_running("vm", 64, Workload::busy(8, 50_000))
+        .await;
+    let out = a.cli_ok(&["migrate-compcache", "vm", "--size", "33554432"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "Compression cache: 32.000 MiB\n"
+    );
+    assert_eq!(parameter(&a, "vm", "xbzrle-cache-size").await, 33554432);
+
+    let job = a
+        .migration_in_flight(
+            "vm",
+            &b,
+            MigrateOptions {
+                compressed: true,
+                comp_methods: vec![CompMethod::Xbzrle],
+                comp_xbzrle_cache: Some(128 << 20),
+                ..testkit::capped(4)
+            },
+        )
+        .await;
+    // The job's cache on the source, XBZRLE on both ends.
+    assert_eq!(parameter(&a, "vm", "xbzrle-cache-size").await, 128u64 << 20);
+    assert!(a.capability("vm", "xbzrle").await && b.capability("vm", "xbzrle").await);
+    a.cli_ok(&["migrate-setspeed", "vm", "1000"]);
+    let record = a.wait_job(&job).await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    testkit::assert_runs_only_on("vm", &b, &a, 2).await;
+}
