@@ -474,3 +474,30 @@ async fn an_abort_during_the_disk_copy_leaves_the_guest_on_its_disk_and_nothing_
     })
     .await;
 }
+
+#[tokio::test]
+async fn domdirtyrate_calc_measures_a_busy_guest_and_domstats_shows_it() {
+    holds(|bed: TestBed| async move {
+        let a = bed.host("a").await;
+        a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+        a.cli_ok(&["domdirtyrate-calc", "vm", "--seconds", "1"]);
+        tokio::time::sleep(std::time::Duration::from_millis(1800)).await;
+        let json: serde_json::Value = serde_json::from_str(&stdout(&a.cli_ok(&[
+            "domstats",
+            "--dirtyrate",
+            "vm",
+            "--json",
+        ])))
+        .unwrap();
+        let rate = &json["dirtyrate"];
+        assert_eq!(rate["status"], "measured", "{json}");
+        let mib_s = rate["mib_s"].as_i64().unwrap_or(0);
+        assert!(mib_s > 0, "{json}");
+        (
+            rate["status"].as_str().unwrap_or_default().to_string(),
+            rate["calc_period_s"].as_i64(),
+            rate["mode"].as_str().map(str::to_string),
+        )
+    })
+    .await;
+}
