@@ -436,3 +436,72 @@ async fn migrate_setspeed_retunes_the_disks_copy_too() {
     let log = b.wait_guest_disk("vm", 256).await;
     assert!(log.disk_intact(), "{:?}", log.corruptions);
 }
+
+/// What an operator does to put a guest somewhere particular, on real
+/// QEMU: another name there (`--dname`), its disk at another path of the
+/// destination's local storage (`--xml`), a definition kept for its next
+/// start (`--persistent-xml`), and the memory stream and the disks' NBD
+/// server on other addresses of the destination's own (`--listen-address`,
+/// `--disks-uri`).
+#[tokio::test]
+async fn a_guest_lands_renamed_on_the_disk_path_and_addresses_the_operator_gave() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed.hosts_with_local_storage(None).await;
+    let data: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(bed.local_of("a").join("vm.raw"), &data).unwrap();
+    let def = |name: &str, memory_mib: u32, image: &str| {
+        format!(
+            "{}[[disks]]\npath = {:?}\n",
+            guest::definition_toml(
+                name,
+                memory_mib,
+                bed.kernel(),
+                guest::Workload::busy(4, 50_000),
+            ),
+            bed.local().join(image).display().to_string()
+        )
+    };
+    a.define_and_start(domain::DomainDefinition::from_toml(&def("vm", 64, "vm.raw")).unwrap())
+        .await;
+    let file = |name: &str, text: String| {
+        let path = bed.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let xml = file("there.toml", def("web-2", 64, "web-2.raw"));
+    let next = file("next.toml", def("web-2", 96, "web-2.raw"));
+
+    let out = a.cli(&[
+        "migrate",
+        "--live",
+        "--copy-storage-all",
+        "--persistent",
+        "--undefinesource",
+        "--dname",
+        "web-2",
+        "--xml",
+        &xml,
+        "--persistent-xml",
+        &next,
+        "--listen-address",
+        "127.0.0.2",
+        "--disks-uri",
+        "tcp:127.0.0.3:0",
+        "--json",
+        "vm",
+        &b.uri(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let record: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    let data_uri = record["data_uri"].as_str().unwrap_or_default();
+    assert!(data_uri.starts_with("tcp:127.0.0.2:"), "{record}");
+    // Under its new name on b, intact, on the path --xml gave; gone from a.
+    assert_runs_only_on("web-2", &b, &a, 2).await;
+    assert_eq!(a.state("vm").await, None);
+    let copied = std::fs::read(bed.local_of("b").join("web-2.raw")).unwrap();
+    assert!(copied == data, "the disk copy differs");
+    // Kept for the next start: 96 MiB.
+    let kept = String::from_utf8_lossy(&b.cli_ok(&["dumpdef", "web-2"]).stdout).into_owned();
+    assert!(kept.contains("memory_mib = 96"), "{kept}");
+}
