@@ -342,6 +342,19 @@ pub enum PkiCommand {
         #[arg(long = "host", value_name = "HOST")]
         hosts: Vec<String>,
     },
+    /// Issue etcd's server certificate into DIR/NAME/ and print the etcd
+    /// options that serve the cluster over mutual TLS with it (clients
+    /// need a certificate from the same CA: agents and administrators).
+    Etcd {
+        /// The PKI directory (from `pki init`).
+        dir: PathBuf,
+        /// An address or name etcd is reached at (repeat for each).
+        #[arg(long = "host", value_name = "HOST", required = true)]
+        hosts: Vec<String>,
+        /// The certificate's directory name.
+        #[arg(long, default_value = "etcd")]
+        name: String,
+    },
     /// Revoke the certificate issued to NAME: DIR/crl.pem lists every
     /// certificate revoked so far; copy it into every host's TLS directory
     /// (as crl.pem), where agents pick it up within seconds.

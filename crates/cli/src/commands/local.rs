@@ -28,6 +28,11 @@ pub fn pki(command: PkiCommand) -> Result<String> {
                 out.display()
             ))
         }
+        PkiCommand::Etcd { dir, hosts, name } => {
+            let out = tls::pki::issue(&dir, &name, protocol::Role::Agent, &hosts)
+                .with_context(|| format!("cannot issue etcd's certificate {name}"))?;
+            Ok(etcd_options(&dir, &out, &hosts))
+        }
         PkiCommand::Revoke { dir, name } => {
             let crl = tls::pki::revoke(&dir, &name)
                 .with_context(|| format!("cannot revoke the certificate of {name}"))?;
@@ -38,6 +43,27 @@ pub fn pki(command: PkiCommand) -> Result<String> {
             ))
         }
     }
+}
+
+/// What etcd takes to serve a cluster with the certificate in `cert_dir`.
+fn etcd_options(pki: &std::path::Path, cert_dir: &std::path::Path, hosts: &[String]) -> String {
+    let url = |host: &String| {
+        if host.contains(':') {
+            format!("https://[{host}]:2379")
+        } else {
+            format!("https://{host}:2379")
+        }
+    };
+    let urls: Vec<String> = hosts.iter().map(url).collect();
+    format!(
+        "etcd's certificate is in {dir}; start etcd with:\n  --cert-file {dir}/cert.pem \\\n  \
+         --key-file {dir}/key.pem \\\n  --trusted-ca-file {ca} \\\n  --client-cert-auth \\\n  \
+         --listen-client-urls {urls} \\\n  --advertise-client-urls {urls}\nand give agents and \
+         clients --cluster {urls}\n",
+        dir = cert_dir.display(),
+        ca = pki.join("ca.pem").display(),
+        urls = urls.join(","),
+    )
 }
 
 /// `completions SHELL`.

@@ -29,6 +29,24 @@ fn names(hosts: &[serde_json::Value]) -> Vec<&str> {
 #[tokio::test]
 async fn agents_register_their_hosts_and_are_gone_within_their_lease_of_dying() {
     let bed = TestBed::simulated().await;
+    // etcd serves with the certificate `livemig pki etcd` issues.
+    let pki = bed.path().join("pki");
+    let out = std::process::Command::new(bin("livemig"))
+        .args(["pki", "etcd"])
+        .arg(&pki)
+        .args(["--host", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "--cert-file {}",
+            pki.join("etcd/cert.pem").display()
+        )) && said.contains("--client-cert-auth")
+            && said.contains("--cluster https://127.0.0.1:2379"),
+        "{said}"
+    );
     let etcd = Etcd::start(&bed).await;
     let args = [
         "--cluster",
