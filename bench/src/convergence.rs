@@ -83,6 +83,27 @@ pub struct RunOptions {
     pub max_downtime_ms: Option<u64>,
     /// `--allow-postcopy` for every job.
     pub allow_postcopy: bool,
+    /// The guest's RAM, MiB.
+    pub memory_mib: u32,
+    /// The link (the jobs' bandwidth cap), MiB/s.
+    pub bandwidth_mib_s: u64,
+}
+
+impl RunOptions {
+    /// The benchmark's own guest and link: 512 MiB over 64 MiB/s.
+    pub fn benchmark(json: bool, reps: u32, timeout: u64) -> RunOptions {
+        RunOptions {
+            json,
+            reps,
+            timeout,
+            estimate: false,
+            report_ms: REPORT_MS,
+            max_downtime_ms: None,
+            allow_postcopy: false,
+            memory_mib: MEMORY_MIB,
+            bandwidth_mib_s: BANDWIDTH_MIB_S,
+        }
+    }
 }
 
 /// The progress-line interval the work-lost figures are made with.
@@ -134,6 +155,7 @@ async fn estimate(
     hosts: &Hosts,
     domain: &domain::DomainName,
     mode: ConvergeMode,
+    bandwidth_mib_s: u64,
 ) -> Result<Estimated> {
     let reply = hosts
         .a_client
@@ -141,7 +163,7 @@ async fn estimate(
             Request::Estimate {
                 domain: domain.clone(),
                 params: protocol::estimate::EstimateParams {
-                    bandwidth_mib_s: Some(BANDWIDTH_MIB_S),
+                    bandwidth_mib_s: Some(bandwidth_mib_s),
                     downtime_ms: Some(DOWNTIME_MS),
                     ..Default::default()
                 },
@@ -488,8 +510,25 @@ pub struct Calibration {
 pub async fn calibrate_light(hosts: &Hosts) -> Result<(Workload, Calibration)> {
     let mut light = workload("light").expect("light is a workload");
     light.report_ms = REPORT_MS;
+    let measured = guest_rate_mib_s(hosts, MEMORY_MIB, light).await?;
+    let target = LIGHT_SHARE * BANDWIDTH_MIB_S as f64;
+    let spin = (light.spin as f64 * measured / target).round().max(1.0) as u32;
+    let calibration = Calibration {
+        calibration: "light".into(),
+        spin_measured: light.spin,
+        measured_mib_s: measured,
+        target_mib_s: target,
+        spin,
+    };
+    light.spin = spin;
+    Ok((light, calibration))
+}
+
+/// What a guest of `memory_mib` running `workload` alone on host a dirties
+/// at full speed after a warm-up, MiB/s (each write is one 4 KiB page).
+pub async fn guest_rate_mib_s(hosts: &Hosts, memory_mib: u32, workload: Workload) -> Result<f64> {
     let name = "bench-calibration";
-    hosts.start_guest(name, MEMORY_MIB, light).await?;
+    hosts.start_guest(name, memory_mib, workload).await?;
     let sampler = Sampler::start();
     let log = serial_log(&hosts.a_client, name)
         .await
@@ -509,19 +548,7 @@ pub async fn calibrate_light(hosts: &Hosts) -> Result<(Workload, Calibration)> {
     };
     sampler.stop();
     hosts.remove_guest(&name.parse()?).await;
-    // Each write is one 4 KiB page.
-    let measured = writes_s * 4096.0 / types::MIB as f64;
-    let target = LIGHT_SHARE * BANDWIDTH_MIB_S as f64;
-    let spin = (light.spin as f64 * measured / target).round().max(1.0) as u32;
-    let calibration = Calibration {
-        calibration: "light".into(),
-        spin_measured: light.spin,
-        measured_mib_s: measured,
-        target_mib_s: target,
-        spin,
-    };
-    light.spin = spin;
-    Ok((light, calibration))
+    Ok(writes_s * 4096.0 / types::MIB as f64)
 }
 
 /// Runs one trial of `workload` (named `workload_name`).
@@ -542,7 +569,9 @@ pub async fn trial(
     } else {
         format!("bench-{workload_name}-{policy_name}-{rep}")
     };
-    hosts.start_guest(&name, MEMORY_MIB, workload).await?;
+    hosts
+        .start_guest(&name, options.memory_mib, workload)
+        .await?;
     let domain: domain::DomainName = name.parse()?;
     let sampler = Sampler::start();
     let source_log = serial_log(&hosts.a_client, &name)
@@ -578,14 +607,14 @@ pub async fn trial(
     };
 
     let estimated = if estimate_first {
-        Some(estimate(hosts, &domain, mode).await?)
+        Some(estimate(hosts, &domain, mode, options.bandwidth_mib_s).await?)
     } else {
         None
     };
 
     let flags = MigrateOptions {
         live: true,
-        bandwidth: Some(BANDWIDTH_MIB_S),
+        bandwidth: Some(options.bandwidth_mib_s),
         downtime: Some(DOWNTIME_MS),
         max_downtime: options.max_downtime_ms,
         allow_postcopy: options.allow_postcopy,

@@ -41,6 +41,12 @@
 //! namespaces on a capped link (needs root): time, bytes on the wire,
 //! source CPU.
 //!
+//! `livemig-bench sweep --json [--links 64] [--rates 0.5,2,8,max]
+//! [--working-sets 64,all] [--rams 256] [--policies adaptive,qemu]`
+//! migrates guests over a grid of links, dirty rates (multiples of the
+//! link), working sets and RAM, with each policy, against the physical
+//! limit and `estimate`'s prediction.
+//!
 //! `livemig-bench vcpus [--reps N] [--engines qemu,adaptive]` migrates a
 //! 4-vCPU Linux guest with one writing vCPU and three compute-only ones,
 //! with QEMU's auto-converge and with the controller, and reports how fast
@@ -55,6 +61,7 @@ mod load;
 mod sampler;
 mod start;
 mod storage;
+mod sweep;
 mod tls;
 mod vcpus;
 
@@ -176,6 +183,32 @@ enum Command {
         /// The writer's busy loop per page (0: as fast as it goes).
         #[arg(long, default_value_t = 2000)]
         spin: u32,
+        /// Give up on a migration after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        #[arg(long)]
+        livemigd: Option<PathBuf>,
+    },
+    /// The controller and QEMU's auto-converge over a grid of guests:
+    /// links, dirty rates as a multiple of the link, working sets, RAM.
+    Sweep {
+        #[arg(long)]
+        json: bool,
+        /// Links, MiB/s.
+        #[arg(long, value_delimiter = ',', default_value = "64")]
+        links: Vec<u64>,
+        /// Dirty rates, as multiples of the link, or max (as fast as the
+        /// guest runs).
+        #[arg(long, value_delimiter = ',', default_value = "0.5,2,8,max")]
+        rates: Vec<String>,
+        /// Working sets, MiB, or all (the whole RAM).
+        #[arg(long, value_delimiter = ',', default_value = "64,all")]
+        working_sets: Vec<String>,
+        /// Guest RAM, MiB.
+        #[arg(long, value_delimiter = ',', default_value = "256")]
+        rams: Vec<u32>,
+        #[arg(long, value_delimiter = ',', default_value = "adaptive,qemu")]
+        policies: Vec<String>,
         /// Give up on a migration after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
@@ -563,6 +596,7 @@ async fn main() -> ExitCode {
         | Command::Start { json, .. }
         | Command::Vcpus { json, .. }
         | Command::Compression { json, .. }
+        | Command::Sweep { json, .. }
         | Command::Drain { json, .. }
         | Command::Fleet { json, .. }
         | Command::Load { json, .. } => *json,
@@ -597,6 +631,7 @@ async fn run(cli: Cli) -> Result<()> {
         | Command::Start { livemigd, .. }
         | Command::Vcpus { livemigd, .. }
         | Command::Compression { livemigd, .. }
+        | Command::Sweep { livemigd, .. }
         | Command::Drain { livemigd, .. }
         | Command::Fleet { livemigd, .. }
         | Command::Load { livemigd, .. } => livemigd.clone(),
@@ -704,13 +739,11 @@ async fn run(cli: Cli) -> Result<()> {
             livemigd: path,
         } => {
             let options = convergence::RunOptions {
-                json,
-                reps,
-                timeout,
                 estimate,
                 report_ms,
                 max_downtime_ms: max_downtime,
                 allow_postcopy,
+                ..convergence::RunOptions::benchmark(json, reps, timeout)
             };
             run_convergence(options, workloads, policies, livemigd(path)).await
         }
@@ -761,6 +794,19 @@ async fn run(cli: Cli) -> Result<()> {
                 .join("\n");
             emit(json, &summary, text);
             Ok(())
+        }
+        Command::Sweep {
+            json,
+            links,
+            rates,
+            working_sets,
+            rams,
+            policies,
+            timeout,
+            livemigd: path,
+        } => {
+            let grid = sweep::Grid::parse(links, &rates, &working_sets, rams, policies)?;
+            sweep::run(&livemigd(path), grid, timeout, json).await
         }
         Command::Compression {
             json,
