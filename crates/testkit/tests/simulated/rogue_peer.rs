@@ -83,3 +83,62 @@ async fn a_compromised_peer_cannot_make_the_source_run_a_command_or_send_the_gue
     }
     assert_runs_only_on("vm", &a, &b, 1).await;
 }
+
+#[tokio::test]
+async fn a_compromised_peer_cannot_send_the_guest_s_disk_to_another_host() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host_with_local_storage("a", &[]).await;
+    let b = bed.host_with_local_storage("b", &[]).await;
+    std::fs::write(bed.local_of("a").join("vm.raw"), vec![0x5au8; 1 << 20]).unwrap();
+    let def = domain::DomainDefinition::from_toml(&format!(
+        "{}[[disks]]\npath = {:?}\n",
+        guest::definition_toml("vm", 64, bed.kernel(), Workload::IDLE),
+        bed.local().join("vm.raw").display().to_string(),
+    ))
+    .unwrap();
+    a.define_and_start(def).await;
+    // Where a stolen disk would go: another loopback address.
+    let sink = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    sink.set_nonblocking(true).unwrap();
+    let port = sink.local_addr().unwrap().port();
+    let rogue = RoguePeer::start(
+        &bed,
+        &b,
+        Arc::new(move |reply| match reply {
+            Reply::Prepared { uri, .. } => Reply::Prepared {
+                uri,
+                nbd_port: Some(port),
+                nbd_host: Some("127.0.0.2".into()),
+            },
+            other => other,
+        }),
+    )
+    .await;
+    let id = a
+        .start_migration(
+            "vm",
+            rogue.uri(),
+            MigrateOptions {
+                live: true,
+                copy_storage_all: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("the migration starts: the peer looks genuine");
+    let record = a.wait_job(&id).await;
+
+    assert_eq!(record.status, JobStatus::Failed, "{record:?}");
+    let error = record.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("disks server") && error.contains("127.0.0.2"),
+        "{error}"
+    );
+    assert!(sink.accept().is_err(), "a connection to the sink");
+    drop(rogue);
+    b.wait_no_qemu().await;
+    assert_eq!(
+        a.state("vm").await,
+        Some(protocol::domain::DomainState::Running)
+    );
+}
