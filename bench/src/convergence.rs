@@ -268,7 +268,7 @@ pub struct Hosts {
     pki: PathBuf,
     /// With [`Hosts::start_linked`], the namespaces the agents run in:
     /// dropped after them.
-    _fabric: Option<launcher::fabric::Fabric>,
+    fabric: Option<launcher::fabric::Fabric>,
 }
 
 impl Hosts {
@@ -365,14 +365,14 @@ impl Hosts {
             b_uri,
             kernel,
             pki,
-            _fabric: fabric,
+            fabric,
         })
     }
 
     /// Bytes host a (0) or b (1) has sent onto its link, with
     /// [`Hosts::start_linked`].
     pub fn sent_bytes(&self, host: usize) -> Option<u64> {
-        self._fabric.as_ref()?.hosts.get(host)?.sent_bytes()
+        self.fabric.as_ref()?.hosts.get(host)?.sent_bytes()
     }
 
     /// Stops the guest `domain` wherever it runs and undefines it on a.

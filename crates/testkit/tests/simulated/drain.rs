@@ -31,6 +31,20 @@ pub(crate) fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Waits until the cluster lists `n` hosts.
+pub(crate) async fn hosts_registered(bed: &TestBed, etcd: &Etcd, n: usize) {
+    wait_until(
+        Duration::from_secs(20),
+        &format!("{n} hosts registered"),
+        || async {
+            let out = livemig(bed, etcd, &["hosts", "--json"]);
+            let hosts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+            (hosts.len() == n).then_some(())
+        },
+    )
+    .await;
+}
+
 /// The cluster's view: domain → host.
 pub(crate) fn owners(bed: &TestBed, etcd: &Etcd) -> BTreeMap<String, String> {
     let out = livemig(bed, etcd, &["list", "--json"]);
@@ -203,12 +217,7 @@ async fn a_drain_that_cannot_be_done_is_refused_and_changes_nothing() {
     let b = bed.host_args("b", &args).await;
     a.define_and_start(bed.definition("vm", 64, Workload::IDLE))
         .await;
-    wait_until(Duration::from_secs(20), "two hosts registered", || async {
-        let out = livemig(&bed, &etcd, &["hosts", "--json"]);
-        let hosts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-        (hosts.len() == 2).then_some(())
-    })
-    .await;
+    hosts_registered(&bed, &etcd, 2).await;
     let refused = |args: &[&str], says: &str| {
         let out = livemig(&bed, &etcd, args);
         assert!(!out.status.success(), "{args:?}: {out:?}");
@@ -349,16 +358,7 @@ async fn a_drain_carries_a_guest_s_local_disk_with_it_and_leaves_a_shared_one_in
     a.define_and_start(def).await;
     a.define_and_start(bed.definition("web", 64, Workload::IDLE))
         .await;
-    wait_until(
-        Duration::from_secs(20),
-        "three hosts registered",
-        || async {
-            let out = livemig(&bed, &etcd, &["hosts", "--json"]);
-            let hosts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-            (hosts.len() == 3).then_some(())
-        },
-    )
-    .await;
+    hosts_registered(&bed, &etcd, 3).await;
     let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "2"]);
 
     let out = livemig(&bed, &etcd, &["drain", "agent-a", "--wait", "--json"]);

@@ -12,7 +12,7 @@ use testkit::controller::Controller;
 use testkit::etcd::Etcd;
 use testkit::{wait_until, TestBed};
 
-use super::drain::{all_moved_off_a, livemig, mix, running, stdout};
+use super::drain::{all_moved_off_a, hosts_registered, livemig, mix, running, stdout};
 
 fn drains(bed: &TestBed, etcd: &Etcd) -> Vec<serde_json::Value> {
     let out = livemig(bed, etcd, &["drains", "--json"]);
@@ -61,16 +61,7 @@ async fn a_destination_that_refuses_its_guests_sends_them_to_another_host() {
     for (name, workload) in mix() {
         a.define_and_start(bed.definition(name, 64, workload)).await;
     }
-    wait_until(
-        Duration::from_secs(20),
-        "three hosts registered",
-        || async {
-            let out = livemig(&bed, &etcd, &["hosts", "--json"]);
-            let hosts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-            (hosts.len() == 3).then_some(())
-        },
-    )
-    .await;
+    hosts_registered(&bed, &etcd, 3).await;
     let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "2"]);
 
     let id = start_drain(&bed, &etcd);
@@ -154,12 +145,7 @@ async fn a_destination_agent_killed_mid_drain_takes_its_guests_once_it_is_back()
     for (name, workload) in mix() {
         a.define_and_start(bed.definition(name, 64, workload)).await;
     }
-    wait_until(Duration::from_secs(20), "two hosts registered", || async {
-        let out = livemig(&bed, &etcd, &["hosts", "--json"]);
-        let hosts: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
-        (hosts.len() == 2).then_some(())
-    })
-    .await;
+    hosts_registered(&bed, &etcd, 2).await;
     let _controller = Controller::start(&bed, &etcd, "c1", &["--lease", "2"]);
     let out = livemig(
         &bed,
