@@ -15,6 +15,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::estimate::WORST_CASE_REFILL_SECS;
 use crate::model::{simulate_from, DirtyModel, Fixed, Scenario, Steer, Steering, SyncView};
 use crate::stall::stalled;
 use types::units::MIB_F64 as MIB;
@@ -36,6 +37,13 @@ pub const DEFAULT_HORIZON_SECS: f64 = 600.0;
 /// of the cheapest is preferred when it is lighter.
 const COST_TOLERANCE: f64 = 0.10;
 const COST_SLACK_SECS: f64 = 0.05;
+/// A throttle is considered only if it completes within this factor (plus
+/// the slack) of the fastest one: where a lighter throttle costs the guest
+/// no less in all (a guest dirtying about as fast as the link sends, whose
+/// every pass under throttle `p` loses `p` of the pass and shrinks the
+/// next by `p`), the cost alone would choose the lightest and the longest.
+const TIME_FACTOR: f64 = 1.25;
+const TIME_SLACK_SECS: f64 = 0.25;
 /// Smallest throttle change worth making ...
 const HYSTERESIS: f64 = 0.005;
 /// ... or change of the CPU share left to the guest (near 100 %, a tenth
@@ -44,6 +52,9 @@ const SHARE_HYSTERESIS: f64 = 1.25;
 /// Share of the link a guest known only by a lower bound may dirty under
 /// the throttle chosen: below 1, so that passes shrink.
 const LINK_SHARE: f64 = 0.9;
+/// A bound within this share of the link outruns it: a pass that sent
+/// the working set while the guest refilled it reads exactly the link.
+const OUTRUN: f64 = 0.99;
 /// Passes under one throttle without a new low (see [`stalled`]) after
 /// which the model is not trusted and the throttle escalates.
 const STALL_WINDOW: usize = 2;
@@ -208,22 +219,41 @@ fn cheapest(
             downtime,
             horizon,
         };
-        let feasible: Vec<(f64, f64)> = throttle_grid(policy.max_throttle)
+        let feasible: Vec<(f64, f64, f64)> = throttle_grid(policy.max_throttle)
             .into_iter()
             .filter_map(|p| {
                 let prediction = simulate_from(&scenario, remaining, p, 0.0, &mut Fixed);
-                prediction
-                    .converges
-                    .then_some((p, prediction.work_lost_secs))
+                prediction.converges.then_some((
+                    p,
+                    prediction.work_lost_secs,
+                    prediction.total_secs,
+                ))
             })
             .collect();
-        let Some(least) = feasible.iter().map(|(_, cost)| *cost).reduce(f64::min) else {
+        let Some(fastest) = feasible.iter().map(|(_, _, secs)| *secs).reduce(f64::min) else {
+            continue;
+        };
+        // A guest that converges on its own is never throttled, however
+        // long it takes.
+        let in_time = |(p, _, secs): &&(f64, f64, f64)| {
+            *p == 0.0 || *secs <= fastest * TIME_FACTOR + TIME_SLACK_SECS
+        };
+        let Some(least) = feasible
+            .iter()
+            .filter(in_time)
+            .map(|(_, cost, _)| *cost)
+            .reduce(f64::min)
+        else {
             continue;
         };
         // The lightest throttle that costs about as little as the cheapest:
         // a marginal saving is not worth slowing the guest further.
         let good_enough = least * (1.0 + COST_TOLERANCE) + COST_SLACK_SECS;
-        if let Some((p, _)) = feasible.iter().find(|(_, cost)| *cost <= good_enough) {
+        if let Some((p, _, _)) = feasible
+            .iter()
+            .filter(in_time)
+            .find(|(_, cost, _)| *cost <= good_enough)
+        {
             return Some((*p, downtime));
         }
     }
@@ -276,8 +306,30 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
         };
     }
 
+    // A pass that saturated at the working set while the guest ran at
+    // full speed, and so fast that even the bound it gives reaches the
+    // link: no throttle that tames the bound is known to tame the guest,
+    // and the pass wasted on finding out lasts as long as the working set
+    // takes to send. Plan for the worst the measurement allows; the next
+    // pass, short of the working set, measures the rate and the throttle
+    // comes down if it shows room.
+    let plan = if saturated
+        && obs.throttle <= 0.0
+        && next.model.rate_is_lower_bound
+        && next.model.rate >= OUTRUN * obs.bandwidth
+    {
+        DirtyModel {
+            rate: next
+                .model
+                .rate
+                .max(next.model.working_set / WORST_CASE_REFILL_SECS),
+            ..next.model
+        }
+    } else {
+        next.model
+    };
     let (mut throttle, downtime) =
-        match cheapest(next.model, dirtied, obs.bandwidth, horizon, &next, policy) {
+        match cheapest(plan, dirtied, obs.bandwidth, horizon, &next, policy) {
             Some(choice) => choice,
             None => {
                 if policy.allow_postcopy && !next.postcopy {

@@ -19,7 +19,7 @@ use converge::model::{simulate, DirtyModel, Scenario};
 pub const SETUP_SECS: f64 = 0.6;
 
 /// A drain's migration budget over sending the memory once.
-pub const BUDGET_MARGIN: f64 = 1.5;
+pub const BUDGET_MARGIN: f64 = 1.3;
 
 /// The shortest budget a drain gives a migration, seconds.
 pub const MIN_BUDGET_SECS: f64 = 3.0;
