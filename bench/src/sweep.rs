@@ -45,6 +45,9 @@ pub struct SweepTrial {
     pub guest_work_lost_s: f64,
     pub max_cpu_throttle_pct: f64,
     pub memory_check: &'static str,
+    /// The controller's decisions (throttle, downtime, post-copy), each
+    /// with its time and reason.
+    pub actions: Vec<protocol::job::TimedAction>,
 }
 
 /// A write's cost at spin `s` is `base + per_spin × s` (seconds): the
@@ -203,6 +206,7 @@ pub async fn run(livemigd: &Path, grid: Grid, timeout: u64, json: bool) -> Resul
                             guest_work_lost_s: t.guest_work_lost_s,
                             max_cpu_throttle_pct: t.max_cpu_throttle_pct,
                             memory_check: t.memory_check,
+                            actions: t.actions.clone(),
                         };
                         let text = format!(
                             "ram {ram_mib} ws {working_set_mib} link {link} rate {} ({:.1}x measured) {policy:<8} converged={} {:>6.1} s = {:.2}x the limit, predicted {}, lost {:.1} s, throttle {:.1} %, memory {}",

@@ -234,9 +234,15 @@ fn cheapest(
             continue;
         };
         // A guest that converges on its own is never throttled, however
-        // long it takes.
+        // long it takes; one that would only if it dirtied no faster than
+        // a lower bound within a tenth of the link (at 97 % of it, in 60
+        // passes) is not known to converge on its own. Once throttled, a
+        // guest is not let go to crawl through dozens of passes: lifting
+        // the throttle competes on time like any other choice.
+        let on_its_own = state.throttle <= 0.0
+            && (!model.rate_is_lower_bound || model.rate <= LINK_SHARE * bandwidth);
         let in_time = |(p, _, secs): &&(f64, f64, f64)| {
-            *p == 0.0 || *secs <= fastest * TIME_FACTOR + TIME_SLACK_SECS
+            (*p == 0.0 && on_its_own) || *secs <= fastest * TIME_FACTOR + TIME_SLACK_SECS
         };
         let Some(least) = feasible
             .iter()
