@@ -52,9 +52,6 @@ const SHARE_HYSTERESIS: f64 = 1.25;
 /// Share of the link a guest known only by a lower bound may dirty under
 /// the throttle chosen: below 1, so that passes shrink.
 const LINK_SHARE: f64 = 0.9;
-/// A bound within this share of the link outruns it: a pass that sent
-/// the working set while the guest refilled it reads exactly the link.
-const OUTRUN: f64 = 0.99;
 /// Passes under one throttle without a new low (see [`stalled`]) after
 /// which the model is not trusted and the throttle escalates.
 const STALL_WINDOW: usize = 2;
@@ -313,8 +310,11 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     }
 
     // A pass that saturated at the working set while the guest ran at
-    // full speed, and so fast that even the bound it gives reaches the
-    // link: no throttle that tames the bound is known to tame the guest,
+    // full speed, and so fast that even the bound it gives comes within a
+    // tenth of the link (a pass that sent the working set while the guest
+    // refilled it reads exactly the link; a first pass that also sent the
+    // rest of the memory in use reads less): no throttle that tames the
+    // bound is known to tame the guest,
     // and the pass wasted on finding out lasts as long as the working set
     // takes to send. Plan for the worst the measurement allows; the next
     // pass, short of the working set, measures the rate and the throttle
@@ -322,7 +322,7 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     let plan = if saturated
         && obs.throttle <= 0.0
         && next.model.rate_is_lower_bound
-        && next.model.rate >= OUTRUN * obs.bandwidth
+        && next.model.rate >= LINK_SHARE * obs.bandwidth
     {
         DirtyModel {
             rate: next

@@ -273,7 +273,9 @@ mod tests {
             budget: Some(120.0),
             allow_postcopy: false,
         };
-        let p = predict(model, 256.0 * MIB, 64.0 * MIB, &policy).measured.adaptive;
+        let p = predict(model, 256.0 * MIB, 64.0 * MIB, &policy)
+            .measured
+            .adaptive;
         assert!(p.converges);
         assert!(p.total_secs < 12.0 && p.passes < 8, "{p:?}");
     }

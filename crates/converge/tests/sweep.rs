@@ -44,15 +44,21 @@ impl Point {
     }
 
     /// What the pre-flight measures: distinct bytes dirtied in one and two
-    /// seconds; saturated windows only bound the rate from below.
-    fn preflight(&self) -> DirtyModel {
+    /// seconds; saturated windows only bound the rate from below. Its two
+    /// seconds of sampling run beside the first pass, so a first pass
+    /// shorter than that ends before the measurement does, and the first
+    /// decision has only the pass to go by.
+    fn preflight(&self) -> Option<DirtyModel> {
         let s = self.scenario();
+        if s.first_pass_bytes / s.bandwidth < 2.0 {
+            return None;
+        }
         let one = s.model.dirtied(1.0, 0.0);
-        DirtyModel {
+        Some(DirtyModel {
             rate: one,
             working_set: s.model.dirtied(2.0, 0.0),
             rate_is_lower_bound: one >= 0.85 * s.model.working_set,
-        }
+        })
     }
 
     /// One pass of RAM, then one of what the guest dirtied meanwhile: no
@@ -103,7 +109,7 @@ fn across_the_sweep_every_guest_converges_near_the_limit_and_none_is_throttled_f
     let (mut lost, mut qemu_lost) = (0.0, 0.0);
     for point in grid() {
         let s = point.scenario();
-        let adaptive = simulate(&s, &mut AdaptiveSim::new(policy(), Some(point.preflight())));
+        let adaptive = simulate(&s, &mut AdaptiveSim::new(policy(), point.preflight()));
         let qemu = simulate(
             &s,
             &mut QemuAutoConverge::new(AutoConvergeParams::default()),
