@@ -63,6 +63,7 @@ fn guest(rng: &mut Rng, i: usize) -> Guest {
             working_set: ws_mib * MIB,
             rate_is_lower_bound: false,
         },
+        copied_disk_bytes: 0,
     }
 }
 
@@ -142,6 +143,7 @@ pub fn plan_fleet(hosts: usize, vms: usize, batch: usize, link_mib_s: f64) -> Ve
                         name: format!("h{h}"),
                         link: link_mib_s * MIB,
                         ram_free_bytes: host_ram.saturating_sub(used),
+                        disk_free_bytes: None,
                         qemu_version: "7.2.0".into(),
                         cpu_model: "cpu".into(),
                         cordoned: batch_hosts.contains(&h).then(|| "upgrade".to_string()),
@@ -327,6 +329,7 @@ pub async fn store(dir: &Path, agents: usize, seconds: u64) -> Result<StoreResul
                 qemu_version: "7.2.0".into(),
                 cpu_model: "cpu".into(),
                 ram_free_mib: 65536,
+                disk_free_mib: None,
                 domains: (0..20).map(|d| format!("vm{i}-{d}")).collect(),
                 link_mib_s: Some(1000),
                 labels: Default::default(),

@@ -237,6 +237,19 @@ fn ram_free_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
+/// Free space for copied disks, MiB: the least among `dirs`' file
+/// systems (a directory that does not exist yet counts as its nearest
+/// existing parent's); `None` when none can be read.
+fn disk_free_mib(dirs: &[std::path::PathBuf]) -> Option<u64> {
+    dirs.iter()
+        .filter_map(|dir| {
+            let existing = dir.ancestors().find(|d| d.exists())?;
+            let stat = nix::sys::statvfs::statvfs(existing).ok()?;
+            Some((stat.blocks_available() as u64).saturating_mul(stat.fragment_size() as u64) >> 20)
+        })
+        .min()
+}
+
 /// This host as the cluster sees it now.
 async fn record(agent: &Agent, name: &str, settings: &ClusterSettings) -> HostRecord {
     let qemu_version = match agent.binary().await {
@@ -250,20 +263,23 @@ async fn record(agent: &Agent, name: &str, settings: &ClusterSettings) -> HostRe
         .filter(|d| d.vm.is_some())
         .map(|d| d.name.to_string())
         .collect();
-    let (cpu_model, ram_free_mib) = tokio::task::spawn_blocking(|| {
+    let image_dirs = agent.config.image_dirs.clone();
+    let (cpu_model, ram_free_mib, disk_free_mib) = tokio::task::spawn_blocking(move || {
         (
             cpuinfo("model name").unwrap_or_else(|| "unknown".into()),
             ram_free_mib(),
+            disk_free_mib(&image_dirs),
         )
     })
     .await
-    .unwrap_or_else(|_| ("unknown".into(), 0));
+    .unwrap_or_else(|_| ("unknown".into(), 0, None));
     HostRecord {
         name: name.to_string(),
         agent_uri: agent.uri.clone(),
         qemu_version,
         cpu_model,
         ram_free_mib,
+        disk_free_mib,
         domains,
         link_mib_s: settings.link_mib_s,
         labels: settings.labels.clone(),

@@ -30,6 +30,12 @@ pub struct HostRecord {
     pub cpu_model: String,
     /// Memory available for guests, MiB.
     pub ram_free_mib: u64,
+    /// Space free for the disks of guests that arrive with them
+    /// (`--copy-storage-all`), MiB: the least among the agent's image
+    /// directories, any of which a copied disk may land in. Absent from
+    /// an agent that does not report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_free_mib: Option<u64>,
     /// The domains running there.
     pub domains: Vec<String>,
     /// The bandwidth of its migration link, MiB/s, as configured.

@@ -35,6 +35,9 @@ pub struct Guest {
     pub first_pass_bytes: f64,
     /// How it dirties memory (an idle guest when it was not measured).
     pub model: DirtyModel,
+    /// Virtual size of its disks not on shared storage, which go with it,
+    /// bytes (0 when it has none, or was not measured).
+    pub copied_disk_bytes: u64,
 }
 
 impl Guest {
@@ -49,6 +52,7 @@ impl Guest {
                 working_set: 0.0,
                 rate_is_lower_bound: false,
             },
+            copied_disk_bytes: 0,
         }
     }
 
@@ -128,6 +132,9 @@ pub struct Host {
     pub link: f64,
     /// RAM free, bytes.
     pub ram_free_bytes: u64,
+    /// Space free for copied disks, bytes (`None`: not reported, not
+    /// checked).
+    pub disk_free_bytes: Option<u64>,
     /// Its QEMU version (`7.2.x`).
     pub qemu_version: String,
     /// Its CPU model.
@@ -222,6 +229,10 @@ pub fn place_with(
         .collect();
     why_not.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut free: BTreeMap<&str, u64> = hosts.iter().map(|h| (h.name.as_str(), h.room())).collect();
+    let mut disk_free: BTreeMap<&str, Option<u64>> = hosts
+        .iter()
+        .map(|h| (h.name.as_str(), h.disk_free_bytes))
+        .collect();
     for guest in by_cost(guests, source.link) {
         // What it sends, once: the same whichever host takes it.
         let bytes = guest.cost(source.link).bytes;
@@ -244,6 +255,17 @@ pub fn place_with(
                 ));
                 continue;
             }
+            if let Some(disk) = disk_free[host.name.as_str()] {
+                if disk < guest.copied_disk_bytes {
+                    reasons.push(format!(
+                        "{}: {} MiB free for copied disks, the guest's local disks need {} MiB",
+                        host.name,
+                        disk >> 20,
+                        guest.copied_disk_bytes.div_ceil(1 << 20)
+                    ));
+                    continue;
+                }
+            }
             let (secs, count) = load.get(host.name.as_str()).copied().unwrap_or_default();
             let after = secs + bytes / host.link;
             if best.is_none_or(|(_, s, c)| (after, count) < (s, c)) {
@@ -253,6 +275,9 @@ pub fn place_with(
         match best {
             Some((host, after, count)) => {
                 *free.get_mut(host.name.as_str()).expect("listed") -= guest.memory_bytes;
+                if let Some(Some(disk)) = disk_free.get_mut(host.name.as_str()) {
+                    *disk -= guest.copied_disk_bytes;
+                }
                 load.insert(host.name.clone(), (after, count + 1));
                 placement
                     .destination
@@ -317,6 +342,7 @@ pub(crate) mod tests {
             name: name.into(),
             link: link_mib * MIB,
             ram_free_bytes: free_mib << 20,
+            disk_free_bytes: None,
             qemu_version: "7.2.19".into(),
             cpu_model: "cpu".into(),
             cordoned: None,
@@ -333,6 +359,7 @@ pub(crate) mod tests {
                 working_set: ws_mib * MIB,
                 rate_is_lower_bound: false,
             },
+            copied_disk_bytes: 0,
         }
     }
 
@@ -394,6 +421,43 @@ pub(crate) mod tests {
         assert!(reason.contains("QEMU 6.2.0"), "{reason}");
         assert!(reason.contains("CPU \"different\""), "{reason}");
         assert!(reason.contains("cordoned (maintenance)"), "{reason}");
+    }
+
+    #[test]
+    fn local_disks_go_only_where_there_is_space_for_them() {
+        let a = host("a", 100.0, 4096);
+        let mut roomy = host("b", 100.0, 4096);
+        roomy.disk_free_bytes = Some(3 << 30);
+        let mut full = host("c", 100.0, 4096);
+        full.disk_free_bytes = Some(1 << 30);
+        let with_disk = |name: &str| {
+            let mut g = writer(name, 256, 0.0, 0.0);
+            g.copied_disk_bytes = 2 << 30;
+            g
+        };
+        let guests = [with_disk("d1"), with_disk("d2")];
+        let hosts = [a.clone(), roomy, full];
+        let p = place(&guests, &a, &hosts, &[]);
+        // The first takes b's space; c never had enough; the second waits
+        // on neither RAM nor spread but on disk, and says so for each.
+        assert_eq!(p.destination.len(), 1, "{p:?}");
+        assert_eq!(p.destination.values().next().unwrap(), "b");
+        let (_, reason) = p.unplaceable.iter().next().unwrap();
+        assert!(
+            reason.contains(
+                "b: 1024 MiB free for copied disks, the guest's local disks need 2048 MiB"
+            ),
+            "{reason}"
+        );
+        assert!(
+            reason.contains("c: 1024 MiB free for copied disks"),
+            "{reason}"
+        );
+        // A guest whose disks are all shared, or a host that does not
+        // report its space, is not held back.
+        let shared = [writer("s", 256, 0.0, 0.0), with_disk("d3")];
+        let p = place(&shared, &a, &[a.clone(), host("e", 100.0, 4096)], &[]);
+        assert!(p.unplaceable.is_empty(), "{p:?}");
     }
 
     fn on_all(p: &Placement, h: &str) -> usize {

@@ -156,6 +156,7 @@ pub fn host_of(record: &HostRecord, cordon: Option<&cluster::Cordon>) -> Host {
         name: record.name.clone(),
         link: f64::from(record.link_mib_s.unwrap_or(DEFAULT_LINK_MIB_S)) * 1048576.0,
         ram_free_bytes: record.ram_free_mib << 20,
+        disk_free_bytes: record.disk_free_mib.map(|mib| mib << 20),
         qemu_version: record.qemu_version.clone(),
         cpu_model: record.cpu_model.clone(),
         cordoned: cordon.map(|c| c.reason.clone()),
@@ -282,6 +283,12 @@ async fn measure_guests(agents: &Agents, host: &str, uri: &str, guests: &mut [Su
                     working_set: report.model.working_set,
                     rate_is_lower_bound: report.model.rate_is_lower_bound,
                 };
+                guest.copied_disk_bytes = report
+                    .disks
+                    .iter()
+                    .filter(|d| !d.shared)
+                    .map(|d| d.size_bytes)
+                    .sum();
                 guests[i].measured = true;
             }
             Err(e) => {

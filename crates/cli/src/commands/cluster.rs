@@ -76,8 +76,8 @@ pub async fn hosts(
         return super::json(&rows);
     }
     let mut out = format!(
-        "{:<16} {:<24} {:<8} {:>10} {:>8}  {:<10} {}\n",
-        "NAME", "AGENT", "QEMU", "RAM FREE", "DOMAINS", "STATE", "CPU"
+        "{:<16} {:<24} {:<8} {:>10} {:>11} {:>8}  {:<10} {}\n",
+        "NAME", "AGENT", "QEMU", "RAM FREE", "DISK FREE", "DOMAINS", "STATE", "CPU"
     );
     for h in &hosts {
         let state = if cordons.contains_key(&h.name) {
@@ -86,11 +86,13 @@ pub async fn hosts(
             "ready"
         };
         out.push_str(&format!(
-            "{:<16} {:<24} {:<8} {:>6} MiB {:>8}  {:<10} {}\n",
+            "{:<16} {:<24} {:<8} {:>6} MiB {:>11} {:>8}  {:<10} {}\n",
             h.name,
             h.agent_uri,
             h.qemu_version,
             h.ram_free_mib,
+            h.disk_free_mib
+                .map_or_else(|| "-".to_string(), |mib| format!("{mib} MiB")),
             h.domains.len(),
             state,
             h.cpu_model

@@ -80,6 +80,8 @@ async fn agents_register_their_hosts_and_are_gone_within_their_lease_of_dying() 
     assert_eq!(record["labels"]["rack"], "r1");
     assert_eq!(record["link_mib_s"], 100);
     assert!(record["ram_free_mib"].as_u64().unwrap() > 0);
+    // The space its image directories have for guests' copied disks.
+    assert!(record["disk_free_mib"].as_u64().unwrap() > 0);
     assert!(record["qemu_version"].as_str().unwrap().starts_with("7."));
 
     // b's agent dies without a word: its lease runs out.
