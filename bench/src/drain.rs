@@ -70,6 +70,8 @@ pub struct Run {
     pub converged: usize,
     /// Guests whose memory checks passed.
     pub intact: usize,
+    /// Migrations that switched to post-copy.
+    pub postcopy: usize,
     /// Who made the jobs converge.
     pub converge: String,
     /// Why each migration that did not complete failed.
@@ -91,7 +93,15 @@ pub struct Options {
     pub livemigd: PathBuf,
     /// The fixed policies' convergence.
     pub baseline_converge: ConvergeMode,
+    /// Every guest may go to post-copy when the adaptive controller finds
+    /// that no throttle converges it (a writer held by the slice floor):
+    /// through a cluster policy for livemig's drain, through the migrate
+    /// flag for the fixed policies on the adaptive controller.
+    pub allow_postcopy: bool,
 }
+
+/// The label every benchmark guest carries, and the policy that selects it.
+const LABEL: (&str, &str) = ("bench", "drain");
 
 fn per_host(policy: &str) -> Result<Option<usize>> {
     Ok(match policy {
@@ -136,6 +146,21 @@ pub async fn run(options: Options) -> Result<Vec<Run>> {
     })
     .await?;
     let result = async {
+        if options.allow_postcopy {
+            fleet
+                .cluster
+                .set_policy(&cluster::Policy {
+                    name: "drain-bench".into(),
+                    selector: [(LABEL.0.to_string(), LABEL.1.to_string())].into(),
+                    converge: Some(ConvergeMode::Adaptive),
+                    max_downtime_ms: None,
+                    max_throttle_pct: None,
+                    bandwidth_mib_s: None,
+                    timeout_s: None,
+                    allow_postcopy: true,
+                })
+                .await?;
+        }
         let mut runs = Vec::new();
         for rep in 1..=options.reps {
             let mut order = options.policies.clone();
@@ -242,6 +267,14 @@ async fn one(
             .filter(|r| r.status == JobStatus::Completed)
             .count(),
         intact,
+        postcopy: records
+            .iter()
+            .filter(|r| {
+                r.actions
+                    .iter()
+                    .any(|a| a.action == protocol::job::ActionKind::Postcopy)
+            })
+            .count(),
         converge: converge.to_string(),
         failures: records
             .iter()
@@ -289,12 +322,15 @@ async fn reset(fleet: &LocalFleet, kernel: &Path) -> Result<Vec<(String, PathBuf
     fleet.cluster.uncordon(HOSTS[0]).await?;
     let a = &fleet.clients[0];
     for (name, memory, working_set, spin) in GUESTS {
-        let definition = DomainDefinition::from_toml(&guest::definition_toml(
+        let mut definition = DomainDefinition::from_toml(&guest::definition_toml(
             name,
             memory,
             kernel,
             Workload::busy(working_set, spin),
         ))?;
+        definition
+            .labels
+            .insert(LABEL.0.to_string(), LABEL.1.to_string());
         let definition = DefinitionDoc(definition.to_document());
         a.call(call::Define { definition }, Duration::from_secs(30))
             .await?;
@@ -424,6 +460,8 @@ async fn fixed(
                     .then_some(ConvergeMode::Adaptive),
                 bandwidth: Some(options.link),
                 timeout: Some(TIMEOUT.as_secs()),
+                allow_postcopy: options.allow_postcopy
+                    && options.baseline_converge == ConvergeMode::Adaptive,
                 ..MigrateOptions::default()
             };
             let started = a

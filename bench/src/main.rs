@@ -252,6 +252,11 @@ enum Command {
         /// controller: only the schedule differs) or qemu (auto-converge).
         #[arg(long, default_value = "adaptive")]
         baseline_converge: String,
+        /// Let every guest go to post-copy when no throttle converges it
+        /// (livemig's drain through a cluster policy, the fixed policies
+        /// on the adaptive controller through the migrate flag).
+        #[arg(long)]
+        allow_postcopy: bool,
         #[arg(long)]
         livemigd: Option<PathBuf>,
     },
@@ -709,6 +714,7 @@ async fn run(cli: Cli) -> Result<()> {
             link,
             policies,
             baseline_converge,
+            allow_postcopy,
             livemigd: path,
         } => {
             let baseline_converge = ConvergeMode::from_name(&baseline_converge)
@@ -721,6 +727,7 @@ async fn run(cli: Cli) -> Result<()> {
                 json,
                 livemigd: livemigd(path),
                 baseline_converge,
+                allow_postcopy,
             })
             .await?;
             drain_summary(json, &runs);
