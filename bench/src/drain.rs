@@ -76,6 +76,18 @@ pub struct Run {
     pub converge: String,
     /// Why each migration that did not complete failed.
     pub failures: Vec<String>,
+    /// Each migration: when it started and ended, from the drain's start.
+    pub jobs: Vec<JobSpan>,
+}
+
+/// One migration of a run.
+#[derive(Debug, Serialize)]
+pub struct JobSpan {
+    pub domain: String,
+    pub start_s: f64,
+    pub end_s: f64,
+    pub max_cpu_throttle_pct: f64,
+    pub guest_work_lost_s: f64,
 }
 
 /// What to run.
@@ -228,6 +240,7 @@ async fn one(
         bail!("no room for {:?}", placement.unplaceable);
     }
     let network_bound_s = plan::lower_bound(&guests, &survey.source, &survey.hosts, &placement);
+    let t0_ms = cluster::now_ms();
     let (makespan_s, records, converge) = match per_host(policy)? {
         _ if policy == "livemig" => {
             let (secs, records) = by_controller(fleet).await?;
@@ -280,6 +293,16 @@ async fn one(
             .iter()
             .filter(|r| r.status != JobStatus::Completed)
             .map(|r| format!("{}: {}", r.domain, r.error.clone().unwrap_or_default()))
+            .collect(),
+        jobs: records
+            .iter()
+            .map(|r| JobSpan {
+                domain: r.domain.clone(),
+                start_s: r.started_at_ms.saturating_sub(t0_ms) as f64 / 1000.0,
+                end_s: r.finished_at_ms.saturating_sub(t0_ms) as f64 / 1000.0,
+                max_cpu_throttle_pct: r.max_cpu_throttle_pct,
+                guest_work_lost_s: r.as_info().guest_work_lost_s,
+            })
             .collect(),
     };
     Ok((run, longest))

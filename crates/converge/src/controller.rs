@@ -376,6 +376,22 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
         throttle = throttle.max(1.0 - (1.0 - obs.throttle) / SATURATED_STEP);
     }
     throttle = throttle.min(policy.max_throttle);
+    // Stalled at the highest throttle: there is nothing left to escalate
+    // to, and waiting is a lottery (a burst of dirt in each slice the
+    // vCPU gets, or a host too busy to send); post-copy ends it if the
+    // user allows it.
+    let at_most = obs.throttle >= policy.max_throttle - 1e-9 && obs.throttle > 0.0;
+    if at_most && stalled(since_change, STALL_WINDOW) && policy.allow_postcopy && !next.postcopy
+    {
+        next.postcopy = true;
+        actions.push(Action::Postcopy {
+            why: format!(
+                "passes stopped shrinking at the highest throttle, {:.1}%: {:.0} MiB left",
+                policy.max_throttle * 100.0,
+                dirtied / MIB
+            ),
+        });
+    }
 
     if worth_changing(state.throttle, throttle) {
         let measured = if next.model.rate_is_lower_bound {

@@ -376,6 +376,36 @@ fn passes_that_stop_shrinking_under_throttle_escalate_it() {
 }
 
 #[test]
+fn passes_that_stop_shrinking_at_the_highest_throttle_go_to_postcopy_when_allowed() {
+    // As in a drain on two busy cores: the hot guest at 99.9 % for 27 s,
+    // its passes holding at 50-60 MiB whatever the model said.
+    let flat = [58.0, 57.0, 59.0, 58.0];
+    let run = |p: &Policy| {
+        let mut state = throttled_at(p, 0.999);
+        let mut postcopy_at = None;
+        for (i, remaining) in flat.iter().enumerate() {
+            let d = sync(&state, p, 10.0 + i as f64, *remaining, 1.0);
+            if postcopy_at.is_none()
+                && d.actions
+                    .iter()
+                    .any(|a| matches!(a, Action::Postcopy { .. }))
+            {
+                postcopy_at = Some(i);
+            }
+            state = d.state;
+        }
+        postcopy_at
+    };
+    let allowed = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    // After the stall window (two passes with no new low), not before.
+    assert_eq!(run(&allowed), Some(2));
+    assert_eq!(run(&policy()), None, "post-copy only when allowed");
+}
+
+#[test]
 fn a_guest_that_calms_down_gets_its_throttle_lifted() {
     let p = policy();
     let state = throttled_at(&p, 0.9);
