@@ -381,8 +381,7 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     // vCPU gets, or a host too busy to send); post-copy ends it if the
     // user allows it.
     let at_most = obs.throttle >= policy.max_throttle - 1e-9 && obs.throttle > 0.0;
-    if at_most && stalled(since_change, STALL_WINDOW) && policy.allow_postcopy && !next.postcopy
-    {
+    if at_most && stalled(since_change, STALL_WINDOW) && policy.allow_postcopy && !next.postcopy {
         next.postcopy = true;
         actions.push(Action::Postcopy {
             why: format!(
