@@ -8,7 +8,9 @@
 //! of full-speed guest time lost to throttling and downtime. A guest that
 //! converges on its own costs nothing unthrottled, so it is never
 //! throttled; one that does not is throttled once, to the level that
-//! finishes in the fewest, shortest passes. When every pass saturates at
+//! finishes in the fewest, shortest passes (among the throttles that
+//! finish within a quarter of the fastest: where every throttle costs the
+//! same work, the cost alone would pick the slowest). When every pass saturates at
 //! the working set the true rate is unknown (only a lower bound), so the
 //! throttle escalates until a pass comes back smaller than the working set
 //! and gives a real measurement; from then on the throttle can also go down.
@@ -314,11 +316,10 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     // tenth of the link (a pass that sent the working set while the guest
     // refilled it reads exactly the link; a first pass that also sent the
     // rest of the memory in use reads less): no throttle that tames the
-    // bound is known to tame the guest,
-    // and the pass wasted on finding out lasts as long as the working set
-    // takes to send. Plan for the worst the measurement allows; the next
-    // pass, short of the working set, measures the rate and the throttle
-    // comes down if it shows room.
+    // bound is known to tame the guest, and the pass wasted on finding
+    // out lasts as long as the working set takes to send. Plan for the
+    // worst the measurement allows; the next pass, short of the working
+    // set, measures the rate and the throttle comes down if it shows room.
     let plan = if saturated
         && obs.throttle <= 0.0
         && next.model.rate_is_lower_bound

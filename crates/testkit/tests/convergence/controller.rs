@@ -39,6 +39,18 @@ fn flags(converge: ConvergeMode) -> MigrateOptions {
     }
 }
 
+/// The controller's options on a link slow enough that the busy guest's
+/// migration outlasts the pre-flight measurement (1 s and 3 s of
+/// sampling), so that its job carries the measurement and a prediction:
+/// at 16 MiB/s the controller, planning for the worst from the first
+/// saturated pass, is done in about two seconds.
+fn measured_flags() -> MigrateOptions {
+    MigrateOptions {
+        bandwidth: Some(6),
+        ..flags(ConvergeMode::Adaptive)
+    }
+}
+
 fn actions(record: &JobRecord, kind: &str) -> Vec<f64> {
     record
         .actions
@@ -58,7 +70,7 @@ async fn adaptive_migration_of_a_busy_guest_throttles_then_releases() {
     let bed = TestBed::new().await;
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
 
-    let record = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
+    let record = a.migrate("vm", &b, measured_flags()).await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
     assert_eq!(record.converge, ConvergeMode::Adaptive);
@@ -136,7 +148,7 @@ async fn estimate_is_calibrated_on_the_domains_past_migrations_from_this_host() 
     let bed = TestBed::new().await;
     // A guest the controller has to help: its jobs predict their time.
     let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
-    let first = a.migrate("vm", &b, flags(ConvergeMode::Adaptive)).await;
+    let first = a.migrate("vm", &b, measured_flags()).await;
     assert_eq!(first.status, JobStatus::Completed, "{first:#?}");
     let predicted = first.predicted_total_ms.expect("a prediction") as f64;
 
