@@ -88,6 +88,8 @@ pub struct JobSpan {
     pub end_s: f64,
     pub max_cpu_throttle_pct: f64,
     pub guest_work_lost_s: f64,
+    /// The controller's decisions, each with its time and reason.
+    pub actions: Vec<protocol::job::TimedAction>,
 }
 
 /// What to run.
@@ -302,6 +304,7 @@ async fn one(
                 end_s: r.finished_at_ms.saturating_sub(t0_ms) as f64 / 1000.0,
                 max_cpu_throttle_pct: r.max_cpu_throttle_pct,
                 guest_work_lost_s: r.as_info().guest_work_lost_s,
+                actions: r.actions.clone(),
             })
             .collect(),
     };
