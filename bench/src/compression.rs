@@ -27,14 +27,13 @@ use serde::Serialize;
 
 use crate::convergence::Hosts;
 use crate::median;
+use crate::procstat::cpu_seconds;
 use crate::storage::define_and_start;
 
 const MEMORY_MIB: u32 = 384;
 const WORKING_SET_MIB: u32 = 256;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const JOB_TIMEOUT: Duration = Duration::from_secs(300);
-/// Linux's USER_HZ on x86-64: the unit of `/proc/PID/stat`'s CPU times.
-const CLOCK_TICKS: f64 = 100.0;
 
 /// One migration.
 #[derive(Debug, Clone, Serialize)]
@@ -89,18 +88,6 @@ fn options(method: &str) -> Result<MigrateOptions> {
 
 async fn request(client: &Client, request: Request) -> Result<Reply> {
     Ok(client.request(request, REQUEST_TIMEOUT).await?)
-}
-
-/// A process's user and system CPU time, seconds.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name's closing parenthesis: state is field 3,
-    // utime and stime fields 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / CLOCK_TICKS)
 }
 
 async fn qemu_pid(client: &Client, name: &str) -> Result<Option<u32>> {
@@ -336,10 +323,5 @@ mod tests {
         assert_eq!(zstd.comp_methods, [CompMethod::Zstd]);
         assert!(migration::Flags::new(zstd).is_ok());
         assert!(options("lz4").is_err());
-    }
-
-    #[test]
-    fn cpu_time_of_this_process_is_read() {
-        assert!(cpu_seconds(std::process::id()).is_some());
     }
 }

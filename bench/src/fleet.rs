@@ -22,6 +22,8 @@ use anyhow::{Context, Result};
 use cluster::{Cluster, Endpoints, HostRecord, TlsFiles};
 use converge::model::DirtyModel;
 use fleet::plan::{self, Guest, Host};
+
+use crate::procstat::{cpu_ticks, percentile, rss_mib};
 use fleet::schedule::{self, Caps, Move, Policy};
 use serde::Serialize;
 
@@ -240,32 +242,6 @@ pub struct StoreResult {
     pub failures: usize,
 }
 
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    values[((values.len() - 1) as f64 * p).round() as usize]
-}
-
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 /// Runs etcd under `agents` simulated agents for `seconds`.
 ///
 /// # Errors
@@ -380,6 +356,8 @@ pub async fn store(dir: &Path, agents: usize, seconds: u64) -> Result<StoreResul
     let _ = stop.send(true);
     while tasks.join_next().await.is_some() {}
     let mut writes = writes.lock().expect("not poisoned").clone();
+    writes.sort_by(f64::total_cmp);
+    reads.sort_by(f64::total_cmp);
     let clock = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -388,10 +366,10 @@ pub async fn store(dir: &Path, agents: usize, seconds: u64) -> Result<StoreResul
         agents,
         seconds: elapsed,
         refreshes: writes.len(),
-        agent_read_p50_ms: percentile(&mut writes, 0.5),
-        agent_read_p99_ms: percentile(&mut writes, 0.99),
-        read_p50_ms: percentile(&mut reads, 0.5),
-        read_p99_ms: percentile(&mut reads, 0.99),
+        agent_read_p50_ms: percentile(&writes, 50.0),
+        agent_read_p99_ms: percentile(&writes, 99.0),
+        read_p50_ms: percentile(&reads, 50.0),
+        read_p99_ms: percentile(&reads, 99.0),
         etcd_cpu: ticks as f64 / clock / elapsed,
         etcd_rss_mib: rss,
         failures: failures.load(std::sync::atomic::Ordering::Relaxed),

@@ -14,6 +14,7 @@ use protocol::{Client, Request};
 use serde::Serialize;
 
 use crate::convergence::Hosts;
+use crate::procstat::percentile;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -37,14 +38,6 @@ pub struct LoadReport {
     pub requests_per_second: f64,
     pub migrations_completed: usize,
     pub latencies: Vec<Latency>,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 pub async fn run(

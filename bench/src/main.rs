@@ -58,6 +58,7 @@ mod drain;
 mod fleet;
 mod libvirt;
 mod load;
+mod procstat;
 mod sampler;
 mod start;
 mod storage;

@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::convergence::Hosts;
 use crate::median;
+use crate::procstat::percentile;
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 const MEMORY_MIB: u32 = 512;
@@ -54,14 +55,6 @@ pub struct TlsSummary {
     pub plain_median_throughput_mib_s: Option<f64>,
     pub tls_median_throughput_mib_s: Option<f64>,
     pub latencies: Vec<Latency>,
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
 }
 
 async fn request(client: &Client, request: Request) -> Result<Reply> {
