@@ -373,18 +373,6 @@ fn estimate_text(t: &convergence::Trial) -> String {
     text
 }
 
-/// This process's peak resident memory, MiB.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 /// Medians per policy, and livemig's against the bound and each other.
 fn drain_summary(json: bool, runs: &[drain::Run]) {
     let mut policies: Vec<&str> = runs.iter().map(|r| r.policy.as_str()).collect();
@@ -679,7 +667,7 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                 );
             }
-            let peak = peak_rss_mib();
+            let peak = procstat::status_mib(std::process::id(), "VmHWM");
             emit(
                 json,
                 &serde_json::json!({"planning_wall_s": plan_wall, "peak_rss_mib": peak}),

@@ -21,11 +21,17 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
 
 /// Resident memory of process `pid`, MiB (0 when unreadable).
 pub fn rss_mib(pid: u32) -> f64 {
+    status_mib(pid, "VmRSS")
+}
+
+/// A memory figure of process `pid`'s `/proc/PID/status` (`VmRSS`,
+/// `VmHWM`: its peak), MiB (0 when unreadable).
+pub fn status_mib(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.split_once(':').is_some_and(|(name, _)| name == field))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(0.0, |kib| kib / 1024.0)
@@ -49,6 +55,7 @@ mod tests {
         let me = std::process::id();
         assert!(cpu_seconds(me).is_some());
         assert!(rss_mib(me) > 0.0);
+        assert!(status_mib(me, "VmHWM") >= rss_mib(me));
     }
 
     #[test]
