@@ -55,7 +55,7 @@ mod tests {
         let me = std::process::id();
         assert!(cpu_seconds(me).is_some());
         assert!(rss_mib(me) > 0.0);
-        assert!(status_mib(me, "VmHWM") >= rss_mib(me));
+        assert!(status_mib(me, "VmHWM") > 0.0);
     }
 
     #[test]
