@@ -223,6 +223,17 @@ mod tests {
         assert!((m.rate / MIB - 250.0).abs() < 0.01);
     }
 
+    /// The sweep's policy: 99.9 % at most, a 300 ms downtime it keeps.
+    fn controller_policy(budget: Option<f64>) -> Policy {
+        Policy {
+            max_throttle: 0.999,
+            downtime: 0.3,
+            max_downtime: 0.3,
+            budget,
+            allow_postcopy: false,
+        }
+    }
+
     #[test]
     fn a_bound_at_the_link_is_not_taken_to_converge_on_its_own() {
         // As the sweep measured a guest at the link's rate over 64 MiB:
@@ -236,14 +247,7 @@ mod tests {
             working_set: 64.0 * MIB,
             rate_is_lower_bound: true,
         };
-        let policy = Policy {
-            max_throttle: 0.999,
-            downtime: 0.3,
-            max_downtime: 0.3,
-            budget: None,
-            allow_postcopy: false,
-        };
-        let p = predict(model, 256.0 * MIB, 64.0 * MIB, &policy);
+        let p = predict(model, 256.0 * MIB, 64.0 * MIB, &controller_policy(None));
         assert!(p.measured.adaptive.converges);
         assert!(
             p.measured.adaptive.total_secs < 8.0,
@@ -266,16 +270,14 @@ mod tests {
             working_set: 256.0 * MIB,
             rate_is_lower_bound: false,
         };
-        let policy = Policy {
-            max_throttle: 0.999,
-            downtime: 0.3,
-            max_downtime: 0.3,
-            budget: Some(120.0),
-            allow_postcopy: false,
-        };
-        let p = predict(model, 256.0 * MIB, 64.0 * MIB, &policy)
-            .measured
-            .adaptive;
+        let p = predict(
+            model,
+            256.0 * MIB,
+            64.0 * MIB,
+            &controller_policy(Some(120.0)),
+        )
+        .measured
+        .adaptive;
         assert!(p.converges);
         assert!(p.total_secs < 12.0 && p.passes < 8, "{p:?}");
     }

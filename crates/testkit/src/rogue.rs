@@ -152,4 +152,19 @@ impl RoguePeer {
     pub fn uri(&self) -> &str {
         &self.uri
     }
+
+    /// Migrates `domain` from `source` to this peer and waits for the job
+    /// to end. The migration must start: the peer looks genuine.
+    pub async fn migrate_from(
+        &self,
+        source: &Host,
+        domain: &str,
+        options: protocol::MigrateOptions,
+    ) -> protocol::job::JobRecord {
+        let id = source
+            .start_migration(domain, &self.uri, options)
+            .await
+            .expect("the migration starts: the peer looks genuine");
+        source.wait_job(&id).await
+    }
 }

@@ -20,19 +20,17 @@ async fn with_tls_the_destination_admits_only_the_qemu_of_the_agent_that_asked()
     // The rogue relays everything unchanged: b prepares for the rogue's
     // certificate, while the stream comes from a's QEMU with a's.
     let rogue = RoguePeer::start(&bed, &b, Arc::new(|reply| reply)).await;
-    let id = a
-        .start_migration(
+    let record = rogue
+        .migrate_from(
+            &a,
             "vm",
-            rogue.uri(),
             MigrateOptions {
                 live: true,
                 tls: true,
                 ..Default::default()
             },
         )
-        .await
-        .unwrap();
-    let record = a.wait_job(&id).await;
+        .await;
 
     assert_eq!(record.status, JobStatus::Failed, "{record:?}");
     let log = std::fs::read_to_string(b.state_dir().join("logs/vm.qemu.log")).unwrap_or_default();

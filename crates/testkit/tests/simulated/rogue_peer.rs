@@ -51,18 +51,16 @@ async fn a_compromised_peer_cannot_make_the_source_run_a_command_or_send_the_gue
             }),
         )
         .await;
-        let id = a
-            .start_migration(
+        let record = rogue
+            .migrate_from(
+                &a,
                 "vm",
-                rogue.uri(),
                 MigrateOptions {
                     live: true,
                     ..Default::default()
                 },
             )
-            .await
-            .expect("the migration starts: the peer looks genuine");
-        let record = a.wait_job(&id).await;
+            .await;
 
         assert_eq!(record.status, JobStatus::Failed, "{evil}: {record:?}");
         let error = record.error.clone().unwrap_or_default();
@@ -114,19 +112,17 @@ async fn a_compromised_peer_cannot_send_the_guest_s_disk_to_another_host() {
         }),
     )
     .await;
-    let id = a
-        .start_migration(
+    let record = rogue
+        .migrate_from(
+            &a,
             "vm",
-            rogue.uri(),
             MigrateOptions {
                 live: true,
                 copy_storage_all: true,
                 ..Default::default()
             },
         )
-        .await
-        .expect("the migration starts: the peer looks genuine");
-    let record = a.wait_job(&id).await;
+        .await;
 
     assert_eq!(record.status, JobStatus::Failed, "{record:?}");
     let error = record.error.clone().unwrap_or_default();

@@ -42,7 +42,7 @@ pub(crate) async fn finish(
         if job.ident.flags.landing().persistent {
             // `--persistent-xml` was checked at Prepare: it is kept for the
             // next start, as `define` on a running domain.
-            let kept = super::prepare::persistent_definition(&job.ident.flags, &job.definition)
+            let kept = crate::migrate::persistent_definition(&job.ident.flags, &job.definition)
                 .ok()
                 .flatten()
                 .unwrap_or_else(|| job.definition.clone());

@@ -115,7 +115,7 @@ pub(crate) async fn prepare(
         .map(|d| d.definition)
         .collect();
     admission::own_files(&req.definition, &others).await?;
-    if let Some(next) = persistent_definition(&req.flags, &req.definition)? {
+    if let Some(next) = crate::migrate::persistent_definition(&req.flags, &req.definition)? {
         agent.check_paths(&next).await?;
         admission::own_files(&next, &others).await?;
     }
@@ -128,33 +128,6 @@ pub(crate) async fn prepare(
     }
     .instrument(span)
     .await
-}
-
-/// `--persistent-xml`'s definition, for the domain's next start: under
-/// the arriving name.
-///
-/// # Errors
-/// A malformed one, or one under another name.
-pub(super) fn persistent_definition(
-    flags: &Flags,
-    arriving: &DomainDefinition,
-) -> Result<Option<DomainDefinition>, ApiError> {
-    let Some(doc) = &flags.options().persistent_xml else {
-        return Ok(None);
-    };
-    let next = DomainDefinition::from_document(doc.0.clone()).map_err(|e| {
-        ApiError::new(
-            ErrorCode::InvalidDefinition,
-            format!("--persistent-xml: {e}"),
-        )
-    })?;
-    if next.name != arriving.name {
-        return Err(errors::invalid(format!(
-            "--persistent-xml defines domain '{}', not '{}'",
-            next.name, arriving.name
-        )));
-    }
-    Ok(Some(next))
 }
 
 async fn prepare_offline(
@@ -183,7 +156,7 @@ async fn prepare_offline(
         agent.table.drop_if_transient_and_idle(&name);
         return Err(e);
     }
-    let kept = persistent_definition(&req.flags, &req.definition)?
+    let kept = crate::migrate::persistent_definition(&req.flags, &req.definition)?
         .unwrap_or_else(|| req.definition.clone());
     if let Err(e) = agent.store.save_definition(&kept).await {
         agent.table.drop_if_transient_and_idle(&name);

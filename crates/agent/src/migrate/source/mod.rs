@@ -63,20 +63,8 @@ pub(crate) async fn begin(
     let (def, vm, tunables) = agent.table.migratable(name, flags.offline())?;
 
     let outgoing = outgoing_definition(&def, &flags)?;
-    if let Some(doc) = &flags.options().persistent_xml {
-        let next = DomainDefinition::from_document(doc.0.clone()).map_err(|e| {
-            ApiError::new(
-                ErrorCode::InvalidDefinition,
-                format!("--persistent-xml: {e}"),
-            )
-        })?;
-        if next.name != outgoing.name {
-            return Err(errors::invalid(format!(
-                "--persistent-xml defines domain '{}', but the domain arrives as '{}'",
-                next.name, outgoing.name
-            )));
-        }
-    }
+    // Refused here already, before the destination refuses it too.
+    crate::migrate::persistent_definition(&flags, &outgoing)?;
     let storage: Vec<String> = migration::storage::disks_to_copy(&def, flags.options())
         .map_err(|e| errors::invalid(e.to_string()))?
         .into_iter()
