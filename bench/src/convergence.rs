@@ -22,6 +22,7 @@ use protocol::Reply;
 use protocol::{Client, Request};
 use protocol::{ConvergeMode, MigrateOptions};
 use serde::Serialize;
+use types::units::MIB_F64;
 
 use crate::median;
 use crate::sampler::Sampler;
@@ -139,8 +140,40 @@ pub struct Trial {
     /// Its time calibrated on the earlier repetitions, and on how many.
     pub calibrated_total_ms: Option<u64>,
     pub calibration_jobs: Option<u32>,
+    /// With `--estimate`: what it measured and assumed (the first pass's
+    /// bytes, the fitted rate and working set, MiB and MiB/s), to tell a
+    /// model that is wrong from a measurement that is.
+    pub estimated_first_pass_mib: Option<f64>,
+    pub estimated_rate_mib_s: Option<f64>,
+    pub estimated_working_set_mib: Option<f64>,
+    pub estimated_rate_is_lower_bound: Option<bool>,
     /// The job's timeline (controller decisions, escalations).
     pub actions: Vec<protocol::job::TimedAction>,
+    /// Where each pass over memory began: ms into the job, and MiB sent
+    /// by then (from the job's samples).
+    pub passes: Vec<PassStart>,
+}
+
+/// The first sample of a pass.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PassStart {
+    pub pass: u64,
+    pub t_ms: u64,
+    pub sent_mib: f64,
+}
+
+fn pass_starts(samples: &[protocol::job::Sample]) -> Vec<PassStart> {
+    let mut starts: Vec<PassStart> = Vec::new();
+    for s in samples {
+        if starts.last().is_none_or(|last| s.pass > last.pass) {
+            starts.push(PassStart {
+                pass: s.pass,
+                t_ms: s.t_ms,
+                sent_mib: s.transferred_bytes as f64 / MIB_F64,
+            });
+        }
+    }
+    starts
 }
 
 /// What `estimate` predicted for one policy.
@@ -149,6 +182,10 @@ struct Estimated {
     converges: bool,
     calibrated_ms: Option<u64>,
     calibration_jobs: Option<u32>,
+    first_pass_mib: f64,
+    rate_mib_s: f64,
+    working_set_mib: f64,
+    rate_is_lower_bound: bool,
 }
 
 async fn estimate(
@@ -184,6 +221,13 @@ async fn estimate(
         converges: prediction.converges,
         calibrated_ms: calibration.map(|c| (c.total_secs * 1000.0) as u64),
         calibration_jobs: calibration.map(|c| c.jobs),
+        first_pass_mib: converge::estimate::first_pass_bytes(
+            report.guest_ram_bytes,
+            report.guest_ram_in_use_bytes,
+        ) / MIB_F64,
+        rate_mib_s: report.model.rate / MIB_F64,
+        working_set_mib: report.model.working_set / MIB_F64,
+        rate_is_lower_bound: report.model.rate_is_lower_bound,
     })
 }
 
@@ -712,6 +756,11 @@ pub async fn trial(
         estimated_converges: estimated.as_ref().map(|e| e.converges),
         calibrated_total_ms: estimated.as_ref().and_then(|e| e.calibrated_ms),
         calibration_jobs: estimated.as_ref().and_then(|e| e.calibration_jobs),
+        estimated_first_pass_mib: estimated.as_ref().map(|e| e.first_pass_mib),
+        estimated_rate_mib_s: estimated.as_ref().map(|e| e.rate_mib_s),
+        estimated_working_set_mib: estimated.as_ref().map(|e| e.working_set_mib),
+        estimated_rate_is_lower_bound: estimated.as_ref().map(|e| e.rate_is_lower_bound),
+        passes: pass_starts(&record.samples),
         actions: record.actions,
     })
 }

@@ -45,9 +45,16 @@ pub struct SweepTrial {
     pub guest_work_lost_s: f64,
     pub max_cpu_throttle_pct: f64,
     pub memory_check: &'static str,
+    pub downtime_ms: Option<u64>,
+    pub transferred_bytes: u64,
+    pub estimated_first_pass_mib: Option<f64>,
+    pub estimated_rate_mib_s: Option<f64>,
+    pub estimated_working_set_mib: Option<f64>,
+    pub estimated_rate_is_lower_bound: Option<bool>,
     /// The controller's decisions (throttle, downtime, post-copy), each
     /// with its time and reason.
     pub actions: Vec<protocol::job::TimedAction>,
+    pub passes: Vec<convergence::PassStart>,
 }
 
 /// A write's cost at spin `s` is `base + per_spin × s` (seconds): the
@@ -206,7 +213,14 @@ pub async fn run(livemigd: &Path, grid: Grid, timeout: u64, json: bool) -> Resul
                             guest_work_lost_s: t.guest_work_lost_s,
                             max_cpu_throttle_pct: t.max_cpu_throttle_pct,
                             memory_check: t.memory_check,
+                            downtime_ms: t.downtime_ms,
+                            transferred_bytes: t.transferred_bytes,
+                            estimated_first_pass_mib: t.estimated_first_pass_mib,
+                            estimated_rate_mib_s: t.estimated_rate_mib_s,
+                            estimated_working_set_mib: t.estimated_working_set_mib,
+                            estimated_rate_is_lower_bound: t.estimated_rate_is_lower_bound,
                             actions: t.actions.clone(),
+                            passes: t.passes.clone(),
                         };
                         let text = format!(
                             "ram {ram_mib} ws {working_set_mib} link {link} rate {} ({:.1}x measured) {policy:<8} converged={} {:>6.1} s = {:.2}x the limit, predicted {}, lost {:.1} s, throttle {:.1} %, memory {}",
