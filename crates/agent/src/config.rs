@@ -82,6 +82,9 @@ pub struct Config {
     pub peers: PeerRules,
     /// The cluster this host joins (`--cluster`), if any.
     pub cluster: Option<ClusterSettings>,
+    /// How often the idle guests' dirty rates are measured in the
+    /// background (`measurements`); none: only when asked.
+    pub measure_every: Option<Duration>,
 }
 
 /// This host's place in a cluster: etcd's endpoints, and what it says of
@@ -139,6 +142,10 @@ fn host_memory_mib() -> Option<u64> {
     Some(kib / 1024)
 }
 
+/// A drain takes a measurement up to two minutes old (see
+/// `fleet::survey`): once a minute keeps one at hand.
+pub const DEFAULT_MEASURE_EVERY: Duration = Duration::from_secs(60);
+
 impl Config {
     /// The defaults, with this state directory, socket and TCP address.
     pub fn new(state_dir: PathBuf, socket: PathBuf, listen: Option<SocketAddr>) -> Self {
@@ -168,6 +175,7 @@ impl Config {
             timeouts: Timeouts::default(),
             peers: PeerRules::default(),
             cluster: None,
+            measure_every: Some(DEFAULT_MEASURE_EVERY),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! (the work is `migration::estimate`'s).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use domain::DomainName;
 use migration::estimate::disks::DiskFacts;
@@ -48,8 +49,12 @@ pub(crate) async fn estimate(
         mechanism: &mechanism,
         disks: &disks,
     };
-    let mut report = migration::estimate::estimate(vm.process.qmp(), subject, params)
+    let measurement = vm
+        .measurements
+        .fresh_or_measure(&vm, params.max_age_s.map(Duration::from_secs))
         .await
+        .map_err(|e| errors::qemu_failed(&e))?;
+    let mut report = migration::estimate::report(&measurement, subject, params)
         .map_err(|e| errors::qemu_failed(&e))?;
     migration::estimate::calibrate(&mut report, &past_jobs(agent, name).await);
     Ok(Reply::Estimate(Box::new(report)))

@@ -10,6 +10,7 @@
 //! - `api`: one handler per request.
 //! - `estimate`: measuring a guest and predicting its migration;
 //!   `measure`: virsh's dirty-rate measurement and XBZRLE cache.
+//!   `measurements`: each guest's last dirty-rate measurement, kept fresh.
 //! - `migrate`: the source and destination halves of a migration.
 //! - `runfile`, `reattach`: what runs, on disk, and taking it over after
 //!   a restart.
@@ -33,6 +34,7 @@ mod estimate;
 pub mod history;
 mod jobs;
 mod measure;
+mod measurements;
 mod membership;
 mod metrics;
 mod migrate;

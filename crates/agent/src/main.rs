@@ -153,6 +153,11 @@ struct Args {
     /// more.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// How often to measure the idle guests' dirty rates in the
+    /// background (500ms, 30s, 2m; `off`), so that a drain plans from a
+    /// recent measurement without measuring first [default: 60s].
+    #[arg(long, value_name = "DURATION")]
+    measure_every: Option<String>,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -229,6 +234,8 @@ struct ConfigFile {
     #[serde(default)]
     peers: PeersFile,
     cluster: Option<ClusterFile>,
+    /// As `--measure-every`.
+    measure_every: Option<String>,
 }
 
 /// `[cluster]`: the cluster this host joins.
@@ -461,6 +468,19 @@ async fn main() -> Result<()> {
     }
     for setting in &args.timeouts {
         config.timeouts.apply(setting).context("--timeout")?;
+    }
+    if let Some(every) = args.measure_every.or(file.measure_every) {
+        config.measure_every = match every.as_str() {
+            "off" => None,
+            text => Some(
+                agent::timeouts::parse_duration(text)
+                    .ok()
+                    .filter(|d| !d.is_zero())
+                    .with_context(|| {
+                        format!("--measure-every {text:?}: a duration (500ms, 30s, 2m) or off")
+                    })?,
+            ),
+        };
     }
     let peers = &mut config.peers;
     peers.allow_replace = file.peers.allow_replace;

@@ -18,4 +18,6 @@ pub(crate) struct RunningVm {
     pub qemu_version: QemuVersion,
     /// The taps of its bridged NICs, removed when it exits.
     pub taps: crate::taps::Taps,
+    /// Its last dirty-rate measurement.
+    pub measurements: crate::measurements::Kept,
 }

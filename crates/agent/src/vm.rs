@@ -167,6 +167,7 @@ pub(crate) async fn launch(
         qemu_log,
         qemu_version: binary.version,
         taps,
+        measurements: Default::default(),
     });
     watch_exit(agent.clone(), name.clone(), vm.clone());
     Ok(vm)

@@ -241,6 +241,12 @@ pub async fn survey(
     })
 }
 
+/// How old an agent's kept measurement of a guest may be for a drain to
+/// plan from it (agents measure their guests every minute by default):
+/// the order and placement need each guest's rough cost, and the jobs
+/// measure again as they run.
+pub const MEASUREMENT_MAX_AGE_S: u64 = 120;
+
 /// Measures every guest at once, each over a connection of its own (an
 /// agent answers one request per connection at a time). A guest that
 /// cannot be measured keeps the idle model and says so.
@@ -260,7 +266,10 @@ async fn measure_guests(agents: &Agents, host: &str, uri: &str, guests: &mut [Su
                         &host,
                         call::Estimate {
                             domain: name.parse().expect("listed by the agent"),
-                            params: EstimateParams::default(),
+                            params: EstimateParams {
+                                max_age_s: Some(MEASUREMENT_MAX_AGE_S),
+                                ..EstimateParams::default()
+                            },
                         },
                     )
                     .await

@@ -14,6 +14,11 @@ pub struct EstimateParams {
     pub timeout_s: Option<u64>,
     /// Highest throttle the controller may use, percent.
     pub max_throttle_pct: Option<f64>,
+    /// Take the agent's last measurement of the guest when it is at most
+    /// this many seconds old, rather than measuring for a few seconds
+    /// (none: measure now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age_s: Option<u64>,
 }
 
 /// One dirty-rate measurement.
@@ -127,6 +132,10 @@ pub struct EstimateReport {
     /// domain with each convergence mode fared; one per mode that has any.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub calibrations: Vec<Calibration>,
+    /// How old the measurement was when the prediction was made, ms (an
+    /// agent keeps its last one: see `max_age_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub measurement_age_ms: Option<u64>,
 }
 
 /// How past jobs with one convergence mode correct its prediction.

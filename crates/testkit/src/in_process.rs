@@ -63,6 +63,10 @@ impl InProcessAgent {
                 ("--timeout", Some(setting)) => {
                     config.timeouts.apply(setting).expect("a timeout setting");
                 }
+                ("--measure-every", Some(every)) => {
+                    config.measure_every = (every != "off")
+                        .then(|| agent::timeouts::parse_duration(every).expect("a duration"));
+                }
                 _ => {}
             }
         }

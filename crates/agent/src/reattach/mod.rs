@@ -66,6 +66,7 @@ pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
             qemu_log: record.qemu_log.clone(),
             qemu_version: record.qemu_version,
             taps: crate::taps::Taps::of(agent.store.root(), &record.definition),
+            measurements: Default::default(),
         });
         agent.table.adopt_vm(&record.definition, vm.clone());
         vm::watch_exit(agent.clone(), name.clone(), vm.clone());

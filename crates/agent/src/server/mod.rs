@@ -181,6 +181,11 @@ pub async fn serve(
         tracing::info!(metrics = %format!("{scheme}://{addr}/metrics"), "serving metrics");
     }
 
+    let measuring = agent
+        .config
+        .measure_every
+        .map(|every| crate::measurements::keep_fresh(agent.clone(), every, leave.clone()));
+
     let mut connections = JoinSet::new();
     let limits = limits::Limits::new(limits::Budget::default());
     tokio::pin!(shutdown);
@@ -206,6 +211,9 @@ pub async fn serve(
     tracing::info!("shutting down");
     watching.abort();
     leave.cancel();
+    if let Some(measuring) = measuring {
+        measuring.abort();
+    }
     if let Some(membership) = membership {
         let _ = tokio::time::timeout(Duration::from_secs(5), membership).await;
     }

@@ -204,6 +204,10 @@ pub enum Command {
         /// Highest throttle the controller may use, percent.
         #[arg(long, value_name = "PCT")]
         max_throttle: Option<f64>,
+        /// Take the agent's last measurement of the guest if it is at most
+        /// this many seconds old, rather than measuring for a few seconds.
+        #[arg(long, value_name = "S")]
+        max_age: Option<u64>,
         #[command(flatten)]
         json: Json,
     },

@@ -171,6 +171,7 @@ pub async fn execute(client: &Client, command: Command) -> Result<String> {
             downtime,
             timeout,
             max_throttle,
+            max_age,
             json,
         } => {
             let params = protocol::estimate::EstimateParams {
@@ -178,6 +179,7 @@ pub async fn execute(client: &Client, command: Command) -> Result<String> {
                 downtime_ms: downtime,
                 timeout_s: timeout,
                 max_throttle_pct: max_throttle,
+                max_age_s: max_age,
             };
             jobs::estimate(client, &domain, params, json.json).await
         }

@@ -54,7 +54,18 @@ pub fn estimate(r: &protocol::estimate::EstimateReport) -> String {
                 None => format!("{} ({})", r.domain, mib(r.guest_ram_bytes)),
             }),
         ),
-        ("Dirtied", Some(windows.join(", "))),
+        (
+            "Dirtied",
+            Some(match r.measurement_age_ms {
+                // A kept measurement (`--max-age`) says how old it is.
+                Some(age) if age >= 1000 => format!(
+                    "{} (measured {:.0} s ago)",
+                    windows.join(", "),
+                    age as f64 / 1000.0
+                ),
+                _ => windows.join(", "),
+            }),
+        ),
         ("Disks", (!disks.is_empty()).then(|| disks.join("; "))),
         (
             "Dirty rate",

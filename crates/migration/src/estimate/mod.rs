@@ -55,6 +55,50 @@ pub struct Subject<'a> {
     pub disks: &'a [disks::DiskFacts],
 }
 
+/// One measurement of a guest: how it dirtied memory over the windows,
+/// and its disks' counters on either side. Kept by an agent, it stands
+/// for the guest until it is too old for the one asking.
+#[derive(Debug, Clone)]
+pub struct Measurement {
+    samples: Vec<converge::estimate::Sample>,
+    disks_before: disks::Counters,
+    disks_after: disks::Counters,
+    /// When it ended.
+    pub taken: tokio::time::Instant,
+}
+
+impl Measurement {
+    /// How long ago it ended.
+    pub fn age(&self) -> std::time::Duration {
+        self.taken.elapsed()
+    }
+
+    /// Its windows.
+    pub fn samples(&self) -> &[converge::estimate::Sample] {
+        &self.samples
+    }
+}
+
+/// Measures the guest behind `qmp` (a few seconds: [`WINDOWS`]); QEMU
+/// runs one measurement at a time, so the caller keeps others off it.
+///
+/// # Errors
+/// [`EstimateError`] when QEMU refuses or gives nothing.
+pub async fn measure(qmp: &Client, ram_bytes: u64) -> Result<Measurement, EstimateError> {
+    let disks_before = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
+    let samples = crate::dirty::measure(qmp, &WINDOWS, ram_bytes as f64).await?;
+    let disks_after = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
+    if samples.is_empty() {
+        return Err(EstimateError::NoSamples);
+    }
+    Ok(Measurement {
+        samples,
+        disks_before,
+        disks_after,
+        taken: tokio::time::Instant::now(),
+    })
+}
+
 /// Measures the guest behind `qmp` and predicts its migration under each
 /// convergence policy.
 ///
@@ -65,11 +109,23 @@ pub async fn estimate(
     subject: Subject<'_>,
     params: EstimateParams,
 ) -> Result<EstimateReport, EstimateError> {
-    let disks_before = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
+    let measurement = measure(qmp, subject.ram_bytes).await?;
+    report(&measurement, subject, params)
+}
+
+/// Predicts the guest's migration under each convergence policy from
+/// `measurement`.
+///
+/// # Errors
+/// [`EstimateError::NoSamples`] when nothing in it can be fitted.
+pub fn report(
+    measurement: &Measurement,
+    subject: Subject<'_>,
+    params: EstimateParams,
+) -> Result<EstimateReport, EstimateError> {
     let ram = subject.ram_bytes as f64;
-    let samples = crate::dirty::measure(qmp, &WINDOWS, ram).await?;
-    let disks_after = disks::counters(qmp).await.map_err(EstimateError::Disks)?;
-    let model = fit(&samples, ram).ok_or(EstimateError::NoSamples)?;
+    let samples = &measurement.samples;
+    let model = fit(samples, ram).ok_or(EstimateError::NoSamples)?;
 
     let given = params
         .bandwidth_mib_s
@@ -100,7 +156,12 @@ pub async fn estimate(
         budget_s: policy.budget,
         max_throttle_pct: Throttle::from_fraction(policy.max_throttle).percent(),
         vcpu_throttle: Some(subject.mechanism.clone()),
-        disks: disks::outlook(subject.disks, &disks_before, &disks_after, bandwidth),
+        disks: disks::outlook(
+            subject.disks,
+            &measurement.disks_before,
+            &measurement.disks_after,
+            bandwidth,
+        ),
         samples: samples.iter().map(wire::dirty_sample).collect(),
         model: wire::dirty_model(&model),
         guest_ram_in_use_bytes: subject.ram_in_use_bytes,
@@ -111,6 +172,7 @@ pub async fn estimate(
             &policy,
         )),
         calibrations: Vec::new(),
+        measurement_age_ms: Some(measurement.age().as_millis() as u64),
     })
 }
 

@@ -129,6 +129,20 @@ pub struct WatchOptions {
     /// The stream is compressed (XBZRLE, zlib, zstd): memory leaves faster
     /// than the link carries bytes.
     pub compressed: bool,
+    /// A measurement of the guest taken shortly before the job (an
+    /// `estimate`, a drain's survey, the agent's own in the background):
+    /// the controller starts from it rather than waiting seconds for the
+    /// pre-flight's own.
+    pub known: Option<Known>,
+}
+
+/// A recent dirty-rate measurement of the guest.
+#[derive(Debug, Clone)]
+pub struct Known {
+    /// Its windows.
+    pub samples: Vec<converge::estimate::Sample>,
+    /// How old it was when the job began.
+    pub age: Duration,
 }
 
 impl Default for WatchOptions {
@@ -150,6 +164,7 @@ impl Default for WatchOptions {
             ram_in_use_bytes: None,
             dirty_ring: false,
             compressed: false,
+            known: None,
         }
     }
 }

@@ -96,6 +96,8 @@ pub(super) struct PreflightPlan {
     pub probe_slice: bool,
     /// The guest has a KVM dirty ring: QEMU can give each vCPU's rate.
     pub dirty_ring: bool,
+    /// A measurement from shortly before the job.
+    pub known: Option<super::Known>,
 }
 
 /// Runs the pre-flight, sending what it learns to the watcher.
@@ -106,6 +108,21 @@ pub(super) async fn preflight(
 ) {
     let cpu_before = plan.selector.as_ref().map(writers::cpu_times);
     let started = Instant::now();
+    // The controller's first decision need not wait for this job's own
+    // measurement (seconds, while a short first pass may be over); this
+    // one still runs, for the vCPUs that write and a current prediction.
+    if let Some(known) = &plan.known {
+        if let Some(model) = fit(&known.samples, plan.ram_bytes) {
+            let _ = tx.send(Preflight::Model(
+                model,
+                format!(
+                    "{} ({:.1} s before the job)",
+                    crate::dirty::describe(&known.samples, &model),
+                    known.age.as_secs_f64()
+                ),
+            ));
+        }
+    }
     let Ok(samples) = crate::dirty::measure(&qmp, &[1, 2], plan.ram_bytes).await else {
         return;
     };

@@ -104,6 +104,7 @@ impl<'a> Watch<'a> {
                 // course: post-copy is the way past it.
                 probe_slice: options.controller.is_some_and(|p| p.allow_postcopy),
                 dirty_ring: options.dirty_ring,
+                known: options.known.clone(),
             };
             tokio::spawn(preflight(qmp.clone(), plan, tx));
             rx

@@ -650,3 +650,128 @@ async fn anyone_who_may_read_follows_every_job_to_its_end_with_watch() {
         "{refused:?}"
     );
 }
+
+/// The start of the last dirty-rate measurement QEMU made of `name`, and
+/// whether it ended.
+async fn last_measurement(host: &testkit::Host, name: &str) -> (Option<i64>, String) {
+    let rate = host
+        .call(protocol::call::DomDirtyRate {
+            domain: name.parse().unwrap(),
+        })
+        .await
+        .unwrap();
+    (rate.start_time, rate.status)
+}
+
+async fn estimate(
+    host: &testkit::Host,
+    name: &str,
+    max_age_s: Option<u64>,
+) -> protocol::estimate::EstimateReport {
+    host.call(protocol::call::Estimate {
+        domain: name.parse().unwrap(),
+        params: protocol::estimate::EstimateParams {
+            bandwidth_mib_s: Some(8),
+            max_age_s,
+            ..Default::default()
+        },
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_agent_keeps_its_guests_measured_and_estimate_and_migrate_start_from_that() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host_args("a", &["--measure-every", "1s"]).await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+
+    // Nobody asked: the agent measured on its own.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let background = loop {
+        let (start, status) = last_measurement(&a, "vm").await;
+        if status == "measured" {
+            break start;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never measured in the background: {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+
+    // A recent one will do: answered from what the agent kept, without
+    // QEMU measuring again.
+    let kept = estimate(&a, "vm", Some(60)).await;
+    let (after, _) = last_measurement(&a, "vm").await;
+    assert_eq!(after, background, "the estimate measured again");
+    assert!(kept.measurement_age_ms.is_some(), "{kept:?}");
+    assert_eq!(kept.samples.len(), 2, "{kept:?}");
+    // ~50 MiB/s over 16 MiB: the working set fills in the first window.
+    assert!(kept.model.rate_is_lower_bound, "{:?}", kept.model);
+    assert!(!kept.predictions.measured.none.converges, "{kept:?}");
+
+    // Without --max-age it measures now.
+    let fresh = estimate(&a, "vm", None).await;
+    let (now, _) = last_measurement(&a, "vm").await;
+    assert_ne!(now, background, "{fresh:?}");
+    assert!(
+        fresh.measurement_age_ms.is_some_and(|ms| ms < 1000),
+        "{fresh:?}"
+    );
+
+    // A migration right after starts its controller from that
+    // measurement, before its own pre-flight's is in.
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                live: true,
+                converge: Some(protocol::ConvergeMode::Adaptive),
+                bandwidth: Some(8),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(record.status, JobStatus::Completed, "{:?}", record.error);
+    let measures: Vec<_> = record
+        .actions
+        .iter()
+        .filter(|a| a.action == protocol::job::ActionKind::Measure && a.value.is_some())
+        .collect();
+    assert!(
+        measures
+            .first()
+            .is_some_and(|m| m.detail.contains("before the job")),
+        "{measures:?}"
+    );
+    assert!(
+        measures
+            .iter()
+            .any(|m| !m.detail.contains("before the job")),
+        "the job did not measure for itself: {measures:?}"
+    );
+}
+
+#[test]
+fn livemigd_refuses_a_measuring_interval_it_cannot_read() {
+    for bad in ["0s", "soon", "5"] {
+        let out = std::process::Command::new(testkit::bin("livemigd"))
+            .args([
+                "--measure-every",
+                bad,
+                "--state-dir",
+                "/nonexistent/livemig-test",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(
+            stderr(&out).contains("--measure-every"),
+            "{bad}: {}",
+            stderr(&out)
+        );
+    }
+}

@@ -115,6 +115,7 @@ pub(crate) async fn begin(
                 downtime_ms: flags.downtime().map(|d| d.as_millis() as u64),
                 timeout_s: flags.timeout().map(|t| t.as_secs()),
                 max_throttle_pct: flags.max_throttle().map(|t| t.percent()),
+                max_age_s: None,
             },
         )
         .await;

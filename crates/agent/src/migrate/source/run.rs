@@ -264,6 +264,12 @@ impl Run {
         let mut options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
         options.ram_in_use_bytes = crate::estimate::ram_in_use(&self.agent, vm).await;
         options.dirty_ring = self.def.dirty_ring.is_some() && vm.spec.accel == types::Accel::Kvm;
+        // Also waits for a measurement in progress, which would make the
+        // pre-flight's own fail (QEMU measures one dirty rate at a time).
+        options.known = vm
+            .measurements
+            .recent(crate::measurements::KNOWN_FOR_A_JOB)
+            .await;
         let outcome = self
             .perform(vm, &data_uri, &options, throttle, &mirrors)
             .await;
