@@ -493,6 +493,64 @@ async fn above_the_slow_stop_line_the_watcher_holds_qemus_switchover_and_pauses_
 }
 
 #[tokio::test(start_paused = true)]
+async fn held_the_watcher_pauses_the_guest_mid_pass_once_what_is_left_fits() {
+    let throttle = FakeThrottle {
+        slow_above: Some(0.0),
+        ..Default::default()
+    };
+    let job = Job::start(adaptive(), Some(Box::new(throttle.clone()))).await;
+    for _ in 0..3 {
+        job.pass(2.0, 256 * MIB).await;
+    }
+    assert!(!job.actions(ActionKind::Hold).is_empty(), "held");
+    // A pass under way: most of it still to send, no stop.
+    job.pass(1.0, 64 * MIB).await;
+    assert!(job.qemu.calls("stop").is_empty());
+    // The pass has sent all but 1 MiB and QEMU, held, has not synced
+    // again: what the guest can have dirtied at its throttle since the
+    // sync, on top, still fits in half the downtime.
+    job.qemu.with(|s| s.remaining = MIB);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        job.qemu.calls("stop").len(),
+        1,
+        "the watcher paused the guest without waiting for a sync"
+    );
+    job.qemu.complete(9000, 5);
+    let (outcome, progress, _) = job.outcome().await;
+    assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+    assert!(progress
+        .actions
+        .iter()
+        .any(|a| a.action == ActionKind::Switchover));
+}
+
+#[tokio::test(start_paused = true)]
+async fn near_the_end_a_short_pass_does_not_throttle_a_guest_that_converges() {
+    let job = Job::start(adaptive(), None).await;
+    // A first pass that leaves little (the guest dirties well under the
+    // link), then a short one whose leftover reads as a fast rate: 24 MiB
+    // in 0.3 s is 80 MiB/s, but it is a QEMU resync near the end.
+    job.pass(8.0, 30 * MIB).await;
+    job.pass(0.3, 24 * MIB).await;
+    assert!(
+        job.actions(ActionKind::Throttle).is_empty(),
+        "{:?}",
+        job.progress.borrow().actions
+    );
+    // Away from the end a pass that short counts: 64 MiB in 0.4 s.
+    job.pass(0.4, 64 * MIB).await;
+    assert_eq!(
+        job.actions(ActionKind::Throttle).len(),
+        1,
+        "{:?}",
+        job.progress.borrow().actions
+    );
+    job.qemu.complete(9000, 5);
+    let _ = job.outcome().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_slice_of_cpu_that_dirties_more_than_the_downtime_allows_goes_to_postcopy_unthrottled() {
     // Then a pass leaves 56 MiB after 2 ms of vCPU time: 28 MiB a slice
     // against the 9.6 MiB that half of 300 ms lets through at 64 MiB/s.

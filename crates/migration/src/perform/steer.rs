@@ -15,10 +15,19 @@ use super::watch::Watch;
 
 /// Passes without a new low before a non-adaptive job escalates.
 const STALL_WINDOW: usize = 3;
-/// A pass shorter than this says little about the dirty rate (QEMU syncs
-/// again quickly near the end); the controller skips it, unless passes
-/// have stopped shrinking.
-const MIN_PASS_SECS: f64 = 0.5;
+/// A pass shorter than this says little about the dirty rate; the
+/// controller skips it, unless passes have stopped shrinking. A working
+/// set crossing a 100 MiB/s link takes less than half a second: a floor
+/// of 0.5 s skipped three such passes in a row before anything was
+/// decided.
+const MIN_PASS_SECS: f64 = 0.25;
+/// Near the end (what is left within twice what fits in the downtime)
+/// QEMU syncs as soon as what is left falls under what fits, so a pass
+/// carries the last one's leftover and reads the rate high: there a pass
+/// must last this long to count (one of 0.25 s throttled a guest that was
+/// converging on its own).
+const NEAR_END_MIN_PASS_SECS: f64 = 0.5;
+const NEAR_END: f64 = 2.0;
 
 impl Watch<'_> {
     /// After each poll: a new pass lets the policy act, and
@@ -31,6 +40,8 @@ impl Watch<'_> {
                 self.on_sync(stats).await;
             }
             self.last_iteration = iteration;
+        } else if self.cancelling.is_none() {
+            self.switch_over_mid_pass(stats).await;
         }
         if self.options.postcopy_after_precopy
             && !self.postcopy_requested
@@ -73,9 +84,16 @@ impl Watch<'_> {
             return;
         }
         // Short passes are skipped unless they stopped shrinking: a guest
-        // whose working set crosses a slow link in under MIN_PASS_SECS
+        // whose working set crosses a fast link in under MIN_PASS_SECS
         // would otherwise loop forever with nobody deciding anything.
-        if pass_secs < MIN_PASS_SECS && !stalled(&self.history, STALL_WINDOW) {
+        let near_end =
+            remaining <= NEAR_END * self.bandwidth(stats) * self.limits.downtime.as_secs_f64();
+        let floor = if near_end {
+            NEAR_END_MIN_PASS_SECS
+        } else {
+            MIN_PASS_SECS
+        };
+        if pass_secs < floor && !stalled(&self.history, STALL_WINDOW) {
             return;
         }
         if self.controller.is_some() {
@@ -84,6 +102,36 @@ impl Watch<'_> {
                 .await;
         } else if stalled(&self.history, STALL_WINDOW) {
             self.escalate().await;
+        }
+    }
+
+    /// With the switchover held (above 99 %), QEMU syncs only once next to
+    /// nothing is left, which a guest crawling at its throttle can put off
+    /// for a second: what is left of the pass now, plus the most the guest
+    /// can have dirtied since the sync at its throttle, says when it can
+    /// be paused without waiting for that sync.
+    async fn switch_over_mid_pass(&mut self, stats: &JobStats) {
+        if !self.limits.held || self.paused_at.is_some() || self.progress_postcopy_started() {
+            return;
+        }
+        let (Some((state, _)), Some(left)) = (&self.controller, stats.memory_remaining_bytes)
+        else {
+            return;
+        };
+        let model = state.model;
+        let rate = if model.rate_is_lower_bound {
+            model
+                .rate
+                .max(model.working_set / converge::estimate::WORST_CASE_REFILL_SECS)
+        } else {
+            model.rate
+        };
+        let since_sync = self.last_sync.elapsed().as_secs_f64();
+        let dirtied =
+            (rate * (1.0 - self.throttle_now().fraction()) * since_sync).min(model.working_set);
+        let left = left as f64 + dirtied;
+        if left <= self.bandwidth(stats) * self.limits.downtime.as_secs_f64() * SWITCHOVER_SHARE {
+            self.switch_over(left).await;
         }
     }
 
