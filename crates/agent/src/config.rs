@@ -181,6 +181,16 @@ impl Config {
 }
 
 impl Config {
+    /// The host's migration path speed, as configured for the cluster
+    /// (`--link`): what a job's stop-and-copy gets once QEMU lifts its
+    /// cap.
+    pub fn path_bandwidth(&self) -> Option<types::Bandwidth> {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.link_mib_s)
+            .and_then(|mib| types::Bandwidth::from_mib_s(u64::from(mib)))
+    }
+
     /// This agent's throttles: under its own scope, named after its state
     /// directory, so that agents sharing a host (and a restarted agent's
     /// predecessor) each see only their own.

@@ -48,6 +48,7 @@ pub(crate) async fn estimate(
         tunables,
         mechanism: &mechanism,
         disks: &disks,
+        path: agent.config.path_bandwidth(),
     };
     let measurement = vm
         .measurements

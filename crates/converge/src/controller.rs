@@ -212,6 +212,7 @@ fn cheapest(
 ) -> Option<(f64, f64)> {
     for downtime in downtime_steps(state.downtime, policy.max_downtime) {
         let scenario = Scenario {
+            switchover_bandwidth: None,
             first_pass_bytes: remaining,
             model,
             bandwidth,

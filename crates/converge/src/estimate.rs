@@ -132,13 +132,33 @@ pub fn first_pass_bytes(ram_bytes: u64, in_use_bytes: Option<u64>) -> f64 {
     in_use_bytes.map_or(ram_bytes, |b| b.min(ram_bytes)) as f64
 }
 
+/// The link a migration is predicted for, bytes/s.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Link {
+    /// What the passes get: the bandwidth cap, or the path's speed.
+    pub bandwidth: f64,
+    /// What the final stop-and-copy gets, when more: QEMU lifts its own
+    /// cap for it (see [`crate::model::Scenario`]).
+    pub switchover: Option<f64>,
+}
+
+impl Link {
+    /// A link whose every byte goes at `bandwidth`.
+    pub fn uncapped(bandwidth: f64) -> Link {
+        Link {
+            bandwidth,
+            switchover: None,
+        }
+    }
+}
+
 /// Predicts a migration whose first pass sends `first_pass_bytes`: the
 /// guest's RAM, or the part of it that holds anything (QEMU sends a zero
 /// page as a header).
 pub fn predict(
     model: DirtyModel,
     first_pass_bytes: f64,
-    bandwidth: f64,
+    link: Link,
     policy: &Policy,
 ) -> Predictions {
     let worst_case = model.rate_is_lower_bound.then(|| {
@@ -146,19 +166,20 @@ pub fn predict(
             rate: model.rate.max(model.working_set / WORST_CASE_REFILL_SECS),
             ..model
         };
-        outlook(worst, first_pass_bytes, bandwidth, policy)
+        outlook(worst, first_pass_bytes, link, policy)
     });
     Predictions {
-        measured: outlook(model, first_pass_bytes, bandwidth, policy),
+        measured: outlook(model, first_pass_bytes, link, policy),
         worst_case,
     }
 }
 
-fn outlook(model: DirtyModel, first_pass_bytes: f64, bandwidth: f64, policy: &Policy) -> Outlook {
+fn outlook(model: DirtyModel, first_pass_bytes: f64, link: Link, policy: &Policy) -> Outlook {
     let scenario = Scenario {
+        switchover_bandwidth: link.switchover,
         first_pass_bytes,
         model,
-        bandwidth,
+        bandwidth: link.bandwidth,
         downtime: policy.downtime,
         horizon: policy
             .budget
@@ -247,7 +268,12 @@ mod tests {
             working_set: 64.0 * MIB,
             rate_is_lower_bound: true,
         };
-        let p = predict(model, 256.0 * MIB, 64.0 * MIB, &controller_policy(None));
+        let p = predict(
+            model,
+            256.0 * MIB,
+            Link::uncapped(64.0 * MIB),
+            &controller_policy(None),
+        );
         assert!(p.measured.adaptive.converges);
         assert!(
             p.measured.adaptive.total_secs < 8.0,
@@ -273,7 +299,7 @@ mod tests {
         let p = predict(
             model,
             256.0 * MIB,
-            64.0 * MIB,
+            Link::uncapped(64.0 * MIB),
             &controller_policy(Some(120.0)),
         )
         .measured

@@ -43,6 +43,13 @@ pub struct Scenario {
     pub model: DirtyModel,
     /// Bytes per second.
     pub bandwidth: f64,
+    /// Bytes per second of the final stop-and-copy, when faster than
+    /// `bandwidth`: QEMU lifts its own `max-bandwidth` cap for it (and so
+    /// does livemig when it pauses the guest itself), so on a link capped
+    /// by QEMU it runs at the path's own speed. QEMU still decides to
+    /// switch over by the capped rate.
+    #[serde(default)]
+    pub switchover_bandwidth: Option<f64>,
     /// Initial downtime limit, seconds.
     pub downtime: f64,
     /// Give up after this many seconds.
@@ -141,7 +148,7 @@ pub fn simulate_from(
     let mut max_p = p;
     loop {
         if r <= bw * downtime {
-            let pause = r / bw;
+            let pause = r / scenario.switchover_bandwidth.unwrap_or(bw).max(bw);
             return Prediction {
                 converges: true,
                 total_secs: t + pause,
@@ -200,6 +207,7 @@ mod tests {
 
     fn scenario(rate_mib: f64, working_set_mib: f64) -> Scenario {
         Scenario {
+            switchover_bandwidth: None,
             first_pass_bytes: 512.0 * MIB,
             model: DirtyModel {
                 rate: rate_mib * MIB,
@@ -220,6 +228,31 @@ mod tests {
         assert!(p.downtime_secs <= 0.3);
         // 8 s of bulk, then geometrically shrinking passes (ratio 1/4).
         assert!(p.total_secs > 8.0 && p.total_secs < 12.0, "{p:?}");
+    }
+
+    #[test]
+    fn the_stop_and_copy_goes_at_the_paths_speed_once_qemu_lifts_its_cap() {
+        let capped = scenario(16.0, 256.0);
+        let p = simulate(&capped, &mut Fixed);
+        let lifted = Scenario {
+            switchover_bandwidth: Some(640.0 * MIB),
+            ..capped
+        };
+        let q = simulate(&lifted, &mut Fixed);
+        // QEMU still decides by the capped rate: the same passes.
+        assert_eq!(q.passes, p.passes);
+        assert!(p.downtime_secs > 0.05, "{p:?}");
+        assert!(
+            (q.downtime_secs - p.downtime_secs / 10.0).abs() < 1e-9,
+            "{q:?}"
+        );
+        assert!((p.total_secs - q.total_secs - 0.9 * p.downtime_secs).abs() < 1e-9);
+        // A path slower than the cap does not slow the pause below it.
+        let slower = Scenario {
+            switchover_bandwidth: Some(MIB),
+            ..capped
+        };
+        assert_eq!(simulate(&slower, &mut Fixed), p);
     }
 
     #[test]

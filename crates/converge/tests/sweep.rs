@@ -31,6 +31,7 @@ struct Point {
 impl Point {
     fn scenario(&self) -> Scenario {
         Scenario {
+            switchover_bandwidth: None,
             first_pass_bytes: self.ram_mib * MIB,
             model: DirtyModel {
                 rate: self.rate_x_link * self.link_mib_s * MIB,

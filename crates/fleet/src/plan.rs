@@ -82,6 +82,7 @@ impl Guest {
             allow_postcopy: false,
         };
         let scenario = Scenario {
+            switchover_bandwidth: None,
             first_pass_bytes: self.first_pass_bytes,
             model: self.model,
             bandwidth: bandwidth.max(1.0),

@@ -20,6 +20,25 @@ use crate::stream_tls::{self, StreamTls};
 
 pub use protocol::migrate::DEFAULT_DOWNTIME_MS;
 
+/// The path's speed where nothing says it (10 GbE, roughly), MiB/s: what
+/// `estimate` assumes without a bandwidth, and what the final
+/// stop-and-copy of a job capped below it gets (QEMU lifts its own cap
+/// for it).
+pub const ASSUMED_PATH_MIB_S: u64 = 1024;
+
+/// What a job capped at `cap` is predicted over: the passes at the cap,
+/// the final stop-and-copy at the path's own speed (`path`, else
+/// [`ASSUMED_PATH_MIB_S`]).
+pub fn capped_link(cap: Bandwidth, path: Option<Bandwidth>) -> converge::estimate::Link {
+    let path = path
+        .or(Bandwidth::from_mib_s(ASSUMED_PATH_MIB_S))
+        .map_or(0.0, Bandwidth::as_f64);
+    converge::estimate::Link {
+        bandwidth: cap.as_f64(),
+        switchover: Some(path.max(cap.as_f64())),
+    }
+}
+
 /// How the adaptive controller throttles vCPUs on the source.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ThrottleVia {

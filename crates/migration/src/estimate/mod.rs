@@ -18,8 +18,6 @@ use crate::dirty::MeasureError;
 use crate::plan::{controller_policy, downtime_limit};
 use crate::wire;
 
-/// Link speed assumed when none is given (10 GbE, roughly), MiB/s.
-const ASSUMED_BANDWIDTH_MIB_S: u64 = 1024;
 /// Measurement windows, seconds: two, to tell a rate from a working set.
 const WINDOWS: [i64; 2] = [1, 3];
 
@@ -53,6 +51,8 @@ pub struct Subject<'a> {
     pub mechanism: &'a protocol::host::ThrottleMechanism,
     /// The guest's disks.
     pub disks: &'a [disks::DiskFacts],
+    /// The path's own speed, when the host says it (`livemigd --link`).
+    pub path: Option<Bandwidth>,
 }
 
 /// One measurement of a guest: how it dirtied memory over the windows,
@@ -131,9 +131,17 @@ pub fn report(
         .bandwidth_mib_s
         .or(subject.tunables.bandwidth_mib_s)
         .and_then(Bandwidth::from_mib_s);
-    let bandwidth = given
-        .or(Bandwidth::from_mib_s(ASSUMED_BANDWIDTH_MIB_S))
-        .map_or(0.0, Bandwidth::as_f64);
+    // A bandwidth given is QEMU's cap, lifted for the stop-and-copy.
+    let link = match given {
+        Some(cap) => crate::settings::capped_link(cap, subject.path),
+        None => converge::estimate::Link::uncapped(
+            subject
+                .path
+                .or(Bandwidth::from_mib_s(crate::settings::ASSUMED_PATH_MIB_S))
+                .map_or(0.0, Bandwidth::as_f64),
+        ),
+    };
+    let bandwidth = link.bandwidth;
     let downtime = downtime_limit(
         params.downtime_ms.map(std::time::Duration::from_millis),
         subject.tunables.downtime_ms,
@@ -168,7 +176,7 @@ pub fn report(
         predictions: wire::predictions(&predict(
             model,
             converge::estimate::first_pass_bytes(subject.ram_bytes, subject.ram_in_use_bytes),
-            bandwidth,
+            link,
             &policy,
         )),
         calibrations: Vec::new(),

@@ -112,6 +112,9 @@ pub struct WatchOptions {
     pub allow_postcopy: bool,
     /// The bandwidth cap, if any.
     pub bandwidth_cap: Option<Bandwidth>,
+    /// The path's own speed, when the host says it (`livemigd --link`):
+    /// what the final stop-and-copy gets, uncapped.
+    pub path_bandwidth: Option<Bandwidth>,
     /// Measure the dirty rate (`calc-dirty-rate`) while the first pass runs.
     pub preflight: bool,
     /// Predict the job's time once the pre-flight is in, for this
@@ -158,6 +161,7 @@ impl Default for WatchOptions {
             max_downtime: None,
             allow_postcopy: false,
             bandwidth_cap: None,
+            path_bandwidth: None,
             preflight: false,
             forecast: None,
             ram_bytes: 0,

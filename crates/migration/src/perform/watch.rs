@@ -295,7 +295,7 @@ impl<'a> Watch<'a> {
                 self.options.ram_bytes,
                 self.options.ram_in_use_bytes,
             ),
-            link.as_f64(),
+            crate::settings::capped_link(link, self.options.path_bandwidth),
             &policy,
         );
         let of_mode = |o: &converge::estimate::Outlook| match mode {

@@ -263,6 +263,7 @@ impl Run {
         let mechanism_max = throttle.as_ref().map_or(0.0, |t| t.max());
         let mut options = plan::watch_options(flags, tunables, mechanism_max, vm.spec.ram.bytes);
         options.ram_in_use_bytes = crate::estimate::ram_in_use(&self.agent, vm).await;
+        options.path_bandwidth = self.agent.config.path_bandwidth();
         options.dirty_ring = self.def.dirty_ring.is_some() && vm.spec.accel == types::Accel::Kvm;
         // Also waits for a measurement in progress, which would make the
         // pre-flight's own fail (QEMU measures one dirty rate at a time).
