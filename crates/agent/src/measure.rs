@@ -53,6 +53,9 @@ pub(crate) async fn calc(
     }
     let mode = mode_of(mode)?;
     let vm = idle_vm(agent, name)?;
+    // The agent's own measurement of the guest (`measurements`) ends in
+    // seconds; QEMU would refuse this one meanwhile.
+    vm.measurements.settle().await;
     let qmp = vm.process.qmp();
     let running = qmp
         .execute(&QueryDirtyRate)

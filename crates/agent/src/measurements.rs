@@ -5,13 +5,15 @@
 //!
 //! QEMU runs one dirty-rate measurement at a time: the lock around the
 //! kept measurement is held while measuring, so a second request waits for
-//! the first and takes its result, and a migration waits for one in
-//! progress before its own pre-flight measures (`settle`).
+//! the first and takes its result, a migration waits for one in progress
+//! before its own pre-flight measures (`recent`), and so does a user's
+//! `domdirtyrate-calc` (`settle`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use migration::estimate::{EstimateError, Measurement};
+use qmp::commands::vm::{QueryStatus, RunState};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -53,13 +55,21 @@ impl Kept {
         Ok(measured)
     }
 
-    /// Measures again if the last measurement is older than `every` and
+    /// Measures again if the last measurement is older than `every`,
     /// `still_idle` says no migration took the guest meanwhile (checked
     /// under the lock: a migration that begins after it waits in
-    /// [`Kept::settle`]).
+    /// [`Kept::recent`]) and the guest runs (a paused one would read as
+    /// idle).
     async fn refresh(&self, vm: &RunningVm, every: Duration, still_idle: impl FnOnce() -> bool) {
         let mut last = self.last.lock().await;
         if last.as_ref().is_some_and(|m| m.age() < every) || !still_idle() {
+            return;
+        }
+        let running = matches!(
+            vm.process.qmp().execute(&QueryStatus).await,
+            Ok(s) if s.status == RunState::Running
+        );
+        if !running {
             return;
         }
         match migration::estimate::measure(vm.process.qmp(), vm.spec.ram.bytes).await {
@@ -70,6 +80,11 @@ impl Kept {
                 tracing::debug!(error = %types::error_chain(&e), "background dirty-rate measurement skipped")
             }
         }
+    }
+
+    /// Waits for a measurement in progress to end.
+    pub async fn settle(&self) {
+        drop(self.last.lock().await);
     }
 
     /// The last measurement if it is at most `max_age` old, once any in

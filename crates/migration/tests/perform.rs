@@ -493,6 +493,32 @@ async fn above_the_slow_stop_line_the_watcher_holds_qemus_switchover_and_pauses_
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_first_pass_is_timed_from_the_setup_sync_not_from_migrate() {
+    let (client, qemu) = ScriptedQemu::start().await;
+    // QEMU's setup (the first sync) takes a second.
+    qemu.on("migrate", |s, _| {
+        s.status = Some(MigrationStatus::Active);
+        s.dirty_sync_count = 0;
+        Some(Ok(json!({})))
+    });
+    let job = Job::run(client, qemu, adaptive(), None, None).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    job.qemu.pass(512 * MIB);
+    job.settle().await;
+    // 60 MiB dirtied in a first pass of 0.9 s: 67 MiB/s against 64 MiB/s
+    // (over 1.9 s from `migrate`, 32 MiB/s, a guest left alone).
+    job.pass(0.9, 60 * MIB).await;
+    assert_eq!(
+        job.actions(ActionKind::Throttle).len(),
+        1,
+        "{:?}",
+        job.progress.borrow().actions
+    );
+    job.qemu.complete(9000, 5);
+    let _ = job.outcome().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn held_the_watcher_pauses_the_guest_mid_pass_once_what_is_left_fits() {
     let throttle = FakeThrottle {
         slow_above: Some(0.0),
