@@ -88,6 +88,9 @@ pub struct JobSpan {
     pub end_s: f64,
     pub max_cpu_throttle_pct: f64,
     pub guest_work_lost_s: f64,
+    /// The guest's pause at switchover, ms, to tell which job a run's
+    /// worst downtime was.
+    pub downtime_ms: Option<u64>,
     /// The controller's decisions, each with its time and reason.
     pub actions: Vec<protocol::job::TimedAction>,
 }
@@ -304,6 +307,7 @@ async fn one(
                 end_s: r.finished_at_ms.saturating_sub(t0_ms) as f64 / 1000.0,
                 max_cpu_throttle_pct: r.max_cpu_throttle_pct,
                 guest_work_lost_s: r.as_info().guest_work_lost_s,
+                downtime_ms: r.downtime_ms,
                 actions: r.actions.clone(),
             })
             .collect(),
