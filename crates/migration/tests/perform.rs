@@ -552,6 +552,34 @@ async fn held_the_watcher_pauses_the_guest_mid_pass_once_what_is_left_fits() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn held_a_refused_pause_is_tried_again_at_the_next_pass_not_at_every_poll() {
+    let throttle = FakeThrottle {
+        slow_above: Some(0.0),
+        ..Default::default()
+    };
+    let job = Job::start(adaptive(), Some(Box::new(throttle.clone()))).await;
+    for _ in 0..3 {
+        job.pass(2.0, 256 * MIB).await;
+    }
+    assert!(!job.actions(ActionKind::Hold).is_empty(), "held");
+    job.qemu.on("stop", |_, _| {
+        Some(Err(("GenericError", "not now".to_string())))
+    });
+    job.pass(1.0, 64 * MIB).await;
+    job.qemu.with(|s| s.remaining = MIB);
+    // A second of polls with what is left fitting: one try.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(job.qemu.calls("stop").len(), 1);
+    // The next pass may try again.
+    job.pass(0.3, 64 * MIB).await;
+    job.qemu.with(|s| s.remaining = MIB);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(job.qemu.calls("stop").len(), 2);
+    job.qemu.complete(9000, 5);
+    let _ = job.outcome().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn near_the_end_a_short_pass_does_not_throttle_a_guest_that_converges() {
     let job = Job::start(adaptive(), None).await;
     // A first pass that leaves little (the guest dirties well under the

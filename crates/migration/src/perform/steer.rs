@@ -117,7 +117,11 @@ impl Watch<'_> {
     /// can have dirtied since the sync at its throttle, says when it can
     /// be paused without waiting for that sync.
     async fn switch_over_mid_pass(&mut self, stats: &JobStats) {
-        if !self.limits.held || self.paused_at.is_some() || self.progress_postcopy_started() {
+        if !self.limits.held
+            || self.paused_at.is_some()
+            || self.progress_postcopy_started()
+            || self.mid_pass_tried == self.last_iteration
+        {
             return;
         }
         let (Some((state, _)), Some(left)) = (&self.controller, stats.memory_remaining_bytes)
@@ -137,6 +141,7 @@ impl Watch<'_> {
             (rate * (1.0 - self.throttle_now().fraction()) * since_sync).min(model.working_set);
         let left = left as f64 + dirtied;
         if left <= self.bandwidth(stats) * self.limits.downtime.as_secs_f64() * SWITCHOVER_SHARE {
+            self.mid_pass_tried = self.last_iteration;
             self.switch_over(left).await;
         }
     }

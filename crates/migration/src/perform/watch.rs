@@ -53,6 +53,9 @@ pub(super) struct Watch<'a> {
     pub history: Vec<f64>,
     pub last_iteration: u64,
     pub last_sync: Instant,
+    /// The pass in which a held switchover was last tried between syncs
+    /// (once a pass: a refused `stop` is not retried at every poll).
+    pub mid_pass_tried: u64,
     /// The throttled vCPUs' CPU time at the last sync, where the throttle
     /// can tell.
     pub cpu_at_sync: Option<std::time::Duration>,
@@ -128,6 +131,7 @@ impl<'a> Watch<'a> {
             history: Vec::new(),
             last_iteration: 0,
             last_sync: started,
+            mid_pass_tried: 0,
             cpu_at_sync: None,
             postcopy_requested: false,
             preflight,
