@@ -140,13 +140,8 @@ pub struct Trial {
     /// Its time calibrated on the earlier repetitions, and on how many.
     pub calibrated_total_ms: Option<u64>,
     pub calibration_jobs: Option<u32>,
-    /// With `--estimate`: what it measured and assumed (the first pass's
-    /// bytes, the fitted rate and working set, MiB and MiB/s), to tell a
-    /// model that is wrong from a measurement that is.
-    pub estimated_first_pass_mib: Option<f64>,
-    pub estimated_rate_mib_s: Option<f64>,
-    pub estimated_working_set_mib: Option<f64>,
-    pub estimated_rate_is_lower_bound: Option<bool>,
+    #[serde(flatten)]
+    pub estimated: EstimatedModel,
     /// The job's timeline (controller decisions, escalations).
     pub actions: Vec<protocol::job::TimedAction>,
     /// Where each pass over memory began: ms into the job, and MiB sent
@@ -176,16 +171,24 @@ fn pass_starts(samples: &[protocol::job::Sample]) -> Vec<PassStart> {
     starts
 }
 
+/// With `--estimate`: what it measured and assumed (the first pass's
+/// bytes, the fitted rate and working set, MiB and MiB/s), to tell a
+/// model that is wrong from a measurement that is.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct EstimatedModel {
+    pub estimated_first_pass_mib: Option<f64>,
+    pub estimated_rate_mib_s: Option<f64>,
+    pub estimated_working_set_mib: Option<f64>,
+    pub estimated_rate_is_lower_bound: Option<bool>,
+}
+
 /// What `estimate` predicted for one policy.
 struct Estimated {
     total_ms: Option<u64>,
     converges: bool,
     calibrated_ms: Option<u64>,
     calibration_jobs: Option<u32>,
-    first_pass_mib: f64,
-    rate_mib_s: f64,
-    working_set_mib: f64,
-    rate_is_lower_bound: bool,
+    model: EstimatedModel,
 }
 
 async fn estimate(
@@ -221,13 +224,17 @@ async fn estimate(
         converges: prediction.converges,
         calibrated_ms: calibration.map(|c| (c.total_secs * 1000.0) as u64),
         calibration_jobs: calibration.map(|c| c.jobs),
-        first_pass_mib: converge::estimate::first_pass_bytes(
-            report.guest_ram_bytes,
-            report.guest_ram_in_use_bytes,
-        ) / MIB_F64,
-        rate_mib_s: report.model.rate / MIB_F64,
-        working_set_mib: report.model.working_set / MIB_F64,
-        rate_is_lower_bound: report.model.rate_is_lower_bound,
+        model: EstimatedModel {
+            estimated_first_pass_mib: Some(
+                converge::estimate::first_pass_bytes(
+                    report.guest_ram_bytes,
+                    report.guest_ram_in_use_bytes,
+                ) / MIB_F64,
+            ),
+            estimated_rate_mib_s: Some(report.model.rate / MIB_F64),
+            estimated_working_set_mib: Some(report.model.working_set / MIB_F64),
+            estimated_rate_is_lower_bound: Some(report.model.rate_is_lower_bound),
+        },
     })
 }
 
@@ -756,10 +763,7 @@ pub async fn trial(
         estimated_converges: estimated.as_ref().map(|e| e.converges),
         calibrated_total_ms: estimated.as_ref().and_then(|e| e.calibrated_ms),
         calibration_jobs: estimated.as_ref().and_then(|e| e.calibration_jobs),
-        estimated_first_pass_mib: estimated.as_ref().map(|e| e.first_pass_mib),
-        estimated_rate_mib_s: estimated.as_ref().map(|e| e.rate_mib_s),
-        estimated_working_set_mib: estimated.as_ref().map(|e| e.working_set_mib),
-        estimated_rate_is_lower_bound: estimated.as_ref().map(|e| e.rate_is_lower_bound),
+        estimated: estimated.as_ref().map(|e| e.model).unwrap_or_default(),
         passes: pass_starts(&record.samples),
         actions: record.actions,
     })

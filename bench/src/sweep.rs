@@ -47,10 +47,8 @@ pub struct SweepTrial {
     pub memory_check: &'static str,
     pub downtime_ms: Option<u64>,
     pub transferred_bytes: u64,
-    pub estimated_first_pass_mib: Option<f64>,
-    pub estimated_rate_mib_s: Option<f64>,
-    pub estimated_working_set_mib: Option<f64>,
-    pub estimated_rate_is_lower_bound: Option<bool>,
+    #[serde(flatten)]
+    pub estimated: convergence::EstimatedModel,
     /// The controller's decisions (throttle, downtime, post-copy), each
     /// with its time and reason.
     pub actions: Vec<protocol::job::TimedAction>,
@@ -215,10 +213,7 @@ pub async fn run(livemigd: &Path, grid: Grid, timeout: u64, json: bool) -> Resul
                             memory_check: t.memory_check,
                             downtime_ms: t.downtime_ms,
                             transferred_bytes: t.transferred_bytes,
-                            estimated_first_pass_mib: t.estimated_first_pass_mib,
-                            estimated_rate_mib_s: t.estimated_rate_mib_s,
-                            estimated_working_set_mib: t.estimated_working_set_mib,
-                            estimated_rate_is_lower_bound: t.estimated_rate_is_lower_bound,
+                            estimated: t.estimated,
                             actions: t.actions.clone(),
                             passes: t.passes.clone(),
                         };

@@ -183,6 +183,30 @@ impl VcpuThrottle for FakeThrottle {
     }
 }
 
+/// A job whose vCPUs are slow to stop at any throttle, after three 2 s
+/// passes that each leave 256 MiB: throttled, and QEMU's switchover held.
+async fn held_job() -> Job {
+    let throttle = FakeThrottle {
+        slow_above: Some(0.0),
+        ..Default::default()
+    };
+    let job = Job::start(adaptive(), Some(Box::new(throttle))).await;
+    for _ in 0..3 {
+        job.pass(2.0, 256 * MIB).await;
+    }
+    assert!(!job.actions(ActionKind::Hold).is_empty(), "held");
+    job
+}
+
+fn assert_throttled_once(job: &Job) {
+    assert_eq!(
+        job.actions(ActionKind::Throttle).len(),
+        1,
+        "{:?}",
+        job.progress.borrow().actions
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_migration_that_completes_reports_qemus_figures() {
     let job = Job::start(options(), None).await;
@@ -453,15 +477,7 @@ async fn passes_too_short_to_measure_that_stop_shrinking_still_get_throttled() {
 
 #[tokio::test(start_paused = true)]
 async fn above_the_slow_stop_line_the_watcher_holds_qemus_switchover_and_pauses_the_guest_itself() {
-    let throttle = FakeThrottle {
-        slow_above: Some(0.0),
-        ..Default::default()
-    };
-    let job = Job::start(adaptive(), Some(Box::new(throttle.clone()))).await;
-    for _ in 0..3 {
-        job.pass(2.0, 256 * MIB).await;
-    }
-    assert!(!job.actions(ActionKind::Hold).is_empty(), "held");
+    let job = held_job().await;
     assert_eq!(job.qemu.parameter("downtime-limit"), Some(json!(1)));
     // A pass that leaves what fits in half the downtime at the link's rate.
     job.pass(1.0, 4 * MIB).await;
@@ -508,27 +524,14 @@ async fn the_first_pass_is_timed_from_the_setup_sync_not_from_migrate() {
     // 60 MiB dirtied in a first pass of 0.9 s: 67 MiB/s against 64 MiB/s
     // (over 1.9 s from `migrate`, 32 MiB/s, a guest left alone).
     job.pass(0.9, 60 * MIB).await;
-    assert_eq!(
-        job.actions(ActionKind::Throttle).len(),
-        1,
-        "{:?}",
-        job.progress.borrow().actions
-    );
+    assert_throttled_once(&job);
     job.qemu.complete(9000, 5);
     let _ = job.outcome().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn held_the_watcher_pauses_the_guest_mid_pass_once_what_is_left_fits() {
-    let throttle = FakeThrottle {
-        slow_above: Some(0.0),
-        ..Default::default()
-    };
-    let job = Job::start(adaptive(), Some(Box::new(throttle.clone()))).await;
-    for _ in 0..3 {
-        job.pass(2.0, 256 * MIB).await;
-    }
-    assert!(!job.actions(ActionKind::Hold).is_empty(), "held");
+    let job = held_job().await;
     // A pass under way: most of it still to send, no stop.
     job.pass(1.0, 64 * MIB).await;
     assert!(job.qemu.calls("stop").is_empty());
@@ -553,15 +556,7 @@ async fn held_the_watcher_pauses_the_guest_mid_pass_once_what_is_left_fits() {
 
 #[tokio::test(start_paused = true)]
 async fn held_a_refused_pause_is_tried_again_at_the_next_pass_not_at_every_poll() {
-    let throttle = FakeThrottle {
-        slow_above: Some(0.0),
-        ..Default::default()
-    };
-    let job = Job::start(adaptive(), Some(Box::new(throttle.clone()))).await;
-    for _ in 0..3 {
-        job.pass(2.0, 256 * MIB).await;
-    }
-    assert!(!job.actions(ActionKind::Hold).is_empty(), "held");
+    let job = held_job().await;
     job.qemu.on("stop", |_, _| {
         Some(Err(("GenericError", "not now".to_string())))
     });
@@ -594,12 +589,7 @@ async fn near_the_end_a_short_pass_does_not_throttle_a_guest_that_converges() {
     );
     // Away from the end a pass that short counts: 64 MiB in 0.4 s.
     job.pass(0.4, 64 * MIB).await;
-    assert_eq!(
-        job.actions(ActionKind::Throttle).len(),
-        1,
-        "{:?}",
-        job.progress.borrow().actions
-    );
+    assert_throttled_once(&job);
     job.qemu.complete(9000, 5);
     let _ = job.outcome().await;
 }

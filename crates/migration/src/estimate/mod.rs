@@ -99,20 +99,6 @@ pub async fn measure(qmp: &Client, ram_bytes: u64) -> Result<Measurement, Estima
     })
 }
 
-/// Measures the guest behind `qmp` and predicts its migration under each
-/// convergence policy.
-///
-/// # Errors
-/// [`EstimateError`] when the guest cannot be measured.
-pub async fn estimate(
-    qmp: &Client,
-    subject: Subject<'_>,
-    params: EstimateParams,
-) -> Result<EstimateReport, EstimateError> {
-    let measurement = measure(qmp, subject.ram_bytes).await?;
-    report(&measurement, subject, params)
-}
-
 /// Predicts the guest's migration under each convergence policy from
 /// `measurement`.
 ///

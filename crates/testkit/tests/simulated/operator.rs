@@ -29,6 +29,26 @@ fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A live migration steered by livemig's controller at `mib_s`.
+fn adaptive_at(mib_s: u64) -> MigrateOptions {
+    MigrateOptions {
+        live: true,
+        converge: Some(protocol::ConvergeMode::Adaptive),
+        bandwidth: Some(mib_s),
+        ..Default::default()
+    }
+}
+
+/// A live migration with QEMU's auto-converge at `mib_s`.
+fn auto_converge_at(mib_s: u64) -> MigrateOptions {
+    MigrateOptions {
+        live: true,
+        auto_converge: true,
+        bandwidth: Some(mib_s),
+        ..Default::default()
+    }
+}
+
 #[tokio::test]
 async fn migrate_json_streams_progress_events_then_the_record() {
     let bed = TestBed::simulated().await;
@@ -197,12 +217,7 @@ async fn job_history_with_timelines_survives_an_agent_restart() {
     let mut a = bed.host("a").await;
     let b = bed.host("b").await;
     a.define_and_start(bed.definition("vm", 64, MOVING)).await;
-    let flags = MigrateOptions {
-        live: true,
-        auto_converge: true,
-        bandwidth: Some(8),
-        ..Default::default()
-    };
+    let flags = auto_converge_at(8);
     let first = a.migrate("vm", &b, flags.clone()).await;
     let second = b.migrate("vm", &a, flags).await;
     assert_eq!(first.status, JobStatus::Completed);
@@ -237,18 +252,7 @@ async fn job_history_with_timelines_survives_an_agent_restart() {
 async fn report_draws_the_timeline_with_the_expected_series() {
     let bed = TestBed::simulated().await;
     let (a, b) = bed.two_hosts_running("vm", 64, MOVING).await;
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                live: true,
-                converge: Some(protocol::ConvergeMode::Adaptive),
-                bandwidth: Some(8),
-                ..Default::default()
-            },
-        )
-        .await;
+    let record = a.migrate("vm", &b, adaptive_at(8)).await;
     assert_eq!(record.status, JobStatus::Completed);
 
     let svg = bed.path().join("job.svg");
@@ -303,16 +307,7 @@ async fn metrics_are_served_in_prometheus_text_format() {
     assert_eq!(metric(&before, "livemig_domains_running"), 1.0);
 
     let job = a
-        .start_migration(
-            "vm",
-            &b.uri(),
-            MigrateOptions {
-                live: true,
-                auto_converge: true,
-                bandwidth: Some(8),
-                ..Default::default()
-            },
-        )
+        .start_migration("vm", &b.uri(), auto_converge_at(8))
         .await
         .unwrap();
     let during = scrape(&a.uri(), &monitor).await;
@@ -723,18 +718,7 @@ async fn the_agent_keeps_its_guests_measured_and_estimate_and_migrate_start_from
 
     // A migration right after starts its controller from that
     // measurement, before its own pre-flight's is in.
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                live: true,
-                converge: Some(protocol::ConvergeMode::Adaptive),
-                bandwidth: Some(8),
-                ..Default::default()
-            },
-        )
-        .await;
+    let record = a.migrate("vm", &b, adaptive_at(8)).await;
     assert_eq!(record.status, JobStatus::Completed, "{:?}", record.error);
     let measures: Vec<_> = record
         .actions
