@@ -223,6 +223,10 @@ impl Agent {
             vm.process.qmp().execute(&Cont).await
         };
         result.map_err(|e| errors::qemu_failed(&e))?;
+        // A paused guest dirties nothing, a resumed one as before: either
+        // way the kept measurement is not what a drain or a migration
+        // would meet now.
+        vm.measurements.forget().await;
         Ok(Reply::Done)
     }
 

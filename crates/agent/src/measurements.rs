@@ -82,6 +82,12 @@ impl Kept {
         }
     }
 
+    /// Drops the last measurement (after one in progress has ended): a
+    /// guest just paused or resumed no longer dirties as it was measured.
+    pub async fn forget(&self) {
+        self.last.lock().await.take();
+    }
+
     /// Waits for a measurement in progress to end.
     pub async fn settle(&self) {
         drop(self.last.lock().await);

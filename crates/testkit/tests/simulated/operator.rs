@@ -739,6 +739,33 @@ async fn the_agent_keeps_its_guests_measured_and_estimate_and_migrate_start_from
     );
 }
 
+#[tokio::test]
+async fn suspend_and_resume_drop_the_kept_measurement() {
+    let bed = TestBed::simulated().await;
+    let a = bed.host_args("a", &["--measure-every", "off"]).await;
+    a.define_and_start(bed.definition("vm", 64, BUSY)).await;
+    let busy = estimate(&a, "vm", None).await;
+    assert!(busy.model.rate > 0.0, "{:?}", busy.model);
+
+    a.call(protocol::call::Suspend {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    // The busy measurement is gone: a paused guest dirties nothing.
+    let paused = estimate(&a, "vm", Some(600)).await;
+    assert_eq!(paused.model.rate, 0.0, "{:?}", paused.model);
+    assert!(paused.predictions.measured.none.converges, "{paused:?}");
+
+    a.call(protocol::call::Resume {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let resumed = estimate(&a, "vm", Some(600)).await;
+    assert!(resumed.model.rate > 0.0, "{:?}", resumed.model);
+}
+
 #[test]
 fn livemigd_refuses_a_measuring_interval_it_cannot_read() {
     for bad in ["0s", "soon", "5"] {
