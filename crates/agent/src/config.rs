@@ -85,6 +85,8 @@ pub struct Config {
     /// How often the idle guests' dirty rates are measured in the
     /// background (`measurements`); none: only when asked.
     pub measure_every: Option<Duration>,
+    /// This host's migration link, MiB/s (`--link`), in a cluster or not.
+    pub link_mib_s: Option<u32>,
 }
 
 /// This host's place in a cluster: etcd's endpoints, and what it says of
@@ -176,6 +178,7 @@ impl Config {
             peers: PeerRules::default(),
             cluster: None,
             measure_every: Some(DEFAULT_MEASURE_EVERY),
+            link_mib_s: None,
         }
     }
 }
@@ -185,9 +188,7 @@ impl Config {
     /// (`--link`): what a job's stop-and-copy gets once QEMU lifts its
     /// cap.
     pub fn path_bandwidth(&self) -> Option<types::Bandwidth> {
-        self.cluster
-            .as_ref()
-            .and_then(|c| c.link_mib_s)
+        self.link_mib_s
             .and_then(|mib| types::Bandwidth::from_mib_s(u64::from(mib)))
     }
 

@@ -146,7 +146,9 @@ struct Args {
     /// --insecure): this host is registered there while the agent runs.
     #[arg(long, value_name = "URLS")]
     cluster: Option<String>,
-    /// This host's migration link, MiB/s, as the cluster is told.
+    /// This host's migration link, MiB/s: predictions send a job's
+    /// stop-and-copy at this speed once QEMU lifts its bandwidth cap (a
+    /// 10 GbE path is assumed without it), and a cluster is told it.
     #[arg(long, value_name = "MIB_S")]
     link: Option<u32>,
     /// A label the cluster may select this host by, KEY=VALUE; repeat for
@@ -236,6 +238,8 @@ struct ConfigFile {
     cluster: Option<ClusterFile>,
     /// As `--measure-every`.
     measure_every: Option<String>,
+    /// As `--link` (also read from `[cluster]`).
+    link_mib_s: Option<u32>,
 }
 
 /// `[cluster]`: the cluster this host joins.
@@ -495,6 +499,10 @@ async fn main() -> Result<()> {
         peers.max_disk_gib = gib;
     }
     let from_file = file.cluster.unwrap_or_default();
+    config.link_mib_s = args.link.or(file.link_mib_s).or(from_file.link_mib_s);
+    if config.link_mib_s == Some(0) {
+        anyhow::bail!("--link 0: the link's bandwidth is a positive number of MiB/s");
+    }
     if let Some(endpoints) = args
         .cluster
         .or(Some(from_file.endpoints).filter(|e| !e.is_empty()))
@@ -510,7 +518,7 @@ async fn main() -> Result<()> {
         cluster::Endpoints::parse(&endpoints, config.insecure).context("--cluster")?;
         config.cluster = Some(agent::config::ClusterSettings {
             endpoints,
-            link_mib_s: args.link.or(from_file.link_mib_s),
+            link_mib_s: config.link_mib_s,
             labels,
         });
     }

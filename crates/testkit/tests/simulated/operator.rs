@@ -766,6 +766,46 @@ async fn suspend_and_resume_drop_the_kept_measurement() {
     assert!(resumed.model.rate > 0.0, "{:?}", resumed.model);
 }
 
+#[tokio::test]
+async fn a_standalone_agents_link_sets_the_predicted_stop_and_copy() {
+    let bed = TestBed::simulated().await;
+    let slow = bed.host_args("slow", &["--link", "16"]).await;
+    let assumed = bed.host("assumed").await;
+    for host in [&slow, &assumed] {
+        host.define_and_start(bed.definition("vm", 64, MOVING))
+            .await;
+    }
+    // Capped at 8 MiB/s, QEMU lifts the cap for the stop-and-copy: at
+    // the host's 16 MiB/s, or at the 10 GbE assumed without `--link`.
+    let over_slow = estimate(&slow, "vm", None).await;
+    let over_assumed = estimate(&assumed, "vm", None).await;
+    let pause = |r: &protocol::estimate::EstimateReport| r.predictions.measured.none.downtime_secs;
+    assert!(
+        over_slow.predictions.measured.none.converges,
+        "{over_slow:?}"
+    );
+    assert!(
+        over_assumed.predictions.measured.none.converges,
+        "{over_assumed:?}"
+    );
+    assert!(
+        pause(&over_slow) > 10.0 * pause(&over_assumed),
+        "{} s against {} s",
+        pause(&over_slow),
+        pause(&over_assumed)
+    );
+}
+
+#[test]
+fn livemigd_refuses_a_link_of_nothing() {
+    let out = std::process::Command::new(testkit::bin("livemigd"))
+        .args(["--link", "0", "--state-dir", "/nonexistent/livemig-test"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--link 0"), "{}", stderr(&out));
+}
+
 #[test]
 fn livemigd_refuses_a_measuring_interval_it_cannot_read() {
     for bad in ["0s", "soon", "5"] {
