@@ -59,7 +59,7 @@ impl Guest {
     /// Its migration at `bandwidth` bytes/s with the adaptive controller
     /// and no time budget: it throttles only as much as converging needs.
     pub fn cost(&self, bandwidth: f64) -> Cost {
-        self.cost_within(bandwidth, None)
+        self.cost_within(bandwidth, bandwidth, None)
     }
 
     /// The time budget a drain gives its migration at `bandwidth`: a
@@ -71,9 +71,11 @@ impl Guest {
         (self.first_pass_bytes / bandwidth.max(1.0) * BUDGET_MARGIN).max(MIN_BUDGET_SECS)
     }
 
-    /// Its migration at `bandwidth` bytes/s with the adaptive controller,
-    /// to complete within `budget` seconds if given.
-    pub fn cost_within(&self, bandwidth: f64, budget: Option<f64>) -> Cost {
+    /// Its migration at `bandwidth` bytes/s (a share of a `path` of more,
+    /// whose whole speed QEMU's stop-and-copy gets once it lifts the cap)
+    /// with the adaptive controller, to complete within `budget` seconds if
+    /// given.
+    pub fn cost_within(&self, bandwidth: f64, path: f64, budget: Option<f64>) -> Cost {
         let policy = Policy {
             max_throttle: 0.99,
             downtime: 0.3,
@@ -82,7 +84,7 @@ impl Guest {
             allow_postcopy: false,
         };
         let scenario = Scenario {
-            switchover_bandwidth: None,
+            switchover_bandwidth: Some(path),
             first_pass_bytes: self.first_pass_bytes,
             model: self.model,
             bandwidth: bandwidth.max(1.0),

@@ -310,7 +310,7 @@ impl Costs<'_> {
         *self.memo.entry((i, bucket)).or_insert_with(|| {
             let bandwidth = bucket as f64 * step;
             let budget = self.budgeted.then(|| m.guest.budget(link));
-            m.guest.cost_within(bandwidth, budget)
+            m.guest.cost_within(bandwidth, link, budget)
         })
     }
 }
