@@ -18,7 +18,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::estimate::WORST_CASE_REFILL_SECS;
-use crate::model::{simulate_from, DirtyModel, Fixed, Scenario, Steer, Steering, SyncView};
+use crate::model::{
+    simulate_from, DirtyModel, Fixed, Prediction, Scenario, Steer, Steering, SyncView,
+};
 use crate::stall::stalled;
 use types::units::MIB_F64 as MIB;
 
@@ -440,6 +442,108 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     }
 }
 
+/// Before the first sync, once a measurement is at hand: whether to
+/// throttle for the rest of the first pass. A guest that outruns the link
+/// rewrites its working set while the first pass runs, and the pass after
+/// it sends all of it again; throttled from now it does not, at the cost
+/// of the first pass's remaining time throttled. Both courses are
+/// simulated (waiting for the first sync, then the controller; or the
+/// cheapest fixed throttle from now) and the throttle is taken only when
+/// it finishes sooner for about no more guest time: a first pass not much
+/// longer than the working set takes to send. `remaining` is what the
+/// first pass still has to send.
+pub fn at_start(
+    state: &State,
+    remaining: f64,
+    bandwidth: f64,
+    elapsed: f64,
+    policy: &Policy,
+) -> Decision {
+    let unchanged = Decision {
+        state: state.clone(),
+        actions: Vec::new(),
+    };
+    let model = state.model;
+    if state.throttle > 0.0
+        || model.rate <= 0.0
+        || remaining <= 0.0
+        || bandwidth <= 0.0
+        || model.working_set <= bandwidth * state.downtime
+    {
+        return unchanged;
+    }
+    // As at a saturated first sync: a lower bound within a tenth of the
+    // link says nothing of how much faster the guest is.
+    let plan = if model.rate_is_lower_bound && model.rate >= LINK_SHARE * bandwidth {
+        DirtyModel {
+            rate: model.rate.max(model.working_set / WORST_CASE_REFILL_SECS),
+            ..model
+        }
+    } else {
+        model
+    };
+    let horizon = policy
+        .budget
+        .map_or(DEFAULT_HORIZON_SECS, |b| (b - elapsed).max(0.0));
+    let scenario = Scenario {
+        switchover_bandwidth: None,
+        first_pass_bytes: remaining,
+        model: plan,
+        bandwidth,
+        downtime: state.downtime,
+        horizon,
+    };
+    let waiting = simulate_from(
+        &scenario,
+        remaining,
+        0.0,
+        0.0,
+        &mut AdaptiveSim::new(*policy, Some(plan)),
+    );
+    let Some((throttle, downtime)) = cheapest(plan, remaining, bandwidth, horizon, state, policy)
+    else {
+        return unchanged;
+    };
+    if throttle <= 0.0 || (downtime - state.downtime).abs() > 1e-9 {
+        return unchanged;
+    }
+    let now = simulate_from(&scenario, remaining, throttle, 0.0, &mut Fixed);
+    let better = now.converges
+        && (!waiting.converges
+            || (now.total_secs < waiting.total_secs
+                && now.work_lost_secs
+                    <= waiting.work_lost_secs * (1.0 + COST_TOLERANCE) + COST_SLACK_SECS));
+    if !better {
+        return unchanged;
+    }
+    let measured = if model.rate_is_lower_bound {
+        format!("at least {:.0} MiB/s", model.rate / MIB)
+    } else {
+        format!("{:.0} MiB/s", model.rate / MIB)
+    };
+    let mut next = state.clone();
+    next.throttle = throttle;
+    next.throttle_since = next.history.len();
+    Decision {
+        state: next,
+        actions: vec![Action::Throttle {
+            to: throttle,
+            why: format!(
+                "before the first sync: guest dirties {measured} over a {:.0} MiB working set                  against {:.0} MiB/s and would rewrite it while the first pass sends its last                  {:.0} MiB; predicted {:.1} s throttled now, {} from the first sync",
+                model.working_set / MIB,
+                bandwidth / MIB,
+                remaining / MIB,
+                now.total_secs,
+                if waiting.converges {
+                    format!("{:.1} s", waiting.total_secs)
+                } else {
+                    "no end".into()
+                }
+            ),
+        }],
+    }
+}
+
 /// When one slice of CPU lets the guest dirty more than the highest
 /// downtime allowed lets through: switch to post-copy if allowed, else say
 /// so once. (Raising the downtime to one slice was tried on the
@@ -524,6 +628,23 @@ impl AdaptiveSim {
             state: State::new(&policy, preflight),
             policy,
         }
+    }
+
+    /// The controller over a whole migration, as the watcher runs it: with
+    /// a measurement at hand from the start, it may throttle before the
+    /// first sync ([`at_start`]).
+    pub fn run(scenario: &Scenario, policy: Policy, preflight: Option<DirtyModel>) -> Prediction {
+        let mut sim = AdaptiveSim::new(policy, preflight);
+        let start = at_start(
+            &sim.state,
+            scenario.first_pass_bytes,
+            scenario.bandwidth,
+            0.0,
+            &policy,
+        );
+        sim.state = start.state;
+        let throttle = sim.state.throttle;
+        simulate_from(scenario, scenario.first_pass_bytes, throttle, 0.0, &mut sim)
     }
 }
 

@@ -191,7 +191,7 @@ fn outlook(model: DirtyModel, first_pass_bytes: f64, link: Link, policy: &Policy
             &scenario,
             &mut QemuAutoConverge::new(AutoConvergeParams::default()),
         ),
-        adaptive: simulate(&scenario, &mut AdaptiveSim::new(*policy, Some(model))),
+        adaptive: AdaptiveSim::run(&scenario, *policy, Some(model)),
     }
 }
 

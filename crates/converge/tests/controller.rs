@@ -1,8 +1,8 @@
 //! The adaptive controller: scripted scenarios and properties.
 
 use converge::controller::{
-    at_probe, decide, Action, AdaptiveSim, Decision, Observation, Policy, SliceFloor, State,
-    VcpuUse,
+    at_probe, at_start, decide, Action, AdaptiveSim, Decision, Observation, Policy, SliceFloor,
+    State, VcpuUse,
 };
 use converge::model::{simulate, DirtyModel, Scenario};
 use converge::qemu::{AutoConvergeParams, QemuAutoConverge};
@@ -437,6 +437,64 @@ fn when_nothing_fits_it_raises_downtime_then_asks_for_postcopy() {
     );
     assert_eq!(d.state.downtime, 1.0);
     assert_eq!(d.state.throttle, 0.5);
+}
+
+/// The state once a saturated measurement is at hand: at least `rate_mib`
+/// MiB/s over a 64 MiB working set.
+fn measured_before_the_first_sync(p: &Policy, rate_mib: f64, lower_bound: bool) -> State {
+    State::new(
+        p,
+        Some(DirtyModel {
+            rate: rate_mib * MIB,
+            working_set: 64.0 * MIB,
+            rate_is_lower_bound: lower_bound,
+        }),
+    )
+}
+
+#[test]
+fn a_guest_known_to_outrun_the_link_is_throttled_before_its_short_first_pass_ends() {
+    // 68 MiB in use and at least 60 MiB/s over 64 MiB against 64 MiB/s
+    // (the sweep's guests): waiting for the first sync resends the whole
+    // working set.
+    let p = policy();
+    let state = measured_before_the_first_sync(&p, 60.0, true);
+    let d = at_start(&state, 68.0 * MIB, 64.0 * MIB, 0.1, &p);
+    let [Action::Throttle { to, why }] = d.actions.as_slice() else {
+        panic!("{:?}", d.actions)
+    };
+    assert!(*to >= 0.9, "{to}");
+    assert_eq!(d.state.throttle, *to);
+    assert!(why.contains("before the first sync"), "{why}");
+}
+
+#[test]
+fn a_long_first_pass_is_not_throttled_for_a_working_set_it_dwarfs() {
+    // The same guest with 1 GiB in use: 16 s of throttled first pass to
+    // save one second's pass of the working set.
+    let p = policy();
+    let state = measured_before_the_first_sync(&p, 60.0, true);
+    let d = at_start(&state, 1024.0 * MIB, 64.0 * MIB, 0.1, &p);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert_eq!(d.state.throttle, 0.0);
+}
+
+#[test]
+fn a_guest_that_converges_on_its_own_is_not_throttled_at_the_start() {
+    let p = policy();
+    let state = measured_before_the_first_sync(&p, 20.0, false);
+    let d = at_start(&state, 68.0 * MIB, 64.0 * MIB, 0.1, &p);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // Nor one already throttled, nor one not measured.
+    let mut throttled = measured_before_the_first_sync(&p, 60.0, true);
+    throttled.throttle = 0.5;
+    assert!(at_start(&throttled, 68.0 * MIB, 64.0 * MIB, 0.1, &p)
+        .actions
+        .is_empty());
+    let unmeasured = State::new(&p, None);
+    assert!(at_start(&unmeasured, 68.0 * MIB, 64.0 * MIB, 0.1, &p)
+        .actions
+        .is_empty());
 }
 
 prop_compose! {

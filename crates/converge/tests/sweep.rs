@@ -110,7 +110,7 @@ fn across_the_sweep_every_guest_converges_near_the_limit_and_none_is_throttled_f
     let (mut lost, mut qemu_lost) = (0.0, 0.0);
     for point in grid() {
         let s = point.scenario();
-        let adaptive = simulate(&s, &mut AdaptiveSim::new(policy(), point.preflight()));
+        let adaptive = AdaptiveSim::run(&s, policy(), point.preflight());
         let qemu = simulate(
             &s,
             &mut QemuAutoConverge::new(AutoConvergeParams::default()),

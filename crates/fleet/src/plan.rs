@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 
 use converge::controller::{AdaptiveSim, Policy};
-use converge::model::{simulate, DirtyModel, Scenario};
+use converge::model::{DirtyModel, Scenario};
 
 /// Seconds a migration spends before and after copying memory (the
 /// agents' probe and prepare, the destination QEMU's start, switchover and
@@ -91,7 +91,7 @@ impl Guest {
             downtime: policy.downtime,
             horizon: converge::controller::DEFAULT_HORIZON_SECS,
         };
-        let p = simulate(&scenario, &mut AdaptiveSim::new(policy, Some(self.model)));
+        let p = AdaptiveSim::run(&scenario, policy, Some(self.model));
         Cost {
             secs: p.total_secs,
             bytes: p.transferred,

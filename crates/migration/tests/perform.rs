@@ -594,6 +594,55 @@ async fn near_the_end_a_short_pass_does_not_throttle_a_guest_that_converges() {
     let _ = job.outcome().await;
 }
 
+/// A 512 MiB guest with 68 MiB in use, measured shortly before the job
+/// at `mib_per_window` MiB in both a 1 s and a 2 s window over 64 MiB/s.
+fn measured_before(mib_per_window: u64, in_use_mib: u64) -> WatchOptions {
+    let window = |secs: f64| converge::estimate::Sample {
+        window_secs: secs,
+        dirtied: (mib_per_window * MIB) as f64,
+        noise: 0.0,
+    };
+    WatchOptions {
+        known: Some(migration::perform::Known {
+            samples: vec![window(1.0), window(2.0)],
+            age: Duration::from_secs(1),
+        }),
+        ram_in_use_bytes: Some(in_use_mib * MIB),
+        ..adaptive()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_known_to_outrun_the_link_is_throttled_as_its_short_first_pass_begins() {
+    // 60 MiB dirtied in 1 s and in 2 s: a 60 MiB working set filled in
+    // under a second, at least 60 MiB/s against 64.
+    let throttle = FakeThrottle::default();
+    let job = Job::start(measured_before(60, 68), Some(Box::new(throttle.clone()))).await;
+    let throttles = job.actions(ActionKind::Throttle);
+    assert_eq!(throttles.len(), 1, "{throttles:?}");
+    assert!(
+        throttles[0].contains("before the first sync"),
+        "{throttles:?}"
+    );
+    assert!(throttle.log().iter().any(|l| l.starts_with("set 0.9")));
+    job.qemu.complete(2000, 5);
+    let _ = job.outcome().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_first_pass_waits_for_its_first_sync_to_throttle() {
+    // The same guest with 480 MiB in use: throttling a 7.5 s first pass
+    // costs more than resending 60 MiB.
+    let job = Job::start(measured_before(60, 480), None).await;
+    assert!(
+        job.actions(ActionKind::Throttle).is_empty(),
+        "{:?}",
+        job.progress.borrow().actions
+    );
+    job.qemu.complete(9000, 5);
+    let _ = job.outcome().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slice_of_cpu_that_dirties_more_than_the_downtime_allows_goes_to_postcopy_unthrottled() {
     // Then a pass leaves 56 MiB after 2 ms of vCPU time: 28 MiB a slice

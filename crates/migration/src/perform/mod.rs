@@ -324,6 +324,7 @@ pub async fn run(
     // What the job measured before (the disks' mirrors) carries over.
     let mut last = progress.borrow().stats.clone();
     let mut w = Watch::new(qmp, options, progress, throttle);
+    w.take_known().await;
 
     loop {
         w.take_preflight().await;

@@ -96,8 +96,6 @@ pub(super) struct PreflightPlan {
     pub probe_slice: bool,
     /// The guest has a KVM dirty ring: QEMU can give each vCPU's rate.
     pub dirty_ring: bool,
-    /// A measurement from shortly before the job.
-    pub known: Option<super::Known>,
 }
 
 /// Runs the pre-flight, sending what it learns to the watcher.
@@ -108,21 +106,6 @@ pub(super) async fn preflight(
 ) {
     let cpu_before = plan.selector.as_ref().map(writers::cpu_times);
     let started = Instant::now();
-    // The controller's first decision need not wait for this job's own
-    // measurement (seconds, while a short first pass may be over); this
-    // one still runs, for the vCPUs that write and a current prediction.
-    if let Some(known) = &plan.known {
-        if let Some(model) = fit(&known.samples, plan.ram_bytes) {
-            let _ = tx.send(Preflight::Model(
-                model,
-                format!(
-                    "{} ({:.1} s before the job)",
-                    crate::dirty::describe(&known.samples, &model),
-                    known.age.as_secs_f64()
-                ),
-            ));
-        }
-    }
     let Ok(samples) = crate::dirty::measure(&qmp, &[1, 2], plan.ram_bytes).await else {
         return;
     };
@@ -239,19 +222,42 @@ async fn measured_link(qmp: &Client) -> Option<f64> {
 }
 
 impl Watch<'_> {
+    /// Takes the measurement from shortly before the job, if any, at once:
+    /// the controller's first decision need not wait for this job's own
+    /// measurement (seconds, while a short first pass may be over, and a
+    /// fast writer rewrites its working set within a poll). That one still
+    /// runs, for the vCPUs that write and a current prediction.
+    pub async fn take_known(&mut self) {
+        let Some(known) = self.options.known.as_ref() else {
+            return;
+        };
+        let Some(model) = fit(&known.samples, self.options.ram_bytes as f64) else {
+            return;
+        };
+        let detail = format!(
+            "{} ({:.1} s before the job)",
+            crate::dirty::describe(&known.samples, &model),
+            known.age.as_secs_f64()
+        );
+        self.take_model(model, detail).await;
+    }
+
+    async fn take_model(&mut self, model: DirtyModel, detail: String) {
+        self.record(ActionKind::Measure, Some(mib(model.rate)), detail);
+        if let Some((state, _)) = self.controller.as_mut() {
+            if state.model.rate == 0.0 {
+                state.model = model;
+            }
+        }
+        self.predict(model);
+        self.throttle_from_the_start().await;
+    }
+
     /// Takes what the pre-flight found, as it comes in.
     pub async fn take_preflight(&mut self) {
         while let Some(rx) = self.preflight.as_mut() {
             match rx.try_recv() {
-                Ok(Preflight::Model(model, detail)) => {
-                    self.record(ActionKind::Measure, Some(mib(model.rate)), detail);
-                    if let Some((state, _)) = self.controller.as_mut() {
-                        if state.model.rate == 0.0 {
-                            state.model = model;
-                        }
-                    }
-                    self.predict(model);
-                }
+                Ok(Preflight::Model(model, detail)) => self.take_model(model, detail).await,
                 Ok(Preflight::Probing(probing)) => self.probing = Some(probing),
                 Ok(Preflight::Writers(found)) => {
                     if matches!(self.probing, Some(Probing::Writers(_) | Probing::DirtyRing)) {

@@ -49,6 +49,9 @@ impl Watch<'_> {
         } else if self.cancelling.is_none() {
             self.switch_over_mid_pass(stats).await;
         }
+        self.left_at_poll = stats
+            .memory_remaining_bytes
+            .map(|left| (left as f64, self.bandwidth(stats)));
         if self.options.postcopy_after_precopy
             && !self.postcopy_requested
             && self.cancelling.is_none()
@@ -191,6 +194,55 @@ impl Watch<'_> {
                 bandwidth: self.bandwidth(stats),
                 vcpu,
             },
+            &policy,
+        );
+        if let Some((state, _)) = self.controller.as_mut() {
+            *state = decision.state;
+        }
+        self.apply(decision.actions).await;
+    }
+
+    /// A measurement came in before the first pass ended: let the
+    /// controller throttle now rather than at the first sync, when that
+    /// saves resending the working set (see `controller::at_start`).
+    pub async fn throttle_from_the_start(&mut self) {
+        // Several vCPUs: the pre-flight searches for the ones that write,
+        // and a throttle on all of them now would stop the search.
+        let searching = self.options.preflight
+            && self
+                .throttle
+                .as_ref()
+                .and_then(|t| t.selector())
+                .is_some_and(|s| s.threads.len() > 1);
+        if self.last_iteration > 1
+            || searching
+            || self.probing.is_some()
+            || self.throttle_now().is_on()
+        {
+            return;
+        }
+        let Some((state, policy)) = self.controller.clone() else {
+            return;
+        };
+        // Before the first poll: the whole first pass, at the cap.
+        let (remaining, bandwidth) = match self.left_at_poll {
+            Some(seen) => seen,
+            None => match self.limits.bandwidth {
+                Some(cap) => (
+                    converge::estimate::first_pass_bytes(
+                        self.options.ram_bytes,
+                        self.options.ram_in_use_bytes,
+                    ),
+                    cap.as_f64(),
+                ),
+                None => return,
+            },
+        };
+        let decision = controller::at_start(
+            &state,
+            remaining,
+            bandwidth,
+            self.elapsed().as_secs_f64(),
             &policy,
         );
         if let Some((state, _)) = self.controller.as_mut() {

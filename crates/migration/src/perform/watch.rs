@@ -53,6 +53,8 @@ pub(super) struct Watch<'a> {
     pub history: Vec<f64>,
     pub last_iteration: u64,
     pub last_sync: Instant,
+    /// What the last poll saw left to send, and at what rate.
+    pub left_at_poll: Option<(f64, f64)>,
     /// The pass in which a held switchover was last tried between syncs
     /// (once a pass: a refused `stop` is not retried at every poll).
     pub mid_pass_tried: u64,
@@ -107,7 +109,6 @@ impl<'a> Watch<'a> {
                 // course: post-copy is the way past it.
                 probe_slice: options.controller.is_some_and(|p| p.allow_postcopy),
                 dirty_ring: options.dirty_ring,
-                known: options.known.clone(),
             };
             tokio::spawn(preflight(qmp.clone(), plan, tx));
             rx
@@ -131,6 +132,7 @@ impl<'a> Watch<'a> {
             history: Vec::new(),
             last_iteration: 0,
             last_sync: started,
+            left_at_poll: None,
             mid_pass_tried: 0,
             cpu_at_sync: None,
             postcopy_requested: false,
