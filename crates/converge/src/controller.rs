@@ -529,7 +529,9 @@ pub fn at_start(
         actions: vec![Action::Throttle {
             to: throttle,
             why: format!(
-                "before the first sync: guest dirties {measured} over a {:.0} MiB working set                  against {:.0} MiB/s and would rewrite it while the first pass sends its last                  {:.0} MiB; predicted {:.1} s throttled now, {} from the first sync",
+                "before the first sync: guest dirties {measured} over a {:.0} MiB working set \
+                 against {:.0} MiB/s and would rewrite it while the first pass sends its last \
+                 {:.0} MiB; predicted {:.1} s throttled now, {} from the first sync",
                 model.working_set / MIB,
                 bandwidth / MIB,
                 remaining / MIB,

@@ -134,6 +134,12 @@ pub struct Prediction {
 
 const MAX_PASSES: u32 = 100_000;
 
+/// Above this throttle livemig holds QEMU's switchover back (a vCPU the
+/// host throttles that hard can take up to a second to stop, and pauses
+/// the guest itself): QEMU's threshold is then 1 ms, so no pass ends early
+/// and the last one is sent whole.
+pub const HELD_ABOVE: f64 = 0.99;
+
 /// When, in a last pass that starts with `remaining`, what is left (what
 /// the pass has not sent, plus what the guest dirtied meanwhile) first
 /// fits under `threshold`: QEMU syncs and switches over there.
@@ -213,7 +219,7 @@ pub fn simulate_from(
         let pass_bytes = pass_secs * bw;
         let dirtied = scenario.model.dirtied(pass_secs, p);
         let threshold = bw * downtime;
-        if (r - pass_bytes).max(0.0) + dirtied <= threshold {
+        if p <= HELD_ABOVE && (r - pass_bytes).max(0.0) + dirtied <= threshold {
             let early = last_pass_secs(&scenario.model, r, threshold, bw, p).min(pass_secs);
             t += early;
             lost += p * early;
@@ -318,6 +324,20 @@ mod tests {
         assert!((p.downtime_secs - 19.2 / 1024.0).abs() < 1e-9, "{p:?}");
         assert!((p.total_secs - (512.0 - 19.2) / 64.0 - p.downtime_secs).abs() < 1e-9);
         assert!((p.transferred - 512.0 * MIB).abs() < 1.0);
+    }
+
+    #[test]
+    fn above_the_held_line_the_last_pass_is_sent_whole() {
+        // livemig holds QEMU's switchover there: QEMU's threshold is 1 ms
+        // and no pass ends early.
+        let idle = Scenario {
+            switchover_bandwidth: Some(1024.0 * MIB),
+            ..scenario(0.0, 0.0)
+        };
+        let held = simulate_from(&idle, idle.first_pass_bytes, 0.995, 0.0, &mut Fixed);
+        assert!((held.total_secs - 8.0).abs() < 1e-9, "{held:?}");
+        let not_held = simulate_from(&idle, idle.first_pass_bytes, HELD_ABOVE, 0.0, &mut Fixed);
+        assert!(not_held.total_secs < 7.8, "{not_held:?}");
     }
 
     #[test]
