@@ -594,6 +594,34 @@ async fn near_the_end_a_short_pass_does_not_throttle_a_guest_that_converges() {
     let _ = job.outcome().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn passes_that_hover_just_above_the_switchover_are_read_together_and_throttled() {
+    let job = Job::start(adaptive(), None).await;
+    // The bulk pass, then QEMU syncing every 0.3 s (0.25 s and the poll)
+    // with what is left shrinking by a MiB each time, never under the
+    // 19.2 MiB that fit: each pass too short to count, each a new low, so
+    // no stall either. The guest dirties about 29 MiB a pass, more than
+    // the link sends.
+    job.pass(8.0, 30 * MIB).await;
+    for left in [29, 28, 27] {
+        job.pass(0.25, left * MIB).await;
+    }
+    assert!(
+        job.actions(ActionKind::Throttle).is_empty(),
+        "{:?}",
+        job.progress.borrow().actions
+    );
+    job.pass(0.25, 26 * MIB).await;
+    let measures = job.actions(ActionKind::Measure);
+    assert!(
+        measures.iter().any(|m| m.contains("4 passes in 1.2 s")),
+        "{measures:?}"
+    );
+    assert_throttled_once(&job);
+    job.qemu.complete(11000, 5);
+    let _ = job.outcome().await;
+}
+
 /// A 512 MiB guest with 68 MiB in use, measured shortly before the job
 /// at `mib_per_window` MiB in both a 1 s and a 2 s window over 64 MiB/s.
 fn measured_before(mib_per_window: u64, in_use_mib: u64) -> WatchOptions {

@@ -28,6 +28,23 @@ const MIN_PASS_SECS: f64 = 0.25;
 /// converging on its own).
 const NEAR_END_MIN_PASS_SECS: f64 = 0.5;
 const NEAR_END: f64 = 2.0;
+/// Near the end, a guest that dirties about what the link sends makes
+/// QEMU sync every few hundred milliseconds, each pass too short to count
+/// and what is left never under the threshold for long (the sweep's
+/// guests at the link's rate hovered so for 2–3 s). After this long, the
+/// passes are read together: what the guest dirtied over them is what
+/// was sent plus what more is left.
+const HOVER_SECS: f64 = 1.0;
+
+/// Passes near the end too short to count, added up.
+#[derive(Debug, Clone, Copy)]
+pub struct Hover {
+    secs: f64,
+    passes: u32,
+    /// Bytes sent by their start, and left then.
+    sent: f64,
+    left: f64,
+}
 
 impl Watch<'_> {
     /// After each poll: a new pass lets the policy act, and
@@ -72,6 +89,8 @@ impl Watch<'_> {
         self.last_sync = now;
         let vcpu = self.pass_cpu_use();
         let remaining = stats.memory_remaining_bytes.unwrap_or(0) as f64;
+        let sent = stats.memory_processed_bytes.unwrap_or(0) as f64;
+        let last_sync = std::mem::replace(&mut self.at_last_sync, (sent, remaining));
         self.history.push(remaining);
         tracing::debug!(
             pass = stats.iteration,
@@ -102,15 +121,75 @@ impl Watch<'_> {
         } else {
             MIN_PASS_SECS
         };
+        let (mut remaining, mut pass_secs) = (remaining, pass_secs);
         if pass_secs < floor && !stalled(&self.history, STALL_WINDOW) {
-            return;
+            let Some(read) = self.hovering(near_end, pass_secs, last_sync, (sent, remaining))
+            else {
+                return;
+            };
+            (remaining, pass_secs) = read;
         }
+        self.hover = None;
         if self.controller.is_some() {
             self.widen_if_stalled().await;
             self.consult_controller(stats, remaining, pass_secs, vcpu)
                 .await;
         } else if stalled(&self.history, STALL_WINDOW) {
             self.escalate().await;
+        }
+    }
+
+    /// A pass too short to count: near the end, once such passes add up to
+    /// [`HOVER_SECS`], they are read as one (what the controller is to
+    /// see as left after it, and its length). `last_sync` and `now` are
+    /// the bytes sent and left at the last sync and at this one.
+    fn hovering(
+        &mut self,
+        near_end: bool,
+        pass_secs: f64,
+        last_sync: (f64, f64),
+        now: (f64, f64),
+    ) -> Option<(f64, f64)> {
+        if !near_end || self.controller.is_none() {
+            self.hover = None;
+            return None;
+        }
+        let hover = self.hover.get_or_insert(Hover {
+            secs: 0.0,
+            passes: 0,
+            sent: last_sync.0,
+            left: last_sync.1,
+        });
+        hover.secs += pass_secs;
+        hover.passes += 1;
+        if hover.secs < HOVER_SECS {
+            return None;
+        }
+        let hover = self.hover.take()?;
+        // What the guest dirtied over them is what they sent plus what
+        // more is left. Pages rewritten after being sent count again, so
+        // it may exceed the working set: then the passes saturated it, and
+        // the rate they show is a lower bound.
+        let dirtied = ((now.0 - hover.sent) + (now.1 - hover.left)).max(0.0);
+        self.record(
+            ActionKind::Measure,
+            Some(mib(dirtied / hover.secs)),
+            format!(
+                "{} passes in {:.1} s near the end, none short enough to switch over: the \
+                 guest dirtied {:.0} MiB meanwhile",
+                hover.passes,
+                hover.secs,
+                mib(dirtied)
+            ),
+        );
+        let working_set = self
+            .controller
+            .as_ref()
+            .map_or(0.0, |(state, _)| state.model.working_set);
+        if working_set > 0.0 && dirtied > working_set {
+            Some((working_set, hover.secs * working_set / dirtied))
+        } else {
+            Some((dirtied, hover.secs))
         }
     }
 

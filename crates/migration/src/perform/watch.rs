@@ -55,6 +55,10 @@ pub(super) struct Watch<'a> {
     pub last_sync: Instant,
     /// What the last poll saw left to send, and at what rate.
     pub left_at_poll: Option<(f64, f64)>,
+    /// Passes near the end that were all too short to count, so far.
+    pub hover: Option<super::steer::Hover>,
+    /// Bytes sent and left at the last sync.
+    pub at_last_sync: (f64, f64),
     /// The pass in which a held switchover was last tried between syncs
     /// (once a pass: a refused `stop` is not retried at every poll).
     pub mid_pass_tried: u64,
@@ -133,6 +137,8 @@ impl<'a> Watch<'a> {
             last_iteration: 0,
             last_sync: started,
             left_at_poll: None,
+            hover: None,
+            at_last_sync: (0.0, 0.0),
             mid_pass_tried: 0,
             cpu_at_sync: None,
             postcopy_requested: false,
