@@ -31,10 +31,10 @@ const NEAR_END: f64 = 2.0;
 /// Near the end, a guest that dirties about what the link sends makes
 /// QEMU sync every few hundred milliseconds, each pass too short to count
 /// and what is left never under the threshold for long (the sweep's
-/// guests at the link's rate hovered so for 2–3 s). After this long, the
-/// passes are read together: what the guest dirtied over them is what
-/// was sent plus what more is left.
-const HOVER_SECS: f64 = 1.0;
+/// guests at the link's rate hovered so for 2–3 s). After this long (two
+/// such passes), the passes are read together: what the guest dirtied
+/// over them is what was sent plus what more is left.
+const HOVER_SECS: f64 = 0.6;
 
 /// Passes near the end too short to count, added up.
 #[derive(Debug, Clone, Copy)]
