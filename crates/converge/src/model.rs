@@ -225,7 +225,9 @@ pub fn simulate_from(
             lost += p * early;
             sent += early * bw;
             passes += 1;
-            r = (r - early * bw).max(0.0) + scenario.model.dirtied(early, p);
+            // Under the threshold by construction: rounding must not send
+            // the loop through passes of nothing.
+            r = ((r - early * bw).max(0.0) + scenario.model.dirtied(early, p)).min(threshold);
             continue;
         }
         t += pass_secs;

@@ -620,6 +620,23 @@ async fn passes_that_hover_just_above_the_switchover_are_read_together_and_throt
     let _ = job.outcome().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_short_first_pass_near_the_end_is_not_read_as_hovering() {
+    // A guest with little in use: its 0.2 s first pass sends 13 MiB and
+    // leaves 25 MiB; what the first pass sent is not the guest's dirt, so
+    // the next short pass alone is no hover.
+    let job = Job::start(adaptive(), None).await;
+    job.pass(0.2, 25 * MIB).await;
+    job.pass(0.4, 24 * MIB).await;
+    assert!(
+        job.actions(ActionKind::Measure).is_empty() && job.actions(ActionKind::Throttle).is_empty(),
+        "{:?}",
+        job.progress.borrow().actions
+    );
+    job.qemu.complete(1000, 5);
+    let _ = job.outcome().await;
+}
+
 /// A 512 MiB guest with 68 MiB in use, measured shortly before the job
 /// at `mib_per_window` MiB in both a 1 s and a 2 s window over 64 MiB/s.
 fn measured_before(mib_per_window: u64, in_use_mib: u64) -> WatchOptions {

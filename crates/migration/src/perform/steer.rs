@@ -150,7 +150,9 @@ impl Watch<'_> {
         last_sync: (f64, f64),
         now: (f64, f64),
     ) -> Option<(f64, f64)> {
-        if !near_end || self.controller.is_none() {
+        // The first pass sends the memory in use: what it sent is not the
+        // guest's doing, so no hover begins with it.
+        if !near_end || self.controller.is_none() || self.history.len() < 2 {
             self.hover = None;
             return None;
         }
