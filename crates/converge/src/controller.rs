@@ -214,6 +214,7 @@ fn cheapest(
 ) -> Option<(f64, f64)> {
     for downtime in downtime_steps(state.downtime, policy.max_downtime) {
         let scenario = Scenario {
+            first_pass_whole: false,
             switchover_bandwidth: None,
             first_pass_bytes: remaining,
             model,
@@ -448,9 +449,10 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
 /// it sends all of it again; throttled from now it does not, at the cost
 /// of the first pass's remaining time throttled. Both courses are
 /// simulated (waiting for the first sync, then the controller; or the
-/// cheapest fixed throttle from now) and the throttle is taken only when
-/// it finishes sooner for about no more guest time: a first pass not much
-/// longer than the working set takes to send. `remaining` is what the
+/// cheapest fixed throttle from now) and weighed as `cheapest` weighs
+/// throttles: waiting loses if it is much slower, or if it is slower and
+/// saves no guest work. Throttling a first pass much longer than the
+/// working set takes to send loses on guest work. `remaining` is what the
 /// first pass still has to send.
 pub fn at_start(
     state: &State,
@@ -486,6 +488,8 @@ pub fn at_start(
         .budget
         .map_or(DEFAULT_HORIZON_SECS, |b| (b - elapsed).max(0.0));
     let scenario = Scenario {
+        // The rest of a first pass.
+        first_pass_whole: true,
         switchover_bandwidth: None,
         first_pass_bytes: remaining,
         model: plan,
@@ -508,8 +512,11 @@ pub fn at_start(
         return unchanged;
     }
     let now = simulate_from(&scenario, remaining, throttle, 0.0, &mut Fixed);
+    // As `cheapest` weighs its choices: a course much slower than the
+    // fastest is out, and of the rest the one losing least guest work wins.
     let better = now.converges
         && (!waiting.converges
+            || waiting.total_secs > now.total_secs * TIME_FACTOR + TIME_SLACK_SECS
             || (now.total_secs < waiting.total_secs
                 && now.work_lost_secs
                     <= waiting.work_lost_secs * (1.0 + COST_TOLERANCE) + COST_SLACK_SECS));

@@ -176,6 +176,7 @@ pub fn predict(
 
 fn outlook(model: DirtyModel, first_pass_bytes: f64, link: Link, policy: &Policy) -> Outlook {
     let scenario = Scenario {
+        first_pass_whole: true,
         switchover_bandwidth: link.switchover,
         first_pass_bytes,
         model,

@@ -36,6 +36,7 @@ fn scenario(rate_mib: f64) -> Scenario {
 /// The benchmark's guest, simulated for `horizon` seconds.
 fn scenario_over(rate_mib: f64, horizon: f64) -> Scenario {
     Scenario {
+        first_pass_whole: false,
         switchover_bandwidth: None,
         first_pass_bytes: 512.0 * MIB,
         model: DirtyModel {
@@ -550,6 +551,7 @@ proptest! {
     ) {
         // Slower than half the link: plain pre-copy converges geometrically.
         let s = Scenario {
+            first_pass_whole: false,
             switchover_bandwidth: None,
             first_pass_bytes: (working_set_mib + ram_extra) * MIB,
             model: DirtyModel {

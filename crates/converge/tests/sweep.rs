@@ -31,6 +31,7 @@ struct Point {
 impl Point {
     fn scenario(&self) -> Scenario {
         Scenario {
+            first_pass_whole: true,
             switchover_bandwidth: None,
             first_pass_bytes: self.ram_mib * MIB,
             model: DirtyModel {

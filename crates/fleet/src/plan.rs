@@ -84,6 +84,7 @@ impl Guest {
             allow_postcopy: false,
         };
         let scenario = Scenario {
+            first_pass_whole: true,
             switchover_bandwidth: Some(path),
             first_pass_bytes: self.first_pass_bytes,
             model: self.model,
