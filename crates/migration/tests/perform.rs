@@ -673,6 +673,27 @@ async fn a_guest_known_to_outrun_the_link_is_throttled_as_its_short_first_pass_b
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_postcopy_allowed_the_start_leaves_the_guest_to_the_slice_probe() {
+    // The pre-flight may probe the slice floor, which a throttle would
+    // stop, and post-copy decided from it needs no throttle at all.
+    let allowed = adaptive_with(true);
+    let options = WatchOptions {
+        preflight: true,
+        controller: allowed.controller,
+        allow_postcopy: true,
+        ..measured_before(60, 68)
+    };
+    let job = Job::start(options, None).await;
+    assert!(
+        job.actions(ActionKind::Throttle).is_empty(),
+        "{:?}",
+        job.progress.borrow().actions
+    );
+    job.qemu.complete(2000, 5);
+    let _ = job.outcome().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_long_first_pass_waits_for_its_first_sync_to_throttle() {
     // The same guest with 480 MiB in use: throttling a 7.5 s first pass
     // costs more than resending 60 MiB.
