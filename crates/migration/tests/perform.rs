@@ -198,6 +198,14 @@ async fn held_job() -> Job {
     job
 }
 
+fn assert_not_throttled(job: &Job) {
+    assert!(
+        job.actions(ActionKind::Throttle).is_empty(),
+        "{:?}",
+        job.progress.borrow().actions
+    );
+}
+
 fn assert_throttled_once(job: &Job) {
     assert_eq!(
         job.actions(ActionKind::Throttle).len(),
@@ -582,11 +590,7 @@ async fn near_the_end_a_short_pass_does_not_throttle_a_guest_that_converges() {
     // in 0.3 s is 80 MiB/s, but it is a QEMU resync near the end.
     job.pass(8.0, 30 * MIB).await;
     job.pass(0.3, 24 * MIB).await;
-    assert!(
-        job.actions(ActionKind::Throttle).is_empty(),
-        "{:?}",
-        job.progress.borrow().actions
-    );
+    assert_not_throttled(&job);
     // Away from the end a pass that short counts: 64 MiB in 0.4 s.
     job.pass(0.4, 64 * MIB).await;
     assert_throttled_once(&job);
@@ -604,11 +608,7 @@ async fn passes_that_hover_just_above_the_switchover_are_read_together_and_throt
     // the link sends.
     job.pass(8.0, 30 * MIB).await;
     job.pass(0.25, 29 * MIB).await;
-    assert!(
-        job.actions(ActionKind::Throttle).is_empty(),
-        "{:?}",
-        job.progress.borrow().actions
-    );
+    assert_not_throttled(&job);
     job.pass(0.25, 28 * MIB).await;
     let measures = job.actions(ActionKind::Measure);
     assert!(
@@ -684,11 +684,7 @@ async fn with_postcopy_allowed_the_start_leaves_the_guest_to_the_slice_probe() {
         ..measured_before(60, 68)
     };
     let job = Job::start(options, None).await;
-    assert!(
-        job.actions(ActionKind::Throttle).is_empty(),
-        "{:?}",
-        job.progress.borrow().actions
-    );
+    assert_not_throttled(&job);
     job.qemu.complete(2000, 5);
     let _ = job.outcome().await;
 }
@@ -698,11 +694,7 @@ async fn a_long_first_pass_waits_for_its_first_sync_to_throttle() {
     // The same guest with 480 MiB in use: throttling a 7.5 s first pass
     // costs more than resending 60 MiB.
     let job = Job::start(measured_before(60, 480), None).await;
-    assert!(
-        job.actions(ActionKind::Throttle).is_empty(),
-        "{:?}",
-        job.progress.borrow().actions
-    );
+    assert_not_throttled(&job);
     job.qemu.complete(9000, 5);
     let _ = job.outcome().await;
 }
