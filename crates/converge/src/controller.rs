@@ -137,6 +137,13 @@ pub struct Observation {
     /// throttle mechanism can tell.
     #[serde(default)]
     pub vcpu: Option<VcpuUse>,
+    /// The pass is several short ones near the end read together (see the
+    /// watcher's hover rule): QEMU kept what is left just over its
+    /// switchover threshold for their whole length, so the guest is not
+    /// finishing on its own, whatever rate the passes read (rewrites
+    /// between two sends count once: they read low).
+    #[serde(default)]
+    pub hovering: bool,
 }
 
 /// A change the controller asks for, with its reason.
@@ -211,6 +218,7 @@ fn cheapest(
     horizon: f64,
     state: &State,
     policy: &Policy,
+    hovering: bool,
 ) -> Option<(f64, f64)> {
     for downtime in downtime_steps(state.downtime, policy.max_downtime) {
         let scenario = Scenario {
@@ -239,10 +247,12 @@ fn cheapest(
         // A guest that converges on its own is never throttled, however
         // long it takes; one that would only if it dirtied no faster than
         // a lower bound within a tenth of the link (at 97 % of it, in 60
-        // passes) is not known to converge on its own. Once throttled, a
-        // guest is not let go to crawl through dozens of passes: lifting
-        // the throttle competes on time like any other choice.
+        // passes) is not known to converge on its own, nor is one seen
+        // hovering over the threshold. Once throttled, a guest is not let
+        // go to crawl through dozens of passes: lifting the throttle
+        // competes on time like any other choice.
         let on_its_own = state.throttle <= 0.0
+            && !hovering
             && (!model.rate_is_lower_bound || model.rate <= LINK_SHARE * bandwidth);
         let in_time = |(p, _, secs): &&(f64, f64, f64)| {
             (*p == 0.0 && on_its_own) || *secs <= fastest * TIME_FACTOR + TIME_SLACK_SECS
@@ -324,10 +334,17 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     // out lasts as long as the working set takes to send. Plan for the
     // worst the measurement allows; the next pass, short of the working
     // set, measures the rate and the throttle comes down if it shows room.
-    let plan = if saturated
-        && obs.throttle <= 0.0
-        && next.model.rate_is_lower_bound
-        && next.model.rate >= LINK_SHARE * obs.bandwidth
+    // So too for passes that hovered over QEMU's threshold unthrottled:
+    // they read the guest low (a page rewritten between two sends counts
+    // once), and QEMU finishes only once what the guest dirties in one of
+    // those short passes fits in what is left under the threshold, which
+    // a light throttle does not bring about (the sweep's guest at the
+    // link's rate, throttled 40 % at such a reading, hovered 0.6 s more).
+    let plan = if obs.throttle <= 0.0
+        && (obs.hovering
+            || (saturated
+                && next.model.rate_is_lower_bound
+                && next.model.rate >= LINK_SHARE * obs.bandwidth))
     {
         DirtyModel {
             rate: next
@@ -339,25 +356,32 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     } else {
         next.model
     };
-    let (mut throttle, downtime) =
-        match cheapest(plan, dirtied, obs.bandwidth, horizon, &next, policy) {
-            Some(choice) => choice,
-            None => {
-                if policy.allow_postcopy && !next.postcopy {
-                    next.postcopy = true;
-                    actions.push(Action::Postcopy {
-                        why: format!(
-                            "no throttle up to {:.1}% and no downtime up to {:.0} ms completes \
+    let (mut throttle, downtime) = match cheapest(
+        plan,
+        dirtied,
+        obs.bandwidth,
+        horizon,
+        &next,
+        policy,
+        obs.hovering,
+    ) {
+        Some(choice) => choice,
+        None => {
+            if policy.allow_postcopy && !next.postcopy {
+                next.postcopy = true;
+                actions.push(Action::Postcopy {
+                    why: format!(
+                        "no throttle up to {:.1}% and no downtime up to {:.0} ms completes \
                              within {:.0} s",
-                            policy.max_throttle * 100.0,
-                            policy.max_downtime * 1000.0,
-                            horizon
-                        ),
-                    });
-                }
-                (policy.max_throttle, policy.max_downtime)
+                        policy.max_throttle * 100.0,
+                        policy.max_downtime * 1000.0,
+                        horizon
+                    ),
+                });
             }
-        };
+            (policy.max_throttle, policy.max_downtime)
+        }
+    };
     // Never a throttle under which even the lower bound dirties faster
     // than the link sends (unless the working set fits in the downtime):
     // that pass would be wasted, and the next decision a pass later.
@@ -367,9 +391,10 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     {
         throttle = throttle.max(1.0 - LINK_SHARE * obs.bandwidth / next.model.rate);
     }
-    // Saturated while already throttled: the real rate is higher than any
-    // estimate so far, so make sure the next pass is throttled clearly more.
-    if known_ws && saturated && obs.throttle > 0.0 {
+    // Saturated (or hovering) while already throttled: the real rate is
+    // higher than any estimate so far, or the throttle does not get what
+    // is left under the threshold; the next pass is throttled clearly more.
+    if known_ws && (saturated || obs.hovering) && obs.throttle > 0.0 {
         throttle = throttle.max(1.0 - (1.0 - obs.throttle) / SATURATED_STEP);
     }
     // Passes that stopped shrinking under a throttle the model said was
@@ -504,7 +529,8 @@ pub fn at_start(
         0.0,
         &mut AdaptiveSim::new(*policy, Some(plan)),
     );
-    let Some((throttle, downtime)) = cheapest(plan, remaining, bandwidth, horizon, state, policy)
+    let Some((throttle, downtime)) =
+        cheapest(plan, remaining, bandwidth, horizon, state, policy, false)
     else {
         return unchanged;
     };
@@ -668,6 +694,7 @@ impl Steering for AdaptiveSim {
                 throttle: view.throttle,
                 bandwidth: view.bandwidth,
                 vcpu: None,
+                hovering: false,
             },
             &self.policy,
         );

@@ -140,6 +140,7 @@ fn sync(state: &State, p: &Policy, elapsed: f64, remaining_mib: f64, pass_secs: 
             throttle: state.throttle,
             bandwidth: 64.0 * MIB,
             vcpu: None,
+            hovering: false,
         },
         p,
     )
@@ -161,6 +162,7 @@ fn hot_sync_with_cpu(state: &State, p: &Policy) -> Decision {
                 cpu_secs: 0.002,
                 min_slice_secs: 0.001,
             }),
+            hovering: false,
         },
         p,
     )
@@ -320,6 +322,7 @@ fn a_slice_that_fits_or_a_pass_with_too_little_cpu_says_nothing() {
                 cpu_secs: 0.010,
                 min_slice_secs: 0.001,
             }),
+            hovering: false,
         },
         &p,
     );
@@ -338,6 +341,7 @@ fn a_slice_that_fits_or_a_pass_with_too_little_cpu_says_nothing() {
                 cpu_secs: 0.0002,
                 min_slice_secs: 0.001,
             }),
+            hovering: false,
         },
         &p,
     );
@@ -512,7 +516,7 @@ prop_compose! {
                          bandwidth in (1.0 * MIB)..(2048.0 * MIB),
                          cpu in proptest::option::of((0.0f64..0.1, 0.0005f64..0.01))) -> Observation {
         let vcpu = cpu.map(|(cpu_secs, min_slice_secs)| VcpuUse { cpu_secs, min_slice_secs });
-        Observation { elapsed, remaining, pass_secs, throttle, bandwidth, vcpu }
+        Observation { elapsed, remaining, pass_secs, throttle, bandwidth, vcpu, hovering: false }
     }
 }
 
@@ -651,4 +655,61 @@ fn no_throttle_under_which_the_lower_bound_outruns_the_link() {
     state.history = vec![256.0 * MIB];
     let d = sync(&state, &p, 10.0, 256.0, 4.0);
     assert!(d.state.throttle >= 1.0 - 64.0 / 500.0, "{:?}", d.actions);
+}
+
+#[test]
+fn hovering_over_the_threshold_takes_away_the_benefit_of_the_doubt() {
+    // 40 MiB dirtied over 0.8 s against 64 MiB/s, a 45 MiB working set
+    // known only from below: 49 MiB/s, under nine tenths of the link.
+    let p = policy();
+    let mut state = State::new(
+        &p,
+        Some(DirtyModel {
+            rate: 45.0 * MIB,
+            working_set: 45.0 * MIB,
+            rate_is_lower_bound: true,
+        }),
+    );
+    state.history.push(40.0 * MIB);
+    let at = |hovering| {
+        decide(
+            &state,
+            &Observation {
+                elapsed: 2.0,
+                remaining: 40.0 * MIB,
+                pass_secs: 0.82,
+                throttle: 0.0,
+                bandwidth: 64.0 * MIB,
+                vcpu: None,
+                hovering,
+            },
+            &p,
+        )
+    };
+    // One pass that long: a guest left to converge on its own.
+    assert_eq!(at(false).state.throttle, 0.0);
+    // The same bytes from passes that kept what is left over the
+    // threshold: a reading from below, planned for at its worst.
+    let hovered = at(true);
+    assert!(hovered.state.throttle >= 0.9, "{:?}", hovered.actions);
+    // Hovering again under that throttle: clearly more.
+    let again = decide(
+        &hovered.state,
+        &Observation {
+            elapsed: 3.0,
+            remaining: 30.0 * MIB,
+            pass_secs: 0.7,
+            throttle: hovered.state.throttle,
+            bandwidth: 64.0 * MIB,
+            vcpu: None,
+            hovering: true,
+        },
+        &p,
+    );
+    assert!(
+        1.0 - again.state.throttle <= (1.0 - hovered.state.throttle) / 4.0,
+        "{} then {:?}",
+        hovered.state.throttle,
+        again.actions
+    );
 }

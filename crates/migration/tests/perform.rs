@@ -621,6 +621,27 @@ async fn passes_that_hover_just_above_the_switchover_are_read_together_and_throt
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_guest_hovering_over_the_threshold_is_throttled_though_its_passes_read_under_the_link() {
+    // Measured at 45 MiB over a 45 MiB working set: a lower bound well
+    // under the 64 MiB/s link, a guest left to converge on its own.
+    let job = Job::start(measured_before(45, 68), None).await;
+    job.pass(1.0, 40 * MIB).await;
+    assert_not_throttled(&job);
+    // Then QEMU syncs every 0.4 s, what is left just over the 19.2 MiB
+    // that fit: 40.5 MiB in 0.8 s reads 49 MiB/s, yet nothing finishes.
+    job.pass(0.35, 21 * MIB).await;
+    job.pass(0.35, 39 * MIB / 2).await;
+    let measures = job.actions(ActionKind::Measure);
+    assert!(
+        measures.iter().any(|m| m.contains("2 passes in 0.8 s")),
+        "{measures:?}"
+    );
+    assert_throttled_once(&job);
+    job.qemu.complete(3000, 5);
+    let _ = job.outcome().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_short_first_pass_near_the_end_is_not_read_as_hovering() {
     // A guest with little in use: its 0.2 s first pass sends 13 MiB and
     // leaves 25 MiB; what the first pass sent is not the guest's dirt, so

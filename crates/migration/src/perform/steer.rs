@@ -122,17 +122,19 @@ impl Watch<'_> {
             MIN_PASS_SECS
         };
         let (mut remaining, mut pass_secs) = (remaining, pass_secs);
+        let mut hovering = false;
         if pass_secs < floor && !stalled(&self.history, STALL_WINDOW) {
             let Some(read) = self.hovering(near_end, pass_secs, last_sync, (sent, remaining))
             else {
                 return;
             };
             (remaining, pass_secs) = read;
+            hovering = true;
         }
         self.hover = None;
         if self.controller.is_some() {
             self.widen_if_stalled().await;
-            self.consult_controller(stats, remaining, pass_secs, vcpu)
+            self.consult_controller(stats, remaining, pass_secs, vcpu, hovering)
                 .await;
         } else if stalled(&self.history, STALL_WINDOW) {
             self.escalate().await;
@@ -247,6 +249,7 @@ impl Watch<'_> {
         remaining: f64,
         pass_secs: f64,
         vcpu: Option<VcpuUse>,
+        hovering: bool,
     ) {
         let Some((mut state, policy)) = self.controller.clone() else {
             return;
@@ -274,6 +277,7 @@ impl Watch<'_> {
                 throttle: throttle_now,
                 bandwidth: self.bandwidth(stats),
                 vcpu,
+                hovering,
             },
             &policy,
         );
