@@ -667,17 +667,21 @@ impl AdaptiveSim {
 
     /// The controller over a whole migration, as the watcher runs it: with
     /// a measurement at hand from the start, it may throttle before the
-    /// first sync ([`at_start`]).
+    /// first sync ([`at_start`]), unless post-copy is allowed (the watcher
+    /// then leaves the first pass to the slice probe, which a throttle
+    /// would stop).
     pub fn run(scenario: &Scenario, policy: Policy, preflight: Option<DirtyModel>) -> Prediction {
         let mut sim = AdaptiveSim::new(policy, preflight);
-        let start = at_start(
-            &sim.state,
-            scenario.first_pass_bytes,
-            scenario.bandwidth,
-            0.0,
-            &policy,
-        );
-        sim.state = start.state;
+        if !policy.allow_postcopy {
+            let start = at_start(
+                &sim.state,
+                scenario.first_pass_bytes,
+                scenario.bandwidth,
+                0.0,
+                &policy,
+            );
+            sim.state = start.state;
+        }
         let throttle = sim.state.throttle;
         simulate_from(scenario, scenario.first_pass_bytes, throttle, 0.0, &mut sim)
     }

@@ -474,6 +474,39 @@ fn a_guest_known_to_outrun_the_link_is_throttled_before_its_short_first_pass_end
 }
 
 #[test]
+fn with_postcopy_allowed_the_simulation_leaves_the_first_pass_alone_as_the_watcher_does() {
+    // The same guest predicted (estimate, a drain's costs): with post-copy
+    // allowed the watcher leaves the first pass to the slice probe, so the
+    // working set is sent twice and the prediction must say so.
+    let guest = Scenario {
+        first_pass_whole: true,
+        first_pass_bytes: 68.0 * MIB,
+        model: DirtyModel {
+            rate: 640.0 * MIB,
+            working_set: 64.0 * MIB,
+            rate_is_lower_bound: false,
+        },
+        ..scenario(0.0)
+    };
+    let known = Some(DirtyModel {
+        rate: 60.0 * MIB,
+        working_set: 64.0 * MIB,
+        rate_is_lower_bound: true,
+    });
+    let precopy = AdaptiveSim::run(&guest, policy(), known);
+    let allowed = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    let postcopy_allowed = AdaptiveSim::run(&guest, allowed, known);
+    assert!(precopy.converges && postcopy_allowed.converges);
+    assert!(
+        postcopy_allowed.total_secs > precopy.total_secs + 0.5,
+        "{postcopy_allowed:?} against {precopy:?}"
+    );
+}
+
+#[test]
 fn a_long_first_pass_is_not_throttled_for_a_working_set_it_dwarfs() {
     // The same guest with 1 GiB in use: 16 s of throttled first pass to
     // save one second's pass of the working set.
