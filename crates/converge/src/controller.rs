@@ -372,7 +372,7 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
                 actions.push(Action::Postcopy {
                     why: format!(
                         "no throttle up to {:.1}% and no downtime up to {:.0} ms completes \
-                             within {:.0} s",
+                         within {:.0} s",
                         policy.max_throttle * 100.0,
                         policy.max_downtime * 1000.0,
                         horizon

@@ -245,17 +245,7 @@ mod tests {
         // A 64 MiB working set filled within the 1 s window over a
         // 100 MiB/s link: the bound (64 MiB/s) lets the controller wait for
         // the first sync, and only there does a faster guest show itself.
-        let model = DirtyModel {
-            rate: 64.0 * MIB,
-            working_set: 64.0 * MIB,
-            rate_is_lower_bound: true,
-        };
-        let p = predict(
-            model,
-            68.0 * MIB,
-            Link::uncapped(100.0 * MIB),
-            &controller_policy(None),
-        );
+        let p = bounded_over_64_mib(64.0, 68.0, 100.0);
         let worst = p.worst_case.unwrap().adaptive;
         assert!(worst.converges, "{worst:?}");
         assert!(
@@ -295,6 +285,22 @@ mod tests {
         }
     }
 
+    /// Predictions for a guest measured at least `rate_mib` MiB/s over a
+    /// 64 MiB working set, `first_pass_mib` in use, on an uncapped link.
+    fn bounded_over_64_mib(rate_mib: f64, first_pass_mib: f64, link_mib: f64) -> Predictions {
+        let model = DirtyModel {
+            rate: rate_mib * MIB,
+            working_set: 64.0 * MIB,
+            rate_is_lower_bound: true,
+        };
+        predict(
+            model,
+            first_pass_mib * MIB,
+            Link::uncapped(link_mib * MIB),
+            &controller_policy(None),
+        )
+    }
+
     #[test]
     fn a_bound_at_the_link_is_not_taken_to_converge_on_its_own() {
         // As the sweep measured a guest at the link's rate over 64 MiB:
@@ -303,17 +309,7 @@ mod tests {
         // rate, pre-copy would converge unthrottled in some 60 passes
         // (45 s); the guest may as well outrun the link, and the
         // controller throttles it (4 s on the real guest).
-        let model = DirtyModel {
-            rate: 62.0 * MIB,
-            working_set: 64.0 * MIB,
-            rate_is_lower_bound: true,
-        };
-        let p = predict(
-            model,
-            256.0 * MIB,
-            Link::uncapped(64.0 * MIB),
-            &controller_policy(None),
-        );
+        let p = bounded_over_64_mib(62.0, 256.0, 64.0);
         assert!(p.measured.adaptive.converges);
         assert!(
             p.measured.adaptive.total_secs < 8.0,
