@@ -477,8 +477,10 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
 /// cheapest fixed throttle from now) and weighed as `cheapest` weighs
 /// throttles: waiting loses if it is much slower, or if it is slower and
 /// saves no guest work. Throttling a first pass much longer than the
-/// working set takes to send loses on guest work. `remaining` is what the
-/// first pass still has to send.
+/// working set takes to send loses on guest work. With post-copy allowed
+/// the first pass is left to the pre-flight's slice probe (a throttle
+/// would stop it, and post-copy decided from it needs no throttle at
+/// all). `remaining` is what the first pass still has to send.
 pub fn at_start(
     state: &State,
     remaining: f64,
@@ -491,7 +493,8 @@ pub fn at_start(
         actions: Vec::new(),
     };
     let model = state.model;
-    if state.throttle > 0.0
+    if policy.allow_postcopy
+        || state.throttle > 0.0
         || model.rate <= 0.0
         || remaining <= 0.0
         || bandwidth <= 0.0
@@ -667,21 +670,17 @@ impl AdaptiveSim {
 
     /// The controller over a whole migration, as the watcher runs it: with
     /// a measurement at hand from the start, it may throttle before the
-    /// first sync ([`at_start`]), unless post-copy is allowed (the watcher
-    /// then leaves the first pass to the slice probe, which a throttle
-    /// would stop).
+    /// first sync ([`at_start`]).
     pub fn run(scenario: &Scenario, policy: Policy, preflight: Option<DirtyModel>) -> Prediction {
         let mut sim = AdaptiveSim::new(policy, preflight);
-        if !policy.allow_postcopy {
-            let start = at_start(
-                &sim.state,
-                scenario.first_pass_bytes,
-                scenario.bandwidth,
-                0.0,
-                &policy,
-            );
-            sim.state = start.state;
-        }
+        let start = at_start(
+            &sim.state,
+            scenario.first_pass_bytes,
+            scenario.bandwidth,
+            0.0,
+            &policy,
+        );
+        sim.state = start.state;
         let throttle = sim.state.throttle;
         simulate_from(scenario, scenario.first_pass_bytes, throttle, 0.0, &mut sim)
     }

@@ -206,6 +206,12 @@ fn assert_not_throttled(job: &Job) {
     );
 }
 
+/// The timeline says the hover was read as `passes` ("2 passes in 0.6 s").
+fn assert_hover_read(job: &Job, passes: &str) {
+    let measures = job.actions(ActionKind::Measure);
+    assert!(measures.iter().any(|m| m.contains(passes)), "{measures:?}");
+}
+
 fn assert_throttled_once(job: &Job) {
     assert_eq!(
         job.actions(ActionKind::Throttle).len(),
@@ -610,11 +616,7 @@ async fn passes_that_hover_just_above_the_switchover_are_read_together_and_throt
     job.pass(0.25, 29 * MIB).await;
     assert_not_throttled(&job);
     job.pass(0.25, 28 * MIB).await;
-    let measures = job.actions(ActionKind::Measure);
-    assert!(
-        measures.iter().any(|m| m.contains("2 passes in 0.6 s")),
-        "{measures:?}"
-    );
+    assert_hover_read(&job, "2 passes in 0.6 s");
     assert_throttled_once(&job);
     job.qemu.complete(11000, 5);
     let _ = job.outcome().await;
@@ -631,11 +633,7 @@ async fn a_guest_hovering_over_the_threshold_is_throttled_though_its_passes_read
     // that fit: 40.5 MiB in 0.8 s reads 49 MiB/s, yet nothing finishes.
     job.pass(0.35, 21 * MIB).await;
     job.pass(0.35, 39 * MIB / 2).await;
-    let measures = job.actions(ActionKind::Measure);
-    assert!(
-        measures.iter().any(|m| m.contains("2 passes in 0.8 s")),
-        "{measures:?}"
-    );
+    assert_hover_read(&job, "2 passes in 0.8 s");
     assert_throttled_once(&job);
     job.qemu.complete(3000, 5);
     let _ = job.outcome().await;

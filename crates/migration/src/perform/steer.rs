@@ -299,17 +299,10 @@ impl Watch<'_> {
                 .as_ref()
                 .and_then(|t| t.selector())
                 .is_some_and(|s| s.threads.len() > 1);
-        // With post-copy allowed the pre-flight may probe the slice floor
-        // (a throttle now would stop the probe, and post-copy decided from
-        // it needs no throttle at all).
-        let slice_probe = self.options.preflight
-            && self
-                .options
-                .controller
-                .is_some_and(|policy| policy.allow_postcopy);
+        // (With post-copy allowed, `at_start` leaves the first pass to the
+        // pre-flight's slice probe.)
         if self.last_iteration > 1
             || searching
-            || slice_probe
             || self.probing.is_some()
             || self.throttle_now().is_on()
         {
