@@ -78,7 +78,7 @@ impl Guest {
     pub fn cost_within(&self, bandwidth: f64, path: f64, budget: Option<f64>) -> Cost {
         let policy = Policy {
             max_throttle: 0.99,
-            downtime: 0.3,
+            downtime: DOWNTIME_SECS,
             max_downtime: 1.0,
             budget,
             allow_postcopy: false,
@@ -102,17 +102,52 @@ impl Guest {
     }
 
     /// The bandwidth it can use to good effect on a path of `link`
-    /// bytes/s: a guest that writes sends less the faster it goes, so it
-    /// wants the whole path; one that barely writes sends its memory once
-    /// at any speed, so it can make do with what others leave.
+    /// bytes/s, what admission reserves for it and what the link is split
+    /// by. One that barely writes sends its memory once at any speed, so it
+    /// makes do with a tenth of the link (it is never starved, and gets
+    /// more when others leave room). A writer sends less the faster it
+    /// goes, so it wants the whole path, unless it converges unthrottled on
+    /// [`FILL_IN`] of it or less: on twice its dirty rate (each pass then
+    /// re-sends at most half the one before) or on its working set over
+    /// the downtime (the whole set then goes in the stop-and-copy, however
+    /// fast it is rewritten), whichever is less.
     pub fn need(&self, link: f64) -> f64 {
-        if self.model.rate > 0.05 * link && self.model.working_set > link * 0.05 {
-            link
+        let model = &self.model;
+        if model.rate <= 0.05 * link || model.working_set <= 0.05 * link {
+            return MIN_NEED * link;
+        }
+        let fits_downtime = model.working_set / DOWNTIME_SECS;
+        // A rate measured only from below says nothing about a bandwidth
+        // that outruns it.
+        let unthrottled = if model.rate_is_lower_bound {
+            fits_downtime
         } else {
-            0.1 * link
+            fits_downtime.min(2.0 * model.rate)
+        };
+        if unthrottled <= FILL_IN * link {
+            unthrottled.max(MIN_NEED * link)
+        } else {
+            link
         }
     }
+
+    /// It can go beside migrations that hold its links: it needs at most
+    /// [`FILL_IN`] of the path.
+    pub fn fills_in(&self, link: f64) -> bool {
+        self.need(link) <= FILL_IN * link
+    }
 }
+
+/// The least part of a link a migration is given.
+pub const MIN_NEED: f64 = 0.1;
+
+/// The part of a link that small migrations ([`Guest::fills_in`]) may take
+/// beside ones that need it all: they use what the big one leaves while it
+/// is throttled, and end long before it, instead of queueing behind it.
+pub const FILL_IN: f64 = 0.3;
+
+/// The downtime a drain's migrations aim for, seconds.
+pub const DOWNTIME_SECS: f64 = 0.3;
 
 /// A migration predicted.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -378,6 +413,29 @@ pub(crate) mod tests {
         let idle_cost = idle.cost(100.0 * MIB);
         assert!((idle_cost.bytes - (256 << 20) as f64).abs() < MIB);
         assert!((idle_cost.secs - 2.56).abs() < 0.1, "{idle_cost:?}");
+    }
+
+    #[test]
+    fn a_writer_needs_what_converges_it_unthrottled_or_the_whole_link() {
+        let link = 100.0 * MIB;
+        let need = |g: &Guest| g.need(link) / MIB;
+        // Its working set fits the downtime at 27 MiB/s.
+        let light = writer("l", 128, 15.0, 8.0);
+        assert!((need(&light) - 8.0 / DOWNTIME_SECS).abs() < 0.01);
+        assert!(light.fills_in(link));
+        // Twice its rate is less.
+        let slow = writer("s", 128, 12.0, 16.0);
+        assert!((need(&slow) - 24.0).abs() < 0.01);
+        // ... unless the rate is only a lower bound.
+        let mut bounded = slow.clone();
+        bounded.model.rate_is_lower_bound = true;
+        assert_eq!(need(&bounded), 100.0);
+        assert!(!bounded.fills_in(link));
+        // Writers beyond three tenths of the link want all of it; a guest that
+        // barely writes, a tenth.
+        assert_eq!(need(&writer("h", 192, 40.0, 64.0)), 100.0);
+        assert_eq!(need(&writer("q", 128, 0.5, 1.0)), 10.0);
+        assert_eq!(need(&Guest::idle("i", 128 << 20)), 10.0);
     }
 
     #[test]
