@@ -207,8 +207,11 @@ pub fn admit(
 /// Each running migration's bandwidth, bytes/s, in `running`'s order.
 /// Every link is shared max-min fairly; livemig weighs each migration by
 /// what it needs (a writer's share grows with its need, an idle guest's
-/// is small but never nothing), the fixed policies weigh them alike, as
-/// competing TCP streams share a link.
+/// is small but never nothing) and gives a small one
+/// ([`crate::plan::Guest::fills_in`]) at least its need, which is what
+/// makes it converge unthrottled (scaled down only where small ones
+/// together ask more than a link has); the fixed policies weigh them
+/// alike, as competing TCP streams share a link.
 pub fn shares(policy: Policy, links: &[f64], running: &[Running]) -> Vec<f64> {
     let weight: Vec<f64> = running
         .iter()
@@ -217,22 +220,73 @@ pub fn shares(policy: Policy, links: &[f64], running: &[Running]) -> Vec<f64> {
             _ => 1.0,
         })
         .collect();
-    // Progressive filling: every unfrozen flow grows at `weight × level`;
-    // the link that fills first (the lowest level at which its rest is
-    // used up) freezes its flows, whose other side then has less to give.
-    // Each side of each host is a link: `h` outbound, `hosts + h` inbound.
     let hosts = links.len();
     let mut capacity: Vec<f64> = links.iter().chain(links.iter()).copied().collect();
+    let mut fixed: Vec<Option<f64>> = vec![None; running.len()];
+    if policy != Policy::Livemig {
+        return fill(&capacity, &weight, running, &fixed);
+    }
+    let small: Vec<bool> = running
+        .iter()
+        .map(|r| r.need <= FILL_IN * links[r.from].min(links[r.to]))
+        .collect();
+    // What the small ones ask of each link, to scale their needs down
+    // where they ask more than it has.
+    let mut asked = vec![0.0f64; 2 * hosts];
+    for (r, _) in running.iter().zip(&small).filter(|(_, s)| **s) {
+        asked[r.from] += r.need;
+        asked[hosts + r.to] += r.need;
+    }
+    // A small one that the weighed split leaves short of its need gets its
+    // need and leaves the split; the others are split again, until none is
+    // short (each round fixes at least one, so at most one per migration).
+    loop {
+        let share = fill(&capacity, &weight, running, &fixed);
+        let mut short = false;
+        for (i, r) in running.iter().enumerate() {
+            if !small[i] || fixed[i].is_some() {
+                continue;
+            }
+            let scale = [r.from, hosts + r.to]
+                .iter()
+                .map(|&l| (links[l % hosts] / asked[l].max(1e-9)).min(1.0))
+                .fold(1.0, f64::min);
+            let floor = r.need * scale;
+            if share[i] < floor - 1e-9 {
+                fixed[i] = Some(floor);
+                capacity[r.from] -= floor;
+                capacity[hosts + r.to] -= floor;
+                short = true;
+            }
+        }
+        if !short {
+            return share;
+        }
+    }
+}
+
+/// Progressive filling over `capacity` (each side of each host is a
+/// link: `h` outbound, `hosts + h` inbound) of the flows not `fixed`,
+/// which keep their fixed share.
+fn fill(capacity: &[f64], weight: &[f64], running: &[Running], fixed: &[Option<f64>]) -> Vec<f64> {
+    // Every unfrozen flow grows at `weight × level`; the link that fills
+    // first (the lowest level at which its rest is used up) freezes its
+    // flows, whose other side then has less to give.
+    let hosts = capacity.len() / 2;
+    let mut capacity = capacity.to_vec();
     let mut weights = vec![0.0f64; 2 * hosts];
     let mut flows_on: Vec<Vec<usize>> = vec![Vec::new(); 2 * hosts];
+    let mut share: Vec<f64> = fixed.iter().map(|f| f.unwrap_or(0.0)).collect();
+    let mut frozen: Vec<bool> = fixed.iter().map(Option::is_some).collect();
     for (i, r) in running.iter().enumerate() {
+        if frozen[i] {
+            continue;
+        }
         for link in [r.from, hosts + r.to] {
             weights[link] += weight[i];
             flows_on[link].push(i);
         }
     }
-    let mut share = vec![0.0; running.len()];
-    let mut frozen = vec![false; running.len()];
     // (level, link, version): the smallest level first; an entry whose
     // version is stale is skipped.
     let mut version = vec![0u64; 2 * hosts];
@@ -620,6 +674,40 @@ mod tests {
         );
         let s = shares(Policy::All, &links, &running);
         assert_eq!(s, vec![50.0, 50.0]);
+        // Two that need the link beside a small one: the small one gets
+        // its need, not a weighed fifth-of-a-tenth that would have it
+        // throttled; the others split the rest.
+        let big = |to| Running {
+            from: 0,
+            to,
+            need: 100.0,
+            remaining_secs: 5.0,
+        };
+        let small = Running {
+            need: 12.0,
+            ..running[1]
+        };
+        let s = shares(Policy::Livemig, &links, &[big(1), big(2), small]);
+        assert!((s[2] - 12.0).abs() < 1e-9, "{s:?}");
+        assert!(
+            (s[0] - 44.0).abs() < 0.01 && (s[1] - 44.0).abs() < 0.01,
+            "{s:?}"
+        );
+        // Small ones asking more than a link has share it by need.
+        let smalls = [
+            small,
+            small,
+            small,
+            small,
+            Running {
+                need: 14.0,
+                ..small
+            },
+        ];
+        let s = shares(Policy::Livemig, &[100.0, 100.0, 50.0], &smalls);
+        let sum: f64 = s.iter().sum();
+        assert!((sum - 50.0).abs() < 1e-9, "{s:?}");
+        assert!((s[4] / s[0] - 14.0 / 12.0).abs() < 0.01, "{s:?}");
         let s = shares(Policy::All, &[100.0, 100.0, 30.0], &running);
         assert_eq!(s, vec![70.0, 30.0]);
     }
