@@ -194,7 +194,6 @@ async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
     let cpus = a.qmp("vm", "query-cpus-fast").await.unwrap();
     let tid = cpus[0]["thread-id"].as_u64().unwrap() as u32;
     let before = cpu_cgroup(pid, tid);
-    let main_before = cpu_cgroup(pid, pid);
 
     // 2 MiB/s: the controller throttles hard, and it still cannot finish.
     let options = MigrateOptions {
@@ -212,15 +211,6 @@ async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
             cpu_cgroup(pid, tid).contains("livemig"),
             "vCPU thread in our cgroup"
         );
-        // QEMU's other threads (the migration thread among them) in the
-        // throttle's cgroup with it, not left to compete with it for CPU
-        // as a group of their own.
-        let vcpu = cpu_cgroup(pid, tid);
-        let main = cpu_cgroup(pid, pid);
-        assert!(
-            main.contains("livemig") && vcpu.starts_with(&format!("{main}/")),
-            "main thread in {main}, vCPU in {vcpu}"
-        );
     } else {
         eprintln!(
             "skipped the cgroup checks: this host has no cgroup v1 cpu controller (the \
@@ -237,7 +227,6 @@ async fn an_aborted_adaptive_migration_gives_the_guest_its_cpu_back() {
         before,
         "vCPU thread back where it was"
     );
-    assert_eq!(cpu_cgroup(pid, pid), main_before, "QEMU back where it was");
     // Full speed again: as many writes per second as an unthrottled guest.
     let log = a.wait_guest_progress("vm", 4).await;
     let (p1, p2) = (
@@ -523,20 +512,13 @@ async fn the_stop_hook_lifts_a_throttle_left_without_agent_or_guard() {
     std::mem::forget(throttle);
     let throttled = cpu_share(pid).await;
     assert!(throttled < 0.05, "throttled: {throttled:.2} CPU");
-    // Another agent's throttle (of another process: a throttle takes its
-    // whole process into its cgroup), which the hook must leave alone.
+    // Another agent's throttle, which the hook must leave alone.
     let other_dir = bed.path().join("other-agent");
-    let other_spinner = Spinner(
-        std::process::Command::new("sleep")
-            .arg("600")
-            .spawn()
-            .unwrap(),
-    );
     let other = HostThrottle::attach(
         &hierarchy,
         &agent::config::throttle_scope(&other_dir),
         "vm-other",
-        other_spinner.0.id(),
+        pid,
         &[],
     )
     .unwrap();

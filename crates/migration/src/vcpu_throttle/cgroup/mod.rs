@@ -225,7 +225,7 @@ pub struct HostThrottle {
     pid: u32,
     /// Each thread and the cgroup it came from (v1: its `tasks` file).
     threads: Vec<(u32, PathBuf)>,
-    /// The cgroup the process came from (`cgroup.procs`).
+    /// v2: the cgroup the process came from (`cgroup.procs`).
     origin: Option<PathBuf>,
     current: f64,
     /// Which vCPUs the throttle applies to (by index); all at first.
@@ -380,13 +380,7 @@ impl HostThrottle {
 
     fn release_inner(&mut self) {
         match &self.hierarchy {
-            Hierarchy::V1(root) => v1::release(
-                root,
-                &self.dir,
-                self.pid,
-                self.origin.take(),
-                self.threads.drain(..),
-            ),
+            Hierarchy::V1(root) => v1::release(root, &self.dir, self.threads.drain(..)),
             Hierarchy::V2(root) => {
                 v2::release(root, &self.dir, self.pid, self.origin.take());
                 self.threads.clear();

@@ -4,15 +4,6 @@
 //! together (the first layout) let a busy vCPU use what the idle ones left:
 //! the single writer of a 4-vCPU guest ran at full speed under any throttle
 //! below 75 %.
-//!
-//! The whole process moves into `NAME` first, as on v2, and only then the
-//! vCPUs into their own cgroups under it. A vCPU thread moved alone got a
-//! task group of its own beside everything else on the host: under
-//! contention it ran on a whole core (five times what it had before the
-//! job, the drain bench's sampled thread times), dirtying that much faster,
-//! while its QEMU's migration thread, left behind, got a twelfth of a core
-//! and took 7 s over a first pass of 1.5 s. In one group with its QEMU,
-//! the vCPU competes with the migration thread as it did before.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,20 +16,10 @@ pub(super) fn attach(
     threads: &[u32],
 ) -> Result<(), ThrottleError> {
     fs::create_dir_all(&throttle.dir).map_err(io_err("create", &throttle.dir))?;
-    // Where each vCPU and the process came from, before anything moves.
-    let origins: Vec<PathBuf> = threads
-        .iter()
-        .map(|&tid| origin_tasks(root, throttle.pid, tid))
-        .collect();
-    let process_origin =
-        origin_tasks(root, throttle.pid, throttle.pid).with_file_name("cgroup.procs");
-    let procs = throttle.dir.join("cgroup.procs");
-    fs::write(&procs, throttle.pid.to_string())
-        .map_err(io_err("move the QEMU process into", &procs))?;
-    throttle.origin = Some(process_origin);
-    for (index, (&tid, origin)) in threads.iter().zip(origins).enumerate() {
+    for (index, &tid) in threads.iter().enumerate() {
         let vcpu = vcpu_dir(&throttle.dir, index);
         fs::create_dir_all(&vcpu).map_err(io_err("create", &vcpu))?;
+        let origin = origin_tasks(root, throttle.pid, tid);
         let tasks = vcpu.join("tasks");
         fs::write(&tasks, tid.to_string()).map_err(io_err("move a thread into", &tasks))?;
         throttle.threads.push((tid, origin));
@@ -60,21 +41,8 @@ pub(super) fn set(dir: &Path, index: usize, throttle: f64) -> Result<(), Throttl
     Ok(())
 }
 
-pub(super) fn release(
-    root: &Path,
-    dir: &Path,
-    pid: u32,
-    origin: Option<PathBuf>,
-    threads: impl Iterator<Item = (u32, PathBuf)>,
-) {
+pub(super) fn release(root: &Path, dir: &Path, threads: impl Iterator<Item = (u32, PathBuf)>) {
     lift(dir);
-    // The process first (every thread, those QEMU started during the job
-    // too), then each vCPU to where it was, should that differ.
-    if let Some(origin) = origin {
-        if fs::write(&origin, pid.to_string()).is_err() {
-            let _ = fs::write(root.join("cgroup.procs"), pid.to_string());
-        }
-    }
     for (tid, origin) in threads {
         if fs::write(&origin, tid.to_string()).is_err() {
             let _ = fs::write(root.join("tasks"), tid.to_string());
@@ -133,9 +101,6 @@ mod tests {
         let mut throttle =
             HostThrottle::attach(&hierarchy, "agent1", "vm-1234", 4321, &[11, 12]).unwrap();
         let dir = root.join("livemig/agent1/vm-1234");
-        // The process in the throttle's cgroup, each vCPU in its own
-        // under it.
-        assert_eq!(read(dir.join("cgroup.procs")), "4321");
         assert_eq!(read(dir.join("vcpu0/tasks")), "11");
         assert_eq!(read(dir.join("vcpu1/tasks")), "12");
 
@@ -151,7 +116,6 @@ mod tests {
 
         throttle.release();
         // Back where they came from (the root here), quotas lifted first.
-        assert_eq!(read(root.join("cgroup.procs")), "4321");
         assert_eq!(read(root.join("tasks")), "12");
         assert_eq!(read(dir.join("vcpu0/cpu.cfs_quota_us")), "-1");
     }
