@@ -223,7 +223,17 @@ pub struct HostThrottle {
     scope_dir: PathBuf,
     dir: PathBuf,
     pid: u32,
-    /// Each thread and the cgroup it came from (v1: its `tasks` file).
+    /// The vCPU threads, by index.
+    vcpus: Vec<u32>,
+    /// They (and on v2 the process) are in the throttle's cgroups: not
+    /// until the first quota, because a cgroup of their own competes for
+    /// the CPU beside everything else on the host, and an unthrottled
+    /// vCPU moved there early runs faster than it did (on a crowded host a
+    /// whole core where it had a fifth), so the guest dirties more than
+    /// was measured while its migration thread, left behind, gets less.
+    entered: bool,
+    /// Each thread moved and the cgroup it came from (v1: its `tasks`
+    /// file).
     threads: Vec<(u32, PathBuf)>,
     /// v2: the cgroup the process came from (`cgroup.procs`).
     origin: Option<PathBuf>,
@@ -236,12 +246,12 @@ pub struct HostThrottle {
 }
 
 impl HostThrottle {
-    /// Puts `threads` of process `pid` under `ROOT/livemig/SCOPE/NAME`,
-    /// unthrottled so far.
+    /// Prepares `ROOT/livemig/SCOPE/NAME` for `threads` of process `pid`,
+    /// unthrottled so far: they move there with the first quota.
     ///
     /// # Errors
     /// [`ThrottleError`] if a name is not plain or a write fails; in that
-    /// case everything already moved is moved back.
+    /// case what was created is removed.
     pub fn attach(
         hierarchy: &Hierarchy,
         scope: &str,
@@ -260,6 +270,8 @@ impl HostThrottle {
             scope_dir,
             dir,
             pid,
+            vcpus: threads.to_vec(),
+            entered: false,
             threads: Vec::new(),
             origin: None,
             current: 0.0,
@@ -267,15 +279,29 @@ impl HostThrottle {
             probing: None,
             released: false,
         };
-        let attached = match hierarchy {
-            Hierarchy::V1(root) => v1::attach(root, &mut throttle, threads),
-            Hierarchy::V2(root) => v2::attach(root, &mut throttle, threads),
+        let prepared = match hierarchy {
+            Hierarchy::V1(_) => v1::prepare(&throttle, threads.len()),
+            Hierarchy::V2(root) => v2::prepare(root, &throttle),
         };
-        if let Err(e) = attached {
+        if let Err(e) = prepared {
             throttle.release_inner();
             return Err(e);
         }
         Ok(throttle)
+    }
+
+    /// Moves the threads into the throttle's cgroups, once.
+    fn enter(&mut self) -> Result<(), ThrottleError> {
+        if self.entered {
+            return Ok(());
+        }
+        let vcpus = self.vcpus.clone();
+        match self.hierarchy.clone() {
+            Hierarchy::V1(root) => v1::enter(&root, self, &vcpus)?,
+            Hierarchy::V2(root) => v2::enter(&root, self, &vcpus)?,
+        }
+        self.entered = true;
+        Ok(())
     }
 
     /// Sets the throttle (0 = none, up to [`MAX_HOST_THROTTLE`]).
@@ -288,7 +314,7 @@ impl HostThrottle {
     /// progress, "none" too: that is how the switchover lets every vCPU run.
     pub fn set(&mut self, throttle: f64) -> Result<(), ThrottleError> {
         self.probing = None;
-        for index in 0..self.threads.len() {
+        for index in 0..self.vcpus.len() {
             let level = if self.selected[index] { throttle } else { 0.0 };
             self.set_vcpu(index, level)?;
         }
@@ -296,7 +322,12 @@ impl HostThrottle {
         Ok(())
     }
 
-    fn set_vcpu(&self, index: usize, throttle: f64) -> Result<(), ThrottleError> {
+    fn set_vcpu(&mut self, index: usize, throttle: f64) -> Result<(), ThrottleError> {
+        if throttle > 0.0 {
+            self.enter()?;
+        } else if !self.entered {
+            return Ok(());
+        }
         match &self.hierarchy {
             Hierarchy::V1(_) => v1::set(&self.dir, index, throttle),
             Hierarchy::V2(_) => v2::set(&self.dir, index, throttle),
@@ -311,7 +342,7 @@ impl HostThrottle {
     /// # Errors
     /// [`ThrottleError::Io`] if a quota cannot be written.
     pub fn select(&mut self, indices: &[usize]) -> Result<bool, ThrottleError> {
-        let selected: Vec<bool> = (0..self.threads.len())
+        let selected: Vec<bool> = (0..self.vcpus.len())
             .map(|i| indices.contains(&i))
             .collect();
         if !selected.contains(&true) {
@@ -338,7 +369,7 @@ impl HostThrottle {
     /// # Errors
     /// [`ThrottleError::Io`] if the quota cannot be written.
     pub fn probe(&mut self, index: usize, throttle: f64) -> Result<bool, ThrottleError> {
-        if self.current > 0.0 || index >= self.threads.len() {
+        if self.current > 0.0 || index >= self.vcpus.len() {
             return Ok(false);
         }
         if let Some(other) = self.probing.take() {

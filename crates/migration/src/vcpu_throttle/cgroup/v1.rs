@@ -10,15 +10,24 @@ use std::path::{Path, PathBuf};
 
 use super::{children, io_err, quota_for, vcpu_dir, HostThrottle, ThrottleError};
 
-pub(super) fn attach(
+/// The throttle's cgroup and one per vCPU under it, empty.
+pub(super) fn prepare(throttle: &HostThrottle, vcpus: usize) -> Result<(), ThrottleError> {
+    fs::create_dir_all(&throttle.dir).map_err(io_err("create", &throttle.dir))?;
+    for index in 0..vcpus {
+        let vcpu = vcpu_dir(&throttle.dir, index);
+        fs::create_dir_all(&vcpu).map_err(io_err("create", &vcpu))?;
+    }
+    Ok(())
+}
+
+/// Each vCPU thread into its cgroup.
+pub(super) fn enter(
     root: &Path,
     throttle: &mut HostThrottle,
     threads: &[u32],
 ) -> Result<(), ThrottleError> {
-    fs::create_dir_all(&throttle.dir).map_err(io_err("create", &throttle.dir))?;
     for (index, &tid) in threads.iter().enumerate() {
         let vcpu = vcpu_dir(&throttle.dir, index);
-        fs::create_dir_all(&vcpu).map_err(io_err("create", &vcpu))?;
         let origin = origin_tasks(root, throttle.pid, tid);
         let tasks = vcpu.join("tasks");
         fs::write(&tasks, tid.to_string()).map_err(io_err("move a thread into", &tasks))?;
@@ -101,11 +110,16 @@ mod tests {
         let mut throttle =
             HostThrottle::attach(&hierarchy, "agent1", "vm-1234", 4321, &[11, 12]).unwrap();
         let dir = root.join("livemig/agent1/vm-1234");
-        assert_eq!(read(dir.join("vcpu0/tasks")), "11");
-        assert_eq!(read(dir.join("vcpu1/tasks")), "12");
+        // The cgroups are there, empty until the first quota: a vCPU in a
+        // cgroup of its own competes for the CPU on other terms.
+        assert!(dir.join("vcpu1").is_dir());
+        throttle.set(0.0).unwrap();
+        assert!(!dir.join("vcpu0/tasks").exists());
 
         // Half a CPU for each vCPU, not one CPU for the two together.
         throttle.set(0.5).unwrap();
+        assert_eq!(read(dir.join("vcpu0/tasks")), "11");
+        assert_eq!(read(dir.join("vcpu1/tasks")), "12");
         for vcpu in ["vcpu0", "vcpu1"] {
             assert_eq!(read(dir.join(vcpu).join("cpu.cfs_quota_us")), "50000");
             assert_eq!(read(dir.join(vcpu).join("cpu.cfs_period_us")), "100000");

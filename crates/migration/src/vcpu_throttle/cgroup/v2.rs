@@ -28,17 +28,23 @@ fn enable_cpu(dir: &Path) -> Result<(), ThrottleError> {
     write(&control, "enable the cpu controller in", "+cpu")
 }
 
-pub(super) fn attach(
-    root: &Path,
-    throttle: &mut HostThrottle,
-    threads: &[u32],
-) -> Result<(), ThrottleError> {
+/// The throttle's cgroup, empty: `cpu` enabled down the path to it.
+pub(super) fn prepare(root: &Path, throttle: &HostThrottle) -> Result<(), ThrottleError> {
     let ours = root.join(OURS);
     fs::create_dir_all(&throttle.scope_dir).map_err(io_err("create", &throttle.scope_dir))?;
     for dir in [root, ours.as_path(), throttle.scope_dir.as_path()] {
         enable_cpu(dir)?;
     }
-    fs::create_dir(&throttle.dir).map_err(io_err("create", &throttle.dir))?;
+    fs::create_dir(&throttle.dir).map_err(io_err("create", &throttle.dir))
+}
+
+/// The process into the throttle's cgroup, each vCPU thread into its
+/// threaded child.
+pub(super) fn enter(
+    root: &Path,
+    throttle: &mut HostThrottle,
+    threads: &[u32],
+) -> Result<(), ThrottleError> {
     let origin = super::cgroup_of(throttle.pid, throttle.pid, true)
         .map(|path| root.join(path.trim_start_matches('/')).join("cgroup.procs"))
         .filter(|procs| procs.exists())
@@ -139,6 +145,15 @@ mod tests {
             HostThrottle::attach(&hierarchy, "agent1", "vm-1234", 4321, &[11, 12]).unwrap();
         let dir = root.join("livemig/agent1/vm-1234");
         assert_eq!(throttle.dir(), dir);
+        // Nothing moves before the first quota, none included: the
+        // process keeps its place (and its share of the CPU) until then.
+        assert!(dir.is_dir());
+        throttle.set(0.0).unwrap();
+        assert!(!dir.join("cgroup.procs").exists());
+        assert!(!dir.join("vcpu0").exists());
+
+        // Per vCPU: half a CPU each, then the long period above 99 %.
+        throttle.set(0.5).unwrap();
         for enabled in [
             root,
             &root.join("livemig"),
@@ -153,9 +168,6 @@ mod tests {
             assert_eq!(read(vcpu.join("cgroup.type")), "threaded");
             assert_eq!(read(vcpu.join("cgroup.threads")), tid);
         }
-
-        // Per vCPU: half a CPU each, then the long period above 99 %.
-        throttle.set(0.5).unwrap();
         assert_eq!(read(dir.join("vcpu0/cpu.max")), "50000 100000");
         assert_eq!(read(dir.join("vcpu1/cpu.max")), "50000 100000");
         throttle.set(0.998).unwrap();
@@ -181,7 +193,8 @@ mod tests {
         throttle.set(0.99).unwrap();
         // The agent dies: no release.
         std::mem::forget(throttle);
-        let other = HostThrottle::attach(&hierarchy, "b", "vm", 88, &[89]).unwrap();
+        let mut other = HostThrottle::attach(&hierarchy, "b", "vm", 88, &[89]).unwrap();
+        other.set(0.5).unwrap();
 
         assert_eq!(release_scope(&hierarchy, "a").unwrap(), 1);
         let dir = root.join("livemig/a/vm");
