@@ -12,8 +12,11 @@
 //!   its own.
 //! - cgroup v2 ([`v2`], Debian 12, Ubuntu 22.04+, RHEL 9): threads move
 //!   only inside a threaded subtree, so the QEMU process moves into a cgroup
-//!   of ours for the job, with one threaded child per vCPU (`vcpu0`, ...,
-//!   as libvirt lays them out) and `cpu.max` on each.
+//!   of ours, with one threaded child per vCPU (`vcpu0`, ..., as libvirt
+//!   lays them out) and `cpu.max` on each.
+//!
+//! The cgroups are made when the job starts; the threads enter them with
+//! the first quota ([`HostThrottle::set`]).
 //!
 //! Every throttle lives under `ROOT/livemig/SCOPE/NAME`, where the scope
 //! names one agent (its state directory), so that an agent clearing what a
