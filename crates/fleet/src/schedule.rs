@@ -91,17 +91,10 @@ pub struct Waiting {
     pub need: f64,
     /// Seconds it is predicted to copy, admitted as it needs.
     pub secs: f64,
-    /// Seconds it would copy as a small migration beside others (at
-    /// [`fill_in_share`] of its need), if it may go beside them at all
-    /// ([`crate::plan::Guest::fills_in`]).
+    /// Seconds it would copy as a small migration beside others (on its
+    /// need, which [`shares`] gives it at least), if it may go beside them
+    /// at all ([`crate::plan::Guest::fills_in`]).
     pub fill_in_secs: Option<f64>,
-}
-
-/// What a small migration admitted beside others gets of its need at
-/// least, when the link is shared by need: the others may need the whole
-/// link, the small ones together [`FILL_IN`] of it.
-pub fn fill_in_share() -> f64 {
-    1.0 / (1.0 + FILL_IN)
 }
 
 fn capped(count: usize, cap: Option<u32>) -> bool {
@@ -489,7 +482,7 @@ pub fn simulate(policy: Policy, caps: Caps, links: &[f64], moves: &[Move]) -> Ou
                     fill_in_secs: moves[i]
                         .guest
                         .fills_in(path(i))
-                        .then(|| costs.at(i, need * fill_in_share()).secs),
+                        .then(|| costs.at(i, need).secs),
                 }
             })
             .collect();
@@ -675,8 +668,8 @@ mod tests {
         let s = shares(Policy::All, &links, &running);
         assert_eq!(s, vec![50.0, 50.0]);
         // Two that need the link beside a small one: the small one gets
-        // its need, not a weighed fifth-of-a-tenth that would have it
-        // throttled; the others split the rest.
+        // its need, not the 6 % that weighing alone gives it (and that had
+        // it throttled); the others split the rest.
         let big = |to| Running {
             from: 0,
             to,

@@ -200,9 +200,7 @@ pub(super) async fn admit(
                     to: t,
                     need,
                     secs: g.predicted_secs.unwrap_or(1.0),
-                    fill_in_secs: model
-                        .fills_in(path(t))
-                        .then(|| model.cost(need * schedule::fill_in_share()).secs),
+                    fill_in_secs: model.fills_in(path(t)).then(|| model.cost(need).secs),
                 });
                 if g.destination.as_ref() != Some(&to) {
                     g.destination = Some(to);
