@@ -91,6 +91,10 @@ pub struct DrainGuest {
     /// The memory it keeps rewriting, bytes.
     #[serde(default)]
     pub working_set: Option<f64>,
+    /// The dirty rate is only a lower bound (the guest rewrote its whole
+    /// working set within the shortest measurement window).
+    #[serde(default)]
+    pub dirty_rate_is_lower_bound: bool,
     /// What its first pass sends (the memory in use), bytes.
     #[serde(default)]
     pub first_pass_bytes: Option<f64>,
@@ -241,6 +245,7 @@ impl DrainGuest {
             predicted_secs: None,
             dirty_rate: None,
             working_set: None,
+            dirty_rate_is_lower_bound: false,
             first_pass_bytes: None,
             labels: std::collections::BTreeMap::new(),
             progress: 0.0,

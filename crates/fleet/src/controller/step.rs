@@ -54,6 +54,7 @@ pub(super) fn guest_model(g: &DrainGuest) -> Guest {
     }
     guest.model.rate = g.dirty_rate.unwrap_or(0.0);
     guest.model.working_set = g.working_set.unwrap_or(0.0);
+    guest.model.rate_is_lower_bound = g.dirty_rate_is_lower_bound;
     guest
 }
 
@@ -176,6 +177,7 @@ async fn plan_drain(
             guest.predicted_secs = Some(s.guest.cost(path).secs + plan::SETUP_SECS);
             guest.dirty_rate = s.measured.then_some(s.guest.model.rate);
             guest.working_set = s.measured.then_some(s.guest.model.working_set);
+            guest.dirty_rate_is_lower_bound = s.measured && s.guest.model.rate_is_lower_bound;
             guest.first_pass_bytes = Some(s.guest.first_pass_bytes);
             guest.labels = s.labels.clone();
             guest.destination = destination;
@@ -379,4 +381,33 @@ async fn finish_if_empty(
         record.ended_at_ms = Some(now_ms());
     }
     draft.save(cx, leadership).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_known_only_from_below_stays_so_in_the_drain_record() {
+        const MIB: f64 = 1048576.0;
+        let mut g = DrainGuest::waiting("vm", 128);
+        g.dirty_rate = Some(6.0 * MIB);
+        g.working_set = Some(6.0 * MIB);
+        g.dirty_rate_is_lower_bound = true;
+        let stored: DrainGuest = serde_json::from_value(serde_json::to_value(&g).unwrap()).unwrap();
+        assert!(guest_model(&stored).model.rate_is_lower_bound);
+        // Its need comes from its working set, not from a rate it may
+        // well exceed.
+        let link = 100.0 * MIB;
+        let bounded = guest_model(&stored).need(link);
+        g.dirty_rate_is_lower_bound = false;
+        assert!(bounded > guest_model(&g).need(link), "{bounded}");
+        // A record written before the field existed reads as exact.
+        let mut old = serde_json::to_value(&g).unwrap();
+        old.as_object_mut()
+            .unwrap()
+            .remove("dirty_rate_is_lower_bound");
+        let old: DrainGuest = serde_json::from_value(old).unwrap();
+        assert!(!guest_model(&old).model.rate_is_lower_bound);
+    }
 }
