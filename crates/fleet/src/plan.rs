@@ -132,8 +132,8 @@ impl Guest {
         }
     }
 
-    /// It can go beside migrations that hold its links: it needs at most
-    /// [`FILL_IN`] of the path.
+    /// It is small: it needs at most [`FILL_IN`] of the path, so the link
+    /// split gives it at least its need and nothing hurries it.
     pub fn fills_in(&self, link: f64) -> bool {
         self.need(link) <= FILL_IN * link
     }
@@ -142,9 +142,8 @@ impl Guest {
 /// The least part of a link a migration is given.
 pub const MIN_NEED: f64 = 0.1;
 
-/// The part of a link that small migrations ([`Guest::fills_in`]) may take
-/// beside ones that need it all: they use what the big one leaves while it
-/// is throttled, and end long before it, instead of queueing behind it.
+/// The most a writer needs short of the whole link: one that converges
+/// unthrottled on this part of it or less is small ([`Guest::fills_in`]).
 pub const FILL_IN: f64 = 0.3;
 
 /// The downtime a drain's migrations aim for, seconds.

@@ -193,8 +193,9 @@ pub struct HostPlace {
 }
 
 impl HostVcpuThrottle {
-    /// Puts the vCPU threads under a cgroup named `name` in the agent's
-    /// scope, and starts the guard that holds its lease.
+    /// Prepares a cgroup named `name` in the agent's scope for the vCPU
+    /// threads (they enter it with the first quota), and starts the guard
+    /// that holds its lease.
     ///
     /// # Errors
     /// Why the host cannot throttle threads.

@@ -298,13 +298,15 @@ impl HostThrottle {
         if self.entered {
             return Ok(());
         }
+        // Once only, even if a move fails: the threads moved so far are
+        // recorded with where they came from (the release puts them back),
+        // and moving them again would record our own cgroup instead.
+        self.entered = true;
         let vcpus = self.vcpus.clone();
         match self.hierarchy.clone() {
-            Hierarchy::V1(root) => v1::enter(&root, self, &vcpus)?,
-            Hierarchy::V2(root) => v2::enter(&root, self, &vcpus)?,
+            Hierarchy::V1(root) => v1::enter(&root, self, &vcpus),
+            Hierarchy::V2(root) => v2::enter(&root, self, &vcpus),
         }
-        self.entered = true;
-        Ok(())
     }
 
     /// Sets the throttle (0 = none, up to [`MAX_HOST_THROTTLE`]).
