@@ -107,7 +107,7 @@ impl Guest {
     /// makes do with a tenth of the link (it is never starved, and gets
     /// more when others leave room). A writer sends less the faster it
     /// goes, so it wants the whole path, unless it converges unthrottled on
-    /// [`FILL_IN`] of it or less: on twice its dirty rate (each pass then
+    /// [`SMALL_NEED`] of it or less: on twice its dirty rate (each pass then
     /// re-sends at most half the one before) or on its working set over
     /// [`DOWNTIME_FIT`] of the downtime (the whole set then goes in the
     /// stop-and-copy, however fast it is rewritten), whichever is less; on
@@ -125,17 +125,17 @@ impl Guest {
         } else {
             fits_downtime.min(2.0 * model.rate)
         };
-        if unthrottled <= FILL_IN * link {
+        if unthrottled <= SMALL_NEED * link {
             unthrottled.max(MIN_NEED * link)
         } else {
             link
         }
     }
 
-    /// It is small: it needs at most [`FILL_IN`] of the path, so the link
+    /// It is small: it needs at most [`SMALL_NEED`] of the path, so the link
     /// split gives it at least its need and nothing hurries it.
-    pub fn fills_in(&self, link: f64) -> bool {
-        self.need(link) <= FILL_IN * link
+    pub fn is_small(&self, link: f64) -> bool {
+        is_small_need(self.need(link), link)
     }
 }
 
@@ -143,8 +143,14 @@ impl Guest {
 pub const MIN_NEED: f64 = 0.1;
 
 /// The most a writer needs short of the whole link: one that converges
-/// unthrottled on this part of it or less is small ([`Guest::fills_in`]).
-pub const FILL_IN: f64 = 0.3;
+/// unthrottled on this part of it or less is small ([`Guest::is_small`]).
+pub const SMALL_NEED: f64 = 0.3;
+
+/// A migration needing `need` bytes/s on a path of `link` is small
+/// ([`Guest::is_small`]).
+pub fn is_small_need(need: f64, link: f64) -> bool {
+    need <= SMALL_NEED * link
+}
 
 /// The downtime a drain's migrations aim for, seconds.
 pub const DOWNTIME_SECS: f64 = 0.3;
@@ -429,7 +435,7 @@ pub(crate) mod tests {
         // Its working set fits the downtime (with room) at 25 MiB/s.
         let light = writer("l", 128, 15.0, 6.0);
         assert!((need(&light) - 6.0 / (DOWNTIME_FIT * DOWNTIME_SECS)).abs() < 0.01);
-        assert!(light.fills_in(link));
+        assert!(light.is_small(link));
         // Twice its rate is less.
         let slow = writer("s", 128, 12.0, 16.0);
         assert!((need(&slow) - 24.0).abs() < 0.01);
@@ -438,7 +444,7 @@ pub(crate) mod tests {
         let mut bounded = slow.clone();
         bounded.model.rate_is_lower_bound = true;
         assert_eq!(need(&bounded), 100.0);
-        assert!(!bounded.fills_in(link));
+        assert!(!bounded.is_small(link));
         let mut bounded_light = light.clone();
         bounded_light.model.rate = 6.0 * MIB;
         bounded_light.model.rate_is_lower_bound = true;

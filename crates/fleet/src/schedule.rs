@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 
-use crate::plan::{Guest, FILL_IN, SETUP_SECS};
+use crate::plan::{is_small_need, Guest, SETUP_SECS};
 
 /// How migrations are admitted and share the links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -151,7 +151,7 @@ pub fn admit(
 /// Every link is shared max-min fairly; livemig weighs each migration by
 /// what it needs (a writer's share grows with its need, an idle guest's
 /// is small but never nothing) and gives a small one
-/// ([`crate::plan::Guest::fills_in`]) at least its need, which is what
+/// ([`crate::plan::Guest::is_small`]) at least its need, which is what
 /// makes it converge unthrottled (scaled down only where small ones
 /// together ask more than a link has); the fixed policies weigh them
 /// alike, as competing TCP streams share a link.
@@ -171,7 +171,7 @@ pub fn shares(policy: Policy, links: &[f64], running: &[Running]) -> Vec<f64> {
     }
     let small: Vec<bool> = running
         .iter()
-        .map(|r| r.need <= FILL_IN * links[r.from].min(links[r.to]))
+        .map(|r| is_small_need(r.need, links[r.from].min(links[r.to])))
         .collect();
     // What the small ones ask of each link, to scale their needs down
     // where they ask more than it has.
@@ -358,14 +358,14 @@ struct Costs<'a> {
 impl Costs<'_> {
     /// Its cost at `bandwidth`, within the drain's budget if the policy
     /// gives one and it is not small: a small migration
-    /// ([`Guest::fills_in`]) goes beside others, off the drain's critical
+    /// ([`Guest::is_small`]) goes beside others, off the drain's critical
     /// path, and nothing hurries it.
     fn at(&mut self, i: usize, bandwidth: f64) -> crate::plan::Cost {
         let m = &self.moves[i];
         let link = self.links[m.from].min(self.links[m.to]);
         let step = link / 64.0;
         let bucket = (bandwidth / step).round().max(1.0) as u32;
-        let budgeted = self.budgeted && !m.guest.fills_in(link);
+        let budgeted = self.budgeted && !m.guest.is_small(link);
         *self.memo.entry((i, bucket)).or_insert_with(|| {
             let bandwidth = bucket as f64 * step;
             let budget = budgeted.then(|| m.guest.budget(link));
