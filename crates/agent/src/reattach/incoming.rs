@@ -1,5 +1,7 @@
-//! A migration this host was receiving when its agent went away: the
-//! incoming QEMU is kept, paused, for the source to finish or abort.
+//! A migration this host was receiving when its agent went away. If it
+//! had finished here (its record says so, or the guest runs with the data
+//! landed), the domain simply runs here; otherwise the incoming QEMU is
+//! kept, paused, for the source to finish or abort.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -7,6 +9,8 @@ use std::time::Duration;
 use domain::DomainName;
 use protocol::job::{JobStatus, Phase, Role};
 use protocol::AgentUri;
+use qmp::commands::migration::{MigrationStatus, QueryMigrate};
+use qmp::commands::vm::{QueryStatus, RunState};
 use tokio::time::Instant;
 
 use super::identity;
@@ -16,9 +20,10 @@ use crate::runfile::{RunJob, RunRecord};
 use crate::running::RunningVm;
 use crate::state::Agent;
 
-/// Keeps an incoming QEMU for its source to finish or abort, within the
-/// agent's orphan timeout.
-pub(super) fn keep_incoming(
+/// Settles an incoming migration found at start-up: one that finished
+/// here ends as a domain running here; any other is kept for its source
+/// to finish or abort, within the agent's orphan timeout.
+pub(super) async fn resolve_incoming(
     agent: &Arc<Agent>,
     name: &DomainName,
     vm: &Arc<RunningVm>,
@@ -45,6 +50,27 @@ pub(super) fn keep_incoming(
         created_images: job.created_images.clone(),
     });
     agent.table.keep_incoming(name, incoming.clone());
+    // Finish makes the job record durable before it answers; an agent
+    // that died after that (but before the run record lost the job) left a
+    // guest that runs here and a source that has let it go.
+    match agent.history.load(&job.id).await {
+        Ok(Some(done)) if done.role == Role::Destination && done.status == JobStatus::Completed => {
+            agent.table.end_job(name, &job.id, done);
+            agent.bind(name, None).await;
+            tracing::info!(domain = %name, job = %job.id, "the migration had finished here before the restart");
+            return;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(domain = %name, error = %crate::errors::chain(&e), "cannot read the job's record");
+        }
+    }
+    // Died between resuming the guest and recording it: the guest runs.
+    if landed_and_running(vm).await {
+        destination::landed_here(agent, name, &incoming).await;
+        tracing::info!(domain = %name, job = %job.id, "the guest had resumed here before the restart");
+        return;
+    }
     tracing::warn!(domain = %name, job = %job.id, "incoming migration kept for its source after restart");
     let agent = agent.clone();
     let name = name.clone();
@@ -56,7 +82,13 @@ pub(super) fn keep_incoming(
         // will never finish here.
         while Instant::now() < deadline && waiting() {
             if let Some(status) = source_job_status(&agent, &source, &incoming.ident.id).await {
-                if status != JobStatus::Completed {
+                if !waiting() {
+                    return;
+                }
+                if status == JobStatus::Completed {
+                    // The source let the guest go: its only copy is here.
+                    let _ = destination::finish_job(&agent, &name, &incoming).await;
+                } else {
                     destination::teardown(
                         &agent,
                         &name,
@@ -66,8 +98,8 @@ pub(super) fn keep_incoming(
                         ),
                     )
                     .await;
-                    return;
                 }
+                return;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
@@ -81,6 +113,18 @@ pub(super) fn keep_incoming(
             .await;
         }
     });
+}
+
+/// True if the incoming data has landed and the guest runs (Finish
+/// resumed it); a guest in post-copy runs too, but its pages still come
+/// from the source, which settles it.
+async fn landed_and_running(vm: &RunningVm) -> bool {
+    let qmp = vm.process.qmp();
+    let landed = matches!(
+        qmp.execute(&QueryMigrate).await,
+        Ok(info) if info.status == Some(MigrationStatus::Completed)
+    );
+    landed && matches!(qmp.execute(&QueryStatus).await, Ok(s) if s.status == RunState::Running)
 }
 
 /// How the source agent says a job ended; `None` while it runs or when the

@@ -11,13 +11,16 @@
 //!   destination cannot be asked, the guest stays paused here, which is the
 //!   one state that cannot end with two running copies. The job record says
 //!   which.
-//! - **destination**: the incoming QEMU is kept (paused) for the source to
-//!   finish or abort; if the source says nothing for the orphan timeout, it
-//!   is torn down.
+//! - **destination**: a migration that had finished here (its job record
+//!   says so, or the guest runs with the data landed) leaves a domain that
+//!   runs here; otherwise the incoming QEMU is kept (paused) for the source
+//!   to finish or abort; a source whose job completed has let the guest go,
+//!   so it is resumed here; if the source says nothing for the orphan
+//!   timeout, it is torn down.
 //!
 //! - `mod`: adopting the QEMUs.
 //! - [`outgoing`]: settling a migration this host was sending.
-//! - [`incoming`]: keeping one it was receiving for its source.
+//! - [`incoming`]: settling one it was receiving.
 
 mod incoming;
 mod outgoing;
@@ -76,7 +79,7 @@ pub(crate) async fn reattach_all(agent: &Arc<Agent>) {
             outgoing::resolve_outgoing(agent, &name, &vm, job).await;
         }
         if let Some(job) = &record.incoming {
-            incoming::keep_incoming(agent, &name, &vm, job, &record);
+            incoming::resolve_incoming(agent, &name, &vm, job, &record).await;
         }
         agent.persist_run(&name).await;
     }

@@ -106,6 +106,63 @@ async fn persistent_migration_with_undefine_source_moves_the_definition() {
     assert_eq!(b.state("web").await, Some(DomainState::ShutOff));
 }
 
+/// A destination agent killed after a migration finished there adopts a
+/// guest that runs (not a migration to wait for, torn down at the orphan
+/// timeout), whether or not it lived to rewrite the run record.
+#[tokio::test]
+async fn a_destination_agent_killed_after_a_migration_keeps_the_guest_running() {
+    let bed = TestBed::simulated_with_agent_processes()
+        .await
+        .with_timeouts(&["orphan=2s"]);
+    let a = bed.host("a").await;
+    let mut b = bed.host("b").await;
+    a.define_and_start(bed.definition("web", 64, Workload::busy(4, 20_000)))
+        .await;
+    let options = MigrateOptions {
+        live: true,
+        persistent: true,
+        undefine_source: true,
+        ..Default::default()
+    };
+    let record = a.migrate("web", &b, options.clone()).await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    let pids = b.qemu_pids();
+    assert_eq!(pids.len(), 1);
+
+    b.crash();
+    b.start_again().await;
+    guest_runs_on_past_the_orphan_timeout(&b, &pids).await;
+
+    // Killed after Finish answered but before the run record lost the
+    // job: the job record, saved before the answer, settles it.
+    b.crash();
+    let run = b.state_dir().join("run/web.json");
+    let mut kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&run).unwrap()).unwrap();
+    assert!(kept["incoming"].is_null(), "{kept}");
+    kept["incoming"] = serde_json::json!({
+        "id": record.id,
+        "peer": a.uri(),
+        "flags": options,
+        "started_at_ms": record.started_at_ms,
+        "created_domain": true,
+        "peer_name": "agent-a",
+    });
+    std::fs::write(&run, serde_json::to_vec(&kept).unwrap()).unwrap();
+    b.start_again().await;
+    guest_runs_on_past_the_orphan_timeout(&b, &pids).await;
+}
+
+async fn guest_runs_on_past_the_orphan_timeout(b: &testkit::Host, pids: &[u32]) {
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let info = b.dominfo("web").await.unwrap();
+    assert_eq!(info.state, DomainState::Running);
+    assert!(info.active_job.is_none(), "{info:?}");
+    assert_eq!(b.qemu_pids(), pids, "the same QEMU runs the guest");
+    let log = b.wait_guest_progress("web", 2).await;
+    assert!(log.memory_intact());
+}
+
 #[tokio::test]
 async fn offline_migration_moves_only_the_definition() {
     let bed = TestBed::simulated().await;

@@ -12,6 +12,8 @@ use protocol::{ApiError, ErrorCode, Reply};
 use qmp::commands::vm::{AnnounceSelf, Cont};
 use tracing::Instrument;
 
+use domain::DomainName;
+
 use super::{find, teardown};
 use crate::caller::ConnContext;
 use crate::errors;
@@ -24,52 +26,31 @@ pub(crate) async fn finish(
     ctx: &ConnContext,
 ) -> Result<Reply, ApiError> {
     let (name, job) = find(agent, job_id, &ctx.caller)?;
-    let span = tracing::info_span!("job", id = %job_id, domain = %name, role = "destination");
+    finish_job(agent, &name, &job).await
+}
+
+/// Finish for a job found: resume the guest once the data has landed, and
+/// make that durable (definition, job record, run record); or tear the
+/// destination down if it cannot land.
+pub(crate) async fn finish_job(
+    agent: &Arc<Agent>,
+    name: &DomainName,
+    job: &Arc<IncomingJob>,
+) -> Result<Reply, ApiError> {
+    let span = tracing::info_span!("job", id = %job.ident.id, domain = %name, role = "destination");
     async {
         *job.phase.lock().expect("phase lock") = Phase::Finish;
         let landed = match job.vm.clone() {
-            Some(vm) => land(vm.process.qmp(), agent.config.finish_timeout, &job).await,
+            Some(vm) => land(vm.process.qmp(), agent.config.finish_timeout, job).await,
             None => Err(LandError::NotPrepared),
         };
         if let Err(e) = landed {
             let error = errors::chain(&e);
             tracing::error!(%error, "finish failed; tearing down the destination");
-            teardown(agent, &name, &job, &error).await;
+            teardown(agent, name, job, &error).await;
             return Err(ApiError::new(ErrorCode::MigrationFailed, error));
         }
-
-        let mut note = None;
-        if job.ident.flags.landing().persistent {
-            // `--persistent-xml` was checked at Prepare: it is kept for the
-            // next start, as `define` on a running domain.
-            let kept = crate::migrate::persistent_definition(&job.ident.flags, &job.definition)
-                .ok()
-                .flatten()
-                .unwrap_or_else(|| job.definition.clone());
-            match agent.store.save_definition(&kept).await {
-                Ok(()) => {
-                    let _ = agent.table.defined(kept);
-                }
-                Err(e) => {
-                    let text = format!("could not persist the definition: {}", errors::chain(&e));
-                    tracing::error!("{text}");
-                    note = Some(text);
-                }
-            }
-        }
-        let mut record = job
-            .ident
-            .record(JobStatus::Completed, Phase::Done, job.started.elapsed());
-        record.error = note;
-        // Durable before we answer: if the answer is lost, a later
-        // peer-abort must learn that the guest runs here.
-        agent.metrics.job_finished(&record);
-        if let Err(e) = agent.history.save(&record).await {
-            tracing::error!(error = %errors::chain(&e), "could not save the job record");
-        }
-        agent.table.end_job(&name, &job.ident.id, record);
-        // The guest is here now: no peer may replace it.
-        agent.bind(&name, None).await;
+        landed_here(agent, name, job).await;
         tracing::info!(
             paused = job.ident.flags.landing().suspend,
             "guest resumed on the destination"
@@ -78,6 +59,46 @@ pub(crate) async fn finish(
     }
     .instrument(span)
     .await
+}
+
+/// The guest runs here now (or stays paused, if asked): keeps its
+/// definition, records the job completed, ends it and rewrites the run
+/// record without it, so that an agent restarted later adopts a domain
+/// that runs here rather than a migration to wait for.
+pub(crate) async fn landed_here(agent: &Agent, name: &DomainName, job: &IncomingJob) {
+    let mut note = None;
+    if job.ident.flags.landing().persistent {
+        // `--persistent-xml` was checked at Prepare: it is kept for the
+        // next start, as `define` on a running domain.
+        let kept = crate::migrate::persistent_definition(&job.ident.flags, &job.definition)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| job.definition.clone());
+        match agent.store.save_definition(&kept).await {
+            Ok(()) => {
+                let _ = agent.table.defined(kept);
+            }
+            Err(e) => {
+                let text = format!("could not persist the definition: {}", errors::chain(&e));
+                tracing::error!("{text}");
+                note = Some(text);
+            }
+        }
+    }
+    let mut record = job
+        .ident
+        .record(JobStatus::Completed, Phase::Done, job.started.elapsed());
+    record.error = note;
+    // Durable before we answer: if the answer is lost, a later
+    // peer-abort must learn that the guest runs here.
+    agent.metrics.job_finished(&record);
+    if let Err(e) = agent.history.save(&record).await {
+        tracing::error!(error = %errors::chain(&e), "could not save the job record");
+    }
+    agent.table.end_job(name, &job.ident.id, record);
+    // The guest is here now: no peer may replace it.
+    agent.bind(name, None).await;
+    agent.persist_run(name).await;
 }
 
 /// Why the guest could not be resumed here.

@@ -23,7 +23,7 @@ use crate::caller::Caller;
 use crate::jobs::IncomingJob;
 use crate::state::Agent;
 
-pub(crate) use finish::{abort, finish, recover};
+pub(crate) use finish::{abort, finish, finish_job, landed_here, recover};
 pub(crate) use prepare::{prepare, probe};
 
 /// The incoming job with this id, and its domain, if `caller` may act on
