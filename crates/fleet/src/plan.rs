@@ -144,6 +144,9 @@ pub const MIN_NEED: f64 = 0.1;
 
 /// The most a writer needs short of the whole link: one that converges
 /// unthrottled on this part of it or less is small ([`Guest::is_small`]).
+/// Small migrations may also take this part of a link beside ones that
+/// hold it (`schedule::admit`): they use what a throttled writer leaves,
+/// and end long before it, instead of queueing behind it.
 pub const SMALL_NEED: f64 = 0.3;
 
 /// A migration needing `need` bytes/s on a path of `link` is small

@@ -9,7 +9,11 @@
 //! one is admitted when both its links have the bandwidth it needs to
 //! converge ([`crate::plan::Guest::need`]) beside what the running ones
 //! need, counting a running one only until it is within its setup time of
-//! the end, so that the next one's setup overlaps its tail. The links are
+//! the end, so that the next one's setup overlaps its tail; a small one
+//! ([`crate::plan::Guest::is_small`]) is also admitted beside migrations
+//! that hold its links, within [`crate::plan::SMALL_NEED`] of each link for
+//! all such, rather than queueing behind a writer that cannot use the
+//! whole link while it is throttled. The links are
 //! shared in proportion to need, so a hot writer is not starved into
 //! throttling by idle guests, no guest is starved at all, and the link
 //! never idles while anything can use it.
@@ -24,7 +28,7 @@
 
 use std::collections::HashMap;
 
-use crate::plan::{is_small_need, Guest, SETUP_SECS};
+use crate::plan::{is_small_need, Guest, SETUP_SECS, SMALL_NEED};
 
 /// How migrations are admitted and share the links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +89,12 @@ pub struct Waiting {
     pub to: usize,
     /// Bandwidth it needs, bytes/s.
     pub need: f64,
+    /// Seconds it is predicted to copy, admitted as it needs.
+    pub secs: f64,
+    /// Seconds it would copy as a small migration beside others (on its
+    /// need, which [`shares`] gives it at least), if it may go beside them
+    /// at all ([`crate::plan::Guest::is_small`]).
+    pub fill_in_secs: Option<f64>,
 }
 
 fn capped(count: usize, cap: Option<u32>) -> bool {
@@ -106,12 +116,25 @@ pub fn admit(
     // Bandwidth promised per host, each way.
     let mut out_bw = vec![0.0f64; hosts];
     let mut in_bw = vec![0.0f64; hosts];
+    // ... of which to small migrations, and the longest time a migration
+    // holds each side.
+    let mut out_fill = vec![0.0f64; hosts];
+    let mut in_fill = vec![0.0f64; hosts];
+    let mut out_held = vec![0.0f64; hosts];
+    let mut in_held = vec![0.0f64; hosts];
+    let small = |from: usize, to: usize, need: f64| is_small_need(need, links[from].min(links[to]));
     for r in running {
         out[r.from] += 1;
         inb[r.to] += 1;
         if r.remaining_secs > SETUP_SECS + 1e-6 {
             out_bw[r.from] += r.need;
             in_bw[r.to] += r.need;
+            if small(r.from, r.to, r.need) {
+                out_fill[r.from] += r.need;
+                in_fill[r.to] += r.need;
+            }
+            out_held[r.from] = out_held[r.from].max(r.remaining_secs);
+            in_held[r.to] = in_held[r.to].max(r.remaining_secs);
         }
     }
     let mut total = running.len();
@@ -129,10 +152,26 @@ pub fn admit(
         {
             continue;
         }
+        let fill_in = w.fill_in_secs.is_some() && small(w.from, w.to, w.need);
         if policy == Policy::Livemig {
             let idle = out_bw[w.from] == 0.0 && in_bw[w.to] == 0.0;
-            let fits = out_bw[w.from] + w.need <= links[w.from] * 1.0001
-                && in_bw[w.to] + w.need <= links[w.to] * 1.0001;
+            // Each side has room for its need; or the migration is small,
+            // the other small ones leave it room, and it ends (setup
+            // included) while the longest one there still holds the side:
+            // the link carries its bytes in what that one leaves, and the
+            // drain does not wait for it after.
+            let side = |bw: f64, fill: f64, held: f64, link: f64| {
+                bw + w.need <= link * 1.0001
+                    || (fill_in
+                        && fill + w.need <= SMALL_NEED * link * 1.0001
+                        && SETUP_SECS + w.fill_in_secs.unwrap_or(f64::INFINITY) <= held)
+            };
+            let fits = side(
+                out_bw[w.from],
+                out_fill[w.from],
+                out_held[w.from],
+                links[w.from],
+            ) && side(in_bw[w.to], in_fill[w.to], in_held[w.to], links[w.to]);
             if !idle && !fits {
                 continue;
             }
@@ -141,6 +180,17 @@ pub fn admit(
         inb[w.to] += 1;
         out_bw[w.from] += w.need;
         in_bw[w.to] += w.need;
+        if fill_in {
+            out_fill[w.from] += w.need;
+            in_fill[w.to] += w.need;
+        }
+        let secs = SETUP_SECS
+            + match w.fill_in_secs {
+                Some(secs) if fill_in => secs,
+                _ => w.secs,
+            };
+        out_held[w.from] = out_held[w.from].max(secs);
+        in_held[w.to] = in_held[w.to].max(secs);
         total += 1;
         admitted.push(i);
     }
@@ -422,10 +472,18 @@ pub fn simulate(policy: Policy, caps: Caps, links: &[f64], moves: &[Move]) -> Ou
             .collect();
         let candidates: Vec<Waiting> = waiting
             .iter()
-            .map(|&i| Waiting {
-                from: moves[i].from,
-                to: moves[i].to,
-                need: moves[i].guest.need(path(i)),
+            .map(|&i| {
+                let need = moves[i].guest.need(path(i));
+                Waiting {
+                    from: moves[i].from,
+                    to: moves[i].to,
+                    need,
+                    secs: costs.at(i, path(i)).secs,
+                    fill_in_secs: moves[i]
+                        .guest
+                        .is_small(path(i))
+                        .then(|| costs.at(i, need).secs),
+                }
             })
             .collect();
         let admitted = admit(policy, caps, links, &current, &candidates);
@@ -724,5 +782,130 @@ mod tests {
             }
         }
         assert!(ours.moves.iter().all(|m| m.converged));
+    }
+
+    fn waiting(need: f64, fill_in_secs: Option<f64>) -> Waiting {
+        Waiting {
+            from: 0,
+            to: 1,
+            need,
+            secs: 1.0,
+            fill_in_secs,
+        }
+    }
+
+    #[test]
+    fn small_migrations_go_beside_one_that_holds_the_link_if_they_end_inside_it() {
+        let links = [100.0; 3];
+        let holder = Running {
+            from: 0,
+            to: 2,
+            need: 100.0,
+            remaining_secs: 5.0,
+        };
+        let waiting = [
+            // Needs the link: waits.
+            waiting(100.0, None),
+            // Small and done in time.
+            waiting(10.0, Some(1.0)),
+            // Small but would outlast the holder.
+            waiting(10.0, Some(10.0)),
+            // Small, done in time: two more fit in a third of the link...
+            waiting(10.0, Some(2.0)),
+            waiting(10.0, Some(2.0)),
+            // ... and not a third.
+            waiting(10.0, Some(2.0)),
+        ];
+        let admitted = admit(
+            Policy::Livemig,
+            Caps::default(),
+            &links,
+            &[holder],
+            &waiting,
+        );
+        assert_eq!(admitted, [1, 3, 4]);
+        // A holder near its end counts no more: the one that needs the
+        // link goes, and a small one beside it if it ends inside its
+        // predicted second.
+        let near_end = Running {
+            remaining_secs: SETUP_SECS / 2.0,
+            ..holder
+        };
+        let admitted = admit(
+            Policy::Livemig,
+            Caps::default(),
+            &links,
+            &[near_end],
+            &waiting,
+        );
+        assert_eq!(admitted, [0, 1]);
+        // The fixed policies know nothing of it.
+        let admitted = admit(
+            Policy::Fixed(2),
+            Caps::default(),
+            &links,
+            &[holder],
+            &waiting,
+        );
+        assert_eq!(admitted, [0]);
+    }
+
+    #[test]
+    fn small_guests_move_while_a_hot_one_holds_the_link_and_the_drain_ends_with_it() {
+        let links = vec![100.0 * MIB; 3];
+        let small = |name: &str, in_use: f64, rate: f64, ws: f64| {
+            let mut g = writer(name, 128, rate, ws);
+            g.first_pass_bytes = in_use * MIB;
+            g
+        };
+        let mut hot = writer("hot", 256, 400.0, 64.0);
+        hot.first_pass_bytes = 240.0 * MIB;
+        hot.model.rate_is_lower_bound = true;
+        let guests = [
+            hot,
+            small("light1", 12.0, 15.0, 8.0),
+            small("light2", 20.0, 12.0, 16.0),
+            small("quiet1", 4.0, 0.5, 1.0),
+            small("quiet2", 4.0, 0.5, 1.0),
+        ];
+        let moves: Vec<Move> = guests
+            .into_iter()
+            .enumerate()
+            .map(|(i, guest)| Move {
+                guest,
+                from: 0,
+                to: 1 + i % 2,
+            })
+            .collect();
+        assert!(
+            moves[1].guest.is_small(links[0]),
+            "{:?}",
+            moves[1].guest.need(links[0]) / MIB
+        );
+        assert!(!moves[0].guest.is_small(links[0]));
+        let out = simulate(Policy::Livemig, Caps::default(), &links, &moves);
+        let hot_end = out.moves[0].end;
+        for (m, moved) in moves.iter().zip(&out.moves).skip(1) {
+            // The light writers go beside it; the quiet ones, once the
+            // light ones leave room, at the latest in its last setup's
+            // time, as everything does.
+            let by = if m.guest.name.starts_with("light") {
+                hot_end
+            } else {
+                hot_end + SETUP_SECS
+            };
+            assert!(
+                moved.end <= by && moved.converged,
+                "{} ended at {:.2} s, the hot guest at {hot_end:.2} s",
+                m.guest.name,
+                moved.end
+            );
+            // Unthrottled: nothing lost beyond the stop-and-copy.
+            assert!(moved.work_lost_secs <= 0.31, "{}: {moved:?}", m.guest.name);
+        }
+        assert!(out.makespan <= hot_end + SETUP_SECS);
+        // Moving them after it would end the drain later.
+        let sequential = simulate(Policy::Sequential, Caps::default(), &links, &moves);
+        assert!(sequential.makespan > out.makespan, "{sequential:?}");
     }
 }

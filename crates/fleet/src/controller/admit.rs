@@ -193,10 +193,14 @@ pub(super) async fn admit(
                     changed = true;
                 }
                 let t = index[&to];
+                let model = guest_model(g);
+                let need = model.need(path(t));
                 candidates.push(Waiting {
                     from,
                     to: t,
-                    need: guest_model(g).need(path(t)),
+                    need,
+                    secs: g.predicted_secs.unwrap_or(1.0),
+                    fill_in_secs: model.is_small(path(t)).then(|| model.cost(need).secs),
                 });
                 if g.destination.as_ref() != Some(&to) {
                     g.destination = Some(to);
@@ -363,6 +367,8 @@ mod tests {
             from: 0,
             to: t,
             need: 1.0,
+            secs: 1.0,
+            fill_in_secs: None,
         };
         let candidates = [to(1), to(1), to(2), to(2)];
         let kept = within_ram(vec![0, 1, 2, 3], &candidates, |_| 256 << 20, &hosts);
