@@ -7,10 +7,17 @@
 //!    half the link: which vCPUs write ([`writers`]), so that only those
 //!    are throttled: from QEMU's per-vCPU dirty rates where the guest has
 //!    a KVM dirty ring, else by probing each busy vCPU.
-//! 3. With `--allow-postcopy`, a guest that filled its working set faster
-//!    than the link sends and one vCPU writing: what that vCPU dirties in
-//!    one slice of CPU ([`slice_probe`]), so that a guest no throttle can
-//!    finish goes to post-copy at once.
+//! 3. With `--allow-postcopy`, a guest whose rate is known only from
+//!    below (its working set filled the shortest window), whose working
+//!    set the downtime cannot carry and that may outrun the link, with one
+//!    vCPU writing: what that vCPU dirties in one slice of CPU
+//!    ([`slice_probe`]), so that a guest no throttle can finish goes to
+//!    post-copy at once.
+//!
+//! With a measurement from shortly before the job and one vCPU, the probes
+//! go by that measurement at once and the job's own comes after them: a
+//! working set the link sends in a second is a first pass over before the
+//! job's own measurement (3 s) would be.
 //!
 //! The probes throttle one vCPU at a time, which only works while no
 //! throttle is in force: the controller's first throttle waits for them.
@@ -96,6 +103,11 @@ pub(super) struct PreflightPlan {
     pub probe_slice: bool,
     /// The guest has a KVM dirty ring: QEMU can give each vCPU's rate.
     pub dirty_ring: bool,
+    /// The measurement from shortly before the job, fitted: the probes
+    /// go by it at once, and this job's own measurement comes after them.
+    pub known: Option<DirtyModel>,
+    /// The highest downtime the job may use, seconds.
+    pub downtime: f64,
 }
 
 /// Runs the pre-flight, sending what it learns to the watcher.
@@ -106,56 +118,93 @@ pub(super) async fn preflight(
 ) {
     let cpu_before = plan.selector.as_ref().map(writers::cpu_times);
     let started = Instant::now();
-    let Ok(samples) = crate::dirty::measure(&qmp, &[1, 2], plan.ram_bytes).await else {
-        return;
-    };
-    let Some(model) = fit(&samples, plan.ram_bytes) else {
-        return;
-    };
+    let one_vcpu = plan.selector.as_ref().is_some_and(|s| s.threads.len() == 1);
+    match plan.known {
+        // Seconds earlier than a measurement of its own: a guest no
+        // throttle can finish goes to post-copy early in the first pass.
+        // (The search for the writers among several vCPUs needs the CPU
+        // they use over this job's measurement.)
+        Some(known) if one_vcpu => {
+            probe(&qmp, &plan, known, 0.0, cpu_before, started, &tx).await;
+            let _ = measure(&qmp, &plan, &tx).await;
+        }
+        _ => {
+            if let Some((model, baseline)) = measure(&qmp, &plan, &tx).await {
+                probe(&qmp, &plan, model, baseline, cpu_before, started, &tx).await;
+            }
+        }
+    }
+}
+
+/// This job's own measurement of the dirty rate, sent to the watcher;
+/// with what its shortest window saw dirtied, bytes.
+async fn measure(
+    qmp: &Client,
+    plan: &PreflightPlan,
+    tx: &mpsc::UnboundedSender<Preflight>,
+) -> Option<(DirtyModel, f64)> {
+    let samples = crate::dirty::measure(qmp, &[1, 2], plan.ram_bytes)
+        .await
+        .ok()?;
+    let model = fit(&samples, plan.ram_bytes)?;
     let _ = tx.send(Preflight::Model(
         model,
         crate::dirty::describe(&samples, &model),
     ));
+    Some((model, samples[0].dirtied))
+}
+
+/// The probes `model` calls for: which vCPUs write (from the CPU each
+/// used since `started` and `baseline`, the bytes dirtied in a second
+/// with none probed), and what the one writer dirties in a slice of CPU.
+async fn probe(
+    qmp: &Client,
+    plan: &PreflightPlan,
+    model: DirtyModel,
+    baseline: f64,
+    cpu_before: Option<Vec<Option<u64>>>,
+    started: Instant,
+    tx: &mpsc::UnboundedSender<Preflight>,
+) {
     // Uncapped, QEMU's throughput so far stands for the link (it reads low
     // while the first pass skims zero pages: the probes run rather more
     // often than needed, never less).
     let link = match plan.link {
         Some(cap) => Some(cap),
-        None => measured_link(&qmp).await,
+        None => measured_link(qmp).await,
     };
     let (Some(selector), Some(before), Some(link)) = (plan.selector.as_ref(), cpu_before, link)
     else {
         return;
     };
+    // The slice floor matters where the working set cannot go in the
+    // downtime and the guest may outrun the link: a rate known only from
+    // below (the window filled) may be any multiple of what was seen.
+    let worst = model
+        .rate
+        .max(model.working_set / converge::estimate::WORST_CASE_REFILL_SECS);
+    let floor_in_question = plan.probe_slice
+        && model.rate_is_lower_bound
+        && model.working_set > link * plan.downtime
+        && worst > link;
     // A probe slows a vCPU for a second: only where a throttle is likely.
-    if model.rate <= link / 2.0 {
+    if model.rate <= link / 2.0 && !floor_in_question {
         return;
     }
-    let probe = HostProbe {
-        selector,
-        qmp: &qmp,
-    };
-    // The slice floor matters where even the lower bound outruns the link.
-    let floor_in_question = plan.probe_slice && model.rate_is_lower_bound && model.rate > link;
+    let probe = HostProbe { selector, qmp };
     let writer = if selector.threads.len() > 1 {
         let from_ring = if plan.dirty_ring {
             let _ = tx.send(Preflight::Probing(Probing::DirtyRing));
-            writers_from_ring(&probe, &before, started, link, &tx).await
+            writers_from_ring(&probe, &before, started, link, tx).await
         } else {
             None
         };
         let found = match from_ring {
             Some(found) => Some(found),
             None => {
-                writers::find(
-                    &probe,
-                    &before,
-                    started.elapsed(),
-                    samples[0].dirtied,
-                    |busy| {
-                        let _ = tx.send(Preflight::Probing(Probing::Writers(busy)));
-                    },
-                )
+                writers::find(&probe, &before, started.elapsed(), baseline, |busy| {
+                    let _ = tx.send(Preflight::Probing(Probing::Writers(busy)));
+                })
                 .await
             }
         };

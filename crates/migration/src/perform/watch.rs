@@ -113,6 +113,15 @@ impl<'a> Watch<'a> {
                 // course: post-copy is the way past it.
                 probe_slice: options.controller.is_some_and(|p| p.allow_postcopy),
                 dirty_ring: options.dirty_ring,
+                known: options
+                    .known
+                    .as_ref()
+                    .and_then(|k| converge::estimate::fit(&k.samples, options.ram_bytes as f64)),
+                downtime: options
+                    .controller
+                    .map_or(options.downtime.as_secs_f64(), |p| {
+                        p.max_downtime.max(options.downtime.as_secs_f64())
+                    }),
             };
             tokio::spawn(preflight(qmp.clone(), plan, tx));
             rx

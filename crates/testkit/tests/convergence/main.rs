@@ -6,7 +6,8 @@
 //! - [`disk_pace`]: disk copies the guest's writes outrun.
 //! - [`hot_guest`]: livemig's own switchover for a guest held above 99 %.
 //! - [`kvm_dirty_ring`]: the writers from KVM's dirty ring.
-//! - [`slice_floor`]: the fastest writer to post-copy from the probe.
+//! - [`slice_floor`]: the fastest writer to post-copy from the probe, also
+//!   one measured below the link but only from below.
 //! - [`vcpus`]: throttling only the vCPUs that write, in a Linux guest.
 
 mod controller;

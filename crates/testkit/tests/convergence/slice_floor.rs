@@ -80,3 +80,64 @@ async fn the_fastest_writer_goes_to_postcopy_from_the_probe_without_a_throttle()
     let log = b.wait_guest_passes("vm", 2).await;
     assert!(log.memory_intact(), "{:?}", log.corruptions);
 }
+
+/// The same writer over a working set the link sends in under a second:
+/// the measurement from shortly before the job fills its 1 s window, so
+/// it says only that the guest dirties at least 48 MiB/s, under the
+/// link's 64. Its first pass is over before a measurement of the job's
+/// own would be, so the probe goes by the earlier one, at once.
+#[tokio::test]
+async fn a_writer_measured_below_the_link_but_only_from_below_is_probed_at_once() {
+    assert!(
+        testkit::host_throttle_available(),
+        "this test needs a cgroup cpu controller at {}",
+        migration::vcpu_throttle::cgroup::Hierarchy::default_root().display()
+    );
+    let bed = TestBed::with_agent_processes().await;
+    let small = Workload {
+        working_set_mib: 48,
+        ..FASTEST
+    };
+    let (a, b) = bed.two_hosts_running("vm", 256, small).await;
+    a.wait_guest_passes("vm", 1).await;
+    let out = a.cli(&["estimate", "vm", "--bandwidth", "64", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let estimate: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let model = &estimate["model"];
+    assert_eq!(model["rate_is_lower_bound"], true, "{model}");
+    assert!(
+        model["rate"].as_f64().unwrap() < 64.0 * 1024.0 * 1024.0,
+        "{model}"
+    );
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                converge: Some(ConvergeMode::Adaptive),
+                allow_postcopy: true,
+                downtime: Some(100),
+                timeout: Some(120),
+                ..capped(64)
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    let at = |kind: ActionKind| record.actions.iter().position(|a| a.action == kind);
+    let probe = record
+        .actions
+        .iter()
+        .position(|a| a.action == ActionKind::Measure && a.detail.starts_with("probe: vCPU 0"))
+        .unwrap_or_else(|| panic!("no slice probe: {:#?}", record.actions));
+    let postcopy =
+        at(ActionKind::Postcopy).unwrap_or_else(|| panic!("no post-copy: {:#?}", record.actions));
+    assert!(probe < postcopy, "{:#?}", record.actions);
+    assert_eq!(at(ActionKind::Throttle), None, "{:#?}", record.actions);
+
+    assert_eq!(b.state("vm").await, Some(DomainState::Running));
+    assert!(a.qemu_pids().is_empty(), "QEMU left on the source");
+    let log = b.wait_guest_passes("vm", 2).await;
+    assert!(log.memory_intact(), "{:?}", log.corruptions);
+}
