@@ -422,6 +422,36 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
         });
     }
 
+    // With post-copy allowed, a guest that needs a throttle above
+    // HELD_ABOVE goes to post-copy instead. There the host throttle's
+    // periods are a second long: a vCPU out of its quota waits up to that
+    // second, its QEMU's passes stalled behind it for seconds (the drain
+    // benchmark's hot guest: 4 to 39 s, converging by chance), where
+    // post-copy takes what the link carries.
+    if policy.allow_postcopy
+        && !next.postcopy
+        && throttle > crate::model::HELD_ABOVE + 1e-9
+        && throttle > state.throttle
+    {
+        next.postcopy = true;
+        actions.push(Action::Postcopy {
+            why: format!(
+                "the guest would need a {:.2}% throttle (it dirties {} MiB/s{} over a {:.0} MiB \
+                 working set against {:.0} MiB/s), where a throttled vCPU waits a second at a \
+                 time and passes stall",
+                throttle * 100.0,
+                (next.model.rate / MIB).round(),
+                if next.model.rate_is_lower_bound {
+                    " or more"
+                } else {
+                    ""
+                },
+                next.model.working_set / MIB,
+                obs.bandwidth / MIB,
+            ),
+        });
+        throttle = state.throttle;
+    }
     if worth_changing(state.throttle, throttle) {
         let measured = if next.model.rate_is_lower_bound {
             format!("at least {:.0} MiB/s", next.model.rate / MIB)

@@ -728,7 +728,19 @@ async fn a_slice_of_cpu_that_dirties_more_than_the_downtime_allows_goes_to_postc
         cpu: Some(cpu.clone()),
         ..Default::default()
     };
-    let job = Job::start(adaptive_with(true), Some(Box::new(throttle.clone()))).await;
+    // At most 99 %: above it post-copy would come at the first sync.
+    let options = WatchOptions {
+        controller: Some(migration::plan::controller_policy(
+            None,
+            0.99,
+            Duration::from_millis(300),
+            None,
+            None,
+            true,
+        )),
+        ..adaptive_with(true)
+    };
+    let job = Job::start(options, Some(Box::new(throttle.clone()))).await;
     job.qemu
         .with(|s| s.capabilities.insert("postcopy-ram".into(), true));
     // A throttle the model expects to finish with; the vCPU gets plenty
@@ -767,6 +779,39 @@ async fn a_slice_of_cpu_that_dirties_more_than_the_downtime_allows_goes_to_postc
     job.qemu.complete(9000, 20);
     let (outcome, _, _) = job.outcome().await;
     assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_that_needs_more_than_99_percent_goes_to_postcopy_instead_when_allowed() {
+    // The first pass filled a 256 MiB working set in 2 s at 64 MiB/s: at
+    // least twice the link, and maybe any multiple of it.
+    for allowed in [false, true] {
+        let throttle = FakeThrottle::default();
+        let job = Job::start(adaptive_with(allowed), Some(Box::new(throttle.clone()))).await;
+        job.qemu
+            .with(|s| s.capabilities.insert("postcopy-ram".into(), true));
+        job.pass(2.0, 256 * MIB).await;
+
+        let postcopy = job.actions(ActionKind::Postcopy);
+        if allowed {
+            assert_eq!(postcopy.len(), 1, "{postcopy:?}");
+            assert!(
+                postcopy[0].contains("would need a 99.") && postcopy[0].contains("or more"),
+                "{postcopy:?}"
+            );
+            assert_eq!(job.qemu.calls("migrate-start-postcopy").len(), 1);
+            assert!(throttle.log().is_empty(), "{:?}", throttle.log());
+        } else {
+            assert!(postcopy.is_empty(), "{postcopy:?}");
+            assert!(
+                job.progress.borrow().throttle.fraction() > 0.99,
+                "{:?}",
+                job.progress.borrow().actions
+            );
+        }
+        job.qemu.complete(9000, 20);
+        let _ = job.outcome().await;
+    }
 }
 
 #[tokio::test(start_paused = true)]
