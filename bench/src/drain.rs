@@ -335,17 +335,69 @@ async fn reset(fleet: &LocalFleet, kernel: &Path) -> Result<Vec<(String, PathBuf
         }
     }
     // A stopped guest's ownership is released by its agent a moment
-    // later; until then the cluster refuses to start it elsewhere.
+    // later; until then the cluster refuses to start it elsewhere. A guest
+    // whose job was still ending refused the first destroy: its owner is
+    // asked again (the job aborted first) every two seconds.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while fleet
-        .cluster
-        .owners()
-        .await?
-        .keys()
-        .any(|d| GUESTS.iter().any(|(name, ..)| name == d))
-    {
+    let mut next_try = Instant::now() + Duration::from_secs(2);
+    loop {
+        let owned: Vec<(String, String)> = fleet
+            .cluster
+            .owners()
+            .await?
+            .into_iter()
+            .filter(|(d, _)| GUESTS.iter().any(|(name, ..)| name == d))
+            .collect();
+        if owned.is_empty() {
+            break;
+        }
         if Instant::now() > deadline {
-            bail!("the stopped guests are still owned in the cluster after 30 s");
+            let mut said = Vec::new();
+            for (domain, host) in &owned {
+                let state = match HOSTS.iter().position(|h| h == host) {
+                    Some(i) => match fleet.clients[i]
+                        .request(
+                            Request::DomInfo {
+                                domain: domain.parse()?,
+                            },
+                            Duration::from_secs(10),
+                        )
+                        .await
+                    {
+                        Ok(reply) => format!("{reply:?}"),
+                        Err(e) => format!("{e}"),
+                    },
+                    None => "an unknown host".to_string(),
+                };
+                said.push(format!("{domain} on {host}: {state}"));
+            }
+            bail!(
+                "the stopped guests are still owned in the cluster after 30 s: {}",
+                said.join("; ")
+            );
+        }
+        if Instant::now() > next_try {
+            next_try = Instant::now() + Duration::from_secs(2);
+            for (domain, host) in &owned {
+                let Some(i) = HOSTS.iter().position(|h| h == host) else {
+                    continue;
+                };
+                let domain: types::DomainName = domain.parse()?;
+                let client = &fleet.clients[i];
+                for request in [
+                    Request::DomJobAbort {
+                        domain: domain.clone(),
+                    },
+                    Request::Destroy {
+                        domain: domain.clone(),
+                    },
+                    Request::Undefine {
+                        domain: domain.clone(),
+                    },
+                ] {
+                    let _ = client.request(request, Duration::from_secs(30)).await;
+                }
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
