@@ -863,8 +863,8 @@ mod tests {
         hot.model.rate_is_lower_bound = true;
         let guests = [
             hot,
-            small("light1", 12.0, 15.0, 8.0),
-            small("light2", 20.0, 12.0, 16.0),
+            small("light1", 12.0, 8.0, 8.0),
+            small("light2", 20.0, 8.0, 16.0),
             small("quiet1", 4.0, 0.5, 1.0),
             small("quiet2", 4.0, 0.5, 1.0),
         ];

@@ -79,7 +79,7 @@ impl Measurement {
     }
 }
 
-/// Measures the guest behind `qmp` (a few seconds: [`WINDOWS`]); QEMU
+/// Measures the guest behind `qmp` (a few seconds: a 1 s and a 3 s window); QEMU
 /// runs one measurement at a time, so the caller keeps others off it.
 ///
 /// # Errors
