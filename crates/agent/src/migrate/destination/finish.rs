@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use domain::DomainName;
 use migration::incoming;
 use migration::settings::{self, ThrottleVia};
 use protocol::domain::Tunables;
@@ -11,8 +12,6 @@ use protocol::job::{JobStatus, Phase, Role};
 use protocol::{ApiError, ErrorCode, Reply};
 use qmp::commands::vm::{AnnounceSelf, Cont};
 use tracing::Instrument;
-
-use domain::DomainName;
 
 use super::{find, teardown};
 use crate::caller::ConnContext;
