@@ -199,8 +199,8 @@ async fn claim_running(agent: &Agent, member: &Member) {
                 // Destroyed (and released) while the claim was on its way:
                 // a key written after that release would name this host
                 // for a guest it no longer runs, and hold the guest off
-                // every other host for good. Seen in the drain benchmark's
-                // reset, a guest owned by a host that had no such domain.
+                // every other host for good (the drain benchmark's reset
+                // once met a guest owned by a host with no such domain).
                 let runs = agent.table.get(&d.name).is_ok_and(|now| now.vm.is_some());
                 if !runs {
                     release(agent, d.name.as_str()).await;

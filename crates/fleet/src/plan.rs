@@ -108,10 +108,10 @@ impl Guest {
     /// more when others leave room). A writer sends less the faster it
     /// goes, so it wants the whole path, unless it converges unthrottled on
     /// [`SMALL_NEED`] of it or less: on [`RATE_MARGIN`] times its dirty
-    /// rate or on its working set over
-    /// [`DOWNTIME_FIT`] of the downtime (the whole set then goes in the
-    /// stop-and-copy, however fast it is rewritten), whichever is less; on
-    /// the latter alone when the rate is only a lower bound.
+    /// rate or on its working set over [`DOWNTIME_FIT`] of the downtime
+    /// (the whole set then goes in the stop-and-copy, however fast it is
+    /// rewritten), whichever is less; on the latter alone when the rate is
+    /// only a lower bound.
     pub fn need(&self, link: f64) -> f64 {
         let model = &self.model;
         if model.rate <= 0.05 * link || model.working_set <= 0.05 * link {
