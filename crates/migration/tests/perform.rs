@@ -121,10 +121,15 @@ fn adaptive() -> WatchOptions {
 
 /// As [`adaptive`], with post-copy allowed or not.
 fn adaptive_with(allow_postcopy: bool) -> WatchOptions {
+    adaptive_up_to(0.999, allow_postcopy)
+}
+
+/// As [`adaptive_with`], throttling at most `max_throttle`.
+fn adaptive_up_to(max_throttle: f64, allow_postcopy: bool) -> WatchOptions {
     WatchOptions {
         controller: Some(migration::plan::controller_policy(
             None,
-            0.999,
+            max_throttle,
             Duration::from_millis(300),
             None,
             None,
@@ -729,18 +734,7 @@ async fn a_slice_of_cpu_that_dirties_more_than_the_downtime_allows_goes_to_postc
         ..Default::default()
     };
     // At most 99 %: above it post-copy would come at the first sync.
-    let options = WatchOptions {
-        controller: Some(migration::plan::controller_policy(
-            None,
-            0.99,
-            Duration::from_millis(300),
-            None,
-            None,
-            true,
-        )),
-        ..adaptive_with(true)
-    };
-    let job = Job::start(options, Some(Box::new(throttle.clone()))).await;
+    let job = Job::start(adaptive_up_to(0.99, true), Some(Box::new(throttle.clone()))).await;
     job.qemu
         .with(|s| s.capabilities.insert("postcopy-ram".into(), true));
     // A throttle the model expects to finish with; the vCPU gets plenty

@@ -7,9 +7,9 @@
 
 use guest::Workload;
 use protocol::domain::DomainState;
-use protocol::job::{ActionKind, JobStatus};
+use protocol::job::{ActionKind, JobRecord, JobStatus};
 use protocol::{ConvergeMode, MigrateOptions};
-use testkit::{capped, TestBed};
+use testkit::{capped, Host, TestBed};
 
 /// The benchmark's `hot` workload: rewrites 256 MiB as fast as TCG runs,
 /// 23–30 MiB per millisecond of vCPU time on an idle machine
@@ -33,32 +33,10 @@ async fn the_fastest_writer_goes_to_postcopy_from_the_probe_without_a_throttle()
     let (a, b) = bed.two_hosts_running("vm", 512, FASTEST).await;
     a.wait_guest_passes("vm", 1).await;
 
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                converge: Some(ConvergeMode::Adaptive),
-                allow_postcopy: true,
-                downtime: Some(100),
-                timeout: Some(120),
-                ..capped(64)
-            },
-        )
-        .await;
+    let record = a.migrate("vm", &b, adaptive_with_postcopy()).await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
-    let probe = record
-        .actions
-        .iter()
-        .position(|a| a.action == ActionKind::Measure && a.detail.starts_with("probe: vCPU 0"))
-        .unwrap_or_else(|| panic!("no slice probe: {:#?}", record.actions));
-    let postcopy = record
-        .actions
-        .iter()
-        .position(|a| a.action == ActionKind::Postcopy)
-        .unwrap_or_else(|| panic!("no post-copy: {:#?}", record.actions));
-    assert!(probe < postcopy, "{:#?}", record.actions);
+    let postcopy = postcopy_after_the_probe(&record);
     let why = &record.actions[postcopy].detail;
     assert!(
         why.contains("(the probe: ") && why.contains("100 ms downtime"),
@@ -75,10 +53,7 @@ async fn the_fastest_writer_goes_to_postcopy_from_the_probe_without_a_throttle()
     );
     assert_eq!(record.max_cpu_throttle_pct, 0.0, "{record:#?}");
 
-    assert_eq!(b.state("vm").await, Some(DomainState::Running));
-    assert!(a.qemu_pids().is_empty(), "QEMU left on the source");
-    let log = b.wait_guest_passes("vm", 2).await;
-    assert!(log.memory_intact(), "{:?}", log.corruptions);
+    landed_intact(&a, &b).await;
 }
 
 /// The same writer over a working set the link sends in under a second:
@@ -110,32 +85,48 @@ async fn a_writer_measured_below_the_link_but_only_from_below_is_probed_at_once(
         "{model}"
     );
 
-    let record = a
-        .migrate(
-            "vm",
-            &b,
-            MigrateOptions {
-                converge: Some(ConvergeMode::Adaptive),
-                allow_postcopy: true,
-                downtime: Some(100),
-                timeout: Some(120),
-                ..capped(64)
-            },
-        )
-        .await;
+    let record = a.migrate("vm", &b, adaptive_with_postcopy()).await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
-    let at = |kind: ActionKind| record.actions.iter().position(|a| a.action == kind);
+    postcopy_after_the_probe(&record);
+    let throttled = record
+        .actions
+        .iter()
+        .position(|a| a.action == ActionKind::Throttle);
+    assert_eq!(throttled, None, "{:#?}", record.actions);
+
+    landed_intact(&a, &b).await;
+}
+
+/// Adaptive with post-copy allowed, a 100 ms downtime, at 64 MiB/s.
+fn adaptive_with_postcopy() -> MigrateOptions {
+    MigrateOptions {
+        converge: Some(ConvergeMode::Adaptive),
+        allow_postcopy: true,
+        downtime: Some(100),
+        timeout: Some(120),
+        ..capped(64)
+    }
+}
+
+/// Where in the timeline post-copy came, checked to come after the probe.
+fn postcopy_after_the_probe(record: &JobRecord) -> usize {
     let probe = record
         .actions
         .iter()
         .position(|a| a.action == ActionKind::Measure && a.detail.starts_with("probe: vCPU 0"))
         .unwrap_or_else(|| panic!("no slice probe: {:#?}", record.actions));
-    let postcopy =
-        at(ActionKind::Postcopy).unwrap_or_else(|| panic!("no post-copy: {:#?}", record.actions));
+    let postcopy = record
+        .actions
+        .iter()
+        .position(|a| a.action == ActionKind::Postcopy)
+        .unwrap_or_else(|| panic!("no post-copy: {:#?}", record.actions));
     assert!(probe < postcopy, "{:#?}", record.actions);
-    assert_eq!(at(ActionKind::Throttle), None, "{:#?}", record.actions);
+    postcopy
+}
 
+/// The guest runs on b alone, its memory intact.
+async fn landed_intact(a: &Host, b: &Host) {
     assert_eq!(b.state("vm").await, Some(DomainState::Running));
     assert!(a.qemu_pids().is_empty(), "QEMU left on the source");
     let log = b.wait_guest_passes("vm", 2).await;
