@@ -375,3 +375,36 @@ pub async fn store(dir: &Path, agents: usize, seconds: u64) -> Result<StoreResul
         failures: failures.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rolling_upgrade_in_the_model_is_near_its_bound_and_ahead_of_the_fixed_policies() {
+        let results = plan_fleet(40, 800, 10, 1000.0);
+        let of = |name: &str| {
+            results
+                .iter()
+                .find(|r| r.policy == name)
+                .expect("every policy runs")
+        };
+        let ours = of("livemig");
+        assert_eq!(ours.converged, ours.moves, "{ours:?}");
+        assert!(
+            ours.makespan_s <= 1.1 * ours.lower_bound_s,
+            "{:.0} s against a bound of {:.0} s",
+            ours.makespan_s,
+            ours.lower_bound_s
+        );
+        for name in ["sequential", "fixed-2", "all"] {
+            let theirs = of(name);
+            assert!(
+                ours.makespan_s <= theirs.makespan_s * 1.01,
+                "{name}: {:.0} s, livemig {:.0} s",
+                theirs.makespan_s,
+                ours.makespan_s
+            );
+        }
+    }
+}

@@ -5,15 +5,19 @@
 //! host each way, per cluster) are limits a schedule never exceeds, not
 //! the schedule itself.
 //!
-//! livemig's rule ([`Policy::Livemig`]): guests are taken longest first;
-//! one is admitted when both its links have the bandwidth it needs to
+//! livemig's rule ([`Policy::Livemig`]): guests are taken quickest first
+//! ([`by_order`]); one is admitted when both its links have the bandwidth it needs to
 //! converge ([`crate::plan::Guest::need`]) beside what the running ones
 //! need, counting a running one only until it is within its setup time of
 //! the end, so that the next one's setup overlaps its tail; a small one
 //! ([`crate::plan::Guest::is_small`]) is also admitted beside migrations
 //! that hold its links, within [`crate::plan::SMALL_NEED`] of each link for
 //! all such, rather than queueing behind a writer that cannot use the
-//! whole link while it is throttled. The links are
+//! whole link while it is throttled, when it ends before the longest of
+//! them (or that one has run past its prediction, and may run any time
+//! yet). A migration whose policy allows
+//! post-copy converges on any share, so it goes as soon as the caps let
+//! it, beside whatever runs. The links are
 //! shared in proportion to need, so a hot writer is not starved into
 //! throttling by idle guests, no guest is starved at all, and the link
 //! never idles while anything can use it.
@@ -78,6 +82,12 @@ pub struct Running {
     pub need: f64,
     /// Seconds it is predicted to go on.
     pub remaining_secs: f64,
+    /// It has run past its predicted time, so `remaining_secs` is read
+    /// from the bytes it has left alone, which say nothing of the passes
+    /// it may still need: a writer throttled or waiting for post-copy reads
+    /// nearly done for seconds. A small migration may go beside it
+    /// without having to end before it.
+    pub overran: bool,
 }
 
 /// A migration that waits.
@@ -95,6 +105,10 @@ pub struct Waiting {
     /// need, which [`shares`] gives it at least), if it may go beside them
     /// at all ([`crate::plan::Guest::is_small`]).
     pub fill_in_secs: Option<f64>,
+    /// Its policy allows post-copy: it converges at any share of the
+    /// links, so it is admitted without waiting for room (the caps still
+    /// bind), and the split decides how fast it goes.
+    pub postcopy: bool,
 }
 
 fn capped(count: usize, cap: Option<u32>) -> bool {
@@ -133,8 +147,13 @@ pub fn admit(
                 out_fill[r.from] += r.need;
                 in_fill[r.to] += r.need;
             }
-            out_held[r.from] = out_held[r.from].max(r.remaining_secs);
-            in_held[r.to] = in_held[r.to].max(r.remaining_secs);
+            let held = if r.overran {
+                f64::INFINITY
+            } else {
+                r.remaining_secs
+            };
+            out_held[r.from] = out_held[r.from].max(held);
+            in_held[r.to] = in_held[r.to].max(held);
         }
     }
     let mut total = running.len();
@@ -172,7 +191,12 @@ pub fn admit(
                 out_held[w.from],
                 links[w.from],
             ) && side(in_bw[w.to], in_fill[w.to], in_held[w.to], links[w.to]);
-            if !idle && !fits {
+            // One that may go to post-copy converges on any share; what
+            // its need buys is time, and on a drain whose long migrations
+            // spend seconds on decisions (the pre-flight, the probe, the
+            // switch to post-copy) rather than on bytes, waiting for room
+            // costs more time than sharing the link does.
+            if !idle && !fits && !w.postcopy {
                 continue;
             }
         }
@@ -377,7 +401,18 @@ pub struct Outcome {
     pub peak_parallel: usize,
 }
 
-/// The order a policy takes guests in: livemig longest first, the fixed
+/// livemig's order of two waiting migrations by their predicted seconds:
+/// the quickest first. The guests that move in a second or two leave the
+/// source with their vCPUs' load and their bytes before the long
+/// migrations begin, which then share the link and the source's CPUs with
+/// fewer others: in the drain benchmark, longest first (LPT) left the
+/// long ones throttled on a third of the link beside the short ones for
+/// their whole first pass, and light guests queueing behind them.
+pub fn by_order(a_secs: f64, b_secs: f64) -> std::cmp::Ordering {
+    a_secs.total_cmp(&b_secs)
+}
+
+/// The order a policy takes guests in: livemig's [`by_order`], the fixed
 /// policies as listed (by name).
 pub fn order(policy: Policy, moves: &[Move], links: &[f64]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..moves.len()).collect();
@@ -387,9 +422,7 @@ pub fn order(policy: Policy, moves: &[Move], links: &[f64]) -> Vec<usize> {
             .map(|m| m.guest.cost(links[m.from].min(links[m.to])).secs)
             .collect();
         order.sort_by(|&a, &b| {
-            secs[b]
-                .total_cmp(&secs[a])
-                .then_with(|| moves[a].guest.name.cmp(&moves[b].guest.name))
+            by_order(secs[a], secs[b]).then_with(|| moves[a].guest.name.cmp(&moves[b].guest.name))
         });
     } else {
         order.sort_by(|&a, &b| moves[a].guest.name.cmp(&moves[b].guest.name));
@@ -467,6 +500,7 @@ pub fn simulate(policy: Policy, caps: Caps, links: &[f64], moves: &[Move]) -> Ou
                     need: m.guest.need(path(r.i)),
                     remaining_secs: r.setup_left.max(0.0)
                         + (1.0 - r.done) * costs.at(r.i, b.max(1.0)).secs,
+                    overran: false,
                 }
             })
             .collect();
@@ -483,6 +517,7 @@ pub fn simulate(policy: Policy, caps: Caps, links: &[f64], moves: &[Move]) -> Ou
                         .guest
                         .is_small(path(i))
                         .then(|| costs.at(i, need).secs),
+                    postcopy: false,
                 }
             })
             .collect();
@@ -606,6 +641,7 @@ fn share_out<R>(
                 to: m.to,
                 need: m.guest.need(path),
                 remaining_secs: 0.0,
+                overran: false,
             }
         })
         .collect();
@@ -651,12 +687,14 @@ mod tests {
                 to: 1,
                 need: 70.0,
                 remaining_secs: 5.0,
+                overran: false,
             },
             Running {
                 from: 0,
                 to: 2,
                 need: 20.0,
                 remaining_secs: 5.0,
+                overran: false,
             },
         ];
         // Weighed by need: 70 to 20 of a link of 100.
@@ -675,6 +713,7 @@ mod tests {
             to,
             need: 100.0,
             remaining_secs: 5.0,
+            overran: false,
         };
         let small = Running {
             need: 12.0,
@@ -791,6 +830,7 @@ mod tests {
             need,
             secs: 1.0,
             fill_in_secs,
+            postcopy: false,
         }
     }
 
@@ -802,6 +842,7 @@ mod tests {
             to: 2,
             need: 100.0,
             remaining_secs: 5.0,
+            overran: false,
         };
         let waiting = [
             // Needs the link: waits.
@@ -839,6 +880,35 @@ mod tests {
             &waiting,
         );
         assert_eq!(admitted, [0, 1]);
+        // A holder past its predicted time reads its second left from its
+        // bytes alone (a throttled writer between passes), and may hold
+        // the link for any time yet: the small ones go beside it whatever
+        // they take.
+        let overran = Running {
+            overran: true,
+            remaining_secs: 1.0,
+            ..holder
+        };
+        let admitted = admit(
+            Policy::Livemig,
+            Caps::default(),
+            &links,
+            &[overran],
+            &waiting,
+        );
+        assert_eq!(admitted, [1, 2, 3]);
+        let on_time = Running {
+            overran: false,
+            ..overran
+        };
+        let admitted = admit(
+            Policy::Livemig,
+            Caps::default(),
+            &links,
+            &[on_time],
+            &waiting,
+        );
+        assert!(admitted.is_empty(), "{admitted:?}");
         // The fixed policies know nothing of it.
         let admitted = admit(
             Policy::Fixed(2),
@@ -848,6 +918,47 @@ mod tests {
             &waiting,
         );
         assert_eq!(admitted, [0]);
+    }
+
+    #[test]
+    fn a_migration_that_may_go_to_post_copy_waits_for_the_caps_not_for_room() {
+        let links = [100.0; 3];
+        let holder = Running {
+            from: 0,
+            to: 2,
+            need: 100.0,
+            remaining_secs: 5.0,
+            overran: false,
+        };
+        let writer = Waiting {
+            postcopy: true,
+            ..waiting(100.0, None)
+        };
+        let admit_with = |caps: Caps, running: &[Running]| {
+            admit(
+                Policy::Livemig,
+                caps,
+                &links,
+                running,
+                &[writer, waiting(100.0, None)],
+            )
+        };
+        // Beside a holder: the one that may go to post-copy goes, the
+        // other waits for room.
+        assert_eq!(admit_with(Caps::default(), &[holder]), [0]);
+        // The caps bind all the same.
+        let one_in = Caps {
+            inbound: Some(1),
+            ..Caps::default()
+        };
+        let into_b = Running { to: 1, ..holder };
+        assert!(admit_with(one_in, &[into_b]).is_empty());
+        let two_out = Caps {
+            outbound: Some(2),
+            ..Caps::default()
+        };
+        assert_eq!(admit_with(two_out, &[holder]), [0]);
+        assert!(admit_with(two_out, &[holder, holder]).is_empty());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! that run: the schedule's rule (`schedule::admit`, `schedule::shares`)
 //! applied to what the cluster and the agents say now.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cluster::{GuestState, Leadership};
 use protocol::call;
@@ -32,15 +32,19 @@ pub(super) enum NoHost {
     Ever(String),
 }
 
-/// Where `g` may go at `now_ms`: its planned host if that still can take it
-/// and it has not failed there, else the best host it has not failed on,
-/// else (after the backoff) the best it failed on; or why none can.
+/// Where `g` may go at `now_ms`: its planned host if that still can take it,
+/// it has not failed there and it is not `busy` (at its inbound cap with
+/// the migrations running and placed before `g`), else the best host it
+/// has not failed on that is not busy, else its planned host all the same
+/// (it waits for a slot there), else (after the backoff) the best it
+/// failed on; or why none can.
 pub(super) fn destination(
     g: &cluster::DrainGuest,
     source: &Host,
     hosts: &[Host],
     to: &[String],
     now_ms: u64,
+    busy: &BTreeSet<String>,
 ) -> Result<String, NoHost> {
     if g.failures.len() >= MAX_ATTEMPTS {
         return Err(NoHost::Ever(format!(
@@ -56,12 +60,30 @@ pub(super) fn destination(
     };
     let untried: Vec<Host> = hosts.iter().filter(|h| !tried(h)).cloned().collect();
     let guest = guest_model(g);
-    if let Some(planned) = &g.destination {
-        if let Some(h) = untried.iter().find(|h| &h.name == planned) {
-            if plan::incompatible(source, h, to).is_none() && h.room() >= guest.memory_bytes {
-                return Ok(planned.clone());
-            }
-        }
+    let planned = g.destination.as_ref().filter(|planned| {
+        untried.iter().any(|h| {
+            &&h.name == planned
+                && plan::incompatible(source, h, to).is_none()
+                && h.room() >= guest.memory_bytes
+        })
+    });
+    if let Some(planned) = planned.filter(|p| !busy.contains(*p)) {
+        return Ok(planned.clone());
+    }
+    // The plan spread the guests by bytes; a host whose slots are taken
+    // by long migrations would hold short ones back while another has
+    // a slot free.
+    let free: Vec<Host> = untried
+        .iter()
+        .filter(|h| !busy.contains(&h.name))
+        .cloned()
+        .collect();
+    let placement = plan::place(std::slice::from_ref(&guest), source, &free, to);
+    if let Some(host) = placement.destination.get(&g.domain) {
+        return Ok(host.clone());
+    }
+    if let Some(planned) = planned {
+        return Ok(planned.clone());
     }
     let placement = plan::place(std::slice::from_ref(&guest), source, &untried, to);
     if let Some(host) = placement.destination.get(&g.domain) {
@@ -137,6 +159,7 @@ pub(super) async fn admit(
     };
     let links: Vec<f64> = hosts.iter().map(|h| h.link).collect();
     let path = |to: usize| links[from].min(links[to]);
+    let now = now_ms();
     // What runs now, here and in other drains.
     let mut running = Vec::new();
     let mut running_guests = Vec::new();
@@ -148,6 +171,9 @@ pub(super) async fn admit(
             continue;
         };
         hosts[to].ram_free_bytes = hosts[to].ram_free_bytes.saturating_sub(g.memory_mib << 20);
+        let ran_secs = g
+            .started_at_ms
+            .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
         running.push(Running {
             from,
             to,
@@ -155,6 +181,7 @@ pub(super) async fn admit(
             remaining_secs: g
                 .remaining_secs
                 .unwrap_or_else(|| g.predicted_secs.unwrap_or(1.0)),
+            overran: g.predicted_secs.is_some_and(|p| ran_secs > p),
         });
         running_guests.push((k, running.len() - 1));
     }
@@ -168,27 +195,40 @@ pub(super) async fn admit(
                 to: t,
                 need: links[f].min(links[t]),
                 remaining_secs: f64::INFINITY,
+                overran: false,
             });
         }
     }
-    // What waits, longest first, each with where it would go.
+    // What waits, each with where it would go, in the schedule's order.
     let mut order: Vec<usize> = (0..record.guests.len())
         .filter(|&k| record.guests[k].state == GuestState::Waiting)
         .collect();
     order.sort_by(|&a, &b| {
         let secs = |k: usize| record.guests[k].predicted_secs.unwrap_or(0.0);
-        secs(b).total_cmp(&secs(a))
+        schedule::by_order(secs(a), secs(b))
     });
     let source_host = hosts[from].clone();
-    let now = now_ms();
     let patience_ms = cx.settings.patience.as_millis() as u64;
     let mut changed = false;
     let mut candidates = Vec::new();
     let mut candidate_guests = Vec::new();
+    // Migrations into each host, running and placed in this step, to find
+    // the hosts at their inbound cap.
+    let mut inbound = vec![0u32; hosts.len()];
+    for r in &running {
+        inbound[r.to] += 1;
+    }
     for k in order {
         let g = &mut record.guests[k];
-        match destination(g, &source_host, &hosts, &record.to, now) {
+        let busy: BTreeSet<String> = hosts
+            .iter()
+            .zip(&inbound)
+            .filter(|(_, &n)| cx.settings.caps.inbound.is_some_and(|cap| n >= cap))
+            .map(|(h, _)| h.name.clone())
+            .collect();
+        match destination(g, &source_host, &hosts, &record.to, now, &busy) {
             Ok(to) => {
+                inbound[index[&to]] += 1;
                 if g.blocked.take().is_some() {
                     changed = true;
                 }
@@ -201,6 +241,8 @@ pub(super) async fn admit(
                     need,
                     secs: g.predicted_secs.unwrap_or(1.0),
                     fill_in_secs: model.is_small(path(t)).then(|| model.cost(need).secs),
+                    postcopy: cluster::policy::choose(policies, &g.labels)
+                        .is_some_and(|p| p.allow_postcopy),
                 });
                 if g.destination.as_ref() != Some(&to) {
                     g.destination = Some(to);
@@ -260,6 +302,7 @@ pub(super) async fn admit(
             to: candidates[a].to,
             need: candidates[a].need,
             remaining_secs: g.predicted_secs.unwrap_or(1.0),
+            overran: false,
         });
         running_guests.push((candidate_guests[a], running.len() - 1));
     }
@@ -369,6 +412,7 @@ mod tests {
             need: 1.0,
             secs: 1.0,
             fill_in_secs: None,
+            postcopy: false,
         };
         let candidates = [to(1), to(1), to(2), to(2)];
         let kept = within_ram(vec![0, 1, 2, 3], &candidates, |_| 256 << 20, &hosts);
@@ -384,11 +428,40 @@ mod tests {
         ];
         let mut g = waiting("vm", 128);
         g.destination = Some("b".into());
-        assert_eq!(destination(&g, &hosts[0], &hosts, &[], 0), Ok("b".into()));
+        assert_eq!(
+            destination(&g, &hosts[0], &hosts, &[], 0, &BTreeSet::new()),
+            Ok("b".into())
+        );
         g.failures.push("b: refused".into());
         g.failed_at_ms = Some(1_000);
         assert_eq!(
-            destination(&g, &hosts[0], &hosts, &[], 1_000),
+            destination(&g, &hosts[0], &hosts, &[], 1_000, &BTreeSet::new()),
+            Ok("c".into())
+        );
+    }
+
+    #[test]
+    fn a_guest_planned_on_a_host_with_no_slot_free_goes_to_one_with_a_slot() {
+        let hosts = [
+            host("a", 100.0, 4096),
+            host("b", 100.0, 4096),
+            host("c", 100.0, 4096),
+        ];
+        let mut g = waiting("vm", 128);
+        g.destination = Some("c".into());
+        let busy = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            destination(&g, &hosts[0], &hosts, &[], 0, &busy(&["c"])),
+            Ok("b".into())
+        );
+        // With no slot free anywhere it waits for its own.
+        assert_eq!(
+            destination(&g, &hosts[0], &hosts, &[], 0, &busy(&["b", "c"])),
+            Ok("c".into())
+        );
+        // --to still binds.
+        assert_eq!(
+            destination(&g, &hosts[0], &hosts, &["c".into()], 0, &busy(&["c"])),
             Ok("c".into())
         );
     }
@@ -401,23 +474,46 @@ mod tests {
         g.destination = Some("b".into());
         g.failures.push("b: connection refused".into());
         g.failed_at_ms = Some(10_000);
-        match destination(&g, &hosts[0], &hosts, &to, 11_000) {
+        match destination(&g, &hosts[0], &hosts, &to, 11_000, &BTreeSet::new()) {
             Err(NoHost::Now(why)) => assert!(why.contains("b failed it before"), "{why}"),
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            destination(&g, &hosts[0], &hosts, &to, 10_000 + RETRY_BACKOFF_MS),
+            destination(
+                &g,
+                &hosts[0],
+                &hosts,
+                &to,
+                10_000 + RETRY_BACKOFF_MS,
+                &BTreeSet::new()
+            ),
             Ok("b".into())
         );
         // The backoff doubles with each failure.
         g.failures.push("b: connection refused".into());
-        assert!(destination(&g, &hosts[0], &hosts, &to, 10_000 + RETRY_BACKOFF_MS).is_err());
-        assert!(destination(&g, &hosts[0], &hosts, &to, 10_000 + 2 * RETRY_BACKOFF_MS).is_ok());
+        assert!(destination(
+            &g,
+            &hosts[0],
+            &hosts,
+            &to,
+            10_000 + RETRY_BACKOFF_MS,
+            &BTreeSet::new()
+        )
+        .is_err());
+        assert!(destination(
+            &g,
+            &hosts[0],
+            &hosts,
+            &to,
+            10_000 + 2 * RETRY_BACKOFF_MS,
+            &BTreeSet::new()
+        )
+        .is_ok());
         while g.failures.len() < MAX_ATTEMPTS {
             g.failures.push("b: connection refused".into());
         }
         assert!(matches!(
-            destination(&g, &hosts[0], &hosts, &to, u64::MAX),
+            destination(&g, &hosts[0], &hosts, &to, u64::MAX, &BTreeSet::new()),
             Err(NoHost::Ever(_))
         ));
     }
@@ -427,7 +523,7 @@ mod tests {
         // b is gone from the cluster (its agent restarting): only a is left.
         let hosts = [host("a", 100.0, 4096)];
         let g = waiting("vm", 128);
-        match destination(&g, &hosts[0], &hosts, &[], 0) {
+        match destination(&g, &hosts[0], &hosts, &[], 0, &BTreeSet::new()) {
             Err(NoHost::Now(why)) => assert!(!why.is_empty()),
             other => panic!("{other:?}"),
         }
