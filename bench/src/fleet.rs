@@ -167,6 +167,7 @@ pub fn plan_fleet(hosts: usize, vms: usize, batch: usize, link_mib_s: f64) -> Ve
                             guest: g.clone(),
                             from: h,
                             to: t,
+                            postcopy: false,
                         });
                     }
                 }

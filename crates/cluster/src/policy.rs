@@ -167,6 +167,12 @@ pub fn choose<'a>(policies: &'a [Policy], labels: &BTreeMap<String, String>) -> 
         })
 }
 
+/// Whether the policy for a domain with `labels` lets its migration
+/// switch to post-copy (no policy: no).
+pub fn allows_postcopy(policies: &[Policy], labels: &BTreeMap<String, String>) -> bool {
+    choose(policies, labels).is_some_and(|p| p.allow_postcopy)
+}
+
 impl Cluster {
     /// Stores `policy` (replacing one of its name).
     ///

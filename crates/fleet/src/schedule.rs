@@ -373,6 +373,8 @@ pub struct Move {
     pub from: usize,
     /// Destination host index.
     pub to: usize,
+    /// Its policy allows post-copy ([`Waiting::postcopy`]).
+    pub postcopy: bool,
 }
 
 /// How one guest fared in a simulated schedule.
@@ -517,7 +519,7 @@ pub fn simulate(policy: Policy, caps: Caps, links: &[f64], moves: &[Move]) -> Ou
                         .guest
                         .is_small(path(i))
                         .then(|| costs.at(i, need).secs),
-                    postcopy: false,
+                    postcopy: moves[i].postcopy,
                 }
             })
             .collect();
@@ -673,6 +675,7 @@ mod tests {
                 guest,
                 from: 0,
                 to: 1 + i % 2,
+                postcopy: false,
             })
             .collect();
         (links, moves)
@@ -962,6 +965,34 @@ mod tests {
     }
 
     #[test]
+    fn the_simulation_admits_post_copy_migrations_as_the_controller_does() {
+        let links = vec![100.0 * MIB; 3];
+        let moves = |postcopy| -> Vec<Move> {
+            (0..2)
+                .map(|i| Move {
+                    guest: writer(&format!("w{i}"), 256, 80.0, 64.0),
+                    from: 0,
+                    to: 1 + i,
+                    postcopy,
+                })
+                .collect()
+        };
+        // Each needs the whole link: the second starts in the first's
+        // last setup time ...
+        let apart = simulate(Policy::Livemig, Caps::default(), &links, &moves(false));
+        assert!(
+            apart.moves[1].start >= apart.moves[0].end - SETUP_SECS - 1e-6,
+            "{apart:?}"
+        );
+        // ... unless they may go to post-copy.
+        let together = simulate(Policy::Livemig, Caps::default(), &links, &moves(true));
+        assert!(
+            together.moves.iter().all(|m| m.start == 0.0),
+            "{together:?}"
+        );
+    }
+
+    #[test]
     fn small_guests_move_while_a_hot_one_holds_the_link_and_the_drain_ends_with_it() {
         let links = vec![100.0 * MIB; 3];
         let small = |name: &str, in_use: f64, rate: f64, ws: f64| {
@@ -986,6 +1017,7 @@ mod tests {
                 guest,
                 from: 0,
                 to: 1 + i % 2,
+                postcopy: false,
             })
             .collect();
         assert!(

@@ -75,6 +75,8 @@ pub struct Checked {
     pub guests: Vec<plan::Guest>,
     /// Where each goes.
     pub placement: plan::Placement,
+    /// The cluster's migration policies.
+    pub policies: Vec<cluster::Policy>,
 }
 
 /// Checks a drain of `host` (to `to`, if given) without changing
@@ -134,6 +136,7 @@ pub async fn check(
         survey,
         guests,
         placement,
+        policies: cluster.policies().await?,
     })
 }
 
@@ -174,10 +177,12 @@ fn dry_run(checked: &Checked, json: bool) -> Result<String> {
     let from = index(&survey.source.name).expect("the source is registered");
     let moves: Vec<Move> = guests
         .iter()
-        .map(|g| Move {
+        .zip(&survey.guests)
+        .map(|(g, s)| Move {
             guest: g.clone(),
             from,
             to: index(&placement.destination[&g.name]).expect("placed on a registered host"),
+            postcopy: cluster::policy::allows_postcopy(&checked.policies, &s.labels),
         })
         .collect();
     let outcome = schedule::simulate(Policy::Livemig, Caps::default(), &links, &moves);

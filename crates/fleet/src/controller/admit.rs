@@ -241,8 +241,7 @@ pub(super) async fn admit(
                     need,
                     secs: g.predicted_secs.unwrap_or(1.0),
                     fill_in_secs: model.is_small(path(t)).then(|| model.cost(need).secs),
-                    postcopy: cluster::policy::choose(policies, &g.labels)
-                        .is_some_and(|p| p.allow_postcopy),
+                    postcopy: cluster::policy::allows_postcopy(policies, &g.labels),
                 });
                 if g.destination.as_ref() != Some(&to) {
                     g.destination = Some(to);

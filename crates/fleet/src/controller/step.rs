@@ -73,7 +73,9 @@ pub(super) async fn step(
         record: drain.record,
         revision: drain.revision,
     };
-    if draft.record.state == DrainState::Pending && !plan_drain(cx, leadership, &mut draft).await? {
+    if draft.record.state == DrainState::Pending
+        && !plan_drain(cx, leadership, &mut draft, &snapshot.policies).await?
+    {
         return Ok(draft.record);
     }
     let source_uri = snapshot
@@ -121,6 +123,7 @@ async fn plan_drain(
     cx: &Context,
     leadership: &Leadership,
     draft: &mut Draft,
+    policies: &[cluster::Policy],
 ) -> Result<bool, FleetError> {
     let record = &mut draft.record;
     tracing::info!(drain = %record.id, host = %record.host, "planning: measuring the guests");
@@ -144,14 +147,16 @@ async fn plan_drain(
         .collect();
     let links: Vec<f64> = survey.hosts.iter().map(|h| h.link).collect();
     let from = index[survey.source.name.as_str()];
-    let moves: Vec<Move> = guests
+    let moves: Vec<Move> = survey
+        .guests
         .iter()
-        .filter_map(|g| {
-            let to = placement.destination.get(&g.name)?;
+        .filter_map(|s| {
+            let to = placement.destination.get(&s.guest.name)?;
             Some(Move {
-                guest: g.clone(),
+                guest: s.guest.clone(),
                 from,
                 to: index[to.as_str()],
+                postcopy: cluster::policy::allows_postcopy(policies, &s.labels),
             })
         })
         .collect();
