@@ -1,6 +1,6 @@
 //! `livemig demo`: two agents on loopback, a busy guest, a live migration
 //! with auto-converge, and a check that the guest's memory survived;
-//! [`linux`]: the Linux guest with its disk and network; [`fleet`]: a host
+//! `linux`: the Linux guest with its disk and network; `fleet`: a host
 //! of mixed guests drained through etcd and the controller.
 
 mod fleet;

@@ -4,7 +4,7 @@
 //! resumes each drain where the last one left it, and what the agents did
 //! meanwhile it reads from them and from the ownership keys.
 //!
-//! The leader steps every running drain once per tick ([`step`]): it plans
+//! The leader steps every running drain once per tick (`step`): it plans
 //! a drain the first time (measuring the guests), follows each running
 //! migration on its source agent, admits the next ones by the schedule's
 //! rule under the caps, re-splits each link among its migrations

@@ -43,7 +43,7 @@ pub enum RequirementKind {
 }
 
 /// A migration's options, checked, and parsed into the parts they decide
-/// (see [`parts`]); the options themselves travel as given
+/// (see `parts`); the options themselves travel as given
 /// ([`Flags::options`]).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Flags {

@@ -19,7 +19,7 @@ impl Mirrors {
     /// mirrored; reports progress, the disks' dirty rate and any throttle
     /// change through `on_event`. With a `throttle` that acts before the
     /// migration (adaptive jobs on a host that throttles from outside), a
-    /// copy the guest's writes outrun slows the vCPUs ([`super::pace`]);
+    /// copy the guest's writes outrun slows the vCPUs ([`crate::storage::pace`]);
     /// the throttle is lifted again once the mirrors are in sync.
     ///
     /// # Errors
