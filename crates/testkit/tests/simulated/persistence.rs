@@ -153,6 +153,64 @@ async fn a_destination_agent_killed_after_a_migration_keeps_the_guest_running() 
     guest_runs_on_past_the_orphan_timeout(&b, &pids).await;
 }
 
+#[tokio::test]
+async fn a_destination_agent_killed_before_it_resumed_the_guest_resumes_it_when_the_source_says_done(
+) {
+    let bed = TestBed::simulated_with_agent_processes()
+        .await
+        .with_timeouts(&["orphan=2s"]);
+    let a = bed.host("a").await;
+    let mut b = bed.host("b").await;
+    a.define_and_start(bed.definition("web", 64, Workload::busy(4, 20_000)))
+        .await;
+    let options = MigrateOptions {
+        live: true,
+        persistent: true,
+        undefine_source: true,
+        ..Default::default()
+    };
+    let record = a.migrate("web", &b, options.clone()).await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    let pids = b.qemu_pids();
+
+    // The agent dies with the data landed and the source done, before its
+    // Finish resumed the guest and wrote anything down: the guest is
+    // paused, the run record still names the migration, the history does
+    // not have it. The source, asked, says the job completed: the only
+    // copy is here, and it must run, not wait out the orphan timeout.
+    b.qmp("web", "stop").await.expect("stop");
+    b.crash();
+    let run = b.state_dir().join("run/web.json");
+    let mut kept: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&run).unwrap()).unwrap();
+    kept["incoming"] = serde_json::json!({
+        "id": record.id,
+        "peer": a.uri(),
+        "flags": options,
+        "started_at_ms": record.started_at_ms,
+        "created_domain": true,
+        "peer_name": "agent-a",
+    });
+    std::fs::write(&run, serde_json::to_vec(&kept).unwrap()).unwrap();
+    let history = rusqlite::Connection::open(b.state_dir().join("history.db")).unwrap();
+    for table in ["samples", "events"] {
+        history
+            .execute(
+                &format!("DELETE FROM {table} WHERE job_id = ?1"),
+                [&record.id],
+            )
+            .unwrap();
+    }
+    let deleted = history
+        .execute("DELETE FROM jobs WHERE id = ?1", [&record.id])
+        .unwrap();
+    assert_eq!(deleted, 1, "the destination had recorded the job");
+    drop(history);
+
+    b.start_again().await;
+    guest_runs_on_past_the_orphan_timeout(&b, &pids).await;
+}
+
 async fn guest_runs_on_past_the_orphan_timeout(b: &testkit::Host, pids: &[u32]) {
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     let info = b.dominfo("web").await.unwrap();
