@@ -3,10 +3,12 @@
 //! (its agent's address, QEMU, CPU, free RAM, running domains, link,
 //! labels), written again every few seconds.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::{Claim, Cluster, Endpoints, HostRecord, TlsFiles};
+use domain::DomainName;
 use protocol::{ApiError, ErrorCode};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +25,20 @@ pub(crate) struct Member {
     pub cluster: Cluster,
     /// Its name in the cluster (its agent certificate's).
     pub name: String,
+    /// Domains whose switchover the cluster has not been told of yet, by
+    /// domain: the host it went to. The cluster still names this host for
+    /// them, and must not be believed.
+    pub handing_over: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+}
+
+impl Member {
+    fn handing_over_to(&self, domain: &str) -> Option<String> {
+        self.handing_over
+            .lock()
+            .expect("hand-over lock")
+            .get(domain)
+            .cloned()
+    }
 }
 
 /// Claims `domain` for this host before it starts here: refused if the
@@ -36,6 +52,15 @@ pub(crate) async fn claim(agent: &Agent, domain: &str) -> Result<(), ApiError> {
     let Some(member) = agent.cluster.get() else {
         return Ok(());
     };
+    if let Some(to) = member.handing_over_to(domain) {
+        return Err(ApiError::new(
+            ErrorCode::OperationInvalid,
+            format!(
+                "domain '{domain}' went to {to}, which the cluster has not been told yet: it \
+                 runs there"
+            ),
+        ));
+    }
     match member.cluster.claim(domain, &member.name).await {
         Ok(Claim::Granted) => Ok(()),
         Ok(Claim::HeldBy(host)) => Err(ApiError::new(
@@ -161,7 +186,19 @@ pub(crate) async fn hand_over(agent: &Agent, domain: &str, arriving: &str, to: O
         }
         Err(e) => {
             tracing::warn!(%domain, error = %crate::errors::chain(&e), "the cluster could not be told of the switchover; trying again");
+            member
+                .handing_over
+                .lock()
+                .expect("hand-over lock")
+                .insert(domain.clone(), to.clone());
             tokio::spawn(async move {
+                let told = || {
+                    member
+                        .handing_over
+                        .lock()
+                        .expect("hand-over lock")
+                        .remove(&domain);
+                };
                 let deadline = tokio::time::Instant::now() + HAND_OVER_FOR;
                 let mut wait = Duration::from_millis(500);
                 while tokio::time::Instant::now() < deadline {
@@ -174,6 +211,7 @@ pub(crate) async fn hand_over(agent: &Agent, domain: &str, arriving: &str, to: O
                     {
                         Ok(done) => {
                             tracing::info!(%domain, %to, handed_over = done, "the cluster was told of the switchover");
+                            told();
                             return;
                         }
                         Err(e) => {
@@ -181,6 +219,7 @@ pub(crate) async fn hand_over(agent: &Agent, domain: &str, arriving: &str, to: O
                         }
                     }
                 }
+                // Still refused here: the guest runs on its destination.
                 tracing::error!(%domain, %to, "the cluster was never told of the switchover");
             });
         }
@@ -212,6 +251,48 @@ async fn claim_running(agent: &Agent, member: &Member) {
             Err(e) => {
                 tracing::debug!(error = %crate::errors::chain(&e), "cannot claim running domains")
             }
+        }
+    }
+}
+
+/// Releases what the cluster says runs here but does not: a release
+/// that could not reach etcd when the guest stopped, or a source's
+/// switchover retried after etcd came back and landing after this host
+/// had stopped the guest. Either would hold the guest off every other
+/// host for good. A domain with an operation under way (its lock held: a
+/// start claims before its QEMU runs) is left for the next round; one not
+/// defined here (a transient guest, gone with its QEMU) is left alone.
+async fn release_stale(agent: &Agent, member: &Member) {
+    let owners = match member.cluster.owners().await {
+        Ok(owners) => owners,
+        Err(e) => {
+            tracing::debug!(error = %crate::errors::chain(&e), "cannot read the cluster's owners");
+            return;
+        }
+    };
+    for (domain, host) in owners {
+        if host != member.name || member.handing_over_to(&domain).is_some() {
+            continue;
+        }
+        let Ok(name) = domain.parse::<DomainName>() else {
+            continue;
+        };
+        // One not defined here has no lock to hold against a define and
+        // start racing the release: it is left alone.
+        let Ok(lock) = agent.table.op_lock(&name) else {
+            continue;
+        };
+        // Held across the release: a start must not claim in between.
+        let Ok(_held) = lock.try_lock() else {
+            continue;
+        };
+        let stale = agent
+            .table
+            .get(&name)
+            .is_ok_and(|d| d.vm.is_none() && d.job.is_none());
+        if stale {
+            tracing::warn!(%domain, "the cluster said this stopped domain runs here; released");
+            release(agent, &domain).await;
         }
     }
 }
@@ -332,6 +413,7 @@ pub(crate) async fn join(
     let member = Member {
         cluster: cluster.clone(),
         name: name.clone(),
+        handing_over: Default::default(),
     };
     let _ = agent.cluster.set(member.clone());
     let agent = agent.clone();
@@ -348,6 +430,7 @@ pub(crate) async fn join(
                 _ = tokio::time::sleep(REFRESH) => {}
             }
             claim_running(&agent, &member).await;
+            release_stale(&agent, &member).await;
             let now = record(&agent, &name, &settings).await;
             registration.update(&now);
         }

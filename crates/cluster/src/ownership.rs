@@ -142,12 +142,13 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError::Etcd`].
     pub async fn owners(&self) -> Result<BTreeMap<String, String>, ClusterError> {
-        let got = self
-            .client
-            .clone()
-            .get(DOMAINS, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.etcd_error())?;
+        let got = crate::connect::bounded(
+            self.client
+                .clone()
+                .get(DOMAINS, Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(self.etcd_error())?;
         Ok(got
             .kvs()
             .iter()

@@ -455,7 +455,10 @@ async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_
         paused: false,
     };
     let refused = a.request(start()).await.unwrap_err().to_api();
-    assert!(refused.message.contains("cannot say"), "{refused:?}");
+    assert!(
+        refused.message.contains("cannot say") || refused.message.contains("not been told"),
+        "{refused:?}"
+    );
     // Out of reach for longer than the hosts' leases.
     tokio::time::sleep(Duration::from_secs(4)).await;
     etcd.resume();
@@ -476,6 +479,80 @@ async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_
     )
     .await;
     assert!(a.qemu_pids().is_empty());
+}
+
+#[tokio::test]
+async fn a_switchover_told_after_its_destination_stopped_the_guest_does_not_hold_it_there() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let args = [
+        "--cluster",
+        etcd.endpoint.as_str(),
+        "--timeout",
+        "cluster-lease=3s",
+    ];
+    let a = bed.host_args("a", &args).await;
+    let b = bed.host_args("b", &args).await;
+    let moving = Workload {
+        working_set_mib: 16,
+        spin: 250_000,
+        report_ms: 500,
+    };
+    a.define_and_start(bed.definition("vm", 64, moving)).await;
+    let job = a
+        .migration_until(
+            "vm",
+            &b,
+            protocol::MigrateOptions {
+                // Kept defined there, as a drain's guests are.
+                persistent: true,
+                ..testkit::capped(8)
+            },
+            "the memory moving",
+            |j| j.phase == protocol::job::Phase::Perform,
+        )
+        .await;
+    etcd.pause();
+    let record = a.wait_job(&job).await;
+    assert_eq!(
+        record.status,
+        protocol::job::JobStatus::Completed,
+        "{record:?}"
+    );
+    let start = || protocol::Request::Start {
+        domain: "vm".parse().unwrap(),
+        paused: false,
+    };
+    // With the cluster told nothing yet, a refuses its stale copy, saying
+    // where the guest runs once its own attempt to tell has failed.
+    let refused = wait_until(
+        Duration::from_secs(20),
+        "a to refuse the start, naming b",
+        || async {
+            let refused = a.request(start()).await.unwrap_err().to_api();
+            refused.message.contains("agent-b").then_some(refused)
+        },
+    )
+    .await;
+    assert!(refused.message.contains("not been told"), "{refused:?}");
+    // b stops the guest while etcd is away: its release cannot reach it,
+    // and a's switchover, retried once etcd is back, names b for a guest
+    // it no longer runs.
+    b.request(protocol::Request::Destroy {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    etcd.resume();
+    // b finds the key naming it and lets it go: the guest may start again.
+    wait_until(
+        Duration::from_secs(40),
+        "a to start the guest again",
+        || async { a.request(start()).await.ok() },
+    )
+    .await;
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+    assert!(b.qemu_pids().is_empty());
 }
 
 #[tokio::test]
