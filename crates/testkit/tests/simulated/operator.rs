@@ -493,10 +493,16 @@ fn completions_and_the_man_page_are_generated_from_the_cli() {
 #[tokio::test]
 async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
     let bed = TestBed::simulated().await;
+    // Someone else holds the range's first port: QEMU binds the next. A
+    // fixed range could be held by any socket of the tests running beside
+    // this one; a port the kernel gives is not.
+    let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let first = taken.local_addr().unwrap().port();
+    let last = first + 10;
     let config = bed.path().join("b.toml");
     std::fs::write(
         &config,
-        "migration_ports = \"40100-40110\"\nlog_format = \"json\"\n",
+        format!("migration_ports = \"{first}-{last}\"\nlog_format = \"json\"\n"),
     )
     .unwrap();
     let (a, b) = bed
@@ -507,9 +513,6 @@ async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
             &["--config", config.to_str().unwrap()],
         )
         .await;
-    // Someone else holds the range's first port: QEMU binds the next.
-    let _taken = std::net::TcpListener::bind(("127.0.0.1", 40100)).unwrap();
-
     let record = a.migrate_live("vm", &b).await;
 
     assert_eq!(record.status, JobStatus::Completed);
@@ -521,7 +524,8 @@ async fn livemigd_reads_its_config_file_and_picks_data_ports_from_its_range() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!((40101..=40110).contains(&port), "{port}");
+    assert!((first + 1..=last).contains(&port), "{port}");
+    drop(taken);
     let log = std::fs::read_to_string(b.state_dir().join("livemigd.log")).unwrap();
     assert!(
         log.lines().any(|l| l.starts_with('{')),
