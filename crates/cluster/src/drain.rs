@@ -112,6 +112,10 @@ pub struct DrainGuest {
     /// it overran the prediction.
     #[serde(default)]
     pub remaining_secs: Option<f64>,
+    /// Its migration is in post-copy: the guest runs on its destination
+    /// while pages are still on the source.
+    #[serde(default)]
+    pub postcopy_active: bool,
     /// Hosts it failed to move to, and why.
     #[serde(default)]
     pub failures: Vec<String>,
@@ -251,6 +255,7 @@ impl DrainGuest {
             progress: 0.0,
             bandwidth_mib_s: None,
             remaining_secs: None,
+            postcopy_active: false,
             failures: Vec::new(),
             cost: None,
             error: None,

@@ -88,7 +88,16 @@ pub struct Running {
     /// nearly done for seconds. A small migration may go beside it
     /// without having to end before it.
     pub overran: bool,
+    /// It is in post-copy ([`POSTCOPY_WEIGHT`]).
+    pub postcopy_active: bool,
 }
+
+/// How many times its need a migration in post-copy weighs in livemig's
+/// split. Its guest runs on the destination and waits on the link for
+/// every page not yet there, and until the last one arrives neither host
+/// holds the whole guest: the sooner that ends, the better for the guest
+/// and the safer.
+pub const POSTCOPY_WEIGHT: f64 = 4.0;
 
 /// A migration that waits.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -233,6 +242,7 @@ pub fn shares(policy: Policy, links: &[f64], running: &[Running]) -> Vec<f64> {
     let weight: Vec<f64> = running
         .iter()
         .map(|r| match policy {
+            Policy::Livemig if r.postcopy_active => POSTCOPY_WEIGHT * r.need.max(1.0),
             Policy::Livemig => r.need.max(1.0),
             _ => 1.0,
         })
@@ -503,6 +513,7 @@ pub fn simulate(policy: Policy, caps: Caps, links: &[f64], moves: &[Move]) -> Ou
                     remaining_secs: r.setup_left.max(0.0)
                         + (1.0 - r.done) * costs.at(r.i, b.max(1.0)).secs,
                     overran: false,
+                    postcopy_active: false,
                 }
             })
             .collect();
@@ -644,6 +655,7 @@ fn share_out<R>(
                 need: m.guest.need(path),
                 remaining_secs: 0.0,
                 overran: false,
+                postcopy_active: false,
             }
         })
         .collect();
@@ -691,6 +703,7 @@ mod tests {
                 need: 70.0,
                 remaining_secs: 5.0,
                 overran: false,
+                postcopy_active: false,
             },
             Running {
                 from: 0,
@@ -698,6 +711,7 @@ mod tests {
                 need: 20.0,
                 remaining_secs: 5.0,
                 overran: false,
+                postcopy_active: false,
             },
         ];
         // Weighed by need: 70 to 20 of a link of 100.
@@ -717,6 +731,7 @@ mod tests {
             need: 100.0,
             remaining_secs: 5.0,
             overran: false,
+            postcopy_active: false,
         };
         let small = Running {
             need: 12.0,
@@ -745,6 +760,41 @@ mod tests {
         assert!((s[4] / s[0] - 14.0 / 12.0).abs() < 0.01, "{s:?}");
         let s = shares(Policy::All, &[100.0, 100.0, 30.0], &running);
         assert_eq!(s, vec![70.0, 30.0]);
+    }
+
+    #[test]
+    fn a_migration_in_post_copy_gets_most_of_the_link() {
+        let links = [100.0; 3];
+        let writer = |to, postcopy_active| Running {
+            from: 0,
+            to,
+            need: 100.0,
+            remaining_secs: 5.0,
+            overran: false,
+            postcopy_active,
+        };
+        let even = shares(
+            Policy::Livemig,
+            &links,
+            &[writer(1, false), writer(2, false)],
+        );
+        assert!((even[0] - 50.0).abs() < 1e-9, "{even:?}");
+        let s = shares(
+            Policy::Livemig,
+            &links,
+            &[writer(1, true), writer(2, false)],
+        );
+        assert!(
+            (s[0] - 80.0).abs() < 1e-9 && (s[1] - 20.0).abs() < 1e-9,
+            "{s:?}"
+        );
+        // Not below its need, a small one beside it.
+        let small = Running {
+            need: 12.0,
+            ..writer(2, false)
+        };
+        let s = shares(Policy::Livemig, &links, &[writer(1, true), small]);
+        assert!((s[1] - 12.0).abs() < 1e-9, "{s:?}");
     }
 
     #[test]
@@ -846,6 +896,7 @@ mod tests {
             need: 100.0,
             remaining_secs: 5.0,
             overran: false,
+            postcopy_active: false,
         };
         let waiting = [
             // Needs the link: waits.
@@ -932,6 +983,7 @@ mod tests {
             need: 100.0,
             remaining_secs: 5.0,
             overran: false,
+            postcopy_active: false,
         };
         let writer = Waiting {
             postcopy: true,

@@ -182,6 +182,7 @@ pub(super) async fn admit(
                 .remaining_secs
                 .unwrap_or_else(|| g.predicted_secs.unwrap_or(1.0)),
             overran: g.predicted_secs.is_some_and(|p| ran_secs > p),
+            postcopy_active: g.postcopy_active,
         });
         running_guests.push((k, running.len() - 1));
     }
@@ -196,6 +197,7 @@ pub(super) async fn admit(
                 need: links[f].min(links[t]),
                 remaining_secs: f64::INFINITY,
                 overran: false,
+                postcopy_active: false,
             });
         }
     }
@@ -302,6 +304,7 @@ pub(super) async fn admit(
             need: candidates[a].need,
             remaining_secs: g.predicted_secs.unwrap_or(1.0),
             overran: false,
+            postcopy_active: false,
         });
         running_guests.push((candidate_guests[a], running.len() - 1));
     }

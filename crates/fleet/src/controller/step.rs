@@ -245,6 +245,11 @@ async fn follow(
                     g.remaining_secs = Some(remaining);
                     changed = true;
                 }
+                let postcopy = info.stats.qemu_status.as_deref() == Some("postcopy-active");
+                if g.postcopy_active != postcopy {
+                    g.postcopy_active = postcopy;
+                    changed = true;
+                }
                 if let (Some(done), Some(left)) = (done, left) {
                     let total = done.saturating_add(left);
                     if total > 0 {
@@ -335,6 +340,7 @@ pub(super) fn back_to_waiting(g: &mut DrainGuest, reason: Option<String>) {
     g.progress = 0.0;
     g.bandwidth_mib_s = None;
     g.remaining_secs = None;
+    g.postcopy_active = false;
 }
 
 /// Ends the drain once nothing waits or moves: done if the host runs no
