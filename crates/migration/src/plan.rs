@@ -92,6 +92,8 @@ pub fn watch_options(
         max_downtime: flags.max_downtime(),
         allow_postcopy: flags.postcopy().by_policy(),
         bandwidth_cap,
+        postcopy_follows_cap: flags.postcopy_enabled()
+            && flags.limits().postcopy_bandwidth.is_none(),
         ..WatchOptions::default()
     }
 }
@@ -175,5 +177,22 @@ mod tests {
 
         let uncapped = watch_options(&plain, Tunables::default(), 0.0, 1 << 29);
         assert!(uncapped.forecast.is_none() && !uncapped.preflight);
+    }
+
+    #[test]
+    fn a_new_cap_follows_into_post_copy_only_where_post_copy_has_none_of_its_own() {
+        let with = |postcopy: bool, postcopy_bandwidth: Option<u64>| {
+            let f = flags(MigrateOptions {
+                live: true,
+                postcopy,
+                postcopy_bandwidth,
+                bandwidth: Some(64),
+                ..Default::default()
+            });
+            watch_options(&f, Tunables::default(), 0.0, 1 << 29).postcopy_follows_cap
+        };
+        assert!(with(true, None));
+        assert!(!with(true, Some(32)));
+        assert!(!with(false, None));
     }
 }

@@ -835,6 +835,40 @@ async fn a_new_bandwidth_mid_job_reaches_qemu_and_the_published_limits() {
     let _ = job.outcome().await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_new_bandwidth_mid_job_holds_in_post_copy_too_unless_it_has_its_own_cap() {
+    for follows in [true, false] {
+        let job = Job::start(
+            WatchOptions {
+                postcopy_follows_cap: follows,
+                ..options()
+            },
+            None,
+        )
+        .await;
+        let (done, applied) = oneshot::channel();
+        job.retune
+            .send(Retune {
+                bandwidth: Bandwidth::from_mib_s(80),
+                downtime: None,
+                done,
+            })
+            .await
+            .unwrap();
+        applied.await.unwrap().unwrap();
+        // QEMU applies max-bandwidth only before post-copy: without the
+        // post-copy cap a re-split would not reach a guest in post-copy.
+        assert_eq!(job.qemu.parameter("max-bandwidth"), Some(json!(80 * MIB)));
+        assert_eq!(
+            job.qemu.parameter("max-postcopy-bandwidth"),
+            follows.then(|| json!(80 * MIB)),
+            "follows: {follows}"
+        );
+        job.qemu.complete(100, 10);
+        let _ = job.outcome().await;
+    }
+}
+
 /// A job copying two disks on the scripted QEMU, their mirrors in sync.
 async fn start_with_disks() -> (Job, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     let (client, qemu) = ScriptedQemu::start().await;

@@ -112,6 +112,11 @@ pub struct WatchOptions {
     pub allow_postcopy: bool,
     /// The bandwidth cap, if any.
     pub bandwidth_cap: Option<Bandwidth>,
+    /// Post-copy is enabled with no cap of its own, so the bandwidth cap
+    /// holds in post-copy too, and a new cap must be set for it as well:
+    /// QEMU applies `max-bandwidth` only before post-copy, and
+    /// `max-postcopy-bandwidth` only in it.
+    pub postcopy_follows_cap: bool,
     /// The path's own speed, when the host says it (`livemigd --link`):
     /// what the final stop-and-copy gets, uncapped.
     pub path_bandwidth: Option<Bandwidth>,
@@ -155,6 +160,7 @@ impl Default for WatchOptions {
             timeout: None,
             timeout_action: TimeoutAction::Abort,
             postcopy_after_precopy: false,
+            postcopy_follows_cap: false,
             cancel_grace: Duration::from_secs(30),
             controller: None,
             downtime: Duration::from_millis(crate::settings::DEFAULT_DOWNTIME_MS),

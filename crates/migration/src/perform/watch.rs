@@ -250,6 +250,10 @@ impl<'a> Watch<'a> {
             if self.paused_at.is_none() {
                 let params = MigrationParameters {
                     max_bandwidth: Some(cap.bytes_per_sec()),
+                    max_postcopy_bandwidth: self
+                        .options
+                        .postcopy_follows_cap
+                        .then(|| cap.bytes_per_sec()),
                     ..Default::default()
                 };
                 set_parameters(self.qmp, params)

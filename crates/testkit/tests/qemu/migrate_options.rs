@@ -241,3 +241,36 @@ async fn xbzrle_takes_the_cache_size_asked_for_and_migrate_compcache_sets_qemu_s
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
     testkit::assert_runs_only_on("vm", &b, &a, 2).await;
 }
+
+#[tokio::test]
+async fn migrate_setspeed_reaches_post_copy_s_own_limit_where_post_copy_has_no_cap_of_its_own() {
+    let bed = TestBed::new().await;
+    let (a, b) = bed
+        .two_hosts_running("vm", 64, Workload::busy(8, 50_000))
+        .await;
+    let job = a
+        .migration_in_flight(
+            "vm",
+            &b,
+            MigrateOptions {
+                postcopy: true,
+                ..testkit::capped(4)
+            },
+        )
+        .await;
+    let mib = |n: u64| serde_json::json!(n << 20);
+    assert_eq!(parameter(&a, "vm", "max-postcopy-bandwidth").await, mib(4));
+    // QEMU applies max-bandwidth only before post-copy and
+    // max-postcopy-bandwidth only in it: a new cap must set both, or a
+    // guest in post-copy (a drain's re-split, an operator's setspeed)
+    // goes on at the old one.
+    a.cli_ok(&["migrate-setspeed", "vm", "1000"]);
+    assert_eq!(parameter(&a, "vm", "max-bandwidth").await, mib(1000));
+    assert_eq!(
+        parameter(&a, "vm", "max-postcopy-bandwidth").await,
+        mib(1000)
+    );
+    let record = a.wait_job(&job).await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    testkit::assert_runs_only_on("vm", &b, &a, 2).await;
+}
