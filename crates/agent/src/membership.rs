@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cluster::{Claim, Cluster, Endpoints, HostRecord, TlsFiles};
-use domain::DomainName;
 use protocol::{ApiError, ErrorCode};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +17,11 @@ use crate::state::Agent;
 
 /// How often the record is written again.
 const REFRESH: Duration = Duration::from_secs(3);
+
+/// Every how many refreshes the stopped domains' keys are released
+/// (`release_stale`): a key left naming this host is rare, and each check
+/// costs etcd a transaction per stopped domain.
+const RELEASE_EVERY: u32 = 5;
 
 /// This host, joined.
 #[derive(Debug, Clone)]
@@ -255,44 +259,47 @@ async fn claim_running(agent: &Agent, member: &Member) {
     }
 }
 
-/// Releases what the cluster says runs here but does not: a release
+/// Releases what the cluster may say runs here but does not: a release
 /// that could not reach etcd when the guest stopped, or a source's
 /// switchover retried after etcd came back and landing after this host
 /// had stopped the guest. Either would hold the guest off every other
-/// host for good. A domain with an operation under way (its lock held: a
-/// start claims before its QEMU runs) is left for the next round; one not
-/// defined here (a transient guest, gone with its QEMU) is left alone.
+/// host for good. Each domain defined here with no QEMU and no job is
+/// released if the cluster names this host (a compare-and-delete: one
+/// transaction per stopped domain, no read of every owner, which a
+/// thousand agents doing every few seconds would make etcd's busiest
+/// work). A domain with an operation under way (its lock held: a start
+/// claims before its QEMU runs) is left for the next round, as is one
+/// whose switchover the cluster has not been told of; one not defined
+/// here (a transient guest, gone with its QEMU) is left alone, with no
+/// lock to hold against a define and start racing the release.
 async fn release_stale(agent: &Agent, member: &Member) {
-    let owners = match member.cluster.owners().await {
-        Ok(owners) => owners,
-        Err(e) => {
-            tracing::debug!(error = %crate::errors::chain(&e), "cannot read the cluster's owners");
-            return;
-        }
-    };
-    for (domain, host) in owners {
-        if host != member.name || member.handing_over_to(&domain).is_some() {
+    for d in agent.table.all() {
+        if d.vm.is_some() || d.job.is_some() || member.handing_over_to(d.name.as_str()).is_some() {
             continue;
         }
-        let Ok(name) = domain.parse::<DomainName>() else {
-            continue;
-        };
-        // One not defined here has no lock to hold against a define and
-        // start racing the release: it is left alone.
-        let Ok(lock) = agent.table.op_lock(&name) else {
+        let Ok(lock) = agent.table.op_lock(&d.name) else {
             continue;
         };
         // Held across the release: a start must not claim in between.
         let Ok(_held) = lock.try_lock() else {
             continue;
         };
-        let stale = agent
+        let stopped = agent
             .table
-            .get(&name)
-            .is_ok_and(|d| d.vm.is_none() && d.job.is_none());
-        if stale {
-            tracing::warn!(%domain, "the cluster said this stopped domain runs here; released");
-            release(agent, &domain).await;
+            .get(&d.name)
+            .is_ok_and(|now| now.vm.is_none() && now.job.is_none());
+        if !stopped {
+            continue;
+        }
+        match member.cluster.release(d.name.as_str(), &member.name).await {
+            Ok(true) => {
+                tracing::warn!(domain = %d.name, "the cluster said this stopped domain runs here; released")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(error = %crate::errors::chain(&e), "cannot release stopped domains");
+                return;
+            }
         }
     }
 }
@@ -419,6 +426,7 @@ pub(crate) async fn join(
     let agent = agent.clone();
     let settings = settings.clone();
     Ok(tokio::spawn(async move {
+        let mut round = 0u32;
         loop {
             tokio::select! {
                 _ = leave.cancelled() => {
@@ -430,7 +438,10 @@ pub(crate) async fn join(
                 _ = tokio::time::sleep(REFRESH) => {}
             }
             claim_running(&agent, &member).await;
-            release_stale(&agent, &member).await;
+            round += 1;
+            if round.is_multiple_of(RELEASE_EVERY) {
+                release_stale(&agent, &member).await;
+            }
             let now = record(&agent, &name, &settings).await;
             registration.update(&now);
         }

@@ -6,21 +6,22 @@
 //! the schedule itself.
 //!
 //! livemig's rule ([`Policy::Livemig`]): guests are taken quickest first
-//! ([`by_order`]); one is admitted when both its links have the bandwidth it needs to
-//! converge ([`crate::plan::Guest::need`]) beside what the running ones
-//! need, counting a running one only until it is within its setup time of
-//! the end, so that the next one's setup overlaps its tail; a small one
-//! ([`crate::plan::Guest::is_small`]) is also admitted beside migrations
-//! that hold its links, within [`crate::plan::SMALL_NEED`] of each link for
-//! all such, rather than queueing behind a writer that cannot use the
-//! whole link while it is throttled, when it ends before the longest of
-//! them (or that one has run past its prediction, and may run any time
-//! yet). A migration whose policy allows
-//! post-copy converges on any share, so it goes as soon as the caps let
-//! it, beside whatever runs. The links are
-//! shared in proportion to need, so a hot writer is not starved into
-//! throttling by idle guests, no guest is starved at all, and the link
-//! never idles while anything can use it.
+//! ([`by_order`]); one is admitted when both its links have the bandwidth
+//! it needs to converge ([`crate::plan::Guest::need`]) beside what the
+//! running ones need, counting a running one only until it is within its
+//! setup time of the end, so that the next one's setup overlaps its tail;
+//! a small one ([`crate::plan::Guest::is_small`]) is also admitted beside
+//! migrations that hold its links, within [`crate::plan::SMALL_NEED`] of
+//! each link for all such, rather than queueing behind a writer that
+//! cannot use the whole link while it is throttled, when it ends before
+//! the longest of them (or that one has run past its prediction, and may
+//! run any time yet). A migration whose policy allows post-copy converges
+//! on any share, so it goes as soon as the caps let it, beside whatever
+//! runs. The links are shared in proportion to need (a migration in
+//! post-copy weighs more, [`POSTCOPY_WEIGHT`]), so a hot writer is not
+//! starved into throttling by idle guests and no guest is starved at all;
+//! they are split again as migrations start and end. A share is a cap: a
+//! migration that sends less than its share leaves the rest idle.
 //!
 //! The fixed policies operators use today, for comparison: one at a time
 //! per host (Nova's default), two per host (KubeVirt's), and everything at

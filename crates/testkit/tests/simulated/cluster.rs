@@ -546,7 +546,7 @@ async fn a_switchover_told_after_its_destination_stopped_the_guest_does_not_hold
     etcd.resume();
     // b finds the key naming it and lets it go: the guest may start again.
     wait_until(
-        Duration::from_secs(40),
+        Duration::from_secs(60),
         "a to start the guest again",
         || async { a.request(start()).await.ok() },
     )
