@@ -697,46 +697,22 @@ mod tests {
     #[test]
     fn shares_never_exceed_a_link_and_livemig_weighs_them_by_need() {
         let links = [100.0, 100.0, 60.0];
-        let running = [
-            Running {
-                from: 0,
-                to: 1,
-                need: 70.0,
-                remaining_secs: 5.0,
-                overran: false,
-                postcopy_active: false,
-            },
-            Running {
-                from: 0,
-                to: 2,
-                need: 20.0,
-                remaining_secs: 5.0,
-                overran: false,
-                postcopy_active: false,
-            },
-        ];
+        let two = [running(1, 70.0), running(2, 20.0)];
         // Weighed by need: 70 to 20 of a link of 100.
-        let s = shares(Policy::Livemig, &links, &running);
+        let s = shares(Policy::Livemig, &links, &two);
         assert!(
             (s[0] - 77.78).abs() < 0.01 && (s[1] - 22.22).abs() < 0.01,
             "{s:?}"
         );
-        let s = shares(Policy::All, &links, &running);
+        let s = shares(Policy::All, &links, &two);
         assert_eq!(s, vec![50.0, 50.0]);
         // Two that need the link beside a small one: the small one gets
         // its need, not the 6 % that weighing alone gives it (and that had
         // it throttled); the others split the rest.
-        let big = |to| Running {
-            from: 0,
-            to,
-            need: 100.0,
-            remaining_secs: 5.0,
-            overran: false,
-            postcopy_active: false,
-        };
+        let big = |to| running(to, 100.0);
         let small = Running {
             need: 12.0,
-            ..running[1]
+            ..two[1]
         };
         let s = shares(Policy::Livemig, &links, &[big(1), big(2), small]);
         assert!((s[2] - 12.0).abs() < 1e-9, "{s:?}");
@@ -759,7 +735,7 @@ mod tests {
         let sum: f64 = s.iter().sum();
         assert!((sum - 50.0).abs() < 1e-9, "{s:?}");
         assert!((s[4] / s[0] - 14.0 / 12.0).abs() < 0.01, "{s:?}");
-        let s = shares(Policy::All, &[100.0, 100.0, 30.0], &running);
+        let s = shares(Policy::All, &[100.0, 100.0, 30.0], &two);
         assert_eq!(s, vec![70.0, 30.0]);
     }
 
@@ -767,12 +743,8 @@ mod tests {
     fn a_migration_in_post_copy_gets_most_of_the_link() {
         let links = [100.0; 3];
         let writer = |to, postcopy_active| Running {
-            from: 0,
-            to,
-            need: 100.0,
-            remaining_secs: 5.0,
-            overran: false,
             postcopy_active,
+            ..running(to, 100.0)
         };
         let even = shares(
             Policy::Livemig,
@@ -888,17 +860,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn small_migrations_go_beside_one_that_holds_the_link_if_they_end_inside_it() {
-        let links = [100.0; 3];
-        let holder = Running {
+    /// A migration from host 0 to `to` needing `need`, 5 s from its end.
+    fn running(to: usize, need: f64) -> Running {
+        Running {
             from: 0,
-            to: 2,
-            need: 100.0,
+            to,
+            need,
             remaining_secs: 5.0,
             overran: false,
             postcopy_active: false,
-        };
+        }
+    }
+
+    #[test]
+    fn small_migrations_go_beside_one_that_holds_the_link_if_they_end_inside_it() {
+        let links = [100.0; 3];
+        let holder = running(2, 100.0);
         let waiting = [
             // Needs the link: waits.
             waiting(100.0, None),
@@ -978,14 +955,7 @@ mod tests {
     #[test]
     fn a_migration_that_may_go_to_post_copy_waits_for_the_caps_not_for_room() {
         let links = [100.0; 3];
-        let holder = Running {
-            from: 0,
-            to: 2,
-            need: 100.0,
-            remaining_secs: 5.0,
-            overran: false,
-            postcopy_active: false,
-        };
+        let holder = running(2, 100.0);
         let writer = Waiting {
             postcopy: true,
             ..waiting(100.0, None)

@@ -73,14 +73,22 @@ pub(super) fn destination(
     // The plan spread the guests by bytes; a host whose slots are taken
     // by long migrations would hold short ones back while another has
     // a slot free.
+    // Placing runs the cost model: not when no host could take it anyway,
+    // as at every tick while the caps bind everywhere.
     let free: Vec<Host> = untried
         .iter()
-        .filter(|h| !busy.contains(&h.name))
+        .filter(|h| {
+            !busy.contains(&h.name)
+                && plan::incompatible(source, h, to).is_none()
+                && h.room() >= guest.memory_bytes
+        })
         .cloned()
         .collect();
-    let placement = plan::place(std::slice::from_ref(&guest), source, &free, to);
-    if let Some(host) = placement.destination.get(&g.domain) {
-        return Ok(host.clone());
+    if !free.is_empty() {
+        let placement = plan::place(std::slice::from_ref(&guest), source, &free, to);
+        if let Some(host) = placement.destination.get(&g.domain) {
+            return Ok(host.clone());
+        }
     }
     if let Some(planned) = planned {
         return Ok(planned.clone());
@@ -214,23 +222,29 @@ pub(super) async fn admit(
     let mut changed = false;
     let mut candidates = Vec::new();
     let mut candidate_guests = Vec::new();
-    // Migrations into each host, running and placed in this step, to find
-    // the hosts at their inbound cap.
+    // Migrations into each host, running and placed in this step, and the
+    // hosts they bring to their inbound cap.
     let mut inbound = vec![0u32; hosts.len()];
+    let mut busy = BTreeSet::new();
+    let arrives = |to: usize, inbound: &mut [u32], busy: &mut BTreeSet<String>| {
+        inbound[to] += 1;
+        if cx
+            .settings
+            .caps
+            .inbound
+            .is_some_and(|cap| inbound[to] >= cap)
+        {
+            busy.insert(hosts[to].name.clone());
+        }
+    };
     for r in &running {
-        inbound[r.to] += 1;
+        arrives(r.to, &mut inbound, &mut busy);
     }
     for k in order {
         let g = &mut record.guests[k];
-        let busy: BTreeSet<String> = hosts
-            .iter()
-            .zip(&inbound)
-            .filter(|(_, &n)| cx.settings.caps.inbound.is_some_and(|cap| n >= cap))
-            .map(|(h, _)| h.name.clone())
-            .collect();
         match destination(g, &source_host, &hosts, &record.to, now, &busy) {
             Ok(to) => {
-                inbound[index[&to]] += 1;
+                arrives(index[&to], &mut inbound, &mut busy);
                 if g.blocked.take().is_some() {
                     changed = true;
                 }
@@ -421,13 +435,14 @@ mod tests {
         assert_eq!(kept, [0, 2, 3]);
     }
 
+    /// a, b and c, each with 4 GiB free on a 100 MiB/s link.
+    fn three_roomy_hosts() -> [Host; 3] {
+        ["a", "b", "c"].map(|name| host(name, 100.0, 4096))
+    }
+
     #[test]
     fn a_guest_goes_to_a_host_it_has_not_failed_on_first() {
-        let hosts = [
-            host("a", 100.0, 4096),
-            host("b", 100.0, 4096),
-            host("c", 100.0, 4096),
-        ];
+        let hosts = three_roomy_hosts();
         let mut g = waiting("vm", 128);
         g.destination = Some("b".into());
         assert_eq!(
@@ -444,11 +459,7 @@ mod tests {
 
     #[test]
     fn a_guest_planned_on_a_host_with_no_slot_free_goes_to_one_with_a_slot() {
-        let hosts = [
-            host("a", 100.0, 4096),
-            host("b", 100.0, 4096),
-            host("c", 100.0, 4096),
-        ];
+        let hosts = three_roomy_hosts();
         let mut g = waiting("vm", 128);
         g.destination = Some("c".into());
         let busy = |names: &[&str]| names.iter().map(|n| n.to_string()).collect();

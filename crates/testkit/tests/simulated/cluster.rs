@@ -414,10 +414,9 @@ async fn a_policy_chosen_by_labels_sets_what_the_user_did_not() {
     );
 }
 
-#[tokio::test]
-async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_back() {
-    let bed = TestBed::simulated().await;
-    let etcd = Etcd::start(&bed).await;
+/// Hosts a and b in the cluster with short leases, a running "vm" that
+/// converges at 8 MiB/s within seconds.
+async fn hosts_with_a_moving_guest(bed: &TestBed, etcd: &Etcd) -> (testkit::Host, testkit::Host) {
     let args = [
         "--cluster",
         etcd.endpoint.as_str(),
@@ -426,19 +425,26 @@ async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_
     ];
     let a = bed.host_args("a", &args).await;
     let b = bed.host_args("b", &args).await;
-    // A guest that converges at 8 MiB/s within seconds.
     let moving = Workload {
         working_set_mib: 16,
         spin: 250_000,
         report_ms: 500,
     };
     a.define_and_start(bed.definition("vm", 64, moving)).await;
-    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+    (a, b)
+}
 
-    // etcd freezes once the destination is prepared: the migration goes
-    // on (it needs only the two agents), its switchover cannot be told.
+/// Migrates "vm" from a to b with `options`, etcd frozen once the
+/// destination is prepared: the migration goes on (it needs only the two
+/// agents), its switchover cannot be told.
+async fn migrates_with_etcd_frozen(
+    a: &testkit::Host,
+    b: &testkit::Host,
+    etcd: &Etcd,
+    options: protocol::MigrateOptions,
+) {
     let job = a
-        .migration_until("vm", &b, testkit::capped(8), "the memory moving", |j| {
+        .migration_until("vm", b, options, "the memory moving", |j| {
             j.phase == protocol::job::Phase::Perform
         })
         .await;
@@ -449,6 +455,15 @@ async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_
         protocol::job::JobStatus::Completed,
         "{record:?}"
     );
+}
+
+#[tokio::test]
+async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_back() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let (a, b) = hosts_with_a_moving_guest(&bed, &etcd).await;
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+    migrates_with_etcd_frozen(&a, &b, &etcd, testkit::capped(8)).await;
     // Meanwhile a's stale copy does not start: the cluster cannot say.
     let start = || protocol::Request::Start {
         domain: "vm".parse().unwrap(),
@@ -485,40 +500,13 @@ async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_
 async fn a_switchover_told_after_its_destination_stopped_the_guest_does_not_hold_it_there() {
     let bed = TestBed::simulated().await;
     let etcd = Etcd::start(&bed).await;
-    let args = [
-        "--cluster",
-        etcd.endpoint.as_str(),
-        "--timeout",
-        "cluster-lease=3s",
-    ];
-    let a = bed.host_args("a", &args).await;
-    let b = bed.host_args("b", &args).await;
-    let moving = Workload {
-        working_set_mib: 16,
-        spin: 250_000,
-        report_ms: 500,
+    let (a, b) = hosts_with_a_moving_guest(&bed, &etcd).await;
+    let persistent = protocol::MigrateOptions {
+        // Kept defined there, as a drain's guests are.
+        persistent: true,
+        ..testkit::capped(8)
     };
-    a.define_and_start(bed.definition("vm", 64, moving)).await;
-    let job = a
-        .migration_until(
-            "vm",
-            &b,
-            protocol::MigrateOptions {
-                // Kept defined there, as a drain's guests are.
-                persistent: true,
-                ..testkit::capped(8)
-            },
-            "the memory moving",
-            |j| j.phase == protocol::job::Phase::Perform,
-        )
-        .await;
-    etcd.pause();
-    let record = a.wait_job(&job).await;
-    assert_eq!(
-        record.status,
-        protocol::job::JobStatus::Completed,
-        "{record:?}"
-    );
+    migrates_with_etcd_frozen(&a, &b, &etcd, persistent).await;
     let start = || protocol::Request::Start {
         domain: "vm".parse().unwrap(),
         paused: false,

@@ -114,18 +114,7 @@ async fn a_destination_agent_killed_after_a_migration_keeps_the_guest_running() 
     let bed = TestBed::simulated_with_agent_processes()
         .await
         .with_timeouts(&["orphan=2s"]);
-    let a = bed.host("a").await;
-    let mut b = bed.host("b").await;
-    a.define_and_start(bed.definition("web", 64, Workload::busy(4, 20_000)))
-        .await;
-    let options = MigrateOptions {
-        live: true,
-        persistent: true,
-        undefine_source: true,
-        ..Default::default()
-    };
-    let record = a.migrate("web", &b, options.clone()).await;
-    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    let (a, mut b, moved) = web_moved_for_good(&bed).await;
     let pids = b.qemu_pids();
     assert_eq!(pids.len(), 1);
 
@@ -136,19 +125,8 @@ async fn a_destination_agent_killed_after_a_migration_keeps_the_guest_running() 
     // Killed after Finish answered but before the run record lost the
     // job: the job record, saved before the answer, settles it.
     b.crash();
-    let run = b.state_dir().join("run/web.json");
-    let mut kept: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&run).unwrap()).unwrap();
-    assert!(kept["incoming"].is_null(), "{kept}");
-    kept["incoming"] = serde_json::json!({
-        "id": record.id,
-        "peer": a.uri(),
-        "flags": options,
-        "started_at_ms": record.started_at_ms,
-        "created_domain": true,
-        "peer_name": "agent-a",
-    });
-    std::fs::write(&run, serde_json::to_vec(&kept).unwrap()).unwrap();
+    let was = name_the_migration_again(&b, &a, &moved);
+    assert!(was.is_null(), "{was}");
     b.start_again().await;
     guest_runs_on_past_the_orphan_timeout(&b, &pids).await;
 }
@@ -159,8 +137,47 @@ async fn a_destination_agent_killed_before_it_resumed_the_guest_resumes_it_when_
     let bed = TestBed::simulated_with_agent_processes()
         .await
         .with_timeouts(&["orphan=2s"]);
+    let (a, mut b, moved) = web_moved_for_good(&bed).await;
+    let pids = b.qemu_pids();
+
+    // The agent dies with the data landed and the source done, before its
+    // Finish resumed the guest and wrote anything down: the guest is
+    // paused, the run record still names the migration, the history does
+    // not have it. The source, asked, says the job completed: the only
+    // copy is here, and it must run, not wait out the orphan timeout.
+    b.qmp("web", "stop").await.expect("stop");
+    b.crash();
+    name_the_migration_again(&b, &a, &moved);
+    let history = rusqlite::Connection::open(b.state_dir().join("history.db")).unwrap();
+    for table in ["samples", "events"] {
+        history
+            .execute(
+                &format!("DELETE FROM {table} WHERE job_id = ?1"),
+                [&moved.record.id],
+            )
+            .unwrap();
+    }
+    let deleted = history
+        .execute("DELETE FROM jobs WHERE id = ?1", [&moved.record.id])
+        .unwrap();
+    assert_eq!(deleted, 1, "the destination had recorded the job");
+    drop(history);
+
+    b.start_again().await;
+    guest_runs_on_past_the_orphan_timeout(&b, &pids).await;
+}
+
+/// A migration that completed: its record and the options it ran with.
+struct Moved {
+    record: protocol::job::JobRecord,
+    options: MigrateOptions,
+}
+
+/// "web" started on a and migrated live to b for good (defined there,
+/// undefined on a).
+async fn web_moved_for_good(bed: &TestBed) -> (testkit::Host, testkit::Host, Moved) {
     let a = bed.host("a").await;
-    let mut b = bed.host("b").await;
+    let b = bed.host("b").await;
     a.define_and_start(bed.definition("web", 64, Workload::busy(4, 20_000)))
         .await;
     let options = MigrateOptions {
@@ -171,18 +188,21 @@ async fn a_destination_agent_killed_before_it_resumed_the_guest_resumes_it_when_
     };
     let record = a.migrate("web", &b, options.clone()).await;
     assert_eq!(record.status, JobStatus::Completed, "{record:?}");
-    let pids = b.qemu_pids();
+    (a, b, Moved { record, options })
+}
 
-    // The agent dies with the data landed and the source done, before its
-    // Finish resumed the guest and wrote anything down: the guest is
-    // paused, the run record still names the migration, the history does
-    // not have it. The source, asked, says the job completed: the only
-    // copy is here, and it must run, not wait out the orphan timeout.
-    b.qmp("web", "stop").await.expect("stop");
-    b.crash();
+/// Writes b's run record of "web" back as an incoming migration from a
+/// (b's agent down): what an agent killed before Finish rewrote it
+/// leaves. Returns what the record said instead.
+fn name_the_migration_again(
+    b: &testkit::Host,
+    a: &testkit::Host,
+    Moved { record, options }: &Moved,
+) -> serde_json::Value {
     let run = b.state_dir().join("run/web.json");
     let mut kept: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&run).unwrap()).unwrap();
+    let was = kept["incoming"].take();
     kept["incoming"] = serde_json::json!({
         "id": record.id,
         "peer": a.uri(),
@@ -192,23 +212,7 @@ async fn a_destination_agent_killed_before_it_resumed_the_guest_resumes_it_when_
         "peer_name": "agent-a",
     });
     std::fs::write(&run, serde_json::to_vec(&kept).unwrap()).unwrap();
-    let history = rusqlite::Connection::open(b.state_dir().join("history.db")).unwrap();
-    for table in ["samples", "events"] {
-        history
-            .execute(
-                &format!("DELETE FROM {table} WHERE job_id = ?1"),
-                [&record.id],
-            )
-            .unwrap();
-    }
-    let deleted = history
-        .execute("DELETE FROM jobs WHERE id = ?1", [&record.id])
-        .unwrap();
-    assert_eq!(deleted, 1, "the destination had recorded the job");
-    drop(history);
-
-    b.start_again().await;
-    guest_runs_on_past_the_orphan_timeout(&b, &pids).await;
+    was
 }
 
 async fn guest_runs_on_past_the_orphan_timeout(b: &testkit::Host, pids: &[u32]) {
