@@ -102,9 +102,18 @@ async fn window_of(
     })
     .await
     .map_err(MeasureError::Start)?;
-    let deadline = Instant::now() + Duration::from_secs(window as u64 + 10);
+    let window_ends = Instant::now() + Duration::from_secs(window.max(0) as u64);
+    let deadline = window_ends + Duration::from_secs(10);
     loop {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Often once the window has run: the slice probe counts the vCPU's
+        // CPU time until the result is in, so each poll's wait is CPU time
+        // the window never saw.
+        let poll = if Instant::now() < window_ends {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_millis(20)
+        };
+        tokio::time::sleep(poll).await;
         let info = qmp
             .execute(&QueryDirtyRate)
             .await
