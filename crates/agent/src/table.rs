@@ -119,12 +119,39 @@ pub(crate) struct DomainView {
 }
 
 /// The table.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct DomainTable {
     domains: Mutex<BTreeMap<DomainName, Domain>>,
+    /// Each job that leaves the table (its domain and id), so that a
+    /// `watch` tells its end at once, even of a job that began and ended
+    /// between two of its looks (a drain's controller admits the next
+    /// migration on it).
+    jobs_left: tokio::sync::broadcast::Sender<(DomainName, String)>,
+}
+
+/// Job ends a watch may fall behind by before it reads the table instead.
+const JOB_ENDS_KEPT: usize = 64;
+
+impl Default for DomainTable {
+    fn default() -> Self {
+        DomainTable {
+            domains: Mutex::default(),
+            jobs_left: tokio::sync::broadcast::channel(JOB_ENDS_KEPT).0,
+        }
+    }
 }
 
 impl DomainTable {
+    /// Hears of each job that leaves the table from now on.
+    pub fn job_ends(&self) -> tokio::sync::broadcast::Receiver<(DomainName, String)> {
+        self.jobs_left.subscribe()
+    }
+
+    fn job_left(&self, name: &DomainName, job_id: &str) {
+        // No watch listening is no error.
+        let _ = self.jobs_left.send((name.clone(), job_id.to_string()));
+    }
+
     fn lock(&self) -> MutexGuard<'_, BTreeMap<DomainName, Domain>> {
         self.domains
             .lock()

@@ -241,31 +241,36 @@ impl DomainTable {
     /// definition it had (the peer's only held while its guest arrived).
     /// Nothing happens if the domain's job is another.
     pub fn forget_incoming(&self, name: &DomainName, job_id: &str) {
-        let mut domains = self.lock();
-        let Some(d) = domains.get_mut(name) else {
-            return;
+        let forgot = {
+            let mut domains = self.lock();
+            match domains.get_mut(name) {
+                Some(d) => match &d.occupancy {
+                    Occupancy::Incoming(job) if job.ident.id == job_id => {
+                        let job = job.clone();
+                        if job.created_domain {
+                            domains.remove(name);
+                        } else {
+                            d.occupancy = Occupancy::ShutOff;
+                            if let Some(definition) = &job.replaced_definition {
+                                d.definition = definition.clone();
+                            }
+                        }
+                        true
+                    }
+                    _ => false,
+                },
+                None => false,
+            }
         };
-        let Occupancy::Incoming(job) = &d.occupancy else {
-            return;
-        };
-        if job.ident.id != job_id {
-            return;
-        }
-        let job = job.clone();
-        if job.created_domain {
-            domains.remove(name);
-            return;
-        }
-        d.occupancy = Occupancy::ShutOff;
-        if let Some(definition) = &job.replaced_definition {
-            d.definition = definition.clone();
+        if forgot {
+            self.job_left(name, job_id);
         }
     }
 
     /// A job ended with `record`: its VM (if any) runs on here, and the
     /// record is the domain's last.
     pub fn end_job(&self, name: &DomainName, job_id: &str, record: JobRecord) {
-        let _ = self.with(name, |d| {
+        let ended = self.with(name, |d| {
             let vm = match &d.occupancy {
                 Occupancy::Outgoing { job, vm } if job.ident.id == job_id => Some(vm.clone()),
                 Occupancy::Incoming(job) if job.ident.id == job_id => Some(job.vm.clone()),
@@ -280,6 +285,9 @@ impl DomainTable {
             d.last_job = Some(record);
             Ok(())
         });
+        if ended.is_ok() {
+            self.job_left(name, job_id);
+        }
     }
 
     /// The record of a job that ended while no agent watched it.

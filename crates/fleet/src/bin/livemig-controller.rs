@@ -46,6 +46,10 @@ struct Args {
     /// back, RAM freed, a cordon lifted) before the drain gives it up.
     #[arg(long, default_value_t = 300)]
     patience: u64,
+    /// Milliseconds between the leader's looks at the running migrations'
+    /// progress (a migration that ends on a drained host wakes it at once).
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    tick_ms: u64,
 }
 
 #[tokio::main]
@@ -84,7 +88,7 @@ async fn main() -> Result<()> {
         },
         lease: Duration::from_secs(args.lease.max(1)),
         patience: Duration::from_secs(args.patience),
-        ..Settings::default()
+        tick: Duration::from_millis(args.tick_ms),
     };
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -4,7 +4,8 @@
 //! resumes each drain where the last one left it, and what the agents did
 //! meanwhile it reads from them and from the ownership keys.
 //!
-//! The leader steps every running drain once per tick (`step`): it plans
+//! The leader steps every running drain once per tick, and as soon as a
+//! migration ends on a drained host's agent (its `watch`, [`wake`]): it plans
 //! a drain the first time (measuring the guests), follows each running
 //! migration on its source agent, admits the next ones by the schedule's
 //! rule under the caps, re-splits each link among its migrations
@@ -14,7 +15,9 @@
 mod admit;
 mod migrate;
 mod step;
+mod wake;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cluster::Cluster;
@@ -87,13 +90,22 @@ pub async fn run(context: Context, shutdown: impl std::future::Future<Output = (
                 let lead = async {
                     // An etcd watch wakes an idle leader for a new drain;
                     // while drains run, the jobs on the agents are looked
-                    // at every tick.
+                    // at every tick, and each job's end on a drained
+                    // host wakes it at once.
                     let mut changes = context.cluster.drains_changes();
+                    let mut job_ends = wake::JobEnds::new(context.agents.clone());
                     while leadership.is_leading() {
-                        if lead_once(&context, &leadership).await {
-                            tokio::time::sleep(settings.tick).await;
-                        } else {
-                            changes.next(IDLE_WAIT).await;
+                        match lead_once(&context, &leadership).await {
+                            Led::Busy { sources } => {
+                                if let Some(sources) = sources {
+                                    job_ends.follow(&sources);
+                                }
+                                job_ends.wait(settings.tick).await;
+                            }
+                            Led::Idle => {
+                                job_ends.follow(&BTreeMap::new());
+                                changes.next(IDLE_WAIT).await;
+                            }
                         }
                     }
                 };
@@ -166,15 +178,26 @@ async fn snapshot(cluster: &Cluster) -> Result<Snapshot, crate::survey::FleetErr
     })
 }
 
-/// Steps every drain that has not ended; whether one has not.
-async fn lead_once(context: &Context, leadership: &cluster::Leadership) -> bool {
+/// What a round of the leader's found.
+enum Led {
+    /// No drain runs.
+    Idle,
+    /// Drains run: the drained hosts' agents (name → URI), if the cluster
+    /// could be read.
+    Busy {
+        sources: Option<BTreeMap<String, String>>,
+    },
+}
+
+/// Steps every drain that has not ended.
+async fn lead_once(context: &Context, leadership: &cluster::Leadership) -> Led {
     let drains = match context.cluster.drains().await {
         Ok(drains) => drains,
         Err(e) => {
             // Nothing new starts while etcd cannot be read; what runs
             // goes on in the agents.
             tracing::warn!(error = %e, "cannot read the drains");
-            return true;
+            return Led::Busy { sources: None };
         }
     };
     let drains: Vec<cluster::Versioned> = drains
@@ -182,15 +205,22 @@ async fn lead_once(context: &Context, leadership: &cluster::Leadership) -> bool 
         .filter(|d| !d.record.state.ended())
         .collect();
     if drains.is_empty() {
-        return false;
+        return Led::Idle;
     }
     let snapshot = match snapshot(&context.cluster).await {
         Ok(snapshot) => snapshot,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the cluster");
-            return true;
+            return Led::Busy { sources: None };
         }
     };
+    let sources = drains
+        .iter()
+        .filter_map(|d| {
+            let host = snapshot.records.iter().find(|h| h.name == d.record.host)?;
+            Some((host.name.clone(), host.agent_uri.clone()))
+        })
+        .collect();
     let mut migrating: Vec<Moving> = drains.iter().flat_map(|d| moving(&d.record)).collect();
     for drain in drains {
         let id = drain.record.id.clone();
@@ -208,5 +238,7 @@ async fn lead_once(context: &Context, leadership: &cluster::Leadership) -> bool 
             Err(e) => tracing::warn!(drain = %id, error = %e, "drain step failed"),
         }
     }
-    true
+    Led::Busy {
+        sources: Some(sources),
+    }
 }

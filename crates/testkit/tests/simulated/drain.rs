@@ -392,3 +392,43 @@ async fn a_drain_carries_a_guest_s_local_disk_with_it_and_leaves_a_shared_one_in
     assert!(!bed.local_of(host).join("shared.raw").exists());
     assert_eq!(std::fs::read(&shared).unwrap(), vec![0x5au8; 1 << 20]);
 }
+
+/// A migration's end on the drained host wakes the controller (the
+/// agent's `watch`), so the next guest goes then, not at the next tick:
+/// with a minute between ticks and one migration at a time, three guests
+/// move within seconds.
+#[tokio::test]
+async fn a_migration_s_end_admits_the_next_at_once_not_at_the_next_tick() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let guests = [
+        ("idle1", Workload::IDLE),
+        ("idle2", Workload::IDLE),
+        ("idle3", Workload::IDLE),
+    ];
+    let (a, b, c) = cluster_of_three(&bed, &etcd, "100", &guests).await;
+    let _controller = Controller::start(
+        &bed,
+        &etcd,
+        "c1",
+        &["--lease", "2", "--tick-ms", "60000", "--max-outbound", "1"],
+    );
+
+    let out = livemig(&bed, &etcd, &["drain", "agent-a", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    wait_until(
+        Duration::from_secs(30),
+        "the drain done, well within its first tick",
+        || async {
+            let out = livemig(&bed, &etcd, &["drains", "--json"]);
+            let drains: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).ok()?;
+            (drains.first()?["state"] == "done").then_some(())
+        },
+    )
+    .await;
+    assert!(running(&a).await.is_empty());
+    let mut moved = running(&b).await;
+    moved.extend(running(&c).await);
+    moved.sort();
+    assert_eq!(moved, ["idle1", "idle2", "idle3"]);
+}
