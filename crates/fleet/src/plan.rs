@@ -117,18 +117,25 @@ impl Guest {
         if model.rate <= 0.05 * link || model.working_set <= 0.05 * link {
             return MIN_NEED * link;
         }
-        let fits_downtime = model.working_set / (DOWNTIME_FIT * DOWNTIME_SECS);
-        // A rate measured only from below says nothing about a bandwidth
-        // that outruns it.
-        let unthrottled = if model.rate_is_lower_bound {
-            fits_downtime
-        } else {
-            fits_downtime.min(RATE_MARGIN * model.rate)
-        };
+        let unthrottled = self.converges_on();
         if unthrottled <= SMALL_NEED * link {
             unthrottled.max(MIN_NEED * link)
         } else {
             link
+        }
+    }
+
+    /// The bandwidth on which it converges unthrottled, bytes/s: [`RATE_MARGIN`]
+    /// times its dirty rate or its working set over [`DOWNTIME_FIT`] of the
+    /// downtime, whichever is less; the latter alone when the rate is only
+    /// a lower bound (it says nothing of a bandwidth that outruns it).
+    pub fn converges_on(&self) -> f64 {
+        let model = &self.model;
+        let fits_downtime = model.working_set / (DOWNTIME_FIT * DOWNTIME_SECS);
+        if model.rate_is_lower_bound {
+            fits_downtime
+        } else {
+            fits_downtime.min(RATE_MARGIN * model.rate)
         }
     }
 

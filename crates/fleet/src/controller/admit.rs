@@ -182,15 +182,17 @@ pub(super) async fn admit(
         let ran_secs = g
             .started_at_ms
             .map_or(0.0, |t| now.saturating_sub(t) as f64 / 1000.0);
+        let model = guest_model(g);
         running.push(Running {
             from,
             to,
-            need: guest_model(g).need(path(to)),
+            need: model.need(path(to)),
             remaining_secs: g
                 .remaining_secs
                 .unwrap_or_else(|| g.predicted_secs.unwrap_or(1.0)),
             overran: g.predicted_secs.is_some_and(|p| ran_secs > p),
             postcopy_active: g.postcopy_active,
+            converges_on: Some(model.converges_on()),
         });
         running_guests.push((k, running.len() - 1));
     }
@@ -206,6 +208,7 @@ pub(super) async fn admit(
                 remaining_secs: f64::INFINITY,
                 overran: false,
                 postcopy_active: false,
+                converges_on: None,
             });
         }
     }
@@ -319,6 +322,7 @@ pub(super) async fn admit(
             remaining_secs: g.predicted_secs.unwrap_or(1.0),
             overran: false,
             postcopy_active: false,
+            converges_on: Some(guest_model(g).converges_on()),
         });
         running_guests.push((candidate_guests[a], running.len() - 1));
     }
