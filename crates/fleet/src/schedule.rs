@@ -18,8 +18,10 @@
 //! run any time yet). A migration whose policy allows post-copy converges
 //! on any share, so it goes as soon as the caps let it, beside whatever
 //! runs. The links are shared in proportion to need (a migration in
-//! post-copy weighs more, [`POSTCOPY_WEIGHT`]), so a hot writer is not
-//! starved into throttling by idle guests and no guest is starved at all;
+//! post-copy weighs more, [`POSTCOPY_WEIGHT`]; a small one, and the writer
+//! nearest its end on each source's link, get at least what they converge
+//! unthrottled on), so a hot writer is not starved into throttling by idle
+//! guests, one about to end is not by long ones, and no guest is starved at all;
 //! they are split again as migrations start and end. A share is a cap: a
 //! migration that sends less than its share leaves the rest idle.
 //!
