@@ -5,7 +5,7 @@
 //! meanwhile it reads from them and from the ownership keys.
 //!
 //! The leader steps every running drain once per tick, and as soon as a
-//! migration ends on a drained host's agent (its `watch`, [`wake`]): it plans
+//! migration ends on a drained host's agent (its `watch`, `wake`): it plans
 //! a drain the first time (measuring the guests), follows each running
 //! migration on its source agent, admits the next ones by the schedule's
 //! rule under the caps, re-splits each link among its migrations
