@@ -1,7 +1,8 @@
 //! `watch`: every job on this agent as it goes, streamed on the
 //! connection that asked — its phase, progress and actions twice a second
-//! while it runs, then its record as soon as it ends — for any client that may read (the CLI
-//! that started a migration is not the only one that can follow it).
+//! while it runs, then its record as soon as it ends — for any client that
+//! may read (the CLI that started a migration is not the only one that can
+//! follow it).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
