@@ -19,10 +19,11 @@
 //! on any share, so it goes as soon as the caps let it, beside whatever
 //! runs. The links are shared in proportion to need (a small one, and the
 //! writer nearest its end on each source's link, get at least what they
-//! converge unthrottled on), so a hot writer is not starved into throttling by idle
-//! guests, one about to end is not by long ones, and no guest is starved at all;
-//! they are split again as migrations start and end. A share is a cap: a
-//! migration that sends less than its share leaves the rest idle.
+//! converge unthrottled on), so a hot writer is not starved into
+//! throttling by idle guests, one about to end is not by long ones, and no
+//! guest is starved at all; they are split again as migrations start and
+//! end. A share is a cap: a migration that sends less than its share
+//! leaves the rest idle.
 //!
 //! The fixed policies operators use today, for comparison: one at a time
 //! per host (Nova's default), two per host (KubeVirt's), and everything at
@@ -237,9 +238,10 @@ pub fn admit(
 /// what it needs (a writer's share grows with its need, an idle guest's
 /// is small but never nothing) and gives a small one
 /// ([`crate::plan::Guest::is_small`]) at least its need, which is what
-/// makes it converge unthrottled (scaled down only where small ones
-/// together ask more than a link has); the fixed policies weigh them
-/// alike, as competing TCP streams share a link.
+/// makes it converge unthrottled, and the writer nearest its end on each
+/// source's link what it converges unthrottled on (both scaled down only
+/// where together they ask more than a link has); the fixed policies
+/// weigh them alike, as competing TCP streams share a link.
 pub fn shares(policy: Policy, links: &[f64], running: &[Running]) -> Vec<f64> {
     let weight: Vec<f64> = running
         .iter()

@@ -64,7 +64,7 @@ impl JobEnds {
             if self.watching.contains_key(host) {
                 continue;
             }
-            let task = tokio::spawn(watch(
+            let task = tokio::spawn(watch_agent(
                 self.agents.clone(),
                 host.clone(),
                 uri.clone(),
@@ -93,7 +93,7 @@ impl JobEnds {
     }
 }
 
-async fn watch(agents: Agents, host: String, uri: String, ended: Arc<Notify>) {
+async fn watch_agent(agents: Agents, host: String, uri: String, ended: Arc<Notify>) {
     loop {
         match agents.connect(&host, &uri).await {
             Ok(client) => {
