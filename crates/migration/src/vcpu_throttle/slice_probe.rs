@@ -69,7 +69,7 @@ pub async fn probe<P: Probe>(probe: &P, index: usize) -> Option<SliceProbe> {
     }
     let before = after_the_first_quota(probe, index, unthrottled).await;
     let dirtied = probe.dirtied_in_a_second().await;
-    let after = probe.cpu_times().get(index).copied().flatten();
+    let after = cpu_time(probe, index);
     if !probe.lift_one(index).await.ok()? {
         return None;
     }
