@@ -219,7 +219,7 @@ impl Agent {
             None => {
                 let binary = self
                     .hypervisor
-                    .probe(self.config.qemu_timeout)
+                    .probe(state_dir, self.config.qemu_timeout)
                     .await
                     .map_err(|e| failed(errors::chain(&e)))?;
                 tracing::info!(binary = %now.path.display(), version = %binary.version, "probed QEMU");

@@ -134,12 +134,17 @@ pub trait Hypervisor: Send + Sync + fmt::Debug {
         Box::pin(VmProcess::adopt(pid, qmp_socket, log, timeout))
     }
 
-    /// The program's capabilities (`-machine none` and QMP queries).
+    /// The program's capabilities (`-machine none` and QMP queries), its
+    /// scratch directory in `parent`.
     ///
     /// # Errors
     /// [`ProbeError`] when it does not start or answer.
-    fn probe(&self, timeout: Duration) -> BoxFuture<'_, Result<QemuBinary, ProbeError>> {
-        Box::pin(crate::qemu::probe(self.program(), timeout))
+    fn probe<'a>(
+        &'a self,
+        parent: &'a Path,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<QemuBinary, ProbeError>> {
+        Box::pin(crate::qemu::probe_within(self.program(), parent, timeout))
     }
 
     /// Bytes of the guest's `ram_bytes` of RAM that hold anything.

@@ -20,6 +20,8 @@ use crate::procs;
 
 /// How long a stopping agent may take to cancel its jobs and return.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped agent's blocking tasks may take to return.
+const RUNTIME_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// An agent served by a thread of this process.
 #[derive(Debug)]
@@ -110,6 +112,12 @@ impl InProcessAgent {
                     .await
                     .map_err(|e| types::error_chain(&e))
                 });
+                // Shut down before the test hears of the stop: dropping the
+                // tasks the agent detached kills what they still run (the
+                // QEMU probe at its start), which the test process would
+                // otherwise leave behind as it exits. Bounded: a blocking
+                // task may not be waiting for a signal.
+                runtime.shutdown_timeout(RUNTIME_SHUTDOWN);
                 let _ = stopped_tx.send(result);
             })
             .expect("a thread for the agent");
@@ -157,7 +165,7 @@ impl InProcessAgent {
     }
 
     /// QEMU processes this agent (or an earlier one on the same state
-    /// directory) started that are still alive.
+    /// directory) started that are still alive, guests and binary probes.
     pub(crate) fn qemu_pids(state_dir: &Path) -> Vec<u32> {
         procs::qemus_naming(state_dir)
     }

@@ -40,6 +40,15 @@ pub fn is_vm(pid: u32) -> bool {
     comm(pid).is_some_and(|c| c.starts_with("qemu-system") || c == "livemig-simvm")
 }
 
+/// True for a QEMU an agent started to probe its binary (`-machine none`,
+/// its socket in a `livemig-probe-` scratch directory): not a guest.
+pub fn is_probe(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        let needle = b"/livemig-probe-";
+        cmdline.windows(needle.len()).any(|w| w == needle)
+    })
+}
+
 /// VM processes (QEMU or simulated) in a process group.
 pub fn qemus_in_group(pgid: u32) -> Vec<u32> {
     in_group(pgid)

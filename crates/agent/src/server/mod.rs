@@ -153,6 +153,7 @@ pub async fn serve(
         Some(settings) => Some(crate::membership::join(&agent, &settings, leave.clone()).await?),
         None => None,
     };
+    domain::qemu::clear_stale_probes(agent.store.root(), agent.config.qemu_timeout).await;
     // The QEMU probe (or its cached copy) now, not while the first
     // migration waits for it.
     let warm = agent.clone();

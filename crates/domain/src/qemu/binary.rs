@@ -137,22 +137,72 @@ impl QemuBinary {
     }
 }
 
-/// Probes `binary` by starting it with `-machine none`.
+/// What a probe's scratch directory is named after.
+const SCRATCH_PREFIX: &str = "livemig-probe-";
+
+/// Probes `binary` by starting it with `-machine none`, with its scratch
+/// directory in the system's temporary directory.
+///
+/// # Errors
+/// As [`probe_within`].
+pub async fn probe(binary: &Path, timeout: Duration) -> Result<QemuBinary, ProbeError> {
+    probe_within(binary, &std::env::temp_dir(), timeout).await
+}
+
+/// Probes `binary` by starting it with `-machine none`, with its scratch
+/// directory (its QMP socket and log) in `parent`: an agent's state
+/// directory, where [`clear_stale_probes`] finds what a killed agent left.
 ///
 /// # Errors
 /// [`ProbeError::Start`] when the binary cannot run, [`ProbeError::Query`]
 /// when it does not answer.
-pub async fn probe(binary: &Path, timeout: Duration) -> Result<QemuBinary, ProbeError> {
+pub async fn probe_within(
+    binary: &Path,
+    parent: &Path,
+    timeout: Duration,
+) -> Result<QemuBinary, ProbeError> {
     // A fresh, private, unpredictable directory: nobody else can plant a
     // socket or a link where the probe's QEMU will create its own.
     let scratch = tempfile::Builder::new()
-        .prefix("livemig-probe-")
-        .tempdir()
+        .prefix(SCRATCH_PREFIX)
+        .tempdir_in(parent)
         .map_err(|source| ProbeError::Scratch {
             binary: binary.to_path_buf(),
             source,
         })?;
     probe_in(binary, scratch.path(), timeout).await
+}
+
+/// Removes the scratch directories of probes made in `parent` by an agent
+/// that died before it could (a SIGKILL skips every destructor), first
+/// asking over its socket any probe QEMU still running there to quit: it
+/// would otherwise run, orphaned, until the host reboots. Returns how many
+/// it removed.
+pub async fn clear_stale_probes(parent: &Path, timeout: Duration) -> usize {
+    let Ok(mut entries) = tokio::fs::read_dir(parent).await else {
+        return 0;
+    };
+    let mut cleared = 0;
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        if !entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(SCRATCH_PREFIX)
+        {
+            continue;
+        }
+        let scratch = entry.path();
+        if let Ok(qmp) = qmp::Client::connect(&scratch.join("qmp.sock"), timeout).await {
+            let quit = qmp
+                .execute_with_timeout(&qmp::commands::vm::Quit, timeout)
+                .await;
+            tracing::info!(scratch = %scratch.display(), answered = quit.is_ok(), "a probe's QEMU outlived its agent; asked it to quit");
+        }
+        if tokio::fs::remove_dir_all(&scratch).await.is_ok() {
+            cleared += 1;
+        }
+    }
+    cleared
 }
 
 async fn probe_in(

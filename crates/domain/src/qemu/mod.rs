@@ -11,7 +11,7 @@ pub mod resident;
 pub mod sockets;
 
 pub use argv::{build_argv, Hardening, LaunchConfig, LaunchSpec};
-pub use binary::{probe, ProbeError, QemuBinary};
+pub use binary::{clear_stale_probes, probe, probe_within, ProbeError, QemuBinary};
 pub use layout::RamLayout;
 pub use process::{ExitInfo, ProcessError, VmProcess, STOP_TIMEOUT};
 pub use resident::{guest_ram_resident, ResidentError};

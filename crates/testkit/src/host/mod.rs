@@ -138,8 +138,9 @@ impl Host {
         self.process().pid()
     }
 
-    /// QEMU processes this host's agents started that are still alive
-    /// (including those of crashed agents).
+    /// Guests' QEMU processes this host's agents started that are still
+    /// alive (including those of crashed agents); not the probes of the
+    /// QEMU binary.
     pub fn qemu_pids(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = match self.kind {
             AgentKind::InProcess => InProcessAgent::qemu_pids(self.state_dir()),
@@ -153,6 +154,7 @@ impl Host {
                 .flat_map(|p| procs::qemus_in_group(p.pid()))
                 .collect(),
         };
+        pids.retain(|&pid| !procs::is_probe(pid));
         pids.sort_unstable();
         pids
     }

@@ -583,6 +583,78 @@ async fn the_qemu_probe_is_kept_across_restarts_and_redone_when_the_binary_chang
     assert!(log.contains("changed since its last probe"), "{log}");
 }
 
+/// An agent killed while it probes its QEMU (the probe at its start)
+/// leaves that QEMU running, orphaned, and its scratch directory behind:
+/// the next agent on the state directory asks the QEMU to quit over its
+/// socket and removes the directory.
+#[tokio::test]
+async fn a_probe_orphaned_by_a_killed_agent_is_cleared_by_the_next() {
+    let bed = TestBed::simulated().await;
+    let started = bed.path().join("probe-started");
+    // The VM program, a second late: the agent is killed meanwhile.
+    let qemu = bed.path().join("slow-qemu");
+    std::fs::write(
+        &qemu,
+        format!(
+            "#!/bin/sh\necho $$ \"$@\" > {0}.tmp\nmv {0}.tmp {0}\nsleep 1\nexec {1} \"$@\"\n",
+            started.display(),
+            bed.simulated_program().display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut a = bed
+        .host_args("a", &["--qemu", qemu.to_str().unwrap()])
+        .await;
+    let line = testkit::wait_until(
+        std::time::Duration::from_secs(30),
+        "the probe at the agent's start",
+        || async { std::fs::read_to_string(&started).ok() },
+    )
+    .await;
+    a.crash();
+    let pid: u32 = line.split_whitespace().next().unwrap().parse().unwrap();
+    let socket = line
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("socket,id=qmp,path="))
+        .and_then(|option| option.split(',').next())
+        .map(std::path::PathBuf::from)
+        .expect("the probe's QMP socket on its command line");
+    let scratch = socket.parent().unwrap().to_path_buf();
+    assert!(scratch.starts_with(a.state_dir()), "{}", scratch.display());
+    testkit::wait_until(
+        std::time::Duration::from_secs(30),
+        "the orphaned probe's QMP socket",
+        || async { socket.exists().then_some(()) },
+    )
+    .await;
+    assert!(running(pid));
+
+    a.start_again().await;
+
+    testkit::wait_until(
+        std::time::Duration::from_secs(10),
+        "the orphaned probe to quit",
+        || async { (!running(pid)).then_some(()) },
+    )
+    .await;
+    assert!(!scratch.exists(), "{} is still there", scratch.display());
+    let log = std::fs::read_to_string(a.state_dir().join("livemigd.log")).unwrap();
+    assert!(
+        log.contains("outlived its agent; asked it to quit"),
+        "{log}"
+    );
+}
+
+/// `pid` exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 #[tokio::test]
 async fn anyone_who_may_read_follows_every_job_to_its_end_with_watch() {
     use std::io::BufRead;
