@@ -4,17 +4,37 @@
 //! campaign wins. Everything the leader writes is conditioned on that key
 //! still being under its lease ([`Leadership::guard`]): a leader that was
 //! cut off and replaced cannot overwrite its successor's decisions.
+//!
+//! Beside it, under the same lease, the leader's limits
+//! (`/livemig/controller/limits`): what `livemig drain --dry-run` plans
+//! with, so that its prediction is the schedule the leader will run.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use serde::{Deserialize, Serialize};
 
 use crate::connect::{bounded, Cluster, ClusterError};
 
 /// The leader key.
 pub const LEADER: &str = "/livemig/controller/leader";
+
+/// The leader's limits.
+pub const LIMITS: &str = "/livemig/controller/limits";
+
+/// The limits a controller never exceeds, whatever its schedule (`None`:
+/// no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Migrations leaving one host at once.
+    pub outbound: Option<u32>,
+    /// Migrations arriving at one host at once.
+    pub inbound: Option<u32>,
+    /// Migrations in the cluster at once.
+    pub cluster: Option<u32>,
+}
 
 /// This controller leads, while [`Leadership::is_leading`] says so.
 #[derive(Debug)]
@@ -52,14 +72,15 @@ impl Drop for Leadership {
 }
 
 impl Cluster {
-    /// Becomes the leader as `name` if nobody leads; `None` if another
-    /// controller does.
+    /// Becomes the leader as `name`, with `limits`, if nobody leads;
+    /// `None` if another controller does.
     ///
     /// # Errors
     /// [`ClusterError::Etcd`].
     pub async fn campaign(
         &self,
         name: &str,
+        limits: &Limits,
         ttl: Duration,
     ) -> Result<Option<Leadership>, ClusterError> {
         let mut client = self.client.clone();
@@ -67,13 +88,13 @@ impl Cluster {
             .await
             .map_err(self.etcd_error())?
             .id();
+        let limits = serde_json::to_vec(limits).expect("limits serialize");
         let txn = Txn::new()
             .when([Compare::create_revision(LEADER, CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                LEADER,
-                name,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+            .and_then([
+                TxnOp::put(LEADER, name, Some(PutOptions::new().with_lease(lease))),
+                TxnOp::put(LIMITS, limits, Some(PutOptions::new().with_lease(lease))),
+            ]);
         let won = bounded(client.txn(txn))
             .await
             .map_err(self.etcd_error())?
@@ -104,6 +125,31 @@ impl Cluster {
             .kvs()
             .first()
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// The leading controller's name and limits, if one leads.
+    ///
+    /// # Errors
+    /// [`ClusterError::Etcd`]; [`ClusterError::Record`] for limits that do
+    /// not parse.
+    pub async fn leader_limits(&self) -> Result<Option<(String, Limits)>, ClusterError> {
+        let Some(name) = self.leader().await? else {
+            return Ok(None);
+        };
+        let got = bounded(self.client.clone().get(LIMITS, None))
+            .await
+            .map_err(self.etcd_error())?;
+        let limits = match got.kvs().first() {
+            Some(kv) => {
+                serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Record {
+                    key: LIMITS.to_string(),
+                    source,
+                })?
+            }
+            // A leader that has not said (or an older controller).
+            None => Limits::default(),
+        };
+        Ok(Some((name, limits)))
     }
 
     /// Runs `ops` if this controller still leads; returns whether they ran

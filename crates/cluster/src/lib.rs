@@ -40,7 +40,7 @@ pub use drain::{
     now_ms, Blocked, DrainGuest, DrainRecord, DrainStart, DrainState, GuestCost, GuestState,
     Versioned,
 };
-pub use leader::Leadership;
+pub use leader::{Leadership, Limits};
 pub use membership::{HostRecord, Registration};
 pub use ownership::Claim;
 pub use policy::{Policy, PolicyError};

@@ -74,6 +74,26 @@ pub struct Caps {
     pub cluster: Option<u32>,
 }
 
+impl From<Caps> for cluster::Limits {
+    fn from(caps: Caps) -> Self {
+        cluster::Limits {
+            outbound: caps.outbound,
+            inbound: caps.inbound,
+            cluster: caps.cluster,
+        }
+    }
+}
+
+impl From<cluster::Limits> for Caps {
+    fn from(limits: cluster::Limits) -> Self {
+        Caps {
+            outbound: limits.outbound,
+            inbound: limits.inbound,
+            cluster: limits.cluster,
+        }
+    }
+}
+
 /// A migration that runs, as the scheduler sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Running {

@@ -42,8 +42,19 @@ pub async fn run(
         .context("which host? give HOST or --watch ID")?;
     let agents = Agents::new(tls_dir)?;
     let checked = check(&cluster, &agents, &host, &args.to, args.dry_run).await?;
+    let leader = cluster
+        .leader_limits()
+        .await
+        .context("cannot ask the cluster which controller leads")?;
     if args.dry_run {
-        return Ok(print(dry_run(&checked, args.json.json)?));
+        let under = Under::new(leader, args.max_parallel);
+        return Ok(print(dry_run(&checked, &under, args.json.json)?));
+    }
+    if leader.is_none() {
+        eprintln!(
+            "warning: no controller leads the cluster: the drain waits until a \
+             livemig-controller runs"
+        );
     }
     let record = record(&cluster, &host, &args.to, args.max_parallel).await?;
     let guests = checked.guests.len();
@@ -169,8 +180,47 @@ fn print(text: String) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The limits a dry run plans under: the leading controller's (a
+/// controller's defaults when none leads), and the drain's own
+/// `--max-parallel` on the host it empties.
+struct Under {
+    caps: Caps,
+    /// The leading controller's name.
+    controller: Option<String>,
+}
+
+impl Under {
+    fn new(leader: Option<(String, cluster::Limits)>, max_parallel: Option<u32>) -> Under {
+        let (controller, mut caps) = match leader {
+            Some((name, limits)) => (Some(name), Caps::from(limits)),
+            None => (None, fleet::controller::Settings::default().caps),
+        };
+        if let Some(max) = max_parallel {
+            caps.outbound = Some(caps.outbound.map_or(max, |out| out.min(max)));
+        }
+        Under { caps, controller }
+    }
+
+    fn describe(&self) -> String {
+        let cap = |c: Option<u32>| c.map_or("any number".to_string(), |n| n.to_string());
+        let caps = format!(
+            "{} out and {} in per host, {} in the cluster",
+            cap(self.caps.outbound),
+            cap(self.caps.inbound),
+            cap(self.caps.cluster)
+        );
+        match &self.controller {
+            Some(name) => format!("under the limits of controller {name}, leading: {caps}"),
+            None => format!(
+                "under a controller's default limits, {caps}: no controller leads, and the \
+                 drain would wait for one"
+            ),
+        }
+    }
+}
+
 /// What `--dry-run` prints: where each guest goes and the predicted drain.
-fn dry_run(checked: &Checked, json: bool) -> Result<String> {
+fn dry_run(checked: &Checked, under: &Under, json: bool) -> Result<String> {
     let (survey, guests, placement) = (&checked.survey, &checked.guests, &checked.placement);
     let index = |name: &str| survey.hosts.iter().position(|h| h.name == name);
     let links: Vec<f64> = survey.hosts.iter().map(|h| h.link).collect();
@@ -185,7 +235,7 @@ fn dry_run(checked: &Checked, json: bool) -> Result<String> {
             postcopy: cluster::policy::allows_postcopy(&checked.policies, &s.labels),
         })
         .collect();
-    let outcome = schedule::simulate(Policy::Livemig, Caps::default(), &links, &moves);
+    let outcome = schedule::simulate(Policy::Livemig, under.caps, &links, &moves);
     let bound = plan::lower_bound(guests, &survey.source, &survey.hosts, placement);
     let rows: Vec<serde_json::Value> = moves
         .iter()
@@ -208,6 +258,12 @@ fn dry_run(checked: &Checked, json: bool) -> Result<String> {
             "guests": rows,
             "predicted_s": outcome.makespan,
             "lower_bound_s": bound,
+            "controller": under.controller,
+            "caps": {
+                "outbound": under.caps.outbound,
+                "inbound": under.caps.inbound,
+                "cluster": under.caps.cluster,
+            },
         }));
     }
     let mut out = format!(
@@ -229,8 +285,10 @@ fn dry_run(checked: &Checked, json: bool) -> Result<String> {
         ));
     }
     out.push_str(&format!(
-        "predicted: {:.1} s (lower bound {:.1} s); nothing was recorded\n",
-        outcome.makespan, bound
+        "predicted: {:.1} s (lower bound {:.1} s), {}; nothing was recorded\n",
+        outcome.makespan,
+        bound,
+        under.describe()
     ));
     Ok(out)
 }

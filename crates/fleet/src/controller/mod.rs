@@ -79,10 +79,11 @@ const IDLE_WAIT: Duration = Duration::from_secs(10);
 pub async fn run(context: Context, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     let settings = &context.settings;
+    let limits = settings.caps.into();
     loop {
         let leadership = tokio::select! {
             _ = &mut shutdown => return,
-            campaign = context.cluster.campaign(&settings.name, settings.lease) => campaign,
+            campaign = context.cluster.campaign(&settings.name, &limits, settings.lease) => campaign,
         };
         match leadership {
             Ok(Some(leadership)) => {

@@ -208,6 +208,107 @@ async fn a_drain_moves_every_guest_off_the_host_and_reports_what_each_cost() {
     assert!(text.contains("hot") && text.contains("MiB"), "{text}");
 }
 
+/// The guests' `[start, end)` in a dry run's plan, with their hosts.
+fn planned(plan: &serde_json::Value) -> Vec<(f64, f64, String)> {
+    plan["guests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["start_s"].as_f64().unwrap(),
+                g["end_s"].as_f64().unwrap(),
+                g["to"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The most planned migrations running at once (into `to`, if given).
+fn most_at_once(plan: &[(f64, f64, String)], to: Option<&str>) -> usize {
+    plan.iter()
+        .map(|(start, _, _)| {
+            plan.iter()
+                .filter(|(s, e, t)| s <= start && start < e && to.is_none_or(|to| t == to))
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A dry run plans under the limits the leading controller will keep (a
+/// controller's defaults, said so, when none leads) and under the drain's
+/// own `--max-parallel`; a drain recorded with no controller leading says
+/// it will wait for one.
+#[tokio::test]
+async fn a_dry_run_plans_under_the_leading_controller_s_limits() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let guests = [
+        ("idle1", Workload::IDLE),
+        ("idle2", Workload::IDLE),
+        ("idle3", Workload::IDLE),
+        ("idle4", Workload::IDLE),
+    ];
+    let (_a, _b, _c) = cluster_of_three(&bed, &etcd, "100", &guests).await;
+    let dry_run = |extra: &[&str]| {
+        let mut args = vec!["drain", "agent-a", "--dry-run", "--json"];
+        args.extend(extra);
+        let out = livemig(&bed, &etcd, &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()
+    };
+
+    let plan = dry_run(&[]);
+    assert_eq!(plan["controller"], serde_json::Value::Null, "{plan}");
+    assert_eq!(plan["caps"]["outbound"], 4, "{plan}");
+    assert_eq!(plan["caps"]["inbound"], 2, "{plan}");
+    assert_eq!(most_at_once(&planned(&plan), None), 4, "{plan}");
+    let text = stdout(&livemig(&bed, &etcd, &["drain", "agent-a", "--dry-run"]));
+    assert!(text.contains("no controller leads"), "{text}");
+    let plan = dry_run(&["--max-parallel", "1"]);
+    assert_eq!(plan["caps"]["outbound"], 1, "{plan}");
+    assert_eq!(most_at_once(&planned(&plan), None), 1, "{plan}");
+
+    let mut controller = Controller::start(
+        &bed,
+        &etcd,
+        "c1",
+        &["--lease", "2", "--max-outbound", "3", "--max-inbound", "1"],
+    );
+    let plan = wait_until(Duration::from_secs(20), "c1 to lead", || async {
+        let plan = dry_run(&[]);
+        (plan["controller"] == "c1").then_some(plan)
+    })
+    .await;
+    assert_eq!(plan["caps"]["outbound"], 3, "{plan}");
+    assert_eq!(plan["caps"]["inbound"], 1, "{plan}");
+    let schedule = planned(&plan);
+    assert!(most_at_once(&schedule, None) <= 2, "{plan}");
+    for host in ["agent-b", "agent-c"] {
+        assert_eq!(most_at_once(&schedule, Some(host)), 1, "{plan}");
+    }
+    let text = stdout(&livemig(&bed, &etcd, &["drain", "agent-a", "--dry-run"]));
+    assert!(
+        text.contains("under the limits of controller c1, leading: 3 out and 1 in per host"),
+        "{text}"
+    );
+
+    // Its lease runs out with it.
+    controller.kill();
+    wait_until(Duration::from_secs(20), "no controller to lead", || async {
+        (dry_run(&[])["controller"].is_null()).then_some(())
+    })
+    .await;
+    let out = livemig(&bed, &etcd, &["drain", "agent-a"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no controller leads the cluster: the drain waits"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[tokio::test]
 async fn a_drain_that_cannot_be_done_is_refused_and_changes_nothing() {
     let bed = TestBed::simulated().await;
