@@ -190,7 +190,7 @@ impl Agent {
         let vm = match vm::launch(self, &def, &spec, false, paused).await {
             Ok(vm) => vm,
             Err(e) => {
-                crate::membership::release(self, name.as_str()).await;
+                let _ = crate::membership::release(self, name.as_str()).await;
                 return Err(e);
             }
         };
@@ -209,9 +209,11 @@ impl Agent {
         let _guard = lock.lock().await;
         let vm = self.table.take_vm(name)?;
         vm.process.kill_and_wait(STOP_TIMEOUT).await;
-        crate::membership::release(self, name.as_str()).await;
+        let told = crate::membership::release(self, name.as_str()).await;
         tracing::info!(domain = %name, "destroyed");
-        self.table.drop_if_transient_and_idle(name);
+        if told {
+            self.table.drop_if_transient_and_idle(name);
+        }
         Ok(Reply::Done)
     }
 

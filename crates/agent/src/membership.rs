@@ -154,13 +154,20 @@ pub(crate) async fn with_policy(
     )
 }
 
-/// The domain stopped here: the cluster forgets it ran here.
-pub(crate) async fn release(agent: &Agent, domain: &str) {
+/// The domain stopped here: the cluster forgets it ran here. False when
+/// the cluster could not be told: until [`release_stale`] tells it, the
+/// cluster holds the guest off every other host, so the domain stays in
+/// the table (a transient one too) for that to find.
+pub(crate) async fn release(agent: &Agent, domain: &str) -> bool {
     let Some(member) = agent.cluster.get() else {
-        return;
+        return true;
     };
-    if let Err(e) = member.cluster.release(domain, &member.name).await {
-        tracing::warn!(domain, error = %crate::errors::chain(&e), "the cluster could not be told the domain stopped here");
+    match member.cluster.release(domain, &member.name).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(domain, error = %crate::errors::chain(&e), "the cluster could not be told the domain stopped here");
+            false
+        }
     }
 }
 
@@ -246,7 +253,7 @@ async fn claim_running(agent: &Agent, member: &Member) {
                 // once met a guest owned by a host with no such domain).
                 let runs = agent.table.get(&d.name).is_ok_and(|now| now.vm.is_some());
                 if !runs {
-                    release(agent, d.name.as_str()).await;
+                    let _ = release(agent, d.name.as_str()).await;
                 }
             }
             Ok(Claim::HeldBy(host)) => {
@@ -269,9 +276,9 @@ async fn claim_running(agent: &Agent, member: &Member) {
 /// thousand agents doing every few seconds would make etcd's busiest
 /// work). A domain with an operation under way (its lock held: a start
 /// claims before its QEMU runs) is left for the next round, as is one
-/// whose switchover the cluster has not been told of; one not defined
-/// here (a transient guest, gone with its QEMU) is left alone, with no
-/// lock to hold against a define and start racing the release.
+/// whose switchover the cluster has not been told of. A transient guest
+/// stays in the table, stopped, while its release is owed ([`release`]),
+/// and goes once it is told.
 async fn release_stale(agent: &Agent, member: &Member) {
     for d in agent.table.all() {
         if d.vm.is_some() || d.job.is_some() || member.handing_over_to(d.name.as_str()).is_some() {
@@ -293,9 +300,10 @@ async fn release_stale(agent: &Agent, member: &Member) {
         }
         match member.cluster.release(d.name.as_str(), &member.name).await {
             Ok(true) => {
-                tracing::warn!(domain = %d.name, "the cluster said this stopped domain runs here; released")
+                tracing::warn!(domain = %d.name, "the cluster said this stopped domain runs here; released");
+                agent.table.drop_if_transient_and_idle(&d.name);
             }
-            Ok(false) => {}
+            Ok(false) => agent.table.drop_if_transient_and_idle(&d.name),
             Err(e) => {
                 tracing::debug!(error = %crate::errors::chain(&e), "cannot release stopped domains");
                 return;

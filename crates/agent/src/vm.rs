@@ -198,8 +198,9 @@ pub(crate) fn watch_exit(agent: Arc<Agent>, name: DomainName, vm: Arc<RunningVm>
             // Stopped here: the cluster no longer has it running here (a
             // domain handed over at switchover is not this host's to
             // release).
-            crate::membership::release(&agent, name.as_str()).await;
-            agent.table.drop_if_transient_and_idle(&name);
+            if crate::membership::release(&agent, name.as_str()).await {
+                agent.table.drop_if_transient_and_idle(&name);
+            }
         }
     });
 }

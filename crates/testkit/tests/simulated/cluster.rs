@@ -496,6 +496,47 @@ async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_
     assert!(a.qemu_pids().is_empty());
 }
 
+/// A guest that landed without `--persistent` (transient there) and is
+/// destroyed while etcd is out of reach: its release is owed, not
+/// forgotten with the domain, and once etcd is back the guest may start
+/// on its old host again.
+#[tokio::test]
+async fn a_transient_guest_stopped_while_etcd_is_away_is_released_once_it_is_back() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let (a, b) = hosts_with_a_moving_guest(&bed, &etcd).await;
+    let record = a.migrate("vm", &b, testkit::capped(8)).await;
+    assert_eq!(
+        record.status,
+        protocol::job::JobStatus::Completed,
+        "{record:?}"
+    );
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-b"));
+
+    etcd.pause();
+    b.request(protocol::Request::Destroy {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    assert!(b.qemu_pids().is_empty());
+    etcd.resume();
+
+    let start = || protocol::Request::Start {
+        domain: "vm".parse().unwrap(),
+        paused: false,
+    };
+    wait_until(
+        Duration::from_secs(60),
+        "a to start the guest again",
+        || async { a.request(start()).await.ok() },
+    )
+    .await;
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+    // b told the cluster, and forgot the guest it no longer runs.
+    assert!(b.list_all().await.is_empty(), "{:?}", b.list_all().await);
+}
+
 #[tokio::test]
 async fn a_switchover_told_after_its_destination_stopped_the_guest_does_not_hold_it_there() {
     let bed = TestBed::simulated().await;
