@@ -62,7 +62,15 @@ pub(crate) struct IncomingJob {
     pub reattached: bool,
     /// Images created for copied disks: removed if the guest does not land.
     pub created_images: Vec<std::path::PathBuf>,
+    /// The task that resumes the guest when post-copy starts, ending with
+    /// its vCPUs' clock then (what post-copy cost the guest is measured
+    /// from at Finish).
+    pub postcopy_resume: PostcopyResume,
 }
+
+/// [`IncomingJob::postcopy_resume`].
+pub(crate) type PostcopyResume =
+    Mutex<Option<tokio::task::JoinHandle<Option<migration::postcopy::cost::VcpuClock>>>>;
 
 #[derive(Debug, Clone)]
 pub(crate) enum ActiveJob {

@@ -30,6 +30,8 @@ pub fn stats_from_qemu(info: &MigrationInfo) -> JobStats {
         disk_total_bytes: None,
         disk_processed_bytes: None,
         disk_dirty_rate_bytes_s: None,
+        // Measured by the destination agent, not QEMU.
+        postcopy_work_lost_ms: None,
     }
 }
 

@@ -269,7 +269,7 @@ call!(
 call!(
     /// `peer-finish`.
     PeerFinish { job_id: String } => Request::PeerFinish { job_id };
-    (), Reply::Finished => ()
+    Option<u64>, Reply::Finished { postcopy_work_lost_ms } => postcopy_work_lost_ms
 );
 call!(
     /// `peer-recover`: where the data goes again.

@@ -148,6 +148,11 @@ pub struct JobStats {
     /// written again after the mirror sent them), over the last seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_dirty_rate_bytes_s: Option<u64>,
+    /// Full-speed guest time, ms, its vCPUs lost on the destination
+    /// waiting for post-copy's pages (once it has landed; measured there
+    /// from the vCPU threads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_work_lost_ms: Option<u64>,
 }
 
 impl JobStats {
@@ -228,7 +233,8 @@ pub struct JobInfo {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseTime>,
     /// Estimated impact on the guest so far: seconds of full-speed guest
-    /// time lost to the vCPU throttle.
+    /// time lost to the vCPU throttle and, once it has landed, to waiting
+    /// for post-copy's pages.
     #[serde(default)]
     pub guest_work_lost_s: f64,
     /// The bandwidth cap in force, MiB/s (`None`: uncapped, or not known).
@@ -345,7 +351,8 @@ impl JobRecord {
             converge: self.converge,
             actions: self.actions.clone(),
             phases: self.phases.clone(),
-            guest_work_lost_s: work_lost_s(&self.samples),
+            guest_work_lost_s: work_lost_s(&self.samples)
+                + self.stats.postcopy_work_lost_ms.unwrap_or(0) as f64 / 1000.0,
             bandwidth_limit_mib_s: None,
             downtime_limit_ms: None,
             error: self.error.clone(),

@@ -83,7 +83,13 @@ pub enum Reply {
     /// One of the answers to `watch`.
     Watch(Box<WatchEvent>),
     /// Answer to `peer-finish`: the guest runs here.
-    Finished,
+    Finished {
+        /// Full-speed guest time, ms, the guest lost here waiting for
+        /// post-copy's pages, when it ran in post-copy and its vCPUs could
+        /// be read.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        postcopy_work_lost_ms: Option<u64>,
+    },
     /// Answer to `peer-abort`: whether the guest already runs here (the
     /// job had finished), in which case the source must not resume it.
     Aborted {

@@ -48,6 +48,7 @@ pub(super) async fn resolve_incoming(
         replaced_definition: None,
         reattached: true,
         created_images: job.created_images.clone(),
+        postcopy_resume: Default::default(),
     });
     agent.table.keep_incoming(name, incoming.clone());
     // Finish makes the job record durable before it answers; an agent

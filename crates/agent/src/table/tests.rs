@@ -55,6 +55,7 @@ fn incoming(
         replaced_definition: replaced,
         reattached: false,
         created_images: Vec::new(),
+        postcopy_resume: Default::default(),
     }
 }
 

@@ -33,7 +33,16 @@ async fn the_fastest_writer_goes_to_postcopy_from_the_probe_without_a_throttle()
     let (a, b) = bed.two_hosts_running("vm", 512, FASTEST).await;
     a.wait_guest_passes("vm", 1).await;
 
-    let record = a.migrate("vm", &b, adaptive_with_postcopy()).await;
+    let job = a
+        .migration_until("vm", &b, adaptive_with_postcopy(), "post-copy", |j| {
+            j.stats.qemu_status.as_deref() == Some("postcopy-active")
+        })
+        .await;
+    // The guest runs on the destination while its pages arrive: the
+    // source's copy stopped at the switch.
+    let status = b.qmp("vm", "query-status").await.unwrap();
+    assert_eq!(status["status"], "running", "{status}");
+    let record = a.wait_job(&job).await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
     let postcopy = postcopy_after_the_probe(&record);
@@ -52,6 +61,20 @@ async fn the_fastest_writer_goes_to_postcopy_from_the_probe_without_a_throttle()
         record.actions
     );
     assert_eq!(record.max_cpu_throttle_pct, 0.0, "{record:#?}");
+    // What post-copy cost it instead: the whole-speed writer waits on the
+    // destination for most pages it touches, and the work lost says so.
+    let lost_ms = record
+        .stats
+        .postcopy_work_lost_ms
+        .expect("the destination measured post-copy's cost");
+    let postcopy_ms = record
+        .total_time_ms
+        .saturating_sub(record.actions[postcopy].t_ms);
+    assert!(
+        lost_ms > postcopy_ms / 4 && lost_ms <= postcopy_ms + 500,
+        "{lost_ms} ms lost in {postcopy_ms} ms of post-copy"
+    );
+    assert_eq!(record.as_info().guest_work_lost_s, lost_ms as f64 / 1000.0);
 
     landed_intact(&a, &b).await;
 }

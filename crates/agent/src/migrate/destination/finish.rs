@@ -49,12 +49,16 @@ pub(crate) async fn finish_job(
             teardown(agent, name, job, &error).await;
             return Err(ApiError::new(ErrorCode::MigrationFailed, error));
         }
+        let postcopy_work_lost = postcopy_cost(job).await;
         landed_here(agent, name, job).await;
         tracing::info!(
             paused = job.ident.flags.landing().suspend,
+            postcopy_work_lost_ms = postcopy_work_lost.map(|d| d.as_millis() as u64),
             "guest resumed on the destination"
         );
-        Ok(Reply::Finished)
+        Ok(Reply::Finished {
+            postcopy_work_lost_ms: postcopy_work_lost.map(|d| d.as_millis() as u64),
+        })
     }
     .instrument(span)
     .await
@@ -98,6 +102,22 @@ pub(crate) async fn landed_here(agent: &Agent, name: &DomainName, job: &Incoming
     // The guest is here now: no peer may replace it.
     agent.bind(name, None).await;
     agent.persist_run(name).await;
+}
+
+/// What post-copy cost the guest, if it ran here in post-copy: measured
+/// from its vCPUs once it has landed (`postcopy::cost`).
+async fn postcopy_cost(job: &IncomingJob) -> Option<Duration> {
+    let resume = job
+        .postcopy_resume
+        .lock()
+        .expect("post-copy resume lock")
+        .take()?;
+    // The migration has completed: the task has ended, or ends at once.
+    let resumed = tokio::time::timeout(Duration::from_secs(1), resume)
+        .await
+        .ok()?
+        .ok()??;
+    migration::postcopy::cost::measure(&resumed).await
 }
 
 /// Why the guest could not be resumed here.
@@ -259,6 +279,7 @@ mod tests {
             definition,
             replaced_definition: None,
             created_images: Vec::new(),
+            postcopy_resume: Default::default(),
             reattached: false,
         }
     }

@@ -232,9 +232,8 @@ async fn prepare_live(
     };
     match start(agent, &req, &listen, nbd_listen.as_ref(), tls.as_ref()).await {
         Ok((vm, previous, uri, nbd_port)) => {
-            if req.flags.postcopy().on_command() && !req.flags.landing().suspend {
-                migration::postcopy::resume_on_postcopy(vm.process.qmp().clone());
-            }
+            let resume = (req.flags.postcopy().enabled() && !req.flags.landing().suspend)
+                .then(|| migration::postcopy::resume_on_postcopy(vm.process.qmp().clone()));
             let mut job = incoming_job(
                 agent,
                 &req,
@@ -244,6 +243,7 @@ async fn prepare_live(
                 previous,
             );
             job.created_images = images;
+            job.postcopy_resume = std::sync::Mutex::new(resume);
             agent.table.prepared_incoming(Arc::new(job))?;
             agent.persist_run(&name).await;
             tracing::info!(%uri, ?nbd_port, source = ?req.source, "prepared");
@@ -404,5 +404,6 @@ fn incoming_job(
         replaced_definition: replaced,
         reattached: false,
         created_images: Vec::new(),
+        postcopy_resume: Default::default(),
     }
 }

@@ -18,8 +18,9 @@ use crate::errors;
 /// What the destination says after the copy completed.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Settled {
-    /// It resumed the guest.
-    Finished,
+    /// It resumed the guest; the guest work, ms, it lost there waiting for
+    /// post-copy's pages, if it measured it.
+    Finished { postcopy_work_lost_ms: Option<u64> },
     /// It runs the guest, though Finish's answer was lost.
     RunsThere(String),
     /// It does not run the guest (and tore its side down).
@@ -54,7 +55,11 @@ pub(crate) async fn settle(
         )
         .await;
     let error = match finish {
-        Ok(()) => return Settled::Finished,
+        Ok(postcopy_work_lost_ms) => {
+            return Settled::Finished {
+                postcopy_work_lost_ms,
+            }
+        }
         // It answered: Finish failed there (and it tore its side down),
         // or it does not know the job. Its record says which.
         Err(ClientError::Api(e)) => e.message,
@@ -143,11 +148,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let agent = destination(
             dir.path(),
-            || Answer::Reply(Reply::Finished),
+            || {
+                Answer::Reply(Reply::Finished {
+                    postcopy_work_lost_ms: None,
+                })
+            },
             || panic!("no abort after a finish"),
         );
 
-        assert_eq!(settle_against(&agent).await, Settled::Finished);
+        assert_eq!(
+            settle_against(&agent).await,
+            Settled::Finished {
+                postcopy_work_lost_ms: None
+            }
+        );
         assert_eq!(agent.ops(), ["hello", "peer-finish"]);
     }
 
@@ -245,7 +259,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let agent = destination(
             dir.path(),
-            || Answer::Reply(Reply::Finished),
+            || {
+                Answer::Reply(Reply::Finished {
+                    postcopy_work_lost_ms: None,
+                })
+            },
             || panic!("no abort after a finish"),
         );
         let peer = Peer::connect(&agent.uri(), None, protocol::PEER_SILENCE_LIMIT)
@@ -256,6 +274,11 @@ mod tests {
 
         let settled = settle(&peer, JOB, Duration::from_secs(1), SHORT).await;
 
-        assert_eq!(settled, Settled::Finished);
+        assert_eq!(
+            settled,
+            Settled::Finished {
+                postcopy_work_lost_ms: None
+            }
+        );
     }
 }

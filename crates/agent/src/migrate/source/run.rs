@@ -434,7 +434,7 @@ impl Run {
     async fn finish_and_confirm(
         &self,
         vm: &Arc<RunningVm>,
-        stats: JobStats,
+        mut stats: JobStats,
         was_running: bool,
     ) -> Ending {
         self.set_phase(Phase::Finish);
@@ -446,7 +446,12 @@ impl Run {
         )
         .await;
         let note = match settled {
-            Settled::Finished => None,
+            Settled::Finished {
+                postcopy_work_lost_ms,
+            } => {
+                stats.postcopy_work_lost_ms = postcopy_work_lost_ms;
+                None
+            }
             Settled::RunsThere(note) => Some(note),
             Settled::NotThere(error) => {
                 let recovery = cleanup::resume_source(vm.process.qmp(), was_running).await;

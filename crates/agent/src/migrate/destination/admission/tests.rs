@@ -321,6 +321,7 @@ fn arriving(id: &str, peer: &str, memory_mib: u32, disk_bytes: u64) -> crate::jo
         replaced_definition: None,
         reattached: false,
         created_images: Vec::new(),
+        postcopy_resume: Default::default(),
     }
 }
 

@@ -2,6 +2,8 @@
 //! migration to `postcopy-paused`, where QEMU can recover it, and the
 //! destination resuming the guest the moment post-copy starts.
 
+pub mod cost;
+
 use std::time::Duration;
 
 use qmp::commands::migration::{MigratePause, MigrationStatus, QueryMigrate};
@@ -55,8 +57,10 @@ pub async fn pause(qmp: &Client) -> Result<(), PostcopyError> {
 /// In post-copy the destination must run the guest as soon as the source
 /// switches over (the pages it lacks are then fetched on demand); Finish
 /// comes only when the last page has arrived. Watches the destination QEMU
-/// for that and resumes the guest then.
-pub fn resume_on_postcopy(qmp: Client) {
+/// for that and resumes the guest then; the task ends with its vCPUs'
+/// clock as they were resumed (what [`cost::measure`] starts from), `None`
+/// when the migration ended without post-copy.
+pub fn resume_on_postcopy(qmp: Client) -> tokio::task::JoinHandle<Option<cost::VcpuClock>> {
     let mut events = qmp.events();
     tokio::spawn(async move {
         loop {
@@ -65,22 +69,26 @@ pub fn resume_on_postcopy(qmp: Client) {
                     EventKind::Migration {
                         status: MigrationStatus::PostcopyActive,
                     } => {
+                        // Read before `cont`: the vCPUs sat paused until
+                        // now, so the clock starts where post-copy does.
+                        let clock = cost::VcpuClock::read(&qmp).await;
                         match qmp.execute(&Cont).await {
                             Ok(_) => tracing::info!(
                                 "post-copy started; guest resumed on the destination"
                             ),
                             Err(e) => {
-                                tracing::error!(error = %e, "cannot resume the guest for post-copy")
+                                tracing::error!(error = %e, "cannot resume the guest for post-copy");
+                                return None;
                             }
                         }
-                        return;
+                        return clock;
                     }
-                    EventKind::Migration { status } if status.is_finished() => return,
+                    EventKind::Migration { status } if status.is_finished() => return None,
                     _ => {}
                 },
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
         }
-    });
+    })
 }
