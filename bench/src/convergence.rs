@@ -120,8 +120,13 @@ pub struct Trial {
     pub total_time_ms: u64,
     pub downtime_ms: Option<u64>,
     pub max_cpu_throttle_pct: f64,
+    /// From the guest's own progress lines: what it did not write against
+    /// its rate before the migration.
     pub guest_work_lost_s: f64,
     pub guest_work_lost_fraction: f64,
+    /// The agent's estimate of the same (its job record: the throttle, and
+    /// post-copy as the destination measured it from its vCPU threads).
+    pub agent_work_lost_s: f64,
     pub transferred_bytes: u64,
     /// Guest writes per second at full speed, before the migration.
     pub guest_rate_writes_s: f64,
@@ -753,6 +758,7 @@ pub async fn trial(
         max_cpu_throttle_pct: record.max_cpu_throttle_pct,
         guest_work_lost_s: lost,
         guest_work_lost_fraction: if secs > 0.0 { lost / secs } else { 0.0 },
+        agent_work_lost_s: record.as_info().guest_work_lost_s,
         transferred_bytes: record.transferred_bytes,
         guest_rate_writes_s: guest_rate,
         memory_check: if intact { "ok" } else { "corrupt" },

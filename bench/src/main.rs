@@ -480,7 +480,7 @@ async fn run_convergence(
                         json,
                         &trial,
                         format!(
-                            "{:<6} {:<9} rep {} converged={:<5} total {:>7.1} s downtime {:>5} max throttle {:>5.1}% lost {:>5.1} s ({:>3.0}%) sent {:>6.0} MiB memory {}{}",
+                            "{:<6} {:<9} rep {} converged={:<5} total {:>7.1} s downtime {:>5} max throttle {:>5.1}% lost {:>5.1} s ({:>3.0}%, agent's estimate {:.1} s) sent {:>6.0} MiB memory {}{}",
                             trial.workload,
                             trial.policy,
                             trial.rep,
@@ -490,6 +490,7 @@ async fn run_convergence(
                             trial.max_cpu_throttle_pct,
                             trial.guest_work_lost_s,
                             trial.guest_work_lost_fraction * 100.0,
+                            trial.agent_work_lost_s,
                             trial.transferred_bytes as f64 / 1048576.0,
                             trial.memory_check,
                             estimate_text(&trial),
