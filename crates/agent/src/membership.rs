@@ -312,6 +312,46 @@ async fn release_stale(agent: &Agent, member: &Member) {
     }
 }
 
+/// Releases, once at the agent's start (after it has adopted what runs
+/// here), every domain the cluster says runs on this host that this host
+/// does not know: a transient guest stopped while etcd was out of reach
+/// was kept in the table until the cluster could be told (`release`), and
+/// an agent that died meanwhile took that with it. One read of every
+/// owner, at start only.
+pub(crate) async fn release_unknown(agent: &Agent) {
+    let Some(member) = agent.cluster.get() else {
+        return;
+    };
+    let owners = match member.cluster.owners().await {
+        Ok(owners) => owners,
+        Err(e) => {
+            tracing::warn!(error = %crate::errors::chain(&e), "cannot read which domains the cluster says run here");
+            return;
+        }
+    };
+    for (domain, host) in owners {
+        if host != member.name {
+            continue;
+        }
+        let known = domain
+            .parse()
+            .is_ok_and(|name: domain::DomainName| agent.table.get(&name).is_ok());
+        if known {
+            continue;
+        }
+        match member.cluster.release(&domain, &member.name).await {
+            Ok(true) => {
+                tracing::warn!(%domain, "the cluster said a domain unknown here runs here; released")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(%domain, error = %crate::errors::chain(&e), "cannot release a domain unknown here");
+                return;
+            }
+        }
+    }
+}
+
 /// Why the host could not join its cluster.
 #[derive(Debug, thiserror::Error)]
 pub enum JoinError {

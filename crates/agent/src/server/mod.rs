@@ -172,6 +172,7 @@ pub async fn serve(
     }
     tracing::info!(count = agent.table.len(), "definitions loaded");
     crate::reattach::reattach_all(&agent).await;
+    crate::membership::release_unknown(&agent).await;
     tracing::info!(socket = %agent.config.socket.display(), %uri, state_dir = %agent.store.root().display(), "livemigd serving");
     if let Some(addr) = metrics_addr {
         let scheme = if agent.credentials.acceptor().is_some() {

@@ -537,6 +537,45 @@ async fn a_transient_guest_stopped_while_etcd_is_away_is_released_once_it_is_bac
     assert!(b.list_all().await.is_empty(), "{:?}", b.list_all().await);
 }
 
+/// As above, with the agent killed before etcd is back: the release it
+/// owed went with it, and the next agent on the host, finding the cluster
+/// naming it for a domain it does not know, releases it at its start.
+#[tokio::test]
+async fn a_release_owed_by_a_killed_agent_is_made_by_the_next() {
+    let bed = TestBed::simulated().await;
+    let etcd = Etcd::start(&bed).await;
+    let (a, mut b) = hosts_with_a_moving_guest(&bed, &etcd).await;
+    let record = a.migrate("vm", &b, testkit::capped(8)).await;
+    assert_eq!(
+        record.status,
+        protocol::job::JobStatus::Completed,
+        "{record:?}"
+    );
+    etcd.pause();
+    b.request(protocol::Request::Destroy {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    b.crash();
+    etcd.resume();
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-b"));
+
+    b.start_again().await;
+
+    let start = || protocol::Request::Start {
+        domain: "vm".parse().unwrap(),
+        paused: false,
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "a to start the guest again",
+        || async { a.request(start()).await.ok() },
+    )
+    .await;
+    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
+}
+
 #[tokio::test]
 async fn a_switchover_told_after_its_destination_stopped_the_guest_does_not_hold_it_there() {
     let bed = TestBed::simulated().await;
