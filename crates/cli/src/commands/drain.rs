@@ -202,13 +202,7 @@ impl Under {
     }
 
     fn describe(&self) -> String {
-        let cap = |c: Option<u32>| c.map_or("any number".to_string(), |n| n.to_string());
-        let caps = format!(
-            "{} out and {} in per host, {} in the cluster",
-            cap(self.caps.outbound),
-            cap(self.caps.inbound),
-            cap(self.caps.cluster)
-        );
+        let caps = limits_text(self.caps);
         match &self.controller {
             Some(name) => format!("under the limits of controller {name}, leading: {caps}"),
             None => format!(
@@ -217,6 +211,17 @@ impl Under {
             ),
         }
     }
+}
+
+/// `caps` in words.
+fn limits_text(caps: Caps) -> String {
+    let cap = |c: Option<u32>| c.map_or("any number".to_string(), |n| n.to_string());
+    format!(
+        "{} out and {} in per host, {} in the cluster",
+        cap(caps.outbound),
+        cap(caps.inbound),
+        cap(caps.cluster)
+    )
 }
 
 /// What `--dry-run` prints: where each guest goes and the predicted drain.
@@ -339,6 +344,18 @@ pub async fn list(
     if drains.is_empty() {
         out.push_str("(no drain)\n");
     }
+    // A drain nobody runs looks like a stuck one: say which it is.
+    let leader = cluster
+        .leader_limits()
+        .await
+        .context("cannot ask the cluster which controller leads")?;
+    out.push_str(&match leader {
+        Some((name, limits)) => format!(
+            "controller {name} leads, at most {}\n",
+            limits_text(Caps::from(limits))
+        ),
+        None => "no controller leads: drains wait until a livemig-controller runs\n".into(),
+    });
     Ok(out)
 }
 

@@ -266,6 +266,11 @@ async fn a_dry_run_plans_under_the_leading_controller_s_limits() {
     assert_eq!(most_at_once(&planned(&plan), None), 4, "{plan}");
     let text = stdout(&livemig(&bed, &etcd, &["drain", "agent-a", "--dry-run"]));
     assert!(text.contains("no controller leads"), "{text}");
+    let text = stdout(&livemig(&bed, &etcd, &["drains"]));
+    assert!(
+        text.contains("no controller leads: drains wait until a livemig-controller runs"),
+        "{text}"
+    );
     let plan = dry_run(&["--max-parallel", "1"]);
     assert_eq!(plan["caps"]["outbound"], 1, "{plan}");
     assert_eq!(most_at_once(&planned(&plan), None), 1, "{plan}");
@@ -291,6 +296,11 @@ async fn a_dry_run_plans_under_the_leading_controller_s_limits() {
     let text = stdout(&livemig(&bed, &etcd, &["drain", "agent-a", "--dry-run"]));
     assert!(
         text.contains("under the limits of controller c1, leading: 3 out and 1 in per host"),
+        "{text}"
+    );
+    let text = stdout(&livemig(&bed, &etcd, &["drains"]));
+    assert!(
+        text.contains("controller c1 leads, at most 3 out and 1 in per host, 16 in the cluster"),
         "{text}"
     );
 
