@@ -38,10 +38,27 @@ async fn the_fastest_writer_goes_to_postcopy_from_the_probe_without_a_throttle()
             j.stats.qemu_status.as_deref() == Some("postcopy-active")
         })
         .await;
-    // The guest runs on the destination while its pages arrive: the
-    // source's copy stopped at the switch.
-    let status = b.qmp("vm", "query-status").await.unwrap();
-    assert_eq!(status["status"], "running", "{status}");
+    // The guest runs on the destination while its pages arrive (the
+    // destination resumes it as it sees the switch, moments after the
+    // source does), not only once the last has come.
+    testkit::wait_until(
+        std::time::Duration::from_secs(30),
+        "the guest to run on the destination in post-copy",
+        || async {
+            let status = b.qmp("vm", "query-status").await.ok()?;
+            // Read after: seen running with post-copy still on.
+            let still = a
+                .job_active(&job)
+                .await
+                .is_some_and(|j| j.stats.qemu_status.as_deref() == Some("postcopy-active"));
+            assert!(
+                still,
+                "post-copy ended before the guest ran on the destination: {status}"
+            );
+            (status["status"] == "running").then_some(())
+        },
+    )
+    .await;
     let record = a.wait_job(&job).await;
 
     assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
