@@ -457,6 +457,40 @@ async fn migrates_with_etcd_frozen(
     );
 }
 
+/// "vm" moved from a to b without `--persistent` (transient there), then
+/// destroyed on b with etcd frozen: b's release cannot reach the cluster.
+/// etcd stays frozen.
+async fn moved_to_b_and_destroyed_with_etcd_frozen(
+    a: &testkit::Host,
+    b: &testkit::Host,
+    etcd: &Etcd,
+) {
+    let record = a.migrate("vm", b, testkit::capped(8)).await;
+    assert_eq!(
+        record.status,
+        protocol::job::JobStatus::Completed,
+        "{record:?}"
+    );
+    etcd.pause();
+    b.request(protocol::Request::Destroy {
+        domain: "vm".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits up to `timeout` for "vm" to start on `a`.
+async fn starts_again_on(a: &testkit::Host, timeout: Duration) {
+    let start = || protocol::Request::Start {
+        domain: "vm".parse().unwrap(),
+        paused: false,
+    };
+    wait_until(timeout, "a to start the guest again", || async {
+        a.request(start()).await.ok()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_switchover_while_etcd_is_out_of_reach_reaches_the_cluster_once_it_is_back() {
     let bed = TestBed::simulated().await;
@@ -505,33 +539,11 @@ async fn a_transient_guest_stopped_while_etcd_is_away_is_released_once_it_is_bac
     let bed = TestBed::simulated().await;
     let etcd = Etcd::start(&bed).await;
     let (a, b) = hosts_with_a_moving_guest(&bed, &etcd).await;
-    let record = a.migrate("vm", &b, testkit::capped(8)).await;
-    assert_eq!(
-        record.status,
-        protocol::job::JobStatus::Completed,
-        "{record:?}"
-    );
-    assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-b"));
-
-    etcd.pause();
-    b.request(protocol::Request::Destroy {
-        domain: "vm".parse().unwrap(),
-    })
-    .await
-    .unwrap();
+    moved_to_b_and_destroyed_with_etcd_frozen(&a, &b, &etcd).await;
     assert!(b.qemu_pids().is_empty());
     etcd.resume();
 
-    let start = || protocol::Request::Start {
-        domain: "vm".parse().unwrap(),
-        paused: false,
-    };
-    wait_until(
-        Duration::from_secs(60),
-        "a to start the guest again",
-        || async { a.request(start()).await.ok() },
-    )
-    .await;
+    starts_again_on(&a, Duration::from_secs(60)).await;
     assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
     // b told the cluster, and forgot the guest it no longer runs.
     assert!(b.list_all().await.is_empty(), "{:?}", b.list_all().await);
@@ -545,34 +557,14 @@ async fn a_release_owed_by_a_killed_agent_is_made_by_the_next() {
     let bed = TestBed::simulated().await;
     let etcd = Etcd::start(&bed).await;
     let (a, mut b) = hosts_with_a_moving_guest(&bed, &etcd).await;
-    let record = a.migrate("vm", &b, testkit::capped(8)).await;
-    assert_eq!(
-        record.status,
-        protocol::job::JobStatus::Completed,
-        "{record:?}"
-    );
-    etcd.pause();
-    b.request(protocol::Request::Destroy {
-        domain: "vm".parse().unwrap(),
-    })
-    .await
-    .unwrap();
+    moved_to_b_and_destroyed_with_etcd_frozen(&a, &b, &etcd).await;
     b.crash();
     etcd.resume();
     assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-b"));
 
     b.start_again().await;
 
-    let start = || protocol::Request::Start {
-        domain: "vm".parse().unwrap(),
-        paused: false,
-    };
-    wait_until(
-        Duration::from_secs(30),
-        "a to start the guest again",
-        || async { a.request(start()).await.ok() },
-    )
-    .await;
+    starts_again_on(&a, Duration::from_secs(30)).await;
     assert_eq!(owners(&bed, &etcd), runs_on("vm", "agent-a"));
 }
 

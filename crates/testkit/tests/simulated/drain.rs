@@ -118,6 +118,14 @@ pub(crate) async fn cluster_of_three_with(
     (a, b, c)
 }
 
+/// Idle guests, as many as a test takes.
+const IDLE_GUESTS: [(&str, Workload); 4] = [
+    ("idle1", Workload::IDLE),
+    ("idle2", Workload::IDLE),
+    ("idle3", Workload::IDLE),
+    ("idle4", Workload::IDLE),
+];
+
 pub(crate) fn mix() -> Vec<(&'static str, Workload)> {
     vec![
         ("idle1", Workload::IDLE),
@@ -244,13 +252,7 @@ fn most_at_once(plan: &[(f64, f64, String)], to: Option<&str>) -> usize {
 async fn a_dry_run_plans_under_the_leading_controller_s_limits() {
     let bed = TestBed::simulated().await;
     let etcd = Etcd::start(&bed).await;
-    let guests = [
-        ("idle1", Workload::IDLE),
-        ("idle2", Workload::IDLE),
-        ("idle3", Workload::IDLE),
-        ("idle4", Workload::IDLE),
-    ];
-    let (_a, _b, _c) = cluster_of_three(&bed, &etcd, "100", &guests).await;
+    let (_a, _b, _c) = cluster_of_three(&bed, &etcd, "100", &IDLE_GUESTS).await;
     let dry_run = |extra: &[&str]| {
         let mut args = vec!["drain", "agent-a", "--dry-run", "--json"];
         args.extend(extra);
@@ -512,12 +514,8 @@ async fn a_drain_carries_a_guest_s_local_disk_with_it_and_leaves_a_shared_one_in
 async fn a_migration_s_end_admits_the_next_at_once_not_at_the_next_tick() {
     let bed = TestBed::simulated().await;
     let etcd = Etcd::start(&bed).await;
-    let guests = [
-        ("idle1", Workload::IDLE),
-        ("idle2", Workload::IDLE),
-        ("idle3", Workload::IDLE),
-    ];
-    let (a, b, c) = cluster_of_three(&bed, &etcd, "100", &guests).await;
+    let guests = &IDLE_GUESTS[..3];
+    let (a, b, c) = cluster_of_three(&bed, &etcd, "100", guests).await;
     let _controller = Controller::start(
         &bed,
         &etcd,
