@@ -13,10 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 
 use crate::connect::{bounded, Cluster, ClusterError};
+
+/// Where the controllers' keys are.
+const CONTROLLER: &str = "/livemig/controller/";
 
 /// The leader key.
 pub const LEADER: &str = "/livemig/controller/leader";
@@ -133,13 +136,20 @@ impl Cluster {
     /// [`ClusterError::Etcd`]; [`ClusterError::Record`] for limits that do
     /// not parse.
     pub async fn leader_limits(&self) -> Result<Option<(String, Limits)>, ClusterError> {
-        let Some(name) = self.leader().await? else {
+        // Both keys in one read, at one revision: never one leader's name
+        // with another's limits.
+        let got = bounded(
+            self.client
+                .clone()
+                .get(CONTROLLER, Some(GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(self.etcd_error())?;
+        let value = |key: &str| got.kvs().iter().find(|kv| kv.key() == key.as_bytes());
+        let Some(name) = value(LEADER) else {
             return Ok(None);
         };
-        let got = bounded(self.client.clone().get(LIMITS, None))
-            .await
-            .map_err(self.etcd_error())?;
-        let limits = match got.kvs().first() {
+        let limits = match value(LIMITS) {
             Some(kv) => {
                 serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Record {
                     key: LIMITS.to_string(),
@@ -149,7 +159,10 @@ impl Cluster {
             // A leader that has not said (or an older controller).
             None => Limits::default(),
         };
-        Ok(Some((name, limits)))
+        Ok(Some((
+            String::from_utf8_lossy(name.value()).into_owned(),
+            limits,
+        )))
     }
 
     /// Runs `ops` if this controller still leads; returns whether they ran

@@ -43,10 +43,13 @@ pub fn is_vm(pid: u32) -> bool {
 /// True for a QEMU an agent started to probe its binary (`-machine none`,
 /// its socket in a `livemig-probe-` scratch directory): not a guest.
 pub fn is_probe(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-        let needle = b"/livemig-probe-";
-        cmdline.windows(needle.len()).any(|w| w == needle)
-    })
+    cmdline_contains(pid, b"/livemig-probe-")
+}
+
+/// Process `pid`'s command line holds `needle`.
+fn cmdline_contains(pid: u32, needle: &[u8]) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|cmdline| cmdline.windows(needle.len()).any(|w| w == needle))
 }
 
 /// VM processes (QEMU or simulated) in a process group.
@@ -58,8 +61,8 @@ pub fn qemus_in_group(pgid: u32) -> Vec<u32> {
 }
 
 /// Live VM processes (QEMU or simulated) whose command line names a path
-/// under `dir` (an agent's state directory: every VM it starts has its QMP
-/// socket there).
+/// under `dir` (an agent's state directory: every VM it starts, and each
+/// probe of its QEMU binary, has its QMP socket there).
 pub fn qemus_naming(dir: &Path) -> Vec<u32> {
     let mut needle = dir.as_os_str().as_encoded_bytes().to_vec();
     needle.push(b'/');
@@ -69,10 +72,6 @@ pub fn qemus_naming(dir: &Path) -> Vec<u32> {
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| is_vm(pid) && alive(pid))
-        .filter(|&pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|cmdline| cmdline.windows(needle.len()).any(|w| w == needle))
-        })
+        .filter(|&pid| is_vm(pid) && alive(pid) && cmdline_contains(pid, &needle))
         .collect()
 }
