@@ -75,8 +75,14 @@ pub struct Policy {
     pub max_downtime: f64,
     /// Seconds from the start of the migration to complete in.
     pub budget: Option<f64>,
-    /// May switch to post-copy when nothing else completes in time.
+    /// May switch to post-copy when nothing else completes in time, or
+    /// when it costs the guest no more than the throttle pre-copy needs
+    /// ([`dearer_than_postcopy`]).
     pub allow_postcopy: bool,
+    /// The bandwidth post-copy is capped at, bytes/s, when it has a cap of
+    /// its own (`--postcopy-bandwidth`); else it has the pre-copy's.
+    #[serde(default)]
+    pub postcopy_bandwidth: Option<f64>,
 }
 
 /// What the controller knows between syncs.
@@ -279,6 +285,44 @@ fn cheapest(
     None
 }
 
+/// The guest work a throttle's course from `scenario` costs and the most
+/// post-copy from there would, in seconds, if the throttle costs about as
+/// much or more. Post-copy sends what is left once, at `postcopy_bandwidth`, the
+/// guest running on the destination and waiting only for pages not there
+/// yet: counted as losing all of that time (the fastest writer lost 93 %
+/// of it, docs/CONVERGENCE.md). A throttle loses its share of every pass
+/// still to come and the downtime; and under TCG a vCPU throttled to its
+/// last milliseconds stalls the passes themselves, which the model leaves
+/// out (the drain benchmark's heavy guest sat at 95–99 % for 1–4 s where
+/// the model gave it half a second).
+pub fn dearer_than_postcopy(
+    scenario: &Scenario,
+    throttle: f64,
+    postcopy_bandwidth: f64,
+) -> Option<(f64, f64)> {
+    let postcopy = scenario.first_pass_bytes / postcopy_bandwidth.max(1.0);
+    let course = simulate_from(
+        scenario,
+        scenario.first_pass_bytes,
+        throttle,
+        0.0,
+        &mut Fixed,
+    );
+    let throttled = if course.converges {
+        course.work_lost_secs
+    } else {
+        f64::INFINITY
+    };
+    // Within the tolerance `cheapest` allows between throttles, post-copy
+    // wins: the throttle's figure is its least (the rate's lower bound,
+    // no stall), post-copy's its most. Near 100 % the two meet (the
+    // guest all but stopped while what is left crosses the link), and a
+    // bare comparison decided the drain benchmark's heavy guest by
+    // rounding (0.96 s against 0.96 s, once each way).
+    (throttled * (1.0 + COST_TOLERANCE) + COST_SLACK_SECS >= postcopy)
+        .then_some((throttled, postcopy))
+}
+
 /// One step of the controller. Pure: same inputs, same answer.
 pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     let mut next = state.clone();
@@ -422,35 +466,82 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
         });
     }
 
+    // The floor first: when a slice is too much, no throttle finishes,
+    // and that is the reason to give; post-copy ends the passes, so the
+    // throttle is not raised for them.
+    if let Some(floor) = SliceFloor::of(obs) {
+        judge_floor(
+            &mut next,
+            &floor,
+            "the last pass",
+            obs.bandwidth,
+            policy,
+            &mut actions,
+        );
+        if next.postcopy && !state.postcopy {
+            throttle = state.throttle;
+        }
+    }
     // With post-copy allowed, a guest that needs a throttle above
     // HELD_ABOVE goes to post-copy instead. There the host throttle's
     // periods are a second long: a vCPU out of its quota waits up to that
     // second, its QEMU's passes stalled behind it for seconds (the drain
     // benchmark's hot guest: 4 to 39 s, converging by chance), where
     // post-copy takes what the link carries.
-    if policy.allow_postcopy
-        && !next.postcopy
-        && throttle > crate::model::HELD_ABOVE + 1e-9
-        && throttle > state.throttle
-    {
-        next.postcopy = true;
-        actions.push(Action::Postcopy {
-            why: format!(
-                "the guest would need a {:.2}% throttle (it dirties {} MiB/s{} over a {:.0} MiB \
-                 working set against {:.0} MiB/s), where a throttled vCPU waits a second at a \
-                 time and passes stall",
+    //
+    // So too, below it, a throttle whose course costs the guest at least
+    // what post-copy would ([`dearer_than_postcopy`]): the user allowed
+    // both, and the guest should lose the least.
+    if policy.allow_postcopy && !next.postcopy && throttle > state.throttle {
+        let rate = format!(
+            "it dirties {} MiB/s{} over a {:.0} MiB working set against {:.0} MiB/s",
+            (next.model.rate / MIB).round(),
+            if next.model.rate_is_lower_bound {
+                " or more"
+            } else {
+                ""
+            },
+            next.model.working_set / MIB,
+            obs.bandwidth / MIB,
+        );
+        let why = if throttle > crate::model::HELD_ABOVE + 1e-9 {
+            Some(format!(
+                "the guest would need a {:.2}% throttle ({rate}), where a throttled vCPU waits \
+                 a second at a time and passes stall",
                 throttle * 100.0,
-                (next.model.rate / MIB).round(),
-                if next.model.rate_is_lower_bound {
-                    " or more"
-                } else {
-                    ""
+            ))
+        } else {
+            let scenario = Scenario {
+                first_pass_whole: false,
+                switchover_bandwidth: None,
+                first_pass_bytes: dirtied,
+                model: next.model,
+                bandwidth: obs.bandwidth,
+                downtime,
+                horizon,
+            };
+            let postcopy_bandwidth = policy.postcopy_bandwidth.unwrap_or(obs.bandwidth);
+            dearer_than_postcopy(&scenario, throttle, postcopy_bandwidth).map(
+                |(throttled, postcopy)| {
+                    let throttled = if throttled.is_finite() {
+                        format!("cost the guest {throttled:.2} s of work")
+                    } else {
+                        format!("not finish within {horizon:.0} s")
+                    };
+                    format!(
+                        "a {:.1}% throttle would {throttled} ({rate}), post-copy at most \
+                     {postcopy:.2} s: {:.0} MiB left",
+                        throttle * 100.0,
+                        dirtied / MIB,
+                    )
                 },
-                next.model.working_set / MIB,
-                obs.bandwidth / MIB,
-            ),
-        });
-        throttle = state.throttle;
+            )
+        };
+        if let Some(why) = why {
+            next.postcopy = true;
+            actions.push(Action::Postcopy { why });
+            throttle = state.throttle;
+        }
     }
     if worth_changing(state.throttle, throttle) {
         let measured = if next.model.rate_is_lower_bound {
@@ -481,16 +572,6 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
             ),
         });
         next.downtime = downtime;
-    }
-    if let Some(floor) = SliceFloor::of(obs) {
-        judge_floor(
-            &mut next,
-            &floor,
-            "the last pass",
-            obs.bandwidth,
-            policy,
-            &mut actions,
-        );
     }
     Decision {
         state: next,

@@ -282,6 +282,7 @@ mod tests {
             max_downtime: 0.3,
             budget,
             allow_postcopy: false,
+            postcopy_bandwidth: None,
         }
     }
 

@@ -17,6 +17,7 @@ fn policy() -> Policy {
         max_downtime: 0.3,
         budget: Some(90.0),
         allow_postcopy: false,
+        postcopy_bandwidth: None,
     }
 }
 
@@ -539,7 +540,14 @@ prop_compose! {
     fn arb_policy()(max_throttle in 0.0f64..=0.999, downtime in 0.01f64..2.0,
                     extra in 0.0f64..3.0, budget in proptest::option::of(1.0f64..600.0),
                     allow_postcopy in any::<bool>()) -> Policy {
-        Policy { max_throttle, downtime, max_downtime: downtime + extra, budget, allow_postcopy }
+        Policy {
+            max_throttle,
+            downtime,
+            max_downtime: downtime + extra,
+            budget,
+            allow_postcopy,
+            postcopy_bandwidth: None,
+        }
     }
 }
 
@@ -745,4 +753,97 @@ fn hovering_over_the_threshold_takes_away_the_benefit_of_the_doubt() {
         hovered.state.throttle,
         again.actions
     );
+}
+
+/// A guest at `throttle` over a 48 MiB working set, known to dirty at
+/// least 48 MiB/s: the drain benchmark's heavy guest on half a 100 MiB/s
+/// link.
+fn heavy_at(p: &Policy, throttle: f64) -> State {
+    let mut state = State::new(
+        p,
+        Some(DirtyModel {
+            rate: 48.0 * MIB,
+            working_set: 48.0 * MIB,
+            rate_is_lower_bound: true,
+        }),
+    );
+    state.throttle = throttle;
+    state
+}
+
+/// A sync of `heavy_at` on 50 MiB/s: `remaining_mib` dirtied in `pass_secs`.
+fn heavy_sync(state: &State, p: &Policy, remaining_mib: f64, pass_secs: f64) -> Decision {
+    decide(
+        state,
+        &Observation {
+            elapsed: 3.0,
+            remaining: remaining_mib * MIB,
+            pass_secs,
+            throttle: state.throttle,
+            bandwidth: 50.0 * MIB,
+            vcpu: None,
+            hovering: false,
+        },
+        p,
+    )
+}
+
+fn postcopy_why(d: &Decision) -> Option<&str> {
+    d.actions.iter().find_map(|a| match a {
+        Action::Postcopy { why } => Some(why.as_str()),
+        _ => None,
+    })
+}
+
+#[test]
+fn with_postcopy_allowed_a_throttle_dearer_than_postcopy_goes_to_postcopy() {
+    // As measured in the drain benchmark: heavy throttled 45 % on half the
+    // link dirtied 30 MiB in a 0.46 s pass (about 120 MiB/s unthrottled);
+    // the controller raised it to 85 %, then 95 %, where it sat for 3 s.
+    let allowed = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    let precopy = heavy_sync(&heavy_at(&policy(), 0.45), &policy(), 30.0, 0.46);
+    let Some(Action::Throttle { to, .. }) = precopy.actions.first() else {
+        panic!("{:?}", precopy.actions);
+    };
+    assert!(*to >= 0.8, "{to}");
+    let d = heavy_sync(&heavy_at(&allowed, 0.45), &allowed, 30.0, 0.46);
+    let why = postcopy_why(&d).unwrap_or_else(|| panic!("{:?}", d.actions));
+    assert!(d.state.postcopy);
+    assert!(why.contains("post-copy at most 0.60 s"), "{why}");
+    // The throttle in force is left as it is: post-copy ends the passes.
+    assert!(
+        !d.actions
+            .iter()
+            .any(|a| matches!(a, Action::Throttle { .. })),
+        "{:?}",
+        d.actions
+    );
+    assert_eq!(d.state.throttle, 0.45);
+    // Post-copy capped at 5 MiB/s would take 6 s: the throttle is cheaper.
+    let slow = Policy {
+        postcopy_bandwidth: Some(5.0 * MIB),
+        ..allowed
+    };
+    let d = heavy_sync(&heavy_at(&slow, 0.45), &slow, 30.0, 0.46);
+    assert_eq!(postcopy_why(&d), None, "{:?}", d.actions);
+    assert!(d.state.throttle >= 0.8, "{:?}", d.actions);
+}
+
+#[test]
+fn with_postcopy_allowed_a_guest_that_converges_on_its_own_stays_in_pre_copy() {
+    // Known to dirty 40 MiB/s against 50: no throttle is needed, so none
+    // is weighed against post-copy, and the passes shrink on their own.
+    let allowed = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    let mut state = heavy_at(&allowed, 0.0);
+    state.model.rate = 40.0 * MIB;
+    state.model.rate_is_lower_bound = false;
+    let d = heavy_sync(&state, &allowed, 30.0, 0.75);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    assert!(!d.state.postcopy);
 }

@@ -16,6 +16,7 @@ fn policy() -> Policy {
         max_downtime: 0.3,
         budget: Some(600.0),
         allow_postcopy: false,
+        postcopy_bandwidth: None,
     }
 }
 

@@ -82,6 +82,7 @@ impl Guest {
             max_downtime: 1.0,
             budget,
             allow_postcopy: false,
+            postcopy_bandwidth: None,
         };
         let scenario = Scenario {
             first_pass_whole: true,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use converge::Policy;
 use protocol::domain::Tunables;
 use protocol::ConvergeMode;
-use types::Throttle;
+use types::{Bandwidth, Throttle};
 
 use crate::flags::Flags;
 use crate::perform::WatchOptions;
@@ -53,6 +53,7 @@ pub fn controller_policy(
         max_downtime: max_downtime.map_or(downtime, |d| d.as_secs_f64().max(downtime)),
         budget: budget.map(|b| b.as_secs_f64()),
         allow_postcopy,
+        postcopy_bandwidth: None,
     }
 }
 
@@ -65,7 +66,7 @@ pub fn watch_options(
     ram_bytes: u64,
 ) -> WatchOptions {
     let downtime = downtime_limit(flags.downtime(), tunables.downtime_ms, flags.max_downtime());
-    let policy = controller_policy(
+    let mut policy = controller_policy(
         flags.max_throttle(),
         mechanism_max,
         downtime,
@@ -73,6 +74,7 @@ pub fn watch_options(
         flags.timeout(),
         flags.postcopy_enabled(),
     );
+    policy.postcopy_bandwidth = flags.limits().postcopy_bandwidth.map(Bandwidth::as_f64);
     let mode = flags.converge_mode();
     let controller = (mode == ConvergeMode::Adaptive).then_some(policy);
     let bandwidth_cap = job_bandwidth(flags, tunables);

@@ -174,7 +174,8 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "PCT")]
     pub max_throttle: Option<f64>,
     /// Enable post-copy so the policy may switch to it when pre-copy cannot
-    /// finish in time.
+    /// finish in time, or (adaptive) when it costs the guest less than the
+    /// throttle pre-copy would need.
     #[arg(long)]
     pub allow_postcopy: bool,
     /// Check everything and predict the migration, without starting it.

@@ -322,6 +322,7 @@ impl Watch<'_> {
                                 .into(),
                         ),
                     }
+                    self.decide_deferred_sync().await;
                 }
                 Ok(Preflight::Slice(seen)) => {
                     self.probing = None;
@@ -329,12 +330,14 @@ impl Watch<'_> {
                         Some(seen) => self.at_slice_probe(seen).await,
                         None => tracing::debug!("the slice probe stopped"),
                     }
+                    self.decide_deferred_sync().await;
                 }
                 Ok(Preflight::Note(kind, detail)) => self.record(kind, None, detail),
                 Err(mpsc::error::TryRecvError::Empty) => return,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     self.preflight = None;
                     self.probing = None;
+                    self.decide_deferred_sync().await;
                 }
             }
         }

@@ -72,6 +72,9 @@ pub(super) struct Watch<'a> {
     pub probing: Option<Probing>,
     /// The last probe the controller said it waits for (said once each).
     pub said_waiting: Option<Probing>,
+    /// A sync the controller waited on a probe to decide: decided when
+    /// the probe ends rather than at the next sync, a whole pass later.
+    pub deferred_sync: Option<super::steer::SyncSeen>,
     /// The throttle applies to the vCPUs found writing, not to all.
     pub narrowed: bool,
     pub timeout_done: bool,
@@ -154,6 +157,7 @@ impl<'a> Watch<'a> {
             preflight,
             probing: None,
             said_waiting: None,
+            deferred_sync: None,
             narrowed: false,
             timeout_done: false,
             cancelling: None,

@@ -325,6 +325,44 @@ async fn a_stalled_migration_switches_to_postcopy_when_allowed() {
 }
 
 #[tokio::test]
+async fn with_postcopy_allowed_a_guest_that_needs_a_throttle_goes_to_postcopy_instead() {
+    // The busy guest fills its 16 MiB within the first second: a throttle
+    // near 95 % on 16 MiB/s, which would cost it more than the second
+    // post-copy takes to send what is left.
+    let bed = TestBed::new().await;
+    let (a, b) = bed.two_hosts_running("vm", 64, BUSY).await;
+
+    let record = a
+        .migrate(
+            "vm",
+            &b,
+            MigrateOptions {
+                allow_postcopy: true,
+                ..flags(ConvergeMode::Adaptive)
+            },
+        )
+        .await;
+
+    assert_eq!(record.status, JobStatus::Completed, "{record:#?}");
+    let postcopy: Vec<&str> = record
+        .actions
+        .iter()
+        .filter(|a| a.action == ActionKind::Postcopy)
+        .map(|a| a.detail.as_str())
+        .collect();
+    assert_eq!(postcopy.len(), 1, "{:#?}", record.actions);
+    assert!(
+        postcopy[0].contains("throttle would") && postcopy[0].contains("post-copy at most"),
+        "{postcopy:?}"
+    );
+    assert_eq!(record.max_cpu_throttle_pct, 0.0, "{:#?}", record.actions);
+    assert!(record.stats.postcopy_work_lost_ms.is_some(), "{record:#?}");
+    assert_runs_only_on("vm", &b, &a, 2).await;
+    let log = b.wait_guest_passes("vm", 2).await;
+    assert!(log.memory_intact(), "{:?}", log.corruptions);
+}
+
+#[tokio::test]
 async fn estimate_and_dry_run_predict_without_touching_the_guest() {
     let bed = TestBed::new().await;
     // 128 MiB of RAM of which the guest writes 48: the first pass sends
