@@ -76,8 +76,8 @@ pub struct Policy {
     /// Seconds from the start of the migration to complete in.
     pub budget: Option<f64>,
     /// May switch to post-copy when nothing else completes in time, or
-    /// when it costs the guest no more than the throttle pre-copy needs
-    /// ([`dearer_than_postcopy`]).
+    /// when it costs the guest about as much as the throttle pre-copy
+    /// needs or less ([`dearer_than_postcopy`]).
     pub allow_postcopy: bool,
     /// The bandwidth post-copy is capped at, bytes/s, when it has a cap of
     /// its own (`--postcopy-bandwidth`); else it has the pre-copy's.
@@ -489,9 +489,9 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     // benchmark's hot guest: 4 to 39 s, converging by chance), where
     // post-copy takes what the link carries.
     //
-    // So too, below it, a throttle whose course costs the guest at least
-    // what post-copy would ([`dearer_than_postcopy`]): the user allowed
-    // both, and the guest should lose the least.
+    // So too, below it, a throttle whose course costs the guest about as
+    // much as post-copy would or more ([`dearer_than_postcopy`]): the
+    // user allowed both, and the guest should lose the least.
     if policy.allow_postcopy && !next.postcopy && throttle > state.throttle {
         let rate = format!(
             "it dirties {} MiB/s{} over a {:.0} MiB working set against {:.0} MiB/s",
@@ -818,7 +818,10 @@ impl Steering for AdaptiveSim {
             match action {
                 Action::Throttle { to, .. } => steer.throttle = Some(to),
                 Action::Downtime { to, .. } => steer.downtime = Some(to),
-                Action::Postcopy { .. } | Action::Floor { .. } => {}
+                Action::Postcopy { .. } => {
+                    steer.postcopy = Some(self.policy.postcopy_bandwidth.unwrap_or(view.bandwidth));
+                }
+                Action::Floor { .. } => {}
             }
         }
         steer

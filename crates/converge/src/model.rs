@@ -102,6 +102,9 @@ pub struct Steer {
     pub throttle: Option<f64>,
     /// The new downtime limit, seconds.
     pub downtime: Option<f64>,
+    /// Switch to post-copy at this bandwidth, bytes/s: what is left is
+    /// sent once while the guest runs on the destination.
+    pub postcopy: Option<f64>,
 }
 
 /// Something that adjusts throttle and downtime at syncs.
@@ -261,6 +264,20 @@ pub fn simulate_from(
         }
         if let Some(next) = steer.downtime {
             downtime = next.max(0.0);
+        }
+        if let Some(postcopy_bw) = steer.postcopy {
+            // Counted at its worst, as the controller weighs it: the guest
+            // waiting on the link for all of it.
+            let secs = r / postcopy_bw.max(1.0);
+            return Prediction {
+                converges: true,
+                total_secs: t + secs,
+                downtime_secs: 0.0,
+                passes,
+                max_throttle: max_p,
+                work_lost_secs: lost + secs,
+                transferred: sent + r,
+            };
         }
     }
 }

@@ -80,7 +80,7 @@ impl Steering for QemuAutoConverge {
                 };
                 return Steer {
                     throttle: Some(self.throttle),
-                    downtime: None,
+                    ..Steer::default()
                 };
             }
         }
