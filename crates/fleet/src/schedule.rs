@@ -19,7 +19,8 @@
 //! on any share, so it goes as soon as the caps let it, beside whatever
 //! runs. The links are shared in proportion to need (a small one, and the
 //! writer nearest its end on each source's link, get at least what they
-//! converge unthrottled on), so a hot writer is not starved into
+//! converge unthrottled on; one in post-copy, whose guest waits on the
+//! link, comes first), so a hot writer is not starved into
 //! throttling by idle guests, one about to end is not by long ones, and no
 //! guest is starved at all; they are split again as migrations start and
 //! end. A share is a cap: a migration that sends less than its share
@@ -35,7 +36,7 @@
 
 use std::collections::HashMap;
 
-use crate::plan::{is_small_need, Guest, SETUP_SECS, SMALL_NEED};
+use crate::plan::{is_small_need, Guest, MIN_NEED, SETUP_SECS, SMALL_NEED};
 
 /// How migrations are admitted and share the links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,10 +112,11 @@ pub struct Running {
     /// nearly done for seconds. A small migration may go beside it
     /// without having to end before it.
     pub overran: bool,
-    /// It is in post-copy: weighed by its need like any other (four times
-    /// its need, tried, shortened post-copy by nothing measurable and had
-    /// the pre-copy writer beside it throttled to 99 % on a fifth of the
-    /// link), and never the writer nearest its end ([`shares`]).
+    /// It is in post-copy: it comes first on its links ([`shares`]), and
+    /// is never the writer nearest its end. (Four times its need, tried
+    /// when a pre-copy writer beside it could only be throttled, had that
+    /// writer throttled to 99 % on a fifth of the link; such a writer now
+    /// goes to post-copy itself where post-copy is allowed.)
     pub postcopy_active: bool,
     /// The bandwidth on which it converges unthrottled
     /// ([`crate::plan::Guest::converges_on`]), if that is known: the one
@@ -319,9 +321,10 @@ pub fn shares(policy: Policy, links: &[f64], running: &[Running]) -> Vec<f64> {
 
 /// The least each running migration is given in livemig's split, if
 /// anything: a small one its need, which makes it converge unthrottled;
-/// and on each source's link the writer nearest its end (not in post-copy,
+/// on each source's link the writer nearest its end (not in post-copy,
 /// not past its prediction) what it converges unthrottled on, if the link
-/// has that. It ends in moments and the link is then the others'; weighed
+/// has that; and one in post-copy its path, less a tenth of it for each
+/// other migration on its links. It ends in moments and the link is then the others'; weighed
 /// alike beside two long migrations admitted after it, a light guest
 /// rewriting a 16 MiB working set got a third of the link, half what it
 /// converges on, and was throttled to 98–99 % for 1–3.5 s (the drain
@@ -347,6 +350,23 @@ fn floors(links: &[f64], running: &[Running]) -> Vec<Option<f64>> {
     }
     for i in nearest.into_values() {
         floors[i] = running[i].converges_on;
+    }
+    // A guest in post-copy runs on its destination and waits for every
+    // page not there yet: it loses work for as long as post-copy lasts,
+    // where a pre-copy writer beside it loses none while it goes
+    // unthrottled. So post-copy comes first: its path, less the least
+    // part of a link (MIN_NEED) for every other migration on its links.
+    for (i, r) in running.iter().enumerate() {
+        if !r.postcopy_active {
+            continue;
+        }
+        let others = running
+            .iter()
+            .enumerate()
+            .filter(|&(j, o)| j != i && !o.postcopy_active && (o.from == r.from || o.to == r.to))
+            .count();
+        let keep = (1.0 - MIN_NEED * others as f64).max(MIN_NEED);
+        floors[i] = Some(path(r) * keep);
     }
     floors
 }
@@ -804,28 +824,40 @@ mod tests {
     }
 
     #[test]
-    fn a_migration_in_post_copy_is_weighed_by_its_need_like_any_other() {
+    fn a_migration_in_post_copy_comes_first_on_its_links() {
         let links = [100.0; 3];
         let writer = |to, postcopy_active| Running {
             postcopy_active,
             ..running(to, 100.0)
         };
+        // The link less a tenth for the pre-copy writer beside it.
         let s = shares(
             Policy::Livemig,
             &links,
             &[writer(1, true), writer(2, false)],
         );
         assert!(
+            (s[0] - 90.0).abs() < 1e-9 && (s[1] - 10.0).abs() < 1e-9,
+            "{s:?}"
+        );
+        // Two in post-copy on one link share it.
+        let s = shares(Policy::Livemig, &links, &[writer(1, true), writer(2, true)]);
+        assert!(
             (s[0] - 50.0).abs() < 1e-9 && (s[1] - 50.0).abs() < 1e-9,
             "{s:?}"
         );
-        // Not below its need, a small one beside it.
+        // A small one beside it keeps most of its need: both floors are
+        // scaled to the link.
         let small = Running {
             need: 12.0,
             ..writer(2, false)
         };
         let s = shares(Policy::Livemig, &links, &[writer(1, true), small]);
-        assert!((s[1] - 12.0).abs() < 1e-9, "{s:?}");
+        assert!((s[0] + s[1] - 100.0).abs() < 1e-9, "{s:?}");
+        assert!(s[1] >= 11.0 && s[0] >= 80.0, "{s:?}");
+        // The fixed policies know nothing of it.
+        let s = shares(Policy::All, &links, &[writer(1, true), writer(2, false)]);
+        assert!((s[0] - 50.0).abs() < 1e-9, "{s:?}");
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! What wakes the leader between ticks: a migration ending on a drained
-//! host's agent, read from that agent's `watch` stream. The next guest is
-//! then admitted, and the link re-split, as the slot frees rather than up
-//! to a tick later: in the drain benchmark the long guests waited
-//! 0.2–0.4 s for the tick after the short ones ended, on the drain's
-//! critical path.
+//! host's agent, or switching to post-copy, read from that agent's `watch`
+//! stream. The next guest is then admitted, and the link re-split, as the
+//! slot frees rather than up to a tick later: in the drain benchmark the
+//! long guests waited 0.2–0.4 s for the tick after the short ones ended,
+//! on the drain's critical path; and a guest in post-copy, which comes
+//! first on its links, waits on the link for every page it lacks.
 //!
 //! The tick stays: it is what follows each job's progress, and what
 //! steps a drain when a watch is down. A watch only ever wakes the
@@ -80,8 +81,9 @@ impl JobEnds {
         }
     }
 
-    /// Waits until a job ends on a watched agent, at most `most`. A job
-    /// that ended since the last wait ends this one at once.
+    /// Waits until a job ends (or switches to post-copy) on a watched
+    /// agent, at most `most`. One that did since the last wait ends this
+    /// one at once.
     pub(super) async fn wait(&self, most: Duration) {
         let _ = tokio::time::timeout(most, self.ended.notified()).await;
     }
@@ -100,9 +102,21 @@ async fn watch_agent(agents: Agents, host: String, uri: String, ended: Arc<Notif
                 // A job that ended before the watch was up (a guest that
                 // moves in milliseconds) is looked for once now.
                 ended.notify_one();
+                // A switch to post-copy re-splits the links too.
+                let mut in_postcopy = std::collections::BTreeSet::new();
                 let watched = client.watch(None, |event| {
-                    if matches!(event, WatchEvent::Ended { .. }) {
-                        ended.notify_one();
+                    match event {
+                        WatchEvent::Ended { record } => {
+                            in_postcopy.remove(&record.id);
+                            ended.notify_one();
+                        }
+                        WatchEvent::Progress { job } => {
+                            let postcopy =
+                                job.stats.qemu_status.as_deref() == Some("postcopy-active");
+                            if postcopy && in_postcopy.insert(job.id.clone()) {
+                                ended.notify_one();
+                            }
+                        }
                     }
                     true
                 });
