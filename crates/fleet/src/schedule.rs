@@ -323,12 +323,12 @@ pub fn shares(policy: Policy, links: &[f64], running: &[Running]) -> Vec<f64> {
 /// anything: a small one its need, which makes it converge unthrottled;
 /// on each source's link the writer nearest its end (not in post-copy,
 /// not past its prediction) what it converges unthrottled on, if the link
-/// has that; and one in post-copy its path, less a tenth of it for each
-/// other migration on its links. It ends in moments and the link is then the others'; weighed
+/// has that (it ends in moments and the link is then the others'; weighed
 /// alike beside two long migrations admitted after it, a light guest
 /// rewriting a 16 MiB working set got a third of the link, half what it
-/// converges on, and was throttled to 98–99 % for 1–3.5 s (the drain
-/// benchmark).
+/// converges on, and was throttled to 98–99 % for 1–3.5 s in the drain
+/// benchmark); and one in post-copy its path, less a tenth of it for each
+/// other migration on its links.
 fn floors(links: &[f64], running: &[Running]) -> Vec<Option<f64>> {
     let path = |r: &Running| links[r.from].min(links[r.to]);
     let mut floors: Vec<Option<f64>> = running
