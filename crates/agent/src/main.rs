@@ -122,7 +122,8 @@ struct Args {
     /// A timeout, NAME=DURATION (500ms, 20s, 2m); repeat for more. Names:
     /// peer-silence (20s), peer-retry (30s), prepare (90s), disk-progress
     /// (30s), throttle-lease (5s), client-idle (120s), client-write (30s),
-    /// handshake (10s), orphan (60s), cluster-lease (10s).
+    /// handshake (10s), orphan (60s), cluster-lease (10s), watch-interval
+    /// (500ms: between a watch's reports of the running jobs).
     #[arg(long = "timeout", value_name = "NAME=DURATION")]
     timeouts: Vec<String>,
     /// A peer (agent certificate name, or `*`) whose incoming migrations

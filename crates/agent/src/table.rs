@@ -122,34 +122,64 @@ pub(crate) struct DomainView {
 #[derive(Debug)]
 pub(crate) struct DomainTable {
     domains: Mutex<BTreeMap<DomainName, Domain>>,
-    /// Each job that leaves the table (its domain and id), so that a
-    /// `watch` tells its end at once, even of a job that began and ended
+    /// Each job that leaves the table or switches to post-copy, so that
+    /// a `watch` tells it at once, even of a job that began and ended
     /// between two of its looks (a drain's controller admits the next
-    /// migration on it).
-    jobs_left: tokio::sync::broadcast::Sender<(DomainName, String)>,
+    /// migration on an end, and re-splits the links on a switch).
+    job_news: tokio::sync::broadcast::Sender<JobNews>,
 }
 
-/// Job ends a watch may fall behind by before it reads the table instead.
-const JOB_ENDS_KEPT: usize = 64;
+/// What a `watch` is told of at once rather than at its next look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct JobNews {
+    pub domain: DomainName,
+    pub job_id: String,
+    pub kind: JobNewsKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobNewsKind {
+    /// The job left the table: its record is written.
+    Ended,
+    /// QEMU reports the job in post-copy.
+    Postcopy,
+}
+
+/// News a watch may fall behind by before it reads the table instead.
+const JOB_NEWS_KEPT: usize = 64;
 
 impl Default for DomainTable {
     fn default() -> Self {
         DomainTable {
             domains: Mutex::default(),
-            jobs_left: tokio::sync::broadcast::channel(JOB_ENDS_KEPT).0,
+            job_news: tokio::sync::broadcast::channel(JOB_NEWS_KEPT).0,
         }
     }
 }
 
 impl DomainTable {
-    /// Hears of each job that leaves the table from now on.
-    pub fn job_ends(&self) -> tokio::sync::broadcast::Receiver<(DomainName, String)> {
-        self.jobs_left.subscribe()
+    /// Hears from now on of each job that leaves the table or switches
+    /// to post-copy.
+    pub fn job_news(&self) -> tokio::sync::broadcast::Receiver<JobNews> {
+        self.job_news.subscribe()
+    }
+
+    /// Tells the watches that a job switched to post-copy.
+    pub fn job_switched(&self, name: &DomainName, job_id: &str) {
+        self.tell(name, job_id, JobNewsKind::Postcopy);
     }
 
     fn job_left(&self, name: &DomainName, job_id: &str) {
+        self.tell(name, job_id, JobNewsKind::Ended);
+    }
+
+    fn tell(&self, name: &DomainName, job_id: &str, kind: JobNewsKind) {
         // No watch listening is no error.
-        let _ = self.jobs_left.send((name.clone(), job_id.to_string()));
+        let _ = self.job_news.send(JobNews {
+            domain: name.clone(),
+            job_id: job_id.to_string(),
+            kind,
+        });
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<DomainName, Domain>> {

@@ -41,6 +41,10 @@ pub struct Timeouts {
     /// A host whose agent stops renewing its cluster registration leaves
     /// the cluster after this long. `cluster-lease`, 10 s.
     pub cluster_lease: Duration,
+    /// How long a `watch` goes between reports of the running jobs (an
+    /// end or a switch to post-copy is told at once). `watch-interval`,
+    /// 500 ms.
+    pub watch_interval: Duration,
 }
 
 impl Default for Timeouts {
@@ -56,6 +60,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             orphan: Duration::from_secs(60),
             cluster_lease: Duration::from_secs(10),
+            watch_interval: Duration::from_millis(500),
         }
     }
 }
@@ -90,6 +95,7 @@ impl Timeouts {
         "handshake",
         "orphan",
         "cluster-lease",
+        "watch-interval",
     ];
 
     fn slot(&mut self, name: &str) -> Option<&mut Duration> {
@@ -104,6 +110,7 @@ impl Timeouts {
             "handshake" => &mut self.handshake,
             "orphan" => &mut self.orphan,
             "cluster-lease" => &mut self.cluster_lease,
+            "watch-interval" => &mut self.watch_interval,
             _ => return None,
         })
     }

@@ -1,12 +1,12 @@
 //! `watch`: every job on this agent as it goes, streamed on the
 //! connection that asked — its phase, progress and actions twice a second
-//! while it runs, then its record as soon as it ends — for any client that
-//! may read (the CLI that started a migration is not the only one that can
+//! (`watch-interval`) while it runs and as soon as it switches to
+//! post-copy, then its record as soon as it ends — for any client that may
+//! read (the CLI that started a migration is not the only one that can
 //! follow it).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Duration;
 
 use domain::DomainName;
 use protocol::codec::{read_message, write_message};
@@ -16,9 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::sync::broadcast;
 
 use crate::state::Agent;
-
-/// How often running jobs are reported.
-const INTERVAL: Duration = Duration::from_millis(500);
+use crate::table::{JobNews, JobNewsKind};
 
 /// Streams events answering request `id` until the client sends anything
 /// or hangs up, or a write does not go through in time.
@@ -33,15 +31,16 @@ pub(crate) async fn serve<R, W>(
     W: AsyncWrite + Unpin,
 {
     let mut running: BTreeSet<String> = BTreeSet::new();
-    let mut tick = tokio::time::interval(INTERVAL);
-    let mut job_ends = agent.table.job_ends();
+    let mut tick = tokio::time::interval(agent.config.timeouts.watch_interval);
+    let mut news = agent.table.job_news();
     loop {
         let mut ended: Vec<String> = Vec::new();
         tokio::select! {
             _ = tick.tick() => {}
-            // A job's end is told at once, not at the next tick.
-            heard = job_ends.recv() => match heard {
-                Ok(end) => ended.extend(of_this_watch(end, domain.as_ref())),
+            // A job's end, or its switch to post-copy, is told at once,
+            // not at the next tick: a drain's controller acts on both.
+            heard = news.recv() => match heard {
+                Ok(news) => ended.extend(ended_here(news, domain.as_ref())),
                 Err(broadcast::error::RecvError::Lagged(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             },
@@ -52,8 +51,8 @@ pub(crate) async fn serve<R, W>(
         // from the table has been sent, so each end is told once, that of
         // a job that began and ended between two looks too.
         loop {
-            match job_ends.try_recv() {
-                Ok(end) => ended.extend(of_this_watch(end, domain.as_ref())),
+            match news.try_recv() {
+                Ok(news) => ended.extend(ended_here(news, domain.as_ref())),
                 Err(broadcast::error::TryRecvError::Lagged(_)) => {}
                 Err(_) => break,
             }
@@ -108,8 +107,9 @@ pub(crate) async fn serve<R, W>(
     }
 }
 
-/// The id of a job that ended, if this watch follows its domain.
-fn of_this_watch(end: (DomainName, String), domain: Option<&DomainName>) -> Option<String> {
-    let (name, id) = end;
-    domain.is_none_or(|d| *d == name).then_some(id)
+/// The id of a job that ended, if this watch follows its domain (a
+/// switch to post-copy is told by the progress the table gives).
+fn ended_here(news: JobNews, domain: Option<&DomainName>) -> Option<String> {
+    let ours = domain.is_none_or(|d| *d == news.domain);
+    (ours && news.kind == JobNewsKind::Ended).then_some(news.job_id)
 }

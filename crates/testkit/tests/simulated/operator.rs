@@ -722,6 +722,57 @@ async fn anyone_who_may_read_follows_every_job_to_its_end_with_watch() {
     );
 }
 
+#[tokio::test]
+async fn a_watch_is_told_of_a_switch_to_post_copy_at_once() {
+    let bed = TestBed::simulated().await;
+    // The running jobs' reports ten minutes apart: what this watch hears
+    // of the job after its start is news, not a report.
+    let a = bed
+        .host_args("a", &["--timeout", "watch-interval=10m"])
+        .await;
+    let b = bed.host("b").await;
+    a.define_and_start(bed.definition("vm", 64, MOVING)).await;
+    let uri: protocol::AgentUri = a.local_uri().parse().unwrap();
+    let watcher = protocol::Client::connect(&uri).await.unwrap();
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let watching =
+        tokio::spawn(async move { watcher.watch(None, |e| events_tx.send(e).is_ok()).await });
+    // Its first look, at once, finds no job; the next is ten minutes off.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let job = a
+        .migration_in_flight(
+            "vm",
+            &b,
+            MigrateOptions {
+                postcopy: true,
+                postcopy_bandwidth: Some(32),
+                ..capped(4)
+            },
+        )
+        .await;
+    a.cli_ok(&["migrate-postcopy", "vm"]);
+
+    let told = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(event) = events.recv().await {
+            if let protocol::WatchEvent::Progress { job: info } = event {
+                if info.id == job && info.stats.qemu_status.as_deref() == Some("postcopy-active") {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+    .await;
+    assert!(
+        matches!(told, Ok(true)),
+        "the watch heard nothing of the switch: {told:?}"
+    );
+    let record = a.wait_job(&job).await;
+    assert_eq!(record.status, JobStatus::Completed, "{record:?}");
+    watching.abort();
+}
+
 /// The start of the last dirty-rate measurement QEMU made of `name`, and
 /// whether it ended.
 async fn last_measurement(host: &testkit::Host, name: &str) -> (Option<i64>, String) {

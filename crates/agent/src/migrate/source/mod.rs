@@ -173,9 +173,36 @@ pub(crate) async fn begin(
         outgoing,
     };
     tokio::spawn(run.run().instrument(span));
+    tokio::spawn(tell_postcopy_switch(
+        agent.clone(),
+        name.clone(),
+        job.ident.id.clone(),
+        job.progress.clone(),
+    ));
     Ok(Reply::MigrationStarted {
         job_id: job.ident.id.clone(),
     })
+}
+
+/// Tells the agent's watches as soon as QEMU reports the job in
+/// post-copy, not at their next look: a drain's controller gives a
+/// migration in post-copy its links first, and half a second of post-copy
+/// at a pre-copy share costs the guest. Ends with the job (when its
+/// progress is no longer published).
+async fn tell_postcopy_switch(
+    agent: Arc<Agent>,
+    name: DomainName,
+    job_id: String,
+    mut progress: watch::Receiver<Progress>,
+) {
+    let postcopy = qmp::commands::migration::MigrationStatus::PostcopyActive.as_str();
+    let switched = progress
+        .wait_for(|p| p.stats.qemu_status.as_deref() == Some(postcopy))
+        .await
+        .is_ok();
+    if switched {
+        agent.table.job_switched(&name, &job_id);
+    }
 }
 
 /// The definition the destination runs the domain with: `--xml`'s if
