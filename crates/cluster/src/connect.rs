@@ -217,6 +217,35 @@ impl Cluster {
             source: Box::new(source),
         }
     }
+
+    /// Every key under `prefix`, in one read (so at one revision), within
+    /// [`TIMEOUT`] as every request.
+    pub(crate) async fn get_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<etcd_client::GetResponse, ClusterError> {
+        bounded(
+            self.client
+                .clone()
+                .get(prefix, Some(etcd_client::GetOptions::new().with_prefix())),
+        )
+        .await
+        .map_err(self.etcd_error())
+    }
+}
+
+/// A record stored as JSON under `key`.
+///
+/// # Errors
+/// [`ClusterError::Record`] when it does not parse.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    key: &[u8],
+    value: &[u8],
+) -> Result<T, ClusterError> {
+    serde_json::from_slice(value).map_err(|source| ClusterError::Record {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -6,10 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::GetOptions;
 use serde::{Deserialize, Serialize};
 
-use crate::connect::{Cluster, ClusterError};
+use crate::connect::{decode, Cluster, ClusterError};
 
 /// Where cordons live.
 const CORDONS: &str = "/livemig/cordons/";
@@ -63,10 +62,7 @@ impl Cluster {
             .map_err(self.etcd_error())?;
         got.kvs()
             .first()
-            .map(|kv| {
-                serde_json::from_slice(kv.value())
-                    .map_err(|source| ClusterError::Record { key, source })
-            })
+            .map(|kv| decode(kv.key(), kv.value()))
             .transpose()
     }
 
@@ -75,22 +71,12 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError`].
     pub async fn cordons(&self) -> Result<BTreeMap<String, Cordon>, ClusterError> {
-        let got = crate::connect::bounded(
-            self.client
-                .clone()
-                .get(CORDONS, Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .map_err(self.etcd_error())?;
+        let got = self.get_prefix(CORDONS).await?;
         got.kvs()
             .iter()
             .map(|kv| {
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let cordon =
-                    serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Record {
-                        key: key.clone(),
-                        source,
-                    })?;
+                let key = String::from_utf8_lossy(kv.key());
+                let cordon = decode(kv.key(), kv.value())?;
                 Ok((key.trim_start_matches(CORDONS).to_string(), cordon))
             })
             .collect()

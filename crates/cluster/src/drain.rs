@@ -7,10 +7,10 @@
 //! the record being the one it read, so a controller that took over
 //! resumes from exactly what its predecessor recorded.
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::connect::{bounded, Cluster, ClusterError};
+use crate::connect::{bounded, decode, Cluster, ClusterError};
 use crate::cordon::Cordon;
 use crate::leader::Leadership;
 
@@ -290,13 +290,6 @@ fn encode(record: &DrainRecord) -> Vec<u8> {
     serde_json::to_vec(record).expect("a drain record always serializes")
 }
 
-fn decode(key: &[u8], value: &[u8]) -> Result<DrainRecord, ClusterError> {
-    serde_json::from_slice(value).map_err(|source| ClusterError::Record {
-        key: String::from_utf8_lossy(key).into_owned(),
-        source,
-    })
-}
-
 impl Cluster {
     /// Records a new drain and cordons its host, unless the host is being
     /// drained already.
@@ -343,13 +336,7 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError`].
     pub async fn drains(&self) -> Result<Vec<Versioned>, ClusterError> {
-        let got = bounded(
-            self.client
-                .clone()
-                .get(DRAINS, Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .map_err(self.etcd_error())?;
+        let got = self.get_prefix(DRAINS).await?;
         let mut drains = got
             .kvs()
             .iter()

@@ -13,10 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use serde::{Deserialize, Serialize};
 
-use crate::connect::{bounded, Cluster, ClusterError};
+use crate::connect::{bounded, decode, Cluster, ClusterError};
 
 /// Where the controllers' keys are.
 const CONTROLLER: &str = "/livemig/controller/";
@@ -138,24 +138,13 @@ impl Cluster {
     pub async fn leader_limits(&self) -> Result<Option<(String, Limits)>, ClusterError> {
         // Both keys in one read, at one revision: never one leader's name
         // with another's limits.
-        let got = bounded(
-            self.client
-                .clone()
-                .get(CONTROLLER, Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .map_err(self.etcd_error())?;
+        let got = self.get_prefix(CONTROLLER).await?;
         let value = |key: &str| got.kvs().iter().find(|kv| kv.key() == key.as_bytes());
         let Some(name) = value(LEADER) else {
             return Ok(None);
         };
         let limits = match value(LIMITS) {
-            Some(kv) => {
-                serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Record {
-                    key: LIMITS.to_string(),
-                    source,
-                })?
-            }
+            Some(kv) => decode(kv.key(), kv.value())?,
             // A leader that has not said (or an older controller).
             None => Limits::default(),
         };

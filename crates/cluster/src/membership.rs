@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{GetOptions, PutOptions};
+use etcd_client::PutOptions;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::connect::{Cluster, ClusterError};
+use crate::connect::{decode, Cluster, ClusterError};
 
 /// Where host records live.
 const HOSTS: &str = "/livemig/hosts/";
@@ -191,21 +191,11 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError`] if etcd does not answer or a record is malformed.
     pub async fn hosts(&self) -> Result<Vec<HostRecord>, ClusterError> {
-        let mut client = self.client.clone();
-        let got = crate::connect::bounded(client.get(HOSTS, Some(GetOptions::new().with_prefix())))
-            .await
-            .map_err(self.etcd_error())?;
+        let got = self.get_prefix(HOSTS).await?;
         let mut hosts = got
             .kvs()
             .iter()
-            .map(|kv| {
-                serde_json::from_slice::<HostRecord>(kv.value()).map_err(|source| {
-                    ClusterError::Record {
-                        key: String::from_utf8_lossy(kv.key()).into_owned(),
-                        source,
-                    }
-                })
-            })
+            .map(|kv| decode::<HostRecord>(kv.key(), kv.value()))
             .collect::<Result<Vec<_>, _>>()?;
         hosts.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(hosts)

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 
 use crate::connect::{Cluster, ClusterError};
 
@@ -142,13 +142,7 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError::Etcd`].
     pub async fn owners(&self) -> Result<BTreeMap<String, String>, ClusterError> {
-        let got = crate::connect::bounded(
-            self.client
-                .clone()
-                .get(DOMAINS, Some(GetOptions::new().with_prefix())),
-        )
-        .await
-        .map_err(self.etcd_error())?;
+        let got = self.get_prefix(DOMAINS).await?;
         Ok(got
             .kvs()
             .iter()

@@ -6,11 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use etcd_client::GetOptions;
 use protocol::{ConvergeMode, MigrateOptions};
 use serde::{Deserialize, Serialize};
 
-use crate::connect::{Cluster, ClusterError};
+use crate::connect::{decode, Cluster, ClusterError};
 
 /// Where policies live.
 const POLICIES: &str = "/livemig/policies/";
@@ -210,20 +209,10 @@ impl Cluster {
     /// # Errors
     /// [`ClusterError`].
     pub async fn policies(&self) -> Result<Vec<Policy>, ClusterError> {
-        let got = self
-            .client
-            .clone()
-            .get(POLICIES, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(self.etcd_error())?;
+        let got = self.get_prefix(POLICIES).await?;
         got.kvs()
             .iter()
-            .map(|kv| {
-                serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Record {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    source,
-                })
-            })
+            .map(|kv| decode(kv.key(), kv.value()))
             .collect()
     }
 }
