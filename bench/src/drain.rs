@@ -93,6 +93,39 @@ pub struct JobSpan {
     pub downtime_ms: Option<u64>,
     /// The controller's decisions, each with its time and reason.
     pub actions: Vec<protocol::job::TimedAction>,
+    /// Where each pass over memory began, as the job's samples first show
+    /// it: what the controller decided at (syncs) and when.
+    pub passes: Vec<PassSeen>,
+}
+
+/// A pass over memory as the job's samples first show it.
+#[derive(Debug, Serialize)]
+pub struct PassSeen {
+    /// On the job's timeline (that of its actions), ms.
+    pub t_ms: u64,
+    /// QEMU's pass count.
+    pub pass: u64,
+    /// QEMU's status then (`active`, `postcopy-active`).
+    pub status: String,
+    /// What was left to send then, MiB.
+    pub remaining_mib: f64,
+}
+
+impl PassSeen {
+    fn of(samples: &[protocol::job::Sample]) -> Vec<PassSeen> {
+        let mut passes: Vec<PassSeen> = Vec::new();
+        for s in samples {
+            if passes.last().is_none_or(|p| p.pass != s.pass) {
+                passes.push(PassSeen {
+                    t_ms: s.t_ms,
+                    pass: s.pass,
+                    status: s.status.clone(),
+                    remaining_mib: s.remaining_bytes as f64 / 1048576.0,
+                });
+            }
+        }
+        passes
+    }
 }
 
 /// What to run.
@@ -309,6 +342,7 @@ async fn one(
                 guest_work_lost_s: r.as_info().guest_work_lost_s,
                 downtime_ms: r.downtime_ms,
                 actions: r.actions.clone(),
+                passes: PassSeen::of(&r.samples),
             })
             .collect(),
     };
