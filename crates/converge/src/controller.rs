@@ -25,8 +25,11 @@ use crate::stall::stalled;
 use types::units::MIB_F64 as MIB;
 
 mod floor;
+mod postcopy;
 
 pub use floor::{SliceFloor, VcpuUse};
+pub use postcopy::dearer_than_postcopy;
+use postcopy::Course;
 
 /// A pass that dirtied at least this share of the working set saturated:
 /// it only bounds the rate from below.
@@ -285,44 +288,6 @@ fn cheapest(
     None
 }
 
-/// The guest work a throttle's course from `scenario` costs and the most
-/// post-copy from there would, in seconds, if the throttle costs about as
-/// much or more. Post-copy sends what is left once, at `postcopy_bandwidth`, the
-/// guest running on the destination and waiting only for pages not there
-/// yet: counted as losing all of that time (the fastest writer lost 93 %
-/// of it, docs/CONVERGENCE.md). A throttle loses its share of every pass
-/// still to come and the downtime; and under TCG a vCPU throttled to its
-/// last milliseconds stalls the passes themselves, which the model leaves
-/// out (the drain benchmark's heavy guest sat at 95–99 % for 1–4 s where
-/// the model gave it half a second).
-pub fn dearer_than_postcopy(
-    scenario: &Scenario,
-    throttle: f64,
-    postcopy_bandwidth: f64,
-) -> Option<(f64, f64)> {
-    let postcopy = scenario.first_pass_bytes / postcopy_bandwidth.max(1.0);
-    let course = simulate_from(
-        scenario,
-        scenario.first_pass_bytes,
-        throttle,
-        0.0,
-        &mut Fixed,
-    );
-    let throttled = if course.converges {
-        course.work_lost_secs
-    } else {
-        f64::INFINITY
-    };
-    // Within the tolerance `cheapest` allows between throttles, post-copy
-    // wins: the throttle's figure is its least (the rate's lower bound,
-    // no stall), post-copy's its most. Near 100 % the two meet (the
-    // guest all but stopped while what is left crosses the link), and a
-    // bare comparison decided the drain benchmark's heavy guest by
-    // rounding (0.96 s against 0.96 s, once each way).
-    (throttled * (1.0 + COST_TOLERANCE) + COST_SLACK_SECS >= postcopy)
-        .then_some((throttled, postcopy))
-}
-
 /// One step of the controller. Pure: same inputs, same answer.
 pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     let mut next = state.clone();
@@ -493,50 +458,17 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     // much as post-copy would or more ([`dearer_than_postcopy`]): the
     // user allowed both, and the guest should lose the least.
     if policy.allow_postcopy && !next.postcopy && throttle > state.throttle {
-        let rate = format!(
-            "it dirties {} MiB/s{} over a {:.0} MiB working set against {:.0} MiB/s",
-            (next.model.rate / MIB).round(),
-            if next.model.rate_is_lower_bound {
-                " or more"
-            } else {
-                ""
-            },
-            next.model.working_set / MIB,
-            obs.bandwidth / MIB,
-        );
-        let why = if throttle > crate::model::HELD_ABOVE + 1e-9 {
-            Some(format!(
-                "the guest would need a {:.2}% throttle ({rate}), where a throttled vCPU waits \
-                 a second at a time and passes stall",
-                throttle * 100.0,
-            ))
-        } else {
-            let scenario = Scenario {
-                first_pass_whole: false,
-                switchover_bandwidth: None,
-                first_pass_bytes: dirtied,
+        let why = postcopy::instead_of_throttle(
+            &Course {
                 model: next.model,
+                left: dirtied,
                 bandwidth: obs.bandwidth,
                 downtime,
                 horizon,
-            };
-            let postcopy_bandwidth = policy.postcopy_bandwidth.unwrap_or(obs.bandwidth);
-            dearer_than_postcopy(&scenario, throttle, postcopy_bandwidth).map(
-                |(throttled, postcopy)| {
-                    let throttled = if throttled.is_finite() {
-                        format!("cost the guest {throttled:.2} s of work")
-                    } else {
-                        format!("not finish within {horizon:.0} s")
-                    };
-                    format!(
-                        "a {:.1}% throttle would {throttled} ({rate}), post-copy at most \
-                     {postcopy:.2} s: {:.0} MiB left",
-                        throttle * 100.0,
-                        dirtied / MIB,
-                    )
-                },
-            )
-        };
+            },
+            throttle,
+            policy,
+        );
         if let Some(why) = why {
             next.postcopy = true;
             actions.push(Action::Postcopy { why });
@@ -749,6 +681,24 @@ pub fn at_probe(
     let mut next = state.clone();
     let mut actions = Vec::new();
     judge_floor(&mut next, floor, window, bandwidth, policy, &mut actions);
+    Decision {
+        state: next,
+        actions,
+    }
+}
+
+/// With post-copy allowed, `elapsed` seconds into the first pass and no
+/// sync yet (none decided, none waiting to be): what the first sync will
+/// decide, foreseen from the pre-flight's measurement
+/// (`postcopy::foreseen`); a guest that sync would send to post-copy goes
+/// now. The watcher asks once the pre-flight's probes are done.
+pub fn before_first_sync(state: &State, bandwidth: f64, elapsed: f64, policy: &Policy) -> Decision {
+    let mut next = state.clone();
+    let mut actions = Vec::new();
+    if let Some(why) = postcopy::foreseen(&next, bandwidth, elapsed, policy) {
+        next.postcopy = true;
+        actions.push(Action::Postcopy { why });
+    }
     Decision {
         state: next,
         actions,

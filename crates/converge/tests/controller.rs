@@ -1,8 +1,8 @@
 //! The adaptive controller: scripted scenarios and properties.
 
 use converge::controller::{
-    at_probe, at_start, decide, Action, AdaptiveSim, Decision, Observation, Policy, SliceFloor,
-    State, VcpuUse,
+    at_probe, at_start, before_first_sync, decide, Action, AdaptiveSim, Decision, Observation,
+    Policy, SliceFloor, State, VcpuUse,
 };
 use converge::model::{simulate, DirtyModel, Scenario};
 use converge::qemu::{AutoConvergeParams, QemuAutoConverge};
@@ -269,6 +269,91 @@ fn the_probe_of_a_slice_goes_to_postcopy_before_any_throttle() {
         "{:?}",
         later.actions
     );
+}
+
+/// The drain benchmark's heavy guest as its pre-flight saw it: its 48
+/// MiB working set dirtied within the one-second window, the rate only a
+/// lower bound.
+fn heavy_preflight(p: &Policy) -> State {
+    State::new(
+        p,
+        Some(DirtyModel {
+            rate: 47.0 * MIB,
+            working_set: 48.0 * MIB,
+            rate_is_lower_bound: true,
+        }),
+    )
+}
+
+#[test]
+fn with_postcopy_allowed_a_guest_the_first_sync_would_send_to_postcopy_goes_before_it() {
+    let p = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    let state = heavy_preflight(&p);
+    // On half a 100 MiB/s link, a second and a half into its first pass:
+    // the bound is within a tenth of its share, so the first sync would
+    // plan for the worst and send it to post-copy.
+    let d = before_first_sync(&state, 50.0 * MIB, 1.5, &p);
+    let [Action::Postcopy { why }] = d.actions.as_slice() else {
+        panic!("{:?}", d.actions);
+    };
+    assert!(why.starts_with("foreseen for the first sync"), "{why}");
+    assert!(d.state.postcopy);
+    // It is what that sync would have decided: the working set dirtied
+    // again over a pass of 1.5 s.
+    let at_sync = decide(
+        &state,
+        &Observation {
+            elapsed: 1.5,
+            remaining: 48.0 * MIB,
+            pass_secs: 1.5,
+            throttle: 0.0,
+            bandwidth: 50.0 * MIB,
+            vcpu: None,
+            hovering: false,
+        },
+        &p,
+    );
+    assert!(
+        at_sync
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Postcopy { .. })),
+        "{:?}",
+        at_sync.actions
+    );
+}
+
+#[test]
+fn the_foresight_leaves_alone_a_guest_that_converges_on_its_own_or_may_not_go_to_postcopy() {
+    let allowed = Policy {
+        allow_postcopy: true,
+        ..policy()
+    };
+    let state = heavy_preflight(&allowed);
+    // The whole link: a bound well under it that fits the passes.
+    let d = before_first_sync(&state, 100.0 * MIB, 1.5, &allowed);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // Not a second into the first pass: the working set may not be
+    // dirtied again yet.
+    let d = before_first_sync(&state, 50.0 * MIB, 0.8, &allowed);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // A sync came first: the controller decided there.
+    let mut synced = state.clone();
+    synced.history.push(48.0 * MIB);
+    let d = before_first_sync(&synced, 50.0 * MIB, 1.5, &allowed);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // A rate measured, not bounded, below the link: left to the passes.
+    let mut measured = state.clone();
+    measured.model.rate_is_lower_bound = false;
+    measured.model.rate = 20.0 * MIB;
+    let d = before_first_sync(&measured, 50.0 * MIB, 1.5, &allowed);
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+    // Without --allow-postcopy nothing is foreseen.
+    let d = before_first_sync(&heavy_preflight(&policy()), 50.0 * MIB, 1.5, &policy());
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
 }
 
 #[test]

@@ -815,6 +815,48 @@ async fn a_guest_that_needs_more_than_99_percent_goes_to_postcopy_instead_when_a
 }
 
 #[tokio::test(start_paused = true)]
+async fn with_postcopy_allowed_a_guest_the_first_sync_would_send_to_postcopy_goes_before_it() {
+    // Measured just before the job: 60 MiB dirtied in the 1 s window and
+    // in the 2 s one, a 60 MiB working set filled within a second, at
+    // least 60 MiB/s against 64: the first sync will find it dirtied again
+    // and plan for the worst. 480 MiB in use: a first pass of 7.5 s.
+    for allowed in [false, true] {
+        let options = WatchOptions {
+            controller: adaptive_with(allowed).controller,
+            allow_postcopy: allowed,
+            ..measured_before(60, 480)
+        };
+        let throttle = FakeThrottle::default();
+        let job = Job::start(options, Some(Box::new(throttle.clone()))).await;
+        job.qemu
+            .with(|s| s.capabilities.insert("postcopy-ram".into(), true));
+        // Under a second into the first pass the working set may not have
+        // been dirtied again yet.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        job.settle().await;
+        assert!(job.actions(ActionKind::Postcopy).is_empty());
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        job.settle().await;
+
+        let postcopy = job.actions(ActionKind::Postcopy);
+        if allowed {
+            assert_eq!(postcopy.len(), 1, "{:?}", job.progress.borrow().actions);
+            assert!(
+                postcopy[0].starts_with("foreseen for the first sync"),
+                "{postcopy:?}"
+            );
+            assert_eq!(job.qemu.calls("migrate-start-postcopy").len(), 1);
+        } else {
+            assert!(postcopy.is_empty(), "{postcopy:?}");
+            assert!(job.qemu.calls("migrate-start-postcopy").is_empty());
+        }
+        assert!(throttle.log().is_empty(), "{:?}", throttle.log());
+        job.qemu.complete(9000, 20);
+        let _ = job.outcome().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_new_bandwidth_mid_job_reaches_qemu_and_the_published_limits() {
     let job = Job::start(options(), None).await;
     let (done, applied) = oneshot::channel();

@@ -80,6 +80,7 @@ impl Watch<'_> {
             self.last_iteration = iteration;
         } else if self.cancelling.is_none() {
             self.switch_over_mid_pass(stats).await;
+            self.foresee_first_sync(stats).await;
         }
         self.left_at_poll = stats
             .memory_remaining_bytes
@@ -251,6 +252,36 @@ impl Watch<'_> {
             self.mid_pass_tried = self.last_iteration;
             self.switch_over(left).await;
         }
+    }
+
+    /// In the first pass, once the pre-flight's probes are done: sends to
+    /// post-copy now a guest the first sync would send there
+    /// (`converge::controller::before_first_sync`), rather than after a
+    /// first pass that, on a drain's share of the link, lasts seconds.
+    async fn foresee_first_sync(&mut self, stats: &JobStats) {
+        if self.last_iteration != 1
+            || !self.history.is_empty()
+            || self.probing.is_some()
+            || self.deferred_sync.is_some()
+            || self.postcopy_requested
+            || self.paused_at.is_some()
+            || self.progress_postcopy_started()
+        {
+            return;
+        }
+        let Some((state, policy)) = self.controller.clone() else {
+            return;
+        };
+        if !policy.allow_postcopy || state.postcopy {
+            return;
+        }
+        let first_pass_secs = self.last_sync.elapsed().as_secs_f64();
+        let decision =
+            controller::before_first_sync(&state, self.bandwidth(stats), first_pass_secs, &policy);
+        if let Some((state, _)) = self.controller.as_mut() {
+            *state = decision.state;
+        }
+        self.apply(decision.actions).await;
     }
 
     /// The throttled vCPUs' CPU time in the pass that just ended.
