@@ -10,7 +10,7 @@
 //! steps a drain when a watch is down. A watch only ever wakes the
 //! leader early.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -102,21 +102,10 @@ async fn watch_agent(agents: Agents, host: String, uri: String, ended: Arc<Notif
                 // A job that ended before the watch was up (a guest that
                 // moves in milliseconds) is looked for once now.
                 ended.notify_one();
-                // A switch to post-copy re-splits the links too.
-                let mut in_postcopy = std::collections::BTreeSet::new();
+                let mut in_postcopy = BTreeSet::new();
                 let watched = client.watch(None, |event| {
-                    match event {
-                        WatchEvent::Ended { record } => {
-                            in_postcopy.remove(&record.id);
-                            ended.notify_one();
-                        }
-                        WatchEvent::Progress { job } => {
-                            let postcopy =
-                                job.stats.qemu_status.as_deref() == Some("postcopy-active");
-                            if postcopy && in_postcopy.insert(job.id.clone()) {
-                                ended.notify_one();
-                            }
-                        }
+                    if wakes(&event, &mut in_postcopy) {
+                        ended.notify_one();
                     }
                     true
                 });
@@ -127,6 +116,22 @@ async fn watch_agent(agents: Agents, host: String, uri: String, ended: Arc<Notif
             Err(e) => tracing::debug!(%host, error = %e, "cannot watch the agent"),
         }
         tokio::time::sleep(REWATCH_AFTER).await;
+    }
+}
+
+/// Whether an agent's watch event wakes the leader: every job's end,
+/// and a job's first report in post-copy (which re-splits the links);
+/// `in_postcopy` keeps the jobs seen there.
+fn wakes(event: &WatchEvent, in_postcopy: &mut BTreeSet<String>) -> bool {
+    match event {
+        WatchEvent::Ended { record } => {
+            in_postcopy.remove(&record.id);
+            true
+        }
+        WatchEvent::Progress { job } => {
+            job.stats.qemu_status.as_deref() == Some("postcopy-active")
+                && in_postcopy.insert(job.id.clone())
+        }
     }
 }
 
@@ -149,6 +154,46 @@ mod tests {
         assert_ne!(ends.watching["b"].task.id(), first_b);
         ends.follow(&BTreeMap::new());
         assert_eq!(ends.watched(), 0);
+    }
+
+    fn progress(id: &str, qemu_status: &str) -> WatchEvent {
+        WatchEvent::Progress {
+            job: Box::new(protocol::job::JobInfo {
+                id: id.into(),
+                domain: "vm".into(),
+                role: protocol::job::Role::Source,
+                phase: protocol::job::Phase::Perform,
+                status: protocol::job::JobStatus::Active,
+                flags: Vec::new(),
+                started_at_ms: 0,
+                elapsed_ms: 0,
+                stats: protocol::job::JobStats {
+                    qemu_status: Some(qemu_status.into()),
+                    ..Default::default()
+                },
+                max_cpu_throttle_pct: 0.0,
+                throttle_pct: 0.0,
+                converge: Default::default(),
+                actions: Vec::new(),
+                phases: Vec::new(),
+                guest_work_lost_s: 0.0,
+                bandwidth_limit_mib_s: None,
+                downtime_limit_ms: None,
+                error: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_job_wakes_the_leader_once_when_it_switches_to_post_copy() {
+        let mut seen = BTreeSet::new();
+        assert!(!wakes(&progress("j1", "active"), &mut seen));
+        assert!(wakes(&progress("j1", "postcopy-active"), &mut seen));
+        // Its later reports in post-copy do not: the split was made.
+        assert!(!wakes(&progress("j1", "postcopy-active"), &mut seen));
+        // Another job's switch does.
+        assert!(wakes(&progress("j2", "postcopy-active"), &mut seen));
+        assert!(!wakes(&progress("j3", "completed"), &mut seen));
     }
 
     #[tokio::test(start_paused = true)]
