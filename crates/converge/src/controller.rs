@@ -447,16 +447,9 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
             throttle = state.throttle;
         }
     }
-    // With post-copy allowed, a guest that needs a throttle above
-    // HELD_ABOVE goes to post-copy instead. There the host throttle's
-    // periods are a second long: a vCPU out of its quota waits up to that
-    // second, its QEMU's passes stalled behind it for seconds (the drain
-    // benchmark's hot guest: 4 to 39 s, converging by chance), where
-    // post-copy takes what the link carries.
-    //
-    // So too, below it, a throttle whose course costs the guest about as
-    // much as post-copy would or more ([`dearer_than_postcopy`]): the
-    // user allowed both, and the guest should lose the least.
+    // With post-copy allowed, a guest that needs a throttle above 99 %,
+    // or one that would cost it about as much as post-copy or more, goes
+    // to post-copy instead (`postcopy::instead_of_throttle` says why).
     if policy.allow_postcopy && !next.postcopy && throttle > state.throttle {
         let why = postcopy::instead_of_throttle(
             &Course {

@@ -92,7 +92,7 @@ pub(super) fn instead_of_throttle(
 /// working set dirtied again, whatever the pass sent of it; if the
 /// controller would send the guest to post-copy there rather than
 /// throttle it, why, so that it goes now. The drain benchmark's hot and
-/// heavy guests, on a third or half of the link, ran first passes of 1.5
+/// heavy guests, on a third or half of the link, ran first passes of 1.2
 /// to 3 s (mostly memory they never touch) before a sync that sent them
 /// to post-copy, the link's share spent meanwhile on pages they dirtied
 /// again. A guest the measurement says converges on its own (a rate
