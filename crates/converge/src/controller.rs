@@ -288,6 +288,37 @@ fn cheapest(
     None
 }
 
+/// `model` known only from below, by a bound within a tenth of
+/// `bandwidth`: a guest dirtying at the link's rate reads about so, and the
+/// bound says nothing of how much faster it is.
+fn bound_near_link(model: &DirtyModel, bandwidth: f64) -> bool {
+    model.rate_is_lower_bound && model.rate >= LINK_SHARE * bandwidth
+}
+
+/// `model` at the fastest writer its working set allows (refilled in
+/// [`WORST_CASE_REFILL_SECS`]), to plan for the worst a bound allows.
+fn at_its_worst(model: DirtyModel) -> DirtyModel {
+    DirtyModel {
+        rate: model.rate.max(model.working_set / WORST_CASE_REFILL_SECS),
+        ..model
+    }
+}
+
+/// The least throttle worth setting for `model`: never one under which
+/// even its lower bound dirties faster than the link sends (unless the
+/// working set fits in the `downtime`), since that pass would be wasted
+/// and the next decision a pass later.
+fn bound_floor(model: &DirtyModel, bandwidth: f64, downtime: f64) -> f64 {
+    if model.rate_is_lower_bound
+        && model.working_set > bandwidth * downtime
+        && model.rate > bandwidth
+    {
+        1.0 - LINK_SHARE * bandwidth / model.rate
+    } else {
+        0.0
+    }
+}
+
 /// One step of the controller. Pure: same inputs, same answer.
 pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     let mut next = state.clone();
@@ -350,18 +381,9 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     // a light throttle does not bring about (the sweep's guest at the
     // link's rate, throttled 40 % at such a reading, hovered 0.6 s more).
     let plan = if obs.throttle <= 0.0
-        && (obs.hovering
-            || (saturated
-                && next.model.rate_is_lower_bound
-                && next.model.rate >= LINK_SHARE * obs.bandwidth))
+        && (obs.hovering || (saturated && bound_near_link(&next.model, obs.bandwidth)))
     {
-        DirtyModel {
-            rate: next
-                .model
-                .rate
-                .max(next.model.working_set / WORST_CASE_REFILL_SECS),
-            ..next.model
-        }
+        at_its_worst(next.model)
     } else {
         next.model
     };
@@ -391,15 +413,7 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
             (policy.max_throttle, policy.max_downtime)
         }
     };
-    // Never a throttle under which even the lower bound dirties faster
-    // than the link sends (unless the working set fits in the downtime):
-    // that pass would be wasted, and the next decision a pass later.
-    if next.model.rate_is_lower_bound
-        && next.model.working_set > obs.bandwidth * state.downtime
-        && next.model.rate > obs.bandwidth
-    {
-        throttle = throttle.max(1.0 - LINK_SHARE * obs.bandwidth / next.model.rate);
-    }
+    throttle = throttle.max(bound_floor(&next.model, obs.bandwidth, state.downtime));
     // Saturated (or hovering) while already throttled: the real rate is
     // higher than any estimate so far, or the throttle does not get what
     // is left under the threshold; the next pass is throttled clearly more.
@@ -540,11 +554,8 @@ pub fn at_start(
     }
     // As at a saturated first sync: a lower bound within a tenth of the
     // link says nothing of how much faster the guest is.
-    let plan = if model.rate_is_lower_bound && model.rate >= LINK_SHARE * bandwidth {
-        DirtyModel {
-            rate: model.rate.max(model.working_set / WORST_CASE_REFILL_SECS),
-            ..model
-        }
+    let plan = if bound_near_link(&model, bandwidth) {
+        at_its_worst(model)
     } else {
         model
     };

@@ -3,9 +3,9 @@
 //! first sync, from what the pre-flight measured ([`foreseen`]).
 
 use super::{
-    cheapest, Policy, State, COST_SLACK_SECS, COST_TOLERANCE, DEFAULT_HORIZON_SECS, LINK_SHARE,
+    at_its_worst, bound_floor, bound_near_link, cheapest, Policy, State, COST_SLACK_SECS,
+    COST_TOLERANCE, DEFAULT_HORIZON_SECS,
 };
-use crate::estimate::WORST_CASE_REFILL_SECS;
 use crate::model::{simulate_from, DirtyModel, Fixed, Scenario, HELD_ABOVE};
 use types::units::MIB_F64 as MIB;
 
@@ -124,11 +124,8 @@ pub(super) fn foreseen(
         .budget
         .map_or(DEFAULT_HORIZON_SECS, |b| (b - elapsed).max(0.0));
     // As `decide` plans at a saturated sync.
-    let plan = if model.rate >= LINK_SHARE * bandwidth {
-        DirtyModel {
-            rate: model.rate.max(model.working_set / WORST_CASE_REFILL_SECS),
-            ..model
-        }
+    let plan = if bound_near_link(&model, bandwidth) {
+        at_its_worst(model)
     } else {
         model
     };
@@ -144,11 +141,9 @@ pub(super) fn foreseen(
             bandwidth / MIB
         ));
     };
-    let mut throttle = throttle;
-    if model.rate > bandwidth {
-        throttle = throttle.max(1.0 - LINK_SHARE * bandwidth / model.rate);
-    }
-    let throttle = throttle.min(policy.max_throttle);
+    let throttle = throttle
+        .max(bound_floor(&model, bandwidth, state.downtime))
+        .min(policy.max_throttle);
     if throttle <= 0.0 {
         return None;
     }
