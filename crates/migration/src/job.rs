@@ -60,5 +60,15 @@ mod tests {
         assert_eq!(stats.cpu_throttle_pct, Some(30));
         assert_eq!(stats.iteration, Some(4));
         assert!((stats.bandwidth_mib_s.unwrap() - 64.0).abs() < 1e-6);
+        assert!(!stats.in_postcopy());
+    }
+
+    #[test]
+    fn qemus_post_copy_status_reads_as_post_copy() {
+        let info = MigrationInfo {
+            status: Some(qmp::commands::migration::MigrationStatus::PostcopyActive),
+            ..Default::default()
+        };
+        assert!(stats_from_qemu(&info).in_postcopy());
     }
 }

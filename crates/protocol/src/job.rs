@@ -156,6 +156,15 @@ pub struct JobStats {
 }
 
 impl JobStats {
+    /// QEMU's status while the migration is in post-copy.
+    pub const POSTCOPY_STATUS: &'static str = "postcopy-active";
+
+    /// QEMU reports the migration in post-copy: the guest runs on the
+    /// destination while the rest of its memory follows.
+    pub fn in_postcopy(&self) -> bool {
+        self.qemu_status.as_deref() == Some(Self::POSTCOPY_STATUS)
+    }
+
     /// Fills the fields `older` has and `self` lacks: QEMU drops the RAM
     /// statistics in some states, and a job keeps the last ones it saw.
     pub fn merged_over(mut self, older: &JobStats) -> JobStats {

@@ -245,7 +245,7 @@ async fn follow(
                     g.remaining_secs = Some(remaining);
                     changed = true;
                 }
-                let postcopy = info.stats.qemu_status.as_deref() == Some("postcopy-active");
+                let postcopy = info.stats.in_postcopy();
                 if g.postcopy_active != postcopy {
                     g.postcopy_active = postcopy;
                     changed = true;

@@ -129,8 +129,7 @@ fn wakes(event: &WatchEvent, in_postcopy: &mut BTreeSet<String>) -> bool {
             true
         }
         WatchEvent::Progress { job } => {
-            job.stats.qemu_status.as_deref() == Some("postcopy-active")
-                && in_postcopy.insert(job.id.clone())
+            job.stats.in_postcopy() && in_postcopy.insert(job.id.clone())
         }
     }
 }

@@ -195,11 +195,7 @@ async fn tell_postcopy_switch(
     job_id: String,
     mut progress: watch::Receiver<Progress>,
 ) {
-    let postcopy = qmp::commands::migration::MigrationStatus::PostcopyActive.as_str();
-    let switched = progress
-        .wait_for(|p| p.stats.qemu_status.as_deref() == Some(postcopy))
-        .await
-        .is_ok();
+    let switched = progress.wait_for(|p| p.stats.in_postcopy()).await.is_ok();
     if switched {
         agent.table.job_switched(&name, &job_id);
     }
