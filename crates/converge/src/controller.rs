@@ -153,6 +153,10 @@ pub struct Observation {
     /// between two sends count once: they read low).
     #[serde(default)]
     pub hovering: bool,
+    /// The pass is the first: it sent the memory in use, and counted only
+    /// what the guest dirtied behind the scan.
+    #[serde(default)]
+    pub first_pass: bool,
 }
 
 /// A change the controller asks for, with its reason.
@@ -335,9 +339,11 @@ pub fn decide(state: &State, obs: &Observation, policy: &Policy) -> Decision {
     // An unthrottled pass counts only pages dirtied after it had sent them
     // (the first pass sends all of RAM once, whatever the guest dirtied
     // before reaching a page): it undercounts, so it cannot lower a bound
-    // measured independently (the pre-flight's sampling).
-    let undercounts =
-        obs.throttle <= 0.0 && state.model.rate_is_lower_bound && implied < state.model.rate;
+    // measured independently (the pre-flight's sampling), and the first
+    // pass, which counts none of what the guest wrote ahead of the scan,
+    // is itself only a bound.
+    let undercounts = obs.throttle <= 0.0
+        && (obs.first_pass || (state.model.rate_is_lower_bound && implied < state.model.rate));
     next.model = if saturated || undercounts {
         DirtyModel {
             rate: implied.max(state.model.rate),
@@ -763,6 +769,7 @@ impl Steering for AdaptiveSim {
                 bandwidth: view.bandwidth,
                 vcpu: None,
                 hovering: false,
+                first_pass: view.passes == 1,
             },
             &self.policy,
         );

@@ -142,6 +142,7 @@ fn sync(state: &State, p: &Policy, elapsed: f64, remaining_mib: f64, pass_secs: 
             bandwidth: 64.0 * MIB,
             vcpu: None,
             hovering: false,
+            first_pass: false,
         },
         p,
     )
@@ -164,6 +165,7 @@ fn hot_sync_with_cpu(state: &State, p: &Policy) -> Decision {
                 min_slice_secs: 0.001,
             }),
             hovering: false,
+            first_pass: false,
         },
         p,
     )
@@ -313,6 +315,7 @@ fn with_postcopy_allowed_a_guest_the_first_sync_would_send_to_postcopy_goes_befo
             bandwidth: 50.0 * MIB,
             vcpu: None,
             hovering: false,
+            first_pass: false,
         },
         &p,
     );
@@ -409,6 +412,7 @@ fn a_slice_that_fits_or_a_pass_with_too_little_cpu_says_nothing() {
                 min_slice_secs: 0.001,
             }),
             hovering: false,
+            first_pass: false,
         },
         &p,
     );
@@ -428,6 +432,7 @@ fn a_slice_that_fits_or_a_pass_with_too_little_cpu_says_nothing() {
                 min_slice_secs: 0.001,
             }),
             hovering: false,
+            first_pass: false,
         },
         &p,
     );
@@ -642,7 +647,7 @@ prop_compose! {
                          bandwidth in (1.0 * MIB)..(2048.0 * MIB),
                          cpu in proptest::option::of((0.0f64..0.1, 0.0005f64..0.01))) -> Observation {
         let vcpu = cpu.map(|(cpu_secs, min_slice_secs)| VcpuUse { cpu_secs, min_slice_secs });
-        Observation { elapsed, remaining, pass_secs, throttle, bandwidth, vcpu, hovering: false }
+        Observation { elapsed, remaining, pass_secs, throttle, bandwidth, vcpu, hovering: false, first_pass: false }
     }
 }
 
@@ -808,6 +813,7 @@ fn hovering_over_the_threshold_takes_away_the_benefit_of_the_doubt() {
                 bandwidth: 64.0 * MIB,
                 vcpu: None,
                 hovering,
+                first_pass: false,
             },
             &p,
         )
@@ -829,6 +835,7 @@ fn hovering_over_the_threshold_takes_away_the_benefit_of_the_doubt() {
             bandwidth: 64.0 * MIB,
             vcpu: None,
             hovering: true,
+            first_pass: false,
         },
         &p,
     );
@@ -868,6 +875,7 @@ fn heavy_sync(state: &State, p: &Policy, remaining_mib: f64, pass_secs: f64) -> 
             bandwidth: 50.0 * MIB,
             vcpu: None,
             hovering: false,
+            first_pass: false,
         },
         p,
     )
@@ -967,4 +975,52 @@ fn with_postcopy_allowed_the_simulation_ends_in_post_copy_where_the_controller_s
     let pre = AdaptiveSim::run(&s, capped, Some(preflight(&s)));
     assert!(pre.converges && pre.max_throttle > 0.0, "{pre:?}");
     assert!(pre.total_secs > post.total_secs, "{pre:?} {post:?}");
+}
+
+/// The sweep's guest at the link's rate on 100 MiB/s: measured before the
+/// job at 61 MiB in 1 s over a 66 MiB working set (a lower bound), then a
+/// first pass of 0.54 s that left `left_mib`.
+fn link_rate_guest_sync(left_mib: f64, first_pass: bool) -> Decision {
+    let p = policy();
+    let state = State::new(
+        &p,
+        Some(DirtyModel {
+            rate: 61.0 * MIB,
+            working_set: 66.0 * MIB,
+            rate_is_lower_bound: true,
+        }),
+    );
+    decide(
+        &state,
+        &Observation {
+            elapsed: 0.7,
+            remaining: left_mib * MIB,
+            pass_secs: 0.54,
+            throttle: 0.0,
+            bandwidth: 100.0 * MIB,
+            vcpu: None,
+            hovering: false,
+            first_pass,
+        },
+        &p,
+    )
+}
+
+#[test]
+fn a_first_pass_reads_only_a_bound_and_one_near_the_link_is_throttled_at_once() {
+    // 50 MiB in 0.54 s: 93 MiB/s, short of saturating the working set. As a
+    // measured rate it is under the link, a guest left to converge on its
+    // own (it hovered for 0.7 s before the hover rule throttled it); the
+    // first pass counted nothing the guest wrote ahead of the scan, so it
+    // is a bound within a tenth of the link, and the guest is throttled at
+    // this sync.
+    let first = link_rate_guest_sync(50.0, true);
+    assert!(first.state.model.rate_is_lower_bound);
+    assert!(first.state.throttle > 0.0, "{:?}", first.actions);
+    let later = link_rate_guest_sync(50.0, false);
+    assert!(!later.state.model.rate_is_lower_bound);
+    assert_eq!(later.state.throttle, 0.0, "{:?}", later.actions);
+    // Half the link: a bound that far under it leaves the guest alone.
+    let half = link_rate_guest_sync(30.0, true);
+    assert_eq!(half.state.throttle, 0.0, "{:?}", half.actions);
 }

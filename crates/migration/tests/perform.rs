@@ -645,6 +645,26 @@ async fn a_guest_hovering_over_the_threshold_is_throttled_though_its_passes_read
 }
 
 #[tokio::test(start_paused = true)]
+async fn passes_near_the_end_that_stop_shrinking_unthrottled_hover_however_long() {
+    // Measured at 45 MiB over a 45 MiB working set, under the 64 MiB/s
+    // link. Near the end (under 38.4 MiB left) each pass lasts 0.7 s, long
+    // enough to count on its own, and reads 51 MiB/s: under the link, a
+    // guest that would converge on its own; yet what is left stops
+    // setting new lows.
+    let job = Job::start(measured_before(45, 68), None).await;
+    job.pass(1.0, 36 * MIB).await;
+    job.pass(0.7, 36 * MIB).await;
+    job.pass(0.7, 71 * MIB / 2).await;
+    assert_not_throttled(&job);
+    // Three passes without a new low by 5 %.
+    job.pass(0.7, 36 * MIB).await;
+    assert_hover_read(&job, "3 passes near the end without a new low");
+    assert_throttled_once(&job);
+    job.qemu.complete(4000, 5);
+    let _ = job.outcome().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_short_first_pass_near_the_end_is_not_read_as_hovering() {
     // A guest with little in use: its 0.2 s first pass sends 13 MiB and
     // leaves 25 MiB; what the first pass sent is not the guest's dirt, so

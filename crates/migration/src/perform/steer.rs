@@ -49,6 +49,8 @@ pub struct SyncSeen {
     vcpu: Option<VcpuUse>,
     /// Short passes read together.
     hovering: bool,
+    /// The first pass.
+    first_pass: bool,
 }
 
 /// Passes near the end too short to count, added up.
@@ -139,13 +141,31 @@ impl Watch<'_> {
         };
         let (mut remaining, mut pass_secs) = (remaining, pass_secs);
         let mut hovering = false;
-        if pass_secs < floor && !stalled(&self.history, STALL_WINDOW) {
+        let stopped_shrinking = stalled(&self.history, STALL_WINDOW);
+        if pass_secs < floor && !stopped_shrinking {
             let Some(read) = self.hovering(near_end, pass_secs, last_sync, (sent, remaining))
             else {
                 return;
             };
             (remaining, pass_secs) = read;
             hovering = true;
+        }
+        // Near the end, unthrottled passes long enough to count that stop
+        // setting new lows hover too: they read the guest low the same way,
+        // and the rate they show, under the link, would have the guest left
+        // to finish on its own (the drain's heavy guest, alone on the link,
+        // spent six such passes at 35-48 MiB left).
+        if !hovering && near_end && stopped_shrinking && self.throttle_now().fraction() <= 0.0 {
+            hovering = true;
+            self.record(
+                ActionKind::Measure,
+                None,
+                format!(
+                    "{STALL_WINDOW} passes near the end without a new low, unthrottled: \
+                     read as hovering ({:.0} MiB left)",
+                    mib(remaining)
+                ),
+            );
         }
         self.hover = None;
         if self.controller.is_some() {
@@ -156,6 +176,8 @@ impl Watch<'_> {
                 pass_secs,
                 vcpu,
                 hovering,
+                // QEMU syncs once at setup, again as the first pass ends.
+                first_pass: stats.iteration == Some(2),
             };
             self.consult_controller(seen).await;
         } else if stalled(&self.history, STALL_WINDOW) {
@@ -325,6 +347,7 @@ impl Watch<'_> {
                 bandwidth: seen.bandwidth,
                 vcpu: seen.vcpu,
                 hovering: seen.hovering,
+                first_pass: seen.first_pass,
             },
             &policy,
         );
