@@ -160,6 +160,13 @@ mod tests {
             .and_then(|t| t.to_str())
             .and_then(|t| t.parse().ok())
             .unwrap();
+        // The kernel adds a thread's running time up at a tick or when it
+        // leaves the CPU: a thread just started can read 0 until then.
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(10) {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
         let clock = VcpuClock::of(vec![tid]).expect("schedstat of this thread");
         assert_eq!(clock.busy_ns.len(), 1);
         assert!(clock.busy_ns[0] > 0);
