@@ -549,6 +549,33 @@ async fn the_first_pass_is_timed_from_the_setup_sync_not_from_migrate() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_first_pass_seen_late_is_timed_by_qemus_clock() {
+    let (client, qemu) = ScriptedQemu::start().await;
+    qemu.on("migrate", |s, _| {
+        s.status = Some(MigrationStatus::Active);
+        s.dirty_sync_count = 0;
+        Some(Ok(json!({})))
+    });
+    let job = Job::run(client, qemu, adaptive(), None, None).await;
+    // QEMU answered nothing of its setup sync until its first pass had
+    // run 1.3 s (setup 0.1 s, 1.4 s since `migrate`).
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    job.qemu.with(|s| {
+        s.dirty_sync_count = 1;
+        s.remaining = 512 * MIB;
+        s.total_time_ms = Some(1400);
+        s.setup_time_ms = Some(100);
+    });
+    job.settle().await;
+    // 60 MiB dirtied in a first pass of 1.7 s: 35 MiB/s, a guest left
+    // alone (timed from the poll, 0.36 s: 167 MiB/s).
+    job.pass(0.3, 60 * MIB).await;
+    assert_not_throttled(&job);
+    job.qemu.complete(9000, 5);
+    let _ = job.outcome().await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn held_the_watcher_pauses_the_guest_mid_pass_once_what_is_left_fits() {
     let job = held_job().await;
     // A pass under way: most of it still to send, no stop.

@@ -48,8 +48,11 @@ pub struct State {
     pub dirty_sync_count: u64,
     /// Megabits per second QEMU measured.
     pub mbps: f64,
-    /// Set when the migration completes.
+    /// Set when the migration completes, or to say QEMU's clock while it
+    /// runs (with `setup_time_ms`).
     pub total_time_ms: Option<u64>,
+    /// QEMU's setup time, reported with `total_time_ms` while it runs.
+    pub setup_time_ms: Option<u64>,
     /// Set when the migration completes.
     pub downtime_ms: Option<u64>,
     /// Why it failed.
@@ -103,6 +106,7 @@ impl Default for State {
             dirty_sync_count: 0,
             mbps: 536.870912,
             total_time_ms: None,
+            setup_time_ms: None,
             downtime_ms: None,
             error_desc: None,
             capabilities: CAPABILITIES

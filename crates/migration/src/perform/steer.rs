@@ -63,6 +63,18 @@ pub struct Hover {
     left: f64,
 }
 
+/// How long the first pass has run by QEMU's clock: its time since
+/// `migrate` less its setup, once the setup is over (QEMU reports a setup
+/// time of 0 until then).
+fn first_pass_run(stats: &JobStats) -> Duration {
+    match (stats.total_time_ms, stats.setup_time_ms) {
+        (Some(total), Some(setup)) if setup > 0 => {
+            Duration::from_millis(total.saturating_sub(setup))
+        }
+        _ => Duration::ZERO,
+    }
+}
+
 impl Watch<'_> {
     /// After each poll: a new pass lets the policy act, and
     /// `--postcopy-after-precopy` switches once the first pass is done.
@@ -76,8 +88,13 @@ impl Watch<'_> {
                 // The first pass begins here, not when the job did: its
                 // setup (0.5 s on a 1 GiB guest) counted into the pass
                 // read a guest dirtying at the link's rate as 57 MiB/s
-                // against 100 and left it unthrottled.
-                self.last_sync = Instant::now();
+                // against 100 and left it unthrottled. A poll can see it
+                // late (the sweep's whole-RAM guest on 256 MiB/s was first
+                // seen 56 MiB into its pass, which then read 1.6 times the
+                // guest's rate): QEMU's clock says how long it has run.
+                let now = Instant::now();
+                let run = first_pass_run(stats).min(self.elapsed());
+                self.last_sync = now.checked_sub(run).unwrap_or(now);
             }
             self.last_iteration = iteration;
         } else if self.cancelling.is_none() {
@@ -155,7 +172,12 @@ impl Watch<'_> {
         // and the rate they show, under the link, would have the guest left
         // to finish on its own (the drain's heavy guest, alone on the link,
         // spent six such passes at 35-48 MiB left).
-        if !hovering && near_end && stopped_shrinking && self.throttle_now().fraction() <= 0.0 {
+        if !hovering
+            && near_end
+            && stopped_shrinking
+            && self.controller.is_some()
+            && self.throttle_now().fraction() <= 0.0
+        {
             hovering = true;
             self.record(
                 ActionKind::Measure,

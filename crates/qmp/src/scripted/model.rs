@@ -303,6 +303,12 @@ fn query_migrate(s: &State) -> Value {
                 "dirty-pages-rate": 0, "duplicate": 0, "normal": 0, "normal-bytes": 0}),
         );
     }
+    if let (Some(MigrationStatus::Active), Some(total), Some(setup)) =
+        (s.status, s.total_time_ms, s.setup_time_ms)
+    {
+        reply.insert("total-time".into(), json!(total));
+        reply.insert("setup-time".into(), json!(setup));
+    }
     if s.status == Some(MigrationStatus::Completed) {
         reply.insert("total-time".into(), json!(s.total_time_ms.unwrap_or(0)));
         reply.insert("downtime".into(), json!(s.downtime_ms.unwrap_or(0)));
