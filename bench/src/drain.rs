@@ -88,6 +88,9 @@ pub struct JobSpan {
     pub end_s: f64,
     pub max_cpu_throttle_pct: f64,
     pub guest_work_lost_s: f64,
+    /// The part of it post-copy cost (the guest waiting for pages on the
+    /// destination), when the job went to post-copy.
+    pub postcopy_work_lost_s: Option<f64>,
     /// The guest's pause at switchover, ms, to tell which job a run's
     /// worst downtime was.
     pub downtime_ms: Option<u64>,
@@ -340,6 +343,7 @@ async fn one(
                 end_s: r.finished_at_ms.saturating_sub(t0_ms) as f64 / 1000.0,
                 max_cpu_throttle_pct: r.max_cpu_throttle_pct,
                 guest_work_lost_s: r.as_info().guest_work_lost_s,
+                postcopy_work_lost_s: r.stats.postcopy_work_lost_ms.map(|ms| ms as f64 / 1000.0),
                 downtime_ms: r.downtime_ms,
                 actions: r.actions.clone(),
                 passes: PassSeen::of(&r.samples),
