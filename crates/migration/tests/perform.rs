@@ -527,16 +527,23 @@ async fn above_the_slow_stop_line_the_watcher_holds_qemus_switchover_and_pauses_
         .any(|a| a.action == ActionKind::Switchover));
 }
 
-#[tokio::test(start_paused = true)]
-async fn the_first_pass_is_timed_from_the_setup_sync_not_from_migrate() {
+/// An adaptive job whose QEMU has not shown its setup sync yet: the test
+/// says when it comes.
+async fn setup_sync_not_yet_seen() -> Job {
     let (client, qemu) = ScriptedQemu::start().await;
-    // QEMU's setup (the first sync) takes a second.
     qemu.on("migrate", |s, _| {
         s.status = Some(MigrationStatus::Active);
         s.dirty_sync_count = 0;
         Some(Ok(json!({})))
     });
     let job = Job::run(client, qemu, adaptive(), None, None).await;
+    job
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_pass_is_timed_from_the_setup_sync_not_from_migrate() {
+    let job = setup_sync_not_yet_seen().await;
+    // QEMU's setup (the first sync) takes a second.
     tokio::time::sleep(Duration::from_secs(1)).await;
     job.qemu.pass(512 * MIB);
     job.settle().await;
@@ -550,13 +557,7 @@ async fn the_first_pass_is_timed_from_the_setup_sync_not_from_migrate() {
 
 #[tokio::test(start_paused = true)]
 async fn a_first_pass_seen_late_is_timed_by_qemus_clock() {
-    let (client, qemu) = ScriptedQemu::start().await;
-    qemu.on("migrate", |s, _| {
-        s.status = Some(MigrationStatus::Active);
-        s.dirty_sync_count = 0;
-        Some(Ok(json!({})))
-    });
-    let job = Job::run(client, qemu, adaptive(), None, None).await;
+    let job = setup_sync_not_yet_seen().await;
     // QEMU answered nothing of its setup sync until its first pass had
     // run 1.3 s (setup 0.1 s, 1.4 s since `migrate`).
     tokio::time::sleep(Duration::from_millis(1300)).await;
