@@ -94,6 +94,9 @@ pub struct JobSpan {
     /// The guest's pause at switchover, ms, to tell which job a run's
     /// worst downtime was.
     pub downtime_ms: Option<u64>,
+    /// When each of the job's phases began (on the timeline of its
+    /// actions): where the time after QEMU's switchover goes.
+    pub phases: Vec<protocol::job::PhaseTime>,
     /// The controller's decisions, each with its time and reason.
     pub actions: Vec<protocol::job::TimedAction>,
     /// Where each pass over memory began, as the job's samples first show
@@ -345,6 +348,7 @@ async fn one(
                 guest_work_lost_s: r.as_info().guest_work_lost_s,
                 postcopy_work_lost_s: r.stats.postcopy_work_lost_ms.map(|ms| ms as f64 / 1000.0),
                 downtime_ms: r.downtime_ms,
+                phases: r.phases.clone(),
                 actions: r.actions.clone(),
                 passes: PassSeen::of(&r.samples),
             })
