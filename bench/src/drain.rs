@@ -54,6 +54,10 @@ pub struct Run {
     pub lower_bound_s: f64,
     /// The network's bound alone.
     pub network_bound_s: f64,
+    /// livemig's drain only: the makespan its controller predicted when it
+    /// planned the drain (the schedule over the convergence model), to
+    /// hold the prediction `livemig drain` shows to what happened.
+    pub predicted_makespan_s: Option<f64>,
     /// The longest guest alone, measured, if the repetition ran
     /// `sequential` with the adaptive controller (`--baseline-converge
     /// adaptive`, the default).
@@ -241,10 +245,13 @@ pub async fn run(options: Options) -> Result<Vec<Run>> {
                     options.json,
                     &run,
                     format!(
-                        "{:<10} rep {} makespan {:>6.1} s (bound {:>5.1} s, {:.2}x) lost {:>5.1} s worst downtime {:>4} ms sent {:>6.0} MiB converged {}/{} intact {}/{}",
+                        "{:<10} rep {} makespan {:>6.1} s{} (bound {:>5.1} s, {:.2}x) lost {:>5.1} s worst downtime {:>4} ms sent {:>6.0} MiB converged {}/{} intact {}/{}",
                         run.policy,
                         run.rep,
                         run.makespan_s,
+                        run.predicted_makespan_s
+                            .map(|p| format!(" (predicted {p:.1} s)"))
+                            .unwrap_or_default(),
                         run.lower_bound_s,
                         run.makespan_s / run.lower_bound_s.max(1e-9),
                         run.guest_work_lost_s,
@@ -285,14 +292,14 @@ async fn one(
     }
     let network_bound_s = plan::lower_bound(&guests, &survey.source, &survey.hosts, &placement);
     let t0_ms = cluster::now_ms();
-    let (makespan_s, records, converge) = match per_host(policy)? {
+    let (makespan_s, predicted_makespan_s, records, converge) = match per_host(policy)? {
         _ if policy == "livemig" => {
-            let (secs, records) = by_controller(fleet).await?;
-            (secs, records, "adaptive")
+            let (secs, predicted, records) = by_controller(fleet).await?;
+            (secs, predicted, records, "adaptive")
         }
         cap => {
             let (secs, records) = fixed(fleet, &placement, cap, options).await?;
-            (secs, records, options.baseline_converge.name())
+            (secs, None, records, options.baseline_converge.name())
         }
     };
     let intact = check_memory(fleet, &records, &source_logs).await?;
@@ -306,6 +313,7 @@ async fn one(
         makespan_s,
         lower_bound_s: network_bound_s,
         network_bound_s,
+        predicted_makespan_s,
         longest_alone_s: None,
         guest_work_lost_s: records.iter().map(|r| r.as_info().guest_work_lost_s).sum(),
         worst_downtime_ms: records
@@ -490,8 +498,9 @@ async fn reset(fleet: &LocalFleet, kernel: &Path) -> Result<Vec<(String, PathBuf
     }
 }
 
-/// livemig: a drain recorded for the controller; its length as recorded.
-async fn by_controller(fleet: &LocalFleet) -> Result<(f64, Vec<JobRecord>)> {
+/// livemig: a drain recorded for the controller; its length as recorded,
+/// the makespan its plan predicted, and its jobs.
+async fn by_controller(fleet: &LocalFleet) -> Result<(f64, Option<f64>, Vec<JobRecord>)> {
     let now_ms = cluster::now_ms();
     let record = DrainRecord::pending(HOSTS[0], &[], None, now_ms);
     let cordon = Cordon {
@@ -528,7 +537,7 @@ async fn by_controller(fleet: &LocalFleet) -> Result<(f64, Vec<JobRecord>)> {
             records.push(job_record(&fleet.clients[0], id).await?);
         }
     }
-    Ok((secs, records))
+    Ok((secs, done.predicted_secs, records))
 }
 
 /// A fixed policy: guests taken by name, at most `cap` migrations per host
