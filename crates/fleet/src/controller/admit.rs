@@ -217,8 +217,11 @@ pub(super) async fn admit(
         .filter(|&k| record.guests[k].state == GuestState::Waiting)
         .collect();
     order.sort_by(|&a, &b| {
-        let secs = |k: usize| record.guests[k].predicted_secs.unwrap_or(0.0);
-        schedule::by_order(secs(a), secs(b))
+        let rank = |k: usize| schedule::Rank {
+            secs: record.guests[k].predicted_secs.unwrap_or(0.0),
+            postcopy: cluster::policy::allows_postcopy(policies, &record.guests[k].labels),
+        };
+        schedule::by_order(rank(a), rank(b))
     });
     let source_host = hosts[from].clone();
     let patience_ms = cx.settings.patience.as_millis() as u64;
