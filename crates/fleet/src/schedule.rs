@@ -1211,7 +1211,7 @@ mod tests {
         assert!(
             secs(1) > secs(0) && secs(3) > secs(2),
             "{:?}",
-            (0..4).map(secs)
+            (0..4).map(secs).collect::<Vec<_>>()
         );
         assert_eq!(order(Policy::Livemig, &moves, &links), [1, 0, 2, 3]);
         // With one migration into each host at a time, the two allowed
