@@ -98,8 +98,8 @@ pub struct JobSpan {
     /// The guest's pause at switchover, ms, to tell which job a run's
     /// worst downtime was.
     pub downtime_ms: Option<u64>,
-    /// When each of the job's phases began (on the timeline of its
-    /// actions): where the time after QEMU's switchover goes.
+    /// When each of the job's phases began, ms after the source agent got
+    /// the command: where the time after QEMU's switchover goes.
     pub phases: Vec<protocol::job::PhaseTime>,
     /// The controller's decisions, each with its time and reason.
     pub actions: Vec<protocol::job::TimedAction>,

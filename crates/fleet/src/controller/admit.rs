@@ -212,17 +212,22 @@ pub(super) async fn admit(
             });
         }
     }
-    // What waits, each with where it would go, in the schedule's order.
-    let mut order: Vec<usize> = (0..record.guests.len())
-        .filter(|&k| record.guests[k].state == GuestState::Waiting)
+    // What waits, each with where it would go, in the schedule's order
+    // (each guest's policy looked up once).
+    let mut order: Vec<(usize, schedule::Rank)> = record
+        .guests
+        .iter()
+        .enumerate()
+        .filter(|(_, g)| g.state == GuestState::Waiting)
+        .map(|(k, g)| {
+            let rank = schedule::Rank {
+                secs: g.predicted_secs.unwrap_or(0.0),
+                postcopy: cluster::policy::allows_postcopy(policies, &g.labels),
+            };
+            (k, rank)
+        })
         .collect();
-    order.sort_by(|&a, &b| {
-        let rank = |k: usize| schedule::Rank {
-            secs: record.guests[k].predicted_secs.unwrap_or(0.0),
-            postcopy: cluster::policy::allows_postcopy(policies, &record.guests[k].labels),
-        };
-        schedule::by_order(rank(a), rank(b))
-    });
+    order.sort_by(|(_, a), (_, b)| schedule::by_order(*a, *b));
     let source_host = hosts[from].clone();
     let patience_ms = cx.settings.patience.as_millis() as u64;
     let mut changed = false;
@@ -246,7 +251,7 @@ pub(super) async fn admit(
     for r in &running {
         arrives(r.to, &mut inbound, &mut busy);
     }
-    for k in order {
+    for (k, rank) in order {
         let g = &mut record.guests[k];
         match destination(g, &source_host, &hosts, &record.to, now, &busy) {
             Ok(to) => {
@@ -263,7 +268,7 @@ pub(super) async fn admit(
                     need,
                     secs: g.predicted_secs.unwrap_or(1.0),
                     fill_in_secs: model.is_small(path(t)).then(|| model.cost(need).secs),
-                    postcopy: cluster::policy::allows_postcopy(policies, &g.labels),
+                    postcopy: rank.postcopy,
                 });
                 if g.destination.as_ref() != Some(&to) {
                     g.destination = Some(to);
